@@ -1,0 +1,294 @@
+"""Build the reference models: ``python -m models.build [--only NAME ...]``.
+
+Each builder writes ``models/<name>.onnx`` and is deterministic (fixed seeds).  The hand-written
+ones need only onnx; the PyTorch ones need ``pip install -e .[models]`` (torch==2.13.0, CPU).
+The results are committed (well under 5 MB), so tests never need torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+HERE = Path(__file__).resolve().parent
+RNG = np.random.default_rng(0)
+
+
+def _w(name: str, shape, scale: float = 0.1, dtype=np.float32) -> onnx.TensorProto:
+    return nh.from_array((RNG.standard_normal(shape) * scale).astype(dtype), name)
+
+
+def _const(name: str, value, dtype=np.float32) -> onnx.NodeProto:
+    return h.make_node("Constant", [], [name], value=nh.from_array(np.asarray(value, dtype=dtype), name + "_v"))
+
+
+# ---------------------------------------------------------------- hand-written (onnx.helper)
+
+def exporter_opset11() -> onnx.ModelProto:
+    """What an older exporter writes: opset 11, Constant nodes, unfused BN, a shape chain
+    Shape->Gather->Unsqueeze->Concat->Reshape, Identity/Dropout leftovers, initializers listed as
+    inputs (keep_initializers_as_inputs), duplicated and unused weights; dynamic batch."""
+    inits = [
+        _w("conv.weight", (8, 3, 3, 3)), _w("conv.bias", (8,), 0.01),
+        nh.from_array(np.abs(RNG.standard_normal(8)).astype(np.float32) + 0.5, "bn.scale"),
+        _w("bn.bias", (8,)), _w("bn.mean", (8,)),
+        nh.from_array(np.abs(RNG.standard_normal(8)).astype(np.float32) + 0.5, "bn.var"),
+        _w("fc.weight", (8 * 8 * 8, 10), 0.02), _w("fc.bias", (10,), 0.01),
+        _w("unused.weight", (16, 16)),
+    ]
+    inits.append(nh.from_array(nh.to_array(inits[7]).copy(), "fc.bias_copy"))  # duplicate of fc.bias
+    nodes = [
+        h.make_node("Conv", ["x", "conv.weight", "conv.bias"], ["c1"], pads=[1, 1, 1, 1], name="conv"),
+        h.make_node("BatchNormalization", ["c1", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["b1"], epsilon=1e-5, name="bn"),
+        h.make_node("Relu", ["b1"], ["r1"]),
+        h.make_node("Identity", ["r1"], ["r1_id"]),
+        h.make_node("Dropout", ["r1_id"], ["r1_do"], ratio=0.1),
+        h.make_node("Shape", ["r1_do"], ["shape"]),
+        _const("zero", 0, np.int64),
+        h.make_node("Gather", ["shape", "zero"], ["batch"], axis=0),
+        h.make_node("Unsqueeze", ["batch"], ["batch_1d"], axes=[0]),
+        _const("minus_one", [-1], np.int64),
+        h.make_node("Concat", ["batch_1d", "minus_one"], ["new_shape"], axis=0),
+        h.make_node("Reshape", ["r1_do", "new_shape"], ["flat"]),
+        h.make_node("MatMul", ["flat", "fc.weight"], ["mm"]),
+        h.make_node("Add", ["mm", "fc.bias"], ["logits0"]),
+        # a constant sub-expression written out by the exporter: scale = 2.0 * 0.5
+        _const("two", 2.0), _const("half", 0.5),
+        h.make_node("Mul", ["two", "half"], ["scale"]),
+        h.make_node("Mul", ["logits0", "scale"], ["logits1"]),
+        h.make_node("Add", ["logits1", "fc.bias_copy"], ["logits2"]),
+        h.make_node("Sub", ["logits2", "fc.bias"], ["logits3"]),
+        h.make_node("Identity", ["logits3"], ["logits"]),
+        h.make_node("Relu", ["logits"], ["dead_branch"]),  # never used
+    ]
+    inputs = [h.make_tensor_value_info("x", T.FLOAT, ["batch", 3, 8, 8])]
+    inputs += [h.make_tensor_value_info(t.name, t.data_type, t.dims) for t in inits]  # keep_initializers_as_inputs
+    graph = h.make_graph(nodes, "exporter_opset11", inputs,
+                         [h.make_tensor_value_info("logits", T.FLOAT, ["batch", 10])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 11)], producer_name="handwritten-exporter",
+                         ir_version=6)
+    model.metadata_props.add(key="source", value="models/build.py exporter_opset11")
+    return model
+
+
+def control_flow() -> onnx.ModelProto:
+    """An If whose branches hold Constant nodes, foldable arithmetic, Identity and Dropout, and a
+    Loop whose body reads an outer-scope weight; opset 13."""
+    then_nodes = [
+        _const("t_a", [1.0, 2.0, 3.0, 4.0]), _const("t_b", [0.5, 0.5, 0.5, 0.5]),
+        h.make_node("Mul", ["t_a", "t_b"], ["t_ab"]),
+        h.make_node("Add", ["x", "t_ab"], ["t_sum"]),
+        h.make_node("Identity", ["t_sum"], ["then_out"]),
+    ]
+    then_g = h.make_graph(then_nodes, "then", [], [h.make_tensor_value_info("then_out", T.FLOAT, None)])
+    else_nodes = [
+        _const("e_a", [2.0, 2.0, 2.0, 2.0]),
+        h.make_node("Neg", ["e_a"], ["e_neg"]),
+        h.make_node("Mul", ["x", "e_neg"], ["e_mul"]),
+        h.make_node("Dropout", ["e_mul"], ["e_do"]),
+        h.make_node("Relu", ["e_do"], ["else_out"]),
+    ]
+    else_g = h.make_graph(else_nodes, "else", [], [h.make_tensor_value_info("else_out", T.FLOAT, None)])
+    body_nodes = [
+        h.make_node("Identity", ["cond_in"], ["cond_out"]),
+        _const("step", [0.25, 0.25, 0.25, 0.25]),
+        h.make_node("Mul", ["step", "loop_scale"], ["step_scaled"]),  # outer-scope constant: foldable
+        h.make_node("Add", ["acc_in", "step_scaled"], ["acc_out"]),
+    ]
+    body = h.make_graph(body_nodes, "body",
+                        [h.make_tensor_value_info("i", T.INT64, []), h.make_tensor_value_info("cond_in", T.BOOL, []),
+                         h.make_tensor_value_info("acc_in", T.FLOAT, None)],
+                        [h.make_tensor_value_info("cond_out", T.BOOL, []),
+                         h.make_tensor_value_info("acc_out", T.FLOAT, None)])
+    nodes = [
+        h.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+        _const("zero", 0.0),
+        h.make_node("Greater", ["s", "zero"], ["cond"]),
+        h.make_node("If", ["cond"], ["branch"], then_branch=then_g, else_branch=else_g),
+        _const("trip", 3, np.int64), _const("true", True, np.bool_),
+        h.make_node("Loop", ["trip", "true", "branch"], ["looped"], body=body),
+        h.make_node("Identity", ["looped"], ["y"]),
+    ]
+    graph = h.make_graph(nodes, "control_flow", [h.make_tensor_value_info("x", T.FLOAT, ["n", 4])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["n", 4])],
+                         [nh.from_array(np.array([2.0], np.float32), "loop_scale")])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 13)], producer_name="handwritten")
+
+
+def fp16_mlp() -> onnx.ModelProto:
+    """An fp16 MLP (MatMul/Add/Relu/Softmax run in fp16 on the CPU EP) with a Cast leftover and
+    constant sub-expressions in fp16."""
+    w1, w2 = _w("w1", (32, 64), 0.2, np.float16), _w("w2", (64, 10), 0.2, np.float16)
+    b1 = _w("b1", (64,), 0.1, np.float16)
+    nodes = [
+        h.make_node("MatMul", ["x", "w1"], ["h1"]),
+        _const("b_scale", 0.5, np.float16),
+        h.make_node("Mul", ["b1", "b_scale"], ["b1s"]),
+        h.make_node("Add", ["h1", "b1s"], ["h2"]),
+        h.make_node("Relu", ["h2"], ["h3"]),
+        h.make_node("Identity", ["h3"], ["h3i"]),
+        h.make_node("MatMul", ["h3i", "w2"], ["h4"]),
+        h.make_node("Softmax", ["h4"], ["probs"], axis=-1),
+    ]
+    graph = h.make_graph(nodes, "fp16_mlp", [h.make_tensor_value_info("x", T.FLOAT16, ["batch", 32])],
+                         [h.make_tensor_value_info("probs", T.FLOAT16, ["batch", 10])], [w1, w2, b1])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], producer_name="handwritten")
+
+
+def custom_domain() -> onnx.ModelProto:
+    """A graph around ops of the com.microsoft domain (ORT contrib: FusedMatMul, Gelu): the optimizer
+    must leave them alone and still clean up around them (their constant inputs are foldable)."""
+    nodes = [
+        _const("w_a", RNG.standard_normal((16, 16)).astype(np.float32) * 0.1),
+        _const("w_scale", 2.0),
+        h.make_node("Mul", ["w_a", "w_scale"], ["w"]),
+        h.make_node("FusedMatMul", ["x", "w"], ["mm"], domain="com.microsoft", alpha=1.0, transA=0, transB=1),
+        h.make_node("Identity", ["mm"], ["mm_id"]),
+        h.make_node("Gelu", ["mm_id"], ["g"], domain="com.microsoft"),
+        h.make_node("Add", ["g", "bias"], ["y"]),
+    ]
+    graph = h.make_graph(nodes, "custom_domain", [h.make_tensor_value_info("x", T.FLOAT, ["batch", 16])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["batch", 16])], [_w("bias", (16,))])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)],
+                        producer_name="handwritten")
+
+
+# ---------------------------------------------------------------- PyTorch exports
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    return torch
+
+
+def _cnn_module(torch):
+    nn = torch.nn
+
+    class Block(nn.Module):
+        """MobileNet-style: depthwise 3x3 + BN + ReLU6, pointwise 1x1 + BN, residual."""
+
+        def __init__(self, c):
+            super().__init__()
+            self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
+            self.bn1 = nn.BatchNorm2d(c)
+            self.pw = nn.Conv2d(c, c, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            return x + self.bn2(self.pw(torch.nn.functional.relu6(self.bn1(self.dw(x)))))
+
+    class CNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+            self.blocks = nn.Sequential(Block(16), Block(16))
+            self.head = nn.Linear(16, 10)
+            self.drop = nn.Dropout(0.2)
+
+        def forward(self, x):
+            x = self.blocks(self.stem(x))
+            x = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1)
+            return self.head(self.drop(x))
+
+    model = CNN()
+    for m in model.modules():  # non-trivial BN statistics, as after training
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.1, 0.1)
+    return model.eval()
+
+
+def cnn_bn_depthwise() -> onnx.ModelProto | None:
+    """PyTorch CNN with BatchNorm kept unfused (exported without constant folding, as a
+    training-mode-preserving export does) and depthwise convs; TorchScript exporter, opset 13."""
+    torch = _torch()
+    if torch is None:
+        return None
+    path = HERE / "_tmp_cnn.onnx"
+    torch.onnx.export(_cnn_module(torch), (torch.randn(1, 3, 32, 32),), str(path), dynamo=False, opset_version=13,
+                      input_names=["image"], output_names=["logits"], do_constant_folding=False,
+                      training=torch.onnx.TrainingMode.PRESERVE)
+    return _load_and_remove(path)
+
+
+def cnn_dynamic() -> onnx.ModelProto | None:
+    """The same CNN with dynamic batch and spatial dims (TorchScript exporter, opset 17)."""
+    torch = _torch()
+    if torch is None:
+        return None
+    path = HERE / "_tmp_dyn.onnx"
+    torch.onnx.export(_cnn_module(torch), (torch.randn(2, 3, 32, 32),), str(path), dynamo=False, opset_version=17,
+                      input_names=["image"], output_names=["logits"],
+                      dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}})
+    return _load_and_remove(path)
+
+
+def transformer_encoder() -> onnx.ModelProto | None:
+    """A PyTorch transformer encoder block (MHA + FFN + LayerNorm), dynamo exporter, dynamic
+    batch and sequence length, opset 18."""
+    torch = _torch()
+    if torch is None:
+        return None
+    layer = torch.nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=128, batch_first=True).eval()
+    path = HERE / "_tmp_tr.onnx"
+    batch, seq = torch.export.Dim("batch", max=64), torch.export.Dim("seq", max=512)
+    with torch.no_grad():
+        torch.onnx.export(layer, (torch.randn(2, 16, 64),), str(path), dynamo=True, opset_version=18,
+                          input_names=["tokens"], output_names=["encoded"], external_data=False,
+                          dynamic_shapes=({0: batch, 1: seq},), optimize=False, verbose=False)
+    return _load_and_remove(path)
+
+
+def _load_and_remove(path: Path) -> onnx.ModelProto:
+    model = onnx.load(str(path))
+    path.unlink()
+    data = Path(str(path) + ".data")
+    if data.exists():
+        data.unlink()
+    return model
+
+
+BUILDERS = {
+    "exporter_opset11": exporter_opset11,
+    "control_flow": control_flow,
+    "fp16_mlp": fp16_mlp,
+    "custom_domain": custom_domain,
+    "cnn_bn_depthwise": cnn_bn_depthwise,
+    "cnn_dynamic": cnn_dynamic,
+    "transformer_encoder": transformer_encoder,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=sorted(BUILDERS), help="build just these")
+    parser.add_argument("--out", default=str(HERE), help="output folder (default: models/)")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    for name in args.only or BUILDERS:
+        model = BUILDERS[name]()
+        if model is None:
+            print(f"{name}: skipped (needs torch: pip install -e .[models])", file=sys.stderr)
+            continue
+        onnx.checker.check_model(model)
+        path = Path(args.out) / f"{name}.onnx"
+        onnx.save(model, str(path))
+        print(f"{name}: {len(model.graph.node)} nodes, {path.stat().st_size / 1e3:.1f} kB -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

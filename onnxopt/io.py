@@ -1,0 +1,188 @@
+"""Load and save models: lazy external data, >2 GB models, atomic writes, one-line errors.
+
+Loading parses only the ``.onnx`` protobuf; weights kept in external data files stay on disk
+and are memory-mapped by onnx-ir when a pass first reads them.  Saving goes through
+:class:`StagedModel`: the model (and its external data) is written into a temporary folder
+next to the destination, can be checked there (validation runs on the staged file), and is
+moved into place with ``os.replace`` only on :meth:`StagedModel.commit`.  A failure at any
+point leaves the destination untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+from onnx_ir import external_data as ir_external_data
+
+from onnxopt.errors import BadInputError
+
+logger = logging.getLogger(__name__)
+
+#: Models whose weights exceed this are written with external data (protobuf's hard cap is 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+#: Tensors smaller than this stay inline when external data is written.
+EXTERNAL_TENSOR_MIN_BYTES = 1024
+MIN_IR_VERSION = 3
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Load a model without reading its external weights; raise BadInputError on any defect."""
+    p = Path(path)
+    if not p.exists():
+        raise BadInputError(f"{p}: no such file")
+    if p.is_dir():
+        raise BadInputError(f"{p}: is a directory, expected an .onnx file")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as e:
+        raise BadInputError(f"{p}: not a valid ONNX protobuf file ({_first_line(e)})") from None
+    check_proto(proto, p)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as e:  # noqa: BLE001 - any failure here is a malformed file
+        raise BadInputError(f"{p}: malformed ONNX model ({_first_line(e)})") from None
+    ir_external_data.set_base_dir(model.graph, str(p.parent))
+    check_external_data(model, p)
+    return model
+
+
+def check_proto(proto: onnx.ModelProto, path: Path) -> None:
+    """Reject what protobuf parsing lets through: empty/truncated files, unsupported IR versions."""
+    if not proto.HasField("graph") or proto.ir_version == 0:
+        raise BadInputError(f"{path}: not an ONNX model (no graph or IR version; truncated file?)")
+    if proto.ir_version > onnx.IR_VERSION or proto.ir_version < MIN_IR_VERSION:
+        raise BadInputError(
+            f"{path}: unsupported IR version {proto.ir_version} "
+            f"(supported: {MIN_IR_VERSION}..{onnx.IR_VERSION})"
+        )
+    if not proto.graph.output:
+        raise BadInputError(f"{path}: graph has no outputs (truncated file?)")
+
+
+def external_tensors(model: ir.Model):
+    """Yield (value, ExternalTensor) for every initializer stored outside the protobuf."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                yield value, value.const_value
+
+
+def check_external_data(model: ir.Model, path: Path) -> None:
+    """Every external tensor's file must exist and be long enough; O(initializers) stat calls."""
+    sizes: dict[str, int] = {}
+    for value, tensor in external_tensors(model):
+        file = tensor.path
+        if file not in sizes:
+            try:
+                sizes[file] = os.path.getsize(file)
+            except OSError:
+                raise BadInputError(
+                    f"{path}: external data file '{tensor.location}' not found "
+                    f"(needed by initializer '{value.name}')"
+                ) from None
+        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else 0)
+        if end > sizes[file]:
+            raise BadInputError(
+                f"{path}: external data file '{tensor.location}' is truncated "
+                f"(initializer '{value.name}' needs bytes up to {end}, file has {sizes[file]})"
+            )
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Total bytes of all initializers (read from metadata, no weights loaded)."""
+    return sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values()
+               if v.const_value is not None)
+
+
+def check_writable(dest: Path) -> None:
+    parent = dest.parent if str(dest.parent) else Path(".")
+    if not parent.is_dir():
+        raise BadInputError(f"{dest}: output directory '{parent}' does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInputError(f"{dest}: output directory '{parent}' is not writable")
+    if dest.is_dir():
+        raise BadInputError(f"{dest}: is a directory")
+
+
+class StagedModel:
+    """A model written to a temporary folder beside ``dest``, moved into place on commit.
+
+    Use as a context manager: whatever was not committed is deleted on exit.
+    ``external_data=None`` chooses automatically (external when weights exceed
+    EXTERNAL_DATA_THRESHOLD); the data file is named ``<dest name>.data``.
+    """
+
+    def __init__(self, model: ir.Model, dest: str | os.PathLike, external_data: bool | None = None):
+        self.dest = Path(dest)
+        check_writable(self.dest)
+        if external_data is None:
+            external_data = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        self.external_data = external_data
+        self.data_name = self.dest.name + ".data" if external_data else None
+        try:
+            self._tmpdir = Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=self.dest.parent))
+        except OSError as e:
+            raise BadInputError(f"{self.dest}: cannot write output ({e.strerror})") from None
+        self.path = self._tmpdir / self.dest.name
+        try:
+            if not external_data:
+                # Inline everything: external tensors would otherwise keep pointing at the
+                # input's data file through a path relative to the wrong folder.
+                ir_external_data.load_to_model(model)
+            ir.save(model, self.path, external_data=self.data_name,
+                    size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES)
+        except OSError as e:
+            self.discard()
+            raise BadInputError(f"{self.dest}: cannot write output ({e.strerror or e})") from None
+        except BaseException:
+            self.discard()
+            raise
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self._tmpdir.iterdir())
+
+    def commit(self) -> list[Path]:
+        """Move the staged files into place (data file first, model last); return their paths."""
+        written = []
+        if self.data_name:
+            target = self.dest.parent / self.data_name
+            os.replace(self._tmpdir / self.data_name, target)
+            written.append(target)
+        os.replace(self.path, self.dest)
+        written.append(self.dest)
+        self.discard()
+        return written
+
+    def discard(self) -> None:
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    def __enter__(self) -> StagedModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
+
+
+def save(model: ir.Model, dest: str | os.PathLike, external_data: bool | None = None) -> list[Path]:
+    """Write ``model`` to ``dest`` atomically; see :class:`StagedModel`."""
+    with StagedModel(model, dest, external_data) as staged:
+        return staged.commit()
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,168 @@
+"""Pipeline text -> pass instances -> fixed-point run with per-pass records.
+
+Text: ``"cleanup,fold-constants{size-limit=4096},dedup"``; options are kebab-case spellings of
+the pass constructor's keyword arguments, separated by ``,`` or ``;`` inside the braces, and
+coerced to the type of the argument's default.  The runner repeats the whole sequence until an
+iteration changes nothing (a pass may enable another), at most ``max_iterations`` times.
+We run our own loop rather than ``ir.passes.PassManager`` because we record every pass's
+changes/skips and can call a hook (``--verify-each``) between passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+
+import onnx_ir as ir
+
+from onnxopt import registry
+from onnxopt.base import OptResult, count_nodes
+from onnxopt.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PIPELINE = "cleanup,fold-constants,dedup"
+_ITEM = re.compile(r"\s*([a-z0-9][a-z0-9-]*)\s*(?:\{([^{}]*)\})?\s*")
+
+
+@dataclasses.dataclass
+class PassSpec:
+    name: str
+    options: dict[str, object]
+
+    def __str__(self) -> str:
+        if not self.options:
+            return self.name
+        return self.name + "{" + ",".join(f"{k}={v}" for k, v in self.options.items()) + "}"
+
+
+def _split_top(text: str) -> list[str]:
+    items, depth, cur = [], 0, []
+    for ch in text:
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth < 0:
+                raise UsageError(f"pipeline '{text}': unbalanced '}}'")
+        if ch == "," and depth == 0:
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if depth:
+        raise UsageError(f"pipeline '{text}': unbalanced '{{'")
+    items.append("".join(cur))
+    return items
+
+
+def parse(text: str) -> list[PassSpec]:
+    """Parse pipeline text; unknown pass names and options are UsageErrors naming the alternatives."""
+    specs = []
+    for item in _split_top(text):
+        if not item.strip():
+            raise UsageError(f"pipeline '{text}': empty pass name")
+        m = _ITEM.fullmatch(item)
+        if not m:
+            raise UsageError(f"pipeline '{text}': cannot parse '{item.strip()}' (expected name or name{{key=value}})")
+        name, body = m.group(1), m.group(2)
+        cls = registry.get(name)
+        accepted = options_of(cls)
+        options: dict[str, object] = {}
+        for pair in filter(None, (p.strip() for p in re.split(r"[,;]", body or ""))):
+            key, sep, raw = (s.strip() for s in pair.partition("="))
+            if not sep or not key:
+                raise UsageError(f"pass '{name}': option '{pair}' must be key=value")
+            if key not in accepted:
+                known = ", ".join(accepted) or "none"
+                raise UsageError(f"pass '{name}' has no option '{key}' (options: {known})")
+            options[key] = _coerce(name, key, raw, accepted[key])
+        specs.append(PassSpec(name, options))
+    return specs
+
+
+def options_of(cls: type) -> dict[str, object]:
+    """kebab-case option name -> default value, from the constructor's keyword arguments."""
+    params = inspect.signature(cls.__init__).parameters
+    return {p.name.replace("_", "-"): p.default for p in params.values()
+            if p.name != "self" and p.default is not inspect.Parameter.empty}
+
+
+def _coerce(name: str, key: str, raw: str, default: object) -> object:
+    try:
+        if isinstance(default, bool):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if isinstance(default, int):
+            return int(float(raw)) if re.fullmatch(r"\d+(\.0*)?(e\d+)?", raw) else int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError:
+        raise UsageError(f"pass '{name}': option '{key}={raw}' must be a {type(default).__name__}") from None
+    return raw
+
+
+def build(specs: Sequence[PassSpec]) -> list[ir.passes.PassBase]:
+    return [registry.get(s.name)(**{k.replace("-", "_"): v for k, v in s.options.items()}) for s in specs]
+
+
+@dataclasses.dataclass
+class PassRecord:
+    name: str
+    iteration: int
+    modified: bool
+    changed: dict[str, int]
+    skipped: dict[str, int]
+    seconds: float
+    nodes_after: int
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    records: list[PassRecord]
+    iterations: int
+    converged: bool
+
+    def totals(self) -> dict[str, dict[str, dict[str, int]]]:
+        """Per pass: summed changes and the skips of the last iteration (skips repeat each round)."""
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        for r in self.records:
+            entry = out.setdefault(r.name, {"changed": {}, "skipped": {}})
+            for k, v in r.changed.items():
+                entry["changed"][k] = entry["changed"].get(k, 0) + v
+            entry["skipped"] = dict(r.skipped)
+        return out
+
+
+def run(model: ir.Model, specs: Sequence[PassSpec], *, max_iterations: int = 10,
+        after_pass: Callable[[PassSpec, ir.Model], None] | None = None) -> PipelineResult:
+    """Apply the passes in order, repeated until nothing changes.  ``after_pass`` runs after
+    every pass that modified the model (and may raise to stop the run)."""
+    passes = build(specs)
+    records: list[PassRecord] = []
+    for iteration in range(1, max_iterations + 1):
+        any_change = False
+        for spec, p in zip(specs, passes):
+            t0 = time.perf_counter()
+            result = p(model)
+            model = result.model
+            changed = dict(result.changed) if isinstance(result, OptResult) else ({"modified": 1} if result.modified else {})
+            skipped = dict(result.skipped) if isinstance(result, OptResult) else {}
+            records.append(PassRecord(str(spec), iteration, result.modified, changed, skipped,
+                                      time.perf_counter() - t0, count_nodes(model)))
+            logger.info("%s (iteration %d): changed %s, skipped %s", spec, iteration, changed or "nothing", skipped or "nothing")
+            if result.modified:
+                any_change = True
+                if after_pass is not None:
+                    after_pass(spec, model)
+        if not any_change:
+            return PipelineResult(records, iteration, True)
+    logger.warning("pipeline did not reach a fixed point in %d iterations", max_iterations)
+    return PipelineResult(records, max_iterations, False)

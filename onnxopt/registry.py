@@ -1,0 +1,25 @@
+"""Pass name -> class: an explicit table, imported lazily (no registration side effects)."""
+
+from __future__ import annotations
+
+import importlib
+
+from onnxopt.errors import UsageError
+
+_TABLE = {
+    "cleanup": ("onnxopt.passes.cleanup", "Cleanup"),
+    "fold-constants": ("onnxopt.passes.fold_constants", "FoldConstants"),
+    "dedup": ("onnxopt.passes.dedup", "Deduplicate"),
+}
+
+
+def names() -> list[str]:
+    return list(_TABLE)
+
+
+def get(name: str) -> type:
+    try:
+        module, cls = _TABLE[name]
+    except KeyError:
+        raise UsageError(f"unknown pass '{name}' (known: {', '.join(_TABLE)})") from None
+    return getattr(importlib.import_module(module), cls)

@@ -1,0 +1,174 @@
+"""ONNX Runtime sessions, execution-provider names, and the inputs we feed them.
+
+Inputs are either user data (``--data file.npz``, arrays by input name) or synthesized from the
+model's declared types: ``--shape name:1x3x224x224`` fixes dims, a symbolic dim without one
+becomes 1 (with a warning), floats are standard-normal, integers lie in [0, 4) so that they are
+safe as indices or sizes, booleans are random.  The seed is fixed so runs are reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from onnxopt.errors import BadInputError, UsageError
+
+logger = logging.getLogger(__name__)
+
+EP_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int8)": np.int8, "tensor(int16)": np.int16, "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64, "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32, "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
+    "tensor(string)": np.str_,
+}
+
+
+def provider(ep: str) -> str:
+    """Map a short EP name (cpu, openvino, ...) to the ORT provider, or fail listing those available."""
+    name = EP_NAMES.get(ep.lower(), ep)
+    available = ort.get_available_providers()
+    if name not in available:
+        short = [k for k, v in EP_NAMES.items() if v in available]
+        raise UsageError(f"execution provider '{ep}' is not available here; available: {', '.join(short)}")
+    return name
+
+
+def session(model: str | os.PathLike | bytes, ep: str = "cpu", threads: int | None = 1,
+            optimize: bool = True) -> ort.InferenceSession:
+    """Create an ORT session; a model ORT refuses becomes one BadInputError line."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    source = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(source, opts, providers=[provider(ep)])
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types
+        label = "model" if isinstance(model, bytes) else Path(model).name
+        raise BadInputError(f"{label}: ONNX Runtime cannot load it: {_ort_message(e)}") from None
+
+
+def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
+        outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+    names = outputs or [o.name for o in sess.get_outputs()]
+    try:
+        values = sess.run(names, dict(feeds))
+    except Exception as e:  # noqa: BLE001
+        raise BadInputError(f"ONNX Runtime failed to run the model: {_ort_message(e)}") from None
+    return dict(zip(names, values))
+
+
+def parse_shapes(items: list[str] | tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """Parse repeated ``name:1x3x224x224`` options (``name:`` alone means a scalar)."""
+    shapes = {}
+    for item in items:
+        name, sep, dims = item.rpartition(":")
+        if not sep or not name or not re.fullmatch(r"(\d+(x\d+)*)?", dims):
+            raise UsageError(f"--shape '{item}': expected NAME:DxDxD, e.g. input:1x3x224x224")
+        shapes[name] = tuple(int(d) for d in dims.split("x")) if dims else ()
+    return shapes
+
+
+def resolve_shape(inp: ort.NodeArg, overrides: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
+    if inp.name in overrides:
+        shape = overrides[inp.name]
+        declared = inp.shape or []
+        if inp.shape is not None and len(shape) != len(declared):
+            raise BadInputError(f"--shape {inp.name}: rank {len(shape)} given, model declares rank {len(declared)}")
+        for i, (got, want) in enumerate(zip(shape, declared)):
+            if isinstance(want, int) and want != got:
+                raise BadInputError(f"--shape {inp.name}: dim {i} is {got}, model declares {want}")
+        return shape
+    dims = [d if isinstance(d, int) and d >= 0 else 1 for d in inp.shape or []]
+    symbolic = [str(d) for d in inp.shape or [] if not (isinstance(d, int) and d >= 0)]
+    if symbolic:
+        logger.warning("input '%s' has symbolic dims %s: using 1 for each (set them with --shape %s:%s)",
+                       inp.name, ", ".join(symbolic), inp.name, "x".join(map(str, dims)))
+    return tuple(dims)
+
+
+def synthesize(sess: ort.InferenceSession, overrides: Mapping[str, tuple[int, ...]] | None = None,
+               seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs matching the session's inputs (see module docstring for the distributions)."""
+    overrides = dict(overrides or {})
+    names = {i.name for i in sess.get_inputs()}
+    unknown = set(overrides) - names
+    if unknown:
+        raise BadInputError(f"--shape names unknown input(s) {sorted(unknown)}; inputs are {sorted(names)}")
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for inp in sess.get_inputs():
+        dtype = _ORT_TYPES.get(inp.type)
+        if dtype is None:
+            raise BadInputError(f"input '{inp.name}' has type {inp.type}: give it with --data")
+        shape = resolve_shape(inp, overrides)
+        if dtype == np.bool_:
+            value = rng.random(shape) < 0.5
+        elif np.issubdtype(dtype, np.integer):
+            value = rng.integers(0, 4, size=shape).astype(dtype)
+        elif dtype == np.str_:
+            value = np.full(shape, "a", dtype=object)
+        else:
+            value = rng.standard_normal(shape).astype(dtype)
+        feeds[inp.name] = np.asarray(value)
+    return feeds
+
+
+def load_feeds(path: str | os.PathLike, sess: ort.InferenceSession) -> dict[str, np.ndarray]:
+    """Read an ``.npz`` of arrays by input name and check names, dtypes and ranks against ``sess``."""
+    p = Path(path)
+    if not p.is_file():
+        raise BadInputError(f"{p}: no such data file")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001 - zip/npy errors of many kinds
+        raise BadInputError(f"{p}: not a readable .npz file ({e})") from None
+    inputs = {i.name: i for i in sess.get_inputs()}
+    missing = sorted(set(inputs) - set(arrays))
+    extra = sorted(set(arrays) - set(inputs))
+    if missing or extra:
+        raise BadInputError(f"{p}: arrays {sorted(arrays)} do not match model inputs {sorted(inputs)}"
+                            + (f" (missing {missing})" if missing else "")
+                            + (f" (unknown {extra})" if extra else ""))
+    for name, arr in arrays.items():
+        inp = inputs[name]
+        want = _ORT_TYPES.get(inp.type)
+        if want is not None and want != np.str_ and arr.dtype != np.dtype(want):
+            raise BadInputError(f"{p}: array '{name}' has dtype {arr.dtype}, model expects {np.dtype(want)}")
+        if inp.shape is not None:
+            if arr.ndim != len(inp.shape):
+                raise BadInputError(f"{p}: array '{name}' has shape {arr.shape}, model expects rank {len(inp.shape)} {inp.shape}")
+            for got, dim in zip(arr.shape, inp.shape):
+                if isinstance(dim, int) and dim >= 0 and dim != got:
+                    raise BadInputError(f"{p}: array '{name}' has shape {arr.shape}, model expects {inp.shape}")
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            raise BadInputError(f"{p}: array '{name}' contains NaN or Inf")
+    return arrays
+
+
+def _ort_message(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    return text[:400]

@@ -1,0 +1,127 @@
+"""cleanup: the exporter-leftover sweep every model gets first."""
+
+from __future__ import annotations
+
+import collections
+
+import onnx_ir as ir
+from onnx_ir.passes import common as common_passes
+
+from onnxopt.base import OptPass, is_standard
+
+
+class Cleanup(OptPass):
+    """Remove dead nodes, unused initializers, initializer-backed inputs, Identity, inference Dropout; lift Constant nodes.
+
+    Contract: outputs bit-identical; graph inputs/outputs keep their names, types and dims
+    (an initializer-backed input disappears from the input list only for IR >= 4, where such an
+    input is a default a user could override - onnxsim does the same); plain graph inputs are
+    never removed, even unused.  Constant nodes (all value_* kinds) become initializers in the
+    graph they live in.  Dropout goes when its mask is unused and training_mode is absent or a
+    constant false.  Identity/Dropout whose output is a graph output is removed only when its
+    input is made by a node of the same graph (the producer is renamed); otherwise kept, with a
+    reason.  Recurses into If/Loop/Scan bodies; custom-domain nodes are kept unless dead.
+    Cost: O(nodes + initializers).
+    """
+
+    name = "cleanup"
+
+    def __init__(self, remove_initializer_inputs: bool = True):
+        super().__init__()
+        self.remove_initializer_inputs = remove_initializer_inputs
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        changed: collections.Counter = collections.Counter()
+        skipped: collections.Counter = collections.Counter()
+
+        constants = _count_op(model, "Constant")
+        if model.ir_version >= 4:
+            common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+            changed["constants lifted"] = constants - _count_op(model, "Constant")
+        elif constants:
+            skipped["Constant kept: IR version < 4 needs initializers listed as inputs"] += constants
+
+        for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+            if not is_standard(node) or node.graph is None:
+                continue
+            if node.op_type == "Identity":
+                reason = _bypass(node)
+                if reason:
+                    skipped[f"Identity kept: {reason}"] += 1
+                else:
+                    changed["Identity removed"] += 1
+            elif node.op_type == "Dropout":
+                reason = _dropout_is_inference(node) or _bypass(node)
+                if reason:
+                    skipped[f"Dropout kept: {reason}"] += 1
+                else:
+                    changed["Dropout removed"] += 1
+
+        if self.remove_initializer_inputs and model.ir_version >= 4:
+            before = len(model.graph.inputs)
+            common_passes.RemoveInitializersFromInputsPass()(model)
+            changed["initializer-backed inputs removed"] = before - len(model.graph.inputs)
+
+        nodes_before = _count_nodes(model)
+        inits_before = _count_initializers(model)
+        common_passes.RemoveUnusedNodesPass()(model)  # main-graph initializers only
+        for graph in model.graphs():
+            if graph is model.graph:
+                continue
+            for value in list(graph.initializers.values()):
+                if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
+                    del graph.initializers[value.name]
+        changed["dead nodes removed"] = nodes_before - _count_nodes(model)
+        changed["unused initializers removed"] = inits_before - _count_initializers(model)
+        return self.result(model, changed, skipped)
+
+
+def _count_op(model: ir.Model, op_type: str) -> int:
+    return sum(1 for n in ir.traversal.RecursiveGraphIterator(model.graph)
+               if n.op_type == op_type and is_standard(n))
+
+
+def _count_nodes(model: ir.Model) -> int:
+    return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
+
+
+def _count_initializers(model: ir.Model) -> int:
+    return sum(len(g.initializers) for g in model.graphs())
+
+
+def _dropout_is_inference(node: ir.Node) -> str | None:
+    """None when the Dropout is a no-op at inference, else the reason it is not provably one."""
+    if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
+        return "its mask output is used"
+    if len(node.inputs) >= 3 and node.inputs[2] is not None:
+        training = node.inputs[2].const_value
+        if training is None or training.numpy().item():
+            return "training_mode is not a constant false"
+    return None
+
+
+def _bypass(node: ir.Node) -> str | None:
+    """Make users of node.outputs[0] read node.inputs[0] instead and remove the node.
+
+    Returns the reason when that would change the graph's interface."""
+    if not node.inputs or node.inputs[0] is None:
+        return "no input"
+    src, dst = node.inputs[0], node.outputs[0]
+    graph = node.graph
+    if dst.is_graph_output():
+        producer = src.producer()
+        if producer is None or producer.graph is not graph:
+            return "graph output fed directly by a graph input, initializer or outer-scope value"
+        if src.is_graph_output():
+            return "its input is itself a graph output"
+        # The producer's value takes over the output's name, type and declared dims.
+        ir.convenience.replace_all_uses_with(dst, src, replace_graph_outputs=True)
+        name, dtype_type, shape = dst.name, dst.type, dst.shape
+        graph.remove(node, safe=True)
+        src.name = name
+        src.type = dtype_type or src.type
+        src.shape = shape if shape is not None else src.shape
+        return None
+    dst.replace_all_uses_with(src)
+    graph.remove(node, safe=True)
+    return None
