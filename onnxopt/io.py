@@ -10,6 +10,7 @@ point leaves the destination untouched.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -136,8 +137,9 @@ class StagedModel:
                 # Inline everything: external tensors would otherwise keep pointing at the
                 # input's data file through a path relative to the wrong folder.
                 ir_external_data.load_to_model(model)
-            ir.save(model, self.path, external_data=self.data_name,
-                    size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES)
+            with _without_redundant_initializer_info(model):
+                ir.save(model, self.path, external_data=self.data_name,
+                        size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES)
         except OSError as e:
             self.discard()
             raise BadInputError(f"{self.dest}: cannot write output ({e.strerror or e})") from None
@@ -168,6 +170,26 @@ class StagedModel:
 
     def __exit__(self, *exc) -> None:
         self.discard()
+
+
+@contextlib.contextmanager
+def _without_redundant_initializer_info(model: ir.Model):
+    """onnx-ir writes a value_info entry for every initializer; where it only repeats the tensor's
+    own dtype and shape it is dead weight (~30 bytes each), so hide it while saving."""
+    hidden = []
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if (tensor is not None and not value.metadata_props and not value.doc_string
+                    and value.type == ir.TensorType(tensor.dtype)
+                    and (value.shape is None or tuple(value.shape) == tuple(tensor.shape))):
+                hidden.append((value, value.type, value.shape))
+                value.type, value.shape = None, None
+    try:
+        yield
+    finally:
+        for value, type_, shape in hidden:
+            value.type, value.shape = type_, shape
 
 
 def save(model: ir.Model, dest: str | os.PathLike, external_data: bool | None = None) -> list[Path]:

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from onnxopt.cli import main
+from tests.helpers import ROOT
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="run tests marked slow (the >2 GB model)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: needs --run-slow (writes a >2 GB model)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def cli():
+    """Run the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
+    runner = CliRunner()
+
+    def run(*args: str):
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return run
+
+
+@pytest.fixture
+def model_copy(tmp_path):
+    """Copy a committed model into tmp_path (so tests never touch models/)."""
+
+    def copy(name: str) -> Path:
+        dest = tmp_path / name
+        shutil.copy(ROOT / "models" / name, dest)
+        return dest
+
+    return copy

@@ -1,0 +1,162 @@
+"""Model I/O: every bad input is one line and exit 2, input never modified, writes are atomic."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from onnxopt import io
+from onnxopt.errors import BadInputError
+from tests.helpers import ort_run, sha256
+
+
+def _external_model(tmp_path, name="ext.onnx"):
+    """y = x @ W1 @ W2 with W1/W2 (and an identical copy of W2) in an external data file."""
+    rng = np.random.default_rng(0)
+    w1 = nh.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w1")
+    w2 = rng.standard_normal((64, 64)).astype(np.float32)
+    inits = [w1, nh.from_array(w2, "w2"), nh.from_array(w2.copy(), "w2_copy")]
+    nodes = [h.make_node("MatMul", ["x", "w1"], ["a"]), h.make_node("MatMul", ["a", "w2"], ["b"]),
+             h.make_node("Add", ["b", "w2_copy"], ["y"])]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [64, 64])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [64, 64])], inits)
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    path = tmp_path / name
+    onnx.save(model, str(path), save_as_external_data=True, location=name + ".data", size_threshold=0)
+    return path
+
+
+def test_load_is_lazy_and_external_data_round_trips(tmp_path, cli):
+    path = _external_model(tmp_path)
+    model = io.load(path)
+    tensors = [t for _, t in io.external_tensors(model)]
+    assert len(tensors) == 3 and all(isinstance(t, ir.ExternalTensor) for t in tensors)
+    x = np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)
+    ref = ort_run(path, {"x": x})[0]
+    out = tmp_path / "out" / "o.onnx"
+    out.parent.mkdir()
+    result = cli("optimize", path, "-o", out, "--external-data")
+    assert result.exit_code == 0, result.output
+    assert (out.parent / "o.onnx.data").exists()
+    assert np.array_equal(ort_run(out, {"x": x})[0], ref)
+    # dedup merged the copy: the data file holds two tensors, not three
+    assert (out.parent / "o.onnx.data").stat().st_size == 2 * 64 * 64 * 4
+    # small model without --external-data: one self-contained file
+    single = tmp_path / "single.onnx"
+    assert cli("optimize", path, "-o", single).exit_code == 0
+    assert not (tmp_path / "single.onnx.data").exists()
+    assert np.array_equal(ort_run(single, {"x": x})[0], ref)
+
+
+def test_missing_and_truncated_external_data(tmp_path, cli):
+    path = _external_model(tmp_path)
+    data = tmp_path / "ext.onnx.data"
+    content = data.read_bytes()
+    data.write_bytes(content[: len(content) // 2])
+    result = cli("optimize", path, "-o", tmp_path / "o.onnx")
+    assert result.exit_code == 2 and "is truncated" in result.stderr
+    data.unlink()
+    result = cli("optimize", path, "-o", tmp_path / "o.onnx")
+    assert result.exit_code == 2
+    assert "external data file 'ext.onnx.data' not found" in result.stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"this is not a model at all", "not"),
+    (b"", "not an ONNX model"),
+])
+def test_not_a_protobuf(tmp_path, cli, content, message):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    result = cli("optimize", path, "-o", tmp_path / "o.onnx")
+    assert result.exit_code == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_truncated_file_at_any_point(tmp_path, cli):
+    src = (tmp_path / "x").parent
+    model = io.load(_external_model(src, "t.onnx"))
+    full = tmp_path / "full.onnx"
+    io.save(model, full, external_data=False)
+    blob = full.read_bytes()
+    for cut in (1, 7, len(blob) // 3, len(blob) // 2, len(blob) - 3):
+        path = tmp_path / "trunc.onnx"
+        path.write_bytes(blob[:cut])
+        result = cli("inspect", path)
+        assert result.exit_code == 2, (cut, result.output)
+        assert "bad.onnx" not in result.stderr and "trunc.onnx" in result.stderr
+
+
+def test_missing_file_and_directory(tmp_path, cli):
+    result = cli("optimize", tmp_path / "nope.onnx", "-o", tmp_path / "o.onnx")
+    assert result.exit_code == 2 and "no such file" in result.stderr
+    result = cli("inspect", tmp_path)
+    assert result.exit_code == 2 and "is a directory" in result.stderr
+
+
+def test_unsupported_ir_version(tmp_path, cli):
+    g = h.make_graph([h.make_node("Relu", ["x"], ["y"])], "g", [h.make_tensor_value_info("x", T.FLOAT, [1])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [1])])
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 99
+    path = tmp_path / "future.onnx"
+    path.write_bytes(model.SerializeToString())
+    result = cli("optimize", path, "-o", tmp_path / "o.onnx")
+    assert result.exit_code == 2 and "unsupported IR version 99" in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only directories")
+def test_unwritable_output_dir_nonroot(tmp_path, cli, model_copy):
+    model = model_copy("control_flow.onnx")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        result = cli("optimize", model, "-o", ro / "o.onnx")
+        assert result.exit_code == 2 and "not writable" in result.stderr
+    finally:
+        ro.chmod(0o700)
+
+
+def test_unwritable_output(tmp_path, cli, model_copy):
+    model = model_copy("control_flow.onnx")
+    result = cli("optimize", model, "-o", tmp_path / "no" / "such" / "dir" / "o.onnx")
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = cli("optimize", model, "-o", blocker / "o.onnx")  # parent is a file
+    assert result.exit_code == 2
+    result = cli("optimize", model, "-o", tmp_path)  # output is a directory
+    assert result.exit_code == 2 and "is a directory" in result.stderr
+
+
+def test_failed_write_leaves_destination_untouched(tmp_path, model_copy, monkeypatch):
+    model = io.load(model_copy("control_flow.onnx"))
+    dest = tmp_path / "dest.onnx"
+    dest.write_bytes(b"previous content")
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ir, "save", boom)
+    with pytest.raises(BadInputError, match="No space left on device"):
+        io.save(model, dest)
+    assert dest.read_bytes() == b"previous content"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["control_flow.onnx", "dest.onnx"]
+
+
+def test_refused_result_is_not_written_and_staging_removed(tmp_path, model_copy):
+    model = io.load(model_copy("control_flow.onnx"))
+    dest = tmp_path / "o.onnx"
+    with io.StagedModel(model, dest) as staged:
+        assert staged.path.exists() and not dest.exists()
+    assert not dest.exists() and not list(tmp_path.glob(".onnxopt-*"))
+    assert sha256(tmp_path / "control_flow.onnx")
