@@ -34,17 +34,17 @@ class Cleanup(OptPass):
         changed: collections.Counter = collections.Counter()
         skipped: collections.Counter = collections.Counter()
 
-        constants = _count_op(model, "Constant")
-        if model.ir_version >= 4:
-            common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-            changed["constants lifted"] = constants - _count_op(model, "Constant")
-        elif constants:
-            skipped["Constant kept: IR version < 4 needs initializers listed as inputs"] += constants
-
         for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
             if not is_standard(node) or node.graph is None:
                 continue
-            if node.op_type == "Identity":
+            if node.op_type == "Constant":
+                reason = _lift_constant(node) if model.ir_version >= 4 else \
+                    "IR version < 4 needs initializers listed as inputs"
+                if reason:
+                    skipped[f"Constant kept: {reason}"] += 1
+                else:
+                    changed["constants lifted"] += 1
+            elif node.op_type == "Identity":
                 reason = _bypass(node)
                 if reason:
                     skipped[f"Identity kept: {reason}"] += 1
@@ -76,9 +76,44 @@ class Cleanup(OptPass):
         return self.result(model, changed, skipped)
 
 
-def _count_op(model: ir.Model, op_type: str) -> int:
-    return sum(1 for n in ir.traversal.RecursiveGraphIterator(model.graph)
-               if n.op_type == op_type and is_standard(n))
+_CONSTANT_ATTRS = {
+    "value": (ir.AttributeType.TENSOR, None),
+    "value_float": (ir.AttributeType.FLOAT, ir.DataType.FLOAT),
+    "value_floats": (ir.AttributeType.FLOATS, ir.DataType.FLOAT),
+    "value_int": (ir.AttributeType.INT, ir.DataType.INT64),
+    "value_ints": (ir.AttributeType.INTS, ir.DataType.INT64),
+}
+
+
+def _lift_constant(node: ir.Node) -> str | None:
+    """Turn a Constant node into an initializer of its graph; the reason when it cannot.
+
+    Ours rather than onnx-ir's LiftConstantsToInitializersPass because that one raises halfway
+    through the graph on a malformed or sparse Constant instead of leaving it alone."""
+    out = node.outputs[0]
+    if out.is_graph_output():
+        return "its output is a graph output"
+    if len(node.attributes) != 1:
+        return "malformed (not exactly one value attribute)"
+    (name, attr), = node.attributes.items()
+    kind = _CONSTANT_ATTRS.get(name)
+    if kind is None:
+        return f"{name} is not lifted"
+    if attr.type != kind[0]:
+        return f"malformed ({name} holds {attr.type.name})"
+    if name == "value":
+        tensor = attr.as_tensor()
+    else:
+        tensor = ir.tensor(attr.value, dtype=kind[1])
+    graph = node.graph
+    if out.name in graph.initializers:
+        return "an initializer already has its name"
+    value = ir.Value(name=out.name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape),
+                     const_value=tensor, metadata_props=out.metadata_props.copy())
+    out.replace_all_uses_with(value)
+    graph.remove(node, safe=True)
+    graph.register_initializer(value)
+    return None
 
 
 def _count_nodes(model: ir.Model) -> int:

@@ -1,0 +1,117 @@
+"""Pipeline text, fixed-point runs, --verify-each naming the pass that broke outputs."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from onnxopt import pipeline, registry
+from onnxopt.base import OptPass
+from onnxopt.errors import UsageError
+from tests.helpers import MODELS
+
+
+def test_parse_pipeline_text():
+    specs = pipeline.parse("cleanup, fold-constants{size-limit=4096; input-limit=1e6},dedup")
+    assert [s.name for s in specs] == ["cleanup", "fold-constants", "dedup"]
+    assert specs[1].options == {"size-limit": 4096, "input-limit": 1000000}
+    assert str(specs[1]) == "fold-constants{size-limit=4096,input-limit=1000000}"
+    assert pipeline.parse("cleanup{remove-initializer-inputs=false}")[0].options == {"remove-initializer-inputs": False}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("cleanup,,dedup", "empty pass name"),
+    ("cleanup,bogus", "unknown pass 'bogus' (known: cleanup, fold-constants, dedup"),
+    ("fold-constants{nope=1}", "has no option 'nope' (options: size-limit, input-limit)"),
+    ("fold-constants{size-limit=big}", "'size-limit=big' must be a int"),
+    ("fold-constants{size-limit}", "must be key=value"),
+    ("fold-constants{size-limit=1", "unbalanced"),
+    ("Cleanup", "cannot parse"),
+])
+def test_parse_errors(text, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        pipeline.parse(text)
+
+
+class ScaleFirstWeight(OptPass):
+    """Test-only pass that breaks the model: multiplies the first float initializer by 10 (once)."""
+
+    name = "break-weights"
+
+    def call(self, model):
+        for value in model.graph.initializers.values():
+            if value.const_value is not None and value.const_value.dtype == ir.DataType.FLOAT \
+                    and not value.meta.get("broken"):
+                value.const_value = ir.tensor(value.const_value.numpy() * 10, name=value.name)
+                value.meta["broken"] = True
+                return self.result(model, collections.Counter({"weights scaled": 1}))
+        return self.result(model, collections.Counter())
+
+
+@pytest.fixture
+def with_breaking_pass(monkeypatch):
+    monkeypatch.setitem(registry._TABLE, "break-weights", (__name__, "ScaleFirstWeight"))
+
+
+def test_validation_refuses_broken_result(cli, model_copy, tmp_path, with_breaking_pass):
+    model = model_copy("cnn_bn_depthwise.onnx")
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    result = cli("optimize", model, "-o", out, "-p", "cleanup,break-weights", "--report", rep)
+    assert result.exit_code == 3
+    assert "optimized model not written" in result.stderr and "logits: max abs" in result.stderr
+    assert not out.exists()
+    report = json.loads(rep.read_text())
+    assert report["written"] is False and not report["validation"]["ok"]
+    assert report["validation"]["outputs"][0]["max_abs"] > 1e-3
+    # --force writes it anyway, and says so
+    result = cli("optimize", model, "-o", out, "-p", "cleanup,break-weights", "--force")
+    assert result.exit_code == 0 and out.exists() and "DIVERGED" in result.output
+
+
+def test_verify_each_names_the_pass(cli, model_copy, tmp_path, with_breaking_pass):
+    model = model_copy("exporter_opset11.onnx")
+    result = cli("optimize", model, "-o", tmp_path / "o.onnx", "-p", "cleanup,fold-constants,break-weights,dedup",
+                 "--verify-each")
+    assert result.exit_code == 3
+    assert "pass 'break-weights' changed the outputs" in result.stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_fixed_point_iteration_lets_passes_enable_each_other():
+    """fold-constants exposes dead initializers that only a later cleanup removes."""
+    from onnxopt import io
+    model = io.load(next(m for m in MODELS if m.name == "control_flow.onnx"))
+    result = pipeline.run(model, pipeline.parse("fold-constants,cleanup"))
+    assert result.converged and result.iterations >= 2
+    names = [r.name for r in result.records if r.modified]
+    assert "fold-constants" in names and "cleanup" in names
+    last = [r for r in result.records if r.iteration == result.iterations]
+    assert not any(r.modified for r in last)
+
+
+def test_max_iterations_reports_non_convergence(monkeypatch):
+    class AlwaysChanges(OptPass):
+        """Test-only: claims a change every time."""
+        name = "always"
+
+        def call(self, model):
+            return self.result(model, collections.Counter({"nothing really": 1}))
+
+    monkeypatch.setitem(registry._TABLE, "always", (__name__, "AlwaysChanges"))
+    globals()["AlwaysChanges"] = AlwaysChanges
+    graph = ir.Graph([], [], nodes=[], name="g")
+    result = pipeline.run(ir.Model(graph, ir_version=8), pipeline.parse("always"), max_iterations=3)
+    assert not result.converged and result.iterations == 3 and len(result.records) == 3
+
+
+def test_symbolic_dims_warn_once_per_input(cli, model_copy, tmp_path):
+    result = cli("optimize", model_copy("cnn_dynamic.onnx"), "-o", tmp_path / "o.onnx")
+    assert result.exit_code == 0
+    warnings = [line for line in result.stderr.splitlines() if "symbolic dims" in line]
+    assert warnings == ["onnxopt: warning: input 'image' has symbolic dims batch, height, width: "
+                        "using 1 for each (set them with --shape image:1x3x1x1)"]
+    assert "warning" not in cli("-q", "optimize", model_copy("cnn_dynamic.onnx"), "-o", tmp_path / "p.onnx").stderr
