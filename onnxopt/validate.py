@@ -161,11 +161,13 @@ class Validator:
         self.ep = ep
         self.tolerance = tolerance
         self.latency_runs = latency_runs
-        self.session = runtime.session(original, ep)
-        self.feeds = runtime.load_feeds(data, self.session) if data else runtime.synthesize(self.session, shapes)
-        self.reference = runtime.run(self.session, self.feeds)
-        self.reference_latency_ms = (median_latency_ms(self.session, self.feeds, latency_runs)
-                                     if latency_runs else None)
+        session = runtime.session(original, ep)
+        self.feeds = runtime.load_feeds(data, session) if data else runtime.synthesize(session, shapes)
+        self.reference = runtime.run(session, self.feeds)
+        self.reference_latency_ms = median_latency_ms(session, self.feeds, latency_runs) if latency_runs else None
+        # Only outputs and latency are kept: the original's session (its weights) is released so
+        # that a 2 GB model is not held twice while the candidate is checked.
+        del session
 
     def check(self, candidate: str | os.PathLike | bytes) -> ValidationResult:
         sess = runtime.session(candidate, self.ep)

@@ -21,10 +21,16 @@ class Deduplicate(OptPass):
     another are read at all; external tensors are hashed from their file in 16 MiB chunks, so a
     large model is not pulled into memory (why we do not reuse onnx-ir's DeduplicateHashed
     pass, which materializes each tensor).  Equal SHA-256 digests are confirmed byte by byte
-    below 64 MiB.  Cost: O(bytes of same-shaped initializers).
+    below 64 MiB.  Cost: O(bytes of same-shaped initializers), once per run (external digests are memoized).
     """
 
     name = "dedup"
+
+    def __init__(self):
+        super().__init__()
+        # Digest of an external tensor's file range; the range's bytes never change during a run,
+        # so the fixed-point loop's later iterations do not re-read gigabytes.
+        self._external_digests: dict[tuple, str] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         changed: collections.Counter = collections.Counter()
@@ -44,7 +50,7 @@ class Deduplicate(OptPass):
                     continue
                 kept: dict[str, ir.Value] = {}
                 for value in candidates:
-                    digest = _digest(value.const_value)
+                    digest = self._digest(value.const_value)
                     keep = kept.get(digest)
                     if keep is None:
                         kept[digest] = value
@@ -57,6 +63,15 @@ class Deduplicate(OptPass):
                     changed["initializers merged"] += 1
                     changed["bytes saved"] += value.const_value.nbytes
         return self.result(model, changed, skipped)
+
+
+    def _digest(self, tensor) -> str:
+        if isinstance(tensor, ir.ExternalTensor):
+            key = (tensor.path, tensor.offset, tensor.length)
+            if key not in self._external_digests:
+                self._external_digests[key] = _digest(tensor)
+            return self._external_digests[key]
+        return _digest(tensor)
 
 
 def _digest(tensor) -> str:
