@@ -103,13 +103,18 @@ def weight_bytes(model: ir.Model) -> int:
 
 
 def check_writable(dest: Path) -> None:
+    """Fail before any work when ``dest`` cannot be created: the folder must exist and accept a
+    new file (probed for real: permission bits say nothing for root or read-only mounts)."""
     parent = dest.parent if str(dest.parent) else Path(".")
     if not parent.is_dir():
         raise BadInputError(f"{dest}: output directory '{parent}' does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInputError(f"{dest}: output directory '{parent}' is not writable")
     if dest.is_dir():
         raise BadInputError(f"{dest}: is a directory")
+    try:
+        with tempfile.NamedTemporaryFile(prefix=".onnxopt-probe-", dir=parent):
+            pass
+    except OSError as e:
+        raise BadInputError(f"{dest}: output directory '{parent}' is not writable ({e.strerror})") from None
 
 
 class StagedModel:

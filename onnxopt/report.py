@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from onnxopt import io
 from onnxopt.errors import BadInputError, UsageError
 
 FORMATS = (".json", ".md")
@@ -17,23 +18,26 @@ def check_path(path: str | os.PathLike) -> None:
     p = Path(path)
     if p.suffix.lower() not in FORMATS:
         raise UsageError(f"--report {p}: unsupported format '{p.suffix}' (use {' or '.join(FORMATS)})")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise BadInputError(f"--report {p}: directory '{parent}' is not writable")
+    try:
+        io.check_writable(p)
+    except BadInputError as e:
+        raise BadInputError(f"--report {e}") from None
 
 
 def write(report: dict, path: str | os.PathLike) -> None:
     p = Path(path)
     text = json.dumps(report, indent=2, default=str) + "\n" if p.suffix.lower() == ".json" else markdown(report)
-    fd, tmp = tempfile.mkstemp(prefix=".onnxopt-report-", dir=p.parent if str(p.parent) else ".")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".onnxopt-report-", dir=p.parent if str(p.parent) else ".")
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
+    except OSError as e:
+        raise BadInputError(f"--report {p}: cannot write ({e.strerror or e})") from None
+    finally:
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
 
 
 def _mb(n: int | None) -> str:
