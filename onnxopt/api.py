@@ -31,7 +31,7 @@ def model_stats(model: ir.Model, path: str | os.PathLike | None = None) -> dict:
     }
     if path is not None:
         p = Path(path)
-        data_files = {t.path for _, t in io.external_tensors(model)} if model is not None else set()
+        data_files = {t.path for _, t in io.external_tensors(model)}
         stats["file_bytes"] = p.stat().st_size + sum(os.path.getsize(f) for f in data_files if os.path.exists(f))
     return stats
 
