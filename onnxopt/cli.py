@@ -68,7 +68,8 @@ def _mb(n: int) -> str:
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the optimized model.")
 @click.option("-p", "--pipeline", "pipeline_text", default=None,
-              help='Passes, e.g. "cleanup,fold-constants{size-limit=4096},dedup" (default: cleanup,fold-constants,dedup).')
+              help='Passes, e.g. "cleanup,fold-constants{size-limit=4096},dedup" '
+                   f'(default: {pipeline.DEFAULT_PIPELINE}).')
 @click.option("--shape", "shapes", multiple=True, help="Input shape NAME:1x3x224x224 for symbolic dims (repeatable).")
 @click.option("--data", type=click.Path(), default=None, help=".npz of input arrays by name, used for validation.")
 @click.option("--report", "report_path", type=click.Path(), default=None, help="Write a report: out.json or out.md.")

@@ -10,6 +10,7 @@ _TABLE = {
     "cleanup": ("onnxopt.passes.cleanup", "Cleanup"),
     "fold-constants": ("onnxopt.passes.fold_constants", "FoldConstants"),
     "dedup": ("onnxopt.passes.dedup", "Deduplicate"),
+    "fuse-conv-bn": ("onnxopt.passes.fuse_conv_bn", "FuseConvBatchNorm"),
 }
 
 

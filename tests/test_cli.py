@@ -61,9 +61,9 @@ def test_markdown_report_and_summary(cli, model_copy, tmp_path):
     rep = tmp_path / "r.md"
     result = cli("optimize", model, "-o", tmp_path / "o.onnx", "--report", rep, "--shape", "x:2x3x8x8")
     assert result.exit_code == 0, result.output
-    assert "22 -> 13 nodes" in result.output
+    assert "22 -> 12 nodes" in result.output
     text = rep.read_text()
-    assert "| before | 22 |" in text and "| after | 13 |" in text
+    assert "| before | 22 |" in text and "| after | 12 |" in text
     assert "Result: **pass**" in text and "| logits |" in text
     assert "initializer-backed inputs removed: 10" in text
 

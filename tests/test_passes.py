@@ -214,3 +214,62 @@ def test_dedup_does_not_merge_same_bytes_different_dtype():
              h.make_node("Add", ["xa", "bf"], ["y"])]
     model = ir.serde.deserialize_model(make(nodes, [a, b]))
     assert not Deduplicate()(model).modified
+
+
+# ------------------------------------------------------------------ fuse-conv-bn
+
+def _conv_bn(op="Conv", bn_output="y", extra_nodes=(), bias=True, training=None, w_shape=(4, 3, 3, 3)):
+    rng = np.random.default_rng(3)
+    channels = w_shape[0] if op == "Conv" else w_shape[1]
+    inits = [nh.from_array(rng.standard_normal(w_shape).astype(np.float32), "w"),
+             nh.from_array(rng.uniform(0.5, 1.5, channels).astype(np.float32), "scale"),
+             nh.from_array(rng.standard_normal(channels).astype(np.float32), "beta"),
+             nh.from_array(rng.standard_normal(channels).astype(np.float32), "mean"),
+             nh.from_array(rng.uniform(0.5, 1.5, channels).astype(np.float32), "var")]
+    conv_inputs = ["x", "w"]
+    if bias:
+        inits.append(nh.from_array(rng.standard_normal(channels).astype(np.float32), "b"))
+        conv_inputs.append("b")
+    bn_kw = {"epsilon": 1e-3} if training is None else {"epsilon": 1e-3, "training_mode": training}
+    nodes = [h.make_node(op, conv_inputs, ["c"], pads=[1, 1, 1, 1]),
+             h.make_node("BatchNormalization", ["c", "scale", "beta", "mean", "var"], [bn_output], **bn_kw),
+             *extra_nodes]
+    in_ch = w_shape[1] if op == "Conv" else w_shape[0]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [1, in_ch, 6, 6])],
+                     [h.make_tensor_value_info("y", T.FLOAT, None)], inits)
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 15)])
+
+
+def _fuse_and_compare(proto, in_ch=3):
+    from onnxopt.passes.fuse_conv_bn import FuseConvBatchNorm
+    x = np.random.default_rng(4).standard_normal((1, in_ch, 6, 6)).astype(np.float32)
+    model = ir.serde.deserialize_model(proto)
+    result = FuseConvBatchNorm()(model)
+    new = ir.to_proto(model)
+    np.testing.assert_allclose(ort_run(new, {"x": x})[0], ort_run(proto, {"x": x})[0], rtol=1e-4, atol=1e-5)
+    return result, new
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fuse_conv_bn_graph_output(bias):
+    result, new = _fuse_and_compare(_conv_bn(bias=bias))
+    assert ops(new) == ["Conv"] and new.graph.node[0].output[0] == "y"
+    assert result.changed == {"BatchNormalization fused into Conv": 1}
+    assert len(new.graph.node[0].input) == 3
+
+
+def test_fuse_conv_transpose_bn_followed_by_relu():
+    proto = _conv_bn("ConvTranspose", bn_output="bn", extra_nodes=[h.make_node("Relu", ["bn"], ["y"])],
+                     w_shape=(3, 5, 3, 3))
+    result, new = _fuse_and_compare(proto)
+    assert ops(new) == ["ConvTranspose", "Relu"]
+
+
+def test_fuse_conv_bn_declines_with_reasons():
+    from onnxopt.passes.fuse_conv_bn import FuseConvBatchNorm
+    shared = _conv_bn(bn_output="bn", extra_nodes=[h.make_node("Add", ["bn", "c"], ["y"])])
+    result = FuseConvBatchNorm()(ir.serde.deserialize_model(shared))
+    assert result.skipped == {"conv output has other users": 1} and not result.modified
+    training = _conv_bn(training=1)
+    result = FuseConvBatchNorm()(ir.serde.deserialize_model(training))
+    assert result.skipped == {"BN in training mode": 1}
