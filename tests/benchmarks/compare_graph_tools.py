@@ -1,0 +1,178 @@
+"""Side-by-side graph optimizers: onnxopt vs onnxsim, onnxslim, onnxoptimizer and ORT's offline
+basic-level optimizer, in one process, on the same inputs.
+
+    pip install -e ".[bench]"
+    python tests/benchmarks/compare_graph_tools.py [MODEL.onnx ...] [--json out.json] [--md out.md]
+
+Per model and tool: node count (subgraphs included), file size, tool wall time, max abs diff vs
+the original on ORT (same synthesized inputs), ORT CPU latency ratio original/optimized (median of
+``--runs`` runs, 1 thread, measured back to back), whether the tool crashed and whether an output
+shape changed.  Missing peers are reported as "not installed".  Not a test: nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from onnxopt import api, runtime  # noqa: E402
+
+SHAPES = {  # concrete sizes for symbolic dims, as in tests/test_cli.py
+    "cnn_dynamic": {"image": (2, 3, 24, 40)},
+    "transformer_encoder": {"tokens": (2, 7, 64)},
+    "exporter_opset11": {"x": (3, 3, 8, 8)},
+}
+
+
+def count_nodes(graph: onnx.GraphProto) -> int:
+    n = 0
+    for node in graph.node:
+        n += 1
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                n += count_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                n += sum(count_nodes(g) for g in a.graphs)
+    return n
+
+
+def tool_onnxopt(src: Path, dst: Path) -> None:
+    api.optimize(src, dst, validate_result=False)
+
+
+def tool_onnxsim(src: Path, dst: Path) -> None:
+    import onnxsim
+    model, ok = onnxsim.simplify(onnx.load(str(src)))
+    if not ok:
+        raise RuntimeError("onnxsim's own check failed")
+    onnx.save(model, str(dst))
+
+
+def tool_onnxslim(src: Path, dst: Path) -> None:
+    import onnxslim
+    onnx.save(onnxslim.slim(onnx.load(str(src))), str(dst))
+
+
+def tool_onnxoptimizer(src: Path, dst: Path) -> None:
+    import onnxoptimizer
+    onnx.save(onnxoptimizer.optimize(onnx.load(str(src))), str(dst))
+
+
+def tool_ort_basic(src: Path, dst: Path) -> None:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(dst)
+    ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+
+
+TOOLS = {"onnxopt": tool_onnxopt, "onnxsim": tool_onnxsim, "onnxslim": tool_onnxslim,
+         "onnxoptimizer": tool_onnxoptimizer, "ort-basic": tool_ort_basic}
+
+
+def latency_ms(path: Path, feeds: dict, runs: int) -> float:
+    sess = runtime.session(path, threads=1)
+    for _ in range(3):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench_model(src: Path, runs: int, workdir: Path) -> dict:
+    ref_sess = runtime.session(src)
+    feeds = runtime.synthesize(ref_sess, SHAPES.get(src.stem, {}))
+    ref = runtime.run(ref_sess, feeds)
+    base_latency = latency_ms(src, feeds, runs)
+    row = {"model": src.name, "nodes": count_nodes(onnx.load(str(src)).graph), "bytes": src.stat().st_size,
+           "latency_ms": base_latency, "tools": {}}
+    for name, fn in TOOLS.items():
+        dst = workdir / f"{src.stem}.{name}.onnx"
+        entry: dict = {}
+        try:
+            t0 = time.perf_counter()
+            fn(src, dst)
+            entry["seconds"] = time.perf_counter() - t0
+        except ImportError:
+            entry["status"] = "not installed"
+            row["tools"][name] = entry
+            continue
+        except Exception as e:  # noqa: BLE001 - a peer crashing is a result
+            entry.update(status="crashed", error=f"{type(e).__name__}: {str(e)[:200]}")
+            row["tools"][name] = entry
+            continue
+        try:
+            out = runtime.run(runtime.session(dst), feeds)
+            entry["nodes"] = count_nodes(onnx.load(str(dst)).graph)
+            entry["bytes"] = dst.stat().st_size
+            entry["shape_changed"] = any(np.shape(out.get(k)) != np.shape(v) for k, v in ref.items())
+            diffs = [float(np.max(np.abs(out[k].astype(np.float64) - v.astype(np.float64)))) if v.size else 0.0
+                     for k, v in ref.items() if k in out and np.shape(out[k]) == np.shape(v)]
+            entry["max_abs_diff"] = max(diffs, default=float("nan"))
+            entry["latency_ratio"] = base_latency / latency_ms(dst, feeds, runs)
+            entry["status"] = "ok"
+        except Exception as e:  # noqa: BLE001 - the tool wrote a model ORT cannot run
+            entry.update(status="broken output", error=f"{type(e).__name__}: {str(e)[:200]}")
+        row["tools"][name] = entry
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    names = list(TOOLS)
+    lines = ["| model | original | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+    for r in rows:
+        cells = []
+        for n in names:
+            e = r["tools"][n]
+            if e.get("status") != "ok":
+                cells.append(e.get("status", "?"))
+                continue
+            flag = " **shape!**" if e["shape_changed"] else ""
+            cells.append(f"{e['nodes']} ({e['max_abs_diff']:.1g}, {e['latency_ratio']:.2f}x, {e['seconds']:.2f}s){flag}")
+        lines.append(f"| {r['model']} | {r['nodes']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Cells: nodes after (max abs diff vs original, ORT CPU speed-up original/optimized, tool wall time).")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("models", nargs="*", type=Path)
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--json", type=Path, default=Path("bench-results/graph_tools.json"))
+    p.add_argument("--md", type=Path, default=Path("bench-results/graph_tools.md"))
+    a = p.parse_args(argv)
+    models = a.models or sorted((ROOT / "models").glob("*.onnx"))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in models:
+            try:
+                rows.append(bench_model(m, a.runs, Path(tmp)))
+            except Exception:  # noqa: BLE001
+                traceback.print_exc()
+            if rows:
+                print(markdown(rows[-1:]).splitlines()[2], flush=True)
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps({"onnxruntime": ort.__version__, "rows": rows}, indent=2))
+    a.md.write_text(markdown(rows))
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
