@@ -10,7 +10,9 @@ _TABLE = {
     "cleanup": ("onnxopt.passes.cleanup", "Cleanup"),
     "fold-constants": ("onnxopt.passes.fold_constants", "FoldConstants"),
     "dedup": ("onnxopt.passes.dedup", "Deduplicate"),
+    "fold-shapes": ("onnxopt.passes.fold_shapes", "FoldShapes"),
     "fuse-conv-bn": ("onnxopt.passes.fuse_conv_bn", "FuseConvBatchNorm"),
+    "cse": ("onnxopt.passes.cse", "EliminateCommonSubexpressions"),
 }
 
 

@@ -58,14 +58,19 @@ def test_default_pipeline_is_idempotent(cli, tmp_path):
 
 def test_markdown_report_and_summary(cli, model_copy, tmp_path):
     model = model_copy("exporter_opset11.onnx")
-    rep = tmp_path / "r.md"
-    result = cli("optimize", model, "-o", tmp_path / "o.onnx", "--report", rep, "--shape", "x:2x3x8x8")
+    md, js = tmp_path / "r.md", tmp_path / "r.json"
+    result = cli("optimize", model, "-o", tmp_path / "o.onnx", "--report", md, "--shape", "x:2x3x8x8")
     assert result.exit_code == 0, result.output
-    assert "22 -> 12 nodes" in result.output
-    text = rep.read_text()
-    assert "| before | 22 |" in text and "| after | 12 |" in text
+    assert cli("optimize", model, "-o", tmp_path / "o2.onnx", "--report", js, "--shape", "x:2x3x8x8").exit_code == 0
+    report = json.loads(js.read_text())
+    after = report["output"]["nodes"]
+    assert after <= 8  # Conv, Relu, Reshape, MatMul/Gemm and the bias arithmetic at most
+    assert f"22 -> {after} nodes" in result.output
+    text = md.read_text()
+    assert "| before | 22 |" in text and f"| after | {after} |" in text
     assert "Result: **pass**" in text and "| logits |" in text
     assert "initializer-backed inputs removed: 10" in text
+    assert "Reshape shape made constant: 1" in text
 
 
 def test_user_data_npz(cli, model_copy, tmp_path):

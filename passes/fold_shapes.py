@@ -1,0 +1,284 @@
+"""fold-shapes: evaluate Shape->Gather/Slice->Unsqueeze->Concat chains symbolically."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import shapes as shape_inference
+from onnxopt.base import OptPass, is_standard
+
+# A shape element: coef * product(symbols), e.g. (4, ("batch",)) is 4*batch; None is unknown.
+Expr = tuple[int, tuple[str, ...]] | None
+_INT_TYPES = {ir.DataType.INT64: np.int64, ir.DataType.INT32: np.int32}
+
+
+@dataclasses.dataclass(frozen=True)
+class SymValue:
+    """A small integer tensor (scalar or 1-D) whose elements are known symbolically."""
+
+    elems: tuple[Expr, ...]
+    scalar: bool
+    dtype: ir.DataType = ir.DataType.INT64
+
+    @property
+    def constant(self) -> bool:
+        return all(e is not None and not e[1] for e in self.elems)
+
+    def array(self) -> np.ndarray:
+        arr = np.array([e[0] for e in self.elems], dtype=_INT_TYPES[self.dtype])
+        return arr.reshape(()) if self.scalar else arr
+
+
+def _const(c: int) -> Expr:
+    return (int(c), ())
+
+
+def _mul(a: Expr, b: Expr) -> Expr:
+    if a is None or b is None:
+        return None
+    return (a[0] * b[0], tuple(sorted(a[1] + b[1])))
+
+
+def _binary(op: str, a: Expr, b: Expr) -> Expr:
+    if op == "Mul":
+        return _mul(a, b)
+    if a is None or b is None:
+        return None
+    if op in ("Add", "Sub") and a[1] == b[1] and (not a[1] or (op == "Sub" and a[0] == b[0])):
+        coef = a[0] + b[0] if op == "Add" else a[0] - b[0]
+        return (coef, a[1]) if coef else (0, ())
+    if op == "Div" and not b[1] and b[0] != 0 and a[0] % b[0] == 0:
+        return (a[0] // b[0], a[1])
+    if op in ("Max", "Min") and not a[1] and not b[1]:
+        return _const(max(a[0], b[0]) if op == "Max" else min(a[0], b[0]))
+    return None
+
+
+class FoldShapes(OptPass):
+    """Fold shape computations using symbolic dims; rewrite dynamic Reshape targets to constants.
+
+    Shapes come from onnx inference with declared intermediate and output shapes ignored (see
+    onnxopt.shapes).  A small integer tensor computed from Shape by Gather/Slice/Concat/
+    Unsqueeze/Squeeze/Reshape/Cast/Identity/Add/Sub/Mul/Div/Max/Min is tracked element by
+    element as a product of an integer and symbolic dims.  Rewrites: (1) such a tensor that is
+    fully static becomes an initializer; (2) ``Reshape(data, shape)`` whose shape is known
+    symbolically gets a constant shape where every element is a number, ``0`` (copy data's dim at
+    that position, when it is provably the same dim) or a single ``-1`` (the one element not
+    otherwise expressible); ``allowzero=1`` becomes 0 only when no literal zero remains.
+    Declines (with a reason) when more than one element is unknown.  Nodes reading values that are
+    graph outputs are handled the same way, but graph outputs themselves are never replaced.
+    Recurses into subgraphs (names from outer scopes resolve through the same table).
+    Contract: outputs bit-identical.  Cost: one shape inference plus O(nodes).
+    """
+
+    name = "fold-shapes"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        changed: collections.Counter = collections.Counter()
+        skipped: collections.Counter = collections.Counter()
+        dims = shape_inference.infer(model)
+        syms: dict[int, SymValue | None] = {}
+        for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+            if node.graph is None or not is_standard(node):
+                continue
+            if node.op_type == "Reshape":
+                reason = self._reshape(node, dims, syms)
+                if reason == "":
+                    changed["Reshape shape made constant"] += 1
+                elif reason:
+                    skipped[f"Reshape kept: {reason}"] += 1
+                continue
+            if len(node.outputs) != 1 or node.outputs[0].is_graph_output():
+                continue
+            value = _evaluate(node, dims, syms)
+            if value is None or not value.constant or node.op_type == "Constant":
+                continue
+            out = node.outputs[0]
+            if all(v is not None and v.const_value is not None for v in node.inputs):
+                continue  # all-constant: fold-constants' job (and its size guard)
+            new = ir.Value(name=out.name, type=ir.TensorType(value.dtype), shape=ir.Shape(value.array().shape),
+                           const_value=ir.tensor(value.array(), name=out.name))
+            out.replace_all_uses_with(new)
+            graph = node.graph
+            graph.remove(node, safe=True)
+            graph.register_initializer(new)
+            syms[id(new)] = value
+            changed[f"{node.op_type} folded to a constant"] += 1
+        return self.result(model, changed, skipped)
+
+    def _reshape(self, node: ir.Node, dims: shape_inference.Shapes, syms: dict) -> str | None:
+        """'' when rewritten, a reason when declined, None when there is nothing to do."""
+        if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].const_value is not None:
+            return None
+        target = _sym(node.inputs[1], dims, syms)
+        if target is None or target.scalar:
+            return "target shape not known symbolically"
+        data_dims = dims.get(node.inputs[0])
+        data_syms = [_dim_expr(node.inputs[0], i, d) for i, d in enumerate(data_dims)] if data_dims else []
+        allowzero = node.attributes.get("allowzero")
+        allowzero = allowzero.as_int() if allowzero is not None else 0
+        new, unknown = [], 0
+        for i, e in enumerate(target.elems):
+            if e is not None and not e[1]:
+                if e[0] == 0 and allowzero:
+                    return "literal zero with allowzero=1"
+                if e[0] == -1:
+                    unknown += 1
+                new.append(e[0])
+            elif i < len(data_syms) and e is not None and e == data_syms[i]:
+                new.append(0)
+            else:
+                unknown += 1
+                new.append(-1)
+        if unknown > 1:
+            return "more than one dim unknown"
+        arr = np.array(new, dtype=np.int64)
+        graph = node.graph
+        name = _unique(graph, f"{node.name or node.outputs[0].name}_shape")
+        shape_value = ir.Value(name=name, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(arr.shape),
+                               const_value=ir.tensor(arr, name=name))
+        graph.register_initializer(shape_value)
+        node.replace_input_with(1, shape_value)
+        if allowzero:
+            node.attributes["allowzero"] = ir.AttrInt64("allowzero", 0)
+        return ""
+
+
+def _unique(graph: ir.Graph, name: str) -> str:
+    candidate, i = name, 1
+    while candidate in graph.initializers:
+        candidate, i = f"{name}_{i}", i + 1
+    return candidate
+
+
+def _dim_expr(value: ir.Value, axis: int, d) -> Expr:
+    if isinstance(d, int):
+        return _const(d)
+    if isinstance(d, str):
+        return (1, (d,))
+    return (1, (f"?{value.name}:{axis}",))  # unknown but stable: the same tensor's same axis
+
+
+def _sym(value: ir.Value | None, dims: shape_inference.Shapes, syms: dict) -> SymValue | None:
+    if value is None:
+        return None
+    key = id(value)
+    if key in syms:
+        return syms[key]
+    result = None
+    tensor = value.const_value
+    if tensor is not None:
+        if tensor.dtype in _INT_TYPES and len(tensor.shape) <= 1 and tensor.size <= 64:
+            arr = tensor.numpy()
+            result = SymValue(tuple(_const(int(v)) for v in arr.reshape(-1)), arr.ndim == 0, tensor.dtype)
+    elif value.producer() is not None and is_standard(value.producer()) and len(value.producer().outputs) == 1:
+        result = _evaluate(value.producer(), dims, syms)
+    syms[key] = result
+    return result
+
+
+def _const_ints(value: ir.Value | None) -> list[int] | None:
+    if value is None or value.const_value is None or value.const_value.dtype not in _INT_TYPES:
+        return None
+    return [int(v) for v in value.const_value.numpy().reshape(-1)]
+
+
+def _axes(node: ir.Node) -> list[int] | None:
+    attr = node.attributes.get("axes")
+    if attr is not None:
+        return list(attr.as_ints())
+    return _const_ints(node.inputs[1]) if len(node.inputs) > 1 else None
+
+
+def _evaluate(node: ir.Node, dims: shape_inference.Shapes, syms: dict) -> SymValue | None:
+    """Symbolic value of node's single output, or None when not a tracked shape computation."""
+    op = node.op_type
+    ins = list(node.inputs)
+    if op == "Shape":
+        d = dims.get(ins[0])
+        if d is None:
+            return None
+        start = node.attributes.get("start")
+        end = node.attributes.get("end")
+        rank = len(d)
+        s = start.as_int() if start is not None else 0
+        e = end.as_int() if end is not None else rank
+        s, e = (s + rank if s < 0 else s), (e + rank if e < 0 else e)
+        s, e = max(0, min(s, rank)), max(0, min(e, rank))
+        return SymValue(tuple(_dim_expr(ins[0], i, d[i]) for i in range(s, e)), False)
+    if op in ("Identity", "Cast"):
+        src = _sym(ins[0], dims, syms)
+        if src is None:
+            return None
+        if op == "Cast":
+            to = ir.DataType(node.attributes["to"].as_int())
+            if to not in _INT_TYPES:
+                return None
+            return SymValue(src.elems, src.scalar, to)
+        return src
+    if op == "Gather":
+        data, idx = _sym(ins[0], dims, syms), ins[1]
+        axis = node.attributes.get("axis")
+        if data is None or data.scalar or (axis is not None and axis.as_int() not in (0, -1)):
+            return None
+        indices = _const_ints(idx)
+        if indices is None:
+            return None
+        n = len(data.elems)
+        try:
+            picked = tuple(data.elems[i if i >= 0 else i + n] for i in indices)
+        except IndexError:
+            return None
+        return SymValue(picked, len(idx.const_value.shape) == 0, data.dtype)
+    if op == "Slice":
+        data = _sym(ins[0], dims, syms)
+        if data is None or data.scalar:
+            return None
+        starts, ends = _const_ints(ins[1]), _const_ints(ins[2])
+        axes = _const_ints(ins[3]) if len(ins) > 3 and ins[3] is not None else [0]
+        steps = _const_ints(ins[4]) if len(ins) > 4 and ins[4] is not None else [1]
+        if None in (starts, ends, axes, steps) or len(starts) != 1 or axes not in ([0], [-1]) or steps[0] == 0:
+            return None
+        return SymValue(tuple(data.elems[slice(starts[0], ends[0], steps[0])]), False, data.dtype)
+    if op == "Concat":
+        parts = [_sym(v, dims, syms) for v in ins]
+        if any(p is None or p.scalar for p in parts):
+            return None
+        return SymValue(tuple(e for p in parts for e in p.elems), False, parts[0].dtype)
+    if op == "Unsqueeze":
+        src = _sym(ins[0], dims, syms)
+        if src is None or not src.scalar or _axes(node) not in ([0], [-1]):
+            return None
+        return SymValue(src.elems, False, src.dtype)
+    if op == "Squeeze":
+        src = _sym(ins[0], dims, syms)
+        if src is None or src.scalar or len(src.elems) != 1:
+            return None
+        axes = _axes(node)
+        if axes not in (None, [0], [-1]):
+            return None
+        return SymValue(src.elems, True, src.dtype)
+    if op == "Reshape":
+        src, target = _sym(ins[0], dims, syms), _const_ints(ins[1])
+        if src is None or target is None or len(src.elems) != 1:
+            return None
+        if target in ([-1], [1]):
+            return SymValue(src.elems, False, src.dtype)
+        if target == []:
+            return SymValue(src.elems, True, src.dtype)
+        return None
+    if op in ("Add", "Sub", "Mul", "Div", "Max", "Min") and len(ins) == 2:
+        a, b = _sym(ins[0], dims, syms), _sym(ins[1], dims, syms)
+        if a is None or b is None or a.dtype != b.dtype:
+            return None
+        la, lb = len(a.elems), len(b.elems)
+        if la != lb and 1 not in (la, lb):
+            return None
+        n = max(la, lb)
+        elems = tuple(_binary(op, a.elems[i if la > 1 else 0], b.elems[i if lb > 1 else 0]) for i in range(n))
+        return SymValue(elems, a.scalar and b.scalar, a.dtype)
+    return None

@@ -1,0 +1,115 @@
+"""fold-shapes, cse and simplify: op types after the pass, outputs on ORT for several input sizes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from onnxopt import pipeline
+from tests.helpers import ort_run
+
+
+def i64(name, values):
+    return nh.from_array(np.array(values, np.int64), name)
+
+
+def run_pipeline(proto, text):
+    model = ir.serde.deserialize_model(proto)
+    result = pipeline.run(model, pipeline.parse(text))
+    return result, ir.to_proto(model)
+
+
+def assert_same(a, b, feeds_list, rtol=0.0, atol=0.0):
+    for feeds in feeds_list:
+        for x, y in zip(ort_run(a, feeds), ort_run(b, feeds)):
+            assert x.shape == y.shape
+            np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+def ops(proto):
+    return [n.op_type for n in proto.graph.node]
+
+
+def _flatten_by_batch(batch_dim="batch"):
+    """y = Reshape(x, Concat(Unsqueeze(Gather(Shape(x), 0)), [-1])): the classic export of flatten."""
+    nodes = [h.make_node("Shape", ["x"], ["s"]), h.make_node("Gather", ["s", "zero"], ["b"], axis=0),
+             h.make_node("Unsqueeze", ["b", "axes0"], ["b1"]), h.make_node("Concat", ["b1", "minus1"], ["shape"], axis=0),
+             h.make_node("Reshape", ["x", "shape"], ["y"])]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [batch_dim, 3, 4])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [batch_dim, 12])],
+                     [i64("zero", 0), i64("axes0", [0]), i64("minus1", [-1])])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 14)])
+
+
+def test_fold_shapes_symbolic_batch_becomes_copy_dim():
+    proto = _flatten_by_batch()
+    result, new = run_pipeline(proto, "fold-shapes,cleanup")
+    assert ops(new) == ["Reshape"]
+    shape = [nh.to_array(t) for t in new.graph.initializer if t.name == new.graph.node[0].input[1]][0]
+    assert shape.tolist() == [0, -1]
+    rng = np.random.default_rng(0)
+    assert_same(proto, new, [{"x": rng.standard_normal((n, 3, 4)).astype(np.float32)} for n in (1, 5)])
+
+
+def test_fold_shapes_static_folds_to_constant():
+    proto = _flatten_by_batch(batch_dim=2)
+    result, new = run_pipeline(proto, "fold-shapes,fold-constants,cleanup")
+    assert ops(new) == ["Reshape"]
+    assert any("folded to a constant" in k for r in result.records for k in r.changed)
+
+
+def test_fold_shapes_declines_two_unknown_dims():
+    nodes = [h.make_node("Shape", ["x"], ["s"]), h.make_node("Gather", ["s", "idx"], ["hw"], axis=0),
+             h.make_node("Concat", ["hw", "minus1"], ["shape"], axis=0),  # [W, H, -1]: two not copyable
+             h.make_node("Reshape", ["x", "shape"], ["y"])]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["n", "h", "w"])],
+                     [h.make_tensor_value_info("y", T.FLOAT, None)], [i64("idx", [2, 1]), i64("minus1", [-1])])
+    proto = h.make_model(g, opset_imports=[h.make_opsetid("", 14)])
+    model = ir.serde.deserialize_model(proto)
+    from onnxopt.passes.fold_shapes import FoldShapes
+    result = FoldShapes()(model)
+    assert result.skipped == {"Reshape kept: more than one dim unknown": 1} and not result.modified
+
+
+def test_fold_shapes_ignores_wrong_declared_output_shape():
+    """The onnxslim bug: a declared output shape that is wrong must not be believed."""
+    nodes = [h.make_node("Relu", ["x"], ["y"]), h.make_node("Shape", ["y"], ["s"]),
+             h.make_node("Reshape", ["x", "s"], ["z"])]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["n", 6])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [1, 99]),  # wrong declaration
+                      h.make_tensor_value_info("z", T.FLOAT, [1, 99])])
+    proto = h.make_model(g, opset_imports=[h.make_opsetid("", 14)])
+    result, new = run_pipeline(proto, pipeline.DEFAULT_PIPELINE)
+    x = np.random.default_rng(1).standard_normal((3, 6)).astype(np.float32)
+    outs = ort_run(new, {"x": x})
+    assert [o.shape for o in outs] == [(3, 6), (3, 6)]
+    # declared (wrong) output metadata is the user's and is preserved untouched
+    assert [d.dim_value for d in new.graph.output[0].type.tensor_type.shape.dim] == [1, 99]
+
+
+def test_cse_merges_duplicates_in_graph_and_branches():
+    then_g = h.make_graph([h.make_node("Neg", ["x"], ["a"]), h.make_node("Neg", ["x"], ["b"]),
+                           h.make_node("Add", ["a", "b"], ["t_out"])], "then", [],
+                          [h.make_tensor_value_info("t_out", T.FLOAT, None)])
+    else_g = h.make_graph([h.make_node("Abs", ["x"], ["e_out"])], "else", [],
+                          [h.make_tensor_value_info("e_out", T.FLOAT, None)])
+    nodes = [h.make_node("Relu", ["x"], ["r1"]), h.make_node("Relu", ["x"], ["r2"]),
+             h.make_node("Add", ["r1", "r2"], ["s"]), h.make_node("ReduceSum", ["s"], ["c0"], keepdims=0),
+             h.make_node("Cast", ["c0"], ["c"], to=T.BOOL),
+             h.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g),
+             h.make_node("Sigmoid", ["x"], ["o1"]), h.make_node("Sigmoid", ["x"], ["o2"])]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [2, 3])],
+                     [h.make_tensor_value_info(n, T.FLOAT, None) for n in ("y", "o1", "o2")])
+    proto = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    result, new = run_pipeline(proto, "cse")
+    assert ops(new).count("Relu") == 1
+    assert ops(new).count("Sigmoid") == 2  # both are graph outputs: kept
+    then_after = [a.g for a in new.graph.node[ops(new).index("If")].attribute if a.name == "then_branch"][0]
+    assert [n.op_type for n in then_after.node] == ["Neg", "Add"]
+    x = np.random.default_rng(2).standard_normal((2, 3)).astype(np.float32)
+    assert_same(proto, new, [{"x": x}, {"x": -np.abs(x)}])
