@@ -53,3 +53,44 @@ def op_histogram(model: ir.Model) -> collections.Counter:
 
 def is_standard(node: ir.Node) -> bool:
     return node.domain in STANDARD_DOMAINS
+
+
+def substitute(node: ir.Node, replacement: ir.Value) -> str | None:
+    """Make every user of ``node.outputs[0]`` read ``replacement`` and remove ``node``.
+
+    ``node`` must have a single used output.  When that output is a graph output, the value that
+    replaces it takes over its name, type and declared dims, which is only done when
+    ``replacement`` is made by a node of the same graph and is not itself a graph output;
+    otherwise nothing changes and the reason is returned (renaming a graph input, an initializer
+    or an outer-scope value would change the model's interface)."""
+    graph = node.graph
+    out = node.outputs[0]
+    if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
+        return "another output is used"
+    if out.is_graph_output():
+        producer = replacement.producer()
+        if producer is None or producer.graph is not graph:
+            return "graph output fed directly by a graph input, initializer or outer-scope value"
+        if replacement.is_graph_output():
+            return "its input is itself a graph output"
+        ir.convenience.replace_all_uses_with(out, replacement, replace_graph_outputs=True)
+        name, type_, shape = out.name, out.type, out.shape
+        graph.remove(node, safe=True)
+        replacement.name = name
+        replacement.type = type_ or replacement.type
+        replacement.shape = shape if shape is not None else replacement.shape
+        return None
+    out.replace_all_uses_with(replacement)
+    graph.remove(node, safe=True)
+    return None
+
+
+def add_initializer(graph: ir.Graph, name: str, array) -> ir.Value:
+    """Register ``array`` as a new initializer of ``graph`` under a name not yet taken."""
+    unique, i = name, 1
+    while unique in graph.initializers:
+        unique, i = f"{name}_{i}", i + 1
+    value = ir.Value(name=unique, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=unique))
+    graph.register_initializer(value)
+    return value

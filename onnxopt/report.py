@@ -47,7 +47,7 @@ def _mb(n: int | None) -> str:
 def markdown(report: dict) -> str:
     inp, out = report["input"], report.get("output", {})
     lines = [
-        f"# onnxopt optimize report", "",
+        "# onnxopt optimize report", "",
         f"- input: `{inp['path']}`", f"- output: `{out.get('path', '-')}`"
         + ("" if report.get("written") else " (**not written**)"),
         f"- pipeline: `{report['pipeline']}` ({report['iterations']} iteration(s), "

@@ -7,7 +7,7 @@ import collections
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from onnxopt.base import OptPass, is_standard
+from onnxopt.base import OptPass, is_standard, substitute
 
 
 class Cleanup(OptPass):
@@ -136,27 +136,7 @@ def _dropout_is_inference(node: ir.Node) -> str | None:
 
 
 def _bypass(node: ir.Node) -> str | None:
-    """Make users of node.outputs[0] read node.inputs[0] instead and remove the node.
-
-    Returns the reason when that would change the graph's interface."""
+    """Make users of node.outputs[0] read node.inputs[0] instead and remove the node."""
     if not node.inputs or node.inputs[0] is None:
         return "no input"
-    src, dst = node.inputs[0], node.outputs[0]
-    graph = node.graph
-    if dst.is_graph_output():
-        producer = src.producer()
-        if producer is None or producer.graph is not graph:
-            return "graph output fed directly by a graph input, initializer or outer-scope value"
-        if src.is_graph_output():
-            return "its input is itself a graph output"
-        # The producer's value takes over the output's name, type and declared dims.
-        ir.convenience.replace_all_uses_with(dst, src, replace_graph_outputs=True)
-        name, dtype_type, shape = dst.name, dst.type, dst.shape
-        graph.remove(node, safe=True)
-        src.name = name
-        src.type = dtype_type or src.type
-        src.shape = shape if shape is not None else src.shape
-        return None
-    dst.replace_all_uses_with(src)
-    graph.remove(node, safe=True)
-    return None
+    return substitute(node, node.inputs[0])

@@ -9,7 +9,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import shapes as shape_inference
-from onnxopt.base import OptPass, is_standard
+from onnxopt.base import OptPass, add_initializer, is_standard
 
 # A shape element: coef * product(symbols), e.g. (4, ("batch",)) is 4*batch; None is unknown.
 Expr = tuple[int, tuple[str, ...]] | None
@@ -136,23 +136,12 @@ class FoldShapes(OptPass):
                 new.append(-1)
         if unknown > 1:
             return "more than one dim unknown"
-        arr = np.array(new, dtype=np.int64)
-        graph = node.graph
-        name = _unique(graph, f"{node.name or node.outputs[0].name}_shape")
-        shape_value = ir.Value(name=name, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(arr.shape),
-                               const_value=ir.tensor(arr, name=name))
-        graph.register_initializer(shape_value)
+        shape_value = add_initializer(node.graph, f"{node.name or node.outputs[0].name}_shape",
+                                      np.array(new, dtype=np.int64))
         node.replace_input_with(1, shape_value)
         if allowzero:
             node.attributes["allowzero"] = ir.AttrInt64("allowzero", 0)
         return ""
-
-
-def _unique(graph: ir.Graph, name: str) -> str:
-    candidate, i = name, 1
-    while candidate in graph.initializers:
-        candidate, i = f"{name}_{i}", i + 1
-    return candidate
 
 
 def _dim_expr(value: ir.Value, axis: int, d) -> Expr:

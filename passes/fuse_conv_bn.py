@@ -7,7 +7,7 @@ import collections
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.base import OptPass, is_standard
+from onnxopt.base import OptPass, add_initializer, is_standard, substitute
 
 
 class FuseConvBatchNorm(OptPass):
@@ -98,8 +98,8 @@ def _rewrite(conv: ir.Node, bn: ir.Node) -> None:
     new_b = ((old_b - mean) * s + bias).astype(weight.dtype)
 
     base = conv.name or w_value.name
-    w_init = _initializer(graph, f"{base}_bnfused_weight", new_w)
-    b_init = _initializer(graph, f"{base}_bnfused_bias", new_b)
+    w_init = add_initializer(graph, f"{base}_bnfused_weight", new_w)
+    b_init = add_initializer(graph, f"{base}_bnfused_bias", new_b)
     conv.replace_input_with(1, w_init)
     if len(conv.inputs) > 2:
         conv.replace_input_with(2, b_init)
@@ -107,24 +107,4 @@ def _rewrite(conv: ir.Node, bn: ir.Node) -> None:
         conv.resize_inputs(3)
         conv.replace_input_with(2, b_init)
 
-    conv_out, bn_out = conv.outputs[0], bn.outputs[0]
-    if bn_out.is_graph_output():
-        ir.convenience.replace_all_uses_with(bn_out, conv_out, replace_graph_outputs=True)
-        name, type_, shape_ = bn_out.name, bn_out.type, bn_out.shape
-        graph.remove(bn, safe=True)
-        conv_out.name = name
-        conv_out.type = type_ or conv_out.type
-        conv_out.shape = shape_ if shape_ is not None else conv_out.shape
-    else:
-        bn_out.replace_all_uses_with(conv_out)
-        graph.remove(bn, safe=True)
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    unique, i = name, 1
-    while unique in graph.initializers:
-        unique, i = f"{name}_{i}", i + 1
-    value = ir.Value(name=unique, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=unique))
-    graph.register_initializer(value)
-    return value
+    substitute(bn, conv.outputs[0])  # _check made sure the conv output has no other user
