@@ -29,3 +29,9 @@ class ValidationRefused(OnnxoptError):
     def __init__(self, message: str, result=None):
         super().__init__(message)
         self.result = result
+
+
+class InternalError(OnnxoptError):
+    """A pass failed unexpectedly (a bug in onnxopt); nothing was written (exit 4)."""
+
+    exit_code = 4

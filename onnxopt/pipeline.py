@@ -21,11 +21,11 @@ import onnx_ir as ir
 
 from onnxopt import registry
 from onnxopt.base import OptResult, count_nodes
-from onnxopt.errors import UsageError
+from onnxopt.errors import InternalError, OnnxoptError, UsageError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PIPELINE = "cleanup,fold-constants,fold-shapes,fuse-conv-bn,dedup,cse"
+DEFAULT_PIPELINE = "cleanup,fold-constants,fold-shapes,simplify,fuse-conv-bn,dedup,cse"
 _ITEM = re.compile(r"\s*([a-z0-9][a-z0-9-]*)\s*(?:\{([^{}]*)\})?\s*")
 
 
@@ -151,7 +151,14 @@ def run(model: ir.Model, specs: Sequence[PassSpec], *, max_iterations: int = 10,
         any_change = False
         for spec, p in zip(specs, passes):
             t0 = time.perf_counter()
-            result = p(model)
+            try:
+                result = p(model)
+            except OnnxoptError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a bug in a pass: one line for the user, details at -vv
+                logger.debug("pass '%s' failed", spec, exc_info=True)
+                raise InternalError(f"pass '{spec}' failed ({type(e).__name__}: {e}); nothing was written; "
+                                    f"leave the pass out with -p, and please report it (-vv shows the traceback)") from e
             model = result.model
             changed = dict(result.changed) if isinstance(result, OptResult) else ({"modified": 1} if result.modified else {})
             skipped = dict(result.skipped) if isinstance(result, OptResult) else {}

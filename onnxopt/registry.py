@@ -11,6 +11,7 @@ _TABLE = {
     "fold-constants": ("onnxopt.passes.fold_constants", "FoldConstants"),
     "dedup": ("onnxopt.passes.dedup", "Deduplicate"),
     "fold-shapes": ("onnxopt.passes.fold_shapes", "FoldShapes"),
+    "simplify": ("onnxopt.passes.simplify", "Simplify"),
     "fuse-conv-bn": ("onnxopt.passes.fuse_conv_bn", "FuseConvBatchNorm"),
     "cse": ("onnxopt.passes.cse", "EliminateCommonSubexpressions"),
 }

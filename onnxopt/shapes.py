@@ -24,8 +24,20 @@ Dim = int | str | None  # int: static; str: symbolic name; None: unknown
 class Shapes:
     """Inferred dims by value name (names are unique per model in valid ONNX)."""
 
-    def __init__(self, table: dict[str, tuple[Dim, ...]]):
+    def __init__(self, table: dict[str, tuple[Dim, ...]], dtypes: dict[str, int] | None = None):
         self._table = table
+        self._dtypes = dtypes or {}
+
+    def dtype(self, value: ir.Value | None) -> ir.DataType | None:
+        """Element type: constants and graph inputs as declared, everything else as inferred."""
+        if value is None:
+            return None
+        if value.const_value is not None:
+            return value.const_value.dtype
+        if value.is_graph_input():
+            return value.dtype
+        code = self._dtypes.get(value.name)
+        return ir.DataType(code) if code else None
 
     def __len__(self) -> int:
         return len(self._table)
@@ -76,8 +88,10 @@ def _strip(graph: onnx.GraphProto) -> None:
                     _strip(g)
 
 
-def _collect(graph: onnx.GraphProto, table: dict, seen: set) -> None:
+def _collect(graph: onnx.GraphProto, table: dict, seen: set, dtypes: dict) -> None:
     for vi in list(graph.value_info) + list(graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            dtypes[vi.name] = vi.type.tensor_type.elem_type
         dims = _proto_dims(vi.type)
         if dims is None:
             continue
@@ -89,10 +103,10 @@ def _collect(graph: onnx.GraphProto, table: dict, seen: set) -> None:
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                _collect(attr.g, table, seen)
+                _collect(attr.g, table, seen, dtypes)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    _collect(g, table, seen)
+                    _collect(g, table, seen, dtypes)
 
 
 def infer(model: ir.Model) -> Shapes:
@@ -105,5 +119,6 @@ def infer(model: ir.Model) -> Shapes:
         logger.info("shape inference failed (%s); continuing without inferred shapes", str(e).splitlines()[0][:200])
         return Shapes({})
     table: dict[str, tuple[Dim, ...]] = {}
-    _collect(inferred.graph, table, set())
-    return Shapes(table)
+    dtypes: dict[str, int] = {}
+    _collect(inferred.graph, table, set(), dtypes)
+    return Shapes(table, dtypes)

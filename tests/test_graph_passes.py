@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
+import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
@@ -111,3 +113,99 @@ def test_cse_merges_duplicates_in_graph_and_branches():
     assert [n.op_type for n in then_after.node] == ["Neg", "Add"]
     x = np.random.default_rng(2).standard_normal((2, 3)).astype(np.float32)
     assert_same(proto, new, [{"x": x}, {"x": -np.abs(x)}])
+
+
+# ------------------------------------------------------------------ simplify
+
+def _model(nodes, inits=(), x_shape=(2, 3, 4), opset=17, x_type=T.FLOAT, outputs=("y",)):
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", x_type, list(x_shape))],
+                     [h.make_tensor_value_info(o, x_type, None) for o in outputs], list(inits))
+    return h.make_model(g, opset_imports=[h.make_opsetid("", opset)])
+
+
+def f32(name, values):
+    return nh.from_array(np.asarray(values, np.float32), name)
+
+
+def _simplified(proto, x_shape=(2, 3, 4), x_dtype=np.float32, rtol=1e-6, atol=1e-6):
+    result, new = run_pipeline(proto, "simplify,cleanup")
+    rng = np.random.default_rng(5)
+    assert_same(proto, new, [{"x": rng.standard_normal(x_shape).astype(x_dtype)}], rtol=rtol, atol=atol)
+    return result, new
+
+
+@pytest.mark.parametrize("op, const, swap", [("Add", 0.0, False), ("Add", 0.0, True), ("Sub", 0.0, False),
+                                             ("Mul", 1.0, False), ("Mul", 1.0, True), ("Div", 1.0, False)])
+def test_simplify_neutral_elements(op, const, swap):
+    ins = ["c", "x"] if swap else ["x", "c"]
+    nodes = [h.make_node(op, ins, ["a"]), h.make_node("Relu", ["a"], ["y"])]
+    _, new = _simplified(_model(nodes, [f32("c", [const] * 4)]))
+    assert ops(new) == ["Relu"]
+
+
+def test_simplify_neutral_element_that_broadcasts_is_kept():
+    nodes = [h.make_node("Add", ["x", "c"], ["a"]), h.make_node("Relu", ["a"], ["y"])]
+    _, new = _simplified(_model(nodes, [f32("c", np.zeros((5, 2, 3, 4)))]))
+    assert ops(new) == ["Add", "Relu"]
+
+
+def test_simplify_constant_chains():
+    nodes = [h.make_node("Add", ["x", "c1"], ["a"]), h.make_node("Sub", ["a", "c2"], ["b"]),
+             h.make_node("Add", ["c3", "b"], ["m"]), h.make_node("Mul", ["m", "k1"], ["n"]),
+             h.make_node("Mul", ["k2", "n"], ["y"])]
+    inits = [f32("c1", [1, 2, 3, 4]), f32("c2", [0.5]), f32("c3", 2.0), f32("k1", 3.0), f32("k2", [1, 1, 2, 2])]
+    _, new = _simplified(_model(nodes, inits))
+    assert ops(new) == ["Add", "Mul"]
+
+
+def test_simplify_transposes_reshapes_squeezes():
+    nodes = [h.make_node("Transpose", ["x"], ["t1"], perm=[1, 0, 2]), h.make_node("Transpose", ["t1"], ["t2"], perm=[1, 0, 2]),
+             h.make_node("Reshape", ["t2", "s1"], ["r1"]), h.make_node("Reshape", ["r1", "s2"], ["r2"]),
+             h.make_node("Unsqueeze", ["r2", "ax"], ["u"]), h.make_node("Squeeze", ["u", "ax"], ["q"]),
+             h.make_node("Transpose", ["q"], ["y"], perm=[1, 0])]
+    inits = [i64("s1", [6, 4]), i64("s2", [4, 6]), i64("ax", [0])]
+    _, new = _simplified(_model(nodes, inits))
+    assert ops(new) == ["Reshape", "Transpose"]
+
+
+def test_simplify_casts():
+    nodes = [h.make_node("Cast", ["x"], ["a"], to=T.FLOAT), h.make_node("Cast", ["a"], ["b"], to=T.DOUBLE),
+             h.make_node("Cast", ["b"], ["c"], to=T.FLOAT), h.make_node("Cast", ["c"], ["d"], to=T.FLOAT16),
+             h.make_node("Cast", ["d"], ["y"], to=T.FLOAT)]
+    result, new = _simplified(_model(nodes), rtol=0, atol=0)
+    assert ops(new) == ["Cast", "Cast"]  # f32 -> f16 -> f32 loses precision: kept
+    assert any("loses information" in k for r in result.records for k in r.skipped)
+
+
+def test_simplify_noop_ops():
+    nodes = [h.make_node("Concat", ["x"], ["a"], axis=0), h.make_node("Expand", ["a", "e"], ["b"]),
+             h.make_node("Tile", ["b", "reps"], ["c"]), h.make_node("Slice", ["c", "st", "en"], ["d"]),
+             h.make_node("Pad", ["d", "pads"], ["p"]), h.make_node("Relu", ["p"], ["y"])]
+    inits = [i64("e", [3, 1]), i64("reps", [1, 1, 1]), i64("st", [0, 0]), i64("en", [2**63 - 1, 3]),
+             i64("pads", [0] * 6)]
+    _, new = _simplified(_model(nodes, inits))
+    assert ops(new) == ["Relu"]
+
+
+def test_simplify_pad_into_conv_and_matmul_add_gemm():
+    rng = np.random.default_rng(6)
+    nodes = [h.make_node("Pad", ["x", "pads"], ["p"]), h.make_node("Conv", ["p", "w"], ["c"], pads=[0, 1, 0, 1]),
+             h.make_node("Flatten", ["c"], ["f"]), h.make_node("MatMul", ["f", "fw"], ["m"]),
+             h.make_node("Add", ["m", "fb"], ["y"])]
+    inits = [i64("pads", [0, 0, 1, 0, 0, 0, 1, 0]), f32("w", rng.standard_normal((2, 3, 3, 3))),
+             f32("fw", rng.standard_normal((2 * 6 * 4, 5))), f32("fb", rng.standard_normal(5))]
+    proto = _model(nodes, inits, x_shape=(1, 3, 6, 4))
+    _, new = _simplified(proto, x_shape=(1, 3, 6, 4), rtol=1e-5, atol=1e-5)
+    assert ops(new) == ["Conv", "Flatten", "Gemm"]
+    conv = new.graph.node[0]
+    assert [a.ints for a in conv.attribute if a.name == "pads"][0] == [1, 1, 1, 1]
+    assert new.graph.output[0].name == "y"
+
+
+def test_simplify_is_idempotent_on_reference_models():
+    from tests.helpers import MODELS
+    for path in MODELS:
+        model = ir.serde.deserialize_model(onnx.load(str(path)))
+        pipeline.run(model, pipeline.parse(pipeline.DEFAULT_PIPELINE))
+        second = pipeline.run(model, pipeline.parse(pipeline.DEFAULT_PIPELINE))
+        assert not any(r.modified for r in second.records), path.name

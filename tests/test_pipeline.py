@@ -114,3 +114,22 @@ def test_symbolic_dims_warn_once_per_input(cli, model_copy, tmp_path):
     assert warnings == ["onnxopt: warning: input 'image' has symbolic dims batch, height, width: "
                         "using 1 for each (set them with --shape image:1x3x1x1)"]
     assert "warning" not in cli("-q", "optimize", model_copy("cnn_dynamic.onnx"), "-o", tmp_path / "p.onnx").stderr
+
+
+class Crashes(OptPass):
+    """Test-only: raises like a buggy pass would."""
+
+    name = "crashes"
+
+    def call(self, model):
+        raise ZeroDivisionError("simulated bug")
+
+
+def test_a_crashing_pass_is_one_line_exit_4(cli, model_copy, tmp_path, monkeypatch):
+    monkeypatch.setitem(registry._TABLE, "crashes", (__name__, "Crashes"))
+    out = tmp_path / "o.onnx"
+    result = cli("optimize", model_copy("control_flow.onnx"), "-o", out, "-p", "cleanup,crashes")
+    assert result.exit_code == 4 and not out.exists()
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "pass 'crashes' failed (ZeroDivisionError: simulated bug)" in errors[0]
+    assert "Traceback" not in result.stderr

@@ -1,5 +1,6 @@
-"""Property: on random small graphs the default pipeline preserves outputs (exactly: these passes
-are lossless) and is idempotent (a second run changes nothing)."""
+"""Property: on random small graphs the default pipeline preserves outputs and is idempotent (a
+second run changes nothing).  Outputs must agree to rtol 1e-5 / atol 1e-6: every pass is exact
+except simplify's constant-chain merge, which reassociates float additions (rounding-level)."""
 
 from __future__ import annotations
 
@@ -87,7 +88,8 @@ def test_default_pipeline_preserves_outputs_and_is_idempotent(proto, seed):
     got = ort_run(optimized, feeds)
     assert [o.name for o in optimized.graph.output] == [o.name for o in proto.graph.output]
     for a, b in zip(expected, got):
-        np.testing.assert_array_equal(a, b)  # lossless passes: bit-identical
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
     nodes = count_nodes(model)
     second = pipeline.run(model, specs)

@@ -1,0 +1,378 @@
+"""simplify: small algebraic and structural rewrites, each a pattern / check / rewrite rule."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import shapes as shape_inference
+from onnxopt.base import OptPass, add_initializer, is_standard, substitute
+
+# A rule returns None (pattern absent), "" (rewritten) or a reason (pattern present, declined).
+Rule = Callable[[ir.Node, "Context"], "str | None"]
+FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
+INT_MAX_LIKE = 2**31 - 1
+
+
+class Simplify(OptPass):
+    """Algebraic and structural simplifications that keep outputs (within float rounding).
+
+    Rules (each declines with a reason when its check fails):
+    - ``Add(x,0)``, ``Sub(x,0)``, ``Mul(x,1)``, ``Div(x,1)`` -> x, when the constant's broadcast
+      provably leaves x's shape unchanged (``Add(-0.0, 0)`` gives +0.0: the sign of a zero may flip);
+    - constant chains ``(x ± c1) ± c2`` -> ``x + (±c1 ± c2)`` and ``(x*c1)*c2`` -> ``x*(c1*c2)``
+      for float x, the inner result used only there (float reassociation: rounding-level change);
+    - ``Transpose(Transpose(x))`` -> one Transpose or none; identity Transpose -> x;
+    - a reshape-like op (Reshape/Flatten/Squeeze/Unsqueeze) feeding a Reshape to a constant shape
+      without copy-zeros -> the Reshape reads x directly; Reshape to x's own static shape -> x;
+    - ``Squeeze(Unsqueeze(x,a),a)`` and ``Unsqueeze(Squeeze(x,a),a)`` -> x;
+    - Cast to x's own type -> x; a round trip through a wider type (f16->f32->f16, i32->i64->i32, ...) -> x;
+    - no-ops: single-input Concat, Expand/Tile/Slice/Pad that change nothing (constant arguments);
+    - ``Conv(Pad(x))`` with zero constant padding on spatial dims -> Conv with the pads;
+    - ``Add(MatMul(A, B), C)`` -> ``Gemm(A, B, C)`` for 2-D A, constant 2-D B and constant C of
+      shape [N] or [1, N].
+    Shapes come from onnxopt.shapes (declared intermediate/output shapes are not believed).
+    Standard domain only; recurses into subgraphs.  Cost: one shape inference plus O(nodes).
+    """
+
+    name = "simplify"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        changed: collections.Counter = collections.Counter()
+        skipped: collections.Counter = collections.Counter()
+        ctx = Context(shape_inference.infer(model), model.opset_imports.get("", 1))
+        for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+            if node.graph is None or not is_standard(node):
+                continue
+            for rule in RULES.get(node.op_type, ()):
+                if node.graph is None:
+                    break
+                outcome = rule(node, ctx)
+                if outcome == "":
+                    changed[rule.__doc__.strip().splitlines()[0]] += 1
+                elif outcome:
+                    skipped[f"{rule.__name__.strip('_')}: {outcome}"] += 1
+        return self.result(model, changed, skipped)
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    dims: shape_inference.Shapes
+    opset: int  # of the default domain
+
+
+# ---------------------------------------------------------------- helpers
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None or value.is_graph_input():
+        return None
+    return value.const_value.numpy()
+
+
+def _only_use(value: ir.Value, node: ir.Node) -> bool:
+    return not value.is_graph_output() and all(u.node is node for u in value.uses()) and len(value.uses()) == 1
+
+
+def _producer(value: ir.Value | None, *ops: str) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type not in ops or not is_standard(node):
+        return None
+    return node
+
+
+def _broadcast_keeps(x_dims, c_shape) -> bool:
+    """True when broadcasting x against a tensor of shape c_shape leaves x's shape as it is."""
+    if x_dims is None or len(c_shape) > len(x_dims):
+        return False
+    for c, d in zip(reversed(c_shape), reversed(x_dims)):
+        if c != 1 and c != d:
+            return False
+    return True
+
+
+def _axes(node: ir.Node) -> list[int] | None:
+    attr = node.attributes.get("axes")
+    if attr is not None:
+        return sorted(attr.as_ints())
+    if len(node.inputs) > 1:
+        arr = _const(node.inputs[1])
+        return None if arr is None else sorted(int(a) for a in arr.reshape(-1))
+    return None
+
+
+# ---------------------------------------------------------------- rules
+
+def _identity_arith(node, ctx):
+    """neutral element removed (x+0, x-0, x*1, x/1)"""
+    a, b = (list(node.inputs) + [None, None])[:2]
+    neutral = {"Add": 0, "Sub": 0, "Mul": 1, "Div": 1}[node.op_type]
+    candidates = [(a, b)] + ([(b, a)] if node.op_type in ("Add", "Mul") else [])
+    for x, c in candidates:
+        arr = _const(c)
+        if arr is None or x is None or _const(x) is not None:
+            continue
+        if not np.all(arr == neutral):
+            continue
+        if not _broadcast_keeps(ctx.dims.get(x), arr.shape):
+            return "the constant would broadcast x to a larger shape (or x's shape is unknown)"
+        if ctx.dims.dtype(x) != c.const_value.dtype:
+            return "dtype differs"
+        return substitute(node, x)
+    return None
+
+
+def _const_chain(node, ctx):
+    """constant chain merged into one constant"""
+    kinds = ("Add", "Sub") if node.op_type in ("Add", "Sub") else ("Mul",)
+    outer_split = _split_const(node)
+    if outer_split is None:
+        return None
+    y, c2, sign2 = outer_split
+    inner = _producer(y, *kinds)
+    if inner is None:
+        return None
+    inner_split = _split_const(inner)
+    if inner_split is None:
+        return None
+    x, c1, sign1 = inner_split
+    if not _only_use(y, node):
+        return "inner result has other users"
+    dtype = c2.dtype
+    if dtype.kind != "f" or c1.dtype != dtype:
+        return "not a float chain"
+    if node.op_type == "Mul":
+        combined = c1.astype(np.float64) * c2.astype(np.float64)
+    else:
+        combined = sign1 * c1.astype(np.float64) + sign2 * c2.astype(np.float64)
+    value = add_initializer(node.graph, f"{node.name or node.outputs[0].name}_merged_const", combined.astype(dtype))
+    node.op_type = "Mul" if node.op_type == "Mul" else "Add"
+    node.replace_input_with(0, x)
+    node.replace_input_with(1, value)
+    return ""
+
+
+def _split_const(node: ir.Node):
+    """(x, constant, sign) for x+c, c+x, x-c, x*c, c*x; None otherwise."""
+    if len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    ca, cb = _const(a), _const(b)
+    if cb is not None and ca is None:
+        return a, cb, (-1 if node.op_type == "Sub" else 1)
+    if ca is not None and cb is None and node.op_type in ("Add", "Mul"):
+        return b, ca, 1
+    return None
+
+
+def _transpose(node, ctx):
+    """Transpose pair merged or identity Transpose removed"""
+    perm_attr = node.attributes.get("perm")
+    if perm_attr is None:
+        return None
+    perm = list(perm_attr.as_ints())
+    if perm == list(range(len(perm))):
+        return substitute(node, node.inputs[0])
+    inner = _producer(node.inputs[0], "Transpose")
+    if inner is None or inner.attributes.get("perm") is None:
+        return None
+    if not _only_use(node.inputs[0], node):
+        return "inner Transpose has other users"
+    p1 = list(inner.attributes["perm"].as_ints())
+    if len(p1) != len(perm):
+        return "rank mismatch"
+    combined = [p1[p] for p in perm]
+    node.replace_input_with(0, inner.inputs[0])
+    node.attributes["perm"] = ir.AttrInt64s("perm", combined)
+    if combined == list(range(len(combined))):
+        substitute(node, node.inputs[0])
+    return ""
+
+
+def _reshape(node, ctx):
+    """Reshape chain shortened or no-op Reshape removed"""
+    target = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+    if target is None:
+        return None
+    target = [int(t) for t in target.reshape(-1)]
+    allowzero = node.attributes.get("allowzero")
+    copies = 0 in target and not (allowzero is not None and allowzero.as_int())
+    x_dims = ctx.dims.get(node.inputs[0])
+    if x_dims is not None and all(isinstance(d, int) for d in x_dims) and list(x_dims) == target:
+        return substitute(node, node.inputs[0])
+    inner = _producer(node.inputs[0], "Reshape", "Flatten", "Squeeze", "Unsqueeze")
+    if inner is None:
+        return None
+    if copies:
+        return "target copies dims of the intermediate (0 entries)"
+    if not _only_use(node.inputs[0], node):
+        return "intermediate has other users"
+    node.replace_input_with(0, inner.inputs[0])
+    return ""
+
+
+def _squeeze_pair(node, ctx):
+    """Squeeze/Unsqueeze pair removed"""
+    other = "Unsqueeze" if node.op_type == "Squeeze" else "Squeeze"
+    inner = _producer(node.inputs[0], other)
+    if inner is None:
+        return None
+    a, b = _axes(node), _axes(inner)
+    if a is None or b is None or a != b or any(x < 0 for x in a):
+        return "axes differ or are not constant non-negative"
+    return substitute(node, inner.inputs[0])
+
+
+_LOSSLESS = {
+    ir.DataType.FLOAT16: {ir.DataType.FLOAT, ir.DataType.DOUBLE},
+    ir.DataType.BFLOAT16: {ir.DataType.FLOAT, ir.DataType.DOUBLE},
+    ir.DataType.FLOAT: {ir.DataType.DOUBLE},
+    ir.DataType.INT8: {ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64, ir.DataType.FLOAT, ir.DataType.DOUBLE},
+    ir.DataType.UINT8: {ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64, ir.DataType.UINT16,
+                        ir.DataType.UINT32, ir.DataType.UINT64, ir.DataType.FLOAT, ir.DataType.DOUBLE},
+    ir.DataType.INT16: {ir.DataType.INT32, ir.DataType.INT64, ir.DataType.FLOAT, ir.DataType.DOUBLE},
+    ir.DataType.INT32: {ir.DataType.INT64, ir.DataType.DOUBLE},
+    ir.DataType.BOOL: {ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64},
+}
+
+
+def _cast(node, ctx):
+    """no-op Cast or lossless Cast round trip removed"""
+    to = ir.DataType(node.attributes["to"].as_int()) if "to" in node.attributes else None
+    x = node.inputs[0]
+    if to is None or x is None:
+        return None
+    if ctx.dims.dtype(x) == to:
+        return substitute(node, x)
+    inner = _producer(x, "Cast")
+    if inner is None:
+        return None
+    source = ctx.dims.dtype(inner.inputs[0])
+    middle = ir.DataType(inner.attributes["to"].as_int())
+    if source != to:
+        return None
+    if middle not in _LOSSLESS.get(source, ()):
+        return "the intermediate type loses information"
+    return substitute(node, inner.inputs[0])
+
+
+def _noop(node, ctx):
+    """no-op Concat/Expand/Tile/Slice/Pad removed"""
+    x = node.inputs[0]
+    op = node.op_type
+    if op == "Concat":
+        return substitute(node, x) if len(node.inputs) == 1 else None
+    x_dims = ctx.dims.get(x)
+    if op == "Expand":
+        shape = _const(node.inputs[1])
+        if shape is None or not _broadcast_keeps(x_dims, [int(s) for s in shape]):
+            return None
+        return substitute(node, x)
+    if op == "Tile":
+        repeats = _const(node.inputs[1])
+        return substitute(node, x) if repeats is not None and np.all(repeats == 1) else None
+    if op == "Pad":
+        pads = node.attributes["pads"].as_ints() if "pads" in node.attributes else _const(node.inputs[1])
+        return substitute(node, x) if pads is not None and np.all(np.asarray(pads) == 0) else None
+    if op == "Slice":
+        if len(node.inputs) < 3 or x_dims is None:
+            return None
+        starts, ends = _const(node.inputs[1]), _const(node.inputs[2])
+        axes = _const(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+        steps = _const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
+        if starts is None or ends is None or (len(node.inputs) > 3 and node.inputs[3] is not None and axes is None):
+            return None
+        axes = list(range(len(starts))) if axes is None else [int(a) for a in axes]
+        steps = [1] * len(starts) if steps is None else [int(s) for s in steps]
+        for s, e, a, st in zip(starts, ends, axes, steps):
+            dim = x_dims[a] if -len(x_dims) <= a < len(x_dims) else None
+            full_end = e >= INT_MAX_LIKE or (isinstance(dim, int) and e >= dim)
+            if st != 1 or s != 0 or not full_end:
+                return None
+        return substitute(node, x)
+    return None
+
+
+def _pad_into_conv(node, ctx):
+    """Pad folded into Conv"""
+    pad = _producer(node.inputs[0], "Pad")
+    if pad is None:
+        return None
+    mode = pad.attributes.get("mode")
+    if mode is not None and mode.as_string() != "constant":
+        return "Pad mode is not constant"
+    pads = pad.attributes["pads"].as_ints() if "pads" in pad.attributes else _const(pad.inputs[1])
+    value_attr = pad.attributes.get("value")
+    fill = _const(pad.inputs[2]) if len(pad.inputs) > 2 and pad.inputs[2] is not None else None
+    if pads is None or (len(pad.inputs) > 2 and pad.inputs[2] is not None and fill is None):
+        return "Pad arguments not constant"
+    if (fill is not None and np.any(fill != 0)) or (value_attr is not None and value_attr.as_float() != 0):
+        return "Pad value is not zero"
+    if len(pad.inputs) > 3 and pad.inputs[3] is not None:
+        return "Pad with axes"
+    pads = [int(p) for p in pads]
+    rank = len(pads) // 2
+    if rank < 3 or any(p < 0 for p in pads) or any(pads[i] or pads[rank + i] for i in (0, 1)):
+        return "Pad touches batch/channel dims or is negative"
+    auto_pad = node.attributes.get("auto_pad")
+    if auto_pad is not None and auto_pad.as_string() not in ("NOTSET", ""):
+        return "Conv uses auto_pad"
+    if not _only_use(node.inputs[0], node):
+        return "Pad output has other users"
+    k = rank - 2
+    conv_pads = list(node.attributes["pads"].as_ints()) if "pads" in node.attributes else [0] * (2 * k)
+    new = [conv_pads[i] + pads[2 + i] for i in range(k)] + [conv_pads[k + i] + pads[rank + 2 + i] for i in range(k)]
+    node.attributes["pads"] = ir.AttrInt64s("pads", new)
+    node.replace_input_with(0, pad.inputs[0])
+    return ""
+
+
+def _matmul_add_gemm(node, ctx):
+    """MatMul+Add fused into Gemm"""
+    if ctx.opset < 11:
+        return None
+    for i in (0, 1):
+        mm = _producer(node.inputs[i], "MatMul")
+        bias = node.inputs[1 - i]
+        if mm is None:
+            continue
+        a, b = mm.inputs
+        bw, c = _const(b), _const(bias)
+        a_dims = ctx.dims.get(a)
+        if bw is None or c is None or bw.ndim != 2 or a_dims is None or len(a_dims) != 2:
+            return "needs 2-D input, constant 2-D weight and constant bias"
+        if c.shape not in ((bw.shape[1],), (1, bw.shape[1])) or c.dtype != bw.dtype or bw.dtype.kind != "f":
+            return "bias shape is not [N] or [1, N]"
+        if not _only_use(node.inputs[i], node):
+            return "MatMul result has other users"
+        gemm = ir.Node("", "Gemm", [a, b, bias], name=(mm.name or "gemm") + "_gemm", num_outputs=1)
+        node.graph.insert_before(node, gemm)
+        gemm.outputs[0].name = (mm.outputs[0].name or "gemm") + "_gemm"
+        reason = substitute(node, gemm.outputs[0])
+        if reason:
+            node.graph.remove(gemm, safe=True)
+            return reason
+        return ""
+    return None
+
+
+RULES: dict[str, tuple[Rule, ...]] = {
+    "Add": (_identity_arith, _const_chain, _matmul_add_gemm),
+    "Sub": (_identity_arith, _const_chain),
+    "Mul": (_identity_arith, _const_chain),
+    "Div": (_identity_arith,),
+    "Transpose": (_transpose,),
+    "Reshape": (_reshape,),
+    "Squeeze": (_squeeze_pair,),
+    "Unsqueeze": (_squeeze_pair,),
+    "Cast": (_cast,),
+    "Concat": (_noop,),
+    "Expand": (_noop,),
+    "Tile": (_noop,),
+    "Slice": (_noop,),
+    "Pad": (_noop,),
+    "Conv": (_pad_into_conv,),
+}
