@@ -252,6 +252,159 @@ def transformer_encoder() -> onnx.ModelProto | None:
     return _load_and_remove(path)
 
 
+def yolo_head() -> onnx.ModelProto | None:
+    """A YOLO-style detector: conv backbone, then the head's reshape/permute, Sigmoid, Split of
+    xy/wh/conf, grid offsets, strides and a final Concat; dynamic batch, TorchScript opset 17."""
+    torch = _torch()
+    if torch is None:
+        return None
+    nn = torch.nn
+
+    class Detect(nn.Module):
+        def __init__(self, anchors=3, classes=4, channels=16):
+            super().__init__()
+            self.na, self.no = anchors, classes + 5
+            self.backbone = nn.Sequential(
+                nn.Conv2d(3, channels, 3, 2, 1), nn.BatchNorm2d(channels), nn.SiLU(),
+                nn.Conv2d(channels, channels, 3, 2, 1), nn.BatchNorm2d(channels), nn.SiLU())
+            self.head = nn.Conv2d(channels, anchors * self.no, 1)
+            self.register_buffer("anchor_wh", torch.tensor([[10.0, 13.0], [16.0, 30.0], [33.0, 23.0]]).view(1, 3, 1, 1, 2))
+
+        def forward(self, x):
+            p = self.head(self.backbone(x))
+            b, _, ny, nx = p.shape
+            p = p.view(b, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous()
+            yv, xv = torch.meshgrid(torch.arange(ny), torch.arange(nx), indexing="ij")
+            grid = torch.stack((xv, yv), 2).view(1, 1, ny, nx, 2).float()
+            xy, wh, conf = p.sigmoid().split((2, 2, self.no - 4), 4)
+            xy = (xy * 2 - 0.5 + grid) * 4.0
+            wh = (wh * 2) ** 2 * self.anchor_wh
+            return torch.cat((xy, wh, conf), 4).view(b, -1, self.no)
+
+    path = HERE / "_tmp_yolo.onnx"
+    torch.onnx.export(Detect().eval(), (torch.randn(1, 3, 64, 64),), str(path), dynamo=False, opset_version=17,
+                      input_names=["images"], output_names=["detections"],
+                      dynamic_axes={"images": {0: "batch"}, "detections": {0: "batch"}})
+    return _load_and_remove(path)
+
+
+def crnn() -> onnx.ModelProto | None:
+    """A CRNN text-line recognizer: conv feature extractor, bidirectional LSTM over the width,
+    per-step classifier with log-softmax (CTC-style output); dynamic batch and width, opset 17."""
+    torch = _torch()
+    if torch is None:
+        return None
+    nn = torch.nn
+
+    class CRNN(nn.Module):
+        def __init__(self, classes=37):
+            super().__init__()
+            self.cnn = nn.Sequential(
+                nn.Conv2d(1, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(16, 32, 3, 1, 1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d((2, 1)))
+            self.rnn = nn.LSTM(32 * 8, 48, bidirectional=True, batch_first=True)
+            self.fc = nn.Linear(96, classes)
+
+        def forward(self, x):
+            f = self.cnn(x)  # [B, 32, 8, W/2]
+            b, c, hh, w = f.shape
+            f = f.permute(0, 3, 1, 2).reshape(b, w, c * hh)
+            out, _ = self.rnn(f)
+            return self.fc(out).log_softmax(-1)
+
+    path = HERE / "_tmp_crnn.onnx"
+    torch.onnx.export(CRNN().eval(), (torch.randn(1, 1, 32, 64),), str(path), dynamo=False, opset_version=17,
+                      input_names=["line"], output_names=["log_probs"],
+                      dynamic_axes={"line": {0: "batch", 3: "width"}, "log_probs": {0: "batch", 1: "steps"}})
+    return _load_and_remove(path)
+
+
+def bert_encoder() -> onnx.ModelProto | None:
+    """A BERT-style encoder written as HF BERT is: token+position embeddings, LayerNorm, two layers
+    of separate Q/K/V Linear, reshape/transpose into heads, scaled softmax with an additive mask,
+    erf-GELU FFN, residual LayerNorms; dynamo exporter, dynamic batch and sequence, opset 18."""
+    torch = _torch()
+    if torch is None:
+        return None
+    nn = torch.nn
+    hidden, heads, inner, vocab, max_len = 64, 4, 128, 100, 64
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(hidden, hidden) for _ in range(4))
+            self.ln1, self.ln2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+            self.ff1, self.ff2 = nn.Linear(hidden, inner), nn.Linear(inner, hidden)
+
+        def split(self, t):
+            b, s, _ = t.shape
+            return t.view(b, s, heads, hidden // heads).transpose(1, 2)
+
+        def forward(self, x, mask):
+            q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
+            scores = q @ k.transpose(-1, -2) / (hidden // heads) ** 0.5 + mask
+            ctx = (scores.softmax(-1) @ v).transpose(1, 2)
+            ctx = ctx.reshape(ctx.shape[0], ctx.shape[1], hidden)
+            x = self.ln1(x + self.o(ctx))
+            return self.ln2(x + self.ff2(torch.nn.functional.gelu(self.ff1(x))))
+
+    class Bert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos = nn.Embedding(vocab, hidden), nn.Embedding(max_len, hidden)
+            self.ln = nn.LayerNorm(hidden)
+            self.layers = nn.ModuleList([Layer(), Layer()])
+
+        def forward(self, input_ids, attention_mask):
+            positions = torch.arange(input_ids.shape[1]).unsqueeze(0)
+            x = self.ln(self.tok(input_ids) + self.pos(positions))
+            mask = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * -10000.0
+            for layer in self.layers:
+                x = layer(x, mask)
+            return x
+
+    path = HERE / "_tmp_bert.onnx"
+    batch, seq = torch.export.Dim("batch", max=64), torch.export.Dim("seq", min=2, max=max_len)
+    ids = torch.randint(0, vocab, (2, 16))
+    with torch.no_grad():
+        torch.onnx.export(Bert().eval(), (ids, torch.ones(2, 16, dtype=torch.int64)), str(path), dynamo=True,
+                          opset_version=18, input_names=["input_ids", "attention_mask"], output_names=["hidden"],
+                          external_data=False, optimize=False, verbose=False,
+                          dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+    return _load_and_remove(path)
+
+
+def qdq_conv() -> onnx.ModelProto:
+    """An already-quantized (QDQ) conv net as quantization tools write it: int8 per-channel weights
+    behind DequantizeLinear, uint8 activations through QuantizeLinear/DequantizeLinear pairs, an
+    int32 bias; plus exporter leftovers around it (Identity, a Constant).  Opset 13."""
+    w = RNG.integers(-127, 128, (8, 3, 3, 3)).astype(np.int8)
+    w_scale = (RNG.uniform(0.001, 0.01, 8)).astype(np.float32)
+    inits = [
+        nh.from_array(np.array(0.02, np.float32), "x_scale"), nh.from_array(np.array(128, np.uint8), "x_zp"),
+        nh.from_array(w, "w_q"), nh.from_array(w_scale, "w_scale"), nh.from_array(np.zeros(8, np.int8), "w_zp"),
+        nh.from_array(RNG.integers(-1000, 1000, 8).astype(np.int32), "b_q"),
+        nh.from_array((w_scale * 0.02).astype(np.float32), "b_scale"), nh.from_array(np.zeros(8, np.int32), "b_zp"),
+        nh.from_array(np.array(0.05, np.float32), "y_scale"), nh.from_array(np.array(0, np.uint8), "y_zp"),
+    ]
+    nodes = [
+        h.make_node("Identity", ["x"], ["x_id"]),
+        h.make_node("QuantizeLinear", ["x_id", "x_scale", "x_zp"], ["x_q"]),
+        h.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zp"], ["x_dq"]),
+        h.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w_dq"], axis=0),
+        h.make_node("DequantizeLinear", ["b_q", "b_scale", "b_zp"], ["b_dq"], axis=0),
+        h.make_node("Conv", ["x_dq", "w_dq", "b_dq"], ["conv"], pads=[1, 1, 1, 1]),
+        h.make_node("Relu", ["conv"], ["relu"]),
+        h.make_node("QuantizeLinear", ["relu", "y_scale", "y_zp"], ["y_q"]),
+        h.make_node("DequantizeLinear", ["y_q", "y_scale", "y_zp"], ["y_dq"]),
+        _const("one", 1.0),
+        h.make_node("Mul", ["y_dq", "one"], ["y"]),
+    ]
+    graph = h.make_graph(nodes, "qdq_conv", [h.make_tensor_value_info("x", T.FLOAT, ["batch", 3, 16, 16])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["batch", 8, 16, 16])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 13)], producer_name="handwritten-quantizer")
+
+
 def _load_and_remove(path: Path) -> onnx.ModelProto:
     model = onnx.load(str(path))
     path.unlink()
@@ -269,6 +422,10 @@ BUILDERS = {
     "cnn_bn_depthwise": cnn_bn_depthwise,
     "cnn_dynamic": cnn_dynamic,
     "transformer_encoder": transformer_encoder,
+    "yolo_head": yolo_head,
+    "crnn": crnn,
+    "bert_encoder": bert_encoder,
+    "qdq_conv": qdq_conv,
 }
 
 

@@ -67,6 +67,7 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
 
     t0 = time.perf_counter()
     run = pipeline.run(model, specs, after_pass=verify if verify_each else None)
+    model = run.model
     optimize_seconds = time.perf_counter() - t0
 
     report: dict = {

@@ -126,6 +126,7 @@ class PassRecord:
 
 @dataclasses.dataclass
 class PipelineResult:
+    model: ir.Model  # the final model (a functional pass returns a new object)
     records: list[PassRecord]
     iterations: int
     converged: bool
@@ -170,6 +171,6 @@ def run(model: ir.Model, specs: Sequence[PassSpec], *, max_iterations: int = 10,
                 if after_pass is not None:
                     after_pass(spec, model)
         if not any_change:
-            return PipelineResult(records, iteration, True)
+            return PipelineResult(model, records, iteration, True)
     logger.warning("pipeline did not reach a fixed point in %d iterations", max_iterations)
-    return PipelineResult(records, max_iterations, False)
+    return PipelineResult(model, records, max_iterations, False)

@@ -14,6 +14,7 @@ _TABLE = {
     "simplify": ("onnxopt.passes.simplify", "Simplify"),
     "fuse-conv-bn": ("onnxopt.passes.fuse_conv_bn", "FuseConvBatchNorm"),
     "cse": ("onnxopt.passes.cse", "EliminateCommonSubexpressions"),
+    "fuse-transformer": ("onnxopt.passes.fuse_transformer", "FuseTransformer"),
 }
 
 

@@ -3,7 +3,8 @@
 Inputs are either user data (``--data file.npz``, arrays by input name) or synthesized from the
 model's declared types: ``--shape name:1x3x224x224`` fixes dims, a symbolic dim without one
 becomes 1 (with a warning), floats are standard-normal, integers lie in [0, 4) so that they are
-safe as indices or sizes, booleans are random.  The seed is fixed so runs are reproducible.
+safe as indices or sizes, booleans are random, and inputs whose name contains "mask" are padding
+masks (1 then trailing 0, at least one 1 per row) as attention masks are.  The seed is fixed so runs are reproducible.
 """
 
 from __future__ import annotations
@@ -123,7 +124,9 @@ def synthesize(sess: ort.InferenceSession, overrides: Mapping[str, tuple[int, ..
         if dtype is None:
             raise BadInputError(f"input '{inp.name}' has type {inp.type}: give it with --data")
         shape = resolve_shape(inp, overrides)
-        if dtype == np.bool_:
+        if "mask" in inp.name.lower() and dtype != np.str_ and len(shape) >= 1:
+            value = _padding_mask(rng, shape).astype(dtype)
+        elif dtype == np.bool_:
             value = rng.random(shape) < 0.5
         elif np.issubdtype(dtype, np.integer):
             value = rng.integers(0, 4, size=shape).astype(dtype)
@@ -133,6 +136,15 @@ def synthesize(sess: ort.InferenceSession, overrides: Mapping[str, tuple[int, ..
             value = rng.standard_normal(shape).astype(dtype)
         feeds[inp.name] = np.asarray(value)
     return feeds
+
+
+def _padding_mask(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """1 for real positions, 0 for trailing padding (at least one real position per row)."""
+    length = shape[-1]
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    keep = rng.integers(1, length + 1, size=rows) if length else np.zeros(rows, dtype=int)
+    mask = (np.arange(length)[None, :] < keep[:, None]).astype(np.int64)
+    return mask.reshape(shape)
 
 
 def load_feeds(path: str | os.PathLike, sess: ort.InferenceSession) -> dict[str, np.ndarray]:

@@ -209,3 +209,42 @@ def test_simplify_is_idempotent_on_reference_models():
         pipeline.run(model, pipeline.parse(pipeline.DEFAULT_PIPELINE))
         second = pipeline.run(model, pipeline.parse(pipeline.DEFAULT_PIPELINE))
         assert not any(r.modified for r in second.records), path.name
+
+
+# ------------------------------------------------------------------ fuse-transformer
+
+BERT_PIPELINE = "cleanup,fold-constants,fold-shapes,simplify,dedup,cse,fuse-transformer{model-type=bert}"
+
+
+def test_fuse_transformer_on_bert(cli, tmp_path):
+    from tests.helpers import ROOT
+    out, rep = tmp_path / "b.onnx", tmp_path / "r.json"
+    result = cli("optimize", ROOT / "models" / "bert_encoder.onnx", "-o", out, "-p", BERT_PIPELINE,
+                 "--shape", "input_ids:2x12", "--shape", "attention_mask:2x12", "--report", rep)
+    assert result.exit_code == 0, result.output
+    import json
+    report = json.loads(rep.read_text())
+    assert report["validation"]["ok"] and report["validation"]["max_abs"] < 1e-5
+    ops_after = report["output"]["ops"]
+    assert ops_after["com.microsoft::Attention"] == 2 and ops_after["com.microsoft::SkipLayerNormalization"] == 4
+    assert report["output"]["nodes"] <= 30
+
+
+def test_fuse_transformer_is_refused_when_it_changes_outputs(cli, tmp_path):
+    """ORT's fused Attention reads the mask as 0/1; a model fed other mask values diverges: refused."""
+    from tests.helpers import ROOT
+    data = tmp_path / "d.npz"
+    np.savez(data, input_ids=np.arange(24, dtype=np.int64).reshape(2, 12) % 100,
+             attention_mask=np.full((2, 12), 3, np.int64))
+    out = tmp_path / "b.onnx"
+    result = cli("optimize", ROOT / "models" / "bert_encoder.onnx", "-o", out, "-p", BERT_PIPELINE, "--data", data)
+    assert result.exit_code == 3 and not out.exists()
+    assert "hidden" in result.stderr
+
+
+def test_fuse_transformer_unknown_model_type():
+    from onnxopt.passes.fuse_transformer import FuseTransformer
+    from tests.helpers import ROOT
+    model = ir.serde.deserialize_model(onnx.load(str(ROOT / "models" / "bert_encoder.onnx")))
+    result = FuseTransformer(model_type="nope")(model)
+    assert not result.modified and any("unknown model-type 'nope'" in k for k in result.skipped)
