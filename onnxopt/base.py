@@ -14,6 +14,10 @@ from typing import ClassVar
 import onnx_ir as ir
 
 STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
+#: model.meta key: serialized size when the pipeline started (size guards budget against it).
+START_BYTES_KEY = "onnxopt.start_bytes"
+#: Above this many weight bytes the serialized size is not measured (too costly per pass).
+SIZE_MEASURE_LIMIT = 64 << 20
 
 
 @dataclasses.dataclass
@@ -94,3 +98,13 @@ def add_initializer(graph: ir.Graph, name: str, array) -> ir.Value:
                      shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=unique))
     graph.register_initializer(value)
     return value
+
+
+def serialized_size(model: ir.Model) -> int | None:
+    """Bytes of the serialized model (external data excluded), or None for models whose weights
+    exceed SIZE_MEASURE_LIMIT.  Cost: one serialization."""
+    weights = sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values()
+                  if v.const_value is not None)
+    if weights > SIZE_MEASURE_LIMIT:
+        return None
+    return ir.to_proto(model).ByteSize()

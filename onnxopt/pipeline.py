@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import onnx_ir as ir
 
 from onnxopt import registry
-from onnxopt.base import OptResult, count_nodes
+from onnxopt.base import START_BYTES_KEY, OptResult, count_nodes, serialized_size
 from onnxopt.errors import InternalError, OnnxoptError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -148,6 +148,10 @@ def run(model: ir.Model, specs: Sequence[PassSpec], *, max_iterations: int = 10,
     every pass that modified the model (and may raise to stop the run)."""
     passes = build(specs)
     records: list[PassRecord] = []
+    if START_BYTES_KEY not in model.meta:
+        size = serialized_size(model)
+        if size is not None:
+            model.meta[START_BYTES_KEY] = size
     for iteration in range(1, max_iterations + 1):
         any_change = False
         for spec, p in zip(specs, passes):

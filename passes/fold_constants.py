@@ -10,7 +10,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxopt.base import OptPass, is_standard
+from onnxopt.base import START_BYTES_KEY, OptPass, is_standard, serialized_size
 
 logger = logging.getLogger(__name__)
 
@@ -27,11 +27,17 @@ class FoldConstants(OptPass):
     Contract: outputs unchanged (ORT computes the same kernel it would run at inference; the
     onnx reference evaluator is the fallback for what ORT lacks).  Never folds Q/DQ, random ops,
     Dropout, custom-domain ops, nodes with subgraphs, nodes that write a graph output, or nodes
-    reading an initializer that is also a graph input (a user may override it).  Size guard: a
-    fold whose result is larger than ``size_limit`` bytes *and* larger than the initializers it
-    frees is skipped, so the file does not grow.  Inputs above ``input_limit`` bytes are not
-    evaluated.  Recurses into If/Loop/Scan bodies (outer-scope constants count as constant).
-    Cost: one single-node ORT session per folded node; O(nodes).
+    reading an initializer that is also a graph input (a user may override it).
+    Whole constant chains are evaluated in memory first and only their *frontier* (values read
+    by nodes that stay) becomes initializers, so large intermediates of a chain cost nothing.
+    Size guard: the bytes the pass adds beyond the initializers it frees must stay within
+    ``max(size_limit, bytes the pipeline already saved)`` (serialized size at pipeline start vs
+    now); while over budget, the producer of the largest frontier tensor is kept.  So the file
+    does not grow beyond ``size_limit``, and only by that much when nothing else was saved.
+    Inputs above ``input_limit`` bytes are not evaluated.  Recurses into If/Loop/Scan bodies
+    (outer-scope constants count as constant).
+    Cost: one single-node ORT session per foldable node; O(nodes) plus the guard's
+    O(frontier x kept nodes) in the rare over-budget case.
     """
 
     name = "fold-constants"
@@ -44,17 +50,43 @@ class FoldConstants(OptPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         changed: collections.Counter = collections.Counter()
         skipped: collections.Counter = collections.Counter()
+        computed: dict[ir.Value, np.ndarray] = {}
+        folded: list[ir.Node] = []
         for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
-            if node.graph is None or not _all_inputs_constant(node):
+            inputs = [v for v in node.inputs if v is not None]
+            if not inputs or not all(v in computed or _is_constant(v) for v in inputs):
                 continue
-            reason = self._fold(model, node)
+            reason = self._check(node, inputs, computed)
+            if reason is None:
+                try:
+                    values = _evaluate(model, node, computed)
+                except _Unfoldable as e:
+                    reason = str(e)
             if reason:
                 skipped[reason] += 1
-            else:
-                changed[f"folded {node.op_type}"] += 1
+                continue
+            for out, arr in zip(node.outputs, values):
+                if arr is not None:
+                    computed[out] = arr
+            folded.append(node)
+
+        kept = self._apply_size_guard(model, folded, computed)
+        if kept:
+            skipped["result over the size budget (size-limit and bytes already saved)"] += len(kept)
+        chosen = [n for n in folded if n not in kept]
+        chosen_set = set(chosen)
+        for node in chosen:
+            for out in node.outputs:
+                if out in computed and any(u.node not in chosen_set for u in out.uses()):
+                    _materialize(node.graph, out, computed[out])
+        for node in reversed(chosen):
+            node.graph.remove(node, safe=True)
+            changed[f"folded {node.op_type}"] += 1
         return self.result(model, changed, skipped)
 
-    def _fold(self, model: ir.Model, node: ir.Node) -> str | None:
+    def _check(self, node: ir.Node, inputs: list[ir.Value], computed: dict) -> str | None:
+        if node.graph is None:
+            return "detached node"
         if not is_standard(node):
             return "custom-domain op"
         if node.op_type in NEVER_FOLD:
@@ -63,47 +95,49 @@ class FoldConstants(OptPass):
             return "node has a subgraph"
         if any(o.is_graph_output() for o in node.outputs):
             return "output is a graph output"
-        inputs = [v for v in node.inputs if v is not None]
-        in_bytes = sum(v.const_value.nbytes for v in inputs)
+        in_bytes = sum(computed[v].nbytes if v in computed else v.const_value.nbytes for v in inputs)
         if in_bytes > self.input_limit:
             return "inputs too large to evaluate"
-        try:
-            values = _evaluate(model, node)
-        except _Unfoldable as e:
-            return str(e)
-        out_bytes = sum(v.nbytes for v in values if v is not None)
-        freed = sum(v.const_value.nbytes for v in set(inputs)
-                    if v.is_initializer() and all(u.node is node for u in v.uses()))
-        if out_bytes > self.size_limit and out_bytes > freed:
-            return "result larger than size-limit and than the inputs it frees"
-        graph = node.graph
-        new_values = []
-        for out, arr in zip(node.outputs, values):
-            if arr is None:
-                continue
-            new = ir.Value(name=out.name, type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
-                           shape=ir.Shape(arr.shape), const_value=ir.tensor(arr, name=out.name))
-            out.replace_all_uses_with(new)
-            new_values.append(new)
-        graph.remove(node, safe=True)
-        for new in new_values:
-            if new.uses():
-                graph.register_initializer(new)
         return None
 
+    def _apply_size_guard(self, model: ir.Model, folded: list[ir.Node], computed: dict) -> set[ir.Node]:
+        """Nodes to keep (not fold) so that the bytes added stay within the budget."""
+        start = model.meta.get(START_BYTES_KEY)
+        now = serialized_size(model) if start is not None else None
+        budget = max(self.size_limit, start - now if start is not None and now is not None else 0)
+        kept: set[ir.Node] = set()
+        while True:
+            chosen = [n for n in folded if n not in kept]
+            chosen_set = set(chosen)
+            frontier = {out for n in chosen for out in n.outputs
+                        if out in computed and any(u.node not in chosen_set for u in out.uses())}
+            added = sum(computed[v].nbytes for v in frontier)
+            freed = sum(v.const_value.nbytes for n in chosen for v in set(n.inputs)
+                        if v is not None and v.is_initializer() and v.const_value is not None
+                        and all(u.node in chosen_set for u in v.uses()))
+            if added - freed <= budget or not frontier:
+                return kept
+            largest = max(frontier, key=lambda v: computed[v].nbytes)
+            kept.add(largest.producer())
 
 class _Unfoldable(Exception):
     pass
 
 
-def _all_inputs_constant(node: ir.Node) -> bool:
-    inputs = [v for v in node.inputs if v is not None]
-    if not inputs:
-        return False
-    return all(v.const_value is not None and not v.is_graph_input() for v in inputs)
+def _is_constant(v: ir.Value) -> bool:
+    return v.const_value is not None and not v.is_graph_input()
 
 
-def _evaluate(model: ir.Model, node: ir.Node) -> list[np.ndarray | None]:
+def _materialize(graph: ir.Graph, out: ir.Value, arr: np.ndarray) -> None:
+    """Replace every use of ``out`` by a new initializer holding ``arr`` (same name)."""
+    new = ir.Value(name=out.name, type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
+                   shape=ir.Shape(arr.shape), const_value=ir.tensor(arr, name=out.name))
+    out.replace_all_uses_with(new)
+    out.name = None
+    graph.register_initializer(new)
+
+
+def _evaluate(model: ir.Model, node: ir.Node, computed: dict) -> list[np.ndarray | None]:
     """Run one node on ORT (falling back to the onnx reference evaluator); one array per
     output, None for an unnamed (omitted optional) output."""
     in_names = [f"in{i}" if v is not None else "" for i, v in enumerate(node.inputs)]
@@ -118,7 +152,7 @@ def _evaluate(model: ir.Model, node: ir.Node) -> list[np.ndarray | None]:
     for name, v in zip(in_names, node.inputs):
         if v is None:
             continue
-        arr = v.const_value.numpy()
+        arr = computed[v] if v in computed else v.const_value.numpy()
         feeds[name] = arr
         graph_inputs.append(onnx.helper.make_tensor_value_info(
             name, onnx.helper.np_dtype_to_tensor_dtype(arr.dtype), arr.shape))

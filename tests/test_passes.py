@@ -153,15 +153,25 @@ def test_fold_constants_never_folds(node, reason):
     assert [n.op_type for n in model.graph][0] == node.op_type
 
 
-def test_fold_constants_size_guard():
+def test_fold_constants_folds_chains_through_large_intermediates():
+    """A 256 KB intermediate that only feeds a reduction costs nothing: the chain folds to a scalar."""
     shape = nh.from_array(np.array([256, 256], np.int64), "shape")
     nodes = [h.make_node("ConstantOfShape", ["shape"], ["big"], value=nh.from_array(np.array([1.0], np.float32))),
              h.make_node("ReduceSum", ["big"], ["s"], keepdims=0), h.make_node("Add", ["x", "s"], ["y"])]
+    result, new = apply(FoldConstants(), make(nodes, [shape]))
+    assert ops(new) == ["Add"]
+    assert {t.name: nh.to_array(t).tolist() for t in new.graph.initializer}["s"] == 65536.0
+
+
+def test_fold_constants_size_guard_keeps_large_frontier():
+    shape = nh.from_array(np.array([64, 2, 4], np.int64), "shape")
+    nodes = [h.make_node("ConstantOfShape", ["shape"], ["big"], value=nh.from_array(np.array([1.0], np.float32))),
+             h.make_node("Add", ["x", "big"], ["y"])]
     proto = make(nodes, [shape])
-    result, new = apply(FoldConstants(), proto)
-    assert ops(new)[0] == "ConstantOfShape"
-    assert result.skipped == {"result larger than size-limit and than the inputs it frees": 1}
-    result, new = apply(FoldConstants(size_limit=1 << 20), proto)  # allowed: then the ReduceSum folds too
+    result, new = apply(FoldConstants(), proto)  # 2 KB result from a 24-byte input: over the 1 KB limit
+    assert ops(new) == ["ConstantOfShape", "Add"]
+    assert result.skipped == {"result over the size budget (size-limit and bytes already saved)": 1}
+    result, new = apply(FoldConstants(size_limit=4096), proto)
     assert ops(new) == ["Add"]
 
 
