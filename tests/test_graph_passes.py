@@ -248,3 +248,23 @@ def test_fuse_transformer_unknown_model_type():
     model = ir.serde.deserialize_model(onnx.load(str(ROOT / "models" / "bert_encoder.onnx")))
     result = FuseTransformer(model_type="nope")(model)
     assert not result.modified and any("unknown model-type 'nope'" in k for k in result.skipped)
+
+
+def test_cse_reuses_outer_scope_values_in_branches():
+    then_g = h.make_graph([h.make_node("Relu", ["x"], ["r_in"]), h.make_node("Neg", ["r_in"], ["t_out"])], "then", [],
+                          [h.make_tensor_value_info("t_out", T.FLOAT, None)])
+    else_g = h.make_graph([h.make_node("Relu", ["x"], ["r_in2"]), h.make_node("Abs", ["r_in2"], ["e_out"])], "else", [],
+                          [h.make_tensor_value_info("e_out", T.FLOAT, None)])
+    nodes = [h.make_node("Relu", ["x"], ["r"]), h.make_node("ReduceSum", ["r"], ["s"], keepdims=0),
+             h.make_node("Cast", ["s"], ["c"], to=T.BOOL),
+             h.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [2, 3])],
+                     [h.make_tensor_value_info("y", T.FLOAT, None)])
+    proto = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    result, new = run_pipeline(proto, "cse")
+    branches = {a.name: a.g for a in new.graph.node[-1].attribute}
+    assert [n.op_type for n in branches["then_branch"].node] == ["Neg"]
+    assert branches["then_branch"].node[0].input[0] == "r"
+    assert [n.op_type for n in branches["else_branch"].node] == ["Abs"]
+    x = np.random.default_rng(3).standard_normal((2, 3)).astype(np.float32)
+    assert_same(proto, new, [{"x": x}, {"x": -np.abs(x)}])
