@@ -12,6 +12,7 @@ _TABLE = {
     "dedup": ("onnxopt.passes.dedup", "Deduplicate"),
     "fold-shapes": ("onnxopt.passes.fold_shapes", "FoldShapes"),
     "simplify": ("onnxopt.passes.simplify", "Simplify"),
+    "fuse-activations": ("onnxopt.passes.fuse_activations", "FuseActivations"),
     "fuse-conv-bn": ("onnxopt.passes.fuse_conv_bn", "FuseConvBatchNorm"),
     "cse": ("onnxopt.passes.cse", "EliminateCommonSubexpressions"),
     "fuse-transformer": ("onnxopt.passes.fuse_transformer", "FuseTransformer"),

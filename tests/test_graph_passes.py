@@ -268,3 +268,51 @@ def test_cse_reuses_outer_scope_values_in_branches():
     assert [n.op_type for n in branches["else_branch"].node] == ["Abs"]
     x = np.random.default_rng(3).standard_normal((2, 3)).astype(np.float32)
     assert_same(proto, new, [{"x": x}, {"x": -np.abs(x)}])
+
+
+# ------------------------------------------------------------------ fuse-activations
+
+def _fuse(proto, x_shape=(2, 3, 4)):
+    result, new = run_pipeline(proto, "fuse-activations,cleanup")
+    x = np.random.default_rng(7).standard_normal(x_shape).astype(np.float32) * 3
+    assert_same(proto, new, [{"x": x}], rtol=1e-5, atol=1e-5)
+    return result, new
+
+
+@pytest.mark.parametrize("half_first", [False, True])
+def test_fuse_gelu(half_first):
+    if half_first:
+        nodes = [h.make_node("Mul", ["x", "r2"], ["d"]), h.make_node("Erf", ["d"], ["e"]),
+                 h.make_node("Add", ["e", "one"], ["a"]), h.make_node("Mul", ["x", "half"], ["xh"]),
+                 h.make_node("Mul", ["xh", "a"], ["y"])]
+    else:
+        nodes = [h.make_node("Div", ["x", "s2"], ["d"]), h.make_node("Erf", ["d"], ["e"]),
+                 h.make_node("Add", ["e", "one"], ["a"]), h.make_node("Mul", ["x", "a"], ["m"]),
+                 h.make_node("Mul", ["m", "half"], ["y"])]
+    inits = [f32("s2", np.sqrt(2.0)), f32("r2", 1 / np.sqrt(2.0)), f32("one", 1.0), f32("half", 0.5)]
+    result, new = _fuse(_model(nodes, inits, opset=20))
+    assert ops(new) == ["Gelu"] and new.graph.output[0].name == "y"
+    result, new = run_pipeline(_model(nodes, inits, opset=18), "fuse-activations")
+    assert any("opset 18 < 20" in k for r in result.records for k in r.skipped)
+
+
+def test_fuse_hardswish_both_forms():
+    a = [h.make_node("HardSigmoid", ["x"], ["hs"], alpha=1 / 6, beta=0.5), h.make_node("Mul", ["x", "hs"], ["y"])]
+    _, new = _fuse(_model(a, opset=14))
+    assert ops(new) == ["HardSwish"]
+    b = [h.make_node("Add", ["x", "three"], ["a"]), h.make_node("Clip", ["a", "zero", "six"], ["c"]),
+         h.make_node("Mul", ["x", "c"], ["m"]), h.make_node("Div", ["m", "six"], ["y"])]
+    _, new = _fuse(_model(b, [f32("three", 3.0), f32("zero", 0.0), f32("six", 6.0)], opset=14))
+    assert ops(new) == ["HardSwish"]
+
+
+def test_fuse_layernorm():
+    nodes = [h.make_node("ReduceMean", ["x"], ["mu"], axes=[-1]), h.make_node("Sub", ["x", "mu"], ["d"]),
+             h.make_node("Pow", ["d", "two"], ["p"]), h.make_node("ReduceMean", ["p"], ["var"], axes=[-1]),
+             h.make_node("Add", ["var", "eps"], ["ve"]), h.make_node("Sqrt", ["ve"], ["sd"]),
+             h.make_node("Div", ["d", "sd"], ["n"]), h.make_node("Mul", ["n", "gamma"], ["ng"]),
+             h.make_node("Add", ["ng", "beta"], ["y"])]
+    rng = np.random.default_rng(8)
+    inits = [f32("two", 2.0), f32("eps", 1e-5), f32("gamma", rng.uniform(0.5, 1.5, 4)), f32("beta", rng.standard_normal(4))]
+    _, new = _fuse(_model(nodes, inits, opset=17))
+    assert ops(new) == ["LayerNormalization"]
