@@ -405,6 +405,35 @@ def qdq_conv() -> onnx.ModelProto:
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 13)], producer_name="handwritten-quantizer")
 
 
+def integer_ops() -> onnx.ModelProto:
+    """Dynamic-quantization style integer ops: DynamicQuantizeLinear feeding MatMulInteger and
+    ConvInteger with int8/uint8 weights, rescaled in float; opset 13."""
+    w_mm = RNG.integers(-100, 100, (16, 8)).astype(np.int8)
+    w_conv = RNG.integers(0, 255, (4, 1, 3, 3)).astype(np.uint8)
+    inits = [nh.from_array(w_mm, "w_mm"), nh.from_array(np.array(0, np.int8), "w_mm_zp"),
+             nh.from_array(w_conv, "w_conv"), nh.from_array(np.array(128, np.uint8), "w_conv_zp"),
+             nh.from_array(np.array(0.01, np.float32), "w_mm_scale"),
+             nh.from_array(np.array(0.02, np.float32), "w_conv_scale"),
+             nh.from_array(np.array([1, 1, 4, 4], np.int64), "img_shape")]
+    nodes = [
+        h.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xzp"]),
+        h.make_node("MatMulInteger", ["xq", "w_mm", "xzp", "w_mm_zp"], ["mm_i32"]),
+        h.make_node("Cast", ["mm_i32"], ["mm_f"], to=T.FLOAT),
+        h.make_node("Mul", ["xs", "w_mm_scale"], ["mm_scale"]),
+        h.make_node("Mul", ["mm_f", "mm_scale"], ["mm"]),
+        h.make_node("Identity", ["mm"], ["mm_id"]),
+        h.make_node("Reshape", ["mm_id", "img_shape"], ["img"]),
+        h.make_node("DynamicQuantizeLinear", ["img"], ["iq", "is", "izp"]),
+        h.make_node("ConvInteger", ["iq", "w_conv", "izp", "w_conv_zp"], ["conv_i32"], pads=[1, 1, 1, 1]),
+        h.make_node("Cast", ["conv_i32"], ["conv_f"], to=T.FLOAT),
+        h.make_node("Mul", ["is", "w_conv_scale"], ["conv_scale"]),
+        h.make_node("Mul", ["conv_f", "conv_scale"], ["y"]),
+    ]
+    graph = h.make_graph(nodes, "integer_ops", [h.make_tensor_value_info("x", T.FLOAT, [2, 16])],
+                         [h.make_tensor_value_info("y", T.FLOAT, [1, 4, 4, 4])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 13)], producer_name="handwritten-quantizer")
+
+
 def _load_and_remove(path: Path) -> onnx.ModelProto:
     model = onnx.load(str(path))
     path.unlink()
@@ -426,6 +455,7 @@ BUILDERS = {
     "crnn": crnn,
     "bert_encoder": bert_encoder,
     "qdq_conv": qdq_conv,
+    "integer_ops": integer_ops,
 }
 
 
