@@ -3,7 +3,8 @@
 Text: ``"cleanup,fold-constants{size-limit=4096},dedup"``; options are kebab-case spellings of
 the pass constructor's keyword arguments, separated by ``,`` or ``;`` inside the braces, and
 coerced to the type of the argument's default.  The runner repeats the whole sequence until an
-iteration changes nothing (a pass may enable another), at most ``max_iterations`` times.
+iteration changes nothing (a pass may enable another), at most ``max_iterations`` times; a pass
+is skipped when no pass changed the model since its own last run (passes are idempotent).
 We run our own loop rather than ``ir.passes.PassManager`` because we record every pass's
 changes/skips and can call a hook (``--verify-each``) between passes.
 """
@@ -152,9 +153,13 @@ def run(model: ir.Model, specs: Sequence[PassSpec], *, max_iterations: int = 10,
         size = serialized_size(model)
         if size is not None:
             model.meta[START_BYTES_KEY] = size
+    version = 0  # bumped whenever a pass modifies the model
+    last_run: dict[int, int] = {}  # pass index -> version it last ran on
     for iteration in range(1, max_iterations + 1):
         any_change = False
-        for spec, p in zip(specs, passes):
+        for index, (spec, p) in enumerate(zip(specs, passes)):
+            if last_run.get(index) == version:
+                continue  # nothing changed since this pass last ran: idempotent, so a no-op
             t0 = time.perf_counter()
             try:
                 result = p(model)
@@ -171,7 +176,10 @@ def run(model: ir.Model, specs: Sequence[PassSpec], *, max_iterations: int = 10,
                                       time.perf_counter() - t0, count_nodes(model)))
             logger.info("%s (iteration %d): changed %s, skipped %s", spec, iteration, changed or "nothing", skipped or "nothing")
             if result.modified:
+                version += 1
                 any_change = True
+            last_run[index] = version
+            if result.modified:
                 if after_pass is not None:
                     after_pass(spec, model)
         if not any_change:

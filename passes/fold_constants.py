@@ -103,8 +103,7 @@ class FoldConstants(OptPass):
     def _apply_size_guard(self, model: ir.Model, folded: list[ir.Node], computed: dict) -> set[ir.Node]:
         """Nodes to keep (not fold) so that the bytes added stay within the budget."""
         start = model.meta.get(START_BYTES_KEY)
-        now = serialized_size(model) if start is not None else None
-        budget = max(self.size_limit, start - now if start is not None and now is not None else 0)
+        budget = None  # measured only when a fold adds more than size_limit (one serialization)
         kept: set[ir.Node] = set()
         while True:
             chosen = [n for n in folded if n not in kept]
@@ -115,7 +114,12 @@ class FoldConstants(OptPass):
             freed = sum(v.const_value.nbytes for n in chosen for v in set(n.inputs)
                         if v is not None and v.is_initializer() and v.const_value is not None
                         and all(u.node in chosen_set for u in v.uses()))
-            if added - freed <= budget or not frontier:
+            if added - freed <= self.size_limit or not frontier:
+                return kept
+            if budget is None:
+                now = serialized_size(model) if start is not None else None
+                budget = max(self.size_limit, start - now if now is not None else 0)
+            if added - freed <= budget:
                 return kept
             largest = max(frontier, key=lambda v: computed[v].nbytes)
             kept.add(largest.producer())

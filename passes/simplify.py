@@ -67,6 +67,11 @@ class Context:
 
 # ---------------------------------------------------------------- helpers
 
+def _rewritten(reason: str | None) -> str:
+    """Map substitute()'s result (None on success) to the rule convention ("" on success)."""
+    return "" if reason is None else reason
+
+
 def _const(value: ir.Value | None) -> np.ndarray | None:
     if value is None or value.const_value is None or value.is_graph_input():
         return None
@@ -121,7 +126,7 @@ def _identity_arith(node, ctx):
             return "the constant would broadcast x to a larger shape (or x's shape is unknown)"
         if ctx.dims.dtype(x) != c.const_value.dtype:
             return "dtype differs"
-        return substitute(node, x)
+        return _rewritten(substitute(node, x))
     return None
 
 
@@ -175,7 +180,7 @@ def _transpose(node, ctx):
         return None
     perm = list(perm_attr.as_ints())
     if perm == list(range(len(perm))):
-        return substitute(node, node.inputs[0])
+        return _rewritten(substitute(node, node.inputs[0]))
     inner = _producer(node.inputs[0], "Transpose")
     if inner is None or inner.attributes.get("perm") is None:
         return None
@@ -188,7 +193,7 @@ def _transpose(node, ctx):
     node.replace_input_with(0, inner.inputs[0])
     node.attributes["perm"] = ir.AttrInt64s("perm", combined)
     if combined == list(range(len(combined))):
-        substitute(node, node.inputs[0])
+        substitute(node, node.inputs[0])  # if declined, an identity Transpose stays: still correct
     return ""
 
 
@@ -202,7 +207,7 @@ def _reshape(node, ctx):
     copies = 0 in target and not (allowzero is not None and allowzero.as_int())
     x_dims = ctx.dims.get(node.inputs[0])
     if x_dims is not None and all(isinstance(d, int) for d in x_dims) and list(x_dims) == target:
-        return substitute(node, node.inputs[0])
+        return _rewritten(substitute(node, node.inputs[0]))
     inner = _producer(node.inputs[0], "Reshape", "Flatten", "Squeeze", "Unsqueeze")
     if inner is None:
         return None
@@ -223,7 +228,7 @@ def _squeeze_pair(node, ctx):
     a, b = _axes(node), _axes(inner)
     if a is None or b is None or a != b or any(x < 0 for x in a):
         return "axes differ or are not constant non-negative"
-    return substitute(node, inner.inputs[0])
+    return _rewritten(substitute(node, inner.inputs[0]))
 
 
 _LOSSLESS = {
@@ -246,7 +251,7 @@ def _cast(node, ctx):
     if to is None or x is None:
         return None
     if ctx.dims.dtype(x) == to:
-        return substitute(node, x)
+        return _rewritten(substitute(node, x))
     inner = _producer(x, "Cast")
     if inner is None:
         return None
@@ -256,7 +261,7 @@ def _cast(node, ctx):
         return None
     if middle not in _LOSSLESS.get(source, ()):
         return "the intermediate type loses information"
-    return substitute(node, inner.inputs[0])
+    return _rewritten(substitute(node, inner.inputs[0]))
 
 
 def _noop(node, ctx):
@@ -264,19 +269,19 @@ def _noop(node, ctx):
     x = node.inputs[0]
     op = node.op_type
     if op == "Concat":
-        return substitute(node, x) if len(node.inputs) == 1 else None
+        return _rewritten(substitute(node, x)) if len(node.inputs) == 1 else None
     x_dims = ctx.dims.get(x)
     if op == "Expand":
         shape = _const(node.inputs[1])
         if shape is None or not _broadcast_keeps(x_dims, [int(s) for s in shape]):
             return None
-        return substitute(node, x)
+        return _rewritten(substitute(node, x))
     if op == "Tile":
         repeats = _const(node.inputs[1])
-        return substitute(node, x) if repeats is not None and np.all(repeats == 1) else None
+        return _rewritten(substitute(node, x)) if repeats is not None and np.all(repeats == 1) else None
     if op == "Pad":
         pads = node.attributes["pads"].as_ints() if "pads" in node.attributes else _const(node.inputs[1])
-        return substitute(node, x) if pads is not None and np.all(np.asarray(pads) == 0) else None
+        return _rewritten(substitute(node, x)) if pads is not None and np.all(np.asarray(pads) == 0) else None
     if op == "Slice":
         if len(node.inputs) < 3 or x_dims is None:
             return None
@@ -292,7 +297,7 @@ def _noop(node, ctx):
             full_end = e >= INT_MAX_LIKE or (isinstance(dim, int) and e >= dim)
             if st != 1 or s != 0 or not full_end:
                 return None
-        return substitute(node, x)
+        return _rewritten(substitute(node, x))
     return None
 
 

@@ -103,8 +103,10 @@ def test_max_iterations_reports_non_convergence(monkeypatch):
     monkeypatch.setitem(registry._TABLE, "always", (__name__, "AlwaysChanges"))
     globals()["AlwaysChanges"] = AlwaysChanges
     graph = ir.Graph([], [], nodes=[], name="g")
-    result = pipeline.run(ir.Model(graph, ir_version=8), pipeline.parse("always"), max_iterations=3)
-    assert not result.converged and result.iterations == 3 and len(result.records) == 3
+    # two passes that keep re-enabling each other (a pass is skipped only when nothing changed
+    # since its own last run, so one self-changing pass alone would be treated as idempotent)
+    result = pipeline.run(ir.Model(graph, ir_version=8), pipeline.parse("always,always"), max_iterations=3)
+    assert not result.converged and result.iterations == 3 and len(result.records) == 6
 
 
 def test_symbolic_dims_warn_once_per_input(cli, model_copy, tmp_path):
