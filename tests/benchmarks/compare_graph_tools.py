@@ -5,8 +5,8 @@ basic-level optimizer, in one process, on the same inputs.
     python tests/benchmarks/compare_graph_tools.py [MODEL.onnx ...] [--json out.json] [--md out.md]
 
 Per model and tool: node count (subgraphs included), file size, tool wall time, max abs diff vs
-the original on ORT (same synthesized inputs), ORT CPU latency ratio original/optimized (median of
-``--runs`` runs, 1 thread, measured back to back), whether the tool crashed and whether an output
+the original on ORT (same synthesized inputs), ORT CPU speed-up original/optimized (medians of
+``--runs`` alternating runs of both, 1 thread), whether the tool crashed and whether an output
 shape changed.  Missing peers are reported as "not installed".  Not a test: nothing is asserted.
 """
 
@@ -82,25 +82,29 @@ TOOLS = {"onnxopt": tool_onnxopt, "onnxsim": tool_onnxsim, "onnxslim": tool_onnx
          "onnxoptimizer": tool_onnxoptimizer, "ort-basic": tool_ort_basic}
 
 
-def latency_ms(path: Path, feeds: dict, runs: int) -> float:
-    sess = runtime.session(path, threads=1)
+def latency_ratio(original: Path, candidate: Path, feeds: dict, runs: int) -> tuple[float, float, float]:
+    """(original ms, candidate ms, speed-up) from alternating runs, medians, 1 thread each:
+    interleaving makes drift of the machine hit both sides alike."""
+    a, b = runtime.session(original, threads=1), runtime.session(candidate, threads=1)
     for _ in range(3):
-        sess.run(None, feeds)
-    times = []
+        a.run(None, feeds)
+        b.run(None, feeds)
+    ta, tb = [], []
     for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, feeds)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for sess, times in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            sess.run(None, feeds)
+            times.append((time.perf_counter() - t0) * 1e3)
+    ma, mb = statistics.median(ta), statistics.median(tb)
+    return ma, mb, ma / mb
 
 
 def bench_model(src: Path, runs: int, workdir: Path) -> dict:
     ref_sess = runtime.session(src)
     feeds = runtime.synthesize(ref_sess, SHAPES.get(src.stem, {}))
     ref = runtime.run(ref_sess, feeds)
-    base_latency = latency_ms(src, feeds, runs)
     row = {"model": src.name, "nodes": count_nodes(onnx.load(str(src)).graph), "bytes": src.stat().st_size,
-           "latency_ms": base_latency, "tools": {}}
+           "tools": {}}
     for name, fn in TOOLS.items():
         dst = workdir / f"{src.stem}.{name}.onnx"
         entry: dict = {}
@@ -124,7 +128,7 @@ def bench_model(src: Path, runs: int, workdir: Path) -> dict:
             diffs = [float(np.max(np.abs(out[k].astype(np.float64) - v.astype(np.float64)))) if v.size else 0.0
                      for k, v in ref.items() if k in out and np.shape(out[k]) == np.shape(v)]
             entry["max_abs_diff"] = max(diffs, default=float("nan"))
-            entry["latency_ratio"] = base_latency / latency_ms(dst, feeds, runs)
+            entry["latency_original_ms"], entry["latency_ms"], entry["latency_ratio"] = latency_ratio(src, dst, feeds, runs)
             entry["status"] = "ok"
         except Exception as e:  # noqa: BLE001 - the tool wrote a model ORT cannot run
             entry.update(status="broken output", error=f"{type(e).__name__}: {str(e)[:200]}")
