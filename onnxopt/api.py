@@ -60,6 +60,11 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
         validator = validate.Validator(input_path, data=data, shapes=shapes, tolerance=tolerance,
                                        latency_runs=latency_runs if validate_result else 0)
 
+    mismatches = validate.declared_shape_mismatches(model, validator.reference) if validator else []
+    for m in mismatches:
+        logger.warning("output '%s' is declared %s but the model produces %s (kept as declared)",
+                       m["output"], m["declared"], m["actual"])
+
     def verify(spec: pipeline.PassSpec, current: ir.Model) -> None:
         check = validator.check_model(current)
         if not check.ok:
@@ -78,6 +83,7 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
         "passes": run.totals(),
         "records": [r.__dict__ for r in run.records],
         "optimize_seconds": optimize_seconds,
+        "declared_output_shape_mismatches": mismatches,
     }
     after = model_stats(model)
     with io.StagedModel(model, output_path, external_data) as staged:

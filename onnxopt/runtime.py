@@ -91,7 +91,7 @@ def parse_shapes(items: list[str] | tuple[str, ...]) -> dict[str, tuple[int, ...
     return shapes
 
 
-def resolve_shape(inp: ort.NodeArg, overrides: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
+def resolve_shape(inp: ort.NodeArg, overrides: Mapping[str, tuple[int, ...]], quiet: bool = False) -> tuple[int, ...]:
     if inp.name in overrides:
         shape = overrides[inp.name]
         declared = inp.shape or []
@@ -103,14 +103,14 @@ def resolve_shape(inp: ort.NodeArg, overrides: Mapping[str, tuple[int, ...]]) ->
         return shape
     dims = [d if isinstance(d, int) and d >= 0 else 1 for d in inp.shape or []]
     symbolic = [str(d) for d in inp.shape or [] if not (isinstance(d, int) and d >= 0)]
-    if symbolic:
+    if symbolic and not quiet:
         logger.warning("input '%s' has symbolic dims %s: using 1 for each (set them with --shape %s:%s)",
                        inp.name, ", ".join(symbolic), inp.name, "x".join(map(str, dims)))
     return tuple(dims)
 
 
 def synthesize(sess: ort.InferenceSession, overrides: Mapping[str, tuple[int, ...]] | None = None,
-               seed: int = 0) -> dict[str, np.ndarray]:
+               seed: int = 0, quiet: bool = False) -> dict[str, np.ndarray]:
     """Random inputs matching the session's inputs (see module docstring for the distributions)."""
     overrides = dict(overrides or {})
     names = {i.name for i in sess.get_inputs()}
@@ -123,7 +123,7 @@ def synthesize(sess: ort.InferenceSession, overrides: Mapping[str, tuple[int, ..
         dtype = _ORT_TYPES.get(inp.type)
         if dtype is None:
             raise BadInputError(f"input '{inp.name}' has type {inp.type}: give it with --data")
-        shape = resolve_shape(inp, overrides)
+        shape = resolve_shape(inp, overrides, quiet)
         if "mask" in inp.name.lower() and dtype != np.str_ and len(shape) >= 1:
             value = _padding_mask(rng, shape).astype(dtype)
         elif dtype == np.bool_:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -109,16 +110,83 @@ def _collect(graph: onnx.GraphProto, table: dict, seen: set, dtypes: dict) -> No
                     _collect(g, table, seen, dtypes)
 
 
-def infer(model: ir.Model) -> Shapes:
-    """Cost: one serialization of the graph structure and one onnx inference run."""
+def infer(model: ir.Model, ort_fallback: bool = True) -> Shapes:
+    """onnx inference; values of the main graph it leaves without a rank are filled from ORT runs
+    (see :func:`ort_shapes`).  Cost: one serialization and one onnx inference run, plus two ORT
+    runs of the model only when onnx inference fails or leaves gaps."""
+    table: dict[str, tuple[Dim, ...]] = {}
+    dtypes: dict[str, int] = {}
     try:
         proto = ir.to_proto(model)
         _strip(proto.graph)
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+        _collect(inferred.graph, table, set(), dtypes)
     except Exception as e:  # noqa: BLE001 - inference must never fail the run
-        logger.info("shape inference failed (%s); continuing without inferred shapes", str(e).splitlines()[0][:200])
-        return Shapes({})
-    table: dict[str, tuple[Dim, ...]] = {}
-    dtypes: dict[str, int] = {}
-    _collect(inferred.graph, table, set(), dtypes)
+        logger.info("onnx shape inference failed (%s)", str(e).splitlines()[0][:200])
+    missing = [o for n in model.graph for o in n.outputs if o.name and o.name not in table]
+    if missing and ort_fallback:
+        for name, dims in ort_shapes(model, [o.name for o in missing]).items():
+            table[name] = dims
     return Shapes(table, dtypes)
+
+
+#: Ops whose output sizes depend on input *values*: dims below them are never taken as static.
+DATA_DEPENDENT = frozenset({"NonZero", "Unique", "NonMaxSuppression", "Compress", "TopK", "Loop", "If", "Scan",
+                            "Range", "ConstantOfShape", "Expand", "Tile", "Reshape", "Resize", "Upsample", "Slice",
+                            "Pad", "OneHot", "StringSplit", "RoiAlign"})
+ORT_FALLBACK_WEIGHT_LIMIT = 256 << 20
+
+
+def ort_shapes(model: ir.Model, names: list[str]) -> dict[str, tuple[Dim, ...]]:
+    """Shapes of main-graph values measured on ORT: the model runs twice, its symbolic input dims
+    set to 2 and then 3.  A dim that tracks an input's symbolic dim in both runs gets that dim's
+    name; a dim equal in both runs is static unless the value lies downstream of an op whose
+    output size depends on input values (DATA_DEPENDENT), where every dim stays unknown;
+    anything else is unknown.  Skipped (empty result) for models with external data or over 256 MB of weights,
+    and when ORT cannot run the model."""
+    from onnxopt import runtime  # runtime imports nothing from here; local to keep shapes light
+
+    if any(isinstance(v.const_value, ir.ExternalTensor) for g in model.graphs() for v in g.initializers.values()):
+        return {}
+    weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if weights > ORT_FALLBACK_WEIGHT_LIMIT:
+        return {}
+    try:
+        proto = ir.to_proto(model)
+        known = {o.name for o in proto.graph.output}
+        for name in names:
+            if name not in known:
+                proto.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
+        sess = runtime.session(proto.SerializeToString(), optimize=False)
+        symbols = {d for inp in sess.get_inputs() for d in inp.shape or [] if not isinstance(d, int)}
+        runs = []
+        for size in (2, 3):
+            overrides = {inp.name: tuple(d if isinstance(d, int) and d >= 0 else size for d in inp.shape or [])
+                         for inp in sess.get_inputs()}
+            outs = runtime.run(sess, runtime.synthesize(sess, overrides, quiet=True), names)
+            runs.append({k: np.shape(v) for k, v in outs.items() if isinstance(v, np.ndarray)})
+    except Exception as e:  # noqa: BLE001 - a fallback must never fail the run
+        logger.info("ORT shape fallback unavailable (%s)", str(e).splitlines()[0][:200])
+        return {}
+    tainted = _data_dependent_values(model)
+    # With one symbolic input dim, a dim that goes 2 -> 3 between the runs is that dim.
+    symbol = next(iter(symbols)) if len(symbols) == 1 and isinstance(next(iter(symbols)), str) else None
+    result: dict[str, tuple[Dim, ...]] = {}
+    for name in names:
+        a, b = runs[0].get(name), runs[1].get(name)
+        if a is None or b is None or len(a) != len(b):
+            continue
+        if name in tainted:
+            result[name] = (None,) * len(a)
+            continue
+        result[name] = tuple(int(x) if x == y else (symbol if (x, y) == (2, 3) and symbol else None)
+                             for x, y in zip(a, b))
+    return result
+
+
+def _data_dependent_values(model: ir.Model) -> set[str]:
+    tainted: set[str] = set()
+    for node in model.graph:
+        if node.op_type in DATA_DEPENDENT or any(v is not None and v.name in tainted for v in node.inputs):
+            tainted.update(o.name for o in node.outputs if o.name)
+    return tainted

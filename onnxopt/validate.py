@@ -142,6 +142,21 @@ def compare(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray],
     return [compare_arrays(name, value, got.get(name), tol_for(name)) for name, value in ref.items()]
 
 
+def declared_shape_mismatches(model: ir.Model, outputs: Mapping[str, np.ndarray]) -> list[dict]:
+    """Graph outputs whose declared static dims disagree with what the model really produced
+    (exporters sometimes write wrong ones; no onnxopt pass relies on them, but users should know)."""
+    found = []
+    for value in model.graph.outputs:
+        actual = outputs.get(value.name)
+        if actual is None or value.shape is None:
+            continue
+        declared = [d if isinstance(d, int) else (getattr(d, "value", None) or "?") for d in value.shape]
+        shape = list(np.shape(actual))
+        if len(declared) != len(shape) or any(isinstance(d, int) and d != a for d, a in zip(declared, shape)):
+            found.append({"output": value.name, "declared": declared, "actual": shape})
+    return found
+
+
 def median_latency_ms(sess, feeds, runs: int) -> float:
     sess.run(None, feeds)  # warm-up
     times = []

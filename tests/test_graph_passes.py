@@ -92,6 +92,21 @@ def test_fold_shapes_ignores_wrong_declared_output_shape():
     assert [d.dim_value for d in new.graph.output[0].type.tensor_type.shape.dim] == [1, 99]
 
 
+def test_wrong_declared_output_shape_is_reported(cli, tmp_path):
+    nodes = [h.make_node("Relu", ["x"], ["y"])]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [3, 6])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [1, 99])])
+    path = tmp_path / "m.onnx"
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 14)]), str(path))
+    rep = tmp_path / "r.json"
+    result = cli("optimize", path, "-o", tmp_path / "o.onnx", "--report", rep)
+    assert result.exit_code == 0
+    assert "output 'y' is declared [1, 99] but the model produces [3, 6]" in result.stderr
+    import json
+    assert json.loads(rep.read_text())["declared_output_shape_mismatches"] == [
+        {"output": "y", "declared": [1, 99], "actual": [3, 6]}]
+
+
 def test_cse_merges_duplicates_in_graph_and_branches():
     then_g = h.make_graph([h.make_node("Neg", ["x"], ["a"]), h.make_node("Neg", ["x"], ["b"]),
                            h.make_node("Add", ["a", "b"], ["t_out"])], "then", [],
@@ -316,3 +331,35 @@ def test_fuse_layernorm():
     inits = [f32("two", 2.0), f32("eps", 1e-5), f32("gamma", rng.uniform(0.5, 1.5, 4)), f32("beta", rng.standard_normal(4))]
     _, new = _fuse(_model(nodes, inits, opset=17))
     assert ops(new) == ["LayerNormalization"]
+
+
+def test_ort_shapes_fill_what_onnx_inference_cannot_see():
+    """onnx has no schema for com.microsoft::FusedMatMul, so its output shape is unknown to onnx
+    inference; the ORT fallback measures it and fold-shapes can still fix the Reshape target."""
+    from onnxopt import shapes
+    w = f32("w", np.random.default_rng(9).standard_normal((4, 6)))
+    nodes = [h.make_node("FusedMatMul", ["x", "w"], ["m"], domain="com.microsoft", alpha=1.0),
+             h.make_node("Shape", ["m"], ["s"]), h.make_node("Gather", ["s", "zero"], ["b"], axis=0),
+             h.make_node("Unsqueeze", ["b", "axes0"], ["b1"]), h.make_node("Concat", ["b1", "minus1"], ["shape"], axis=0),
+             h.make_node("Reshape", ["m", "shape"], ["y"])]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["n", 4])],
+                     [h.make_tensor_value_info("y", T.FLOAT, None)],
+                     [w, i64("zero", 0), i64("axes0", [0]), i64("minus1", [-1])])
+    proto = h.make_model(g, opset_imports=[h.make_opsetid("", 14), h.make_opsetid("com.microsoft", 1)])
+    model = ir.serde.deserialize_model(proto)
+    assert shapes.infer(model, ort_fallback=False).get(model.graph.node(0).outputs[0]) is None
+    assert shapes.infer(model).get(model.graph.node(0).outputs[0]) == ("n", 6)
+    result, new = run_pipeline(proto, "fold-shapes,cleanup")
+    assert ops(new) == ["FusedMatMul", "Reshape"]
+    rng = np.random.default_rng(10)
+    assert_same(proto, new, [{"x": rng.standard_normal((k, 4)).astype(np.float32)} for k in (1, 4)])
+
+
+def test_ort_shapes_never_trust_data_dependent_dims():
+    from onnxopt import shapes
+    nodes = [h.make_node("NonZero", ["x"], ["nz"]), h.make_node("Shape", ["nz"], ["y"])]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [2, 3])],
+                     [h.make_tensor_value_info("y", T.INT64, None)])
+    model = ir.serde.deserialize_model(h.make_model(g, opset_imports=[h.make_opsetid("", 14)]))
+    measured = shapes.ort_shapes(model, ["nz"])
+    assert measured["nz"] == (None, None)
