@@ -14,6 +14,7 @@ _TABLE = {
     "simplify": ("onnxopt.passes.simplify", "Simplify"),
     "fuse-activations": ("onnxopt.passes.fuse_activations", "FuseActivations"),
     "fuse-conv-bn": ("onnxopt.passes.fuse_conv_bn", "FuseConvBatchNorm"),
+    "fuse-affine": ("onnxopt.passes.fuse_affine", "FuseAffine"),
     "cse": ("onnxopt.passes.cse", "EliminateCommonSubexpressions"),
     "fuse-transformer": ("onnxopt.passes.fuse_transformer", "FuseTransformer"),
 }

@@ -31,7 +31,8 @@ class Simplify(OptPass):
       without copy-zeros -> the Reshape reads x directly; Reshape to x's own static shape -> x;
     - ``Squeeze(Unsqueeze(x,a),a)`` and ``Unsqueeze(Squeeze(x,a),a)`` -> x;
     - Cast to x's own type -> x; a round trip through a wider type (f16->f32->f16, i32->i64->i32, ...) -> x;
-    - no-ops: single-input Concat, Expand/Tile/Slice/Pad that change nothing (constant arguments);
+    - no-ops: single-input Concat, Expand/Tile/Slice/Pad that change nothing, Resize/Upsample with
+      all-ones scales and no sizes (not tf_crop_and_resize) (constant arguments);
     - ``Conv(Pad(x))`` with zero constant padding on spatial dims -> Conv with the pads;
     - ``Add(MatMul(A, B), C)`` -> ``Gemm(A, B, C)`` for 2-D A, constant 2-D B and constant C of
       shape [N] or [1, N].
@@ -265,7 +266,7 @@ def _cast(node, ctx):
 
 
 def _noop(node, ctx):
-    """no-op Concat/Expand/Tile/Slice/Pad removed"""
+    """no-op Concat/Expand/Tile/Slice/Pad/Resize removed"""
     x = node.inputs[0]
     op = node.op_type
     if op == "Concat":
@@ -282,6 +283,16 @@ def _noop(node, ctx):
     if op == "Pad":
         pads = node.attributes["pads"].as_ints() if "pads" in node.attributes else _const(node.inputs[1])
         return _rewritten(substitute(node, x)) if pads is not None and np.all(np.asarray(pads) == 0) else None
+    if op in ("Resize", "Upsample"):
+        ct = node.attributes.get("coordinate_transformation_mode")
+        if ct is not None and ct.as_string() == "tf_crop_and_resize":
+            return None
+        scales_index = 2 if op == "Resize" and len(node.inputs) > 2 else 1
+        scales = _const(node.inputs[scales_index]) if len(node.inputs) > scales_index else None
+        has_sizes = op == "Resize" and len(node.inputs) > 3 and node.inputs[3] is not None
+        if scales is None or scales.size == 0 or has_sizes or not np.all(scales == 1):
+            return None
+        return _rewritten(substitute(node, x))
     if op == "Slice":
         if len(node.inputs) < 3 or x_dims is None:
             return None
@@ -379,5 +390,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "Tile": (_noop,),
     "Slice": (_noop,),
     "Pad": (_noop,),
+    "Resize": (_noop,),
+    "Upsample": (_noop,),
     "Conv": (_pad_into_conv,),
 }

@@ -195,9 +195,10 @@ def test_simplify_casts():
 def test_simplify_noop_ops():
     nodes = [h.make_node("Concat", ["x"], ["a"], axis=0), h.make_node("Expand", ["a", "e"], ["b"]),
              h.make_node("Tile", ["b", "reps"], ["c"]), h.make_node("Slice", ["c", "st", "en"], ["d"]),
-             h.make_node("Pad", ["d", "pads"], ["p"]), h.make_node("Relu", ["p"], ["y"])]
+             h.make_node("Pad", ["d", "pads"], ["p"]), h.make_node("Resize", ["p", "", "sc"], ["rs"], mode="linear"),
+             h.make_node("Relu", ["rs"], ["y"])]
     inits = [i64("e", [3, 1]), i64("reps", [1, 1, 1]), i64("st", [0, 0]), i64("en", [2**63 - 1, 3]),
-             i64("pads", [0] * 6)]
+             i64("pads", [0] * 6), f32("sc", [1.0, 1.0, 1.0])]
     _, new = _simplified(_model(nodes, inits))
     assert ops(new) == ["Relu"]
 
@@ -363,3 +364,57 @@ def test_ort_shapes_never_trust_data_dependent_dims():
     model = ir.serde.deserialize_model(h.make_model(g, opset_imports=[h.make_opsetid("", 14)]))
     measured = shapes.ort_shapes(model, ["nz"])
     assert measured["nz"] == (None, None)
+
+
+# ------------------------------------------------------------------ fuse-affine
+
+def _affine_model(producer, consumers, opset=17):
+    rng = np.random.default_rng(11)
+    inits, nodes = [], []
+    if producer == "Conv":
+        x_shape = (2, 3, 5, 5)
+        inits += [f32("w", rng.standard_normal((4, 3, 3, 3))), f32("b", rng.standard_normal(4))]
+        nodes.append(h.make_node("Conv", ["x", "w", "b"], ["p"], pads=[1, 1, 1, 1]))
+    elif producer == "Gemm":
+        x_shape = (2, 6)
+        inits += [f32("w", rng.standard_normal((4, 6))), f32("b", rng.standard_normal(4))]
+        nodes.append(h.make_node("Gemm", ["x", "w", "b"], ["p"], transB=1, beta=0.5))
+    else:  # MatMul on a 3-D input
+        x_shape = (2, 3, 6)
+        inits.append(f32("w", rng.standard_normal((6, 4))))
+        nodes.append(h.make_node("MatMul", ["x", "w"], ["p"]))
+    prev = "p"
+    for i, (op, const, swap) in enumerate(consumers):
+        out = "y" if i == len(consumers) - 1 else f"c{i}"
+        if op == "BatchNormalization":
+            inits += [f32(f"bn{i}_{k}", v) for k, v in (("s", rng.uniform(0.5, 1.5, 4)), ("b", rng.standard_normal(4)),
+                                                           ("m", rng.standard_normal(4)), ("v", rng.uniform(0.5, 1.5, 4)))]
+            nodes.append(h.make_node(op, [prev] + [f"bn{i}_{k}" for k in "sbmv"], [out]))
+        else:
+            inits.append(f32(f"k{i}", const))
+            nodes.append(h.make_node(op, [f"k{i}", prev] if swap else [prev, f"k{i}"], [out]))
+        prev = out
+    return _model(nodes, inits, x_shape=x_shape, opset=opset), x_shape
+
+
+@pytest.mark.parametrize("producer, consumers, left", [
+    ("Conv", [("Mul", np.full((1, 4, 1, 1), 2.0), False), ("Add", np.arange(4.0).reshape(4, 1, 1), False),
+              ("Sub", 0.5, False), ("Sub", 1.0, True), ("Div", 4.0, False)], ["Conv"]),
+    ("Gemm", [("Mul", np.arange(1.0, 5.0), True), ("Add", np.ones((1, 4)), False), ("BatchNormalization", None, False)],
+     ["Gemm"]),
+    ("MatMul", [("Mul", np.arange(1.0, 5.0), False), ("Div", 2.0, False), ("Add", np.ones(4), False)],
+     ["MatMul", "Add"]),
+])
+def test_fuse_affine(producer, consumers, left):
+    proto, x_shape = _affine_model(producer, consumers)
+    result, new = run_pipeline(proto, "fuse-affine,cleanup")
+    assert ops(new) == left
+    x = np.random.default_rng(12).standard_normal(x_shape).astype(np.float32)
+    assert_same(proto, new, [{"x": x}], rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_affine_declines_broadcasting_constant():
+    proto, _ = _affine_model("Conv", [("Mul", np.ones((4, 5, 5)), False)])
+    from onnxopt.passes.fuse_affine import FuseAffine
+    result = FuseAffine()(ir.serde.deserialize_model(proto))
+    assert result.skipped == {"constant is not a scalar or per-channel vector": 1} and not result.modified

@@ -1,0 +1,203 @@
+"""fuse-affine: fold a per-channel scale/shift after Conv/ConvTranspose/Gemm/MatMul into its weights."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.base import OptPass, add_initializer, is_standard, substitute
+
+FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
+
+
+class FuseAffine(OptPass):
+    """Fold ``y = P(x) * s + t`` (s, t per output channel) into P's weight and bias.
+
+    P is Conv, ConvTranspose (group 1), Gemm or MatMul with a constant float weight; the consumer
+    is BatchNormalization in inference mode (s = scale/sqrt(var+eps), t = bias - mean*s) or Mul /
+    Div / Add / Sub by a constant that is a scalar or a per-output-channel vector that does not
+    broadcast the output to a larger shape.  MatMul has no bias input, so only Mul/Div fold into
+    it.  Rewrite: new weight and bias initializers (computed in float64, stored in the weight's
+    dtype; the old ones may be shared), the consumer removed (its output name kept when it is a
+    graph output).  Check (reasons recorded): P's output feeds only the consumer and is not a graph
+    output; weight/bias/BN parameters are constants no user can override; Gemm's C is a vector.
+    Outputs within float rounding.  Recurses into subgraphs.  Cost: O(nodes + folded weights).
+    """
+
+    name = "fuse-affine"
+    PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+    CONSUMERS = ("BatchNormalization", "Mul", "Div", "Add", "Sub")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        changed: collections.Counter = collections.Counter()
+        skipped: collections.Counter = collections.Counter()
+        for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+            if node.graph is None or node.op_type not in self.CONSUMERS or not is_standard(node):
+                continue
+            producer, reason = self._match(node)
+            if producer is None:
+                if reason:
+                    skipped[reason] += 1
+                continue
+            affine = _affine(node, producer)
+            if affine is None:
+                continue
+            if isinstance(affine, str):
+                skipped[affine] += 1
+                continue
+            reason = _rewrite(producer, node, *affine)
+            if reason:
+                skipped[reason] += 1
+            else:
+                changed[f"{node.op_type} fused into {producer.op_type}"] += 1
+        return self.result(model, changed, skipped)
+
+    def _match(self, consumer: ir.Node) -> tuple[ir.Node | None, str | None]:
+        for v in consumer.inputs[:2]:
+            p = v.producer() if v is not None else None
+            if p is not None and p.op_type in self.PRODUCERS and is_standard(p) and p.graph is consumer.graph:
+                if consumer.op_type == "BatchNormalization" and v is not consumer.inputs[0]:
+                    continue
+                if len(v.uses()) != 1 or v.is_graph_output():
+                    return None, f"{p.op_type.lower()} output has other users"
+                return p, None
+        return None, None
+
+
+def _const(v: ir.Value | None) -> np.ndarray | None:
+    if v is None or v.const_value is None or v.is_graph_input():
+        return None
+    return v.const_value.numpy()
+
+
+def _channels(producer: ir.Node) -> tuple[int, int, int] | str:
+    """(number of output channels, axis of the weight that indexes them, output channel axis)."""
+    w = _const(producer.inputs[1]) if len(producer.inputs) > 1 else None
+    if w is None:
+        return "weight is not constant"
+    if producer.inputs[1].const_value.dtype not in FLOAT_TYPES:
+        return "weight is not floating point"
+    op = producer.op_type
+    if op == "Conv":
+        return w.shape[0], 0, 1
+    if op == "ConvTranspose":
+        group = producer.attributes.get("group")
+        if group is not None and group.as_int() != 1:
+            return "grouped ConvTranspose"
+        return w.shape[1], 1, 1
+    if w.ndim != 2:
+        return "weight is not 2-D"
+    if op == "Gemm":
+        trans_b = producer.attributes.get("transB")
+        axis = 0 if trans_b is not None and trans_b.as_int() else 1
+        return w.shape[axis], axis, -1
+    return w.shape[1], 1, -1  # MatMul
+
+
+def _affine(consumer: ir.Node, producer: ir.Node):
+    """(s, t) vectors of length C, a reason string, or None when the pattern is absent."""
+    info = _channels(producer)
+    if isinstance(info, str):
+        return info
+    c, _, out_axis = info
+    op = consumer.op_type
+    if op == "BatchNormalization":
+        if producer.op_type not in ("Conv", "ConvTranspose") and not _is_2d_output(producer):
+            return "BN after a non-2-D Gemm/MatMul output"
+        if len(consumer.outputs) > 1 and any(o.uses() or o.is_graph_output() for o in consumer.outputs[1:]):
+            return "BN running statistics outputs are used (training)"
+        training = consumer.attributes.get("training_mode")
+        if training is not None and training.as_int() != 0:
+            return "BN in training mode"
+        spatial = consumer.attributes.get("spatial")
+        if spatial is not None and spatial.as_int() == 0:
+            return "BN with spatial=0"
+        params = [_const(v) for v in consumer.inputs[1:5]] if len(consumer.inputs) == 5 else [None]
+        if any(p is None for p in params):
+            return "BN parameters are not constant"
+        if any(p.size != c for p in params):
+            return "BN parameter size does not match output channels"
+        scale, bias, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
+        eps_attr = consumer.attributes.get("epsilon")
+        s = scale / np.sqrt(var + (eps_attr.as_float() if eps_attr is not None else 1e-5))
+        return s, bias - mean * s
+    if producer.op_type == "MatMul" and op != "Mul" and op != "Div":
+        return None  # no bias slot: MatMul+Add is simplify's MatMul+Add -> Gemm
+    other_index = 1 if consumer.inputs[0] is producer.outputs[0] else 0
+    k = _const(consumer.inputs[other_index])
+    if k is None:
+        return None  # e.g. a residual Add: not this pattern
+    vec = _per_channel(k, c, out_axis, producer)
+    if vec is None:
+        return "constant is not a scalar or per-channel vector"
+    ones, zeros = np.ones(c), np.zeros(c)
+    if op == "Mul":
+        return vec, zeros
+    if op == "Div":
+        return (1.0 / vec, zeros) if other_index == 1 and np.all(vec != 0) else "not x / c with c != 0"
+    if op == "Add":
+        return ones, vec
+    return (ones, -vec) if other_index == 1 else (-ones, vec)  # Sub: P - c, or c - P
+
+
+def _is_2d_output(producer: ir.Node) -> bool:
+    if producer.op_type == "Gemm":
+        return True
+    a = producer.inputs[0]
+    return a is not None and a.shape is not None and len(a.shape) == 2
+
+
+def _per_channel(k: np.ndarray, c: int, out_axis: int, producer: ir.Node) -> np.ndarray | None:
+    """k as a length-c float64 vector when it only scales/shifts output channels, else None."""
+    if k.size == 1:
+        return np.full(c, float(k.reshape(-1)[0]))
+    if k.size != c:
+        return None
+    if out_axis == -1:  # [..., N]: k must be [N] or [1, ..., 1, N]
+        ok = k.shape[-1] == c
+    else:  # [N, C, spatial...]: k must be [C, 1, ..., 1] or [1, C, 1, ..., 1]
+        spatial = len(producer.inputs[1].const_value.shape) - 2  # weight rank == output rank
+        ok = list(k.shape) in ([c] + [1] * spatial, [1, c] + [1] * spatial)
+    return k.astype(np.float64).reshape(-1) if ok else None
+
+
+def _rewrite(producer: ir.Node, consumer: ir.Node, s: np.ndarray, t: np.ndarray) -> str | None:
+    op = producer.op_type
+    c, w_axis, _ = _channels(producer)
+    w = producer.inputs[1].const_value.numpy()
+    dtype = w.dtype
+    has_t = bool(np.any(t != 0))
+    bias_index = 2
+    bias = None
+    if op == "MatMul":
+        if has_t:
+            return "MatMul has no bias to absorb a shift"
+    elif len(producer.inputs) > 2 and producer.inputs[2] is not None:
+        bias = _const(producer.inputs[2])
+        if bias is None:
+            return "bias is not constant"
+        if op == "Gemm":
+            beta = producer.attributes.get("beta")
+            bias = bias * (beta.as_float() if beta is not None else 1.0)
+            if bias.size not in (1, c) or (bias.ndim == 2 and bias.shape[0] != 1):
+                return "Gemm C is not a vector"
+            bias = np.broadcast_to(bias.reshape(-1), (c,)) if bias.size in (1, c) else bias
+    shape = [1] * w.ndim
+    shape[w_axis] = -1
+    new_w = (w.astype(np.float64) * s.reshape(shape)).astype(dtype)
+    graph = producer.graph
+    base = producer.name or producer.outputs[0].name or op
+    producer.replace_input_with(1, add_initializer(graph, f"{base}_fused_weight", new_w))
+    if op != "MatMul" and (has_t or bias is not None):
+        old = bias.astype(np.float64).reshape(-1) if bias is not None else np.zeros(c)
+        new_b = add_initializer(graph, f"{base}_fused_bias", (old * s + t).astype(dtype))
+        if len(producer.inputs) <= bias_index:
+            producer.resize_inputs(bias_index + 1)
+        producer.replace_input_with(bias_index, new_b)
+        if op == "Gemm":
+            producer.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+    reason = substitute(consumer, producer.outputs[0])
+    assert reason is None, reason  # _match ensured the producer output is private to the consumer
+    return None
