@@ -148,15 +148,15 @@ def _padding_mask(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarra
 
 
 def load_feeds(path: str | os.PathLike, sess: ort.InferenceSession) -> dict[str, np.ndarray]:
-    """Read an ``.npz`` of arrays by input name and check names, dtypes and ranks against ``sess``."""
-    p = Path(path)
-    if not p.is_file():
-        raise BadInputError(f"{p}: no such data file")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as e:  # noqa: BLE001 - zip/npy errors of many kinds
-        raise BadInputError(f"{p}: not a readable .npz file ({e})") from None
+    """The first batch of ``path`` (an .npz, or a directory: see onnxopt.data), checked."""
+    from onnxopt import data  # data builds on this module
+
+    return next(iter(data.batches(path, sess)))
+
+
+def check_feeds(arrays: dict[str, np.ndarray], sess: ort.InferenceSession, label: str) -> dict[str, np.ndarray]:
+    """Names, dtypes, ranks, static dims and finiteness of one batch against the session's inputs."""
+    p = label
     inputs = {i.name: i for i in sess.get_inputs()}
     missing = sorted(set(inputs) - set(arrays))
     extra = sorted(set(arrays) - set(inputs))

@@ -111,8 +111,8 @@ def _collect(graph: onnx.GraphProto, table: dict, seen: set, dtypes: dict) -> No
 
 
 def infer(model: ir.Model, ort_fallback: bool = True) -> Shapes:
-    """onnx inference; values of the main graph it leaves without a rank are filled from ORT runs
-    (see :func:`ort_shapes`).  Cost: one serialization and one onnx inference run, plus two ORT
+    """onnx inference; main-graph values it leaves without a rank or with unknown dims are filled
+    from ORT runs (see :func:`ort_shapes`).  Cost: one serialization and one onnx inference run, plus two ORT
     runs of the model only when onnx inference fails or leaves gaps."""
     table: dict[str, tuple[Dim, ...]] = {}
     dtypes: dict[str, int] = {}
@@ -123,17 +123,30 @@ def infer(model: ir.Model, ort_fallback: bool = True) -> Shapes:
         _collect(inferred.graph, table, set(), dtypes)
     except Exception as e:  # noqa: BLE001 - inference must never fail the run
         logger.info("onnx shape inference failed (%s)", str(e).splitlines()[0][:200])
-    missing = [o for n in model.graph for o in n.outputs if o.name and o.name not in table]
+    missing = [o.name for n in model.graph for o in n.outputs
+               if o.name and (o.name not in table or any(_gap(d) for d in table[o.name]))]
     if missing and ort_fallback:
-        for name, dims in ort_shapes(model, [o.name for o in missing]).items():
+        for name, dims in ort_shapes(model, missing).items():
+            known = table.get(name)
+            if known is not None and len(known) == len(dims):  # keep what onnx knew, fill its gaps
+                dims = tuple(k if not _gap(k) or d is None else d for k, d in zip(known, dims))
             table[name] = dims
     return Shapes(table, dtypes)
 
 
-#: Ops whose output sizes depend on input *values*: dims below them are never taken as static.
-DATA_DEPENDENT = frozenset({"NonZero", "Unique", "NonMaxSuppression", "Compress", "TopK", "Loop", "If", "Scan",
-                            "Range", "ConstantOfShape", "Expand", "Tile", "Reshape", "Resize", "Upsample", "Slice",
-                            "Pad", "OneHot", "StringSplit", "RoiAlign"})
+def _gap(d: Dim) -> bool:
+    """Unknown, or a name onnx inference made up ("unk__N") for a dim it could not resolve."""
+    return d is None or (isinstance(d, str) and d.startswith("unk__"))
+
+
+#: Ops whose output sizes depend on input *values* whatever feeds them.
+DATA_DEPENDENT = frozenset({"NonZero", "Unique", "NonMaxSuppression", "Compress", "Loop", "If", "Scan",
+                            "StringSplit", "RoiAlign"})
+#: Inputs whose *values* set the output's dims.
+SHAPE_INPUTS = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "Range": (0, 1, 2), "ConstantOfShape": (0,),
+                "Slice": (1, 2, 3, 4), "Pad": (1, 2, 3), "Resize": (1, 2, 3), "Upsample": (1,), "TopK": (1,),
+                "OneHot": (1,), "Split": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "ReduceSum": (1,),
+                "ReduceMean": (1,), "ReduceMax": (1,), "ReduceMin": (1,), "ReduceProd": (1,), "CenterCropPad": (1,)}
 ORT_FALLBACK_WEIGHT_LIMIT = 256 << 20
 
 
@@ -185,8 +198,27 @@ def ort_shapes(model: ir.Model, names: list[str]) -> dict[str, tuple[Dim, ...]]:
 
 
 def _data_dependent_values(model: ir.Model) -> set[str]:
-    tainted: set[str] = set()
+    """Main-graph values whose *dims* may change with the input data (not only its shape).
+
+    A value carries data when it is computed from graph inputs' values (Shape/Size of a tensor with
+    data-independent dims carries none).  Dims are data-dependent below DATA_DEPENDENT ops, when a
+    data-carrying value reaches one of SHAPE_INPUTS, and downstream of such dims.  O(nodes)."""
+    carries = {v.name for v in model.graph.inputs}
+    dynamic: set[str] = set()
     for node in model.graph:
-        if node.op_type in DATA_DEPENDENT or any(v is not None and v.name in tainted for v in node.inputs):
-            tainted.update(o.name for o in node.outputs if o.name)
-    return tainted
+        ins = list(node.inputs)
+        names = [v.name for v in ins if v is not None]
+        if node.op_type in ("Shape", "Size"):
+            data = bool(ins) and ins[0] is not None and ins[0].name in dynamic
+        else:
+            data = any(n in carries for n in names)
+        dyn = (node.op_type in DATA_DEPENDENT or any(n in dynamic for n in names)
+               or any(i < len(ins) and ins[i] is not None and ins[i].name in carries
+                      for i in SHAPE_INPUTS.get(node.op_type, ())))
+        for out in node.outputs:
+            if out.name:
+                if data:
+                    carries.add(out.name)
+                if dyn:
+                    dynamic.add(out.name)
+    return dynamic

@@ -23,10 +23,28 @@ from onnxopt import io, runtime
 logger = logging.getLogger(__name__)
 
 
+METRICS = ("allclose", "max-abs", "rel", "cosine", "snr", "topk")
+#: Default threshold per metric: max-abs/rel are upper bounds; cosine, snr (dB), topk (top-1
+#: agreement) are lower bounds.  allclose uses rtol/atol.
+DEFAULT_THRESHOLDS = {"max-abs": 1e-4, "rel": 1e-3, "cosine": 0.9999, "snr": 40.0, "topk": 0.99}
+
+
 @dataclasses.dataclass(frozen=True)
 class Tolerance:
     rtol: float = 1e-4
     atol: float = 1e-5
+    metric: str = "allclose"
+    threshold: float | None = None  # for metrics other than allclose; None = DEFAULT_THRESHOLDS
+
+    @property
+    def limit(self) -> float | None:
+        return self.threshold if self.threshold is not None else DEFAULT_THRESHOLDS.get(self.metric)
+
+    def describe(self) -> str:
+        if self.metric == "allclose":
+            return f"rtol={self.rtol:g} atol={self.atol:g}"
+        bound = "<=" if self.metric in ("max-abs", "rel") else ">="
+        return f"{self.metric} {bound} {self.limit:g}"
 
 
 LOSSLESS = Tolerance(1e-4, 1e-5)
@@ -51,11 +69,27 @@ class OutputComparison:
     dtype: str
     max_abs: float = 0.0
     max_rel: float = 0.0
+    cosine: float | None = None
+    snr_db: float | None = None
+    top1: float | None = None
     mismatched: int = 0
     reason: str = ""
+    ep: str = "cpu"
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {k: (None if isinstance(v, float) and not np.isfinite(v) and k != "snr_db" else v)
+                for k, v in dataclasses.asdict(self).items()}
+
+    def merge(self, other: OutputComparison) -> OutputComparison:
+        """Worst case of two batches' comparisons of the same output."""
+        def worst(a, b, fn):
+            return b if a is None else a if b is None else fn(a, b)
+        return OutputComparison(
+            self.name, self.ok and other.ok, self.shape_ref, self.shape_got, self.dtype,
+            max(self.max_abs, other.max_abs), max(self.max_rel, other.max_rel),
+            worst(self.cosine, other.cosine, min), worst(self.snr_db, other.snr_db, min),
+            worst(self.top1, other.top1, min), self.mismatched + other.mismatched,
+            self.reason if not self.ok else other.reason, self.ep)
 
 
 @dataclasses.dataclass
@@ -85,7 +119,8 @@ class ValidationResult:
     def to_dict(self) -> dict:
         return {
             "ok": self.ok,
-            "tolerance": dataclasses.asdict(self.tolerance),
+            "tolerance": dataclasses.asdict(self.tolerance) if isinstance(self.tolerance, Tolerance)
+            else {k: dataclasses.asdict(v) for k, v in self.tolerance.items()},
             "max_abs": self.max_abs,
             "latency_ref_ms": self.latency_ref_ms,
             "latency_new_ms": self.latency_new_ms,
@@ -94,6 +129,9 @@ class ValidationResult:
 
 
 def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray | None, tol: Tolerance) -> OutputComparison:
+    """All statistics of ``got`` against ``ref``; ``tol.metric`` decides pass/fail.  Integer, bool
+    and string outputs must match exactly; NaN/Inf must sit at the same positions; shapes and
+    dtypes must match."""
     ref = np.asarray(ref)
     result = OutputComparison(name, True, tuple(ref.shape), None if got is None else tuple(np.shape(got)), str(ref.dtype))
     if got is None:
@@ -126,19 +164,45 @@ def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray | None, tol: Tole
     rel = diff / np.maximum(np.abs(r), 1e-12)
     result.max_abs = float(diff.max())
     result.max_rel = float(np.where(finite, rel, 0).max())
-    bad = (diff > tol.atol + tol.rtol * np.abs(np.where(finite, r, 0))) | special_mismatch
-    result.mismatched = int(np.count_nonzero(bad))
-    if result.mismatched:
+    rf, gf = np.where(finite, r, 0.0), np.where(finite, np.nan_to_num(g), 0.0)
+    norms = float(np.linalg.norm(rf) * np.linalg.norm(gf))
+    result.cosine = float(np.dot(rf.ravel(), gf.ravel()) / norms) if norms else (1.0 if not gf.any() and not rf.any() else 0.0)
+    noise = float(np.sum((rf - gf) ** 2))
+    result.snr_db = float(10 * np.log10(np.sum(rf ** 2) / noise)) if noise else float("inf")
+    if ref.ndim >= 1 and ref.shape[-1] > 1:
+        result.top1 = float(np.mean(np.argmax(rf, -1) == np.argmax(gf, -1)))
+    special = int(np.count_nonzero(special_mismatch))
+    if special:
+        result.ok, result.mismatched = False, special
+        result.reason = f"{special} NaN/Inf positions differ"
+        return result
+    if tol.metric == "allclose":
+        bad = diff > tol.atol + tol.rtol * np.abs(np.where(finite, r, 0))
+        result.mismatched = int(np.count_nonzero(bad))
+        if result.mismatched:
+            result.ok = False
+            result.reason = (f"{result.mismatched} of {ref.size} values outside rtol={tol.rtol:g} atol={tol.atol:g} "
+                             f"(max abs {result.max_abs:.3g}, max rel {result.max_rel:.3g})")
+        return result
+    value = {"max-abs": result.max_abs, "rel": result.max_rel, "cosine": result.cosine,
+             "snr": result.snr_db, "topk": result.top1}[tol.metric]
+    if value is None:
+        result.ok, result.reason = False, f"{tol.metric} needs a class axis (last dim > 1)"
+        return result
+    upper = tol.metric in ("max-abs", "rel")
+    if (value > tol.limit) if upper else (value < tol.limit):
         result.ok = False
-        result.reason = (f"{result.mismatched} of {ref.size} values outside rtol={tol.rtol:g} atol={tol.atol:g} "
-                         f"(max abs {result.max_abs:.3g}, max rel {result.max_rel:.3g})")
+        result.reason = f"{tol.metric} {value:.6g} {'>' if upper else '<'} {tol.limit:g}"
     return result
 
 
 def compare(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray],
             tol: Tolerance | Mapping[str, Tolerance]) -> list[OutputComparison]:
+    """Per output; ``tol`` is one Tolerance or a mapping by output name with "*" as the default."""
     def tol_for(name):
-        return tol.get(name, LOSSLESS) if isinstance(tol, Mapping) else tol
+        if isinstance(tol, Mapping):
+            return tol.get(name, tol.get("*", LOSSLESS))
+        return tol
     return [compare_arrays(name, value, got.get(name), tol_for(name)) for name, value in ref.items()]
 
 
@@ -201,3 +265,63 @@ class Validator:
                 ir.save(model, path, external_data="candidate.onnx.data")  # leaves `model` unchanged
                 return self.check(path)
         return self.check(ir.to_proto(model).SerializeToString())
+
+
+@dataclasses.dataclass
+class ModelComparison:
+    """``validate A B``: per EP, the worst case over all batches of every output."""
+
+    per_ep: dict[str, ValidationResult]
+    batches: int
+    error_samples: dict[str, dict[str, list[float]]]  # ep -> output -> |a-b| sample (for histograms)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.per_ep.values())
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "batches": self.batches,
+                "per_ep": {ep: r.to_dict() for ep, r in self.per_ep.items()}}
+
+
+def compare_models(a: str | os.PathLike, b: str | os.PathLike, *, eps: tuple[str, ...] = ("cpu",),
+                   data: str | os.PathLike | None = None, shapes: Mapping[str, tuple[int, ...]] | None = None,
+                   preprocess: str | None = None, tolerance: Tolerance | Mapping[str, Tolerance] = LOSSLESS,
+                   max_batches: int = 16, progress=None, sample: int = 2000) -> ModelComparison:
+    """Run A and B on the same batches on each EP and compare every output (worst case over batches).
+
+    Batches stream from ``data`` (at most ``max_batches``) or one synthesized batch; the inputs
+    are created once from A's session and fed to both.  Cost: batches x EPs runs of each model."""
+    from onnxopt import data as data_mod  # data imports runtime only; kept local like runtime's use
+
+    rng = np.random.default_rng(0)
+    per_ep: dict[str, ValidationResult] = {}
+    samples: dict[str, dict[str, list[float]]] = {}
+    count = 0
+    for ep in eps:
+        sa, sb = runtime.session(a, ep), runtime.session(b, ep)
+        b_inputs = {i.name for i in sb.get_inputs()}
+        merged: dict[str, OutputComparison] = {}
+        ep_samples: dict[str, list[float]] = {}
+        feeds_iter = (data_mod.batches(data, sa, preprocess, max_batches) if data is not None
+                      else iter([runtime.synthesize(sa, shapes)]))
+        count = 0
+        for feeds in feeds_iter:
+            ref = runtime.run(sa, feeds)
+            got = runtime.run(sb, {k: v for k, v in feeds.items() if k in b_inputs},
+                              [n for n in ref if n in {o.name for o in sb.get_outputs()}])
+            for c in compare(ref, got, tolerance):
+                c.ep = ep
+                merged[c.name] = merged[c.name].merge(c) if c.name in merged else c
+                if c.name in got and ref[c.name].dtype.kind == "f" and np.shape(got[c.name]) == ref[c.name].shape:
+                    d = np.abs(ref[c.name].astype(np.float64) - got[c.name].astype(np.float64)).ravel()
+                    d = d[np.isfinite(d)]
+                    pick = d if d.size <= sample else rng.choice(d, sample, replace=False)
+                    ep_samples.setdefault(c.name, []).extend(float(x) for x in pick[: max(0, sample - len(ep_samples.get(c.name, [])))])
+            count += 1
+            if progress:
+                progress(1)
+        tol_repr = tolerance if isinstance(tolerance, Tolerance) else tolerance.get("*", LOSSLESS)
+        per_ep[ep] = ValidationResult(list(merged.values()), tol_repr)
+        samples[ep] = ep_samples
+    return ModelComparison(per_ep, count, samples)

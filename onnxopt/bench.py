@@ -1,0 +1,138 @@
+"""Latency of one or more models on each execution provider, side by side in one process.
+
+For each EP all sessions are created first (load time and resident-memory growth measured per
+session), then warm-up and timed runs go round-robin over the models (run 1 of A, run 1 of B,
+run 2 of A, ...) so that drift of a noisy machine affects every model alike.  A timed run is
+exactly ``sess.run(None, feeds)`` between two ``perf_counter`` calls: nothing else sits in the
+loop.  Reported per model: p50/p90/p99/mean/std latency (ms), throughput (samples/s = batch /
+mean latency), load time, RSS growth of the session (MB, process RSS after warm-up minus before
+the session was created) and the speed-up of the first model over each (p50 ratio).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import psutil
+
+from onnxopt import data as data_mod
+from onnxopt import runtime
+from onnxopt.errors import BadInputError
+
+
+@dataclasses.dataclass
+class BenchResult:
+    model: str
+    ep: str
+    batch: int | None
+    load_ms: float
+    rss_mb: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    std_ms: float
+    throughput: float
+    speedup_vs_first: float
+    times_ms: list[float]
+
+    def to_dict(self, with_times: bool = True) -> dict:
+        d = dataclasses.asdict(self)
+        if not with_times:
+            d.pop("times_ms")
+        return d
+
+
+def _rss() -> int:
+    return psutil.Process(os.getpid()).memory_info().rss
+
+
+def _feeds(sess, data, shapes, preprocess, batch: int | None) -> tuple[dict[str, np.ndarray], int | None]:
+    if data is not None:
+        feeds = next(iter(data_mod.batches(data, sess, preprocess, limit=1)))
+    else:
+        overrides = dict(shapes or {})
+        if batch is not None:
+            for inp in sess.get_inputs():
+                if inp.name in overrides or not inp.shape:
+                    continue
+                first = inp.shape[0]
+                if isinstance(first, int) and first >= 0 and first != batch:
+                    raise BadInputError(f"--batch {batch}: input '{inp.name}' has a fixed first dim {first}")
+                rest = [d if isinstance(d, int) and d >= 0 else 1 for d in inp.shape[1:]]
+                overrides[inp.name] = (batch, *rest)
+        feeds = runtime.synthesize(sess, overrides)
+    first_dims = {v.shape[0] for v in feeds.values() if v.ndim}
+    return feeds, (first_dims.pop() if len(first_dims) == 1 else batch)
+
+
+def bench(models: Sequence[str | os.PathLike], *, eps: Sequence[str] = ("cpu",), threads: int | None = 1,
+          warmup: int = 10, runs: int = 100, batches: Sequence[int | None] = (None,), data=None,
+          shapes: Mapping[str, tuple[int, ...]] | None = None, preprocess: str | None = None,
+          progress: Callable[[int], None] | None = None) -> list[BenchResult]:
+    """See the module docstring.  Cost: len(eps) x len(batches) x len(models) x (warmup + runs) runs."""
+    results: list[BenchResult] = []
+    for ep in eps:
+        for batch in batches:
+            sessions, loads, rss, feeds, sizes = [], [], [], [], []
+            for m in models:
+                gc.collect()
+                before = _rss()
+                t0 = time.perf_counter()
+                sess = runtime.session(m, ep, threads)
+                loads.append((time.perf_counter() - t0) * 1e3)
+                f, size = _feeds(sess, data, shapes, preprocess, batch)
+                for _ in range(max(1, warmup)):
+                    sess.run(None, f)
+                rss.append((_rss() - before) / 1e6)
+                sessions.append(sess)
+                feeds.append(f)
+                sizes.append(size)
+            times: list[list[float]] = [[] for _ in models]
+            for _ in range(runs):
+                for i, sess in enumerate(sessions):
+                    f = feeds[i]
+                    t0 = time.perf_counter()
+                    sess.run(None, f)
+                    times[i].append((time.perf_counter() - t0) * 1e3)
+                if progress:
+                    progress(len(models))
+            first_p50 = statistics.median(times[0])
+            for m, t, load, r, size in zip(models, times, loads, rss, sizes):
+                arr = np.asarray(t)
+                p50 = float(np.percentile(arr, 50))
+                results.append(BenchResult(
+                    str(m), ep, size, load, r, p50, float(np.percentile(arr, 90)), float(np.percentile(arr, 99)),
+                    float(arr.mean()), float(arr.std()), (size or 1) / (arr.mean() / 1e3), first_p50 / p50, t))
+            del sessions
+    return results
+
+
+def bare_loop_ms(model, feeds: Mapping[str, np.ndarray], runs: int, threads: int = 1) -> list[float]:
+    """A plain ``InferenceSession.run`` loop, the reference for measuring bench()'s own overhead."""
+    sess = runtime.session(model, threads=threads)
+    for _ in range(10):
+        sess.run(None, dict(feeds))
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, dict(feeds))
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def summary(results: list[BenchResult]) -> str:
+    """Plain-text table for the CLI."""
+    rows = [("model", "ep", "batch", "p50 ms", "p90 ms", "p99 ms", "mean", "std", "samples/s", "load ms", "RSS MB", "vs first")]
+    for r in results:
+        rows.append((os.path.basename(r.model), r.ep, str(r.batch or "-"), f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}",
+                     f"{r.p99_ms:.3f}", f"{r.mean_ms:.3f}", f"{r.std_ms:.3f}", f"{r.throughput:.1f}",
+                     f"{r.load_ms:.1f}", f"{r.rss_mb:.1f}", f"{r.speedup_vs_first:.2f}x"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
