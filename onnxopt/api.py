@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from onnxopt import __version__, io, pipeline, validate
+from onnxopt import __version__, cost, io, pipeline, validate
 from onnxopt.base import STANDARD_DOMAINS, count_nodes, op_histogram
 from onnxopt.errors import UsageError, ValidationRefused
 
@@ -40,7 +40,7 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
              pipeline_text: str | None = None, data: str | os.PathLike | None = None,
              shapes: Mapping[str, tuple[int, ...]] | None = None, validate_result: bool = True,
              force: bool = False, verify_each: bool = False, in_place: bool = False,
-             external_data: bool | None = None, latency_runs: int = 10) -> dict:
+             external_data: bool | None = None, latency_runs: int = 10, with_cost: bool = False) -> dict:
     """Optimize ``input_path`` into ``output_path``; return the report dict.
 
     Raises ValidationRefused (with ``.result`` = the report) when outputs diverge and not ``force``;
@@ -54,6 +54,8 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
 
     model = io.load(input_path)
     before = model_stats(model, input_path)
+    if with_cost:
+        before["cost"] = cost.estimate(model, shapes).to_dict(per_node=False)
     tolerance = validate.default_tolerance(model)
     validator = None
     if validate_result or verify_each:
@@ -86,6 +88,8 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
         "declared_output_shape_mismatches": mismatches,
     }
     after = model_stats(model)
+    if with_cost:
+        after["cost"] = cost.estimate(model, shapes).to_dict(per_node=False)
     with io.StagedModel(model, output_path, external_data) as staged:
         after["file_bytes"] = staged.size_bytes()
         report["output"] = {"path": str(output_path), **after}
@@ -106,8 +110,14 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
     return report
 
 
-def inspect(path: str | os.PathLike) -> dict:
-    """Structure of a model without reading its external weights."""
+def check_model_file(path: str | os.PathLike) -> None:
+    """The same one-line errors as optimize for a model another command will hand to ORT."""
+    io.load(path)
+
+
+def inspect(path: str | os.PathLike, cost_shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict:
+    """Structure of a model without reading its external weights; with ``cost_shapes`` (a dict,
+    possibly empty) also its compute cost (see onnxopt.cost)."""
     model = io.load(path)
     params_by_dtype: dict[str, dict[str, int]] = collections.defaultdict(lambda: {"params": 0, "bytes": 0})
     for g in model.graphs():
@@ -147,6 +157,7 @@ def inspect(path: str | os.PathLike) -> dict:
         "custom_domains": custom,
         "external_data": dict(external),
         "metadata": dict(model.metadata_props),
+        **({"cost": cost.estimate(model, cost_shapes).to_dict()} if cost_shapes is not None else {}),
     }
 
 

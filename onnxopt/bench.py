@@ -49,6 +49,18 @@ class BenchResult:
         return d
 
 
+def _warm_up_runtime() -> None:
+    """Create and run a one-node session so ORT's one-time initialization (thread pools, allocator
+    arenas, kernel registries) is not charged to the first model's load time and memory."""
+    import onnx
+
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "warm",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    runtime.session(model.SerializeToString()).run(None, {"x": np.zeros(1, np.float32)})
+
+
 def _rss() -> int:
     return psutil.Process(os.getpid()).memory_info().rss
 
@@ -78,6 +90,7 @@ def bench(models: Sequence[str | os.PathLike], *, eps: Sequence[str] = ("cpu",),
           progress: Callable[[int], None] | None = None) -> list[BenchResult]:
     """See the module docstring.  Cost: len(eps) x len(batches) x len(models) x (warmup + runs) runs."""
     results: list[BenchResult] = []
+    _warm_up_runtime()
     for ep in eps:
         for batch in batches:
             sessions, loads, rss, feeds, sizes = [], [], [], [], []
@@ -127,11 +140,18 @@ def bare_loop_ms(model, feeds: Mapping[str, np.ndarray], runs: int, threads: int
     return out
 
 
+def labels(models: list[str]) -> dict[str, str]:
+    """Short names for models: the file name, or the path where file names collide."""
+    names = [os.path.basename(m) for m in models]
+    return {m: (n if names.count(n) == 1 else m) for m, n in zip(models, names)}
+
+
 def summary(results: list[BenchResult]) -> str:
     """Plain-text table for the CLI."""
+    label = labels([r.model for r in results])
     rows = [("model", "ep", "batch", "p50 ms", "p90 ms", "p99 ms", "mean", "std", "samples/s", "load ms", "RSS MB", "vs first")]
     for r in results:
-        rows.append((os.path.basename(r.model), r.ep, str(r.batch or "-"), f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}",
+        rows.append((label[r.model], r.ep, str(r.batch or "-"), f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}",
                      f"{r.p99_ms:.3f}", f"{r.mean_ms:.3f}", f"{r.std_ms:.3f}", f"{r.throughput:.1f}",
                      f"{r.load_ms:.1f}", f"{r.rss_mb:.1f}", f"{r.speedup_vs_first:.2f}x"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -10,7 +11,7 @@ import sys
 import click
 
 from onnxopt import __version__, api, pipeline, registry, report, runtime
-from onnxopt.errors import OnnxoptError, ValidationRefused
+from onnxopt.errors import OnnxoptError, UsageError, ValidationRefused
 
 
 class _Group(click.Group):
@@ -64,6 +65,59 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
+@contextlib.contextmanager
+def _progress(total: int | None, desc: str):
+    """A progress bar on stderr that appears only after 2 s, only on a TTY and not with -q;
+    yields the ``update(n)`` callable the library functions accept."""
+    from tqdm import tqdm
+
+    quiet = logging.getLogger("onnxopt").getEffectiveLevel() >= logging.ERROR
+    bar = tqdm(total=total, desc=desc, delay=2, leave=False, file=sys.stderr,
+               disable=quiet or not sys.stderr.isatty())
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+def _common(f):
+    """The options every model-running command shares."""
+    f = click.option("--preprocess", default=None,
+                     help='For image-folder --data: "resize=224x224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=nchw".')(f)
+    f = click.option("--data", type=click.Path(), default=None,
+                     help=".npz (arrays by input name), a folder of .npy/.npz batches, or an image folder.")(f)
+    f = click.option("--shape", "shapes", multiple=True, help="Input shape NAME:1x3x224x224 for symbolic dims (repeatable).")(f)
+    f = click.option("--ep", "ep_text", default="cpu", show_default=True,
+                     help="Execution providers, comma separated: cpu, openvino, cuda, tensorrt, dml, coreml.")(f)
+    f = click.option("--report", "report_path", type=click.Path(), default=None, help="Write a report: .json, .md or .html.")(f)
+    return f
+
+
+def _tolerances(metric: str, tols: tuple[str, ...], rtol: float | None, atol: float | None):
+    """--tol VALUE (all outputs) and --tol NAME=VALUE (one output) -> Tolerance or {name: Tolerance}."""
+    from onnxopt.validate import LOSSLESS, Tolerance
+
+    def make(value: float | None) -> Tolerance:
+        if metric == "allclose":
+            return Tolerance(rtol if rtol is not None else LOSSLESS.rtol,
+                             value if value is not None else (atol if atol is not None else LOSSLESS.atol))
+        return Tolerance(LOSSLESS.rtol, LOSSLESS.atol, metric, value)
+
+    default, per_output = None, {}
+    for item in tols:
+        name, sep, value = item.rpartition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            raise UsageError(f"--tol '{item}': expected a number or NAME=number") from None
+        if sep:
+            per_output[name] = make(number)
+        else:
+            default = number
+    base = make(default)
+    return ({"*": base, **per_output} if per_output else base), base
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the optimized model.")
@@ -72,7 +126,8 @@ def _mb(n: int) -> str:
                    f'(default: {pipeline.DEFAULT_PIPELINE}).')
 @click.option("--shape", "shapes", multiple=True, help="Input shape NAME:1x3x224x224 for symbolic dims (repeatable).")
 @click.option("--data", type=click.Path(), default=None, help=".npz of input arrays by name, used for validation.")
-@click.option("--report", "report_path", type=click.Path(), default=None, help="Write a report: out.json or out.md.")
+@click.option("--report", "report_path", type=click.Path(), default=None,
+              help="Write a report: .json, .md or .html (with cost and plots).")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Compare against the original on ORT.")
 @click.option("--force", is_flag=True, help="Write the result even when validation finds diverging outputs.")
 @click.option("--verify-each", is_flag=True, help="Validate after every pass and name the pass that broke outputs.")
@@ -87,7 +142,8 @@ def optimize(model, output, pipeline_text, shapes, data, report_path, validate, 
     try:
         result = api.optimize(model, output, pipeline_text=pipeline_text, data=data,
                               shapes=runtime.parse_shapes(shapes), validate_result=validate, force=force,
-                              verify_each=verify_each, in_place=in_place, external_data=external_data)
+                              verify_each=verify_each, in_place=in_place, external_data=external_data,
+                              with_cost=bool(report_path))
     except ValidationRefused as e:
         if report_path and e.result:
             report.write(e.result, report_path)
@@ -118,9 +174,11 @@ def optimize(model, output, pipeline_text, shapes, data, report_path, validate, 
 @main.command()
 @click.argument("model", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def inspect(model, as_json):
+@click.option("--cost", "with_cost", is_flag=True, help="Count MACs/FLOPs per op type and peak activation memory.")
+@click.option("--shape", "shapes", multiple=True, help="Input shape NAME:1x3x224x224 for --cost (symbolic dims else 1).")
+def inspect(model, as_json, with_cost, shapes):
     """Show a model's structure: opsets, inputs/outputs, ops, parameters, subgraphs, external data."""
-    info = api.inspect(model)
+    info = api.inspect(model, cost_shapes=runtime.parse_shapes(shapes) if with_cost else None)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -147,6 +205,98 @@ def inspect(model, as_json):
         click.echo("external data:")
         for f, n in info["external_data"].items():
             click.echo(f"  {f}: {_mb(n)}")
+    cost = info.get("cost")
+    if cost:
+        click.echo(f"cost: {cost['macs']:,} MACs, {cost['flops']:,} FLOPs, peak activations "
+                   f"{_mb(cost['peak_activation_bytes'])}" + (f", {len(cost['unknown_nodes'])} nodes with unknown shapes"
+                                                               if cost["unknown_nodes"] else ""))
+        for op, e in cost["by_op"].items():
+            if e["flops"]:
+                click.echo(f"  {op}: {e['count']} nodes, {e['macs']:,} MACs, {e['flops']:,} FLOPs")
+
+
+@main.command()
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@_common
+@click.option("--metric", type=click.Choice(["allclose", "max-abs", "rel", "cosine", "snr", "topk"]),
+              default="allclose", show_default=True, help="How outputs are judged.")
+@click.option("--tol", "tols", multiple=True,
+              help="Threshold for --metric (allclose: atol), or NAME=VALUE for one output (repeatable).")
+@click.option("--rtol", type=float, default=None, help="Relative tolerance of allclose (default 1e-4).")
+@click.option("--batches", type=int, default=16, show_default=True, help="At most this many --data batches.")
+@click.option("--layerwise", is_flag=True, help="Compare intermediate tensors and name the first diverging node.")
+def validate(a, b, report_path, ep_text, shapes, data, preprocess, metric, tols, rtol, batches, layerwise):
+    """Run A (reference) and B on each EP with the same inputs and compare every output (exit 3 if B diverges)."""
+    from onnxopt import layerwise as layerwise_mod
+    from onnxopt import validate as validate_mod
+
+    if report_path:
+        report.check_path(report_path)
+    eps = runtime.parse_eps(ep_text)
+    shape_map = runtime.parse_shapes(shapes)
+    tolerance, base = _tolerances(metric, tols, rtol, None)
+    for path in (a, b):
+        api.check_model_file(path)
+    with _progress(None, "validate") as update:
+        comparison = validate_mod.compare_models(a, b, eps=eps, data=data, shapes=shape_map, preprocess=preprocess,
+                                                 tolerance=tolerance, max_batches=batches, progress=update)
+    result = {"tool": "onnxopt", "version": __version__, "command": "validate", "a": str(a), "b": str(b),
+              "tolerance": base.describe(), "comparison": comparison.to_dict(),
+              "error_samples": comparison.error_samples}
+    for ep, r in comparison.per_ep.items():
+        click.echo(f"[{ep}] {'ok' if r.ok else 'DIVERGED'}: {r.summary()}")
+        for o in r.outputs:
+            cos = "-" if o.cosine is None else f"{o.cosine:.6f}"
+            snr = "-" if o.snr_db is None else f"{o.snr_db:.1f}"
+            click.echo(f"  {o.name:<24} max abs {o.max_abs:<10.3g} max rel {o.max_rel:<10.3g} cosine {cos:<9} "
+                       f"SNR {snr:<6} {'ok' if o.ok else 'FAIL ' + o.reason}")
+    if layerwise:
+        from onnxopt import data as data_mod
+        sess = runtime.session(a, eps[0])
+        feeds = data_mod.feeds_for(sess, data, shape_map, preprocess, limit=1)[0]
+        with _progress(None, "layerwise") as update:
+            lw = layerwise_mod.compare_layers(a, b, feeds, base, eps[0], progress=update)
+        result["layerwise"] = lw.to_dict()
+        first = lw.first_divergence
+        click.echo(f"layerwise: {lw.pairs} of {lw.values_in_b} intermediate values paired; " + (
+            f"first divergence at node '{first.node}' ({first.op_type}), value '{first.value_b}', "
+            f"max abs {first.max_abs:.3g}" if first else "no divergence inside the graph"))
+    if report_path:
+        report.write(result, report_path)
+    if not comparison.ok:
+        raise ValidationRefused("outputs of B diverge from A beyond the tolerance", result)
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path())
+@_common
+@click.option("--threads", type=int, default=1, show_default=True, help="Intra-op threads per session (0 = ORT default).")
+@click.option("--warmup", type=int, default=10, show_default=True)
+@click.option("--runs", type=int, default=100, show_default=True)
+@click.option("--batch", "batch_text", default=None, help="Batch sizes for the first input dim, e.g. 1,8.")
+def bench(models, report_path, ep_text, shapes, data, preprocess, threads, warmup, runs, batch_text):
+    """Latency (p50/p90/p99/mean/std), throughput, load time and memory per model and EP, side by side."""
+    from onnxopt import bench as bench_mod
+
+    if report_path:
+        report.check_path(report_path)
+    eps = runtime.parse_eps(ep_text)
+    for path in models:
+        api.check_model_file(path)
+    try:
+        batches = [int(b) for b in batch_text.split(",")] if batch_text else [None]
+    except ValueError:
+        raise UsageError(f"--batch '{batch_text}': expected sizes like 1,8") from None
+    total = len(eps) * len(batches) * len(models) * runs
+    with _progress(total, "bench") as update:
+        results = bench_mod.bench(models, eps=eps, threads=threads or None, warmup=warmup, runs=runs,
+                                  batches=batches, data=data, shapes=runtime.parse_shapes(shapes),
+                                  preprocess=preprocess, progress=update)
+    click.echo(bench_mod.summary(results))
+    if report_path:
+        report.write({"tool": "onnxopt", "version": __version__, "command": "bench", "threads": threads,
+                      "warmup": warmup, "runs": runs, "results": [r.to_dict() for r in results]}, report_path)
 
 
 @main.command("passes")

@@ -1,32 +1,45 @@
-"""Report dicts -> JSON or Markdown files (written atomically)."""
+"""Report dicts -> JSON, Markdown or one self-contained HTML file (written atomically).
+
+Every report is a dict with ``"command"`` in optimize / validate / bench; its JSON form follows
+``docs/report.schema.json``.  HTML embeds its SVG plots (onnxopt.plots) and style: no network.
+"""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import tempfile
 from pathlib import Path
 
-from onnxopt import io
+from onnxopt import __version__, io, plots
 from onnxopt.errors import BadInputError, UsageError
 
-FORMATS = (".json", ".md")
+FORMATS = (".json", ".md", ".html")
 
 
 def check_path(path: str | os.PathLike) -> None:
     """Fail early (before any work) on a report path we cannot write."""
     p = Path(path)
     if p.suffix.lower() not in FORMATS:
-        raise UsageError(f"--report {p}: unsupported format '{p.suffix}' (use {' or '.join(FORMATS)})")
+        raise UsageError(f"--report {p}: unsupported format '{p.suffix}' (use {', '.join(FORMATS)})")
     try:
         io.check_writable(p)
     except BadInputError as e:
         raise BadInputError(f"--report {e}") from None
 
 
+def render(report: dict, suffix: str) -> str:
+    suffix = suffix.lower()
+    if suffix == ".json":
+        return json.dumps(report, indent=2, default=str, allow_nan=False) + "\n"
+    renderers = {".md": MARKDOWN, ".html": HTML}[suffix]
+    return renderers[report["command"]](report)
+
+
 def write(report: dict, path: str | os.PathLike) -> None:
     p = Path(path)
-    text = json.dumps(report, indent=2, default=str) + "\n" if p.suffix.lower() == ".json" else markdown(report)
+    text = render(_json_safe(report), p.suffix)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=".onnxopt-report-", dir=p.parent if str(p.parent) else ".")
@@ -40,11 +53,54 @@ def write(report: dict, path: str | os.PathLike) -> None:
             os.unlink(tmp)
 
 
+def _json_safe(obj):
+    """inf/nan -> strings so the JSON is standard (a perfect SNR is +inf dB)."""
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def _mb(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:.2f} MB"
 
 
-def markdown(report: dict) -> str:
+def _num(v, fmt=".3g") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    return format(v, fmt)
+
+
+# ---------------------------------------------------------------- Markdown
+
+def _md_outputs(outputs: list[dict]) -> list[str]:
+    lines = ["| output | shape | dtype | max abs | max rel | cosine | SNR dB | top-1 | ok | note |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|---|"]
+    for o in outputs:
+        lines.append(f"| {o['name']} | {tuple(o['shape_ref'])} | {o['dtype']} | {_num(o['max_abs'])} | "
+                     f"{_num(o['max_rel'])} | {_num(o.get('cosine'), '.6f')} | {_num(o.get('snr_db'), '.1f')} | "
+                     f"{_num(o.get('top1'), '.3f')} | {'yes' if o['ok'] else 'NO'} | {o['reason']} |")
+    return lines
+
+
+def _md_cost(cost: dict | None, title: str) -> list[str]:
+    if not cost:
+        return []
+    lines = ["", f"## Cost ({title})", "",
+             f"{cost['macs']:,} MACs, {cost['flops']:,} FLOPs, peak activations {_mb(cost['peak_activation_bytes'])}"
+             + (f" ({len(cost['unknown_nodes'])} nodes with unknown shapes)" if cost["unknown_nodes"] else ""), "",
+             "| op | count | MACs | FLOPs |", "|---|---:|---:|---:|"]
+    for op, e in cost["by_op"].items():
+        lines.append(f"| {op} | {e['count']} | {e['macs']:,} | {e['flops']:,} |")
+    return lines
+
+
+def markdown_optimize(report: dict) -> str:
     inp, out = report["input"], report.get("output", {})
     lines = [
         "# onnxopt optimize report", "",
@@ -58,6 +114,8 @@ def markdown(report: dict) -> str:
     ]
     if out:
         lines.append(f"| after | {out['nodes']} | {out['initializers']} | {_mb(out['weight_bytes'])} | {_mb(out.get('file_bytes'))} |")
+    for m in report.get("declared_output_shape_mismatches", []):
+        lines.append(f"\n> output `{m['output']}` is declared {m['declared']} but the model produces {m['actual']}")
     lines += ["", "## Passes", "", "| pass | changed | skipped (reason: count) |", "|---|---|---|"]
     for name, entry in report["passes"].items():
         changed = ", ".join(f"{k}: {v}" for k, v in entry["changed"].items()) or "-"
@@ -77,8 +135,154 @@ def markdown(report: dict) -> str:
         if v.get("latency_ref_ms"):
             lines.append(f"; median latency {v['latency_ref_ms']:.3f} ms -> {v['latency_new_ms']:.3f} ms "
                          f"({v['latency_ref_ms'] / max(v['latency_new_ms'], 1e-9):.2f}x)")
-        lines += ["", "| output | shape | dtype | max abs | max rel | ok | note |", "|---|---|---|---:|---:|---|---|"]
-        for o in v["outputs"]:
-            lines.append(f"| {o['name']} | {tuple(o['shape_ref'])} | {o['dtype']} | {o['max_abs']:.3g} | "
-                         f"{o['max_rel']:.3g} | {'yes' if o['ok'] else 'NO'} | {o['reason']} |")
+        lines += [""] + _md_outputs(v["outputs"])
+    lines += _md_cost(inp.get("cost"), "before") + _md_cost(out.get("cost"), "after")
     return "\n".join(lines) + "\n"
+
+
+def markdown_validate(report: dict) -> str:
+    lines = ["# onnxopt validate report", "", f"- A (reference): `{report['a']}`", f"- B (candidate): `{report['b']}`",
+             f"- tolerance: {report['tolerance']}", f"- batches: {report['comparison']['batches']}",
+             f"- result: **{'pass' if report['comparison']['ok'] else 'FAIL'}**"]
+    for ep, r in report["comparison"]["per_ep"].items():
+        lines += ["", f"## {ep}", ""] + _md_outputs(r["outputs"])
+    lw = report.get("layerwise")
+    if lw:
+        first = lw["first_divergence"]
+        lines += ["", "## Layerwise", "", f"{lw['pairs']} of {lw['values_in_b']} intermediate values paired."]
+        lines.append(f"First divergence: node `{first['node']}` ({first['op_type']}), value `{first['value_b']}`, "
+                     f"max abs {first['max_abs']:.3g}" if first else "No divergence inside the graph.")
+    return "\n".join(lines) + "\n"
+
+
+def _labels(report: dict) -> dict[str, str]:
+    from onnxopt.bench import labels
+    return labels([r["model"] for r in report["results"]])
+
+
+def markdown_bench(report: dict) -> str:
+    label = _labels(report)
+    lines = ["# onnxopt bench report", "", f"- threads: {report['threads']}, warm-up {report['warmup']}, runs {report['runs']}", "",
+             "| model | EP | batch | p50 ms | p90 ms | p99 ms | mean ms | std | samples/s | load ms | RSS MB | vs first |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        lines.append(f"| {label[r['model']]} | {r['ep']} | {r['batch'] or '-'} | {r['p50_ms']:.3f} | "
+                     f"{r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {r['mean_ms']:.3f} | {r['std_ms']:.3f} | "
+                     f"{r['throughput']:.1f} | {r['load_ms']:.1f} | {r['rss_mb']:.1f} | {r['speedup_vs_first']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+MARKDOWN = {"optimize": markdown_optimize, "validate": markdown_validate, "bench": markdown_bench}
+
+
+# ---------------------------------------------------------------- HTML
+
+_STYLE = """body{font-family:system-ui,sans-serif;margin:24px;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}
+th{background:#f3f5f8}td.num{text-align:right}.ok{color:#1e7b34;font-weight:bold}.bad{color:#b3261e;font-weight:bold}
+h1{font-size:22px}h2{font-size:17px;margin-top:28px}svg{max-width:100%;height:auto;border:1px solid #eee;margin:6px 0}
+code{background:#f3f3f3;padding:1px 4px}"""
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}"
+            f"<p style=\"color:#888;font-size:12px\">onnxopt {__version__}</p></body></html>\n")
+
+
+def _table(headers: list[str], rows: list[list[object]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(
+        f"<td class=\"num\">{html.escape(str(c))}</td>" if isinstance(c, (int, float)) else f"<td>{c}</td>"
+        for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _status(ok: bool) -> str:
+    return '<span class="ok">pass</span>' if ok else '<span class="bad">FAIL</span>'
+
+
+def _outputs_table(outputs: list[dict]) -> str:
+    return _table(["output", "shape", "dtype", "max abs", "max rel", "cosine", "SNR dB", "top-1", "result", "note"],
+                  [[html.escape(o["name"]), html.escape(str(tuple(o["shape_ref"]))), o["dtype"], _num(o["max_abs"]),
+                    _num(o["max_rel"]), _num(o.get("cosine"), ".6f"), _num(o.get("snr_db"), ".1f"),
+                    _num(o.get("top1"), ".3f"), _status(o["ok"]), html.escape(o["reason"])] for o in outputs])
+
+
+def _cost_plot(before: dict | None, after: dict | None) -> str:
+    if not before:
+        return ""
+    ops = list(dict.fromkeys(list(before["by_op"]) + list((after or {}).get("by_op", {}))))[:20]
+    series = {"before": [before["by_op"].get(o, {}).get("flops", 0) for o in ops]}
+    if after:
+        series["after"] = [after["by_op"].get(o, {}).get("flops", 0) for o in ops]
+    text = (f"<p>{before['macs']:,} MACs / {before['flops']:,} FLOPs, peak activations "
+            f"{_mb(before['peak_activation_bytes'])}" + (f" &rarr; {after['macs']:,} MACs / {after['flops']:,} FLOPs, "
+                                                        f"peak {_mb(after['peak_activation_bytes'])}" if after else "") + "</p>")
+    return text + plots.bars("FLOPs by op type", ops, series, log=True)
+
+
+def html_optimize(report: dict) -> str:
+    inp, out = report["input"], report.get("output", {})
+    parts = [_table(["", "nodes", "initializers", "weights", "file"],
+                    [["before", inp["nodes"], inp["initializers"], _mb(inp["weight_bytes"]), _mb(inp.get("file_bytes"))]]
+                    + ([["after", out["nodes"], out["initializers"], _mb(out["weight_bytes"]), _mb(out.get("file_bytes"))]]
+                       if out else [])),
+             f"<p>pipeline <code>{html.escape(report['pipeline'])}</code>, {report['iterations']} iteration(s), "
+             f"{report.get('seconds', 0):.2f} s; output {'written' if report.get('written') else '<b>not written</b>'}</p>"]
+    ops = sorted(set(inp["ops"]) | set(out.get("ops", {})), key=lambda o: -inp["ops"].get(o, 0))[:24]
+    parts.append(plots.bars("Nodes by op type", ops, {"before": [inp["ops"].get(o, 0) for o in ops],
+                                                      "after": [out.get("ops", {}).get(o, 0) for o in ops]}))
+    parts.append("<h2>Passes</h2>" + _table(["pass", "changed", "skipped"], [
+        [f"<code>{html.escape(n)}</code>", html.escape(", ".join(f"{k}: {v}" for k, v in e["changed"].items()) or "-"),
+         html.escape(", ".join(f"{k}: {v}" for k, v in e["skipped"].items()) or "-")] for n, e in report["passes"].items()]))
+    v = report.get("validation")
+    parts.append("<h2>Validation</h2>" + (_outputs_table(v["outputs"]) if v else "<p>not run</p>"))
+    cost = _cost_plot(inp.get("cost"), out.get("cost"))
+    if cost:
+        parts.append("<h2>Cost</h2>" + cost)
+    return _page(f"onnxopt optimize: {os.path.basename(inp['path'])}", "".join(parts))
+
+
+def html_validate(report: dict) -> str:
+    comp = report["comparison"]
+    parts = [f"<p>A (reference) <code>{html.escape(report['a'])}</code>, B <code>{html.escape(report['b'])}</code>, "
+             f"tolerance {html.escape(report['tolerance'])}, {comp['batches']} batch(es): {_status(comp['ok'])}</p>"]
+    for ep, r in comp["per_ep"].items():
+        parts.append(f"<h2>{html.escape(ep)}</h2>" + _outputs_table(r["outputs"]))
+        samples = report.get("error_samples", {}).get(ep, {})
+        if samples:
+            parts.append(plots.histogram(f"|A - B| per output ({ep})", samples, log_x=True))
+    lw = report.get("layerwise")
+    if lw:
+        layers = lw["layers"]
+        first = lw["first_divergence"]
+        mark = next((i for i, r in enumerate(layers) if not r["ok"]), None)
+        parts.append("<h2>Layerwise</h2>" + f"<p>{lw['pairs']} of {lw['values_in_b']} intermediate values paired; "
+                     + (f"first divergence at node <code>{html.escape(first['node'])}</code> ({html.escape(first['op_type'])}),"
+                        f" value <code>{html.escape(first['value_b'])}</code>, max abs {first['max_abs']:.3g}</p>"
+                        if first else "no divergence inside the graph.</p>"))
+        parts.append(plots.line("max |A - B| along the graph", [f"{r['op_type']} {r['value_b']}" for r in layers],
+                                [r["max_abs"] for r in layers], log=True, mark=mark))
+    return _page(f"onnxopt validate: {os.path.basename(report['a'])} vs {os.path.basename(report['b'])}", "".join(parts))
+
+
+def html_bench(report: dict) -> str:
+    results = report["results"]
+    label = _labels(report)
+    rows = [[html.escape(label[r["model"]]), r["ep"], r["batch"] or "-", round(r["p50_ms"], 3),
+             round(r["p90_ms"], 3), round(r["p99_ms"], 3), round(r["mean_ms"], 3), round(r["std_ms"], 3),
+             round(r["throughput"], 1), round(r["load_ms"], 1), round(r["rss_mb"], 1), f"{r['speedup_vs_first']:.2f}x"]
+            for r in results]
+    parts = [f"<p>threads {report['threads']}, warm-up {report['warmup']}, runs {report['runs']}</p>",
+             _table(["model", "EP", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std", "samples/s", "load ms",
+                     "RSS MB", "vs first"], rows)]
+    groups: dict[str, dict[str, list[float]]] = {}
+    for r in results:
+        groups.setdefault(f"{r['ep']} batch {r['batch'] or '-'}", {})[label[r["model"]]] = r.get("times_ms", [])
+    for label, samples in groups.items():
+        parts.append(plots.histogram(f"Latency distribution (ms), {label}", samples))
+    return _page("onnxopt bench", "".join(parts))
+
+
+HTML = {"optimize": html_optimize, "validate": html_validate, "bench": html_bench}

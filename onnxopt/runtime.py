@@ -31,6 +31,13 @@ EP_NAMES = {
     "coreml": "CoreMLExecutionProvider",
 }
 
+#: Options we pass per EP (small on purpose; documented in README "Execution providers").
+EP_OPTIONS = {
+    "OpenVINOExecutionProvider": {"device_type": "CPU"},
+    "TensorrtExecutionProvider": {"trt_fp16_enable": "False", "trt_engine_cache_enable": "False"},
+    "CUDAExecutionProvider": {"cudnn_conv_algo_search": "HEURISTIC"},
+}
+
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
     "tensor(int8)": np.int8, "tensor(int16)": np.int16, "tensor(int32)": np.int32,
@@ -38,6 +45,14 @@ _ORT_TYPES = {
     "tensor(uint32)": np.uint32, "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
     "tensor(string)": np.str_,
 }
+
+
+def parse_eps(text: str | None) -> tuple[str, ...]:
+    """``--ep cpu,openvino`` -> ("cpu", "openvino"), each checked to be available."""
+    eps = tuple(e.strip().lower() for e in (text or "cpu").split(",") if e.strip()) or ("cpu",)
+    for ep in eps:
+        provider(ep)
+    return eps
 
 
 def provider(ep: str) -> str:
@@ -61,8 +76,12 @@ def session(model: str | os.PathLike | bytes, ep: str = "cpu", threads: int | No
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     source = model if isinstance(model, bytes) else str(model)
+    name = provider(ep)
+    providers = [(name, EP_OPTIONS.get(name, {}))]
+    if name != "CPUExecutionProvider":
+        providers.append(("CPUExecutionProvider", {}))  # fallback for nodes the EP does not take
     try:
-        return ort.InferenceSession(source, opts, providers=[provider(ep)])
+        return ort.InferenceSession(source, opts, providers=providers)
     except UsageError:
         raise
     except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types

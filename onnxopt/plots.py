@@ -1,0 +1,143 @@
+"""Small self-contained SVG charts for HTML reports (no plotting library, no network).
+
+Each function returns an ``<svg>`` string: grouped bars, a histogram, a line with an optional
+marked point.  Values are escaped; log scales clamp at a floor so zeros stay drawable.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+
+PALETTE = ("#2f6db5", "#e07b39", "#3a9b5c", "#b8407a", "#7a5cc2", "#8c8c8c")
+W, H = 720, 300
+LEFT, RIGHT, TOP, BOTTOM = 64, 16, 32, 72
+
+
+def _esc(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _frame(title: str, body: str, legend: Sequence[str] = ()) -> str:
+    parts, x = [], LEFT
+    for i, name in enumerate(legend):
+        label = str(name) if len(str(name)) <= 48 else "..." + str(name)[-45:]
+        parts.append(f'<rect x="{x}" y="8" width="10" height="10" fill="{PALETTE[i % len(PALETTE)]}"/>'
+                     f'<text x="{x + 14}" y="17" font-size="11">{_esc(label)}</text>')
+        x += 28 + int(6.2 * len(label))
+    items = "".join(parts)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" width="{W}" height="{H}" '
+            f'role="img" aria-label="{_esc(title)}" font-family="sans-serif">'
+            f'<title>{_esc(title)}</title><rect width="{W}" height="{H}" fill="white"/>'
+            f'<text x="{W - RIGHT}" y="17" font-size="12" text-anchor="end" font-weight="bold">{_esc(title)}</text>'
+            f'{items}{body}</svg>')
+
+
+def _scale(lo: float, hi: float, log: bool):
+    if log:
+        lo, hi = math.log10(max(lo, 1e-12)), math.log10(max(hi, 1e-12))
+    if hi <= lo:
+        hi = lo + 1
+    span_px = H - TOP - BOTTOM
+
+    def y(v: float) -> float:
+        v = math.log10(max(v, 1e-12)) if log else v
+        return H - BOTTOM - (v - lo) / (hi - lo) * span_px
+
+    ticks = []
+    for i in range(5):
+        t = lo + (hi - lo) * i / 4
+        ticks.append((10 ** t if log else t))
+    return y, ticks
+
+
+def _axes(y, ticks) -> str:
+    out = [f'<line x1="{LEFT}" y1="{H - BOTTOM}" x2="{W - RIGHT}" y2="{H - BOTTOM}" stroke="#333"/>',
+           f'<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{H - BOTTOM}" stroke="#333"/>']
+    for t in ticks:
+        out.append(f'<line x1="{LEFT - 4}" y1="{y(t):.1f}" x2="{W - RIGHT}" y2="{y(t):.1f}" stroke="#eee"/>'
+                   f'<text x="{LEFT - 6}" y="{y(t) + 4:.1f}" font-size="10" text-anchor="end">{t:.3g}</text>')
+    return "".join(out)
+
+
+def bars(title: str, categories: Sequence[str], series: dict[str, Sequence[float]], log: bool = False) -> str:
+    """Grouped bar chart: one group per category, one bar per series."""
+    if not categories:
+        return _frame(title, '<text x="50%" y="50%" text-anchor="middle">no data</text>')
+    values = [v for vs in series.values() for v in vs]
+    if log:
+        positive = [v for v in values if v > 0]
+        lo = min(positive) / 2 if positive else 1e-12
+    else:
+        lo = min(0.0, min(values))
+    y, ticks = _scale(lo, max(values) or 1, log)
+    group = (W - LEFT - RIGHT) / len(categories)
+    width = max(2.0, group * 0.8 / max(1, len(series)))
+    out = [_axes(y, ticks)]
+    for ci, cat in enumerate(categories):
+        x0 = LEFT + ci * group + group * 0.1
+        for si, (name, vs) in enumerate(series.items()):
+            v = vs[ci]
+            top = y(v) if (v > 0 or not log) else H - BOTTOM
+            out.append(f'<rect x="{x0 + si * width:.1f}" y="{min(top, H - BOTTOM):.1f}" width="{width:.1f}" '
+                       f'height="{abs(H - BOTTOM - top):.1f}" fill="{PALETTE[si % len(PALETTE)]}">'
+                       f'<title>{_esc(cat)} / {_esc(name)}: {v:.4g}</title></rect>')
+        cx = LEFT + ci * group + group / 2
+        out.append(f'<text x="{cx:.1f}" y="{H - BOTTOM + 12}" font-size="10" text-anchor="end" '
+                   f'transform="rotate(-40 {cx:.1f} {H - BOTTOM + 12})">{_esc(cat)[:18]}</text>')
+    return _frame(title, "".join(out), list(series))
+
+
+def histogram(title: str, samples: dict[str, Sequence[float]], bins: int = 30, log_x: bool = False) -> str:
+    """Overlaid histograms (counts) of one or more samples on a shared x range."""
+    values = [v for vs in samples.values() for v in vs if math.isfinite(v)]
+    if not values:
+        return _frame(title, '<text x="50%" y="50%" text-anchor="middle">no data</text>')
+    if log_x and not any(values):
+        return _frame(title, '<text x="50%" y="50%" text-anchor="middle">all differences are exactly 0</text>')
+    tx = (lambda v: math.log10(max(v, 1e-12))) if log_x else (lambda v: v)
+    lo, hi = min(map(tx, values)), max(map(tx, values))
+    if hi <= lo:
+        hi = lo + 1
+    counts = {}
+    for name, vs in samples.items():
+        c = [0] * bins
+        for v in vs:
+            if math.isfinite(v):
+                c[min(bins - 1, int((tx(v) - lo) / (hi - lo) * bins))] += 1
+        counts[name] = c
+    y, ticks = _scale(0, max(max(c) for c in counts.values()) or 1, False)
+    bw = (W - LEFT - RIGHT) / bins
+    out = [_axes(y, ticks)]
+    for si, (name, c) in enumerate(counts.items()):
+        for i, n in enumerate(c):
+            if n:
+                out.append(f'<rect x="{LEFT + i * bw:.1f}" y="{y(n):.1f}" width="{bw:.1f}" height="{H - BOTTOM - y(n):.1f}" '
+                           f'fill="{PALETTE[si % len(PALETTE)]}" fill-opacity="0.55"><title>{_esc(name)}: {n}</title></rect>')
+    for i in range(5):
+        v = lo + (hi - lo) * i / 4
+        label = 10 ** v if log_x else v
+        out.append(f'<text x="{LEFT + (W - LEFT - RIGHT) * i / 4:.1f}" y="{H - BOTTOM + 14}" font-size="10" '
+                   f'text-anchor="middle">{label:.3g}</text>')
+    return _frame(title, "".join(out), list(samples))
+
+
+def line(title: str, xs: Sequence[str], ys: Sequence[float], log: bool = True, mark: int | None = None) -> str:
+    """A line over ordered points (e.g. error along the graph), optional marked point."""
+    if not ys:
+        return _frame(title, '<text x="50%" y="50%" text-anchor="middle">no data</text>')
+    positive = [v for v in ys if v > 0]
+    y, ticks = _scale(min(positive) / 2 if (log and positive) else 0, max(ys) or 1, log and bool(positive))
+    step = (W - LEFT - RIGHT) / max(1, len(ys) - 1)
+    pts = " ".join(f"{LEFT + i * step:.1f},{y(v if v > 0 or not log else min(positive or [1e-12]) / 2):.1f}"
+                   for i, v in enumerate(ys))
+    out = [_axes(y, ticks), f'<polyline points="{pts}" fill="none" stroke="{PALETTE[0]}" stroke-width="1.5"/>']
+    for i, (label, v) in enumerate(zip(xs, ys)):
+        out.append(f'<circle cx="{LEFT + i * step:.1f}" cy="{y(v if v > 0 or not log else min(positive or [1e-12]) / 2):.1f}" '
+                   f'r="2" fill="{PALETTE[0]}"><title>{_esc(label)}: {v:.4g}</title></circle>')
+    if mark is not None and 0 <= mark < len(ys):
+        mx = LEFT + mark * step
+        out.append(f'<line x1="{mx:.1f}" y1="{TOP}" x2="{mx:.1f}" y2="{H - BOTTOM}" stroke="#c0392b" stroke-dasharray="4 3"/>'
+                   f'<text x="{mx + 4:.1f}" y="{TOP + 12}" font-size="11" fill="#c0392b">first divergence: {_esc(xs[mark])[:40]}</text>')
+    return _frame(title, "".join(out))
