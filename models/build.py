@@ -434,6 +434,27 @@ def integer_ops() -> onnx.ModelProto:
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 13)], producer_name="handwritten-quantizer")
 
 
+def deep_mlp(blocks: int = 125, width: int = 64, corrupt: int | None = None) -> onnx.ModelProto:
+    """A 4 x ``blocks``-node residual MLP (MatMul, Add bias, Relu, Add residual per block);
+    with ``corrupt=i`` the i-th block's weight is scaled by 10 (a deliberately broken copy for
+    the layerwise search).  Built on the fly by tests; not committed."""
+    rng = np.random.default_rng(1)
+    nodes, inits, prev = [], [], "x"
+    for i in range(blocks):
+        w = (rng.standard_normal((width, width)) * (0.5 / np.sqrt(width))).astype(np.float32)
+        if corrupt == i:
+            w = w * 10
+        inits += [nh.from_array(w, f"w{i}"), nh.from_array((rng.standard_normal(width) * 0.01).astype(np.float32), f"b{i}")]
+        nodes += [h.make_node("MatMul", [prev, f"w{i}"], [f"mm{i}"], name=f"block{i}/matmul"),
+                  h.make_node("Add", [f"mm{i}", f"b{i}"], [f"lin{i}"], name=f"block{i}/bias"),
+                  h.make_node("Relu", [f"lin{i}"], [f"act{i}"], name=f"block{i}/relu"),
+                  h.make_node("Add", [prev, f"act{i}"], [f"res{i}"], name=f"block{i}/residual")]
+        prev = f"res{i}"
+    graph = h.make_graph(nodes, "deep_mlp", [h.make_tensor_value_info("x", T.FLOAT, [4, width])],
+                         [h.make_tensor_value_info(prev, T.FLOAT, [4, width])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], producer_name="handwritten")
+
+
 def _load_and_remove(path: Path) -> onnx.ModelProto:
     model = onnx.load(str(path))
     path.unlink()

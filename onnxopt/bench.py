@@ -70,14 +70,15 @@ def _feeds(sess, data, shapes, preprocess, batch: int | None) -> tuple[dict[str,
         feeds = next(iter(data_mod.batches(data, sess, preprocess, limit=1)))
     else:
         overrides = dict(shapes or {})
-        if batch is not None:
+        if batch is not None:  # the first dim of every input, on top of --shape
             for inp in sess.get_inputs():
-                if inp.name in overrides or not inp.shape:
+                if not inp.shape:
                     continue
                 first = inp.shape[0]
                 if isinstance(first, int) and first >= 0 and first != batch:
                     raise BadInputError(f"--batch {batch}: input '{inp.name}' has a fixed first dim {first}")
-                rest = [d if isinstance(d, int) and d >= 0 else 1 for d in inp.shape[1:]]
+                rest = overrides[inp.name][1:] if inp.name in overrides else \
+                    tuple(d if isinstance(d, int) and d >= 0 else 1 for d in inp.shape[1:])
                 overrides[inp.name] = (batch, *rest)
         feeds = runtime.synthesize(sess, overrides)
     first_dims = {v.shape[0] for v in feeds.values() if v.ndim}
