@@ -69,7 +69,7 @@ def session(model: str | os.PathLike | bytes, ep: str = "cpu", threads: int | No
             optimize: bool = True) -> ort.InferenceSession:
     """Create an ORT session; a model ORT refuses becomes one BadInputError line."""
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # we report failures ourselves, in one line
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -95,7 +95,8 @@ def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
     try:
         values = sess.run(names, dict(feeds))
     except Exception as e:  # noqa: BLE001
-        raise BadInputError(f"ONNX Runtime failed to run the model: {_ort_message(e)}") from None
+        providers = ", ".join(p.replace("ExecutionProvider", "") for p in sess.get_providers())
+        raise BadInputError(f"ONNX Runtime ({providers}) failed to run the model: {_ort_message(e)}") from None
     return dict(zip(names, values))
 
 
