@@ -16,6 +16,14 @@ import onnx
 from onnx import TensorProto as T
 from onnx import helper as h
 
+
+def _make_model(graph, opset_imports, **kw) -> onnx.ModelProto:
+    """onnx.helper.make_model with the lowest IR version the opsets need (not onnx's newest), so
+    the models load in every ONNX Runtime we support."""
+    standard = [o for o in opset_imports if o.domain in ("", "ai.onnx")]
+    kw.setdefault("ir_version", onnx.helper.find_min_ir_version_for(standard))
+    return onnx.helper.make_model(graph, opset_imports=opset_imports, **kw)
+
 DIM = 4096
 
 
@@ -50,7 +58,7 @@ def build(path: str | Path, gigabytes: float = 2.2) -> dict:
     nodes.append(h.make_node("Mul", [prev, "scale"], ["y"]))
     graph = h.make_graph(nodes, "big", [h.make_tensor_value_info("x", T.FLOAT, ["batch", DIM])],
                          [h.make_tensor_value_info("y", T.FLOAT, ["batch", DIM])], inits)
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], producer_name="models/big.py")
+    model = _make_model(graph, opset_imports=[h.make_opsetid("", 17)], producer_name="models/big.py")
     onnx.save(model, str(path))
     return {"matmuls": n, "nodes": len(nodes), "data_bytes": (n + 1) * nbytes}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,14 @@ import onnx
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
+
+
+def _make_model(graph, opset_imports, **kw) -> onnx.ModelProto:
+    """onnx.helper.make_model with the lowest IR version the opsets need (not onnx's newest), so
+    the models load in every ONNX Runtime we support."""
+    standard = [o for o in opset_imports if o.domain in ("", "ai.onnx")]
+    kw.setdefault("ir_version", onnx.helper.find_min_ir_version_for(standard))
+    return onnx.helper.make_model(graph, opset_imports=opset_imports, **kw)
 
 HERE = Path(__file__).resolve().parent
 RNG = np.random.default_rng(0)
@@ -73,7 +82,7 @@ def exporter_opset11() -> onnx.ModelProto:
     inputs += [h.make_tensor_value_info(t.name, t.data_type, t.dims) for t in inits]  # keep_initializers_as_inputs
     graph = h.make_graph(nodes, "exporter_opset11", inputs,
                          [h.make_tensor_value_info("logits", T.FLOAT, ["batch", 10])], inits)
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 11)], producer_name="handwritten-exporter",
+    model = _make_model(graph, opset_imports=[h.make_opsetid("", 11)], producer_name="handwritten-exporter",
                          ir_version=6)
     model.metadata_props.add(key="source", value="models/build.py exporter_opset11")
     return model
@@ -120,7 +129,7 @@ def control_flow() -> onnx.ModelProto:
     graph = h.make_graph(nodes, "control_flow", [h.make_tensor_value_info("x", T.FLOAT, ["n", 4])],
                          [h.make_tensor_value_info("y", T.FLOAT, ["n", 4])],
                          [nh.from_array(np.array([2.0], np.float32), "loop_scale")])
-    return h.make_model(graph, opset_imports=[h.make_opsetid("", 13)], producer_name="handwritten")
+    return _make_model(graph, opset_imports=[h.make_opsetid("", 13)], producer_name="handwritten")
 
 
 def fp16_mlp() -> onnx.ModelProto:
@@ -140,7 +149,7 @@ def fp16_mlp() -> onnx.ModelProto:
     ]
     graph = h.make_graph(nodes, "fp16_mlp", [h.make_tensor_value_info("x", T.FLOAT16, ["batch", 32])],
                          [h.make_tensor_value_info("probs", T.FLOAT16, ["batch", 10])], [w1, w2, b1])
-    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], producer_name="handwritten")
+    return _make_model(graph, opset_imports=[h.make_opsetid("", 17)], producer_name="handwritten")
 
 
 def custom_domain() -> onnx.ModelProto:
@@ -157,7 +166,7 @@ def custom_domain() -> onnx.ModelProto:
     ]
     graph = h.make_graph(nodes, "custom_domain", [h.make_tensor_value_info("x", T.FLOAT, ["batch", 16])],
                          [h.make_tensor_value_info("y", T.FLOAT, ["batch", 16])], [_w("bias", (16,))])
-    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)],
+    return _make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)],
                         producer_name="handwritten")
 
 
@@ -402,7 +411,7 @@ def qdq_conv() -> onnx.ModelProto:
     ]
     graph = h.make_graph(nodes, "qdq_conv", [h.make_tensor_value_info("x", T.FLOAT, ["batch", 3, 16, 16])],
                          [h.make_tensor_value_info("y", T.FLOAT, ["batch", 8, 16, 16])], inits)
-    return h.make_model(graph, opset_imports=[h.make_opsetid("", 13)], producer_name="handwritten-quantizer")
+    return _make_model(graph, opset_imports=[h.make_opsetid("", 13)], producer_name="handwritten-quantizer")
 
 
 def integer_ops() -> onnx.ModelProto:
@@ -431,7 +440,7 @@ def integer_ops() -> onnx.ModelProto:
     ]
     graph = h.make_graph(nodes, "integer_ops", [h.make_tensor_value_info("x", T.FLOAT, [2, 16])],
                          [h.make_tensor_value_info("y", T.FLOAT, [1, 4, 4, 4])], inits)
-    return h.make_model(graph, opset_imports=[h.make_opsetid("", 13)], producer_name="handwritten-quantizer")
+    return _make_model(graph, opset_imports=[h.make_opsetid("", 13)], producer_name="handwritten-quantizer")
 
 
 def deep_mlp(blocks: int = 125, width: int = 64, corrupt: int | None = None) -> onnx.ModelProto:
@@ -452,7 +461,7 @@ def deep_mlp(blocks: int = 125, width: int = 64, corrupt: int | None = None) -> 
         prev = f"res{i}"
     graph = h.make_graph(nodes, "deep_mlp", [h.make_tensor_value_info("x", T.FLOAT, [4, width])],
                          [h.make_tensor_value_info(prev, T.FLOAT, [4, width])], inits)
-    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], producer_name="handwritten")
+    return _make_model(graph, opset_imports=[h.make_opsetid("", 17)], producer_name="handwritten")
 
 
 def _load_and_remove(path: Path) -> onnx.ModelProto:
@@ -486,7 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE), help="output folder (default: models/)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    global RNG
     for name in args.only or BUILDERS:
+        RNG = np.random.default_rng(zlib.crc32(name.encode()))  # same weights whichever builders run
         model = BUILDERS[name]()
         if model is None:
             print(f"{name}: skipped (needs torch: pip install -e .[models])", file=sys.stderr)
