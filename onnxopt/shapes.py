@@ -151,12 +151,13 @@ ORT_FALLBACK_WEIGHT_LIMIT = 256 << 20
 
 
 def ort_shapes(model: ir.Model, names: list[str]) -> dict[str, tuple[Dim, ...]]:
-    """Shapes of main-graph values measured on ORT: the model runs twice, its symbolic input dims
-    set to 2 and then 3.  A dim that tracks an input's symbolic dim in both runs gets that dim's
-    name; a dim equal in both runs is static unless the value lies downstream of an op whose
-    output size depends on input values (DATA_DEPENDENT), where every dim stays unknown;
-    anything else is unknown.  Skipped (empty result) for models with external data or over 256 MB of weights,
-    and when ORT cannot run the model."""
+    """Shapes of main-graph values measured by running the model once on ORT.
+
+    Only a model whose inputs are fully static gets dims (exact for those inputs; values below
+    data-dependent ops get unknown dims).  With symbolic input dims, a measurement cannot tell a
+    static dim from one that merely coincides for the sizes tried (``width // 4`` is 0 for both
+    width 2 and 3), so only ranks are returned.  Skipped (empty result) for models with external
+    data or over 256 MB of weights, and when ORT cannot run the model."""
     from onnxopt import runtime  # runtime imports nothing from here; local to keep shapes light
 
     if any(isinstance(v.const_value, ir.ExternalTensor) for g in model.graphs() for v in g.initializers.values()):
@@ -171,29 +172,18 @@ def ort_shapes(model: ir.Model, names: list[str]) -> dict[str, tuple[Dim, ...]]:
             if name not in known:
                 proto.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
         sess = runtime.session(proto.SerializeToString(), optimize=False)
-        symbols = {d for inp in sess.get_inputs() for d in inp.shape or [] if not isinstance(d, int)}
-        runs = []
-        for size in (2, 3):
-            overrides = {inp.name: tuple(d if isinstance(d, int) and d >= 0 else size for d in inp.shape or [])
-                         for inp in sess.get_inputs()}
-            outs = runtime.run(sess, runtime.synthesize(sess, overrides, quiet=True), names)
-            runs.append({k: np.shape(v) for k, v in outs.items() if isinstance(v, np.ndarray)})
+        static = all(isinstance(d, int) and d >= 0 for inp in sess.get_inputs() for d in inp.shape or [])
+        outs = runtime.run(sess, runtime.synthesize(sess, quiet=True), names)
     except Exception as e:  # noqa: BLE001 - a fallback must never fail the run
         logger.info("ORT shape fallback unavailable (%s)", str(e).splitlines()[0][:200])
         return {}
-    tainted = _data_dependent_values(model)
-    # With one symbolic input dim, a dim that goes 2 -> 3 between the runs is that dim.
-    symbol = next(iter(symbols)) if len(symbols) == 1 and isinstance(next(iter(symbols)), str) else None
+    tainted = _data_dependent_values(model) if static else set()
     result: dict[str, tuple[Dim, ...]] = {}
-    for name in names:
-        a, b = runs[0].get(name), runs[1].get(name)
-        if a is None or b is None or len(a) != len(b):
+    for name, value in outs.items():
+        if not isinstance(value, np.ndarray):
             continue
-        if name in tainted:
-            result[name] = (None,) * len(a)
-            continue
-        result[name] = tuple(int(x) if x == y else (symbol if (x, y) == (2, 3) and symbol else None)
-                             for x, y in zip(a, b))
+        exact = static and name not in tainted
+        result[name] = tuple(int(d) if exact else None for d in value.shape)
     return result
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import io, runtime
+from onnxopt.errors import BadInputError
 
 logger = logging.getLogger(__name__)
 
@@ -249,8 +250,16 @@ class Validator:
         del session
 
     def check(self, candidate: str | os.PathLike | bytes) -> ValidationResult:
-        sess = runtime.session(candidate, self.ep)
-        got = runtime.run(sess, self.feeds, [n for n in self.reference if n in {o.name for o in sess.get_outputs()}])
+        """Compare a candidate; one that ORT cannot load or run fails every output (it is the
+        candidate that is broken, not the user's input)."""
+        try:
+            sess = runtime.session(candidate, self.ep)
+            got = runtime.run(sess, self.feeds, [n for n in self.reference if n in {o.name for o in sess.get_outputs()}])
+        except BadInputError as e:
+            failed = [OutputComparison(name, False, tuple(np.shape(v)), None, str(np.asarray(v).dtype),
+                                       reason=f"the optimized model fails on ONNX Runtime: {e}")
+                      for name, v in self.reference.items()]
+            return ValidationResult(failed, self.tolerance)
         result = ValidationResult(compare(self.reference, got, self.tolerance), self.tolerance)
         if self.latency_runs:
             result.latency_ref_ms = self.reference_latency_ms

@@ -189,3 +189,24 @@ def test_real_subprocess(tmp_path):
                            "-o", str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no such file" in proc.stderr
+
+
+@pytest.mark.parametrize("model, small, large", [
+    ("crnn.onnx", "line:1x1x32x8", "line:3x1x32x80"),
+    ("cnn_dynamic.onnx", "image:1x3x8x8", "image:3x3x40x24"),
+    ("transformer_encoder.onnx", "tokens:1x2x64", "tokens:3x11x64"),
+    ("bert_encoder.onnx", "input_ids:1x2", "input_ids:3x17"),
+    ("yolo_head.onnx", "images:1x3x64x64", "images:4x3x64x64"),
+])
+def test_optimized_dynamic_models_hold_for_other_sizes(cli, tmp_path, model, small, large):
+    """Optimizing (and validating) at one size must not bake that size in: symbolic dims stay symbolic."""
+    src = next(m for m in MODELS if m.name == model)
+    out = tmp_path / "o.onnx"
+
+    def with_mask(spec):  # bert's two inputs share their dims
+        return ["--shape", spec] + (["--shape", spec.replace("input_ids", "attention_mask")] if "input_ids" in spec else [])
+
+    result = cli("optimize", src, "-o", out, *with_mask(small))
+    assert result.exit_code == 0, result.output
+    result = cli("validate", src, out, *with_mask(large))
+    assert result.exit_code == 0, result.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 
@@ -135,3 +136,26 @@ def test_a_crashing_pass_is_one_line_exit_4(cli, model_copy, tmp_path, monkeypat
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "pass 'crashes' failed (ZeroDivisionError: simulated bug)" in errors[0]
     assert "Traceback" not in result.stderr
+
+
+class BreakReshape(OptPass):
+    """Test-only: gives the first Reshape an impossible constant target."""
+
+    name = "break-reshape"
+
+    def call(self, model):
+        from onnxopt.base import add_initializer
+        for node in model.graph:
+            if node.op_type == "Reshape" and not node.meta.get("broken"):
+                node.replace_input_with(1, add_initializer(model.graph, "bad_shape", np.array([7, 5, 3], np.int64)))
+                node.meta["broken"] = True
+                return self.result(model, collections.Counter({"broken": 1}))
+        return self.result(model, collections.Counter())
+
+
+def test_candidate_that_cannot_run_is_refused(cli, model_copy, tmp_path, monkeypatch):
+    monkeypatch.setitem(registry._TABLE, "break-reshape", (__name__, "BreakReshape"))
+    out = tmp_path / "o.onnx"
+    result = cli("optimize", model_copy("exporter_opset11.onnx"), "-o", out, "-p", "cleanup,break-reshape")
+    assert result.exit_code == 3 and not out.exists()
+    assert "the optimized model fails on ONNX Runtime" in result.stderr
