@@ -16,13 +16,8 @@ import onnx
 from onnx import TensorProto as T
 from onnx import helper as h
 
+from models.build import _make_model
 
-def _make_model(graph, opset_imports, **kw) -> onnx.ModelProto:
-    """onnx.helper.make_model with the lowest IR version the opsets need (not onnx's newest), so
-    the models load in every ONNX Runtime we support."""
-    standard = [o for o in opset_imports if o.domain in ("", "ai.onnx")]
-    kw.setdefault("ir_version", onnx.helper.find_min_ir_version_for(standard))
-    return onnx.helper.make_model(graph, opset_imports=opset_imports, **kw)
 
 DIM = 4096
 

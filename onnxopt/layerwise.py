@@ -109,16 +109,6 @@ def match_values(a: onnx.ModelProto, b: onnx.ModelProto) -> list[tuple[str, str,
     return pairs
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    present = {o.name for o in m.graph.output}
-    for name in names:
-        if name not in present:
-            m.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
-    return m.SerializeToString()
-
-
 def compare_layers(a_path, b_path, feeds: Mapping[str, np.ndarray],
                    tolerance: validate.Tolerance = validate.LOSSLESS, ep: str = "cpu",
                    chunk: int = 256, progress=None) -> Layerwise:
@@ -128,8 +118,8 @@ def compare_layers(a_path, b_path, feeds: Mapping[str, np.ndarray],
     results: list[LayerResult] = []
     for start in range(0, len(pairs), chunk):
         part = pairs[start:start + chunk]
-        sa = runtime.session(_with_outputs(a, [p[0] for p in part]), ep)
-        sb = runtime.session(_with_outputs(b, [p[1] for p in part]), ep)
+        sa = runtime.session(runtime.with_outputs(a, [p[0] for p in part]), ep)
+        sb = runtime.session(runtime.with_outputs(b, [p[1] for p in part]), ep)
         ra = runtime.run(sa, feeds, [p[0] for p in part])
         rb = runtime.run(sb, {k: v for k, v in feeds.items() if k in b_inputs}, [p[1] for p in part])
         for value_a, value_b, index, node, op, how in part:

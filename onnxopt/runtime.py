@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from onnxopt.errors import BadInputError, UsageError
@@ -98,6 +99,18 @@ def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
         providers = ", ".join(p.replace("ExecutionProvider", "") for p in sess.get_providers())
         raise BadInputError(f"ONNX Runtime ({providers}) failed to run the model: {_ort_message(e)}") from None
     return dict(zip(names, values))
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
+    """A serialized copy of ``model`` that also returns the values ``names`` (untyped outputs:
+    ORT infers their types), to read intermediate tensors."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    present = {o.name for o in copy.graph.output}
+    for name in names:
+        if name not in present:
+            copy.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
+    return copy.SerializeToString()
 
 
 def parse_shapes(items: list[str] | tuple[str, ...]) -> dict[str, tuple[int, ...]]:

@@ -166,12 +166,7 @@ def ort_shapes(model: ir.Model, names: list[str]) -> dict[str, tuple[Dim, ...]]:
     if weights > ORT_FALLBACK_WEIGHT_LIMIT:
         return {}
     try:
-        proto = ir.to_proto(model)
-        known = {o.name for o in proto.graph.output}
-        for name in names:
-            if name not in known:
-                proto.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
-        sess = runtime.session(proto.SerializeToString(), optimize=False)
+        sess = runtime.session(runtime.with_outputs(ir.to_proto(model), names), optimize=False)
         static = all(isinstance(d, int) and d >= 0 for inp in sess.get_inputs() for d in inp.shape or [])
         outs = runtime.run(sess, runtime.synthesize(sess, quiet=True), names)
     except Exception as e:  # noqa: BLE001 - a fallback must never fail the run
