@@ -125,6 +125,9 @@ def infer(model: ir.Model, ort_fallback: bool = True) -> Shapes:
         logger.info("onnx shape inference failed (%s)", str(e).splitlines()[0][:200])
     missing = [o.name for n in model.graph for o in n.outputs
                if o.name and (o.name not in table or any(_gap(d) for d in table[o.name]))]
+    symbolic = any(not isinstance(d, int) for v in model.graph.inputs if v.shape is not None for d in v.shape)
+    if symbolic:  # ORT can only add ranks then (see ort_shapes): ask only about values with none
+        missing = [name for name in missing if name not in table]
     if missing and ort_fallback:
         for name, dims in ort_shapes(model, missing).items():
             known = table.get(name)
