@@ -59,6 +59,26 @@ def is_standard(node: ir.Node) -> bool:
     return node.domain in STANDARD_DOMAINS
 
 
+def is_constant(value: ir.Value | None) -> bool:
+    """True for a value whose content is fixed: it has a constant and is not a graph input (an
+    initializer listed as an input is a default the user may replace at run time)."""
+    return value is not None and value.const_value is not None and not value.is_graph_input()
+
+
+def constant(value: ir.Value | None):
+    """The numpy array of a fixed value (see is_constant), else None."""
+    return value.const_value.numpy() if is_constant(value) else None
+
+
+def node_axes(node: ir.Node) -> list[int] | None:
+    """A node's ``axes``: the attribute (older opsets) or its constant second input, else None."""
+    attr = node.attributes.get("axes")
+    if attr is not None:
+        return list(attr.as_ints())
+    arr = constant(node.inputs[1]) if len(node.inputs) > 1 else None
+    return None if arr is None else [int(a) for a in arr.reshape(-1)]
+
+
 def substitute(node: ir.Node, replacement: ir.Value) -> str | None:
     """Make every user of ``node.outputs[0]`` read ``replacement`` and remove ``node``.
 
@@ -98,6 +118,16 @@ def add_initializer(graph: ir.Graph, name: str, array) -> ir.Value:
                      shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=unique))
     graph.register_initializer(value)
     return value
+
+
+def replace_with_initializer(value: ir.Value, array) -> ir.Value:
+    """Make every user of ``value`` (a node output) read a new initializer of its graph holding
+    ``array``, under ``value``'s name; the producing node is left for the caller to remove."""
+    graph = value.producer().graph
+    name, value.name = value.name, None
+    new = add_initializer(graph, name, array)
+    value.replace_all_uses_with(new)
+    return new
 
 
 def serialized_size(model: ir.Model) -> int | None:

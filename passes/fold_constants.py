@@ -8,9 +8,9 @@ import logging
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 
-from onnxopt.base import START_BYTES_KEY, OptPass, is_standard, serialized_size
+from onnxopt import runtime
+from onnxopt.base import START_BYTES_KEY, OptPass, is_constant, is_standard, replace_with_initializer, serialized_size
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class FoldConstants(OptPass):
         folded: list[ir.Node] = []
         for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
             inputs = [v for v in node.inputs if v is not None]
-            if not inputs or not all(v in computed or _is_constant(v) for v in inputs):
+            if not inputs or not all(v in computed or is_constant(v) for v in inputs):
                 continue
             reason = self._check(node, inputs, computed)
             if reason is None:
@@ -78,7 +78,7 @@ class FoldConstants(OptPass):
         for node in chosen:
             for out in node.outputs:
                 if out in computed and any(u.node not in chosen_set for u in out.uses()):
-                    _materialize(node.graph, out, computed[out])
+                    replace_with_initializer(out, computed[out])
         for node in reversed(chosen):
             node.graph.remove(node, safe=True)
             changed[f"folded {node.op_type}"] += 1
@@ -124,21 +124,11 @@ class FoldConstants(OptPass):
             largest = max(frontier, key=lambda v: computed[v].nbytes)
             kept.add(largest.producer())
 
+
 class _Unfoldable(Exception):
     pass
 
 
-def _is_constant(v: ir.Value) -> bool:
-    return v.const_value is not None and not v.is_graph_input()
-
-
-def _materialize(graph: ir.Graph, out: ir.Value, arr: np.ndarray) -> None:
-    """Replace every use of ``out`` by a new initializer holding ``arr`` (same name)."""
-    new = ir.Value(name=out.name, type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
-                   shape=ir.Shape(arr.shape), const_value=ir.tensor(arr, name=out.name))
-    out.replace_all_uses_with(new)
-    out.name = None
-    graph.register_initializer(new)
 
 
 def _evaluate(model: ir.Model, node: ir.Node, computed: dict) -> list[np.ndarray | None]:
@@ -165,11 +155,7 @@ def _evaluate(model: ir.Model, node: ir.Node, computed: dict) -> list[np.ndarray
     opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
     single = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=max(model.ir_version, 7))
     try:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 4
-        opts.intra_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        sess = ort.InferenceSession(single.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess = runtime.session(single.SerializeToString(), threads=1, optimize=False)
         results = sess.run(None, feeds)
     except Exception as ort_error:  # noqa: BLE001 - ORT lacks a kernel: try the reference
         try:

@@ -9,7 +9,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import shapes as shape_inference
-from onnxopt.base import OptPass, add_initializer, is_standard
+from onnxopt.base import OptPass, add_initializer, is_constant, is_standard, node_axes, replace_with_initializer
 
 # A shape element: coef * product(symbols), e.g. (4, ("batch",)) is 4*batch; None is unknown.
 Expr = tuple[int, tuple[str, ...]] | None
@@ -97,22 +97,17 @@ class FoldShapes(OptPass):
             value = _evaluate(node, dims, syms)
             if value is None or not value.constant or node.op_type == "Constant":
                 continue
-            out = node.outputs[0]
             if all(v is not None and v.const_value is not None for v in node.inputs):
                 continue  # all-constant: fold-constants' job (and its size guard)
-            new = ir.Value(name=out.name, type=ir.TensorType(value.dtype), shape=ir.Shape(value.array().shape),
-                           const_value=ir.tensor(value.array(), name=out.name))
-            out.replace_all_uses_with(new)
-            graph = node.graph
-            graph.remove(node, safe=True)
-            graph.register_initializer(new)
+            new = replace_with_initializer(node.outputs[0], value.array())
+            node.graph.remove(node, safe=True)
             syms[id(new)] = value
             changed[f"{node.op_type} folded to a constant"] += 1
         return self.result(model, changed, skipped)
 
     def _reshape(self, node: ir.Node, dims: shape_inference.Shapes, syms: dict) -> str | None:
         """'' when rewritten, a reason when declined, None when there is nothing to do."""
-        if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].const_value is not None:
+        if len(node.inputs) < 2 or node.inputs[1] is None or is_constant(node.inputs[1]):
             return None
         target = _sym(node.inputs[1], dims, syms)
         if target is None or target.scalar:
@@ -160,27 +155,20 @@ def _sym(value: ir.Value | None, dims: shape_inference.Shapes, syms: dict) -> Sy
         return syms[key]
     result = None
     tensor = value.const_value
-    if tensor is not None:
+    if is_constant(value):
         if tensor.dtype in _INT_TYPES and len(tensor.shape) <= 1 and tensor.size <= 64:
             arr = tensor.numpy()
             result = SymValue(tuple(_const(int(v)) for v in arr.reshape(-1)), arr.ndim == 0, tensor.dtype)
-    elif value.producer() is not None and is_standard(value.producer()) and len(value.producer().outputs) == 1:
+    elif tensor is None and value.producer() is not None and is_standard(value.producer()) and len(value.producer().outputs) == 1:
         result = _evaluate(value.producer(), dims, syms)
     syms[key] = result
     return result
 
 
 def _const_ints(value: ir.Value | None) -> list[int] | None:
-    if value is None or value.const_value is None or value.const_value.dtype not in _INT_TYPES:
+    if not is_constant(value) or value.const_value.dtype not in _INT_TYPES:
         return None
     return [int(v) for v in value.const_value.numpy().reshape(-1)]
-
-
-def _axes(node: ir.Node) -> list[int] | None:
-    attr = node.attributes.get("axes")
-    if attr is not None:
-        return list(attr.as_ints())
-    return _const_ints(node.inputs[1]) if len(node.inputs) > 1 else None
 
 
 def _evaluate(node: ir.Node, dims: shape_inference.Shapes, syms: dict) -> SymValue | None:
@@ -240,14 +228,14 @@ def _evaluate(node: ir.Node, dims: shape_inference.Shapes, syms: dict) -> SymVal
         return SymValue(tuple(e for p in parts for e in p.elems), False, parts[0].dtype)
     if op == "Unsqueeze":
         src = _sym(ins[0], dims, syms)
-        if src is None or not src.scalar or _axes(node) not in ([0], [-1]):
+        if src is None or not src.scalar or node_axes(node) not in ([0], [-1]):
             return None
         return SymValue(src.elems, False, src.dtype)
     if op == "Squeeze":
         src = _sym(ins[0], dims, syms)
         if src is None or src.scalar or len(src.elems) != 1:
             return None
-        axes = _axes(node)
+        axes = node_axes(node)
         if axes not in (None, [0], [-1]):
             return None
         return SymValue(src.elems, True, src.dtype)

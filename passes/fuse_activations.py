@@ -7,7 +7,7 @@ import collections
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.base import OptPass, add_initializer, is_standard, substitute
+from onnxopt.base import OptPass, add_initializer, constant, is_constant, is_standard, node_axes, substitute
 
 SQRT2 = float(np.sqrt(2.0))
 
@@ -59,9 +59,8 @@ class FuseActivations(OptPass):
 # ---------------------------------------------------------------- matching helpers
 
 def _const_scalar(value: ir.Value | None) -> float | None:
-    if value is None or value.const_value is None or value.is_graph_input() or value.const_value.size != 1:
-        return None
-    return float(value.const_value.numpy().reshape(-1)[0])
+    arr = constant(value)
+    return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None
 
 
 def _close(a: float | None, b: float) -> bool:
@@ -159,11 +158,7 @@ def _last_axis_mean(node: ir.Node | None) -> ir.Value | None:
     keep = node.attributes.get("keepdims")
     if keep is not None and keep.as_int() == 0:
         return None
-    axes = node.attributes.get("axes")
-    axes = list(axes.as_ints()) if axes is not None else (
-        [int(a) for a in node.inputs[1].const_value.numpy().reshape(-1)]
-        if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].const_value is not None else None)
-    return node.inputs[0] if axes == [-1] else None
+    return node.inputs[0] if node_axes(node) == [-1] else None
 
 
 def _layernorm(sqrt: ir.Node):
@@ -187,10 +182,10 @@ def _layernorm(sqrt: ir.Node):
         return None
     last, gamma, beta = div, None, None
     mul = _single_user(div.outputs[0], "Mul")
-    if mul is not None and (g := _other(mul, div.outputs[0])) is not None and g.const_value is not None:
+    if mul is not None and is_constant(g := _other(mul, div.outputs[0])):
         last, gamma = mul, g
         add = _single_user(mul.outputs[0], "Add")
-        if add is not None and (b := _other(add, mul.outputs[0])) is not None and b.const_value is not None:
+        if add is not None and is_constant(b := _other(add, mul.outputs[0])):
             last, beta = add, b
 
     def apply():

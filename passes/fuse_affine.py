@@ -7,7 +7,7 @@ import collections
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.base import OptPass, add_initializer, is_standard, substitute
+from onnxopt.base import OptPass, add_initializer, constant, is_standard, substitute
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
 
@@ -66,15 +66,9 @@ class FuseAffine(OptPass):
         return None, None
 
 
-def _const(v: ir.Value | None) -> np.ndarray | None:
-    if v is None or v.const_value is None or v.is_graph_input():
-        return None
-    return v.const_value.numpy()
-
-
 def _channels(producer: ir.Node) -> tuple[int, int, int] | str:
     """(number of output channels, axis of the weight that indexes them, output channel axis)."""
-    w = _const(producer.inputs[1]) if len(producer.inputs) > 1 else None
+    w = constant(producer.inputs[1]) if len(producer.inputs) > 1 else None
     if w is None:
         return "weight is not constant"
     if producer.inputs[1].const_value.dtype not in FLOAT_TYPES:
@@ -114,7 +108,7 @@ def _affine(consumer: ir.Node, producer: ir.Node):
         spatial = consumer.attributes.get("spatial")
         if spatial is not None and spatial.as_int() == 0:
             return "BN with spatial=0"
-        params = [_const(v) for v in consumer.inputs[1:5]] if len(consumer.inputs) == 5 else [None]
+        params = [constant(v) for v in consumer.inputs[1:5]] if len(consumer.inputs) == 5 else [None]
         if any(p is None for p in params):
             return "BN parameters are not constant"
         if any(p.size != c for p in params):
@@ -126,7 +120,7 @@ def _affine(consumer: ir.Node, producer: ir.Node):
     if producer.op_type == "MatMul" and op != "Mul" and op != "Div":
         return None  # no bias slot: MatMul+Add is simplify's MatMul+Add -> Gemm
     other_index = 1 if consumer.inputs[0] is producer.outputs[0] else 0
-    k = _const(consumer.inputs[other_index])
+    k = constant(consumer.inputs[other_index])
     if k is None:
         return None  # e.g. a residual Add: not this pattern
     vec = _per_channel(k, c, out_axis, producer)
@@ -175,7 +169,7 @@ def _rewrite(producer: ir.Node, consumer: ir.Node, s: np.ndarray, t: np.ndarray)
         if has_t:
             return "MatMul has no bias to absorb a shift"
     elif len(producer.inputs) > 2 and producer.inputs[2] is not None:
-        bias = _const(producer.inputs[2])
+        bias = constant(producer.inputs[2])
         if bias is None:
             return "bias is not constant"
         if op == "Gemm":

@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import shapes as shape_inference
-from onnxopt.base import OptPass, add_initializer, is_standard, substitute
+from onnxopt.base import OptPass, add_initializer, constant, is_standard, node_axes, substitute
 
 # A rule returns None (pattern absent), "" (rewritten) or a reason (pattern present, declined).
 Rule = Callable[[ir.Node, "Context"], "str | None"]
@@ -73,12 +73,6 @@ def _rewritten(reason: str | None) -> str:
     return "" if reason is None else reason
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None or value.is_graph_input():
-        return None
-    return value.const_value.numpy()
-
-
 def _only_use(value: ir.Value, node: ir.Node) -> bool:
     return not value.is_graph_output() and all(u.node is node for u in value.uses()) and len(value.uses()) == 1
 
@@ -100,16 +94,6 @@ def _broadcast_keeps(x_dims, c_shape) -> bool:
     return True
 
 
-def _axes(node: ir.Node) -> list[int] | None:
-    attr = node.attributes.get("axes")
-    if attr is not None:
-        return sorted(attr.as_ints())
-    if len(node.inputs) > 1:
-        arr = _const(node.inputs[1])
-        return None if arr is None else sorted(int(a) for a in arr.reshape(-1))
-    return None
-
-
 # ---------------------------------------------------------------- rules
 
 def _identity_arith(node, ctx):
@@ -118,8 +102,8 @@ def _identity_arith(node, ctx):
     neutral = {"Add": 0, "Sub": 0, "Mul": 1, "Div": 1}[node.op_type]
     candidates = [(a, b)] + ([(b, a)] if node.op_type in ("Add", "Mul") else [])
     for x, c in candidates:
-        arr = _const(c)
-        if arr is None or x is None or _const(x) is not None:
+        arr = constant(c)
+        if arr is None or x is None or constant(x) is not None:
             continue
         if not np.all(arr == neutral):
             continue
@@ -134,14 +118,14 @@ def _identity_arith(node, ctx):
 def _const_chain(node, ctx):
     """constant chain merged into one constant"""
     kinds = ("Add", "Sub") if node.op_type in ("Add", "Sub") else ("Mul",)
-    outer_split = _split_const(node)
+    outer_split = _splitconstant(node)
     if outer_split is None:
         return None
     y, c2, sign2 = outer_split
     inner = _producer(y, *kinds)
     if inner is None:
         return None
-    inner_split = _split_const(inner)
+    inner_split = _splitconstant(inner)
     if inner_split is None:
         return None
     x, c1, sign1 = inner_split
@@ -161,12 +145,12 @@ def _const_chain(node, ctx):
     return ""
 
 
-def _split_const(node: ir.Node):
+def _splitconstant(node: ir.Node):
     """(x, constant, sign) for x+c, c+x, x-c, x*c, c*x; None otherwise."""
     if len(node.inputs) != 2:
         return None
     a, b = node.inputs
-    ca, cb = _const(a), _const(b)
+    ca, cb = constant(a), constant(b)
     if cb is not None and ca is None:
         return a, cb, (-1 if node.op_type == "Sub" else 1)
     if ca is not None and cb is None and node.op_type in ("Add", "Mul"):
@@ -200,7 +184,7 @@ def _transpose(node, ctx):
 
 def _reshape(node, ctx):
     """Reshape chain shortened or no-op Reshape removed"""
-    target = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+    target = constant(node.inputs[1]) if len(node.inputs) > 1 else None
     if target is None:
         return None
     target = [int(t) for t in target.reshape(-1)]
@@ -226,7 +210,8 @@ def _squeeze_pair(node, ctx):
     inner = _producer(node.inputs[0], other)
     if inner is None:
         return None
-    a, b = _axes(node), _axes(inner)
+    a, b = node_axes(node), node_axes(inner)
+    a, b = (sorted(a) if a is not None else None), (sorted(b) if b is not None else None)
     if a is None or b is None or a != b or any(x < 0 for x in a):
         return "axes differ or are not constant non-negative"
     return _rewritten(substitute(node, inner.inputs[0]))
@@ -273,22 +258,22 @@ def _noop(node, ctx):
         return _rewritten(substitute(node, x)) if len(node.inputs) == 1 else None
     x_dims = ctx.dims.get(x)
     if op == "Expand":
-        shape = _const(node.inputs[1])
+        shape = constant(node.inputs[1])
         if shape is None or not _broadcast_keeps(x_dims, [int(s) for s in shape]):
             return None
         return _rewritten(substitute(node, x))
     if op == "Tile":
-        repeats = _const(node.inputs[1])
+        repeats = constant(node.inputs[1])
         return _rewritten(substitute(node, x)) if repeats is not None and np.all(repeats == 1) else None
     if op == "Pad":
-        pads = node.attributes["pads"].as_ints() if "pads" in node.attributes else _const(node.inputs[1])
+        pads = node.attributes["pads"].as_ints() if "pads" in node.attributes else constant(node.inputs[1])
         return _rewritten(substitute(node, x)) if pads is not None and np.all(np.asarray(pads) == 0) else None
     if op in ("Resize", "Upsample"):
         ct = node.attributes.get("coordinate_transformation_mode")
         if ct is not None and ct.as_string() == "tf_crop_and_resize":
             return None
         scales_index = 2 if op == "Resize" and len(node.inputs) > 2 else 1
-        scales = _const(node.inputs[scales_index]) if len(node.inputs) > scales_index else None
+        scales = constant(node.inputs[scales_index]) if len(node.inputs) > scales_index else None
         has_sizes = op == "Resize" and len(node.inputs) > 3 and node.inputs[3] is not None
         if scales is None or scales.size == 0 or has_sizes or not np.all(scales == 1):
             return None
@@ -296,9 +281,9 @@ def _noop(node, ctx):
     if op == "Slice":
         if len(node.inputs) < 3 or x_dims is None:
             return None
-        starts, ends = _const(node.inputs[1]), _const(node.inputs[2])
-        axes = _const(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
-        steps = _const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
+        starts, ends = constant(node.inputs[1]), constant(node.inputs[2])
+        axes = constant(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+        steps = constant(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
         if starts is None or ends is None or (len(node.inputs) > 3 and node.inputs[3] is not None and axes is None):
             return None
         axes = list(range(len(starts))) if axes is None else [int(a) for a in axes]
@@ -320,9 +305,9 @@ def _pad_into_conv(node, ctx):
     mode = pad.attributes.get("mode")
     if mode is not None and mode.as_string() != "constant":
         return "Pad mode is not constant"
-    pads = pad.attributes["pads"].as_ints() if "pads" in pad.attributes else _const(pad.inputs[1])
+    pads = pad.attributes["pads"].as_ints() if "pads" in pad.attributes else constant(pad.inputs[1])
     value_attr = pad.attributes.get("value")
-    fill = _const(pad.inputs[2]) if len(pad.inputs) > 2 and pad.inputs[2] is not None else None
+    fill = constant(pad.inputs[2]) if len(pad.inputs) > 2 and pad.inputs[2] is not None else None
     if pads is None or (len(pad.inputs) > 2 and pad.inputs[2] is not None and fill is None):
         return "Pad arguments not constant"
     if (fill is not None and np.any(fill != 0)) or (value_attr is not None and value_attr.as_float() != 0):
@@ -356,7 +341,7 @@ def _matmul_add_gemm(node, ctx):
         if mm is None:
             continue
         a, b = mm.inputs
-        bw, c = _const(b), _const(bias)
+        bw, c = constant(b), constant(bias)
         a_dims = ctx.dims.get(a)
         if bw is None or c is None or bw.ndim != 2 or a_dims is None or len(a_dims) != 2:
             return "needs 2-D input, constant 2-D weight and constant bias"

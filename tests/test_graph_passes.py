@@ -418,3 +418,18 @@ def test_fuse_affine_declines_broadcasting_constant():
     from onnxopt.passes.fuse_affine import FuseAffine
     result = FuseAffine()(ir.serde.deserialize_model(proto))
     assert result.skipped == {"constant is not a scalar or per-channel vector": 1} and not result.modified
+
+
+def test_fold_shapes_never_trusts_overridable_initializers():
+    """An initializer that is also a graph input is a default a user may replace at run time."""
+    nodes = [h.make_node("Shape", ["x"], ["s"]), h.make_node("Gather", ["s", "idx"], ["d"], axis=0),
+             h.make_node("Concat", ["d", "minus1"], ["shape"], axis=0), h.make_node("Reshape", ["x", "shape"], ["y"])]
+    inputs = [h.make_tensor_value_info("x", T.FLOAT, [2, 3, 4]), h.make_tensor_value_info("idx", T.INT64, [1])]
+    g = h.make_graph(nodes, "g", inputs, [h.make_tensor_value_info("y", T.FLOAT, None)],
+                     [i64("idx", [0]), i64("minus1", [-1])])
+    proto = h.make_model(g, opset_imports=[h.make_opsetid("", 14)], ir_version=8)
+    result, new = run_pipeline(proto, "fold-shapes")  # (cleanup would drop the input: its contract)
+    x = np.random.default_rng(13).standard_normal((2, 3, 4)).astype(np.float32)
+    for idx in ([0], [1], [2]):  # the user overrides the default
+        feeds = {"x": x, "idx": np.array(idx, np.int64)}
+        assert ort_run(new, feeds)[0].shape == ort_run(proto, feeds)[0].shape
