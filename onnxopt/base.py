@@ -13,6 +13,8 @@ from typing import ClassVar
 
 import onnx_ir as ir
 
+from onnxopt.io import weight_bytes
+
 STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 #: model.meta key: serialized size when the pipeline started (size guards budget against it).
 START_BYTES_KEY = "onnxopt.start_bytes"
@@ -133,8 +135,6 @@ def replace_with_initializer(value: ir.Value, array) -> ir.Value:
 def serialized_size(model: ir.Model) -> int | None:
     """Bytes of the serialized model (external data excluded), or None for models whose weights
     exceed SIZE_MEASURE_LIMIT.  Cost: one serialization."""
-    weights = sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values()
-                  if v.const_value is not None)
-    if weights > SIZE_MEASURE_LIMIT:
+    if weight_bytes(model) > SIZE_MEASURE_LIMIT:
         return None
     return ir.to_proto(model).ByteSize()

@@ -114,14 +114,13 @@ def compare_layers(a_path, b_path, feeds: Mapping[str, np.ndarray],
                    chunk: int = 256, progress=None) -> Layerwise:
     a, b = _load(a_path), _load(b_path)
     pairs = match_values(a, b)
-    b_inputs = {i.name for i in b.graph.input}
     results: list[LayerResult] = []
     for start in range(0, len(pairs), chunk):
         part = pairs[start:start + chunk]
         sa = runtime.session(runtime.with_outputs(a, [p[0] for p in part]), ep)
         sb = runtime.session(runtime.with_outputs(b, [p[1] for p in part]), ep)
         ra = runtime.run(sa, feeds, [p[0] for p in part])
-        rb = runtime.run(sb, {k: v for k, v in feeds.items() if k in b_inputs}, [p[1] for p in part])
+        rb = runtime.run_candidate(sb, feeds, [p[1] for p in part])
         for value_a, value_b, index, node, op, how in part:
             x, y = ra.get(value_a), rb.get(value_b)
             if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):

@@ -179,9 +179,8 @@ def run(model: ir.Model, specs: Sequence[PassSpec], *, max_iterations: int = 10,
                 version += 1
                 any_change = True
             last_run[index] = version
-            if result.modified:
-                if after_pass is not None:
-                    after_pass(spec, model)
+            if result.modified and after_pass is not None:
+                after_pass(spec, model)
         if not any_change:
             return PipelineResult(model, records, iteration, True)
     logger.warning("pipeline did not reach a fixed point in %d iterations", max_iterations)

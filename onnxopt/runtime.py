@@ -113,6 +113,15 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
     return copy.SerializeToString()
 
 
+def run_candidate(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
+                  wanted: list[str]) -> dict[str, np.ndarray]:
+    """Run a model compared against a reference: feed only the inputs it has (an optimized model
+    may have dropped initializer-backed ones) and ask only for the wanted outputs it produces."""
+    inputs = {i.name for i in sess.get_inputs()}
+    outputs = {o.name for o in sess.get_outputs()}
+    return run(sess, {k: v for k, v in feeds.items() if k in inputs}, [n for n in wanted if n in outputs])
+
+
 def parse_shapes(items: list[str] | tuple[str, ...]) -> dict[str, tuple[int, ...]]:
     """Parse repeated ``name:1x3x224x224`` options (``name:`` alone means a scalar)."""
     shapes = {}
