@@ -2,9 +2,9 @@
 
 For each EP all sessions are created first (load time and resident-memory growth measured per
 session), then warm-up and timed runs go round-robin over the models (run 1 of A, run 1 of B,
-run 2 of A, ...) so that drift of a noisy machine affects every model alike.  A timed run is
-exactly ``sess.run(None, feeds)`` between two ``perf_counter`` calls: nothing else sits in the
-loop.  Reported per model: p50/p90/p99/mean/std latency (ms), throughput (samples/s = batch /
+run 2 of A, ...) so that drift of a noisy machine affects every model alike.  A timed run
+(:func:`timed_run`) is exactly ``sess.run(None, feeds)`` between two ``perf_counter`` calls:
+nothing else sits in the loop.  Reported per model: p50/p90/p99/mean/std latency (ms), throughput (samples/s = batch /
 mean latency), load time, RSS growth of the session (MB, process RSS after warm-up minus before
 the session was created) and the speed-up of the first model over each (p50 ratio).
 """
@@ -112,10 +112,7 @@ def bench(models: Sequence[str | os.PathLike], *, eps: Sequence[str] = ("cpu",),
             times: list[list[float]] = [[] for _ in models]
             for _ in range(runs):
                 for i, sess in enumerate(sessions):
-                    f = feeds[i]
-                    t0 = time.perf_counter()
-                    sess.run(None, f)
-                    times[i].append((time.perf_counter() - t0) * 1e3)
+                    times[i].append(timed_run(sess, feeds[i]))
                 if progress:
                     progress(len(models))
             first_p50 = statistics.median(times[0])
@@ -129,17 +126,11 @@ def bench(models: Sequence[str | os.PathLike], *, eps: Sequence[str] = ("cpu",),
     return results
 
 
-def bare_loop_ms(model, feeds: Mapping[str, np.ndarray], runs: int, threads: int = 1) -> list[float]:
-    """A plain ``InferenceSession.run`` loop, the reference for measuring bench()'s own overhead."""
-    sess = runtime.session(model, threads=threads)
-    for _ in range(10):
-        sess.run(None, dict(feeds))
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, dict(feeds))
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
+def timed_run(sess, feeds: Mapping[str, np.ndarray]) -> float:
+    """One timed run in ms: exactly ``sess.run`` between two ``perf_counter`` reads."""
+    t0 = time.perf_counter()
+    sess.run(None, feeds)
+    return (time.perf_counter() - t0) * 1e3
 
 
 def labels(models: list[str]) -> dict[str, str]:

@@ -158,17 +158,28 @@ def test_bench_two_models_side_by_side(cli, tmp_path):
     assert results[0]["speedup_vs_first"] == 1.0
 
 
-def test_bench_overhead_against_bare_loop():
-    """Target: within 5% of a bare InferenceSession.run loop (asserted at 10% for noisy CI machines)."""
-    model = str(MODELS / "cnn_bn_depthwise.onnx")
-    sess_feeds = {"image": np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)}
+def test_bench_overhead_against_bare_loop(tmp_path):
+    """Target: bench measures a ~1 ms model within 5% of a bare InferenceSession.run loop.
+
+    What bench adds over a bare loop is its timed run, so both loops time the same session in
+    alternation (comparing separate sessions measures session-to-session luck: two bare
+    loops on fresh sessions differ by up to 11% here), alternating run by run."""
+    from onnxopt import runtime
+
+    model = str(save(deep_mlp(blocks=40, width=320), tmp_path / "mlp.onnx"))
+    feeds = {"x": np.random.default_rng(3).standard_normal((4, 320)).astype(np.float32)}
+    sess = runtime.session(model, threads=1)
+    for _ in range(10):
+        sess.run(None, feeds)
     ours, bare = [], []
-    for _ in range(5):  # alternate to share the machine's drift
-        ours.append(bench.bench([model], runs=200, warmup=20)[0].p50_ms)
-        bare.append(float(np.median(bench.bare_loop_ms(model, sess_feeds, 200))))
+    for _ in range(300):  # alternate run by run
+        ours.append(bench.timed_run(sess, feeds))
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        bare.append((time.perf_counter() - t0) * 1e3)
     ratio = float(np.median(ours) / np.median(bare))
-    print(f"bench/bare p50 ratio: {ratio:.3f}")
-    assert 0.9 < ratio < 1.10
+    print(f"bench/bare p50 ratio: {ratio:.3f} at {np.median(bare):.2f} ms")
+    assert 0.95 < ratio < 1.05
 
 
 # ------------------------------------------------------------------ cost
