@@ -38,6 +38,7 @@ def model_stats(model: ir.Model, path: str | os.PathLike | None = None) -> dict:
 
 def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
              pipeline_text: str | None = None, data: str | os.PathLike | None = None,
+             preprocess: str | None = None, ep: str = "cpu",
              shapes: Mapping[str, tuple[int, ...]] | None = None, validate_result: bool = True,
              force: bool = False, verify_each: bool = False, in_place: bool = False,
              external_data: bool | None = None, latency_runs: int = 10, with_cost: bool = False) -> dict:
@@ -59,8 +60,8 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
     tolerance = validate.default_tolerance(model)
     validator = None
     if validate_result or verify_each:
-        validator = validate.Validator(input_path, data=data, shapes=shapes, tolerance=tolerance,
-                                       latency_runs=latency_runs if validate_result else 0)
+        validator = validate.Validator(input_path, data=data, preprocess=preprocess, shapes=shapes,
+                                       tolerance=tolerance, ep=ep, latency_runs=latency_runs if validate_result else 0)
 
     mismatches = validate.declared_shape_mismatches(model, validator.reference) if validator else []
     for m in mismatches:

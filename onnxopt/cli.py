@@ -93,14 +93,13 @@ def _common(f):
     return f
 
 
-def _tolerances(metric: str, tols: tuple[str, ...], rtol: float | None, atol: float | None):
+def _tolerances(metric: str, tols: tuple[str, ...], rtol: float | None):
     """--tol VALUE (all outputs) and --tol NAME=VALUE (one output) -> Tolerance or {name: Tolerance}."""
     from onnxopt.validate import LOSSLESS, Tolerance
 
     def make(value: float | None) -> Tolerance:
         if metric == "allclose":
-            return Tolerance(rtol if rtol is not None else LOSSLESS.rtol,
-                             value if value is not None else (atol if atol is not None else LOSSLESS.atol))
+            return Tolerance(rtol if rtol is not None else LOSSLESS.rtol, value if value is not None else LOSSLESS.atol)
         return Tolerance(LOSSLESS.rtol, LOSSLESS.atol, metric, value)
 
     default, per_output = None, {}
@@ -124,24 +123,24 @@ def _tolerances(metric: str, tols: tuple[str, ...], rtol: float | None, atol: fl
 @click.option("-p", "--pipeline", "pipeline_text", default=None,
               help='Passes, e.g. "cleanup,fold-constants{size-limit=4096},dedup" '
                    f'(default: {pipeline.DEFAULT_PIPELINE}).')
-@click.option("--shape", "shapes", multiple=True, help="Input shape NAME:1x3x224x224 for symbolic dims (repeatable).")
-@click.option("--data", type=click.Path(), default=None, help=".npz of input arrays by name, used for validation.")
-@click.option("--report", "report_path", type=click.Path(), default=None,
-              help="Write a report: .json, .md or .html (with cost and plots).")
+@_common
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Compare against the original on ORT.")
 @click.option("--force", is_flag=True, help="Write the result even when validation finds diverging outputs.")
 @click.option("--verify-each", is_flag=True, help="Validate after every pass and name the pass that broke outputs.")
 @click.option("--in-place", is_flag=True, help="Allow -o to be the input file.")
 @click.option("--external-data/--no-external-data", default=None,
               help="Write weights to OUT.data (default: only when over ~1.8 GB).")
-def optimize(model, output, pipeline_text, shapes, data, report_path, validate, force, verify_each, in_place,
-             external_data):
-    """Optimize MODEL into OUTPUT (validated against MODEL by default)."""
+def optimize(model, output, pipeline_text, report_path, ep_text, shapes, data, preprocess, validate, force,
+             verify_each, in_place, external_data):
+    """Optimize MODEL into OUTPUT (validated against MODEL by default, on the --ep given)."""
     if report_path:
         report.check_path(report_path)
+    eps = runtime.parse_eps(ep_text)
+    if len(eps) != 1:
+        raise UsageError("optimize validates on one --ep; compare on several with 'onnxopt validate'")
     try:
-        result = api.optimize(model, output, pipeline_text=pipeline_text, data=data,
-                              shapes=runtime.parse_shapes(shapes), validate_result=validate, force=force,
+        result = api.optimize(model, output, pipeline_text=pipeline_text, data=data, preprocess=preprocess,
+                              ep=eps[0], shapes=runtime.parse_shapes(shapes), validate_result=validate, force=force,
                               verify_each=verify_each, in_place=in_place, external_data=external_data,
                               with_cost=bool(report_path))
     except ValidationRefused as e:
@@ -235,7 +234,7 @@ def validate(a, b, report_path, ep_text, shapes, data, preprocess, metric, tols,
         report.check_path(report_path)
     eps = runtime.parse_eps(ep_text)
     shape_map = runtime.parse_shapes(shapes)
-    tolerance, base = _tolerances(metric, tols, rtol, None)
+    tolerance, base = _tolerances(metric, tols, rtol)
     for path in (a, b):
         api.check_model_file(path)
     with _progress(None, "validate") as update:

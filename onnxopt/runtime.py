@@ -189,13 +189,6 @@ def _padding_mask(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarra
     return mask.reshape(shape)
 
 
-def load_feeds(path: str | os.PathLike, sess: ort.InferenceSession) -> dict[str, np.ndarray]:
-    """The first batch of ``path`` (an .npz, or a directory: see onnxopt.data), checked."""
-    from onnxopt import data  # data builds on this module
-
-    return next(iter(data.batches(path, sess)))
-
-
 def check_feeds(arrays: dict[str, np.ndarray], sess: ort.InferenceSession, label: str) -> dict[str, np.ndarray]:
     """Names, dtypes, ranks, static dims and finiteness of one batch against the session's inputs."""
     p = label

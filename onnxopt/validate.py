@@ -18,6 +18,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt import data as data_mod
 from onnxopt import io, runtime
 from onnxopt.errors import BadInputError
 
@@ -236,13 +237,13 @@ class Validator:
     """The original model on ORT with fixed inputs; checks candidates against its cached outputs."""
 
     def __init__(self, original: str | os.PathLike, *, data: str | os.PathLike | None = None,
-                 shapes: Mapping[str, tuple[int, ...]] | None = None, tolerance: Tolerance = LOSSLESS,
-                 ep: str = "cpu", latency_runs: int = 0):
+                 preprocess: str | None = None, shapes: Mapping[str, tuple[int, ...]] | None = None,
+                 tolerance: Tolerance = LOSSLESS, ep: str = "cpu", latency_runs: int = 0):
         self.ep = ep
         self.tolerance = tolerance
         self.latency_runs = latency_runs
         session = runtime.session(original, ep)
-        self.feeds = runtime.load_feeds(data, session) if data else runtime.synthesize(session, shapes)
+        self.feeds = data_mod.feeds_for(session, data, shapes, preprocess, limit=1)[0]
         self.reference = runtime.run(session, self.feeds)
         self.reference_latency_ms = median_latency_ms(session, self.feeds, latency_runs) if latency_runs else None
         # Only outputs and latency are kept: the original's session (its weights) is released so
@@ -301,8 +302,6 @@ def compare_models(a: str | os.PathLike, b: str | os.PathLike, *, eps: tuple[str
 
     Batches stream from ``data`` (at most ``max_batches``) or one synthesized batch; the inputs
     are created once from A's session and fed to both.  Cost: batches x EPs runs of each model."""
-    from onnxopt import data as data_mod  # data imports runtime only; kept local like runtime's use
-
     rng = np.random.default_rng(0)
     per_ep: dict[str, ValidationResult] = {}
     samples: dict[str, dict[str, list[float]]] = {}

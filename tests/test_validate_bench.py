@@ -135,6 +135,13 @@ def test_data_sources_npz_dir_and_images(cli, tmp_path):
     assert cli("validate", model, out, "--data", images, "--preprocess", spec, "--report", rep).exit_code == 0
     assert json.loads(rep.read_text())["comparison"]["batches"] == 4
     assert cli("validate", model, out, "--data", images, "--preprocess", "resize=3").exit_code == 1
+    # optimize shares the data options (validation on the first image) and the --ep check
+    rep2 = tmp_path / "o.json"
+    assert cli("optimize", model, "-o", tmp_path / "o2.onnx", "--data", images, "--preprocess", spec,
+               "--report", rep2).exit_code == 0
+    assert json.loads(rep2.read_text())["validation"]["ok"]
+    assert cli("optimize", model, "-o", tmp_path / "o3.onnx", "--ep", "tensorrt").exit_code == 1
+    assert cli("optimize", model, "-o", tmp_path / "o3.onnx", "--ep", "cpu,cpu").exit_code == 1
     empty = tmp_path / "empty"
     empty.mkdir()
     result = cli("validate", model, out, "--data", empty)
