@@ -49,11 +49,11 @@ class FuseTransformer(OptPass):
         skipped: collections.Counter = collections.Counter()
         if self.model_type not in MODEL_TYPES:
             skipped[f"unknown model-type '{self.model_type}' (known: {', '.join(sorted(MODEL_TYPES))})"] += 1
-            return self.result(model.clone() if hasattr(model, "clone") else model, collections.Counter(), skipped)
+            return self.result(model.clone(), collections.Counter(), skipped)
         if io.weight_bytes(model) > io.EXTERNAL_DATA_THRESHOLD:
             skipped["weights over 2 GB: onnxruntime.transformers needs an in-memory protobuf"] += 1
-            return self.result(_copy(model), collections.Counter(), skipped)
-        work = _copy(model)
+            return self.result(model.clone(), collections.Counter(), skipped)
+        work = model.clone()  # loading its weights below must not touch the caller's model
         ir_external_data.load_to_model(work)
         before = _ops(work)
         for name in ("onnxruntime.transformers", "onnx_model", "optimizer", "fusion_utils"):
@@ -67,10 +67,6 @@ class FuseTransformer(OptPass):
         if not changed:
             return self.result(work, collections.Counter(), skipped)
         return self.result(new, changed, skipped)
-
-
-def _copy(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.to_proto(model))
 
 
 def _ops(model: ir.Model) -> collections.Counter:
