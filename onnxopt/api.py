@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from onnxopt import __version__, cost, io, pipeline, validate
-from onnxopt.base import STANDARD_DOMAINS, count_nodes, op_histogram
+from onnxopt.base import STANDARD_DOMAINS, count_initializers, count_nodes, op_histogram
 from onnxopt.errors import UsageError, ValidationRefused
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ def model_stats(model: ir.Model, path: str | os.PathLike | None = None) -> dict:
     stats = {
         "nodes": count_nodes(model),
         "ops": dict(sorted(op_histogram(model).items())),
-        "initializers": sum(len(g.initializers) for g in model.graphs()),
+        "initializers": count_initializers(model),
         "weight_bytes": io.weight_bytes(model),
     }
     if path is not None:

@@ -51,6 +51,11 @@ def count_nodes(model: ir.Model) -> int:
     return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
 
 
+def count_initializers(model: ir.Model) -> int:
+    """Initializers in the main graph and every subgraph."""
+    return sum(len(g.initializers) for g in model.graphs())
+
+
 def op_histogram(model: ir.Model) -> collections.Counter:
     return collections.Counter(
         (f"{n.domain}::{n.op_type}" if n.domain not in STANDARD_DOMAINS else n.op_type)

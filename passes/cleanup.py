@@ -7,7 +7,7 @@ import collections
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from onnxopt.base import OptPass, is_standard, substitute
+from onnxopt.base import OptPass, count_initializers, count_nodes, is_standard, substitute
 
 
 class Cleanup(OptPass):
@@ -62,8 +62,8 @@ class Cleanup(OptPass):
             common_passes.RemoveInitializersFromInputsPass()(model)
             changed["initializer-backed inputs removed"] = before - len(model.graph.inputs)
 
-        nodes_before = _count_nodes(model)
-        inits_before = _count_initializers(model)
+        nodes_before = count_nodes(model)
+        inits_before = count_initializers(model)
         common_passes.RemoveUnusedNodesPass()(model)  # main-graph initializers only
         for graph in model.graphs():
             if graph is model.graph:
@@ -71,8 +71,8 @@ class Cleanup(OptPass):
             for value in list(graph.initializers.values()):
                 if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
                     del graph.initializers[value.name]
-        changed["dead nodes removed"] = nodes_before - _count_nodes(model)
-        changed["unused initializers removed"] = inits_before - _count_initializers(model)
+        changed["dead nodes removed"] = nodes_before - count_nodes(model)
+        changed["unused initializers removed"] = inits_before - count_initializers(model)
         return self.result(model, changed, skipped)
 
 
@@ -114,14 +114,6 @@ def _lift_constant(node: ir.Node) -> str | None:
     graph.remove(node, safe=True)
     graph.register_initializer(value)
     return None
-
-
-def _count_nodes(model: ir.Model) -> int:
-    return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
-
-
-def _count_initializers(model: ir.Model) -> int:
-    return sum(len(g.initializers) for g in model.graphs())
 
 
 def _dropout_is_inference(node: ir.Node) -> str | None:
