@@ -9,7 +9,7 @@ import onnx_ir as ir
 from onnx_ir import external_data as ir_external_data
 
 from onnxopt import io
-from onnxopt.base import OptPass
+from onnxopt.base import OptPass, op_histogram
 
 logger = logging.getLogger(__name__)
 
@@ -55,20 +55,16 @@ class FuseTransformer(OptPass):
             return self.result(model.clone(), collections.Counter(), skipped)
         work = model.clone()  # loading its weights below must not touch the caller's model
         ir_external_data.load_to_model(work)
-        before = _ops(work)
+        before = op_histogram(work)
         for name in ("onnxruntime.transformers", "onnx_model", "optimizer", "fusion_utils"):
             logging.getLogger(name).setLevel(logging.ERROR)
         optimized = optimize_model(ir.to_proto(work), model_type=self.model_type, num_heads=self.num_heads,
                                    hidden_size=self.hidden_size, opt_level=0)
         new = ir.serde.deserialize_model(optimized.model)
-        after = _ops(new)
+        after = op_histogram(new)
         changed = collections.Counter({f"{op} created": n - before.get(op, 0)
                                        for op, n in after.items() if n > before.get(op, 0)})
         if not changed:
             return self.result(work, collections.Counter(), skipped)
         return self.result(new, changed, skipped)
 
-
-def _ops(model: ir.Model) -> collections.Counter:
-    return collections.Counter(
-        f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph))
