@@ -83,7 +83,7 @@ class Cost:
 
 def _with_input_shapes(model: ir.Model, overrides: Mapping[str, tuple[int, ...]]) -> ir.Model:
     """A copy whose graph inputs have concrete dims (overrides, else symbolic -> 1)."""
-    copy = ir.serde.deserialize_model(ir.to_proto(model))
+    copy = model.clone()
     for value in copy.graph.inputs:
         if value.name in overrides:
             value.shape = ir.Shape(list(overrides[value.name]))
