@@ -45,12 +45,19 @@ def write(report: dict, path: str | os.PathLike) -> None:
         fd, tmp = tempfile.mkstemp(prefix=".onnxopt-report-", dir=p.parent if str(p.parent) else ".")
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a report is an ordinary file
         os.replace(tmp, p)
     except OSError as e:
         raise BadInputError(f"--report {p}: cannot write ({e.strerror or e})") from None
     finally:
         if tmp and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _json_safe(obj):

@@ -67,6 +67,7 @@ def test_markdown_report_and_summary(cli, model_copy, tmp_path):
     assert after <= 8  # Conv, Relu, Reshape, MatMul/Gemm and the bias arithmetic at most
     assert f"22 -> {after} nodes" in result.output
     text = md.read_text()
+    assert md.stat().st_mode & 0o777 == (tmp_path / "o.onnx").stat().st_mode & 0o777  # same as any written file
     assert "| before | 22 |" in text and f"| after | {after} |" in text
     assert "Result: **pass**" in text and "| logits |" in text
     assert "initializer-backed inputs removed: 10" in text
