@@ -6,11 +6,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import sys
 
 import click
 
 from onnxopt import __version__, api, pipeline, registry, report, runtime
+from onnxopt import quantize as quantize_mod
 from onnxopt.errors import OnnxoptError, UsageError, ValidationRefused
 
 
@@ -168,6 +170,68 @@ def optimize(model, output, pipeline_text, report_path, ep_text, shapes, data, p
             latency = f", latency {v['latency_ref_ms']:.3f} -> {v['latency_new_ms']:.3f} ms"
         click.echo(f"validation: {status}, {len(v['outputs'])} output(s), max abs diff {v['max_abs']:.3g}{latency}")
     click.echo(f"wrote {output}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the quantized model.")
+@click.option("--data", type=click.Path(), default=None,
+              help="Calibration data: .npz, a folder of .npy/.npz batches, or an image folder (with --preprocess).")
+@click.option("--preprocess", default=None, help="For image-folder --data (see 'optimize --help').")
+@click.option("--method", default="percentile", show_default=True,
+              help="Range method: minmax, percentile (percentile{p=99.9} to set p), entropy, mse.")
+@click.option("--ep", "ep_text", default="cpu", show_default=True, help="Target EP: cpu, openvino, cuda, tensorrt.")
+@click.option("--max-drop", type=float, default=0.01, show_default=True,
+              help="Accuracy budget: largest allowed drop of the metric (default metric: output cosine vs fp32).")
+@click.option("--metric", default=None, help="Task metric module:function, called with an ORT session, higher is better.")
+@click.option("--recover", "recover_text", default=",".join(quantize_mod.DEFAULT_RECOVERY), show_default=True,
+              help="Recovery passes, comma separated: bias-correction, cle, adaround (or 'none').")
+@click.option("--save-stats", type=click.Path(), default=None, help="Save calibration statistics (.npz) for reuse.")
+@click.option("--load-stats", type=click.Path(), default=None, help="Use saved statistics instead of calibrating.")
+@click.option("--calib-batches", type=int, default=None, help="Read at most this many --data batches.")
+@click.option("--exclude", multiple=True, help="Keep this node in float (repeatable).")
+@click.option("--latency-guard/--no-latency-guard", default=True, show_default=True,
+              help="Keep in float the layer kinds that run slower quantized on --ep.")
+@click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales per output channel.")
+@click.option("--force", is_flag=True, help="Write the result even when the accuracy budget is missed.")
+@click.option("--report", "report_path", type=click.Path(), default=None, help="Write a report: .json, .md or .html.")
+def quantize(model, output, data, preprocess, method, ep_text, max_drop, metric, recover_text, save_stats, load_stats,
+             calib_batches, exclude, latency_guard, per_channel, force, report_path):
+    """Static int8 QDQ quantization of MODEL into OUTPUT, calibrated on --data, guarded for latency and accuracy."""
+    if report_path:
+        report.check_path(report_path)
+    if data is None:
+        raise UsageError("quantize needs --data (calibration batches)")
+    m = re.fullmatch(r"\s*(\w+)\s*(?:\{\s*p\s*=\s*([0-9.]+)\s*\})?\s*", method)
+    if m is None or (m.group(2) and m.group(1) != "percentile"):
+        raise UsageError(f"--method '{method}': expected minmax, percentile, percentile{{p=99.9}}, entropy or mse")
+    name, opts = m.group(1), ({"p": m.group(2)} if m.group(2) else {})
+    recovery = tuple(r for r in recover_text.split(",") if r and r != "none")
+    try:
+        result = quantize_mod.quantize(
+            model, output, data=data, preprocess=preprocess, method=name, percentile=float(opts.get("p", 99.99)),
+            ep=ep_text, max_drop=max_drop, metric=metric, stats_in=load_stats, stats_out=save_stats,
+            recovery=recovery, latency_guard=latency_guard, per_channel=per_channel, force=force,
+            calib_limit=calib_batches, progress=_progress_enabled(), exclude=tuple(exclude))
+    except ValidationRefused as e:
+        if report_path and e.result:
+            report.write(e.result, report_path)
+        raise
+    if report_path:
+        report.write(result, report_path)
+    r, acc, lat = result["recipe"], result["accuracy"], result["latency"]
+    click.echo(f"{model}: {r['quantized_layers']} of {r['quantized_layers'] + len(r['float_layers'])} layers int8 "
+               f"({', '.join(f'{k} {v}' for k, v in sorted(r['kinds'].items())) or 'none'}), {len(r['float_layers'])} kept float")
+    click.echo(f"accuracy ({acc['metric']}): {acc['float']:.4f} -> {acc['quantized']:.4f} (drop {acc['drop']:.4f}, budget {acc['max_drop']:g})")
+    click.echo(f"latency on {result['ep']} ({lat['threads']} thread): {lat['float_ms']:.3f} -> {lat['quantized_ms']:.3f} ms "
+               f"({lat['speedup']:.2f}x)")
+    if result["wrote_float_model"]:
+        click.echo("quantizing did not make it faster on this EP: wrote the optimized float model")
+    click.echo(f"wrote {output}")
+
+
+def _progress_enabled() -> bool:
+    return logging.getLogger("onnxopt").getEffectiveLevel() < logging.ERROR and sys.stderr.isatty()
 
 
 @main.command()

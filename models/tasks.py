@@ -1,0 +1,114 @@
+"""Task metrics and calibration data for the trained reference models (``models/trained.py``).
+
+The metric functions follow onnxopt's ``--metric module:function`` contract: they take an
+``onnxruntime.InferenceSession`` and return a score, higher is better (here: accuracy in [0, 1]).
+They read the committed held-out splits in ``models/data``; nothing is downloaded.
+
+``python -m models.tasks calib NAME DIR [--batches 16] [--batch-size 8]`` writes a calibration
+folder (one ``.npz`` per batch, arrays by input name) from the committed training split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data"
+ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def digits_preprocess(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [N, 8, 8] (0..16) -> float32 [N, 1, size, size] in [0, 1] (nearest upscaling)."""
+    x = images.astype(np.float32)[:, None] / 16.0
+    rep = size // 8
+    return np.repeat(np.repeat(x, rep, axis=2), rep, axis=3) if rep > 1 else x
+
+
+def text_preprocess(images: np.ndarray) -> np.ndarray:
+    """uint8 [N, 32, W] -> float32 [N, 1, 32, W], ink high (1 - x/255)."""
+    return (1.0 - images.astype(np.float32) / 255.0)[:, None]
+
+
+def ctc_decode(log_probs: np.ndarray) -> list[str]:
+    """Greedy CTC decoding of [N, T, 1 + len(ALPHABET)] (class 0 is the blank)."""
+    out = []
+    for row in log_probs.argmax(-1):
+        chars, prev = [], 0
+        for k in row:
+            if k != prev and k != 0:
+                chars.append(ALPHABET[k - 1])
+            prev = k
+        out.append("".join(chars))
+    return out
+
+
+def _load(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(DATA / f"{name}_{split}.npz") as z:
+        return z["x"], z["y"]
+
+
+def _model_inputs(sess_or_name, images: np.ndarray, name: str | None = None) -> np.ndarray:
+    if name == "text_crnn" or images.shape[1:] == (32, 128):
+        return text_preprocess(images)
+    size = sess_or_name.get_inputs()[0].shape[2] if not isinstance(sess_or_name, int) else sess_or_name
+    return digits_preprocess(images, int(size))
+
+
+def _run(session, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def digits_accuracy(session) -> float:
+    """Top-1 accuracy on the held-out 20% of scikit-learn's digits (360 images)."""
+    images, labels = _load("digits", "eval")
+    x = _model_inputs(session, images)
+    return float((_run(session, x).argmax(1) == labels).mean())
+
+
+def text_exact_match(session) -> float:
+    """Exact-match rate of greedy CTC decoding on 400 held-out rendered text lines."""
+    images, texts = _load("text_crnn", "eval")
+    pred = ctc_decode(_run(session, text_preprocess(images)))
+    return float(np.mean([p == t for p, t in zip(pred, texts)]))
+
+
+METRICS = {"digits_cnn": digits_accuracy, "digits_resnet": digits_accuracy,
+           "digits_mobilenet": digits_accuracy, "text_crnn": text_exact_match}
+SIZES = {"digits_cnn": 8, "digits_resnet": 32, "digits_mobilenet": 32}
+INPUT_NAMES = {"text_crnn": "line"}
+
+
+def write_calibration(name: str, folder: str | Path, batches: int = 16, batch_size: int = 8, offset: int = 0) -> Path:
+    """Write ``batches`` model-ready batches (``batch_0000.npz`` ...) from the training split of
+    ``name``'s data, cycling through it if needed; returns the folder."""
+    images, _ = _load("text_crnn" if name == "text_crnn" else "digits", "calib")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = INPUT_NAMES.get(name, "image")
+    for b in range(batches):
+        idx = (offset + np.arange(b * batch_size, (b + 1) * batch_size)) % len(images)
+        x = text_preprocess(images[idx]) if name == "text_crnn" else digits_preprocess(images[idx], SIZES[name])
+        np.savez(folder / f"batch_{b:04d}.npz", **{key: x})
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="calibration folders for the trained reference models")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("calib")
+    c.add_argument("name", choices=sorted(METRICS))
+    c.add_argument("folder")
+    c.add_argument("--batches", type=int, default=16)
+    c.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args(argv)
+    print(write_calibration(args.name, args.folder, args.batches, args.batch_size))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Trained reference models with a real task metric: ``python -m models.trained [--only NAME ...]``.
+
+Needs ``pip install -e .[models]`` (torch==2.13.0 CPU, scikit-learn).  Nothing is downloaded:
+the digits come with scikit-learn (``load_digits``), the text lines are rendered with PIL from the
+font Pillow bundles plus any DejaVu fonts the machine has.  Each model is written with
+
+- ``models/<name>.onnx``                   the fp32 export (BatchNorm unfused, as exporters write it),
+- ``models/data/{digits,text_crnn}_calib.npz``  raw uint8 training images (calibration source),
+- ``models/data/{digits,text_crnn}_eval.npz``   the held-out test split with labels, for ``models.tasks``.
+
+The data files are small (uint8, compressed) and committed, so tests and benchmarks need neither
+torch nor scikit-learn nor fonts.  Training is deterministic (seeded) and takes ~1-3 min per model
+on two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from models.tasks import ALPHABET, ctc_decode, digits_preprocess, text_preprocess
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data"
+
+
+def _torch():
+    import torch
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    return torch
+
+
+# ---------------------------------------------------------------- digits (scikit-learn load_digits)
+
+def digits_split():
+    """load_digits as uint8 0..16 images [N, 8, 8] with a fixed 80/20 split."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = d.images.astype(np.uint8)
+    order = np.random.default_rng(0).permutation(len(images))
+    cut = int(0.8 * len(images))
+    tr, te = order[:cut], order[cut:]
+    return images[tr], d.target[tr], images[te], d.target[te]
+
+
+def _digits_net(torch, kind: str):
+    nn = torch.nn
+
+    def cbr(ci, co, k=3, s=1, groups=1, act=nn.ReLU):
+        return [nn.Conv2d(ci, co, k, s, k // 2, groups=groups, bias=False), nn.BatchNorm2d(co), act()]
+
+    class Res(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.body = nn.Sequential(*cbr(c, c), nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c))
+
+        def forward(self, x):
+            return torch.relu(x + self.body(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            if kind == "digits_cnn":  # tiny, native 8x8
+                self.size = 8
+                self.features = nn.Sequential(*cbr(1, 16), *cbr(16, 32), nn.MaxPool2d(2), *cbr(32, 64))
+                width = 64
+            elif kind == "digits_resnet":  # dense ResNet-style, 32x32 input
+                self.size = 32
+                self.features = nn.Sequential(*cbr(1, 32), *cbr(32, 64, s=2), Res(64), Res(64), *cbr(64, 128, s=2), Res(128))
+                width = 128
+            else:  # digits_mobilenet: depthwise/pointwise with ReLU6, 32x32 input
+                self.size = 32
+                layers = cbr(1, 32, act=nn.ReLU6)
+                for ci, co, s in [(32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1)]:
+                    layers += cbr(ci, ci, s=s, groups=ci, act=nn.ReLU6) + cbr(ci, co, k=1, act=nn.ReLU6)
+                self.features = nn.Sequential(*layers)
+                width = 256
+            self.fc = nn.Linear(width, 10)
+
+        def forward(self, x):
+            x = self.features(x)
+            return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    return Net()
+
+
+
+def train_digits(kind: str):
+    torch = _torch()
+    xtr, ytr, xte, yte = digits_split()
+    net = _digits_net(torch, kind)
+    size = net.size
+    x = torch.from_numpy(digits_preprocess(xtr, size))
+    y = torch.from_numpy(ytr.astype(np.int64))
+    opt = torch.optim.Adam(net.parameters(), 2e-3)
+    epochs = 15 if kind == "digits_cnn" else 8
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 4e-3, total_steps=epochs * ((len(x) + 31) // 32))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        net.train()
+        for idx in torch.randperm(len(x), generator=gen).split(32):
+            xb = x[idx] + 0.05 * torch.randn(len(idx), *x.shape[1:], generator=gen)
+            loss = torch.nn.functional.cross_entropy(net(xb), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    net.eval()
+    with torch.no_grad():
+        acc = (net(torch.from_numpy(digits_preprocess(xte, size))).argmax(1).numpy() == yte).mean()
+    return net, (1, 1, size, size), acc, {"x": xtr, "y": ytr}, {"x": xte, "y": yte}
+
+
+# ---------------------------------------------------------------- text lines (PIL-rendered)
+
+def _fonts():
+    from PIL import ImageFont
+
+    fonts = [ImageFont.load_default(size) for size in (20, 22, 24)]
+    for path in sorted(Path("/usr/share/fonts").rglob("DejaVuSans*.ttf"))[:6]:
+        fonts.append(ImageFont.truetype(str(path), 20))
+    return fonts
+
+
+def render_lines(count: int, seed: int, height: int = 32, width: int = 128):
+    """``count`` random lowercase/digit strings of 3-8 characters rendered as uint8 [N, 32, 128]
+    (dark text on a light, noisy background, random font, offset and contrast)."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    fonts = _fonts()
+    images = np.zeros((count, height, width), np.uint8)
+    texts = []
+    for i in range(count):
+        text = "".join(rng.choice(list(ALPHABET), rng.integers(3, 9)))
+        font = fonts[rng.integers(len(fonts))]
+        bg = int(rng.integers(170, 256))
+        img = Image.new("L", (width, height), bg)
+        draw = ImageDraw.Draw(img)
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        scale = min(1.0, (width - 4) / max(1, right - left))
+        if scale < 1.0:  # too wide: render larger canvas, then squeeze
+            big = Image.new("L", (right - left + 4, height), bg)
+            ImageDraw.Draw(big).text((2 - left, (height - (bottom - top)) // 2 - top), text, font=font, fill=int(rng.integers(0, 80)))
+            img = big.resize((width, height))
+        else:
+            x0 = int(rng.integers(0, max(1, width - (right - left) - 2))) - left
+            y0 = (height - (bottom - top)) // 2 - top + int(rng.integers(-2, 3))
+            draw.text((x0, y0), text, font=font, fill=int(rng.integers(0, 80)))
+        arr = np.asarray(img, np.float32) + rng.normal(0, 8, (height, width))
+        images[i] = np.clip(arr, 0, 255).astype(np.uint8)
+        texts.append(text)
+    return images, np.array(texts)
+
+
+
+
+def _text_net(torch):
+    nn = torch.nn
+
+    def cbr(ci, co, k=3, pad=1):
+        return [nn.Conv2d(ci, co, k, 1, pad, bias=False), nn.BatchNorm2d(co), nn.ReLU()]
+
+    class TextNet(nn.Module):
+        """Conv-only CTC recognizer: 32 x W -> W/4 steps."""
+
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(
+                *cbr(1, 32), nn.MaxPool2d(2),            # 16 x W/2
+                *cbr(32, 64), nn.MaxPool2d(2),           # 8 x W/4
+                *cbr(64, 128), *cbr(128, 128), nn.MaxPool2d((2, 1)),  # 4 x W/4
+                *cbr(128, 160, k=(4, 3), pad=(0, 1)),  # 1 x W/4
+            )
+            self.head = nn.Linear(160, 1 + len(ALPHABET))
+
+        def forward(self, x):
+            f = self.features(x).squeeze(2).permute(0, 2, 1)  # [N, W/4, 160]
+            return self.head(f).log_softmax(-1)
+
+    return TextNet()
+
+
+def train_text():
+    torch = _torch()
+    xtr, ttr = render_lines(6000, seed=1)
+    xte, tte = render_lines(400, seed=2)
+    net = _text_net(torch)
+    x = torch.from_numpy(text_preprocess(xtr))
+    targets = [torch.tensor([ALPHABET.index(c) + 1 for c in t]) for t in ttr]
+    opt = torch.optim.Adam(net.parameters(), 2e-3)
+    epochs = 12
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * ((len(x) + 63) // 64))
+    ctc = torch.nn.CTCLoss(blank=0, zero_infinity=True)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        net.train()
+        for idx in torch.randperm(len(x), generator=gen).split(64):
+            lp = net(x[idx]).permute(1, 0, 2)  # [T, N, C]
+            tg = [targets[i] for i in idx.tolist()]
+            loss = ctc(lp, torch.cat(tg), torch.full((len(idx),), lp.shape[0], dtype=torch.long),
+                       torch.tensor([len(t) for t in tg]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    net.eval()
+    with torch.no_grad():
+        pred = ctc_decode(net(torch.from_numpy(text_preprocess(xte))).numpy())
+    acc = float(np.mean([p == t for p, t in zip(pred, tte)]))
+    return net, (1, 1, 32, 128), acc, {"x": xtr[:256], "y": ttr[:256]}, {"x": xte, "y": tte}
+
+
+# ---------------------------------------------------------------- export
+
+TRAINERS = {
+    "digits_cnn": lambda: train_digits("digits_cnn"),
+    "digits_resnet": lambda: train_digits("digits_resnet"),
+    "digits_mobilenet": lambda: train_digits("digits_mobilenet"),
+    "text_crnn": train_text,
+}
+INPUT_NAMES = {"text_crnn": "line"}
+
+
+def build(name: str) -> float:
+    torch = _torch()
+    start = time.perf_counter()
+    net, shape, acc, calib, evaluation = TRAINERS[name]()
+    path = HERE / f"{name}.onnx"
+    dyn = {0: "batch", 3: "width"} if name == "text_crnn" else {0: "batch"}
+    inp = INPUT_NAMES.get(name, "image")
+    out = "log_probs" if name == "text_crnn" else "logits"
+    torch.onnx.export(net, (torch.randn(*shape),), str(path), dynamo=False, opset_version=13,
+                      input_names=[inp], output_names=[out], do_constant_folding=False,
+                      training=torch.onnx.TrainingMode.PRESERVE, dynamic_axes={inp: dyn, out: {0: "batch"}})
+    DATA.mkdir(exist_ok=True)
+    stem = "text_crnn" if name == "text_crnn" else "digits"  # the digits models share one split
+    np.savez_compressed(DATA / f"{stem}_calib.npz", **calib)
+    np.savez_compressed(DATA / f"{stem}_eval.npz", **evaluation)
+    print(f"{name}: test accuracy {acc:.4f}, trained+exported in {time.perf_counter() - start:.0f} s -> {path}")
+    return acc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=sorted(TRAINERS))
+    args = parser.parse_args(argv)
+    for name in args.only or TRAINERS:
+        build(name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

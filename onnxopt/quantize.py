@@ -1,0 +1,376 @@
+"""``onnxopt quantize``: static int8 QDQ quantization, guarded for latency and accuracy.
+
+Steps (DESIGN "Quantization design"):
+
+1. **Prepare**: refuse already-quantized models; run the default graph pipeline (BatchNorm and
+   constant affine ops folded into Conv/Gemm, cleanup, shape chains folded); upgrade the opset to
+   13 for per-channel weights (or fall back to per-tensor, with a warning); name every node.
+   Optional float-level recovery: cross-layer equalization (``--recover cle``).
+2. **Calibrate**, streaming (``onnxopt.calibrate``): one ORT run per batch with the needed tensors
+   as extra outputs.  Every 4th batch (up to 8) is held out for scoring instead.
+3. **Place** Q/DQ for the target EP (``passes/quantize_qdq.py``).
+4. **Latency guard**: each layer kind (dense conv, pointwise, depthwise, gemm) is tried quantized
+   and in float, whole-model latency on the target EP decides (median of alternating runs); the
+   result is never slower than fp32: if quantizing does not pay, the float model is written.
+5. **Accuracy budget**: score = the user's metric (``--metric module:function``, called with an ORT
+   session, higher is better) or by default the mean cosine similarity of the outputs to fp32 on
+   the held-out batches.  If ``fp32 score - score > max_drop``, layers are ranked by sensitivity
+   (quantize one alone, measure) and the most sensitive are kept in float until the budget holds.
+6. **Recovery** on the chosen recipe (``--recover``, default ``bias-correction``): bias correction
+   (per-channel mean output error, fp32 as teacher) and ``adaround`` (per-layer rounding chosen on
+   calibration activations).
+
+Validation is the budget: a result that misses it is not written (exit 3) unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxopt import __version__, calibrate, io, pipeline, runtime
+from onnxopt import data as data_mod
+from onnxopt.errors import BadInputError, UsageError, ValidationRefused
+from onnxopt.passes import quantize_qdq as qq
+from onnxopt.passes import recover
+
+logger = logging.getLogger("onnxopt")
+
+PREPARE_PIPELINE = pipeline.DEFAULT_PIPELINE
+RECOVERY = ("bias-correction", "cle", "adaround")
+DEFAULT_RECOVERY = ("bias-correction",)
+KIND_ORDER = ("depthwise", "pointwise", "conv", "gemm")
+LATENCY_MARGIN = 0.03  # a revert must win by more than this fraction to count as faster
+
+
+def load_metric(spec: str | None) -> Callable | None:
+    """``module:function`` -> the callable (the current directory is importable, as for pytest)."""
+    if spec is None:
+        return None
+    module, _, func = spec.partition(":")
+    if not module or not func:
+        raise UsageError(f"--metric '{spec}': expected module:function")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        fn = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as e:
+        raise UsageError(f"--metric '{spec}': {e}") from None
+    if not callable(fn):
+        raise UsageError(f"--metric '{spec}' is not callable")
+    return fn
+
+
+def weight_qmax(ep: str) -> int:
+    """127, or 63 on x86 CPUs without VNNI for the CPU EP: MLAS's u8 x s8 kernel there adds pairs
+    of products in int16 (vpmaddubsw), which saturates unless weights fit in 7 bits."""
+    if ep != "cpu":
+        return 127
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return 127
+    if "avx2" not in flags:
+        return 127
+    return 127 if ("avx512_vnni" in flags or "avx_vnni" in flags or "amx" in flags) else 63
+
+
+def prepare(model: ir.Model, per_channel: bool) -> tuple[ir.Model, bool, list[str]]:
+    """Graph cleanup and folding, opset >= 13 when per-channel is asked; returns the model, whether
+    per-channel is possible, and notes for the report."""
+    notes = []
+    already = qq.quant_ops(model)
+    if already:
+        ops = ", ".join(f"{k} x{v}" for k, v in sorted(already.items()))
+        raise BadInputError(f"the model is already quantized ({ops}); left alone, nothing written")
+    model = pipeline.run(model, pipeline.parse(PREPARE_PIPELINE)).model
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    if opset < 13:
+        try:
+            proto = onnx.version_converter.convert_version(ir.to_proto(model), 13)
+            model = ir.from_proto(proto)
+            notes.append(f"opset upgraded {opset} -> 13 for per-channel weights")
+        except Exception as e:  # noqa: BLE001 - the converter raises many kinds
+            if opset < 10:
+                raise BadInputError(f"opset {opset} has no QuantizeLinear and cannot be upgraded: {e}") from None
+            per_channel = False
+            notes.append(f"opset {opset} could not be upgraded ({str(e).splitlines()[0]}); weights per tensor")
+            logger.warning("%s", notes[-1])
+    for i, node in enumerate(model.graph):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph):  # unique names: plans refer to nodes by name
+        if node.name in seen:
+            node.name = f"{node.name}_{i}"
+        seen.add(node.name)
+    return model, per_channel, notes
+
+
+def serialize(model: ir.Model) -> bytes:
+    return ir.to_proto(model).SerializeToString()
+
+
+class Quantizer:
+    """Holds the prepared float model, calibration statistics and scoring data; builds and
+    measures candidate quantized models for a set of float-kept layers."""
+
+    def __init__(self, model: ir.Model, stats: calibrate.Stats, held_out: list[dict], recovery_set: list[dict],
+                 profile: qq.Profile, method: str, per_channel: bool, ep: str, metric: Callable | None,
+                 threads: int = 1):
+        self.model, self.stats, self.held_out, self.recovery_set = model, stats, held_out, recovery_set
+        self.profile, self.method, self.per_channel, self.ep, self.metric = profile, method, per_channel, ep, metric
+        self.threads = threads
+        self.float_bytes = serialize(model)
+        self.qmax = weight_qmax(ep)
+        self.candidates = qq.candidates(model)
+        full = qq.plan(model, profile)
+        self.ranges = stats.ranges(method, full.stats_names())
+        missing = [n for n in full.stats_names() if n not in self.ranges]
+        if missing:
+            raise BadInputError(f"calibration statistics lack {len(missing)} tensor(s) this model needs, e.g. "
+                                f"'{missing[0]}' (statistics from another model?)")
+        self.float_session = runtime.session(self.float_bytes, ep, threads)
+        self.reference = [runtime.run(self.float_session, f) for f in held_out]
+        self.float_score = self.score_session(self.float_session, self.reference)
+        self.recovery: tuple[str, ...] = ()
+
+    # ---------------------------------------------------------------- building
+    def build(self, exclude=frozenset(), recovery: tuple[str, ...] | None = None) -> tuple[ir.Model, qq.Plan]:
+        recovery = self.recovery if recovery is None else recovery
+        the_plan = qq.plan(self.model, self.profile, exclude)
+        model = self.model.clone()
+        weights = {}
+        if "adaround" in recovery:
+            weights = recover.adaround(model, the_plan, self.recovery_set, self.float_bytes, self.per_channel, self.qmax)
+        qq.QuantizeQDQ(the_plan, self.ranges, self.profile, self.per_channel, self.qmax, weights)(model)
+        if "bias-correction" in recovery:
+            recover.bias_correction(model, the_plan, self.float_bytes, self.recovery_set, self.ep)
+        model = pipeline.run(model, pipeline.parse("cleanup")).model
+        return model, the_plan
+
+    # ---------------------------------------------------------------- scoring
+    def score_session(self, sess, reference=None) -> float:
+        if self.metric is not None:
+            try:
+                return float(self.metric(sess))
+            except Exception as e:  # noqa: BLE001 - user code
+                raise UsageError(f"--metric failed: {type(e).__name__}: {e}") from None
+        cos = []
+        for feeds, ref in zip(self.held_out, reference or self.reference):
+            got = runtime.run_candidate(sess, feeds, list(ref))
+            for name, r in ref.items():
+                r64, g64 = np.asarray(r, np.float64).ravel(), np.asarray(got[name], np.float64).ravel()
+                den = np.linalg.norm(r64) * np.linalg.norm(g64)
+                cos.append(float(r64 @ g64 / den) if den else float(np.array_equal(r64, g64)))
+        return float(np.mean(cos))
+
+    def score(self, model: ir.Model) -> float:
+        return self.score_session(runtime.session(serialize(model), self.ep, self.threads))
+
+    def drop(self, model: ir.Model) -> float:
+        return self.float_score - self.score(model)
+
+    # ---------------------------------------------------------------- latency
+    def latency(self, models: list[bytes], runs: int = 15) -> list[float]:
+        """Median ms per model, runs alternating between the models (one process, fixed feeds)."""
+        feeds = self.held_out[0]
+        sessions = [runtime.session(m, self.ep, self.threads) for m in models]
+        inputs = [{k: v for k, v in feeds.items() if k in {i.name for i in s.get_inputs()}} for s in sessions]
+        for s, f in zip(sessions, inputs):
+            for _ in range(3):
+                s.run(None, f)
+        times: list[list[float]] = [[] for _ in sessions]
+        deadline = time.perf_counter() + 20.0
+        for _ in range(runs):
+            for i, (s, f) in enumerate(zip(sessions, inputs)):
+                t0 = time.perf_counter()
+                s.run(None, f)
+                times[i].append((time.perf_counter() - t0) * 1e3)
+            if time.perf_counter() > deadline:
+                break
+        return [float(np.median(t)) for t in times]
+
+
+def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, data: str | os.PathLike,
+             preprocess: str | None = None, method: str = "percentile", percentile: float = 99.99,
+             ep: str = "cpu", max_drop: float = 0.01, metric: str | None = None,
+             stats_in: str | os.PathLike | None = None, stats_out: str | os.PathLike | None = None,
+             recovery: tuple[str, ...] = DEFAULT_RECOVERY, latency_guard: bool = True,
+             per_channel: bool = True, force: bool = False, calib_limit: int | None = None,
+             threads: int = 1, progress: bool = False, exclude: tuple[str, ...] = ()) -> dict:
+    """Quantize ``input_path`` into ``output_path``; return the report dict (see module docstring).
+
+    Raises ValidationRefused (report attached) when the accuracy budget cannot be met and not
+    ``force``; nothing is written then."""
+    t_start = time.perf_counter()
+    if method not in calibrate.METHODS:
+        raise UsageError(f"--method '{method}': choose from {', '.join(calibrate.METHODS)}")
+    unknown = [r for r in recovery if r not in RECOVERY]
+    if unknown:
+        raise UsageError(f"--recover '{unknown[0]}': choose from {', '.join(RECOVERY)} or none")
+    if ep not in qq.PROFILES:
+        raise UsageError(f"--ep '{ep}': quantize targets {', '.join(qq.PROFILES)}")
+    runtime.provider(ep)
+    if io.same_file(input_path, output_path):
+        raise UsageError(f"output {output_path} is the input file; write the quantized model elsewhere")
+    io.check_writable(Path(output_path))
+    metric_fn = load_metric(metric)
+
+    model = io.load(input_path)
+    if next(io.external_tensors(model), None) is not None and io.weight_bytes(model) > (1 << 31):
+        raise BadInputError("models over 2 GB are not quantized yet (their weights would be held in memory twice)")
+    t0 = time.perf_counter()
+    model, per_channel, notes = prepare(model, per_channel)
+    if "cle" in recovery:
+        notes.append(f"cross-layer equalization: {recover.cle(model)['pairs equalized']} conv pairs")
+    float_bytes = serialize(model)
+    full = qq.plan(model, qq.PROFILES[ep])
+    if not full.targets:
+        raise BadInputError("nothing to quantize: no Conv, Gemm or MatMul with constant float weights in the main graph")
+
+    # ---- calibration (streaming) + held-out batches for scoring
+    stats_names = full.stats_names()
+    channel_axes = {}
+    held_out: list[dict] = []
+    recovery_set: list[dict] = []
+    calib_seconds = 0.0
+    tc = time.perf_counter()
+    plain = runtime.session(float_bytes, "cpu", threads, optimize=False)
+
+    def stream():
+        for i, feeds in enumerate(data_mod.batches(data, plain, preprocess, calib_limit)):
+            if i % 4 == 3 and len(held_out) < 8:
+                held_out.append(feeds)
+                continue
+            if len(recovery_set) < 8:
+                recovery_set.append(feeds)
+            yield feeds
+
+    if stats_in is not None:
+        stats = calibrate.Stats.load(stats_in)
+        for feeds in stream():  # still need held-out / recovery batches
+            for k, v in feeds.items():
+                if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
+                    raise BadInputError(f"data: input '{k}' contains NaN or Inf")
+            if len(held_out) >= 8 and len(recovery_set) >= 8:
+                break
+    else:
+        extra = runtime.session(runtime.with_outputs(ir.to_proto(model), stats_names), "cpu", threads, optimize=False)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(desc="calibrating", unit="batch", delay=2, leave=False)
+        try:
+            stats = calibrate.collect(extra, stats_names, stream(), channel_axes=channel_axes, bins=calibrate.DEFAULT_BINS,
+                                      progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        del extra
+        stats.source = str(data)
+        if stats_out is not None:
+            stats.save(stats_out)
+    calib_seconds = time.perf_counter() - tc
+    if not held_out:
+        held_out = recovery_set[-1:] or []
+    if not held_out:
+        raise BadInputError(f"{data}: no calibration batch was read")
+    del plain
+
+    profile = qq.PROFILES[ep]
+    q = Quantizer(model, stats, held_out, recovery_set, profile, method, per_channel, ep, metric_fn, threads)
+    if method == "percentile":
+        q.ranges = stats.ranges("percentile", full.stats_names(), p=percentile)
+    q.recovery = tuple(r for r in recovery if r != "cle")
+    kinds = q.candidates
+    excluded = {n for n, k in kinds.items() if k in profile.float_kinds} | set(exclude)
+    decisions: list[dict] = []
+
+    # ---- latency guard over layer kinds
+    if latency_guard:
+        for kind in KIND_ORDER:
+            members = {n for n, k in kinds.items() if k == kind}
+            if not members:
+                continue
+            with_q = serialize(q.build(frozenset(excluded - members))[0])
+            without = serialize(q.build(frozenset(excluded | members))[0])
+            t_q, t_f = q.latency([with_q, without])
+            keep = t_q < t_f * (1 - LATENCY_MARGIN) if members & excluded else t_q <= t_f * (1 + LATENCY_MARGIN)
+            decisions.append({"kind": kind, "layers": len(members), "quantized_ms": t_q, "float_ms": t_f,
+                              "quantized": bool(keep)})
+            excluded = excluded - members if keep else excluded | members
+
+    # ---- accuracy budget
+    candidate, the_plan = q.build(frozenset(excluded))
+    drop = q.drop(candidate)
+    sensitivity: list[dict] = []
+    if drop > max_drop:
+        quantized = [n for n in the_plan.primary()]
+        for name in quantized:
+            alone, _ = q.build(frozenset(set(kinds) - {name}))
+            sensitivity.append({"layer": name, "kind": kinds[name], "drop": q.drop(alone)})
+        sensitivity.sort(key=lambda s: -s["drop"])
+        for s in sensitivity:
+            if drop <= max_drop:
+                break
+            excluded.add(s["layer"])
+            candidate, the_plan = q.build(frozenset(excluded))
+            drop = q.drop(candidate)
+            s["kept_float"] = True
+
+    # ---- final latency check: never slower than fp32
+    cand_bytes = serialize(candidate)
+    t_q, t_f = q.latency([cand_bytes, float_bytes], runs=25)
+    wrote_float = False
+    if the_plan.targets and t_q > t_f:
+        logger.warning("the quantized model is slower than fp32 on %s (%.3f vs %.3f ms); writing the float model",
+                       ep, t_q, t_f)
+        candidate, the_plan, drop, wrote_float = model, qq.plan(model, profile, frozenset(kinds)), 0.0, True
+        t_q = t_f
+    quantize_seconds = time.perf_counter() - t0
+
+    report: dict = {
+        "tool": "onnxopt", "version": __version__, "command": "quantize",
+        "input": {"path": str(input_path)},
+        "ep": ep, "method": method, "percentile": percentile if method == "percentile" else None,
+        "per_channel": per_channel, "weight_bits": 8 if q.qmax == 127 else 7,
+        "activation_type": profile.activation, "notes": notes,
+        "calibration": {"batches": stats.batches, "held_out": len(held_out), "tensors": len(stats.tensors),
+                        "bins": stats.bins, "seconds": calib_seconds, "stats_file": str(stats_in or stats_out or "") or None},
+        "recipe": {**the_plan.describe(), "recovery": list(q.recovery) + (["cle"] if "cle" in recovery else []),
+                   "latency_decisions": decisions, "sensitivity": sensitivity},
+        "accuracy": {"metric": metric or "cosine", "float": q.float_score, "quantized": q.float_score - drop,
+                     "drop": drop, "max_drop": max_drop},
+        "latency": {"float_ms": t_f, "quantized_ms": t_q, "speedup": t_f / t_q if t_q else None, "threads": threads},
+        "wrote_float_model": wrote_float,
+        "seconds_quantize": quantize_seconds,
+    }
+    ok = drop <= max_drop
+    with io.StagedModel(candidate, output_path) as staged:
+        report["output"] = {"path": str(output_path), "file_bytes": staged.size_bytes()}
+        if not ok and not force:
+            report["written"] = False
+            report["seconds"] = time.perf_counter() - t_start
+            raise ValidationRefused(f"quantized model not written: {report['accuracy']['metric']} drop {drop:.4g} > "
+                                    f"--max-drop {max_drop:g} even with every layer in float", report)
+        staged.commit()
+    report["written"] = True
+    report["seconds"] = time.perf_counter() - t_start
+    return report
+
+
+def feeds_from(data: str | os.PathLike, model_bytes: bytes, preprocess: str | None = None,
+               limit: int | None = None) -> list[Mapping[str, np.ndarray]]:
+    """Batches of ``data`` checked against a model (tests and the benchmark use this)."""
+    sess = runtime.session(model_bytes, "cpu")
+    return list(data_mod.batches(data, sess, preprocess, limit))

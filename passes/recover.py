@@ -1,0 +1,211 @@
+"""Accuracy recovery without training, the fp32 model as teacher (quantize ``--recover``).
+
+- ``cle`` (cross-layer equalization, Nagel et al. 2019), on the *float* model before calibration:
+  for Conv -> [ReLU] -> Conv pairs where the first output feeds only the second (through at most
+  a ReLU), output channel c of the first is divided by ``s_c = sqrt(r1_c / r2_c)`` and the matching
+  input channel of the second multiplied by it (r = per-channel max |W|).  ReLU is positively
+  homogeneous, so outputs are unchanged in float while per-channel weight ranges even out (what
+  per-tensor and depthwise weights need).  Cost: O(weights).
+- ``bias-correction``, after Q/DQ insertion: the mean per-channel error of each quantized layer's
+  output (quantized model minus float model, on the recovery batches) is subtracted from its
+  int32 bias.  Cost: two ORT runs per recovery batch.
+- ``adaround``: per-layer rounding of the int8 weights chosen to minimize the layer's output error
+  on calibration activations instead of rounding to nearest: error-feedback rounding over input
+  channels with the inverse input Hessian (the closed-form GPTQ/OBQ solution of AdaRound's
+  objective, no training).  Cost per layer: O(K^3 + K^2 N) for K inputs, N outputs; layers with
+  K > 4608 keep round-to-nearest.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import runtime
+from onnxopt.base import constant, is_constant
+
+MAX_K = 4608
+MAX_ROWS = 8192
+
+
+# ---------------------------------------------------------------- cross-layer equalization
+
+def _single_user(value: ir.Value):
+    users = list(value.uses())
+    return users[0].node if len(users) == 1 and not value.is_graph_output() else None
+
+
+def cle(model: ir.Model) -> collections.Counter:
+    """Equalize Conv->[Relu]->Conv pairs of the main graph in place; returns counts."""
+    changed = collections.Counter()
+    for first in list(model.graph):
+        if first.op_type != "Conv" or not is_constant(first.inputs[1]):
+            continue
+        nxt = _single_user(first.outputs[0])
+        if nxt is not None and nxt.op_type == "Relu":
+            nxt = _single_user(nxt.outputs[0])
+        if nxt is None or nxt.op_type != "Conv" or not is_constant(nxt.inputs[1]) or nxt.inputs[0] is None:
+            continue
+        w1, w2 = constant(first.inputs[1]).astype(np.float64), constant(nxt.inputs[1]).astype(np.float64)
+        g1 = first.attributes["group"].as_int() if "group" in first.attributes else 1
+        g2 = nxt.attributes["group"].as_int() if "group" in nxt.attributes else 1
+        c = w1.shape[0]
+        depthwise2 = g2 == c and w2.shape[0] == c and w2.shape[1] == 1
+        if not (g2 == 1 and w2.shape[1] == c) and not depthwise2:
+            continue
+        r1 = np.abs(w1).reshape(c, -1).max(1)
+        r2 = np.abs(w2).reshape(c, -1).max(1) if depthwise2 else np.abs(w2).transpose(1, 0, *range(2, w2.ndim)).reshape(c, -1).max(1)
+        ok = (r1 > 0) & (r2 > 0)
+        s = np.ones(c)
+        s[ok] = np.sqrt(r1[ok] / r2[ok])
+        if g1 not in (1, c) or np.allclose(s, 1.0, rtol=0.05):
+            continue
+        shape1 = (c,) + (1,) * (w1.ndim - 1)
+        new_w1 = w1 / s.reshape(shape1)
+        if depthwise2:
+            new_w2 = w2 * s.reshape((c,) + (1,) * (w2.ndim - 1))
+        else:
+            new_w2 = w2 * s.reshape((1, c) + (1,) * (w2.ndim - 2))
+        _set_const(first, 1, new_w1.astype(np.float32))
+        _set_const(nxt, 1, new_w2.astype(np.float32))
+        if len(first.inputs) > 2 and first.inputs[2] is not None:
+            _set_const(first, 2, (constant(first.inputs[2]).astype(np.float64) / s).astype(np.float32))
+        changed["pairs equalized"] += 1
+    return changed
+
+
+def _set_const(node: ir.Node, index: int, array: np.ndarray) -> None:
+    from onnxopt.base import add_initializer
+
+    node.replace_input_with(index, add_initializer(node.graph, f"{node.name}_cle_{index}", array))
+
+
+# ---------------------------------------------------------------- bias correction
+
+def _output_axis(node: ir.Node) -> int:
+    return 1 if node.op_type == "Conv" else -1
+
+
+def bias_correction(model: ir.Model, the_plan, float_bytes: bytes, batches: list[dict], ep: str) -> collections.Counter:
+    """Shift each quantized layer's int32 bias by its mean per-channel output error."""
+    changed = collections.Counter()
+    nodes = {n.name: n for n in model.graph}
+    layers = [nodes[t] for t in the_plan.primary()
+              if len(nodes[t].inputs) > 2 and nodes[t].inputs[2] is not None
+              and nodes[t].inputs[2].producer() is not None
+              and nodes[t].inputs[2].producer().op_type == "DequantizeLinear"]
+    if not layers or not batches:
+        return changed
+    names = [n.outputs[0].name for n in layers]
+    import onnx
+
+    f_sess = runtime.session(runtime.with_outputs(onnx.load_from_string(float_bytes), names), "cpu", None)
+    q_sess = runtime.session(runtime.with_outputs(ir.to_proto(model), names), ep, None)
+    sums: dict[str, np.ndarray] = {}
+    for feeds in batches:
+        f = runtime.run_candidate(f_sess, feeds, names)
+        q = runtime.run_candidate(q_sess, feeds, names)
+        for node, name in zip(layers, names):
+            diff = q[name].astype(np.float64) - f[name].astype(np.float64)
+            axis = _output_axis(node) % diff.ndim
+            red = tuple(i for i in range(diff.ndim) if i != axis)
+            sums[name] = sums.get(name, 0) + diff.mean(axis=red)
+    for node, name in zip(layers, names):
+        err = sums[name] / len(batches)
+        dq = node.inputs[2].producer()
+        b_q, s_b = dq.inputs[0].const_value.numpy(), dq.inputs[1].const_value.numpy().astype(np.float64)
+        new = np.clip(np.round(b_q.astype(np.float64) - err / s_b), -(2**31) + 1, 2**31 - 1).astype(np.int32)
+        dq.inputs[0].const_value = ir.tensor(new, name=dq.inputs[0].name)
+        changed["biases corrected"] += 1
+    return changed
+
+
+# ---------------------------------------------------------------- adaround (error-feedback rounding)
+
+def _rows(x: np.ndarray, node: ir.Node, rng: np.random.Generator) -> np.ndarray | None:
+    """Input rows [n, K] as the layer sees them (im2col for 2-D Conv), sampled to MAX_ROWS."""
+    if node.op_type != "Conv":
+        rows = x.reshape(-1, x.shape[-1])
+    else:
+        w = node.inputs[1].const_value
+        if x.ndim != 4 or len(w.shape) != 4:
+            return None
+        a = node.attributes
+        kh, kw = int(w.shape[2]), int(w.shape[3])
+        pads = a["pads"].as_ints() if "pads" in a else [0, 0, 0, 0]
+        strides = a["strides"].as_ints() if "strides" in a else [1, 1]
+        dil = a["dilations"].as_ints() if "dilations" in a else [1, 1]
+        if any(d != 1 for d in dil):
+            return None
+        xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+        win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::strides[0], ::strides[1]]
+        n, c, oh, ow = win.shape[:4]
+        rows = win.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, c * kh * kw)
+    if len(rows) > MAX_ROWS:
+        rows = rows[rng.choice(len(rows), MAX_ROWS, replace=False)]
+    return rows.astype(np.float64)
+
+
+def adaround(model: ir.Model, the_plan, batches: list[dict], float_bytes: bytes, per_channel: bool,
+             qmax: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Int8 weights (and their scales) by node name for the plan's dense layers, rounded to
+    minimize ||X W - X W_q||^2 on the recovery batches' float activations."""
+    from onnxopt.passes.quantize_qdq import _weight_axis, weight_params
+    import onnx
+
+    nodes = {n.name: n for n in model.graph}
+    layers = [nodes[t] for t in the_plan.primary() if the_plan.kinds[t] in ("conv", "pointwise", "gemm")]
+    if not layers or not batches:
+        return {}
+    names = sorted({n.inputs[0].name for n in layers})
+    sess = runtime.session(runtime.with_outputs(onnx.load_from_string(float_bytes), names), "cpu", None)
+    rng = np.random.default_rng(0)
+    hess: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = collections.Counter()
+    for feeds in batches:
+        acts = runtime.run_candidate(sess, feeds, names)
+        for node in layers:
+            rows = _rows(acts[node.inputs[0].name], node, rng)
+            if rows is None or rows.shape[1] > MAX_K:
+                continue
+            hess[node.name] = hess.get(node.name, 0) + rows.T @ rows
+            counts[node.name] += len(rows)
+    out = {}
+    for node in layers:
+        if node.name not in hess:
+            continue
+        w = node.inputs[1].const_value.numpy().astype(np.float64)
+        axis = _weight_axis(node) if per_channel else None
+        _, scale = weight_params(w.astype(np.float32), axis, qmax)
+        # work as [K, N]: K = input features (rows of X), N = output channels
+        if node.op_type == "Conv":
+            wk = w.reshape(w.shape[0], -1).T
+        elif axis == 0:  # Gemm transB: [N, K]
+            wk = w.T
+        else:
+            wk = w
+        s = np.broadcast_to(np.asarray(scale, np.float64), (wk.shape[1],))
+        q = _error_feedback(wk, s, hess[node.name] / counts[node.name], qmax)
+        q = q.T.reshape(w.shape) if node.op_type == "Conv" else (q.T if axis == 0 else q)
+        out[node.name] = (q.astype(np.int8), scale)
+    return out
+
+
+def _error_feedback(w: np.ndarray, s: np.ndarray, h: np.ndarray, qmax: int) -> np.ndarray:
+    """Quantize rows of w [K, N] in order, pushing each row's rounding error onto the rows not yet
+    quantized through the inverse Hessian (Cholesky form), as GPTQ/OBQ do."""
+    k = h.shape[0]
+    h = h + np.eye(k) * (0.01 * np.mean(np.diag(h)) + 1e-8)
+    try:
+        u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper
+    except np.linalg.LinAlgError:
+        return np.clip(np.round(w / s), -qmax, qmax)
+    w = w.copy()
+    q = np.zeros_like(w)
+    for i in range(k):
+        q[i] = np.clip(np.round(w[i] / s), -qmax, qmax)
+        err = (w[i] - q[i] * s) / u[i, i]
+        w[i + 1:] -= np.outer(u[i, i + 1:], err)
+    return q
