@@ -97,6 +97,22 @@ def write_calibration(name: str, folder: str | Path, batches: int = 16, batch_si
     return folder
 
 
+def write_random_calibration(model_path: str | Path, folder: str | Path, batches: int = 16,
+                             shapes: dict | None = None) -> Path:
+    """Calibration batches for the untrained reference models: onnxopt's synthesized inputs
+    (standard normal floats, small ints, padding masks), a different seed per batch."""
+    import onnxruntime as ort
+
+    from onnxopt import runtime
+
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for b in range(batches):
+        np.savez(folder / f"batch_{b:04d}.npz", **runtime.synthesize(sess, shapes, seed=b, quiet=True))
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="calibration folders for the trained reference models")
     sub = parser.add_subparsers(dest="cmd", required=True)

@@ -191,7 +191,8 @@ def optimize(model, output, pipeline_text, report_path, ep_text, shapes, data, p
 @click.option("--calib-batches", type=int, default=None, help="Read at most this many --data batches.")
 @click.option("--exclude", multiple=True, help="Keep this node in float (repeatable).")
 @click.option("--latency-guard/--no-latency-guard", default=True, show_default=True,
-              help="Keep in float the layer kinds that run slower quantized on --ep.")
+              help="Keep in float the layers that run slower quantized on --ep, and write the float model if the "
+                   "result is slower than fp32 (--no-latency-guard: quantize regardless, e.g. for size).")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales per output channel.")
 @click.option("--force", is_flag=True, help="Write the result even when the accuracy budget is missed.")
 @click.option("--report", "report_path", type=click.Path(), default=None, help="Write a report: .json, .md or .html.")

@@ -49,7 +49,8 @@ PREPARE_PIPELINE = pipeline.DEFAULT_PIPELINE
 RECOVERY = ("bias-correction", "cle", "adaround")
 DEFAULT_RECOVERY = ("bias-correction",)
 KIND_ORDER = ("depthwise", "pointwise", "conv", "gemm")
-LATENCY_MARGIN = 0.03  # a revert must win by more than this fraction to count as faster
+LATENCY_MARGIN = 0.03
+PER_LAYER_GUARD = 24  # layers tried one by one in float after the per-kind decisions  # a revert must win by more than this fraction to count as faster
 
 
 def load_metric(spec: str | None) -> Callable | None:
@@ -92,6 +93,11 @@ def prepare(model: ir.Model, per_channel: bool) -> tuple[ir.Model, bool, list[st
     if already:
         ops = ", ".join(f"{k} x{v}" for k, v in sorted(already.items()))
         raise BadInputError(f"the model is already quantized ({ops}); left alone, nothing written")
+    overridable = [v for v in model.graph.inputs if v.const_value is not None]
+    if overridable:  # keep_initializers_as_inputs: int8 weights cannot stay overridable float inputs
+        for v in overridable:
+            model.graph.inputs.remove(v)
+        notes.append(f"{len(overridable)} initializer(s) removed from the graph inputs (they become fixed weights)")
     model = pipeline.run(model, pipeline.parse(PREPARE_PIPELINE)).model
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     if opset < 13:
@@ -309,6 +315,18 @@ def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, d
             decisions.append({"kind": kind, "layers": len(members), "quantized_ms": t_q, "float_ms": t_f,
                               "quantized": bool(keep)})
             excluded = excluded - members if keep else excluded | members
+        # then layer by layer (bounded: at most PER_LAYER_GUARD layers), cheapest layers first,
+        # since a kind that pays overall may hold single layers that do not (e.g. a 1-channel stem)
+        quantized = [n for n in q.candidates if n not in excluded]
+        if len(quantized) <= PER_LAYER_GUARD:
+            base = serialize(q.build(frozenset(excluded))[0])
+            for name in quantized:
+                trial = serialize(q.build(frozenset(excluded | {name}))[0])
+                t_q, t_f = q.latency([base, trial])
+                if t_f < t_q * (1 - LATENCY_MARGIN):
+                    excluded.add(name)
+                    base = trial
+                    decisions.append({"layer": name, "quantized_ms": t_q, "float_ms": t_f, "quantized": False})
 
     # ---- accuracy budget
     candidate, the_plan = q.build(frozenset(excluded))
@@ -329,10 +347,13 @@ def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, d
             s["kept_float"] = True
 
     # ---- final latency check: never slower than fp32
-    cand_bytes = serialize(candidate)
-    t_q, t_f = q.latency([cand_bytes, float_bytes], runs=25)
-    wrote_float = False
-    if the_plan.targets and t_q > t_f:
+    wrote_float = not the_plan.targets
+    if wrote_float:  # every layer ended in float: the candidate is the prepared float model
+        candidate = model
+        t_q = t_f = q.latency([float_bytes], runs=25)[0]
+    else:
+        t_q, t_f = q.latency([serialize(candidate), float_bytes], runs=25)
+    if latency_guard and not wrote_float and t_q > t_f:
         logger.warning("the quantized model is slower than fp32 on %s (%.3f vs %.3f ms); writing the float model",
                        ep, t_q, t_f)
         candidate, the_plan, drop, wrote_float = model, qq.plan(model, profile, frozenset(kinds)), 0.0, True
