@@ -47,7 +47,7 @@ logger = logging.getLogger("onnxopt")
 
 PREPARE_PIPELINE = pipeline.DEFAULT_PIPELINE
 RECOVERY = ("bias-correction", "cle", "adaround")
-DEFAULT_RECOVERY = ("bias-correction",)
+DEFAULT_RECOVERY = ("bias-correction", "adaround")
 KIND_ORDER = ("depthwise", "pointwise", "conv", "gemm")
 LATENCY_MARGIN = 0.03
 PER_LAYER_GUARD = 24  # layers tried one by one in float after the per-kind decisions  # a revert must win by more than this fraction to count as faster
@@ -160,7 +160,7 @@ class Quantizer:
             weights = recover.adaround(model, the_plan, self.recovery_set, self.float_bytes, self.per_channel, self.qmax)
         qq.QuantizeQDQ(the_plan, self.ranges, self.profile, self.per_channel, self.qmax, weights)(model)
         if "bias-correction" in recovery:
-            recover.bias_correction(model, the_plan, self.float_bytes, self.recovery_set, self.ep)
+            recover.bias_correction(model, the_plan, self.model, self.recovery_set)
         model = pipeline.run(model, pipeline.parse("cleanup")).model
         return model, the_plan
 
