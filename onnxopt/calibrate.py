@@ -28,8 +28,8 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -223,8 +223,8 @@ class Stats:
                 tensors = {}
                 for i, m in enumerate(meta["tensors"]):
                     tensors[m["name"]] = TensorStats(
-                        m["min"], m["max"], m["lo"], m["width"], z[f"hist{i}"] if f"hist{i}" in z else None,
-                        m["count"], m["channel_axis"], z[f"chsum{i}"] if f"chsum{i}" in z else None, m["channel_count"])
+                        m["min"], m["max"], m["lo"], m["width"], z.get(f"hist{i}"),
+                        m["count"], m["channel_axis"], z.get(f"chsum{i}"), m["channel_count"])
         except (OSError, ValueError, KeyError) as e:
             raise BadInputError(f"{path}: cannot read calibration statistics: {e}") from None
         return cls(tensors, meta["batches"], meta["bins"], meta.get("source", ""))

@@ -30,8 +30,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 import onnx
@@ -39,7 +39,7 @@ import onnx_ir as ir
 
 from onnxopt import __version__, calibrate, io, pipeline, runtime
 from onnxopt import data as data_mod
-from onnxopt.errors import BadInputError, UsageError, ValidationRefused
+from onnxopt.errors import BadInputError, InternalError, OnnxoptError, UsageError, ValidationRefused
 from onnxopt.passes import quantize_qdq as qq
 from onnxopt.passes import recover
 
@@ -207,7 +207,20 @@ class Quantizer:
         return [float(np.median(t)) for t in times]
 
 
-def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, data: str | os.PathLike,
+def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, **options) -> dict:
+    """Quantize ``input_path`` into ``output_path`` (options: see ``_quantize``); a crash inside is
+    one InternalError line (exit 4) and nothing is written."""
+    try:
+        return _quantize(input_path, output_path, **options)
+    except (OnnxoptError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        logger.debug("quantize failed", exc_info=True)
+        raise InternalError(f"quantize failed ({type(e).__name__}: {e}); nothing was written; "
+                            f"please report it (-vv shows the traceback)") from e
+
+
+def _quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, data: str | os.PathLike,
              preprocess: str | None = None, method: str = "percentile", percentile: float = 99.99,
              ep: str = "cpu", max_drop: float = 0.01, metric: str | None = None,
              stats_in: str | os.PathLike | None = None, stats_out: str | os.PathLike | None = None,
@@ -291,7 +304,6 @@ def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, d
         held_out = recovery_set[-1:] or []
     if not held_out:
         raise BadInputError(f"{data}: no calibration batch was read")
-    del plain
 
     profile = qq.PROFILES[ep]
     q = Quantizer(model, stats, held_out, recovery_set, profile, method, per_channel, ep, metric_fn, threads)

@@ -1,6 +1,6 @@
 """Report dicts -> JSON, Markdown or one self-contained HTML file (written atomically).
 
-Every report is a dict with ``"command"`` in optimize / validate / bench; its JSON form follows
+Every report is a dict with ``"command"`` in optimize / validate / bench / quantize; its JSON form follows
 ``docs/report.schema.json``.  HTML embeds its SVG plots (onnxopt.plots) and style: no network.
 """
 
@@ -179,7 +179,65 @@ def markdown_bench(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-MARKDOWN = {"optimize": markdown_optimize, "validate": markdown_validate, "bench": markdown_bench}
+
+def _quantize_rows(report: dict) -> tuple[list[list], list[list]]:
+    acc, lat, r = report["accuracy"], report["latency"], report["recipe"]
+    summary = [["metric", acc["metric"]], ["float score", _num(acc["float"], ".5f")],
+               ["quantized score", _num(acc["quantized"], ".5f")], ["drop (budget)", f"{_num(acc['drop'], '.5f')} ({acc['max_drop']:g})"],
+               ["latency float -> int8", f"{_num(lat['float_ms'])} -> {_num(lat['quantized_ms'])} ms ({_num(lat['speedup'], '.2f')}x, "
+                                        f"{lat['threads']} thread, {report['ep']})"],
+               ["layers int8 / float", f"{r['quantized_layers']} / {len(r['float_layers'])}"],
+               ["method", report["method"] + (f" p={report['percentile']}" if report.get("percentile") else "")],
+               ["weights", f"int{report['weight_bits']} {'per-channel' if report['per_channel'] else 'per-tensor'}, "
+                           f"activations {report['activation_type']}"],
+               ["recovery", ", ".join(r["recovery"]) or "none"],
+               ["calibration", f"{report['calibration']['batches']} batches ({report['calibration']['held_out']} held out), "
+                               f"{report['calibration']['tensors']} tensors, {report['calibration']['bins']} bins"],
+               ["written", "float model (quantizing was slower)" if report.get("wrote_float_model") else
+                ("yes" if report.get("written") else "no")]]
+    decisions = [[d.get("kind") or d.get("layer"), _num(d["quantized_ms"]), _num(d["float_ms"]), "int8" if d["quantized"] else "float"]
+                 for d in r["latency_decisions"]]
+    return summary, decisions
+
+
+def markdown_quantize(report: dict) -> str:
+    summary, decisions = _quantize_rows(report)
+    lines = [f"# onnxopt quantize: {os.path.basename(report['input']['path'])}", "", "| | |", "|---|---|"]
+    lines += [f"| {a} | {b} |" for a, b in summary]
+    if report["notes"]:
+        lines += ["", *[f"- {n}" for n in report["notes"]]]
+    if decisions:
+        lines += ["", "## Latency guard", "", "| kind / layer | int8 ms | float ms | kept |", "|---|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in decisions]
+    sens = report["recipe"]["sensitivity"]
+    if sens:
+        lines += ["", "## Sensitivity (drop with only this layer quantized)", "", "| layer | kind | drop | kept float |", "|---|---|---|---|"]
+        lines += [f"| {s['layer']} | {s['kind']} | {_num(s['drop'], '.5f')} | {'yes' if s.get('kept_float') else ''} |" for s in sens]
+    return "\n".join(lines) + "\n"
+
+
+def html_quantize(report: dict) -> str:
+    summary, decisions = _quantize_rows(report)
+    parts = [_table(["", ""], [[html.escape(str(a)), html.escape(str(b))] for a, b in summary])]
+    if report["notes"]:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in report["notes"]) + "</ul>")
+    lat = report["latency"]
+    parts.append(plots.bars("Latency (ms, median)", ["model"], {"float": [lat["float_ms"]], "int8": [lat["quantized_ms"]]}))
+    if decisions:
+        parts.append("<h2>Latency guard</h2>" + _table(["kind / layer", "int8 ms", "float ms", "kept"],
+                                                        [[html.escape(str(a)), b, c, d] for a, b, c, d in decisions]))
+        parts.append(plots.bars("Latency guard: model latency (ms) with each kind int8 vs float",
+                                [str(d[0]) for d in decisions],
+                                {"int8": [float(d["quantized_ms"]) for d in report["recipe"]["latency_decisions"]],
+                                 "float": [float(d["float_ms"]) for d in report["recipe"]["latency_decisions"]]}))
+    sens = report["recipe"]["sensitivity"]
+    if sens:
+        parts.append("<h2>Sensitivity</h2>" + plots.bars("Metric drop with only this layer quantized",
+                                                          [s["layer"] for s in sens][:30], {"drop": [max(s["drop"], 0.0) for s in sens][:30]}))
+    return _page(f"onnxopt quantize: {os.path.basename(report['input']['path'])}", "".join(parts))
+
+MARKDOWN = {"optimize": markdown_optimize, "validate": markdown_validate, "bench": markdown_bench,
+            "quantize": markdown_quantize}
 
 
 # ---------------------------------------------------------------- HTML
@@ -292,4 +350,4 @@ def html_bench(report: dict) -> str:
     return _page("onnxopt bench", "".join(parts))
 
 
-HTML = {"optimize": html_optimize, "validate": html_validate, "bench": html_bench}
+HTML = {"optimize": html_optimize, "validate": html_validate, "bench": html_bench, "quantize": html_quantize}

@@ -170,8 +170,8 @@ def adaround(model: ir.Model, the_plan, batches: list[dict], float_bytes: bytes,
              qmax: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Int8 weights (and their scales) by node name for the plan's dense layers, rounded to
     minimize ||X W - X W_q||^2 on the recovery batches' float activations."""
-    from onnxopt.passes.quantize_qdq import _weight_axis, weight_params
     import onnx
+    from onnxopt.passes.quantize_qdq import _weight_axis, weight_params
 
     nodes = {n.name: n for n in model.graph}
     layers = [nodes[t] for t in the_plan.primary() if the_plan.kinds[t] in ("conv", "pointwise", "gemm")]

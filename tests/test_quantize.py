@@ -237,3 +237,22 @@ def test_usage_errors(cli, tmp_path):
         assert r.exit_code == 1 and msg in r.output, (args, r.output)
     r = cli("quantize", src, "-o", tmp_path / "q.onnx")
     assert r.exit_code == 1 and "--data" in r.output
+
+
+def test_quantize_reports_follow_schema(cli, tmp_path, digits_calib):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((ROOT / "docs" / "report.schema.json").read_text())
+    src = ROOT / "models" / "digits_cnn.onnx"
+    r = cli("quantize", src, "-o", tmp_path / "q.onnx", "--data", digits_calib["digits_cnn"], "--report", tmp_path / "q.json",
+            "--max-drop", "0", "--force")  # a zero budget forces the sensitivity ranking into the report
+    assert r.exit_code in (0, 3), r.output
+    report = json.loads((tmp_path / "q.json").read_text())
+    jsonschema.validate(report, schema)
+    from onnxopt import report as report_mod
+
+    md = report_mod.render(report, ".md")
+    html = report_mod.render(report, ".html")
+    assert "| drop (budget) |" in md and "<svg" in html and "Latency" in html
+    if report["accuracy"]["drop"] > 0:
+        assert report["recipe"]["sensitivity"], "a missed budget ranks layers by sensitivity"
+        assert "Sensitivity" in md
