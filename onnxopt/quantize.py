@@ -71,20 +71,6 @@ def load_metric(spec: str | None) -> Callable | None:
     return fn
 
 
-def weight_qmax(ep: str) -> int:
-    """127, or 63 on x86 CPUs without VNNI for the CPU EP: MLAS's u8 x s8 kernel there adds pairs
-    of products in int16 (vpmaddubsw), which saturates unless weights fit in 7 bits."""
-    if ep != "cpu":
-        return 127
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return 127
-    if "avx2" not in flags:
-        return 127
-    return 127 if ("avx512_vnni" in flags or "avx_vnni" in flags or "amx" in flags) else 63
-
-
 def prepare(model: ir.Model, per_channel: bool) -> tuple[ir.Model, bool, list[str]]:
     """Graph cleanup and folding, opset >= 13 when per-channel is asked; returns the model, whether
     per-channel is possible, and notes for the report."""
@@ -137,7 +123,7 @@ class Quantizer:
         self.profile, self.method, self.per_channel, self.ep, self.metric = profile, method, per_channel, ep, metric
         self.threads = threads
         self.float_bytes = serialize(model)
-        self.qmax = weight_qmax(ep)
+        self.qmax = qq.weight_qmax(ep)
         self.candidates = qq.candidates(model)
         full = qq.plan(model, profile)
         self.ranges = stats.ranges(method, full.stats_names())
