@@ -36,6 +36,21 @@ def _torch():
     return torch
 
 
+def _fit(torch, net, count: int, batch: int, epochs: int, max_lr: float, loss_of, gen) -> None:
+    """Adam with a one-cycle schedule over shuffled mini-batches; ``loss_of(indices)`` -> loss."""
+    opt = torch.optim.Adam(net.parameters(), 2e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr, total_steps=epochs * ((count + batch - 1) // batch))
+    for _ in range(epochs):
+        net.train()
+        for idx in torch.randperm(count, generator=gen).split(batch):
+            loss = loss_of(idx)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    net.eval()
+
+
 # ---------------------------------------------------------------- digits (scikit-learn load_digits)
 
 def digits_split():
@@ -99,20 +114,13 @@ def train_digits(kind: str):
     size = net.size
     x = torch.from_numpy(digits_preprocess(xtr, size))
     y = torch.from_numpy(ytr.astype(np.int64))
-    opt = torch.optim.Adam(net.parameters(), 2e-3)
-    epochs = 15 if kind == "digits_cnn" else 8
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 4e-3, total_steps=epochs * ((len(x) + 31) // 32))
     gen = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        net.train()
-        for idx in torch.randperm(len(x), generator=gen).split(32):
-            xb = x[idx] + 0.05 * torch.randn(len(idx), *x.shape[1:], generator=gen)
-            loss = torch.nn.functional.cross_entropy(net(xb), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    net.eval()
+
+    def loss(idx):
+        xb = x[idx] + 0.05 * torch.randn(len(idx), *x.shape[1:], generator=gen)
+        return torch.nn.functional.cross_entropy(net(xb), y[idx])
+
+    _fit(torch, net, len(x), 32, 15 if kind == "digits_cnn" else 8, 4e-3, loss, gen)
     with torch.no_grad():
         acc = (net(torch.from_numpy(digits_preprocess(xte, size))).argmax(1).numpy() == yte).mean()
     return net, (1, 1, size, size), acc, {"x": xtr, "y": ytr}, {"x": xte, "y": yte}
@@ -195,23 +203,15 @@ def train_text():
     net = _text_net(torch)
     x = torch.from_numpy(text_preprocess(xtr))
     targets = [torch.tensor([ALPHABET.index(c) + 1 for c in t]) for t in ttr]
-    opt = torch.optim.Adam(net.parameters(), 2e-3)
-    epochs = 12
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * ((len(x) + 63) // 64))
     ctc = torch.nn.CTCLoss(blank=0, zero_infinity=True)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        net.train()
-        for idx in torch.randperm(len(x), generator=gen).split(64):
-            lp = net(x[idx]).permute(1, 0, 2)  # [T, N, C]
-            tg = [targets[i] for i in idx.tolist()]
-            loss = ctc(lp, torch.cat(tg), torch.full((len(idx),), lp.shape[0], dtype=torch.long),
-                       torch.tensor([len(t) for t in tg]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    net.eval()
+
+    def loss(idx):
+        lp = net(x[idx]).permute(1, 0, 2)  # [T, N, C]
+        tg = [targets[i] for i in idx.tolist()]
+        return ctc(lp, torch.cat(tg), torch.full((len(idx),), lp.shape[0], dtype=torch.long),
+                   torch.tensor([len(t) for t in tg]))
+
+    _fit(torch, net, len(x), 64, 12, 3e-3, loss, torch.Generator().manual_seed(0))
     with torch.no_grad():
         pred = ctc_decode(net(torch.from_numpy(text_preprocess(xte))).numpy())
     acc = float(np.mean([p == t for p, t in zip(pred, tte)]))
