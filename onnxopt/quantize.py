@@ -118,7 +118,7 @@ class Quantizer:
 
     def __init__(self, model: ir.Model, stats: calibrate.Stats, held_out: list[dict], recovery_set: list[dict],
                  profile: qq.Profile, method: str, per_channel: bool, ep: str, metric: Callable | None,
-                 threads: int = 1):
+                 threads: int = 1, percentile: float = 99.99):
         self.model, self.stats, self.held_out, self.recovery_set = model, stats, held_out, recovery_set
         self.profile, self.method, self.per_channel, self.ep, self.metric = profile, method, per_channel, ep, metric
         self.threads = threads
@@ -126,7 +126,7 @@ class Quantizer:
         self.qmax = qq.weight_qmax(ep)
         self.candidates = qq.candidates(model)
         full = qq.plan(model, profile)
-        self.ranges = stats.ranges(method, full.stats_names())
+        self.ranges = stats.ranges(method, full.stats_names(), p=percentile)
         missing = [n for n in full.stats_names() if n not in self.ranges]
         if missing:
             raise BadInputError(f"calibration statistics lack {len(missing)} tensor(s) this model needs, e.g. "
@@ -245,7 +245,6 @@ def _quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, 
 
     # ---- calibration (streaming) + held-out batches for scoring
     stats_names = full.stats_names()
-    channel_axes = {}
     held_out: list[dict] = []
     recovery_set: list[dict] = []
     calib_seconds = 0.0
@@ -276,8 +275,7 @@ def _quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, 
             from tqdm import tqdm
             bar = tqdm(desc="calibrating", unit="batch", delay=2, leave=False)
         try:
-            stats = calibrate.collect(extra, stats_names, stream(), channel_axes=channel_axes, bins=calibrate.DEFAULT_BINS,
-                                      progress=bar)
+            stats = calibrate.collect(extra, stats_names, stream(), progress=bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -292,9 +290,7 @@ def _quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, 
         raise BadInputError(f"{data}: no calibration batch was read")
 
     profile = qq.PROFILES[ep]
-    q = Quantizer(model, stats, held_out, recovery_set, profile, method, per_channel, ep, metric_fn, threads)
-    if method == "percentile":
-        q.ranges = stats.ranges("percentile", full.stats_names(), p=percentile)
+    q = Quantizer(model, stats, held_out, recovery_set, profile, method, per_channel, ep, metric_fn, threads, percentile)
     q.recovery = tuple(r for r in recovery if r != "cle")
     kinds = q.candidates
     excluded = {n for n, k in kinds.items() if k in profile.float_kinds} | set(exclude)
