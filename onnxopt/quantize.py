@@ -25,6 +25,7 @@ Validation is the budget: a result that misses it is not written (exit 3) unless
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -37,7 +38,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt import __version__, calibrate, io, pipeline, runtime
+from onnxopt import __version__, bench, calibrate, io, pipeline, runtime
 from onnxopt import data as data_mod
 from onnxopt.errors import BadInputError, InternalError, OnnxoptError, UsageError, ValidationRefused
 from onnxopt.passes import quantize_qdq as qq
@@ -116,37 +117,44 @@ class Quantizer:
     """Holds the prepared float model, calibration statistics and scoring data; builds and
     measures candidate quantized models for a set of float-kept layers."""
 
-    def __init__(self, model: ir.Model, stats: calibrate.Stats, held_out: list[dict], recovery_set: list[dict],
-                 profile: qq.Profile, method: str, per_channel: bool, ep: str, metric: Callable | None,
-                 threads: int = 1, percentile: float = 99.99):
-        self.model, self.stats, self.held_out, self.recovery_set = model, stats, held_out, recovery_set
+    def __init__(self, model: ir.Model, float_bytes: bytes, stats: calibrate.Stats, held_out: list[dict],
+                 recovery_set: list[dict], profile: qq.Profile, method: str, per_channel: bool, ep: str,
+                 metric: Callable | None, threads: int = 1, percentile: float = 99.99,
+                 recovery: tuple[str, ...] = ()):
+        self.model, self.float_bytes, self.stats = model, float_bytes, stats
+        self.held_out, self.recovery_set = held_out, recovery_set
         self.profile, self.method, self.per_channel, self.ep, self.metric = profile, method, per_channel, ep, metric
-        self.threads = threads
-        self.float_bytes = serialize(model)
+        self.threads, self.recovery = threads, recovery
         self.qmax = qq.weight_qmax(ep)
         self.candidates = qq.candidates(model)
-        full = qq.plan(model, profile)
-        self.ranges = stats.ranges(method, full.stats_names(), p=percentile)
-        missing = [n for n in full.stats_names() if n not in self.ranges]
+        self.full_plan = qq.plan(model, profile)
+        self.ranges = stats.ranges(method, self.full_plan.stats_names(), p=percentile)
+        missing = [n for n in self.full_plan.stats_names() if n not in self.ranges]
         if missing:
             raise BadInputError(f"calibration statistics lack {len(missing)} tensor(s) this model needs, e.g. "
                                 f"'{missing[0]}' (statistics from another model?)")
         self.float_session = runtime.session(self.float_bytes, ep, threads)
         self.reference = [runtime.run(self.float_session, f) for f in held_out]
         self.float_score = self.score_session(self.float_session, self.reference)
-        self.recovery: tuple[str, ...] = ()
+
+    # Recovery data that does not depend on the plan: computed once for every layer, not per build.
+    @functools.cached_property
+    def rounded_weights(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return recover.adaround(self.model, self.full_plan, self.recovery_set, self.float_bytes, self.per_channel, self.qmax)
+
+    @functools.cached_property
+    def input_means(self) -> dict[str, np.ndarray]:
+        return recover.input_means(self.model, self.full_plan.primary(), self.recovery_set)
 
     # ---------------------------------------------------------------- building
     def build(self, exclude=frozenset(), recovery: tuple[str, ...] | None = None) -> tuple[ir.Model, qq.Plan]:
         recovery = self.recovery if recovery is None else recovery
         the_plan = qq.plan(self.model, self.profile, exclude)
         model = self.model.clone()
-        weights = {}
-        if "adaround" in recovery:
-            weights = recover.adaround(model, the_plan, self.recovery_set, self.float_bytes, self.per_channel, self.qmax)
+        weights = self.rounded_weights if "adaround" in recovery else {}
         qq.QuantizeQDQ(the_plan, self.ranges, self.profile, self.per_channel, self.qmax, weights)(model)
         if "bias-correction" in recovery:
-            recover.bias_correction(model, the_plan, self.model, self.recovery_set)
+            recover.bias_correction(model, the_plan, self.model, self.input_means)
         model = pipeline.run(model, pipeline.parse("cleanup")).model
         return model, the_plan
 
@@ -185,9 +193,7 @@ class Quantizer:
         deadline = time.perf_counter() + 20.0
         for _ in range(runs):
             for i, (s, f) in enumerate(zip(sessions, inputs)):
-                t0 = time.perf_counter()
-                s.run(None, f)
-                times[i].append((time.perf_counter() - t0) * 1e3)
+                times[i].append(bench.timed_run(s, f))
             if time.perf_counter() > deadline:
                 break
         return [float(np.median(t)) for t in times]
@@ -290,8 +296,8 @@ def _quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, 
         raise BadInputError(f"{data}: no calibration batch was read")
 
     profile = qq.PROFILES[ep]
-    q = Quantizer(model, stats, held_out, recovery_set, profile, method, per_channel, ep, metric_fn, threads, percentile)
-    q.recovery = tuple(r for r in recovery if r != "cle")
+    q = Quantizer(model, float_bytes, stats, held_out, recovery_set, profile, method, per_channel, ep, metric_fn,
+                  threads, percentile, recovery=tuple(r for r in recovery if r != "cle"))
     kinds = q.candidates
     excluded = {n for n, k in kinds.items() if k in profile.float_kinds} | set(exclude)
     decisions: list[dict] = []
@@ -309,8 +315,8 @@ def _quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, 
             decisions.append({"kind": kind, "layers": len(members), "quantized_ms": t_q, "float_ms": t_f,
                               "quantized": bool(keep)})
             excluded = excluded - members if keep else excluded | members
-        # then layer by layer (bounded: at most PER_LAYER_GUARD layers), cheapest layers first,
-        # since a kind that pays overall may hold single layers that do not (e.g. a 1-channel stem)
+        # then layer by layer (bounded: at most PER_LAYER_GUARD layers), since a kind that pays
+        # overall may hold single layers that do not (e.g. a 1-channel stem)
         quantized = [n for n in q.candidates if n not in excluded]
         if len(quantized) <= PER_LAYER_GUARD:
             base = serialize(q.build(frozenset(excluded))[0])
@@ -327,8 +333,7 @@ def _quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, 
     drop = q.drop(candidate)
     sensitivity: list[dict] = []
     if drop > max_drop:
-        quantized = [n for n in the_plan.primary()]
-        for name in quantized:
+        for name in the_plan.primary():
             alone, _ = q.build(frozenset(set(kinds) - {name}))
             sensitivity.append({"layer": name, "kind": kinds[name], "drop": q.drop(alone)})
         sensitivity.sort(key=lambda s: -s["drop"])

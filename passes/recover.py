@@ -8,7 +8,7 @@
   per-tensor and depthwise weights need).  Cost: O(weights).
 - ``bias-correction``, after Q/DQ insertion: the mean per-channel output shift that each layer's
   weight rounding causes, ``(W_q - W) . E[x]`` with input channel means measured on the float
-  model, is subtracted from its int32 bias.  Cost: one ORT run per recovery batch.
+  model (``input_means``, one ORT run per recovery batch), is subtracted from its int32 bias.
 - ``adaround``: per-layer rounding of the int8 weights chosen to minimize the layer's output error
   on calibration activations instead of rounding to nearest: error-feedback rounding over input
   channels with the inverse input Hessian (the closed-form GPTQ/OBQ solution of AdaRound's
@@ -21,10 +21,12 @@ from __future__ import annotations
 import collections
 
 import numpy as np
+import onnx
 import onnx_ir as ir
+from onnxopt.passes.quantize_qdq import _weight_axis, weight_params
 
 from onnxopt import runtime
-from onnxopt.base import constant, is_constant
+from onnxopt.base import add_initializer, constant, is_constant
 
 MAX_K = 4608
 MAX_ROWS = 8192
@@ -77,8 +79,6 @@ def cle(model: ir.Model) -> collections.Counter:
 
 
 def _set_const(node: ir.Node, index: int, array: np.ndarray) -> None:
-    from onnxopt.base import add_initializer
-
     node.replace_input_with(index, add_initializer(node.graph, f"{node.name}_cle_{index}", array))
 
 
@@ -88,22 +88,13 @@ def _output_axis(node: ir.Node) -> int:
     return 1 if node.op_type == "Conv" else -1
 
 
-def bias_correction(model: ir.Model, the_plan, float_model: ir.Model, batches: list[dict]) -> collections.Counter:
-    """Subtract from each quantized layer's int32 bias the mean output shift its weight rounding
-    causes on float inputs, ``(W_q - W) . E[x]`` per output channel (input means per channel from
-    the recovery batches on the float model; conv borders treated as interior).  Each layer is
-    corrected for its own error only, so corrections do not compound down the network."""
-    changed = collections.Counter()
-    nodes = {n.name: n for n in model.graph}
-    floats = {n.name: n for n in float_model.graph}
-    layers = [nodes[t] for t in the_plan.primary()
-              if len(nodes[t].inputs) > 2 and nodes[t].inputs[2] is not None
-              and nodes[t].inputs[2].producer() is not None
-              and nodes[t].inputs[2].producer().op_type == "DequantizeLinear"
-              and nodes[t].inputs[1].producer() is not None]
-    if not layers or not batches:
-        return changed
-    names = sorted({floats[n.name].inputs[0].name for n in layers})
+def input_means(float_model: ir.Model, layers: list[str], batches: list[dict]) -> dict[str, np.ndarray]:
+    """Per-channel means of the inputs of the named layers, on the float model over ``batches``
+    (channel axis 1 for 3-D+ tensors, else the last).  Cost: one ORT run per batch."""
+    nodes = {n.name: n for n in float_model.graph}
+    names = sorted({nodes[n].inputs[0].name for n in layers})
+    if not names or not batches:
+        return {}
     sess = runtime.session(runtime.with_outputs(ir.to_proto(float_model), names), "cpu", None)
     sums: dict[str, np.ndarray] = {}
     for feeds in batches:
@@ -112,9 +103,26 @@ def bias_correction(model: ir.Model, the_plan, float_model: ir.Model, batches: l
             x = acts[name].astype(np.float64)
             axis = 1 if x.ndim > 2 else x.ndim - 1
             sums[name] = sums.get(name, 0) + x.mean(axis=tuple(i for i in range(x.ndim) if i != axis))
+    return {name: total / len(batches) for name, total in sums.items()}
+
+
+def bias_correction(model: ir.Model, the_plan, float_model: ir.Model, means: dict[str, np.ndarray]) -> collections.Counter:
+    """Subtract from each quantized layer's int32 bias the mean output shift its weight rounding
+    causes on float inputs, ``(W_q - W) . E[x]`` per output channel (``means``: ``input_means`` of
+    the float model; conv borders treated as interior).  Each layer is corrected for its own error
+    only, so corrections do not compound down the network."""
+    changed = collections.Counter()
+    nodes = {n.name: n for n in model.graph}
+    floats = {n.name: n for n in float_model.graph}
+    layers = [nodes[t] for t in the_plan.primary()
+              if len(nodes[t].inputs) > 2 and nodes[t].inputs[2] is not None
+              and nodes[t].inputs[2].producer() is not None
+              and nodes[t].inputs[2].producer().op_type == "DequantizeLinear"
+              and nodes[t].inputs[1].producer() is not None
+              and floats[t].inputs[0].name in means]
     for node in layers:
         fnode = floats[node.name]
-        mean_x = sums[fnode.inputs[0].name] / len(batches)
+        mean_x = means[fnode.inputs[0].name]
         w = fnode.inputs[1].const_value.numpy().astype(np.float64)
         wdq = node.inputs[1].producer()
         wq = wdq.inputs[0].const_value.numpy().astype(np.float64)
@@ -169,10 +177,9 @@ def _rows(x: np.ndarray, node: ir.Node, rng: np.random.Generator) -> np.ndarray 
 def adaround(model: ir.Model, the_plan, batches: list[dict], float_bytes: bytes, per_channel: bool,
              qmax: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Int8 weights (and their scales) by node name for the plan's dense layers, rounded to
-    minimize ||X W - X W_q||^2 on the recovery batches' float activations."""
-    import onnx
-    from onnxopt.passes.quantize_qdq import _weight_axis, weight_params
-
+    minimize ||X W - X W_q||^2 on the recovery batches' float activations.  A layer's rounding
+    depends only on its own weights and float inputs, so one call with every layer serves every
+    plan."""
     nodes = {n.name: n for n in model.graph}
     layers = [nodes[t] for t in the_plan.primary() if the_plan.kinds[t] in ("conv", "pointwise", "gemm")]
     if not layers or not batches:
