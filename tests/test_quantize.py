@@ -326,6 +326,7 @@ def test_qdq_insertion_on_random_chains_stays_close():
         for f in feeds:
             a, b, c = (s.run(None, f)[0].ravel() for s in (ref, got, sim))
             assert cos(a, b) > 0.95 or np.linalg.norm(a - b) < 1e-3  # quantization error of random tiny layers
-            assert cos(b, c) > 0.999  # the fused kernels compute what the QDQ graph says (no saturation)
+            # the fused kernels compute what the QDQ graph says (no saturation); both all-zero is equal too
+            assert cos(b, c) > 0.999 or np.array_equal(b, c)
 
     check()
