@@ -1,4 +1,4 @@
-"""Streaming calibration statistics: running min/max, fixed-range histograms, per-channel means.
+"""Streaming calibration statistics: running min/max and fixed-range histograms.
 
 ``collect`` runs the model once per batch through ONNX Runtime with the wanted tensors as extra
 outputs and folds each batch into a ``TensorStats`` before the next one is read: activations are
@@ -52,9 +52,6 @@ class TensorStats:
     width: float = 0.0
     hist: np.ndarray | None = None
     count: int = 0
-    channel_axis: int | None = None
-    channel_sum: np.ndarray | None = None
-    channel_count: int = 0
 
     def update(self, x: np.ndarray, bins: int = DEFAULT_BINS) -> None:
         """Fold one batch in.  Cost: O(x.size) plus O(bins) for a re-bin."""
@@ -76,11 +73,6 @@ class TensorStats:
         idx = np.minimum(((flat - self.lo) / self.width).astype(np.int64), len(self.hist) - 1)
         self.hist += np.bincount(np.maximum(idx, 0), minlength=len(self.hist))
         self.count += flat.size
-        if self.channel_axis is not None and x.ndim > self.channel_axis:
-            axes = tuple(i for i in range(x.ndim) if i != self.channel_axis % x.ndim)
-            s = x.astype(np.float64).sum(axis=axes)
-            self.channel_sum = s if self.channel_sum is None else self.channel_sum + s
-            self.channel_count += x.size // x.shape[self.channel_axis]
 
     def _grow(self, bmin: float, bmax: float) -> None:
         """Extend the range to cover [bmin, bmax]: shift left by whole bins, then double the width
@@ -97,12 +89,6 @@ class TensorStats:
         idx = (np.arange(bins) + shift) // factor
         self.hist = np.bincount(idx, weights=self.hist, minlength=bins)[:bins].astype(np.int64)
         self.lo, self.width = new_lo, self.width * factor
-
-    @property
-    def channel_mean(self) -> np.ndarray | None:
-        if self.channel_sum is None:
-            return None
-        return (self.channel_sum / max(1, self.channel_count)).astype(np.float32)
 
     # ------------------------------------------------------------ range methods
 
@@ -203,12 +189,9 @@ class Stats:
         meta = {"format": FORMAT, "batches": self.batches, "bins": self.bins, "source": self.source, "tensors": []}
         for i, (name, t) in enumerate(self.tensors.items()):
             meta["tensors"].append({"name": name, "min": t.min, "max": t.max, "lo": t.lo, "width": t.width,
-                                    "count": t.count, "channel_axis": t.channel_axis,
-                                    "channel_count": t.channel_count})
+                                    "count": t.count})
             if t.hist is not None:
                 arrays[f"hist{i}"] = t.hist
-            if t.channel_sum is not None:
-                arrays[f"chsum{i}"] = t.channel_sum
         tmp = Path(str(path) + ".tmp.npz")
         np.savez_compressed(tmp, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
         os.replace(tmp, path)
@@ -222,17 +205,14 @@ class Stats:
                     raise ValueError(f"not an {FORMAT} file")
                 tensors = {}
                 for i, m in enumerate(meta["tensors"]):
-                    tensors[m["name"]] = TensorStats(
-                        m["min"], m["max"], m["lo"], m["width"], z.get(f"hist{i}"),
-                        m["count"], m["channel_axis"], z.get(f"chsum{i}"), m["channel_count"])
+                    tensors[m["name"]] = TensorStats(m["min"], m["max"], m["lo"], m["width"], z.get(f"hist{i}"), m["count"])
         except (OSError, ValueError, KeyError) as e:
             raise BadInputError(f"{path}: cannot read calibration statistics: {e}") from None
         return cls(tensors, meta["batches"], meta["bins"], meta.get("source", ""))
 
 
 def collect(sess, names: list[str], feeds_iter: Iterable[Mapping[str, np.ndarray]], *,
-            channel_axes: Mapping[str, int] | None = None, bins: int = DEFAULT_BINS,
-            progress=None) -> Stats:
+            bins: int = DEFAULT_BINS, progress=None) -> Stats:
     """Run ``sess`` (a session whose outputs include ``names``) on every batch of ``feeds_iter``
     and fold the tensors into statistics.  Memory: one batch's activations + O(len(names) x bins).
 
@@ -240,8 +220,7 @@ def collect(sess, names: list[str], feeds_iter: Iterable[Mapping[str, np.ndarray
     set whose every input is constant gives a warning (the ranges will not represent real data)."""
     from onnxopt import runtime
 
-    channel_axes = channel_axes or {}
-    stats = {n: TensorStats(channel_axis=channel_axes.get(n)) for n in names}
+    stats = {n: TensorStats() for n in names}
     count, varied = 0, False
     first: dict[str, np.ndarray] | None = None
     for feeds in feeds_iter:

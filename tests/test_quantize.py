@@ -66,14 +66,13 @@ def test_range_methods_on_known_distributions():
 
 
 def test_stats_save_load_round_trip(tmp_path):
-    t = calibrate.TensorStats(channel_axis=1)
+    t = calibrate.TensorStats()
     t.update(np.random.default_rng(2).standard_normal((4, 3, 5, 5)).astype(np.float32))
     stats = calibrate.Stats({"a": t}, batches=1, source="x")
     stats.save(tmp_path / "s.npz")
     back = calibrate.Stats.load(tmp_path / "s.npz")
     for method in calibrate.METHODS:
         assert back.ranges(method) == stats.ranges(method)
-    np.testing.assert_allclose(back.tensors["a"].channel_mean, t.channel_mean)
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(BadInputError, match="cannot read calibration statistics"):
         calibrate.Stats.load(tmp_path / "bad.npz")
@@ -294,9 +293,9 @@ def test_qdq_insertion_on_random_chains_stays_close():
     hypothesis = pytest.importorskip("hypothesis")
     st = hypothesis.strategies
     import onnx_ir as ir
+    from onnxopt.passes import quantize_qdq as qq
 
     from onnxopt import runtime
-    from onnxopt.passes import quantize_qdq as qq
 
     layer = st.tuples(st.sampled_from(["conv", "pw"]), st.integers(2, 12), st.sampled_from([None, "Relu", "Sigmoid"]))
 
