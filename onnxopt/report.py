@@ -218,7 +218,7 @@ def markdown_quantize(report: dict) -> str:
 
 def html_quantize(report: dict) -> str:
     summary, decisions = _quantize_rows(report)
-    parts = [_table(["", ""], [[html.escape(str(a)), html.escape(str(b))] for a, b in summary])]
+    parts = [_table(["", "value"], [[html.escape(str(a)), html.escape(str(b))] for a, b in summary])]
     if report["notes"]:
         parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in report["notes"]) + "</ul>")
     lat = report["latency"]
@@ -228,8 +228,8 @@ def html_quantize(report: dict) -> str:
                                                         [[html.escape(str(a)), b, c, d] for a, b, c, d in decisions]))
         parts.append(plots.bars("Latency guard: model latency (ms) with each kind int8 vs float",
                                 [str(d[0]) for d in decisions],
-                                {"int8": [float(d["quantized_ms"]) for d in report["recipe"]["latency_decisions"]],
-                                 "float": [float(d["float_ms"]) for d in report["recipe"]["latency_decisions"]]}))
+                                {"float": [float(d["float_ms"]) for d in report["recipe"]["latency_decisions"]],
+                                 "int8": [float(d["quantized_ms"]) for d in report["recipe"]["latency_decisions"]]}))
     sens = report["recipe"]["sensitivity"]
     if sens:
         parts.append("<h2>Sensitivity</h2>" + plots.bars("Metric drop with only this layer quantized",
