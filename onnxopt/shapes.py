@@ -142,25 +142,66 @@ def _gap(d: Dim) -> bool:
     return d is None or (isinstance(d, str) and d.startswith("unk__"))
 
 
-#: Ops whose output sizes depend on input *values* whatever feeds them.
-DATA_DEPENDENT = frozenset({"NonZero", "Unique", "NonMaxSuppression", "Compress", "Loop", "If", "Scan",
-                            "StringSplit", "RoiAlign"})
-#: Inputs whose *values* set the output's dims.
+#: Ops whose output dims are a function of their input *dims* and attributes only, never of the
+#: values of any input (standard domain unless a domain is given).  An op in neither this table nor
+#: SHAPE_INPUTS is treated as data-dependent: a probe run proves nothing about its output dims.
+SHAPE_FROM_DIMS = frozenset({
+    # elementwise, unary
+    "Abs", "Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "BitwiseNot", "Cast", "CastLike", "Ceil", "Celu",
+    "Clip", "Cos", "Cosh", "Dropout", "Elu", "Erf", "Exp", "Floor", "Gelu", "HardSigmoid", "HardSwish",
+    "Identity", "IsInf", "IsNaN", "LeakyRelu", "Log", "Mish", "Neg", "Not", "PRelu", "Reciprocal", "Relu",
+    "Round", "Selu", "Shrink", "Sigmoid", "Sign", "Sin", "Sinh", "Softplus", "Softsign", "Sqrt", "Tan", "Tanh",
+    "ThresholdedRelu", "Trilu", "CumSum", "EyeLike", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
+    # elementwise with broadcasting
+    "Add", "And", "BitShift", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "Div", "Equal", "Greater",
+    "GreaterOrEqual", "Less", "LessOrEqual", "Max", "Mean", "Min", "Mod", "Mul", "Or", "Pow", "Sub", "Sum",
+    "Where", "Xor",
+    # linear algebra, convolution, pooling, normalization
+    "Conv", "ConvInteger", "ConvTranspose", "QLinearConv", "MatMul", "MatMulInteger", "QLinearMatMul", "Gemm",
+    "Einsum", "Det", "BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization",
+    "LpNormalization", "MeanVarianceNormalization", "RMSNormalization", "LRN", "Softmax", "LogSoftmax",
+    "Hardmax", "AveragePool", "MaxPool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool",
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "LSTM", "GRU", "RNN", "GridSample",
+    # layout and indexing whose output dims come from input dims (indices' shape, not values)
+    "Flatten", "Transpose", "Concat", "Gather", "GatherElements", "GatherND", "Scatter", "ScatterElements",
+    "ScatterND", "DepthToSpace", "SpaceToDepth", "ArgMax", "ArgMin", "ReverseSequence", "Shape", "Size",
+    "Reshape", "Squeeze", "Unsqueeze",  # with their shape/axes input checked through SHAPE_INPUTS
+}) | frozenset(f"com.microsoft:{op}" for op in (
+    "FusedConv", "FusedGemm", "FusedMatMul", "Gelu", "FastGelu", "BiasGelu", "QuickGelu", "BiasAdd",
+    "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization",
+    "LayerNormalization", "BiasSoftmax", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
+    "QLinearGlobalAveragePool", "QLinearConcat", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"))
+#: Inputs whose *values* set the output's dims (or rank).  A probe run proves those dims only when
+#: such an input carries no graph-input data (it is computed from constants and static dims).
 SHAPE_INPUTS = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "Range": (0, 1, 2), "ConstantOfShape": (0,),
                 "Slice": (1, 2, 3, 4), "Pad": (1, 2, 3), "Resize": (1, 2, 3), "Upsample": (1,), "TopK": (1,),
-                "OneHot": (1,), "Split": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "ReduceSum": (1,),
-                "ReduceMean": (1,), "ReduceMax": (1,), "ReduceMin": (1,), "ReduceProd": (1,), "CenterCropPad": (1,)}
+                "OneHot": (1,), "Split": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "CenterCropPad": (1, 2),
+                "ReduceSum": (1,), "ReduceMean": (1,), "ReduceMax": (1,), "ReduceMin": (1,), "ReduceProd": (1,),
+                "ReduceL1": (1,), "ReduceL2": (1,), "ReduceLogSum": (1,), "ReduceLogSumExp": (1,),
+                "ReduceSumSquare": (1,), "HannWindow": (0,), "HammingWindow": (0,), "BlackmanWindow": (0,),
+                "DFT": (1, 2), "STFT": (1, 3), "MelWeightMatrix": (0, 1, 2), "Col2Im": (1, 2), "AffineGrid": (1,),
+                "MaxUnpool": (2,)}
+#: Ops whose output dims depend on input values whatever feeds them (kept for readers: everything
+#: outside SHAPE_FROM_DIMS and SHAPE_INPUTS is treated like these).
+DATA_DEPENDENT = frozenset({"NonZero", "Unique", "NonMaxSuppression", "Compress", "Loop", "If", "Scan",
+                            "StringSplit", "RoiAlign", "ImageDecoder", "RegexFullMatch", "StringConcat"})
 ORT_FALLBACK_WEIGHT_LIMIT = 256 << 20
 
 
 def ort_shapes(model: ir.Model, names: list[str]) -> dict[str, tuple[Dim, ...]]:
-    """Shapes of main-graph values measured by running the model once on ORT.
+    """Shapes of main-graph values measured by running the model once on ORT, kept only where the
+    measurement is a proof.
 
-    Only a model whose inputs are fully static gets dims (exact for those inputs; values below
-    data-dependent ops get unknown dims).  With symbolic input dims, a measurement cannot tell a
-    static dim from one that merely coincides for the sizes tried (``width // 4`` is 0 for both
-    width 2 and 3), so only ranks are returned.  Skipped (empty result) for models with external
-    data or over 256 MB of weights, and when ORT cannot run the model."""
+    A probe run shows the dims for *its* inputs only.  They are facts when the model's inputs are
+    fully static and every op between the inputs and the value has output dims that follow from
+    its input dims (SHAPE_FROM_DIMS, with SHAPE_INPUTS fed only by constants and static dims): then
+    every run has the same dims.  Values below anything else (NonZero, Reduce* with ``axes`` fed by
+    data, windows with a data size, unknown or custom ops, ...) get *no* entry, not even a rank
+    (a Reshape's rank is its data-fed target's length).  With symbolic input dims a measurement
+    cannot tell a static dim from one that merely coincides for the sizes tried (``width // 4`` is
+    0 for both 2 and 3), so only ranks are returned, and only where no dim-derived value decides
+    one.  Skipped (empty result) for models with external data or over 256 MB of weights, and when
+    ORT cannot run the model."""
     from onnxopt import runtime  # runtime imports nothing from here; local to keep shapes light
 
     if any(isinstance(v.const_value, ir.ExternalTensor) for g in model.graphs() for v in g.initializers.values()):
@@ -175,34 +216,44 @@ def ort_shapes(model: ir.Model, names: list[str]) -> dict[str, tuple[Dim, ...]]:
     except Exception as e:  # noqa: BLE001 - a fallback must never fail the run
         logger.info("ORT shape fallback unavailable (%s)", str(e).splitlines()[0][:200])
         return {}
-    tainted = _data_dependent_values(model) if static else set()
+    tainted = data_dependent_values(model, symbolic=not static)
     result: dict[str, tuple[Dim, ...]] = {}
     for name, value in outs.items():
-        if not isinstance(value, np.ndarray):
+        if not isinstance(value, np.ndarray) or name in tainted:
             continue
-        exact = static and name not in tainted
-        result[name] = tuple(int(d) if exact else None for d in value.shape)
+        result[name] = tuple(int(d) if static else None for d in value.shape)
     return result
 
 
-def _data_dependent_values(model: ir.Model) -> set[str]:
-    """Main-graph values whose *dims* may change with the input data (not only its shape).
+def _op_key(node: ir.Node) -> str:
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}"
 
-    A value carries data when it is computed from graph inputs' values (Shape/Size of a tensor with
-    data-independent dims carries none).  Dims are data-dependent below DATA_DEPENDENT ops, when a
-    data-carrying value reaches one of SHAPE_INPUTS, and downstream of such dims.  O(nodes)."""
+
+def data_dependent_values(model: ir.Model, symbolic: bool = False) -> set[str]:
+    """Main-graph values whose dims (or rank) may differ between two runs with inputs of the same shape.
+
+    A value *carries data* when it is computed from graph inputs' values; ``Shape``/``Size`` of a
+    tensor with data-independent dims carries none (with ``symbolic`` input dims every Shape/Size
+    carries: its value changes with the input sizes).  Dims are data-dependent below an op outside
+    SHAPE_FROM_DIMS/SHAPE_INPUTS (NonZero, Loop, custom ops, ...) that reads data, where a
+    data-carrying value reaches one of an op's SHAPE_INPUTS, where a Squeeze without axes sees
+    symbolic dims, and downstream of such dims.  O(nodes)."""
     carries = {v.name for v in model.graph.inputs}
     dynamic: set[str] = set()
     for node in model.graph:
         ins = list(node.inputs)
         names = [v.name for v in ins if v is not None]
-        if node.op_type in ("Shape", "Size"):
-            data = bool(ins) and ins[0] is not None and ins[0].name in dynamic
+        key = _op_key(node)
+        if node.op_type in ("Shape", "Size") and node.domain in ("", "ai.onnx"):
+            data = symbolic or (bool(ins) and ins[0] is not None and ins[0].name in dynamic)
         else:
             data = any(n in carries for n in names)
-        dyn = (node.op_type in DATA_DEPENDENT or any(n in dynamic for n in names)
+        known = key in SHAPE_FROM_DIMS or key in SHAPE_INPUTS
+        dyn = (any(n in dynamic for n in names)
+               or (not known and data)
                or any(i < len(ins) and ins[i] is not None and ins[i].name in carries
-                      for i in SHAPE_INPUTS.get(node.op_type, ())))
+                      for i in SHAPE_INPUTS.get(key, ()))
+               or (symbolic and key == "Squeeze" and len(names) < 2 and "axes" not in node.attributes))
         for out in node.outputs:
             if out.name:
                 if data:
