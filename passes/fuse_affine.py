@@ -7,6 +7,7 @@ import collections
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt import shapes as shape_inference
 from onnxopt.base import OptPass, add_initializer, constant, is_standard, substitute
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
@@ -18,7 +19,9 @@ class FuseAffine(OptPass):
     P is Conv, ConvTranspose (group 1), Gemm or MatMul with a constant float weight; the consumer
     is BatchNormalization in inference mode (s = scale/sqrt(var+eps), t = bias - mean*s) or Mul /
     Div / Add / Sub by a constant that is a scalar or a per-output-channel vector that does not
-    broadcast the output to a larger shape.  MatMul has no bias input, so only Mul/Div fold into
+    broadcast the output to a larger shape or a higher rank (a size-1 constant of rank 3 after a
+    rank-2 Gemm makes the output rank 3; the producer's output rank comes from its weight, or for
+    MatMul from sound shape inference, never from declared shapes).  MatMul has no bias input, so only Mul/Div fold into
     it.  Rewrite: new weight and bias initializers (computed in float64, stored in the weight's
     dtype; the old ones may be shared), the consumer removed (its output name kept when it is a
     graph output).  Check (reasons recorded): P's output feeds only the consumer and is not a graph
@@ -33,6 +36,7 @@ class FuseAffine(OptPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         changed: collections.Counter = collections.Counter()
         skipped: collections.Counter = collections.Counter()
+        dims = None  # inferred lazily: only MatMul producers need it
         for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
             if node.graph is None or node.op_type not in self.CONSUMERS or not is_standard(node):
                 continue
@@ -41,7 +45,9 @@ class FuseAffine(OptPass):
                 if reason:
                     skipped[reason] += 1
                 continue
-            affine = _affine(node, producer)
+            if dims is None and producer.op_type == "MatMul":
+                dims = shape_inference.infer(model)
+            affine = _affine(node, producer, dims)
             if affine is None:
                 continue
             if isinstance(affine, str):
@@ -90,7 +96,19 @@ def _channels(producer: ir.Node) -> tuple[int, int, int] | str:
     return w.shape[1], 1, -1  # MatMul
 
 
-def _affine(consumer: ir.Node, producer: ir.Node):
+def _output_rank(producer: ir.Node, dims: shape_inference.Shapes | None) -> int | None:
+    """Rank of the producer's output: Conv/ConvTranspose that of the weight, Gemm 2, MatMul with a
+    2-D weight that of its first input (1 for a vector), None when inference does not know it."""
+    op = producer.op_type
+    if op in ("Conv", "ConvTranspose"):
+        return len(producer.inputs[1].const_value.shape)
+    if op == "Gemm":
+        return 2
+    a = dims.get(producer.inputs[0]) if dims is not None else None
+    return None if a is None else max(len(a), 1)
+
+
+def _affine(consumer: ir.Node, producer: ir.Node, dims: shape_inference.Shapes | None = None):
     """(s, t) vectors of length C, a reason string, or None when the pattern is absent."""
     info = _channels(producer)
     if isinstance(info, str):
@@ -98,7 +116,7 @@ def _affine(consumer: ir.Node, producer: ir.Node):
     c, _, out_axis = info
     op = consumer.op_type
     if op == "BatchNormalization":
-        if producer.op_type not in ("Conv", "ConvTranspose") and not _is_2d_output(producer):
+        if producer.op_type not in ("Conv", "ConvTranspose") and _output_rank(producer, dims) != 2:
             return "BN after a non-2-D Gemm/MatMul output"
         if len(consumer.outputs) > 1 and any(o.uses() or o.is_graph_output() for o in consumer.outputs[1:]):
             return "BN running statistics outputs are used (training)"
@@ -123,6 +141,9 @@ def _affine(consumer: ir.Node, producer: ir.Node):
     k = constant(consumer.inputs[other_index])
     if k is None:
         return None  # e.g. a residual Add: not this pattern
+    rank = _output_rank(producer, dims)
+    if k.ndim > (rank if rank is not None else 1):
+        return "constant has a higher rank than the output (the broadcast adds dims)"
     vec = _per_channel(k, c, out_axis, producer)
     if vec is None:
         return "constant is not a scalar or per-channel vector"
@@ -134,13 +155,6 @@ def _affine(consumer: ir.Node, producer: ir.Node):
     if op == "Add":
         return ones, vec
     return (ones, -vec) if other_index == 1 else (-ones, vec)  # Sub: P - c, or c - P
-
-
-def _is_2d_output(producer: ir.Node) -> bool:
-    if producer.op_type == "Gemm":
-        return True
-    a = producer.inputs[0]
-    return a is not None and a.shape is not None and len(a.shape) == 2
 
 
 def _per_channel(k: np.ndarray, c: int, out_axis: int, producer: ir.Node) -> np.ndarray | None:
