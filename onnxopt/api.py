@@ -96,7 +96,7 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
         report["output"] = {"path": str(output_path), **after}
         if validator is not None and validate_result:
             check = validator.check(staged.path)
-            report["validation"] = check.to_dict()
+            report["validation"] = {**check.to_dict(), "points": validator.exercised()}
             if not check.ok and not force:
                 report["written"] = False
                 report["seconds"] = time.perf_counter() - t_start

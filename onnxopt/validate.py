@@ -233,48 +233,137 @@ def median_latency_ms(sess, feeds, runs: int) -> float:
     return statistics.median(times)
 
 
+@dataclasses.dataclass
+class Point:
+    """One set of inputs the original and the candidate are compared on."""
+
+    label: str
+    feeds: dict[str, np.ndarray]
+    reference: dict[str, np.ndarray] | None = None  # None: the original fails here (skipped)
+    skipped: str = ""
+
+    def to_dict(self) -> dict:
+        shapes = {k: list(np.shape(v)) for k, v in self.feeds.items()}
+        return {"label": self.label, "shapes": shapes,
+                "status": "skipped" if self.reference is None else "compared",
+                **({"reason": self.skipped} if self.skipped else {})}
+
+
+def _symbolic_dims(sess) -> dict[tuple[str, int], str]:
+    """(input, axis) -> dim name for every dim an input declares as non-static (unnamed dims get
+    their own name, so they vary independently)."""
+    found = {}
+    for inp in sess.get_inputs():
+        for axis, d in enumerate(inp.shape or []):
+            if not (isinstance(d, int) and d >= 0):
+                found[(inp.name, axis)] = d if isinstance(d, str) and d else f"{inp.name}:{axis}"
+    return found
+
+
+def _alternatives(value: int) -> list[int]:
+    """Second values tried for a symbolic dim first exercised at ``value`` (small dims grow, so
+    a 1 that hides a broadcast becomes 3; large ones halve, so memory stays bounded)."""
+    return [value + 2, value + 1] if value <= 8 else [value // 2, value + 1]
+
+
+def variation_points(sess, primary: dict[str, np.ndarray], tries: int = 3) -> list[Point]:
+    """Inputs that exercise what an optimizer may have assumed from the primary point: every
+    symbolic dim at a second value, and new values for every input (integers and booleans too,
+    which may feed shapes, axes or indices), never the seed-0 values a shape probe used.
+
+    Candidates on which the original itself fails (an index out of range, a size that does not
+    divide) are tried in turn and, when all fail, returned as one skipped Point with the reason.
+    Cost: at most ``tries`` runs of the original."""
+    symbolic = _symbolic_dims(sess)
+    last_error = ""
+    for attempt in range(tries):
+        values: dict[str, int] = {}
+        for (name, axis), dim in symbolic.items():
+            if dim not in values:
+                base = int(np.shape(primary[name])[axis]) if name in primary else 1
+                options = _alternatives(base)
+                values[dim] = options[min(attempt, len(options) - 1)]
+        overrides = {inp.name: tuple(values[symbolic[(inp.name, a)]] if (inp.name, a) in symbolic
+                                     else int(np.shape(primary[inp.name])[a]) for a in range(np.ndim(primary[inp.name])))
+                     for inp in sess.get_inputs() if inp.name in primary}
+        dims_text = ", ".join(f"{k}={v}" for k, v in values.items())
+        label = f"synthesized, seed {attempt + 1}" + (f", {dims_text}" if dims_text else "")
+        try:
+            feeds = runtime.synthesize(sess, overrides, seed=attempt + 1, quiet=True)
+            reference = runtime.run(sess, feeds)
+        except BadInputError as e:
+            last_error = str(e)
+            continue
+        return [Point(label, feeds, reference)]
+    return [Point("synthesized variation", {}, None, f"the original model fails on every variation tried: {last_error}")]
+
+
 class Validator:
-    """The original model on ORT with fixed inputs; checks candidates against its cached outputs."""
+    """The original model on ORT with fixed inputs; checks candidates against its cached outputs.
+
+    Inputs: the primary point (``data``'s first batch, or inputs synthesized with seed 0 and
+    ``shapes``) plus, with ``variations`` (the default), one more point from
+    :func:`variation_points`: symbolic dims at other values and other integer/bool/float values,
+    so a rewrite that relied on a dim or value seen at the primary point is caught.  ``check``
+    compares on every point (worst case per output); ``check_model`` (verify-each) on the primary
+    one only; latency is measured on the primary point."""
 
     def __init__(self, original: str | os.PathLike, *, data: str | os.PathLike | None = None,
                  preprocess: str | None = None, shapes: Mapping[str, tuple[int, ...]] | None = None,
-                 tolerance: Tolerance = LOSSLESS, ep: str = "cpu", latency_runs: int = 0):
+                 tolerance: Tolerance = LOSSLESS, ep: str = "cpu", latency_runs: int = 0,
+                 variations: bool = True):
         self.ep = ep
         self.tolerance = tolerance
         self.latency_runs = latency_runs
         session = runtime.session(original, ep)
         self.feeds = data_mod.feeds_for(session, data, shapes, preprocess, limit=1)[0]
         self.reference = runtime.run(session, self.feeds)
+        label = "data batch 1" if data is not None else "synthesized, seed 0"
+        self.points = [Point(label, self.feeds, self.reference)]
+        if variations:
+            self.points += variation_points(session, self.feeds)
         self.reference_latency_ms = median_latency_ms(session, self.feeds, latency_runs) if latency_runs else None
         # Only outputs and latency are kept: the original's session (its weights) is released so
         # that a 2 GB model is not held twice while the candidate is checked.
         del session
 
-    def check(self, candidate: str | os.PathLike | bytes) -> ValidationResult:
-        """Compare a candidate; one that ORT cannot load or run fails every output (it is the
-        candidate that is broken, not the user's input)."""
+    def exercised(self) -> list[dict]:
+        """What the checks ran on, for the report."""
+        return [p.to_dict() for p in self.points]
+
+    def check(self, candidate: str | os.PathLike | bytes, all_points: bool = True) -> ValidationResult:
+        """Compare a candidate on every point (the primary only with ``all_points=False``); one
+        that ORT cannot load or run fails every output (it is the candidate that is broken, not
+        the user's input)."""
+        points = [p for p in (self.points if all_points else self.points[:1]) if p.reference is not None]
+        merged: dict[str, OutputComparison] = {}
         try:
             sess = runtime.session(candidate, self.ep)
-            got = runtime.run_candidate(sess, self.feeds, list(self.reference))
+            for index, point in enumerate(points):
+                got = runtime.run_candidate(sess, point.feeds, list(point.reference))
+                for c in compare(point.reference, got, self.tolerance):
+                    if not c.ok and index:
+                        c.reason = f"at {point.label}: {c.reason}"
+                    merged[c.name] = merged[c.name].merge(c) if c.name in merged else c
         except BadInputError as e:
             failed = [OutputComparison(name, False, tuple(np.shape(v)), None, str(np.asarray(v).dtype),
                                        reason=f"the optimized model fails on ONNX Runtime: {e}")
                       for name, v in self.reference.items()]
             return ValidationResult(failed, self.tolerance)
-        result = ValidationResult(compare(self.reference, got, self.tolerance), self.tolerance)
+        result = ValidationResult(list(merged.values()), self.tolerance)
         if self.latency_runs:
             result.latency_ref_ms = self.reference_latency_ms
             result.latency_new_ms = median_latency_ms(sess, self.feeds, self.latency_runs)
         return result
 
-    def check_model(self, model: ir.Model) -> ValidationResult:
+    def check_model(self, model: ir.Model, all_points: bool = False) -> ValidationResult:
         """Check an in-memory model; one with external weights goes through a temporary folder."""
         if next(io.external_tensors(model), None) is not None:
             with tempfile.TemporaryDirectory(prefix="onnxopt-check-") as tmp:
                 path = os.path.join(tmp, "candidate.onnx")
                 ir.save(model, path, external_data="candidate.onnx.data")  # leaves `model` unchanged
-                return self.check(path)
-        return self.check(ir.to_proto(model).SerializeToString())
+                return self.check(path, all_points)
+        return self.check(ir.to_proto(model).SerializeToString(), all_points)
 
 
 @dataclasses.dataclass
