@@ -5,6 +5,9 @@ model's declared types: ``--shape name:1x3x224x224`` fixes dims, a symbolic dim 
 becomes 1 (with a warning), floats are standard-normal, integers lie in [0, 4) so that they are
 safe as indices or sizes, booleans are random, and inputs whose name contains "mask" are padding
 masks (1 then trailing 0, at least one 1 per row) as attention masks are.  The seed is fixed so runs are reproducible.
+Synthesized inputs are capped at MAX_SYNTHESIZED_BYTES (1 GiB) per input and in total: a model
+declaring a dim of 1e9 is refused with one line naming the input (give --data, or --shape for
+symbolic dims) instead of failing in the allocator.
 """
 
 from __future__ import annotations
@@ -151,6 +154,11 @@ def resolve_shape(inp: ort.NodeArg, overrides: Mapping[str, tuple[int, ...]], qu
     return tuple(dims)
 
 
+#: Largest synthesized input data, per input and in total (the float ones are drawn in float64
+#: first, so the peak is up to 3x this for float32 inputs).
+MAX_SYNTHESIZED_BYTES = 1 << 30
+
+
 def synthesize(sess: ort.InferenceSession, overrides: Mapping[str, tuple[int, ...]] | None = None,
                seed: int = 0, quiet: bool = False) -> dict[str, np.ndarray]:
     """Random inputs matching the session's inputs (see module docstring for the distributions)."""
@@ -161,11 +169,21 @@ def synthesize(sess: ort.InferenceSession, overrides: Mapping[str, tuple[int, ..
         raise BadInputError(f"--shape names unknown input(s) {sorted(unknown)}; inputs are {sorted(names)}")
     rng = np.random.default_rng(seed)
     feeds = {}
+    total = 0
     for inp in sess.get_inputs():
         dtype = _ORT_TYPES.get(inp.type)
         if dtype is None:
             raise BadInputError(f"input '{inp.name}' has type {inp.type}: give it with --data")
         shape = resolve_shape(inp, overrides, quiet)
+        nbytes = int(np.prod(shape, dtype=object)) * (8 if dtype == np.str_ else np.dtype(dtype).itemsize)
+        total += nbytes
+        if nbytes > MAX_SYNTHESIZED_BYTES or total > MAX_SYNTHESIZED_BYTES:
+            what = (f"{nbytes / 2**30:,.1f} GiB" if nbytes > MAX_SYNTHESIZED_BYTES
+                    else f"{total / 2**30:,.1f} GiB with the inputs before it")
+            raise BadInputError(
+                f"input '{inp.name}' {list(shape)} {np.dtype(dtype).name}: synthesizing it would take {what} "
+                f"(limit {MAX_SYNTHESIZED_BYTES / 2**30:g} GiB); give real inputs with --data, "
+                f"or smaller symbolic dims with --shape {inp.name}:...")
         if "mask" in inp.name.lower() and dtype != np.str_ and len(shape) >= 1:
             value = _padding_mask(rng, shape).astype(dtype)
         elif dtype == np.bool_:
