@@ -6,15 +6,28 @@ and are memory-mapped by onnx-ir when a pass first reads them.  Saving goes thro
 next to the destination, can be checked there (validation runs on the staged file), and is
 moved into place with ``os.replace`` only on :meth:`StagedModel.commit`.  A failure at any
 point leaves the destination untouched.
+
+Staging folders are named ``.onnxopt-<pid>-<host tag>-<random>``: a process killed mid-write
+(SIGKILL, power loss of a container) cannot remove its own, so every new :class:`StagedModel`
+removes the sibling ones whose process (on this host) no longer runs (see
+:func:`remove_stale_staging`).
+
+External data locations must be relative paths inside the model's folder: ``..`` components,
+absolute paths and symlinks leading out are refused before the file is looked at, with the same
+message whether it exists or not (a model must not make onnxopt read or probe other files).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import onnx
@@ -31,6 +44,17 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 #: Tensors smaller than this stay inline when external data is written.
 EXTERNAL_TENSOR_MIN_BYTES = 1024
 MIN_IR_VERSION = 3
+#: A dead process's staging folder younger than this is left alone (a clock or pid-namespace surprise
+#: must not remove a folder that is being written).
+STALE_AFTER_SECONDS = 5.0
+#: Distinguishes hosts sharing a folder (NFS): only this host's dead processes are judged.
+_HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+_STAGING_NAME = re.compile(r"\.onnxopt-(\d+)-([0-9a-f]{6})-")
+
+
+def staging_prefix(pid: int | None = None) -> str:
+    """Name prefix of the temporary entries this process creates beside an output."""
+    return f".onnxopt-{os.getpid() if pid is None else pid}-{_HOST_TAG}-"
 
 
 def load(path: str | os.PathLike) -> ir.Model:
@@ -46,7 +70,10 @@ def load(path: str | os.PathLike) -> ir.Model:
         raise BadInputError(f"{p}: not a valid ONNX protobuf file ({_first_line(e)})") from None
     check_proto(proto, p)
     try:
-        model = ir.serde.deserialize_model(proto)
+        with _undefined_inputs_refused(p, proto):
+            model = ir.serde.deserialize_model(proto)
+    except BadInputError:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure here is a malformed file
         raise BadInputError(f"{p}: malformed ONNX model ({_first_line(e)})") from None
     ir_external_data.set_base_dir(model.graph, str(p.parent))
@@ -67,6 +94,45 @@ def check_proto(proto: onnx.ModelProto, path: Path) -> None:
         raise BadInputError(f"{path}: graph has no outputs (truncated file?)")
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _undefined_inputs_refused(path: Path, proto: onnx.ModelProto):
+    """onnx-ir logs a warning and invents a value for a node input no scope defines (ORT refuses
+    such a model; with --no-validate it would be written as is): make that one BadInputError line.
+    Other onnx-ir warnings pass through unchanged."""
+    serde_logger = logging.getLogger(ir.serde.__name__)
+    handler, propagate = _Records(), serde_logger.propagate
+    serde_logger.addHandler(handler)
+    serde_logger.propagate = False
+    try:
+        yield
+    finally:
+        serde_logger.removeHandler(handler)
+        serde_logger.propagate = propagate
+        undefined = None
+        for record in handler.records:
+            if undefined is None and "cannot be found in any scope" in str(record.msg) and len(record.args or ()) >= 4:
+                undefined = record.args
+            elif not str(record.msg).startswith("Caveat: The value is created in the subgraph"):
+                serde_logger.handle(record)  # not ours to judge: let it through as it would have been
+    if undefined is not None:
+        name, node, domain, op = undefined[:4]
+        later = any(name in n.output for n in proto.graph.node)
+        label = f"node '{node}'" if node else "a node"
+        raise BadInputError(
+            f"{path}: invalid model: {label} ({(domain + '::') if domain else ''}{op}) reads '{name}', "
+            + ("which only a later node defines (nodes must be in topological order)" if later else
+               "which no graph input, initializer or node defines"))
+
+
 def external_tensors(model: ir.Model):
     """Yield (value, ExternalTensor) for every initializer stored outside the protobuf."""
     for graph in model.graphs():
@@ -76,14 +142,17 @@ def external_tensors(model: ir.Model):
 
 
 def check_external_data(model: ir.Model, path: Path) -> None:
-    """Every external tensor's file must exist and be long enough; O(initializers) stat calls."""
+    """Every external tensor's file must lie inside the model's folder, exist and be long enough;
+    O(initializers) stat calls.  The location is judged before its file is touched."""
     sizes: dict[str, int] = {}
+    base = path.parent
     for value, tensor in external_tensors(model):
+        check_location(str(tensor.location), base, path, value.name)
         file = tensor.path
         if file not in sizes:
             try:
                 sizes[file] = os.path.getsize(file)
-            except OSError:
+            except (OSError, ValueError):
                 raise BadInputError(
                     f"{path}: external data file '{tensor.location}' not found "
                     f"(needed by initializer '{value.name}')"
@@ -94,6 +163,23 @@ def check_external_data(model: ir.Model, path: Path) -> None:
                 f"{path}: external data file '{tensor.location}' is truncated "
                 f"(initializer '{value.name}' needs bytes up to {end}, file has {sizes[file]})"
             )
+
+
+def check_location(location: str, base: Path, path: Path, initializer: str) -> None:
+    """Refuse an external-data location that is empty, absolute, has a ``..`` component, or leads
+    out of ``base`` through a symlink; one message for all, whether a file is there or not."""
+    outside = (not location or "\0" in location or os.path.isabs(location)
+               or ".." in Path(location).parts or ".." in location.split("\\"))
+    if not outside:
+        # Symlinks: resolving reads links inside the model's folder only; a missing target
+        # resolves lexically, so the answer (and the message) does not reveal whether it exists.
+        root = os.path.realpath(base)
+        resolved = os.path.realpath(os.path.join(base, location))
+        outside = os.path.commonpath([root, resolved]) != root or resolved == root
+    if outside:
+        raise BadInputError(
+            f"{path}: external data location '{location}' (initializer '{initializer}') points outside "
+            f"the model's folder; refused (external data must be a relative path inside that folder)")
 
 
 def weight_bytes(model: ir.Model) -> int:
@@ -111,7 +197,7 @@ def check_writable(dest: Path) -> None:
     if dest.is_dir():
         raise BadInputError(f"{dest}: is a directory")
     try:
-        with tempfile.NamedTemporaryFile(prefix=".onnxopt-probe-", dir=parent):
+        with tempfile.NamedTemporaryFile(prefix=staging_prefix() + "probe-", dir=parent):
             pass
     except OSError as e:
         raise BadInputError(f"{dest}: output directory '{parent}' is not writable ({e.strerror})") from None
@@ -132,8 +218,9 @@ class StagedModel:
             external_data = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
         self.external_data = external_data
         self.data_name = self.dest.name + ".data" if external_data else None
+        remove_stale_staging(self.dest.parent)
         try:
-            self._tmpdir = Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=self.dest.parent))
+            self._tmpdir = Path(tempfile.mkdtemp(prefix=staging_prefix(), dir=self.dest.parent))
         except OSError as e:
             raise BadInputError(f"{self.dest}: cannot write output ({e.strerror})") from None
         self.path = self._tmpdir / self.dest.name
@@ -177,15 +264,67 @@ class StagedModel:
         self.discard()
 
 
+def remove_stale_staging(folder: str | os.PathLike, pids: set[int] | None = None) -> list[Path]:
+    """Remove the ``.onnxopt-<pid>-<host>-*`` entries in ``folder`` left by processes of this host
+    that no longer run (and older than STALE_AFTER_SECONDS), or, with ``pids``, those of exactly
+    these (finished) processes whatever their age.  Returns what was removed; never raises."""
+    removed = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _STAGING_NAME.match(entry.name)
+        if m is None or m.group(2) != _HOST_TAG:
+            continue
+        pid = int(m.group(1))
+        try:
+            if pids is not None:
+                if pid not in pids:
+                    continue
+            elif pid == os.getpid() or _pid_alive(pid) or now - entry.stat(follow_symlinks=False).st_mtime < STALE_AFTER_SECONDS:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except OSError as e:
+            logger.debug("could not remove stale %s: %s", entry.path, e)
+            continue
+        logger.info("removed %s, left by process %d which no longer runs", entry.path, pid)
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    try:  # a zombie (killed, not yet reaped) runs no more
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
 @contextlib.contextmanager
 def _without_redundant_initializer_info(model: ir.Model):
     """onnx-ir writes a value_info entry for every initializer; where it only repeats the tensor's
-    own dtype and shape it is dead weight (~30 bytes each), so hide it while saving."""
+    own dtype and shape it is dead weight (~30 bytes each), so hide it while saving.
+
+    Never for an initializer that is also a graph input or output: the same Value is written as
+    that input/output's ValueInfoProto, which then would have no type (ORT does not create the
+    input of an IR < 4 model whose typeless input no node reads: "Missing: <name>")."""
     hidden = []
     for graph in model.graphs():
         for value in graph.initializers.values():
             tensor = value.const_value
             if (tensor is not None and not value.metadata_props and not value.doc_string
+                    and not value.is_graph_input() and not value.is_graph_output()
                     and value.type == ir.TensorType(tensor.dtype)
                     and (value.shape is None or tuple(value.shape) == tuple(tensor.shape))):
                 hidden.append((value, value.type, value.shape))
