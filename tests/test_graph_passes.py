@@ -420,6 +420,48 @@ def test_fuse_affine_declines_broadcasting_constant():
     assert result.skipped == {"constant is not a scalar or per-channel vector": 1} and not result.modified
 
 
+# producer, input shape (dim 0 dynamic "N"), output rank
+_AFFINE_PRODUCERS = {"Conv": ((3, 5, 5), 4), "Gemm": ((6,), 2), "MatMul2d": ((6,), 2), "MatMul3d": ((3, 6), 3)}
+
+
+@pytest.mark.parametrize("producer", sorted(_AFFINE_PRODUCERS))
+@pytest.mark.parametrize("k_shape", [(), (1,), (1, 1), (1, 1, 1), (1, 1, 1, 1), (1, 1, 1, 1, 1), (4,), (1, 4), (1, 1, 4),
+                                     (1, 4, 1, 1), (4, 1, 1), (1, 1, 4, 1, 1)])
+@pytest.mark.parametrize("op", ["Mul", "Add"])
+def test_fuse_affine_never_drops_a_broadcast_that_adds_rank(producer, k_shape, op):
+    """Size-1 and per-channel constants of every rank after every producer, with a dynamic batch
+    dim checked at N=1 and N=3: fused only when the constant's rank does not exceed the output's."""
+    rng = np.random.default_rng(21)
+    rest, out_rank = _AFFINE_PRODUCERS[producer]
+    inits = [f32("k", rng.uniform(0.5, 2.0, k_shape))]
+    if producer == "Conv":
+        inits += [f32("w", rng.standard_normal((4, 3, 3, 3))), f32("b", rng.standard_normal(4))]
+        nodes = [h.make_node("Conv", ["x", "w", "b"], ["p"], pads=[1, 1, 1, 1])]
+    elif producer == "Gemm":
+        inits += [f32("w", rng.standard_normal((6, 4))), f32("b", rng.standard_normal(4))]
+        nodes = [h.make_node("Gemm", ["x", "w", "b"], ["p"])]
+    else:
+        inits.append(f32("w", rng.standard_normal((6, 4))))
+        nodes = [h.make_node("MatMul", ["x", "w"], ["p"])]
+    nodes.append(h.make_node(op, ["p", "k"], ["y"]))
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["N", *rest])],
+                     [h.make_tensor_value_info("y", T.FLOAT, None)], inits)
+    proto = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+    try:
+        feeds = [{"x": rng.standard_normal((n, *rest)).astype(np.float32)} for n in (1, 3)]
+        [ort_run(proto, f) for f in feeds]
+    except Exception:
+        pytest.skip("the constant does not broadcast with this output (invalid model)")
+    _, new = run_pipeline(proto, "fuse-affine,cleanup")
+    fused = op not in ops(new)
+    per_channel = int(np.prod(k_shape)) == 1 or (k_shape[-1] == 4 if producer != "Conv" else
+                                                 list(k_shape) in ([4, 1, 1], [1, 4, 1, 1]))
+    if op == "Add" and producer.startswith("MatMul"):
+        per_channel = False  # no bias slot: simplify's MatMul+Add -> Gemm
+    assert fused == (per_channel and len(k_shape) <= out_rank), ops(new)
+    assert_same(proto, new, feeds, rtol=1e-5, atol=1e-5)
+
+
 def test_fold_shapes_never_trusts_overridable_initializers():
     """An initializer that is also a graph input is a default a user may replace at run time."""
     nodes = [h.make_node("Shape", ["x"], ["s"]), h.make_node("Gather", ["s", "idx"], ["d"], axis=0),
