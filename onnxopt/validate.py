@@ -389,8 +389,9 @@ def compare_models(a: str | os.PathLike, b: str | os.PathLike, *, eps: tuple[str
                    max_batches: int = 16, progress=None, sample: int = 2000) -> ModelComparison:
     """Run A and B on the same batches on each EP and compare every output (worst case over batches).
 
-    Batches stream from ``data`` (at most ``max_batches``) or one synthesized batch; the inputs
-    are created once from A's session and fed to both.  Cost: batches x EPs runs of each model."""
+    Batches stream from ``data`` (at most ``max_batches``), or without data the synthesized
+    batch and one variation of it (see :func:`variation_points`); the inputs are created from A's
+    session and fed to both.  Cost: batches x EPs runs of each model."""
     rng = np.random.default_rng(0)
     per_ep: dict[str, ValidationResult] = {}
     samples: dict[str, dict[str, list[float]]] = {}
@@ -399,8 +400,11 @@ def compare_models(a: str | os.PathLike, b: str | os.PathLike, *, eps: tuple[str
         sa, sb = runtime.session(a, ep), runtime.session(b, ep)
         merged: dict[str, OutputComparison] = {}
         ep_samples: dict[str, list[float]] = {}
-        feeds_iter = (data_mod.batches(data, sa, preprocess, max_batches) if data is not None
-                      else iter([runtime.synthesize(sa, shapes)]))
+        if data is not None:
+            feeds_iter = data_mod.batches(data, sa, preprocess, max_batches)
+        else:  # the synthesized point and a variation of it (other symbolic dims and values)
+            primary = runtime.synthesize(sa, shapes, quiet=ep != eps[0])
+            feeds_iter = iter([primary] + [p.feeds for p in variation_points(sa, primary) if p.reference is not None])
         count = 0
         for feeds in feeds_iter:
             ref = runtime.run(sa, feeds)
