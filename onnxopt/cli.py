@@ -1,19 +1,70 @@
 """The ``onnxopt`` command: parse, call onnxopt.api, print.  Exit codes: 0 ok, 1 usage, 2 bad input,
-3 validation refused.  Expected errors print one line, never a traceback."""
+3 validation refused, 4 internal error.  Expected errors print one line, never a traceback.
+
+Crash isolation: a command that reads a model (optimize, quantize, validate, bench, inspect) runs
+in a forked child process (:func:`run_isolated`; fork is copy-on-write, a few ms).  The child
+inherits stdin/stdout/stderr, so output and progress bars are unchanged, and its exit code is the
+command's.  If native code (ONNX Runtime, onnx) kills the child with a signal, the parent prints
+one line (``onnxopt: error: ONNX Runtime (or another native library) crashed (SIGSEGV) on
+model.onnx; nothing written``), removes the child's staging folder beside the output, and exits 2:
+a model that crashes the runtime is bad input.  Isolation is skipped where it cannot work or is
+not wanted: no ``os.fork``, more than one thread, or stdout/stderr without a file descriptor
+(in-process callers such as click's CliRunner); the command then runs in the calling process.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import os
 import re
+import signal
 import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
 
 import click
 
-from onnxopt import __version__, api, pipeline, registry, report, runtime
+from onnxopt import __version__, api, io, pipeline, registry, report, runtime
 from onnxopt import quantize as quantize_mod
-from onnxopt.errors import OnnxoptError, UsageError, ValidationRefused
+from onnxopt.errors import BadInputError, OnnxoptError, UsageError, ValidationRefused
+
+logger = logging.getLogger("onnxopt.cli")
+
+#: Signals that mean native code crashed (as opposed to a kill from outside).
+CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT})
+
+
+def _exit_code_of(fn: Callable[[], object]) -> int:
+    """Run ``fn`` (a parsed command, or click's whole main) and map what it raises to an exit code,
+    printing one line: click's usage errors 1, OnnxoptError its code, anything else 4 (a bug; the
+    traceback is logged at -vv).  An int returned is the exit code (click's main returns the code
+    of ``Exit`` in non-standalone mode)."""
+    try:
+        rv = fn()
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.UsageError as e:
+        e.show()
+        return 1
+    except click.Abort:
+        click.echo("onnxopt: aborted", err=True)
+        return 1
+    except OnnxoptError as e:
+        click.echo(f"onnxopt: error: {e}", err=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - a bug: one line for the user, the traceback at -vv
+        logger.debug("internal error", exc_info=True)
+        text = (str(e).strip().splitlines() or [""])[0]
+        click.echo(f"onnxopt: internal error: {type(e).__name__}: {text}; nothing was written; "
+                   f"please report it (-vv shows the traceback)", err=True)
+        return 4
+    return rv if isinstance(rv, int) else 0
 
 
 class _Group(click.Group):
@@ -21,22 +72,97 @@ class _Group(click.Group):
 
     def main(self, args=None, prog_name=None, **extra):  # noqa: D401
         extra.pop("standalone_mode", None)
+        run = functools.partial(super().main, args=args, prog_name=prog_name or "onnxopt",
+                                standalone_mode=False, **extra)
+        sys.exit(_exit_code_of(run))
+
+
+def _can_isolate() -> bool:
+    if not hasattr(os, "fork") or threading.active_count() > 1:
+        return False
+    try:
+        sys.stdout.fileno(), sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return False
+    return True
+
+
+def _file_state(path: Path | None):
+    try:
+        st = path.stat() if path is not None else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def run_isolated(fn: Callable[[], object], label: str, output: str | os.PathLike | None = None) -> int:
+    """Run ``fn`` in a forked child and return its exit code (errors inside are mapped and printed
+    by the child as in the CLI: one line, see :func:`_exit_code_of`).
+
+    If the child dies by a signal, its staging entries beside ``output`` are removed and a
+    BadInputError is raised (exit 2) naming ``label`` and the signal, saying whether ``output``
+    was replaced before the crash.  SIGTERM/SIGHUP received while waiting are forwarded to the
+    child; SIGINT (which a terminal sends to the child too) is ignored by the waiting parent.
+    Also the hook tests use: ``run_isolated(lambda: os.kill(os.getpid(), signal.SIGSEGV), "m")``."""
+    out = Path(output) if output is not None else None
+    before = _file_state(out)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the caller's frames
+        code = 4
         try:
-            super().main(args=args, prog_name=prog_name or "onnxopt", standalone_mode=False, **extra)
-        except click.exceptions.Exit as e:
-            sys.exit(e.exit_code)
-        except click.UsageError as e:
-            e.show()
-            sys.exit(1)
-        except click.Abort:
-            click.echo("onnxopt: aborted", err=True)
-            sys.exit(1)
-        except OnnxoptError as e:
-            click.echo(f"onnxopt: error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            sys.exit(130)
-        sys.exit(0)
+            code = _exit_code_of(fn)
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+
+    def forward(signum, _frame):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum, handler in ((signal.SIGINT, signal.SIG_IGN), (signal.SIGTERM, forward), (signal.SIGHUP, forward)):
+            previous[signum] = signal.signal(signum, handler)
+    try:
+        _, status = os.waitpid(pid, 0)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if not os.WIFSIGNALED(status):
+        return os.waitstatus_to_exitcode(status)
+    sig = os.WTERMSIG(status)
+    name = signal.Signals(sig).name
+    if out is not None:
+        io.remove_stale_staging(out.parent if str(out.parent) else Path("."), {pid})
+    written = "nothing written" if _file_state(out) == before else f"{out} had been written before"
+    if sig in CRASH_SIGNALS:
+        raise BadInputError(f"ONNX Runtime (or another native library) crashed ({name}) on {label}; {written}")
+    raise BadInputError(f"the process working on {label} was killed ({name}"
+                        f"{'; out of memory?' if sig == signal.SIGKILL else ''}); {written}")
+
+
+def _isolated(label: Callable[[dict], str], output: str | None = None):
+    """Run the decorated command through :func:`run_isolated` when the process allows it."""
+
+    def decorate(f):
+        @functools.wraps(f)
+        def wrapper(**kwargs):
+            if not _can_isolate():
+                return f(**kwargs)
+            code = run_isolated(functools.partial(f, **kwargs), label(kwargs),
+                                kwargs.get(output) if output else None)
+            if code:
+                raise click.exceptions.Exit(code)  # the child has printed its error line
+            return None
+
+        return wrapper
+
+    return decorate
 
 
 class _LineFormatter(logging.Formatter):
@@ -48,10 +174,12 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LineFormatter())
-    root = logging.getLogger("onnxopt")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+    # onnx-ir's warnings (about malformed models) get our prefix instead of Python's bare last resort.
+    for name in ("onnxopt", "onnx_ir"):
+        root = logging.getLogger(name)
+        root.handlers[:] = [handler]
+        root.setLevel(level)
+        root.propagate = False
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -132,6 +260,7 @@ def _tolerances(metric: str, tols: tuple[str, ...], rtol: float | None):
 @click.option("--in-place", is_flag=True, help="Allow -o to be the input file.")
 @click.option("--external-data/--no-external-data", default=None,
               help="Write weights to OUT.data (default: only when over ~1.8 GB).")
+@_isolated(lambda kw: str(kw["model"]), output="output")
 def optimize(model, output, pipeline_text, report_path, ep_text, shapes, data, preprocess, validate, force,
              verify_each, in_place, external_data):
     """Optimize MODEL into OUTPUT (validated against MODEL by default, on the --ep given)."""
@@ -183,7 +312,9 @@ def optimize(model, output, pipeline_text, report_path, ep_text, shapes, data, p
 @click.option("--ep", "ep_text", default="cpu", show_default=True, help="Target EP: cpu, openvino, cuda, tensorrt.")
 @click.option("--max-drop", type=float, default=0.01, show_default=True,
               help="Accuracy budget: largest allowed drop of the metric (default metric: output cosine vs fp32).")
-@click.option("--metric", default=None, help="Task metric module:function, called with an ORT session, higher is better.")
+@click.option("--metric", default=None,
+              help="Task metric module:function or path/to/file.py:function, called with an ORT session, higher is "
+                   "better. A module name is imported with the current directory first on sys.path (as python -m does).")
 @click.option("--recover", "recover_text", default=",".join(quantize_mod.DEFAULT_RECOVERY), show_default=True,
               help="Recovery passes, comma separated: bias-correction, cle, adaround (or 'none').")
 @click.option("--save-stats", type=click.Path(), default=None, help="Save calibration statistics (.npz) for reuse.")
@@ -196,6 +327,7 @@ def optimize(model, output, pipeline_text, report_path, ep_text, shapes, data, p
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales per output channel.")
 @click.option("--force", is_flag=True, help="Write the result even when the accuracy budget is missed.")
 @click.option("--report", "report_path", type=click.Path(), default=None, help="Write a report: .json, .md or .html.")
+@_isolated(lambda kw: str(kw["model"]), output="output")
 def quantize(model, output, data, preprocess, method, ep_text, max_drop, metric, recover_text, save_stats, load_stats,
              calib_batches, exclude, latency_guard, per_channel, force, report_path):
     """Static int8 QDQ quantization of MODEL into OUTPUT, calibrated on --data, guarded for latency and accuracy."""
@@ -240,6 +372,7 @@ def _progress_enabled() -> bool:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--cost", "with_cost", is_flag=True, help="Count MACs/FLOPs per op type and peak activation memory.")
 @click.option("--shape", "shapes", multiple=True, help="Input shape NAME:1x3x224x224 for --cost (symbolic dims else 1).")
+@_isolated(lambda kw: str(kw["model"]))
 def inspect(model, as_json, with_cost, shapes):
     """Show a model's structure: opsets, inputs/outputs, ops, parameters, subgraphs, external data."""
     info = api.inspect(model, cost_shapes=runtime.parse_shapes(shapes) if with_cost else None)
@@ -290,6 +423,7 @@ def inspect(model, as_json, with_cost, shapes):
 @click.option("--rtol", type=float, default=None, help="Relative tolerance of allclose (default 1e-4).")
 @click.option("--batches", type=int, default=16, show_default=True, help="At most this many --data batches.")
 @click.option("--layerwise", is_flag=True, help="Compare intermediate tensors and name the first diverging node.")
+@_isolated(lambda kw: f"{kw['a']} or {kw['b']}")
 def validate(a, b, report_path, ep_text, shapes, data, preprocess, metric, tols, rtol, batches, layerwise):
     """Run A (reference) and B on each EP with the same inputs and compare every output (exit 3 if B diverges)."""
     from onnxopt import layerwise as layerwise_mod
@@ -339,6 +473,7 @@ def validate(a, b, report_path, ep_text, shapes, data, preprocess, metric, tols,
 @click.option("--warmup", type=int, default=10, show_default=True)
 @click.option("--runs", type=int, default=100, show_default=True)
 @click.option("--batch", "batch_text", default=None, help="Batch sizes for the first input dim, e.g. 1,8.")
+@_isolated(lambda kw: ", ".join(map(str, kw["models"])))
 def bench(models, report_path, ep_text, shapes, data, preprocess, threads, warmup, runs, batch_text):
     """Latency (p50/p90/p99/mean/std), throughput, load time and memory per model and EP, side by side."""
     from onnxopt import bench as bench_mod
