@@ -95,6 +95,25 @@ def _md_outputs(outputs: list[dict]) -> list[str]:
     return lines
 
 
+def _md_points(points: list[dict]) -> list[str]:
+    """The input points validation ran on (see validate.variation_points)."""
+    if not points:
+        return []
+    lines = ["Inputs exercised:", "", "| point | input shapes | status |", "|---|---|---|"]
+    for p in points:
+        shapes = ", ".join(f"{k} {tuple(v)}" for k, v in p["shapes"].items())
+        lines.append(f"| {p['label']} | {shapes or '-'} | {p['status']}{': ' + p['reason'] if p.get('reason') else ''} |")
+    return lines
+
+
+def _points_html(points: list[dict]) -> str:
+    if not points:
+        return ""
+    return "<p>Inputs exercised:</p>" + _table(["point", "input shapes", "status"], [
+        [html.escape(p["label"]), html.escape(", ".join(f"{k} {tuple(v)}" for k, v in p["shapes"].items()) or "-"),
+         html.escape(p["status"] + (": " + p["reason"] if p.get("reason") else ""))] for p in points])
+
+
 def _md_cost(cost: dict | None, title: str) -> list[str]:
     if not cost:
         return []
@@ -142,7 +161,7 @@ def markdown_optimize(report: dict) -> str:
         if v.get("latency_ref_ms"):
             lines.append(f"; median latency {v['latency_ref_ms']:.3f} ms -> {v['latency_new_ms']:.3f} ms "
                          f"({v['latency_ref_ms'] / max(v['latency_new_ms'], 1e-9):.2f}x)")
-        lines += [""] + _md_outputs(v["outputs"])
+        lines += [""] + _md_outputs(v["outputs"]) + [""] + _md_points(v.get("points", []))
     lines += _md_cost(inp.get("cost"), "before") + _md_cost(out.get("cost"), "after")
     return "\n".join(lines) + "\n"
 
@@ -302,7 +321,8 @@ def html_optimize(report: dict) -> str:
         [f"<code>{html.escape(n)}</code>", html.escape(", ".join(f"{k}: {v}" for k, v in e["changed"].items()) or "-"),
          html.escape(", ".join(f"{k}: {v}" for k, v in e["skipped"].items()) or "-")] for n, e in report["passes"].items()]))
     v = report.get("validation")
-    parts.append("<h2>Validation</h2>" + (_outputs_table(v["outputs"]) if v else "<p>not run</p>"))
+    parts.append("<h2>Validation</h2>" + (_outputs_table(v["outputs"]) + _points_html(v.get("points", []))
+                                          if v else "<p>not run</p>"))
     cost = _cost_plot(inp.get("cost"), out.get("cost"))
     if cost:
         parts.append("<h2>Cost</h2>" + cost)
