@@ -53,8 +53,21 @@ class ScaleFirstWeight(OptPass):
 
 
 @pytest.fixture
-def with_breaking_pass(monkeypatch):
-    monkeypatch.setitem(registry._TABLE, "break-weights", (__name__, "ScaleFirstWeight"))
+def registered():
+    """Adds passes through the registry's public API for one test, removes them afterwards."""
+    added = []
+
+    def add(name, cls):
+        registry.register(name, cls)
+        added.append(name)
+    yield add
+    for name in added:
+        registry.unregister(name)
+
+
+@pytest.fixture
+def with_breaking_pass(registered):
+    registered("break-weights", ScaleFirstWeight)
 
 
 def test_validation_refuses_broken_result(cli, model_copy, tmp_path, with_breaking_pass):
@@ -93,7 +106,7 @@ def test_fixed_point_iteration_lets_passes_enable_each_other():
     assert not any(r.modified for r in last)
 
 
-def test_max_iterations_reports_non_convergence(monkeypatch):
+def test_max_iterations_reports_non_convergence(registered):
     class AlwaysChanges(OptPass):
         """Test-only: claims a change every time."""
         name = "always"
@@ -101,8 +114,7 @@ def test_max_iterations_reports_non_convergence(monkeypatch):
         def call(self, model):
             return self.result(model, collections.Counter({"nothing really": 1}))
 
-    monkeypatch.setitem(registry._TABLE, "always", (__name__, "AlwaysChanges"))
-    globals()["AlwaysChanges"] = AlwaysChanges
+    registered("always", AlwaysChanges)
     graph = ir.Graph([], [], nodes=[], name="g")
     # two passes that keep re-enabling each other (a pass is skipped only when nothing changed
     # since its own last run, so one self-changing pass alone would be treated as idempotent)
@@ -128,8 +140,8 @@ class Crashes(OptPass):
         raise ZeroDivisionError("simulated bug")
 
 
-def test_a_crashing_pass_is_one_line_exit_4(cli, model_copy, tmp_path, monkeypatch):
-    monkeypatch.setitem(registry._TABLE, "crashes", (__name__, "Crashes"))
+def test_a_crashing_pass_is_one_line_exit_4(cli, model_copy, tmp_path, registered):
+    registered("crashes", Crashes)
     out = tmp_path / "o.onnx"
     result = cli("optimize", model_copy("control_flow.onnx"), "-o", out, "-p", "cleanup,crashes")
     assert result.exit_code == 4 and not out.exists()
@@ -153,9 +165,32 @@ class BreakReshape(OptPass):
         return self.result(model, collections.Counter())
 
 
-def test_candidate_that_cannot_run_is_refused(cli, model_copy, tmp_path, monkeypatch):
-    monkeypatch.setitem(registry._TABLE, "break-reshape", (__name__, "BreakReshape"))
+def test_candidate_that_cannot_run_is_refused(cli, model_copy, tmp_path, registered):
+    registered("break-reshape", BreakReshape)
     out = tmp_path / "o.onnx"
     result = cli("optimize", model_copy("exporter_opset11.onnx"), "-o", out, "-p", "cleanup,break-reshape")
     assert result.exit_code == 3 and not out.exists()
     assert "the optimized model fails on ONNX Runtime" in result.stderr
+
+
+def test_plugin_passes_come_from_the_entry_point_group(tmp_path, monkeypatch):
+    """A package declaring ``[project.entry-points."onnxopt.passes"]`` adds a pass by name; a
+    plugin cannot shadow a built-in one, and a broken plugin is a one-line usage error."""
+    (tmp_path / "myplugin_mod.py").write_text(
+        "import collections\nfrom onnxopt.base import OptPass\n"
+        "class Noop(OptPass):\n    \"\"\"Plugin pass: changes nothing.\"\"\"\n    name = 'plugin-noop'\n"
+        "    def call(self, model):\n        return self.result(model, collections.Counter())\n")
+    dist = tmp_path / "myplugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: myplugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[onnxopt.passes]\nplugin-noop = myplugin_mod:Noop\n"
+                                           "cleanup = myplugin_mod:Noop\nbroken = myplugin_mod:Missing\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "plugin-noop" in registry.names() and registry.names().count("cleanup") == 1
+    assert registry.get("plugin-noop").__name__ == "Noop"
+    assert registry.get("cleanup").__module__ == "onnxopt.passes.cleanup"
+    assert [str(s) for s in pipeline.parse("cleanup,plugin-noop")] == ["cleanup", "plugin-noop"]
+    with pytest.raises(UsageError, match="pass 'broken' from plugin 'myplugin_mod:Missing' cannot be loaded"):
+        registry.get("broken")
+    with pytest.raises(UsageError, match="already registered"):
+        registry.register("cleanup", registry.get("plugin-noop"))
