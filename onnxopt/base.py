@@ -30,9 +30,10 @@ class OptResult(ir.passes.PassResult):
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
-class OptPass(ir.passes.InPlacePass):
-    """Base of our passes: ``name`` is the pipeline spelling; the docstring's first line is the
-    one-line contract shown by ``onnxopt passes``."""
+class _Reporting:
+    """What every onnxopt pass adds to onnx-ir's: ``name`` is the pipeline spelling; the docstring's
+    first line is the one-line contract shown by ``onnxopt passes``; results count changes and
+    declined rewrites by reason."""
 
     name: ClassVar[str] = ""
 
@@ -44,6 +45,15 @@ class OptPass(ir.passes.InPlacePass):
     @classmethod
     def contract(cls) -> str:
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+
+class OptPass(_Reporting, ir.passes.InPlacePass):
+    """Base of our in-place passes (the model is mutated and returned)."""
+
+
+class FunctionalOptPass(_Reporting, ir.passes.FunctionalPass):
+    """Base of passes that build a new model and leave their input untouched (e.g. a pass handing
+    the model to another library)."""
 
 
 def count_nodes(model: ir.Model) -> int:

@@ -258,12 +258,22 @@ def test_fuse_transformer_is_refused_when_it_changes_outputs(cli, tmp_path):
     assert "hidden" in result.stderr
 
 
-def test_fuse_transformer_unknown_model_type():
+def test_fuse_transformer_unknown_model_type_is_a_usage_error(cli, tmp_path):
+    from tests.helpers import ROOT
+    out = tmp_path / "o.onnx"
+    result = cli("optimize", ROOT / "models" / "bert_encoder.onnx", "-o", out, "-p", "fuse-transformer{model-type=nope}")
+    assert result.exit_code == 1 and not out.exists()
+    assert "unknown model-type 'nope' (known: " in result.stderr and "bert" in result.stderr
+
+
+def test_fuse_transformer_is_functional_and_leaves_the_input_alone():
     from onnxopt.passes.fuse_transformer import FuseTransformer
     from tests.helpers import ROOT
     model = ir.serde.deserialize_model(onnx.load(str(ROOT / "models" / "bert_encoder.onnx")))
-    result = FuseTransformer(model_type="nope")(model)
-    assert not result.modified and any("unknown model-type 'nope'" in k for k in result.skipped)
+    before = ir.to_proto(model).SerializeToString()
+    result = FuseTransformer(model_type="bert")(model)
+    assert result.modified and result.model is not model
+    assert ir.to_proto(model).SerializeToString() == before
 
 
 def test_cse_reuses_outer_scope_values_in_branches():
