@@ -30,6 +30,47 @@ class OptResult(ir.passes.PassResult):
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
+@dataclasses.dataclass(frozen=True)
+class Match:
+    """Outcome of one rewrite rule (or one check of it) at one node; onnxscript's ``MatchResult``
+    is the model.  ``Match.ok(value)``: the pattern is there and the check passed (for a rule: it
+    rewrote; ``value`` carries what a check computed); ``Match.fail(reason)``: the pattern is there
+    but the check declined, and says why; ``NO_MATCH``: the pattern is absent (nothing to report)."""
+
+    matched: bool
+    reason: str = ""
+    value: object = None
+
+    @classmethod
+    def ok(cls, value: object = None) -> Match:
+        return cls(True, "", value)
+
+    @classmethod
+    def fail(cls, reason: str) -> Match:
+        assert reason, "a declined rule must say why"
+        return cls(True, reason)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.matched and not self.reason
+
+    def tally(self, changed: collections.Counter, skipped: collections.Counter, what: str,
+              prefix: str = "") -> None:
+        """Count a success under ``what`` and a decline under its reason (``prefix: reason``)."""
+        if self.succeeded:
+            changed[what] += 1
+        elif self.reason:
+            skipped[f"{prefix}: {self.reason}" if prefix else self.reason] += 1
+
+
+NO_MATCH = Match(False)
+
+
+def declined(reason: str | None) -> Match:
+    """Map a helper's "None on success, else a reason" (e.g. :func:`substitute`) to a Match."""
+    return Match.ok() if reason is None else Match.fail(reason)
+
+
 class _Reporting:
     """What every onnxopt pass adds to onnx-ir's: ``name`` is the pipeline spelling; the docstring's
     first line is the one-line contract shown by ``onnxopt passes``; results count changes and

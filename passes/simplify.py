@@ -10,10 +10,10 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import shapes as shape_inference
-from onnxopt.base import OptPass, add_initializer, constant, is_standard, node_axes, substitute
+from onnxopt.base import NO_MATCH, Match, OptPass, add_initializer, constant, declined, is_standard, node_axes, substitute
 
-# A rule returns None (pattern absent), "" (rewritten) or a reason (pattern present, declined).
-Rule = Callable[[ir.Node, "Context"], "str | None"]
+# A rule returns NO_MATCH (pattern absent), Match.ok() (rewritten) or Match.fail(reason) (declined).
+Rule = Callable[[ir.Node, "Context"], Match]
 FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 INT_MAX_LIKE = 2**31 - 1
 
@@ -52,11 +52,7 @@ class Simplify(OptPass):
             for rule in RULES.get(node.op_type, ()):
                 if node.graph is None:
                     break
-                outcome = rule(node, ctx)
-                if outcome == "":
-                    changed[rule.__doc__.strip().splitlines()[0]] += 1
-                elif outcome:
-                    skipped[f"{rule.__name__.strip('_')}: {outcome}"] += 1
+                rule(node, ctx).tally(changed, skipped, rule.__doc__.strip().splitlines()[0], rule.__name__.strip("_"))
         return self.result(model, changed, skipped)
 
 
@@ -67,11 +63,6 @@ class Context:
 
 
 # ---------------------------------------------------------------- helpers
-
-def _rewritten(reason: str | None) -> str:
-    """Map substitute()'s result (None on success) to the rule convention ("" on success)."""
-    return "" if reason is None else reason
-
 
 def _only_use(value: ir.Value, node: ir.Node) -> bool:
     return not value.is_graph_output() and all(u.node is node for u in value.uses()) and len(value.uses()) == 1
@@ -96,7 +87,7 @@ def _broadcast_keeps(x_dims, c_shape) -> bool:
 
 # ---------------------------------------------------------------- rules
 
-def _identity_arith(node, ctx):
+def _identity_arith(node: ir.Node, ctx: Context) -> Match:
     """neutral element removed (x+0, x-0, x*1, x/1)"""
     a, b = (list(node.inputs) + [None, None])[:2]
     neutral = {"Add": 0, "Sub": 0, "Mul": 1, "Div": 1}[node.op_type]
@@ -108,32 +99,32 @@ def _identity_arith(node, ctx):
         if not np.all(arr == neutral):
             continue
         if not _broadcast_keeps(ctx.dims.get(x), arr.shape):
-            return "the constant would broadcast x to a larger shape (or x's shape is unknown)"
+            return Match.fail("the constant would broadcast x to a larger shape (or x's shape is unknown)")
         if ctx.dims.dtype(x) != c.const_value.dtype:
-            return "dtype differs"
-        return _rewritten(substitute(node, x))
-    return None
+            return Match.fail("dtype differs")
+        return declined(substitute(node, x))
+    return NO_MATCH
 
 
-def _const_chain(node, ctx):
+def _const_chain(node: ir.Node, ctx: Context) -> Match:
     """constant chain merged into one constant"""
     kinds = ("Add", "Sub") if node.op_type in ("Add", "Sub") else ("Mul",)
     outer_split = _splitconstant(node)
     if outer_split is None:
-        return None
+        return NO_MATCH
     y, c2, sign2 = outer_split
     inner = _producer(y, *kinds)
     if inner is None:
-        return None
+        return NO_MATCH
     inner_split = _splitconstant(inner)
     if inner_split is None:
-        return None
+        return NO_MATCH
     x, c1, sign1 = inner_split
     if not _only_use(y, node):
-        return "inner result has other users"
+        return Match.fail("inner result has other users")
     dtype = c2.dtype
     if dtype.kind != "f" or c1.dtype != dtype:
-        return "not a float chain"
+        return Match.fail("not a float chain")
     if node.op_type == "Mul":
         combined = c1.astype(np.float64) * c2.astype(np.float64)
     else:
@@ -142,7 +133,7 @@ def _const_chain(node, ctx):
     node.op_type = "Mul" if node.op_type == "Mul" else "Add"
     node.replace_input_with(0, x)
     node.replace_input_with(1, value)
-    return ""
+    return Match.ok()
 
 
 def _splitconstant(node: ir.Node):
@@ -158,63 +149,63 @@ def _splitconstant(node: ir.Node):
     return None
 
 
-def _transpose(node, ctx):
+def _transpose(node: ir.Node, ctx: Context) -> Match:
     """Transpose pair merged or identity Transpose removed"""
     perm_attr = node.attributes.get("perm")
     if perm_attr is None:
-        return None
+        return NO_MATCH
     perm = list(perm_attr.as_ints())
     if perm == list(range(len(perm))):
-        return _rewritten(substitute(node, node.inputs[0]))
+        return declined(substitute(node, node.inputs[0]))
     inner = _producer(node.inputs[0], "Transpose")
     if inner is None or inner.attributes.get("perm") is None:
-        return None
+        return NO_MATCH
     if not _only_use(node.inputs[0], node):
-        return "inner Transpose has other users"
+        return Match.fail("inner Transpose has other users")
     p1 = list(inner.attributes["perm"].as_ints())
     if len(p1) != len(perm):
-        return "rank mismatch"
+        return Match.fail("rank mismatch")
     combined = [p1[p] for p in perm]
     node.replace_input_with(0, inner.inputs[0])
     node.attributes["perm"] = ir.AttrInt64s("perm", combined)
     if combined == list(range(len(combined))):
         substitute(node, node.inputs[0])  # if declined, an identity Transpose stays: still correct
-    return ""
+    return Match.ok()
 
 
-def _reshape(node, ctx):
+def _reshape(node: ir.Node, ctx: Context) -> Match:
     """Reshape chain shortened or no-op Reshape removed"""
     target = constant(node.inputs[1]) if len(node.inputs) > 1 else None
     if target is None:
-        return None
+        return NO_MATCH
     target = [int(t) for t in target.reshape(-1)]
     allowzero = node.attributes.get("allowzero")
     copies = 0 in target and not (allowzero is not None and allowzero.as_int())
     x_dims = ctx.dims.get(node.inputs[0])
     if x_dims is not None and all(isinstance(d, int) for d in x_dims) and list(x_dims) == target:
-        return _rewritten(substitute(node, node.inputs[0]))
+        return declined(substitute(node, node.inputs[0]))
     inner = _producer(node.inputs[0], "Reshape", "Flatten", "Squeeze", "Unsqueeze")
     if inner is None:
-        return None
+        return NO_MATCH
     if copies:
-        return "target copies dims of the intermediate (0 entries)"
+        return Match.fail("target copies dims of the intermediate (0 entries)")
     if not _only_use(node.inputs[0], node):
-        return "intermediate has other users"
+        return Match.fail("intermediate has other users")
     node.replace_input_with(0, inner.inputs[0])
-    return ""
+    return Match.ok()
 
 
-def _squeeze_pair(node, ctx):
+def _squeeze_pair(node: ir.Node, ctx: Context) -> Match:
     """Squeeze/Unsqueeze pair removed"""
     other = "Unsqueeze" if node.op_type == "Squeeze" else "Squeeze"
     inner = _producer(node.inputs[0], other)
     if inner is None:
-        return None
+        return NO_MATCH
     a, b = node_axes(node), node_axes(inner)
     a, b = (sorted(a) if a is not None else None), (sorted(b) if b is not None else None)
     if a is None or b is None or a != b or any(x < 0 for x in a):
-        return "axes differ or are not constant non-negative"
-    return _rewritten(substitute(node, inner.inputs[0]))
+        return Match.fail("axes differ or are not constant non-negative")
+    return declined(substitute(node, inner.inputs[0]))
 
 
 _LOSSLESS = {
@@ -230,111 +221,111 @@ _LOSSLESS = {
 }
 
 
-def _cast(node, ctx):
+def _cast(node: ir.Node, ctx: Context) -> Match:
     """no-op Cast or lossless Cast round trip removed"""
     to = ir.DataType(node.attributes["to"].as_int()) if "to" in node.attributes else None
     x = node.inputs[0]
     if to is None or x is None:
-        return None
+        return NO_MATCH
     if ctx.dims.dtype(x) == to:
-        return _rewritten(substitute(node, x))
+        return declined(substitute(node, x))
     inner = _producer(x, "Cast")
     if inner is None:
-        return None
+        return NO_MATCH
     source = ctx.dims.dtype(inner.inputs[0])
     middle = ir.DataType(inner.attributes["to"].as_int())
     if source != to:
-        return None
+        return NO_MATCH
     if middle not in _LOSSLESS.get(source, ()):
-        return "the intermediate type loses information"
-    return _rewritten(substitute(node, inner.inputs[0]))
+        return Match.fail("the intermediate type loses information")
+    return declined(substitute(node, inner.inputs[0]))
 
 
-def _noop(node, ctx):
+def _noop(node: ir.Node, ctx: Context) -> Match:
     """no-op Concat/Expand/Tile/Slice/Pad/Resize removed"""
     x = node.inputs[0]
     op = node.op_type
     if op == "Concat":
-        return _rewritten(substitute(node, x)) if len(node.inputs) == 1 else None
+        return declined(substitute(node, x)) if len(node.inputs) == 1 else NO_MATCH
     x_dims = ctx.dims.get(x)
     if op == "Expand":
         shape = constant(node.inputs[1])
         if shape is None or not _broadcast_keeps(x_dims, [int(s) for s in shape]):
-            return None
-        return _rewritten(substitute(node, x))
+            return NO_MATCH
+        return declined(substitute(node, x))
     if op == "Tile":
         repeats = constant(node.inputs[1])
-        return _rewritten(substitute(node, x)) if repeats is not None and np.all(repeats == 1) else None
+        return declined(substitute(node, x)) if repeats is not None and np.all(repeats == 1) else NO_MATCH
     if op == "Pad":
         pads = node.attributes["pads"].as_ints() if "pads" in node.attributes else constant(node.inputs[1])
-        return _rewritten(substitute(node, x)) if pads is not None and np.all(np.asarray(pads) == 0) else None
+        return declined(substitute(node, x)) if pads is not None and np.all(np.asarray(pads) == 0) else NO_MATCH
     if op in ("Resize", "Upsample"):
         ct = node.attributes.get("coordinate_transformation_mode")
         if ct is not None and ct.as_string() == "tf_crop_and_resize":
-            return None
+            return NO_MATCH
         scales_index = 2 if op == "Resize" and len(node.inputs) > 2 else 1
         scales = constant(node.inputs[scales_index]) if len(node.inputs) > scales_index else None
         has_sizes = op == "Resize" and len(node.inputs) > 3 and node.inputs[3] is not None
         if scales is None or scales.size == 0 or has_sizes or not np.all(scales == 1):
-            return None
-        return _rewritten(substitute(node, x))
+            return NO_MATCH
+        return declined(substitute(node, x))
     if op == "Slice":
         if len(node.inputs) < 3 or x_dims is None:
-            return None
+            return NO_MATCH
         starts, ends = constant(node.inputs[1]), constant(node.inputs[2])
         axes = constant(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
         steps = constant(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
         if starts is None or ends is None or (len(node.inputs) > 3 and node.inputs[3] is not None and axes is None):
-            return None
+            return NO_MATCH
         axes = list(range(len(starts))) if axes is None else [int(a) for a in axes]
         steps = [1] * len(starts) if steps is None else [int(s) for s in steps]
         for s, e, a, st in zip(starts, ends, axes, steps):
             dim = x_dims[a] if -len(x_dims) <= a < len(x_dims) else None
             full_end = e >= INT_MAX_LIKE or (isinstance(dim, int) and e >= dim)
             if st != 1 or s != 0 or not full_end:
-                return None
-        return _rewritten(substitute(node, x))
-    return None
+                return NO_MATCH
+        return declined(substitute(node, x))
+    return NO_MATCH
 
 
-def _pad_into_conv(node, ctx):
+def _pad_into_conv(node: ir.Node, ctx: Context) -> Match:
     """Pad folded into Conv"""
     pad = _producer(node.inputs[0], "Pad")
     if pad is None:
-        return None
+        return NO_MATCH
     mode = pad.attributes.get("mode")
     if mode is not None and mode.as_string() != "constant":
-        return "Pad mode is not constant"
+        return Match.fail("Pad mode is not constant")
     pads = pad.attributes["pads"].as_ints() if "pads" in pad.attributes else constant(pad.inputs[1])
     value_attr = pad.attributes.get("value")
     fill = constant(pad.inputs[2]) if len(pad.inputs) > 2 and pad.inputs[2] is not None else None
     if pads is None or (len(pad.inputs) > 2 and pad.inputs[2] is not None and fill is None):
-        return "Pad arguments not constant"
+        return Match.fail("Pad arguments not constant")
     if (fill is not None and np.any(fill != 0)) or (value_attr is not None and value_attr.as_float() != 0):
-        return "Pad value is not zero"
+        return Match.fail("Pad value is not zero")
     if len(pad.inputs) > 3 and pad.inputs[3] is not None:
-        return "Pad with axes"
+        return Match.fail("Pad with axes")
     pads = [int(p) for p in pads]
     rank = len(pads) // 2
     if rank < 3 or any(p < 0 for p in pads) or any(pads[i] or pads[rank + i] for i in (0, 1)):
-        return "Pad touches batch/channel dims or is negative"
+        return Match.fail("Pad touches batch/channel dims or is negative")
     auto_pad = node.attributes.get("auto_pad")
     if auto_pad is not None and auto_pad.as_string() not in ("NOTSET", ""):
-        return "Conv uses auto_pad"
+        return Match.fail("Conv uses auto_pad")
     if not _only_use(node.inputs[0], node):
-        return "Pad output has other users"
+        return Match.fail("Pad output has other users")
     k = rank - 2
     conv_pads = list(node.attributes["pads"].as_ints()) if "pads" in node.attributes else [0] * (2 * k)
     new = [conv_pads[i] + pads[2 + i] for i in range(k)] + [conv_pads[k + i] + pads[rank + 2 + i] for i in range(k)]
     node.attributes["pads"] = ir.AttrInt64s("pads", new)
     node.replace_input_with(0, pad.inputs[0])
-    return ""
+    return Match.ok()
 
 
-def _matmul_add_gemm(node, ctx):
+def _matmul_add_gemm(node: ir.Node, ctx: Context) -> Match:
     """MatMul+Add fused into Gemm"""
     if ctx.opset < 11:
-        return None
+        return NO_MATCH
     for i in (0, 1):
         mm = _producer(node.inputs[i], "MatMul")
         bias = node.inputs[1 - i]
@@ -344,20 +335,20 @@ def _matmul_add_gemm(node, ctx):
         bw, c = constant(b), constant(bias)
         a_dims = ctx.dims.get(a)
         if bw is None or c is None or bw.ndim != 2 or a_dims is None or len(a_dims) != 2:
-            return "needs 2-D input, constant 2-D weight and constant bias"
+            return Match.fail("needs 2-D input, constant 2-D weight and constant bias")
         if c.shape not in ((bw.shape[1],), (1, bw.shape[1])) or c.dtype != bw.dtype or bw.dtype.kind != "f":
-            return "bias shape is not [N] or [1, N]"
+            return Match.fail("bias shape is not [N] or [1, N]")
         if not _only_use(node.inputs[i], node):
-            return "MatMul result has other users"
+            return Match.fail("MatMul result has other users")
         gemm = ir.Node("", "Gemm", [a, b, bias], name=(mm.name or "gemm") + "_gemm", num_outputs=1)
         node.graph.insert_before(node, gemm)
         gemm.outputs[0].name = (mm.outputs[0].name or "gemm") + "_gemm"
         reason = substitute(node, gemm.outputs[0])
         if reason:
             node.graph.remove(gemm, safe=True)
-            return reason
-        return ""
-    return None
+            return Match.fail(reason)
+        return Match.ok()
+    return NO_MATCH
 
 
 RULES: dict[str, tuple[Rule, ...]] = {
