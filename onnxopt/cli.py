@@ -4,9 +4,10 @@
 Crash isolation: a command that reads a model (optimize, quantize, validate, bench, inspect) runs
 in a forked child process (:func:`run_isolated`; fork is copy-on-write, a few ms).  The child
 inherits stdin/stdout/stderr, so output and progress bars are unchanged, and its exit code is the
-command's.  If native code (ONNX Runtime, onnx) kills the child with a signal, the parent prints
-one line (``onnxopt: error: ONNX Runtime (or another native library) crashed (SIGSEGV) on
-model.onnx; nothing written``), removes the child's staging folder beside the output, and exits 2:
+command's; it is killed when the parent dies (``kill -9`` of onnxopt stops the work).  If native
+code (ONNX Runtime, onnx) kills the child with a signal, the parent prints one line
+(``onnxopt: error: ONNX Runtime (or another native library) crashed (SIGSEGV) on model.onnx;
+nothing written``), removes the child's staging folder beside the output, and exits 2:
 a model that crashes the runtime is bad input.  Isolation is skipped where it cannot work or is
 not wanted: no ``os.fork``, more than one thread, or stdout/stderr without a file descriptor
 (in-process callers such as click's CliRunner); the command then runs in the calling process.
@@ -108,10 +109,12 @@ def run_isolated(fn: Callable[[], object], label: str, output: str | os.PathLike
     before = _file_state(out)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child: never returns into the caller's frames
         code = 4
         try:
+            _die_with_parent(parent)
             code = _exit_code_of(fn)
         finally:
             try:
@@ -144,6 +147,20 @@ def run_isolated(fn: Callable[[], object], label: str, output: str | os.PathLike
         raise BadInputError(f"ONNX Runtime (or another native library) crashed ({name}) on {label}; {written}")
     raise BadInputError(f"the process working on {label} was killed ({name}"
                         f"{'; out of memory?' if sig == signal.SIGKILL else ''}); {written}")
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: the child gets SIGKILL when the parent dies (``kill -9`` of the onnxopt process must
+    stop the work, not leave an orphan writing the output)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(137)
 
 
 def _isolated(label: Callable[[dict], str], output: str | None = None):

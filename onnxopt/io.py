@@ -9,8 +9,8 @@ point leaves the destination untouched.
 
 Staging folders are named ``.onnxopt-<pid>-<host tag>-<random>``: a process killed mid-write
 (SIGKILL, power loss of a container) cannot remove its own, so every new :class:`StagedModel`
-removes the sibling ones whose process (on this host) no longer runs (see
-:func:`remove_stale_staging`).
+removes the sibling ones whose process (on this host) no longer runs, as does every
+:func:`check_writable` (see :func:`remove_stale_staging`).
 
 External data locations must be relative paths inside the model's folder: ``..`` components,
 absolute paths and symlinks leading out are refused before the file is looked at, with the same
@@ -193,9 +193,11 @@ def check_writable(dest: Path) -> None:
     new file (probed for real: permission bits say nothing for root or read-only mounts)."""
     parent = dest.parent if str(dest.parent) else Path(".")
     if not parent.is_dir():
-        raise BadInputError(f"{dest}: output directory '{parent}' does not exist")
+        problem = "is not a directory" if parent.exists() else "does not exist"
+        raise BadInputError(f"{dest}: output directory '{parent}' {problem}")
     if dest.is_dir():
         raise BadInputError(f"{dest}: is a directory")
+    remove_stale_staging(parent)
     try:
         with tempfile.NamedTemporaryFile(prefix=staging_prefix() + "probe-", dir=parent):
             pass
