@@ -232,7 +232,8 @@ def _common(f):
     f = click.option("--preprocess", default=None,
                      help='For image-folder --data: "resize=224x224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=nchw".')(f)
     f = click.option("--data", type=click.Path(), default=None,
-                     help=".npz (arrays by input name), a folder of .npy/.npz batches, or an image folder.")(f)
+                     help=".npz (arrays by input name), a folder of .npy/.npz batches, or an image folder. Without it, "
+                          "inputs are synthesized (at most 1 GiB; larger declared inputs need --data).")(f)
     f = click.option("--shape", "shapes", multiple=True, help="Input shape NAME:1x3x224x224 for symbolic dims (repeatable).")(f)
     f = click.option("--ep", "ep_text", default="cpu", show_default=True,
                      help="Execution providers, comma separated: cpu, openvino, cuda, tensorrt, dml, coreml.")(f)

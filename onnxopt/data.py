@@ -78,8 +78,8 @@ class Preprocess:
                 if self.resize:
                     img = img.resize(self.resize, Image.BILINEAR)
                 arr = np.asarray(img, dtype=np.float32)
-        except OSError as e:
-            raise BadInputError(f"{path}: cannot read image ({e})") from None
+        except Exception as e:  # noqa: BLE001 - OSError, DecompressionBombError, ValueError, ...
+            raise BadInputError(f"{path}: cannot read image ({_first_line(e)})") from None
         if arr.ndim == 2:
             arr = arr[:, :, None]
         arr = (arr * self.scale - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
@@ -120,9 +120,10 @@ def _raw_batches(p: Path, sess: ort.InferenceSession, prep: Preprocess) -> Itera
                 if len(inputs) != 1:
                     raise BadInputError(f"{f}: .npy batches need a single-input model; use .npz with arrays by input name")
                 try:
-                    yield {inputs[0].name: np.load(f, allow_pickle=False)}
-                except (OSError, ValueError) as e:
-                    raise BadInputError(f"{f}: not a readable .npy file ({e})") from None
+                    array = np.load(f, allow_pickle=False)
+                except Exception as e:  # noqa: BLE001 - OSError, ValueError, EOFError (empty file), ...
+                    raise BadInputError(f"{f}: not a readable .npy file ({_first_line(e)})") from None
+                yield {inputs[0].name: array}
         return
     if images:
         if len(inputs) != 1:
@@ -137,7 +138,12 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except Exception as e:  # noqa: BLE001 - zip/npy errors of many kinds
-        raise BadInputError(f"{path}: not a readable .npz file ({e})") from None
+        raise BadInputError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
 
 
 def feeds_for(sess: ort.InferenceSession, data: str | os.PathLike | None, shapes: dict | None,

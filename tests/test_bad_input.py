@@ -115,6 +115,10 @@ def inputs(tmp_path_factory):
     np.savez(d / "digits_nan.npz", image=np.full((2, 1, 8, 8), np.nan, np.float32))
     (d / "corrupt.npz").write_bytes(b"PK\3\4 not really a zip")
     (d / "empty_dir").mkdir()
+    (d / "empty_npy").mkdir()
+    (d / "empty_npy" / "b.npy").write_bytes(b"")
+    (d / "images").mkdir()
+    (d / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     (d / "data.txt").write_text("1 2 3")
     # metric modules
     (d / "metric_syntax.py").write_text("def score(sess:\n")
@@ -190,6 +194,9 @@ CASES = [
          "NaN or Inf"),
     Case("data-empty-dir", OPT + ["{in}/good.onnx", "-o", "{out}/o.onnx", "--data", "{in}/empty_dir"], "no data found"),
     Case("data-missing", OPT + ["{in}/good.onnx", "-o", "{out}/o.onnx", "--data", "{in}/nope.npz"], "no such data file"),
+    Case("data-empty-npy", OPT + ["{in}/good.onnx", "-o", "{out}/o.onnx", "--data", "{in}/empty_npy"], "not a readable .npy"),
+    Case("data-broken-image", ["validate", "{in}/digits.onnx", "{in}/digits.onnx", "--data", "{in}/images",
+                               "--preprocess", "resize=8x8,channels=1"], "cannot read image"),
     Case("data-corrupt", OPT + ["{in}/good.onnx", "-o", "{out}/o.onnx", "--data", "{in}/corrupt.npz"], "not a readable .npz"),
     Case("data-not-npz", OPT + ["{in}/good.onnx", "-o", "{out}/o.onnx", "--data", "{in}/data.txt"], "must be .npz"),
     # ---- output
