@@ -9,7 +9,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import shapes as shape_inference
-from onnxopt.base import OptPass, add_initializer, is_constant, is_standard, node_axes, replace_with_initializer
+from onnxopt.base import NO_MATCH, Match, OptPass, add_initializer, is_constant, is_standard, node_axes, replace_with_initializer
 
 # A shape element: coef * product(symbols), e.g. (4, ("batch",)) is 4*batch; None is unknown.
 Expr = tuple[int, tuple[str, ...]] | None
@@ -86,11 +86,7 @@ class FoldShapes(OptPass):
             if node.graph is None or not is_standard(node):
                 continue
             if node.op_type == "Reshape":
-                reason = self._reshape(node, dims, syms)
-                if reason == "":
-                    changed["Reshape shape made constant"] += 1
-                elif reason:
-                    skipped[f"Reshape kept: {reason}"] += 1
+                self._reshape(node, dims, syms).tally(changed, skipped, "Reshape shape made constant", "Reshape kept")
                 continue
             if len(node.outputs) != 1 or node.outputs[0].is_graph_output():
                 continue
@@ -105,13 +101,12 @@ class FoldShapes(OptPass):
             changed[f"{node.op_type} folded to a constant"] += 1
         return self.result(model, changed, skipped)
 
-    def _reshape(self, node: ir.Node, dims: shape_inference.Shapes, syms: dict) -> str | None:
-        """'' when rewritten, a reason when declined, None when there is nothing to do."""
+    def _reshape(self, node: ir.Node, dims: shape_inference.Shapes, syms: dict) -> Match:
         if len(node.inputs) < 2 or node.inputs[1] is None or is_constant(node.inputs[1]):
-            return None
+            return NO_MATCH
         target = _sym(node.inputs[1], dims, syms)
         if target is None or target.scalar:
-            return "target shape not known symbolically"
+            return Match.fail("target shape not known symbolically")
         data_dims = dims.get(node.inputs[0])
         data_syms = [_dim_expr(node.inputs[0], i, d) for i, d in enumerate(data_dims)] if data_dims else []
         allowzero = node.attributes.get("allowzero")
@@ -120,7 +115,7 @@ class FoldShapes(OptPass):
         for i, e in enumerate(target.elems):
             if e is not None and not e[1]:
                 if e[0] == 0 and allowzero:
-                    return "literal zero with allowzero=1"
+                    return Match.fail("literal zero with allowzero=1")
                 if e[0] == -1:
                     unknown += 1
                 new.append(e[0])
@@ -130,13 +125,13 @@ class FoldShapes(OptPass):
                 unknown += 1
                 new.append(-1)
         if unknown > 1:
-            return "more than one dim unknown"
+            return Match.fail("more than one dim unknown")
         shape_value = add_initializer(node.graph, f"{node.name or node.outputs[0].name}_shape",
                                       np.array(new, dtype=np.int64))
         node.replace_input_with(1, shape_value)
         if allowzero:
             node.attributes["allowzero"] = ir.AttrInt64("allowzero", 0)
-        return ""
+        return Match.ok()
 
 
 def _dim_expr(value: ir.Value, axis: int, d) -> Expr:

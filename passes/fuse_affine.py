@@ -8,7 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import shapes as shape_inference
-from onnxopt.base import OptPass, add_initializer, constant, is_standard, substitute
+from onnxopt.base import NO_MATCH, Match, OptPass, add_initializer, constant, declined, is_standard, substitute
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
 
@@ -40,60 +40,54 @@ class FuseAffine(OptPass):
         for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
             if node.graph is None or node.op_type not in self.CONSUMERS or not is_standard(node):
                 continue
-            producer, reason = self._match(node)
-            if producer is None:
-                if reason:
-                    skipped[reason] += 1
-                continue
-            if dims is None and producer.op_type == "MatMul":
-                dims = shape_inference.infer(model)
-            affine = _affine(node, producer, dims)
-            if affine is None:
-                continue
-            if isinstance(affine, str):
-                skipped[affine] += 1
-                continue
-            reason = _rewrite(producer, node, *affine)
-            if reason:
-                skipped[reason] += 1
+            match = self._match(node)
+            if match.succeeded:
+                producer = match.value
+                if dims is None and producer.op_type == "MatMul":
+                    dims = shape_inference.infer(model)
+                match = _affine(node, producer, dims)
+                if match.succeeded:
+                    match = _rewrite(producer, node, *match.value)
+                match.tally(changed, skipped, f"{node.op_type} fused into {producer.op_type}")
             else:
-                changed[f"{node.op_type} fused into {producer.op_type}"] += 1
+                match.tally(changed, skipped, "")
         return self.result(model, changed, skipped)
 
-    def _match(self, consumer: ir.Node) -> tuple[ir.Node | None, str | None]:
+    def _match(self, consumer: ir.Node) -> Match:
+        """Match.ok(producer) when a producer's output feeds only the consumer."""
         for v in consumer.inputs[:2]:
             p = v.producer() if v is not None else None
             if p is not None and p.op_type in self.PRODUCERS and is_standard(p) and p.graph is consumer.graph:
                 if consumer.op_type == "BatchNormalization" and v is not consumer.inputs[0]:
                     continue
                 if len(v.uses()) != 1 or v.is_graph_output():
-                    return None, f"{p.op_type.lower()} output has other users"
-                return p, None
-        return None, None
+                    return Match.fail(f"{p.op_type.lower()} output has other users")
+                return Match.ok(p)
+        return NO_MATCH
 
 
-def _channels(producer: ir.Node) -> tuple[int, int, int] | str:
-    """(number of output channels, axis of the weight that indexes them, output channel axis)."""
+def _channels(producer: ir.Node) -> Match:
+    """Match.ok((number of output channels, axis of the weight that indexes them, output channel axis))."""
     w = constant(producer.inputs[1]) if len(producer.inputs) > 1 else None
     if w is None:
-        return "weight is not constant"
+        return Match.fail("weight is not constant")
     if producer.inputs[1].const_value.dtype not in FLOAT_TYPES:
-        return "weight is not floating point"
+        return Match.fail("weight is not floating point")
     op = producer.op_type
     if op == "Conv":
-        return w.shape[0], 0, 1
+        return Match.ok((w.shape[0], 0, 1))
     if op == "ConvTranspose":
         group = producer.attributes.get("group")
         if group is not None and group.as_int() != 1:
-            return "grouped ConvTranspose"
-        return w.shape[1], 1, 1
+            return Match.fail("grouped ConvTranspose")
+        return Match.ok((w.shape[1], 1, 1))
     if w.ndim != 2:
-        return "weight is not 2-D"
+        return Match.fail("weight is not 2-D")
     if op == "Gemm":
         trans_b = producer.attributes.get("transB")
         axis = 0 if trans_b is not None and trans_b.as_int() else 1
-        return w.shape[axis], axis, -1
-    return w.shape[1], 1, -1  # MatMul
+        return Match.ok((w.shape[axis], axis, -1))
+    return Match.ok((w.shape[1], 1, -1))  # MatMul
 
 
 def _output_rank(producer: ir.Node, dims: shape_inference.Shapes | None) -> int | None:
@@ -108,53 +102,53 @@ def _output_rank(producer: ir.Node, dims: shape_inference.Shapes | None) -> int 
     return None if a is None else max(len(a), 1)
 
 
-def _affine(consumer: ir.Node, producer: ir.Node, dims: shape_inference.Shapes | None = None):
-    """(s, t) vectors of length C, a reason string, or None when the pattern is absent."""
+def _affine(consumer: ir.Node, producer: ir.Node, dims: shape_inference.Shapes | None = None) -> Match:
+    """Match.ok((s, t)) with vectors of length C; a decline with its reason; NO_MATCH."""
     info = _channels(producer)
-    if isinstance(info, str):
+    if not info.succeeded:
         return info
-    c, _, out_axis = info
+    c, _, out_axis = info.value
     op = consumer.op_type
     if op == "BatchNormalization":
         if producer.op_type not in ("Conv", "ConvTranspose") and _output_rank(producer, dims) != 2:
-            return "BN after a non-2-D Gemm/MatMul output"
+            return Match.fail("BN after a non-2-D Gemm/MatMul output")
         if len(consumer.outputs) > 1 and any(o.uses() or o.is_graph_output() for o in consumer.outputs[1:]):
-            return "BN running statistics outputs are used (training)"
+            return Match.fail("BN running statistics outputs are used (training)")
         training = consumer.attributes.get("training_mode")
         if training is not None and training.as_int() != 0:
-            return "BN in training mode"
+            return Match.fail("BN in training mode")
         spatial = consumer.attributes.get("spatial")
         if spatial is not None and spatial.as_int() == 0:
-            return "BN with spatial=0"
+            return Match.fail("BN with spatial=0")
         params = [constant(v) for v in consumer.inputs[1:5]] if len(consumer.inputs) == 5 else [None]
         if any(p is None for p in params):
-            return "BN parameters are not constant"
+            return Match.fail("BN parameters are not constant")
         if any(p.size != c for p in params):
-            return "BN parameter size does not match output channels"
+            return Match.fail("BN parameter size does not match output channels")
         scale, bias, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
         eps_attr = consumer.attributes.get("epsilon")
         s = scale / np.sqrt(var + (eps_attr.as_float() if eps_attr is not None else 1e-5))
-        return s, bias - mean * s
+        return Match.ok((s, bias - mean * s))
     if producer.op_type == "MatMul" and op != "Mul" and op != "Div":
-        return None  # no bias slot: MatMul+Add is simplify's MatMul+Add -> Gemm
+        return NO_MATCH  # no bias slot: MatMul+Add is simplify's MatMul+Add -> Gemm
     other_index = 1 if consumer.inputs[0] is producer.outputs[0] else 0
     k = constant(consumer.inputs[other_index])
     if k is None:
-        return None  # e.g. a residual Add: not this pattern
+        return NO_MATCH  # e.g. a residual Add: not this pattern
     rank = _output_rank(producer, dims)
     if k.ndim > (rank if rank is not None else 1):
-        return "constant has a higher rank than the output (the broadcast adds dims)"
+        return Match.fail("constant has a higher rank than the output (the broadcast adds dims)")
     vec = _per_channel(k, c, out_axis, producer)
     if vec is None:
-        return "constant is not a scalar or per-channel vector"
+        return Match.fail("constant is not a scalar or per-channel vector")
     ones, zeros = np.ones(c), np.zeros(c)
     if op == "Mul":
-        return vec, zeros
+        return Match.ok((vec, zeros))
     if op == "Div":
-        return (1.0 / vec, zeros) if other_index == 1 and np.all(vec != 0) else "not x / c with c != 0"
+        return Match.ok((1.0 / vec, zeros)) if other_index == 1 and np.all(vec != 0) else Match.fail("not x / c with c != 0")
     if op == "Add":
-        return ones, vec
-    return (ones, -vec) if other_index == 1 else (-ones, vec)  # Sub: P - c, or c - P
+        return Match.ok((ones, vec))
+    return Match.ok((ones, -vec) if other_index == 1 else (-ones, vec))  # Sub: P - c, or c - P
 
 
 def _per_channel(k: np.ndarray, c: int, out_axis: int, producer: ir.Node) -> np.ndarray | None:
@@ -171,9 +165,9 @@ def _per_channel(k: np.ndarray, c: int, out_axis: int, producer: ir.Node) -> np.
     return k.astype(np.float64).reshape(-1) if ok else None
 
 
-def _rewrite(producer: ir.Node, consumer: ir.Node, s: np.ndarray, t: np.ndarray) -> str | None:
+def _rewrite(producer: ir.Node, consumer: ir.Node, s: np.ndarray, t: np.ndarray) -> Match:
     op = producer.op_type
-    c, w_axis, _ = _channels(producer)
+    c, w_axis, _ = _channels(producer).value
     w = producer.inputs[1].const_value.numpy()
     dtype = w.dtype
     has_t = bool(np.any(t != 0))
@@ -181,16 +175,16 @@ def _rewrite(producer: ir.Node, consumer: ir.Node, s: np.ndarray, t: np.ndarray)
     bias = None
     if op == "MatMul":
         if has_t:
-            return "MatMul has no bias to absorb a shift"
+            return Match.fail("MatMul has no bias to absorb a shift")
     elif len(producer.inputs) > 2 and producer.inputs[2] is not None:
         bias = constant(producer.inputs[2])
         if bias is None:
-            return "bias is not constant"
+            return Match.fail("bias is not constant")
         if op == "Gemm":
             beta = producer.attributes.get("beta")
             bias = bias * (beta.as_float() if beta is not None else 1.0)
             if bias.size not in (1, c) or (bias.ndim == 2 and bias.shape[0] != 1):
-                return "Gemm C is not a vector"
+                return Match.fail("Gemm C is not a vector")
             bias = np.broadcast_to(bias.reshape(-1), (c,)) if bias.size in (1, c) else bias
     shape = [1] * w.ndim
     shape[w_axis] = -1
@@ -208,4 +202,4 @@ def _rewrite(producer: ir.Node, consumer: ir.Node, s: np.ndarray, t: np.ndarray)
             producer.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
     reason = substitute(consumer, producer.outputs[0])
     assert reason is None, reason  # _match ensured the producer output is private to the consumer
-    return None
+    return declined(reason)
