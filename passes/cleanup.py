@@ -14,10 +14,14 @@ class Cleanup(OptPass):
     """Remove dead nodes, unused initializers, initializer-backed inputs, Identity, inference Dropout; lift Constant nodes.
 
     Contract: outputs bit-identical; graph inputs/outputs keep their names, types and dims
-    (an initializer-backed input disappears from the input list only for IR >= 4, where such an
-    input is a default a user could override - onnxsim does the same); plain graph inputs are
-    never removed, even unused.  Constant nodes (all value_* kinds) become initializers in the
-    graph they live in.  Dropout goes when its mask is unused and training_mode is absent or a
+    (an initializer-backed input disappears from the input list, where it is a default a user
+    could override - onnxsim and onnxslim do the same); plain graph inputs are never removed,
+    even unused.  A model of IR version < 4 (where every initializer *had* to be listed as an
+    input, so listing says nothing about intent) is raised to IR 4 first - the only difference
+    between the two is that IR 4 lets initializers be unlisted - so its weights become constants
+    that fold-constants, dedup and fuse passes can use (with ``remove-initializer-inputs=false``
+    the model keeps its IR version, its inputs and its Constant nodes).  Constant nodes (all
+    value_* kinds) become initializers in the graph they live in.  Dropout goes when its mask is unused and training_mode is absent or a
     constant false.  Identity/Dropout whose output is a graph output is removed only when its
     input is made by a node of the same graph (the producer is renamed); otherwise kept, with a
     reason.  Recurses into If/Loop/Scan bodies; custom-domain nodes are kept unless dead.
@@ -33,6 +37,9 @@ class Cleanup(OptPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         changed: collections.Counter = collections.Counter()
         skipped: collections.Counter = collections.Counter()
+        if self.remove_initializer_inputs and model.ir_version < 4:
+            changed[f"IR version {model.ir_version} -> 4 (initializers need not be inputs)"] += 1
+            model.ir_version = 4
 
         for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
             if not is_standard(node) or node.graph is None:
