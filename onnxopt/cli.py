@@ -8,9 +8,12 @@ command's; it is killed when the parent dies (``kill -9`` of onnxopt stops the w
 code (ONNX Runtime, onnx) kills the child with a signal, the parent prints one line
 (``onnxopt: error: ONNX Runtime (or another native library) crashed (SIGSEGV) on model.onnx;
 nothing written``), removes the child's staging folder beside the output, and exits 2:
-a model that crashes the runtime is bad input.  Isolation is skipped where it cannot work or is
-not wanted: no ``os.fork``, more than one thread, or stdout/stderr without a file descriptor
-(in-process callers such as click's CliRunner); the command then runs in the calling process.
+a model that crashes the runtime is bad input (a kill from outside, e.g. SIGTERM or the OOM
+killer's SIGKILL, is one line too, exit 128 + signal).  SIGTERM/SIGHUP sent to onnxopt are
+forwarded to the child; a terminal's Ctrl-C reaches both (exit 130).  Isolation is skipped where
+it cannot work or is not wanted: no ``os.fork``, more than one thread, or stdout/stderr without a
+file descriptor (in-process callers such as click's CliRunner); the command then runs in the
+calling process.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import click
 
 from onnxopt import __version__, api, io, pipeline, registry, report, runtime
 from onnxopt import quantize as quantize_mod
-from onnxopt.errors import BadInputError, OnnxoptError, UsageError, ValidationRefused
+from onnxopt.errors import BadInputError, OnnxoptError, Terminated, UsageError, ValidationRefused
 
 logger = logging.getLogger("onnxopt.cli")
 
@@ -59,7 +62,7 @@ def _exit_code_of(fn: Callable[[], object]) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
-    except Exception as e:  # noqa: BLE001 - a bug: one line for the user, the traceback at -vv
+    except Exception as e:  # a bug: one line for the user, the traceback at -vv
         logger.debug("internal error", exc_info=True)
         text = (str(e).strip().splitlines() or [""])[0]
         click.echo(f"onnxopt: internal error: {type(e).__name__}: {text}; nothing was written; "
@@ -100,9 +103,10 @@ def run_isolated(fn: Callable[[], object], label: str, output: str | os.PathLike
     """Run ``fn`` in a forked child and return its exit code (errors inside are mapped and printed
     by the child as in the CLI: one line, see :func:`_exit_code_of`).
 
-    If the child dies by a signal, its staging entries beside ``output`` are removed and a
-    BadInputError is raised (exit 2) naming ``label`` and the signal, saying whether ``output``
-    was replaced before the crash.  SIGTERM/SIGHUP received while waiting are forwarded to the
+    If the child dies by a signal, its staging entries beside ``output`` are removed and an error
+    is raised naming ``label`` and the signal, saying whether ``output`` was replaced before: a
+    crash (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT) is BadInputError (exit 2), a kill from
+    outside (SIGTERM, SIGKILL, ...) is Terminated (exit 128 + signal).  SIGTERM/SIGHUP received while waiting are forwarded to the
     child; SIGINT (which a terminal sends to the child too) is ignored by the waiting parent.
     Also the hook tests use: ``run_isolated(lambda: os.kill(os.getpid(), signal.SIGSEGV), "m")``."""
     out = Path(output) if output is not None else None
@@ -145,8 +149,8 @@ def run_isolated(fn: Callable[[], object], label: str, output: str | os.PathLike
     written = "nothing written" if _file_state(out) == before else f"{out} had been written before"
     if sig in CRASH_SIGNALS:
         raise BadInputError(f"ONNX Runtime (or another native library) crashed ({name}) on {label}; {written}")
-    raise BadInputError(f"the process working on {label} was killed ({name}"
-                        f"{'; out of memory?' if sig == signal.SIGKILL else ''}); {written}")
+    raise Terminated(f"the process working on {label} was killed ({name}"
+                     f"{'; out of memory?' if sig == signal.SIGKILL else ''}); {written}", sig)
 
 
 def _die_with_parent(parent: int) -> None:

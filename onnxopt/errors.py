@@ -35,3 +35,12 @@ class InternalError(OnnxoptError):
     """A pass failed unexpectedly (a bug in onnxopt); nothing was written (exit 4)."""
 
     exit_code = 4
+
+
+class Terminated(OnnxoptError):
+    """The work was stopped from outside by a signal (SIGTERM, SIGKILL, ...): exit 128 + the signal
+    number, as a shell reports a process killed by it."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -269,8 +269,8 @@ def test_bad_input(case, inputs, tmp_path, cli, monkeypatch):
         monkeypatch.syspath_prepend(str(d))  # the module form finds modules on sys.path (and the cwd)
     try:
         if case.crash:
-            proc = subprocess.run([sys.executable, "-c", CRASHER, case.crash, *args], capture_output=True, text=True,
-                                  timeout=120, cwd=tmp_path)
+            proc = subprocess.run([sys.executable, "-c", CRASHER, case.crash, *args], check=False, capture_output=True,
+                                  text=True, timeout=120, cwd=tmp_path)
             code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
         else:
             result = cli(*args)
@@ -299,7 +299,7 @@ def test_external_data_escape_message_does_not_tell_whether_the_file_exists(inpu
 def test_crash_isolation_api(tmp_path):
     """The documented hook: run_isolated with a function that kills its process by SIGSEGV."""
     from onnxopt.cli import run_isolated
-    from onnxopt.errors import BadInputError
+    from onnxopt.errors import BadInputError, Terminated
 
     assert run_isolated(lambda: None, "m.onnx") == 0
     assert run_isolated(lambda: 1 / 0, "m.onnx") == 4  # an unexpected error: one line, exit 4
@@ -318,6 +318,9 @@ def test_crash_isolation_api(tmp_path):
     with pytest.raises(BadInputError, match=r"crashed \(SIGSEGV\) on m.onnx; nothing written"):
         run_isolated(crash_while_staging, "m.onnx", staged / "o.onnx")
     assert not list(staged.iterdir()), "the crashed child's staging folder was not removed"
+    with pytest.raises(Terminated, match=r"killed \(SIGTERM\)") as killed:
+        run_isolated(lambda: os.kill(os.getpid(), signal.SIGTERM), "m.onnx")
+    assert killed.value.exit_code == 128 + signal.SIGTERM
 
 
 SLOW_WRITER = textwrap.dedent("""
