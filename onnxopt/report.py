@@ -42,7 +42,9 @@ def write(report: dict, path: str | os.PathLike) -> None:
     text = render(_json_safe(report), p.suffix)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".onnxopt-report-", dir=p.parent if str(p.parent) else ".")
+        folder = p.parent if str(p.parent) else Path(".")
+        io.remove_stale_staging(folder)  # leftovers of a killed run are removed like the model's
+        fd, tmp = tempfile.mkstemp(prefix=io.staging_prefix() + "report-", dir=folder)
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a report is an ordinary file

@@ -359,7 +359,9 @@ class Validator:
     def check_model(self, model: ir.Model, all_points: bool = False) -> ValidationResult:
         """Check an in-memory model; one with external weights goes through a temporary folder."""
         if next(io.external_tensors(model), None) is not None:
-            with tempfile.TemporaryDirectory(prefix="onnxopt-check-") as tmp:
+            folder = tempfile.gettempdir()
+            io.remove_stale_staging(folder)  # a killed run's candidate copy (may be large) goes now
+            with tempfile.TemporaryDirectory(prefix=io.staging_prefix() + "check-", dir=folder) as tmp:
                 path = os.path.join(tmp, "candidate.onnx")
                 ir.save(model, path, external_data="candidate.onnx.data")  # leaves `model` unchanged
                 return self.check(path, all_points)
