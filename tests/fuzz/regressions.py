@@ -1,0 +1,83 @@
+"""Minimal reproducers of the bugs the differential fuzzer found, one builder per bug.
+
+Each builder returns a ``Case`` (model + how to feed it) and ``REGRESSIONS`` maps a name to
+``(builder, configs, description, open)``: the pass labels (``oracle.configs()`` labels) that
+must hold on it, what went wrong, and whether the bug is still open (tests/test_fuzz.py marks
+open ones ``xfail(strict=True)``; the owner flips ``open`` to False when fixing).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from tests.fuzz.strategies import Case, InputSpec
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=18):
+    g = h.make_graph(nodes, "repro", inputs, outputs, list(inits))
+    return h.make_model(g, opset_imports=[h.make_opsetid("", opset)], ir_version=8 if opset <= 18 else 9)
+
+
+def fold_shapes_reduce_axes_input_static() -> Case:
+    """Shape(ReduceL2(x, axes, keepdims=0)) with axes a graph input, x fully static.
+
+    Bug (fixed in 4477d40): fold-shapes folded the Shape to the dims measured on one ORT probe
+    run (onnxopt/shapes.py ort_shapes). At axes=[1]: expected y=[2,4,5], got the probe's dims."""
+    nodes = [h.make_node("ReduceL2", ["x", "axes"], ["r"], keepdims=0),
+             h.make_node("Shape", ["r"], ["s"]),
+             h.make_node("Cast", ["s"], ["y"], to=T.FLOAT)]
+    m = _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, [2, 3, 4, 5]),
+                       h.make_tensor_value_info("axes", T.INT64, [1])],
+               [h.make_tensor_value_info("y", T.FLOAT, [None])])
+    return Case(m, [InputSpec("x", "float", [2, 3, 4, 5]),
+                    InputSpec("axes", "int", [1], [np.array([1]), np.array([3])])], [], ["repro"])
+
+
+def fuse_affine_size1_const_higher_rank() -> Case:
+    """MatMul output (2,4) times a (1,1,1) constant: the result is (1,2,4).
+
+    Bug (fixed in 1e7abbe): fuse-affine treated the (1,1,1) constant as a scalar and folded it
+    into the weight: expected shape (1,2,4), got (2,4)."""
+    w = nh.from_array(np.arange(12, dtype=np.float32).reshape(3, 4) / 10, "w")
+    s = nh.from_array(np.full((1, 1, 1), 1.5, np.float32), "s")
+    nodes = [h.make_node("MatMul", ["x", "w"], ["m"]), h.make_node("Mul", ["m", "s"], ["y"])]
+    m = _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, [2, 3])],
+               [h.make_tensor_value_info("y", T.FLOAT, [1, 2, 4])], [w, s])
+    return Case(m, [InputSpec("x", "float", [2, 3])], [], ["repro"])
+
+
+def simplify_not_idempotent_matmul_add_zero() -> Case:
+    """MatMul -> Add(bias) -> Add(zeros (1,2)), all static.
+
+    Bug (open): simplify is not idempotent. Its first run rewrites MatMul+Add into Gemm but leaves
+    ``Add(gemm_out, zeros)``; the second run removes that Add (3 -> 2 nodes).  Expected: the first
+    run reaches the fixed point (DESIGN: every pass is idempotent; pipeline.run relies on it and
+    skips a pass that already ran on the current version, so the default pipeline can stop with
+    the neutral Add in place)."""
+    inits = [nh.from_array(np.ones((2, 2), np.float32), "w"), nh.from_array(np.ones((1, 2), np.float32), "b"),
+             nh.from_array(np.zeros((1, 2), np.float32), "z")]
+    nodes = [h.make_node("MatMul", ["x", "w"], ["m"]), h.make_node("Add", ["m", "b"], ["a"]),
+             h.make_node("Add", ["a", "z"], ["y"])]
+    m = _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, [3, 2])],
+               [h.make_tensor_value_info("y", T.FLOAT, [3, 2])], inits)
+    return Case(m, [InputSpec("x", "float", [3, 2])], [], ["repro"])
+
+
+# name -> (builder, config labels under test, open?)
+REGRESSIONS: dict[str, tuple] = {
+    "fold_shapes_reduce_axes_input_static": (fold_shapes_reduce_axes_input_static, ["fold-shapes", "default"], False),
+    "fuse_affine_size1_const_higher_rank": (fuse_affine_size1_const_higher_rank, ["fuse-affine", "default"], False),
+    "simplify_not_idempotent_matmul_add_zero": (simplify_not_idempotent_matmul_add_zero, ["simplify"], True),
+}
+
+
+def save_all(folder) -> None:
+    """Write every reproducer as <name>.onnx (for the CLI / other tools)."""
+    from pathlib import Path
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for name, (builder, _, _) in REGRESSIONS.items():
+        onnx.save(builder().model, str(Path(folder) / f"{name}.onnx"))

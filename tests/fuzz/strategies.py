@@ -1,0 +1,714 @@
+"""Random valid ONNX graphs for differential fuzzing.
+
+One construction (``build_case``) draws every decision from a ``Chooser``: ``HypothesisChooser``
+wraps hypothesis' ``draw`` (shrinkable, used by ``graphs()``), ``RandomChooser`` wraps
+``random.Random`` (fast, used by the soak runner).  A graph is a sequence of *blocks* over a
+rank-4 float input ``x`` (dims ``[N, C, H, W]``, N/H/W symbolic or static): Conv/Gemm/MatMul
+followed by size-1-broadcasting constants of every rank or BatchNormalization (fuse-affine),
+exporter Shape->Gather->Unsqueeze->Concat->Reshape chains (fold-shapes), ops whose output shape
+depends on values (Reduce* with ``axes`` as an input, NonZero, Unique, Compress, TopK, Range,
+Tile, Expand, Slice, Pad, ConstantOfShape, OneHot, window ops, DFT) fed by integer graph inputs
+directly or through Shape/Gather/Concat/Add/Mul chains, If and Loop subgraphs, and exporter
+noise (Identity, Dropout, Constant nodes, duplicate initializers and subexpressions,
+initializers listed as graph inputs, Transpose/Reshape/Squeeze/Unsqueeze/Cast chains, no-op
+Concat/Slice/Pad/Expand/Tile, neutral elements, MatMul+Add).
+
+A ``Case`` carries the model and how to feed it: the symbolic dim names and, for each integer or
+bool input, >= 2 value sets (chosen so data-dependent shapes vary).  ``check_valid`` is the
+filter: onnx.checker (full) and an ONNX Runtime CPU session must accept the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import numpy as np
+import onnx
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+OPSETS = list(range(13, 22))
+IR_VERSION = {13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9, 20: 9, 21: 10}
+REDUCE_OPS = ["ReduceSum", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
+              "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd"]
+NP2ONNX = {np.dtype(np.float32): T.FLOAT, np.dtype(np.int64): T.INT64, np.dtype(np.bool_): T.BOOL,
+           np.dtype(np.int32): T.INT32, np.dtype(np.float64): T.DOUBLE}
+
+
+# ----------------------------------------------------------------------------- choosers
+class RandomChooser:
+    def __init__(self, seed: int):
+        self.r = random.Random(seed)
+
+    def int(self, lo: int, hi: int) -> int:
+        return self.r.randint(lo, hi)
+
+    def choice(self, seq):
+        seq = list(seq)
+        return seq[self.r.randrange(len(seq))]
+
+    def bool(self, p: float = 0.5) -> bool:
+        return self.r.random() < p
+
+
+class HypothesisChooser:
+    def __init__(self, draw):
+        from hypothesis import strategies as st
+        self.draw, self.st = draw, st
+
+    def int(self, lo: int, hi: int) -> int:
+        return self.draw(self.st.integers(lo, hi))
+
+    def choice(self, seq):
+        return self.draw(self.st.sampled_from(list(seq)))
+
+    def bool(self, p: float = 0.5) -> bool:
+        # hypothesis shrinks booleans towards False: False is the "simpler" branch everywhere.
+        if p >= 0.5:
+            return self.draw(self.st.booleans())
+        return self.draw(self.st.integers(0, max(1, round(1 / p) - 1))) == 1
+
+
+# ----------------------------------------------------------------------------- case
+@dataclasses.dataclass
+class InputSpec:
+    name: str
+    kind: str  # "float" | "int" | "bool"
+    dims: list  # int or symbolic name (float inputs); declared dims otherwise
+    sets: list = dataclasses.field(default_factory=list)  # int/bool: >= 2 np arrays
+
+
+@dataclasses.dataclass
+class Case:
+    model: onnx.ModelProto
+    inputs: list[InputSpec]
+    sym_dims: list[str]
+    blocks: list[str]
+
+    def describe(self) -> str:
+        return f"opset {self.model.opset_import[0].version}, blocks {'+'.join(self.blocks)}"
+
+
+@dataclasses.dataclass
+class Val:
+    name: str
+    dtype: int
+    dims: list  # int | str | None per axis; None = unknown (data-dependent); dims None = unknown rank
+
+
+class Builder:
+    def __init__(self, c, opset: int):
+        self.c, self.opset = c, opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.specs: list[InputSpec] = []
+        self.outputs: list[Val] = []
+        self.n = 0
+        self.rng = np.random.default_rng(c.int(0, 2**31 - 1))
+        self.last_init: onnx.TensorProto | None = None
+        # a fully static model (every input dim fixed): the case where a probe run "measures" dims
+        self.static = c.bool(0.3)
+
+    def fresh(self, base: str) -> str:
+        self.n += 1
+        return f"{base}_{self.n}"
+
+    def node(self, op: str, inputs: list[str], n_out: int = 1, nodes=None, **attrs) -> list[str]:
+        outs = [self.fresh(op.lower()) for _ in range(n_out)]
+        (self.nodes if nodes is None else nodes).append(h.make_node(op, inputs, outs, **attrs))
+        return outs
+
+    def one(self, op, inputs, **attrs) -> str:
+        return self.node(op, inputs, **attrs)[0]
+
+    # constants: initializer, Constant node, initializer listed as input, duplicate initializer
+    def const(self, arr: np.ndarray, overridable_ok: bool = False, nodes=None) -> str:
+        arr = np.asarray(arr)
+        how = self.c.choice(["init", "init", "constant", "dup", "input"] if overridable_ok else
+                            ["init", "init", "constant", "dup"])
+        name = self.fresh("c")
+        if how == "constant" or nodes is not None:
+            (self.nodes if nodes is None else nodes).append(
+                h.make_node("Constant", [], [name], value=nh.from_array(arr, name + "_v")))
+            return name
+        t = nh.from_array(arr, name)
+        self.inits.append(t)
+        if how == "dup":  # an identical copy under another name
+            d = nh.from_array(arr.copy(), self.fresh("dup"))
+            self.inits.append(d)
+            return self.c.choice([name, d.name])
+        if how == "input":
+            self.inputs.append(h.make_tensor_value_info(name, NP2ONNX[arr.dtype], list(arr.shape)))
+        return name
+
+    def weights(self, shape, scale=1.0) -> np.ndarray:
+        return (self.rng.standard_normal(shape) * scale).astype(np.float32)
+
+    def ints(self, values) -> str:
+        return self.const(np.array(values, np.int64))
+
+    def int_input(self, sets: list, decl=None) -> str:
+        """An int64 graph input with >= 2 value sets; declared dims static, symbolic or absent."""
+        sets = [np.array(s, np.int64) for s in sets]
+        name = self.fresh("k")
+        rank = sets[0].ndim
+        same_len = len({s.shape for s in sets}) == 1
+        if self.static and same_len:
+            decl = "static"
+        elif decl is None or (decl == "static" and not same_len):
+            opts = ["sym", "none"] + (["static"] if same_len else [])
+            decl = self.c.choice(opts)
+        if decl == "static":
+            dims = list(sets[0].shape)
+        elif decl == "sym":
+            dims = [self.fresh("L") for _ in range(rank)] if rank else []
+        else:
+            dims = [None] * rank  # rank only (the checker requires a shape field)
+        self.inputs.append(h.make_tensor_value_info(name, T.INT64, dims))
+        self.specs.append(InputSpec(name, "int", dims, sets))
+        return name
+
+    def through_chain(self, v: str, scalar: bool = False) -> str:
+        """Pass an int64 value through Identity/Add 0/Mul 1/Concat/Gather chains (same value)."""
+        for _ in range(self.c.int(0, 2)):
+            kind = self.c.choice(["add0", "mul1", "identity", "concat", "gather", "cast"])
+            if kind == "add0":
+                v = self.one("Add", [v, self.ints(0)])
+            elif kind == "mul1":
+                v = self.one("Mul", [self.ints(1), v])
+            elif kind == "identity":
+                v = self.one("Identity", [v])
+            elif kind == "cast":
+                v = self.one("Cast", [self.one("Cast", [v], to=T.INT32)], to=T.INT64)
+            elif kind == "concat" and not scalar:
+                v = self.one("Concat", [v, self.const(np.zeros((0,), np.int64))], axis=0)
+            elif kind == "gather" and scalar:
+                # scalar -> [s] -> Gather(idx 0) -> scalar
+                u = self.one("Unsqueeze", [v, self.ints([0])])
+                v = self.one("Gather", [u, self.ints(0)], axis=0)
+        return v
+
+
+def _vi(val: Val):
+    return h.make_tensor_value_info(val.name, val.dtype, None)
+
+
+# ----------------------------------------------------------------------------- blocks
+def _affine_consts(b: Builder, y: Val, ch_axis: int, co: int) -> list[tuple]:
+    rank = len(y.dims)
+    shapes = [(), (1,), (1, 1), (1, 1, 1), (1, 1, 1, 1), (1, 1, 1, 1, 1), (co,), (1, co)]
+    if rank >= 3 and ch_axis == 1:
+        shapes += [(co, 1, 1)[: rank - 1], (1, co, 1, 1)[:rank], (1, 1, co, 1, 1), (1, co, 1, 1, 1)[: rank + 1]]
+    if ch_axis == rank - 1:
+        shapes += [(1,) * (rank - 1) + (co,), (1, 2, co), (2, co), (1,) * rank + (co,)]
+    last = y.dims[-1]
+    if isinstance(last, int) and last != co:
+        shapes += [(last,), (1, 1, 1, last)]
+    return shapes
+
+
+def block_affine(b: Builder, x: Val) -> Val:
+    """Conv/ConvTranspose/Gemm/MatMul then Mul/Add/Sub/Div by size-1 or per-channel constants, or BN."""
+    c = b.c
+    C = x.dims[1]
+    co = c.choice([1, 2, 3, 4])
+    prod = c.choice(["Conv", "Conv", "ConvTranspose", "Gemm", "MatMul", "MatMul3d"])
+    if prod in ("Conv", "ConvTranspose"):
+        k = c.choice([1, 3])
+        group = c.choice([1, C]) if prod == "Conv" and co % C == 0 and C > 1 else 1
+        wshape = (co, C // group, k, k) if prod == "Conv" else (C, co, k, k)
+        ins = [x.name, b.const(b.weights(wshape, 0.5), overridable_ok=c.bool(0.1))]
+        if c.bool():
+            ins.append(b.const(b.weights((co,)), overridable_ok=c.bool(0.1)))
+        y = Val(b.one(prod, ins, pads=[k // 2] * 4, group=group), T.FLOAT, [x.dims[0], co, x.dims[2], x.dims[3]])
+        ch = 1
+    elif prod == "Gemm":
+        z = b.one("ReduceMean", [x.name, b.ints([2, 3])], keepdims=0) if b.opset >= 18 else \
+            b.one("ReduceMean", [x.name], axes=[2, 3], keepdims=0)
+        tb = c.bool()
+        w = b.weights((co, C) if tb else (C, co), 0.5)
+        ins = [z, b.const(w, overridable_ok=c.bool(0.1))]
+        if c.bool(0.7):
+            ins.append(b.const(b.weights(c.choice([(co,), (1, co), (), (1,)]))))
+        y = Val(b.one("Gemm", ins, transB=int(tb), alpha=c.choice([1.0, 0.5])), T.FLOAT, [x.dims[0], co])
+        ch = 1
+    else:
+        if prod == "MatMul":
+            z = b.one("Flatten", [b.one("ReduceMax", [x.name], axes=[2, 3], keepdims=1) if b.opset < 18 else
+                                  b.one("ReduceMax", [x.name, b.ints([2, 3])], keepdims=1)], axis=1)
+            zd = [x.dims[0], C]
+        else:
+            z = b.one("Transpose", [x.name], perm=[0, 2, 3, 1])
+            zd = [x.dims[0], x.dims[2], x.dims[3], C]
+        y = Val(b.one("MatMul", [z, b.const(b.weights((C, co), 0.5))]), T.FLOAT, zd[:-1] + [co])
+        ch = len(y.dims) - 1
+        if c.bool():  # MatMul + Add (bias): simplify's MatMul+Add -> Gemm, fuse-affine's Add
+            y = Val(b.one("Add", [y.name, b.const(b.weights(c.choice([(co,), (1, co)])))]), T.FLOAT, y.dims)
+    for _ in range(c.int(1, 3)):
+        kind = c.choice(["Mul", "Add", "Sub", "Div", "BN", "Mul", "Add"])
+        if kind == "BN":
+            if len(y.dims) < 2 or ch != 1:
+                continue
+            n = y.dims[1]
+            ps = [b.const(b.weights((n,))), b.const(b.weights((n,))), b.const(b.weights((n,))),
+                  b.const(np.abs(b.weights((n,))) + 0.1)]
+            y = Val(b.one("BatchNormalization", [y.name] + ps, epsilon=c.choice([1e-5, 1e-3])), T.FLOAT, y.dims)
+            continue
+        shape = c.choice(_affine_consts(b, y, ch, co))
+        arr = b.weights(shape) if kind != "Div" else (np.abs(b.weights(shape)) + 0.5).astype(np.float32)
+        if c.bool(0.15):
+            arr = np.full(shape, 1.0 if kind in ("Mul", "Div") else 0.0, np.float32)  # neutral
+        cn = b.const(arr, overridable_ok=c.bool(0.1))
+        ins = [y.name, cn] if (kind in ("Sub", "Div") and c.bool(0.75)) or c.bool() else [cn, y.name]
+        out = b.one(kind, ins)
+        r = max(len(y.dims), len(shape))
+        dims = [None] * r
+        yd = [1] * (r - len(y.dims)) + list(y.dims)
+        sd = [1] * (r - len(shape)) + list(shape)
+        dims = [a if s == 1 else (s if a == 1 else a) for a, s in zip(yd, sd)]
+        ch += len(dims) - len(y.dims)
+        y = Val(out, T.FLOAT, dims)
+    if len(y.dims) == 4 and isinstance(y.dims[1], int):
+        return y
+    b.outputs.append(y)
+    return x
+
+
+def block_shape_chain(b: Builder, x: Val) -> Val:
+    """Exporter pattern: Shape->Gather->Unsqueeze->Concat->Reshape (and back)."""
+    c = b.c
+    if b.opset >= 15 and c.bool(0.3):
+        s = b.one("Shape", [x.name], start=0, end=c.choice([1, 2]))
+        head = s
+    else:
+        s = b.one("Shape", [x.name])
+        g0 = b.one("Gather", [s, b.ints(0)], axis=0)
+        head = b.one("Unsqueeze", [g0, b.ints([0])])
+        if c.bool(0.3):
+            g1 = b.one("Gather", [s, b.ints([1])], axis=0)
+            head = b.one("Concat", [head, g1], axis=0)
+    form = c.choice(["flat", "hw", "neg1", "zero"])
+    s2 = b.one("Shape", [x.name]) if c.bool() else s
+    if form == "flat":
+        target = b.one("Concat", [head, b.ints([-1])], axis=0)
+    elif form == "hw":
+        if _find(b, s2).attribute:  # Shape with start/end: take the full one
+            s2 = b.one("Shape", [x.name])
+        gh = b.one("Gather", [s2, b.ints(2)], axis=0)
+        gw = b.one("Gather", [s2, b.ints(3)], axis=0)
+        hw = b.one("Unsqueeze", [b.one("Mul", [gh, gw]), b.ints([0])])
+        target = b.one("Concat", [head, b.ints([-1]), hw], axis=0) if c.bool() else \
+            b.one("Concat", [head, hw, b.ints([-1])], axis=0)
+    elif form == "neg1":
+        target = b.one("Concat", [head, b.ints([0, -1]) if c.bool() else b.ints([-1, 1])], axis=0)
+    else:
+        target = b.one("Concat", [b.ints([0, 0]), b.ints([-1])], axis=0)
+    r = b.one("Reshape", [x.name, target])
+    if c.bool(0.3):
+        b.outputs.append(Val(r, T.FLOAT, None))
+    full_shape = s if _find(b, s) is not None and not _find(b, s).attribute else None
+    back = full_shape if full_shape is not None and c.bool() else b.one("Shape", [x.name])
+    y = b.one("Reshape", [b.one("Relu", [r]) if c.bool() else r, back])
+    return Val(y, T.FLOAT, list(x.dims))
+
+
+def _find(b: Builder, out: str):
+    for n in b.nodes:
+        if out in n.output:
+            return n
+    return None
+
+
+def _axes_sets(c, rank: int) -> list:
+    pool = [[1], [2, 3], [0], [-1], [3], [1, 2], [0, 2, 3], [-2]]
+    if c.bool(0.3):
+        return [[], [1]]  # empty axes: reduce all (or no-op with noop_with_empty_axes)
+    a = c.choice(pool)
+    rest = [p for p in pool if p != a]
+    out = [a, c.choice(rest)]
+    if c.bool():
+        same = [p for p in rest if len(p) == len(a) and p != out[1]]
+        out = [a, same[0]] if same else out
+    return out
+
+
+def block_reduce_axes(b: Builder, x: Val) -> Val:
+    """Reduce* with ``axes`` from an integer graph input (data-dependent output shape)."""
+    c = b.c
+    ops = REDUCE_OPS if b.opset >= 18 else ["ReduceSum"]
+    op = c.choice(ops)
+    keep = c.choice([0, 1])
+    axes = b.through_chain(b.int_input(_axes_sets(c, 4)))
+    src = x.name if op not in ("ReduceLogSum",) else b.one("Abs", [x.name])
+    attrs = {"keepdims": keep}
+    if c.bool(0.3):
+        attrs["noop_with_empty_axes"] = c.choice([0, 1])
+    r = b.one(op, [src, axes], **attrs)
+    _consume_dynamic(b, Val(r, T.FLOAT, None), x)
+    return x
+
+
+def _consume_dynamic(b: Builder, v: Val, x: Val) -> None:
+    """Use a value of data-dependent shape: as output, via Shape (->Gather->...), in a Reshape."""
+    c = b.c
+    kind = c.choice(["out", "shape", "shape_gather", "reshape_x", "relu", "size", "shape_cast", "shape_rank",
+                     "shape_expand"])
+    if kind == "out":
+        b.outputs.append(v)
+    elif kind == "relu":
+        b.outputs.append(Val(b.one("Relu", [v.name]) if v.dtype == T.FLOAT else v.name, v.dtype, None))
+    elif kind == "size":
+        b.outputs.append(Val(b.one("Size", [v.name]), T.INT64, []))
+    elif kind == "shape":
+        b.outputs.append(Val(b.one("Shape", [v.name]), T.INT64, None))
+        if c.bool():
+            b.outputs.append(v)
+    elif kind == "shape_cast":  # Shape feeding an op (not a graph output itself)
+        b.outputs.append(Val(b.one("Cast", [b.one("Shape", [v.name])], to=T.FLOAT), T.FLOAT, None))
+    elif kind == "shape_rank":  # Shape -> Shape (the rank) -> Squeeze
+        b.outputs.append(Val(b.one("Squeeze", [b.one("Shape", [b.one("Shape", [v.name])])]), T.INT64, []))
+    elif kind == "shape_expand":  # Expand a constant to v's shape (exporter ones_like)
+        ones = b.one("Expand", [b.const(np.array(1.0, np.float32)), b.one("Shape", [v.name])])
+        b.outputs.append(Val(b.one("Mul", [ones, v.name]) if v.dtype == T.FLOAT else ones, T.FLOAT, None))
+    elif kind == "shape_gather":
+        s = b.one("Shape", [v.name])
+        g = b.one("Gather", [s, b.ints([0])], axis=0)
+        out = b.one("Concat", [g, b.ints([-1])], axis=0)
+        b.outputs.append(Val(b.one("Reshape", [v.name, out]), v.dtype, None))
+    else:
+        # flatten v and count its elements through its Shape
+        s = b.one("Shape", [v.name])
+        size = b.one("ReduceProd", [s], keepdims=1) if b.opset < 18 else b.one("ReduceProd", [s, b.ints([0])], keepdims=1)
+        b.outputs.append(Val(b.one("Reshape", [v.name, b.ints([-1])]), v.dtype, None))
+        b.outputs.append(Val(size, T.INT64, None))
+
+
+def block_dynamic(b: Builder, x: Val) -> Val:
+    """One op whose output shape depends on input values, fed from integer inputs or data."""
+    c = b.c
+    ops = ["NonZero", "Unique", "Compress", "TopK", "Range", "Tile", "Expand", "Slice", "Pad",
+           "ConstantOfShape", "OneHot", "ReshapeIn"]
+    if b.opset >= 17:
+        ops += ["HannWindow", "HammingWindow", "BlackmanWindow", "DFT"]
+    op = c.choice(ops)
+    C = x.dims[1]
+    if op == "NonZero":
+        m = b.one("Greater", [x.name, b.const(np.array(c.choice([0.0, 0.5, 1.0]), np.float32))])
+        v = Val(b.one("NonZero", [m]), T.INT64, [4, None])
+    elif op == "Unique":
+        r = b.one("Round", [x.name])
+        outs = b.node("Unique", [r], n_out=4, sorted=c.choice([0, 1]))
+        if c.bool():
+            b.outputs.append(Val(outs[1], T.INT64, None))
+        v = Val(outs[0], T.FLOAT, [None])
+    elif op == "Compress":
+        n = c.int(1, C)
+        sets = [np.array([c.bool() for _ in range(n)], np.bool_) for _ in range(2)]
+        sets[1] = ~sets[0] if (sets[0] == sets[1]).all() else sets[1]
+        name = b.fresh("m")
+        decl = [n] if b.static or c.bool() else ["Lm"]
+        b.inputs.append(h.make_tensor_value_info(name, T.BOOL, decl))
+        b.specs.append(InputSpec(name, "bool", decl, sets))
+        v = Val(b.one("Compress", [x.name, name], axis=1), T.FLOAT, None)
+    elif op == "TopK":
+        ksrc = c.choice(["input", "shape"])
+        if ksrc == "input":
+            k = b.through_chain(b.int_input([[1], [C]] if C > 1 else [[1], [0]], decl=c.choice(["static", "none"])))
+        else:
+            s = b.one("Shape", [x.name])
+            k = b.one("Unsqueeze", [b.one("Gather", [s, b.ints(c.choice([0, 1]))], axis=0), b.ints([0])])
+        outs = b.node("TopK", [x.name, k], n_out=2, axis=1, largest=c.choice([0, 1]))
+        b.outputs.append(Val(outs[1], T.INT64, None))
+        v = Val(outs[0], T.FLOAT, None)
+    elif op == "Range":
+        lim = b.through_chain(b.int_input([[3], [0]][:: c.choice([1, -1])] + [[5]], decl="static"))
+        lim = b.one("Squeeze", [lim, b.ints([0])])
+        rng = b.one("Range", [b.ints(0), lim, b.ints(c.choice([1, 2]))])
+        v = Val(b.one("Cast", [rng], to=T.FLOAT), T.FLOAT, [None])
+    elif op == "Tile":
+        reps = b.through_chain(b.int_input([[1, 1, 1, 1], [2, 1, 1, 3], [1, 2, 1, 1]][: c.int(2, 3)], decl="static"))
+        v = Val(b.one("Tile", [x.name, reps]), T.FLOAT, None)
+    elif op == "Expand":
+        if c.bool():
+            shp = b.int_input([[1, 1, 1, 1], [1, C, 1, 1], [2, 1, 1, 1]][: c.int(2, 3)])
+            v = Val(b.one("Expand", [x.name, b.through_chain(shp)]), T.FLOAT, None)
+        else:  # Expand a per-channel constant to Shape(x) * [1,1,1,1] or with int input
+            s = b.one("Shape", [x.name])
+            if c.bool():
+                s = b.one("Mul", [s, b.int_input([[1, 1, 1, 1], [1, 1, 2, 1]], decl="static")])
+            v = Val(b.one("Expand", [b.const(b.weights((1, C, 1, 1))), s]), T.FLOAT, None)
+    elif op == "Slice":
+        starts = b.int_input([[0], [1], [-2]][: c.int(2, 3)], decl=c.choice(["static", "none"]))
+        ends = b.int_input([[2], [100], [-1]][: c.int(2, 3)], decl=c.choice(["static", "none"]))
+        ins = [x.name, b.through_chain(starts), ends]
+        if c.bool():
+            ins.append(b.ints([c.choice([1, 2, 3, -1])]))
+        v = Val(b.one("Slice", ins), T.FLOAT, None)
+    elif op == "Pad":
+        pads = b.through_chain(b.int_input([[0] * 8, [0, 1, 0, 2, 1, 0, 0, 0], [0, 0, 1, 1, 0, 0, 1, 1]][: c.int(2, 3)],
+                                           decl=c.choice(["static", "none"])))
+        mode = c.choice(["constant", "constant", "edge", "reflect"])
+        v = Val(b.one("Pad", [x.name, pads], mode=mode), T.FLOAT, None)
+    elif op == "ConstantOfShape":
+        shp = b.through_chain(b.int_input([[2, 3], [1, 0], [4, 1]][: c.int(2, 3)], decl=c.choice(["static", "none"])))
+        v = Val(b.one("ConstantOfShape", [shp], value=nh.from_array(np.array([1.5], np.float32))), T.FLOAT, None)
+        if c.bool():
+            v = Val(b.one("Add", [v.name, b.const(b.weights((1,)))]), T.FLOAT, None)
+    elif op == "OneHot":
+        depth = b.through_chain(b.int_input([[3], [5], [1]][: c.int(2, 3)], decl="static"))
+        idx = b.one("Cast", [b.one("Abs", [b.one("Round", [x.name])])], to=T.INT64)
+        v = Val(b.one("OneHot", [idx, depth, b.const(np.array([0.0, 2.0], np.float32))], axis=c.choice([-1, 1])),
+                T.FLOAT, None)
+    elif op == "ReshapeIn":
+        # Reshape(x, Concat(Shape(x)[0], k, [-1])) with k from an int input through an arithmetic chain
+        k = b.int_input([[1], [C]] if C > 1 else [[1], [-1]], decl=c.choice(["static", "none"]))
+        k = b.one("Mul", [b.one("Add", [k, b.ints([0])]), b.ints([1])]) if c.bool() else b.through_chain(k)
+        s = b.one("Shape", [x.name])
+        n0 = b.one("Unsqueeze", [b.one("Gather", [s, b.ints(0)], axis=0), b.ints([0])])
+        v = Val(b.one("Reshape", [x.name, b.one("Concat", [n0, k, b.ints([-1])], axis=0)]), T.FLOAT, None)
+    elif op in ("HannWindow", "HammingWindow", "BlackmanWindow"):
+        size = b.through_chain(b.int_input([4, 7, 1][: c.int(2, 3)], decl="static"), scalar=True)
+        v = Val(b.one(op, [size], periodic=c.choice([0, 1])), T.FLOAT, [None])
+    else:  # DFT over axis 1 of [N, C*H*W? ...]: signal [N, L, 1]
+        sig = b.one("Reshape", [x.name, b.ints([0, -1, 1])])
+        L = b.through_chain(b.int_input([4, 2, 8][: c.int(2, 3)], decl="static"), scalar=True)
+        if b.opset >= 20:
+            outs = b.one("DFT", [sig, L, b.ints(1)], onesided=c.choice([0, 1]))
+        else:
+            outs = b.one("DFT", [sig, L], axis=1, onesided=c.choice([0, 1]))
+        v = Val(outs, T.FLOAT, None)
+    _consume_dynamic(b, v, x)
+    return x
+
+
+def block_if(b: Builder, x: Val) -> Val:
+    """If with outer-scope references; branches may produce different shapes."""
+    c = b.c
+    if c.bool():
+        cname = b.fresh("cond")
+        decl = []
+        b.inputs.append(h.make_tensor_value_info(cname, T.BOOL, decl))
+        b.specs.append(InputSpec(cname, "bool", decl, [np.array(True), np.array(False)]))
+        cond = cname
+    else:
+        red = b.one("ReduceSum", [x.name], keepdims=0)
+        cond = b.one("Greater", [red, b.const(np.array(0.0, np.float32))])
+    tn: list = []
+    k = b.fresh("k")
+    tn.append(h.make_node("Constant", [], [k], value=nh.from_array(np.array(2.0, np.float32), k + "_v")))
+    t1 = b.one("Mul", [x.name, k], nodes=tn)
+    t2 = b.one("Identity", [t1], nodes=tn)
+    if c.bool():  # duplicate subexpression inside the branch
+        d1 = b.one("Relu", [t2], nodes=tn)
+        d2 = b.one("Relu", [t2], nodes=tn)
+        t2 = b.one("Add", [d1, d2], nodes=tn)
+    en: list = []
+    same_shape = c.bool()
+    if same_shape:
+        e = b.one("Neg", [x.name], nodes=en)
+    else:
+        e = b.one("ReduceMean", [x.name], nodes=en, axes=[1], keepdims=1) if b.opset < 18 else \
+            b.one("ReduceMean", [x.name, b.one("Constant", [], nodes=en, value=nh.from_array(np.array([1], np.int64)))],
+                  nodes=en, keepdims=1)
+    e = b.one("Dropout", [e], nodes=en) if c.bool() else e
+    then_g = h.make_graph(tn, b.fresh("then"), [], [h.make_tensor_value_info(t2, T.FLOAT, None)])
+    else_g = h.make_graph(en, b.fresh("else"), [], [h.make_tensor_value_info(e, T.FLOAT, None)])
+    out = b.one("If", [cond], then_branch=then_g, else_branch=else_g)
+    y = Val(out, T.FLOAT, list(x.dims) if same_shape else None)
+    if same_shape and c.bool():
+        return y
+    _consume_dynamic(b, y, x)
+    return x
+
+
+def block_loop(b: Builder, x: Val) -> Val:
+    """Loop with a trip count from an int input; carried value + scan output (data-dependent length)."""
+    c = b.c
+    M = b.through_chain(b.int_input([2, 0, 3][: c.int(2, 3)], decl=c.choice(["static", "none"])), scalar=True)
+    cond0 = b.const(np.array(True))
+    i, ci, vi = b.fresh("i"), b.fresh("ci"), b.fresh("vi")
+    bn: list = []
+    co = b.one("Identity", [ci], nodes=bn)
+    kk = b.fresh("kk")
+    bn.append(h.make_node("Constant", [], [kk], value=nh.from_array(np.array(0.5, np.float32), kk + "_v")))
+    vo = b.one("Add", [b.one("Mul", [vi, kk], nodes=bn), x.name], nodes=bn)
+    so = b.one("ReduceSum", [vo], nodes=bn, keepdims=0)
+    body = h.make_graph(bn, b.fresh("body"),
+                        [h.make_tensor_value_info(i, T.INT64, []), h.make_tensor_value_info(ci, T.BOOL, []),
+                         h.make_tensor_value_info(vi, T.FLOAT, None)],
+                        [h.make_tensor_value_info(co, T.BOOL, []), h.make_tensor_value_info(vo, T.FLOAT, None),
+                         h.make_tensor_value_info(so, T.FLOAT, None)])
+    final, scan = b.node("Loop", [M, cond0, x.name], n_out=2, body=body)
+    b.outputs.append(Val(scan, T.FLOAT, None))
+    _consume_dynamic(b, Val(scan, T.FLOAT, None), x) if c.bool() else None
+    return Val(final, T.FLOAT, list(x.dims))
+
+
+def block_noise(b: Builder, x: Val) -> Val:
+    """Exporter leftovers and no-ops on x (value-preserving; shapes preserved)."""
+    c = b.c
+    v = x.name
+    for _ in range(c.int(1, 3)):
+        kind = c.choice(["identity", "dropout", "transpose", "reshape", "unsq_sq", "cast", "concat1", "slice_full",
+                         "pad0", "expand1", "tile1", "neutral", "dup", "const_chain", "flatten_back"])
+        if kind == "identity":
+            v = b.one("Identity", [v])
+        elif kind == "dropout":
+            v = b.one("Dropout", [v]) if c.bool() else b.node("Dropout", [v], n_out=2)[0]
+        elif kind == "transpose":
+            p = c.choice([[0, 2, 3, 1], [1, 0, 2, 3], [0, 1, 3, 2]])
+            inv = list(np.argsort(p))
+            v = b.one("Transpose", [b.one("Transpose", [v], perm=p)], perm=inv)
+        elif kind == "reshape":
+            t = b.one("Reshape", [v, b.ints([0, 0, -1])])
+            v = b.one("Reshape", [t, b.one("Shape", [x.name])])
+        elif kind == "unsq_sq":
+            ax = c.choice([0, 2, 4, -1])
+            v = b.one("Squeeze", [b.one("Unsqueeze", [v, b.ints([ax])]), b.ints([ax])])
+        elif kind == "cast":
+            v = b.one("Cast", [b.one("Cast", [v], to=T.DOUBLE)], to=T.FLOAT)
+        elif kind == "concat1":
+            v = b.one("Concat", [v], axis=c.choice([0, 1, -1]))
+        elif kind == "slice_full":
+            v = b.one("Slice", [v, b.ints([0]), b.ints([np.iinfo(np.int64).max]), b.ints([c.choice([1, 3])])])
+        elif kind == "pad0":
+            v = b.one("Pad", [v, b.ints([0] * 8)])
+        elif kind == "expand1":
+            v = b.one("Expand", [v, b.ints([1, 1, 1, 1] if c.bool() else [1])])
+        elif kind == "tile1":
+            v = b.one("Tile", [v, b.ints([1, 1, 1, 1])])
+        elif kind == "neutral":
+            op, val = c.choice([("Add", 0.0), ("Mul", 1.0), ("Sub", 0.0), ("Div", 1.0)])
+            shape = c.choice([(), (1,), (1, 1, 1, 1)])
+            v = b.one(op, [v, b.const(np.full(shape, val, np.float32))])
+        elif kind == "dup":
+            op = c.choice(["Relu", "Sigmoid", "Abs"])
+            a1, a2 = b.one(op, [v]), b.one(op, [v])
+            v = b.one(c.choice(["Add", "Mul", "Max"]), [a1, a2])
+        elif kind == "const_chain":
+            w1, w2 = b.const(b.weights((1,))), b.const(b.weights((1,)))
+            v = b.one("Add", [b.one("Add", [v, w1]), w2])
+        elif kind == "flatten_back":
+            t = b.one("Flatten", [v], axis=c.choice([1, 2]))
+            v = b.one("Reshape", [t, b.one("Shape", [x.name])])
+    return Val(v, T.FLOAT, list(x.dims))
+
+
+def block_elementwise(b: Builder, x: Val, pool: list[Val]) -> Val:
+    c = b.c
+    same = [p for p in pool if p.dims == x.dims and p.name != x.name]
+    if same and c.bool():
+        other = c.choice(same)
+        return Val(b.one(c.choice(["Add", "Mul", "Sub", "Max"]), [x.name, other.name]), T.FLOAT, list(x.dims))
+    op = c.choice(["Relu", "Tanh", "Sigmoid", "Neg", "Abs", "Erf_gelu", "HardSwish_dec"])
+    if op == "Erf_gelu" and b.opset >= 13:
+        d = b.one("Div", [x.name, b.const(np.array(1.4142135, np.float32))])
+        e = b.one("Add", [b.one("Erf", [d]), b.const(np.array(1.0, np.float32))])
+        return Val(b.one("Mul", [b.one("Mul", [x.name, e]), b.const(np.array(0.5, np.float32))]), T.FLOAT, list(x.dims))
+    if op == "HardSwish_dec":
+        hs = b.one("HardSigmoid", [x.name], alpha=1 / 6, beta=0.5)
+        return Val(b.one("Mul", [x.name, hs]), T.FLOAT, list(x.dims))
+    return Val(b.one(op, [x.name]), T.FLOAT, list(x.dims))
+
+
+BLOCKS = {
+    "affine": block_affine, "shape_chain": block_shape_chain, "reduce_axes": block_reduce_axes,
+    "dynamic": block_dynamic, "if": block_if, "loop": block_loop, "noise": block_noise,
+}
+
+
+def build_case(c) -> Case:
+    opset = c.choice(OPSETS)
+    b = Builder(c, opset)
+    C = c.choice([1, 2, 3, 4])
+    dims: list = []
+    syms: list[str] = []
+    for axis, nm in enumerate(["N", None, "H", "W"]):
+        if nm is None:
+            dims.append(C)
+        elif not b.static and c.bool():
+            dims.append(nm)
+            syms.append(nm)
+        else:
+            dims.append(c.choice([1, 2, 3]))
+    b.inputs.append(h.make_tensor_value_info("x", T.FLOAT, dims))
+    b.specs.append(InputSpec("x", "float", dims))
+    x = Val("x", T.FLOAT, dims)
+    pool = [x]
+    names = []
+    for _ in range(c.int(1, 4)):
+        kind = c.choice(list(BLOCKS) + ["elementwise", "affine", "dynamic", "reduce_axes"])
+        names.append(kind)
+        x = block_elementwise(b, x, pool) if kind == "elementwise" else BLOCKS[kind](b, x)
+        pool.append(x)
+    b.outputs.append(x)
+    if c.bool(0.3) and len(pool) > 2:  # an intermediate as an extra output
+        b.outputs.append(c.choice(pool[1:-1]))
+    outs = list({o.name: o for o in b.outputs}.values())
+    outs = [o for o in outs if o.name != "x"] or [Val(b.one("Identity", ["x"]), T.FLOAT, dims)]
+    # unique input names; int inputs declared once
+    graph = h.make_graph(b.nodes, "fuzz", b.inputs, [_vi(o) for o in outs], b.inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)], ir_version=IR_VERSION[opset],
+                         producer_name="onnxopt-fuzz")
+    sym_all = syms + sorted({d for s in b.specs if s.kind != "float" and s.dims for d in s.dims if isinstance(d, str)})
+    case = Case(model, b.specs, sym_all, names)
+    _ranks_from_ort(case)
+    return case
+
+
+def _ranks_from_ort(case: Case) -> None:
+    """Declare each output's rank (unnamed dims; onnx.checker requires a shape) from an ORT run:
+    onnx inference cannot tell it for Loop scans, If, data-dependent Reshape targets."""
+    missing = list(case.model.graph.output)
+    from tests.fuzz.oracle import points, run_points
+    try:
+        results = run_points(case.model.SerializeToString(), points(case))
+    except Exception:  # noqa: BLE001
+        return
+    ranks: dict = {}
+    for r in results:
+        if isinstance(r, Exception):
+            continue
+        for o, a in zip(case.model.graph.output, r):
+            ranks.setdefault(o.name, np.asarray(a).ndim)
+    for o in missing:
+        if o.name in ranks:
+            shape = o.type.tensor_type.shape
+            shape.SetInParent()
+            for _ in range(ranks[o.name]):
+                shape.dim.add()
+
+
+def check_valid(case: Case) -> str | None:
+    """None when onnx.checker (full) and an ORT CPU session accept the model, else the reason."""
+    try:
+        onnx.checker.check_model(case.model, full_check=True)
+    except Exception as e:  # noqa: BLE001
+        return f"checker: {str(e).splitlines()[0][:200]}"
+    try:
+        from tests.fuzz.oracle import session
+        session(case.model.SerializeToString())
+    except Exception as e:  # noqa: BLE001
+        return f"ort: {str(e).splitlines()[0][:200]}"
+    return None
+
+
+def random_case(seed: int) -> Case:
+    return build_case(RandomChooser(seed))
+
+
+def graphs():
+    """Hypothesis strategy of ``Case``s (valid ones only)."""
+    from hypothesis import assume
+    from hypothesis import strategies as st
+
+    @st.composite
+    def _cases(draw):
+        case = build_case(HypothesisChooser(draw))
+        assume(check_valid(case) is None)
+        return case
+
+    return _cases()
