@@ -190,6 +190,8 @@ def _evaluate(model: ir.Model, node: ir.Node, computed: dict, sessions: dict | N
     in_names = [f"in{i}" if v is not None else "" for i, v in enumerate(node.inputs)]
     out_names = [f"out{i}" if o.name else "" for i, o in enumerate(node.outputs)]
     proto = ir.serde.serialize_node(node)
+    proto.name, proto.doc_string = "", ""  # not part of the signature the session cache keys on
+    proto.ClearField("metadata_props")
     del proto.input[:]
     proto.input.extend(in_names)
     del proto.output[:]
