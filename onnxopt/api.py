@@ -1,7 +1,11 @@
-"""The Python API behind the CLI: optimize a file, inspect a file.
+"""The Python API behind the CLI, one function per command: optimize, quantize, validate, bench,
+inspect.  Each returns the command's report (a JSON-able dict starting with :func:`header`), raises
+an :class:`~onnxopt.errors.OnnxoptError` for expected failures (``ValidationRefused`` carries the
+report), and reports progress only through a ``progress(n)`` callback (the CLI draws the bars).
 
-``optimize`` is load -> pipeline -> stage (write beside the destination) -> validate the staged
-file against the original on ORT -> commit (rename).  A refused result is never moved into place.
+Commands that write a model share :func:`stage_validate_commit`: the model is written beside the
+destination, checked there against the original on ORT, and renamed into place only when it
+passes (or with ``force``).  A refused result is never moved into place.
 """
 
 from __future__ import annotations
@@ -10,16 +14,52 @@ import collections
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import onnx_ir as ir
 
-from onnxopt import __version__, cost, io, pipeline, validate
+from onnxopt import __version__, cost, io, pipeline, runtime, validate
 from onnxopt.base import STANDARD_DOMAINS, count_initializers, count_nodes, op_histogram
-from onnxopt.errors import UsageError, ValidationRefused
+from onnxopt.errors import OnnxoptError, UsageError, ValidationRefused
 
 logger = logging.getLogger(__name__)
+
+
+ProgressFn = Callable[[int], None]
+
+
+def header(command: str, **fields) -> dict:
+    """The first keys of every report."""
+    return {"tool": "onnxopt", "version": __version__, "command": command, **fields}
+
+
+def stage_validate_commit(model: ir.Model, output_path: str | os.PathLike, report: dict, *,
+                          check: Callable[[Path], validate.ValidationResult] | None,
+                          force: bool = False, external_data: bool | None = None,
+                          on_refused: Callable[[Path, validate.ValidationResult], None] | None = None,
+                          refused: str = "result not written") -> dict:
+    """Write ``model`` beside ``output_path``, run ``check`` on the staged file (None: not
+    validated), and rename it into place when it passes or ``force``; fill ``report["output"]``,
+    ``report["validation"]`` and ``report["written"]``.  Refused: ``on_refused(staged path,
+    result)`` may add diagnostics to the report, then ValidationRefused(report) is raised and
+    nothing is written.  Returns ``report``."""
+    with io.StagedModel(model, output_path, external_data) as staged:
+        report["output"] = {"path": str(output_path), **model_stats(model), "file_bytes": staged.size_bytes()}
+        report["validation"] = None
+        if check is not None:
+            result = check(staged.path)
+            report["validation"] = result.to_dict()
+            if not result.ok:
+                if not force:
+                    report["written"] = False
+                    if on_refused is not None:
+                        on_refused(staged.path, result)
+                    raise ValidationRefused(f"{refused}: {result.summary()}", report)
+                logger.warning("outputs diverge but --force was given: %s", result.summary())
+        staged.commit()
+    report["written"] = True
+    return report
 
 
 def model_stats(model: ir.Model, path: str | os.PathLike | None = None) -> dict:
@@ -78,37 +118,88 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
     model = run.model
     optimize_seconds = time.perf_counter() - t0
 
-    report: dict = {
-        "tool": "onnxopt", "version": __version__, "command": "optimize",
-        "input": {"path": str(input_path), **before},
-        "pipeline": ",".join(str(s) for s in specs),
-        "iterations": run.iterations, "converged": run.converged,
-        "passes": run.totals(),
-        "records": [r.__dict__ for r in run.records],
-        "optimize_seconds": optimize_seconds,
-        "declared_output_shape_mismatches": mismatches,
-    }
-    after = model_stats(model)
+    report = header("optimize", input={"path": str(input_path), **before},
+                    pipeline=",".join(str(s) for s in specs), iterations=run.iterations, converged=run.converged,
+                    passes=run.totals(), records=[r.__dict__ for r in run.records],
+                    optimize_seconds=optimize_seconds, declared_output_shape_mismatches=mismatches)
+
+    def check(path: Path) -> validate.ValidationResult:
+        return validator.check(path)
+
+    def diagnose(path: Path, result: validate.ValidationResult) -> None:
+        report["validation"]["points"] = validator.exercised()
+        report["seconds"] = time.perf_counter() - t_start
+        report["layerwise"] = _first_divergence(input_path, path, result, ep)
+
+    stage_validate_commit(model, output_path, report, check=check if validator is not None and validate_result else None,
+                          force=force, external_data=external_data, on_refused=diagnose,
+                          refused="optimized model not written")
     if with_cost:
-        after["cost"] = cost.estimate(model, shapes).to_dict(per_node=False)
-    with io.StagedModel(model, output_path, external_data) as staged:
-        after["file_bytes"] = staged.size_bytes()
-        report["output"] = {"path": str(output_path), **after}
-        if validator is not None and validate_result:
-            check = validator.check(staged.path)
-            report["validation"] = {**check.to_dict(), "points": validator.exercised()}
-            if not check.ok and not force:
-                report["written"] = False
-                report["seconds"] = time.perf_counter() - t_start
-                raise ValidationRefused(f"optimized model not written: {check.summary()}", report)
-            if not check.ok:
-                logger.warning("outputs diverge but --force was given: %s", check.summary())
-        else:
-            report["validation"] = None
-        staged.commit()
-    report["written"] = True
+        report["output"]["cost"] = cost.estimate(model, shapes).to_dict(per_node=False)
+    if report["validation"] is not None:
+        report["validation"]["points"] = validator.exercised()
     report["seconds"] = time.perf_counter() - t_start
     return report
+
+
+def _first_divergence(original, candidate, result: validate.ValidationResult, ep: str) -> dict | None:
+    """Layerwise comparison at the input point where an output diverged: the first node whose
+    output differs names the pass's mistake.  None when the candidate cannot run at all."""
+    from onnxopt import layerwise
+
+    point = result.failing_point
+    if point is None or not point.feeds:
+        return None
+    try:
+        return layerwise.compare_layers(original, candidate, point.feeds, result.tolerance
+                                        if isinstance(result.tolerance, validate.Tolerance) else validate.LOSSLESS,
+                                        ep).to_dict()
+    except OnnxoptError as e:
+        logger.info("layerwise comparison unavailable: %s", e)
+        return None
+
+
+def validate_models(a: str | os.PathLike, b: str | os.PathLike, *, eps: Sequence[str] = ("cpu",),
+                    data: str | os.PathLike | None = None, shapes: Mapping[str, tuple[int, ...]] | None = None,
+                    preprocess: str | None = None,
+                    tolerance: validate.Tolerance | Mapping[str, validate.Tolerance] = validate.LOSSLESS,
+                    max_batches: int = 16, layerwise: bool = False, progress: ProgressFn | None = None) -> dict:
+    """``onnxopt validate A B``: A (reference) and B on every EP with the same inputs, every output
+    compared (worst case over the batches); with ``layerwise`` also the intermediate tensors at the
+    first batch, naming the first diverging node.  Raises ValidationRefused(report) when B diverges."""
+    from onnxopt import data as data_mod
+    from onnxopt import layerwise as layerwise_mod
+
+    for path in (a, b):
+        check_model_file(path)
+    base = tolerance if isinstance(tolerance, validate.Tolerance) else tolerance.get("*", validate.LOSSLESS)
+    comparison = validate.compare_models(a, b, eps=tuple(eps), data=data, shapes=shapes, preprocess=preprocess,
+                                         tolerance=tolerance, max_batches=max_batches, progress=progress)
+    report = header("validate", a=str(a), b=str(b), tolerance=base.describe(), comparison=comparison.to_dict(),
+                    error_samples=comparison.error_samples)
+    if layerwise:
+        sess = runtime.session(a, eps[0])
+        feeds = data_mod.feeds_for(sess, data, shapes, preprocess, limit=1)[0]
+        report["layerwise"] = layerwise_mod.compare_layers(a, b, feeds, base, eps[0], progress=progress).to_dict()
+    if not comparison.ok:
+        raise ValidationRefused("outputs of B diverge from A beyond the tolerance", report)
+    return report
+
+
+def bench(models: Sequence[str | os.PathLike], *, eps: Sequence[str] = ("cpu",), threads: int | None = 1,
+          warmup: int = 10, runs: int = 100, batches: Sequence[int | None] = (None,),
+          data: str | os.PathLike | None = None, shapes: Mapping[str, tuple[int, ...]] | None = None,
+          preprocess: str | None = None, progress: ProgressFn | None = None) -> dict:
+    """``onnxopt bench``: latency per model and EP side by side (see onnxopt.bench); the report's
+    ``results`` are BenchResult dicts, ``summary`` the text table the CLI prints."""
+    from onnxopt import bench as bench_mod
+
+    for path in models:
+        check_model_file(path)
+    results = bench_mod.bench(models, eps=tuple(eps), threads=threads, warmup=warmup, runs=runs,
+                              batches=list(batches), data=data, shapes=shapes, preprocess=preprocess, progress=progress)
+    return header("bench", threads=threads or 0, warmup=warmup, runs=runs, results=[r.to_dict() for r in results],
+                  summary=bench_mod.summary(results))
 
 
 def check_model_file(path: str | os.PathLike) -> None:

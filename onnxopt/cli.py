@@ -299,9 +299,15 @@ def optimize(model, output, pipeline_text, report_path, ep_text, shapes, data, p
     except ValidationRefused as e:
         if report_path and e.result:
             report.write(e.result, report_path)
-        for line in (e.result or {}).get("validation", {}).get("outputs", []):
+        for line in ((e.result or {}).get("validation") or {}).get("outputs", []):
             if not line["ok"]:
-                click.echo(f"  {line['name']}: max abs {line['max_abs']:.3g}, max rel {line['max_rel']:.3g}: {line['reason']}", err=True)
+                click.echo(f"  {line['name']}: max abs {line['max_abs'] or 0:.3g}, max rel {line['max_rel'] or 0:.3g}: "
+                           f"{line['reason']}", err=True)
+        lw = (e.result or {}).get("layerwise")
+        if lw and lw.get("first_divergence"):
+            first = lw["first_divergence"]
+            click.echo(f"  first divergence at node '{first['node']}' ({first['op_type']}), value '{first['value_b']}', "
+                       f"max abs {first['max_abs']:.3g}", err=True)
         raise
     if report_path:
         report.write(result, report_path)
@@ -319,7 +325,9 @@ def optimize(model, output, pipeline_text, report_path, ep_text, shapes, data, p
         latency = ""
         if v.get("latency_ref_ms"):
             latency = f", latency {v['latency_ref_ms']:.3f} -> {v['latency_new_ms']:.3f} ms"
-        click.echo(f"validation: {status}, {len(v['outputs'])} output(s), max abs diff {v['max_abs']:.3g}{latency}")
+        points = sum(1 for p in v.get("points", []) if p["status"] == "compared")
+        click.echo(f"validation: {status}, {len(v['outputs'])} output(s) at {points} input point(s), "
+                   f"max abs diff {v['max_abs']:.3g}{latency}")
     click.echo(f"wrote {output}")
 
 
@@ -448,44 +456,45 @@ def inspect(model, as_json, with_cost, shapes):
 @_isolated(lambda kw: f"{kw['a']} or {kw['b']}")
 def validate(a, b, report_path, ep_text, shapes, data, preprocess, metric, tols, rtol, batches, layerwise):
     """Run A (reference) and B on each EP with the same inputs and compare every output (exit 3 if B diverges)."""
-    from onnxopt import layerwise as layerwise_mod
-    from onnxopt import validate as validate_mod
-
     if report_path:
         report.check_path(report_path)
     eps = runtime.parse_eps(ep_text)
-    shape_map = runtime.parse_shapes(shapes)
-    tolerance, base = _tolerances(metric, tols, rtol)
-    for path in (a, b):
-        api.check_model_file(path)
-    with _progress(None, "validate") as update:
-        comparison = validate_mod.compare_models(a, b, eps=eps, data=data, shapes=shape_map, preprocess=preprocess,
-                                                 tolerance=tolerance, max_batches=batches, progress=update)
-    result = {"tool": "onnxopt", "version": __version__, "command": "validate", "a": str(a), "b": str(b),
-              "tolerance": base.describe(), "comparison": comparison.to_dict(),
-              "error_samples": comparison.error_samples}
-    for ep, r in comparison.per_ep.items():
-        click.echo(f"[{ep}] {'ok' if r.ok else 'DIVERGED'}: {r.summary()}")
-        for o in r.outputs:
-            cos = "-" if o.cosine is None else f"{o.cosine:.6f}"
-            snr = "-" if o.snr_db is None else f"{o.snr_db:.1f}"
-            click.echo(f"  {o.name:<24} max abs {o.max_abs:<10.3g} max rel {o.max_rel:<10.3g} cosine {cos:<9} "
-                       f"SNR {snr:<6} {'ok' if o.ok else 'FAIL ' + o.reason}")
-    if layerwise:
-        from onnxopt import data as data_mod
-        sess = runtime.session(a, eps[0])
-        feeds = data_mod.feeds_for(sess, data, shape_map, preprocess, limit=1)[0]
-        with _progress(None, "layerwise") as update:
-            lw = layerwise_mod.compare_layers(a, b, feeds, base, eps[0], progress=update)
-        result["layerwise"] = lw.to_dict()
-        first = lw.first_divergence
-        click.echo(f"layerwise: {lw.pairs} of {lw.values_in_b} intermediate values paired; " + (
-            f"first divergence at node '{first.node}' ({first.op_type}), value '{first.value_b}', "
-            f"max abs {first.max_abs:.3g}" if first else "no divergence inside the graph"))
+    tolerance, _ = _tolerances(metric, tols, rtol)
+    try:
+        with _progress(None, "validate") as update:
+            result = api.validate_models(a, b, eps=eps, data=data, shapes=runtime.parse_shapes(shapes),
+                                         preprocess=preprocess, tolerance=tolerance, max_batches=batches,
+                                         layerwise=layerwise, progress=update)
+    except ValidationRefused as e:
+        if e.result:
+            _print_validate(e.result)
+            if report_path:
+                report.write(e.result, report_path)
+        raise
+    _print_validate(result)
     if report_path:
         report.write(result, report_path)
-    if not comparison.ok:
-        raise ValidationRefused("outputs of B diverge from A beyond the tolerance", result)
+
+
+def _print_validate(result: dict) -> None:
+    for ep, r in result["comparison"]["per_ep"].items():
+        click.echo(f"[{ep}] {'ok' if r['ok'] else 'DIVERGED'}: {r['summary']}")
+        for o in r["outputs"]:
+            cos = "-" if o["cosine"] is None else f"{o['cosine']:.6f}"
+            snr = "-" if o["snr_db"] is None else f"{o['snr_db']:.1f}"
+            click.echo(f"  {o['name']:<24} max abs {o['max_abs'] or 0:<10.3g} max rel {o['max_rel'] or 0:<10.3g} "
+                       f"cosine {cos:<9} SNR {snr:<6} {'ok' if o['ok'] else 'FAIL ' + o['reason']}")
+    if "layerwise" in result:
+        _print_layerwise(result["layerwise"])
+
+
+def _print_layerwise(lw: dict | None) -> None:
+    if lw is None:
+        return
+    first = lw["first_divergence"]
+    click.echo(f"layerwise: {lw['pairs']} of {lw['values_in_b']} intermediate values paired; " + (
+        f"first divergence at node '{first['node']}' ({first['op_type']}), value '{first['value_b']}', "
+        f"max abs {first['max_abs']:.3g}" if first else "no divergence inside the graph"))
 
 
 @main.command()
@@ -498,26 +507,19 @@ def validate(a, b, report_path, ep_text, shapes, data, preprocess, metric, tols,
 @_isolated(lambda kw: ", ".join(map(str, kw["models"])))
 def bench(models, report_path, ep_text, shapes, data, preprocess, threads, warmup, runs, batch_text):
     """Latency (p50/p90/p99/mean/std), throughput, load time and memory per model and EP, side by side."""
-    from onnxopt import bench as bench_mod
-
     if report_path:
         report.check_path(report_path)
     eps = runtime.parse_eps(ep_text)
-    for path in models:
-        api.check_model_file(path)
     try:
         batches = [int(b) for b in batch_text.split(",")] if batch_text else [None]
     except ValueError:
         raise UsageError(f"--batch '{batch_text}': expected sizes like 1,8") from None
-    total = len(eps) * len(batches) * len(models) * runs
-    with _progress(total, "bench") as update:
-        results = bench_mod.bench(models, eps=eps, threads=threads or None, warmup=warmup, runs=runs,
-                                  batches=batches, data=data, shapes=runtime.parse_shapes(shapes),
-                                  preprocess=preprocess, progress=update)
-    click.echo(bench_mod.summary(results))
+    with _progress(len(eps) * len(batches) * len(models) * runs, "bench") as update:
+        result = api.bench(models, eps=eps, threads=threads or None, warmup=warmup, runs=runs, batches=batches,
+                           data=data, shapes=runtime.parse_shapes(shapes), preprocess=preprocess, progress=update)
+    click.echo(result["summary"])
     if report_path:
-        report.write({"tool": "onnxopt", "version": __version__, "command": "bench", "threads": threads,
-                      "warmup": warmup, "runs": runs, "results": [r.to_dict() for r in results]}, report_path)
+        report.write(result, report_path)
 
 
 @main.command("passes")

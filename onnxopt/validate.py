@@ -100,6 +100,7 @@ class ValidationResult:
     tolerance: Tolerance
     latency_ref_ms: float | None = None
     latency_new_ms: float | None = None
+    failing_point: Point | None = None  # the first input point where an output diverged
 
     @property
     def ok(self) -> bool:
@@ -121,6 +122,7 @@ class ValidationResult:
     def to_dict(self) -> dict:
         return {
             "ok": self.ok,
+            "summary": self.summary(),
             "tolerance": dataclasses.asdict(self.tolerance) if isinstance(self.tolerance, Tolerance)
             else {k: dataclasses.asdict(v) for k, v in self.tolerance.items()},
             "max_abs": self.max_abs,
@@ -337,20 +339,23 @@ class Validator:
         the user's input)."""
         points = [p for p in (self.points if all_points else self.points[:1]) if p.reference is not None]
         merged: dict[str, OutputComparison] = {}
+        failing = None
         try:
             sess = runtime.session(candidate, self.ep)
             for index, point in enumerate(points):
                 got = runtime.run_candidate(sess, point.feeds, list(point.reference))
                 for c in compare(point.reference, got, self.tolerance):
-                    if not c.ok and index:
-                        c.reason = f"at {point.label}: {c.reason}"
+                    if not c.ok:
+                        failing = failing or point
+                        if index:
+                            c.reason = f"at {point.label}: {c.reason}"
                     merged[c.name] = merged[c.name].merge(c) if c.name in merged else c
         except BadInputError as e:
             failed = [OutputComparison(name, False, tuple(np.shape(v)), None, str(np.asarray(v).dtype),
                                        reason=f"the optimized model fails on ONNX Runtime: {e}")
                       for name, v in self.reference.items()]
-            return ValidationResult(failed, self.tolerance)
-        result = ValidationResult(list(merged.values()), self.tolerance)
+            return ValidationResult(failed, self.tolerance, failing_point=self.points[0])
+        result = ValidationResult(list(merged.values()), self.tolerance, failing_point=failing)
         if self.latency_runs:
             result.latency_ref_ms = self.reference_latency_ms
             result.latency_new_ms = median_latency_ms(sess, self.feeds, self.latency_runs)

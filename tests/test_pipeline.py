@@ -80,6 +80,10 @@ def test_validation_refuses_broken_result(cli, model_copy, tmp_path, with_breaki
     report = json.loads(rep.read_text())
     assert report["written"] is False and not report["validation"]["ok"]
     assert report["validation"]["outputs"][0]["max_abs"] > 1e-3
+    # the report names the node where the divergence starts: the first layer reading the scaled weight
+    first = report["layerwise"]["first_divergence"]
+    assert first["op_type"] == "Conv" and f"first divergence at node '{first['node']}'" in result.stderr
+    assert [p["status"] for p in report["validation"]["points"]] == ["compared", "compared"]
     # --force writes it anyway, and says so
     result = cli("optimize", model, "-o", out, "-p", "cleanup,break-weights", "--force")
     assert result.exit_code == 0 and out.exists() and "DIVERGED" in result.output
