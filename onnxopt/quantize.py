@@ -10,12 +10,18 @@ Steps (DESIGN "Quantization design"):
    as extra outputs.  Every 4th batch (up to 8) is held out for scoring instead.
 3. **Place** Q/DQ for the target EP (``passes/quantize_qdq.py``).
 4. **Latency guard**: each layer kind (dense conv, pointwise, depthwise, gemm) is tried quantized
-   and in float, whole-model latency on the target EP decides (median of alternating runs); the
-   result is never slower than fp32: if quantizing does not pay, the float model is written.
+   and in float, whole-model latency on the target EP decides (``Quantizer.compare_latency``:
+   interleaved paired runs, the median of the per-pair ratios with an order-statistics confidence
+   interval, more pairs while it is ambiguous); a kind stays int8 only when it is faster by more
+   than ``LATENCY_MARGIN`` with confidence, and a tie goes to float, so repeated runs place layers
+   alike.  Then single layers go back to float only when that is clearly faster.  The result is
+   never slower than fp32: unless the final model is confidently faster, the float model is written.
 5. **Accuracy budget**: score = the user's metric (``--metric module:function``, called with an ORT
-   session, higher is better) or by default the mean cosine similarity of the outputs to fp32 on
-   the held-out batches.  If ``fp32 score - score > max_drop``, layers are ranked by sensitivity
-   (quantize one alone, measure) and the most sensitive are kept in float until the budget holds.
+   session, higher is better) or by default the prediction-level fidelity of ``onnxopt.fidelity``
+   on the held-out batches: top-1 agreement at every position for class-score outputs (Softmax/
+   LogSoftmax/Sigmoid heads, names like ``logits``), cosine for other outputs, worst output counts.
+   If ``fp32 score - score > max_drop``, layers are ranked by sensitivity (quantize one alone,
+   measure) and the most sensitive are kept in float until the budget holds.
 6. **Recovery** on the chosen recipe (``--recover``, default ``bias-correction``): bias correction
    (per-channel mean output error, fp32 as teacher) and ``adaround`` (per-layer rounding chosen on
    calibration activations).
@@ -28,6 +34,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import math
 import os
 import sys
 import time
@@ -38,7 +45,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt import __version__, bench, calibrate, io, pipeline, runtime
+from onnxopt import __version__, bench, calibrate, fidelity, io, pipeline, runtime
 from onnxopt import data as data_mod
 from onnxopt.errors import BadInputError, InternalError, OnnxoptError, UsageError, ValidationRefused
 from onnxopt.passes import quantize_qdq as qq
@@ -50,8 +57,13 @@ PREPARE_PIPELINE = pipeline.DEFAULT_PIPELINE
 RECOVERY = ("bias-correction", "cle", "adaround")
 DEFAULT_RECOVERY = ("bias-correction", "adaround")
 KIND_ORDER = ("depthwise", "pointwise", "conv", "gemm")
+#: int8 must be faster than float by more than this fraction (with confidence) to be kept; a single
+#: layer goes back to float only when that is faster by more than it too
 LATENCY_MARGIN = 0.03
-PER_LAYER_GUARD = 24  # layers tried one by one in float after the per-kind decisions  # a revert must win by more than this fraction to count as faster
+PER_LAYER_GUARD = 24  # layers tried one by one in float after the per-kind decisions
+#: latency comparison: pairs per block, blocks at least / at most, seconds at most per comparison
+PAIRS_PER_BLOCK, MIN_BLOCKS, MAX_BLOCKS, COMPARE_SECONDS = 16, 2, 6, 12.0
+Z_CONFIDENCE = 2.0  # ~95% two-sided interval for the median ratio (order statistics)
 
 
 def load_metric(spec: str | None) -> Callable | None:
@@ -155,7 +167,7 @@ class Quantizer:
     def __init__(self, model: ir.Model, float_bytes: bytes, stats: calibrate.Stats, held_out: list[dict],
                  recovery_set: list[dict], profile: qq.Profile, method: str, per_channel: bool, ep: str,
                  metric: Callable | None, threads: int = 1, percentile: float = 99.99,
-                 recovery: tuple[str, ...] = ()):
+                 recovery: tuple[str, ...] = (), class_outputs: Mapping[str, int | None] | None = None):
         self.model, self.float_bytes, self.stats = model, float_bytes, stats
         self.held_out, self.recovery_set = held_out, recovery_set
         self.profile, self.method, self.per_channel, self.ep, self.metric = profile, method, per_channel, ep, metric
@@ -168,6 +180,9 @@ class Quantizer:
         if missing:
             raise BadInputError(f"calibration statistics lack {len(missing)} tensor(s) this model needs, e.g. "
                                 f"'{missing[0]}' (statistics from another model?)")
+        #: how each output is judged without --metric (onnxopt.fidelity); per-output results of the last score
+        self.rules = fidelity.rules(model, class_outputs)
+        self.last_results: list[dict] = []
         self.float_session = runtime.session(self.float_bytes, ep, threads)
         self.reference = [runtime.run(self.float_session, f) for f in held_out]
         self.float_score = self.score_session(self.float_session, self.reference)
@@ -200,14 +215,11 @@ class Quantizer:
                 return float(self.metric(sess))
             except Exception as e:  # noqa: BLE001 - user code
                 raise UsageError(f"--metric failed: {type(e).__name__}: {e}") from None
-        cos = []
+        fid = fidelity.Fidelity(self.rules)
         for feeds, ref in zip(self.held_out, reference or self.reference):
-            got = runtime.run_candidate(sess, feeds, list(ref))
-            for name, r in ref.items():
-                r64, g64 = np.asarray(r, np.float64).ravel(), np.asarray(got[name], np.float64).ravel()
-                den = np.linalg.norm(r64) * np.linalg.norm(g64)
-                cos.append(float(r64 @ g64 / den) if den else float(np.array_equal(r64, g64)))
-        return float(np.mean(cos))
+            fid.add(ref, runtime.run_candidate(sess, feeds, list(ref)))
+        self.last_results = fid.results()
+        return min((r["score"] for r in self.last_results), default=1.0)
 
     def score(self, model: ir.Model) -> float:
         return self.score_session(runtime.session(serialize(model), self.ep, self.threads))
@@ -216,14 +228,18 @@ class Quantizer:
         return self.float_score - self.score(model)
 
     # ---------------------------------------------------------------- latency
-    def latency(self, models: list[bytes], runs: int = 15) -> list[float]:
-        """Median ms per model, runs alternating between the models (one process, fixed feeds)."""
+    def _sessions(self, models: list[bytes]):
         feeds = self.held_out[0]
         sessions = [runtime.session(m, self.ep, self.threads) for m in models]
         inputs = [{k: v for k, v in feeds.items() if k in {i.name for i in s.get_inputs()}} for s in sessions]
         for s, f in zip(sessions, inputs):
             for _ in range(3):
                 s.run(None, f)
+        return sessions, inputs
+
+    def latency(self, models: list[bytes], runs: int = 15) -> list[float]:
+        """Median ms per model, runs alternating between the models (one process, fixed feeds)."""
+        sessions, inputs = self._sessions(models)
         times: list[list[float]] = [[] for _ in sessions]
         deadline = time.perf_counter() + 20.0
         for _ in range(runs):
@@ -232,6 +248,49 @@ class Quantizer:
             if time.perf_counter() > deadline:
                 break
         return [float(np.median(t)) for t in times]
+
+    def compare_latency(self, a: bytes, b: bytes, margin: float = LATENCY_MARGIN, max_blocks: int = MAX_BLOCKS) -> dict:
+        """Is model ``a`` faster than ``b`` by more than ``margin``, with confidence?
+
+        Runs interleave in pairs (a then b, b then a, alternating, one process, fixed feeds) so a
+        machine that slows down slows both alike; each pair gives a ratio t_a / t_b.  After every
+        block of PAIRS_PER_BLOCK pairs (at least MIN_BLOCKS), the median ratio's ~95% interval from
+        order statistics is checked against ``1 - margin``: wholly below -> ``"faster"``, wholly
+        above -> ``"not faster"``; still straddling after MAX_BLOCKS (or COMPARE_SECONDS) ->
+        ``"tie"``, which callers resolve to the simpler choice.  A real difference far from the
+        threshold gives the same verdict run after run; one near it gives "tie", not a coin flip.
+        Returns the verdict, medians in ms, the median ratio and its interval, and the pair count."""
+        sessions, inputs = self._sessions([a, b])
+        ta: list[float] = []
+        tb: list[float] = []
+        verdict, lo, hi = "tie", 0.0, math.inf
+        deadline = time.perf_counter() + COMPARE_SECONDS
+        threshold = 1.0 - margin
+        for block in range(max(max_blocks, MIN_BLOCKS)):
+            for i in range(PAIRS_PER_BLOCK):
+                order = (0, 1) if i % 2 == 0 else (1, 0)
+                t = {}
+                for k in order:
+                    t[k] = bench.timed_run(sessions[k], inputs[k])
+                ta.append(t[0])
+                tb.append(t[1])
+            if block + 1 < MIN_BLOCKS:
+                continue
+            ratios = np.sort(np.asarray(ta) / np.maximum(np.asarray(tb), 1e-9))
+            n = len(ratios)
+            k = max(0, int(math.floor(n / 2 - Z_CONFIDENCE * math.sqrt(n) / 2)))
+            lo, hi = float(ratios[k]), float(ratios[n - 1 - k])
+            if hi < threshold:
+                verdict = "faster"
+                break
+            if lo > threshold:
+                verdict = "not faster"
+                break
+            if time.perf_counter() > deadline:
+                break
+        ratio = float(np.median(np.asarray(ta) / np.maximum(np.asarray(tb), 1e-9)))
+        return {"verdict": verdict, "a_ms": float(np.median(ta)), "b_ms": float(np.median(tb)), "ratio": ratio,
+                "interval": [lo, hi], "pairs": len(ta)}
 
 
 def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, **options) -> dict:
@@ -253,8 +312,12 @@ def _quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, 
              stats_in: str | os.PathLike | None = None, stats_out: str | os.PathLike | None = None,
              recovery: tuple[str, ...] = DEFAULT_RECOVERY, latency_guard: bool = True,
              per_channel: bool = True, force: bool = False, calib_limit: int | None = None,
-             threads: int = 1, progress: bool = False, exclude: tuple[str, ...] = ()) -> dict:
+             threads: int = 1, progress: bool = False, exclude: tuple[str, ...] = (),
+             class_outputs: Mapping[str, int | None] | None = None) -> dict:
     """Quantize ``input_path`` into ``output_path``; return the report dict (see module docstring).
+
+    ``class_outputs`` declares outputs for the default fidelity metric: name -> class axis (top-1
+    agreement) or None (cosine), overriding what ``onnxopt.fidelity.rules`` reads from the graph.
 
     Raises ValidationRefused (report attached) when the accuracy budget cannot be met and not
     ``force``; nothing is written then."""
@@ -332,7 +395,10 @@ def _quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, 
 
     profile = qq.PROFILES[ep]
     q = Quantizer(model, float_bytes, stats, held_out, recovery_set, profile, method, per_channel, ep, metric_fn,
-                  threads, percentile, recovery=tuple(r for r in recovery if r != "cle"))
+                  threads, percentile, recovery=tuple(r for r in recovery if r != "cle"), class_outputs=class_outputs)
+    if metric_fn is None:
+        for r in q.last_results:
+            logger.info("fidelity of output '%s': %s (%s)", r["name"], r["metric"], r["reason"])
     kinds = q.candidates
     excluded = {n for n, k in kinds.items() if k in profile.float_kinds} | set(exclude)
     decisions: list[dict] = []
@@ -345,10 +411,11 @@ def _quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, 
                 continue
             with_q = serialize(q.build(frozenset(excluded - members))[0])
             without = serialize(q.build(frozenset(excluded | members))[0])
-            t_q, t_f = q.latency([with_q, without])
-            keep = t_q < t_f * (1 - LATENCY_MARGIN) if members & excluded else t_q <= t_f * (1 + LATENCY_MARGIN)
-            decisions.append({"kind": kind, "layers": len(members), "quantized_ms": t_q, "float_ms": t_f,
-                              "quantized": bool(keep)})
+            c = q.compare_latency(with_q, without)
+            keep = c["verdict"] == "faster"  # a tie goes to float: int8 must pay clearly
+            decisions.append({"kind": kind, "layers": len(members), "quantized_ms": c["a_ms"], "float_ms": c["b_ms"],
+                              "ratio": c["ratio"], "interval": c["interval"], "pairs": c["pairs"],
+                              "verdict": c["verdict"], "quantized": bool(keep)})
             excluded = excluded - members if keep else excluded | members
         # then layer by layer (bounded: at most PER_LAYER_GUARD layers), since a kind that pays
         # overall may hold single layers that do not (e.g. a 1-channel stem)
@@ -357,11 +424,14 @@ def _quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, 
             base = serialize(q.build(frozenset(excluded))[0])
             for name in quantized:
                 trial = serialize(q.build(frozenset(excluded | {name}))[0])
-                t_q, t_f = q.latency([base, trial])
-                if t_f < t_q * (1 - LATENCY_MARGIN):
+                # back to float only when that is clearly faster; one layer rarely is, so no extra blocks
+                c = q.compare_latency(trial, base, max_blocks=MIN_BLOCKS)
+                if c["verdict"] == "faster":
                     excluded.add(name)
                     base = trial
-                    decisions.append({"layer": name, "quantized_ms": t_q, "float_ms": t_f, "quantized": False})
+                    decisions.append({"layer": name, "quantized_ms": c["b_ms"], "float_ms": c["a_ms"],
+                                      "ratio": 1.0 / c["ratio"], "pairs": c["pairs"], "verdict": "float faster",
+                                      "quantized": False})
 
     # ---- accuracy budget
     candidate, the_plan = q.build(frozenset(excluded))
@@ -382,16 +452,30 @@ def _quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, 
 
     # ---- final latency check: never slower than fp32
     wrote_float = not the_plan.targets
+    final_verdict = None
     if wrote_float:  # every layer ended in float: the candidate is the prepared float model
         candidate = model
         t_q = t_f = q.latency([float_bytes], runs=25)[0]
     else:
-        t_q, t_f = q.latency([serialize(candidate), float_bytes], runs=25)
-    if latency_guard and not wrote_float and t_q > t_f:
-        logger.warning("the quantized model is slower than fp32 on %s (%.3f vs %.3f ms); writing the float model",
-                       ep, t_q, t_f)
+        c = q.compare_latency(serialize(candidate), float_bytes, margin=0.0)
+        t_q, t_f, final_verdict = c["a_ms"], c["b_ms"], c["verdict"]
+    if latency_guard and not wrote_float and final_verdict != "faster":  # a tie writes the float model
+        logger.warning("the quantized model is not confidently faster than fp32 on %s (%.3f vs %.3f ms); "
+                       "writing the float model", ep, t_q, t_f)
         candidate, the_plan, drop, wrote_float = model, qq.plan(model, profile, frozenset(kinds)), 0.0, True
         t_q = t_f
+    if metric_fn is None:  # per-output fidelity of what is written (deterministic: same drop as above)
+        drop = q.float_score - q.score(candidate)
+        outputs = q.last_results
+        metric_name = "default: " + fidelity.describe(outputs)
+        for r in fidelity.uncertified(outputs, max_drop):
+            lo, hi = r["agreement_interval"]
+            logger.warning("output '%s': %s agreement %.4f on only %d held-out positions (95%% interval %.3f-%.3f) "
+                           "cannot certify the %.3g budget; more --data batches (every 4th, up to 8, is held out) "
+                           "or a --metric would", r["name"], r["metric"], r["agreement"], r["positions"], lo, hi,
+                           1 - max_drop)
+    else:
+        outputs, metric_name = None, metric
     quantize_seconds = time.perf_counter() - t0
 
     report: dict = {
@@ -404,8 +488,8 @@ def _quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, 
                         "bins": stats.bins, "seconds": calib_seconds, "stats_file": str(stats_in or stats_out or "") or None},
         "recipe": {**the_plan.describe(), "recovery": list(q.recovery) + (["cle"] if "cle" in recovery else []),
                    "latency_decisions": decisions, "sensitivity": sensitivity},
-        "accuracy": {"metric": metric or "cosine", "float": q.float_score, "quantized": q.float_score - drop,
-                     "drop": drop, "max_drop": max_drop},
+        "accuracy": {"metric": metric_name, "float": q.float_score, "quantized": q.float_score - drop,
+                     "drop": drop, "max_drop": max_drop, **({"outputs": outputs} if outputs is not None else {})},
         "latency": {"float_ms": t_f, "quantized_ms": t_q, "speedup": t_f / t_q if t_q else None, "threads": threads},
         "wrote_float_model": wrote_float,
         "seconds_quantize": quantize_seconds,

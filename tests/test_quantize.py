@@ -139,13 +139,16 @@ def test_quantize_digits_cnn_keeps_task_accuracy(cli, tmp_path, digits_calib):
 
 
 def test_quantize_default_metric_and_stats_reuse(cli, tmp_path, digits_calib):
-    """Default metric (cosine vs fp32), statistics saved then reused with another method."""
+    """Default metric (top-1 agreement: the output is named 'logits'), statistics saved then reused
+    with another method."""
     src = ROOT / "models" / "digits_mobilenet.onnx"
     stats = tmp_path / "stats.npz"
     r = cli("quantize", src, "-o", tmp_path / "a.onnx", "--data", digits_calib["digits_mobilenet"], "--save-stats", stats,
             "--report", tmp_path / "a.json")
     assert r.exit_code == 0, r.output
-    assert "accuracy (cosine)" in r.output and stats.exists()
+    assert "top-1 agreement (logits)" in r.output and stats.exists()
+    out = json.loads((tmp_path / "a.json").read_text())["accuracy"]["outputs"]
+    assert [(o["name"], o["metric"]) for o in out] == [("logits", "top-1")] and "named 'logits'" in out[0]["reason"]
     r = cli("quantize", src, "-o", tmp_path / "b.onnx", "--data", digits_calib["digits_mobilenet"], "--load-stats", stats,
             "--method", "entropy", "--recover", "bias-correction,cle,adaround", "--report", tmp_path / "b.json")
     assert r.exit_code == 0, r.output
@@ -329,3 +332,178 @@ def test_qdq_insertion_on_random_chains_stays_close():
             assert cos(b, c) > 0.999 or np.array_equal(b, c)
 
     check()
+
+
+# ---------------------------------------------------------------- default fidelity metric (onnxopt.fidelity)
+
+def _fidelity_zoo(rng, d=8, classes=6, steps=5):
+    """One model, many outputs, each a trap for a naive rule (see the test below)."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    w = nh.from_array((rng.standard_normal((d, classes)) * 2).astype(np.float32), "w")
+    wc = nh.from_array((rng.standard_normal((1, d, 1, 1)) * 2).astype(np.float32), "wc")
+    b = nh.from_array(rng.standard_normal(classes).astype(np.float32), "b")
+    shape = nh.from_array(np.array([0, -1], np.int64), "flat")
+    nodes = [
+        h.make_node("MatMul", ["x", "w"], ["z"], name="head"),                    # [N, T, C] logits
+        h.make_node("Transpose", ["z"], ["zt"], perm=[0, 2, 1], name="to_nct"),   # [N, C, T]
+        # Softmax over the class axis 1 of [N, C, T], transposed back: class axis 2 of the output
+        h.make_node("Softmax", ["zt"], ["pt"], axis=1, name="softmax_c"),
+        h.make_node("Transpose", ["pt"], ["probs"], perm=[0, 2, 1], name="to_ntc"),
+        # LogSoftmax on the last axis, then reshaped: the class axis stays last
+        h.make_node("LogSoftmax", ["z"], ["lz"], axis=-1, name="logsoftmax"),
+        h.make_node("Reshape", ["lz", "flat"], ["log_probs_flat"], name="reshape_last"),
+        # Softmax over a non-last axis, then flattened: the class axis is lost -> cosine
+        h.make_node("Reshape", ["pt", "flat"], ["mixed"], name="reshape_mixed"),
+        # float features whose last axis is as wide as a class axis: cosine, not top-1
+        h.make_node("Add", ["z", "b"], ["embedding"], name="bias"),
+        # raw logits declared by their name
+        h.make_node("Identity", ["z"], ["logits"], name="named"),
+        # a Sigmoid over a 1x1 conv map (segmentation-like): per-pixel p > 0.5 decisions
+        h.make_node("Conv", ["xc", "wc"], ["m"], name="conv"),
+        h.make_node("Sigmoid", ["m"], ["mask"], name="sigmoid_map"),
+        # a Sigmoid over a matmul head: one score per class -> top-1 on the last axis
+        h.make_node("Sigmoid", ["embedding"], ["multilabel"], name="sigmoid_head"),
+        # labels
+        h.make_node("ArgMax", ["z"], ["labels"], axis=-1, keepdims=0, name="argmax"),
+    ]
+    outs = [("probs", T.FLOAT), ("log_probs_flat", T.FLOAT), ("mixed", T.FLOAT), ("embedding", T.FLOAT),
+            ("logits", T.FLOAT), ("mask", T.FLOAT), ("multilabel", T.FLOAT), ("labels", T.INT64)]
+    graph = h.make_graph(nodes, "zoo", [h.make_tensor_value_info("x", T.FLOAT, ["n", steps, d]),
+                                        h.make_tensor_value_info("xc", T.FLOAT, ["n", d, 4, 4])],
+                         [h.make_tensor_value_info(n, t, None) for n, t in outs], [w, wc, b, shape])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 13)], ir_version=8)
+
+
+def test_fidelity_picks_top1_for_class_scores_and_cosine_for_others():
+    """Per output, from the graph and confirmed on real ORT outputs: top-1 for Softmax through
+    Transpose (the class axis follows the permutation, here not the last axis of the Softmax),
+    LogSoftmax through Reshape, Sigmoid over a matmul head and a 'logits' name; cosine for a
+    flattened non-last class axis and for same-width features; p > 0.5 decisions for a Sigmoid
+    map; exact for labels.  The scores equal a plain numpy computation on perturbed weights."""
+    import onnx_ir as ir
+
+    from onnxopt import fidelity
+
+    rng = np.random.default_rng(0)
+    proto = _fidelity_zoo(rng)
+    rules = fidelity.rules(ir.from_proto(proto))
+    picked = {n: (r.metric, r.axis) for n, r in rules.items()}
+    assert picked == {"probs": ("top-1", 2), "log_probs_flat": ("top-1", -1), "mixed": ("cosine", None),
+                      "embedding": ("cosine", None), "logits": ("top-1", -1), "mask": ("decision", None),
+                      "multilabel": ("top-1", -1), "labels": ("exact", None)}, picked
+    assert "not the last one" in rules["mixed"].reason
+    perturbed = onnx.ModelProto()
+    perturbed.CopyFrom(proto)
+    for init in perturbed.graph.initializer:
+        if init.name in ("w", "wc"):
+            arr = onnx.numpy_helper.to_array(init)
+            init.CopyFrom(onnx.numpy_helper.from_array(arr + 0.5 * rng.standard_normal(arr.shape).astype(np.float32), init.name))
+    feeds = [{"x": rng.standard_normal((3, 5, 8)).astype(np.float32), "xc": rng.standard_normal((3, 8, 4, 4)).astype(np.float32)}
+             for _ in range(2)]
+    ref_s, got_s = _session_bytes(proto), _session_bytes(perturbed)
+    names = [o.name for o in ref_s.get_outputs()]
+    fid = fidelity.Fidelity(rules)
+    refs, gots = [], []
+    for f in feeds:
+        refs.append(dict(zip(names, ref_s.run(None, f))))
+        gots.append(dict(zip(names, got_s.run(None, f))))
+        fid.add(refs[-1], gots[-1])
+    res = {r["name"]: r for r in fid.results()}
+    cat = {n: (np.concatenate([r[n] for r in refs]), np.concatenate([g[n] for g in gots])) for n in names}
+    r, g = cat["probs"]
+    assert res["probs"]["agreement"] == pytest.approx((r.argmax(2) == g.argmax(2)).mean())
+    assert res["probs"]["positions"] == 6 * 5 and "confirmed on the data (6 classes)" in res["probs"]["reason"]
+    r, g = cat["labels"]
+    assert res["labels"]["score"] == pytest.approx((r == g).mean())
+    r, g = cat["mask"]
+    assert res["mask"]["score"] == pytest.approx(((r > 0.5) == (g > 0.5)).mean())
+    r, g = (a.astype(np.float64).ravel() for a in cat["embedding"])
+    assert res["embedding"]["score"] == pytest.approx(r @ g / np.linalg.norm(r) / np.linalg.norm(g))
+    assert 0 < res["probs"]["agreement"] < 1  # the perturbation flips some predictions: the test can fail
+    assert fid.score() == min(x["score"] for x in res.values())
+    # a claimed class axis the data contradicts falls back to cosine, with the reason
+    bogus = {"probs": fidelity.Rule("probs", "top-1", "claimed", 1, "softmax")}  # axis 1 is time, not classes
+    fid = fidelity.Fidelity(bogus)
+    fid.add(refs[0], gots[0])
+    assert fid.results()[0]["metric"] == "cosine" and "do not sum to 1" in fid.results()[0]["reason"]
+
+
+def _session_bytes(proto) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _close_logits_model(rng, d=32, classes=1000, eps=0.02):
+    """embed (MatMul+ReLU) then a 1,000-class head whose columns share one large component: the
+    logits differ by little, so int8 weights flip many arg-maxes while the (near-uniform)
+    probabilities barely move."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    w1 = (rng.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32)
+    w2 = (rng.standard_normal((d, 1)) + eps * rng.standard_normal((d, classes))).astype(np.float32)
+    nodes = [h.make_node("MatMul", ["x", "w1"], ["h"], name="embed"), h.make_node("Relu", ["h"], ["r"], name="relu"),
+             h.make_node("MatMul", ["r", "w2"], ["z"], name="head"),
+             h.make_node("Softmax", ["z"], ["probs"], axis=-1, name="softmax")]
+    graph = h.make_graph(nodes, "close", [h.make_tensor_value_info("x", T.FLOAT, ["n", 16, d])],
+                         [h.make_tensor_value_info("probs", T.FLOAT, ["n", 16, classes])],
+                         [nh.from_array(w1, "w1"), nh.from_array(w2, "w2")])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 13)], ir_version=8)
+
+
+def test_default_budget_catches_flipped_predictions_that_cosine_misses(tmp_path):
+    """1,000 classes with close logits: fully int8, the output cosine is > 0.99 (the old default
+    budget passed it) while top-1 agreement is far below 0.99; the default budget keeps the head in
+    float and what is written agrees on >= 99% of the held-out positions, and on fresh data too."""
+    from onnxopt import quantize as quantize_mod
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "close.onnx"
+    onnx.save(_close_logits_model(rng), str(src))
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(8):
+        np.savez(data / f"b{i}.npz", x=rng.standard_normal((4, 16, 32)).astype(np.float32))
+    loose = quantize_mod.quantize(src, tmp_path / "loose.onnx", data=data, max_drop=1.0, latency_guard=False)
+    (out,) = loose["accuracy"]["outputs"]
+    assert out["metric"] == "top-1" and out["cosine"] > 0.99 and out["agreement"] < 0.9, out
+    rep = quantize_mod.quantize(src, tmp_path / "q.onnx", data=data, latency_guard=False)
+    (out,) = rep["accuracy"]["outputs"]
+    assert out["agreement"] >= 0.99 and rep["accuracy"]["drop"] <= 0.01
+    assert "head" in rep["recipe"]["float_layers"] and rep["recipe"]["sensitivity"][0]["layer"] == "head"
+    x = rng.standard_normal((16, 16, 32)).astype(np.float32)
+    ref = _session(src).run(None, {"x": x})[0].argmax(-1)
+    for path, low, high in ((tmp_path / "loose.onnx", 0.0, 0.9), (tmp_path / "q.onnx", 0.97, 1.0)):
+        agree = (_session(path).run(None, {"x": x})[0].argmax(-1) == ref).mean()
+        assert low <= agree <= high, (path.name, agree)
+
+
+def test_latency_comparison_is_stable():
+    """compare_latency on real sessions: a model with 40 extra MatMuls is 'not faster' than the
+    bare one and the bare one 'faster' than it, every time; a model against itself is never
+    'faster' (a tie goes to the simpler choice), so repeated runs decide alike."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    from onnxopt import quantize as quantize_mod
+
+    def chain(n):
+        w = nh.from_array(np.eye(64, dtype=np.float32), "w")
+        nodes = [h.make_node("MatMul", ["x" if i == 0 else f"y{i - 1}", "w"], [f"y{i}"]) for i in range(n)]
+        nodes.append(h.make_node("Identity", [f"y{n - 1}"], ["out"]))
+        g = h.make_graph(nodes, "c", [h.make_tensor_value_info("x", T.FLOAT, [64, 64])],
+                         [h.make_tensor_value_info("out", T.FLOAT, [64, 64])], [w])
+        return h.make_model(g, opset_imports=[h.make_opsetid("", 13)], ir_version=8).SerializeToString()
+
+    q = quantize_mod.Quantizer.__new__(quantize_mod.Quantizer)  # only what compare_latency needs
+    q.held_out, q.ep, q.threads = [{"x": np.ones((64, 64), np.float32)}], "cpu", 1
+    small, big = chain(1), chain(40)
+    verdicts = [(q.compare_latency(small, big)["verdict"], q.compare_latency(big, small)["verdict"],
+                 q.compare_latency(small, small)["verdict"]) for _ in range(3)]
+    assert all(v[0] == "faster" and v[1] == "not faster" and v[2] != "faster" for v in verdicts), verdicts

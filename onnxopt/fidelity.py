@@ -1,0 +1,328 @@
+"""Default fidelity of a lossy model to its float original: judge each output by what a user consumes.
+
+Lossy commands (``quantize``; later prune/compress) compare a candidate to the float model on
+held-out batches.  Without a task metric (``--metric``) the score must not be blind to predictions:
+a mean cosine of 0.994 hid a 6,625-class CTC recognizer losing 9.5 points of line exact-match,
+because a few flipped arg-maxes barely move a vector of probabilities.  So each output gets a rule
+(``rules``), chosen from the graph and confirmed on the reference data:
+
+1. **Class scores -> top-1 agreement at every position.**  A float output is a class-score output
+   when it is *proven* to be one:
+
+   - it is made by ``Softmax`` or ``LogSoftmax`` (class axis = the op's axis), possibly through ops
+     that only move or relabel values without mixing classes: Identity, Cast, Dropout, Transpose
+     (the axis follows the permutation), and Reshape/Flatten/Squeeze/Unsqueeze when the class axis
+     is the last one (it must still be the last one: checked on the data below);
+   - or by ``Sigmoid`` over a ``Gemm``/``MatMul`` (+ bias) head: the matmul's output-feature axis
+     (the last) holds one score per class.  Any other Sigmoid (a conv map, a size-1 last axis) is a
+     per-element yes/no score: its rule is the agreement of the ``p > 0.5`` decisions;
+   - or it is *declared* by name: an output whose name contains one of the words ``logits``,
+     ``logit``, ``scores``, ``probs``, ``probabilities``, ``log_probs``, ``logprobs`` (exporters' and
+     users' names for class scores, e.g. ``output_names=["logits"]``), class axis last;
+   - or the caller declares it (``declared={name: axis}``; ``axis=None`` forces the cosine rule).
+
+   The claim is *confirmed on the float reference before use*: Softmax rows must sum to 1 (1e-3)
+   and LogSoftmax rows must log-sum-exp to 0 (1e-3) along the chosen axis at every position, and
+   the class axis must have at least 2 entries.  When the check fails the output falls back to
+   rule 3 and the report says why.
+
+   The score is the fraction of positions (every index of the other axes: batch, time step,
+   anchor, pixel) where the candidate's arg-max over the class axis is a top-1 class of the
+   reference (a tie in the reference accepts any of its maxima; a NaN in the candidate's row is a
+   disagreement), pooled over all held-out batches.
+
+2. **Integer / bool outputs** (labels, indices, masks): the fraction of elements that are equal.
+3. **Any other float output**: cosine similarity of the flattened outputs, pooled over the
+   batches (``sum <r,g> / sqrt(sum |r|^2 sum |g|^2)``); its SNR in dB is reported too.
+
+Every rule scores 1.0 for the float model itself, so one budget reads the same on all of them:
+the model's fidelity is its *worst* output, and ``--max-drop 0.01`` means top-1 agreement >= 99%
+of positions for class outputs and cosine >= 0.99 for the others.  Agreements come with a 95%
+(Wilson) interval: the estimate is only as good as the number of held-out positions and how much
+they look like deployment data (on a model's own training lines it is optimistic).
+Cost: O(output size) per batch; nothing is kept but per-output sums.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+logger = logging.getLogger("onnxopt")
+
+#: ops that move or relabel values without mixing the classes of one position
+LAYOUT_OPS = frozenset({"Identity", "Cast", "Dropout", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+SHAPE_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+SCORE_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid"})
+#: words in an output name that declare class scores (split on non-letters, lower case)
+CLASS_WORDS = frozenset({"logits", "logit", "scores", "probs", "probabilities", "log_probs", "logprobs"})
+CONFIRM_TOL = 1e-3
+TOP1, DECISION, EXACT, COSINE = "top-1", "decision", "exact", "cosine"
+
+
+@dataclasses.dataclass
+class Rule:
+    """How one output is judged.  ``axis``: class axis for top-1 (negative = from the end);
+    ``check``: what the reference must satisfy along it ("softmax", "logsoftmax" or None)."""
+
+    name: str
+    metric: str
+    reason: str
+    axis: int | None = None
+    check: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "metric": self.metric, "axis": self.axis, "reason": self.reason}
+
+
+def _opset(model: ir.Model) -> int:
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+
+
+def _rank(value: ir.Value) -> int | None:
+    return len(value.shape) if value.shape is not None else None
+
+
+def _score_producer(value: ir.Value) -> tuple[ir.Node | None, list[ir.Node]]:
+    """Walk back from ``value`` through LAYOUT_OPS; return the Softmax/LogSoftmax/Sigmoid found (or
+    None) and the layout ops between it and ``value`` in forward order."""
+    chain: list[ir.Node] = []
+    node = value.producer()
+    while node is not None and node.domain in ("", "ai.onnx") and node.op_type in LAYOUT_OPS and node.inputs \
+            and node.inputs[0] is not None:
+        if node.op_type == "Cast" and "to" in node.attributes and \
+                node.attributes["to"].as_int() not in (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16):
+            return None, []
+        chain.append(node)
+        node = node.inputs[0].producer()
+    if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in SCORE_OPS:
+        return None, []
+    return node, chain[::-1]
+
+
+def _follow(axis: int, rank: int | None, chain: list[ir.Node]) -> tuple[int | None, str]:
+    """The class axis after ``chain``: absolute when the rank is known, else negative; None when lost."""
+    for node in chain:
+        if node.op_type == "Transpose":
+            perm = node.attributes["perm"].as_ints() if "perm" in node.attributes else None
+            if perm is None:
+                if rank is None:
+                    return None, "a Transpose without perm on an input of unknown rank"
+                perm = list(range(rank))[::-1]
+            a = axis + len(perm) if axis < 0 else axis
+            axis, rank = list(perm).index(a), len(perm)
+        elif node.op_type in SHAPE_OPS:
+            last = axis == -1 or (rank is not None and axis == rank - 1)
+            if not last:
+                return None, f"{node.op_type} '{node.name}' reshapes a class axis that is not the last one"
+            out_rank = _rank(node.outputs[0])
+            axis, rank = (-1, None) if out_rank is None else (out_rank - 1, out_rank)
+    return axis, ""
+
+
+def _is_matmul_head(node: ir.Node) -> bool:
+    """Sigmoid input made by Gemm/MatMul, possibly plus a constant bias."""
+    x = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+    if x is not None and x.op_type == "Add":
+        x = next((i.producer() for i in x.inputs if i is not None and i.producer() is not None
+                  and i.producer().op_type in ("Gemm", "MatMul")), None)
+    return x is not None and x.op_type in ("Gemm", "MatMul")
+
+
+def _declared_by_name(name: str) -> str | None:
+    low = name.lower()
+    for word in sorted(CLASS_WORDS, key=len, reverse=True):
+        if re.search(rf"(?<![a-z]){re.escape(word)}(?![a-z])", low):
+            return word
+    return None
+
+
+def rules(model: ir.Model, declared: Mapping[str, int | None] | None = None) -> dict[str, Rule]:
+    """Output name -> Rule (module docstring).  Only the graph is read; ``Fidelity`` confirms the
+    class axis on the reference data before a top-1 rule is used."""
+    declared = declared or {}
+    out: dict[str, Rule] = {}
+    for value in model.graph.outputs:
+        name = value.name
+        dtype = value.dtype
+        if name in declared:
+            axis = declared[name]
+            out[name] = Rule(name, COSINE, "declared not class scores") if axis is None else \
+                Rule(name, TOP1, f"declared class scores (class axis {axis})", axis)
+            continue
+        if dtype is not None and dtype not in (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16,
+                                               ir.DataType.BFLOAT16):
+            out[name] = Rule(name, EXACT, f"{dtype.name.lower()} output: labels/indices are compared exactly")
+            continue
+        producer, chain = _score_producer(value)
+        via = "".join(f" -> {n.op_type}" for n in chain)
+        rule = None
+        if producer is not None and producer.op_type in ("Softmax", "LogSoftmax"):
+            default = -1 if _opset(model) >= 13 else 1
+            axis = producer.attributes["axis"].as_int() if "axis" in producer.attributes else default
+            rank = _rank(producer.outputs[0])
+            if axis < 0 and rank is not None:
+                axis += rank
+            new_axis, why = _follow(axis, rank, chain)
+            if new_axis is None:
+                rule = Rule(name, COSINE, f"made by {producer.op_type}{via}, but {why}")
+            else:
+                rule = Rule(name, TOP1, f"made by {producer.op_type}(axis={axis}){via}: class scores", new_axis,
+                            producer.op_type.lower())
+        elif producer is not None:  # Sigmoid
+            if _is_matmul_head(producer):
+                new_axis, why = _follow(-1 if _rank(producer.outputs[0]) is None else _rank(producer.outputs[0]) - 1,
+                                        _rank(producer.outputs[0]), chain)
+                if new_axis is not None:
+                    rule = Rule(name, TOP1, f"made by Sigmoid over a Gemm/MatMul head{via}: one score per class",
+                                new_axis)
+            if rule is None:
+                rule = Rule(name, DECISION, f"made by Sigmoid{via} (not over a matmul head): per-element "
+                                            f"p > 0.5 decisions")
+        if rule is None:
+            word = _declared_by_name(name)
+            if word is not None:
+                rule = Rule(name, TOP1, f"named '{word}': declared class scores, class axis last", -1)
+        if rule is None:
+            rule = Rule(name, COSINE, "no Softmax/LogSoftmax/Sigmoid producer and no class-score name: "
+                                      "cosine (SNR reported)")
+        out[name] = rule
+    return out
+
+
+@dataclasses.dataclass
+class _Acc:
+    agree: float = 0.0
+    positions: int = 0
+    dot: float = 0.0
+    rr: float = 0.0
+    gg: float = 0.0
+    noise: float = 0.0
+    equal_inf: bool = True
+
+
+class Fidelity:
+    """Accumulates reference/candidate output pairs batch by batch; ``scores()`` per output."""
+
+    def __init__(self, the_rules: Mapping[str, Rule]):
+        self.rules = {k: dataclasses.replace(v) for k, v in the_rules.items()}
+        self.acc: dict[str, _Acc] = {k: _Acc() for k in the_rules}
+        self.confirmed: set[str] = set()
+
+    def confirm(self, name: str, ref: np.ndarray) -> None:
+        """Demote a top-1 rule to cosine when the reference contradicts it (module docstring)."""
+        rule = self.rules[name]
+        if rule.metric != TOP1 or name in self.confirmed:
+            return
+        problem = None
+        if not np.issubdtype(ref.dtype, np.floating) or ref.ndim == 0:
+            problem = "the output is not a float array with a class axis"
+        elif not -ref.ndim <= rule.axis < ref.ndim:
+            problem = f"axis {rule.axis} does not exist in an output of rank {ref.ndim}"
+        elif ref.shape[rule.axis] < 2:
+            problem = f"its class axis has {ref.shape[rule.axis]} entry"
+        elif rule.check == "softmax":
+            err = float(np.max(np.abs(ref.astype(np.float64).sum(axis=rule.axis) - 1.0))) if ref.size else 0.0
+            problem = None if err <= CONFIRM_TOL else f"its rows along axis {rule.axis} do not sum to 1 (off by {err:.3g})"
+        elif rule.check == "logsoftmax":
+            r = ref.astype(np.float64)
+            m = r.max(axis=rule.axis, keepdims=True)
+            lse = (m + np.log(np.exp(r - m).sum(axis=rule.axis, keepdims=True))) if r.size else m
+            err = float(np.max(np.abs(lse))) if r.size else 0.0
+            problem = None if err <= CONFIRM_TOL else f"its rows along axis {rule.axis} do not log-sum-exp to 0 (off by {err:.3g})"
+        if problem is not None:
+            self.rules[name] = Rule(name, COSINE, f"{rule.reason}; but on the data {problem}: cosine instead")
+            logger.info("fidelity: output '%s': %s", name, self.rules[name].reason)
+        else:
+            rule.reason += f"; confirmed on the data ({ref.shape[rule.axis]} classes)"
+            rule.axis = rule.axis % ref.ndim
+        self.confirmed.add(name)
+
+    def add(self, ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> None:
+        for name, rule in list(self.rules.items()):
+            r, g = np.asarray(ref[name]), np.asarray(got[name])
+            self.confirm(name, r)
+            rule = self.rules[name]
+            a = self.acc[name]
+            if r.shape != g.shape:  # a different shape agrees nowhere
+                a.positions += max(1, r.size)
+                a.equal_inf = False
+                continue
+            if np.issubdtype(r.dtype, np.floating):
+                r64, g64 = r.astype(np.float64).ravel(), g.astype(np.float64).ravel()
+                finite = np.isfinite(r64) & np.isfinite(g64)
+                if not finite.all():  # NaN/Inf must sit at the same places with the same values
+                    a.equal_inf &= bool(np.array_equal(r64[~finite], g64[~finite], equal_nan=True))
+                rf, gf = r64[finite], g64[finite]
+                a.dot += float(rf @ gf)
+                a.rr += float(rf @ rf)
+                a.gg += float(gf @ gf)
+                a.noise += float(((rf - gf) ** 2).sum())
+            if rule.metric == TOP1:
+                rc = np.moveaxis(r, rule.axis, -1).reshape(-1, r.shape[rule.axis])
+                gc = np.moveaxis(g, rule.axis, -1).reshape(-1, g.shape[rule.axis])
+                pick = np.argmax(np.nan_to_num(gc, nan=-np.inf), axis=1)
+                ok = (rc[np.arange(len(rc)), pick] >= rc.max(axis=1)) & ~np.isnan(gc).any(axis=1)
+                a.agree += float(ok.sum())
+                a.positions += len(rc)
+            elif rule.metric == DECISION:
+                a.agree += float(((r > 0.5) == (g > 0.5)).sum())
+                a.positions += r.size
+            elif rule.metric == EXACT:
+                a.agree += float((r == g).sum())
+                a.positions += r.size
+
+    def results(self) -> list[dict]:
+        """Per output: rule (metric, axis, reason), ``score`` (1.0 = identical predictions), plus
+        cosine, SNR dB and agreement where defined."""
+        out = []
+        for name, rule in self.rules.items():
+            a = self.acc[name]
+            den = np.sqrt(a.rr * a.gg)
+            cosine = (a.dot / den if den else float(a.rr == a.gg)) if a.equal_inf else 0.0
+            snr = (10 * np.log10(a.rr / a.noise) if a.noise else float("inf")) if a.rr else None
+            agreement = a.agree / a.positions if a.positions else None
+            if rule.metric == COSINE:
+                score = float(cosine)
+            else:
+                score = agreement if agreement is not None else 1.0
+            interval = wilson(a.agree, a.positions) if agreement is not None else None
+            out.append({**rule.to_dict(), "score": float(score), "agreement": agreement, "positions": a.positions,
+                        "agreement_interval": interval,
+                        "cosine": float(cosine) if rule.metric != EXACT else None,
+                        "snr_db": None if snr is None or rule.metric == EXACT else (float(snr) if np.isfinite(snr) else None)})
+        return out
+
+    def score(self) -> float:
+        """The worst output's score."""
+        return min((r["score"] for r in self.results()), default=1.0)
+
+
+def wilson(successes: float, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a proportion: how well ``n`` held-out positions pin the
+    agreement down (0 flips in 32 positions only shows agreement >= 0.89)."""
+    if n <= 0:
+        return [0.0, 1.0]
+    p = successes / n
+    den = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / den
+    half = z / den * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [float(max(0.0, center - half)), float(min(1.0, center + half))]
+
+
+def uncertified(results: list[dict], max_drop: float) -> list[dict]:
+    """Agreement outputs that meet ``1 - max_drop`` on the held-out positions but whose interval
+    reaches below it: too few positions to be sure (the caller warns)."""
+    return [r for r in results if r["agreement"] is not None and r["score"] >= 1 - max_drop
+            and r["agreement_interval"][0] < 1 - max_drop]
+
+
+def describe(results: list[dict]) -> str:
+    """One line for logs and the report's metric name, e.g. ``top-1 agreement (probs)``."""
+    names = {TOP1: "top-1 agreement", DECISION: "decision agreement", EXACT: "exact agreement", COSINE: "cosine"}
+    return ", ".join(f"{names[r['metric']]} ({r['name']})" for r in results)
