@@ -19,6 +19,15 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+#: glyph_crnn's 1,000 classes (+ blank): the first 1,000 letters/digits of Latin, Latin-1, Latin
+#: Extended-A/B, IPA, Greek, Cyrillic and Latin Extended Additional that DejaVu Sans draws, with
+#: glyphs drawn pixel-identical to an earlier one (Latin A / Greek Alpha / Cyrillic A) dropped.
+#: Written by ``models.trained`` (``glyph_alphabet``), committed, read here without fonts.
+GLYPH_ALPHABET_FILE = DATA / "glyph_alphabet.txt"
+
+
+def glyph_alphabet() -> str:
+    return GLYPH_ALPHABET_FILE.read_text(encoding="utf-8").strip("\n")
 
 
 def digits_preprocess(images: np.ndarray, size: int) -> np.ndarray:
@@ -33,17 +42,28 @@ def text_preprocess(images: np.ndarray) -> np.ndarray:
     return (1.0 - images.astype(np.float32) / 255.0)[:, None]
 
 
-def ctc_decode(log_probs: np.ndarray) -> list[str]:
-    """Greedy CTC decoding of [N, T, 1 + len(ALPHABET)] (class 0 is the blank)."""
+def ctc_decode(log_probs: np.ndarray, alphabet: str = ALPHABET) -> list[str]:
+    """Greedy CTC decoding of [N, T, 1 + len(alphabet)] scores (class 0 is the blank)."""
     out = []
     for row in log_probs.argmax(-1):
         chars, prev = [], 0
         for k in row:
             if k != prev and k != 0:
-                chars.append(ALPHABET[k - 1])
+                chars.append(alphabet[k - 1])
             prev = k
         out.append("".join(chars))
     return out
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions)."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
 
 
 def _load(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -77,22 +97,41 @@ def text_exact_match(session) -> float:
     return float(np.mean([p == t for p, t in zip(pred, texts)]))
 
 
+def glyph_predictions(session) -> tuple[list[str], np.ndarray]:
+    """glyph_crnn's greedy CTC decoding of its held-out lines, and the true texts."""
+    images, texts = _load("glyph_crnn", "eval")
+    return ctc_decode(_run(session, text_preprocess(images)), glyph_alphabet()), texts
+
+
+def glyph_exact_match(session) -> float:
+    """Exact-match rate of greedy CTC decoding on glyph_crnn's held-out lines (1,000 classes)."""
+    pred, texts = glyph_predictions(session)
+    return float(np.mean([p == t for p, t in zip(pred, texts)]))
+
+
+def glyph_char_accuracy(session) -> float:
+    """1 - character error rate (edit distance / reference length, summed over the held-out lines)."""
+    pred, texts = glyph_predictions(session)
+    return 1.0 - sum(edit_distance(p, t) for p, t in zip(pred, texts)) / sum(len(t) for t in texts)
+
+
 METRICS = {"digits_cnn": digits_accuracy, "digits_resnet": digits_accuracy,
-           "digits_mobilenet": digits_accuracy, "text_crnn": text_exact_match}
+           "digits_mobilenet": digits_accuracy, "text_crnn": text_exact_match, "glyph_crnn": glyph_exact_match}
 SIZES = {"digits_cnn": 8, "digits_resnet": 32, "digits_mobilenet": 32}
-INPUT_NAMES = {"text_crnn": "line"}
+INPUT_NAMES = {"text_crnn": "line", "glyph_crnn": "line"}
+TEXT_MODELS = ("text_crnn", "glyph_crnn")
 
 
 def write_calibration(name: str, folder: str | Path, batches: int = 16, batch_size: int = 8, offset: int = 0) -> Path:
     """Write ``batches`` model-ready batches (``batch_0000.npz`` ...) from the training split of
     ``name``'s data, cycling through it if needed; returns the folder."""
-    images, _ = _load("text_crnn" if name == "text_crnn" else "digits", "calib")
+    images, _ = _load(name if name in TEXT_MODELS else "digits", "calib")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     key = INPUT_NAMES.get(name, "image")
     for b in range(batches):
         idx = (offset + np.arange(b * batch_size, (b + 1) * batch_size)) % len(images)
-        x = text_preprocess(images[idx]) if name == "text_crnn" else digits_preprocess(images[idx], SIZES[name])
+        x = text_preprocess(images[idx]) if name in TEXT_MODELS else digits_preprocess(images[idx], SIZES[name])
         np.savez(folder / f"batch_{b:04d}.npz", **{key: x})
     return folder
 
