@@ -67,11 +67,58 @@ def simplify_not_idempotent_matmul_add_zero() -> Case:
     return Case(m, [InputSpec("x", "float", [3, 2])], [], ["repro"])
 
 
+def fuse_activations_duplicate_node_names() -> Case:
+    """Two decomposed erf-GELUs in a row (opset 20), static shapes.
+
+    Bug (open): fuse-activations names every fused node ``Gelu_fused``; with two fusions the
+    result has two nodes with the same name and ONNX Runtime refuses to load it ("This is an
+    invalid model. Error: two nodes with same node name (Gelu_fused)").  Expected: unique node
+    names (and a model ORT loads, equal to the original)."""
+    nodes, inits = [], []
+
+    def gelu(x, p):
+        inits.extend([nh.from_array(np.array(1.4142135, np.float32), p + "s"),
+                      nh.from_array(np.array(1.0, np.float32), p + "one"),
+                      nh.from_array(np.array(0.5, np.float32), p + "half")])
+        nodes.extend([h.make_node("Div", [x, p + "s"], [p + "d"]), h.make_node("Erf", [p + "d"], [p + "e"]),
+                      h.make_node("Add", [p + "e", p + "one"], [p + "a"]), h.make_node("Mul", [x, p + "a"], [p + "m"]),
+                      h.make_node("Mul", [p + "m", p + "half"], [p + "y"])])
+        return p + "y"
+
+    y = gelu(gelu("x", "g1_"), "g2_")
+    m = _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, [2, 3])], [h.make_tensor_value_info(y, T.FLOAT, [2, 3])],
+               inits, opset=20)
+    return Case(m, [InputSpec("x", "float", [2, 3])], [], ["repro"])
+
+
+def fold_shapes_not_idempotent_topk_k_from_shape() -> Case:
+    """x static [2,3,1,3]; k = Unsqueeze(Gather(Shape(x), 1)); v = TopK(x, k, axis=1); y = Cast(Shape(v));
+    plus an unrelated int input n of unknown length (so the model is not fully static).
+
+    Bug (open): fold-shapes is not idempotent.  Its first run makes k the constant [3] but keeps
+    Shape(v) (v's dims were unknown when its shape table was built); the second run folds
+    Shape(v) to [2,3,1,3] (5 -> 4 nodes).  Expected: the first run reaches the fixed point (the
+    result itself is correct)."""
+    nodes = [h.make_node("Shape", ["x"], ["s"]), h.make_node("Gather", ["s", "one"], ["g"], axis=0),
+             h.make_node("Unsqueeze", ["g", "zero"], ["k"]),
+             h.make_node("TopK", ["x", "k"], ["v", "i"], axis=1),
+             h.make_node("Shape", ["v"], ["sv"]), h.make_node("Cast", ["sv"], ["y"], to=T.FLOAT),
+             h.make_node("Identity", ["n"], ["n_out"])]
+    inits = [nh.from_array(np.array(1, np.int64), "one"), nh.from_array(np.array([0], np.int64), "zero")]
+    m = _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, [2, 3, 1, 3]), h.make_tensor_value_info("n", T.INT64, [None])],
+               [h.make_tensor_value_info("y", T.FLOAT, [4]), h.make_tensor_value_info("n_out", T.INT64, [None])], inits)
+    return Case(m, [InputSpec("x", "float", [2, 3, 1, 3]),
+                    InputSpec("n", "int", [None], [np.array([1]), np.array([2, 3])])], [], ["repro"])
+
+
 # name -> (builder, config labels under test, open?)
 REGRESSIONS: dict[str, tuple] = {
     "fold_shapes_reduce_axes_input_static": (fold_shapes_reduce_axes_input_static, ["fold-shapes", "default"], False),
     "fuse_affine_size1_const_higher_rank": (fuse_affine_size1_const_higher_rank, ["fuse-affine", "default"], False),
     "simplify_not_idempotent_matmul_add_zero": (simplify_not_idempotent_matmul_add_zero, ["simplify"], True),
+    "fuse_activations_duplicate_node_names": (fuse_activations_duplicate_node_names,
+                                              ["fuse-activations", "default"], True),
+    "fold_shapes_not_idempotent_topk_k_from_shape": (fold_shapes_not_idempotent_topk_k_from_shape, ["fold-shapes"], True),
 }
 
 

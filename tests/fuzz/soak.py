@@ -66,6 +66,7 @@ def main(argv=None) -> int:
             print(f)
         return 1 if v.findings else 0
 
+    from tests.fuzz import oracle, strategies  # noqa: F401 - imported before forking: workers share one version
     out = Path(args.out)
     base = args.seed * 10_000_000
     done = changed = rejected = gen_errors = 0

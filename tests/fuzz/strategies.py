@@ -250,8 +250,8 @@ def block_affine(b: Builder, x: Val) -> Val:
     for _ in range(c.int(1, 3)):
         kind = c.choice(["Mul", "Add", "Sub", "Div", "BN", "Mul", "Add"])
         if kind == "BN":
-            if len(y.dims) < 2 or ch != 1:
-                continue
+            if len(y.dims) < 2 or not isinstance(y.dims[1], int):
+                continue  # (BN normalizes axis 1: after MatMul that is not the output channel)
             n = y.dims[1]
             ps = [b.const(b.weights((n,))), b.const(b.weights((n,))), b.const(b.weights((n,))),
                   b.const(np.abs(b.weights((n,))) + 0.1)]
@@ -614,8 +614,130 @@ def block_elementwise(b: Builder, x: Val, pool: list[Val]) -> Val:
     return Val(b.one(op, [x.name]), T.FLOAT, list(x.dims))
 
 
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def block_traps(b: Builder, x: Val) -> Val:
+    """Look-alikes of no-ops and fusable patterns that are NOT what they look like, and
+    duplicates that must not be merged (same bytes, other shape/dtype; other subgraph)."""
+    c = b.c
+    v = x.name
+    kind = c.choice(["reshape0", "cast_lossy", "transpose2", "slice_rev", "slice_step", "pad_neg", "expand_rank",
+                     "neutral_rank", "neutral_left", "sq_other", "dedup_shape", "dedup_dtype", "cse_if",
+                     "dropout_mask", "out_identity", "layernorm", "gelu_off", "concat_empty", "tile_rank_ok",
+                     "reshape_chain_neg", "mul0"])
+    dims = list(x.dims)
+    if kind == "reshape0":  # Reshape(Reshape(x, a), b): b's 0 copies the *intermediate* dims
+        a = c.choice([[0, -1], [0, 0, -1], [-1, 0, 0]])
+        bb = c.choice([[-1, 0], [0, 0, 0, -1], [0, -1, 1], [-1, 0, 1]])
+        v = b.one("Reshape", [b.one("Reshape", [v, b.ints(a)]), b.ints(bb)])
+        b.outputs.append(Val(v, T.FLOAT, None))
+        return x
+    if kind == "cast_lossy":
+        to = c.choice([T.INT32, T.FLOAT16, T.BOOL, T.INT64, T.UINT8])
+        v = b.one("Cast", [b.one("Cast", [v], to=to)], to=T.FLOAT)
+    elif kind == "transpose2":
+        perms = [[0, 2, 3, 1], [1, 0, 2, 3], [0, 1, 3, 2], [3, 2, 1, 0], [0, 3, 1, 2], [2, 0, 3, 1]]
+        p1, p2 = c.choice(perms), c.choice(perms)
+        v = b.one("Transpose", [b.one("Transpose", [v], perm=p1)], perm=p2)
+        b.outputs.append(Val(v, T.FLOAT, None))
+        return x
+    elif kind == "slice_rev":  # full range but reversed: not a no-op
+        v = b.one("Slice", [v, b.ints([-1]), b.ints([-INT64_MAX]), b.ints([c.choice([1, 2, 3])]), b.ints([-1])])
+    elif kind == "slice_step":
+        v = b.one("Slice", [v, b.ints([0]), b.ints([INT64_MAX]), b.ints([c.choice([1, 2, 3])]), b.ints([2])])
+        b.outputs.append(Val(v, T.FLOAT, None))
+        return x
+    elif kind == "pad_neg":  # negative pads crop
+        v = b.one("Pad", [v, b.ints(c.choice([[0, 0, 0, 0, 0, 0, 0, -1], [0, 0, 0, -1, 0, 0, 0, 1]]))])
+        b.outputs.append(Val(v, T.FLOAT, None))
+        return x
+    elif kind == "expand_rank":  # Expand by ones of a higher rank adds dims
+        v = b.one("Expand", [v, b.ints([1] * c.choice([5, 6]))])
+        b.outputs.append(Val(v, T.FLOAT, None))
+        return x
+    elif kind == "neutral_rank":  # x + 0 / x * 1 whose constant broadcasts x to more dims
+        op, val = c.choice([("Add", 0.0), ("Mul", 1.0), ("Sub", 0.0), ("Div", 1.0)])
+        shape = c.choice([(1, 1, 1, 1, 1), (2, 1, 1, 1), (1, 1, 1, 2), (1, 1, 1, 1, 1, 1)])
+        v = b.one(op, [v, b.const(np.full(shape, val, np.float32))])
+        b.outputs.append(Val(v, T.FLOAT, None))
+        return x
+    elif kind == "neutral_left":  # 0 - x, 1 / x, 0 * x: not neutral
+        op, val = c.choice([("Sub", 0.0), ("Div", 1.0), ("Mul", 0.0), ("Pow", 1.0)])
+        ins = [b.const(np.array(val, np.float32)), v] if op != "Pow" else [v, b.const(np.array(val, np.float32))]
+        v = b.one(op, ins)
+    elif kind == "sq_other":  # Unsqueeze then Squeeze of another axis
+        u = b.one("Unsqueeze", [v, b.ints([c.choice([0, 1])])])
+        v = b.one("Squeeze", [u, b.ints([c.choice([0, 1, 2])])])
+        b.outputs.append(Val(v, T.FLOAT, None))
+        return x
+    elif kind == "dedup_shape":  # identical bytes, different shapes
+        val = np.float32(c.choice([0.5, 2.0]))
+        a1 = b.one("Mul", [v, b.const(np.array(val))])
+        a2 = b.one("Mul", [v, b.const(np.full((1, 1, 1, 1, 1), val))])
+        b.outputs.append(Val(a2, T.FLOAT, None))
+        v = a1
+    elif kind == "dedup_dtype":  # identical bytes, different dtypes
+        f = np.array([1.0, 2.0], np.float32)
+        i = f.view(np.int32).copy()
+        t1 = b.const(f)
+        t2 = b.const(i)
+        b.outputs.append(Val(b.one("Cast", [t2], to=T.FLOAT), T.FLOAT, [2]))
+        b.outputs.append(Val(b.one("Add", [b.one("ReduceSum", [v], keepdims=0), t1]), T.FLOAT, [2]))
+    elif kind == "cse_if":  # two If nodes, same condition, different bodies: must not merge
+        cond = b.one("Greater", [b.one("ReduceMean", [v], keepdims=0), b.const(np.array(-10.0, np.float32))])
+        outs = []
+        for k in (2.0, 3.0):
+            tn, en = [], []
+            t = b.one("Mul", [v, b.one("Constant", [], nodes=tn, value=nh.from_array(np.array(k, np.float32)))], nodes=tn)
+            e = b.one("Neg", [v], nodes=en)
+            outs.append(b.one("If", [cond], then_branch=h.make_graph(tn, b.fresh("t"), [], [h.make_tensor_value_info(t, T.FLOAT, None)]),
+                              else_branch=h.make_graph(en, b.fresh("e"), [], [h.make_tensor_value_info(e, T.FLOAT, None)])))
+        v = b.one("Sub", outs)
+    elif kind == "dropout_mask":
+        ins = [v] if b.opset < 13 or c.bool() else [v, b.const(np.array(0.0, np.float32)), b.const(np.array(False))]
+        y, mask = b.node("Dropout", ins, n_out=2)
+        b.outputs.append(Val(mask, T.BOOL, None))
+        v = y
+    elif kind == "out_identity":  # outputs that are Identity of an input / of each other
+        i1 = b.one("Identity", ["x"])
+        b.outputs.append(Val(i1, T.FLOAT, None))
+        b.outputs.append(Val(b.one("Identity", [i1]), T.FLOAT, None))
+    elif kind == "layernorm":  # decomposed normalization over axes that may not be a LayerNorm suffix
+        axes = c.choice([[-1], [1], [2, 3], [-1]])
+        def rmean(t):
+            return b.one("ReduceMean", [t], axes=axes, keepdims=1) if b.opset < 18 else \
+                b.one("ReduceMean", [t, b.ints(axes)], keepdims=1)
+        d = b.one("Sub", [v, rmean(v)])
+        var = rmean(b.one("Pow", [d, b.const(np.array(2.0, np.float32))]))
+        n = b.one("Div", [d, b.one("Sqrt", [b.one("Add", [var, b.const(np.array(1e-5, np.float32))])])])
+        last = dims[-1] if isinstance(dims[-1], int) else 1
+        gshape = c.choice([(last,), (1,), ()])
+        v = b.one("Add", [b.one("Mul", [n, b.const(b.weights(gshape))]), b.const(b.weights(gshape))])
+    elif kind == "gelu_off":  # GELU with a wrong constant (must not become Gelu)
+        d = b.one("Div", [v, b.const(np.array(c.choice([1.5, 1.4142135]), np.float32))])
+        e = b.one("Add", [b.one("Erf", [d]), b.const(np.array(c.choice([1.0, 0.5]), np.float32))])
+        v = b.one("Mul", [b.one("Mul", [v, e]), b.const(np.array(0.5, np.float32))])
+    elif kind == "concat_empty":
+        v = b.one("Concat", [v, b.const(np.zeros((0,) + tuple(d if isinstance(d, int) else 1 for d in dims[1:]), np.float32))], axis=0)
+        b.outputs.append(Val(v, T.FLOAT, None))
+        return x
+    elif kind == "tile_rank_ok":
+        v = b.one("Tile", [v, b.ints(c.choice([[1, 1, 1, 2], [2, 1, 1, 1]]))])
+        b.outputs.append(Val(v, T.FLOAT, None))
+        return x
+    elif kind == "reshape_chain_neg":  # Reshape(x, Shape(y)) where y is transposed x: same size, other dims
+        t = b.one("Transpose", [v], perm=[0, 3, 2, 1])
+        v = b.one("Reshape", [v, b.one("Shape", [t])])
+        b.outputs.append(Val(v, T.FLOAT, None))
+        return x
+    elif kind == "mul0":
+        v = b.one("Mul", [v, b.const(np.zeros((1,), np.float32))])
+    return Val(v, T.FLOAT, dims)
+
+
 BLOCKS = {
-    "affine": block_affine, "shape_chain": block_shape_chain, "reduce_axes": block_reduce_axes,
+    "traps": block_traps, "affine": block_affine, "shape_chain": block_shape_chain, "reduce_axes": block_reduce_axes,
     "dynamic": block_dynamic, "if": block_if, "loop": block_loop, "noise": block_noise,
 }
 
@@ -640,7 +762,7 @@ def build_case(c) -> Case:
     pool = [x]
     names = []
     for _ in range(c.int(1, 4)):
-        kind = c.choice(list(BLOCKS) + ["elementwise", "affine", "dynamic", "reduce_axes"])
+        kind = c.choice(list(BLOCKS) + ["elementwise", "affine", "dynamic", "reduce_axes", "traps"])
         names.append(kind)
         x = block_elementwise(b, x, pool) if kind == "elementwise" else BLOCKS[kind](b, x)
         pool.append(x)
