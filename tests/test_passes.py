@@ -93,7 +93,7 @@ def test_cleanup_training_dropout_is_kept():
     assert "Dropout kept: training_mode is not a constant false" in result.skipped
 
 
-def test_cleanup_initializer_inputs_only_from_ir4():
+def test_cleanup_initializer_inputs_ir3_raised_to_ir4():
     w = nh.from_array(np.ones((2, 4), np.float32), "w")
     inputs = [h.make_tensor_value_info("x", T.FLOAT, [2, 4]), h.make_tensor_value_info("w", T.FLOAT, [2, 4])]
     proto = make([h.make_node("Add", ["x", "w"], ["y"])], [w], inputs=inputs, ir_version=7)
@@ -101,7 +101,9 @@ def test_cleanup_initializer_inputs_only_from_ir4():
     assert [i.name for i in new.graph.input] == ["x"]
     old = make([h.make_node("Add", ["x", "w"], ["y"])], [w], inputs=inputs, ir_version=3, opset=8)
     result = Cleanup()(ir.serde.deserialize_model(old))
-    assert [i.name for i in result.model.graph.inputs] == ["x", "w"]
+    assert result.model.ir_version == 4 and [i.name for i in result.model.graph.inputs] == ["x"]
+    kept = Cleanup(remove_initializer_inputs=False)(ir.serde.deserialize_model(old))
+    assert kept.model.ir_version == 3 and [i.name for i in kept.model.graph.inputs] == ["x", "w"]
 
 
 def test_cleanup_recurses_into_subgraphs():
