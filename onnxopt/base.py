@@ -17,7 +17,6 @@ from onnxopt.io import weight_bytes
 
 STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 #: model.meta key: serialized size when the pipeline started (size guards budget against it).
-START_BYTES_KEY = "onnxopt.start_bytes"
 #: Above this many weight bytes the serialized size is not measured (too costly per pass).
 SIZE_MEASURE_LIMIT = 64 << 20
 

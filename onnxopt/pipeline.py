@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import onnx_ir as ir
 
 from onnxopt import registry
-from onnxopt.base import START_BYTES_KEY, OptResult, count_nodes, serialized_size
+from onnxopt.base import OptResult, count_nodes, serialized_size
 from onnxopt.errors import InternalError, OnnxoptError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -86,11 +86,16 @@ def parse(text: str) -> list[PassSpec]:
     return specs
 
 
+#: Constructor arguments the pipeline supplies itself (not options in pipeline text):
+#: ``start_bytes``, the model's serialized size when the pipeline started (fold-constants' budget).
+PIPELINE_ARGUMENTS = frozenset({"start_bytes"})
+
+
 def options_of(cls: type) -> dict[str, object]:
     """kebab-case option name -> default value, from the constructor's keyword arguments."""
     params = inspect.signature(cls.__init__).parameters
     return {p.name.replace("_", "-"): p.default for p in params.values()
-            if p.name != "self" and p.default is not inspect.Parameter.empty}
+            if p.name != "self" and p.name not in PIPELINE_ARGUMENTS and p.default is not inspect.Parameter.empty}
 
 
 def _coerce(name: str, key: str, raw: str, default: object) -> object:
@@ -110,8 +115,16 @@ def _coerce(name: str, key: str, raw: str, default: object) -> object:
     return raw
 
 
-def build(specs: Sequence[PassSpec]) -> list[ir.passes.PassBase]:
-    return [registry.get(s.name)(**{k.replace("-", "_"): v for k, v in s.options.items()}) for s in specs]
+def build(specs: Sequence[PassSpec], start_bytes: int | None = None) -> list[ir.passes.PassBase]:
+    """Instantiate the passes; those whose constructor takes ``start_bytes`` get it explicitly."""
+    passes = []
+    for s in specs:
+        cls = registry.get(s.name)
+        kwargs = {k.replace("-", "_"): v for k, v in s.options.items()}
+        if "start_bytes" in inspect.signature(cls.__init__).parameters:
+            kwargs["start_bytes"] = start_bytes
+        passes.append(cls(**kwargs))
+    return passes
 
 
 @dataclasses.dataclass
@@ -147,12 +160,8 @@ def run(model: ir.Model, specs: Sequence[PassSpec], *, max_iterations: int = 10,
         after_pass: Callable[[PassSpec, ir.Model], None] | None = None) -> PipelineResult:
     """Apply the passes in order, repeated until nothing changes.  ``after_pass`` runs after
     every pass that modified the model (and may raise to stop the run)."""
-    passes = build(specs)
+    passes = build(specs, start_bytes=serialized_size(model))
     records: list[PassRecord] = []
-    if START_BYTES_KEY not in model.meta:
-        size = serialized_size(model)
-        if size is not None:
-            model.meta[START_BYTES_KEY] = size
     version = 0  # bumped whenever a pass modifies the model
     last_run: dict[int, int] = {}  # pass index -> version it last ran on
     for iteration in range(1, max_iterations + 1):

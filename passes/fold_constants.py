@@ -12,7 +12,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import runtime
-from onnxopt.base import START_BYTES_KEY, OptPass, is_constant, is_standard, replace_with_initializer, serialized_size
+from onnxopt.base import OptPass, is_constant, is_standard, replace_with_initializer, serialized_size
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +47,13 @@ class FoldConstants(OptPass):
 
     name = "fold-constants"
 
-    def __init__(self, size_limit: int = 1024, input_limit: int = 1 << 28):
+    def __init__(self, size_limit: int = 1024, input_limit: int = 1 << 28, start_bytes: int | None = None):
+        """``start_bytes``: the model's serialized size before the pipeline began (given by
+        onnxopt.pipeline; None when run alone: then only ``size_limit`` bounds what a fold adds)."""
         super().__init__()
         self.size_limit = size_limit
         self.input_limit = input_limit
+        self.start_bytes = start_bytes
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         changed: collections.Counter = collections.Counter()
@@ -112,7 +115,7 @@ class FoldConstants(OptPass):
         Keeping a node only changes the frontier around that node (its outputs leave it, its
         computed inputs join it, its initializer inputs stop being freed), so the totals are
         updated incrementally and the largest frontier tensor comes from a heap."""
-        start = model.meta.get(START_BYTES_KEY)
+        start = self.start_bytes
         budget = None  # measured only when a fold adds more than size_limit (one serialization)
         chosen = set(folded)
         frontier = {out for n in folded for out in n.outputs
