@@ -269,7 +269,7 @@ def _tolerances(metric: str, tols: tuple[str, ...], rtol: float | None):
     return ({"*": base, **per_output} if per_output else base), base
 
 
-@main.command()
+@main.command(short_help="Optimize a model (validated against the original).")
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the optimized model.")
 @click.option("-p", "--pipeline", "pipeline_text", default=None,
@@ -331,10 +331,10 @@ def optimize(model, output, pipeline_text, report_path, ep_text, shapes, data, p
     click.echo(f"wrote {output}")
 
 
-@main.command()
+@main.command(short_help="Static int8 QDQ quantization from calibration data.")
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the quantized model.")
-@click.option("--data", type=click.Path(), default=None,
+@click.option("--data", type=click.Path(), required=True,
               help="Calibration data: .npz, a folder of .npy/.npz batches, or an image folder (with --preprocess).")
 @click.option("--preprocess", default=None, help="For image-folder --data (see 'optimize --help').")
 @click.option("--method", default="percentile", show_default=True,
@@ -363,8 +363,6 @@ def quantize(model, output, data, preprocess, method, ep_text, max_drop, metric,
     """Static int8 QDQ quantization of MODEL into OUTPUT, calibrated on --data, guarded for latency and accuracy."""
     if report_path:
         report.check_path(report_path)
-    if data is None:
-        raise UsageError("quantize needs --data (calibration batches)")
     m = re.fullmatch(r"\s*(\w+)\s*(?:\{\s*p\s*=\s*([0-9.]+)\s*\})?\s*", method)
     if m is None or (m.group(2) and m.group(1) != "percentile"):
         raise UsageError(f"--method '{method}': expected minmax, percentile, percentile{{p=99.9}}, entropy or mse")
@@ -397,7 +395,7 @@ def _progress_enabled() -> bool:
     return logging.getLogger("onnxopt").getEffectiveLevel() < logging.ERROR and sys.stderr.isatty()
 
 
-@main.command()
+@main.command(short_help="Show a model's structure (and cost with --cost).")
 @click.argument("model", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--cost", "with_cost", is_flag=True, help="Count MACs/FLOPs per op type and peak activation memory.")
@@ -442,7 +440,7 @@ def inspect(model, as_json, with_cost, shapes):
                 click.echo(f"  {op}: {e['count']} nodes, {e['macs']:,} MACs, {e['flops']:,} FLOPs")
 
 
-@main.command()
+@main.command(short_help="Compare two models' outputs on each EP.")
 @click.argument("a", type=click.Path())
 @click.argument("b", type=click.Path())
 @_common
@@ -497,12 +495,12 @@ def _print_layerwise(lw: dict | None) -> None:
         f"max abs {first['max_abs']:.3g}" if first else "no divergence inside the graph"))
 
 
-@main.command()
+@main.command(short_help="Latency, throughput and memory side by side.")
 @click.argument("models", nargs=-1, required=True, type=click.Path())
 @_common
 @click.option("--threads", type=int, default=1, show_default=True, help="Intra-op threads per session (0 = ORT default).")
-@click.option("--warmup", type=int, default=10, show_default=True)
-@click.option("--runs", type=int, default=100, show_default=True)
+@click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs per model first.")
+@click.option("--runs", type=int, default=100, show_default=True, help="Timed runs per model (round-robin).")
 @click.option("--batch", "batch_text", default=None, help="Batch sizes for the first input dim, e.g. 1,8.")
 @_isolated(lambda kw: ", ".join(map(str, kw["models"])))
 def bench(models, report_path, ep_text, shapes, data, preprocess, threads, warmup, runs, batch_text):
@@ -522,7 +520,7 @@ def bench(models, report_path, ep_text, shapes, data, preprocess, threads, warmu
         report.write(result, report_path)
 
 
-@main.command("passes")
+@main.command("passes", short_help="List the passes with their one-line contracts.")
 def list_passes():
     """List the available passes with their one-line contracts."""
     for name in registry.names():
