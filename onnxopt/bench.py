@@ -1,12 +1,24 @@
 """Latency of one or more models on each execution provider, side by side in one process.
 
-For each EP all sessions are created first (load time and resident-memory growth measured per
-session), then warm-up and timed runs go round-robin over the models (run 1 of A, run 1 of B,
-run 2 of A, ...) so that drift of a noisy machine affects every model alike.  A timed run
+For each batch size all sessions are created first, every model on every EP (load time and
+resident-memory growth measured per session), then warm-up and timed runs go round-robin over
+them (run 1 of A on cpu, run 1 of B on cpu, run 1 of A on openvino, ..., run 2 of A on cpu, ...)
+so that drift of a noisy machine affects every model and every EP alike.  A timed run
 (:func:`timed_run`) is exactly ``sess.run(None, feeds)`` between two ``perf_counter`` calls:
-nothing else sits in the loop.  Reported per model: p50/p90/p99/mean/std latency (ms), throughput (samples/s = batch /
-mean latency), load time, RSS growth of the session (MB, process RSS after warm-up minus before
-the session was created) and the speed-up of the first model over each (p50 ratio).
+nothing else sits in the loop.  Reported per model and EP: p50/p90/p99/mean/std latency (ms),
+throughput (samples/s = batch / mean latency), load time, RSS growth of the session (MB, process
+RSS after warm-up minus before the session was created), the speed-up of the first model over each
+on the same EP (p50 ratio) and, when the CPU EP is benchmarked, the speed-up of the first model on
+the CPU EP over each (model, EP) (``speedup_vs_cpu_first``: "int8 on openvino vs fp32 on cpu").
+
+Reproducible numbers:
+
+- ``threads`` binds every EP, not only ORT's CPU EP (``intra_op_num_threads``): EPs with a thread
+  pool of their own get it as a provider option (:data:`THREAD_OPTIONS`, e.g. OpenVINO's
+  ``num_of_threads``); each result records the provider options its session was created with.
+- Synthesized inputs never run a symbolic dim at a made-up 1 except the first (batch) dim: a model
+  with a symbolic spatial or sequence dim and neither ``shapes`` nor ``data`` for that input is
+  refused (:class:`~onnxopt.errors.UsageError`), since its latency at width 1 means nothing.
 """
 
 from __future__ import annotations
@@ -17,13 +29,20 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import psutil
 
 from onnxopt import data as data_mod
 from onnxopt import runtime
-from onnxopt.errors import BadInputError
+from onnxopt.errors import BadInputError, UsageError
+
+#: Provider option that caps an EP's own thread pool, for EPs that have one (ORT's CPU EP takes
+#: ``SessionOptions.intra_op_num_threads``; GPU EPs run their kernels off the CPU).  OpenVINO maps
+#: ``num_of_threads`` to its CPU plugin's ``INFERENCE_NUM_THREADS``.
+THREAD_OPTIONS = {"OpenVINOExecutionProvider": "num_of_threads"}
 
 
 @dataclasses.dataclass
@@ -41,12 +60,52 @@ class BenchResult:
     throughput: float
     speedup_vs_first: float
     times_ms: list[float]
+    #: p50 of the first model on the CPU EP (same batch) / this p50; None when cpu was not benchmarked.
+    speedup_vs_cpu_first: float | None = None
+    #: the provider options of this session's EP (thread binding included), as created.
+    ep_options: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_dict(self, with_times: bool = True) -> dict:
         d = dataclasses.asdict(self)
         if not with_times:
             d.pop("times_ms")
         return d
+
+
+def provider_options(ep: str, threads: int | None) -> list[tuple[str, dict[str, str]]]:
+    """The ``providers`` list for an ORT session on ``ep`` (short or full name, not checked for
+    availability): runtime's per-EP options, plus the thread cap for EPs in :data:`THREAD_OPTIONS`,
+    plus the CPU EP as fallback for nodes a non-CPU EP does not take."""
+    name = runtime.EP_NAMES.get(ep.lower(), ep)
+    options = dict(runtime.EP_OPTIONS.get(name, {}))
+    if threads and name in THREAD_OPTIONS:
+        options[THREAD_OPTIONS[name]] = str(threads)
+    providers = [(name, options)]
+    if name != "CPUExecutionProvider":
+        providers.append(("CPUExecutionProvider", {}))
+    return providers
+
+
+def session(model: str | os.PathLike | bytes, ep: str = "cpu", threads: int | None = 1) -> ort.InferenceSession:
+    """A session as :func:`onnxopt.runtime.session` makes it, with every EP bound to ``threads``.
+
+    Where the thread cap needs no provider option (the CPU EP, GPU EPs) this *is*
+    ``runtime.session``; otherwise the same SessionOptions with :func:`provider_options`."""
+    name = runtime.provider(ep)
+    providers = provider_options(name, threads)
+    if providers[0][1] == runtime.EP_OPTIONS.get(name, {}):
+        return runtime.session(model, ep, threads)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    source = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(source, opts, providers=providers)
+    except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types
+        label = "model" if isinstance(model, bytes) else Path(model).name
+        raise BadInputError(f"{label}: ONNX Runtime cannot load it: {runtime._ort_message(e)}") from None
 
 
 def _warm_up_runtime() -> None:
@@ -65,10 +124,30 @@ def _rss() -> int:
     return psutil.Process(os.getpid()).memory_info().rss
 
 
+def _symbolic(dim) -> bool:
+    return not (isinstance(dim, int) and dim >= 0)
+
+
+def check_symbolic_dims(inputs, shapes: Mapping[str, tuple[int, ...]] | None) -> None:
+    """Refuse to synthesize a symbolic dim other than the first (batch) dim as 1: a latency at
+    width 1 means nothing.  ``inputs`` are ORT NodeArgs (name, shape); inputs named in ``shapes``
+    are the user's."""
+    for inp in inputs:
+        if inp.name in (shapes or {}) or not inp.shape:
+            continue
+        later = [str(d) if isinstance(d, str) else "?" for d in inp.shape[1:] if _symbolic(d)]
+        if later:
+            example = "x".join(["1"] + [(f"<{d if isinstance(d, str) else 'n'}>" if _symbolic(d) else str(d)) for d in inp.shape[1:]])
+            raise UsageError(
+                f"input '{inp.name}' {list(inp.shape)}: symbolic dim(s) {', '.join(later)} would run at 1, "
+                f"which times nothing real; set them with --shape {inp.name}:{example} (or give --data)")
+
+
 def _feeds(sess, data, shapes, preprocess, batch: int | None) -> tuple[dict[str, np.ndarray], int | None]:
     if data is not None:
         feeds = next(iter(data_mod.batches(data, sess, preprocess, limit=1)))
     else:
+        check_symbolic_dims(sess.get_inputs(), shapes)
         overrides = dict(shapes or {})
         if batch is not None:  # the first dim of every input, on top of --shape
             for inp in sess.get_inputs():
@@ -77,8 +156,7 @@ def _feeds(sess, data, shapes, preprocess, batch: int | None) -> tuple[dict[str,
                 first = inp.shape[0]
                 if isinstance(first, int) and first >= 0 and first != batch:
                     raise BadInputError(f"--batch {batch}: input '{inp.name}' has a fixed first dim {first}")
-                rest = overrides[inp.name][1:] if inp.name in overrides else \
-                    tuple(d if isinstance(d, int) and d >= 0 else 1 for d in inp.shape[1:])
+                rest = overrides[inp.name][1:] if inp.name in overrides else tuple(inp.shape[1:])
                 overrides[inp.name] = (batch, *rest)
         feeds = runtime.synthesize(sess, overrides)
     first_dims = {v.shape[0] for v in feeds.values() if v.ndim}
@@ -89,41 +167,55 @@ def bench(models: Sequence[str | os.PathLike], *, eps: Sequence[str] = ("cpu",),
           warmup: int = 10, runs: int = 100, batches: Sequence[int | None] = (None,), data=None,
           shapes: Mapping[str, tuple[int, ...]] | None = None, preprocess: str | None = None,
           progress: Callable[[int], None] | None = None) -> list[BenchResult]:
-    """See the module docstring.  Cost: len(eps) x len(batches) x len(models) x (warmup + runs) runs."""
-    results: list[BenchResult] = []
+    """See the module docstring.  Cost: len(eps) x len(batches) x len(models) x (warmup + runs) runs.
+    Results come EP by EP, then batch by batch, then model by model."""
+    eps = tuple(eps)
+    by_key: dict[tuple[str, int | None, int], BenchResult] = {}
     _warm_up_runtime()
-    for ep in eps:
-        for batch in batches:
-            sessions, loads, rss, feeds, sizes = [], [], [], [], []
-            for m in models:
-                gc.collect()
-                before = _rss()
-                t0 = time.perf_counter()
-                sess = runtime.session(m, ep, threads)
-                loads.append((time.perf_counter() - t0) * 1e3)
-                f, size = _feeds(sess, data, shapes, preprocess, batch)
-                runtime.run(sess, f)  # first run through the checked path: an EP failure is one line
-                for _ in range(max(0, warmup - 1)):
-                    sess.run(None, f)
-                rss.append((_rss() - before) / 1e6)
-                sessions.append(sess)
-                feeds.append(f)
-                sizes.append(size)
-            times: list[list[float]] = [[] for _ in models]
-            for _ in range(runs):
-                for i, sess in enumerate(sessions):
-                    times[i].append(timed_run(sess, feeds[i]))
-                if progress:
-                    progress(len(models))
-            first_p50 = statistics.median(times[0])
-            for m, t, load, r, size in zip(models, times, loads, rss, sizes):
-                arr = np.asarray(t)
-                p50 = float(np.percentile(arr, 50))
-                results.append(BenchResult(
-                    str(m), ep, size, load, r, p50, float(np.percentile(arr, 90)), float(np.percentile(arr, 99)),
-                    float(arr.mean()), float(arr.std()), (size or 1) / (arr.mean() / 1e3), first_p50 / p50, t))
-            del sessions
-    return results
+    for batch in batches:
+        slots = [(ep, i, m) for ep in eps for i, m in enumerate(models)]
+        sessions, loads, rss, feeds, sizes = [], [], [], [], []
+        for ep, _, m in slots:
+            gc.collect()
+            before = _rss()
+            t0 = time.perf_counter()
+            sess = session(m, ep, threads)
+            loads.append((time.perf_counter() - t0) * 1e3)
+            f, size = _feeds(sess, data, shapes, preprocess, batch)
+            runtime.run(sess, f)  # first run through the checked path: an EP failure is one line
+            for _ in range(max(0, warmup - 1)):
+                sess.run(None, f)
+            rss.append((_rss() - before) / 1e6)
+            sessions.append(sess)
+            feeds.append(f)
+            sizes.append(size)
+        times: list[list[float]] = [[] for _ in slots]
+        for _ in range(runs):
+            for k, sess in enumerate(sessions):
+                times[k].append(timed_run(sess, feeds[k]))
+            if progress:
+                progress(len(slots))
+        p50s = {(ep, i): statistics.median(t) for (ep, i, _), t in zip(slots, times)}
+        for (ep, i, m), sess, t, load, r, size in zip(slots, sessions, times, loads, rss, sizes):
+            arr = np.asarray(t)
+            p50 = float(np.percentile(arr, 50))
+            cpu_first = p50s.get(("cpu", 0))
+            by_key[(ep, batch, i)] = BenchResult(
+                str(m), ep, size, load, r, p50, float(np.percentile(arr, 90)), float(np.percentile(arr, 99)),
+                float(arr.mean()), float(arr.std()), (size or 1) / (arr.mean() / 1e3), p50s[(ep, 0)] / p50, t,
+                speedup_vs_cpu_first=None if cpu_first is None else cpu_first / p50,
+                ep_options=_ep_options(sess))
+        del sessions, sess
+    return [by_key[(ep, batch, i)] for ep in eps for batch in batches for i in range(len(models))]
+
+
+def _ep_options(sess) -> dict[str, str]:
+    """The first provider's options as ORT reports them for this session."""
+    try:
+        name = sess.get_providers()[0]
+        return {k: str(v) for k, v in sess.get_provider_options().get(name, {}).items()}
+    except Exception:  # noqa: BLE001 - a stand-in session in tests, or an EP without options
+        return {}
 
 
 def timed_run(sess, feeds: Mapping[str, np.ndarray]) -> float:
@@ -134,13 +226,16 @@ def timed_run(sess, feeds: Mapping[str, np.ndarray]) -> float:
 
 
 def labels(models: list[str]) -> dict[str, str]:
-    """Short names for models: the file name, or the path where file names collide."""
+    """Short names for models: the file name, or the path where two different models share one
+    (a model listed several times, once per EP or batch, keeps its file name)."""
+    models = list(dict.fromkeys(models))
     names = [os.path.basename(m) for m in models]
     return {m: (n if names.count(n) == 1 else m) for m, n in zip(models, names)}
 
 
 def summary(results: list[BenchResult]) -> str:
-    """Plain-text table for the CLI."""
+    """Plain-text table for the CLI; with several EPs, then one line per (model, EP) against the
+    first model on the CPU EP."""
     label = labels([r.model for r in results])
     rows = [("model", "ep", "batch", "p50 ms", "p90 ms", "p99 ms", "mean", "std", "samples/s", "load ms", "RSS MB", "vs first")]
     for r in results:
@@ -148,4 +243,24 @@ def summary(results: list[BenchResult]) -> str:
                      f"{r.p99_ms:.3f}", f"{r.mean_ms:.3f}", f"{r.std_ms:.3f}", f"{r.throughput:.1f}",
                      f"{r.load_ms:.1f}", f"{r.rss_mb:.1f}", f"{r.speedup_vs_first:.2f}x"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines + cross_ep_lines(results))
+
+
+def cross_ep_lines(results: list[BenchResult]) -> list[str]:
+    """"int8.onnx on openvino vs fp32.onnx on cpu: 2.30x" per (model, EP) off the CPU EP baseline
+    (p50 ratio, > 1 = faster than the baseline); nothing with a single EP or without the CPU EP."""
+    if len({r.ep for r in results}) < 2:
+        return []
+    label = labels([r.model for r in results])
+    lines = []
+    for r in results:
+        base = next((b for b in results if b.ep == "cpu" and b.batch == r.batch), None)
+        if base is None or r.speedup_vs_cpu_first is None or r is base:
+            continue
+        if not lines:
+            lines.append("")
+            lines.append("p50 speed-up vs the first model on the cpu EP:")
+        batch = f" (batch {r.batch})" if len({b.batch for b in results}) > 1 else ""
+        lines.append(f"  {label[r.model]} on {r.ep} vs {label[base.model]} on cpu{batch}: {r.speedup_vs_cpu_first:.2f}x")
+    return lines
