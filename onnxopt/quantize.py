@@ -19,7 +19,8 @@ Steps (DESIGN "Quantization design"):
 5. **Accuracy budget**: score = the user's metric (``--metric module:function``, called with an ORT
    session, higher is better) or by default the prediction-level fidelity of ``onnxopt.fidelity``
    on the held-out batches: top-1 agreement at every position for class-score outputs (Softmax/
-   LogSoftmax/Sigmoid heads, names like ``logits``), cosine for other outputs, worst output counts.
+   LogSoftmax/Sigmoid heads, names like ``logits``), cosine for other outputs, worst output counts;
+   an agreement counts by its 95% lower bound when the held-out positions can certify the budget.
    If ``fp32 score - score > max_drop``, layers are ranked by sensitivity (quantize one alone,
    measure) and the most sensitive are kept in float until the budget holds.
 6. **Recovery** on the chosen recipe (``--recover``, default ``bias-correction``): bias correction
@@ -167,7 +168,8 @@ class Quantizer:
     def __init__(self, model: ir.Model, float_bytes: bytes, stats: calibrate.Stats, held_out: list[dict],
                  recovery_set: list[dict], profile: qq.Profile, method: str, per_channel: bool, ep: str,
                  metric: Callable | None, threads: int = 1, percentile: float = 99.99,
-                 recovery: tuple[str, ...] = (), class_outputs: Mapping[str, int | None] | None = None):
+                 recovery: tuple[str, ...] = (), class_outputs: Mapping[str, int | None] | None = None,
+                 max_drop: float | None = None):
         self.model, self.float_bytes, self.stats = model, float_bytes, stats
         self.held_out, self.recovery_set = held_out, recovery_set
         self.profile, self.method, self.per_channel, self.ep, self.metric = profile, method, per_channel, ep, metric
@@ -182,10 +184,13 @@ class Quantizer:
                                 f"'{missing[0]}' (statistics from another model?)")
         #: how each output is judged without --metric (onnxopt.fidelity); per-output results of the last score
         self.rules = fidelity.rules(model, class_outputs)
+        self.max_drop = max_drop
         self.last_results: list[dict] = []
         self.float_session = runtime.session(self.float_bytes, ep, threads)
         self.reference = [runtime.run(self.float_session, f) for f in held_out]
         self.float_score = self.score_session(self.float_session, self.reference)
+        if metric is None:  # fp32 agrees with itself everywhere; a sample's lower bound is not its score
+            self.float_score = 1.0
 
     # Recovery data that does not depend on the plan: computed once for every layer, not per build.
     @functools.cached_property
@@ -215,7 +220,7 @@ class Quantizer:
                 return float(self.metric(sess))
             except Exception as e:  # noqa: BLE001 - user code
                 raise UsageError(f"--metric failed: {type(e).__name__}: {e}") from None
-        fid = fidelity.Fidelity(self.rules)
+        fid = fidelity.Fidelity(self.rules, self.max_drop)
         for feeds, ref in zip(self.held_out, reference or self.reference):
             fid.add(ref, runtime.run_candidate(sess, feeds, list(ref)))
         self.last_results = fid.results()
@@ -395,7 +400,8 @@ def _quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, 
 
     profile = qq.PROFILES[ep]
     q = Quantizer(model, float_bytes, stats, held_out, recovery_set, profile, method, per_channel, ep, metric_fn,
-                  threads, percentile, recovery=tuple(r for r in recovery if r != "cle"), class_outputs=class_outputs)
+                  threads, percentile, recovery=tuple(r for r in recovery if r != "cle"), class_outputs=class_outputs,
+                  max_drop=max_drop)
     if metric_fn is None:
         for r in q.last_results:
             logger.info("fidelity of output '%s': %s (%s)", r["name"], r["metric"], r["reason"])

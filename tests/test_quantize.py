@@ -507,3 +507,33 @@ def test_latency_comparison_is_stable():
     verdicts = [(q.compare_latency(small, big)["verdict"], q.compare_latency(big, small)["verdict"],
                  q.compare_latency(small, small)["verdict"]) for _ in range(3)]
     assert all(v[0] == "faster" and v[1] == "not faster" and v[2] != "faster" for v in verdicts), verdicts
+
+
+def test_agreement_is_judged_by_its_lower_bound_when_the_sample_can_certify():
+    """3 flips in 512 positions is 0.994 but only shows >= 0.983: against a 0.01 budget it counts
+    by the lower bound (and fails); 32 positions cannot certify 0.99 even when perfect, so they
+    count by the point estimate (the command warns)."""
+    from onnxopt import fidelity
+
+    rng = np.random.default_rng(0)
+    rule = {"p": fidelity.Rule("p", "top-1", "test", -1)}
+    ref = rng.random((8, 64, 10))
+    ref /= ref.sum(-1, keepdims=True)
+    got = ref.copy()
+    flat = got.reshape(-1, 10)
+    for i in (5, 100, 300):  # three flips: swap the top class with another
+        top = flat[i].argmax()
+        flat[i, top], flat[i, (top + 1) % 10] = flat[i, (top + 1) % 10], flat[i, top]
+    loose, strict = fidelity.Fidelity(rule), fidelity.Fidelity(rule, max_drop=0.01)
+    for f in (loose, strict):
+        f.add({"p": ref}, {"p": got})
+    assert loose.score() == pytest.approx(509 / 512)
+    (r,) = strict.results()
+    assert r["judged_by"] == "95% lower bound" and r["score"] == pytest.approx(r["agreement_interval"][0])
+    assert 0.98 < strict.score() < 0.99 < r["agreement"]
+    assert fidelity.certifies(512, 0.01) and not fidelity.certifies(32, 0.01)
+    small = fidelity.Fidelity(rule, max_drop=0.01)
+    small.add({"p": ref[:1, :32]}, {"p": ref[:1, :32]})
+    (r,) = small.results()
+    assert r["score"] == 1.0 and r["judged_by"].startswith("point estimate")
+    assert fidelity.uncertified([r], 0.01) == [r]
