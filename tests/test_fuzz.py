@@ -21,8 +21,8 @@ from onnx import numpy_helper as nh
 from tests.fuzz import oracle, regressions, strategies
 
 CONFIGS = oracle.configs()
-# Budget: ~40 graphs per configuration (9 configurations), about 1-2 minutes on 2 busy cores.
-EXAMPLES = 40
+# Budget: ~50 graphs per configuration (9 configurations), about 1-2 minutes on 2 busy cores.
+EXAMPLES = 50
 
 
 @pytest.fixture(autouse=True)

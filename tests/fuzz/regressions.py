@@ -111,6 +111,45 @@ def fold_shapes_not_idempotent_topk_k_from_shape() -> Case:
                     InputSpec("n", "int", [None], [np.array([1]), np.array([2, 3])])], [], ["repro"])
 
 
+def simplify_duplicate_node_names_gemm() -> Case:
+    """Two MatMul+Add (bias) in a row, static 2-D shapes.
+
+    Bug (open): simplify names every Gemm it creates ``gemm_gemm``; with two rewrites the result
+    has two nodes with the same name and ONNX Runtime refuses to load it ("This is an invalid
+    model. Error: two nodes with same node name (gemm_gemm)"): the default pipeline's result, and
+    simplify run twice (its first run rewrites only the first MatMul+Add, so it is not idempotent
+    either).  Expected: both pairs rewritten in one run, unique node names."""
+    inits = [nh.from_array(np.full((2, 2), 0.5, np.float32), "w1"), nh.from_array(np.ones((2,), np.float32), "b1"),
+             nh.from_array(np.full((2, 2), 0.25, np.float32), "w2"), nh.from_array(np.ones((2,), np.float32), "b2")]
+    nodes = [h.make_node("MatMul", ["x", "w1"], ["m1"]), h.make_node("Add", ["m1", "b1"], ["a1"]),
+             h.make_node("MatMul", ["a1", "w2"], ["m2"]), h.make_node("Add", ["m2", "b2"], ["y"])]
+    m = _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, [3, 2])],
+               [h.make_tensor_value_info("y", T.FLOAT, [3, 2])], inits)
+    return Case(m, [InputSpec("x", "float", [3, 2])], [], ["repro"])
+
+
+def fuse_activations_rematches_dead_leftovers() -> Case:
+    """A decomposed LayerNorm over the last axis (ReduceMean, Sub, Pow 2, ReduceMean, Add eps,
+    Sqrt, Div, Mul gamma, Add beta), opset 18.
+
+    Bug (open): fuse-activations is not idempotent.  Its first run replaces the final Add by
+    LayerNormalization but leaves the now-dead ``Mul(div, gamma)`` and its inputs in the graph;
+    the second run matches that dead chain again and adds a second LayerNormalization (with
+    zero beta) named ``LayerNormalization_fused`` like the first, so the result also has duplicate
+    node names and ORT refuses to load it.  Expected: the second run changes nothing."""
+    inits = [nh.from_array(np.array(2.0, np.float32), "two"), nh.from_array(np.array(1e-5, np.float32), "eps"),
+             nh.from_array(np.array([0.5, 1.0, 2.0], np.float32), "gamma"),
+             nh.from_array(np.array([0.1, 0.2, 0.3], np.float32), "beta"), nh.from_array(np.array([-1], np.int64), "ax")]
+    nodes = [h.make_node("ReduceMean", ["x", "ax"], ["mu"], keepdims=1), h.make_node("Sub", ["x", "mu"], ["d"]),
+             h.make_node("Pow", ["d", "two"], ["d2"]), h.make_node("ReduceMean", ["d2", "ax"], ["var"], keepdims=1),
+             h.make_node("Add", ["var", "eps"], ["ve"]), h.make_node("Sqrt", ["ve"], ["sd"]),
+             h.make_node("Div", ["d", "sd"], ["n"]), h.make_node("Mul", ["n", "gamma"], ["g"]),
+             h.make_node("Add", ["g", "beta"], ["y"])]
+    m = _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, [2, 3])],
+               [h.make_tensor_value_info("y", T.FLOAT, [2, 3])], inits)
+    return Case(m, [InputSpec("x", "float", [2, 3])], [], ["repro"])
+
+
 # name -> (builder, config labels under test, open?)
 REGRESSIONS: dict[str, tuple] = {
     "fold_shapes_reduce_axes_input_static": (fold_shapes_reduce_axes_input_static, ["fold-shapes", "default"], False),
@@ -118,6 +157,8 @@ REGRESSIONS: dict[str, tuple] = {
     "simplify_not_idempotent_matmul_add_zero": (simplify_not_idempotent_matmul_add_zero, ["simplify"], True),
     "fuse_activations_duplicate_node_names": (fuse_activations_duplicate_node_names,
                                               ["fuse-activations", "default"], True),
+    "simplify_duplicate_node_names_gemm": (simplify_duplicate_node_names_gemm, ["simplify", "default"], True),
+    "fuse_activations_rematches_dead_leftovers": (fuse_activations_rematches_dead_leftovers, ["fuse-activations"], True),
     "fold_shapes_not_idempotent_topk_k_from_shape": (fold_shapes_not_idempotent_topk_k_from_shape, ["fold-shapes"], True),
 }
 

@@ -129,6 +129,8 @@ class Builder:
         arr = np.asarray(arr)
         how = self.c.choice(["init", "init", "constant", "dup", "input"] if overridable_ok else
                             ["init", "init", "constant", "dup"])
+        if arr.dtype.kind == "f" and nodes is None and self.c.bool(0.1):
+            how = "input"  # an initializer also listed as a graph input: users may override it
         name = self.fresh("c")
         if how == "constant" or nodes is not None:
             (self.nodes if nodes is None else nodes).append(
@@ -625,7 +627,8 @@ def block_traps(b: Builder, x: Val) -> Val:
     kind = c.choice(["reshape0", "cast_lossy", "transpose2", "slice_rev", "slice_step", "pad_neg", "expand_rank",
                      "neutral_rank", "neutral_left", "sq_other", "dedup_shape", "dedup_dtype", "cse_if",
                      "dropout_mask", "out_identity", "layernorm", "gelu_off", "concat_empty", "tile_rank_ok",
-                     "reshape_chain_neg", "mul0"])
+                     "reshape_chain_neg", "mul0", "cse_attr", "dedup_input", "pad_conv", "resize", "hardswish",
+                     "layernorm"])
     dims = list(x.dims)
     if kind == "reshape0":  # Reshape(Reshape(x, a), b): b's 0 copies the *intermediate* dims
         a = c.choice([[0, -1], [0, 0, -1], [-1, 0, 0]])
@@ -731,6 +734,58 @@ def block_traps(b: Builder, x: Val) -> Val:
         v = b.one("Reshape", [v, b.one("Shape", [t])])
         b.outputs.append(Val(v, T.FLOAT, None))
         return x
+    elif kind == "cse_attr":  # same op and inputs, different attributes / input order
+        variants = [
+            lambda: b.one("LeakyRelu", [v], alpha=c.choice([0.1, 0.2])),
+            lambda: b.one("Transpose", [v], perm=c.choice([[0, 1, 3, 2], [0, 2, 1, 3]])),
+            lambda: b.one("ReduceSum", [v], keepdims=c.choice([0, 1])),
+            lambda: b.one("Concat", c.choice([[v, "x"], ["x", v]]), axis=c.choice([0, 1])),
+            lambda: b.one("Sub", c.choice([[v, "x"], ["x", v]])),
+            lambda: b.one("Cast", [b.one("Cast", [v], to=c.choice([T.INT32, T.FLOAT16]))], to=T.FLOAT),
+            lambda: b.one("Softmax", [v], axis=c.choice([1, -1])),
+        ]
+        f = c.choice(variants)
+        b.outputs.append(Val(f(), T.FLOAT, None))
+        b.outputs.append(Val(f(), T.FLOAT, None))
+        return x
+    elif kind == "dedup_input":  # an overridable initializer and its same-bytes twin, both used
+        arr = b.weights(c.choice([(1,), (dims[1] if isinstance(dims[1], int) else 1, 1, 1)]))
+        name = b.fresh("w_in")
+        b.inits.append(nh.from_array(arr, name))
+        b.inputs.append(h.make_tensor_value_info(name, T.FLOAT, list(arr.shape)))
+        twin = b.fresh("w_twin")
+        b.inits.append(nh.from_array(arr.copy(), twin))
+        b.outputs.append(Val(b.one("Mul", [v, twin]), T.FLOAT, dims))
+        v = b.one("Add", [v, name])
+    elif kind == "pad_conv":  # Pad then Conv: only zero constant padding of the spatial axes folds
+        C = dims[1]
+        mode = c.choice(["constant", "constant", "reflect", "edge"])
+        pads = c.choice([[0, 0, 1, 1, 0, 0, 1, 1], [0, 0, 0, 1, 0, 0, 2, 0], [0, 1, 0, 0, 0, 0, 0, 0], [1, 0, 1, 1, 0, 0, 1, 1]])
+        ins = [v, b.ints(pads)]
+        if mode == "constant" and c.bool():
+            ins.append(b.const(np.array(c.choice([0.0, 0.5]), np.float32)))
+        p = b.one("Pad", ins, mode=mode)
+        cin = C + pads[1] + pads[5]
+        conv = b.one("Conv", [p, b.const(b.weights((2, cin, 3, 3), 0.5))], pads=c.choice([[0, 0, 0, 0], [1, 1, 1, 1]]))
+        b.outputs.append(Val(conv, T.FLOAT, None))
+        return x
+    elif kind == "resize":
+        mode = c.choice(["nearest", "linear"])
+        if c.bool():
+            scales = b.const(np.array(c.choice([[1, 1, 1, 1], [1, 1, 2, 2], [1, 1, 1, 0.5]]), np.float32))
+            ins = [v, "", scales]
+        else:
+            ins = [v, "", "", b.one("Shape", [v])]
+        r = b.one("Resize", ins, mode=mode, coordinate_transformation_mode=c.choice(["half_pixel", "asymmetric", "align_corners"]))
+        b.outputs.append(Val(r, T.FLOAT, None))
+        return x
+    elif kind == "hardswish":  # x * Clip(x + 3, 0, 6) / 6 and look-alikes
+        hi = c.choice([6.0, 6.0, 5.0])
+        add = b.one("Add", [v, b.const(np.array(3.0, np.float32))])
+        clip = b.one("Clip", [add, b.const(np.array(0.0, np.float32)), b.const(np.array(hi, np.float32))])
+        v = b.one("Div", [b.one("Mul", [v, clip]), b.const(np.array(6.0, np.float32))])
+        if c.bool():
+            v = b.one("Mul", [x.name, b.one("HardSigmoid", [x.name], alpha=c.choice([0.2, 1 / 6]))])
     elif kind == "mul0":
         v = b.one("Mul", [v, b.const(np.zeros((1,), np.float32))])
     return Val(v, T.FLOAT, dims)
