@@ -1,7 +1,9 @@
 """Small self-contained SVG charts for HTML reports (no plotting library, no network).
 
 Each function returns an ``<svg>`` string: grouped bars, a histogram, a line with an optional
-marked point.  Values are escaped; log scales clamp at a floor so zeros stay drawable.
+marked point.  Labels are cut to length first, then escaped (so the SVG stays well-formed XML);
+linear bars grow from zero (negative values downwards), log bars from the axis floor; log scales
+clamp at a floor so zeros stay drawable.
 """
 
 from __future__ import annotations
@@ -74,18 +76,19 @@ def bars(title: str, categories: Sequence[str], series: dict[str, Sequence[float
     y, ticks = _scale(lo, max(values) or 1, log)
     group = (W - LEFT - RIGHT) / len(categories)
     width = max(2.0, group * 0.8 / max(1, len(series)))
+    base = H - BOTTOM if log else y(0.0)  # linear bars grow from zero, up or down
     out = [_axes(y, ticks)]
     for ci, cat in enumerate(categories):
         x0 = LEFT + ci * group + group * 0.1
         for si, (name, vs) in enumerate(series.items()):
             v = vs[ci]
-            top = y(v) if (v > 0 or not log) else H - BOTTOM
-            out.append(f'<rect x="{x0 + si * width:.1f}" y="{min(top, H - BOTTOM):.1f}" width="{width:.1f}" '
-                       f'height="{abs(H - BOTTOM - top):.1f}" fill="{PALETTE[si % len(PALETTE)]}">'
+            top = y(v) if (v > 0 or not log) else base
+            out.append(f'<rect x="{x0 + si * width:.1f}" y="{min(top, base):.1f}" width="{width:.1f}" '
+                       f'height="{abs(base - top):.1f}" fill="{PALETTE[si % len(PALETTE)]}">'
                        f'<title>{_esc(cat)} / {_esc(name)}: {v:.4g}</title></rect>')
         cx = LEFT + ci * group + group / 2
         out.append(f'<text x="{cx:.1f}" y="{H - BOTTOM + 12}" font-size="10" text-anchor="end" '
-                   f'transform="rotate(-40 {cx:.1f} {H - BOTTOM + 12})">{_esc(cat)[:18]}</text>')
+                   f'transform="rotate(-40 {cx:.1f} {H - BOTTOM + 12})">{_esc(str(cat)[:18])}</text>')
     return _frame(title, "".join(out), list(series))
 
 
@@ -139,5 +142,5 @@ def line(title: str, xs: Sequence[str], ys: Sequence[float], log: bool = True, m
     if mark is not None and 0 <= mark < len(ys):
         mx = LEFT + mark * step
         out.append(f'<line x1="{mx:.1f}" y1="{TOP}" x2="{mx:.1f}" y2="{H - BOTTOM}" stroke="#c0392b" stroke-dasharray="4 3"/>'
-                   f'<text x="{mx + 4:.1f}" y="{TOP + 12}" font-size="11" fill="#c0392b">first divergence: {_esc(xs[mark])[:40]}</text>')
+                   f'<text x="{mx + 4:.1f}" y="{TOP + 12}" font-size="11" fill="#c0392b">first divergence: {_esc(str(xs[mark])[:40])}</text>')
     return _frame(title, "".join(out))
