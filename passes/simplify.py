@@ -28,7 +28,9 @@ class Simplify(OptPass):
       for float x, the inner result used only there (float reassociation: rounding-level change);
     - ``Transpose(Transpose(x))`` -> one Transpose or none; identity Transpose -> x;
     - a reshape-like op (Reshape/Flatten/Squeeze/Unsqueeze) feeding a Reshape to a constant shape
-      without copy-zeros -> the Reshape reads x directly; Reshape to x's own static shape -> x;
+      -> the Reshape reads x directly (a single copy-zero, with every other entry a positive
+      literal, becomes -1: it is the only dim the -1 can infer; ported from onnxscript's rule);
+      Reshape to x's own static shape -> x;
     - ``Squeeze(Unsqueeze(x,a),a)`` and ``Unsqueeze(Squeeze(x,a),a)`` -> x;
     - Cast to x's own type -> x; a round trip through a wider type (f16->f32->f16, i32->i64->i32, ...) -> x;
     - no-ops: single-input Concat, Expand/Tile/Slice/Pad that change nothing, Resize/Upsample with
@@ -187,10 +189,13 @@ def _reshape(node: ir.Node, ctx: Context) -> Match:
     inner = _producer(node.inputs[0], "Reshape", "Flatten", "Squeeze", "Unsqueeze")
     if inner is None:
         return NO_MATCH
-    if copies:
-        return Match.fail("target copies dims of the intermediate (0 entries)")
+    if copies and (target.count(0) != 1 or any(t < 0 for t in target)):
+        return Match.fail("target copies several dims of the intermediate (0 entries) or has a -1 too")
     if not _only_use(node.inputs[0], node):
         return Match.fail("intermediate has other users")
+    if copies:  # the single copied dim is what -1 infers: every other entry is a positive literal
+        new_target = np.array([-1 if t == 0 else t for t in target], dtype=np.int64)
+        node.replace_input_with(1, add_initializer(node.graph, f"{node.name or node.outputs[0].name}_target", new_target))
     node.replace_input_with(0, inner.inputs[0])
     return Match.ok()
 

@@ -485,3 +485,18 @@ def test_fold_shapes_never_trusts_overridable_initializers():
     for idx in ([0], [1], [2]):  # the user overrides the default
         feeds = {"x": x, "idx": np.array(idx, np.int64)}
         assert ort_run(new, feeds)[0].shape == ort_run(proto, feeds)[0].shape
+
+
+@pytest.mark.parametrize("target, collapses", [([0, 12], True), ([0, 3, 4], True), ([0, -1], False), ([0, 0], False),
+                                               ([-1, 0], False)])
+def test_simplify_reshape_chain_with_one_copy_zero(target, collapses):
+    """Reshape(Reshape(x)) whose outer target copies one dim: the 0 becomes -1 (the only dim -1
+    can infer) when every other entry is a positive literal; checked at batch 0, 1 and 3."""
+    nodes = [h.make_node("Reshape", ["x", "s1"], ["r"]), h.make_node("Reshape", ["r", "s2"], ["y"])]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 4])],
+                     [h.make_tensor_value_info("y", T.FLOAT, None)], [i64("s1", [0, 12]), i64("s2", target)])
+    proto = h.make_model(g, opset_imports=[h.make_opsetid("", 12)], ir_version=7)
+    _, new = run_pipeline(proto, "simplify,cleanup")
+    assert ops(new) == (["Reshape"] if collapses else ["Reshape", "Reshape"])
+    rng = np.random.default_rng(3)
+    assert_same(proto, new, [{"x": rng.standard_normal((n, 3, 4)).astype(np.float32)} for n in (0, 1, 3)])
