@@ -317,6 +317,50 @@ def block_shape_chain(b: Builder, x: Val) -> Val:
     return Val(y, T.FLOAT, list(x.dims))
 
 
+def block_shape_arith(b: Builder, x: Val) -> Val:
+    """Integer arithmetic on Shape(x) (symbolic dims): negative Gather indices, Slices with
+    negative starts/steps, Shape start/end, Add/Sub/Mul/Div, ReduceProd, Equal/Where, Max/Min;
+    the vector is an output (as int64 or cast) and sometimes a Reshape target."""
+    c = b.c
+    if b.opset >= 15 and c.bool(0.3):
+        s = b.one("Shape", [x.name], start=c.choice([-3, -2, 1, 0]), end=c.choice([-1, 4, 3, 10]))
+    else:
+        s = b.one("Shape", [x.name])
+    v = s
+    for _ in range(c.int(1, 4)):
+        k = c.choice(["gather_neg", "slice_neg", "slice_rev", "add", "mul", "div", "sub", "prod", "where", "max",
+                      "concat"])
+        if k == "gather_neg":
+            v = b.one("Gather", [v, b.ints([c.choice([-1, 0, -2])])], axis=0)
+        elif k == "slice_neg":
+            v = b.one("Slice", [v, b.ints([c.choice([-2, -3, 1])]), b.ints([INT64_MAX])])
+        elif k == "slice_rev":
+            v = b.one("Slice", [v, b.ints([-1]), b.ints([-INT64_MAX]), b.ints([0]), b.ints([-1])])
+        elif k in ("add", "mul", "sub", "div"):
+            op = {"add": "Add", "mul": "Mul", "sub": "Sub", "div": "Div"}[k]
+            other = b.ints([c.choice([1, 2, 3])]) if c.bool() else b.one("Shape", [x.name])
+            if op == "Div" and other != "" and other.startswith("shape"):
+                other = b.ints([c.choice([1, 2])])
+            v = b.one(op, [v, other])
+        elif k == "prod":
+            v = b.one("ReduceProd", [v], keepdims=1) if b.opset < 18 else b.one("ReduceProd", [v, b.ints([0])], keepdims=1)
+        elif k == "where":
+            eq = b.one("Equal", [v, b.ints([1])])
+            v = b.one("Where", [eq, b.ints([c.choice([-1, 7])]), v])
+        elif k == "max":
+            v = b.one(c.choice(["Max", "Min"]), [v, b.ints([2])])
+        elif k == "concat":
+            v = b.one("Concat", [v, b.ints([c.choice([5, -1])])], axis=0)
+    if c.bool():
+        b.outputs.append(Val(b.one("Cast", [v], to=T.FLOAT), T.FLOAT, None))
+    else:
+        b.outputs.append(Val(b.one("Identity", [v]), T.INT64, None))
+    if c.bool(0.3):  # Reshape x to [prod(dims) / ..., -1]-style targets built from the chain
+        tgt = b.one("Concat", [b.one("Slice", [b.one("Shape", [x.name]), b.ints([0]), b.ints([1])]), b.ints([-1])], axis=0)
+        b.outputs.append(Val(b.one("Reshape", [x.name, tgt]), T.FLOAT, None))
+    return x
+
+
 def _find(b: Builder, out: str):
     for n in b.nodes:
         if out in n.output:
@@ -466,7 +510,7 @@ def block_dynamic(b: Builder, x: Val) -> Val:
                 T.FLOAT, None)
     elif op == "ReshapeIn":
         # Reshape(x, Concat(Shape(x)[0], k, [-1])) with k from an int input through an arithmetic chain
-        k = b.int_input([[1], [C]] if C > 1 else [[1], [-1]], decl=c.choice(["static", "none"]))
+        k = b.int_input([[1], [C]] if C > 1 else [[1], [0]], decl=c.choice(["static", "none"]))
         k = b.one("Mul", [b.one("Add", [k, b.ints([0])]), b.ints([1])]) if c.bool() else b.through_chain(k)
         s = b.one("Shape", [x.name])
         n0 = b.one("Unsqueeze", [b.one("Gather", [s, b.ints(0)], axis=0), b.ints([0])])
@@ -792,7 +836,7 @@ def block_traps(b: Builder, x: Val) -> Val:
 
 
 BLOCKS = {
-    "traps": block_traps, "affine": block_affine, "shape_chain": block_shape_chain, "reduce_axes": block_reduce_axes,
+    "traps": block_traps, "shape_arith": block_shape_arith, "affine": block_affine, "shape_chain": block_shape_chain, "reduce_axes": block_reduce_axes,
     "dynamic": block_dynamic, "if": block_if, "loop": block_loop, "noise": block_noise,
 }
 
