@@ -499,4 +499,5 @@ def test_simplify_reshape_chain_with_one_copy_zero(target, collapses):
     _, new = run_pipeline(proto, "simplify,cleanup")
     assert ops(new) == (["Reshape"] if collapses else ["Reshape", "Reshape"])
     rng = np.random.default_rng(3)
-    assert_same(proto, new, [{"x": rng.standard_normal((n, 3, 4)).astype(np.float32)} for n in (0, 1, 3)])
+    sizes = (0, 1, 3) if -1 not in target else (1, 3)  # ORT cannot infer -1 from an empty tensor
+    assert_same(proto, new, [{"x": rng.standard_normal((n, 3, 4)).astype(np.float32)} for n in sizes])
