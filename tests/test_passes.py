@@ -116,13 +116,19 @@ def test_cleanup_recurses_into_subgraphs():
              h.make_node("Greater", ["s", "z"], ["c"]),
              h.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)]
     result, new = apply(Cleanup(), make(nodes))
-    then_after = new.graph.node[-1].attribute[1 if new.graph.node[-1].attribute[0].name == "else_branch" else 0].g
     branches = {a.name: a.g for a in new.graph.node[-1].attribute}
-    assert [n.op_type for n in branches["then_branch"].node] == ["Mul"]
+    # the then branch's Identity is gone: its Mul writes the branch output itself
+    assert [(n.op_type, list(n.input), list(n.output)) for n in branches["then_branch"].node] == \
+        [("Mul", ["x", "k"], ["t_out"])]
+    assert [o.name for o in branches["then_branch"].output] == ["t_out"]
     assert [t.name for t in branches["then_branch"].initializer] == ["k"]
     # the else branch returns the outer value through Identity: kept (renaming an outer value is unsafe)
     assert [n.op_type for n in branches["else_branch"].node] == ["Identity"]
-    assert then_after is not None
+    # apply() compared outputs on X, whose sum is 0 (else branch); run each branch on the result
+    (then_y,) = ort_run(new, {"x": X + 1})  # sum > 0: then branch, x * 2
+    (else_y,) = ort_run(new, {"x": X - 1})  # sum < 0: else branch, x
+    np.testing.assert_array_equal(then_y, (X + 1) * 2)
+    np.testing.assert_array_equal(else_y, X - 1)
 
 
 # ------------------------------------------------------------------ fold-constants
