@@ -283,7 +283,7 @@ class Quantizer:
                 continue
             ratios = np.sort(np.asarray(ta) / np.maximum(np.asarray(tb), 1e-9))
             n = len(ratios)
-            k = max(0, int(math.floor(n / 2 - Z_CONFIDENCE * math.sqrt(n) / 2)))
+            k = max(0, math.floor(n / 2 - Z_CONFIDENCE * math.sqrt(n) / 2))
             lo, hi = float(ratios[k]), float(ratios[n - 1 - k])
             if hi < threshold:
                 verdict = "faster"
