@@ -218,6 +218,40 @@ def _ep_options(sess) -> dict[str, str]:
         return {}
 
 
+#: CPU flags that decide which kernels ONNX Runtime / OpenVINO / MLAS pick (x86 and Arm).
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "sve", "i8mm", "bf16")
+
+
+def machine(cpuinfo: str | None = None) -> dict:
+    """What a latency number ran on: CPU model, its SIMD flags (those in :data:`SIMD_FLAGS`, plus
+    every flag), logical cores, ONNX Runtime version.  ``cpuinfo`` is /proc/cpuinfo's text
+    (read when None; empty where there is none)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:  # the first processor's entry
+            fields[key.strip()] = value.strip()
+    flags = (fields.get("flags") or fields.get("Features") or "").split()
+    import platform
+
+    return {"cpu": fields.get("model name") or platform.processor() or platform.machine(),
+            "logical_cores": os.cpu_count(), "simd": [f for f in SIMD_FLAGS if f in flags], "flags": flags,
+            "onnxruntime": ort.__version__}
+
+
+def machine_line(info: dict | None = None) -> str:
+    """One line for a benchmark's output: "CPU: <model>, N logical cores, SIMD: avx2 fma ..."."""
+    info = info or machine()
+    return (f"CPU: {info['cpu']}, {info['logical_cores']} logical cores, SIMD: {' '.join(info['simd']) or 'none listed'}; "
+            f"onnxruntime {info['onnxruntime']}")
+
+
 def timed_run(sess, feeds: Mapping[str, np.ndarray]) -> float:
     """One timed run in ms: exactly ``sess.run`` between two ``perf_counter`` reads."""
     t0 = time.perf_counter()

@@ -50,7 +50,7 @@ def _scale(lo: float, hi: float, log: bool):
     ticks = []
     for i in range(5):
         t = lo + (hi - lo) * i / 4
-        ticks.append((10 ** t if log else t))
+        ticks.append(10 ** t if log else t)
     return y, ticks
 
 

@@ -315,6 +315,19 @@ def test_bench_cross_ep_ratio_against_first_model_on_cpu(tmp_path, monkeypatch):
     assert len(bench.summary(only_ov).splitlines()) == 3
 
 
+def test_machine_reads_cpu_model_and_simd_flags():
+    x86 = ("processor\t: 0\nmodel name\t: Test CPU @ 2GHz\nflags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512_vnni\n\n"
+           "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n")
+    info = bench.machine(x86)
+    assert info["cpu"] == "Test CPU @ 2GHz"  # the first processor's entry
+    assert info["simd"] == ["sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni"]
+    assert "fpu" in info["flags"] and "fpu" not in info["simd"]
+    arm = bench.machine("processor\t: 0\nFeatures\t: fp asimd asimddp sve i8mm\n")
+    assert arm["simd"] == ["asimd", "asimddp", "sve", "i8mm"]
+    line = bench.machine_line(info)
+    assert line.startswith("CPU: Test CPU @ 2GHz,") and "SIMD: sse4_2 avx avx2 fma avx512f avx512_vnni;" in line
+
+
 # ------------------------------------------------------------------ cost
 
 def test_cost_resnet_block_hand_counted():

@@ -2,12 +2,17 @@
 basic-level optimizer, in one process, on the same inputs.
 
     pip install -e ".[bench]"
-    python tests/benchmarks/compare_graph_tools.py [MODEL.onnx ...] [--json out.json] [--md out.md]
+    python tests/benchmarks/compare_graph_tools.py [MODEL.onnx ...] [--runs 20] [--out results/graph_tools.json]
 
 Per model and tool: node count (subgraphs included), file size, tool wall time, max abs diff vs
 the original on ORT (same synthesized inputs), ORT CPU speed-up original/optimized (medians of
 ``--runs`` alternating runs of both, 1 thread), whether the tool crashed and whether an output
 shape changed.  Missing peers are reported as "not installed".  Not a test: nothing is asserted.
+
+Output: the CPU it ran on (model, SIMD flags, cores, ORT version) first, then one table row per
+model as it finishes, then the whole Markdown table.  Nothing is written unless ``--out PATH`` is
+given: then the JSON goes to PATH and the Markdown table beside it (PATH with suffix ``.md``).
+The committed ``docs/graph_tools.json`` / ``docs/results.md`` are never overwritten by default.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from onnxopt import api, runtime  # noqa: E402
+from onnxopt import api, bench, runtime
 
 SHAPES = {  # concrete sizes for symbolic dims, as in tests/test_cli.py
     "cnn_dynamic": {"image": (2, 3, 24, 40)},
@@ -158,10 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("models", nargs="*", type=Path)
     p.add_argument("--runs", type=int, default=20)
-    p.add_argument("--json", type=Path, default=Path("bench-results/graph_tools.json"))
-    p.add_argument("--md", type=Path, default=Path("bench-results/graph_tools.md"))
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the JSON here and the Markdown table beside it (.md); default: print only")
     a = p.parse_args(argv)
     models = a.models or sorted((ROOT / "models").glob("*.onnx"))
+    info = bench.machine()
+    print(bench.machine_line(info), flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for m in models:
@@ -171,10 +178,15 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
             if rows:
                 print(markdown(rows[-1:]).splitlines()[2], flush=True)
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps({"onnxruntime": ort.__version__, "rows": rows}, indent=2))
-    a.md.write_text(markdown(rows))
     print(markdown(rows))
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        machine = {k: v for k, v in info.items() if k != "flags"}
+        a.out.write_text(json.dumps({"onnxruntime": ort.__version__, "machine": machine, "runs": a.runs, "rows": rows},
+                                    indent=2))
+        md = a.out.with_suffix(".md")
+        md.write_text(f"{bench.machine_line(info)}\n\n{markdown(rows)}")
+        print(f"wrote {a.out} and {md}")
     return 0
 
 

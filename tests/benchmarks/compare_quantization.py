@@ -1,6 +1,6 @@
 """onnxopt quantize vs onnxruntime.quantization.quantize_static, side by side in one run.
 
-    python tests/benchmarks/compare_quantization.py [--models digits_cnn ...] [--json docs/quantization.json]
+    python tests/benchmarks/compare_quantization.py [--models digits_cnn ...] [--no-rss] [--out results/quantization.json]
 
 Not a timed test.  For each reference model: success or the error, task accuracy (trained models,
 ``models.tasks``) or output cosine/SNR vs fp32 (others, on held-out random batches), CPU EP latency
@@ -12,6 +12,10 @@ ratio vs fp32 (1 thread, median of alternating runs in one process), file size. 
 
 Then calibration peak RSS at 16 vs 64 batches (fresh subprocess each, ``ru_maxrss``) for onnxopt
 and for quantize_static's Entropy calibrator, on digits_resnet.
+
+Output: the CPU it ran on (model, SIMD flags, cores, ORT version) first, then one line per model
+and tool as it finishes, then the whole JSON.  Nothing is written unless ``--out PATH`` is given
+(the JSON goes there); the committed ``docs/quantization.json`` is never overwritten by default.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from models import tasks
+from onnxopt import bench
 
 TRAINED = ["digits_cnn", "digits_resnet", "digits_mobilenet", "text_crnn"]
 OTHERS = ["cnn_bn_depthwise", "cnn_dynamic", "yolo_head", "crnn", "transformer_encoder", "bert_encoder"]
@@ -152,11 +157,14 @@ def peak_rss(tool: str, src: Path, data: Path, out: Path) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="*", default=[m for m in TRAINED + OTHERS if (ROOT / "models" / f"{m}.onnx").exists()])
-    p.add_argument("--json", default=str(ROOT / "docs" / "quantization.json"))
+    p.add_argument("--out", type=Path, default=None, help="write the JSON here; default: print only")
     p.add_argument("--no-rss", action="store_true")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    results: dict = {"ort_version": ort.__version__, "models": {}}
+    info = bench.machine()
+    print(bench.machine_line(info), flush=True)
+    results: dict = {"ort_version": ort.__version__, "machine": {k: v for k, v in info.items() if k != "flags"},
+                     "models": {}}
     with tempfile.TemporaryDirectory(prefix="onnxopt-qbench-") as tmp:
         tmp = Path(tmp)
         for name in args.models:
@@ -191,8 +199,13 @@ def main(argv=None) -> int:
                         rss[f"{tool}_{n}"] = f"failed: {e}"
                     print(f"calibration peak RSS {tool} {n} batches: {rss[f'{tool}_{n}']}", flush=True)
             results["calibration_peak_rss_mb"] = rss
-    Path(args.json).write_text(json.dumps(results, indent=1))
-    print(f"wrote {args.json}")
+    text = json.dumps(results, indent=1)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        print(text)
     return 0
 
 
