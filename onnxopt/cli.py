@@ -341,7 +341,8 @@ def optimize(model, output, pipeline_text, report_path, ep_text, shapes, data, p
               help="Range method: minmax, percentile (percentile{p=99.9} to set p), entropy, mse.")
 @click.option("--ep", "ep_text", default="cpu", show_default=True, help="Target EP: cpu, openvino, cuda, tensorrt.")
 @click.option("--max-drop", type=float, default=0.01, show_default=True,
-              help="Accuracy budget: largest allowed drop of the metric (default metric: output cosine vs fp32).")
+              help="Accuracy budget: largest allowed drop of the metric (default: per output, top-1 agreement at every "
+                   "position for class scores, cosine otherwise; see README).")
 @click.option("--metric", default=None,
               help="Task metric module:function or path/to/file.py:function, called with an ORT session, higher is "
                    "better. A module name is imported with the current directory first on sys.path (as python -m does).")
