@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import xml.etree.ElementTree as ET
 
@@ -66,7 +67,7 @@ def test_grouped_bars_side_by_side_and_legend():
 
 def test_bars_negative_values_grow_down_from_zero():
     root = parse(plots.bars("t", ["a", "b"], {"s": [-1.0, 2.0]}))
-    (xa, ya, wa, ha), (xb, yb, wb, hb) = [geometry(r) for r in marks(root, "rect")]
+    (_, ya, _, ha), (_, yb, _, hb) = [geometry(r) for r in marks(root, "rect")]
     assert hb == pytest.approx(2 * ha, abs=0.15)
     zero = yb + hb  # the positive bar's foot is the zero line, where the negative bar starts
     assert ya == pytest.approx(zero, abs=0.1)
@@ -86,7 +87,7 @@ def test_bars_empty_and_single_value():
     assert marks(empty, "rect") == [] and "no data" in texts(empty)
     single = parse(plots.bars("one", ["only"], {"s": [5.0]}))
     (bar,) = marks(single, "rect")
-    x, y, w, h = geometry(bar)
+    _, y, _, h = geometry(bar)
     assert h == pytest.approx(SPAN, abs=0.1) and y == pytest.approx(plots.TOP, abs=0.1)
     zero = parse(plots.bars("zero", ["only"], {"s": [0.0]}))
     assert geometry(marks(zero, "rect")[0])[3] == 0.0
@@ -100,7 +101,7 @@ def test_histogram_counts_scale():
     root = parse(plots.histogram("h", {"a": [0.0, 1.0, 1.0, 1.0, 1.0]}, bins=2))
     rects = [geometry(r) for r in marks(root, "rect")]
     assert len(rects) == 2
-    (x0, _, w0, h0), (x1, _, w1, h1) = rects
+    (x0, _, w0, h0), (x1, _, _, h1) = rects
     assert h1 == pytest.approx(4 * h0, abs=0.15) and h1 == pytest.approx(SPAN, abs=0.1)
     assert x1 == pytest.approx(x0 + w0, abs=0.11) and w0 == pytest.approx((plots.W - plots.LEFT - plots.RIGHT) / 2, abs=0.1)
     titles = [r.find(NS + "title").text for r in marks(root, "rect")]
@@ -125,7 +126,7 @@ def test_line_points_follow_values_and_mark():
     assert len(points) == 4
     ys = [float(p.get("cy")) for p in points]
     xs = [float(p.get("cx")) for p in points]
-    steps = [a - b for a, b in zip(ys, ys[1:])]
+    steps = [a - b for a, b in itertools.pairwise(ys)]
     assert all(s == pytest.approx(steps[0], abs=0.15) for s in steps) and steps[0] > 0  # equal decades, going up
     assert xs == sorted(xs)
     assert "first divergence: n2" in texts(root)

@@ -2,7 +2,7 @@
 basic-level optimizer, in one process, on the same inputs.
 
     pip install -e ".[bench]"
-    python tests/benchmarks/compare_graph_tools.py [MODEL.onnx ...] [--runs 20] [--out results/graph_tools.json]
+    python tests/benchmarks/compare_graph_tools.py [MODEL.onnx ...] [--runs 20] [--out bench-results/graph_tools.json]
 
 Per model and tool: node count (subgraphs included), file size, tool wall time, max abs diff vs
 the original on ORT (same synthesized inputs), ORT CPU speed-up original/optimized (medians of

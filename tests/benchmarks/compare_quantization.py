@@ -1,6 +1,6 @@
 """onnxopt quantize vs onnxruntime.quantization.quantize_static, side by side in one run.
 
-    python tests/benchmarks/compare_quantization.py [--models digits_cnn ...] [--no-rss] [--out results/quantization.json]
+    python tests/benchmarks/compare_quantization.py [--models digits_cnn ...] [--no-rss] [--out bench-results/quantization.json]
 
 Not a timed test.  For each reference model: success or the error, task accuracy (trained models,
 ``models.tasks``) or output cosine/SNR vs fp32 (others, on held-out random batches), CPU EP latency
