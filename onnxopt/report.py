@@ -188,15 +188,21 @@ def _labels(report: dict) -> dict[str, str]:
     return labels([r["model"] for r in report["results"]])
 
 
+def _vs_cpu(r: dict) -> str:
+    """Speed-up against the first model on the CPU EP (the cross-EP ratio users ask for)."""
+    return f"{r['speedup_vs_cpu_first']:.2f}x" if r.get("speedup_vs_cpu_first") is not None else "-"
+
+
 def markdown_bench(report: dict) -> str:
     label = _labels(report)
     lines = ["# onnxopt bench report", "", f"- threads: {report['threads']}, warm-up {report['warmup']}, runs {report['runs']}", "",
-             "| model | EP | batch | p50 ms | p90 ms | p99 ms | mean ms | std | samples/s | load ms | RSS MB | vs first |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | EP | batch | p50 ms | p90 ms | p99 ms | mean ms | std | samples/s | load ms | RSS MB | vs first "
+             "| vs cpu first |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         lines.append(f"| {label[r['model']]} | {r['ep']} | {r['batch'] or '-'} | {r['p50_ms']:.3f} | "
                      f"{r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {r['mean_ms']:.3f} | {r['std_ms']:.3f} | "
-                     f"{r['throughput']:.1f} | {r['load_ms']:.1f} | {r['rss_mb']:.1f} | {r['speedup_vs_first']:.2f}x |")
+                     f"{r['throughput']:.1f} | {r['load_ms']:.1f} | {r['rss_mb']:.1f} | {r['speedup_vs_first']:.2f}x | "
+                     f"{_vs_cpu(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -359,11 +365,11 @@ def html_bench(report: dict) -> str:
     label = _labels(report)
     rows = [[html.escape(label[r["model"]]), r["ep"], r["batch"] or "-", round(r["p50_ms"], 3),
              round(r["p90_ms"], 3), round(r["p99_ms"], 3), round(r["mean_ms"], 3), round(r["std_ms"], 3),
-             round(r["throughput"], 1), round(r["load_ms"], 1), round(r["rss_mb"], 1), f"{r['speedup_vs_first']:.2f}x"]
-            for r in results]
+             round(r["throughput"], 1), round(r["load_ms"], 1), round(r["rss_mb"], 1), f"{r['speedup_vs_first']:.2f}x",
+             _vs_cpu(r)] for r in results]
     parts = [f"<p>threads {report['threads']}, warm-up {report['warmup']}, runs {report['runs']}</p>",
              _table(["model", "EP", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std", "samples/s", "load ms",
-                     "RSS MB", "vs first"], rows)]
+                     "RSS MB", "vs first", "vs cpu first"], rows)]
     groups: dict[str, dict[str, list[float]]] = {}
     for r in results:
         groups.setdefault(f"{r['ep']} batch {r['batch'] or '-'}", {})[label[r["model"]]] = r.get("times_ms", [])

@@ -81,7 +81,10 @@ def session(model: str | os.PathLike | bytes, ep: str = "cpu", threads: int | No
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     source = model if isinstance(model, bytes) else str(model)
     name = provider(ep)
-    providers = [(name, EP_OPTIONS.get(name, {}))]
+    options = dict(EP_OPTIONS.get(name, {}))
+    if threads and name == "OpenVINOExecutionProvider":
+        options["num_of_threads"] = str(threads)  # OpenVINO's CPU plugin has its own thread pool
+    providers = [(name, options)]
     if name != "CPUExecutionProvider":
         providers.append(("CPUExecutionProvider", {}))  # fallback for nodes the EP does not take
     try:

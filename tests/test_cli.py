@@ -165,7 +165,7 @@ def test_inspect_and_passes(cli, tmp_path):
     assert result.exit_code == 0
     assert "opsets: ai.onnx 13" in result.output
     assert "x: FLOAT [nx4]" in result.output
-    assert "If 'None'.then_branch" in result.output or "If " in result.output
+    assert "If ''.then_branch: 5 nodes" in result.output and "If ''.else_branch: 5 nodes" in result.output
     assert "Loop" in result.output
     result = cli("inspect", "--json", next(m for m in MODELS if m.name == "custom_domain.onnx"))
     info = json.loads(result.output)

@@ -2,7 +2,7 @@
 
     pip install -e ".[bench]"
     python tests/benchmarks/backend_suite.py [--kind simple,light,...] [--only NAME ...]
-        [--json docs/backend_suite.json] [--md docs/backend_suite.md] [--no-onnxslim]
+        [--out docs/backend_suite.json] [--no-onnxslim]
 
 Models come from the installed onnx wheel (``onnx/backend/test/data``):
 
@@ -415,10 +415,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kind", default=",".join(KINDS))
     ap.add_argument("--only", nargs="*", help="substrings of model names")
-    ap.add_argument("--json", default=str(ROOT / "docs" / "backend_suite.json"))
-    ap.add_argument("--md", default=str(ROOT / "docs" / "backend_suite.md"))
+    ap.add_argument("--out", type=Path, default=None,
+                    help="write JSON here and the Markdown table beside it (.md); without it, print only")
     ap.add_argument("--no-onnxslim", action="store_true")
     args = ap.parse_args(argv)
+    from onnxopt import bench
+    print(bench.machine_line(), flush=True)
     logging.basicConfig(level=logging.ERROR)
     ort.set_default_logger_severity(4)
     rows = []
@@ -438,10 +440,9 @@ def main(argv=None) -> int:
                   f"{row.get('reason') or row.get('reference_mismatch') or ''}"[:220], flush=True)
     summ = summary(rows)
     print(json.dumps(summ, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"summary": summ, "models": rows}, indent=1) + "\n")
-    if args.md:
-        Path(args.md).write_text(markdown(rows, summ))
+    if args.out:
+        args.out.write_text(json.dumps({"summary": summ, "models": rows}, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(rows, summ))
     return 0
 
 
