@@ -15,14 +15,24 @@ import logging
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from onnx import numpy_helper as nh
 
 from tests.fuzz import oracle, regressions, strategies
 
 CONFIGS = oracle.configs()
-# Budget: ~50 graphs per configuration (9 configurations), about 1-2 minutes on 2 busy cores.
+# Budget: 50 graphs per configuration (9), about 1 minute (1.5 on 2 busy cores).
 EXAMPLES = 50
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
+
+# Open idempotence bugs (minimal reproducers, xfail(strict=True), in tests/fuzz/regressions.py):
+# for these passes the random-graph test checks correctness only, so it stays deterministic and
+# green while the bug is open.  Remove an entry when the bug is fixed.
+IDEMPOTENCE_OPEN = {
+    "simplify": "regressions.simplify_not_idempotent_matmul_add_zero, simplify_duplicate_node_names_gemm",
+    "fold-shapes": "regressions.fold_shapes_not_idempotent_topk_k_from_shape",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -33,13 +43,13 @@ def _quiet():
 
 
 @pytest.mark.parametrize("label,text", CONFIGS, ids=[c[0] for c in CONFIGS])
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
+@SETTINGS
 @given(case=strategies.graphs())
-def test_pass_preserves_outputs_on_random_graphs(label, text, case):
-    verdict = oracle.check_case(case, [(label, text)])
+def test_pass_on_random_graphs(label, text, case):
+    """Outputs equal at every point the original runs, no crash, a valid loadable result; and a
+    second run on the result changes no node (count and op types) and stays correct."""
+    verdict = oracle.check_case(case, [(label, text)], idempotence=label not in IDEMPOTENCE_OPEN)
     if not verdict.valid:
-        from hypothesis import reject
         reject()
     assert not verdict.findings, f"{case.describe()}: " + "; ".join(map(str, verdict.findings))
 

@@ -361,6 +361,31 @@ def block_shape_arith(b: Builder, x: Val) -> Val:
     return x
 
 
+def block_second_input(b: Builder, x: Val) -> Val:
+    """A second float input y[N, K] sharing x's batch dim (same symbolic name or same size):
+    Shape chains across inputs, Reshape(x, [Shape(y)[0], -1]), Add(ReduceMean(x), y)."""
+    c = b.c
+    K = x.dims[1] if c.bool() else c.choice([1, 2, 5])
+    name = b.fresh("y")
+    dims = [x.dims[0], K]
+    b.inputs.append(h.make_tensor_value_info(name, T.FLOAT, dims))
+    b.specs.append(InputSpec(name, "float", dims))
+    sy = b.one("Shape", [name])
+    n0 = b.one("Slice", [sy, b.ints([0]), b.ints([1])]) if c.bool() else \
+        b.one("Unsqueeze", [b.one("Gather", [sy, b.ints(0)], axis=0), b.ints([0])])
+    r = b.one("Reshape", [x.name, b.one("Concat", [n0, b.ints([-1])], axis=0)])
+    b.outputs.append(Val(r, T.FLOAT, None))
+    if K == x.dims[1]:
+        m = b.one("ReduceMean", [x.name], axes=[2, 3], keepdims=0) if b.opset < 18 else \
+            b.one("ReduceMean", [x.name, b.ints([2, 3])], keepdims=0)
+        b.outputs.append(Val(b.one("Add", [m, name]), T.FLOAT, None))
+    else:  # y's dims feed an Expand of x's per-sample mean
+        m = b.one("ReduceMean", [r], axes=[1], keepdims=1) if b.opset < 18 else \
+            b.one("ReduceMean", [r, b.ints([1])], keepdims=1)
+        b.outputs.append(Val(b.one("Expand", [m, sy]), T.FLOAT, None))
+    return x
+
+
 def _find(b: Builder, out: str):
     for n in b.nodes:
         if out in n.output:
@@ -551,6 +576,12 @@ def block_if(b: Builder, x: Val) -> Val:
         d1 = b.one("Relu", [t2], nodes=tn)
         d2 = b.one("Relu", [t2], nodes=tn)
         t2 = b.one("Add", [d1, d2], nodes=tn)
+    if c.bool():  # an exporter shape chain inside the branch, on outer-scope x
+        sh = b.one("Shape", [x.name], nodes=tn)
+        g0 = b.one("Gather", [sh, b.one("Constant", [], nodes=tn, value=nh.from_array(np.array(0, np.int64)))], nodes=tn, axis=0)
+        u = b.one("Unsqueeze", [g0, b.one("Constant", [], nodes=tn, value=nh.from_array(np.array([0], np.int64)))], nodes=tn)
+        tgt = b.one("Concat", [u, b.one("Constant", [], nodes=tn, value=nh.from_array(np.array([-1], np.int64)))], nodes=tn, axis=0)
+        t2 = b.one("Reshape", [b.one("Reshape", [t2, tgt], nodes=tn), sh], nodes=tn)
     en: list = []
     same_shape = c.bool()
     if same_shape:
@@ -836,7 +867,7 @@ def block_traps(b: Builder, x: Val) -> Val:
 
 
 BLOCKS = {
-    "traps": block_traps, "shape_arith": block_shape_arith, "affine": block_affine, "shape_chain": block_shape_chain, "reduce_axes": block_reduce_axes,
+    "traps": block_traps, "second_input": block_second_input, "shape_arith": block_shape_arith, "affine": block_affine, "shape_chain": block_shape_chain, "reduce_axes": block_reduce_axes,
     "dynamic": block_dynamic, "if": block_if, "loop": block_loop, "noise": block_noise,
 }
 
