@@ -287,7 +287,7 @@ def cross_ep_lines(results: list[BenchResult]) -> list[str]:
     if len({r.ep for r in results}) < 2:
         return []
     label = labels([r.model for r in results])
-    lines = []
+    lines: list[str] = []
     for r in results:
         base = next((b for b in results if b.ep == "cpu" and b.batch == r.batch), None)
         if base is None or r.speedup_vs_cpu_first is None or r is base:

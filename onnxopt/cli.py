@@ -27,6 +27,7 @@ import re
 import signal
 import sys
 import threading
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def run_isolated(fn: Callable[[], object], label: str, output: str | os.PathLike
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
 
-    previous = {}
+    previous: dict[signal.Signals, typing.Any] = {}
     if threading.current_thread() is threading.main_thread():
         for signum, handler in ((signal.SIGINT, signal.SIG_IGN), (signal.SIGTERM, forward), (signal.SIGHUP, forward)):
             previous[signum] = signal.signal(signum, handler)
@@ -356,44 +357,58 @@ def optimize(model, output, pipeline_text, report_path, ep_text, shapes, data, p
               help="Keep in float the layers that run slower quantized on --ep, and write the float model if the "
                    "result is slower than fp32 (--no-latency-guard: quantize regardless, e.g. for size).")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales per output channel.")
+@click.option("--recipe", "recipe_path", type=click.Path(), default=None,
+              help="Replay a recipe (from --save-recipe or a JSON report): its placement, method, weights and recovery, "
+                   "without the latency guard or budget search (calibration still runs on --data or --load-stats).")
+@click.option("--save-recipe", type=click.Path(), default=None, help="Write the recipe (JSON) for --recipe.")
 @click.option("--force", is_flag=True, help="Write the result even when the accuracy budget is missed.")
 @click.option("--report", "report_path", type=click.Path(), default=None, help="Write a report: .json, .md or .html.")
 @_isolated(lambda kw: str(kw["model"]), output="output")
 def quantize(model, output, data, preprocess, method, ep_text, max_drop, metric, recover_text, save_stats, load_stats,
-             calib_batches, exclude, latency_guard, per_channel, force, report_path):
+             calib_batches, exclude, latency_guard, per_channel, recipe_path, save_recipe, force, report_path):
     """Static int8 QDQ quantization of MODEL into OUTPUT, calibrated on --data, guarded for latency and accuracy."""
     if report_path:
         report.check_path(report_path)
     m = re.fullmatch(r"\s*(\w+)\s*(?:\{\s*p\s*=\s*([0-9.]+)\s*\})?\s*", method)
     if m is None or (m.group(2) and m.group(1) != "percentile"):
         raise UsageError(f"--method '{method}': expected minmax, percentile, percentile{{p=99.9}}, entropy or mse")
-    name, opts = m.group(1), ({"p": m.group(2)} if m.group(2) else {})
-    recovery = tuple(r for r in recover_text.split(",") if r and r != "none")
+    settings = {"method": m.group(1), "percentile": float(m.group(2) or 99.99), "ep": ep_text,
+                "per_channel": per_channel, "recovery": tuple(r for r in recover_text.split(",") if r and r != "none"),
+                "exclude": tuple(exclude), "latency_guard": latency_guard}
+    if recipe_path is not None:
+        ctx = click.get_current_context()
+        given = [f"--{p.replace('_text', '').replace('_', '-')}" for p in
+                 ("method", "ep_text", "per_channel", "recover_text", "exclude", "latency_guard")
+                 if ctx.get_parameter_source(p) not in (None, click.core.ParameterSource.DEFAULT)]
+        if given:
+            raise UsageError(f"--recipe fixes the placement and settings; drop {', '.join(given)}")
+        settings = {}
     try:
-        result = quantize_mod.quantize(
-            model, output, data=data, preprocess=preprocess, method=name, percentile=float(opts.get("p", 99.99)),
-            ep=ep_text, max_drop=max_drop, metric=metric, stats_in=load_stats, stats_out=save_stats,
-            recovery=recovery, latency_guard=latency_guard, per_channel=per_channel, force=force,
-            calib_limit=calib_batches, progress=_progress_enabled(), exclude=tuple(exclude))
+        with _progress(None, "calibrating") as update:
+            result = api.quantize(model, output, data=data, recipe=recipe_path, preprocess=preprocess, max_drop=max_drop,
+                                  metric=metric, stats_in=load_stats, stats_out=save_stats, recipe_out=save_recipe,
+                                  calib_limit=calib_batches, force=force, progress=update, **settings)
     except ValidationRefused as e:
         if report_path and e.result:
             report.write(e.result, report_path)
         raise
     if report_path:
         report.write(result, report_path)
+    _print_quantize(model, output, result)
+
+
+def _print_quantize(model, output, result: dict) -> None:
     r, acc, lat = result["recipe"], result["accuracy"], result["latency"]
     click.echo(f"{model}: {r['quantized_layers']} of {r['quantized_layers'] + len(r['float_layers'])} layers int8 "
-               f"({', '.join(f'{k} {v}' for k, v in sorted(r['kinds'].items())) or 'none'}), {len(r['float_layers'])} kept float")
-    click.echo(f"accuracy ({acc['metric']}): {acc['float']:.4f} -> {acc['quantized']:.4f} (drop {acc['drop']:.4f}, budget {acc['max_drop']:g})")
+               f"({', '.join(f'{k} {v}' for k, v in sorted(r['kinds'].items())) or 'none'}), {len(r['float_layers'])} kept float"
+               + (f" (recipe {r['replayed_from']})" if r.get("replayed_from") else ""))
+    click.echo(f"accuracy ({acc['metric']}): {acc['float']:.4f} -> {acc['quantized']:.4f} "
+               f"(drop {acc['drop']:.4f}, budget {acc['max_drop']:g})")
     click.echo(f"latency on {result['ep']} ({lat['threads']} thread): {lat['float_ms']:.3f} -> {lat['quantized_ms']:.3f} ms "
                f"({lat['speedup']:.2f}x)")
     if result["wrote_float_model"]:
         click.echo("quantizing did not make it faster on this EP: wrote the optimized float model")
     click.echo(f"wrote {output}")
-
-
-def _progress_enabled() -> bool:
-    return logging.getLogger("onnxopt").getEffectiveLevel() < logging.ERROR and sys.stderr.isatty()
 
 
 @main.command(short_help="Show a model's structure (and cost with --cost).")

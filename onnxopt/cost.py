@@ -92,10 +92,16 @@ def _with_input_shapes(model: ir.Model, overrides: Mapping[str, tuple[int, ...]]
     return copy
 
 
-def _prod(dims) -> int | None:
+def _ints(dims) -> tuple[int, ...] | None:
+    """``dims`` when every one is a known integer, else None."""
     if dims is None or any(not isinstance(d, int) for d in dims):
         return None
-    return math.prod(dims)
+    return tuple(dims)
+
+
+def _prod(dims) -> int | None:
+    known = _ints(dims)
+    return None if known is None else math.prod(known)
 
 
 def estimate(model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | None = None) -> Cost:
@@ -119,29 +125,29 @@ def estimate(model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | None = Non
 
 def _node_cost(node: ir.Node, dims: shape_inference.Shapes) -> tuple[int, int] | None:
     op = node.op_type
-    out = dims.get(node.outputs[0]) if node.outputs else None
+    out = _ints(dims.get(node.outputs[0])) if node.outputs else None
     out_elems = _prod(out)
     if op in NO_COMPUTE:
         return 0, 0
     if op in ("Conv", "ConvInteger", "QLinearConv"):
         w_index = 3 if op == "QLinearConv" else 1
-        w = dims.get(node.inputs[w_index])
-        if out is None or w is None or _prod(out) is None or _prod(w) is None:
+        w = _ints(dims.get(node.inputs[w_index]))
+        if out is None or w is None:
             return None
         # W is [C_out, C_in/group, k...]: each output element costs W[1] x prod(k) MACs
         macs = out[0] * out[1] * math.prod(out[2:]) * w[1] * math.prod(w[2:])
         bias = out_elems if len(node.inputs) > 2 and node.inputs[2] is not None and op == "Conv" else 0
         return macs, 2 * macs + bias
     if op == "ConvTranspose":
-        x, w = dims.get(node.inputs[0]), dims.get(node.inputs[1])
-        if _prod(x) is None or _prod(w) is None:
+        x, w = _ints(dims.get(node.inputs[0])), _ints(dims.get(node.inputs[1]))
+        if x is None or w is None:
             return None
         # W is [C_in, C_out/group, k...]: each input element feeds W[1] x prod(k) MACs
         macs = x[0] * x[1] * math.prod(x[2:]) * w[1] * math.prod(w[2:])
         return macs, 2 * macs
     if op == "Gemm":
-        a, b = dims.get(node.inputs[0]), dims.get(node.inputs[1])
-        if _prod(a) is None or _prod(b) is None or len(a) != 2 or len(b) != 2:
+        a, b = _ints(dims.get(node.inputs[0])), _ints(dims.get(node.inputs[1]))
+        if a is None or b is None or len(a) != 2 or len(b) != 2:
             return None
         trans_a = node.attributes["transA"].as_int() if "transA" in node.attributes else 0
         k = a[0] if trans_a else a[1]
@@ -151,20 +157,20 @@ def _node_cost(node: ir.Node, dims: shape_inference.Shapes) -> tuple[int, int] |
         macs = m * n * k
         return macs, 2 * macs + (m * n if len(node.inputs) > 2 and node.inputs[2] is not None else 0)
     if op in ("MatMul", "MatMulInteger", "FusedMatMul"):
-        a = dims.get(node.inputs[0])
-        if out_elems is None or _prod(a) is None or not a:
+        a = _ints(dims.get(node.inputs[0]))
+        if out_elems is None or a is None or not a:
             return None
         k = a[-1]
         macs = out_elems * k
         return macs, 2 * macs
     if op == "Attention" and node.domain == "com.microsoft":
-        x, w = dims.get(node.inputs[0]), dims.get(node.inputs[1])
-        if _prod(x) is None or _prod(w) is None or len(x) != 3:
+        x, w = _ints(dims.get(node.inputs[0])), _ints(dims.get(node.inputs[1]))
+        if x is None or w is None or len(x) != 3:
             return None
-        b, s, hidden_in = x
+        batch, seq, hidden_in = x
         qkv = w[1]
-        proj = b * s * hidden_in * qkv
-        attn = 2 * b * s * s * (qkv // 3)
+        proj = batch * seq * hidden_in * qkv
+        attn = 2 * batch * seq * seq * (qkv // 3)
         return proj + attn, 2 * (proj + attn)
     if op in ("MaxPool", "AveragePool", "LpPool"):
         kernel = node.attributes["kernel_shape"].as_ints() if "kernel_shape" in node.attributes else None
@@ -172,8 +178,8 @@ def _node_cost(node: ir.Node, dims: shape_inference.Shapes) -> tuple[int, int] |
             return None
         return 0, out_elems * math.prod(kernel)
     if op in ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"):
-        x = _prod(dims.get(node.inputs[0]))
-        return (0, x) if x is not None else None
+        n_in = _prod(dims.get(node.inputs[0]))
+        return (0, n_in) if n_in is not None else None
     if out_elems is None:
         return None
     dtype = dims.dtype(node.outputs[0])
@@ -209,7 +215,7 @@ def _peak_activations(model: ir.Model, dims: shape_inference.Shapes) -> tuple[in
         users = [position.get(id(u.node), end) for u in v.uses()]
         last = end if v.is_graph_output() else max(users, default=start)
         intervals.append((start, last, size))
-    delta = collections.Counter()
+    delta: collections.Counter = collections.Counter()
     for start, last, size in intervals:
         delta[start] += size
         delta[last + 1] -= size

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,7 @@ class Preprocess:
                 if not sep:
                     raise ValueError
                 if key == "resize":
-                    w, h = re.fullmatch(r"(\d+)x(\d+)", value).groups()  # type: ignore[union-attr]
+                    w, h = re.fullmatch(r"(\d+)x(\d+)", value).groups()
                     fields["resize"] = (int(w), int(h))
                 elif key in ("mean", "std"):
                     fields[key] = tuple(float(v) for v in value.split("/"))
@@ -73,16 +73,16 @@ class Preprocess:
         from PIL import Image  # optional at import time: only image folders need Pillow
 
         try:
-            with Image.open(path) as img:
-                img = img.convert("RGB" if self.channels == 3 else "L")
+            with Image.open(path) as opened:
+                img = opened.convert("RGB" if self.channels == 3 else "L")
                 if self.resize:
-                    img = img.resize(self.resize, Image.BILINEAR)
+                    img = img.resize(self.resize, Image.Resampling.BILINEAR)
                 arr = np.asarray(img, dtype=np.float32)
         except Exception as e:  # noqa: BLE001 - OSError, DecompressionBombError, ValueError, ...
             raise BadInputError(f"{path}: cannot read image ({_first_line(e)})") from None
         if arr.ndim == 2:
             arr = arr[:, :, None]
-        arr = (arr * self.scale - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        arr = ((arr * self.scale - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)).astype(np.float32)
         return arr.transpose(2, 0, 1) if self.layout == "nchw" else arr
 
 
@@ -146,7 +146,7 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def feeds_for(sess: ort.InferenceSession, data: str | os.PathLike | None, shapes: dict | None,
+def feeds_for(sess: ort.InferenceSession, data: str | os.PathLike | None, shapes: Mapping[str, tuple[int, ...]] | None,
               preprocess: str | None = None, limit: int | None = None) -> list[dict[str, np.ndarray]]:
     """Batches from ``data`` (at most ``limit``), or one synthesized batch."""
     if data is None:

@@ -117,10 +117,10 @@ def _undefined_inputs_refused(path: Path, proto: onnx.ModelProto):
     finally:
         serde_logger.removeHandler(handler)
         serde_logger.propagate = propagate
-        undefined = None
+        undefined: tuple | None = None
         for record in handler.records:
             if undefined is None and "cannot be found in any scope" in str(record.msg) and len(record.args or ()) >= 4:
-                undefined = record.args
+                undefined = tuple(record.args)
             elif not str(record.msg).startswith("Caveat: The value is created in the subgraph"):
                 serde_logger.handle(record)  # not ours to judge: let it through as it would have been
     if undefined is not None:
@@ -270,10 +270,10 @@ def remove_stale_staging(folder: str | os.PathLike, pids: set[int] | None = None
     """Remove the ``.onnxopt-<pid>-<host>-*`` entries in ``folder`` left by processes of this host
     that no longer run (and older than STALE_AFTER_SECONDS), or, with ``pids``, those of exactly
     these (finished) processes whatever their age.  Returns what was removed; never raises."""
-    removed = []
+    removed: list[Path] = []
     now = time.time()
     try:
-        entries = list(os.scandir(folder))
+        entries = list(os.scandir(os.fspath(folder)))
     except OSError:
         return removed
     for entry in entries:

@@ -85,7 +85,7 @@ def match_values(a: onnx.ModelProto, b: onnx.ModelProto) -> list[tuple[str, str,
         name = by_content.get(_tensor_key(t))
         if name is not None:
             b2a[t.name] = name
-    index_a = {}
+    index_a: dict[tuple, onnx.NodeProto] = {}
     for n in a.graph.node:
         index_a.setdefault((n.domain, n.op_type, tuple(n.input), _attr_key(n)), n)
     pairs, seen = [], set()

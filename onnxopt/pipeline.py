@@ -42,7 +42,9 @@ class PassSpec:
 
 
 def _split_top(text: str) -> list[str]:
-    items, depth, cur = [], 0, []
+    items: list[str] = []
+    cur: list[str] = []
+    depth = 0
     for ch in text:
         if ch == "{":
             depth += 1
@@ -93,7 +95,7 @@ PIPELINE_ARGUMENTS = frozenset({"start_bytes"})
 
 def options_of(cls: type) -> dict[str, object]:
     """kebab-case option name -> default value, from the constructor's keyword arguments."""
-    params = inspect.signature(cls.__init__).parameters
+    params = inspect.signature(cls).parameters
     return {p.name.replace("_", "-"): p.default for p in params.values()
             if p.name != "self" and p.name not in PIPELINE_ARGUMENTS and p.default is not inspect.Parameter.empty}
 
@@ -121,7 +123,7 @@ def build(specs: Sequence[PassSpec], start_bytes: int | None = None) -> list[ir.
     for s in specs:
         cls = registry.get(s.name)
         kwargs = {k.replace("-", "_"): v for k, v in s.options.items()}
-        if "start_bytes" in inspect.signature(cls.__init__).parameters:
+        if "start_bytes" in inspect.signature(cls).parameters:
             kwargs["start_bytes"] = start_bytes
         passes.append(cls(**kwargs))
     return passes

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 PALETTE = ("#2f6db5", "#e07b39", "#3a9b5c", "#b8407a", "#7a5cc2", "#8c8c8c")
 W, H = 720, 300
@@ -63,7 +63,7 @@ def _axes(y, ticks) -> str:
     return "".join(out)
 
 
-def bars(title: str, categories: Sequence[str], series: dict[str, Sequence[float]], log: bool = False) -> str:
+def bars(title: str, categories: Sequence[str], series: Mapping[str, Sequence[float]], log: bool = False) -> str:
     """Grouped bar chart: one group per category, one bar per series."""
     if not categories:
         return _frame(title, '<text x="50%" y="50%" text-anchor="middle">no data</text>')
@@ -92,7 +92,7 @@ def bars(title: str, categories: Sequence[str], series: dict[str, Sequence[float
     return _frame(title, "".join(out), list(series))
 
 
-def histogram(title: str, samples: dict[str, Sequence[float]], bins: int = 30, log_x: bool = False) -> str:
+def histogram(title: str, samples: Mapping[str, Sequence[float]], bins: int = 30, log_x: bool = False) -> str:
     """Overlaid histograms (counts) of one or more samples on a shared x range."""
     values = [v for vs in samples.values() for v in vs if math.isfinite(v)]
     if not values:

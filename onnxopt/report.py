@@ -373,8 +373,8 @@ def html_bench(report: dict) -> str:
     groups: dict[str, dict[str, list[float]]] = {}
     for r in results:
         groups.setdefault(f"{r['ep']} batch {r['batch'] or '-'}", {})[label[r["model"]]] = r.get("times_ms", [])
-    for label, samples in groups.items():
-        parts.append(plots.histogram(f"Latency distribution (ms), {label}", samples))
+    for title, samples in groups.items():
+        parts.append(plots.histogram(f"Latency distribution (ms), {title}", dict(samples)))
     return _page("onnxopt bench", "".join(parts))
 
 

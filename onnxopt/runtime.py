@@ -187,6 +187,7 @@ def synthesize(sess: ort.InferenceSession, overrides: Mapping[str, tuple[int, ..
                 f"input '{inp.name}' {list(shape)} {np.dtype(dtype).name}: synthesizing it would take {what} "
                 f"(limit {MAX_SYNTHESIZED_BYTES / 2**30:g} GiB); give real inputs with --data, "
                 f"or smaller symbolic dims with --shape {inp.name}:...")
+        value: np.ndarray
         if "mask" in inp.name.lower() and dtype != np.str_ and len(shape) >= 1:
             value = _padding_mask(rng, shape).astype(dtype)
         elif dtype == np.bool_:

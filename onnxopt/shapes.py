@@ -48,7 +48,7 @@ class Shapes:
         if value is None:
             return None
         if value.const_value is not None:
-            return tuple(int(d) for d in value.const_value.shape)
+            return tuple(value.const_value.shape.numpy())
         if value.is_graph_input() and value.shape is not None:
             return tuple(_dim(d) for d in value.shape)
         return self._table.get(value.name)

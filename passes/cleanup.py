@@ -115,7 +115,7 @@ def _lift_constant(node: ir.Node) -> str | None:
     graph = node.graph
     if out.name in graph.initializers:
         return "an initializer already has its name"
-    value = ir.Value(name=out.name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape),
+    value = ir.Value(name=out.name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape.numpy()),
                      const_value=tensor, metadata_props=out.metadata_props.copy())
     out.replace_all_uses_with(value)
     graph.remove(node, safe=True)

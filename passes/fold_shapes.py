@@ -109,8 +109,8 @@ class FoldShapes(OptPass):
             return Match.fail("target shape not known symbolically")
         data_dims = dims.get(node.inputs[0])
         data_syms = [_dim_expr(node.inputs[0], i, d) for i, d in enumerate(data_dims)] if data_dims else []
-        allowzero = node.attributes.get("allowzero")
-        allowzero = allowzero.as_int() if allowzero is not None else 0
+        allowzero_attr = node.attributes.get("allowzero")
+        allowzero = allowzero_attr.as_int() if allowzero_attr is not None else 0
         new, unknown = [], 0
         for i, e in enumerate(target.elems):
             if e is not None and not e[1]:

@@ -71,7 +71,7 @@ def _single_user(value: ir.Value, op: str | tuple[str, ...]) -> ir.Node | None:
     uses = value.uses()
     if value.is_graph_output() or len(uses) != 1:
         return None
-    user = uses[0].node
+    user = next(iter(uses)).node
     ops = (op,) if isinstance(op, str) else op
     return user if user.op_type in ops and is_standard(user) else None
 

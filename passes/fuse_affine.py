@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import typing
 
 import numpy as np
 import onnx_ir as ir
@@ -42,12 +43,13 @@ class FuseAffine(OptPass):
                 continue
             match = self._match(node)
             if match.succeeded:
-                producer = match.value
+                producer = typing.cast(ir.Node, match.value)
                 if dims is None and producer.op_type == "MatMul":
                     dims = shape_inference.infer(model)
                 match = _affine(node, producer, dims)
                 if match.succeeded:
-                    match = _rewrite(producer, node, *match.value)
+                    s, t = typing.cast(tuple[np.ndarray, np.ndarray], match.value)
+                    match = _rewrite(producer, node, s, t)
                 match.tally(changed, skipped, f"{node.op_type} fused into {producer.op_type}")
             else:
                 match.tally(changed, skipped, "")
@@ -107,7 +109,7 @@ def _affine(consumer: ir.Node, producer: ir.Node, dims: shape_inference.Shapes |
     info = _channels(producer)
     if not info.succeeded:
         return info
-    c, _, out_axis = info.value
+    c, _, out_axis = typing.cast(tuple[int, int, int], info.value)
     op = consumer.op_type
     if op == "BatchNormalization":
         if producer.op_type not in ("Conv", "ConvTranspose") and _output_rank(producer, dims) != 2:
@@ -167,7 +169,7 @@ def _per_channel(k: np.ndarray, c: int, out_axis: int, producer: ir.Node) -> np.
 
 def _rewrite(producer: ir.Node, consumer: ir.Node, s: np.ndarray, t: np.ndarray) -> Match:
     op = producer.op_type
-    c, w_axis, _ = _channels(producer).value
+    c, w_axis, _ = typing.cast(tuple[int, int, int], _channels(producer).value)
     w = producer.inputs[1].const_value.numpy()
     dtype = w.dtype
     has_t = bool(np.any(t != 0))
