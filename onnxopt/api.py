@@ -142,6 +142,33 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
     return report
 
 
+def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, data: str | os.PathLike,
+             recipe=None, method: str | None = None, percentile: float | None = None, ep: str | None = None,
+             per_channel: bool | None = None, recovery: Sequence[str] | None = None,
+             exclude: Sequence[str] | None = None, latency_guard: bool | None = None,
+             preprocess: str | None = None, max_drop: float = 0.01, metric: str | None = None,
+             stats_in: str | os.PathLike | None = None, stats_out: str | os.PathLike | None = None,
+             recipe_out: str | os.PathLike | None = None, calib_limit: int | None = None, threads: int = 1,
+             force: bool = False, class_outputs: Mapping[str, int | None] | None = None,
+             progress: ProgressFn | None = None) -> dict:
+    """``onnxopt quantize``: static int8 QDQ quantization (see onnxopt.quantize), staged, scored
+    and committed through :func:`stage_validate_commit`; the report starts with :func:`header`.
+
+    The recipe settings (``method`` ... ``latency_guard``; None = the default) decide a new
+    placement; ``recipe`` (an ``onnxopt.quantize.Recipe`` or a JSON file from ``recipe_out`` or a
+    JSON quantize report) is replayed instead and excludes them.  ``progress(1)`` per calibration
+    batch.  Raises ValidationRefused(report) when the accuracy budget is missed and not ``force``."""
+    from onnxopt import quantize as quantize_mod
+
+    settings = {k: v for k, v in {"method": method, "percentile": percentile, "ep": ep, "per_channel": per_channel,
+                                  "recovery": recovery, "exclude": exclude, "latency_guard": latency_guard}.items()
+                if v is not None}
+    return quantize_mod.quantize(input_path, output_path, data=data, recipe=recipe, preprocess=preprocess,
+                                 max_drop=max_drop, metric=metric, stats_in=stats_in, stats_out=stats_out,
+                                 recipe_out=recipe_out, calib_limit=calib_limit, threads=threads, force=force,
+                                 class_outputs=class_outputs, progress=progress, **settings)
+
+
 def _first_divergence(original, candidate, result: validate.ValidationResult, ep: str) -> dict | None:
     """Layerwise comparison at the input point where an output diverged: the first node whose
     output differs names the pass's mistake.  None when the candidate cannot run at all."""

@@ -28,7 +28,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -212,9 +212,10 @@ class Stats:
 
 
 def collect(sess, names: list[str], feeds_iter: Iterable[Mapping[str, np.ndarray]], *,
-            bins: int = DEFAULT_BINS, progress=None) -> Stats:
+            bins: int = DEFAULT_BINS, progress: Callable[[int], None] | None = None) -> Stats:
     """Run ``sess`` (a session whose outputs include ``names``) on every batch of ``feeds_iter``
-    and fold the tensors into statistics.  Memory: one batch's activations + O(len(names) x bins).
+    and fold the tensors into statistics, calling ``progress(1)`` after each batch.  Memory: one
+    batch's activations + O(len(names) x bins).
 
     Bad data is refused with one line: NaN/Inf in an input batch, an empty source; a calibration
     set whose every input is constant gives a warning (the ranges will not represent real data)."""
@@ -239,7 +240,7 @@ def collect(sess, names: list[str], feeds_iter: Iterable[Mapping[str, np.ndarray
                 raise BadInputError(f"calibration batch {count}: tensor '{n}' became NaN/Inf inside the model") from None
         count += 1
         if progress is not None:
-            progress.update(1)
+            progress(1)
     if count == 0:
         raise BadInputError("calibration data is empty: no batch was read")
     if not varied:

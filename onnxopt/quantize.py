@@ -1,39 +1,55 @@
 """``onnxopt quantize``: static int8 QDQ quantization, guarded for latency and accuracy.
 
-Steps (DESIGN "Quantization design"):
+The command is a sequence of steps sharing one :class:`Recipe` (what was decided and why; the
+report's ``"recipe"``, replayed by ``--recipe``), each callable alone on a small model
+(DESIGN "Quantization design"):
 
-1. **Prepare**: refuse already-quantized models; run the default graph pipeline (BatchNorm and
-   constant affine ops folded into Conv/Gemm, cleanup, shape chains folded); upgrade the opset to
-   13 for per-channel weights (or fall back to per-tensor, with a warning); name every node.
-   Optional float-level recovery: cross-layer equalization (``--recover cle``).
-2. **Calibrate**, streaming (``onnxopt.calibrate``): one ORT run per batch with the needed tensors
-   as extra outputs.  Every 4th batch (up to 8) is held out for scoring instead.
-3. **Place** Q/DQ for the target EP (``passes/quantize_qdq.py``).
-4. **Latency guard**: each layer kind (dense conv, pointwise, depthwise, gemm) is tried quantized
-   and in float, whole-model latency on the target EP decides (``Quantizer.compare_latency``:
-   interleaved paired runs, the median of the per-pair ratios with an order-statistics confidence
-   interval, more pairs while it is ambiguous); a kind stays int8 only when it is faster by more
-   than ``LATENCY_MARGIN`` with confidence, and a tie goes to float, so repeated runs place layers
-   alike.  Then single layers go back to float only when that is clearly faster.  The result is
-   never slower than fp32: unless the final model is confidently faster, the float model is written.
-5. **Accuracy budget**: score = the user's metric (``--metric module:function``, called with an ORT
-   session, higher is better) or by default the prediction-level fidelity of ``onnxopt.fidelity``
-   on the held-out batches: top-1 agreement at every position for class-score outputs (Softmax/
-   LogSoftmax/Sigmoid heads, names like ``logits``), cosine for other outputs, worst output counts;
-   an agreement counts by its 95% lower bound when the held-out positions can certify the budget.
-   If ``fp32 score - score > max_drop``, layers are ranked by sensitivity (quantize one alone,
-   measure) and the most sensitive are kept in float until the budget holds.
-6. **Recovery** on the chosen recipe (``--recover``, default ``bias-correction``): bias correction
-   (per-channel mean output error, fp32 as teacher) and ``adaround`` (per-layer rounding chosen on
-   calibration activations).
+1. **Prepare** (:func:`prepare_model`): refuse already-quantized models; run the default graph
+   pipeline (BatchNorm and constant affine ops folded into Conv/Gemm, cleanup, shape chains
+   folded); upgrade the opset to 13 for per-channel weights (or fall back to per-tensor, with a
+   warning); name every node.  Float-level recovery: cross-layer equalization (``--recover cle``).
+2. **Calibrate** (:func:`calibrate_model`), streaming (``onnxopt.calibrate``): one ORT run per batch
+   with the needed tensors as extra outputs.  Every 4th batch (up to 8) is held out for scoring,
+   up to 8 of the others are kept for recovery.
+3. **Place** (:func:`place`): the starting placement keeps in float the layer kinds the EP profile
+   runs slower in int8 (depthwise on CPU) and ``--exclude``; :meth:`Quantizer.build` inserts Q/DQ
+   for a set of float layers (``passes/quantize_qdq.py``) and applies step 6.
+4. **Latency guard** (:func:`guard`): each layer kind (depthwise, pointwise, dense conv, gemm) is
+   tried quantized and in float, whole-model latency on the target EP decides
+   (``Quantizer.compare_latency``: interleaved paired runs, the median of the per-pair ratios with
+   an order-statistics confidence interval, more pairs while it is ambiguous); a kind stays int8
+   only when it is faster by more than ``LATENCY_MARGIN`` with confidence, and a tie goes to float,
+   so repeated runs place layers alike.  Then, when at most ``PER_LAYER_GUARD`` layers are int8,
+   each goes back to float only when that is faster by more than ``LATENCY_MARGIN`` with
+   confidence (``MIN_BLOCKS`` blocks of pairs).  ``--exclude`` layers stay float throughout.
+5. **Accuracy budget** (:func:`budget`): score = the user's metric (``--metric module:function``,
+   called with an ORT session, higher is better) or by default the prediction-level fidelity of
+   ``onnxopt.fidelity`` on the held-out batches: top-1 agreement at every position for class-score
+   outputs (Softmax/LogSoftmax/Sigmoid heads, names like ``logits``), cosine for other outputs,
+   worst output counts; an agreement counts by its 95% lower bound when the held-out positions can
+   certify the budget.  If ``fp32 score - score > max_drop``, layers are ranked by sensitivity
+   (quantize one alone, measure) and the most sensitive are kept in float until the budget holds.
+   Then :func:`final_check`: unless the result is confidently faster than fp32 (with the guard on),
+   the float model is written, so the result is never slower than fp32.
+6. **Recovery** (:func:`recover_model`, on every built candidate; ``--recover``, default
+   ``bias-correction,adaround``): bias correction subtracts from each layer's int32 bias the mean
+   output shift its weight rounding causes, ``(W_q - W) . E[x]`` with per-channel input means
+   measured on the float model; ``adaround`` chooses each layer's weight rounding to minimize its
+   output error on calibration activations (closed form, see ``passes/recover.py``).
 
-Validation is the budget: a result that misses it is not written (exit 3) unless ``--force``.
+Replay (a ``Recipe`` given, ``--recipe FILE``): the recipe's method, weights, recovery and float
+layers are used as they are; calibration still runs, the guard and budget searches do not.
+
+Validation is the budget: the model is written beside OUTPUT (``api.stage_validate_commit``),
+scored there, and renamed into place only when the drop is within ``max_drop``; otherwise nothing
+is written (exit 3) unless ``--force``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import importlib
+import json
 import logging
 import math
 import os
@@ -46,9 +62,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt import __version__, bench, calibrate, fidelity, io, pipeline, runtime
+from onnxopt import api, bench, calibrate, fidelity, io, pipeline, runtime
 from onnxopt import data as data_mod
-from onnxopt.errors import BadInputError, InternalError, OnnxoptError, UsageError, ValidationRefused
+from onnxopt.errors import BadInputError, InternalError, OnnxoptError, UsageError
 from onnxopt.passes import quantize_qdq as qq
 from onnxopt.passes import recover
 
@@ -61,11 +77,14 @@ KIND_ORDER = ("depthwise", "pointwise", "conv", "gemm")
 #: int8 must be faster than float by more than this fraction (with confidence) to be kept; a single
 #: layer goes back to float only when that is faster by more than it too
 LATENCY_MARGIN = 0.03
-PER_LAYER_GUARD = 24  # layers tried one by one in float after the per-kind decisions
+#: the layer-by-layer pass runs only when at most this many layers are int8 after the per-kind
+#: decisions (each layer costs one comparison); with more it is skipped, not truncated
+PER_LAYER_GUARD = 24
 #: latency comparison: pairs per block, blocks at least / at most, seconds at most per comparison
 PAIRS_PER_BLOCK, MIN_BLOCKS, MAX_BLOCKS, COMPARE_SECONDS = 16, 2, 6, 12.0
 Z_CONFIDENCE = 2.0  # ~95% two-sided interval for the median ratio (order statistics)
-
+RECIPE_FORMAT = "onnxopt-recipe/1"
+HELD_OUT, RECOVERY_BATCHES = 8, 8
 
 def load_metric(spec: str | None) -> Callable | None:
     """``module:function`` or ``path/to/file.py:function`` -> the callable.
@@ -161,33 +180,260 @@ def serialize(model: ir.Model) -> bytes:
     return ir.to_proto(model).SerializeToString()
 
 
+# ---------------------------------------------------------------- the recipe and the run's options
+
+@dataclasses.dataclass
+class Recipe:
+    """What quantize decides, and why; the report's ``"recipe"`` (:meth:`to_dict`) and what
+    ``--recipe`` replays (:meth:`from_dict`).  Settings: ``ep`` (its ``qq.Profile``: activation type,
+    float kinds), range ``method`` and ``percentile``, ``per_channel`` weights, ``weight_bits`` (None:
+    from the EP and CPU, see ``qq.weight_qmax``), ``recovery`` passes, user ``exclude`` and whether the
+    ``latency_guard`` runs.  Decisions: ``float_layers`` (layer -> why it stays float), the guard's
+    ``latency_decisions`` and the budget's ``sensitivity`` ranking; ``replayed_from`` names the
+    recipe file a replay used."""
+
+    ep: str = "cpu"
+    method: str = "percentile"
+    percentile: float = 99.99
+    per_channel: bool = True
+    weight_bits: int | None = None
+    recovery: tuple[str, ...] = DEFAULT_RECOVERY
+    exclude: tuple[str, ...] = ()
+    latency_guard: bool = True
+    float_layers: dict[str, str] = dataclasses.field(default_factory=dict)
+    latency_decisions: list[dict] = dataclasses.field(default_factory=list)
+    sensitivity: list[dict] = dataclasses.field(default_factory=list)
+    replayed_from: str | None = None
+
+    def check(self) -> None:
+        """Usage errors (exit 1) for settings no step can run."""
+        if self.method not in calibrate.METHODS:
+            raise UsageError(f"--method '{self.method}': choose from {', '.join(calibrate.METHODS)}")
+        unknown = [r for r in self.recovery if r not in RECOVERY]
+        if unknown:
+            raise UsageError(f"--recover '{unknown[0]}': choose from {', '.join(RECOVERY)} or none")
+        if self.ep not in qq.PROFILES:
+            raise UsageError(f"--ep '{self.ep}': quantize targets {', '.join(qq.PROFILES)}")
+        if self.weight_bits not in (None, 7, 8):
+            raise UsageError(f"recipe weight_bits {self.weight_bits}: 7 or 8")
+
+    @property
+    def profile(self) -> qq.Profile:
+        return qq.PROFILES[self.ep]
+
+    @property
+    def qmax(self) -> int:
+        return qq.weight_qmax(self.ep) if self.weight_bits is None else (127 if self.weight_bits == 8 else 63)
+
+    @property
+    def build_recovery(self) -> tuple[str, ...]:
+        """The recovery applied to each built candidate (``cle`` runs once, on the float model)."""
+        return tuple(r for r in self.recovery if r != "cle")
+
+    def excluded(self) -> frozenset:
+        return frozenset(self.float_layers)
+
+    def to_dict(self, the_plan: qq.Plan | None = None) -> dict:
+        """JSON form; with the plan built from it, also its placement counts (report keys
+        ``quantized``, ``quantized_layers``, ``kinds``)."""
+        described = the_plan.describe() if the_plan is not None else {}
+        return {**described, "float_layers": sorted(self.float_layers),
+                "recovery": list(self.build_recovery) + (["cle"] if "cle" in self.recovery else []),
+                "latency_decisions": self.latency_decisions, "sensitivity": self.sensitivity,
+                "format": RECIPE_FORMAT, "ep": self.ep, "method": self.method,
+                "percentile": self.percentile if self.method == "percentile" else None,
+                "per_channel": self.per_channel, "weight_bits": 8 if self.qmax == 127 else 7,
+                "activation_type": self.profile.activation, "exclude": list(self.exclude),
+                "latency_guard": self.latency_guard,
+                "float_reasons": {n: self.float_layers[n] for n in sorted(self.float_layers)},
+                "replayed_from": self.replayed_from}
+
+    @classmethod
+    def from_dict(cls, d: Mapping, source: str | None = None) -> Recipe:
+        """A recipe from :meth:`to_dict`'s form or from a whole JSON quantize report."""
+        if isinstance(d, Mapping) and d.get("command") == "quantize" and isinstance(d.get("recipe"), Mapping):
+            d = d["recipe"]
+        if not isinstance(d, Mapping) or not isinstance(d.get("float_layers"), list):
+            raise BadInputError(f"{source or 'recipe'}: not an onnxopt recipe (no 'float_layers' list); "
+                                f"use a file written by --save-recipe or a JSON quantize report")
+        if d.get("format", RECIPE_FORMAT) != RECIPE_FORMAT:
+            raise BadInputError(f"{source or 'recipe'}: recipe format '{d['format']}', expected {RECIPE_FORMAT}")
+        reasons = d.get("float_reasons") or {}
+        return cls(ep=d.get("ep", "cpu"), method=d.get("method", "percentile"),
+                   percentile=float(d.get("percentile") or 99.99), per_channel=bool(d.get("per_channel", True)),
+                   weight_bits=d.get("weight_bits"), recovery=tuple(d.get("recovery", DEFAULT_RECOVERY)),
+                   exclude=tuple(d.get("exclude", ())), latency_guard=bool(d.get("latency_guard", True)),
+                   float_layers={n: reasons.get(n, "recipe") for n in d["float_layers"]},
+                   latency_decisions=list(d.get("latency_decisions", [])), sensitivity=list(d.get("sensitivity", [])),
+                   replayed_from=source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Recipe:
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise BadInputError(f"--recipe {path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+        return cls.from_dict(d, str(path))
+
+    def save(self, path: str | os.PathLike, the_plan: qq.Plan | None = None) -> None:
+        text = json.dumps(self.to_dict(the_plan), indent=2, default=str) + "\n"
+        tmp = Path(str(path) + ".tmp")
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise BadInputError(f"--save-recipe {path}: cannot write ({e.strerror or e})") from None
+
+
+@dataclasses.dataclass
+class Options:
+    """How a run works (not what it decides): data, scoring, files, threads, progress."""
+
+    data: str | os.PathLike
+    preprocess: str | None = None
+    max_drop: float = 0.01
+    metric: str | None = None
+    stats_in: str | os.PathLike | None = None
+    stats_out: str | os.PathLike | None = None
+    recipe_out: str | os.PathLike | None = None
+    force: bool = False
+    calib_limit: int | None = None
+    threads: int = 1
+    class_outputs: Mapping[str, int | None] | None = None
+    progress: api.ProgressFn | None = None
+
+
+# ---------------------------------------------------------------- 1. prepare
+
+@dataclasses.dataclass
+class Prepared:
+    """The prepared float model, its bytes, the full placement (every candidate int8) and notes."""
+
+    model: ir.Model
+    float_bytes: bytes
+    full_plan: qq.Plan
+    notes: list[str]
+
+
+def load_input(path: str | os.PathLike) -> ir.Model:
+    model = io.load(path)
+    if next(io.external_tensors(model), None) is not None and io.weight_bytes(model) > (1 << 31):
+        raise BadInputError("models over 2 GB are not quantized yet (their weights would be held in memory twice)")
+    return model
+
+
+def prepare_model(model: ir.Model, recipe: Recipe) -> Prepared:
+    """Step 1: :func:`prepare`, then ``cle`` when the recipe asks; sets ``recipe.per_channel`` to
+    what the opset allows.  Refuses a model with nothing to quantize."""
+    model, recipe.per_channel, notes = prepare(model, recipe.per_channel)
+    if "cle" in recipe.recovery:
+        notes.append(f"cross-layer equalization: {recover_float(model)['pairs equalized']} conv pairs")
+    full = qq.plan(model, recipe.profile)
+    if not full.targets:
+        raise BadInputError("nothing to quantize: no Conv, Gemm or MatMul with constant float weights in the main graph")
+    return Prepared(model, serialize(model), full, notes)
+
+
+# ---------------------------------------------------------------- 2. calibrate
+
+@dataclasses.dataclass
+class Calibration:
+    """Statistics, the held-out batches (scoring) and the recovery batches."""
+
+    stats: calibrate.Stats
+    held_out: list[dict]
+    recovery_set: list[dict]
+    seconds: float = 0.0
+    stats_file: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"batches": self.stats.batches, "held_out": len(self.held_out), "tensors": len(self.stats.tensors),
+                "bins": self.stats.bins, "seconds": self.seconds, "stats_file": self.stats_file}
+
+
+def calibrate_model(prepared: Prepared, data: str | os.PathLike, *, preprocess: str | None = None,
+                    stats_in: str | os.PathLike | None = None, stats_out: str | os.PathLike | None = None,
+                    limit: int | None = None, threads: int = 1, progress: api.ProgressFn | None = None) -> Calibration:
+    """Step 2: statistics of every tensor the full placement needs (or ``stats_in``), streaming;
+    every 4th batch (up to HELD_OUT) is held out, up to RECOVERY_BATCHES others kept for recovery.
+    ``progress(1)`` per calibration batch."""
+    t0 = time.perf_counter()
+    held_out: list[dict] = []
+    recovery_set: list[dict] = []
+    plain = runtime.session(prepared.float_bytes, "cpu", threads, optimize=False)
+
+    def stream():
+        for i, feeds in enumerate(data_mod.batches(data, plain, preprocess, limit)):
+            if i % 4 == 3 and len(held_out) < HELD_OUT:
+                held_out.append(feeds)
+                continue
+            if len(recovery_set) < RECOVERY_BATCHES:
+                recovery_set.append(feeds)
+            yield feeds
+
+    if stats_in is not None:
+        stats = calibrate.Stats.load(stats_in)
+        for feeds in stream():  # still need held-out / recovery batches
+            for k, v in feeds.items():
+                if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
+                    raise BadInputError(f"data: input '{k}' contains NaN or Inf")
+            if len(held_out) >= HELD_OUT and len(recovery_set) >= RECOVERY_BATCHES:
+                break
+    else:
+        names = prepared.full_plan.stats_names()
+        extra = runtime.session(runtime.with_outputs(ir.to_proto(prepared.model), names), "cpu", threads, optimize=False)
+        stats = calibrate.collect(extra, names, stream(), progress=progress)
+        del extra
+        stats.source = str(data)
+        if stats_out is not None:
+            stats.save(stats_out)
+    if not held_out:
+        held_out = recovery_set[-1:] or []
+    if not held_out:
+        raise BadInputError(f"{data}: no calibration batch was read")
+    return Calibration(stats, held_out, recovery_set, time.perf_counter() - t0, str(stats_in or stats_out or "") or None)
+
+
+# ---------------------------------------------------------------- 6. recover (used by every build)
+
+def recover_float(model: ir.Model) -> Mapping[str, int]:
+    """Float-level recovery, before calibration: cross-layer equalization (in place)."""
+    return recover.cle(model)
+
+
+def recover_model(q: Quantizer, model: ir.Model, the_plan: qq.Plan, recovery: tuple[str, ...]) -> ir.Model:
+    """Step 6 on a model with Q/DQ inserted (``adaround`` acts at insertion, see
+    :meth:`Quantizer.build`): bias correction, then cleanup."""
+    if "bias-correction" in recovery:
+        recover.bias_correction(model, the_plan, q.model, q.input_means)
+    return pipeline.run(model, pipeline.parse("cleanup")).model
+
+
 class Quantizer:
     """Holds the prepared float model, calibration statistics and scoring data; builds and
     measures candidate quantized models for a set of float-kept layers."""
 
-    def __init__(self, model: ir.Model, float_bytes: bytes, stats: calibrate.Stats, held_out: list[dict],
-                 recovery_set: list[dict], profile: qq.Profile, method: str, per_channel: bool, ep: str,
-                 metric: Callable | None, threads: int = 1, percentile: float = 99.99,
-                 recovery: tuple[str, ...] = (), class_outputs: Mapping[str, int | None] | None = None,
-                 max_drop: float | None = None):
-        self.model, self.float_bytes, self.stats = model, float_bytes, stats
-        self.held_out, self.recovery_set = held_out, recovery_set
-        self.profile, self.method, self.per_channel, self.ep, self.metric = profile, method, per_channel, ep, metric
-        self.threads, self.recovery = threads, recovery
-        self.qmax = qq.weight_qmax(ep)
-        self.candidates = qq.candidates(model)
-        self.full_plan = qq.plan(model, profile)
-        self.ranges = stats.ranges(method, self.full_plan.stats_names(), p=percentile)
+    def __init__(self, prepared: Prepared, calib: Calibration, recipe: Recipe, *, metric: Callable | None = None,
+                 metric_name: str | None = None, max_drop: float | None = None,
+                 class_outputs: Mapping[str, int | None] | None = None, threads: int = 1):
+        self.model, self.float_bytes, self.stats = prepared.model, prepared.float_bytes, calib.stats
+        self.held_out, self.recovery_set = calib.held_out, calib.recovery_set
+        self.profile, self.per_channel, self.ep = recipe.profile, recipe.per_channel, recipe.ep
+        self.metric, self.metric_name, self.threads, self.recovery = metric, metric_name, threads, recipe.build_recovery
+        self.qmax = recipe.qmax
+        self.candidates = qq.candidates(self.model)
+        self.full_plan = prepared.full_plan
+        self.ranges = calib.stats.ranges(recipe.method, self.full_plan.stats_names(), p=recipe.percentile)
         missing = [n for n in self.full_plan.stats_names() if n not in self.ranges]
         if missing:
             raise BadInputError(f"calibration statistics lack {len(missing)} tensor(s) this model needs, e.g. "
                                 f"'{missing[0]}' (statistics from another model?)")
         #: how each output is judged without --metric (onnxopt.fidelity); per-output results of the last score
-        self.rules = fidelity.rules(model, class_outputs)
+        self.rules = fidelity.rules(self.model, class_outputs)
         self.max_drop = max_drop
         self.last_results: list[dict] = []
-        self.float_session = runtime.session(self.float_bytes, ep, threads)
-        self.reference = [runtime.run(self.float_session, f) for f in held_out]
+        self.float_session = runtime.session(self.float_bytes, self.ep, threads)
+        self.reference = [runtime.run(self.float_session, f) for f in self.held_out]
         self.float_score = self.score_session(self.float_session, self.reference)
         if metric is None:  # fp32 agrees with itself everywhere; a sample's lower bound is not its score
             self.float_score = 1.0
@@ -203,15 +449,13 @@ class Quantizer:
 
     # ---------------------------------------------------------------- building
     def build(self, exclude=frozenset(), recovery: tuple[str, ...] | None = None) -> tuple[ir.Model, qq.Plan]:
+        """A copy of the float model with Q/DQ for every candidate not in ``exclude``, recovered."""
         recovery = self.recovery if recovery is None else recovery
         the_plan = qq.plan(self.model, self.profile, exclude)
         model = self.model.clone()
         weights = self.rounded_weights if "adaround" in recovery else {}
         qq.QuantizeQDQ(the_plan, self.ranges, self.profile, self.per_channel, self.qmax, weights)(model)
-        if "bias-correction" in recovery:
-            recover.bias_correction(model, the_plan, self.model, self.input_means)
-        model = pipeline.run(model, pipeline.parse("cleanup")).model
-        return model, the_plan
+        return recover_model(self, model, the_plan, recovery), the_plan
 
     # ---------------------------------------------------------------- scoring
     def score_session(self, sess, reference=None) -> float:
@@ -219,15 +463,18 @@ class Quantizer:
             try:
                 return float(self.metric(sess))
             except Exception as e:  # noqa: BLE001 - user code
-                raise UsageError(f"--metric failed: {type(e).__name__}: {e}") from None
+                text = (str(e).strip().splitlines() or [""])[0]
+                raise BadInputError(f"--metric '{self.metric_name}' raised {type(e).__name__}: {text}") from None
         fid = fidelity.Fidelity(self.rules, self.max_drop)
         for feeds, ref in zip(self.held_out, reference or self.reference):
             fid.add(ref, runtime.run_candidate(sess, feeds, list(ref)))
         self.last_results = fid.results()
         return min((r["score"] for r in self.last_results), default=1.0)
 
-    def score(self, model: ir.Model) -> float:
-        return self.score_session(runtime.session(serialize(model), self.ep, self.threads))
+    def score(self, model: ir.Model | str | os.PathLike) -> float:
+        """Score a model (or a model file)."""
+        return self.score_session(runtime.session(serialize(model) if isinstance(model, ir.Model) else str(model),
+                                                  self.ep, self.threads))
 
     def drop(self, model: ir.Model) -> float:
         return self.float_score - self.score(model)
@@ -253,7 +500,6 @@ class Quantizer:
             if time.perf_counter() > deadline:
                 break
         return [float(np.median(t)) for t in times]
-
     def compare_latency(self, a: bytes, b: bytes, margin: float = LATENCY_MARGIN, max_blocks: int = MAX_BLOCKS) -> dict:
         """Is model ``a`` faster than ``b`` by more than ``margin``, with confidence?
 
@@ -298,220 +544,271 @@ class Quantizer:
                 "interval": [lo, hi], "pairs": len(ta)}
 
 
-def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, **options) -> dict:
-    """Quantize ``input_path`` into ``output_path`` (options: see ``_quantize``); a crash inside is
-    one InternalError line (exit 4) and nothing is written."""
+# ---------------------------------------------------------------- 3. place
+
+def place(q: Quantizer, recipe: Recipe) -> None:
+    """Step 3: the starting placement in ``recipe.float_layers``: layer kinds the EP profile runs
+    slower in int8, and ``recipe.exclude`` (which no later step puts back in int8)."""
+    for name, kind in q.candidates.items():
+        if kind in recipe.profile.float_kinds:
+            recipe.float_layers.setdefault(name, f"{kind} starts in float on {recipe.ep} (EP profile: slower in int8)")
+    nodes = {n.name for n in q.model.graph}
+    for name in recipe.exclude:
+        recipe.float_layers[name] = "--exclude"
+        if name not in nodes:
+            logger.warning("--exclude '%s': the prepared model has no node of that name", name)
+
+
+def check_replay(q: Quantizer, recipe: Recipe) -> None:
+    """A replayed recipe must name this model's nodes (not another model's)."""
+    nodes = {n.name for n in q.model.graph}
+    unknown = sorted(set(recipe.float_layers) - nodes)
+    if unknown:
+        raise BadInputError(f"recipe {recipe.replayed_from or ''}: float layer '{unknown[0]}' is not a node of this "
+                            f"model ({len(unknown)} unknown; a recipe of another model?)")
+
+
+# ---------------------------------------------------------------- 4. latency guard
+
+def guard(q: Quantizer, recipe: Recipe) -> None:
+    """Step 4: :func:`guard_kinds`, then :func:`guard_layers`."""
+    guard_kinds(q, recipe)
+    guard_layers(q, recipe)
+
+
+def guard_kinds(q: Quantizer, recipe: Recipe) -> None:
+    """Each layer kind (KIND_ORDER) in int8 vs in float on the target EP: it stays int8 only when
+    confidently faster by more than LATENCY_MARGIN (a tie goes to float).  ``--exclude`` layers are
+    not tried."""
+    user = set(recipe.exclude)
+    for kind in KIND_ORDER:
+        members = {n for n, k in q.candidates.items() if k == kind and n not in user}
+        if not members:
+            continue
+        excluded = recipe.excluded()
+        with_q = serialize(q.build(excluded - members)[0])
+        without = serialize(q.build(excluded | members)[0])
+        c = q.compare_latency(with_q, without)
+        keep = c["verdict"] == "faster"  # a tie goes to float: int8 must pay clearly
+        recipe.latency_decisions.append({"kind": kind, "layers": len(members), "quantized_ms": c["a_ms"],
+                                         "float_ms": c["b_ms"], "ratio": c["ratio"], "interval": c["interval"],
+                                         "pairs": c["pairs"], "verdict": c["verdict"], "quantized": bool(keep)})
+        for name in members:
+            if keep:
+                recipe.float_layers.pop(name, None)
+            else:
+                recipe.float_layers[name] = (f"latency guard: {kind} layers not faster in int8 on {recipe.ep} "
+                                             f"({c['verdict']}, time ratio {c['ratio']:.3f})")
+
+
+def guard_layers(q: Quantizer, recipe: Recipe) -> None:
+    """Layer by layer (only when at most PER_LAYER_GUARD are int8): back to float only when that is
+    clearly faster, since a kind that pays overall may hold single layers that do not (e.g. a
+    1-channel stem)."""
+    quantized = [n for n in q.candidates if n not in recipe.float_layers]
+    if len(quantized) > PER_LAYER_GUARD:
+        logger.info("latency guard: %d int8 layers (> %d), not tried one by one", len(quantized), PER_LAYER_GUARD)
+        return
+    base = serialize(q.build(recipe.excluded())[0])
+    for name in quantized:
+        trial = serialize(q.build(recipe.excluded() | {name})[0])
+        # back to float only when that is clearly faster; one layer rarely is, so no extra blocks
+        c = q.compare_latency(trial, base, max_blocks=MIN_BLOCKS)
+        if c["verdict"] == "faster":
+            recipe.float_layers[name] = f"latency guard: the model is faster with this layer in float on {recipe.ep}"
+            base = trial
+            recipe.latency_decisions.append({"layer": name, "quantized_ms": c["b_ms"], "float_ms": c["a_ms"],
+                                             "ratio": 1.0 / c["ratio"], "pairs": c["pairs"], "verdict": "float faster",
+                                             "quantized": False})
+
+
+# ---------------------------------------------------------------- 5. accuracy budget, final latency check
+
+def budget(q: Quantizer, recipe: Recipe, max_drop: float) -> tuple[ir.Model, qq.Plan, float]:
+    """Step 5: build the recipe's placement and score it; over ``max_drop``, rank its int8 layers by
+    the drop each causes alone (``recipe.sensitivity``) and keep the worst in float until the
+    budget holds (or none is left).  Returns the candidate, its plan and its drop."""
+    candidate, the_plan = q.build(recipe.excluded())
+    drop = q.drop(candidate)
+    recipe.sensitivity = []
+    if drop <= max_drop:
+        return candidate, the_plan, drop
+    for name in the_plan.primary():
+        alone, _ = q.build(frozenset(set(q.candidates) - {name}))
+        recipe.sensitivity.append({"layer": name, "kind": q.candidates[name], "drop": q.drop(alone)})
+    recipe.sensitivity.sort(key=lambda s: -s["drop"])
+    for rank, s in enumerate(recipe.sensitivity, 1):
+        if drop <= max_drop:
+            break
+        recipe.float_layers[s["layer"]] = (f"accuracy budget: sensitivity rank {rank} (drop {s['drop']:.4g} "
+                                           f"with only this layer int8)")
+        candidate, the_plan = q.build(recipe.excluded())
+        drop = q.drop(candidate)
+        s["kept_float"] = True
+    return candidate, the_plan, drop
+
+
+def final_check(q: Quantizer, recipe: Recipe, candidate: ir.Model, the_plan: qq.Plan,
+                decide: bool = True) -> tuple[ir.Model, qq.Plan, dict, bool]:
+    """The candidate vs fp32 on the EP (paired runs, margin 0).  With ``decide`` and the latency
+    guard on, a candidate not confidently faster gives way to the float model (every layer float).
+    Returns the model to write, its plan, the latency record and whether it is the float model."""
+    if not the_plan.targets:  # every layer ended in float: the candidate is the prepared float model
+        t = q.latency([q.float_bytes], runs=25)[0]
+        return q.model, the_plan, {"float_ms": t, "quantized_ms": t, "verdict": None}, True
+    c = q.compare_latency(serialize(candidate), q.float_bytes, margin=0.0)
+    latency = {"float_ms": c["b_ms"], "quantized_ms": c["a_ms"], "verdict": c["verdict"], "ratio": c["ratio"],
+               "interval": c["interval"], "pairs": c["pairs"]}
+    if not (decide and recipe.latency_guard) or c["verdict"] == "faster":
+        return candidate, the_plan, latency, False
+    logger.warning("the quantized model is not confidently faster than fp32 on %s (%.3f vs %.3f ms); "
+                   "writing the float model", recipe.ep, c["a_ms"], c["b_ms"])
+    for name in q.candidates:
+        recipe.float_layers.setdefault(name, f"final check: the int8 model was not confidently faster than fp32 "
+                                             f"on {recipe.ep} ({c['verdict']}); the float model is written")
+    latency["quantized_ms"] = latency["float_ms"]
+    return q.model, qq.plan(q.model, recipe.profile, recipe.excluded()), latency, True
+
+
+# ---------------------------------------------------------------- the run
+
+@dataclasses.dataclass
+class BudgetResult:
+    """The accuracy check of the staged model, in the shape ``api.stage_validate_commit`` wants."""
+
+    ok: bool
+    metric: str
+    drop: float
+    max_drop: float
+    replayed: bool = False
+
+    def summary(self) -> str:
+        where = "with the recipe's placement" if self.replayed else "even with every layer in float"
+        return f"{self.metric} drop {self.drop:.4g} > --max-drop {self.max_drop:g} {where}"
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "metric": self.metric, "drop": self.drop, "max_drop": self.max_drop}
+
+
+def _check_budget(q: Quantizer, report: dict, opts: Options, replayed: bool) -> Callable[[Path], BudgetResult]:
+    """Score the staged file and fill ``report["accuracy"]`` (per-output fidelity without --metric)."""
+
+    def check(path: Path) -> BudgetResult:
+        drop = q.float_score - q.score(path)
+        if q.metric is None:
+            outputs = q.last_results
+            metric = "default: " + fidelity.describe(outputs)
+            for r in fidelity.uncertified(outputs, opts.max_drop):
+                lo, hi = r["agreement_interval"]
+                logger.warning("output '%s': %s agreement %.4f on only %d held-out positions (95%% interval "
+                               "%.3f-%.3f) cannot certify the %.3g budget; more --data batches (every 4th, up to 8, "
+                               "is held out) or a --metric would", r["name"], r["metric"], r["agreement"],
+                               r["positions"], lo, hi, 1 - opts.max_drop)
+        else:
+            outputs, metric = None, opts.metric
+        report["accuracy"] = {"metric": metric, "float": q.float_score, "quantized": q.float_score - drop, "drop": drop,
+                              "max_drop": opts.max_drop, **({"outputs": outputs} if outputs is not None else {})}
+        return BudgetResult(drop <= opts.max_drop, metric, drop, opts.max_drop, replayed)
+
+    return check
+
+
+def _report(input_path, recipe: Recipe, prepared: Prepared, calib: Calibration, the_plan: qq.Plan, latency: dict,
+            wrote_float: bool, threads: int) -> dict:
+    t_q, t_f = latency["quantized_ms"], latency["float_ms"]
+    return api.header("quantize", input={"path": str(input_path)}, ep=recipe.ep, method=recipe.method,
+                      percentile=recipe.percentile if recipe.method == "percentile" else None,
+                      per_channel=recipe.per_channel, weight_bits=8 if recipe.qmax == 127 else 7,
+                      activation_type=recipe.profile.activation, notes=prepared.notes, calibration=calib.to_dict(),
+                      recipe=recipe.to_dict(the_plan), accuracy=None,
+                      latency={**latency, "speedup": t_f / t_q if t_q else None, "threads": threads},
+                      wrote_float_model=wrote_float)
+
+
+def _search(q: Quantizer, recipe: Recipe, opts: Options, replayed: bool) -> tuple[ir.Model, qq.Plan, dict, bool]:
+    """Steps 3-5 (replay: the recipe's placement as it is, measured but not searched)."""
+    if replayed:
+        check_replay(q, recipe)
+        candidate, the_plan = q.build(recipe.excluded())
+    else:
+        place(q, recipe)
+        if recipe.latency_guard:
+            guard(q, recipe)
+        candidate, the_plan, _ = budget(q, recipe, opts.max_drop)
+    return final_check(q, recipe, candidate, the_plan, decide=not replayed)
+
+
+def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: Recipe, opts: Options,
+        replayed: bool = False) -> dict:
+    """Every step, then the staged write (``api.stage_validate_commit``); returns the report.
+    ``recipe`` is filled in (or, ``replayed``, applied as it is)."""
+    t_start = time.perf_counter()
+    recipe.check()
+    runtime.provider(recipe.ep)
+    if io.same_file(input_path, output_path):
+        raise UsageError(f"output {output_path} is the input file; write the quantized model elsewhere")
+    io.check_writable(Path(output_path))
+    if opts.recipe_out is not None:
+        io.check_writable(Path(opts.recipe_out))
+    metric_fn = load_metric(opts.metric)
+    model = load_input(input_path)
+    t0 = time.perf_counter()
+    prepared = prepare_model(model, recipe)
+    calib = calibrate_model(prepared, opts.data, preprocess=opts.preprocess, stats_in=opts.stats_in,
+                            stats_out=opts.stats_out, limit=opts.calib_limit, threads=opts.threads,
+                            progress=opts.progress)
+    q = Quantizer(prepared, calib, recipe, metric=metric_fn, metric_name=opts.metric, max_drop=opts.max_drop,
+                  class_outputs=opts.class_outputs, threads=opts.threads)
+    if metric_fn is None:
+        for r in q.last_results:
+            logger.info("fidelity of output '%s': %s (%s)", r["name"], r["metric"], r["reason"])
+    candidate, the_plan, latency, wrote_float = _search(q, recipe, opts, replayed)
+    report = _report(input_path, recipe, prepared, calib, the_plan, latency, wrote_float, opts.threads)
+    report["seconds_quantize"] = time.perf_counter() - t0
+
+    def refused(_path: Path, _result: BudgetResult) -> None:
+        report["seconds"] = time.perf_counter() - t_start
+
+    api.stage_validate_commit(candidate, output_path, report, check=_check_budget(q, report, opts, replayed),
+                              force=opts.force, on_refused=refused, refused="quantized model not written")
+    if opts.recipe_out is not None:
+        recipe.save(opts.recipe_out, the_plan)
+    report["seconds"] = time.perf_counter() - t_start
+    return report
+
+
+def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, data: str | os.PathLike,
+             recipe: Recipe | str | os.PathLike | None = None, **options) -> dict:
+    """Quantize ``input_path`` into ``output_path``; return the report dict (see module docstring).
+
+    ``options``: :class:`Options` fields (``preprocess``, ``max_drop``, ``metric``, ``stats_in``,
+    ``stats_out``, ``recipe_out``, ``force``, ``calib_limit``, ``threads``, ``class_outputs``: output
+    name -> class axis or None for the default fidelity metric, ``progress``) and, without
+    ``recipe``, :class:`Recipe` settings (``method``, ``percentile``, ``ep``, ``per_channel``,
+    ``recovery``, ``exclude``, ``latency_guard``, ``weight_bits``).  ``recipe`` (a Recipe or a JSON
+    file) is replayed: its placement is used, no search runs.
+
+    Raises ValidationRefused (report attached) when the accuracy budget is missed and not
+    ``force``; nothing is written then.  A crash inside is one InternalError line (exit 4)."""
+    settings = {f.name for f in dataclasses.fields(Recipe)} - {"float_layers", "latency_decisions", "sensitivity",
+                                                                 "replayed_from"}
+    given = {k: options.pop(k) for k in list(options) if k in settings}
+    if recipe is not None and given:
+        raise UsageError(f"a replayed recipe fixes {', '.join(sorted(given))}; do not pass them with it")
+    if isinstance(recipe, (str, os.PathLike)):
+        recipe = Recipe.load(recipe)
+    replayed = recipe is not None
+    recipe = recipe if recipe is not None else Recipe(**{k: tuple(v) if k in ("recovery", "exclude") else v
+                                                         for k, v in given.items()})
+    opts = Options(data=data, **options)
     try:
-        return _quantize(input_path, output_path, **options)
+        return run(input_path, output_path, recipe, opts, replayed)
     except (OnnxoptError, KeyboardInterrupt):
         raise
     except Exception as e:
         logger.debug("quantize failed", exc_info=True)
         raise InternalError(f"quantize failed ({type(e).__name__}: {e}); nothing was written; "
                             f"please report it (-vv shows the traceback)") from e
-
-
-def _quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, data: str | os.PathLike,
-             preprocess: str | None = None, method: str = "percentile", percentile: float = 99.99,
-             ep: str = "cpu", max_drop: float = 0.01, metric: str | None = None,
-             stats_in: str | os.PathLike | None = None, stats_out: str | os.PathLike | None = None,
-             recovery: tuple[str, ...] = DEFAULT_RECOVERY, latency_guard: bool = True,
-             per_channel: bool = True, force: bool = False, calib_limit: int | None = None,
-             threads: int = 1, progress: bool = False, exclude: tuple[str, ...] = (),
-             class_outputs: Mapping[str, int | None] | None = None) -> dict:
-    """Quantize ``input_path`` into ``output_path``; return the report dict (see module docstring).
-
-    ``class_outputs`` declares outputs for the default fidelity metric: name -> class axis (top-1
-    agreement) or None (cosine), overriding what ``onnxopt.fidelity.rules`` reads from the graph.
-
-    Raises ValidationRefused (report attached) when the accuracy budget cannot be met and not
-    ``force``; nothing is written then."""
-    t_start = time.perf_counter()
-    if method not in calibrate.METHODS:
-        raise UsageError(f"--method '{method}': choose from {', '.join(calibrate.METHODS)}")
-    unknown = [r for r in recovery if r not in RECOVERY]
-    if unknown:
-        raise UsageError(f"--recover '{unknown[0]}': choose from {', '.join(RECOVERY)} or none")
-    if ep not in qq.PROFILES:
-        raise UsageError(f"--ep '{ep}': quantize targets {', '.join(qq.PROFILES)}")
-    runtime.provider(ep)
-    if io.same_file(input_path, output_path):
-        raise UsageError(f"output {output_path} is the input file; write the quantized model elsewhere")
-    io.check_writable(Path(output_path))
-    metric_fn = load_metric(metric)
-
-    model = io.load(input_path)
-    if next(io.external_tensors(model), None) is not None and io.weight_bytes(model) > (1 << 31):
-        raise BadInputError("models over 2 GB are not quantized yet (their weights would be held in memory twice)")
-    t0 = time.perf_counter()
-    model, per_channel, notes = prepare(model, per_channel)
-    if "cle" in recovery:
-        notes.append(f"cross-layer equalization: {recover.cle(model)['pairs equalized']} conv pairs")
-    float_bytes = serialize(model)
-    full = qq.plan(model, qq.PROFILES[ep])
-    if not full.targets:
-        raise BadInputError("nothing to quantize: no Conv, Gemm or MatMul with constant float weights in the main graph")
-
-    # ---- calibration (streaming) + held-out batches for scoring
-    stats_names = full.stats_names()
-    held_out: list[dict] = []
-    recovery_set: list[dict] = []
-    calib_seconds = 0.0
-    tc = time.perf_counter()
-    plain = runtime.session(float_bytes, "cpu", threads, optimize=False)
-
-    def stream():
-        for i, feeds in enumerate(data_mod.batches(data, plain, preprocess, calib_limit)):
-            if i % 4 == 3 and len(held_out) < 8:
-                held_out.append(feeds)
-                continue
-            if len(recovery_set) < 8:
-                recovery_set.append(feeds)
-            yield feeds
-
-    if stats_in is not None:
-        stats = calibrate.Stats.load(stats_in)
-        for feeds in stream():  # still need held-out / recovery batches
-            for k, v in feeds.items():
-                if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
-                    raise BadInputError(f"data: input '{k}' contains NaN or Inf")
-            if len(held_out) >= 8 and len(recovery_set) >= 8:
-                break
-    else:
-        extra = runtime.session(runtime.with_outputs(ir.to_proto(model), stats_names), "cpu", threads, optimize=False)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(desc="calibrating", unit="batch", delay=2, leave=False)
-        try:
-            stats = calibrate.collect(extra, stats_names, stream(), progress=bar)
-        finally:
-            if bar is not None:
-                bar.close()
-        del extra
-        stats.source = str(data)
-        if stats_out is not None:
-            stats.save(stats_out)
-    calib_seconds = time.perf_counter() - tc
-    if not held_out:
-        held_out = recovery_set[-1:] or []
-    if not held_out:
-        raise BadInputError(f"{data}: no calibration batch was read")
-
-    profile = qq.PROFILES[ep]
-    q = Quantizer(model, float_bytes, stats, held_out, recovery_set, profile, method, per_channel, ep, metric_fn,
-                  threads, percentile, recovery=tuple(r for r in recovery if r != "cle"), class_outputs=class_outputs,
-                  max_drop=max_drop)
-    if metric_fn is None:
-        for r in q.last_results:
-            logger.info("fidelity of output '%s': %s (%s)", r["name"], r["metric"], r["reason"])
-    kinds = q.candidates
-    excluded = {n for n, k in kinds.items() if k in profile.float_kinds} | set(exclude)
-    decisions: list[dict] = []
-
-    # ---- latency guard over layer kinds
-    if latency_guard:
-        for kind in KIND_ORDER:
-            members = {n for n, k in kinds.items() if k == kind}
-            if not members:
-                continue
-            with_q = serialize(q.build(frozenset(excluded - members))[0])
-            without = serialize(q.build(frozenset(excluded | members))[0])
-            c = q.compare_latency(with_q, without)
-            keep = c["verdict"] == "faster"  # a tie goes to float: int8 must pay clearly
-            decisions.append({"kind": kind, "layers": len(members), "quantized_ms": c["a_ms"], "float_ms": c["b_ms"],
-                              "ratio": c["ratio"], "interval": c["interval"], "pairs": c["pairs"],
-                              "verdict": c["verdict"], "quantized": bool(keep)})
-            excluded = excluded - members if keep else excluded | members
-        # then layer by layer (bounded: at most PER_LAYER_GUARD layers), since a kind that pays
-        # overall may hold single layers that do not (e.g. a 1-channel stem)
-        quantized = [n for n in q.candidates if n not in excluded]
-        if len(quantized) <= PER_LAYER_GUARD:
-            base = serialize(q.build(frozenset(excluded))[0])
-            for name in quantized:
-                trial = serialize(q.build(frozenset(excluded | {name}))[0])
-                # back to float only when that is clearly faster; one layer rarely is, so no extra blocks
-                c = q.compare_latency(trial, base, max_blocks=MIN_BLOCKS)
-                if c["verdict"] == "faster":
-                    excluded.add(name)
-                    base = trial
-                    decisions.append({"layer": name, "quantized_ms": c["b_ms"], "float_ms": c["a_ms"],
-                                      "ratio": 1.0 / c["ratio"], "pairs": c["pairs"], "verdict": "float faster",
-                                      "quantized": False})
-
-    # ---- accuracy budget
-    candidate, the_plan = q.build(frozenset(excluded))
-    drop = q.drop(candidate)
-    sensitivity: list[dict] = []
-    if drop > max_drop:
-        for name in the_plan.primary():
-            alone, _ = q.build(frozenset(set(kinds) - {name}))
-            sensitivity.append({"layer": name, "kind": kinds[name], "drop": q.drop(alone)})
-        sensitivity.sort(key=lambda s: -s["drop"])
-        for s in sensitivity:
-            if drop <= max_drop:
-                break
-            excluded.add(s["layer"])
-            candidate, the_plan = q.build(frozenset(excluded))
-            drop = q.drop(candidate)
-            s["kept_float"] = True
-
-    # ---- final latency check: never slower than fp32
-    wrote_float = not the_plan.targets
-    final_verdict = None
-    if wrote_float:  # every layer ended in float: the candidate is the prepared float model
-        candidate = model
-        t_q = t_f = q.latency([float_bytes], runs=25)[0]
-    else:
-        c = q.compare_latency(serialize(candidate), float_bytes, margin=0.0)
-        t_q, t_f, final_verdict = c["a_ms"], c["b_ms"], c["verdict"]
-    if latency_guard and not wrote_float and final_verdict != "faster":  # a tie writes the float model
-        logger.warning("the quantized model is not confidently faster than fp32 on %s (%.3f vs %.3f ms); "
-                       "writing the float model", ep, t_q, t_f)
-        candidate, the_plan, drop, wrote_float = model, qq.plan(model, profile, frozenset(kinds)), 0.0, True
-        t_q = t_f
-    if metric_fn is None:  # per-output fidelity of what is written (deterministic: same drop as above)
-        drop = q.float_score - q.score(candidate)
-        outputs = q.last_results
-        metric_name = "default: " + fidelity.describe(outputs)
-        for r in fidelity.uncertified(outputs, max_drop):
-            lo, hi = r["agreement_interval"]
-            logger.warning("output '%s': %s agreement %.4f on only %d held-out positions (95%% interval %.3f-%.3f) "
-                           "cannot certify the %.3g budget; more --data batches (every 4th, up to 8, is held out) "
-                           "or a --metric would", r["name"], r["metric"], r["agreement"], r["positions"], lo, hi,
-                           1 - max_drop)
-    else:
-        outputs, metric_name = None, metric
-    quantize_seconds = time.perf_counter() - t0
-
-    report: dict = {
-        "tool": "onnxopt", "version": __version__, "command": "quantize",
-        "input": {"path": str(input_path)},
-        "ep": ep, "method": method, "percentile": percentile if method == "percentile" else None,
-        "per_channel": per_channel, "weight_bits": 8 if q.qmax == 127 else 7,
-        "activation_type": profile.activation, "notes": notes,
-        "calibration": {"batches": stats.batches, "held_out": len(held_out), "tensors": len(stats.tensors),
-                        "bins": stats.bins, "seconds": calib_seconds, "stats_file": str(stats_in or stats_out or "") or None},
-        "recipe": {**the_plan.describe(), "recovery": list(q.recovery) + (["cle"] if "cle" in recovery else []),
-                   "latency_decisions": decisions, "sensitivity": sensitivity},
-        "accuracy": {"metric": metric_name, "float": q.float_score, "quantized": q.float_score - drop,
-                     "drop": drop, "max_drop": max_drop, **({"outputs": outputs} if outputs is not None else {})},
-        "latency": {"float_ms": t_f, "quantized_ms": t_q, "speedup": t_f / t_q if t_q else None, "threads": threads},
-        "wrote_float_model": wrote_float,
-        "seconds_quantize": quantize_seconds,
-    }
-    ok = drop <= max_drop
-    with io.StagedModel(candidate, output_path) as staged:
-        report["output"] = {"path": str(output_path), "file_bytes": staged.size_bytes()}
-        if not ok and not force:
-            report["written"] = False
-            report["seconds"] = time.perf_counter() - t_start
-            raise ValidationRefused(f"quantized model not written: {report['accuracy']['metric']} drop {drop:.4g} > "
-                                    f"--max-drop {max_drop:g} even with every layer in float", report)
-        staged.commit()
-    report["written"] = True
-    report["seconds"] = time.perf_counter() - t_start
-    return report
 
 
 def feeds_from(data: str | os.PathLike, model_bytes: bytes, preprocess: str | None = None,
