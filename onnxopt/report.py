@@ -208,11 +208,15 @@ def markdown_bench(report: dict) -> str:
 
 
 def _quantize_rows(report: dict) -> tuple[list[list], list[list]]:
-    acc, lat, r = report["accuracy"], report["latency"], report["recipe"]
+    """The summary rows and the latency-guard rows (kind/layer, int8 ms, float ms, time ratio int8/float
+    with its interval, pairs, verdict, kept) of a quantize report."""
+    acc, lat, r, ep = report["accuracy"], report["latency"], report["recipe"], report["ep"]
+    final = f", {lat['verdict']} vs fp32" if lat.get("verdict") else ""
     summary = [["metric", acc["metric"]], ["float score", _num(acc["float"], ".5f")],
-               ["quantized score", _num(acc["quantized"], ".5f")], ["drop (budget)", f"{_num(acc['drop'], '.5f')} ({acc['max_drop']:g})"],
-               ["latency float -> int8", f"{_num(lat['float_ms'])} -> {_num(lat['quantized_ms'])} ms ({_num(lat['speedup'], '.2f')}x, "
-                                        f"{lat['threads']} thread, {report['ep']})"],
+               ["quantized score", _num(acc["quantized"], ".5f")],
+               ["drop (budget)", f"{_num(acc['drop'], '.5f')} ({acc['max_drop']:g})"],
+               [f"latency float -> int8 on {ep}", f"{_num(lat['float_ms'])} -> {_num(lat['quantized_ms'])} ms "
+                                                  f"({_num(lat['speedup'], '.2f')}x, {lat['threads']} thread{final})"],
                ["layers int8 / float", f"{r['quantized_layers']} / {len(r['float_layers'])}"],
                ["method", report["method"] + (f" p={report['percentile']}" if report.get("percentile") else "")],
                ["weights", f"int{report['weight_bits']} {'per-channel' if report['per_channel'] else 'per-tensor'}, "
@@ -220,11 +224,47 @@ def _quantize_rows(report: dict) -> tuple[list[list], list[list]]:
                ["recovery", ", ".join(r["recovery"]) or "none"],
                ["calibration", f"{report['calibration']['batches']} batches ({report['calibration']['held_out']} held out), "
                                f"{report['calibration']['tensors']} tensors, {report['calibration']['bins']} bins"],
-               ["written", "float model (quantizing was slower)" if report.get("wrote_float_model") else
+               ["recipe", f"replayed from {r['replayed_from']}" if r.get("replayed_from") else
+                ("searched (latency guard on " + ep + ", accuracy budget)" if r.get("latency_guard", True)
+                 else "searched (accuracy budget; --no-latency-guard)")],
+               ["written", "float model (quantizing was not faster on " + ep + ")" if report.get("wrote_float_model") else
                 ("yes" if report.get("written") else "no")]]
-    decisions = [[d.get("kind") or d.get("layer"), _num(d["quantized_ms"]), _num(d["float_ms"]), "int8" if d["quantized"] else "float"]
-                 for d in r["latency_decisions"]]
+    decisions = []
+    for d in r["latency_decisions"]:
+        interval = d.get("interval")
+        ratio = _num(d.get("ratio"), ".3f") + (f" [{_num(interval[0], '.3f')}, {_num(interval[1], '.3f')}]" if interval else "")
+        decisions.append([d.get("kind") or d.get("layer"), _num(d["quantized_ms"]), _num(d["float_ms"]), ratio,
+                          d.get("pairs", "-"), d.get("verdict", "-"), "int8" if d["quantized"] else "float"])
     return summary, decisions
+
+
+_DECISION_HEADERS = ["kind / layer", "int8 ms", "float ms", "time ratio [95% interval]", "pairs", "verdict", "kept"]
+_FIDELITY_HEADERS = ["output", "metric", "why", "agreement [95% interval]", "cosine", "SNR dB", "score"]
+
+
+def _fidelity_rows(report: dict) -> list[list[str]]:
+    """Per output of the default fidelity metric: metric, why, agreement and its interval, cosine, SNR, score."""
+    rows = []
+    for o in report["accuracy"].get("outputs") or []:
+        agreement = "-"
+        if o.get("agreement") is not None:
+            lo, hi = o.get("agreement_interval") or (None, None)
+            agreement = (f"{_num(o['agreement'], '.4f')} [{_num(lo, '.4f')}, {_num(hi, '.4f')}] of {o['positions']}"
+                         + (f", judged by {o['judged_by']}" if o.get("judged_by") else ""))
+        rows.append([o["name"], o["metric"], o["reason"], agreement, _num(o.get("cosine"), ".6f"),
+                     _num(o.get("snr_db"), ".1f"), _num(o["score"], ".5f")])
+    return rows
+
+
+def _float_rows(report: dict) -> list[list[str]]:
+    reasons = report["recipe"].get("float_reasons") or {}
+    return [[name, reasons.get(name, "-")] for name in report["recipe"]["float_layers"]]
+
+
+def _md_table(headers: list[str], rows: list[list]) -> list[str]:
+    cell = lambda v: str(v).replace("|", "\\|")  # noqa: E731
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + \
+        ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
 
 
 def markdown_quantize(report: dict) -> str:
@@ -233,34 +273,51 @@ def markdown_quantize(report: dict) -> str:
     lines += [f"| {a} | {b} |" for a, b in summary]
     if report["notes"]:
         lines += ["", *[f"- {n}" for n in report["notes"]]]
+    fidelity = _fidelity_rows(report)
+    if fidelity:
+        lines += ["", "## Fidelity per output", ""] + _md_table(_FIDELITY_HEADERS, fidelity)
     if decisions:
-        lines += ["", "## Latency guard", "", "| kind / layer | int8 ms | float ms | kept |", "|---|---|---|---|"]
-        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in decisions]
+        lines += ["", f"## Latency guard ({report['ep']})", ""] + _md_table(_DECISION_HEADERS, decisions)
+    floats = _float_rows(report)
+    if floats:
+        lines += ["", "## Layers kept float", ""] + _md_table(["layer", "why"], floats)
     sens = report["recipe"]["sensitivity"]
     if sens:
-        lines += ["", "## Sensitivity (drop with only this layer quantized)", "", "| layer | kind | drop | kept float |", "|---|---|---|---|"]
-        lines += [f"| {s['layer']} | {s['kind']} | {_num(s['drop'], '.5f')} | {'yes' if s.get('kept_float') else ''} |" for s in sens]
+        lines += ["", "## Sensitivity (drop with only this layer quantized)", ""] + _md_table(
+            ["layer", "kind", "drop", "kept float"],
+            [[s["layer"], s["kind"], _num(s["drop"], ".5f"), "yes" if s.get("kept_float") else ""] for s in sens])
     return "\n".join(lines) + "\n"
 
 
 def html_quantize(report: dict) -> str:
     summary, decisions = _quantize_rows(report)
+    ep = report["ep"]
     parts = [_table(["", "value"], [[html.escape(str(a)), html.escape(str(b))] for a, b in summary])]
     if report["notes"]:
         parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in report["notes"]) + "</ul>")
+    fidelity = _fidelity_rows(report)
+    if fidelity:
+        parts.append("<h2>Fidelity per output</h2>" + _table(_FIDELITY_HEADERS, [[html.escape(str(c)) for c in row]
+                                                                                for row in fidelity]))
     lat = report["latency"]
-    parts.append(plots.bars("Latency (ms, median)", ["model"], {"float": [lat["float_ms"]], "int8": [lat["quantized_ms"]]}))
+    parts.append(plots.bars(f"Latency on {ep} (ms, median)", ["model"],
+                            {"float": [lat["float_ms"]], "int8": [lat["quantized_ms"]]}))
     if decisions:
-        parts.append("<h2>Latency guard</h2>" + _table(["kind / layer", "int8 ms", "float ms", "kept"],
-                                                        [[html.escape(str(a)), b, c, d] for a, b, c, d in decisions]))
-        parts.append(plots.bars("Latency guard: model latency (ms) with each kind int8 vs float",
+        parts.append(f"<h2>Latency guard ({html.escape(ep)})</h2>" + _table(
+            _DECISION_HEADERS, [[html.escape(str(c)) for c in row] for row in decisions]))
+        parts.append(plots.bars(f"Latency guard on {ep}: model latency (ms) with each kind / layer int8 vs float",
                                 [str(d[0]) for d in decisions],
                                 {"float": [float(d["float_ms"]) for d in report["recipe"]["latency_decisions"]],
                                  "int8": [float(d["quantized_ms"]) for d in report["recipe"]["latency_decisions"]]}))
+    floats = _float_rows(report)
+    if floats:
+        parts.append("<h2>Layers kept float</h2>" + _table(["layer", "why"], [[html.escape(a), html.escape(b)]
+                                                                              for a, b in floats]))
     sens = report["recipe"]["sensitivity"]
     if sens:
         parts.append("<h2>Sensitivity</h2>" + plots.bars("Metric drop with only this layer quantized",
-                                                          [s["layer"] for s in sens][:30], {"drop": [max(s["drop"], 0.0) for s in sens][:30]}))
+                                                          [s["layer"] for s in sens][:30],
+                                                          {"drop": [max(s["drop"], 0.0) for s in sens][:30]}))
     return _page(f"onnxopt quantize: {os.path.basename(report['input']['path'])}", "".join(parts))
 
 MARKDOWN = {"optimize": markdown_optimize, "validate": markdown_validate, "bench": markdown_bench,
