@@ -150,6 +150,37 @@ def fuse_activations_rematches_dead_leftovers() -> Case:
     return Case(m, [InputSpec("x", "float", [2, 3])], [], ["repro"])
 
 
+def fold_shapes_crash_on_empty_shape_vector() -> Case:
+    """e = Slice(Shape(x), [2], [INT64_MAX]) (empty for rank-2 x); y = Identity(Add(e, [1])).
+
+    Bug (open): fold-shapes crashes (IndexError: tuple index out of range in fold_shapes._evaluate,
+    the binary-op broadcast indexes element 0 of an empty vector); through the pipeline this is
+    InternalError (exit 4).  Expected: y = [] (int64, shape (0,)) folded or the node left alone."""
+    nodes = [h.make_node("Shape", ["x"], ["s"]), h.make_node("Slice", ["s", "two", "big"], ["e"]),
+             h.make_node("Add", ["e", "one"], ["a"]), h.make_node("Identity", ["a"], ["y"])]
+    inits = [nh.from_array(np.array([2], np.int64), "two"), nh.from_array(np.array([2**63 - 1], np.int64), "big"),
+             nh.from_array(np.array([1], np.int64), "one")]
+    m = _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["N", 2])], [h.make_tensor_value_info("y", T.INT64, [0])], inits)
+    return Case(m, [InputSpec("x", "float", ["N", 2])], ["N"], ["repro"])
+
+
+def fold_shapes_leaves_dead_failing_nodes() -> Case:
+    """p = Pad(x[N,1], pads (int input), mode=reflect); y = Squeeze(Shape(Shape(p))) (the rank).
+
+    Bug (open, low severity): fold-shapes folds Shape(Shape(p)) to [2] but leaves the now-dead
+    Shape(p) and Pad in the graph, and ORT executes dead nodes.  At pads=[0,1,0,1] (reflect on a
+    length-1 axis, which ORT rejects) the original runs (ORT folds the rank itself and never runs
+    the Pad) and returns y=2; the optimized model fails ("Pad reflect requires axis length >= 2").
+    Expected: nodes whose outputs nobody reads are removed by the pass that orphaned them (or
+    the optimized model runs wherever the original does)."""
+    nodes = [h.make_node("Pad", ["x", "pads"], ["p"], mode="reflect"), h.make_node("Shape", ["p"], ["s"]),
+             h.make_node("Shape", ["s"], ["r"]), h.make_node("Squeeze", ["r"], ["y"])]
+    m = _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["N", 1]), h.make_tensor_value_info("pads", T.INT64, [4])],
+               [h.make_tensor_value_info("y", T.INT64, [])])
+    return Case(m, [InputSpec("x", "float", ["N", 1]),
+                    InputSpec("pads", "int", [4], [np.array([0, 0, 0, 0]), np.array([0, 1, 0, 1])])], ["N"], ["repro"])
+
+
 # name -> (builder, config labels under test, open?)
 REGRESSIONS: dict[str, tuple] = {
     "fold_shapes_reduce_axes_input_static": (fold_shapes_reduce_axes_input_static, ["fold-shapes", "default"], False),
@@ -159,6 +190,8 @@ REGRESSIONS: dict[str, tuple] = {
                                               ["fuse-activations", "default"], True),
     "simplify_duplicate_node_names_gemm": (simplify_duplicate_node_names_gemm, ["simplify", "default"], True),
     "fuse_activations_rematches_dead_leftovers": (fuse_activations_rematches_dead_leftovers, ["fuse-activations"], True),
+    "fold_shapes_crash_on_empty_shape_vector": (fold_shapes_crash_on_empty_shape_vector, ["fold-shapes"], True),
+    "fold_shapes_leaves_dead_failing_nodes": (fold_shapes_leaves_dead_failing_nodes, ["fold-shapes"], True),
     "fold_shapes_not_idempotent_topk_k_from_shape": (fold_shapes_not_idempotent_topk_k_from_shape, ["fold-shapes"], True),
 }
 
