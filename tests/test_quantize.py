@@ -113,13 +113,14 @@ def digits_calib(tmp_path_factory):
 
 
 def test_quantize_digits_cnn_keeps_task_accuracy(cli, tmp_path, digits_calib):
-    """One command with a task metric: int8 weights in the file, QLinearConv after ORT's fusion,
+    """One command with a task metric and --no-latency-guard (so int8 must be written): int8
+    weights in the file, one QLinearConv per int8 conv layer of the report after ORT's fusion,
     accuracy within the 0.5-point budget, report written."""
     src = ROOT / "models" / "digits_cnn.onnx"
     before = sha256(src)
     out, rep = tmp_path / "q.onnx", tmp_path / "q.json"
     r = cli("quantize", src, "-o", out, "--data", digits_calib["digits_cnn"], "--metric", "models.tasks:digits_accuracy",
-            "--max-drop", "0.005", "--report", rep)
+            "--max-drop", "0.005", "--no-latency-guard", "--report", rep)
     assert r.exit_code == 0, r.output
     assert sha256(src) == before
     report = json.loads(rep.read_text())
@@ -127,15 +128,15 @@ def test_quantize_digits_cnn_keeps_task_accuracy(cli, tmp_path, digits_calib):
     acc_q = tasks.digits_accuracy(_session(out))
     assert acc_float - acc_q <= 0.005, (acc_float, acc_q)
     assert report["accuracy"]["quantized"] == pytest.approx(acc_q, abs=1e-9)
-    assert report["latency"]["quantized_ms"] <= report["latency"]["float_ms"]  # never slower (same measurement)
-    if not report["wrote_float_model"]:
-        ops = op_types(out)
-        assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
-        int8 = [i for i in onnx.load(str(out)).graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
-        assert int8, "conv weights stored as int8"
-        _session(out, optimized=str(tmp_path / "fused.onnx"))
-        assert "QLinearConv" in op_types(tmp_path / "fused.onnx")
-        assert "ConvInteger" not in op_types(tmp_path / "fused.onnx")
+    assert report["written"] and not report["wrote_float_model"] and report["recipe"]["latency_guard"] is False
+    assert report["recipe"]["latency_decisions"] == [] and report["recipe"]["float_layers"] == []
+    ops = op_types(out)
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    int8 = [i for i in onnx.load(str(out)).graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
+    assert len(int8) == report["recipe"]["kinds"]["conv"] == 3, "conv weights stored as int8"
+    _session(out, optimized=str(tmp_path / "fused.onnx"))
+    fused = op_types(tmp_path / "fused.onnx")
+    assert fused.count("QLinearConv") == 3 and "Conv" not in fused and "ConvInteger" not in fused
 
 
 def test_quantize_default_metric_and_stats_reuse(cli, tmp_path, digits_calib):
@@ -242,22 +243,128 @@ def test_usage_errors(cli, tmp_path):
 
 
 def test_quantize_reports_follow_schema(cli, tmp_path, digits_calib):
+    """A budget no model can meet (--max-drop -1, --force): without the guard every layer is ranked
+    by sensitivity and kept float; with it, the guard's verdicts come first and the budget ranks
+    only the layers it left int8.  The reports carry the verdicts, the fidelity per output and why
+    each layer is float, and name the EP."""
     jsonschema = pytest.importorskip("jsonschema")
     schema = json.loads((ROOT / "docs" / "report.schema.json").read_text())
     src = ROOT / "models" / "digits_cnn.onnx"
-    r = cli("quantize", src, "-o", tmp_path / "q.onnx", "--data", digits_calib["digits_cnn"], "--report", tmp_path / "q.json",
-            "--max-drop", "0", "--force")  # a zero budget forces the sensitivity ranking into the report
-    assert r.exit_code in (0, 3), r.output
-    report = json.loads((tmp_path / "q.json").read_text())
-    jsonschema.validate(report, schema)
+    layers = {"/features/features.0/Conv", "/features/features.3/Conv", "/features/features.7/Conv", "/fc/Gemm"}
+    reports = {}
+    for name, guard in (("budget", "--no-latency-guard"), ("guard", "--latency-guard")):
+        r = cli("quantize", src, "-o", tmp_path / f"{name}.onnx", "--data", digits_calib["digits_cnn"], guard,
+                "--report", tmp_path / f"{name}.json", "--max-drop", "-1", "--force")
+        assert r.exit_code == 0, r.output
+        report = reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
+        jsonschema.validate(report, schema)
+        recipe = report["recipe"]
+        assert report["written"] and report["validation"]["ok"] is False  # written only because of --force
+        assert recipe["quantized_layers"] == 0 and report["wrote_float_model"]
+        assert set(recipe["float_reasons"]) == set(recipe["float_layers"]) == layers
+        by_budget = {n for n, why in recipe["float_reasons"].items() if why.startswith("accuracy budget")}
+        assert {s["layer"] for s in recipe["sensitivity"]} == by_budget and all(s["kept_float"] for s in recipe["sensitivity"])
+    assert len(reports["budget"]["recipe"]["sensitivity"]) == 4 and reports["budget"]["recipe"]["latency_decisions"] == []
+    recipe = reports["guard"]["recipe"]
+    assert [d["kind"] for d in recipe["latency_decisions"][:2]] == ["conv", "gemm"]
+    assert all(d["verdict"] in ("faster", "not faster", "tie") and d["quantized"] == (d["verdict"] == "faster")
+               for d in recipe["latency_decisions"] if "kind" in d)
+    assert all(d["verdict"] == "float faster" and not d["quantized"] for d in recipe["latency_decisions"] if "layer" in d)
+    assert all(why.startswith(("latency guard", "accuracy budget")) for why in recipe["float_reasons"].values())
     from onnxopt import report as report_mod
 
-    md = report_mod.render(report, ".md")
-    html = report_mod.render(report, ".html")
-    assert "| drop (budget) |" in md and "<svg" in html and "Latency" in html
-    if report["accuracy"]["drop"] > 0:
-        assert report["recipe"]["sensitivity"], "a missed budget ranks layers by sensitivity"
-        assert "Sensitivity" in md
+    md = report_mod.render(reports["budget"], ".md")
+    html = report_mod.render(reports["budget"], ".html")
+    assert "| drop (budget) |" in md and "<svg" in html and "Latency on cpu" in html
+    for text in (md, html):
+        assert "Fidelity per output" in text and "top-1" in text and "Sensitivity" in text
+        assert "Layers kept float" in text and "accuracy budget: sensitivity rank 1" in text
+    for text in (report_mod.render(reports["guard"], ".md"), report_mod.render(reports["guard"], ".html")):
+        assert "Latency guard (cpu)" in text and recipe["latency_decisions"][0]["verdict"] in text
+    reports["guard"]["ep"] = "openvino"  # the EP named is the report's, not a fixed "CPU"
+    assert "Latency guard (openvino)" in report_mod.render(reports["guard"], ".md")
+
+
+def test_recipe_replay_reproduces_the_placement(cli, tmp_path):
+    """The budget keeps the 1,000-class head float (a real decision); the saved recipe, or the JSON
+    report's, replayed with a budget that would let the head go int8 gives the same placement and
+    the same bytes, without searching (no sensitivity is computed, the recorded one is kept)."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "close.onnx"
+    onnx.save(_close_logits_model(rng), str(src))
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(8):
+        np.savez(data / f"b{i}.npz", x=rng.standard_normal((4, 16, 32)).astype(np.float32))
+    r = cli("quantize", src, "-o", tmp_path / "a.onnx", "--data", data, "--no-latency-guard",
+            "--save-recipe", tmp_path / "recipe.json", "--report", tmp_path / "a.json")
+    assert r.exit_code == 0, r.output
+    saved = json.loads((tmp_path / "recipe.json").read_text())
+    assert saved["float_layers"] == ["head"] and saved["float_reasons"]["head"].startswith("accuracy budget")
+    assert saved["sensitivity"][0]["layer"] == "head" and saved["replayed_from"] is None
+    for i, recipe in enumerate((tmp_path / "recipe.json", tmp_path / "a.json")):
+        out, rep = tmp_path / f"b{i}.onnx", tmp_path / f"b{i}.json"
+        r = cli("quantize", src, "-o", out, "--data", data, "--recipe", recipe, "--max-drop", "1", "--report", rep)
+        assert r.exit_code == 0, r.output
+        replay = json.loads(rep.read_text())["recipe"]
+        assert replay["float_layers"] == ["head"] and replay["replayed_from"] == str(recipe)
+        assert replay["sensitivity"] == saved["sensitivity"]
+        assert sha256(out) == sha256(tmp_path / "a.onnx")
+    # without the recipe the same budget puts the head in int8: the replay did not search
+    r = cli("quantize", src, "-o", tmp_path / "c.onnx", "--data", data, "--no-latency-guard", "--max-drop", "1",
+            "--report", tmp_path / "c.json")
+    assert r.exit_code == 0 and json.loads((tmp_path / "c.json").read_text())["recipe"]["float_layers"] == []
+    r = cli("quantize", src, "-o", tmp_path / "d.onnx", "--data", data, "--recipe", tmp_path / "recipe.json",
+            "--method", "minmax")
+    assert r.exit_code == 1 and "--recipe fixes" in r.output and "--method" in r.output
+
+
+def test_cli_options_have_their_effect(cli, tmp_path, digits_calib):
+    """--exclude keeps the node float (report and model), --per-tensor gives scalar weight scales,
+    --calib-batches N reads N batches, percentile{p=...} changes the activation ranges."""
+    src = ROOT / "models" / "digits_cnn.onnx"
+    data = digits_calib["digits_cnn"]
+    conv = "/features/features.3/Conv"
+
+    def run(name, *args):
+        out, rep = tmp_path / f"{name}.onnx", tmp_path / f"{name}.json"
+        r = cli("quantize", src, "-o", out, "--data", data, "--no-latency-guard", "--recover", "none",
+                "--report", rep, *args)
+        assert r.exit_code == 0, (name, r.output)
+        return onnx.load(str(out)), json.loads(rep.read_text())
+
+    def inits(model):
+        return {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+
+    model, rep = run("excl", "--exclude", conv, "--calib-batches", "6", "--method", "percentile{p=99.0}")
+    assert rep["recipe"]["float_layers"] == [conv] and rep["recipe"]["float_reasons"][conv] == "--exclude"
+    node = next(n for n in model.graph.node if n.name == conv)
+    assert inits(model)[node.input[1]].dtype == np.float32  # float weight, no DequantizeLinear before it
+    assert rep["calibration"]["batches"] + rep["calibration"]["held_out"] == 6 and rep["calibration"]["held_out"] == 1
+    assert rep["percentile"] == 99.0 and rep["recipe"]["percentile"] == 99.0
+    full, rep_full = run("full", "--method", "percentile{p=99.999}")
+    assert rep_full["calibration"]["batches"] + rep_full["calibration"]["held_out"] == 16
+    act = [n for n in inits(full) if n.endswith("_scale") and not n.endswith(("_w_scale", "_b_scale"))]
+    low, high = inits(model), inits(full)
+    shared = [n for n in act if n in low]
+    assert shared and all(low[n] <= high[n] for n in shared) and any(low[n] < high[n] for n in shared)
+    w_scales = [v for n, v in high.items() if n.endswith("_w_scale")]
+    assert len(w_scales) == 4 and all(v.ndim == 1 and v.size > 1 for v in w_scales)
+    tensor, rep_t = run("tensor", "--per-tensor")
+    assert rep_t["per_channel"] is False and rep_t["recipe"]["per_channel"] is False
+    w_scales = [v for n, v in inits(tensor).items() if n.endswith("_w_scale")]
+    assert len(w_scales) == 4 and all(v.ndim == 0 for v in w_scales)
+
+
+def test_metric_that_raises_is_bad_input(cli, tmp_path, digits_calib):
+    metric = tmp_path / "bad_metric.py"
+    metric.write_text("def score(session):\n    raise RuntimeError('no labels here')\n")
+    r = cli("quantize", ROOT / "models" / "digits_cnn.onnx", "-o", tmp_path / "q.onnx", "--data",
+            digits_calib["digits_cnn"], "--metric", f"{metric}:score")
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"{metric}:score" in lines[0] and "RuntimeError: no labels here" in lines[0]
+    assert not (tmp_path / "q.onnx").exists()
 
 
 # ---------------------------------------------------------------- property: random conv/gemm chains
@@ -296,9 +403,9 @@ def test_qdq_insertion_on_random_chains_stays_close():
     hypothesis = pytest.importorskip("hypothesis")
     st = hypothesis.strategies
     import onnx_ir as ir
-    from onnxopt.passes import quantize_qdq as qq
 
     from onnxopt import runtime
+    from onnxopt.passes import quantize_qdq as qq
 
     layer = st.tuples(st.sampled_from(["conv", "pw"]), st.integers(2, 12), st.sampled_from([None, "Relu", "Sigmoid"]))
 
@@ -555,3 +662,145 @@ def test_default_budget_keeps_1000_class_recognizer_within_a_point(cli, tmp_path
     assert o["judged_by"] == "95% lower bound" and "Softmax" in o["reason"]
     assert "/head/MatMul" in report["recipe"]["float_layers"] and report["recipe"]["quantized_layers"] >= 4
     assert tasks.glyph_exact_match(_session(out)) >= tasks.glyph_exact_match(_session(src)) - 0.01
+
+
+# ---------------------------------------------------------------- the steps, each called alone
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A Conv->ReLU->Conv->ReLU->GAP->MatMul chain, 8 batches of data, prepared and calibrated."""
+    import onnx_ir as ir
+
+    from onnxopt import quantize as qm
+
+    rng = np.random.default_rng(3)
+    folder = tmp_path_factory.mktemp("steps")
+    for i in range(8):
+        np.savez(folder / f"b{i}.npz", x=rng.standard_normal((4, 3, 8, 8)).astype(np.float32))
+    proto = _random_chain([("conv", 8, "Relu"), ("conv", 6, "Relu")], rng)
+    recipe = qm.Recipe(recovery=())
+    prepared = qm.prepare_model(ir.from_proto(proto), recipe)
+    calls = []
+    calib = qm.calibrate_model(prepared, folder, progress=calls.append)
+    return qm, prepared, calib, calls, folder
+
+
+def _quantizer(qm, prepared, calib, **recipe):
+    r = qm.Recipe(recovery=(), **recipe)
+    return qm.Quantizer(prepared, calib, r), r
+
+
+def test_step_prepare():
+    import onnx_ir as ir
+
+    from onnxopt import quantize as qm
+
+    rng = np.random.default_rng(0)
+    recipe = qm.Recipe()
+    prepared = qm.prepare_model(ir.from_proto(_random_chain([("conv", 4, "Relu"), ("pw", 4, None)], rng)), recipe)
+    assert recipe.per_channel and prepared.full_plan.primary() == ["conv0", "pw1", "fc"]
+    assert all(n.name for n in prepared.model.graph) and prepared.float_bytes == qm.serialize(prepared.model)
+    with pytest.raises(BadInputError, match="already quantized"):
+        qm.prepare_model(ir.load(str(ROOT / "models" / "qdq_conv.onnx")), qm.Recipe())
+    cle = qm.Recipe(recovery=("cle",))
+    prepared = qm.prepare_model(ir.from_proto(_random_chain([("conv", 4, "Relu"), ("conv", 4, None)], rng)), cle)
+    assert any(n.startswith("cross-layer equalization: 1 conv pairs") for n in prepared.notes), prepared.notes
+
+
+def test_step_calibrate(small_run):
+    qm, prepared, calib, calls, folder = small_run
+    assert (calib.stats.batches, len(calib.held_out), len(calib.recovery_set)) == (6, 2, 6)
+    assert calls == [1] * 6  # progress(1) per calibration batch
+    assert set(prepared.full_plan.stats_names()) <= set(calib.stats.tensors)
+    again = qm.calibrate_model(prepared, folder, limit=4)
+    assert (again.stats.batches, len(again.held_out)) == (3, 1) and again.to_dict()["held_out"] == 1
+
+
+def test_step_place(small_run, monkeypatch):
+    qm, prepared, calib, _, _ = small_run
+    q, recipe = _quantizer(qm, prepared, calib, exclude=("conv1", "nope"))
+    warnings = []
+    monkeypatch.setattr(qm.logger, "warning", lambda fmt, *a: warnings.append(fmt % a))
+    qm.place(q, recipe)
+    assert recipe.float_layers == {"conv1": "--exclude", "nope": "--exclude"}
+    assert warnings == ["--exclude 'nope': the prepared model has no node of that name"]
+    model, the_plan = q.build(recipe.excluded())
+    assert the_plan.primary() == ["conv0", "fc"] and the_plan.describe()["float_layers"] == ["conv1", "nope"]
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("DequantizeLinear") > 0
+
+
+def test_step_guard(small_run, monkeypatch):
+    """Kinds stay int8 only on a 'faster' verdict; --exclude layers are never tried (their kind
+    kept int8 does not put them back); one by one, a layer goes float on 'faster'."""
+    qm, prepared, calib, _, _ = small_run
+    q, recipe = _quantizer(qm, prepared, calib, exclude=("conv1",))
+    qm.place(q, recipe)
+    verdicts = iter(["faster", "tie"])  # conv kind: faster; gemm kind: tie -> float
+    monkeypatch.setattr(q, "compare_latency", lambda a, b, **kw: {"verdict": next(verdicts), "a_ms": 1.0, "b_ms": 2.0,
+                                                                  "ratio": 0.5, "interval": [0.4, 0.6], "pairs": 32})
+    qm.guard_kinds(q, recipe)
+    assert [(d["kind"], d["layers"], d["quantized"]) for d in recipe.latency_decisions] == [("conv", 1, True),
+                                                                                           ("gemm", 1, False)]
+    assert set(recipe.float_layers) == {"conv1", "fc"} and recipe.float_layers["conv1"] == "--exclude"
+    assert recipe.float_layers["fc"].startswith("latency guard: gemm layers not faster")
+    monkeypatch.setattr(q, "compare_latency", lambda a, b, **kw: {"verdict": "faster", "a_ms": 1.0, "b_ms": 2.0,
+                                                                  "ratio": 0.5, "interval": [0.4, 0.6], "pairs": 32})
+    qm.guard_layers(q, recipe)
+    assert recipe.float_layers["conv0"].startswith("latency guard: the model is faster with this layer in float")
+    assert recipe.latency_decisions[-1] == {"layer": "conv0", "quantized_ms": 2.0, "float_ms": 1.0, "ratio": 2.0,
+                                            "pairs": 32, "verdict": "float faster", "quantized": False}
+
+
+def test_step_budget(small_run):
+    qm, prepared, calib, _, _ = small_run
+    q, recipe = _quantizer(qm, prepared, calib)
+    _, the_plan, drop = qm.budget(q, recipe, max_drop=1.0)
+    assert recipe.sensitivity == [] and recipe.float_layers == {} and the_plan.primary() == ["conv0", "conv1", "fc"]
+    _, the_plan, drop = qm.budget(q, recipe, max_drop=-1.0)  # unreachable: every layer ranked and kept float
+    assert the_plan.primary() == [] and drop == pytest.approx(0.0, abs=1e-9)
+    drops = [s["drop"] for s in recipe.sensitivity]
+    assert sorted(s["layer"] for s in recipe.sensitivity) == ["conv0", "conv1", "fc"] and drops == sorted(drops, reverse=True)
+    assert all(s["kept_float"] for s in recipe.sensitivity)
+    first = recipe.sensitivity[0]["layer"]
+    assert recipe.float_layers[first].startswith("accuracy budget: sensitivity rank 1")
+
+
+def test_step_final_check(small_run, monkeypatch):
+    qm, prepared, calib, _, _ = small_run
+    q, recipe = _quantizer(qm, prepared, calib)
+    candidate, the_plan = q.build(recipe.excluded())
+    monkeypatch.setattr(q, "compare_latency", lambda a, b, **kw: {"verdict": "tie", "a_ms": 1.0, "b_ms": 1.0,
+                                                                  "ratio": 1.0, "interval": [0.9, 1.1], "pairs": 32})
+    kept, plan, latency, wrote_float = qm.final_check(q, recipe, candidate, the_plan, decide=False)  # replay
+    assert kept is candidate and not wrote_float and recipe.float_layers == {} and latency["verdict"] == "tie"
+    model, plan, latency, wrote_float = qm.final_check(q, recipe, candidate, the_plan)
+    assert wrote_float and model is q.model and plan.targets == [] and latency["quantized_ms"] == latency["float_ms"]
+    assert set(recipe.float_layers) == {"conv0", "conv1", "fc"}
+    assert all(why.startswith("final check") for why in recipe.float_layers.values())
+
+
+def test_step_recover_and_recipe_round_trip(small_run, tmp_path):
+    """recover_model applies bias correction to a built candidate (int32 biases change); a recipe
+    survives to_dict/from_dict and a file; a recipe naming another model's layers is refused."""
+    qm, prepared, calib, _, _ = small_run
+    q, recipe = _quantizer(qm, prepared, calib)
+    plain, the_plan = q.build(frozenset())
+    corrected, _ = q.build(frozenset(), recovery=("bias-correction",))
+
+    def biases(model):
+        return {n.name: n.inputs[0].const_value.numpy() for n in model.graph
+                if n.op_type == "DequantizeLinear" and n.name.endswith("_b_DequantizeLinear")}
+
+    a, b = biases(plain), biases(corrected)
+    assert set(a) == {"conv0_b_DequantizeLinear", "conv1_b_DequantizeLinear"} and any((a[k] != b[k]).any() for k in a)
+    recipe.float_layers = {"fc": "test"}
+    recipe.save(tmp_path / "r.json", the_plan)
+    back = qm.Recipe.load(tmp_path / "r.json")
+    assert back.float_layers == {"fc": "test"} and back.method == recipe.method and back.qmax == recipe.qmax
+    assert back.replayed_from == str(tmp_path / "r.json")
+    back.float_layers["other_model_conv"] = "x"
+    with pytest.raises(BadInputError, match="not a node of this model"):
+        qm.check_replay(q, back)
+    with pytest.raises(BadInputError, match="not an onnxopt recipe"):
+        qm.Recipe.from_dict({"command": "optimize"})
