@@ -136,6 +136,45 @@ def node_axes(node: ir.Node) -> list[int] | None:
     return None if arr is None else [int(a) for a in arr.reshape(-1)]
 
 
+class FreshNames:
+    """Node and value names not yet used anywhere in a model, for the nodes a pass creates (ORT
+    refuses duplicate node names).  Built once per pass call, O(nodes); O(1) per new name."""
+
+    def __init__(self, model: ir.Model):
+        self.nodes = {n.name for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.name}
+        self.values = {v.name for g in model.graphs() for v in (*g.inputs, *g.initializers.values()) if v.name}
+        self.values |= {o.name for n in ir.traversal.RecursiveGraphIterator(model.graph) for o in n.outputs if o.name}
+
+    @staticmethod
+    def _fresh(taken: set[str], base: str) -> str:
+        name, i = base, 1
+        while name in taken:
+            name, i = f"{base}_{i}", i + 1
+        taken.add(name)
+        return name
+
+    def node(self, base: str) -> str:
+        return self._fresh(self.nodes, base)
+
+    def value(self, base: str) -> str:
+        return self._fresh(self.values, base)
+
+
+def remove_dead_producers(values: list[ir.Value | None]) -> int:
+    """Remove the nodes that produced ``values`` and now feed nothing (no uses, no graph output),
+    walking back through their inputs; returns how many.  O(nodes removed)."""
+    removed, stack = 0, [v.producer() for v in values if v is not None and v.producer() is not None]
+    while stack:
+        node = stack.pop()
+        if node.graph is None or any(o.uses() or o.is_graph_output() for o in node.outputs):
+            continue
+        inputs = [v for v in node.inputs if v is not None]
+        node.graph.remove(node, safe=True)
+        removed += 1
+        stack.extend(v.producer() for v in inputs if v.producer() is not None)
+    return removed
+
+
 def substitute(node: ir.Node, replacement: ir.Value) -> str | None:
     """Make every user of ``node.outputs[0]`` read ``replacement`` and remove ``node``.
 

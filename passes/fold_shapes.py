@@ -9,11 +9,14 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import shapes as shape_inference
-from onnxopt.base import NO_MATCH, Match, OptPass, add_initializer, is_constant, is_standard, node_axes, replace_with_initializer
+from onnxopt.base import (NO_MATCH, Match, OptPass, add_initializer, is_constant, is_standard, node_axes,
+                          remove_dead_producers, replace_with_initializer)
 
 # A shape element: coef * product(symbols), e.g. (4, ("batch",)) is 4*batch; None is unknown.
 Expr = tuple[int, tuple[str, ...]] | None
 _INT_TYPES = {ir.DataType.INT64: np.int64, ir.DataType.INT32: np.int32}
+#: Rounds (each with fresh shapes) until one changes nothing: a pass must be idempotent.
+MAX_ROUNDS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +75,10 @@ class FoldShapes(OptPass):
     Declines (with a reason) when more than one element is unknown.  Nodes reading values that are
     graph outputs are handled the same way, but graph outputs themselves are never replaced.
     Recurses into subgraphs (names from outer scopes resolve through the same table).
-    Contract: outputs bit-identical.  Cost: one shape inference plus O(nodes).
+    Nodes a fold leaves without users are removed.  Rounds repeat (with fresh shapes) until one
+    changes nothing, so a second run is a no-op.
+    Contract: outputs bit-identical.  Cost: per round one shape inference plus O(nodes); at most
+    MAX_ROUNDS rounds (in practice 1-2).
     """
 
     name = "fold-shapes"
@@ -80,6 +86,15 @@ class FoldShapes(OptPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         changed: collections.Counter = collections.Counter()
         skipped: collections.Counter = collections.Counter()
+        for _ in range(MAX_ROUNDS):  # a folded value can make a later shape provable (TopK k, ...)
+            before = sum(changed.values())
+            skipped.clear()  # the last round's declines are the ones that stand
+            self._round(model, changed, skipped)
+            if sum(changed.values()) == before:
+                break
+        return self.result(model, changed, skipped)
+
+    def _round(self, model: ir.Model, changed: collections.Counter, skipped: collections.Counter) -> None:
         dims = shape_inference.infer(model)
         syms: dict[int, SymValue | None] = {}
         for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
@@ -96,10 +111,11 @@ class FoldShapes(OptPass):
             if all(v is not None and v.const_value is not None for v in node.inputs):
                 continue  # all-constant: fold-constants' job (and its size guard)
             new = replace_with_initializer(node.outputs[0], value.array())
+            inputs = list(node.inputs)
             node.graph.remove(node, safe=True)
+            remove_dead_producers(inputs)  # e.g. the Shape chain nobody reads now (ORT would still run it)
             syms[id(new)] = value
             changed[f"{node.op_type} folded to a constant"] += 1
-        return self.result(model, changed, skipped)
 
     def _reshape(self, node: ir.Node, dims: shape_inference.Shapes, syms: dict) -> Match:
         if len(node.inputs) < 2 or node.inputs[1] is None or is_constant(node.inputs[1]):
@@ -248,8 +264,8 @@ def _evaluate(node: ir.Node, dims: shape_inference.Shapes, syms: dict) -> SymVal
         if a is None or b is None or a.dtype != b.dtype:
             return None
         la, lb = len(a.elems), len(b.elems)
-        if la != lb and 1 not in (la, lb):
-            return None
+        if (la != lb and 1 not in (la, lb)) or 0 in (la, lb):
+            return None  # not broadcastable, or an empty vector (nothing worth tracking)
         n = max(la, lb)
         elems = tuple(_binary(op, a.elems[i if la > 1 else 0], b.elems[i if lb > 1 else 0]) for i in range(n))
         return SymValue(elems, a.scalar and b.scalar, a.dtype)

@@ -7,7 +7,8 @@ import collections
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.base import OptPass, add_initializer, constant, is_constant, is_standard, node_axes, substitute
+from onnxopt.base import (FreshNames, OptPass, add_initializer, constant, is_constant, is_standard, node_axes,
+                          remove_dead_producers, substitute)
 
 SQRT2 = float(np.sqrt(2.0))
 
@@ -34,6 +35,7 @@ class FuseActivations(OptPass):
         changed: collections.Counter = collections.Counter()
         skipped: collections.Counter = collections.Counter()
         opset = model.opset_imports.get("", 1)
+        names = FreshNames(model)
         for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
             if node.graph is None or not is_standard(node):
                 continue
@@ -48,7 +50,7 @@ class FuseActivations(OptPass):
                 if opset < min_opset:
                     skipped[f"{name} pattern found but opset {opset} < {min_opset}"] += 1
                     continue
-                reason = apply()
+                reason = apply(names)
                 if reason:
                     skipped[f"{name}: {reason}"] += 1
                 else:
@@ -83,14 +85,18 @@ def _other(node: ir.Node, value: ir.Value) -> ir.Value | None:
     return ins[1] if ins[0] is value else ins[0]
 
 
-def _replace(last: ir.Node, op: str, inputs: list, attrs: list | None = None) -> str | None:
-    """Insert ``op(inputs)`` before ``last`` and make it produce what ``last`` produced."""
-    fused = ir.Node("", op, inputs, attributes=attrs or [], name=(last.name or op) + "_fused", num_outputs=1)
+def _replace(names: FreshNames, last: ir.Node, op: str, inputs: list, attrs: list | None = None) -> str | None:
+    """Insert ``op(inputs)`` before ``last``, make it produce what ``last`` produced, and remove the
+    pattern's now-dead nodes (a second run must not match the leftovers again)."""
+    fused = ir.Node("", op, inputs, attributes=attrs or [], name=names.node((last.name or op) + "_fused"), num_outputs=1)
     last.graph.insert_before(last, fused)
-    fused.outputs[0].name = (last.outputs[0].name or op) + "_fused"
+    fused.outputs[0].name = names.value((last.outputs[0].name or op) + "_fused")
+    pattern_inputs = list(last.inputs)
     reason = substitute(last, fused.outputs[0])
     if reason:
         last.graph.remove(fused, safe=True)
+    else:
+        remove_dead_producers(pattern_inputs)
     return reason
 
 
@@ -121,7 +127,7 @@ def _gelu(erf: ir.Node):
                 or not _close(_const_scalar(_other(half, x)), 0.5) or len(partner.uses()) != 1:
             return None
         last = mul
-    return "GELU", lambda: _replace(last, "Gelu", [x])
+    return "GELU", lambda names: _replace(names, last, "Gelu", [x])
 
 
 def _hardswish(node: ir.Node):
@@ -133,7 +139,7 @@ def _hardswish(node: ir.Node):
         mul = _single_user(node.outputs[0], "Mul")
         if mul is None or _other(mul, node.outputs[0]) is not x:
             return None
-        return "HardSwish", lambda: _replace(mul, "HardSwish", [x])
+        return "HardSwish", lambda names: _replace(names, mul, "HardSwish", [x])
     # Clip(x + 3, 0, 6): opset >= 11 gives min/max as inputs
     add = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
     if add is None or add.op_type != "Add" or len(node.inputs) < 3:
@@ -148,7 +154,7 @@ def _hardswish(node: ir.Node):
     div = _single_user(mul.outputs[0], "Div")
     if div is None or div.inputs[0] is not mul.outputs[0] or not _close(_const_scalar(div.inputs[1]), 6.0):
         return None
-    return "HardSwish", lambda: _replace(div, "HardSwish", [x])
+    return "HardSwish", lambda names: _replace(names, div, "HardSwish", [x])
 
 
 def _last_axis_mean(node: ir.Node | None) -> ir.Value | None:
@@ -188,7 +194,7 @@ def _layernorm(sqrt: ir.Node):
         if add is not None and is_constant(b := _other(add, mul.outputs[0])):
             last, beta = add, b
 
-    def apply():
+    def apply(names: FreshNames):
         dtype = x.dtype or (gamma.const_value.dtype if gamma is not None else None)
         if dtype is None:
             return "input dtype unknown"
@@ -204,6 +210,6 @@ def _layernorm(sqrt: ir.Node):
         np_dtype = dtype.numpy()
         g = gamma if gamma is not None else add_initializer(graph, "ln_gamma", np.ones(width, np_dtype))
         b = beta if beta is not None else add_initializer(graph, "ln_beta", np.zeros(width, np_dtype))
-        return _replace(last, "LayerNormalization", [x, g, b],
+        return _replace(names, last, "LayerNormalization", [x, g, b],
                         [ir.AttrInt64("axis", -1), ir.AttrFloat32("epsilon", float(eps))])
     return "LayerNorm", apply

@@ -10,12 +10,14 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import shapes as shape_inference
-from onnxopt.base import NO_MATCH, Match, OptPass, add_initializer, constant, declined, is_standard, node_axes, substitute
+from onnxopt.base import NO_MATCH, FreshNames, Match, OptPass, add_initializer, constant, declined, is_standard, node_axes, substitute
 
 # A rule returns NO_MATCH (pattern absent), Match.ok() (rewritten) or Match.fail(reason) (declined).
 Rule = Callable[[ir.Node, "Context"], Match]
 FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 INT_MAX_LIKE = 2**31 - 1
+#: Rounds of all rules (each with fresh shapes) until nothing changes; a pass must be idempotent.
+MAX_ROUNDS = 8
 
 
 class Simplify(OptPass):
@@ -39,7 +41,9 @@ class Simplify(OptPass):
     - ``Add(MatMul(A, B), C)`` -> ``Gemm(A, B, C)`` for 2-D A, constant 2-D B and constant C of
       shape [N] or [1, N].
     Shapes come from onnxopt.shapes (declared intermediate/output shapes are not believed).
-    Standard domain only; recurses into subgraphs.  Cost: one shape inference plus O(nodes).
+    Standard domain only; recurses into subgraphs.  Rounds repeat (with fresh shapes) until one
+    changes nothing, so a second run is a no-op.  Cost: per round one shape inference plus O(nodes);
+    at most MAX_ROUNDS rounds (in practice 1-3).
     """
 
     name = "simplify"
@@ -47,14 +51,20 @@ class Simplify(OptPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         changed: collections.Counter = collections.Counter()
         skipped: collections.Counter = collections.Counter()
-        ctx = Context(shape_inference.infer(model), model.opset_imports.get("", 1))
-        for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
-            if node.graph is None or not is_standard(node):
-                continue
-            for rule in RULES.get(node.op_type, ()):
-                if node.graph is None:
-                    break
-                rule(node, ctx).tally(changed, skipped, rule.__doc__.strip().splitlines()[0], rule.__name__.strip("_"))
+        names = FreshNames(model)
+        for _ in range(MAX_ROUNDS):  # a rewrite can enable another one on a node already visited
+            before = sum(changed.values())
+            skipped.clear()  # the last round's declines are the ones that stand
+            ctx = Context(shape_inference.infer(model), model.opset_imports.get("", 1), names)
+            for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+                if node.graph is None or not is_standard(node):
+                    continue
+                for rule in RULES.get(node.op_type, ()):
+                    if node.graph is None:
+                        break
+                    rule(node, ctx).tally(changed, skipped, rule.__doc__.strip().splitlines()[0], rule.__name__.strip("_"))
+            if sum(changed.values()) == before:
+                break
         return self.result(model, changed, skipped)
 
 
@@ -62,6 +72,7 @@ class Simplify(OptPass):
 class Context:
     dims: shape_inference.Shapes
     opset: int  # of the default domain
+    names: FreshNames
 
 
 # ---------------------------------------------------------------- helpers
@@ -345,9 +356,9 @@ def _matmul_add_gemm(node: ir.Node, ctx: Context) -> Match:
             return Match.fail("bias shape is not [N] or [1, N]")
         if not _only_use(node.inputs[i], node):
             return Match.fail("MatMul result has other users")
-        gemm = ir.Node("", "Gemm", [a, b, bias], name=(mm.name or "gemm") + "_gemm", num_outputs=1)
+        gemm = ir.Node("", "Gemm", [a, b, bias], name=ctx.names.node((mm.name or "gemm") + "_gemm"), num_outputs=1)
         node.graph.insert_before(node, gemm)
-        gemm.outputs[0].name = (mm.outputs[0].name or "gemm") + "_gemm"
+        gemm.outputs[0].name = ctx.names.value((mm.outputs[0].name or "gemm") + "_gemm")
         reason = substitute(node, gemm.outputs[0])
         if reason:
             node.graph.remove(gemm, safe=True)

@@ -29,10 +29,7 @@ SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, data
 # Open idempotence bugs (minimal reproducers, xfail(strict=True), in tests/fuzz/regressions.py):
 # for these passes the random-graph test checks correctness only, so it stays deterministic and
 # green while the bug is open.  Remove an entry when the bug is fixed.
-IDEMPOTENCE_OPEN = {
-    "simplify": "regressions.simplify_not_idempotent_matmul_add_zero, simplify_duplicate_node_names_gemm",
-    "fold-shapes": "regressions.fold_shapes_not_idempotent_topk_k_from_shape",
-}
+IDEMPOTENCE_OPEN: dict[str, str] = {}
 
 
 @pytest.fixture(autouse=True)

@@ -53,7 +53,7 @@ def fuse_affine_size1_const_higher_rank() -> Case:
 def simplify_not_idempotent_matmul_add_zero() -> Case:
     """MatMul -> Add(bias) -> Add(zeros (1,2)), all static.
 
-    Bug (open): simplify is not idempotent. Its first run rewrites MatMul+Add into Gemm but leaves
+    Bug (fixed): simplify is not idempotent. Its first run rewrites MatMul+Add into Gemm but leaves
     ``Add(gemm_out, zeros)``; the second run removes that Add (3 -> 2 nodes).  Expected: the first
     run reaches the fixed point (DESIGN: every pass is idempotent; pipeline.run relies on it and
     skips a pass that already ran on the current version, so the default pipeline can stop with
@@ -70,7 +70,7 @@ def simplify_not_idempotent_matmul_add_zero() -> Case:
 def fuse_activations_duplicate_node_names() -> Case:
     """Two decomposed erf-GELUs in a row (opset 20), static shapes.
 
-    Bug (open): fuse-activations names every fused node ``Gelu_fused``; with two fusions the
+    Bug (fixed): fuse-activations names every fused node ``Gelu_fused``; with two fusions the
     result has two nodes with the same name and ONNX Runtime refuses to load it ("This is an
     invalid model. Error: two nodes with same node name (Gelu_fused)").  Expected: unique node
     names (and a model ORT loads, equal to the original)."""
@@ -95,7 +95,7 @@ def fold_shapes_not_idempotent_topk_k_from_shape() -> Case:
     """x static [2,3,1,3]; k = Unsqueeze(Gather(Shape(x), 1)); v = TopK(x, k, axis=1); y = Cast(Shape(v));
     plus an unrelated int input n of unknown length (so the model is not fully static).
 
-    Bug (open): fold-shapes is not idempotent.  Its first run makes k the constant [3] but keeps
+    Bug (fixed): fold-shapes is not idempotent.  Its first run makes k the constant [3] but keeps
     Shape(v) (v's dims were unknown when its shape table was built); the second run folds
     Shape(v) to [2,3,1,3] (5 -> 4 nodes).  Expected: the first run reaches the fixed point (the
     result itself is correct)."""
@@ -114,7 +114,7 @@ def fold_shapes_not_idempotent_topk_k_from_shape() -> Case:
 def simplify_duplicate_node_names_gemm() -> Case:
     """Two MatMul+Add (bias) in a row, static 2-D shapes.
 
-    Bug (open): simplify names every Gemm it creates ``gemm_gemm``; with two rewrites the result
+    Bug (fixed): simplify names every Gemm it creates ``gemm_gemm``; with two rewrites the result
     has two nodes with the same name and ONNX Runtime refuses to load it ("This is an invalid
     model. Error: two nodes with same node name (gemm_gemm)"): the default pipeline's result, and
     simplify run twice (its first run rewrites only the first MatMul+Add, so it is not idempotent
@@ -132,7 +132,7 @@ def fuse_activations_rematches_dead_leftovers() -> Case:
     """A decomposed LayerNorm over the last axis (ReduceMean, Sub, Pow 2, ReduceMean, Add eps,
     Sqrt, Div, Mul gamma, Add beta), opset 18.
 
-    Bug (open): fuse-activations is not idempotent.  Its first run replaces the final Add by
+    Bug (fixed): fuse-activations is not idempotent.  Its first run replaces the final Add by
     LayerNormalization but leaves the now-dead ``Mul(div, gamma)`` and its inputs in the graph;
     the second run matches that dead chain again and adds a second LayerNormalization (with
     zero beta) named ``LayerNormalization_fused`` like the first, so the result also has duplicate
@@ -153,7 +153,7 @@ def fuse_activations_rematches_dead_leftovers() -> Case:
 def fold_shapes_crash_on_empty_shape_vector() -> Case:
     """e = Slice(Shape(x), [2], [INT64_MAX]) (empty for rank-2 x); y = Identity(Add(e, [1])).
 
-    Bug (open): fold-shapes crashes (IndexError: tuple index out of range in fold_shapes._evaluate,
+    Bug (fixed): fold-shapes crashes (IndexError: tuple index out of range in fold_shapes._evaluate,
     the binary-op broadcast indexes element 0 of an empty vector); through the pipeline this is
     InternalError (exit 4).  Expected: y = [] (int64, shape (0,)) folded or the node left alone."""
     nodes = [h.make_node("Shape", ["x"], ["s"]), h.make_node("Slice", ["s", "two", "big"], ["e"]),
@@ -167,7 +167,7 @@ def fold_shapes_crash_on_empty_shape_vector() -> Case:
 def fold_shapes_leaves_dead_failing_nodes() -> Case:
     """p = Pad(x[N,1], pads (int input), mode=reflect); y = Squeeze(Shape(Shape(p))) (the rank).
 
-    Bug (open, low severity): fold-shapes folds Shape(Shape(p)) to [2] but leaves the now-dead
+    Bug (fixed, was low severity): fold-shapes folds Shape(Shape(p)) to [2] but leaves the now-dead
     Shape(p) and Pad in the graph, and ORT executes dead nodes.  At pads=[0,1,0,1] (reflect on a
     length-1 axis, which ORT rejects) the original runs (ORT folds the rank itself and never runs
     the Pad) and returns y=2; the optimized model fails ("Pad reflect requires axis length >= 2").
@@ -185,14 +185,14 @@ def fold_shapes_leaves_dead_failing_nodes() -> Case:
 REGRESSIONS: dict[str, tuple] = {
     "fold_shapes_reduce_axes_input_static": (fold_shapes_reduce_axes_input_static, ["fold-shapes", "default"], False),
     "fuse_affine_size1_const_higher_rank": (fuse_affine_size1_const_higher_rank, ["fuse-affine", "default"], False),
-    "simplify_not_idempotent_matmul_add_zero": (simplify_not_idempotent_matmul_add_zero, ["simplify"], True),
+    "simplify_not_idempotent_matmul_add_zero": (simplify_not_idempotent_matmul_add_zero, ["simplify"], False),
     "fuse_activations_duplicate_node_names": (fuse_activations_duplicate_node_names,
-                                              ["fuse-activations", "default"], True),
-    "simplify_duplicate_node_names_gemm": (simplify_duplicate_node_names_gemm, ["simplify", "default"], True),
-    "fuse_activations_rematches_dead_leftovers": (fuse_activations_rematches_dead_leftovers, ["fuse-activations"], True),
-    "fold_shapes_crash_on_empty_shape_vector": (fold_shapes_crash_on_empty_shape_vector, ["fold-shapes"], True),
-    "fold_shapes_leaves_dead_failing_nodes": (fold_shapes_leaves_dead_failing_nodes, ["fold-shapes"], True),
-    "fold_shapes_not_idempotent_topk_k_from_shape": (fold_shapes_not_idempotent_topk_k_from_shape, ["fold-shapes"], True),
+                                              ["fuse-activations", "default"], False),
+    "simplify_duplicate_node_names_gemm": (simplify_duplicate_node_names_gemm, ["simplify", "default"], False),
+    "fuse_activations_rematches_dead_leftovers": (fuse_activations_rematches_dead_leftovers, ["fuse-activations"], False),
+    "fold_shapes_crash_on_empty_shape_vector": (fold_shapes_crash_on_empty_shape_vector, ["fold-shapes"], False),
+    "fold_shapes_leaves_dead_failing_nodes": (fold_shapes_leaves_dead_failing_nodes, ["fold-shapes"], False),
+    "fold_shapes_not_idempotent_topk_k_from_shape": (fold_shapes_not_idempotent_topk_k_from_shape, ["fold-shapes"], False),
 }
 
 
