@@ -18,7 +18,6 @@ from onnx import helper as h
 
 from models.build import _make_model
 
-
 DIM = 4096
 
 

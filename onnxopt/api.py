@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import onnx_ir as ir
 
@@ -29,15 +30,27 @@ logger = logging.getLogger(__name__)
 ProgressFn = Callable[[int], None]
 
 
+class CheckResult(Protocol):
+    """What a command's check of its staged result returns (validate.ValidationResult for lossless
+    commands, quantize's budget result for lossy ones)."""
+
+    @property
+    def ok(self) -> bool: ...
+
+    def summary(self) -> str: ...
+
+    def to_dict(self) -> dict: ...
+
+
 def header(command: str, **fields) -> dict:
     """The first keys of every report."""
     return {"tool": "onnxopt", "version": __version__, "command": command, **fields}
 
 
 def stage_validate_commit(model: ir.Model, output_path: str | os.PathLike, report: dict, *,
-                          check: Callable[[Path], validate.ValidationResult] | None,
+                          check: Callable[[Path], Any] | None,
                           force: bool = False, external_data: bool | None = None,
-                          on_refused: Callable[[Path, validate.ValidationResult], None] | None = None,
+                          on_refused: Callable[[Path, Any], None] | None = None,
                           refused: str = "result not written") -> dict:
     """Write ``model`` beside ``output_path``, run ``check`` on the staged file (None: not
     validated), and rename it into place when it passes or ``force``; fill ``report["output"]``,

@@ -113,7 +113,7 @@ class TensorStats:
     def _percentile(self, p: float) -> tuple[float, float]:
         cdf = np.cumsum(self.hist) / max(1, self.hist.sum())
         c = self.centers() + self.width / 2  # upper edges
-        hi = float(c[min(np.searchsorted(cdf, p / 100.0), len(c) - 1)])
+        hi = float(c[min(int(np.searchsorted(cdf, p / 100.0)), len(c) - 1)])
         lo = self.min if self.min >= 0 else float(self.lo + self.width * np.searchsorted(cdf, 1 - p / 100.0))
         return max(lo, self.min), min(hi, self.max)
 
@@ -186,14 +186,16 @@ class Stats:
 
     def save(self, path: str | os.PathLike) -> None:
         arrays: dict[str, np.ndarray] = {}
-        meta = {"format": FORMAT, "batches": self.batches, "bins": self.bins, "source": self.source, "tensors": []}
+        tensors: list[dict] = []
+        meta = {"format": FORMAT, "batches": self.batches, "bins": self.bins, "source": self.source, "tensors": tensors}
         for i, (name, t) in enumerate(self.tensors.items()):
-            meta["tensors"].append({"name": name, "min": t.min, "max": t.max, "lo": t.lo, "width": t.width,
+            tensors.append({"name": name, "min": t.min, "max": t.max, "lo": t.lo, "width": t.width,
                                     "count": t.count})
             if t.hist is not None:
                 arrays[f"hist{i}"] = t.hist
         tmp = Path(str(path) + ".tmp.npz")
-        np.savez_compressed(tmp, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+        np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
         os.replace(tmp, path)
 
     @classmethod

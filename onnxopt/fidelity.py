@@ -121,7 +121,7 @@ def _follow(axis: int, rank: int | None, chain: list[ir.Node]) -> tuple[int | No
             if perm is None:
                 if rank is None:
                     return None, "a Transpose without perm on an input of unknown rank"
-                perm = list(range(rank))[::-1]
+                perm = tuple(range(rank))[::-1]
             a = axis + len(perm) if axis < 0 else axis
             axis, rank = list(perm).index(a), len(perm)
         elif node.op_type in SHAPE_OPS:

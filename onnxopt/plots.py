@@ -142,5 +142,6 @@ def line(title: str, xs: Sequence[str], ys: Sequence[float], log: bool = True, m
     if mark is not None and 0 <= mark < len(ys):
         mx = LEFT + mark * step
         out.append(f'<line x1="{mx:.1f}" y1="{TOP}" x2="{mx:.1f}" y2="{H - BOTTOM}" stroke="#c0392b" stroke-dasharray="4 3"/>'
-                   f'<text x="{mx + 4:.1f}" y="{TOP + 12}" font-size="11" fill="#c0392b">first divergence: {_esc(str(xs[mark])[:40])}</text>')
+                   f'<text x="{mx + 4:.1f}" y="{TOP + 12}" font-size="11" fill="#c0392b">'
+                   f'first divergence: {_esc(str(xs[mark])[:40])}</text>')
     return _frame(title, "".join(out))

@@ -57,6 +57,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -798,8 +799,8 @@ def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, d
     if isinstance(recipe, (str, os.PathLike)):
         recipe = Recipe.load(recipe)
     replayed = recipe is not None
-    recipe = recipe if recipe is not None else Recipe(**{k: tuple(v) if k in ("recovery", "exclude") else v
-                                                         for k, v in given.items()})
+    fields: dict[str, Any] = {k: tuple(v) if k in ("recovery", "exclude") else v for k, v in given.items()}
+    recipe = recipe if recipe is not None else Recipe(**fields)
     opts = Options(data=data, **options)
     try:
         return run(input_path, output_path, recipe, opts, replayed)

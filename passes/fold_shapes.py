@@ -9,8 +9,17 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import shapes as shape_inference
-from onnxopt.base import (NO_MATCH, Match, OptPass, add_initializer, is_constant, is_standard, node_axes,
-                          remove_dead_producers, replace_with_initializer)
+from onnxopt.base import (
+    NO_MATCH,
+    Match,
+    OptPass,
+    add_initializer,
+    is_constant,
+    is_standard,
+    node_axes,
+    remove_dead_producers,
+    replace_with_initializer,
+)
 
 # A shape element: coef * product(symbols), e.g. (4, ("batch",)) is 4*batch; None is unknown.
 Expr = tuple[int, tuple[str, ...]] | None

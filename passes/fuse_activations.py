@@ -7,8 +7,17 @@ import collections
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.base import (FreshNames, OptPass, add_initializer, constant, is_constant, is_standard, node_axes,
-                          remove_dead_producers, substitute)
+from onnxopt.base import (
+    FreshNames,
+    OptPass,
+    add_initializer,
+    constant,
+    is_constant,
+    is_standard,
+    node_axes,
+    remove_dead_producers,
+    substitute,
+)
 
 SQRT2 = float(np.sqrt(2.0))
 

@@ -89,7 +89,7 @@ def layer_kind(node: ir.Node) -> str | None:
             return "depthwise"
         if group > 1:
             return None
-        return "pointwise" if all(int(k) == 1 for k in shape[2:]) else "conv"
+        return "pointwise" if all(k == 1 for k in shape[2:]) else "conv"
     if len(shape) != 2:
         return None
     if node.op_type == "Gemm":
@@ -302,11 +302,11 @@ class QuantizeQDQ(OptPass):
             root = self.plan.groups[name]
             r = out.setdefault(root, [lo, hi])
             r[0], r[1] = min(r[0], lo), max(r[1], hi)
-        return {name: tuple(out[self.plan.groups[name]]) for name in self.plan.points}
+        return {name: (out[self.plan.groups[name]][0], out[self.plan.groups[name]][1]) for name in self.plan.points}
 
     def call(self, model: ir.Model):
         graph = model.graph
-        changed = collections.Counter()
+        changed: collections.Counter = collections.Counter()
         ranges = self.group_range()
         nodes = {n.name: n for n in graph}
         values = {v.name: v for v in graph.inputs}
@@ -334,7 +334,7 @@ class QuantizeQDQ(OptPass):
                 node.replace_input_with(2, self._dq(graph, f"{tname}_b", b_q, s_b.astype(np.float32),
                                                     np.zeros_like(s_b, np.int32), 0 if np.ndim(s_b) else None, node))
                 changed["biases"] += 1
-        for name, (stats, _, absorbed) in self.plan.points.items():
+        for name, (_stats, _, absorbed) in self.plan.points.items():
             value = values[name]
             scale, zp = params[name]
             s = add_initializer(graph, f"{name}_scale", np.asarray(scale))

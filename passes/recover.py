@@ -23,10 +23,10 @@ import collections
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnxopt.passes.quantize_qdq import _weight_axis, weight_params
 
 from onnxopt import runtime
 from onnxopt.base import add_initializer, constant, is_constant
+from onnxopt.passes.quantize_qdq import _weight_axis, weight_params
 
 MAX_K = 4608
 MAX_ROWS = 8192
@@ -41,7 +41,7 @@ def _single_user(value: ir.Value):
 
 def cle(model: ir.Model) -> collections.Counter:
     """Equalize Conv->[Relu]->Conv pairs of the main graph in place; returns counts."""
-    changed = collections.Counter()
+    changed: collections.Counter = collections.Counter()
     for first in list(model.graph):
         if first.op_type != "Conv" or not is_constant(first.inputs[1]):
             continue
@@ -111,7 +111,7 @@ def bias_correction(model: ir.Model, the_plan, float_model: ir.Model, means: dic
     causes on float inputs, ``(W_q - W) . E[x]`` per output channel (``means``: ``input_means`` of
     the float model; conv borders treated as interior).  Each layer is corrected for its own error
     only, so corrections do not compound down the network."""
-    changed = collections.Counter()
+    changed: collections.Counter = collections.Counter()
     nodes = {n.name: n for n in model.graph}
     floats = {n.name: n for n in float_model.graph}
     layers = [nodes[t] for t in the_plan.primary()
@@ -159,7 +159,7 @@ def _rows(x: np.ndarray, node: ir.Node, rng: np.random.Generator) -> np.ndarray 
         if x.ndim != 4 or len(w.shape) != 4:
             return None
         a = node.attributes
-        kh, kw = int(w.shape[2]), int(w.shape[3])
+        kh, kw = w.shape.numpy()[2:4]
         pads = a["pads"].as_ints() if "pads" in a else [0, 0, 0, 0]
         strides = a["strides"].as_ints() if "strides" in a else [1, 1]
         dil = a["dilations"].as_ints() if "dilations" in a else [1, 1]

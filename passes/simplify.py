@@ -10,7 +10,18 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import shapes as shape_inference
-from onnxopt.base import NO_MATCH, FreshNames, Match, OptPass, add_initializer, constant, declined, is_standard, node_axes, substitute
+from onnxopt.base import (
+    NO_MATCH,
+    FreshNames,
+    Match,
+    OptPass,
+    add_initializer,
+    constant,
+    declined,
+    is_standard,
+    node_axes,
+    substitute,
+)
 
 # A rule returns NO_MATCH (pattern absent), Match.ok() (rewritten) or Match.fail(reason) (declined).
 Rule = Callable[[ir.Node, "Context"], Match]

@@ -47,7 +47,7 @@ def test_bar_heights_scale_with_values():
     assert heights[1] == pytest.approx(2 * heights[0], abs=0.15)
     assert heights[2] == pytest.approx(4 * heights[0], abs=0.15)
     assert heights[2] == pytest.approx(SPAN, abs=0.1)  # the largest value fills the plot
-    for x, y, w, h in bars:
+    for _x, y, _w, h in bars:
         assert y + h == pytest.approx(AXIS_Y, abs=0.1)  # every bar stands on the axis
     xs = [b[0] for b in bars]
     assert xs == sorted(xs) and len(set(xs)) == 3  # one group per category, left to right

@@ -148,7 +148,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 def peak_rss(tool: str, src: Path, data: Path, out: Path) -> float:
     code = RSS_SNIPPET.format(root=str(ROOT), bench=str(Path(__file__).parent))
-    r = subprocess.run([sys.executable, "-c", code, tool, str(src), str(data), str(out)], capture_output=True, text=True, cwd=ROOT, check=False)
+    r = subprocess.run([sys.executable, "-c", code, tool, str(src), str(data), str(out)],
+                       capture_output=True, text=True, cwd=ROOT, check=False)
     if r.returncode != 0:
         raise RuntimeError(r.stderr.strip().splitlines()[-1])
     return int(r.stdout.strip().splitlines()[-1]) / 1024  # MB

@@ -289,7 +289,8 @@ def case_affine_rank_growth():
 def case_gelu_layernorm(opset=20):
     """Decomposed GELU (erf; two spellings) and LayerNorm (Pow 2 + Div, with gamma/beta), HardSwish."""
     sqrt2, inv = float(np.sqrt(2.0)), float(1 / np.sqrt(2.0))
-    c = lambda n, v: _init(n, np.array(v, np.float32))
+    def c(n, v):
+        return _init(n, np.array(v, np.float32))
     return _model(f"gelu_layernorm_op{opset}", [
         oh.make_node("Div", ["x", "sqrt2"], ["g1"]), oh.make_node("Erf", ["g1"], ["g2"]),
         oh.make_node("Add", ["g2", "one"], ["g3"]), oh.make_node("Mul", ["x", "g3"], ["g4"]),
@@ -389,7 +390,8 @@ def case_opset12_exporter():
 def case_layernorm_explicit(opset=18):
     """LayerNorm as exporters write it with keepdims=1 explicit (Pow 2, Div, Mul gamma, Add beta) and
     GELU as ``(x * (Erf(x / sqrt2) + 1)) * 0.5`` (opset 18: ai.onnx Gelu does not exist yet)."""
-    c = lambda n, v: _init(n, np.array(v, np.float32))
+    def c(n, v):
+        return _init(n, np.array(v, np.float32))
     return _model(f"layernorm_explicit_op{opset}", [
         oh.make_node("ReduceMean", ["x", "axm1"], ["mu"], keepdims=1),
         oh.make_node("Sub", ["x", "mu"], ["d"]), oh.make_node("Pow", ["d", "two"], ["d2"]),

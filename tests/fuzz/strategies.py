@@ -867,7 +867,8 @@ def block_traps(b: Builder, x: Val) -> Val:
 
 
 BLOCKS = {
-    "traps": block_traps, "second_input": block_second_input, "shape_arith": block_shape_arith, "affine": block_affine, "shape_chain": block_shape_chain, "reduce_axes": block_reduce_axes,
+    "traps": block_traps, "second_input": block_second_input, "shape_arith": block_shape_arith, "affine": block_affine,
+    "shape_chain": block_shape_chain, "reduce_axes": block_reduce_axes,
     "dynamic": block_dynamic, "if": block_if, "loop": block_loop, "noise": block_noise,
 }
 
@@ -878,7 +879,7 @@ def build_case(c) -> Case:
     C = c.choice([1, 2, 3, 4])
     dims: list = []
     syms: list[str] = []
-    for axis, nm in enumerate(["N", None, "H", "W"]):
+    for nm in ["N", None, "H", "W"]:
         if nm is None:
             dims.append(C)
         elif not b.static and c.bool():
