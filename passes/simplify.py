@@ -302,8 +302,9 @@ def _noop(node: ir.Node, ctx: Context) -> Match:
         starts, ends = constant(node.inputs[1]), constant(node.inputs[2])
         axes = constant(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
         steps = constant(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
-        if starts is None or ends is None or (len(node.inputs) > 3 and node.inputs[3] is not None and axes is None):
-            return NO_MATCH
+        given = lambda i: len(node.inputs) > i and node.inputs[i] is not None  # noqa: E731
+        if starts is None or ends is None or (given(3) and axes is None) or (given(4) and steps is None):
+            return NO_MATCH  # an argument is there but not a constant (e.g. a Constant node's output)
         axes = list(range(len(starts))) if axes is None else [int(a) for a in axes]
         steps = [1] * len(starts) if steps is None else [int(s) for s in steps]
         for s, e, a, st in zip(starts, ends, axes, steps):

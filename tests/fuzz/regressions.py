@@ -181,8 +181,25 @@ def fold_shapes_leaves_dead_failing_nodes() -> Case:
                     InputSpec("pads", "int", [4], [np.array([0, 0, 0, 0]), np.array([0, 1, 0, 1])])], ["N"], ["repro"])
 
 
+def simplify_slice_steps_from_constant_node() -> Case:
+    """Slice(x, [0], [INT64_MAX], [3], steps) with ``steps`` = [2] made by a Constant *node* (not an
+    initializer), found by the soak (seed 10000001495).
+
+    Bug (fixed): simplify's no-op Slice rule read a non-constant ``steps`` as absent (all 1) and
+    removed the Slice: expected shape (1, 2, 2, 2), got (1, 2, 2, 3)."""
+    nodes = [h.make_node("Constant", [], ["steps"], value=nh.from_array(np.array([2], np.int64))),
+             h.make_node("Relu", ["x"], ["r"]), h.make_node("Slice", ["r", "starts", "ends", "axes", "steps"], ["y"])]
+    m = _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, [1, 2, 2, 3])],
+               [h.make_tensor_value_info("y", T.FLOAT, [1, 2, 2, 2])],
+               [nh.from_array(np.array([0], np.int64), "starts"),
+                nh.from_array(np.array([2**63 - 1], np.int64), "ends"), nh.from_array(np.array([3], np.int64), "axes")],
+               opset=13)
+    return Case(m, [InputSpec("x", "float", [1, 2, 2, 3])], [], ["repro"])
+
+
 # name -> (builder, config labels under test, open?)
 REGRESSIONS: dict[str, tuple] = {
+    "simplify_slice_steps_from_constant_node": (simplify_slice_steps_from_constant_node, ["simplify"], False),
     "fold_shapes_reduce_axes_input_static": (fold_shapes_reduce_axes_input_static, ["fold-shapes", "default"], False),
     "fuse_affine_size1_const_higher_rank": (fuse_affine_size1_const_higher_rank, ["fuse-affine", "default"], False),
     "simplify_not_idempotent_matmul_add_zero": (simplify_not_idempotent_matmul_add_zero, ["simplify"], False),
