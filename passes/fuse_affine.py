@@ -27,7 +27,8 @@ class FuseAffine(OptPass):
     dtype; the old ones may be shared), the consumer removed (its output name kept when it is a
     graph output).  Check (reasons recorded): P's output feeds only the consumer and is not a graph
     output; weight/bias/BN parameters are constants no user can override; Gemm's C is a vector.
-    Outputs within float rounding.  Recurses into subgraphs.  Cost: O(nodes + folded weights).
+    Outputs within float rounding (the sign of an exact zero may change, so a later division by it
+    may give the opposite infinity).  Recurses into subgraphs.  Cost: O(nodes + folded weights).
     """
 
     name = "fuse-affine"
