@@ -144,10 +144,30 @@ def _fonts():
     return fonts
 
 
+def _draw_line(rng, text: str, font, bg: int, height: int, width: int, ink: int, jitter: int, noise: float) -> np.ndarray:
+    """One text line, dark (ink in [0, ``ink``)) on ``bg``, at a random offset (vertical +-``jitter``),
+    squeezed to fit when too wide, plus Gaussian noise: uint8 [height, width]."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("L", (width, height), bg)
+    draw = ImageDraw.Draw(img)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    if right - left > width - 4:  # too wide: render on a larger canvas, then squeeze
+        big = Image.new("L", (right - left + 4, height), bg)
+        ImageDraw.Draw(big).text((2 - left, (height - (bottom - top)) // 2 - top), text, font=font,
+                                 fill=int(rng.integers(0, ink)))
+        img = big.resize((width, height))
+    else:
+        x0 = int(rng.integers(0, max(1, width - (right - left) - 2))) - left
+        y0 = (height - (bottom - top)) // 2 - top + int(rng.integers(-jitter, jitter + 1))
+        draw.text((x0, y0), text, font=font, fill=int(rng.integers(0, ink)))
+    arr = np.asarray(img, np.float32) + rng.normal(0, noise, (height, width))
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
 def render_lines(count: int, seed: int, height: int = 32, width: int = 128):
     """``count`` random lowercase/digit strings of 3-8 characters rendered as uint8 [N, 32, 128]
     (dark text on a light, noisy background, random font, offset and contrast)."""
-    from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
     fonts = _fonts()
@@ -157,20 +177,7 @@ def render_lines(count: int, seed: int, height: int = 32, width: int = 128):
         text = "".join(rng.choice(list(ALPHABET), rng.integers(3, 9)))
         font = fonts[rng.integers(len(fonts))]
         bg = int(rng.integers(170, 256))
-        img = Image.new("L", (width, height), bg)
-        draw = ImageDraw.Draw(img)
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        scale = min(1.0, (width - 4) / max(1, right - left))
-        if scale < 1.0:  # too wide: render larger canvas, then squeeze
-            big = Image.new("L", (right - left + 4, height), bg)
-            ImageDraw.Draw(big).text((2 - left, (height - (bottom - top)) // 2 - top), text, font=font, fill=int(rng.integers(0, 80)))
-            img = big.resize((width, height))
-        else:
-            x0 = int(rng.integers(0, max(1, width - (right - left) - 2))) - left
-            y0 = (height - (bottom - top)) // 2 - top + int(rng.integers(-2, 3))
-            draw.text((x0, y0), text, font=font, fill=int(rng.integers(0, 80)))
-        arr = np.asarray(img, np.float32) + rng.normal(0, 8, (height, width))
-        images[i] = np.clip(arr, 0, 255).astype(np.uint8)
+        images[i] = _draw_line(rng, text, font, bg, height, width, ink=80, jitter=2, noise=8)
         texts.append(text)
     return images, np.array(texts)
 
@@ -275,7 +282,7 @@ def glyph_alphabet() -> str:
 def render_glyph_lines(count: int, seed: int, alphabet: str, height: int = 32, width: int = 128):
     """``count`` random strings of 2-6 glyphs of ``alphabet`` in DejaVu Sans 19-21 px, dark on a
     light noisy background, random offset and contrast: uint8 [N, 32, 128] and the texts."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import ImageFont
 
     rng = np.random.default_rng(seed)
     fonts = [ImageFont.truetype(str(_glyph_font_path()), size) for size in (19, 20, 21)]
@@ -285,20 +292,7 @@ def render_glyph_lines(count: int, seed: int, alphabet: str, height: int = 32, w
         text = "".join(alphabet[j] for j in rng.integers(len(alphabet), size=rng.integers(2, 7)))
         font = fonts[rng.integers(len(fonts))]
         bg = int(rng.integers(180, 256))
-        img = Image.new("L", (width, height), bg)
-        draw = ImageDraw.Draw(img)
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        if right - left > width - 4:  # too wide: render on a larger canvas, then squeeze
-            big = Image.new("L", (right - left + 4, height), bg)
-            ImageDraw.Draw(big).text((2 - left, (height - (bottom - top)) // 2 - top), text, font=font,
-                                     fill=int(rng.integers(0, 70)))
-            img = big.resize((width, height))
-        else:
-            x0 = int(rng.integers(0, max(1, width - (right - left) - 2))) - left
-            y0 = (height - (bottom - top)) // 2 - top + int(rng.integers(-1, 2))
-            draw.text((x0, y0), text, font=font, fill=int(rng.integers(0, 70)))
-        arr = np.asarray(img, np.float32) + rng.normal(0, 6, (height, width))
-        images[i] = np.clip(arr, 0, 255).astype(np.uint8)
+        images[i] = _draw_line(rng, text, font, bg, height, width, ink=70, jitter=1, noise=6)
         texts.append(text)
     return images, np.array(texts)
 

@@ -31,3 +31,16 @@ def ort_run(path_or_model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
 def op_types(path_or_model) -> list[str]:
     model = onnx.load(str(path_or_model)) if not isinstance(path_or_model, onnx.ModelProto) else path_or_model
     return [n.op_type for n in model.graph.node]
+
+
+def count_graph_nodes(graph: onnx.GraphProto) -> int:
+    """Nodes of a protobuf graph and all its subgraphs (benchmarks count files other tools wrote)."""
+    n = 0
+    for node in graph.node:
+        n += 1
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                n += count_graph_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                n += sum(count_graph_nodes(g) for g in a.graphs)
+    return n

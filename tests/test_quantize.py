@@ -289,13 +289,7 @@ def test_recipe_replay_reproduces_the_placement(cli, tmp_path):
     """The budget keeps the 1,000-class head float (a real decision); the saved recipe, or the JSON
     report's, replayed with a budget that would let the head go int8 gives the same placement and
     the same bytes, without searching (no sensitivity is computed, the recorded one is kept)."""
-    rng = np.random.default_rng(0)
-    src = tmp_path / "close.onnx"
-    onnx.save(_close_logits_model(rng), str(src))
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(8):
-        np.savez(data / f"b{i}.npz", x=rng.standard_normal((4, 16, 32)).astype(np.float32))
+    src, data, rng = _close_logits_case(tmp_path)
     r = cli("quantize", src, "-o", tmp_path / "a.onnx", "--data", data, "--no-latency-guard",
             "--save-recipe", tmp_path / "recipe.json", "--report", tmp_path / "a.json")
     assert r.exit_code == 0, r.output
@@ -544,6 +538,18 @@ def _session_bytes(proto) -> ort.InferenceSession:
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
+def _close_logits_case(tmp_path):
+    """The close-logits model in ``tmp_path`` and 8 calibration batches; the rng continues after them."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "close.onnx"
+    onnx.save(_close_logits_model(rng), str(src))
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(8):
+        np.savez(data / f"b{i}.npz", x=rng.standard_normal((4, 16, 32)).astype(np.float32))
+    return src, data, rng
+
+
 def _close_logits_model(rng, d=32, classes=1000, eps=0.02):
     """embed (MatMul+ReLU) then a 1,000-class head whose columns share one large component: the
     logits differ by little, so int8 weights flip many arg-maxes while the (near-uniform)
@@ -569,13 +575,7 @@ def test_default_budget_catches_flipped_predictions_that_cosine_misses(tmp_path)
     float and what is written agrees on >= 99% of the held-out positions, and on fresh data too."""
     from onnxopt import quantize as quantize_mod
 
-    rng = np.random.default_rng(0)
-    src = tmp_path / "close.onnx"
-    onnx.save(_close_logits_model(rng), str(src))
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(8):
-        np.savez(data / f"b{i}.npz", x=rng.standard_normal((4, 16, 32)).astype(np.float32))
+    src, data, rng = _close_logits_case(tmp_path)
     loose = quantize_mod.quantize(src, tmp_path / "loose.onnx", data=data, max_drop=1.0, latency_guard=False)
     (out,) = loose["accuracy"]["outputs"]
     assert out["metric"] == "top-1" and out["cosine"] > 0.99 and out["agreement"] < 0.9, out

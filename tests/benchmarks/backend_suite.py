@@ -50,6 +50,7 @@ if str(ROOT) not in sys.path:
 
 from onnxopt import api  # noqa: E402
 from onnxopt.errors import OnnxoptError, ValidationRefused  # noqa: E402
+from tests.helpers import count_graph_nodes as count_nodes  # noqa: E402
 
 DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
 KINDS = ("simple", "pytorch-operator", "pytorch-converted", "light")
@@ -208,18 +209,6 @@ def compare_all(got_sets: list[list], case: Case, refs: list[list] | None = None
         if why:
             return f"data set {i}: {why}"
     return None
-
-
-def count_nodes(graph: onnx.GraphProto) -> int:
-    n = 0
-    for node in graph.node:
-        n += 1
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                n += count_nodes(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                n += sum(count_nodes(g) for g in a.graphs)
-    return n
 
 
 def judge(case: Case, candidate, original_sets: list[list] | None, original_ref: str | None) -> tuple[bool, str | None]:

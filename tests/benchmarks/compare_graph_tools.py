@@ -34,24 +34,13 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from onnxopt import api, bench, runtime
+from tests.helpers import count_graph_nodes as count_nodes
 
 SHAPES = {  # concrete sizes for symbolic dims, as in tests/test_cli.py
     "cnn_dynamic": {"image": (2, 3, 24, 40)},
     "transformer_encoder": {"tokens": (2, 7, 64)},
     "exporter_opset11": {"x": (3, 3, 8, 8)},
 }
-
-
-def count_nodes(graph: onnx.GraphProto) -> int:
-    n = 0
-    for node in graph.node:
-        n += 1
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                n += count_nodes(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                n += sum(count_nodes(g) for g in a.graphs)
-    return n
 
 
 def tool_onnxopt(src: Path, dst: Path) -> None:

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from models import tasks
-from onnxopt import bench
+from onnxopt import bench, runtime
 
 TRAINED = ["digits_cnn", "digits_resnet", "digits_mobilenet", "text_crnn"]
 OTHERS = ["cnn_bn_depthwise", "cnn_dynamic", "yolo_head", "crnn", "transformer_encoder", "bert_encoder"]
@@ -46,11 +46,8 @@ SHAPES = {"cnn_dynamic": {"image": (8, 3, 64, 64)}, "cnn_bn_depthwise": None, "y
 
 
 def session(path: str) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 4
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    """One-thread CPU session (onnxopt.runtime's)."""
+    return runtime.session(path, "cpu", threads=1)
 
 
 def calib_dir(name: str, folder: Path, batches: int = 16) -> Path:

@@ -22,7 +22,7 @@ import onnx  # noqa: E402
 import onnx_ir as ir  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from onnxopt import pipeline, registry  # noqa: E402
+from onnxopt import pipeline, registry, runtime  # noqa: E402
 from onnxopt.errors import InternalError, OnnxoptError  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -42,11 +42,8 @@ def configs() -> list[tuple[str, str]]:
 
 
 def session(model_bytes: bytes) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 4
-    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    """One-thread CPU session (onnxopt.runtime's; a model ORT refuses raises BadInputError)."""
+    return runtime.session(model_bytes, "cpu", threads=1)
 
 
 def points(case, n: int = 6, seed: int = 0) -> list[dict[str, np.ndarray]]:
