@@ -37,8 +37,10 @@ class Simplify(OptPass):
     Rules (each declines with a reason when its check fails):
     - ``Add(x,0)``, ``Sub(x,0)``, ``Mul(x,1)``, ``Div(x,1)`` -> x, when the constant's broadcast
       provably leaves x's shape unchanged (``Add(-0.0, 0)`` gives +0.0: the sign of a zero may flip);
-    - constant chains ``(x ± c1) ± c2`` -> ``x + (±c1 ± c2)`` and ``(x*c1)*c2`` -> ``x*(c1*c2)``
-      for float x, the inner result used only there (float reassociation: rounding-level change);
+    - constant chains ``(x*c1)*c2`` -> ``x*(c1*c2)`` for float x when c1 or c2 is made of powers of
+      two (exact: scaling by 2^k does not round; the merged factor must be finite and normal), the
+      inner result used only there; additive chains are left alone (reassociating float additions
+      changes rounding, which a later Cast/Floor/comparison can turn into a different value);
     - ``Transpose(Transpose(x))`` -> one Transpose or none; identity Transpose -> x;
     - a reshape-like op (Reshape/Flatten/Squeeze/Unsqueeze) feeding a Reshape to a constant shape
       -> the Reshape reads x directly (a single copy-zero, with every other entry a positive
@@ -149,15 +151,24 @@ def _const_chain(node: ir.Node, ctx: Context) -> Match:
     dtype = c2.dtype
     if dtype.kind != "f" or c1.dtype != dtype:
         return Match.fail("not a float chain")
-    if node.op_type == "Mul":
-        combined = c1.astype(np.float64) * c2.astype(np.float64)
-    else:
-        combined = sign1 * c1.astype(np.float64) + sign2 * c2.astype(np.float64)
-    value = add_initializer(node.graph, f"{node.name or node.outputs[0].name}_merged_const", combined.astype(dtype))
+    if node.op_type != "Mul":
+        return Match.fail("reassociating float additions changes rounding")
+    if not (_powers_of_two(c1) or _powers_of_two(c2)):
+        return Match.fail("neither factor is a power of two (the product would round differently)")
+    combined = (c1.astype(np.float64) * c2.astype(np.float64)).astype(dtype)
+    if not np.all(np.isfinite(combined)) or np.any((combined != 0) & (np.abs(combined) < np.finfo(dtype).tiny)):
+        return Match.fail("the merged factor overflows or is subnormal")
+    value = add_initializer(node.graph, f"{node.name or node.outputs[0].name}_merged_const", combined)
     node.op_type = "Mul" if node.op_type == "Mul" else "Add"
     node.replace_input_with(0, x)
     node.replace_input_with(1, value)
     return Match.ok()
+
+
+def _powers_of_two(c: np.ndarray) -> bool:
+    """Every element is +-2^k: scaling by it is exact (barring overflow/underflow)."""
+    mantissa, _ = np.frexp(c.astype(np.float64))
+    return bool(c.size) and bool(np.all(np.abs(mantissa) == 0.5))
 
 
 def _splitconstant(node: ir.Node):
