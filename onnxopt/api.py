@@ -99,7 +99,8 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
 
     Raises ValidationRefused (with ``.result`` = the report) when outputs diverge and not ``force``;
     nothing is written then.  The input file is never modified (unless ``in_place``, and then
-    only by the final atomic rename)."""
+    only by the final atomic rename).  The steps (load, validator, pipeline, report, stage-check-
+    commit) read in order here; each is a call into its own module."""
     t_start = time.perf_counter()
     if io.same_file(input_path, output_path) and not in_place:
         raise UsageError(f"output {output_path} is the input file; pass --in-place to overwrite it")

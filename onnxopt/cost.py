@@ -124,6 +124,8 @@ def estimate(model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | None = Non
 
 
 def _node_cost(node: ir.Node, dims: shape_inference.Shapes) -> tuple[int, int] | None:
+    """(MACs, FLOPs) of one node, None when its shapes are unknown.  One branch per op family, read
+    top to bottom (long on purpose: splitting it would scatter the formulas)."""
     op = node.op_type
     out = _ints(dims.get(node.outputs[0])) if node.outputs else None
     out_elems = _prod(out)

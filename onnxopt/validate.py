@@ -135,7 +135,8 @@ class ValidationResult:
 def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray | None, tol: Tolerance) -> OutputComparison:
     """All statistics of ``got`` against ``ref``; ``tol.metric`` decides pass/fail.  Integer, bool
     and string outputs must match exactly; NaN/Inf must sit at the same positions; shapes and
-    dtypes must match."""
+    dtypes must match.  (One statistic after another, in the order a reader checks them: long on
+    purpose.)"""
     ref = np.asarray(ref)
     result = OutputComparison(name, True, tuple(ref.shape), None if got is None else tuple(np.shape(got)), str(ref.dtype))
     if got is None:

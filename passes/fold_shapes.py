@@ -192,7 +192,8 @@ def _const_ints(value: ir.Value | None) -> list[int] | None:
 
 
 def _evaluate(node: ir.Node, dims: shape_inference.Shapes, syms: dict) -> SymValue | None:
-    """Symbolic value of node's single output, or None when not a tracked shape computation."""
+    """Symbolic value of node's single output, or None when not a tracked shape computation.
+    One branch per tracked op (long on purpose: each branch is the op's semantics on SymValues)."""
     op = node.op_type
     ins = list(node.inputs)
     if op == "Shape":
