@@ -225,6 +225,19 @@ def ort_shapes(model: ir.Model, names: list[str]) -> dict[str, tuple[Dim, ...]]:
     return result
 
 
+def _captured(node: ir.Node) -> list[str]:
+    """Names the node's subgraphs (recursively) read from outside themselves: an If branch reading
+    an outer tensor carries its data as surely as an explicit input."""
+    found = []
+    for attr in node.attributes.values():
+        graphs = [attr.as_graph()] if attr.type == ir.AttributeType.GRAPH else (
+            list(attr.as_graphs()) if attr.type == ir.AttributeType.GRAPHS else [])
+        for g in graphs:
+            for inner in ir.traversal.RecursiveGraphIterator(g):
+                found += [v.name for v in inner.inputs if v is not None and v.name]
+    return found
+
+
 def _op_key(node: ir.Node) -> str:
     return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}"
 
@@ -232,7 +245,8 @@ def _op_key(node: ir.Node) -> str:
 def data_dependent_values(model: ir.Model, symbolic: bool = False) -> set[str]:
     """Main-graph values whose dims (or rank) may differ between two runs with inputs of the same shape.
 
-    A value *carries data* when it is computed from graph inputs' values; ``Shape``/``Size`` of a
+    A value *carries data* when it is computed from graph inputs' values (read explicitly or, by
+    an If/Loop/Scan body, from the outer scope); ``Shape``/``Size`` of a
     tensor with data-independent dims carries none (with ``symbolic`` input dims every Shape/Size
     carries: its value changes with the input sizes).  Dims are data-dependent below an op outside
     SHAPE_FROM_DIMS/SHAPE_INPUTS (NonZero, Loop, custom ops, ...) that reads data, where a
@@ -242,7 +256,7 @@ def data_dependent_values(model: ir.Model, symbolic: bool = False) -> set[str]:
     dynamic: set[str] = set()
     for node in model.graph:
         ins = list(node.inputs)
-        names = [v.name for v in ins if v is not None]
+        names = [v.name for v in ins if v is not None] + _captured(node)
         key = _op_key(node)
         if node.op_type in ("Shape", "Size") and node.domain in ("", "ai.onnx"):
             data = symbolic or (bool(ins) and ins[0] is not None and ins[0].name in dynamic)

@@ -74,7 +74,18 @@ def _loop():
                  {"p": np.array(2)}, {"p": np.array(5)}, opset=17, inits=[nh.from_array(np.array(True), "cond")])
 
 
+def _if_capture():
+    """An If on a constant condition whose branches read the outer input x (no explicit input)."""
+    def branch(name, op):
+        return h.make_graph([h.make_node(op, ["x1", "zero_f"], [f"{name}_m"]), h.make_node("NonZero", [f"{name}_m"], [f"{name}_o"])],
+                            name, [], [h.make_tensor_value_info(f"{name}_o", T.INT64, None)])
+    return _case([h.make_node("If", ["cond"], ["y"], then_branch=branch("then", "Greater"), else_branch=branch("else", "Less"))],
+                 [_x1((8,))], {"x1": np.array([1, -1] * 4, np.float32)}, {"x1": np.ones(8, np.float32)}, opset=17,
+                 inits=[nh.from_array(np.array(True), "cond"), nh.from_array(np.array(0.0, np.float32), "zero_f")])
+
+
 CASES = {
+    "If (outer-scope read)": _if_capture,
     **{op: (lambda op=op: _reduce(op)) for op in (
         "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "ReduceSum",
         "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd")},
