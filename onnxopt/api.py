@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from onnxopt import __version__, cost, io, pipeline, runtime, validate
 from onnxopt.base import STANDARD_DOMAINS, count_initializers, count_nodes, op_histogram
-from onnxopt.errors import OnnxoptError, UsageError, ValidationRefused
+from onnxopt.errors import UsageError, ValidationRefused
 
 logger = logging.getLogger(__name__)
 
@@ -145,11 +145,12 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
         report["seconds"] = time.perf_counter() - t_start
         report["layerwise"] = _first_divergence(input_path, path, result, ep)
 
+    after_cost = cost.estimate(model, shapes).to_dict(per_node=False) if with_cost else None  # before anything is written
     stage_validate_commit(model, output_path, report, check=check if validator is not None and validate_result else None,
                           force=force, external_data=external_data, on_refused=diagnose,
                           refused="optimized model not written")
-    if with_cost:
-        report["output"]["cost"] = cost.estimate(model, shapes).to_dict(per_node=False)
+    if after_cost is not None:
+        report["output"]["cost"] = after_cost
     if report["validation"] is not None:
         report["validation"]["points"] = validator.exercised()
     report["seconds"] = time.perf_counter() - t_start
@@ -195,8 +196,9 @@ def _first_divergence(original, candidate, result: validate.ValidationResult, ep
         return layerwise.compare_layers(original, candidate, point.feeds, result.tolerance
                                         if isinstance(result.tolerance, validate.Tolerance) else validate.LOSSLESS,
                                         ep).to_dict()
-    except OnnxoptError as e:
+    except Exception as e:  # noqa: BLE001 - a diagnosis must never turn a refusal (exit 3) into a crash
         logger.info("layerwise comparison unavailable: %s", e)
+        logger.debug("layerwise comparison failed", exc_info=True)
         return None
 
 

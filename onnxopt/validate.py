@@ -292,13 +292,31 @@ def variation_points(sess, primary: dict[str, np.ndarray], tries: int = 3) -> li
         dims_text = ", ".join(f"{k}={v}" for k, v in values.items())
         label = f"synthesized, seed {attempt + 1}" + (f", {dims_text}" if dims_text else "")
         try:
-            feeds = runtime.synthesize(sess, overrides, seed=attempt + 1, quiet=True)
+            feeds = _differ_from(primary, runtime.synthesize(sess, overrides, seed=attempt + 1, quiet=True), attempt + 1)
             reference = runtime.run(sess, feeds)
         except BadInputError as e:
             last_error = str(e)
             continue
         return [Point(label, feeds, reference)]
     return [Point("synthesized variation", {}, None, f"the original model fails on every variation tried: {last_error}")]
+
+
+def _differ_from(primary: Mapping[str, np.ndarray], feeds: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """Integer and bool inputs of the same shape as at the primary point get a different value in
+    *every* element (a new seed alone repeats some: [3, 2] then [1, 2]); integers only where the
+    primary ones lie in the synthesized range [0, 4), so a token id stays a valid id; padding masks
+    keep their form."""
+    rng = np.random.default_rng(seed)
+    out = dict(feeds)
+    for name, value in feeds.items():
+        base = primary.get(name)
+        if base is None or np.shape(base) != np.shape(value) or "mask" in name.lower() or value.size == 0:
+            continue
+        if value.dtype == np.bool_:
+            out[name] = ~base
+        elif value.dtype.kind in "iu" and base.min() >= 0 and base.max() < 4:
+            out[name] = ((base + 1 + rng.integers(0, 3, size=base.shape)) % 4).astype(value.dtype)
+    return out
 
 
 class Validator:

@@ -37,10 +37,9 @@ class Simplify(OptPass):
     Rules (each declines with a reason when its check fails):
     - ``Add(x,0)``, ``Sub(x,0)``, ``Mul(x,1)``, ``Div(x,1)`` -> x, when the constant's broadcast
       provably leaves x's shape unchanged (``Add(-0.0, 0)`` gives +0.0: the sign of a zero may flip);
-    - constant chains ``(x*c1)*c2`` -> ``x*(c1*c2)`` for float x when c1 or c2 is made of powers of
-      two (exact: scaling by 2^k does not round; the merged factor must be finite and normal), the
-      inner result used only there; additive chains are left alone (reassociating float additions
-      changes rounding, which a later Cast/Floor/comparison can turn into a different value);
+    - constant chains ``(x*c1)*c2`` / ``(x+c1)+c2`` are *not* merged: whether the reassociated
+      form rounds, overflows or underflows alike depends on x's runtime values (a later Cast or
+      comparison turns a rounding difference into a different value);
     - ``Transpose(Transpose(x))`` -> one Transpose or none; identity Transpose -> x;
     - a reshape-like op (Reshape/Flatten/Squeeze/Unsqueeze) feeding a Reshape to a constant shape
       -> the Reshape reads x directly (a single copy-zero, with every other entry a positive
@@ -130,58 +129,6 @@ def _identity_arith(node: ir.Node, ctx: Context) -> Match:
             return Match.fail("dtype differs")
         return declined(substitute(node, x))
     return NO_MATCH
-
-
-def _const_chain(node: ir.Node, ctx: Context) -> Match:
-    """constant chain merged into one constant"""
-    kinds = ("Add", "Sub") if node.op_type in ("Add", "Sub") else ("Mul",)
-    outer_split = _splitconstant(node)
-    if outer_split is None:
-        return NO_MATCH
-    y, c2, sign2 = outer_split
-    inner = _producer(y, *kinds)
-    if inner is None:
-        return NO_MATCH
-    inner_split = _splitconstant(inner)
-    if inner_split is None:
-        return NO_MATCH
-    x, c1, sign1 = inner_split
-    if not _only_use(y, node):
-        return Match.fail("inner result has other users")
-    dtype = c2.dtype
-    if dtype.kind != "f" or c1.dtype != dtype:
-        return Match.fail("not a float chain")
-    if node.op_type != "Mul":
-        return Match.fail("reassociating float additions changes rounding")
-    if not (_powers_of_two(c1) or _powers_of_two(c2)):
-        return Match.fail("neither factor is a power of two (the product would round differently)")
-    combined = (c1.astype(np.float64) * c2.astype(np.float64)).astype(dtype)
-    if not np.all(np.isfinite(combined)) or np.any((combined != 0) & (np.abs(combined) < np.finfo(dtype).tiny)):
-        return Match.fail("the merged factor overflows or is subnormal")
-    value = add_initializer(node.graph, f"{node.name or node.outputs[0].name}_merged_const", combined)
-    node.op_type = "Mul" if node.op_type == "Mul" else "Add"
-    node.replace_input_with(0, x)
-    node.replace_input_with(1, value)
-    return Match.ok()
-
-
-def _powers_of_two(c: np.ndarray) -> bool:
-    """Every element is +-2^k: scaling by it is exact (barring overflow/underflow)."""
-    mantissa, _ = np.frexp(c.astype(np.float64))
-    return bool(c.size) and bool(np.all(np.abs(mantissa) == 0.5))
-
-
-def _splitconstant(node: ir.Node):
-    """(x, constant, sign) for x+c, c+x, x-c, x*c, c*x; None otherwise."""
-    if len(node.inputs) != 2:
-        return None
-    a, b = node.inputs
-    ca, cb = constant(a), constant(b)
-    if cb is not None and ca is None:
-        return a, cb, (-1 if node.op_type == "Sub" else 1)
-    if ca is not None and cb is None and node.op_type in ("Add", "Mul"):
-        return b, ca, 1
-    return None
 
 
 def _transpose(node: ir.Node, ctx: Context) -> Match:
@@ -391,9 +338,9 @@ def _matmul_add_gemm(node: ir.Node, ctx: Context) -> Match:
 
 
 RULES: dict[str, tuple[Rule, ...]] = {
-    "Add": (_identity_arith, _const_chain, _matmul_add_gemm),
-    "Sub": (_identity_arith, _const_chain),
-    "Mul": (_identity_arith, _const_chain),
+    "Add": (_identity_arith, _matmul_add_gemm),
+    "Sub": (_identity_arith,),
+    "Mul": (_identity_arith,),
     "Div": (_identity_arith,),
     "Transpose": (_transpose,),
     "Reshape": (_reshape,),

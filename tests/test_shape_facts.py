@@ -230,3 +230,14 @@ def test_a_variation_the_original_cannot_run_is_skipped_and_reported(tmp_path):
     assert points[0]["status"] == "compared"
     assert points[1]["status"] == "skipped" and "fails" in points[1]["reason"]
     assert validator.check(path).ok
+
+
+def test_variation_changes_every_integer_and_bool_element(tmp_path):
+    """A new seed alone repeats some integers; the variation point must differ everywhere."""
+    nodes = [h.make_node("Cast", ["i"], ["y"], to=T.FLOAT), h.make_node("Cast", ["b"], ["z"], to=T.FLOAT)]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("i", T.INT64, [256]), h.make_tensor_value_info("b", T.BOOL, [256])],
+                     [h.make_tensor_value_info("y", T.FLOAT, None), h.make_tensor_value_info("z", T.FLOAT, None)])
+    path = _write(tmp_path, h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), "ints.onnx")
+    first, second = validate.Validator(path).points
+    assert np.all(first.feeds["i"] != second.feeds["i"]) and np.all(first.feeds["b"] != second.feeds["b"])
+    assert second.feeds["i"].min() >= 0 and second.feeds["i"].max() < 4
