@@ -9,8 +9,9 @@ code (ONNX Runtime, onnx) kills the child with a signal, the parent prints one l
 (``onnxopt: error: ONNX Runtime (or another native library) crashed (SIGSEGV) on model.onnx;
 nothing written``), removes the child's staging folder beside the output, and exits 2:
 a model that crashes the runtime is bad input (a kill from outside, e.g. SIGTERM or the OOM
-killer's SIGKILL, is one line too, exit 128 + signal).  SIGTERM/SIGHUP sent to onnxopt are
-forwarded to the child; a terminal's Ctrl-C reaches both (exit 130).  Isolation is skipped where
+killer's SIGKILL, is one line too, exit 128 + signal).  SIGTERM/SIGHUP/SIGINT sent to onnxopt are
+forwarded to the child (a terminal's Ctrl-C reaches both itself: exit 130).  ``sys.exit`` inside
+the command (a --metric module may call it) keeps its exit code.  Isolation is skipped where
 it cannot work or is not wanted: no ``os.fork``, more than one thread, or stdout/stderr without a
 file descriptor (in-process callers such as click's CliRunner); the command then runs in the
 calling process.
@@ -26,6 +27,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 import typing
 from collections.abc import Callable
@@ -63,6 +65,11 @@ def _exit_code_of(fn: Callable[[], object]) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except SystemExit as e:  # e.g. a --metric module calling sys.exit(): keep its code, as Python would
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        click.echo(f"onnxopt: error: {e.code}", err=True)
+        return 1
     except Exception as e:  # a bug: one line for the user, the traceback at -vv
         logger.debug("internal error", exc_info=True)
         text = (str(e).strip().splitlines() or [""])[0]
@@ -93,11 +100,26 @@ def _can_isolate() -> bool:
 
 
 def _file_state(path: Path | None):
-    try:
-        st = path.stat() if path is not None else None
-    except OSError:
+    """Identity of ``path`` and of its external-data file ``path.data`` (commit renames that first)."""
+    if path is None:
         return None
-    return None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns)
+    state = []
+    for p in (path, path.with_name(path.name + ".data")):
+        try:
+            st = p.stat()
+            state.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            state.append(None)
+    return tuple(state)
+
+
+def _from_terminal() -> bool:
+    """Whether a SIGINT came from our terminal's Ctrl-C (which the child gets too): our process
+    group is the terminal's foreground group."""
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except (OSError, AttributeError, ValueError):
+        return False
 
 
 def run_isolated(fn: Callable[[], object], label: str, output: str | os.PathLike | None = None) -> int:
@@ -107,8 +129,10 @@ def run_isolated(fn: Callable[[], object], label: str, output: str | os.PathLike
     If the child dies by a signal, its staging entries beside ``output`` are removed and an error
     is raised naming ``label`` and the signal, saying whether ``output`` was replaced before: a
     crash (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT) is BadInputError (exit 2), a kill from
-    outside (SIGTERM, SIGKILL, ...) is Terminated (exit 128 + signal).  SIGTERM/SIGHUP received while waiting are forwarded to the
-    child; SIGINT (which a terminal sends to the child too) is ignored by the waiting parent.
+    outside (SIGTERM, SIGKILL, ...) is Terminated (exit 128 + signal).  SIGTERM/SIGHUP received
+    while waiting are forwarded to the child; so is SIGINT, unless it is a terminal's Ctrl-C (the
+    child got that one itself).  The child's staging entries in the system temp folder (a
+    verify-each copy) are removed too.
     Also the hook tests use: ``run_isolated(lambda: os.kill(os.getpid(), signal.SIGSEGV), "m")``."""
     out = Path(output) if output is not None else None
     before = _file_state(out)
@@ -132,9 +156,13 @@ def run_isolated(fn: Callable[[], object], label: str, output: str | os.PathLike
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
 
+    def interrupt(signum, frame):
+        if not _from_terminal():
+            forward(signum, frame)
+
     previous: dict[signal.Signals, typing.Any] = {}
     if threading.current_thread() is threading.main_thread():
-        for signum, handler in ((signal.SIGINT, signal.SIG_IGN), (signal.SIGTERM, forward), (signal.SIGHUP, forward)):
+        for signum, handler in ((signal.SIGINT, interrupt), (signal.SIGTERM, forward), (signal.SIGHUP, forward)):
             previous[signum] = signal.signal(signum, handler)
     try:
         _, status = os.waitpid(pid, 0)
@@ -147,6 +175,7 @@ def run_isolated(fn: Callable[[], object], label: str, output: str | os.PathLike
     name = signal.Signals(sig).name
     if out is not None:
         io.remove_stale_staging(out.parent if str(out.parent) else Path("."), {pid})
+    io.remove_stale_staging(tempfile.gettempdir(), {pid})
     written = "nothing written" if _file_state(out) == before else f"{out} had been written before"
     if sig in CRASH_SIGNALS:
         raise BadInputError(f"ONNX Runtime (or another native library) crashed ({name}) on {label}; {written}")

@@ -394,3 +394,32 @@ def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+def test_sigint_from_outside_the_terminal_stops_the_isolated_command():
+    """`kill -INT` (or a CI runner cancelling a job) reaches only the parent: it must be forwarded
+    to the forked child, which stops with exit 130 instead of running to the end."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "onnxopt.cli", "bench", str(ROOT / "models" / "digits_cnn.onnx"),
+                          "--runs", "2000000", "--warmup", "1"], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    p.send_signal(signal.SIGINT)
+    try:
+        p.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        raise AssertionError("SIGINT was not forwarded: the benchmark kept running") from None
+    assert p.returncode == 130
+
+
+def test_sys_exit_inside_the_isolated_command_keeps_its_code():
+    import sys
+
+    from onnxopt import cli
+    assert [cli.run_isolated(lambda c=c: sys.exit(c), "m") for c in (None, 0, 3)] == [0, 0, 3]
