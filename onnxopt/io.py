@@ -221,8 +221,10 @@ class StagedModel:
         self.external_data = external_data
         self.data_name = self.dest.name + ".data" if external_data else None
         remove_stale_staging(self.dest.parent)
+        self._lock: int | None = None
         try:
             self._tmpdir = Path(tempfile.mkdtemp(prefix=staging_prefix(), dir=self.dest.parent))
+            self._lock = _hold_lock(self._tmpdir)
         except OSError as e:
             raise BadInputError(f"{self.dest}: cannot write output ({e.strerror})") from None
         self.path = self._tmpdir / self.dest.name
@@ -258,6 +260,9 @@ class StagedModel:
 
     def discard(self) -> None:
         shutil.rmtree(self._tmpdir, ignore_errors=True)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def __enter__(self) -> StagedModel:
         return self
@@ -288,7 +293,14 @@ def remove_stale_staging(folder: str | os.PathLike, pids: set[int] | None = None
             elif pid == os.getpid() or _pid_alive(pid) or now - entry.stat(follow_symlinks=False).st_mtime < STALE_AFTER_SECONDS:
                 continue
             if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path)
+                lock = _try_lock(Path(entry.path))
+                if lock is False:
+                    continue  # its writer still holds the lock (a pid from another namespace, ...)
+                try:
+                    shutil.rmtree(entry.path)
+                finally:
+                    if lock is not None:
+                        os.close(lock)
             else:
                 os.unlink(entry.path)
         except OSError as e:
@@ -297,6 +309,37 @@ def remove_stale_staging(folder: str | os.PathLike, pids: set[int] | None = None
         logger.info("removed %s, left by process %d which no longer runs", entry.path, pid)
         removed.append(Path(entry.path))
     return removed
+
+
+LOCK_NAME = ".lock"
+
+
+def _hold_lock(folder: Path) -> int | None:
+    """An exclusive lock on ``folder/.lock`` held while the folder is in use: pids can repeat across
+    PID namespaces sharing a host name, a held lock cannot be mistaken.  None where flock is missing."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(folder / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _try_lock(folder: Path) -> int | None | bool:
+    """The lock fd when nobody holds ``folder``'s lock, False when someone does, None when the
+    folder has no lock file (older or partial entries) or flock is missing."""
+    try:
+        import fcntl
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR)
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    return fd
 
 
 def _pid_alive(pid: int) -> bool:

@@ -423,3 +423,25 @@ def test_sys_exit_inside_the_isolated_command_keeps_its_code():
 
     from onnxopt import cli
     assert [cli.run_isolated(lambda c=c: sys.exit(c), "m") for c in (None, 0, 3)] == [0, 0, 3]
+
+
+def test_a_staging_folder_whose_lock_is_held_is_never_removed(tmp_path):
+    """A pid that looks dead here may belong to a live writer in another PID namespace: the lock it
+    holds on its staging folder keeps the folder, whatever the pid says."""
+    import os
+    import time
+
+    import onnx_ir as ir
+
+    from onnxopt import io
+    model = io.load(ROOT / "models" / "digits_cnn.onnx")
+    with io.StagedModel(model, tmp_path / "out.onnx") as staged:
+        folder = staged.path.parent
+        dead = folder.with_name(folder.name.replace(f"-{os.getpid()}-", "-999999-", 1))
+        os.rename(folder, dead)  # the same folder (and its held lock) under a dead process's name
+        old = time.time() - 3600
+        os.utime(dead, (old, old))
+        assert io.remove_stale_staging(tmp_path) == [] and dead.exists()
+        os.rename(dead, folder)
+    assert not folder.exists()
+    assert isinstance(model, ir.Model)
