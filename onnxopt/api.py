@@ -165,14 +165,18 @@ def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, d
              stats_in: str | os.PathLike | None = None, stats_out: str | os.PathLike | None = None,
              recipe_out: str | os.PathLike | None = None, calib_limit: int | None = None, threads: int = 1,
              force: bool = False, class_outputs: Mapping[str, int | None] | None = None,
-             progress: ProgressFn | None = None) -> dict:
+             progress: ProgressFn | None = None, search: bool = False, budget: int | None = None) -> dict:
     """``onnxopt quantize``: static int8 QDQ quantization (see onnxopt.quantize), staged, scored
     and committed through :func:`stage_validate_commit`; the report starts with :func:`header`.
 
     The recipe settings (``method`` ... ``latency_guard``; None = the default) decide a new
     placement; ``recipe`` (an ``onnxopt.quantize.Recipe`` or a JSON file from ``recipe_out`` or a
     JSON quantize report) is replayed instead and excludes them.  ``progress(1)`` per calibration
-    batch.  Raises ValidationRefused(report) when the accuracy budget is missed and not ``force``."""
+    batch.  ``search``: evaluate up to ``budget`` candidate recipes (onnxopt.search; the settings
+    are searched, only ``ep``, ``exclude`` and ``latency_guard`` apply) and write the best within
+    ``max_drop``; the report gets ``"search"`` and the recipe is saved (``recipe_out``, else
+    OUTPUT + ".recipe.json").  Raises ValidationRefused(report) when the accuracy budget is missed
+    and not ``force``."""
     from onnxopt import quantize as quantize_mod
 
     settings = {k: v for k, v in {"method": method, "percentile": percentile, "ep": ep, "per_channel": per_channel,
@@ -181,7 +185,9 @@ def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, d
     return quantize_mod.quantize(input_path, output_path, data=data, recipe=recipe, preprocess=preprocess,
                                  max_drop=max_drop, metric=metric, stats_in=stats_in, stats_out=stats_out,
                                  recipe_out=recipe_out, calib_limit=calib_limit, threads=threads, force=force,
-                                 class_outputs=class_outputs, progress=progress, **settings)
+                                 class_outputs=class_outputs, progress=progress, search=search,
+                                 search_budget=quantize_mod.DEFAULT_SEARCH_BUDGET if budget is None else budget,
+                                 **settings)
 
 
 def _first_divergence(original, candidate, result: validate.ValidationResult, ep: str) -> dict | None:
@@ -299,3 +305,23 @@ def inspect(path: str | os.PathLike, cost_shapes: Mapping[str, tuple[int, ...]] 
 def _value_info(v: ir.Value) -> dict:
     dims = None if v.shape is None else [d if isinstance(d, int) else (d.value or "?") for d in v.shape]
     return {"name": v.name, "dtype": v.dtype.name if v.dtype is not None else None, "shape": dims}
+
+
+def batch(inputs: Sequence[str | os.PathLike], outdir: str | os.PathLike, *, command: str = "optimize",
+          options: Mapping[str, Any] | None = None, workers: int = 2, timeout: float | None = None,
+          max_rss_mb: float | None = None, force: bool = False, ray_address: str | None = None,
+          progress: ProgressFn | None = None) -> dict:
+    """``onnxopt batch``: ``command`` (optimize, quantize, validate, bench) over every model of
+    ``inputs`` (files, folders of ``*.onnx``, JSON/YAML manifests with per-model options), each in
+    its own process, ``workers`` at a time (or as Ray tasks with ``ray_address``: an address, or
+    "local" for a local cluster of ``workers`` CPUs).  ``options`` are the command's options by
+    parameter name (``pipeline``, ``data``, ``shape`` (a list), ``ep``, ``validate``, ``method``,
+    ``max_drop``...); a manifest entry's options override them.  A model past ``timeout`` seconds
+    or over ``max_rss_mb`` is killed and marked failed; the batch goes on.  Results go to
+    ``outdir/<name>/`` and ``outdir/summary.json``/``summary.html`` (written after each model);
+    a rerun skips models whose input bytes, options and onnxopt version match a finished result
+    unless ``force``.  ``progress(1)`` per model.  Returns the summary dict (see onnxopt.batch)."""
+    from onnxopt import batch as batch_mod
+
+    return batch_mod.run(inputs, outdir, command=command, options=options, workers=workers, timeout=timeout,
+                         max_rss_mb=max_rss_mb, force=force, ray_address=ray_address, progress=progress)

@@ -390,11 +390,18 @@ def optimize(model, output, pipeline_text, report_path, ep_text, shapes, data, p
               help="Replay a recipe (from --save-recipe or a JSON report): its placement, method, weights and recovery, "
                    "without the latency guard or budget search (calibration still runs on --data or --load-stats).")
 @click.option("--save-recipe", type=click.Path(), default=None, help="Write the recipe (JSON) for --recipe.")
+@click.option("--search", "search", is_flag=True,
+              help="Evaluate candidate recipes (method x per-channel/per-tensor x recovery x layers kept float) and write "
+                   "the fastest on the accuracy/latency/size Pareto front within --max-drop; the recipe is saved "
+                   "(--save-recipe, else OUTPUT.recipe.json).")
+@click.option("--budget", "search_budget", type=click.IntRange(min=1), default=None,
+              help=f"With --search: build at most this many candidates (default {quantize_mod.DEFAULT_SEARCH_BUDGET}).")
 @click.option("--force", is_flag=True, help="Write the result even when the accuracy budget is missed.")
 @click.option("--report", "report_path", type=click.Path(), default=None, help="Write a report: .json, .md or .html.")
 @_isolated(lambda kw: str(kw["model"]), output="output")
 def quantize(model, output, data, preprocess, method, ep_text, max_drop, metric, recover_text, save_stats, load_stats,
-             calib_batches, exclude, latency_guard, per_channel, recipe_path, save_recipe, force, report_path):
+             calib_batches, exclude, latency_guard, per_channel, recipe_path, save_recipe, search, search_budget, force,
+             report_path):
     """Static int8 QDQ quantization of MODEL into OUTPUT, calibrated on --data, guarded for latency and accuracy."""
     if report_path:
         report.check_path(report_path)
@@ -412,11 +419,22 @@ def quantize(model, output, data, preprocess, method, ep_text, max_drop, metric,
         if given:
             raise UsageError(f"--recipe fixes the placement and settings; drop {', '.join(given)}")
         settings = {}
+    if search_budget is not None and not search:
+        raise UsageError("--budget counts --search candidates; give --search with it")
+    if search:
+        if recipe_path is not None:
+            raise UsageError("--search and --recipe: a replayed recipe is not searched")
+        ctx = click.get_current_context()
+        given = [f"--{p.replace('_text', '').replace('_', '-')}" for p in ("method", "per_channel", "recover_text")
+                 if ctx.get_parameter_source(p) not in (None, click.core.ParameterSource.DEFAULT)]
+        if given:
+            raise UsageError(f"--search tries the methods, weight scales and recovery itself; drop {', '.join(given)}")
     try:
         with _progress(None, "calibrating") as update:
             result = api.quantize(model, output, data=data, recipe=recipe_path, preprocess=preprocess, max_drop=max_drop,
                                   metric=metric, stats_in=load_stats, stats_out=save_stats, recipe_out=save_recipe,
-                                  calib_limit=calib_batches, force=force, progress=update, **settings)
+                                  calib_limit=calib_batches, force=force, progress=update, search=search,
+                                  budget=search_budget, **settings)
     except ValidationRefused as e:
         if report_path and e.result:
             report.write(e.result, report_path)
@@ -437,6 +455,14 @@ def _print_quantize(model, output, result: dict) -> None:
                f"({lat['speedup']:.2f}x)")
     if result["wrote_float_model"]:
         click.echo("quantizing did not make it faster on this EP: wrote the optimized float model")
+    found = result.get("search")
+    if found:
+        chosen = found["candidates"][found["chosen"]]
+        front = [found["candidates"][i]["label"] for i in found["front"]]
+        click.echo(f"search: {found['evaluated'] - 1} candidates + the float model, Pareto front {len(front)}; chosen "
+                   f"#{chosen['id']} {chosen['label']} ({chosen['latency_ms']:.3f} ms, {chosen['bytes']} bytes, "
+                   f"score {chosen['accuracy']:.4f})")
+        click.echo(f"wrote recipe {result['recipe_file']}")
     click.echo(f"wrote {output}")
 
 
@@ -572,6 +598,65 @@ def list_passes():
         cls = registry.get(name)
         opts = ", ".join(f"{k}={v}" for k, v in pipeline.options_of(cls).items())
         click.echo(f"{name}{' {' + opts + '}' if opts else ''}\n    {cls.contract()}")
+
+
+
+# --- batch (many models, one process each; see onnxopt/batch.py) -----------------------------
+
+_BATCH_PASSTHROUGH = ("pipeline", "data", "preprocess", "shape", "ep", "validate", "method", "max_drop", "metric",
+                      "recover", "calib_batches", "runs", "warmup", "threads", "tol", "rtol", "batches")
+
+
+@main.command("batch", short_help="Run a command over many models, one process each, resumable.")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--outdir", required=True, type=click.Path(file_okay=False), help="Results: OUTDIR/<name>/, summary.json/.html.")
+@click.option("--command", "command", type=click.Choice(["optimize", "quantize", "validate", "bench"]), default="optimize",
+              show_default=True, help="The command run on every model.")
+@click.option("--workers", type=int, default=2, show_default=True, help="Models run at the same time (one process each).")
+@click.option("--timeout", type=float, default=None, help="Seconds per model before it is killed (marked failed).")
+@click.option("--max-rss", "max_rss_mb", type=float, default=None, help="MB of resident memory per model before it is killed.")
+@click.option("--force", is_flag=True, help="Redo models whose earlier result is still valid.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+              help="Run models as Ray tasks: --ray (a local cluster of --workers CPUs) or --ray=ADDRESS.")
+@click.option("-p", "--pipeline", default=None, help="optimize: the pipeline.")
+@click.option("--data", type=click.Path(), default=None, help="Data for every model (a manifest can set it per model).")
+@click.option("--preprocess", default=None, help="For image-folder --data.")
+@click.option("--shape", multiple=True, help="NAME:1x3x224x224 (repeatable).")
+@click.option("--ep", default=None, help="Execution provider(s) of the command.")
+@click.option("--validate/--no-validate", default=None, help="optimize: validate (default) or not.")
+@click.option("--method", default=None, help="quantize: range method.")
+@click.option("--max-drop", type=float, default=None, help="quantize: accuracy budget.")
+@click.option("--metric", default=None, help="quantize: module:function; validate: how outputs are judged.")
+@click.option("--recover", default=None, help="quantize: recovery passes.")
+@click.option("--calib-batches", type=int, default=None, help="quantize: at most this many --data batches.")
+@click.option("--runs", type=int, default=None, help="bench: timed runs.")
+@click.option("--warmup", type=int, default=None, help="bench: untimed runs.")
+@click.option("--threads", type=int, default=None, help="bench: intra-op threads.")
+@click.option("--tol", multiple=True, help="validate: threshold (repeatable).")
+@click.option("--rtol", type=float, default=None, help="validate: relative tolerance.")
+@click.option("--batches", type=int, default=None, help="validate: at most this many batches.")
+def batch(inputs, outdir, command, workers, timeout, max_rss_mb, force, ray_address, **passthrough):
+    """Run --command on every model of INPUTS (files, folders of *.onnx, .json/.yaml manifests of
+    {path, options}), each in its own process; write OUTDIR/<name>/ and OUTDIR/summary.json/.html.
+    A rerun skips models already done with the same input bytes and options (--force redoes them)."""
+    options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in passthrough.items()
+               if k in _BATCH_PASSTHROUGH and v is not None and v != ()}
+    with _progress(None, "batch") as update:
+        summary = api.batch(list(inputs), outdir, command=command, options=options, workers=workers, timeout=timeout,
+                            max_rss_mb=max_rss_mb, force=force, ray_address=ray_address, progress=update)
+    for e in summary["models"]:
+        size = ""
+        if e.get("size_before") and e.get("size_after"):
+            size = f", {_mb(e['size_before'])} -> {_mb(e['size_after'])}"
+        nodes = f", {e['nodes_before']} -> {e['nodes_after']} nodes" if e.get("nodes_after") is not None else ""
+        secs = f" ({e['seconds']:.1f} s)" if e.get("seconds") is not None else ""
+        reason = f": {e['reason']}" if e.get("reason") and e["status"] != "ok" else ""
+        click.echo(f"{e['name']}: {e['status']}{reason}{nodes}{size}{secs}")
+    t = summary["totals"]
+    click.echo(f"{t['models']} model(s): " + ", ".join(f"{t[k]} {k}" for k in ("ok", "refused", "failed", "skipped", "pending")
+                                                      if t.get(k)) + f"; summary in {Path(outdir) / 'summary.html'}")
+    if t.get("failed") or t.get("pending"):
+        raise click.exceptions.Exit(2)
 
 
 if __name__ == "__main__":

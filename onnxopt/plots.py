@@ -145,3 +145,51 @@ def line(title: str, xs: Sequence[str], ys: Sequence[float], log: bool = True, m
                    f'<text x="{mx + 4:.1f}" y="{TOP + 12}" font-size="11" fill="#c0392b">'
                    f'first divergence: {_esc(str(xs[mark])[:40])}</text>')
     return _frame(title, "".join(out))
+
+
+def scatter(title: str, points: Sequence[Mapping], x: str = "latency_ms", y: str = "accuracy",
+            x_label: str = "latency (ms)", y_label: str = "accuracy", highlight: str = "on_front",
+            mark: str = "chosen", label: str = "label") -> str:
+    """One circle per point (``points``: mappings with ``x``/``y`` values); points whose
+    ``highlight`` is true are drawn larger in the second colour and joined by a line in x order
+    (e.g. a Pareto front), the one whose ``mark`` is true gets a ring.  Each circle has a
+    ``<title>`` (its ``label`` and values) and ``class="point"`` (plus ``front``/``chosen``)."""
+    pts = [p for p in points if math.isfinite(float(p[x])) and math.isfinite(float(p[y]))]
+    if not pts:
+        return _frame(title, '<text x="50%" y="50%" text-anchor="middle">no data</text>')
+    xs, ys = [float(p[x]) for p in pts], [float(p[y]) for p in pts]
+    x_lo, x_hi = min(xs), max(xs)
+    pad = (x_hi - x_lo) * 0.05 or abs(x_hi) * 0.05 or 1.0
+    x_lo, x_hi = x_lo - pad, x_hi + pad
+    y_lo, y_hi = min(ys), max(ys)
+    ypad = (y_hi - y_lo) * 0.05 or abs(y_hi) * 0.01 or 1.0
+    yf, ticks = _scale(y_lo - ypad, y_hi + ypad, False)
+
+    def xf(v: float) -> float:
+        return LEFT + (v - x_lo) / (x_hi - x_lo) * (W - LEFT - RIGHT)
+
+    out = [_axes(yf, ticks)]
+    for i in range(5):
+        v = x_lo + (x_hi - x_lo) * i / 4
+        out.append(f'<text x="{xf(v):.1f}" y="{H - BOTTOM + 14}" font-size="10" text-anchor="middle">{v:.3g}</text>')
+    out.append(f'<text x="{(LEFT + W - RIGHT) / 2:.1f}" y="{H - BOTTOM + 32}" font-size="11" '
+               f'text-anchor="middle">{_esc(x_label)}</text>'
+               f'<text x="14" y="{(TOP + H - BOTTOM) / 2:.1f}" font-size="11" text-anchor="middle" '
+               f'transform="rotate(-90 14 {(TOP + H - BOTTOM) / 2:.1f})">{_esc(y_label)}</text>')
+    front = sorted((p for p in pts if p.get(highlight)), key=lambda p: float(p[x]))
+    if len(front) > 1:
+        line_pts = " ".join(f"{xf(float(p[x])):.1f},{yf(float(p[y])):.1f}" for p in front)
+        out.append(f'<polyline points="{line_pts}" fill="none" stroke="{PALETTE[1]}" stroke-width="1" '
+                   f'stroke-dasharray="4 3"/>')
+    for p in pts:
+        on = bool(p.get(highlight))
+        cls = "point" + (" front" if on else "") + (" chosen" if p.get(mark) else "")
+        name = str(p.get(label, ""))
+        name = name if len(name) <= 80 else name[:77] + "..."
+        out.append(f'<circle class="{cls}" cx="{xf(float(p[x])):.1f}" cy="{yf(float(p[y])):.1f}" r="{5 if on else 3.5}" '
+                   f'fill="{PALETTE[1] if on else PALETTE[0]}" fill-opacity="{0.9 if on else 0.6}"'
+                   + (' stroke="#c0392b" stroke-width="2.5"' if p.get(mark) else "")
+                   + f'><title>{_esc(name)}: {_esc(y_label)} {float(p[y]):.5g}, {_esc(x_label)} {float(p[x]):.4g}'
+                   f'</title></circle>')
+    legend = [f"not on the front ({len(pts) - len(front)})", f"{highlight.replace('_', ' ')} ({len(front)})"]
+    return _frame(title, "".join(out), legend)

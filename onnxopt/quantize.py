@@ -40,6 +40,12 @@ report's ``"recipe"``, replayed by ``--recipe``), each callable alone on a small
 Replay (a ``Recipe`` given, ``--recipe FILE``): the recipe's method, weights, recovery and float
 layers are used as they are; calibration still runs, the guard and budget searches do not.
 
+Search (``--search``, ``Options.search``; ``onnxopt/search.py``): after one calibration, steps 3-4
+run once, then up to ``search_budget`` candidate recipes (method x per-channel/per-tensor x
+recovery x most sensitive layers kept float) are built and scored with the same steps, timed
+round-robin with the float model, and the fastest on the accuracy/latency/size Pareto front
+within ``max_drop`` is written; its recipe is saved (``recipe_out``, else OUTPUT + ".recipe.json").
+
 Validation is the budget: the model is written beside OUTPUT (``api.stage_validate_commit``),
 scored there, and renamed into place only when the drop is within ``max_drop``; otherwise nothing
 is written (exit 3) unless ``--force``.
@@ -86,6 +92,7 @@ PAIRS_PER_BLOCK, MIN_BLOCKS, MAX_BLOCKS, COMPARE_SECONDS = 16, 2, 6, 12.0
 Z_CONFIDENCE = 2.0  # ~95% two-sided interval for the median ratio (order statistics)
 RECIPE_FORMAT = "onnxopt-recipe/1"
 HELD_OUT, RECOVERY_BATCHES = 8, 8
+DEFAULT_SEARCH_BUDGET = 12  # --search: candidates built at most (onnxopt.search)
 
 def load_metric(spec: str | None) -> Callable | None:
     """``module:function`` or ``path/to/file.py:function`` -> the callable.
@@ -302,6 +309,9 @@ class Options:
     threads: int = 1
     class_outputs: Mapping[str, int | None] | None = None
     progress: api.ProgressFn | None = None
+    #: ``--search``: evaluate candidate recipes (``onnxopt.search``), at most ``search_budget``
+    search: bool = False
+    search_budget: int = DEFAULT_SEARCH_BUDGET
 
 
 # ---------------------------------------------------------------- 1. prepare
@@ -749,6 +759,11 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: R
     if io.same_file(input_path, output_path):
         raise UsageError(f"output {output_path} is the input file; write the quantized model elsewhere")
     io.check_writable(Path(output_path))
+    if opts.search:
+        if replayed:
+            raise UsageError("--search and --recipe: a replayed recipe is not searched")
+        if opts.recipe_out is None:  # the chosen recipe is always saved
+            opts.recipe_out = str(output_path) + ".recipe.json"
     if opts.recipe_out is not None:
         io.check_writable(Path(opts.recipe_out))
     metric_fn = load_metric(opts.metric)
@@ -763,8 +778,17 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: R
     if metric_fn is None:
         for r in q.last_results:
             logger.info("fidelity of output '%s': %s (%s)", r["name"], r["metric"], r["reason"])
-    candidate, the_plan, latency, wrote_float = _search(q, recipe, opts, replayed)
+    found = None
+    if opts.search:
+        from onnxopt import search as search_mod
+
+        recipe, candidate, the_plan, latency, wrote_float, found = search_mod.run_search(
+            q, recipe, opts.max_drop, opts.search_budget)
+    else:
+        candidate, the_plan, latency, wrote_float = _search(q, recipe, opts, replayed)
     report = _report(input_path, recipe, prepared, calib, the_plan, latency, wrote_float, opts.threads)
+    if found is not None:
+        report["search"] = found.to_dict()
     report["seconds_quantize"] = time.perf_counter() - t0
 
     def refused(_path: Path, _result: BudgetResult) -> None:
@@ -774,6 +798,7 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: R
                               force=opts.force, on_refused=refused, refused="quantized model not written")
     if opts.recipe_out is not None:
         recipe.save(opts.recipe_out, the_plan)
+        report["recipe_file"] = str(opts.recipe_out)
     report["seconds"] = time.perf_counter() - t_start
     return report
 
@@ -784,7 +809,8 @@ def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, d
 
     ``options``: :class:`Options` fields (``preprocess``, ``max_drop``, ``metric``, ``stats_in``,
     ``stats_out``, ``recipe_out``, ``force``, ``calib_limit``, ``threads``, ``class_outputs``: output
-    name -> class axis or None for the default fidelity metric, ``progress``) and, without
+    name -> class axis or None for the default fidelity metric, ``progress``, ``search``,
+    ``search_budget``) and, without
     ``recipe``, :class:`Recipe` settings (``method``, ``percentile``, ``ep``, ``per_channel``,
     ``recovery``, ``exclude``, ``latency_guard``, ``weight_bits``).  ``recipe`` (a Recipe or a JSON
     file) is replayed: its placement is used, no search runs.

@@ -10,6 +10,7 @@ import html
 import json
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from onnxopt import __version__, io, plots
@@ -267,6 +268,26 @@ def _md_table(headers: list[str], rows: list[list]) -> list[str]:
         ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
 
 
+_SEARCH_HEADERS = ["#", "candidate", "layers float", "score", "drop", "latency ms", "bytes", "front", "chosen"]
+
+
+def _search_rows(report: dict) -> list[list[str]]:
+    """One row per ``--search`` candidate (empty without a search)."""
+    found = report.get("search") or {}
+    return [[str(c["id"]), c["label"], str(len(c["recipe"]["float_layers"])), _num(c["accuracy"], ".5f"),
+             _num(c["drop"], ".4g") + ("" if c["meets_budget"] else " (over budget)"), _num(c["latency_ms"], ".4g"),
+             str(c["bytes"]), "yes" if c["on_front"] else "", "**chosen**" if c["chosen"] else ""]
+            for c in found.get("candidates", [])]
+
+
+def _search_intro(report: dict) -> str:
+    found = report["search"]
+    return (f"{found['evaluated'] - 1} candidate recipes (budget {found['budget']}) and the float model, calibrated "
+            f"once; latency on {report['ep']} measured round-robin in one process (median, "
+            f"{report['latency']['threads']} thread); chosen: the fastest on the Pareto front (accuracy up, latency "
+            f"and size down) within --max-drop {found['max_drop']:g}.")
+
+
 def markdown_quantize(report: dict) -> str:
     summary, decisions = _quantize_rows(report)
     lines = [f"# onnxopt quantize: {os.path.basename(report['input']['path'])}", "", "| | |", "|---|---|"]
@@ -281,6 +302,8 @@ def markdown_quantize(report: dict) -> str:
     floats = _float_rows(report)
     if floats:
         lines += ["", "## Layers kept float", ""] + _md_table(["layer", "why"], floats)
+    if report.get("search"):
+        lines += ["", "## Search", "", _search_intro(report), ""] + _md_table(_SEARCH_HEADERS, _search_rows(report))
     sens = report["recipe"]["sensitivity"]
     if sens:
         lines += ["", "## Sensitivity (drop with only this layer quantized)", ""] + _md_table(
@@ -313,6 +336,13 @@ def html_quantize(report: dict) -> str:
     if floats:
         parts.append("<h2>Layers kept float</h2>" + _table(["layer", "why"], [[html.escape(a), html.escape(b)]
                                                                               for a, b in floats]))
+    if report.get("search"):
+        rows = [[html.escape(c) if c != "**chosen**" else "<b>chosen</b>" for c in row] for row in _search_rows(report)]
+        parts.append("<h2>Search</h2><p>" + html.escape(_search_intro(report)) + "</p>"
+                     + plots.scatter("Candidates: accuracy vs latency (Pareto front highlighted, chosen ringed)",
+                                     report["search"]["candidates"], x_label=f"latency on {ep} (ms)",
+                                     y_label="score")
+                     + _table(_SEARCH_HEADERS, rows))
     sens = report["recipe"]["sensitivity"]
     if sens:
         parts.append("<h2>Sensitivity</h2>" + plots.bars("Metric drop with only this layer quantized",
@@ -320,7 +350,7 @@ def html_quantize(report: dict) -> str:
                                                           {"drop": [max(s["drop"], 0.0) for s in sens][:30]}))
     return _page(f"onnxopt quantize: {os.path.basename(report['input']['path'])}", "".join(parts))
 
-MARKDOWN = {"optimize": markdown_optimize, "validate": markdown_validate, "bench": markdown_bench,
+MARKDOWN: dict[str, Callable[[dict], str]] = {"optimize": markdown_optimize, "validate": markdown_validate, "bench": markdown_bench,
             "quantize": markdown_quantize}
 
 
@@ -339,7 +369,7 @@ def _page(title: str, body: str) -> str:
             f"<p style=\"color:#888;font-size:12px\">onnxopt {__version__}</p></body></html>\n")
 
 
-def _table(headers: list[str], rows: list[list[object]]) -> str:
+def _table(headers: list[str], rows: Sequence[Sequence[object]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(
         f"<td class=\"num\">{html.escape(str(c))}</td>" if isinstance(c, (int, float)) else f"<td>{c}</td>"
@@ -435,4 +465,79 @@ def html_bench(report: dict) -> str:
     return _page("onnxopt bench", "".join(parts))
 
 
-HTML = {"optimize": html_optimize, "validate": html_validate, "bench": html_bench, "quantize": html_quantize}
+HTML: dict[str, Callable[[dict], str]] = {"optimize": html_optimize, "validate": html_validate, "bench": html_bench,
+                                          "quantize": html_quantize}
+
+
+# --- batch summary (onnxopt batch) -------------------------------------------------------------
+
+_SORT_JS = """document.querySelectorAll('table.sortable th').forEach(function(th,i){th.style.cursor='pointer';
+th.title='sort';th.addEventListener('click',function(){var t=th.closest('table'),b=t.tBodies[0],
+rows=Array.from(b.rows),asc=th.dataset.asc!=='1';th.dataset.asc=asc?'1':'0';
+function key(r){var c=r.cells[i],v=c.dataset.v!==undefined?c.dataset.v:c.textContent.trim(),n=parseFloat(v);
+return isNaN(n)?v.toLowerCase():n;}
+rows.sort(function(a,b){var x=key(a),y=key(b);if(typeof x!==typeof y){x=String(x);y=String(y);}
+return (x<y?-1:x>y?1:0)*(asc?1:-1);});rows.forEach(function(r){b.appendChild(r);});});});"""
+
+
+def _batch_cell(value, text: str | None = None) -> str:
+    """A table cell whose sort key is ``value`` (numbers sort as numbers; missing ones last)."""
+    shown = html.escape(text if text is not None else ("-" if value is None else str(value)))
+    key = "" if value is None else html.escape(str(value), quote=True)
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    css = ' class="num"' if numeric else ""
+    return f'<td{css} data-v="{key}">{shown}</td>'
+
+
+def batch_rows(summary: dict) -> list[dict]:
+    """Per model: name, status, reason, seconds, nodes, sizes, size ratio, speed-up, validation."""
+    rows = []
+    for e in summary.get("models", []):
+        before, after = e.get("size_before"), e.get("size_after")
+        lat = e.get("latency_ratio") or {}
+        v = e.get("validation") or {}
+        rows.append({"name": e["name"], "status": e["status"], "finished": e.get("finished_status") or e["status"],
+                     "reason": e.get("reason") or "", "exit_code": e.get("exit_code"), "seconds": e.get("seconds"),
+                     "nodes_before": e.get("nodes_before"), "nodes_after": e.get("nodes_after"),
+                     "size_before": before, "size_after": after,
+                     "size_ratio": after / before if before and after else None,
+                     "speedup": next(iter(lat.values()), None) if lat else None, "speedup_ep": next(iter(lat), None),
+                     "validation": v.get("status"), "max_abs": v.get("max_abs"), "metric_value": v.get("value")})
+    return rows
+
+
+def html_batch(summary: dict) -> str:
+    """One page: totals, a sortable table (inline JS), size-ratio and speed-up charts (plots.bars)."""
+    rows = batch_rows(summary)
+    totals = summary.get("totals", {})
+    cls = {"ok": "ok", "failed": "bad", "refused": "bad"}
+    body = []
+    for r in rows:
+        status = r["status"] + (f" ({r['finished']})" if r["status"] == "skipped" else "")
+        body.append(
+            "<tr>" + _batch_cell(r["name"])
+            + f'<td data-v="{html.escape(r["status"])}"><span class="{cls.get(r["finished"], "")}">{html.escape(status)}</span></td>'
+            + _batch_cell(r["exit_code"]) + _batch_cell(r["seconds"], _num(r["seconds"], ".2f"))
+            + _batch_cell(r["nodes_before"]) + _batch_cell(r["nodes_after"])
+            + _batch_cell(r["size_before"], _mb(r["size_before"])) + _batch_cell(r["size_after"], _mb(r["size_after"]))
+            + _batch_cell(r["size_ratio"], _num(r["size_ratio"], ".3f"))
+            + _batch_cell(r["speedup"], "-" if r["speedup"] is None else f"{r['speedup']:.2f}x {r['speedup_ep']}")
+            + _batch_cell(r["validation"]) + _batch_cell(r["max_abs"], _num(r["max_abs"]))
+            + _batch_cell(r["reason"]) + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("model", "status", "exit", "seconds", "nodes before", "nodes after",
+                                             "size before", "size after", "size ratio", "speed-up", "validation",
+                                             "max abs", "reason"))
+    table = f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    sized = [r for r in rows if r["size_ratio"] is not None]
+    fast = [r for r in rows if r["speedup"] is not None]
+    parts = [f"<p>command <code>{html.escape(str(summary.get('batch_command')))}</code>, "
+             + ", ".join(f"{k} {v}" for k, v in totals.items()) + "</p>", table]
+    parts.append(plots.bars("Size after / before (lower is smaller)", [r["name"] for r in sized],
+                            {"size ratio": [r["size_ratio"] for r in sized]}))
+    parts.append(plots.bars("Speed-up (reference latency / new latency)", [r["name"] for r in fast],
+                            {"speed-up": [r["speedup"] for r in fast]}))
+    parts.append(f"<script>{_SORT_JS}</script>")
+    return _page(f"onnxopt batch: {summary.get('outdir', '')}", "".join(parts))
+
+
+HTML["batch"] = html_batch

@@ -202,18 +202,19 @@ def adaround(model: ir.Model, the_plan, batches: list[dict], float_bytes: bytes,
         if node.name not in hess:
             continue
         w = node.inputs[1].const_value.numpy().astype(np.float64)
-        axis = _weight_axis(node) if per_channel else None
+        layout = _weight_axis(node)  # the output-channel axis, whether or not scales are per channel
+        axis = layout if per_channel else None
         _, scale = weight_params(w.astype(np.float32), axis, qmax)
         # work as [K, N]: K = input features (rows of X), N = output channels
         if node.op_type == "Conv":
             wk = w.reshape(w.shape[0], -1).T
-        elif axis == 0:  # Gemm transB: [N, K]
+        elif layout == 0:  # Gemm transB: [N, K]
             wk = w.T
         else:
             wk = w
         s = np.broadcast_to(np.asarray(scale, np.float64), (wk.shape[1],))
         q = _error_feedback(wk, s, hess[node.name] / counts[node.name], qmax)
-        q = q.T.reshape(w.shape) if node.op_type == "Conv" else (q.T if axis == 0 else q)
+        q = q.T.reshape(w.shape) if node.op_type == "Conv" else (q.T if layout == 0 else q)
         out[node.name] = (q.astype(np.int8), scale)
     return out
 

@@ -1,0 +1,599 @@
+"""``onnxopt batch``: one command (optimize, quantize, validate, bench) over many models, each in its
+own process, resumable, with a summary (``OUTDIR/summary.json`` and ``OUTDIR/summary.html``).
+
+Isolation: every model runs as a fresh ``python -m onnxopt.cli COMMAND ...`` subprocess
+(:func:`run_one`) in its own session, writing ``OUTDIR/<name>/<name>.onnx`` (optimize, quantize),
+``OUTDIR/<name>/report.json`` and ``OUTDIR/<name>/log.txt`` (its stdout and stderr).  The driver
+polls it: past ``timeout`` seconds, or over ``max_rss_mb`` (resident memory of the process and its
+children, via psutil), it is stopped (SIGTERM to the CLI, which forwards it to its worker and
+removes its staging folder; SIGKILL to the whole process group 3 s later) and marked failed with
+the reason.  A crash inside the CLI's own worker (ORT segfault) is its exit 2 with the CLI's one
+line; a signal death of the CLI process itself is reported with the signal's name.  The batch
+goes on either way.  The subprocess gets SIGKILL when the thread that started it dies
+(PR_SET_PDEATHSIG), so ``kill -9`` of the driver leaves no model running.
+
+Local runs use a thread pool of ``workers`` threads, each waiting on one subprocess.  With Ray,
+each model is a Ray task running the same :func:`run_one` (``num_cpus=1, max_retries=2``, plus a
+custom resource named after a non-CPU ``--ep``); the task returns the result dict and the driver
+writes everything.  (The model and report files are written by the task on its node: with a
+remote cluster OUTDIR must be a shared folder.)
+
+Resumability: an entry's ``key`` is the sha256 of the input bytes (the ``.onnx`` and its external
+data files), of the command and options, and the onnxopt version.  A rerun skips a model whose
+previous entry finished (ok or refused) with the same key, and whose files are still there;
+``force`` redoes it.  ``summary.json`` is rewritten atomically after every model, so a driver
+killed with ``kill -9`` loses at most the models that were running.  Ctrl-C / SIGTERM stop the
+running models, keep the finished results and remove temporary files.
+
+The summary entries (one per model, in input order): ``name``, ``input``, ``status`` (ok, failed,
+refused, skipped: reused from an earlier run, whose status is ``finished_status``), ``reason``,
+``exit_code``, ``seconds``, ``nodes_before``/``nodes_after``, ``size_before``/``size_after``
+(bytes), ``validation`` ({status, max_abs, metric, value}), ``latency_ratio`` ({ep: reference ms /
+new ms}, above 1 is faster), ``input_sha256``, ``options``, ``onnxopt_version``, ``runs`` (how many
+times this model actually ran in this OUTDIR), ``finished_at`` (Unix time), ``output``, ``report``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from onnxopt import __version__, io
+from onnxopt.errors import BadInputError, Terminated, UsageError
+
+logger = logging.getLogger(__name__)
+
+COMMANDS = ("optimize", "quantize", "validate", "bench")
+#: Statuses a rerun may reuse (a failure is always retried).
+FINISHED = ("ok", "refused")
+#: Option keys the driver consumes itself (per-model limits in a manifest); never passed to the CLI.
+DRIVER_OPTIONS = ("timeout", "max_rss_mb")
+#: Option keys that name files: relative ones in a manifest are taken from the manifest's folder.
+PATH_OPTIONS = ("data", "recipe", "load_stats", "against")
+POLL_SECONDS = 0.1
+TERM_GRACE_SECONDS = 3.0
+SUMMARY_JSON = "summary.json"
+SUMMARY_HTML = "summary.html"
+
+
+# ----------------------------------------------------------------------------------------- inputs
+
+def collect(inputs: Sequence[str | os.PathLike], options: Mapping[str, Any] | None = None) -> list[dict]:
+    """INPUTS -> jobs ``{"name", "input", "options"}``: model files, folders (their ``*.onnx``,
+    sorted) and manifests (``.json``, or ``.yaml``/``.yml`` when PyYAML is installed: a list of
+    entries, or ``{"models": [...]}``, each a path or ``{"path": ..., "options": {...}}``).
+    ``options`` are the defaults; a manifest entry's options override them.  Names are the file
+    stems, made unique with ``-2``, ``-3``...  Raises UsageError for a missing input or bad manifest."""
+    base = dict(options or {})
+    jobs: list[dict] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(p.glob("*.onnx"))
+            if not found:
+                logger.warning("%s: no .onnx file in this folder", p)
+            jobs += [{"input": str(f), "options": dict(base)} for f in found]
+        elif p.suffix.lower() in (".json", ".yaml", ".yml"):
+            jobs += [{"input": e["input"], "options": {**base, **e["options"]}} for e in _manifest(p)]
+        elif p.exists() or p.suffix.lower() == ".onnx":
+            if not p.exists():
+                raise UsageError(f"{p}: no such file")
+            jobs.append({"input": str(p), "options": dict(base)})
+        else:
+            raise UsageError(f"{p}: no such file or folder")
+    seen: dict[str, int] = {}
+    for job in jobs:
+        stem = re.sub(r"[^\w.-]", "_", Path(job["input"]).stem) or "model"
+        seen[stem] = seen.get(stem, 0) + 1
+        job["name"] = stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"
+    return jobs
+
+
+def _manifest(path: Path) -> list[dict]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise UsageError(f"manifest {path}: cannot read ({e.strerror or e})") from None
+    if path.suffix.lower() == ".json":
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"manifest {path}: not valid JSON ({e})") from None
+    else:
+        try:
+            import yaml
+        except ImportError:
+            raise UsageError(f"manifest {path}: YAML manifests need PyYAML (pip install pyyaml); use .json") from None
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UsageError(f"manifest {path}: not valid YAML ({e})") from None
+    if isinstance(doc, dict):
+        doc = doc.get("models")
+    if not isinstance(doc, list):
+        raise UsageError(f"manifest {path}: expected a list of entries (or {{\"models\": [...]}})")
+    out = []
+    for i, entry in enumerate(doc):
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise UsageError(f"manifest {path}: entry {i} needs a \"path\"")
+        opts = entry.get("options") or {}
+        if not isinstance(opts, dict):
+            raise UsageError(f"manifest {path}: entry {i}: \"options\" must be a mapping")
+        opts = {k.replace("-", "_"): v for k, v in opts.items()}
+        for k in PATH_OPTIONS:
+            if isinstance(opts.get(k), str) and not os.path.isabs(opts[k]):
+                opts[k] = str(path.parent / opts[k])
+        out.append({"input": str(path.parent / entry["path"]) if not os.path.isabs(entry["path"]) else entry["path"],
+                    "options": opts})
+    return out
+
+
+def input_sha256(path: str | os.PathLike) -> tuple[str | None, int | None]:
+    """sha256 over the model file and its external data files (in name order), and their total
+    size; (None, None) when the file cannot be read.  A file onnx cannot parse is hashed alone."""
+    p = Path(path)
+    files = [p]
+    try:
+        import onnx
+
+        proto = onnx.load(str(p), load_external_data=False)
+        locations = set()
+        from onnx.external_data_helper import _get_all_tensors
+
+        for t in _get_all_tensors(proto):
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                loc = next((e.value for e in t.external_data if e.key == "location"), None)
+                if loc:
+                    locations.add(loc)
+        files += [p.parent / loc for loc in sorted(locations)]
+    except Exception:  # noqa: BLE001 - a corrupt model is still hashed (and fails in its own process)
+        pass
+    h = hashlib.sha256()
+    total = 0
+    try:
+        for f in files:
+            if not f.is_file():
+                continue
+            h.update(f.name.encode() + b"\0")
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+                    total += len(chunk)
+    except OSError:
+        return None, None
+    return h.hexdigest(), total
+
+
+def job_key(command: str, sha: str | None, options: Mapping[str, Any]) -> str:
+    text = json.dumps({"command": command, "sha256": sha, "options": options, "version": __version__},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------- one model
+
+def _cli_args(command: str, job: dict, model_dir: Path) -> list[str]:
+    """The ``python -m onnxopt.cli`` argument list for one model."""
+    name, opts = job["name"], {k: v for k, v in job["options"].items() if k not in DRIVER_OPTIONS}
+    out = model_dir / f"{name}.onnx"
+    args = [command, job["input"]]
+    if command in ("optimize", "quantize"):
+        args += ["-o", str(out)]
+    elif command == "validate":
+        args.append(str(opts.pop("against", None) or out))
+    elif command == "bench":
+        against = opts.pop("against", None) or (str(out) if out.exists() else None)
+        if against:
+            args.append(str(against))
+    args += ["--report", str(model_dir / "report.json")]
+    for key, value in opts.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                args += [flag, str(v)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def _pdeathsig() -> None:
+    """In the child before exec: SIGKILL when the parent (thread) dies (Linux)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
+def _tree_rss(proc) -> tuple[int, set[int]]:
+    """Resident bytes of ``proc`` and its descendants, and their pids."""
+    import psutil
+
+    total, pids = 0, set[int]()
+    try:
+        members = [proc] + proc.children(recursive=True)
+    except psutil.Error:
+        return 0, pids
+    for p in members:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+            pids.add(p.pid)
+    return total, pids
+
+
+def _stop(popen: subprocess.Popen) -> None:
+    """SIGTERM to the CLI (it forwards it and cleans its staging folder), SIGKILL to the group after
+    TERM_GRACE_SECONDS."""
+    with contextlib.suppress(ProcessLookupError):
+        popen.send_signal(signal.SIGTERM)
+    try:
+        popen.wait(TERM_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(popen.pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        popen.wait(5)
+
+
+def _last_error(log: Path) -> str:
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        for prefix in ("onnxopt: error:", "onnxopt: internal error:"):
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+    for line in reversed(lines):
+        if line.strip():
+            return line.strip()[:300]
+    return ""
+
+
+def run_one(command: str, job: dict, outdir: str, timeout: float | None = None, max_rss_mb: float | None = None,
+            stop: threading.Event | None = None) -> dict:
+    """Run one model in a fresh ``python -m onnxopt.cli`` process and return its result dict (never
+    raises for the model's own failures).  Used by the local pool and, unchanged, as the Ray task."""
+    model_dir = Path(outdir) / job["name"]
+    model_dir.mkdir(parents=True, exist_ok=True)
+    opts = job["options"]
+    timeout = opts.get("timeout", timeout)
+    max_rss_mb = opts.get("max_rss_mb", max_rss_mb)
+    argv = [sys.executable, "-m", "onnxopt.cli", *_cli_args(command, job, model_dir)]
+    log_path = model_dir / "log.txt"
+    report_path = model_dir / "report.json"
+    with contextlib.suppress(FileNotFoundError):
+        report_path.unlink()  # a report left by an earlier run must not be read as this run's
+    result: dict[str, Any] = {"name": job["name"], "command_line": shlex.join(argv[1:])}
+    t0 = time.perf_counter()
+    killed: str | None = None
+    pids: set[int] = set()
+    import psutil
+
+    with open(log_path, "wb") as log:
+        popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True, preexec_fn=_pdeathsig if sys.platform == "linux" else None)
+        try:
+            proc = psutil.Process(popen.pid)
+        except psutil.Error:
+            proc = None
+        try:
+            while popen.poll() is None:
+                elapsed = time.perf_counter() - t0
+                if stop is not None and stop.is_set():
+                    killed = "interrupted"
+                elif timeout is not None and elapsed > float(timeout):
+                    killed = f"timeout: still running after {float(timeout):g} s (killed)"
+                elif max_rss_mb is not None and proc is not None:
+                    rss, seen = _tree_rss(proc)
+                    pids |= seen
+                    if rss > float(max_rss_mb) * 1e6:
+                        killed = f"memory: resident {rss / 1e6:.0f} MB over --max-rss {float(max_rss_mb):g} MB (killed)"
+                if killed:
+                    if proc is not None:
+                        pids |= _tree_rss(proc)[1]
+                    _stop(popen)
+                    break
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    popen.wait(POLL_SECONDS)
+        except BaseException:
+            _stop(popen)
+            raise
+    code = popen.returncode
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    result["exit_code"] = code
+    if killed:
+        io.remove_stale_staging(model_dir, pids | {popen.pid})
+        result.update(status="failed", reason=killed)
+        return result
+    if code is not None and code < 0:
+        io.remove_stale_staging(model_dir, pids | {popen.pid})
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        result.update(status="failed", reason=f"the onnxopt process died ({name})")
+        return result
+    report = None
+    if report_path.exists():
+        with contextlib.suppress(OSError, ValueError):
+            report = json.loads(report_path.read_text())
+    result.update(_from_report(command, report, opts))
+    if code == 0:
+        result.update(status="ok", reason="")
+    elif code == 3:
+        result.update(status="refused", reason=_last_error(log_path) or "validation refused")
+    else:
+        kind = {1: "usage", 2: "bad input", 4: "internal error"}.get(code, f"exit {code}")
+        result.update(status="failed", reason=f"{kind}: {_last_error(log_path)}")
+    if command in ("optimize", "quantize") and code == 0:
+        result["output"] = str(model_dir / f"{job['name']}.onnx")
+    if report is not None:
+        result["report"] = str(report_path)
+    return result
+
+
+def _from_report(command: str, report: dict | None, opts: Mapping[str, Any]) -> dict:
+    """The summary fields found in one command's JSON report."""
+    out: dict[str, Any] = {}
+    if not report:
+        return out
+    inp, outp = report.get("input") or {}, report.get("output") or {}
+    out["nodes_before"], out["nodes_after"] = inp.get("nodes"), outp.get("nodes")
+    if inp.get("file_bytes") is not None:
+        out["size_before"] = inp["file_bytes"]
+    out["size_after"] = outp.get("file_bytes")
+    ep = str(opts.get("ep") or "cpu").split(",")[0]
+    v = report.get("validation")
+    if command == "optimize" and v:
+        out["validation"] = {"status": "ok" if v.get("ok") else "diverged", "max_abs": v.get("max_abs"),
+                             "metric": "allclose", "value": v.get("max_abs")}
+        if v.get("latency_ref_ms") and v.get("latency_new_ms"):
+            out["latency_ratio"] = {ep: v["latency_ref_ms"] / v["latency_new_ms"]}
+    elif command == "optimize":
+        out["validation"] = {"status": "skipped"}
+    elif command == "quantize":
+        acc, lat = report.get("accuracy") or {}, report.get("latency") or {}
+        if acc:
+            out["validation"] = {"status": "ok" if acc.get("drop", 0) <= acc.get("max_drop", float("inf")) else "over budget",
+                                 "max_abs": None, "metric": acc.get("metric"), "value": acc.get("quantized"),
+                                 "float": acc.get("float"), "drop": acc.get("drop")}
+        if lat.get("speedup"):
+            out["latency_ratio"] = {report.get("ep") or ep: lat["speedup"]}
+    elif command == "validate":
+        comp = report.get("comparison") or {}
+        outputs = [o for r in (comp.get("per_ep") or {}).values() for o in r.get("outputs", [])]
+        max_abs = max((o.get("max_abs") or 0 for o in outputs), default=None)
+        out["validation"] = {"status": "ok" if comp.get("ok") else "diverged", "max_abs": max_abs,
+                             "metric": report.get("tolerance"), "value": max_abs,
+                             "per_ep": {e: r.get("ok") for e, r in (comp.get("per_ep") or {}).items()}}
+    elif command == "bench":
+        results = report.get("results") or []
+        first = results[0]["model"] if results else None
+        ratios = {}
+        for r in results:  # speedup_vs_first is the first model's p50 / this one's: above 1, B is faster
+            if r.get("model") != first and r.get("speedup_vs_first"):
+                ratios[r["ep"]] = r["speedup_vs_first"]
+        if ratios:
+            out["latency_ratio"] = ratios
+        out["latency_p50_ms"] = {f"{'input' if r.get('model') == first else 'result'}@{r['ep']}": r.get("p50_ms")
+                                 for r in results}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+def _load_previous(outdir: Path) -> dict[str, dict]:
+    try:
+        doc = json.loads((outdir / SUMMARY_JSON).read_text())
+        return {e["name"]: e for e in doc.get("models", []) if isinstance(e, dict) and "name" in e}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def _reusable(prev: dict | None, key: str) -> bool:
+    if not prev or prev.get("key") != key or prev.get("finished_status") not in FINISHED:
+        return False
+    return all(Path(p).exists() for p in (prev.get("output"), prev.get("report")) if p)
+
+
+def _totals(entries: list[dict]) -> dict:
+    counts: dict[str, int] = {}
+    for e in entries:
+        counts[e["status"]] = counts.get(e["status"], 0) + 1
+    return {"models": len(entries), **counts,
+            "seconds_run": round(sum(e.get("seconds") or 0 for e in entries if e.get("status") != "skipped"), 3)}
+
+
+def run(inputs: Sequence[str | os.PathLike], outdir: str | os.PathLike, *, command: str = "optimize",
+        options: Mapping[str, Any] | None = None, workers: int = 2, timeout: float | None = None,
+        max_rss_mb: float | None = None, force: bool = False, ray_address: str | None = None,
+        progress: Callable[[int], None] | None = None,
+        on_result: Callable[[dict], None] | None = None) -> dict:
+    """See :func:`onnxopt.api.batch`."""
+    from onnxopt import api, report
+
+    if command not in COMMANDS:
+        raise UsageError(f"batch --command {command}: expected one of {', '.join(COMMANDS)}")
+    if workers < 1:
+        raise UsageError("--workers must be at least 1")
+    jobs = collect(inputs, options)
+    if not jobs:
+        raise UsageError("no models to run")
+    out = Path(outdir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInputError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
+    io.remove_stale_staging(out)
+    previous = _load_previous(out)
+    started = time.time()
+    entries: dict[str, dict] = {}
+    todo: list[dict] = []
+    for job in jobs:
+        sha, size = input_sha256(job["input"])
+        key = job_key(command, sha, job["options"])
+        base = {"name": job["name"], "input": job["input"], "command": command, "options": job["options"],
+                "input_sha256": sha, "size_before": size, "key": key, "onnxopt_version": __version__}
+        prev = previous.get(job["name"])
+        if not force and _reusable(prev, key):
+            entries[job["name"]] = {**prev, **base, "status": "skipped", "reason": f"unchanged since an earlier run "
+                                    f"({prev['finished_status']})"}
+        else:
+            job["base"] = base
+            todo.append(job)
+            entries[job["name"]] = {**base, "status": "pending", "reason": "not run yet",
+                                    "runs": (prev or {}).get("runs", 0)}
+    lock = threading.Lock()
+
+    def save() -> dict:
+        models = [entries[j["name"]] for j in jobs]
+        summary = api.header("batch", batch_command=command, outdir=str(out), workers=workers,
+                             ray=ray_address, started_at=started, models=models, totals=_totals(models))
+        report.write(summary, out / SUMMARY_JSON)
+        report.write(summary, out / SUMMARY_HTML)
+        return summary
+
+    def record(job: dict, result: dict) -> None:
+        with lock:
+            entry = {**job["base"], **result, "runs": entries[job["name"]].get("runs", 0) + 1,
+                     "finished_at": time.time()}
+            entry["finished_status"] = entry["status"]
+            entries[job["name"]] = entry
+            save()
+        logger.info("%s: %s%s (%.1f s)", job["name"], entry["status"], f" - {entry['reason']}" if entry["reason"] else "",
+                    entry.get("seconds") or 0)
+        if on_result is not None:
+            on_result(entry)
+        if progress is not None:
+            progress(1)
+
+    for job in jobs:
+        entry = entries[job["name"]]
+        if entry["status"] == "skipped":
+            logger.info("%s: skipped (%s)", job["name"], entry["reason"])
+            if on_result is not None:
+                on_result(entry)
+            if progress is not None:
+                progress(1)
+    save()
+    try:
+        if todo and ray_address is not None:
+            _run_ray(todo, command, str(out), workers, timeout, max_rss_mb, ray_address, record)
+        elif todo:
+            _run_local(todo, command, str(out), workers, timeout, max_rss_mb, record)
+    except BaseException:
+        with lock:
+            for entry in entries.values():
+                if entry["status"] == "pending":
+                    entry["reason"] = "interrupted before it finished"
+            save()
+        raise
+    return save()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (and SIGHUP) raise Terminated in the main thread while the batch runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        raise Terminated(f"batch stopped ({signal.Signals(signum).name}); finished results kept", signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _run_local(todo, command, outdir, workers, timeout, max_rss_mb, record) -> None:
+    stop = threading.Event()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="onnxopt-batch")
+    futures = {}
+    try:
+        with _sigterm_as_interrupt():
+            futures = {pool.submit(run_one, command, {k: job[k] for k in ("name", "input", "options")}, outdir,
+                                   timeout, max_rss_mb, stop): job for job in todo}
+            for fut in concurrent.futures.as_completed(futures):
+                record(futures[fut], fut.result())
+    except BaseException:
+        stop.set()
+        for fut in futures:
+            fut.cancel()
+        pool.shutdown(wait=True)  # run_one stops its process on `stop` and cleans its staging folder
+        raise
+    pool.shutdown(wait=True)
+
+
+def ray_resources(options: Mapping[str, Any]) -> dict:
+    """The custom Ray resource a model needs: its first non-CPU --ep (e.g. {"openvino": 1})."""
+    eps = [e.strip() for e in str(options.get("ep") or "cpu").split(",") if e.strip()]
+    gpu_like = [e for e in eps if e != "cpu"]
+    return {gpu_like[0]: 1} if gpu_like else {}
+
+
+def _run_ray(todo, command, outdir, workers, timeout, max_rss_mb, address, record) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise UsageError('--ray needs Ray: pip install -e ".[ray]"') from None
+    started_here = False
+    if not ray.is_initialized():
+        if address in (None, "", "local"):
+            ray.init(num_cpus=workers, include_dashboard=False, logging_level=logging.WARNING,
+                     log_to_driver=False)
+        else:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        started_here = True
+    task = ray.remote(num_cpus=1, max_retries=2)(run_one)
+    refs = {}
+    try:
+        with _sigterm_as_interrupt():
+            for job in todo:
+                spec = {k: job[k] for k in ("name", "input", "options")}
+                resources = ray_resources(job["options"])
+                t = task.options(resources=resources) if resources else task
+                refs[t.remote(command, spec, outdir, timeout, max_rss_mb)] = job
+            pending = list(refs)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for ref in done:
+                    job = refs[ref]
+                    try:
+                        result = ray.get(ref)
+                    except Exception as e:  # noqa: BLE001 - a task lost after its retries: that model failed
+                        result = {"name": job["name"], "status": "failed", "exit_code": None, "seconds": None,
+                                  "reason": f"ray task failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+                    record(job, result)
+    except BaseException:
+        for ref in refs:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+        raise
+    finally:
+        if started_here:
+            ray.shutdown()

@@ -1,0 +1,354 @@
+"""``onnxopt quantize --search``: evaluate candidate recipes and write the best within the budget.
+
+Calibration runs once (the statistics, held-out and recovery batches of ``quantize.calibrate_model``
+are shared); each candidate is a :class:`onnxopt.quantize.Recipe` built and scored with the
+existing steps (``Quantizer.build``, ``Quantizer.score``).  The candidates vary
+
+- the range method (percentile, minmax, entropy, mse) and per-channel / per-tensor weights,
+- recovery (the default ``bias-correction,adaround``, or none),
+- how many layers stay float from the sensitivity ranking (0, 1, 2, ... most sensitive first),
+
+on top of the placement plain ``quantize`` starts from: the EP profile and ``--exclude``
+(:func:`quantize.place`) and, with the latency guard on, the guard's float layers
+(:func:`quantize.guard`), so the plain command's own result is among the candidates.  The
+ranking is measured once, with the default settings on that placement, and only when a setting
+misses the budget.
+
+Order (:func:`grid`): settings likeliest to pay first (the default settings, then no recovery,
+then the other methods, then per-tensor); for each setting, layers are kept float one more at a
+time only while the accuracy budget is missed (at most ``MAX_FLOAT_EXTRA``), so an accurate
+setting costs one candidate.  At most ``budget`` candidates are built, in that fixed order.
+The float model is always measured too (a candidate with every layer float), so the result is
+never slower than fp32 when the guard is on.
+
+Each candidate is scored on accuracy (``--metric`` or the default fidelity, same as ``quantize``),
+latency on ``--ep`` and size (serialized bytes).  Latency: every candidate's session is created
+in this process, then runs go round-robin (one thread, fixed feeds, the starting model rotating
+each round) and the median counts, so a machine that slows down slows all candidates alike.
+Candidates are built sequentially in-process (no process pool yet).
+
+The Pareto front (:func:`pareto_front`: accuracy up, latency down, size down) is reported; the
+chosen candidate (:func:`choose`) is the fastest on the front within ``max_drop``.  Latency is
+compared beyond noise (:func:`confidently_faster`): one candidate is faster than another only when
+the ~95% interval of their median per-round time ratio lies below ``1 - LATENCY_TIE``; otherwise
+they tie, on the front and in the choice, and ties go to the smaller, then the more accurate, then
+the earlier candidate.  So candidates that differ only in range method (same graph, same speed)
+are chosen by size and accuracy, not by timing noise.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import bench
+from onnxopt import quantize as qm
+from onnxopt.errors import UsageError
+from onnxopt.passes import quantize_qdq as qq
+
+logger = logging.getLogger("onnxopt")
+
+DEFAULT_BUDGET = qm.DEFAULT_SEARCH_BUDGET
+#: at most this many extra layers kept float per setting (beyond the guard's)
+MAX_FLOAT_EXTRA = 4
+#: candidates whose median latencies are within this fraction of the fastest count as tied
+LATENCY_TIE = 0.03
+#: latency measurement: warm-up runs per model, rounds at most, seconds at most
+WARMUP, ROUNDS, SECONDS = 3, 101, 30.0
+
+
+# ---------------------------------------------------------------- the front and the choice
+
+def dominates(a: Mapping, b: Mapping) -> bool:
+    """``a`` is at least as accurate, as fast and as small as ``b`` and strictly better in one."""
+    ge = a["accuracy"] >= b["accuracy"] and a["latency_ms"] <= b["latency_ms"] and a["bytes"] <= b["bytes"]
+    gt = a["accuracy"] > b["accuracy"] or a["latency_ms"] < b["latency_ms"] or a["bytes"] < b["bytes"]
+    return ge and gt
+
+
+Faster = Callable[[int, int], bool]
+
+
+def confidently_faster(samples: Sequence[Sequence[float]], margin: float = LATENCY_TIE) -> Faster:
+    """``faster(i, j)``: point i is faster than j by more than ``margin``, with confidence: the
+    ~95% order-statistics interval of the median per-round time ratio (rounds are paired: every
+    model runs once per round) lies wholly below ``1 - margin`` (as ``Quantizer.compare_latency``)."""
+    arrays = [np.asarray(t, np.float64) for t in samples]
+
+    def faster(i: int, j: int) -> bool:
+        n = min(len(arrays[i]), len(arrays[j]))
+        if n == 0:
+            return False
+        r = np.sort(arrays[i][:n] / np.maximum(arrays[j][:n], 1e-12))
+        k = max(0, math.floor(n / 2 - qm.Z_CONFIDENCE * math.sqrt(n) / 2))
+        return bool(r[n - 1 - k] < 1.0 - margin)
+
+    return faster
+
+
+def pareto_front(points: Sequence[Mapping], faster: Faster | None = None) -> list[int]:
+    """Indices of the points no other point dominates (maximize ``accuracy``, minimize
+    ``latency_ms`` and ``bytes``), in input order.  Equal points dominate neither other: both stay.
+    With ``faster`` (:func:`confidently_faster`), latency counts only where the difference is
+    beyond noise: i dominates j when at least as accurate and small, not confidently slower, and
+    strictly better in accuracy, size or confidently faster."""
+    if faster is None:
+        return [i for i, p in enumerate(points) if not any(dominates(q, p) for j, q in enumerate(points) if j != i)]
+
+    def dom(i: int, j: int) -> bool:
+        a, b = points[i], points[j]
+        if not (a["accuracy"] >= b["accuracy"] and a["bytes"] <= b["bytes"]) or faster(j, i):
+            return False
+        return a["accuracy"] > b["accuracy"] or a["bytes"] < b["bytes"] or faster(i, j)
+
+    front = [i for i in range(len(points)) if not any(dom(j, i) for j in range(len(points)) if j != i)]
+    return front or pareto_front(points)  # a cycle of noisy comparisons: fall back to the medians
+
+
+def choose(points: Sequence[Mapping], max_drop: float, reference: float, tie: float = LATENCY_TIE,
+           faster: Faster | None = None) -> int | None:
+    """Index of the fastest point on the front whose ``reference - accuracy <= max_drop``; points
+    within ``tie`` (relative) of the fastest median latency, or with ``faster`` those the fastest
+    is not confidently faster than, are tied and go to the more accurate, then the smaller, then
+    the earlier.  None when no point meets the budget."""
+    front = pareto_front(points, faster)
+    ok = [i for i in front if reference - points[i]["accuracy"] <= max_drop + 1e-12]
+    if not ok:
+        return None
+    best = min(ok, key=lambda i: (points[i]["latency_ms"], i))
+    if faster is None:
+        tied = [i for i in ok if points[i]["latency_ms"] <= points[best]["latency_ms"] * (1.0 + tie)]
+    else:
+        tied = [i for i in ok if not faster(best, i)]
+    return min(tied, key=lambda i: (-points[i]["accuracy"], points[i]["bytes"], i))
+
+
+# ---------------------------------------------------------------- the candidates
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    method: str
+    per_channel: bool
+    recovery: tuple[str, ...]
+
+    def label(self) -> str:
+        return (f"{self.method} {'per-channel' if self.per_channel else 'per-tensor'} "
+                f"{'+'.join(self.recovery) or 'no recovery'}")
+
+
+def grid(per_channel_ok: bool = True) -> list[Setting]:
+    """Every setting, likeliest to pay first (deterministic)."""
+    rec = qm.DEFAULT_RECOVERY
+    out = [Setting("percentile", True, rec), Setting("percentile", True, ()),
+           Setting("minmax", True, rec), Setting("entropy", True, rec), Setting("mse", True, rec),
+           Setting("percentile", False, rec), Setting("minmax", True, ()), Setting("entropy", True, ()),
+           Setting("mse", True, ()), Setting("minmax", False, rec), Setting("entropy", False, rec),
+           Setting("mse", False, rec), Setting("percentile", False, ()), Setting("minmax", False, ()),
+           Setting("entropy", False, ()), Setting("mse", False, ())]
+    return [s for s in out if per_channel_ok or not s.per_channel]
+
+
+@dataclasses.dataclass
+class Candidate:
+    id: int
+    label: str
+    recipe: qm.Recipe
+    model: ir.Model
+    plan: qq.Plan
+    model_bytes: bytes
+    accuracy: float
+    drop: float
+    latency_ms: float = math.nan
+    on_front: bool = False
+    chosen: bool = False
+    is_float: bool = False
+
+    @property
+    def bytes(self) -> int:
+        return len(self.model_bytes)
+
+    def point(self) -> dict:
+        return {"accuracy": self.accuracy, "latency_ms": self.latency_ms, "bytes": self.bytes}
+
+    def to_dict(self, max_drop: float) -> dict:
+        r = self.recipe
+        return {"id": self.id, "label": self.label,
+                "recipe": {"method": r.method, "percentile": r.percentile if r.method == "percentile" else None,
+                           "per_channel": r.per_channel, "recovery": list(r.build_recovery),
+                           "float_layers": sorted(r.float_layers), "quantized_layers": len(self.plan.primary())},
+                "accuracy": self.accuracy, "drop": self.drop, "meets_budget": self.drop <= max_drop + 1e-12,
+                "latency_ms": self.latency_ms, "bytes": self.bytes, "on_front": self.on_front,
+                "chosen": self.chosen, "float_model": self.is_float}
+
+
+class Variants:
+    """Quantizers sharing one calibration: per setting, the ranges of its method, and per
+    (per_channel, qmax) the adaround weights (computed once)."""
+
+    def __init__(self, base: qm.Quantizer):
+        self.base = base
+        self._rounded: dict[tuple, dict] = {}
+        self._cache: dict[Setting, qm.Quantizer] = {}
+
+    def get(self, recipe: qm.Recipe) -> qm.Quantizer:
+        key = Setting(recipe.method, recipe.per_channel, recipe.build_recovery)
+        if key in self._cache:
+            return self._cache[key]
+        b = self.base
+        v = copy.copy(b)
+        v.__dict__.pop("rounded_weights", None)
+        v.per_channel, v.recovery, v.qmax = recipe.per_channel, recipe.build_recovery, recipe.qmax
+        v.ranges = b.stats.ranges(recipe.method, b.full_plan.stats_names(), p=recipe.percentile)
+        wkey = (v.per_channel, v.qmax)
+        if "adaround" in v.recovery:
+            if wkey not in self._rounded:
+                self._rounded[wkey] = v.rounded_weights
+            v.__dict__["rounded_weights"] = self._rounded[wkey]
+        self._cache[key] = v
+        return v
+
+
+def _recipe_for(base: qm.Recipe, setting: Setting, floats: Mapping[str, str]) -> qm.Recipe:
+    return dataclasses.replace(base, method=setting.method, per_channel=setting.per_channel,
+                               recovery=setting.recovery, float_layers=dict(floats),
+                               latency_decisions=list(base.latency_decisions),
+                               sensitivity=[dict(s) for s in base.sensitivity])
+
+
+def sensitivity(q: qm.Quantizer, the_plan: qq.Plan) -> list[dict]:
+    """Each int8 layer of ``the_plan`` ranked by the drop it causes alone (worst first), as
+    :func:`quantize.budget` does."""
+    ranking = []
+    for name in the_plan.primary():
+        alone, _ = q.build(frozenset(set(q.candidates) - {name}))
+        ranking.append({"layer": name, "kind": q.candidates[name], "drop": q.drop(alone)})
+    ranking.sort(key=lambda s: -s["drop"])
+    return ranking
+
+
+def measure_latency(q: qm.Quantizer, models: Sequence[bytes]) -> list[list[float]]:
+    """Per model, its ms per round: all sessions in this process, round-robin runs (every model
+    once per round, the first model of a round rotating), one set of feeds, ``q.threads`` threads."""
+    sessions, inputs = q._sessions(list(models))  # noqa: SLF001 - same session setup as the guard
+    for s, f in zip(sessions, inputs):
+        for _ in range(WARMUP):
+            s.run(None, f)
+    times: list[list[float]] = [[] for _ in sessions]
+    deadline = time.perf_counter() + SECONDS
+    n = len(sessions)
+    for r in range(ROUNDS):
+        for k in range(n):
+            i = (r + k) % n
+            times[i].append(bench.timed_run(sessions[i], inputs[i]))
+        if r >= 10 and time.perf_counter() > deadline:
+            break
+    return times
+
+
+@dataclasses.dataclass
+class SearchResult:
+    candidates: list[Candidate]
+    chosen: Candidate
+    float_candidate: Candidate
+    ranking: list[dict]
+    budget: int
+    max_drop: float
+    reference: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"budget": self.budget, "max_drop": self.max_drop, "reference_accuracy": self.reference,
+                "evaluated": len(self.candidates), "chosen": self.chosen.id,
+                "front": [c.id for c in self.candidates if c.on_front],
+                "ranking": self.ranking, "seconds": self.seconds,
+                "parallelism": "sequential, in-process; latency measured round-robin in one process",
+                "candidates": [c.to_dict(self.max_drop) for c in self.candidates]}
+
+
+def search(q: qm.Quantizer, recipe: qm.Recipe, max_drop: float, budget: int = DEFAULT_BUDGET) -> SearchResult:
+    """Evaluate up to ``budget`` candidates (plus the float model), pick one (module docstring).
+    ``q`` is the Quantizer of ``recipe`` (the default settings); ``recipe`` gets the starting
+    placement and the guard's decisions."""
+    t0 = time.perf_counter()
+    if budget < 1:
+        raise UsageError(f"--budget {budget}: at least 1")
+    qm.place(q, recipe)
+    if recipe.latency_guard:
+        qm.guard(q, recipe)
+    start = dict(recipe.float_layers)
+    base_model, base_plan = q.build(recipe.excluded())
+    ranking: list[dict] = []
+    ranked = False
+    variants = Variants(q)
+    candidates: list[Candidate] = []
+
+    all_float = {n: "search: every layer float (the float model)" for n in q.candidates}
+    float_recipe = _recipe_for(recipe, Setting(recipe.method, recipe.per_channel, recipe.build_recovery), all_float)
+    float_c = Candidate(0, "float model", float_recipe, q.model, qq.plan(q.model, recipe.profile, frozenset(q.candidates)),
+                        q.float_bytes, q.float_score, 0.0, is_float=True)
+    candidates.append(float_c)
+    built = 0 if base_plan.targets else budget  # the guard put every layer in float: nothing to vary
+    for setting in grid(recipe.per_channel):
+        if built >= budget:
+            break
+        for k in range(0, MAX_FLOAT_EXTRA + 1):
+            if built >= budget:
+                break
+            if k > 0 and not ranked:  # measured only once some setting misses the budget
+                ranking, ranked = sensitivity(q, base_plan), True
+                recipe.sensitivity = [dict(s) for s in ranking]
+            if k > len(ranking):
+                break
+            floats = dict(start)
+            for rank, s in enumerate(ranking[:k], 1):
+                floats[s["layer"]] = (f"accuracy budget: sensitivity rank {rank} (drop {s['drop']:.4g} with only "
+                                      f"this layer int8)")
+            r = _recipe_for(recipe, setting, floats)
+            v = variants.get(r)
+            model, the_plan = v.build(r.excluded())
+            built += 1
+            if not the_plan.targets:
+                break  # every layer float: the float model is already a candidate
+            score = v.score(model)
+            c = Candidate(len(candidates), f"{setting.label()}, +{k} float", r, model, the_plan, qm.serialize(model),
+                          score, q.float_score - score)
+            candidates.append(c)
+            logger.info("search %d: %s: score %.5f (drop %.4g)", c.id, c.label, score, c.drop)
+            if c.drop <= max_drop:
+                break  # more float layers only cost latency
+    samples = measure_latency(q, [c.model_bytes for c in candidates])
+    for c, t in zip(candidates, samples):
+        c.latency_ms = float(np.median(t))
+    points = [c.point() for c in candidates]
+    faster = confidently_faster(samples)
+    for i in pareto_front(points, faster):
+        candidates[i].on_front = True
+    idx = choose(points, max_drop, q.float_score, faster=faster)
+    if idx is None:  # cannot happen: the float model has drop 0
+        idx = 0
+    chosen = candidates[idx]
+    chosen.chosen = True
+    chosen.recipe.sensitivity = [dict(s) for s in ranking]
+    for s in chosen.recipe.sensitivity:
+        if s["layer"] in chosen.recipe.float_layers and not chosen.is_float:
+            s["kept_float"] = True
+    return SearchResult(candidates, chosen, float_c, ranking, budget, max_drop, q.float_score,
+                        time.perf_counter() - t0)
+
+
+def run_search(q: qm.Quantizer, recipe: qm.Recipe, max_drop: float, budget: int
+               ) -> tuple[qm.Recipe, ir.Model, qq.Plan, dict, bool, SearchResult]:
+    """:func:`search`, then what ``quantize.run`` writes: the chosen recipe, model, plan, latency
+    record (float vs chosen, from the round-robin measurement) and whether it is the float model."""
+    result = search(q, recipe, max_drop, budget)
+    c, f = result.chosen, result.float_candidate
+    latency = {"float_ms": f.latency_ms, "quantized_ms": c.latency_ms, "verdict": None,
+               "ratio": c.latency_ms / f.latency_ms if f.latency_ms else None, "measured": "search round-robin"}
+    return c.recipe, c.model, c.plan, latency, c.is_float, result

@@ -1,0 +1,254 @@
+"""onnxopt batch: one process per model, failure isolation, resumability, summary JSON/HTML, Ray."""
+
+from __future__ import annotations
+
+import html.parser
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import onnx
+import pytest
+
+from onnxopt import __version__, api, batch
+from tests.helpers import ROOT
+
+SMALL = ("fp16_mlp.onnx", "integer_ops.onnx", "qdq_conv.onnx", "control_flow.onnx")
+
+
+def _copy(names, folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for n in names:
+        shutil.copy(ROOT / "models" / n, folder / n)
+        out.append(folder / n)
+    return out
+
+
+def _zoo_inputs(folder: Path) -> list[str]:
+    """4 good models (a folder), a corrupt file, and a manifest with a model over --max-rss and one
+    past its timeout."""
+    models = folder / "models"
+    _copy(SMALL, models)
+    (folder / "corrupt.onnx").write_bytes(b"this is not a protobuf")
+    _copy(("cnn_bn_depthwise.onnx", "exporter_opset11.onnx"), folder / "limits")
+    (folder / "limits.json").write_text(json.dumps([
+        {"path": "limits/cnn_bn_depthwise.onnx", "options": {"max_rss_mb": 1}},
+        {"path": "limits/exporter_opset11.onnx", "options": {"timeout": 0.5}},
+    ]))
+    return [str(models), str(folder / "corrupt.onnx"), str(folder / "limits.json")]
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("zoo")
+    inputs = _zoo_inputs(folder)
+    ticks = []
+    summary = api.batch(inputs, folder / "out", workers=2, progress=ticks.append)
+    return folder, inputs, summary, ticks
+
+
+def _by_name(summary: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in summary["models"]}
+
+
+def _no_temp_files(folder: Path) -> list[str]:
+    return [str(p) for p in folder.rglob(".onnxopt-*")]
+
+
+def test_failures_are_isolated_and_carry_reasons(zoo):
+    folder, _, summary, ticks = zoo
+    m = _by_name(summary)
+    assert sum(ticks) == len(m) == 7
+    for n in SMALL:
+        e = m[Path(n).stem]
+        assert e["status"] == "ok", e
+        assert e["exit_code"] == 0
+        assert (folder / "out" / e["name"] / f"{e['name']}.onnx").is_file()
+        assert (folder / "out" / e["name"] / "report.json").is_file()
+    bad = m["corrupt"]
+    assert bad["status"] == "failed" and bad["exit_code"] == 2
+    assert bad["reason"].startswith("bad input: ") and "protobuf" in bad["reason"]
+    rss = m["cnn_bn_depthwise"]
+    assert rss["status"] == "failed" and rss["reason"].startswith("memory: ") and "--max-rss 1 MB" in rss["reason"]
+    slow = m["exporter_opset11"]
+    assert slow["status"] == "failed" and slow["reason"].startswith("timeout: ") and "0.5 s" in slow["reason"]
+    assert slow["seconds"] < 5
+    for e in (rss, slow):
+        assert not (folder / "out" / e["name"] / f"{e['name']}.onnx").exists()
+    assert summary["totals"] == {**summary["totals"], "models": 7, "ok": 4, "failed": 3}
+    assert _no_temp_files(folder / "out") == []
+
+
+def test_summary_fields(zoo):
+    folder, _, summary, _ = zoo
+    assert summary["command"] == "batch" and summary["batch_command"] == "optimize"
+    on_disk = json.loads((folder / "out" / "summary.json").read_text())
+    assert [e["name"] for e in on_disk["models"]] == [e["name"] for e in summary["models"]]
+    e = _by_name(summary)["fp16_mlp"]
+    for key in ("status", "reason", "exit_code", "seconds", "nodes_before", "nodes_after", "size_before", "size_after",
+                "validation", "latency_ratio", "input_sha256", "options", "onnxopt_version", "runs", "finished_at"):
+        assert key in e, key
+    assert e["nodes_after"] < e["nodes_before"]
+    assert e["size_before"] == (ROOT / "models" / "fp16_mlp.onnx").stat().st_size
+    assert e["validation"]["status"] == "ok" and e["validation"]["max_abs"] is not None
+    assert set(e["latency_ratio"]) == {"cpu"} and e["latency_ratio"]["cpu"] > 0
+    assert e["onnxopt_version"] == __version__ and e["runs"] == 1
+    assert e["input_sha256"] == batch.input_sha256(ROOT / "models" / "fp16_mlp.onnx")[0]
+    assert _by_name(summary)["exporter_opset11"]["options"] == {"timeout": 0.5}
+
+
+class _Rows(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.rows, self.svgs, self.scripts, self._row = [], 0, 0, None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "tr":
+            self._row = []
+        elif tag == "svg":
+            self.svgs += 1
+        elif tag == "script":
+            self.scripts += 1
+
+    def handle_endtag(self, tag):
+        if tag == "tr" and self._row is not None:
+            self.rows.append(self._row)
+            self._row = None
+
+    def handle_data(self, data):
+        if self._row is not None and data.strip():
+            self._row.append(data.strip())
+
+
+def test_summary_html(zoo):
+    folder, _, summary, _ = zoo
+    page = (folder / "out" / "summary.html").read_text()
+    parser = _Rows()
+    parser.feed(page)
+    parser.close()
+    names = {r[0] for r in parser.rows[1:]}
+    assert names == {e["name"] for e in summary["models"]}
+    assert parser.svgs == 2 and parser.scripts == 1
+    assert "Size after / before" in page and "Speed-up" in page and "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+
+
+def test_resume_skips_finished_and_reruns_changed(tmp_path, cli):
+    inputs = [str(p) for p in _copy(SMALL[:3], tmp_path / "in")]
+    out = tmp_path / "out"
+    first = _by_name(api.batch(inputs, out, workers=2))
+    assert {e["status"] for e in first.values()} == {"ok"}
+
+    r = cli("batch", *inputs, "-o", out)  # the CLI: nothing to do, one line per model and the totals
+    assert r.exit_code == 0, r.output
+    assert "3 skipped" in r.output and r.output.count("skipped: unchanged") == 3
+    second = _by_name(json.loads((out / "summary.json").read_text()))
+    assert all(e["status"] == "skipped" and e["finished_status"] == "ok" and e["runs"] == 1 for e in second.values())
+
+    changed = tmp_path / "in" / "integer_ops.onnx"
+    proto = onnx.load(changed)
+    proto.doc_string = "changed"
+    onnx.save(proto, changed)
+    third = _by_name(api.batch(inputs, out, workers=2))
+    assert {n: (e["status"], e["runs"]) for n, e in third.items()} == {
+        "fp16_mlp": ("skipped", 1), "integer_ops": ("ok", 2), "qdq_conv": ("skipped", 1)}
+
+    other_options = _by_name(api.batch(inputs[:1], out, options={"pipeline": "cleanup"}))
+    assert other_options["fp16_mlp"]["status"] == "ok" and other_options["fp16_mlp"]["runs"] == 2
+
+    forced = _by_name(api.batch(inputs[:1], out, options={"pipeline": "cleanup"}, force=True))
+    assert forced["fp16_mlp"]["status"] == "ok" and forced["fp16_mlp"]["runs"] == 3
+    assert _no_temp_files(out) == []
+
+
+def _driver(inputs, out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "onnxopt.cli", "batch", *map(str, inputs), "-o", str(out),
+                             "--workers", "1", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_first_finished(out: Path, proc: subprocess.Popen, limit: float = 60) -> None:
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        assert proc.poll() is None, "the batch ended before it could be killed"
+        try:
+            doc = json.loads((out / "summary.json").read_text())
+        except (OSError, ValueError):
+            doc = {}
+        if any(e.get("status") == "ok" for e in doc.get("models", [])):
+            return
+        time.sleep(0.05)
+    raise AssertionError("no model finished in time")
+
+
+def test_kill9_then_rerun_runs_only_the_missing(tmp_path):
+    inputs = _copy(SMALL[:3], tmp_path / "in")
+    out = tmp_path / "out"
+    proc = _driver(inputs, out)
+    _wait_first_finished(out, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    after_kill = _by_name(json.loads((out / "summary.json").read_text()))
+    done = {n for n, e in after_kill.items() if e["status"] == "ok"}
+    assert 1 <= len(done) < 3
+    time.sleep(0.5)  # the killed driver's model process dies with it (PR_SET_PDEATHSIG)
+    import psutil
+
+    orphans = [p.pid for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
+    assert orphans == []
+    rerun = _by_name(api.batch([str(p) for p in inputs], out, workers=2))
+    for n, e in rerun.items():
+        if n in done:
+            assert e["status"] == "skipped" and e["runs"] == 1, e
+        else:
+            assert e["status"] == "ok" and e["runs"] == 1, e
+
+
+def test_sigterm_keeps_finished_results_and_no_temp_files(tmp_path):
+    inputs = _copy(SMALL[:3], tmp_path / "in")
+    out = tmp_path / "out"
+    proc = _driver(inputs, out)
+    _wait_first_finished(out, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 128 + signal.SIGTERM
+    summary = _by_name(json.loads((out / "summary.json").read_text()))
+    statuses = sorted(e["status"] for e in summary.values())
+    assert "ok" in statuses and "pending" in statuses
+    assert all(e["reason"] == "interrupted before it finished" for e in summary.values() if e["status"] == "pending")
+    assert _no_temp_files(out) == []
+
+
+def test_collect_manifests_and_names(tmp_path):
+    _copy(("fp16_mlp.onnx",), tmp_path / "a")
+    _copy(("fp16_mlp.onnx",), tmp_path / "b")
+    (tmp_path / "m.json").write_text(json.dumps({"models": [
+        "a/fp16_mlp.onnx", {"path": "b/fp16_mlp.onnx", "options": {"data": "calib", "max-drop": 0.02}}]}))
+    jobs = batch.collect([tmp_path / "m.json"], {"ep": "cpu", "max_drop": 0.01})
+    assert [j["name"] for j in jobs] == ["fp16_mlp", "fp16_mlp-2"]
+    assert jobs[0]["options"] == {"ep": "cpu", "max_drop": 0.01}
+    assert jobs[1]["options"] == {"ep": "cpu", "max_drop": 0.02, "data": str(tmp_path / "calib")}
+    assert batch.ray_resources({"ep": "openvino"}) == {"openvino": 1} and batch.ray_resources({}) == {}
+    args = batch._cli_args("optimize", {"name": "m", "input": "m.onnx",
+                                        "options": {"shape": ["x:1x3"], "validate": False, "timeout": 3}}, Path("o"))
+    assert args == ["optimize", "m.onnx", "-o", "o/m.onnx", "--report", "o/report.json", "--shape", "x:1x3",
+                    "--no-validate"]
+    try:
+        import yaml  # noqa: F401
+    except ImportError:
+        return
+    (tmp_path / "m.yaml").write_text("- path: a/fp16_mlp.onnx\n  options: {pipeline: cleanup}\n")
+    assert batch.collect([tmp_path / "m.yaml"])[0]["options"] == {"pipeline": "cleanup"}
+
+
+def test_ray_local_cluster_gives_the_same_statuses(zoo, tmp_path):
+    pytest.importorskip("ray", reason="Ray is optional: pip install -e '.[ray]'")
+    folder, _, local, _ = zoo
+    inputs = [str(folder / "models" / "fp16_mlp.onnx"), str(folder / "corrupt.onnx"), str(folder / "limits.json")]
+    summary = api.batch(inputs, tmp_path / "out", workers=2, ray_address="local")
+    expected = {n: (e["status"], e["reason"].split(":")[0]) for n, e in _by_name(local).items()}
+    got = {n: (e["status"], e["reason"].split(":")[0]) for n, e in _by_name(summary).items()}
+    assert got == {n: expected[n] for n in got}
+    assert (tmp_path / "out" / "fp16_mlp" / "fp16_mlp.onnx").is_file()
