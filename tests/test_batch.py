@@ -184,11 +184,17 @@ def _wait_first_finished(out: Path, proc: subprocess.Popen, limit: float = 60) -
     raise AssertionError("no model finished in time")
 
 
-def test_kill9_then_rerun_runs_only_the_missing(tmp_path):
+def _started(tmp_path):
+    """A 3-model batch driver in a subprocess, returned once its first model has finished."""
     inputs = _copy(SMALL[:3], tmp_path / "in")
     out = tmp_path / "out"
     proc = _driver(inputs, out)
     _wait_first_finished(out, proc)
+    return inputs, out, proc
+
+
+def test_kill9_then_rerun_runs_only_the_missing(tmp_path):
+    inputs, out, proc = _started(tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     after_kill = _by_name(json.loads((out / "summary.json").read_text()))
@@ -208,10 +214,7 @@ def test_kill9_then_rerun_runs_only_the_missing(tmp_path):
 
 
 def test_sigterm_keeps_finished_results_and_no_temp_files(tmp_path):
-    inputs = _copy(SMALL[:3], tmp_path / "in")
-    out = tmp_path / "out"
-    proc = _driver(inputs, out)
-    _wait_first_finished(out, proc)
+    inputs, out, proc = _started(tmp_path)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 128 + signal.SIGTERM
     summary = _by_name(json.loads((out / "summary.json").read_text()))
