@@ -54,12 +54,22 @@ def _scale(lo: float, hi: float, log: bool):
     return y, ticks
 
 
+def tick_labels(ticks: Sequence[float]) -> list[str]:
+    """Labels with the fewest significant digits (3 to 8) that tell every tick apart (0.995 and 1.005
+    are not both "1")."""
+    for digits in range(3, 9):
+        labels = [f"{t:.{digits}g}" for t in ticks]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels
+
+
 def _axes(y, ticks) -> str:
     out = [f'<line x1="{LEFT}" y1="{H - BOTTOM}" x2="{W - RIGHT}" y2="{H - BOTTOM}" stroke="#333"/>',
            f'<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{H - BOTTOM}" stroke="#333"/>']
-    for t in ticks:
+    for t, label in zip(ticks, tick_labels(ticks)):
         out.append(f'<line x1="{LEFT - 4}" y1="{y(t):.1f}" x2="{W - RIGHT}" y2="{y(t):.1f}" stroke="#eee"/>'
-                   f'<text x="{LEFT - 6}" y="{y(t) + 4:.1f}" font-size="10" text-anchor="end">{t:.3g}</text>')
+                   f'<text x="{LEFT - 6}" y="{y(t) + 4:.1f}" font-size="10" text-anchor="end">{label}</text>')
     return "".join(out)
 
 
@@ -169,9 +179,9 @@ def scatter(title: str, points: Sequence[Mapping], x: str = "latency_ms", y: str
         return LEFT + (v - x_lo) / (x_hi - x_lo) * (W - LEFT - RIGHT)
 
     out = [_axes(yf, ticks)]
-    for i in range(5):
-        v = x_lo + (x_hi - x_lo) * i / 4
-        out.append(f'<text x="{xf(v):.1f}" y="{H - BOTTOM + 14}" font-size="10" text-anchor="middle">{v:.3g}</text>')
+    x_ticks = [x_lo + (x_hi - x_lo) * i / 4 for i in range(5)]
+    for v, label in zip(x_ticks, tick_labels(x_ticks)):
+        out.append(f'<text x="{xf(v):.1f}" y="{H - BOTTOM + 14}" font-size="10" text-anchor="middle">{label}</text>')
     out.append(f'<text x="{(LEFT + W - RIGHT) / 2:.1f}" y="{H - BOTTOM + 32}" font-size="11" '
                f'text-anchor="middle">{_esc(x_label)}</text>'
                f'<text x="14" y="{(TOP + H - BOTTOM) / 2:.1f}" font-size="11" text-anchor="middle" '

@@ -164,3 +164,9 @@ def test_labels_with_markup_characters_are_escaped():
     assert marks(bars, "rect")[0].find(NS + "title").text == f"{nasty} / {nasty}: 1"
     line = parse(charts[2])
     assert "first divergence: " + "a" * 37 + "&<>" in texts(line)
+
+
+def test_tick_labels_tell_close_ticks_apart():
+    from onnxopt.plots import tick_labels
+    assert tick_labels([0.99, 0.995, 1.0, 1.005, 1.01]) == ["0.99", "0.995", "1", "1.005", "1.01"]
+    assert tick_labels([0, 25, 50]) == ["0", "25", "50"]
