@@ -44,3 +44,19 @@ def count_graph_nodes(graph: onnx.GraphProto) -> int:
             elif a.type == onnx.AttributeProto.GRAPHS:
                 n += sum(count_graph_nodes(g) for g in a.graphs)
     return n
+
+
+def chromium_screenshot(page: Path, tmp_path: Path, size: tuple[int, int] = (1200, 1600)):
+    """Render ``page`` in headless Chromium; the screenshot as an RGB PIL image (asserts it exists)."""
+    import subprocess
+
+    from PIL import Image
+    shot = tmp_path / "shot.png"
+    proc = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                           "--disable-component-update", "--disable-sync", "--no-first-run",
+                           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+                           f"--window-size={size[0]},{size[1]}", Path(page).as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert shot.exists(), proc.stderr[-500:]
+    with Image.open(shot) as img:
+        return img.convert("RGB")

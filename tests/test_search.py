@@ -5,6 +5,7 @@ replays to identical bytes and shows in the HTML report's scatter plot."""
 from __future__ import annotations
 
 import json
+import shutil
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 from models import tasks
 from onnxopt import plots
 from onnxopt import search as search_mod
-from tests.helpers import ROOT, sha256
+from tests.helpers import ROOT, chromium_screenshot, sha256
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -130,6 +131,18 @@ def test_search_chooses_within_budget_on_the_front_and_replays(cli, tmp_path, ca
     assert len(circles) == len(cands)
     assert sum("front" in c.get("class") for c in circles) == len(found["front"])
     assert sum("chosen" in c.get("class") for c in circles) == 1
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium not installed (apt-get install chromium)")
+def test_search_report_renders_in_chromium(cli, tmp_path, calib):
+    """The HTML report with its Pareto scatter renders in a real browser (not a blank page)."""
+    page = tmp_path / "s.html"
+    r = cli("quantize", ROOT / "models" / "digits_cnn.onnx", "-o", tmp_path / "s.onnx", "--data", calib, "--search",
+            "--budget", "2", "--no-latency-guard", "--report", page)
+    assert r.exit_code == 0, r.output
+    assert "<h2>Search</h2>" in page.read_text()
+    colors = chromium_screenshot(page, tmp_path, (1200, 2400)).getcolors(maxcolors=1 << 20)
+    assert colors is not None and len(colors) > 50
 
 
 def test_search_with_the_latency_guard_starts_from_its_placement(cli, tmp_path, calib):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import time
 
 import numpy as np
@@ -17,7 +16,7 @@ from onnx import numpy_helper as nh
 
 from models.build import deep_mlp
 from onnxopt import bench, cost, validate
-from tests.helpers import ROOT
+from tests.helpers import ROOT, chromium_screenshot
 
 MODELS = ROOT / "models"
 
@@ -398,14 +397,7 @@ def test_reports_validate_against_schema_and_render(cli, tmp_path):
 def test_html_report_renders_in_chromium(cli, tmp_path):
     out, page = tmp_path / "o.onnx", tmp_path / "report.html"
     assert cli("optimize", MODELS / "cnn_bn_depthwise.onnx", "-o", out, "--report", page).exit_code == 0
-    shot = tmp_path / "shot.png"
-    proc = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                           "--disable-component-update", "--disable-sync", "--no-first-run",
-                           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,1600",
-                           page.as_uri()], capture_output=True, text=True, timeout=120)
-    assert shot.exists(), proc.stderr[-500:]
-    from PIL import Image
-    with Image.open(shot) as img:
-        assert img.size == (1200, 1600)
-        colors = img.convert("RGB").getcolors(maxcolors=1 << 20)
+    img = chromium_screenshot(page, tmp_path)
+    assert img.size == (1200, 1600)
+    colors = img.getcolors(maxcolors=1 << 20)
     assert colors is not None and len(colors) > 50  # text, tables and charts, not a blank page
