@@ -57,9 +57,9 @@ def _exit_code_of(fn: Callable[[], object]) -> int:
     except click.UsageError as e:
         e.show()
         return 1
-    except click.Abort:
+    except click.Abort as e:
         click.echo("onnxopt: aborted", err=True)
-        return 1
+        return 130 if isinstance(e.__cause__, KeyboardInterrupt) else 1  # Ctrl-C: the shell's convention
     except OnnxoptError as e:
         click.echo(f"onnxopt: error: {e}", err=True)
         return e.exit_code

@@ -255,3 +255,11 @@ def test_ray_local_cluster_gives_the_same_statuses(zoo, tmp_path):
     got = {n: (e["status"], e["reason"].split(":")[0]) for n, e in _by_name(summary).items()}
     assert got == {n: expected[n] for n in got}
     assert (tmp_path / "out" / "fp16_mlp" / "fp16_mlp.onnx").is_file()
+
+
+def test_ctrl_c_exits_130_and_keeps_finished_results(tmp_path):
+    _, out, proc = _started(tmp_path)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 130
+    statuses = sorted(e["status"] for e in json.loads((out / "summary.json").read_text())["models"])
+    assert "ok" in statuses
