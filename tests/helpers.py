@@ -60,3 +60,18 @@ def chromium_screenshot(page: Path, tmp_path: Path, size: tuple[int, int] = (120
     assert shot.exists(), proc.stderr[-500:]
     with Image.open(shot) as img:
         return img.convert("RGB")
+
+
+def unwritable_dir(base: Path) -> Path | None:
+    """A directory where creating a file really fails: ``base/ro`` chmod-ed read-only (chmod it
+    back to 0o700 when done), or sysfs/procfs when running as root; None when there is none."""
+    ro = base / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    for candidate in (ro, Path("/sys"), Path("/proc")):
+        try:
+            (candidate / ".probe").touch()
+            (candidate / ".probe").unlink()
+        except OSError:
+            return candidate
+    return None

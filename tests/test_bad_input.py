@@ -28,7 +28,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, unwritable_dir
 
 OPSET = [h.make_opsetid("", 17)]
 
@@ -48,19 +48,6 @@ def _with_location(proto: onnx.ModelProto, location: str) -> bytes:
         if entry.key == "location":
             entry.value = location
     return copy.SerializeToString()
-
-
-def _unwritable_dir(base: Path) -> Path | None:
-    ro = base / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    for candidate in (ro, Path("/proc"), Path("/sys")):
-        try:
-            (candidate / ".probe").touch()
-            (candidate / ".probe").unlink()
-        except OSError:
-            return candidate
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +247,7 @@ def test_bad_input(case, inputs, tmp_path, cli, monkeypatch):
     d = inputs / "in"
     out = tmp_path / "out"
     out.mkdir()
-    unwritable = _unwritable_dir(tmp_path) if case.needs == "unwritable" else None
+    unwritable = unwritable_dir(tmp_path) if case.needs == "unwritable" else None
     if case.needs == "unwritable" and unwritable is None:
         pytest.skip("no unwritable directory on this machine")
     args = [a.format(**{"in": d, "out": out, "unwritable": unwritable}) for a in case.args]

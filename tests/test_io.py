@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -15,6 +13,7 @@ from onnx import numpy_helper as nh
 from onnxopt import io
 from onnxopt.errors import BadInputError
 from tests.helpers import ort_run, sha256
+from tests.helpers import unwritable_dir as helpers_unwritable_dir
 
 
 def _external_model(tmp_path, name="ext.onnx"):
@@ -116,19 +115,12 @@ def test_unsupported_ir_version(tmp_path, cli):
 @pytest.fixture
 def unwritable_dir(tmp_path):
     """A directory where creating a file really fails (a chmod-ed one, or sysfs/procfs for root)."""
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    for candidate in (ro, Path("/sys"), Path("/proc")):
-        try:
-            (candidate / ".probe").touch()
-            (candidate / ".probe").unlink()
-        except OSError:
-            yield candidate
-            break
-    else:
+    found = helpers_unwritable_dir(tmp_path)
+    if found is None:
+        (tmp_path / "ro").chmod(0o700)
         pytest.skip("no unwritable directory on this machine")
-    ro.chmod(0o700)
+    yield found
+    (tmp_path / "ro").chmod(0o700)
 
 
 def test_unwritable_output_dir(cli, model_copy, unwritable_dir, tmp_path):
