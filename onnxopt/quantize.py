@@ -538,10 +538,7 @@ class Quantizer:
                 tb.append(t[1])
             if block + 1 < MIN_BLOCKS:
                 continue
-            ratios = np.sort(np.asarray(ta) / np.maximum(np.asarray(tb), 1e-9))
-            n = len(ratios)
-            k = max(0, math.floor(n / 2 - Z_CONFIDENCE * math.sqrt(n) / 2))
-            lo, hi = float(ratios[k]), float(ratios[n - 1 - k])
+            lo, hi = median_ratio_interval(ta, tb)
             if hi < threshold:
                 verdict = "faster"
                 break
@@ -553,6 +550,17 @@ class Quantizer:
         ratio = float(np.median(np.asarray(ta) / np.maximum(np.asarray(tb), 1e-9)))
         return {"verdict": verdict, "a_ms": float(np.median(ta)), "b_ms": float(np.median(tb)), "ratio": ratio,
                 "interval": [lo, hi], "pairs": len(ta)}
+
+
+def median_ratio_interval(ta, tb) -> tuple[float, float]:
+    """~95% interval (order statistics) of the median of the paired time ratios ``ta[i] / tb[i]``
+    (runs paired so machine drift hits both alike); (0, inf) without pairs."""
+    n = min(len(ta), len(tb))
+    if n == 0:
+        return 0.0, math.inf
+    ratios = np.sort(np.asarray(ta[:n], np.float64) / np.maximum(np.asarray(tb[:n], np.float64), 1e-9))
+    k = max(0, math.floor(n / 2 - Z_CONFIDENCE * math.sqrt(n) / 2))
+    return float(ratios[k]), float(ratios[n - 1 - k])
 
 
 # ---------------------------------------------------------------- 3. place

@@ -80,15 +80,9 @@ def confidently_faster(samples: Sequence[Sequence[float]], margin: float = LATEN
     """``faster(i, j)``: point i is faster than j by more than ``margin``, with confidence: the
     ~95% order-statistics interval of the median per-round time ratio (rounds are paired: every
     model runs once per round) lies wholly below ``1 - margin`` (as ``Quantizer.compare_latency``)."""
-    arrays = [np.asarray(t, np.float64) for t in samples]
-
     def faster(i: int, j: int) -> bool:
-        n = min(len(arrays[i]), len(arrays[j]))
-        if n == 0:
-            return False
-        r = np.sort(arrays[i][:n] / np.maximum(arrays[j][:n], 1e-12))
-        k = max(0, math.floor(n / 2 - qm.Z_CONFIDENCE * math.sqrt(n) / 2))
-        return bool(r[n - 1 - k] < 1.0 - margin)
+        _, hi = qm.median_ratio_interval(samples[i], samples[j])
+        return hi < 1.0 - margin
 
     return faster
 
