@@ -216,14 +216,6 @@ def _cli_args(command: str, job: dict, model_dir: Path) -> list[str]:
     return args
 
 
-def _pdeathsig() -> None:
-    """In the child before exec: SIGKILL when the parent (thread) dies (Linux)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
-
-
 def _tree_rss(proc) -> tuple[int, set[int]]:
     """Resident bytes of ``proc`` and its descendants, and their pids."""
     import psutil
@@ -292,7 +284,7 @@ def run_one(command: str, job: dict, outdir: str, timeout: float | None = None, 
 
     with open(log_path, "wb") as log:
         popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True, preexec_fn=_pdeathsig if sys.platform == "linux" else None)
+                                 start_new_session=True, preexec_fn=io.die_with_parent if sys.platform == "linux" else None)
         try:
             proc = psutil.Process(popen.pid)
         except psutil.Error:

@@ -184,16 +184,9 @@ def run_isolated(fn: Callable[[], object], label: str, output: str | os.PathLike
 
 
 def _die_with_parent(parent: int) -> None:
-    """Linux: the child gets SIGKILL when the parent dies (``kill -9`` of the onnxopt process must
-    stop the work, not leave an orphan writing the output)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before prctl took effect
+    """The forked child dies with the parent (see io.die_with_parent), also when the parent died
+    before that took effect."""
+    if io.die_with_parent() and os.getppid() != parent:
         os._exit(137)
 
 
@@ -335,9 +328,7 @@ def optimize(model, output, pipeline_text, report_path, ep_text, shapes, data, p
                            f"{line['reason']}", err=True)
         lw = (e.result or {}).get("layerwise")
         if lw and lw.get("first_divergence"):
-            first = lw["first_divergence"]
-            click.echo(f"  first divergence at node '{first['node']}' ({first['op_type']}), value '{first['value_b']}', "
-                       f"max abs {first['max_abs']:.3g}", err=True)
+            click.echo(f"  {_divergence(lw['first_divergence'])}", err=True)
         raise
     if report_path:
         report.write(result, report_path)
@@ -561,9 +552,13 @@ def _print_layerwise(lw: dict | None) -> None:
     if lw is None:
         return
     first = lw["first_divergence"]
-    click.echo(f"layerwise: {lw['pairs']} of {lw['values_in_b']} intermediate values paired; " + (
-        f"first divergence at node '{first['node']}' ({first['op_type']}), value '{first['value_b']}', "
-        f"max abs {first['max_abs']:.3g}" if first else "no divergence inside the graph"))
+    click.echo(f"layerwise: {lw['pairs']} of {lw['values_in_b']} intermediate values paired; "
+               + (_divergence(first) if first else "no divergence inside the graph"))
+
+
+def _divergence(first: dict) -> str:
+    return (f"first divergence at node '{first['node']}' ({first['op_type']}), value '{first['value_b']}', "
+            f"max abs {first['max_abs']:.3g}")
 
 
 @main.command(short_help="Latency, throughput and memory side by side.")

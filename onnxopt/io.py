@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -340,6 +341,18 @@ def _try_lock(folder: Path) -> int | None | bool:
         os.close(fd)
         return False
     return fd
+
+
+def die_with_parent() -> bool:
+    """Linux: this process gets SIGKILL when its parent (the thread that started it) dies, so a
+    ``kill -9`` of onnxopt leaves no orphan writing an output.  False where prctl is missing."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return False
+    return True
 
 
 def _pid_alive(pid: int) -> bool:
