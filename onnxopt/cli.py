@@ -144,6 +144,8 @@ def run_isolated(fn: Callable[[], object], label: str, output: str | os.PathLike
         code = 4
         try:
             _die_with_parent(parent)
+            for signum in (signal.SIGTERM, signal.SIGHUP):  # whatever the caller installed (Ray does):
+                signal.signal(signum, signal.SIG_DFL)       # a kill from outside ends the work
             code = _exit_code_of(fn)
         finally:
             try:
