@@ -13,7 +13,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -426,14 +426,16 @@ def compare_models(a: str | os.PathLike, b: str | os.PathLike, *, eps: tuple[str
         sa, sb = runtime.session(a, ep), runtime.session(b, ep)
         merged: dict[str, OutputComparison] = {}
         ep_samples: dict[str, list[float]] = {}
+        feeds_iter: Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]]
         if data is not None:
-            feeds_iter = data_mod.batches(data, sa, preprocess, max_batches)
+            feeds_iter = ((feeds, None) for feeds in data_mod.batches(data, sa, preprocess, max_batches))
         else:  # the synthesized point and a variation of it (other symbolic dims and values)
             primary = runtime.synthesize(sa, shapes, quiet=ep != eps[0])
-            feeds_iter = iter([primary] + [p.feeds for p in variation_points(sa, primary) if p.reference is not None])
+            feeds_iter = iter([(primary, None)] + [(p.feeds, p.reference) for p in variation_points(sa, primary)
+                                                   if p.reference is not None])
         count = 0
-        for feeds in feeds_iter:
-            ref = runtime.run(sa, feeds)
+        for feeds, known in feeds_iter:
+            ref = known if known is not None else runtime.run(sa, feeds)  # a variation's is already computed
             got = runtime.run_candidate(sb, feeds, list(ref))
             for c in compare(ref, got, tolerance):
                 c.ep = ep
