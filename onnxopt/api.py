@@ -165,7 +165,8 @@ def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, d
              stats_in: str | os.PathLike | None = None, stats_out: str | os.PathLike | None = None,
              recipe_out: str | os.PathLike | None = None, calib_limit: int | None = None, threads: int = 1,
              force: bool = False, class_outputs: Mapping[str, int | None] | None = None,
-             progress: ProgressFn | None = None, search: bool = False, budget: int | None = None) -> dict:
+             progress: ProgressFn | None = None, search: bool = False, budget: int | None = None,
+             workers: int = 1, ray_address: str | None = None) -> dict:
     """``onnxopt quantize``: static int8 QDQ quantization (see onnxopt.quantize), staged, scored
     and committed through :func:`stage_validate_commit`; the report starts with :func:`header`.
 
@@ -175,7 +176,9 @@ def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, d
     batch.  ``search``: evaluate up to ``budget`` candidate recipes (onnxopt.search; the settings
     are searched, only ``ep``, ``exclude`` and ``latency_guard`` apply) and write the best within
     ``max_drop``; the report gets ``"search"`` and the recipe is saved (``recipe_out``, else
-    OUTPUT + ".recipe.json").  Raises ValidationRefused(report) when the accuracy budget is missed
+    OUTPUT + ".recipe.json").  The candidates are built and scored on ``workers`` local processes,
+    or as Ray tasks with ``ray_address`` ("local" starts a local cluster of ``workers`` CPUs).
+    Raises ValidationRefused(report) when the accuracy budget is missed
     and not ``force``."""
     from onnxopt import quantize as quantize_mod
 
@@ -187,6 +190,7 @@ def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, d
                                  recipe_out=recipe_out, calib_limit=calib_limit, threads=threads, force=force,
                                  class_outputs=class_outputs, progress=progress, search=search,
                                  search_budget=quantize_mod.DEFAULT_SEARCH_BUDGET if budget is None else budget,
+                                 search_workers=workers, search_ray=ray_address,
                                  **settings)
 
 

@@ -549,18 +549,13 @@ def ray_resources(options: Mapping[str, Any]) -> dict:
 
 
 def _run_ray(todo, command, outdir, workers, timeout, max_rss_mb, address, record) -> None:
-    try:
-        import ray
-    except ImportError:
-        raise UsageError('--ray needs Ray: pip install -e ".[ray]"') from None
-    started_here = False
-    if not ray.is_initialized():
-        if address in (None, "", "local"):
-            ray.init(num_cpus=workers, include_dashboard=False, logging_level=logging.WARNING,
-                     log_to_driver=False)
-        else:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-        started_here = True
+    from onnxopt.parallel import ray_cluster
+
+    with ray_cluster(address, workers) as ray:
+        _submit_ray(ray, todo, command, outdir, timeout, max_rss_mb, record)
+
+
+def _submit_ray(ray, todo, command, outdir, timeout, max_rss_mb, record) -> None:
     task = ray.remote(num_cpus=1, max_retries=2)(run_one)
     refs = {}
     try:
@@ -586,6 +581,3 @@ def _run_ray(todo, command, outdir, workers, timeout, max_rss_mb, address, recor
             with contextlib.suppress(Exception):
                 ray.cancel(ref, force=True)
         raise
-    finally:
-        if started_here:
-            ray.shutdown()

@@ -389,12 +389,18 @@ def optimize(model, output, pipeline_text, report_path, ep_text, shapes, data, p
                    "(--save-recipe, else OUTPUT.recipe.json).")
 @click.option("--budget", "search_budget", type=click.IntRange(min=1), default=None,
               help=f"With --search: build at most this many candidates (default {quantize_mod.DEFAULT_SEARCH_BUDGET}).")
+@click.option("--workers", "search_workers", type=click.IntRange(min=1), default=None,
+              help="With --search: build and score candidates on this many local processes "
+                   "(default: the CPU count, at most 4); 1 builds them in this process.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+              help="With --search: build and score candidates as Ray tasks: --ray (a local cluster of --workers CPUs) "
+                   "or --ray=ADDRESS.")
 @click.option("--force", is_flag=True, help="Write the result even when the accuracy budget is missed.")
 @click.option("--report", "report_path", type=click.Path(), default=None, help="Write a report: .json, .md or .html.")
 @_isolated(lambda kw: str(kw["model"]), output="output")
 def quantize(model, output, data, preprocess, method, ep_text, max_drop, metric, recover_text, save_stats, load_stats,
-             calib_batches, exclude, latency_guard, per_channel, recipe_path, save_recipe, search, search_budget, force,
-             report_path):
+             calib_batches, exclude, latency_guard, per_channel, recipe_path, save_recipe, search, search_budget,
+             search_workers, ray_address, force, report_path):
     """Static int8 QDQ quantization of MODEL into OUTPUT, calibrated on --data, guarded for latency and accuracy."""
     if report_path:
         report.check_path(report_path)
@@ -414,6 +420,10 @@ def quantize(model, output, data, preprocess, method, ep_text, max_drop, metric,
         settings = {}
     if search_budget is not None and not search:
         raise UsageError("--budget counts --search candidates; give --search with it")
+    if (search_workers is not None or ray_address is not None) and not search:
+        raise UsageError("--workers and --ray spread --search candidates; give --search with them")
+    if search_workers is None:
+        search_workers = max(1, min(4, os.cpu_count() or 1)) if search else 1
     if search:
         if recipe_path is not None:
             raise UsageError("--search and --recipe: a replayed recipe is not searched")
@@ -427,7 +437,7 @@ def quantize(model, output, data, preprocess, method, ep_text, max_drop, metric,
             result = api.quantize(model, output, data=data, recipe=recipe_path, preprocess=preprocess, max_drop=max_drop,
                                   metric=metric, stats_in=load_stats, stats_out=save_stats, recipe_out=save_recipe,
                                   calib_limit=calib_batches, force=force, progress=update, search=search,
-                                  budget=search_budget, **settings)
+                                  budget=search_budget, workers=search_workers, ray_address=ray_address, **settings)
     except ValidationRefused as e:
         if report_path and e.result:
             report.write(e.result, report_path)

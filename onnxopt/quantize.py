@@ -312,6 +312,10 @@ class Options:
     #: ``--search``: evaluate candidate recipes (``onnxopt.search``), at most ``search_budget``
     search: bool = False
     search_budget: int = DEFAULT_SEARCH_BUDGET
+    #: where the search builds and scores candidates: ``search_workers`` local processes (1: this
+    #: process), or Ray tasks when ``search_ray`` is an address ("local": a local cluster)
+    search_workers: int = 1
+    search_ray: str | None = None
 
 
 # ---------------------------------------------------------------- 1. prepare
@@ -449,6 +453,21 @@ class Quantizer:
         if metric is None:  # fp32 agrees with itself everywhere; a sample's lower bound is not its score
             self.float_score = 1.0
 
+    # Pickling (onnxopt.parallel sends the quantizer to search workers once per process).
+    def __getstate__(self) -> dict:
+        """Everything but the float session (a worker scores with sessions of its own) and a
+        metric loaded by name (loaded again from ``metric_name`` where it is unpickled)."""
+        state = self.__dict__.copy()
+        state["float_session"] = None
+        if self.metric_name is not None:
+            state["metric"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.metric is None and self.metric_name is not None:
+            self.metric = load_metric(self.metric_name)
+
     # Recovery data that does not depend on the plan: computed once for every layer, not per build.
     @functools.cached_property
     def rounded_weights(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -482,10 +501,10 @@ class Quantizer:
         self.last_results = fid.results()
         return min((r["score"] for r in self.last_results), default=1.0)
 
-    def score(self, model: ir.Model | str | os.PathLike) -> float:
-        """Score a model (or a model file)."""
-        return self.score_session(runtime.session(serialize(model) if isinstance(model, ir.Model) else str(model),
-                                                  self.ep, self.threads))
+    def score(self, model: ir.Model | bytes | str | os.PathLike) -> float:
+        """Score a model (serialized, or a model file)."""
+        source = serialize(model) if isinstance(model, ir.Model) else model if isinstance(model, bytes) else str(model)
+        return self.score_session(runtime.session(source, self.ep, self.threads))
 
     def drop(self, model: ir.Model) -> float:
         return self.float_score - self.score(model)
@@ -767,6 +786,8 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: R
     if io.same_file(input_path, output_path):
         raise UsageError(f"output {output_path} is the input file; write the quantized model elsewhere")
     io.check_writable(Path(output_path))
+    if (opts.search_workers != 1 or opts.search_ray is not None) and not opts.search:
+        raise UsageError("--workers and --ray spread --search candidates; give --search with them")
     if opts.search:
         if replayed:
             raise UsageError("--search and --recipe: a replayed recipe is not searched")
@@ -791,7 +812,7 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: R
         from onnxopt import search as search_mod
 
         recipe, candidate, the_plan, latency, wrote_float, found = search_mod.run_search(
-            q, recipe, opts.max_drop, opts.search_budget)
+            q, recipe, opts.max_drop, opts.search_budget, workers=opts.search_workers, ray_address=opts.search_ray)
     else:
         candidate, the_plan, latency, wrote_float = _search(q, recipe, opts, replayed)
     report = _report(input_path, recipe, prepared, calib, the_plan, latency, wrote_float, opts.threads)
@@ -818,7 +839,7 @@ def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, d
     ``options``: :class:`Options` fields (``preprocess``, ``max_drop``, ``metric``, ``stats_in``,
     ``stats_out``, ``recipe_out``, ``force``, ``calib_limit``, ``threads``, ``class_outputs``: output
     name -> class axis or None for the default fidelity metric, ``progress``, ``search``,
-    ``search_budget``) and, without
+    ``search_budget``, ``search_workers``, ``search_ray``) and, without
     ``recipe``, :class:`Recipe` settings (``method``, ``percentile``, ``ep``, ``per_channel``,
     ``recovery``, ``exclude``, ``latency_guard``, ``weight_bits``).  ``recipe`` (a Recipe or a JSON
     file) is replayed: its placement is used, no search runs.

@@ -25,7 +25,10 @@ Each candidate is scored on accuracy (``--metric`` or the default fidelity, same
 latency on ``--ep`` and size (serialized bytes).  Latency: every candidate's session is created
 in this process, then runs go round-robin (one thread, fixed feeds, the starting model rotating
 each round) and the median counts, so a machine that slows down slows all candidates alike.
-Candidates are built sequentially in-process (no process pool yet).
+Builds (quantize + score, and the sensitivity ranking's one-layer builds) run in parallel on
+:class:`onnxopt.parallel.Workers` (``--workers`` local processes or Ray tasks with ``--ray``) while
+nothing is being timed; :class:`Walk` keeps the result identical to a sequential search.  The
+latency guard before and the round-robin latency measurement after run in this process alone.
 
 The Pareto front (:func:`pareto_front`: accuracy up, latency down, size down) is reported; the
 chosen candidate (:func:`choose`) is the fastest on the front within ``max_drop``.  Latency is
@@ -44,13 +47,16 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from onnxopt import bench
 from onnxopt import quantize as qm
 from onnxopt.errors import UsageError
+from onnxopt.parallel import Workers
 from onnxopt.passes import quantize_qdq as qq
 
 logger = logging.getLogger("onnxopt")
@@ -154,7 +160,7 @@ class Candidate:
     id: int
     label: str
     recipe: qm.Recipe
-    model: ir.Model
+    model: ir.Model | None  # the chosen one's, deserialized from model_bytes
     plan: qq.Plan
     model_bytes: bytes
     accuracy: float
@@ -182,31 +188,69 @@ class Candidate:
                 "chosen": self.chosen, "float_model": self.is_float}
 
 
-class Variants:
-    """Quantizers sharing one calibration: per setting, the ranges of its method, and per
-    (per_channel, qmax) the adaround weights (computed once)."""
+# ---------------------------------------------------------------- work done in the workers
 
-    def __init__(self, base: qm.Quantizer):
-        self.base = base
-        self._rounded: dict[tuple, dict] = {}
-        self._cache: dict[Setting, qm.Quantizer] = {}
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One unit of search work for :func:`run_job`: ``"adaround"`` (the rounded weights of
+    ``setting``'s per_channel and ``qmax``), or ``"build"`` (quantize with ``setting``, every layer
+    in ``exclude`` float, and score)."""
 
-    def get(self, recipe: qm.Recipe) -> qm.Quantizer:
-        key = Setting(recipe.method, recipe.per_channel, recipe.build_recovery)
-        if key in self._cache:
-            return self._cache[key]
-        b = self.base
-        v = copy.copy(b)
-        v.__dict__.pop("rounded_weights", None)
-        v.per_channel, v.recovery, v.qmax = recipe.per_channel, recipe.build_recovery, recipe.qmax
-        v.ranges = b.stats.ranges(recipe.method, b.full_plan.stats_names(), p=recipe.percentile)
-        wkey = (v.per_channel, v.qmax)
-        if "adaround" in v.recovery:
-            if wkey not in self._rounded:
-                self._rounded[wkey] = v.rounded_weights
-            v.__dict__["rounded_weights"] = self._rounded[wkey]
-        self._cache[key] = v
-        return v
+    kind: str
+    setting: Setting
+    percentile: float
+    qmax: int
+    exclude: frozenset[str] = frozenset()
+
+    @property
+    def rounding(self) -> tuple[bool, int]:
+        return self.setting.per_channel, self.qmax
+
+
+def variant(q: qm.Quantizer, job: Job, rounded: Mapping | None) -> qm.Quantizer:
+    """``q`` with ``job``'s weights, recovery and ranges; ``rounded``: the adaround weights of its
+    rounding (computed here when None and adaround is asked for)."""
+    s = job.setting
+    v = copy.copy(q)
+    v.__dict__.pop("rounded_weights", None)
+    v.per_channel, v.recovery, v.qmax = s.per_channel, s.recovery, job.qmax
+    v.ranges = q.stats.ranges(s.method, q.full_plan.stats_names(), p=job.percentile)
+    if rounded is not None:
+        v.__dict__["rounded_weights"] = rounded
+    return v
+
+
+def run_job(q: qm.Quantizer, job: Job, rounded: Mapping | None) -> Any:
+    """A :class:`Job` on the (worker's copy of the) quantizer: the rounded weights, or
+    ``{"bytes": serialized model, "score": ...}``."""
+    v = variant(q, job, rounded)
+    if job.kind == "adaround":
+        return v.rounded_weights
+    model, _ = v.build(job.exclude)
+    data = qm.serialize(model)
+    return {"bytes": data, "score": v.score(data)}
+
+
+class Evaluator:
+    """Runs jobs on :class:`onnxopt.parallel.Workers`, adaround weights computed once per rounding
+    (the guard's are reused) and sent with the builds that need them."""
+
+    def __init__(self, q: qm.Quantizer, pool: Workers, percentile: float):
+        self.q, self.pool, self.percentile = q, pool, percentile
+        self.rounded: dict[tuple[bool, int], Mapping] = {}
+        if "rounded_weights" in q.__dict__:
+            self.rounded[(q.per_channel, q.qmax)] = q.rounded_weights
+
+    def builds(self, jobs: Sequence[Job]) -> list[dict]:
+        """Each job's model bytes and score, in parallel (adaround first, one job per rounding)."""
+        need = sorted({j.rounding for j in jobs if "adaround" in j.setting.recovery} - set(self.rounded))
+        if need:
+            first = {j.rounding: j for j in jobs}
+            todo = [dataclasses.replace(first[r], kind="adaround") for r in need]
+            for r, w in zip(need, self.pool.map(run_job, [(j, None) for j in todo])):
+                self.rounded[r] = w
+        return self.pool.map(run_job, [(j, self.rounded.get(j.rounding) if "adaround" in j.setting.recovery else None)
+                                       for j in jobs])
 
 
 def _recipe_for(base: qm.Recipe, setting: Setting, floats: Mapping[str, str]) -> qm.Recipe:
@@ -216,13 +260,14 @@ def _recipe_for(base: qm.Recipe, setting: Setting, floats: Mapping[str, str]) ->
                                sensitivity=[dict(s) for s in base.sensitivity])
 
 
-def sensitivity(q: qm.Quantizer, the_plan: qq.Plan) -> list[dict]:
+def sensitivity(q: qm.Quantizer, ev: Evaluator, base: qm.Recipe, the_plan: qq.Plan) -> list[dict]:
     """Each int8 layer of ``the_plan`` ranked by the drop it causes alone (worst first), as
-    :func:`quantize.budget` does."""
-    ranking = []
-    for name in the_plan.primary():
-        alone, _ = q.build(frozenset(set(q.candidates) - {name}))
-        ranking.append({"layer": name, "kind": q.candidates[name], "drop": q.drop(alone)})
+    :func:`quantize.budget` does; the layers are measured in parallel."""
+    setting = Setting(base.method, base.per_channel, base.build_recovery)
+    names = list(the_plan.primary())
+    jobs = [Job("build", setting, base.percentile, base.qmax, frozenset(set(q.candidates) - {n})) for n in names]
+    ranking = [{"layer": n, "kind": q.candidates[n], "drop": q.float_score - r["score"]}
+               for n, r in zip(names, ev.builds(jobs))]
     ranking.sort(key=lambda s: -s["drop"])
     return ranking
 
@@ -256,67 +301,122 @@ class SearchResult:
     max_drop: float
     reference: float
     seconds: float
+    parallelism: str = "in-process"
+    #: builds done beyond the candidates (speculative ones the sequential order did not reach)
+    discarded: int = 0
 
     def to_dict(self) -> dict:
         return {"budget": self.budget, "max_drop": self.max_drop, "reference_accuracy": self.reference,
                 "evaluated": len(self.candidates), "chosen": self.chosen.id,
                 "front": [c.id for c in self.candidates if c.on_front],
                 "ranking": self.ranking, "seconds": self.seconds,
-                "parallelism": "sequential, in-process; latency measured round-robin in one process",
+                "parallelism": f"candidates built and scored: {self.parallelism}; latency measured round-robin "
+                               "in one process after the builds",
+                "discarded_builds": self.discarded,
                 "candidates": [c.to_dict(self.max_drop) for c in self.candidates]}
 
 
-def search(q: qm.Quantizer, recipe: qm.Recipe, max_drop: float, budget: int = DEFAULT_BUDGET) -> SearchResult:
+Key = tuple[Setting, int]
+
+
+class Walk:
+    """The candidates in the order of the sequential search (module docstring), replayed over
+    the builds known so far.  Builds run in parallel batches: the first unknown builds the walk
+    reaches (as many as run at once), assuming (optimistically) that an unknown build meets the
+    budget, which ends its setting's chain and so reaches the most later settings.  When every
+    build the walk reaches is known, the candidates are exactly those of a sequential run with the
+    same budget (one worker: the sequential run itself); speculative builds it did not reach are
+    discarded (counted in the report)."""
+
+    def __init__(self, q: qm.Quantizer, recipe: qm.Recipe, start: Mapping[str, str], budget: int, max_drop: float,
+                 has_targets: bool):
+        self.q, self.recipe, self.start, self.budget, self.max_drop = q, recipe, dict(start), budget, max_drop
+        self.has_targets = has_targets
+        self.ranking: list[dict] | None = None
+        self.known: dict[Key, dict] = {}
+
+    def recipe_for(self, key: Key) -> qm.Recipe:
+        setting, k = key
+        floats = dict(self.start)
+        for rank, s in enumerate((self.ranking or [])[:k], 1):
+            floats[s["layer"]] = f"accuracy budget: sensitivity rank {rank} (drop {s['drop']:.4g} with only this layer int8)"
+        return _recipe_for(self.recipe, setting, floats)
+
+    def replay(self) -> tuple[list[Key], list[Key], bool]:
+        """(candidates in order, builds needed, whether the sensitivity ranking is needed)."""
+        built = 0 if self.has_targets else self.budget  # the guard put every layer in float: nothing to vary
+        accepted: list[Key] = []
+        needed: list[Key] = []
+        for setting in grid(self.recipe.per_channel):
+            for k in range(MAX_FLOAT_EXTRA + 1):
+                if built >= self.budget:
+                    return accepted, needed, False
+                if k > 0 and self.ranking is None:  # needed before anything after it
+                    return accepted, needed, True
+                if k > len(self.ranking or []):
+                    break
+                built += 1
+                if not qq.plan(self.q.model, self.recipe.profile, self.recipe_for((setting, k)).excluded()).targets:
+                    break  # every layer float: the float model is already a candidate
+                if (setting, k) not in self.known:
+                    needed.append((setting, k))
+                    break
+                accepted.append((setting, k))
+                if self.q.float_score - self.known[(setting, k)]["score"] <= self.max_drop:
+                    break  # more float layers only cost latency
+        return accepted, needed, False
+
+
+def search(q: qm.Quantizer, recipe: qm.Recipe, max_drop: float, budget: int = DEFAULT_BUDGET, *,
+           workers: int = 1, ray_address: str | None = None) -> SearchResult:
     """Evaluate up to ``budget`` candidates (plus the float model), pick one (module docstring).
     ``q`` is the Quantizer of ``recipe`` (the default settings); ``recipe`` gets the starting
-    placement and the guard's decisions."""
+    placement and the guard's decisions.  Builds run on ``workers`` local processes or Ray tasks
+    (``ray_address``, onnxopt.parallel); the result does not depend on how many."""
+    from onnxopt.batch import ray_resources
+
     t0 = time.perf_counter()
     if budget < 1:
         raise UsageError(f"--budget {budget}: at least 1")
     qm.place(q, recipe)
     if recipe.latency_guard:
         qm.guard(q, recipe)
-    start = dict(recipe.float_layers)
-    base_model, base_plan = q.build(recipe.excluded())
-    ranking: list[dict] = []
-    ranked = False
-    variants = Variants(q)
-    candidates: list[Candidate] = []
+    q.input_means  # noqa: B018 - bias correction's input means: computed once here, sent to every worker
+    base_plan = qq.plan(q.model, recipe.profile, recipe.excluded())
+    walk = Walk(q, recipe, recipe.float_layers, budget, max_drop, bool(base_plan.targets))
+    builds = 0
+    with Workers(q, workers, ray_address, num_cpus=q.threads, resources=ray_resources({"ep": q.ep})) as pool:
+        ev = Evaluator(q, pool, recipe.percentile)
+        while True:
+            accepted, needed, need_ranking = walk.replay()
+            if need_ranking and not needed:
+                walk.ranking = sensitivity(q, ev, recipe, base_plan)
+                recipe.sensitivity = [dict(s) for s in walk.ranking]
+                continue
+            if not needed:
+                break
+            needed = needed[:pool.capacity]  # more at once would only speculate further ahead
+            jobs = []
+            for key in needed:
+                r = walk.recipe_for(key)
+                jobs.append(Job("build", key[0], r.percentile, r.qmax, frozenset(r.excluded())))
+            for key, res in zip(needed, ev.builds(jobs)):
+                walk.known[key] = res
+            builds += len(jobs)
+        parallelism = pool.mode
 
     all_float = {n: "search: every layer float (the float model)" for n in q.candidates}
     float_recipe = _recipe_for(recipe, Setting(recipe.method, recipe.per_channel, recipe.build_recovery), all_float)
     float_c = Candidate(0, "float model", float_recipe, q.model, qq.plan(q.model, recipe.profile, frozenset(q.candidates)),
                         q.float_bytes, q.float_score, 0.0, is_float=True)
-    candidates.append(float_c)
-    built = 0 if base_plan.targets else budget  # the guard put every layer in float: nothing to vary
-    for setting in grid(recipe.per_channel):
-        if built >= budget:
-            break
-        for k in range(0, MAX_FLOAT_EXTRA + 1):
-            if built >= budget:
-                break
-            if k > 0 and not ranked:  # measured only once some setting misses the budget
-                ranking, ranked = sensitivity(q, base_plan), True
-                recipe.sensitivity = [dict(s) for s in ranking]
-            if k > len(ranking):
-                break
-            floats = dict(start)
-            for rank, s in enumerate(ranking[:k], 1):
-                floats[s["layer"]] = (f"accuracy budget: sensitivity rank {rank} (drop {s['drop']:.4g} with only "
-                                      f"this layer int8)")
-            r = _recipe_for(recipe, setting, floats)
-            v = variants.get(r)
-            model, the_plan = v.build(r.excluded())
-            built += 1
-            if not the_plan.targets:
-                break  # every layer float: the float model is already a candidate
-            score = v.score(model)
-            c = Candidate(len(candidates), f"{setting.label()}, +{k} float", r, model, the_plan, qm.serialize(model),
-                          score, q.float_score - score)
-            candidates.append(c)
-            logger.info("search %d: %s: score %.5f (drop %.4g)", c.id, c.label, score, c.drop)
-            if c.drop <= max_drop:
-                break  # more float layers only cost latency
+    candidates = [float_c]
+    for key in accepted:
+        r, res = walk.recipe_for(key), walk.known[key]
+        c = Candidate(len(candidates), f"{key[0].label()}, +{key[1]} float", r, None,
+                      qq.plan(q.model, recipe.profile, r.excluded()), res["bytes"], res["score"],
+                      q.float_score - res["score"])
+        candidates.append(c)
+        logger.info("search %d: %s: score %.5f (drop %.4g)", c.id, c.label, c.accuracy, c.drop)
     samples = measure_latency(q, [c.model_bytes for c in candidates])
     for c, t in zip(candidates, samples):
         c.latency_ms = float(np.median(t))
@@ -329,19 +429,22 @@ def search(q: qm.Quantizer, recipe: qm.Recipe, max_drop: float, budget: int = DE
         idx = 0
     chosen = candidates[idx]
     chosen.chosen = True
+    if chosen.model is None:
+        chosen.model = ir.serde.deserialize_model(onnx.load_model_from_string(chosen.model_bytes))
+    ranking = walk.ranking or []
     chosen.recipe.sensitivity = [dict(s) for s in ranking]
     for s in chosen.recipe.sensitivity:
         if s["layer"] in chosen.recipe.float_layers and not chosen.is_float:
             s["kept_float"] = True
     return SearchResult(candidates, chosen, float_c, ranking, budget, max_drop, q.float_score,
-                        time.perf_counter() - t0)
+                        time.perf_counter() - t0, parallelism, builds - (len(candidates) - 1))
 
 
-def run_search(q: qm.Quantizer, recipe: qm.Recipe, max_drop: float, budget: int
-               ) -> tuple[qm.Recipe, ir.Model, qq.Plan, dict, bool, SearchResult]:
+def run_search(q: qm.Quantizer, recipe: qm.Recipe, max_drop: float, budget: int, *, workers: int = 1,
+               ray_address: str | None = None) -> tuple[qm.Recipe, ir.Model, qq.Plan, dict, bool, SearchResult]:
     """:func:`search`, then what ``quantize.run`` writes: the chosen recipe, model, plan, latency
     record (float vs chosen, from the round-robin measurement) and whether it is the float model."""
-    result = search(q, recipe, max_drop, budget)
+    result = search(q, recipe, max_drop, budget, workers=workers, ray_address=ray_address)
     c, f = result.chosen, result.float_candidate
     latency = {"float_ms": f.latency_ms, "quantized_ms": c.latency_ms, "verdict": None,
                "ratio": c.latency_ms / f.latency_ms if f.latency_ms else None, "measured": "search round-robin"}
