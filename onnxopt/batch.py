@@ -188,19 +188,29 @@ def job_key(command: str, sha: str | None, options: Mapping[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------- one model
 
+def second_model(command: str, job: Mapping[str, Any], model_dir: Path) -> Path | None:
+    """The model ``validate``/``bench`` compare with: the ``against`` option, else the result of
+    an earlier optimize/quantize batch into this folder (validate: always; bench: when it exists)."""
+    against = job["options"].get("against")
+    out = model_dir / f"{job['name']}.onnx"
+    if command == "validate":
+        return Path(against) if against else out
+    if command == "bench":
+        return Path(against) if against else (out if out.exists() else None)
+    return None
+
+
 def _cli_args(command: str, job: dict, model_dir: Path) -> list[str]:
     """The ``python -m onnxopt.cli`` argument list for one model."""
     name, opts = job["name"], {k: v for k, v in job["options"].items() if k not in DRIVER_OPTIONS}
     out = model_dir / f"{name}.onnx"
     args = [command, job["input"]]
+    opts.pop("against", None)
     if command in ("optimize", "quantize"):
         args += ["-o", str(out)]
-    elif command == "validate":
-        args.append(str(opts.pop("against", None) or out))
-    elif command == "bench":
-        against = opts.pop("against", None) or (str(out) if out.exists() else None)
-        if against:
-            args.append(str(against))
+    second = second_model(command, job, model_dir)
+    if second is not None:
+        args.append(str(second))
     args += ["--report", str(model_dir / "report.json")]
     for key, value in opts.items():
         flag = "--" + key.replace("_", "-")
@@ -444,7 +454,9 @@ def run(inputs: Sequence[str | os.PathLike], outdir: str | os.PathLike, *, comma
     todo: list[dict] = []
     for job in jobs:
         sha, size = input_sha256(job["input"])
-        key = job_key(command, sha, job["options"])
+        second = second_model(command, job, out / job["name"])
+        # validate/bench results also depend on the second model's bytes (an optimize rerun changes them)
+        key = job_key(command, sha if second is None else f"{sha}+{input_sha256(second)[0]}", job["options"])
         base = {"name": job["name"], "input": job["input"], "command": command, "options": job["options"],
                 "input_sha256": sha, "size_before": size, "key": key, "onnxopt_version": __version__}
         prev = previous.get(job["name"])

@@ -165,6 +165,25 @@ def test_resume_skips_finished_and_reruns_changed(tmp_path, cli):
     assert _no_temp_files(out) == []
 
 
+def test_validate_resume_follows_the_second_model(tmp_path):
+    """validate's result depends on both models: a rerun skips only while the model it compares
+    with (``against``) is unchanged, and validates again once that file changes."""
+    (src,) = _copy(SMALL[:1], tmp_path / "in")
+    against = tmp_path / "against.onnx"
+    shutil.copy(src, against)
+    out = tmp_path / "out"
+    opts = {"against": str(against)}
+    first = _by_name(api.batch([src], out, command="validate", options=opts))["fp16_mlp"]
+    assert first["status"] == "ok", first
+    again = _by_name(api.batch([src], out, command="validate", options=opts))["fp16_mlp"]
+    assert again["status"] == "skipped" and again["runs"] == 1
+    proto = onnx.load(against)
+    proto.doc_string = "re-exported"
+    onnx.save(proto, against)
+    rerun = _by_name(api.batch([src], out, command="validate", options=opts))["fp16_mlp"]
+    assert rerun["status"] == "ok" and rerun["runs"] == 2, rerun
+
+
 def _driver(inputs, out, *extra):
     return subprocess.Popen([sys.executable, "-m", "onnxopt.cli", "batch", *map(str, inputs), "-o", str(out),
                              "--workers", "1", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
