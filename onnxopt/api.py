@@ -112,6 +112,8 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
     if with_cost:
         before["cost"] = cost.estimate(model, shapes).to_dict(per_node=False)
     tolerance = validate.default_tolerance(model)
+    if any(s.name == "convert-fp16" for s in specs):  # lossy: the fp16 tolerances (onnxopt convert checks ranges too)
+        tolerance = validate.LOSSLESS_FP16
     validator = None
     if validate_result or verify_each:
         validator = validate.Validator(input_path, data=data, preprocess=preprocess, shapes=shapes,

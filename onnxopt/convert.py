@@ -120,6 +120,16 @@ class Fp16Result:
                 "nonfinite_fp16_tensors": self.nonfinite_tensors}
 
 
+def faithful_session(model: ir.Model | str | os.PathLike, threads: int = 1):
+    """A CPU-EP session of ``model`` that rounds every main-graph float16 tensor to fp16 as fp16
+    kernels would (each is also an output, so ORT cannot fuse a chain of fp16 ops into float32;
+    see the module docstring), and the names of those tensors."""
+    if not isinstance(model, ir.Model):
+        model = ir.load(str(model))
+    fp16 = [o.name for n in model.graph for o in n.outputs if o.dtype == ir.DataType.FLOAT16 and o.name]
+    return runtime.session(runtime.with_outputs(ir.to_proto(model), fp16), "cpu", threads), fp16
+
+
 class Fp16Check:
     """Step 4: the candidate against the original's outputs at the validator's points, every
     float16 main-graph tensor materialized (see module docstring); float16 graph inputs get the
@@ -130,12 +140,11 @@ class Fp16Check:
 
     def __call__(self, path: Path) -> Fp16Result:
         model = ir.load(str(path))
-        fp16 = [o.name for n in model.graph for o in n.outputs if o.dtype == ir.DataType.FLOAT16 and o.name]
         half_inputs = {v.name for v in model.graph.inputs if v.dtype == ir.DataType.FLOAT16}
         try:
-            sess = runtime.session(runtime.with_outputs(ir.to_proto(model), fp16), "cpu")
+            sess, fp16 = faithful_session(model)
         except BadInputError as e:
-            return Fp16Result(self._failed(str(e)), {}, len(fp16))
+            return Fp16Result(self._failed(str(e)), {}, 0)
         merged: dict[str, validate.OutputComparison] = {}
         nonfinite: dict[str, int] = {}
         tol = self.validator.tolerance

@@ -76,7 +76,7 @@ LOSSLESS_WIDENING = frozenset({(HALF, FLOAT), (HALF, ir.DataType.DOUBLE), (FLOAT
 
 
 def parse_list(text: str | Iterable[str] | None, defaults: Iterable[str] = ()) -> tuple[str, ...]:
-    """``"default,Softmax"`` -> the defaults plus Softmax; separators ``, ; |`` (``;`` in pipeline
+    """``"default,Softmax"`` -> the defaults plus Softmax; separators ``, ; |`` (``|`` in pipeline
     text, where ``,`` separates options)."""
     items = re.split(r"[,;|]", text) if isinstance(text, str) else list(text or ())
     out: list[str] = []
@@ -133,10 +133,15 @@ def decline_reason(model: ir.Model) -> str:
         ops = ", ".join(f"{k} x{v}" for k, v in sorted(q.items()))
         return f"the model is quantized ({ops}); convert the float model to fp16, or keep this one as it is"
     g = model.graph
-    edge = [v for v in (*g.inputs, *g.outputs, *g.initializers.values()) if v.dtype in (HALF, ir.DataType.BFLOAT16)]
+    low = (HALF, ir.DataType.BFLOAT16)
+    edge = [v for v in (*g.inputs, *g.outputs, *g.initializers.values()) if v.dtype in low]
     if edge:
         return (f"the model is already float16/bfloat16 ({len(edge)} of its inputs, outputs or weights, e.g. "
                 f"'{edge[0].name}'); nothing to convert")
+    inside = [v for node in ir.traversal.RecursiveGraphIterator(g) for v in node.outputs if v.dtype in low]
+    if inside:
+        return (f"the model already computes in float16/bfloat16 ({len(inside)} tensors, e.g. '{inside[0].name}'; "
+                f"converted before?); convert the float32 original")
     if not any(v.dtype == FLOAT for node in ir.traversal.RecursiveGraphIterator(g)
                for v in (*node.inputs, *node.outputs) if v is not None):
         return "the model has no float32 tensors; nothing to convert"
@@ -466,8 +471,8 @@ class ConvertFloat16(OptPass):
 
     In a pipeline (data-free): ranges only from constants and initializers, which are known
     exactly; ``onnxopt convert --fp16 --data`` adds ranges observed on data.  Options:
-    ``keep-io-types``, ``op-block-list`` (``;``-separated op types, ``default`` = the defaults),
-    ``node-block-list`` (``;``-separated names), ``limit`` (largest |x| kept in fp16).  See the
+    ``keep-io-types``, ``op-block-list`` (``|``-separated op types, ``default`` = the defaults),
+    ``node-block-list`` (``|``-separated names), ``limit`` (largest |x| kept in fp16).  See the
     module docstring for the full contract.
     """
 
