@@ -519,7 +519,7 @@ def _print_convert(model, output, result: dict) -> None:
     else:
         status = "ok" if v["ok"] else "DIVERGED (written because of --force)"
         points = sum(1 for p in v.get("points", []) if p["status"] == "compared")
-        click.echo(f"validation (CPU EP, fp16 tensors materialized, rtol 1e-2 atol 1e-3): {status}, "
+        click.echo(f"validation (CPU EP, every fp16 tensor rounded as fp16 kernels do, rtol 1e-2 atol 1e-3): {status}, "
                    f"{len(v['outputs'])} output(s) at {points} input point(s), max abs diff {v['max_abs']:.3g}")
     click.echo(f"wrote {output}")
 

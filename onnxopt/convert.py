@@ -16,9 +16,9 @@ Steps (each a function, in the order :func:`convert` calls them):
    rtol 1e-2 / atol 1e-3 per output) at the validator's input points (the first data batch or
    synthesized inputs, plus a variation).  The CPU EP runs most fp16 ops by casting to float32 and
    drops the Casts between consecutive ones, so a chain of fp16 ops is computed in float32 and an
-   overflow that a GPU would produce never shows; the check therefore runs the candidate with
-   every float16 tensor of the main graph as an extra output, which makes ORT round (and overflow)
-   each one as fp16 kernels would.  Outputs outside tolerance (inf/NaN included) refuse the
+   overflow that a GPU would produce never shows; the check therefore runs the candidate through
+   :func:`faithful_session`, which makes ORT round (and overflow) every fp16 tensor as fp16
+   kernels would.  Outputs outside tolerance (inf/NaN included) refuse the
    result (exit 3) unless ``force``.
 5. **Write** through ``api.stage_validate_commit`` (atomic; nothing written when refused).
 """
@@ -121,18 +121,34 @@ class Fp16Result:
 
 
 def faithful_session(model: ir.Model | str | os.PathLike, threads: int = 1):
-    """A CPU-EP session of ``model`` that rounds every main-graph float16 tensor to fp16 as fp16
-    kernels would (each is also an output, so ORT cannot fuse a chain of fp16 ops into float32;
-    see the module docstring), and the names of those tensors."""
-    if not isinstance(model, ir.Model):
-        model = ir.load(str(model))
-    fp16 = [o.name for n in model.graph for o in n.outputs if o.dtype == ir.DataType.FLOAT16 and o.name]
-    return runtime.session(runtime.with_outputs(ir.to_proto(model), fp16), "cpu", threads), fp16
+    """A CPU-EP session that rounds every float16 tensor (in every graph) to fp16 as fp16 kernels
+    would, and the names of the main graph's float16 tensors (also outputs, to count inf/NaN).
+
+    The CPU EP has few fp16 kernels: it computes the others in float32 between Casts it inserts,
+    then removes Cast pairs, so a chain of fp16 ops runs in float32 and an overflow a GPU would
+    produce never shows.  An Identity (which has a native fp16 kernel) after each float16 tensor,
+    with ORT's graph optimizations off (they would remove it), keeps each value rounded."""
+    model = ir.load(str(model)) if not isinstance(model, ir.Model) else model.clone()
+    fp16 = []
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        for out in node.outputs:
+            if out.dtype != ir.DataType.FLOAT16 or not out.uses() or node.graph is None:
+                continue
+            keep = ir.Node("", "Identity", [out], name=f"{out.name}__fp16_round", num_outputs=1)
+            keep.outputs[0].name, keep.outputs[0].dtype = f"{out.name}__fp16_rounded", out.dtype
+            for use in list(out.uses()):
+                if use.node is not keep:
+                    use.node.replace_input_with(use.idx, keep.outputs[0])
+            node.graph.insert_after(node, keep)
+            if node.graph is model.graph and out.name:
+                fp16.append(out.name)
+    proto = runtime.with_outputs(ir.to_proto(model), fp16)
+    return runtime.session(proto, "cpu", threads, optimize=False), fp16
 
 
 class Fp16Check:
     """Step 4: the candidate against the original's outputs at the validator's points, every
-    float16 main-graph tensor materialized (see module docstring); float16 graph inputs get the
+    float16 tensor rounded (:func:`faithful_session`); float16 graph inputs get the
     points' inputs cast to float16, float16 outputs are compared in float32."""
 
     def __init__(self, validator: validate.Validator):

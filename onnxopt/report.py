@@ -566,7 +566,7 @@ def _convert_summary(report: dict) -> list[tuple[str, str]]:
                        f"{r['over_fp16_max']} over 65504"),
             ("validation", "not run" if not v else
              f"{'pass' if v['ok'] else 'FAIL'} (CPU EP, rtol {v['tolerance']['rtol']:g} atol {v['tolerance']['atol']:g}, "
-             f"{v.get('materialized_fp16_tensors', 0)} fp16 tensors materialized, "
+             f"{v.get('materialized_fp16_tensors', 0)} fp16 tensors checked for inf/NaN, "
              f"{len(v.get('nonfinite_fp16_tensors') or {})} non-finite)")]
 
 
