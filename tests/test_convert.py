@@ -152,11 +152,16 @@ def test_block_lists_keep_named_ops_and_nodes_in_float32(cli, tmp_path):
     assert "Softmax" in report["op_block_list"] and "Resize" in report["op_block_list"]
 
 
+#: crnn: ORT 1.32's CPU EP segfaults on the fp16 Transpose feeding the classifier MatMul at its default
+#: optimization level (see test_a_model_that_crashes_ort_is_refused); that node stays float32
+WORKAROUNDS = {"crnn": ["--node-block-list", "/rnn/Transpose_2"]}
+
+
 @pytest.mark.parametrize("name", ["cnn_dynamic", "crnn", "control_flow", "transformer_encoder", "bert_encoder"])
 def test_existing_models_convert_and_validate(cli, tmp_path, name):
     src = ROOT / "models" / f"{name}.onnx"
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
-    res = cli("convert", src, "-o", out, "--fp16", "--report", rep)
+    res = cli("convert", src, "-o", out, "--fp16", "--report", rep, *WORKAROUNDS.get(name, []))
     assert res.exit_code == 0, res.output
     report = json.loads(rep.read_text())
     assert report["validation"]["ok"] and report["ranges"]["source"] == "synthesized"
@@ -165,12 +170,29 @@ def test_existing_models_convert_and_validate(cli, tmp_path, name):
     halves = [i for g in [m.graph] for i in g.initializer if i.data_type == T.FLOAT16]
     assert halves and report["conversion"]["initializers"]["converted"] >= len(halves)
     assert report["size_ratio"] < 1.0 or name == "control_flow"
+    original = onnx.load(str(src))
+    assert [(o.name, o.type.tensor_type.elem_type) for o in m.graph.output] == \
+        [(o.name, o.type.tensor_type.elem_type) for o in original.graph.output]
+    assert [(i.name, i.type.tensor_type.elem_type) for i in m.graph.input] == \
+        [(i.name, i.type.tensor_type.elem_type) for i in original.graph.input]
     sess = runtime.session(str(src), "cpu")
     for seed in (3, 4):  # two input points of our own
         feeds = runtime.synthesize(sess, None, seed=seed, quiet=True)
-        integer = [k for k, v in feeds.items() if v.dtype.kind in "iub"]
         assert_close(runtime.run(sess, feeds), fp16_outputs(out, feeds))
-        assert all(runtime.run(sess, feeds)[k].dtype == np.float32 for k in runtime.run(sess, feeds)) or integer
+
+
+def test_a_model_that_crashes_ort_is_refused(cli, tmp_path):
+    """The converted crnn crashes ORT's CPU EP at its default optimization level (an ORT bug): the
+    check loads it in a child process and refuses it with the reason; nothing is written."""
+    src = ROOT / "models" / "crnn.onnx"
+    probe = tmp_path / "probe.onnx"
+    assert cli("convert", src, "-o", probe, "--fp16", "--no-validate").exit_code == 0
+    if not convert.crashes_default_session(probe):
+        pytest.skip("this ONNX Runtime no longer crashes on the fp16 crnn")
+    out = tmp_path / "o.onnx"
+    res = cli("convert", src, "-o", out, "--fp16")
+    assert res.exit_code == 3 and "crashed (SIGSEGV)" in res.stderr and "--node-block-list" in res.stderr
+    assert not out.exists()
 
 
 def test_control_flow_bodies_are_converted_inside(tmp_path):
