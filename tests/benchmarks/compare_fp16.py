@@ -63,7 +63,8 @@ def evaluate(src: Path, out: Path) -> dict:
     plain = runtime.session(str(out), "cpu", optimize=False) if crash else runtime.session(str(out), "cpu")
     names = [o.name for o in ref_sess.get_outputs()]
     half = {i.name for i in plain.get_inputs() if i.type == "tensor(float16)"}
-    row = {"default_session_crash": crash or None, "nonfinite": 0, "nonfinite_plain": 0, "max_abs": 0.0, "max_rel_to_range": 0.0, "within_tolerance": True}
+    row = {"default_session_crash": crash or None, "nonfinite": 0, "nonfinite_plain": 0, "max_abs": 0.0,
+           "max_rel_to_range": 0.0, "within_tolerance": True}
     for feeds in input_points(src):
         ref = runtime.run(ref_sess, feeds)
         fed = {k: v.astype(np.float16) if k in half else v for k, v in feeds.items()}
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
                     row = {"ok": True, **fn(src, out)}
                     row.update(evaluate(src, out))
                 except (OnnxoptError, Exception) as e:  # noqa: BLE001 - a tool's failure is a result
-                    text = (str(e).strip().splitlines() or [""])[0][:160]
+                    text = (str(e).strip().splitlines() or [""])[0].replace(f"{ROOT}/", "")[:160]
                     row = {"ok": False, "error": f"{type(e).__name__}: {text}"}
                 entry[tool] = row
                 print(f"{name:20s} {tool:8s} {fmt(row)}", flush=True)
