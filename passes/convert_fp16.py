@@ -268,8 +268,9 @@ class _Planner:
             for node in [n for n in ir.traversal.RecursiveGraphIterator(self.model.graph) if n in self.fp16]:
                 if node.op_type not in HEAVY_OPS and self.squeezed(node, keep_io):
                     self.fp16.discard(node)
-                    self.kept[node] = Kept(node.name or "", node.op_type, "boundary",
-                                           "between float32 neighbours: in fp16 it would only add Casts",
+                    why = ("a constant read only by float32 nodes" if node.op_type in ("Constant", "ConstantOfShape")
+                           else "between float32 neighbours: in fp16 it would only add Casts")
+                    self.kept[node] = Kept(node.name or "", node.op_type, "boundary", why,
                                            node.graph.name or "" if node.graph is not None else "")
                     changed = True
 
@@ -473,7 +474,9 @@ class ConvertFloat16(OptPass):
     """Mixed-precision fp16 (float32 I/O kept, block list, overflowing tensors in float32; lossy: validate with fp16 tolerances).
 
     In a pipeline (data-free): ranges only from constants and initializers, which are known
-    exactly; ``onnxopt convert --fp16 --data`` adds ranges observed on data.  Options:
+    exactly, and ``optimize`` checks it with the fp16 tolerances on a plain CPU session (which
+    computes fp16 chains in float32); ``onnxopt convert --fp16 --data`` adds ranges observed on
+    data and the fp16-faithful check (``onnxopt.convert.faithful_session``).  Options:
     ``keep-io-types``, ``op-block-list`` (``|``-separated op types, ``default`` = the defaults),
     ``node-block-list`` (``|``-separated names), ``limit`` (largest |x| kept in fp16).  See the
     module docstring for the full contract.

@@ -291,6 +291,36 @@ def test_initializers_out_of_range_stay_float32_and_tiny_values_are_counted(tmp_
     assert done.initializers["flushed to zero (|x| < 2^-24)"] == 1 and done.initializers["converted"] == 1
 
 
+def _resize_model() -> onnx.ModelProto:
+    """Conv -> Resize (scales input) -> Conv: a shape-typed float input in the middle."""
+    rng = np.random.default_rng(2)
+    inits = [nh.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.1, "w1"),
+             nh.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32) * 0.1, "w2"),
+             nh.from_array(np.array([1, 1, 2, 2], np.float32), "scales")]
+    nodes = [h.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             h.make_node("Resize", ["c1", "", "scales"], ["up"], mode="nearest", name="resize"),
+             h.make_node("Conv", ["up", "w2"], ["y"], pads=[1, 1, 1, 1], name="conv2")]
+    graph = h.make_graph(nodes, "resize", [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
+                         [h.make_tensor_value_info("y", T.FLOAT, [1, 4, 16, 16])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("block, resize_dtype", [("default", ir.DataType.FLOAT), ("Range", ir.DataType.FLOAT16)])
+def test_resize_is_untouched_by_default_and_keeps_float32_scales(cli, tmp_path, block, resize_dtype):
+    src = save(_resize_model(), tmp_path / "resize.onnx")
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    res = cli("convert", src, "-o", out, "--fp16", "--op-block-list", block, "--report", rep)
+    assert res.exit_code == 0, res.output
+    model = ir.load(str(out))
+    resize = next(n for n in model.graph if n.op_type == "Resize")
+    assert resize.outputs[0].dtype == resize_dtype
+    assert resize.inputs[2].dtype == ir.DataType.FLOAT and resize.inputs[2].name == "scales"  # never cast
+    kinds = {k["node"]: k["kind"] for k in json.loads(rep.read_text())["conversion"]["kept_fp32"]}
+    assert (kinds.get("resize") == "op block list") == (block == "default")
+    feeds = {"x": np.random.default_rng(5).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    assert_close(fp32_outputs(src, feeds), fp16_outputs(out, feeds))
+
+
 @pytest.mark.parametrize("args, code, message", [
     (["--data", "MISSING.npz"], 2, "no such data file"),
     (["--limit", "1e6"], 1, "--limit"),
