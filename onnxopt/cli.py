@@ -38,6 +38,7 @@ import click
 from onnxopt import __version__, api, io, pipeline, registry, report, runtime
 from onnxopt import quantize as quantize_mod
 from onnxopt.errors import BadInputError, OnnxoptError, Terminated, UsageError, ValidationRefused
+from onnxopt.passes.convert_fp16 import DEFAULT_OP_BLOCK_LIST
 
 logger = logging.getLogger("onnxopt.cli")
 
@@ -467,7 +468,7 @@ def _print_quantize(model, output, result: dict) -> None:
               help="Keep float32 graph inputs/outputs (Casts at the edges); --no-keep-io-types makes them float16.")
 @click.option("--op-block-list", default=None,
               help="Op types kept float32, comma separated; 'default' stands for the defaults "
-                   "(e.g. 'default,Softmax'; see 'onnxopt passes' / README).")
+                   f"(e.g. 'default,Softmax'; defaults: {', '.join(DEFAULT_OP_BLOCK_LIST)}).")
 @click.option("--node-block-list", default=None, help="Node names kept float32, comma separated.")
 @click.option("--limit", type=float, default=None,
               help="Largest observed |x| a tensor may reach and stay fp16 (default 65504/4: a margin of 4).")

@@ -356,3 +356,24 @@ def test_reports_render_and_follow_the_schema(cli, tmp_path):
     md = (tmp_path / "r.md").read_text()
     assert "Nodes kept in float32" in md and "overflow range" in md and "SYNTHESIZED" in md
     assert "<svg" in (tmp_path / "r.html").read_text()
+
+
+def test_ops_that_square_internally_use_the_square_of_the_range():
+    """LayerNormalization's input reaches 300 (< the limit, fp16-representable) but its variance
+    needs 300^2 = 9e4: kept float32 with that reason; at 100 (1e4 < limit) it is converted."""
+    def model():
+        nodes = [h.make_node("Relu", ["x"], ["r"], name="relu"),
+                 h.make_node("LayerNormalization", ["r", "s", "b"], ["y"], axis=-1, name="ln")]
+        graph = h.make_graph(nodes, "ln", [h.make_tensor_value_info("x", T.FLOAT, [2, 8])],
+                             [h.make_tensor_value_info("y", T.FLOAT, [2, 8])],
+                             [nh.from_array(np.ones(8, np.float32), "s"), nh.from_array(np.zeros(8, np.float32), "b")])
+        return ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8))
+
+    m = model()
+    done = cf.convert_model(m, ranges={"x": 300.0, "r": 300.0, "y": 2.0})
+    kept = {k.node: k for k in done.kept}
+    assert "ln" in kept and "squares its input internally" in kept["ln"].reason
+    m = model()
+    done = cf.convert_model(m, ranges={"x": 100.0, "r": 100.0, "y": 2.0})
+    assert "ln" not in {k.node for k in done.kept}
+    assert next(n for n in m.graph if n.name == "ln").outputs[0].dtype == ir.DataType.FLOAT16
