@@ -82,6 +82,9 @@ def test_overflow_model_converts_with_no_inf_or_nan(cli, tmp_path, overflow_data
     m = onnx.load(str(out))
     assert [o.type.tensor_type.elem_type for o in m.graph.output] == [T.FLOAT, T.FLOAT]
     assert [o.name for o in m.graph.output] == ["attn", "rms_out"]
+    original = onnx.load(str(OVERFLOW))
+    assert m.opset_import == original.opset_import and m.producer_name == original.producer_name
+    assert [(p.key, p.value) for p in m.metadata_props] == [(p.key, p.value) for p in original.metadata_props]
     assert sum(n.op_type == "Cast" for n in m.graph.node) == report["output"]["casts"] == \
         report["conversion"]["casts_inserted"] > 0
     assert report["validation"]["ok"] and report["validation"]["nonfinite_fp16_tensors"] == {}
@@ -117,8 +120,11 @@ def test_ranges_that_miss_the_inputs_are_refused(cli, tmp_path):
     np.savez(data, x=(np.random.default_rng(0).standard_normal((2, 8, 32)) * 1e-2).astype(np.float32))
     before = sha256(OVERFLOW)
     out = tmp_path / "o.onnx"
-    res = cli("convert", OVERFLOW, "-o", out, "--fp16", "--data", data)
+    rep = tmp_path / "refused.json"
+    res = cli("convert", OVERFLOW, "-o", out, "--fp16", "--data", data, "--report", rep)
     assert res.exit_code == 3
+    refused = json.loads(rep.read_text())
+    assert refused["written"] is False and not refused["validation"]["ok"]
     assert "converted model not written" in res.stderr and "attn" in res.stderr
     assert not out.exists() and sha256(OVERFLOW) == before
     assert cli("convert", OVERFLOW, "-o", out, "--fp16", "--data", data, "--force").exit_code == 0 and out.exists()
