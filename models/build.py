@@ -170,6 +170,39 @@ def custom_domain() -> onnx.ModelProto:
                         producer_name="handwritten")
 
 
+def fp16_overflow() -> onnx.ModelProto:
+    """Activations above fp16's 65,504 on ordinary N(0, 1) inputs (opset 18): a big-magnitude
+    MatMul (|x| ~ 1e5) feeding LayerNormalization, attention scores q.k^T (~1e5) feeding Softmax,
+    and an RMS norm whose squares Mul(h, h) reach ~1e6 before ReduceMean/Sqrt bring them back.
+    Every output is of ordinary size; converted naively to fp16 they become inf/NaN or zeros."""
+    d = 32
+    inits = [_w("w_big", (d, d), 6000.0), _w("ln_scale", (d,), 0.2), _w("ln_bias", (d,), 0.1),
+             _w("w_q", (d, d), 20.0), _w("w_k", (d, d), 20.0), _w("w_h", (d, d), 50.0), _w("gamma", (d,), 0.5),
+             nh.from_array(np.array([-1], np.int64), "last_axis"), nh.from_array(np.array(1e-6, np.float32), "eps")]
+    nodes = [
+        h.make_node("MatMul", ["x", "w_big"], ["big"], name="big_matmul"),
+        h.make_node("LayerNormalization", ["big", "ln_scale", "ln_bias"], ["ln"], axis=-1, epsilon=1e-5, name="ln"),
+        h.make_node("MatMul", ["x", "w_q"], ["q"], name="q_proj"),
+        h.make_node("MatMul", ["x", "w_k"], ["k"], name="k_proj"),
+        h.make_node("Transpose", ["k"], ["k_t"], perm=[0, 2, 1], name="k_transpose"),
+        h.make_node("MatMul", ["q", "k_t"], ["scores"], name="scores"),
+        h.make_node("Softmax", ["scores"], ["probs"], axis=-1, name="softmax"),
+        h.make_node("Identity", ["ln"], ["ln_id"], name="exporter_identity"),  # a leftover the optimizer removes
+        h.make_node("MatMul", ["probs", "ln_id"], ["attn"], name="attn"),
+        h.make_node("MatMul", ["x", "w_h"], ["hid"], name="h_proj"),
+        h.make_node("Mul", ["hid", "hid"], ["sq"], name="square"),
+        h.make_node("ReduceMean", ["sq", "last_axis"], ["ms"], keepdims=1, name="mean_square"),
+        h.make_node("Add", ["ms", "eps"], ["ms_eps"], name="add_eps"),
+        h.make_node("Sqrt", ["ms_eps"], ["rms"], name="rms"),
+        h.make_node("Div", ["hid", "rms"], ["normed"], name="normalize"),
+        h.make_node("Mul", ["normed", "gamma"], ["rms_out"], name="rms_scale"),
+    ]
+    graph = h.make_graph(nodes, "fp16_overflow", [h.make_tensor_value_info("x", T.FLOAT, ["batch", 8, d])],
+                         [h.make_tensor_value_info("attn", T.FLOAT, ["batch", 8, d]),
+                          h.make_tensor_value_info("rms_out", T.FLOAT, ["batch", 8, d])], inits)
+    return _make_model(graph, opset_imports=[h.make_opsetid("", 18)], producer_name="handwritten")
+
+
 # ---------------------------------------------------------------- PyTorch exports
 
 def _torch():
@@ -486,6 +519,7 @@ BUILDERS = {
     "bert_encoder": bert_encoder,
     "qdq_conv": qdq_conv,
     "integer_ops": integer_ops,
+    "fp16_overflow": fp16_overflow,
 }
 
 

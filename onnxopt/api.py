@@ -112,6 +112,8 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
     if with_cost:
         before["cost"] = cost.estimate(model, shapes).to_dict(per_node=False)
     tolerance = validate.default_tolerance(model)
+    if any(s.name == "convert-fp16" for s in specs):  # lossy: the fp16 tolerances (onnxopt convert checks ranges too)
+        tolerance = validate.LOSSLESS_FP16
     validator = None
     if validate_result or verify_each:
         validator = validate.Validator(input_path, data=data, preprocess=preprocess, shapes=shapes,
@@ -329,3 +331,23 @@ def batch(inputs: Sequence[str | os.PathLike], outdir: str | os.PathLike, *, com
 
     return batch_mod.run(inputs, outdir, command=command, options=options, workers=workers, timeout=timeout,
                          max_rss_mb=max_rss_mb, force=force, ray_address=ray_address, progress=progress)
+
+
+def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, *, fp16: bool = True,
+            keep_io_types: bool = True, op_block_list: str | Sequence[str] | None = None,
+            node_block_list: str | Sequence[str] | None = None, data: str | os.PathLike | None = None,
+            preprocess: str | None = None, shapes: Mapping[str, tuple[int, ...]] | None = None,
+            calib_limit: int | None = None, limit: float | None = None, validate_result: bool = True,
+            force: bool = False, progress: ProgressFn | None = None) -> dict:
+    """``onnxopt convert --fp16``: mixed-precision float16 (see onnxopt.convert); the report starts
+    with :func:`header` and the result goes through :func:`stage_validate_commit`.  Raises
+    ValidationRefused(report) when outputs leave the fp16 tolerances and not ``force``."""
+    from onnxopt import convert as convert_mod
+    from onnxopt.passes import convert_fp16
+
+    if not fp16:
+        raise UsageError("convert: choose a target precision (--fp16)")
+    return convert_mod.convert(input_path, output_path, keep_io_types=keep_io_types, op_block_list=op_block_list,
+                               node_block_list=node_block_list, data=data, preprocess=preprocess, shapes=shapes,
+                               calib_limit=calib_limit, limit=convert_fp16.DEFAULT_LIMIT if limit is None else limit,
+                               validate_result=validate_result, force=force, progress=progress)

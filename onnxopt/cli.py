@@ -38,6 +38,7 @@ import click
 from onnxopt import __version__, api, io, pipeline, registry, report, runtime
 from onnxopt import quantize as quantize_mod
 from onnxopt.errors import BadInputError, OnnxoptError, Terminated, UsageError, ValidationRefused
+from onnxopt.passes.convert_fp16 import DEFAULT_OP_BLOCK_LIST
 
 logger = logging.getLogger("onnxopt.cli")
 
@@ -466,6 +467,71 @@ def _print_quantize(model, output, result: dict) -> None:
                    f"#{chosen['id']} {chosen['label']} ({chosen['latency_ms']:.3f} ms, {chosen['bytes']} bytes, "
                    f"score {chosen['accuracy']:.4f})")
         click.echo(f"wrote recipe {result['recipe_file']}")
+    click.echo(f"wrote {output}")
+
+
+@main.command(short_help="Mixed-precision fp16 for GPU EPs (validated on the CPU EP).")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the converted model.")
+@click.option("--fp16", is_flag=True, help="Convert to mixed-precision float16 (the only target so far).")
+@click.option("--keep-io-types/--no-keep-io-types", default=True, show_default=True,
+              help="Keep float32 graph inputs/outputs (Casts at the edges); --no-keep-io-types makes them float16.")
+@click.option("--op-block-list", default=None,
+              help="Op types kept float32, comma separated; 'default' stands for the defaults "
+                   f"(e.g. 'default,Softmax'; defaults: {', '.join(DEFAULT_OP_BLOCK_LIST)}).")
+@click.option("--node-block-list", default=None, help="Node names kept float32, comma separated.")
+@click.option("--limit", type=float, default=None,
+              help="Largest observed |x| a tensor may reach and stay fp16 (default 65504/4: a margin of 4).")
+@click.option("--calib-batches", type=int, default=None, help="Read at most this many --data batches for the ranges.")
+@_common
+@click.option("--validate/--no-validate", default=True, show_default=True,
+              help="Compare against the original on the CPU EP (rtol 1e-2, atol 1e-3 per output).")
+@click.option("--force", is_flag=True, help="Write the result even when validation finds diverging outputs.")
+@_isolated(lambda kw: str(kw["model"]), output="output")
+def convert(model, output, fp16, keep_io_types, op_block_list, node_block_list, limit, calib_batches, report_path,
+            ep_text, shapes, data, preprocess, validate, force):
+    """Convert MODEL to mixed-precision fp16 into OUTPUT: tensors whose --data ranges would overflow fp16 stay float32."""
+    if report_path:
+        report.check_path(report_path)
+    if not fp16:
+        raise UsageError("convert: choose a target precision (--fp16)")
+    if ep_text.lower() != "cpu":
+        raise UsageError("convert validates on the CPU EP (--ep cpu); compare on others with 'onnxopt validate'")
+    try:
+        with _progress(None, "ranges") as update:
+            result = api.convert(model, output, keep_io_types=keep_io_types, op_block_list=op_block_list,
+                                 node_block_list=node_block_list, data=data, preprocess=preprocess,
+                                 shapes=runtime.parse_shapes(shapes), calib_limit=calib_batches, limit=limit,
+                                 validate_result=validate, force=force, progress=update)
+    except ValidationRefused as e:
+        if report_path and e.result:
+            report.write(e.result, report_path)
+        for line in ((e.result or {}).get("validation") or {}).get("outputs", []):
+            if not line["ok"]:
+                click.echo(f"  {line['name']}: {line['reason']}", err=True)
+        raise
+    if report_path:
+        report.write(result, report_path)
+    _print_convert(model, output, result)
+
+
+def _print_convert(model, output, result: dict) -> None:
+    c, inp, out, r = result["conversion"], result["input"], result["output"], result["ranges"]
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(c["kept_fp32_by_kind"].items()))
+    click.echo(f"{model}: {c['fp16_nodes']} nodes fp16, {c['fp32_nodes']} kept fp32" + (f" ({kinds})" if kinds else "")
+               + f"; Casts {inp['casts']} -> {out['casts']}; {_mb(inp['file_bytes'])} -> {_mb(out['file_bytes'])} "
+               f"({result['size_ratio']:.2f}x)")
+    source = "--data" if r["source"] == "data" else "synthesized inputs (give --data for real ranges)"
+    click.echo(f"ranges: {r['tensors']} tensors from {source}, {r['batches']} batch(es); {r['over_limit']} over "
+               f"{r['limit']:g}, {r['over_fp16_max']} over 65504")
+    v = result["validation"]
+    if v is None:
+        click.echo("validation: skipped (--no-validate)")
+    else:
+        status = "ok" if v["ok"] else "DIVERGED (written because of --force)"
+        points = sum(1 for p in v.get("points", []) if p["status"] == "compared")
+        click.echo(f"validation (CPU EP, every fp16 tensor rounded as fp16 kernels do, rtol 1e-2 atol 1e-3): {status}, "
+                   f"{len(v['outputs'])} output(s) at {points} input point(s), max abs diff {v['max_abs']:.3g}")
     click.echo(f"wrote {output}")
 
 

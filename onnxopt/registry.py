@@ -27,6 +27,7 @@ _BUILTIN = {
     "fuse-affine": ("onnxopt.passes.fuse_affine", "FuseAffine"),
     "cse": ("onnxopt.passes.cse", "EliminateCommonSubexpressions"),
     "fuse-transformer": ("onnxopt.passes.fuse_transformer", "FuseTransformer"),
+    "convert-fp16": ("onnxopt.passes.convert_fp16", "ConvertFloat16"),
 }
 _ADDED: dict[str, type] = {}
 

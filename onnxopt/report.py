@@ -541,3 +541,72 @@ def html_batch(summary: dict) -> str:
 
 
 HTML["batch"] = html_batch
+
+
+# ---------------------------------------------------------------- convert (fp16)
+
+def _convert_summary(report: dict) -> list[tuple[str, str]]:
+    c, inp, out, r = report["conversion"], report["input"], report.get("output") or {}, report["ranges"]
+    v = report.get("validation")
+    kinds = ", ".join(f"{k} {n}" for k, n in sorted(c["kept_fp32_by_kind"].items())) or "-"
+    init = ", ".join(f"{k} {n}" for k, n in c["initializers"].items() if n) or "-"
+    return [("output", f"{out.get('path', '-')}" + ("" if report.get("written") else " (not written)")),
+            ("nodes fp16 / kept fp32", f"{c['fp16_nodes']} / {c['fp32_nodes']} ({kinds})"),
+            ("Casts", f"{inp.get('casts', inp['ops'].get('Cast', 0))} -> {out.get('casts', out.get('ops', {}).get('Cast', 0))} "
+                      f"({c['casts_inserted']} inserted, {c['casts_folded']} folded, {c['lossy_cast_pairs_kept']} "
+                      f"lossy pairs kept)"),
+            ("file size", f"{_mb(inp.get('file_bytes'))} -> {_mb(out.get('file_bytes'))} "
+                          f"({_num(report.get('size_ratio'), '.3f')}x)"),
+            ("keep io types", str(report["keep_io_types"])),
+            ("op block list", ", ".join(report["op_block_list"]) or "-"),
+            ("node block list", ", ".join(report["node_block_list"]) or "-"),
+            ("initializers", init),
+            ("ranges", f"{r['tensors']} tensors from {'--data' if r['source'] == 'data' else 'SYNTHESIZED inputs'}, "
+                       f"{r['batches']} batch(es); {r['over_limit']} over the limit {r['limit']:g}, "
+                       f"{r['over_fp16_max']} over 65504"),
+            ("validation", "not run" if not v else
+             f"{'pass' if v['ok'] else 'FAIL'} (CPU EP, rtol {v['tolerance']['rtol']:g} atol {v['tolerance']['atol']:g}, "
+             f"{v.get('materialized_fp16_tensors', 0)} fp16 tensors checked for inf/NaN, "
+             f"{len(v.get('nonfinite_fp16_tensors') or {})} non-finite)")]
+
+
+def _kept_rows(report: dict) -> list[list[str]]:
+    return [[k["node"] or "-", k["op"], k["kind"], k["reason"]] for k in report["conversion"]["kept_fp32"]]
+
+
+def markdown_convert(report: dict) -> str:
+    lines = [f"# onnxopt convert --fp16: {os.path.basename(report['input']['path'])}", "", "| | |", "|---|---|"]
+    lines += [f"| {a} | {b} |" for a, b in _convert_summary(report)]
+    if report["notes"]:
+        lines += ["", *[f"- {n}" for n in report["notes"]]]
+    lines += ["", "## Largest observed tensors", ""] + _md_table(
+        ["tensor", "max abs"], [[x["tensor"], _num(x["max_abs"], ".4g")] for x in report["ranges"]["largest"]])
+    rows = _kept_rows(report)
+    if rows:
+        lines += ["", "## Nodes kept in float32", ""] + _md_table(["node", "op", "kind", "why"], rows)
+    v = report.get("validation")
+    if v:
+        lines += ["", "## Validation", ""] + _md_outputs(v["outputs"]) + [""] + _md_points(v.get("points", []))
+    return "\n".join(lines) + "\n"
+
+
+def html_convert(report: dict) -> str:
+    parts = [_table(["", "value"], [[html.escape(a), html.escape(b)] for a, b in _convert_summary(report)])]
+    if report["notes"]:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in report["notes"]) + "</ul>")
+    largest = report["ranges"]["largest"]
+    if largest:
+        parts.append(plots.bars("Largest observed |x| (log scale; fp16 max 65504)", [x["tensor"] for x in largest],
+                                {"max |x|": [max(float(x["max_abs"]), 1e-12) for x in largest]}, log=True))
+    rows = _kept_rows(report)
+    if rows:
+        parts.append("<h2>Nodes kept in float32</h2>" + _table(["node", "op", "kind", "why"],
+                                                              [[html.escape(c) for c in row] for row in rows]))
+    v = report.get("validation")
+    parts.append("<h2>Validation</h2>" + (_outputs_table(v["outputs"]) + _points_html(v.get("points", []))
+                                          if v else "<p>not run</p>"))
+    return _page(f"onnxopt convert --fp16: {os.path.basename(report['input']['path'])}", "".join(parts))
+
+
+MARKDOWN["convert"] = markdown_convert
+HTML["convert"] = html_convert

@@ -1,0 +1,314 @@
+"""``onnxopt convert --fp16``: mixed-precision float16 for GPU EPs, validated on the CPU EP.
+
+Steps (each a function, in the order :func:`convert` calls them):
+
+1. **Load and refuse** what cannot be converted, with one line (``BadInputError``, exit 2): a model
+   that is already float16/bfloat16 or quantized (``passes.convert_fp16.decline_reason``).
+2. **Ranges** (:func:`observe_ranges`): the original runs on ORT with every main-graph tensor as an
+   extra output, batch after batch from ``--data`` (streaming, ``onnxopt.data``), folded into
+   ``onnxopt.calibrate`` min/max statistics (activations are never kept).  Without ``--data`` the
+   inputs are synthesized (seed 0 and a variation, see ``validate.variation_points``) and the report
+   says so: real inputs may reach larger values.
+3. **Convert** (``passes.convert_fp16.convert_model``): tensors whose max |x| exceeds the limit
+   (65504 / 4 by default), their producers and consumers stay float32, with the block lists and
+   the boundary rule; Casts at the edges.
+4. **Validate** (:class:`Fp16Check`) on the CPU EP with the fp16 tolerances (``validate.LOSSLESS_FP16``,
+   rtol 1e-2 / atol 1e-3 per output) at the validator's input points (the first data batch or
+   synthesized inputs, plus a variation).  The CPU EP runs most fp16 ops by casting to float32 and
+   drops the Casts between consecutive ones, so a chain of fp16 ops is computed in float32 and an
+   overflow that a GPU would produce never shows; the check therefore runs the candidate through
+   :func:`faithful_session`, which makes ORT round (and overflow) every fp16 tensor as fp16
+   kernels would.  Outputs outside tolerance (inf/NaN included) refuse the
+   result (exit 3) unless ``force``.
+5. **Write** through ``api.stage_validate_commit`` (atomic; nothing written when refused).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import api, calibrate, io, runtime, validate
+from onnxopt import data as data_mod
+from onnxopt.errors import BadInputError, UsageError
+from onnxopt.passes import convert_fp16 as cf
+
+logger = logging.getLogger("onnxopt")
+
+
+@dataclasses.dataclass
+class Ranges:
+    """Max |x| per main-graph float32 tensor and where it came from."""
+
+    max_abs: dict[str, float]
+    dtypes: dict[str, str]
+    source: str  # "data" or "synthesized"
+    batches: int
+
+    def to_dict(self, limit: float, top: int = 10) -> dict:
+        largest = sorted(self.max_abs.items(), key=lambda kv: -kv[1])[:top]
+        return {"source": self.source, "batches": self.batches, "tensors": len(self.max_abs), "limit": limit,
+                "over_limit": sum(1 for v in self.max_abs.values() if v > limit),
+                "over_fp16_max": sum(1 for v in self.max_abs.values() if v > cf.FP16_MAX),
+                "largest": [{"tensor": k, "max_abs": v} for k, v in largest]}
+
+
+def observe_ranges(path: str | os.PathLike, model: ir.Model, data: str | os.PathLike | None, *,
+                   preprocess: str | None = None, shapes: Mapping[str, tuple[int, ...]] | None = None,
+                   limit: int | None = None, progress: api.ProgressFn | None = None) -> Ranges:
+    """Step 2: streaming min/max (``calibrate.collect``) of every float main-graph tensor."""
+    plain = runtime.session(path, "cpu")
+    names = [v.name for v in model.graph.inputs if v.name] + \
+        [o.name for n in model.graph for o in n.outputs if o.name]
+    names = list(dict.fromkeys(names))
+    extra = runtime.session(runtime.with_outputs(ir.to_proto(model), names), "cpu", optimize=False)
+    feeds: Iterable[dict[str, np.ndarray]]
+    if data is not None:
+        feeds = data_mod.batches(data, plain, preprocess, limit)
+    else:
+        primary = runtime.synthesize(plain, shapes)
+        feeds = [primary] + [p.feeds for p in validate.variation_points(plain, primary) if p.reference is not None]
+    stream = iter(feeds)
+    first = next(stream, None)
+    if first is None:
+        raise BadInputError(f"{data}: no batch was read")
+    probe = runtime.run(extra, first, names)
+    dtypes = {k: str(v.dtype) for k, v in probe.items()}
+    floats = [n for n in names if probe[n].dtype == np.float32]
+    stats = calibrate.collect(extra, floats, itertools.chain([first], stream), progress=progress)
+    return Ranges({n: max(abs(t.min), abs(t.max)) for n, t in stats.tensors.items() if t.count},
+                  dtypes, "data" if data is not None else "synthesized", stats.batches)
+
+
+def fill_types(model: ir.Model, dtypes: Mapping[str, str]) -> int:
+    """Give untyped main-graph values the type ORT computed for them (custom-op outputs that onnx
+    shape inference cannot type); returns how many."""
+    count = 0
+    for node in model.graph:
+        for out in node.outputs:
+            if out.dtype is None and out.name in dtypes:
+                out.dtype = ir.DataType.from_numpy(np.dtype(dtypes[out.name]))
+                count += 1
+    return count
+
+
+@dataclasses.dataclass
+class Fp16Result:
+    """A validation result (``api.CheckResult``) plus the fp16 tensors that were non-finite."""
+
+    result: validate.ValidationResult
+    nonfinite_tensors: dict[str, int]
+    materialized: int
+
+    @property
+    def ok(self) -> bool:
+        return self.result.ok
+
+    def summary(self) -> str:
+        return self.result.summary()
+
+    def to_dict(self) -> dict:
+        return {**self.result.to_dict(), "materialized_fp16_tensors": self.materialized,
+                "nonfinite_fp16_tensors": self.nonfinite_tensors}
+
+
+def faithful_session(model: ir.Model | str | os.PathLike, threads: int = 1):
+    """A CPU-EP session that rounds every float16 tensor (in every graph) to fp16 as fp16 kernels
+    would, and the names of the main graph's float16 tensors (also outputs, to count inf/NaN).
+
+    The CPU EP has few fp16 kernels: it computes the others in float32 between Casts it inserts,
+    then removes Cast pairs, so a chain of fp16 ops runs in float32 and an overflow a GPU would
+    produce never shows.  An Identity (which has a native fp16 kernel) after each float16 tensor,
+    with ORT's graph optimizations off (they would remove it), keeps each value rounded."""
+    model = _retyped(ir.load(str(model)) if not isinstance(model, ir.Model) else model)
+    fp16 = []
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        for out in node.outputs:
+            if out.dtype != ir.DataType.FLOAT16 or not out.uses() or node.graph is None:
+                continue
+            keep = ir.Node("", "Identity", [out], name=f"{out.name}__fp16_round", num_outputs=1)
+            keep.outputs[0].name, keep.outputs[0].dtype = f"{out.name}__fp16_rounded", out.dtype
+            for use in list(out.uses()):
+                if use.node is not keep:
+                    use.node.replace_input_with(use.idx, keep.outputs[0])
+            node.graph.insert_after(node, keep)
+            if node.graph is model.graph and out.name:
+                fp16.append(out.name)
+    proto = runtime.with_outputs(ir.to_proto(model), fp16)
+    return runtime.session(proto, "cpu", threads, optimize=False), fp16
+
+
+_LOAD_SCRIPT = ("import sys, onnxruntime as ort\n"
+                "o = ort.SessionOptions(); o.log_severity_level = 4\n"
+                "ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])\n")
+
+
+def crashes_default_session(path: str | os.PathLike, timeout: float = 120.0) -> str:
+    """Why ORT's CPU EP dies creating a session of ``path`` with its default (all) graph
+    optimizations, in a child process ("" when it does not).  ORT 1.32 segfaults on some fp16
+    graphs (e.g. a Transpose feeding an fp16 MatMul in crnn) at that level only, which the
+    validation sessions (optimizations off) would not see."""
+    import signal
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, str(path)], capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"creating a session did not finish in {timeout:g} s"
+    if done.returncode < 0:
+        name = signal.Signals(-done.returncode).name
+        return f"ONNX Runtime's CPU EP crashed ({name}) creating a session with its default graph optimizations"
+    return ""
+
+
+def _retyped(model: ir.Model) -> ir.Model:
+    """A copy whose main-graph value types come from onnx type inference, not from the stored
+    value_info (which other converters leave stale); declared types fill what inference cannot."""
+    import onnx
+
+    declared = {v.name: v.dtype for n in model.graph for v in n.outputs if v.name}
+    proto = ir.to_proto(model)
+    del proto.graph.value_info[:]
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto)
+    except Exception as e:  # noqa: BLE001 - inference is best effort; the declared types stay
+        logger.debug("type inference failed: %s", e)
+    copy = ir.from_proto(proto)
+    for node in copy.graph:
+        for v in node.outputs:
+            if v.dtype is None and declared.get(v.name) is not None:
+                v.dtype = declared[v.name]
+    return copy
+
+
+class Fp16Check:
+    """Step 4: the candidate against the original's outputs at the validator's points, every
+    float16 tensor rounded (:func:`faithful_session`); float16 graph inputs get the
+    points' inputs cast to float16, float16 outputs are compared in float32."""
+
+    def __init__(self, validator: validate.Validator):
+        self.validator = validator
+
+    def __call__(self, path: Path) -> Fp16Result:
+        model = ir.load(str(path))
+        half_inputs = {v.name for v in model.graph.inputs if v.dtype == ir.DataType.FLOAT16}
+        try:
+            sess, fp16 = faithful_session(model)
+        except BadInputError as e:
+            return Fp16Result(self._failed(str(e)), {}, 0)
+        merged: dict[str, validate.OutputComparison] = {}
+        nonfinite: dict[str, int] = {}
+        tol = self.validator.tolerance
+        for index, point in enumerate(p for p in self.validator.points if p.reference is not None):
+            feeds = {k: (v.astype(np.float16) if k in half_inputs else v) for k, v in point.feeds.items()}
+            try:
+                got = runtime.run_candidate(sess, feeds, list(point.reference) + fp16)
+            except BadInputError as e:
+                return Fp16Result(self._failed(str(e)), nonfinite, len(fp16))
+            for name in fp16:
+                bad = int(np.count_nonzero(~np.isfinite(got[name]))) if name in got else 0
+                if bad:
+                    nonfinite[name] = max(nonfinite.get(name, 0), bad)
+            outputs = {k: (got[k].astype(point.reference[k].dtype) if k in got and got[k].dtype == np.float16 else got.get(k))
+                       for k in point.reference}
+            for c in validate.compare(point.reference, {k: v for k, v in outputs.items() if v is not None}, tol):
+                if index and not c.ok:
+                    c.reason = f"at {point.label}: {c.reason}"
+                merged[c.name] = merged[c.name].merge(c) if c.name in merged else c
+        crash = crashes_default_session(path)
+        if crash:  # an ORT bug, but the model must load where users run it
+            return Fp16Result(self._failed(crash + " (an ORT bug with fp16 graphs; keep the nodes around it in "
+                                           "float32 with --node-block-list)"), nonfinite, len(fp16))
+        return Fp16Result(validate.ValidationResult(list(merged.values()), tol), nonfinite, len(fp16))
+
+    def _failed(self, message: str) -> validate.ValidationResult:
+        ref = self.validator.reference
+        return validate.ValidationResult(
+            [validate.OutputComparison(name, False, tuple(np.shape(v)), None, str(np.asarray(v).dtype),
+                                       reason=message if "crashed" in message else
+                                       f"the converted model fails on ONNX Runtime: {message}")
+             for name, v in ref.items()], self.validator.tolerance)
+
+
+def _check_lists(op_block_list: tuple[str, ...], node_block_list: tuple[str, ...], model: ir.Model) -> list[str]:
+    """Names in the block lists that the model does not have: warnings, not errors (a shared list
+    may name ops of other models)."""
+    ops = {n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph)}
+    nodes = {n.name for n in ir.traversal.RecursiveGraphIterator(model.graph)}
+    notes = [f"--node-block-list '{n}': no node of that name" for n in node_block_list if n not in nodes]
+    for note in notes:
+        logger.warning("%s", note)
+    unknown = [o for o in op_block_list if o not in ops and o not in cf.DEFAULT_OP_BLOCK_LIST]
+    return notes + [f"--op-block-list '{o}': the model has no {o} node" for o in unknown]
+
+
+def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, *, keep_io_types: bool = True,
+            op_block_list: str | Iterable[str] | None = None, node_block_list: str | Iterable[str] | None = None,
+            data: str | os.PathLike | None = None, preprocess: str | None = None,
+            shapes: Mapping[str, tuple[int, ...]] | None = None, calib_limit: int | None = None,
+            limit: float = cf.DEFAULT_LIMIT, validate_result: bool = True, force: bool = False,
+            progress: api.ProgressFn | None = None) -> dict:
+    """Convert ``input_path`` to mixed-precision fp16 into ``output_path``; return the report.
+
+    ``op_block_list``: op types kept float32 (``"default,Softmax"``: the defaults plus Softmax; None:
+    the defaults); ``node_block_list``: node names; ``limit``: largest max |x| a tensor may reach
+    and stay fp16.  Raises BadInputError for a model already fp16 or quantized, ValidationRefused
+    (report attached) when outputs diverge beyond the fp16 tolerances and not ``force``."""
+    t_start = time.perf_counter()
+    if io.same_file(input_path, output_path):
+        raise UsageError(f"output {output_path} is the input file; write the converted model elsewhere")
+    if not 0 < limit <= cf.FP16_MAX:
+        raise UsageError(f"--limit {limit:g}: must be in (0, {cf.FP16_MAX:g}]")
+    io.check_writable(Path(output_path))
+    ops = cf.parse_list("default" if op_block_list is None else op_block_list, cf.DEFAULT_OP_BLOCK_LIST)
+    nodes = cf.parse_list(node_block_list)
+    model = io.load(input_path)
+    before = api.model_stats(model, input_path)
+    reason = cf.decline_reason(model)
+    if reason:
+        raise BadInputError(f"{input_path}: {reason}; nothing written")
+    notes = _check_lists(ops, nodes, model)
+    ranges = observe_ranges(input_path, model, data, preprocess=preprocess, shapes=shapes, limit=calib_limit,
+                            progress=progress)
+    if ranges.source == "synthesized":
+        notes.append("ranges from synthesized N(0, 1) inputs, not real data: give --data for the ranges "
+                     "the model really reaches")
+        logger.warning("%s", notes[-1])
+    fill_types(model, ranges.dtypes)
+    validator = validate.Validator(input_path, data=data, preprocess=preprocess, shapes=shapes,
+                                   tolerance=validate.LOSSLESS_FP16) if validate_result else None
+    t0 = time.perf_counter()
+    done = cf.convert_model(model, keep_io_types=keep_io_types, op_block_list=ops, node_block_list=nodes,
+                            limit=limit, ranges=ranges.max_abs)
+    if any(g is not model.graph for g in model.graphs()):
+        notes.append("subgraph (If/Loop/Scan body) tensors have no observed ranges: their nodes follow the "
+                     "block lists, and a body stays float32 when its node's inputs or outputs overflow")
+    report = api.header("convert", input={"path": str(input_path), **before}, target="fp16",
+                        keep_io_types=keep_io_types, op_block_list=list(ops), node_block_list=list(nodes),
+                        limit=limit, ranges=ranges.to_dict(limit), conversion=done.to_dict(),
+                        notes=notes + done.notes, convert_seconds=time.perf_counter() - t0)
+    check = Fp16Check(validator) if validator is not None else None
+
+    def refused(_path: Path, _result: Fp16Result) -> None:
+        report["seconds"] = time.perf_counter() - t_start
+
+    api.stage_validate_commit(model, output_path, report, check=check, force=force, on_refused=refused,
+                              refused="converted model not written (keep nodes in float32 with --node-block-list / "
+                                      "--op-block-list, give --data, or --force)")
+    if report["validation"] is not None and validator is not None:
+        report["validation"]["points"] = validator.exercised()
+    out = report["output"]
+    out["casts"] = out["ops"].get("Cast", 0)
+    report["input"]["casts"] = before["ops"].get("Cast", 0)
+    report["size_ratio"] = out["file_bytes"] / max(before["file_bytes"], 1)
+    report["seconds"] = time.perf_counter() - t_start
+    return report
