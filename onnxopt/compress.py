@@ -515,6 +515,9 @@ def compress(input_path, output_path, *, clusters: int, sparsity: float | None =
     for r in records:
         r["weight"], r["dense"] = dense[r["layer"]]
     stages = deep_compression(model, pruned_copy, records, bits)
+    scores = [scorer.float_score, scorer.score(pruned_copy), scorer.score(candidate)]
+    for stage, score in zip(stages, [*scores, scores[-1]]):
+        stage["score"] = score
     layers_out = [{"layer": r["layer"], "params": r["params"], "clusters": r["clusters"],
                    "sparsity": float(np.mean(r["dense"] == 0)),
                    "huffman_bits_per_weight": cw.huffman_bits(r["indices"])[0] / max(r["params"], 1)} for r in records]
