@@ -229,11 +229,11 @@ def file_sizes(model_path: str | os.PathLike, model: ir.Model, layer_names: set[
             for k, v in csr_arrays(node.inputs[1].const_value.numpy()).items():
                 arrays[f"{node.inputs[1].name}.{k}"] = v
     taken = {k.rsplit(".", 1)[0] for k in arrays}
-    for name, v in model.graph.initializers.items():
-        if name not in taken and v.const_value is not None:
-            arrays[name] = v.const_value.numpy()
+    for name, init in model.graph.initializers.items():
+        if name not in taken and init.const_value is not None:
+            arrays[name] = init.const_value.numpy()
     buf = _io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
     return {"file": len(raw), "gzip": len(gzip.compress(raw, 9)), "weights_csr_npz": buf.getbuffer().nbytes}
 
 
@@ -389,7 +389,8 @@ def channel_prune(model: ir.Model, scorer: Scorer, plan: ChannelPlan) -> tuple[i
         raise BadInputError("no channel group can be pruned" + (f" ({unresolved[0]['group']}: {unresolved[0]['reason']})"
                                                                   if unresolved else " (no Conv/Gemm/MatMul layers)"))
     sample = _take(scorer.calibration(), 4)
-    current, out_index, records = model, {}, []
+    current, records = model, []
+    out_index: dict[str, np.ndarray] = {}
     current_bytes = scorer.float_bytes
     for gname in todo:
         tried = try_group(current, gname, plan, scorer, out_index, sample)
@@ -459,7 +460,7 @@ def prune_channels(input_path, output_path, *, fraction: float, criterion: str =
 
 
 def _conv_channels(model: ir.Model) -> dict[str, int]:
-    return {n.name: int(n.inputs[1].const_value.shape[0]) for n in model.graph
+    return {n.name: int(n.inputs[1].const_value.shape.numpy()[0]) for n in model.graph
             if n.op_type == "Conv" and len(n.inputs) > 1 and n.inputs[1].const_value is not None}
 
 

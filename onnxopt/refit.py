@@ -60,7 +60,7 @@ def rows(node: ir.Node, x: np.ndarray, rng: np.random.Generator) -> tuple[np.nda
         flat = x.reshape(-1, x.shape[-1])
         pick = np.arange(len(flat)) if len(flat) <= ROWS_PER_BATCH else np.sort(rng.choice(len(flat), ROWS_PER_BATCH, False))
         return flat[pick].astype(np.float64), pick
-    kh, kw = node.inputs[1].const_value.shape[2:]
+    kh, kw = (int(d) for d in node.inputs[1].const_value.shape.numpy()[2:])
     sh, sw = _attr_ints(node, "strides", [1, 1])
     dh, dw = _attr_ints(node, "dilations", [1, 1])
     pt, pl, pb, pr = _attr_ints(node, "pads", [0, 0, 0, 0])

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -97,7 +98,7 @@ def _has_weight(node: ir.Node) -> bool:
 def is_depthwise(node: ir.Node) -> bool:
     if node.op_type != "Conv" or not _has_weight(node):
         return False
-    w = node.inputs[1].const_value.shape
+    w = node.inputs[1].const_value.shape.numpy()
     g = _attr(node, "group", 1)
     return g > 1 and int(w[1]) == 1 and int(w[0]) == g
 
@@ -132,7 +133,7 @@ def in_axis(node: ir.Node) -> tuple[int, int]:
 
 
 def channels_out(node: ir.Node) -> int:
-    return int(node.inputs[1].const_value.shape[out_axis(node)[0]])
+    return int(node.inputs[1].const_value.shape.numpy()[out_axis(node)[0]])
 
 
 # ---------------------------------------------------------------- the walk
@@ -315,7 +316,7 @@ class _Walk:
         if f >= rank or any(not isinstance(d, int) for d in inner_dims):
             self.g.fail(f"'{node.name}' (Flatten): the dims after the channels are not static")
             return
-        inner = int(np.prod(inner_dims)) if inner_dims else 1
+        inner = math.prod(d for d in inner_dims if isinstance(d, int))
         if v is x:
             if axis != f:
                 self.g.fail(f"'{node.name}' (Flatten) merges the channel axis with the one before")
@@ -463,7 +464,8 @@ class PruneChannels(OptPass):
         self.fraction, self.order, self.align = fraction, 1 if criterion == "l1" else 2, align
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        changed, skipped = collections.Counter(), collections.Counter()
+        changed: collections.Counter = collections.Counter()
+        skipped: collections.Counter = collections.Counter()
         for g in find_groups(model):
             if g.reason is not None:
                 skipped[g.reason] += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -30,7 +31,8 @@ class Layer:
 def layers(model: ir.Model) -> tuple[list[Layer], collections.Counter]:
     """Conv/Gemm/MatMul nodes of the main graph whose weight (input 1) is a constant float tensor
     of rank >= 2 used by that node alone, in graph order; and the declined ones by reason."""
-    found, skipped = [], collections.Counter()
+    found: list[Layer] = []
+    skipped: collections.Counter = collections.Counter()
     for node in model.graph:
         if node.op_type not in LAYER_OPS or not is_standard(node) or len(node.inputs) < 2:
             continue
@@ -97,7 +99,7 @@ def prune(model: ir.Model, *, sparsity: float | None = None, threshold: float | 
         cut = "<="  # the k-th smallest is pruned too (ties at the threshold: all of them)
     else:
         cut = "<"
-    records = []
+    records: list[dict[str, Any]] = []
     for la in all_layers:
         w = arrays.get(la.name)
         if w is None:
