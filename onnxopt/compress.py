@@ -35,6 +35,7 @@ import io as _io
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -305,12 +306,9 @@ def prune_magnitude(input_path, output_path, *, sparsity: float | None = None, t
                         layers=records, total_sparsity=sum(r["zeros"] for r in records) / max(params, 1))
     _commit(candidate, output_path, report, scorer, t_start, "pruned")
     pruned_names = {r["layer"] for r in records if r["pruned"]}
-    staged_in = Path(output_path).parent / (Path(output_path).name + ".original-prepared.tmp")
-    try:
-        io.save(model, staged_in)
-        before = file_sizes(staged_in, model, set())
-    finally:
-        staged_in.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="onnxopt-sizes-") as tmp:  # the prepared original, same serializer
+        io.save(model, Path(tmp) / "original.onnx")
+        before = file_sizes(Path(tmp) / "original.onnx", model, set())
     after = file_sizes(output_path, candidate, pruned_names)
     report["sizes"] = {"original": before, "pruned": after,
                        "gzip_ratio": before["gzip"] / after["gzip"], "csr_ratio": before["file"] / after["weights_csr_npz"]}

@@ -77,6 +77,16 @@ def test_magnitude_prune_digits_cnn_with_refit(cli, tmp_path, calib):
     assert tasks.digits_accuracy(_session(plain)) < acc - 0.02
 
 
+def test_over_budget_is_refused_and_nothing_written(cli, tmp_path, calib):
+    """Plain 50% pruning of the digits CNN loses ~6 points: over a 0.5-point budget it is refused
+    (exit 3), nothing is written, and the report says why."""
+    out, rep = tmp_path / "p.onnx", tmp_path / "p.json"
+    r = cli("prune", ROOT / "models" / "digits_cnn.onnx", "-o", out, "--sparsity", "0.5", "--no-refit", "--data",
+            calib["digits_cnn"], "--metric", METRIC, "--max-drop", "0.005", "--report", rep)
+    assert r.exit_code == 3 and "--max-drop 0.005" in r.output
+    assert not out.exists() and json.loads(rep.read_text())["written"] is False
+
+
 def test_magnitude_layer_scope_threshold_and_idempotence(tmp_path):
     """Per-layer scope zeros exactly the fraction in each layer; a threshold zeros |w| < T; a
     second run of the pass changes nothing."""
