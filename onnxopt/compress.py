@@ -330,6 +330,9 @@ def activation_importance(model: ir.Model, group: pc.Group, batches: Sequence[Ma
         for name in names:
             axis, block = group.tensors[name]
             a = np.moveaxis(np.abs(got[name]).astype(np.float64), axis, -1)
+            offset = group.windows.get(name)
+            if offset is not None:
+                a = a[..., offset:offset + group.channels]
             a = a.reshape(-1, group.channels, block).mean(axis=(0, 2))
             total += a
             count += 1

@@ -15,12 +15,17 @@ channels apart:
 - **pass-through** ops: elementwise activations (Relu, Clip, ...), pooling, BatchNormalization and
   per-channel constants of Add/Mul/Sub/Div (their parameters are sliced), residual Add/Mul/Sub/
   Max/Min of two group tensors (joined), Transpose, Squeeze/Unsqueeze (the channel axis moves),
-  Flatten (channels become blocks of features), Concat/Split along another axis.
+  Flatten (channels become blocks of features), Concat/Split along another axis;
+- **windows**: through a Concat along the channel axis the group's channels become a window
+  ``[offset, offset + C)`` of the concatenation (consumers after it lose only that window's
+  slices, the other inputs' channels are untouched); a Split along the channel axis passes the
+  window on when it lies inside one output.
 
 A group is **unresolved** (left untouched, its reason kept) when a tensor of it is a graph input
 or output, is made or read by another op (Reshape, Gather, a grouped non-depthwise Conv, ...), is
-concatenated or split along the channel axis (slices across groups are not supported), or has an
-unknown rank.  Shapes come from the model's value infos (run shape inference first).
+cut by a Split into several outputs, meets another tensor in an Add/Mul after a channel-axis Concat
+(windows of different groups would have to line up), or has an unknown rank.
+Shapes come from the model's value infos (run shape inference first).
 """
 
 from __future__ import annotations
@@ -64,6 +69,9 @@ class Group:
     consumers: list[ir.Node] = dataclasses.field(default_factory=list)
     tied: list[ir.Node] = dataclasses.field(default_factory=list)
     slices: list[Slice] = dataclasses.field(default_factory=list)
+    #: tensors that hold the group's channels as a window [offset, offset + channels) of a longer
+    #: channel axis (after a Concat along it, or a Split that keeps the window whole)
+    windows: dict[str, int] = dataclasses.field(default_factory=dict)
     reason: str | None = None
 
     @property
@@ -142,8 +150,13 @@ class _Walk:
     def __init__(self, graph: ir.Graph, group: Group):
         self.graph, self.g = graph, group
         self.queue: list[tuple[ir.Value, int, int]] = []
+        self.related: set[int] = set()  # pass-through nodes whose tensors are already related (once each)
+        self.offset: int | None = None  # the window of the tensor being processed (None: all of its channels)
 
-    def add(self, v: ir.Value, axis: int, block: int) -> None:
+    def add(self, v: ir.Value, axis: int, block: int, offset: int | None = -1) -> None:
+        """``v`` holds the group's channels on ``axis`` (``offset``: where its window starts;
+        default: the same window as the tensor being processed)."""
+        offset = self.offset if offset == -1 else offset
         rank = _rank(v)
         if rank is None:
             self.g.fail(f"tensor '{v.name}' has an unknown rank (run shape inference)")
@@ -159,13 +172,18 @@ class _Walk:
             return
         self.g.tensors[v.name] = (axis, block)
         dim = v.shape[axis]
-        if isinstance(dim, int) and dim != self.g.channels * block:
+        if offset is not None:
+            self.g.windows[v.name] = offset
+            if block != 1 or not isinstance(dim, int) or dim < offset + self.g.channels:
+                self.g.fail(f"tensor '{v.name}': the concatenated channels are not static")
+        elif isinstance(dim, int) and dim != self.g.channels * block:
             self.g.fail(f"tensor '{v.name}' has {dim} entries on its channel axis, expected {self.g.channels * block}")
         self.queue.append((v, axis, block))
 
     def run(self) -> None:
         while self.queue:
             v, axis, block = self.queue.pop()
+            self.offset = self.g.windows.get(v.name)
             if v.is_graph_output():
                 self.g.fail(f"tensor '{v.name}' is a graph output")
             if v.is_graph_input() or v.producer() is None:
@@ -183,7 +201,9 @@ class _Walk:
                 self.g.producers.append(node)
             return
         if is_depthwise(node):
-            if node not in self.g.tied:
+            if self.offset is not None:
+                self.g.fail(f"'{node.name}' (depthwise Conv) reads concatenated channels")
+            elif node not in self.g.tied:
                 self.g.tied.append(node)
                 self.add(node.inputs[0], 1, block)
             return
@@ -197,14 +217,20 @@ class _Walk:
                 self.g.consumers.append(node)
             return
         if is_depthwise(node) and index == 0:
-            if node not in self.g.tied:
+            if self.offset is not None:
+                self.g.fail(f"'{node.name}' (depthwise Conv) reads concatenated channels")
+            elif node not in self.g.tied:
                 self.g.tied.append(node)
                 self.add(node.outputs[0], 1, block)
             return
         self.through(node, v, axis, block)
 
     def through(self, node: ir.Node, v: ir.Value, axis: int, block: int) -> None:
-        """Relate the other data tensors of a pass-through ``node`` to ``v``'s channel axis."""
+        """Relate the other data tensors of a pass-through ``node`` to ``v``'s channel axis (once:
+        the first visit relates all of them, and its parameters are cut once)."""
+        if id(node) in self.related:
+            return
+        self.related.add(id(node))
         op = node.op_type
         if not is_standard(node):
             self.g.fail(f"'{node.name}' is a custom-domain op ({node.domain}::{op})")
@@ -225,7 +251,7 @@ class _Walk:
         elif op == "Flatten":
             self.flatten(node, v, axis, block)
         elif op in ("Concat", "Split"):
-            self.concat(node, axis, block)
+            self.concat(node, v, axis, block)
         else:
             self.g.fail(f"'{node.name}' ({op}) mixes or reshapes channels (not supported)")
 
@@ -259,6 +285,9 @@ class _Walk:
             k = axis - (out_rank - len(shape))
         if k < 0 or shape[k] == 1:
             return  # broadcast along the channels: nothing to cut
+        if self.offset is not None:
+            self.g.fail(f"'{node.name}': per-channel constant '{x.name}' on concatenated channels (not supported)")
+            return
         if shape[k] != self.g.channels * block:
             self.g.fail(f"'{node.name}': constant '{x.name}' does not match the channel count")
             return
@@ -279,7 +308,9 @@ class _Walk:
                 continue
             r = _rank(x)
             k = None if r is None else out_axis_ - (out_rank - r)
-            if k is None or k < 0 or x.shape[k] == 1:
+            if self.offset is not None:
+                self.g.fail(f"'{node.name}' ({node.op_type}) joins concatenated channels with another tensor")
+            elif k is None or k < 0 or x.shape[k] == 1:
                 self.g.fail(f"'{node.name}' ({node.op_type}) broadcasts '{x.name}' along the channels")
             else:
                 self.add(x, k, block)
@@ -308,8 +339,9 @@ class _Walk:
         x, y = node.inputs[0], node.outputs[0]
         f = _attr(node, "axis", 1)
         rank = _rank(x)
-        if rank is None or x.shape is None:
-            self.g.fail(f"'{node.name}': input of unknown rank")
+        if rank is None or x.shape is None or self.offset is not None:
+            self.g.fail(f"'{node.name}': input of unknown rank" if self.offset is None
+                        else f"'{node.name}' (Flatten) of concatenated channels (not supported)")
             return
         f %= rank if f < 0 else rank + 1
         inner_dims = list(x.shape)[f + 1:] if f < rank else []
@@ -328,11 +360,14 @@ class _Walk:
                 return
             self.add(x, f, block // inner)
 
-    def concat(self, node: ir.Node, axis: int, block: int) -> None:
+    def concat(self, node: ir.Node, v: ir.Value, axis: int, block: int) -> None:
         a = _attr(node, "axis", 0)
         rank = _rank(node.outputs[0])
-        if rank is None or a % rank == axis:
-            self.g.fail(f"'{node.name}' ({node.op_type}) slices along the channel axis (not supported yet)")
+        if rank is not None and a % rank == axis:
+            self.window(node, v, axis)
+            return
+        if rank is None:
+            self.g.fail(f"'{node.name}' ({node.op_type}): output of unknown rank")
             return
         if node.op_type == "Split" and len(node.inputs) > 1 and node.inputs[1] is not None and not is_constant(node.inputs[1]):
             self.g.fail(f"'{node.name}' (Split): sizes not constant")
@@ -343,6 +378,44 @@ class _Walk:
                 self.g.fail(f"'{node.name}' (Concat) joins a constant")
             else:
                 self.add(x, axis, block)
+
+
+    def window(self, node: ir.Node, v: ir.Value, axis: int) -> None:
+        """Concat / Split along the channel axis: the group's channels become a window of the
+        concatenation (forward through Concat), or stay whole inside one Split output."""
+        start = self.offset or 0
+
+        def dims(values) -> list[int] | None:
+            out = [x.shape[axis] if x is not None and x.shape is not None else None for x in values]
+            return [int(d) for d in out] if all(isinstance(d, int) for d in out) else None
+
+        if node.op_type == "Concat":
+            if v is node.outputs[0]:
+                self.g.fail(f"'{node.name}' (Concat) makes these channels from several tensors")
+                return
+            sizes = dims(node.inputs)
+            if sizes is None:
+                self.g.fail(f"'{node.name}' (Concat): input channel counts are not static")
+                return
+            index = next(i for i, x in enumerate(node.inputs) if x is v)
+            self.add(node.outputs[0], axis, 1, start + sum(sizes[:index]))
+            return
+        if v is not node.inputs[0]:
+            self.g.fail(f"'{node.name}' (Split) makes these channels from a longer tensor")
+            return
+        sizes = dims(node.outputs)
+        if sizes is None:
+            self.g.fail(f"'{node.name}' (Split): output channel counts are not static")
+            return
+        edges = np.cumsum([0, *sizes])
+        inside = [j for j in range(len(sizes)) if edges[j] <= start and start + self.g.channels <= edges[j + 1]]
+        if not inside:
+            self.g.fail(f"'{node.name}' (Split) cuts these channels into several outputs (not supported)")
+            return
+        j = inside[0]
+        out_offset = start - int(edges[j])
+        whole = out_offset == 0 and sizes[j] == self.g.channels
+        self.add(node.outputs[j], axis, 1, None if whole else out_offset)
 
 
 def find_groups(model: ir.Model) -> list[Group]:
@@ -368,6 +441,13 @@ def find_groups(model: ir.Model) -> list[Group]:
 def _take(value: ir.Value, keep: np.ndarray, axis: int, block: int = 1) -> np.ndarray:
     idx = (keep[:, None] * block + np.arange(block)[None, :]).reshape(-1) if block > 1 else keep
     return np.take(value.const_value.numpy(), idx, axis=axis)
+
+
+def _in_window(keep: np.ndarray, channels: int, offset: int | None, full: int) -> np.ndarray:
+    """Indices kept on a channel axis of ``full`` entries holding the group at ``offset``."""
+    if offset is None:
+        return keep
+    return np.concatenate([np.arange(offset), offset + keep, np.arange(offset + channels, full)]).astype(np.int64)
 
 
 def _set_input(node: ir.Node, index: int, array: np.ndarray) -> None:
@@ -401,13 +481,19 @@ def remove(model: ir.Model, group: Group, keep: Iterable[int]) -> None:
     for node in group.consumers:
         w_axis, _ = in_axis(node)
         block = group.tensors[node.inputs[0].name][1]
-        _set_input(node, 1, _take(node.inputs[1], keep, w_axis, block))
+        full = int(node.inputs[1].const_value.shape.numpy()[w_axis]) // block
+        idx = _in_window(keep, group.channels, group.windows.get(node.inputs[0].name), full)
+        _set_input(node, 1, _take(node.inputs[1], idx, w_axis, block))
     values = {v.name: v for n in model.graph for v in (*n.inputs, *n.outputs) if v is not None}
     for name, (axis, block) in group.tensors.items():
         v = values.get(name)
         if v is not None and v.shape is not None:
             dims = list(v.shape)
-            dims[axis] = len(keep) * block
+            old = dims[axis]
+            if name not in group.windows:
+                dims[axis] = len(keep) * block
+            elif isinstance(old, int):
+                dims[axis] = old - (group.channels - len(keep))
             v.shape = ir.Shape(dims)
     group.channels = len(keep)
 
@@ -429,8 +515,11 @@ def outgoing_norms(group: Group) -> np.ndarray:
     for node in group.consumers:
         w = node.inputs[1].const_value.numpy().astype(np.float64)
         block = group.tensors[node.inputs[0].name][1]
-        w = np.moveaxis(w, in_axis(node)[0], 0).reshape(group.channels, -1)
-        total += (w ** 2).sum(1) if block == 1 else (w ** 2).sum(1)
+        w = np.moveaxis(w, in_axis(node)[0], 0)
+        offset = group.windows.get(node.inputs[0].name)
+        if offset is not None:
+            w = w[offset:offset + group.channels]
+        total += (w.reshape(group.channels, block, -1) ** 2).sum((1, 2))
     return np.sqrt(total)
 
 

@@ -290,3 +290,52 @@ def test_unresolvable_channel_groups_are_named_and_left_untouched(cli, tmp_path)
     assert r.exit_code == 2, r.output
     assert "conv1" in r.output and "Reshape" in r.output
     assert not (tmp_path / "p.onnx").exists()
+
+
+def test_concat_along_channels_prunes_a_window(tmp_path):
+    """Two convs concatenated along the channels feed a third: pruning the first conv's group cuts
+    only its window of the consumer's input channels.  Filters that are exactly zero are the ones
+    removed (lowest L1), so the outputs stay identical; the second input's channels are untouched."""
+    rng = np.random.default_rng(0)
+    wa = rng.standard_normal((8, 2, 3, 3)).astype(np.float32)
+    wa[[1, 3, 4, 6]] = 0
+    wb = rng.standard_normal((6, 2, 3, 3)).astype(np.float32)
+    wc = rng.standard_normal((5, 14, 1, 1)).astype(np.float32)
+    inits = [onnx.numpy_helper.from_array(a, n) for a, n in ((wa, "wa"), (wb, "wb"), (wc, "wc"))]
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "wb"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+             helper.make_node("Concat", ["a", "b"], ["ab"], name="cat", axis=1),
+             helper.make_node("Relu", ["ab"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "wc"], ["y"], name="conv_c")]
+    src = _tiny(tmp_path, nodes, inits, [1, 5, 4, 4])
+    model, _ = __import__("onnxopt.compress", fromlist=["prepare"]).prepare(src)
+    groups = {g.name: g for g in pc.find_groups(model)}
+    ga = groups["conv_a"]
+    assert ga.reason is None and ga.windows == {"ab": 0, "r": 0} and [n.name for n in ga.consumers] == ["conv_c"]
+    assert groups["conv_b"].windows == {"ab": 8, "r": 8}
+    pc.remove(model, ga, [0, 2, 5, 7])
+    out = tmp_path / "pruned.onnx"
+    io.save(model, out)
+    w = _weights(out)
+    assert w["conv_a"].shape[0] == 4 and w["conv_b"].shape[0] == 6 and w["conv_c"].shape[1] == 10
+    np.testing.assert_array_equal(w["conv_c"][:, 4:], wc[:, 8:])
+    x = rng.standard_normal((1, 2, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(_session(out).run(None, {"x": x})[0], _session(src).run(None, {"x": x})[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_transformer_ffn_hidden_units(cli, tmp_path):
+    """On the transformer encoder the FFN's hidden units (MatMul -> Add bias -> act -> MatMul) are
+    one group, pruned with its bias cut once; the attention projections (Reshape into heads) are
+    named as unresolved; the result stays within the cosine budget."""
+    src = ROOT / "models" / "transformer_encoder.onnx"
+    data = tasks.write_random_calibration(src, tmp_path / "data", 8, {"tokens": (4, 64, 64)})
+    out, rep = tmp_path / "t.onnx", tmp_path / "t.json"
+    r = cli("prune", src, "-o", out, "--channels", "0.3", "--data", data, "--no-latency-guard", "--max-drop", "0.05",
+            "--report", rep)
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    kept = [g for g in report["groups"] if g.get("accepted")]
+    assert kept and kept[0]["channels"] == 128 and kept[0]["kept"] == 88
+    assert any("Reshape" in u["reason"] for u in report["unresolved"])
+    assert report["accuracy"]["drop"] <= 0.05
