@@ -385,7 +385,9 @@ def channel_prune(model: ir.Model, scorer: Scorer, plan: ChannelPlan) -> tuple[i
     unresolved = [g.to_dict() for g in groups if g.reason is not None]
     for u in unresolved:
         logger.warning("channel group '%s' left untouched: %s", u["group"], u["reason"])
-    todo = [g.name for g in groups if g.reason is None and g.name not in plan.exclude]
+    excluded = set(plan.exclude)
+    todo = [g.name for g in groups if g.reason is None
+            and not excluded & {n.name for n in (*g.producers, *g.consumers, *g.tied)}]
     if not todo:
         raise BadInputError("no channel group can be pruned" + (f" ({unresolved[0]['group']}: {unresolved[0]['reason']})"
                                                                   if unresolved else " (no Conv/Gemm/MatMul layers)"))

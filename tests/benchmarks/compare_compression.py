@@ -14,7 +14,8 @@ the table reports):
 - clustering to 16 values + 50% pruning + Huffman (``digits_cnn``): the Deep Compression ratio.
 
 Latency: CPU EP, 1 thread, the original and every variant of a model run interleaved in one
-process (median ms of 60 rounds), ratio = original / variant.  Size: the ONNX file's bytes (and the
+process (100 rounds, order reversed every other round): median ms, and speed-up = the median of
+the per-round ratios original / variant (robust to load from other processes).  Size: the ONNX file's bytes (and the
 Deep Compression storage for ``compress``).  Wall time of each command.  The CPU (model, SIMD flags)
 is printed first.  Nothing is written unless ``--out PATH``.
 """
@@ -42,7 +43,9 @@ METRIC = {"digits_cnn": "models.tasks:digits_accuracy", "digits_resnet": "models
           "digits_mobilenet": "models.tasks:digits_accuracy", "text_crnn": "models.tasks:text_exact_match"}
 
 
-def latency(paths: list[Path], feeds: dict, rounds: int = 60) -> list[float]:
+def latency(paths: list[Path], feeds: dict, rounds: int = 100) -> tuple[list[float], list[float]]:
+    """Median ms per model and the median of the per-round ratios original / model (rounds run
+    every model once, order reversed every other round, so load from other processes hits all)."""
     sessions = [runtime.session(str(p), "cpu", 1) for p in paths]
     for s in sessions:
         for _ in range(5):
@@ -52,7 +55,8 @@ def latency(paths: list[Path], feeds: dict, rounds: int = 60) -> list[float]:
         order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
         for i in order:
             times[i].append(bench.timed_run(sessions[i], feeds))
-    return [float(np.median(t)) for t in times]
+    t = np.asarray(times)
+    return [float(np.median(x)) for x in t], [float(np.median(t[0] / x)) for x in t]
 
 
 def run(label: str, fn, **kwargs) -> dict:
@@ -102,15 +106,15 @@ def main(argv=None) -> int:
             data = tasks.write_calibration(name, tmp / name, 16, 8)
             vs = [v for v in variants(name, src, data, tmp) if v["path"].exists()]
             feeds = dict(np.load(next(iter(sorted(data.glob("*.npz"))))))
-            times = latency([src, *[v["path"] for v in vs]], feeds)
+            times, speedups = latency([src, *[v["path"] for v in vs]], feeds)
             metric = tasks.METRICS[name]
             base = metric(runtime.session(str(src), "cpu", 1))
             rows = [{"technique": "fp32 original", "accuracy": base, "latency_ms": times[0], "speedup": 1.0,
                      "file_bytes": src.stat().st_size, "seconds": 0.0}]
-            for v, t in zip(vs, times[1:]):
+            for v, t, speedup in zip(vs, times[1:], speedups[1:]):
                 rep = v["report"]
                 row = {"technique": v["label"], "accuracy": metric(runtime.session(str(v["path"]), "cpu", 1)),
-                       "latency_ms": t, "speedup": times[0] / t, "file_bytes": v["path"].stat().st_size,
+                       "latency_ms": t, "speedup": speedup, "file_bytes": v["path"].stat().st_size,
                        "seconds": v["seconds"], "written": rep.get("written")}
                 if rep.get("deep_compression"):
                     row["deep_compression"] = rep["deep_compression"]
