@@ -72,6 +72,12 @@ class Group:
     #: tensors that hold the group's channels as a window [offset, offset + channels) of a longer
     #: channel axis (after a Concat along it, or a Split that keeps the window whole)
     windows: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: Reshape nodes that split the channel axis into [heads, head_dim] (or merge it back): input 1
+    #: entry ``position`` of their shape constant is ``channels x per`` (updated on removal)
+    reshapes: list[tuple[ir.Node, int, int]] = dataclasses.field(default_factory=list)
+    #: set by the walk when a Reshape splits the channels into heads of this size (the walk is
+    #: redone with one channel per head, ``block`` = head size)
+    head_dim: int | None = None
     reason: str | None = None
 
     @property
@@ -195,7 +201,7 @@ class _Walk:
 
     def producer_side(self, node: ir.Node, v: ir.Value, axis: int, block: int) -> None:
         if is_layer(node) and node.outputs[0] is v:
-            if axis != out_axis(node)[1] % (_rank(v) or 1) or block != 1:
+            if axis != out_axis(node)[1] % (_rank(v) or 1) or (block != 1 and node.op_type == "Conv"):
                 self.g.fail(f"'{node.name}' ({node.op_type}) makes channels on another axis")
             elif node not in self.g.producers:
                 self.g.producers.append(node)
@@ -252,6 +258,17 @@ class _Walk:
             self.flatten(node, v, axis, block)
         elif op in ("Concat", "Split"):
             self.concat(node, v, axis, block)
+        elif op == "Reshape":
+            self.reshape(node, v, axis, block)
+        elif op == "MatMul":
+            self.batched_matmul(node, v, axis, block)
+        elif op in ("Softmax", "LogSoftmax"):
+            rank = _rank(v) or 0
+            if _attr(node, "axis", -1) % max(rank, 1) == axis:
+                self.g.fail(f"'{node.name}' ({op}) normalizes over the channels")
+            else:
+                self.add(node.inputs[0], axis, block)
+                self.add(node.outputs[0], axis, block)
         else:
             self.g.fail(f"'{node.name}' ({op}) mixes or reshapes channels (not supported)")
 
@@ -310,10 +327,11 @@ class _Walk:
             k = None if r is None else out_axis_ - (out_rank - r)
             if self.offset is not None:
                 self.g.fail(f"'{node.name}' ({node.op_type}) joins concatenated channels with another tensor")
-            elif k is None or k < 0 or x.shape[k] == 1:
-                self.g.fail(f"'{node.name}' ({node.op_type}) broadcasts '{x.name}' along the channels")
-            else:
+            elif k is None:
+                self.g.fail(f"'{node.name}' ({node.op_type}): '{x.name}' has an unknown rank")
+            elif k >= 0 and x.shape[k] != 1:
                 self.add(x, k, block)
+            # else: x broadcasts along the channels (an attention mask over heads): nothing to cut
         self.add(out, out_axis_, block)
 
     def squeeze(self, node: ir.Node, v: ir.Value, axis: int, block: int) -> None:
@@ -380,6 +398,63 @@ class _Walk:
                 self.add(x, axis, block)
 
 
+    def reshape(self, node: ir.Node, v: ir.Value, axis: int, block: int) -> None:
+        """Only the attention-head reshapes: ``[..., H*D] <-> [..., H, D]`` on the last axes, with a
+        constant shape whose last entries are H, D (split) or H*D / -1 (merge)."""
+        shape = constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        x, y = node.inputs[0], node.outputs[0]
+        rx, ry = _rank(x), _rank(y)
+        fail = f"'{node.name}' (Reshape) mixes or reshapes channels (not supported)"
+        if shape is None or rx is None or ry is None or self.offset is not None:
+            self.g.fail(fail)
+            return
+        s = [int(d) for d in shape.reshape(-1)]
+        if ry == rx + 1 and len(s) == ry and s[-1] > 0 and s[-2] > 0:  # split
+            d, h = s[-1], s[-2]
+            if v is x and axis == rx - 1:
+                if block == d and h == self.g.channels:
+                    self.g.reshapes.append((node, len(s) - 2, 1))
+                    self.add(y, ry - 2, 1)
+                elif block == 1 and h * d == self.g.channels and self.g.head_dim is None:
+                    self.g.head_dim = d
+                    self.g.fail(f"'{node.name}' splits the channels into {h} heads of {d}")
+                else:
+                    self.g.fail(fail)
+                return
+            if v is y and axis == ry - 2 and block == 1 and h == self.g.channels:
+                self.g.reshapes.append((node, len(s) - 2, 1))
+                self.add(x, rx - 1, d)
+                return
+        last = x.shape[rx - 1] if x.shape is not None else None
+        if rx == ry + 1 and len(s) == ry and isinstance(last, int):  # merge
+            d = last
+            if (v is x and axis == rx - 2 and block == 1) or (v is y and axis == ry - 1 and block == d):
+                if s[-1] > 0:
+                    self.g.reshapes.append((node, len(s) - 1, d))
+                self.add(y, ry - 1, d) if v is x else self.add(x, rx - 2, 1)
+                return
+        self.g.fail(fail)
+
+    def batched_matmul(self, node: ir.Node, v: ir.Value, axis: int, block: int) -> None:
+        """MatMul of two computed tensors (attention scores and context): channels on a batch axis
+        (one matmul per head) pass through; on the last two axes they are contracted or mixed."""
+        a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        ranks = [_rank(t) for t in (a, b, y)]
+        if any(r is None for r in ranks) or is_constant(a) or is_constant(b):
+            self.g.fail(f"'{node.name}' (MatMul) of a constant or unknown rank")
+            return
+        ra, rb, ry = (int(r or 0) for r in ranks)
+        own = ra if v is a else rb if v is b else ry
+        if axis >= own - 2 or block != 1:
+            self.g.fail(f"'{node.name}' (MatMul) contracts or mixes the channels")
+            return
+        out_axis_ = axis + (ry - own)
+        for t, r in ((a, ra), (b, rb)):
+            k = out_axis_ - (ry - r)
+            if k >= 0 and t.shape is not None and t.shape[k] != 1:
+                self.add(t, k, 1)
+        self.add(y, out_axis_, 1)
+
     def window(self, node: ir.Node, v: ir.Value, axis: int) -> None:
         """Concat / Split along the channel axis: the group's channels become a window of the
         concatenation (forward through Concat), or stay whole inside one Split output."""
@@ -429,6 +504,12 @@ def find_groups(model: ir.Model) -> list[Group]:
         walk = _Walk(model.graph, g)
         walk.add(node.outputs[0], out_axis(node)[1], 1)
         walk.run()
+        if g.head_dim and node.op_type != "Conv":  # attention: one channel per head, head_dim wide
+            d = g.head_dim
+            g = Group(len(groups), channels_out(node) // d, head_dim=d)
+            walk = _Walk(model.graph, g)
+            walk.add(node.outputs[0], out_axis(node)[1], d)
+            walk.run()
         done |= set(g.tensors)
         if g.reason is None and not g.consumers:
             g.fail("no layer reads these channels")
@@ -467,10 +548,15 @@ def remove(model: ir.Model, group: Group, keep: Iterable[int]) -> None:
     keep = np.asarray(sorted(set(int(k) for k in keep)), dtype=np.int64)
     for node in group.producers:
         w_axis, _ = out_axis(node)
-        _set_input(node, 1, _take(node.inputs[1], keep, w_axis))
+        block = group.tensors[node.outputs[0].name][1]
+        _set_input(node, 1, _take(node.inputs[1], keep, w_axis, block))
         if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].const_value is not None \
                 and node.inputs[2].const_value.size > 1:
-            _set_input(node, 2, _take(node.inputs[2], keep, len(node.inputs[2].const_value.shape) - 1))
+            _set_input(node, 2, _take(node.inputs[2], keep, len(node.inputs[2].const_value.shape) - 1, block))
+    for node, position, per in group.reshapes:
+        shape = node.inputs[1].const_value.numpy().copy()
+        shape[position] = len(keep) * per
+        _set_input(node, 1, shape)
     for node in group.tied:
         _set_input(node, 1, _take(node.inputs[1], keep, 0))
         if len(node.inputs) > 2 and node.inputs[2] is not None:
