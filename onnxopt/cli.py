@@ -465,7 +465,7 @@ def _lossy(f):
     f = click.option("--force", is_flag=True, help="Write the result even when the accuracy budget is missed.")(f)
     f = click.option("--refit/--no-refit", default=True, show_default=True,
                      help="Least-squares refit of the pruned / consuming layers on --data against the original.")(f)
-    f = click.option("--exclude", multiple=True, help="Leave this node (or channel group, by its first layer) alone (repeatable).")(f)
+    f = click.option("--exclude", multiple=True, help="Leave this node alone (with --channels: every group it is part of); repeatable.")(f)
     f = click.option("--calib-batches", type=int, default=None, help="Read at most this many --data batches.")(f)
     f = click.option("--ep", "ep_text", default="cpu", show_default=True, help="Target EP for scoring and latency.")(f)
     f = click.option("--metric", default=None, help="Task metric module:function (see 'quantize --help').")(f)

@@ -366,8 +366,10 @@ def try_group(current: ir.Model, gname: str, plan: ChannelPlan, scorer: Scorer, 
     scores = importance(trial, g, plan.criterion, sample, scorer.opts.threads)
     keep = np.sort(np.argsort(-scores, kind="stable")[:n])
     index = dict(out_index)
-    for node in [*g.producers, *g.tied]:
-        index[node.name] = index.get(node.name, np.arange(g.channels))[keep]
+    for node in [*g.producers, *g.tied]:  # which of the teacher's output features each still has
+        block = g.tensors[node.outputs[0].name][1]
+        features = (keep[:, None] * block + np.arange(block)[None, :]).reshape(-1)
+        index[node.name] = index.get(node.name, np.arange(g.channels * block))[features]
     record = {"group": gname, "channels": g.channels, "kept": int(n), "producers": [x.name for x in g.producers],
               "consumers": [x.name for x in g.consumers], "tied": [x.name for x in g.tied]}
     consumers = [x.name for x in g.consumers]
@@ -513,7 +515,7 @@ def compress(input_path, output_path, *, clusters: int, sparsity: float | None =
                                            exclude=exclude)
     pruned_copy = candidate.clone()
     dense = {la.name: (la.weight.name, la.weight.const_value.numpy()) for la in pm.layers(candidate)[0]}
-    clusterer = cw.ClusterWeights(clusters, tuple(exclude) if not sparsity else ())
+    clusterer = cw.ClusterWeights(clusters, tuple(exclude))
     clusterer(candidate)
     records = clusterer.records
     for r in records:

@@ -604,6 +604,11 @@ def html_prune(report: dict) -> str:
     if layers:
         parts.append(plots.bars("Sparsity per layer", [r["layer"] for r in layers][:40],
                                 {"sparsity": [r["sparsity"] for r in layers][:40]}))
+    groups = [g for g in report.get("groups") or [] if "kept" in g]
+    if groups:
+        parts.append(plots.bars("Channels per group: before / after", [g["group"] for g in groups][:40],
+                                {"before": [float(g["channels"]) for g in groups][:40],
+                                 "after": [float(g["kept"] if g.get("accepted") else g["channels"]) for g in groups][:40]}))
     stages = report.get("deep_compression")
     if stages:
         parts.append(plots.bars("Weight storage per stage (bytes)", [s["stage"] for s in stages],

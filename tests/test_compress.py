@@ -68,6 +68,8 @@ def test_magnitude_prune_digits_cnn_with_refit(cli, tmp_path, calib):
     assert sizes["file"] == out.stat().st_size
     assert sizes["gzip"] == len(gzip.compress(out.read_bytes(), 9))
     assert sizes["gzip"] < 0.7 * report["sizes"]["original"]["gzip"]
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(report, json.loads((ROOT / "docs" / "report.schema.json").read_text()))
     assert [lay["sparsity"] for lay in report["layers"]][1:-1] == pytest.approx(
         [float(np.mean(w[n] == 0)) for n in names[1:-1]])
     # the same pruning without refit loses clearly more (forced past the budget)
@@ -141,6 +143,8 @@ def test_channel_pruning_resnet_refit_beats_plain_removal(cli, tmp_path, calib):
             "--max-drop", "0.01", "--no-latency-guard", "--report", rep)
     assert r.exit_code == 0, r.output
     report = json.loads(rep.read_text())
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(report, json.loads((ROOT / "docs" / "report.schema.json").read_text()))
     assert "left untouched" in r.stderr and "'/fc/Gemm'" in r.stderr  # the head's group reaches the graph output
     assert [u["group"] for u in report["unresolved"]] == ["/fc/Gemm"]
     before, after = _conv_channels(src), _conv_channels(out)
@@ -224,6 +228,8 @@ def test_compress_digits_cnn_deep_compression(cli, tmp_path, calib):
     assert all(len(cb) <= 16 for cb in books)
     assert sum(1 for v in inits.values() if v.dtype == np.uint8) == 4
     assert out.stat().st_size < 0.35 * src.stat().st_size
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(report, json.loads((ROOT / "docs" / "report.schema.json").read_text()))
     report_mod.write(report, page)
     assert page.read_text().count("<svg") >= 3 and "Huffman-coded indices" in page.read_text()
 
