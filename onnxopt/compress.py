@@ -482,17 +482,23 @@ def deep_compression(original: ir.Model, pruned: ir.Model, records: list[dict], 
     orig = sum(init_bytes(original).values())
     clustered = {r["weight"] for r in records}
     rest = sum(b for k, b in init_bytes(pruned).items() if k not in clustered)
-    pruned_b = clustered_b = huff_b = rest
+    totals = [rest] * 3
     for r in records:
-        w = r["dense"]
-        csr = sum(a.nbytes for a in csr_arrays(w).values())
-        pruned_b += min(csr, w.nbytes)
-        clustered_b += r["codebook"].nbytes + math.ceil(r["indices"].size * bits / 8)
-        hb, symbols = cw.huffman_bits(r["indices"])
-        huff_b += r["codebook"].nbytes + symbols + math.ceil(hb / 8)
-    stages = [("original (fp32)", orig), ("pruned (CSR)", pruned_b), (f"clustered ({bits}-bit indices)", clustered_b),
-              ("Huffman-coded indices", huff_b)]
+        r["storage"] = layer_storage(r, bits)
+        for i, key in enumerate(("pruned", "clustered", "huffman")):
+            totals[i] += r["storage"][key]
+    stages = [("original (fp32)", orig), ("pruned (CSR)", totals[0]), (f"clustered ({bits}-bit indices)", totals[1]),
+              ("Huffman-coded indices", totals[2])]
     return [{"stage": s, "bytes": int(b), "compression_ratio": orig / b} for s, b in stages]
+
+
+def layer_storage(record: dict, bits: int) -> dict[str, int]:
+    """One layer's weight bytes per stage (the columns of the paper's per-layer tables)."""
+    w = record["dense"]
+    hb, symbols = cw.huffman_bits(record["indices"])
+    return {"original": int(w.size * 4), "pruned": int(min(sum(a.nbytes for a in csr_arrays(w).values()), w.nbytes)),
+            "clustered": int(record["codebook"].nbytes + math.ceil(record["indices"].size * bits / 8)),
+            "huffman": int(record["codebook"].nbytes + symbols + math.ceil(hb / 8))}
 
 
 def compress(input_path, output_path, *, clusters: int, sparsity: float | None = None, scope: str = "global",
@@ -526,7 +532,9 @@ def compress(input_path, output_path, *, clusters: int, sparsity: float | None =
         stage["score"] = score
     layers_out = [{"layer": r["layer"], "params": r["params"], "clusters": r["clusters"],
                    "sparsity": float(np.mean(r["dense"] == 0)),
-                   "huffman_bits_per_weight": cw.huffman_bits(r["indices"])[0] / max(r["params"], 1)} for r in records]
+                   "huffman_bits_per_weight": cw.huffman_bits(r["indices"])[0] / max(r["params"], 1),
+                   "bytes": r["storage"], "compression_ratio": r["storage"]["original"] / max(r["storage"]["huffman"], 1)}
+                  for r in records]
     report = api.header("compress", input={"path": str(input_path)}, notes=notes, clusters=clusters, sparsity=sparsity,
                         scope=scope, refit=opts.refit, ep=opts.ep, layers=layers_out, pruning=prune_records,
                         deep_compression=stages)

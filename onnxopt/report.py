@@ -577,9 +577,12 @@ def _prune_tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                        [[r["layer"], r["op"], str(r["params"]), f"{r['sparsity']:.1%}", r.get("refit") or r.get("why", "")]
                         for r in report["layers"]]))
     if report.get("layers") and report["command"] == "compress":
-        tables.append(("Layers", ["layer", "params", "clusters", "sparsity", "Huffman bits / weight"],
-                       [[r["layer"], str(r["params"]), str(r["clusters"]), f"{r['sparsity']:.1%}",
-                         f"{r['huffman_bits_per_weight']:.2f}"] for r in report["layers"]]))
+        tables.append(("Layers (weight bytes per stage)",
+                       ["layer", "params", "sparsity", "clusters", "fp32", "pruned", "clustered", "Huffman",
+                        "Huffman bits / weight", "ratio"],
+                       [[r["layer"], str(r["params"]), f"{r['sparsity']:.1%}", str(r["clusters"]),
+                         *(str(r["bytes"][k]) for k in ("original", "pruned", "clustered", "huffman")),
+                         f"{r['huffman_bits_per_weight']:.2f}", f"{r['compression_ratio']:.1f}x"] for r in report["layers"]]))
     if report.get("groups"):
         tables.append(("Channel groups", ["group", "channels", "kept", "drop", "latency ratio", "kept?"],
                        [[g["group"], str(g.get("channels", "-")), str(g.get("kept", "-")), _num(g.get("drop"), ".4f"),
@@ -604,6 +607,11 @@ def html_prune(report: dict) -> str:
     if layers:
         parts.append(plots.bars("Sparsity per layer", [r["layer"] for r in layers][:40],
                                 {"sparsity": [r["sparsity"] for r in layers][:40]}))
+    sized = [r for r in layers if "bytes" in r]
+    if sized:
+        parts.append(plots.bars("Weight bytes per layer and stage", [r["layer"] for r in sized][:40],
+                                {k: [float(r["bytes"][k]) for r in sized][:40]
+                                 for k in ("original", "pruned", "clustered", "huffman")}, log=True))
     groups = [g for g in report.get("groups") or [] if "kept" in g]
     if groups:
         parts.append(plots.bars("Channels per group: before / after", [g["group"] for g in groups][:40],
