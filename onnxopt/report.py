@@ -601,29 +601,39 @@ def markdown_prune(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _short_names(names: list[str]) -> list[str]:
+    """Layer names without the path prefix they all share (chart labels are cut at 18 characters)."""
+    if len(names) < 2:
+        return names
+    prefix = os.path.commonprefix(names)
+    cut = prefix.rfind("/") + 1
+    return [n[cut:] or n for n in names]
+
+
 def html_prune(report: dict) -> str:
     parts = [_table(["", "value"], [[html.escape(str(a)), html.escape(str(b))] for a, b in _lossy_summary(report)])]
     layers = [r for r in report.get("layers") or [] if "sparsity" in r]
     if layers:
-        parts.append(plots.bars("Sparsity per layer", [r["layer"] for r in layers][:40],
+        parts.append(plots.bars("Sparsity per layer", _short_names([r["layer"] for r in layers])[:40],
                                 {"sparsity": [r["sparsity"] for r in layers][:40]}))
     sized = [r for r in layers if "bytes" in r]
     if sized:
-        parts.append(plots.bars("Weight bytes per layer and stage", [r["layer"] for r in sized][:40],
+        parts.append(plots.bars("Weight bytes per layer and stage", _short_names([r["layer"] for r in sized])[:40],
                                 {k: [float(r["bytes"][k]) for r in sized][:40]
                                  for k in ("original", "pruned", "clustered", "huffman")}, log=True))
     groups = [g for g in report.get("groups") or [] if "kept" in g]
     if groups:
-        parts.append(plots.bars("Channels per group: before / after", [g["group"] for g in groups][:40],
+        parts.append(plots.bars("Channels per group: before / after", _short_names([g["group"] for g in groups])[:40],
                                 {"before": [float(g["channels"]) for g in groups][:40],
                                  "after": [float(g["kept"] if g.get("accepted") else g["channels"]) for g in groups][:40]}))
     stages = report.get("deep_compression")
     if stages:
         parts.append(plots.bars("Weight storage per stage (bytes)", [s["stage"] for s in stages],
                                 {"bytes": [float(s["bytes"]) for s in stages]}, log=True))
-        points = [{"latency_ms": s["bytes"] / 1e3, "accuracy": s["score"], "label": s["stage"], "on_front": True,
+        points = [{"latency_ms": s["bytes"] / 1e3, "accuracy": s["score"], "label": s["stage"], "stages": True,
                    "chosen": i == len(stages) - 1} for i, s in enumerate(stages) if s.get("score") is not None]
-        parts.append(plots.scatter("Accuracy vs size", points, x_label="weight storage (kB)", y_label="score"))
+        parts.append(plots.scatter("Accuracy vs size (the stages in order; the written model ringed)", points,
+                                   x_label="weight storage (kB)", y_label="score", highlight="stages"))
     for title, headers, rows in _prune_tables(report):
         parts.append(f"<h2>{html.escape(title)}</h2>" + _table(headers, [[html.escape(str(c)) for c in r] for r in rows]))
     return _page(f"onnxopt {report['command']}: {os.path.basename(report['input']['path'])}", "".join(parts))
