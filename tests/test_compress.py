@@ -395,3 +395,31 @@ def test_attention_heads_are_pruned_whole(cli, tmp_path):
         cos = float((y0 * y1).sum() / np.sqrt((y0 ** 2).sum() * (y1 ** 2).sum()))
         assert y1.shape == y0.shape and cos > 0.95  # other inputs than the calibration (no padding, other lengths)
     assert drops["--refit"] < drops["--no-refit"] / 3, drops
+
+
+def test_flatten_blocks_into_gemm(tmp_path):
+    """Conv -> Relu -> Flatten ([N, 8, 4, 4] -> [N, 128]) -> Gemm: a channel is a block of 16
+    features, so removing 4 channels removes 64 Gemm inputs, the right ones (zero filters go,
+    outputs identical)."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 2, 3, 3)).astype(np.float32)
+    w[[0, 2, 5, 7]] = 0
+    g = rng.standard_normal((4, 128)).astype(np.float32)
+    inits = [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(g, "g")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Flatten", ["r"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "g"], ["y"], name="gemm", transB=1)]
+    src = _tiny(tmp_path, nodes, inits, [1, 4])
+    model, _ = __import__("onnxopt.compress", fromlist=["prepare"]).prepare(src)
+    group = next(gr for gr in pc.find_groups(model) if gr.name == "conv")
+    assert group.reason is None and group.tensors["f"] == (1, 16)
+    pc.PruneChannels(0.5, criterion="l1")(model)
+    out = tmp_path / "pruned.onnx"
+    io.save(model, out)
+    weights = _weights(out)
+    assert weights["conv"].shape[0] == 4 and weights["gemm"].shape == (4, 64)
+    np.testing.assert_array_equal(weights["gemm"], g.reshape(4, 8, 16)[:, [1, 3, 4, 6]].reshape(4, 64))
+    x = rng.standard_normal((1, 2, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(_session(out).run(None, {"x": x})[0], _session(src).run(None, {"x": x})[0],
+                               rtol=1e-5, atol=1e-5)
