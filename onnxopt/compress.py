@@ -85,6 +85,10 @@ class Scorer:
     """The prepared fp32 model (the teacher), its held-out batches and how a candidate is scored."""
 
     def __init__(self, model: ir.Model, opts: Options):
+        if opts.data is None and opts.refit:
+            logger.warning("no --data: the refit needs calibration data like the deployment inputs; skipped "
+                           "(and without --metric the result is scored on synthesized inputs only)")
+            opts.refit = False
         self.model, self.opts = model, opts
         self.float_bytes = quantize.serialize(model)
         self.metric = quantize.load_metric(opts.metric)
