@@ -201,6 +201,14 @@ def prepare(input_path: str | os.PathLike) -> tuple[ir.Model, list[str]]:
     return model, notes
 
 
+def warn_unknown(model: ir.Model, exclude: Sequence[str]) -> None:
+    """--exclude names that are neither a node nor an initializer of the prepared model."""
+    known = {n.name for n in model.graph} | set(model.graph.initializers)
+    for name in exclude:
+        if name not in known:
+            logger.warning("--exclude '%s': the prepared model has no node or weight of that name", name)
+
+
 def _check_paths(input_path, output_path) -> None:
     if io.same_file(input_path, output_path):
         raise UsageError(f"output {output_path} is the input file; write the result elsewhere")
@@ -268,6 +276,7 @@ def magnitude_prune(model: ir.Model, scorer: Scorer, *, sparsity: float | None, 
                     scope: str, exclude: Sequence[str], skip_ends: bool = True) -> tuple[list[dict], dict]:
     """Prune in place, then refit each pruned layer on its support (in graph order, each on the
     student as refit so far).  Returns the per-layer records and the refit notes."""
+    warn_unknown(model, exclude)
     records, _ = pm.prune(model, sparsity=sparsity, threshold=threshold, scope=scope, exclude=exclude,
                           skip_ends=skip_ends)
     if not any(r["pruned"] for r in records):
@@ -449,6 +458,7 @@ def prune_channels(input_path, output_path, *, fraction: float, criterion: str =
     t_start = time.perf_counter()
     model, notes = prepare(input_path)
     scorer = Scorer(model, opts)
+    warn_unknown(model, exclude)
     plan = ChannelPlan(fraction, criterion, latency_guard, exclude=tuple(exclude))
     result, records, unresolved = channel_prune(model, scorer, plan)
     accepted = [r for r in records if r.get("accepted")]
