@@ -351,3 +351,44 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, *, fp
                                node_block_list=node_block_list, data=data, preprocess=preprocess, shapes=shapes,
                                calib_limit=calib_limit, limit=convert_fp16.DEFAULT_LIMIT if limit is None else limit,
                                validate_result=validate_result, force=force, progress=progress)
+def prune(input_path: str | os.PathLike, output_path: str | os.PathLike, *, sparsity: float | None = None,
+          threshold: float | None = None, scope: str = "global", channels: float | None = None,
+          criterion: str = "activation", exclude: Sequence[str] = (), latency_guard: bool = True,
+          data: str | os.PathLike | None = None, preprocess: str | None = None, max_drop: float = 0.01,
+          metric: str | None = None, ep: str = "cpu", refit: bool = True, force: bool = False,
+          calib_limit: int | None = None, threads: int = 1, progress: ProgressFn | None = None) -> dict:
+    """``onnxopt prune``: magnitude pruning (``sparsity`` or ``threshold``) or structured channel
+    pruning (``channels``, needs ``data``), scored against the original and committed through
+    :func:`stage_validate_commit` (see onnxopt.compress).  Raises ValidationRefused(report) over
+    ``max_drop`` unless ``force``."""
+    from onnxopt import compress as c
+
+    opts = c.Options(data=data, preprocess=preprocess, max_drop=max_drop, metric=metric, ep=ep, threads=threads,
+                     force=force, refit=refit, calib_limit=calib_limit, progress=progress)
+    runtime.provider(ep)
+    if channels is not None:
+        if sparsity is not None or threshold is not None:
+            raise UsageError("--channels (structured) and --sparsity/--threshold (magnitude) are separate runs")
+        return c.run_guarded(c.prune_channels, input_path, output_path, fraction=channels, criterion=criterion,
+                             latency_guard=latency_guard, exclude=exclude, opts=opts)
+    if sparsity is not None and threshold is not None:
+        raise UsageError("give --sparsity or --threshold, not both")
+    return c.run_guarded(c.prune_magnitude, input_path, output_path, sparsity=sparsity, threshold=threshold,
+                         scope=scope, exclude=exclude, opts=opts)
+
+
+def compress(input_path: str | os.PathLike, output_path: str | os.PathLike, *, clusters: int,
+             sparsity: float | None = None, scope: str = "global", exclude: Sequence[str] = (),
+             data: str | os.PathLike | None = None, preprocess: str | None = None, max_drop: float = 0.01,
+             metric: str | None = None, ep: str = "cpu", refit: bool = True, force: bool = False,
+             calib_limit: int | None = None, threads: int = 1, progress: ProgressFn | None = None) -> dict:
+    """``onnxopt compress``: optional magnitude pruning, k-means weight sharing to ``clusters``
+    values, and the Deep Compression size report (``report["deep_compression"]``); validated like
+    :func:`prune` (see onnxopt.compress)."""
+    from onnxopt import compress as c
+
+    opts = c.Options(data=data, preprocess=preprocess, max_drop=max_drop, metric=metric, ep=ep, threads=threads,
+                     force=force, refit=refit, calib_limit=calib_limit, progress=progress)
+    runtime.provider(ep)
+    return c.run_guarded(c.compress, input_path, output_path, clusters=clusters, sparsity=sparsity, scope=scope,
+                         exclude=exclude, opts=opts)

@@ -532,6 +532,103 @@ def _print_convert(model, output, result: dict) -> None:
         points = sum(1 for p in v.get("points", []) if p["status"] == "compared")
         click.echo(f"validation (CPU EP, every fp16 tensor rounded as fp16 kernels do, rtol 1e-2 atol 1e-3): {status}, "
                    f"{len(v['outputs'])} output(s) at {points} input point(s), max abs diff {v['max_abs']:.3g}")
+def _lossy(f):
+    """Options prune and compress share with quantize (data, budget, metric, EP, report)."""
+    f = click.option("--report", "report_path", type=click.Path(), default=None, help="Write a report: .json, .md or .html.")(f)
+    f = click.option("--force", is_flag=True, help="Write the result even when the accuracy budget is missed.")(f)
+    f = click.option("--refit/--no-refit", default=True, show_default=True,
+                     help="Least-squares refit of the pruned / consuming layers on --data against the original.")(f)
+    f = click.option("--exclude", multiple=True, help="Leave this node alone (with --channels: every group it is part of); repeatable.")(f)
+    f = click.option("--calib-batches", type=int, default=None, help="Read at most this many --data batches.")(f)
+    f = click.option("--ep", "ep_text", default="cpu", show_default=True, help="Target EP for scoring and latency.")(f)
+    f = click.option("--metric", default=None, help="Task metric module:function (see 'quantize --help').")(f)
+    f = click.option("--max-drop", type=float, default=0.01, show_default=True,
+                     help="Accuracy budget: largest allowed drop of the metric (default metric: see 'quantize --help').")(f)
+    f = click.option("--preprocess", default=None, help="For image-folder --data (see 'optimize --help').")(f)
+    f = click.option("--data", type=click.Path(), default=None,
+                     help="Calibration data (.npz, folder of .npy/.npz batches, image folder): held-out batches score "
+                          "the result, the others feed the refit.")(f)
+    return f
+
+
+def _run_lossy(call, report_path):
+    if report_path:
+        report.check_path(report_path)
+    try:
+        with _progress(None, "reading data") as update:
+            result = call(update)
+    except ValidationRefused as e:
+        if report_path and e.result:
+            report.write(e.result, report_path)
+        raise
+    if report_path:
+        report.write(result, report_path)
+    return result
+
+
+@main.command(short_help="Magnitude or structured (channel) pruning, validated against the original.")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the pruned model.")
+@click.option("--sparsity", type=float, default=None, help="Magnitude pruning: fraction of weights zeroed, in [0, 1).")
+@click.option("--scope", type=click.Choice(["global", "layer"]), default="global", show_default=True,
+              help="--sparsity over all pruned layers together or in each layer.")
+@click.option("--threshold", type=float, default=None, help="Magnitude pruning: zero every weight with |w| < T.")
+@click.option("--channels", type=float, default=None,
+              help="Structured pruning: fraction of the channels of each group to remove physically (needs --data).")
+@click.option("--criterion", type=click.Choice(["activation", "l1", "l2"]), default="activation", show_default=True,
+              help="--channels importance: mean |activation| x outgoing weight norm, or the filters' L1/L2 norm.")
+@click.option("--latency-guard/--no-latency-guard", default=True, show_default=True,
+              help="--channels: keep a group's removal only when it makes the model faster on --ep.")
+@_lossy
+@_isolated(lambda kw: str(kw["model"]), output="output")
+def prune(model, output, sparsity, scope, threshold, channels, criterion, latency_guard, data, preprocess, max_drop,
+          metric, ep_text, calib_batches, exclude, refit, force, report_path):
+    """Prune MODEL into OUTPUT: --sparsity/--threshold zero small weights, --channels removes channels."""
+    if sparsity is None and threshold is None and channels is None:
+        raise UsageError("give --sparsity, --threshold or --channels")
+    result = _run_lossy(lambda update: api.prune(
+        model, output, sparsity=sparsity, threshold=threshold, scope=scope, channels=channels, criterion=criterion,
+        exclude=exclude, latency_guard=latency_guard, data=data, preprocess=preprocess, max_drop=max_drop, metric=metric,
+        ep=ep_text, refit=refit, force=force, calib_limit=calib_batches, progress=update), report_path)
+    acc = result["accuracy"]
+    if result["mode"] == "magnitude":
+        s = result["sizes"]
+        click.echo(f"{model}: sparsity {result['total_sparsity']:.1%} over {sum(r['pruned'] for r in result['layers'])} "
+                   f"layers; gzip {_mb(s['original']['gzip'])} -> {_mb(s['pruned']['gzip'])}, CSR weights "
+                   f"{_mb(s['pruned']['weights_csr_npz'])}")
+    else:
+        kept = [g for g in result["groups"] if g.get("accepted")]
+        click.echo(f"{model}: {result['removed_channels']} channels removed in {len(kept)} of {len(result['groups'])} "
+                   f"groups ({len(result['unresolved'])} unresolved)")
+        lat = result.get("latency")
+        if lat:
+            click.echo(f"latency on {result['ep']} ({lat['threads']} thread): {lat['float_ms']:.3f} -> "
+                       f"{lat['pruned_ms']:.3f} ms ({lat['speedup']:.2f}x)")
+    click.echo(f"accuracy ({acc['metric']}): {acc['float']:.4f} -> {acc['pruned']:.4f} "
+               f"(drop {acc['drop']:.4f}, budget {acc['max_drop']:g})")
+    click.echo(f"wrote {output}")
+
+
+@main.command(short_help="Weight sharing (k-means) after optional pruning, with a Deep Compression report.")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the compressed model.")
+@click.option("--cluster", "clusters", type=int, required=True, help="Shared values per layer: a power of 2 up to 256.")
+@click.option("--sparsity", type=float, default=None, help="Magnitude-prune this fraction first, in [0, 1).")
+@click.option("--scope", type=click.Choice(["global", "layer"]), default="global", show_default=True)
+@_lossy
+@_isolated(lambda kw: str(kw["model"]), output="output")
+def compress(model, output, clusters, sparsity, scope, data, preprocess, max_drop, metric, ep_text, calib_batches,
+             exclude, refit, force, report_path):
+    """Compress MODEL into OUTPUT: prune (optional), cluster each layer's weights, report Deep Compression sizes."""
+    result = _run_lossy(lambda update: api.compress(
+        model, output, clusters=clusters, sparsity=sparsity, scope=scope, exclude=exclude, data=data,
+        preprocess=preprocess, max_drop=max_drop, metric=metric, ep=ep_text, refit=refit, force=force,
+        calib_limit=calib_batches, progress=update), report_path)
+    for s in result["deep_compression"]:
+        click.echo(f"{s['stage']:<28} {s['bytes']:>10} bytes  {s['compression_ratio']:6.2f}x")
+    acc = result["accuracy"]
+    click.echo(f"accuracy ({acc['metric']}): {acc['float']:.4f} -> {acc['pruned']:.4f} "
+               f"(drop {acc['drop']:.4f}, budget {acc['max_drop']:g})")
     click.echo(f"wrote {output}")
 
 

@@ -610,3 +610,101 @@ def html_convert(report: dict) -> str:
 
 MARKDOWN["convert"] = markdown_convert
 HTML["convert"] = html_convert
+# ---------------------------------------------------------------- prune / compress
+
+def _lossy_summary(report: dict) -> list[list[str]]:
+    acc = report.get("accuracy") or {}
+    rows = [["input", report["input"]["path"]], ["output", (report.get("output") or {}).get("path", "-")],
+            ["written", "yes" if report.get("written") else "no"]]
+    if acc:
+        rows += [["metric", acc["metric"]], ["score", f"{_num(acc['float'], '.4f')} -> {_num(acc['pruned'], '.4f')}"],
+                 ["drop / budget", f"{_num(acc['drop'], '.4f')} / {acc['max_drop']:g}"]]
+    lat = report.get("latency")
+    if lat:
+        rows.append([f"latency on {report['ep']}", f"{lat['float_ms']:.3f} -> {lat['pruned_ms']:.3f} ms "
+                                                   f"({lat['speedup']:.2f}x, {lat['verdict']})"])
+    if report.get("seconds") is not None:
+        rows.append(["wall time", f"{report['seconds']:.1f} s"])
+    return rows
+
+
+def _prune_tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, headers, rows) of a prune/compress report, shared by Markdown and HTML."""
+    tables = []
+    if report.get("deep_compression"):
+        tables.append(("Deep Compression (weight storage)", ["stage", "bytes", "ratio vs original", "score"],
+                       [[s["stage"], str(s["bytes"]), f"{s['compression_ratio']:.2f}x", _num(s.get("score"), ".4f")]
+                        for s in report["deep_compression"]]))
+    if report.get("sizes") and report.get("mode") == "magnitude":
+        s = report["sizes"]
+        tables.append(("Sizes (real files)", ["", "ONNX file", "gzip -9", "weights as CSR (.npz)"],
+                       [[k, str(s[k]["file"]), str(s[k]["gzip"]), str(s[k]["weights_csr_npz"])] for k in ("original", "pruned")]))
+    if report.get("layers") and report["command"] == "prune":
+        tables.append(("Layers", ["layer", "op", "params", "sparsity", "refit / why dense"],
+                       [[r["layer"], r["op"], str(r["params"]), f"{r['sparsity']:.1%}", r.get("refit") or r.get("why", "")]
+                        for r in report["layers"]]))
+    if report.get("layers") and report["command"] == "compress":
+        tables.append(("Layers (weight bytes per stage)",
+                       ["layer", "params", "sparsity", "clusters", "fp32", "pruned", "clustered", "Huffman",
+                        "Huffman bits / weight", "ratio"],
+                       [[r["layer"], str(r["params"]), f"{r['sparsity']:.1%}", str(r["clusters"]),
+                         *(str(r["bytes"][k]) for k in ("original", "pruned", "clustered", "huffman")),
+                         f"{r['huffman_bits_per_weight']:.2f}", f"{r['compression_ratio']:.1f}x"] for r in report["layers"]]))
+    if report.get("groups"):
+        tables.append(("Channel groups", ["group", "channels", "kept", "drop", "latency ratio", "kept?"],
+                       [[g["group"], str(g.get("channels", "-")), str(g.get("kept", "-")), _num(g.get("drop"), ".4f"),
+                         _num((g.get("latency") or {}).get("ratio"), ".3f"), "yes" if g.get("accepted") else g.get("why", "")]
+                        for g in report["groups"]]))
+    if report.get("unresolved"):
+        tables.append(("Groups left untouched", ["group", "reason"], [[u["group"], u["reason"]] for u in report["unresolved"]]))
+    return tables
+
+
+def markdown_prune(report: dict) -> str:
+    lines = [f"# onnxopt {report['command']}: {os.path.basename(report['input']['path'])}", "", "| | |", "|---|---|"]
+    lines += [f"| {a} | {b} |" for a, b in _lossy_summary(report)]
+    for title, headers, rows in _prune_tables(report):
+        lines += ["", f"## {title}", ""] + _md_table(headers, rows)
+    return "\n".join(lines) + "\n"
+
+
+def _short_names(names: list[str]) -> list[str]:
+    """Layer names without the path prefix they all share (chart labels are cut at 18 characters)."""
+    if len(names) < 2:
+        return names
+    prefix = os.path.commonprefix(names)
+    cut = prefix.rfind("/") + 1
+    return [n[cut:] or n for n in names]
+
+
+def html_prune(report: dict) -> str:
+    parts = [_table(["", "value"], [[html.escape(str(a)), html.escape(str(b))] for a, b in _lossy_summary(report)])]
+    layers = [r for r in report.get("layers") or [] if "sparsity" in r]
+    if layers:
+        parts.append(plots.bars("Sparsity per layer", _short_names([r["layer"] for r in layers])[:40],
+                                {"sparsity": [r["sparsity"] for r in layers][:40]}))
+    sized = [r for r in layers if "bytes" in r]
+    if sized:
+        parts.append(plots.bars("Weight bytes per layer and stage", _short_names([r["layer"] for r in sized])[:40],
+                                {k: [float(r["bytes"][k]) for r in sized][:40]
+                                 for k in ("original", "pruned", "clustered", "huffman")}, log=True))
+    groups = [g for g in report.get("groups") or [] if "kept" in g]
+    if groups:
+        parts.append(plots.bars("Channels per group: before / after", _short_names([g["group"] for g in groups])[:40],
+                                {"before": [float(g["channels"]) for g in groups][:40],
+                                 "after": [float(g["kept"] if g.get("accepted") else g["channels"]) for g in groups][:40]}))
+    stages = report.get("deep_compression")
+    if stages:
+        parts.append(plots.bars("Weight storage per stage (bytes)", [s["stage"] for s in stages],
+                                {"bytes": [float(s["bytes"]) for s in stages]}, log=True))
+        points = [{"latency_ms": s["bytes"] / 1e3, "accuracy": s["score"], "label": s["stage"], "stages": True,
+                   "chosen": i == len(stages) - 1} for i, s in enumerate(stages) if s.get("score") is not None]
+        parts.append(plots.scatter("Accuracy vs size (the stages in order; the written model ringed)", points,
+                                   x_label="weight storage (kB)", y_label="score", highlight="stages"))
+    for title, headers, rows in _prune_tables(report):
+        parts.append(f"<h2>{html.escape(title)}</h2>" + _table(headers, [[html.escape(str(c)) for c in r] for r in rows]))
+    return _page(f"onnxopt {report['command']}: {os.path.basename(report['input']['path'])}", "".join(parts))
+
+
+MARKDOWN.update(prune=markdown_prune, compress=markdown_prune)
+HTML.update(prune=html_prune, compress=html_prune)

@@ -1,0 +1,564 @@
+"""``onnxopt prune`` and ``onnxopt compress``: compression after export, without retraining.
+
+Every flow starts like quantize's (``quantize.prepare``: BatchNorm folded into Conv, cleanup,
+named nodes; then shape inference) and ends like it: the result is written beside OUTPUT, scored
+there against the prepared fp32 model (the user's ``--metric``, else the per-output fidelity of
+``onnxopt.fidelity`` on held-out batches: every 4th ``--data`` batch, up to 8) and renamed into
+place only when the drop is within ``--max-drop`` (``api.stage_validate_commit``; exit 3 and
+nothing written otherwise, unless ``--force``).
+
+1. **Magnitude** (``prune --sparsity S`` / ``--threshold T``; ``passes/prune_magnitude.py``):
+   the smallest weights of Conv/Gemm/MatMul are zeroed (first and last layer kept), then each
+   pruned layer is refit on its surviving weights by least squares against the teacher
+   (``onnxopt.refit``; ``--no-refit`` to skip).  The report gives per-layer sparsity and the
+   sizes measured on real files: the ONNX file, its gzip, and a CSR file of the weights.
+2. **Structured** (``prune --channels F --data DIR``; ``passes/prune_channels.py``): channel
+   groups are resolved from the graph; unresolved ones are named with their reason and left
+   alone.  Group by group (graph order): rank channels (``--criterion activation``: mean
+   |activation| x outgoing weight norm on calibration data; ``l1``/``l2``: filter norms), remove
+   the lowest ``F`` (counts rounded to multiples of 8), refit the consumers (streamed ``X^T X``,
+   ``X^T Y``), score; a group whose removal breaks ``--max-drop`` is put back; with the latency
+   guard a removal is kept only when the model is faster with it (paired runs on ``--ep``, median
+   ratio < 1 and not confidently slower, ``quantize.median_ratio_interval``).
+3. **Clustering** (``compress --cluster K [--sparsity S]``; ``passes/cluster_weights.py``): after
+   optional magnitude pruning (+ refit), each layer's weights are k-means clustered to K values
+   stored as codebook + uint8 indices (Gather), and the Deep Compression report gives the weight
+   storage of the original, after pruning (CSR), after clustering (log2 K bits per index +
+   codebook) and after Huffman coding of the indices, each with its ratio to the original.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import io as _io
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as ir_common
+
+from onnxopt import api, bench, fidelity, io, quantize, refit, runtime
+from onnxopt import data as data_mod
+from onnxopt.errors import BadInputError, InternalError, OnnxoptError, UsageError
+from onnxopt.passes import cluster_weights as cw
+from onnxopt.passes import prune_channels as pc
+from onnxopt.passes import prune_magnitude as pm
+
+logger = logging.getLogger("onnxopt")
+HELD_OUT = quantize.HELD_OUT
+CRITERIA = ("activation", "l1", "l2")
+#: latency guard: pairs per block and blocks at least / at most per comparison
+PAIRS, MIN_BLOCKS, MAX_BLOCKS = 16, 2, 6
+
+
+@dataclasses.dataclass
+class Options:
+    """How a run is scored and written (shared by every flow)."""
+
+    data: str | os.PathLike | None = None
+    preprocess: str | None = None
+    max_drop: float = 0.01
+    metric: str | None = None
+    ep: str = "cpu"
+    threads: int = 1
+    force: bool = False
+    refit: bool = True
+    calib_limit: int | None = None
+    progress: Callable[[int], None] | None = None
+
+
+class Budget(quantize.BudgetResult):
+    """quantize's budget result, worded for a compressed model."""
+
+    def summary(self) -> str:
+        return f"{self.metric} drop {self.drop:.4g} > --max-drop {self.max_drop:g}"
+
+
+class Scorer:
+    """The prepared fp32 model (the teacher), its held-out batches and how a candidate is scored."""
+
+    def __init__(self, model: ir.Model, opts: Options):
+        if opts.data is None and opts.refit:
+            logger.warning("no --data: the refit needs calibration data like the deployment inputs; skipped "
+                           "(and without --metric the result is scored on synthesized inputs only)")
+            opts.refit = False
+        self.model, self.opts = model, opts
+        self.float_bytes = quantize.serialize(model)
+        self.metric = quantize.load_metric(opts.metric)
+        plain = runtime.session(self.float_bytes, "cpu", opts.threads, optimize=False)
+        self.held_out: list[dict] = []
+        if opts.data is not None:
+            for i, feeds in enumerate(data_mod.batches(opts.data, plain, opts.preprocess, opts.calib_limit)):
+                if i % 4 == 3 and len(self.held_out) < HELD_OUT:
+                    self.held_out.append(feeds)
+                if opts.progress:
+                    opts.progress(1)
+            if not self.held_out:  # fewer than 4 batches: score on the last one read
+                self.held_out = [feeds]
+        else:
+            self.held_out = [runtime.synthesize(plain, None, seed=s, quiet=True) for s in range(4)]
+        self.rules = fidelity.rules(model, None)
+        self.float_session = runtime.session(self.float_bytes, opts.ep, opts.threads)
+        self.reference = [runtime.run(self.float_session, f) for f in self.held_out]
+        self.last_results: list[dict] = []
+        self.float_score = self.score_session(self.float_session) if self.metric else 1.0
+
+    def calibration(self) -> Iterator[dict]:
+        """The non-held-out batches, streamed from --data again (synthesized without --data)."""
+        if self.opts.data is None:
+            plain = runtime.session(self.float_bytes, "cpu", self.opts.threads, optimize=False)
+            yield from (runtime.synthesize(plain, None, seed=100 + s, quiet=True) for s in range(8))
+            return
+        plain = runtime.session(self.float_bytes, "cpu", self.opts.threads, optimize=False)
+        for i, feeds in enumerate(data_mod.batches(self.opts.data, plain, self.opts.preprocess, self.opts.calib_limit)):
+            if not (i % 4 == 3 and i // 4 < HELD_OUT):
+                yield feeds
+
+    def score_session(self, sess) -> float:
+        if self.metric is not None:
+            try:
+                return float(self.metric(sess))
+            except Exception as e:  # noqa: BLE001 - user code
+                text = (str(e).strip().splitlines() or [""])[0]
+                raise BadInputError(f"--metric '{self.opts.metric}' raised {type(e).__name__}: {text}") from None
+        fid = fidelity.Fidelity(self.rules, self.opts.max_drop)
+        for feeds, ref in zip(self.held_out, self.reference):
+            fid.add(ref, runtime.run_candidate(sess, feeds, list(ref)))
+        self.last_results = fid.results()
+        return min((r["score"] for r in self.last_results), default=1.0)
+
+    def score(self, model: ir.Model | str | os.PathLike) -> float:
+        src = quantize.serialize(model) if isinstance(model, ir.Model) else str(model)
+        return self.score_session(runtime.session(src, self.opts.ep, self.opts.threads))
+
+    def drop(self, model: ir.Model | str | os.PathLike) -> float:
+        return self.float_score - self.score(model)
+
+    def metric_name(self) -> str:
+        return self.opts.metric or "default: " + fidelity.describe(self.last_results)
+
+    def check(self, report: dict) -> Callable[[Path], Budget]:
+        """Score the staged file; fill ``report["accuracy"]``."""
+
+        def check(path: Path) -> Budget:
+            score = self.score(path)
+            drop = self.float_score - score
+            report["accuracy"] = {"metric": self.metric_name(), "float": self.float_score, "pruned": score,
+                                  "drop": drop, "max_drop": self.opts.max_drop}
+            if self.metric is None:
+                report["accuracy"]["outputs"] = self.last_results
+            return Budget(drop <= self.opts.max_drop, self.metric_name(), drop, self.opts.max_drop)
+
+        return check
+
+    # ---------------------------------------------------------------- latency
+    def compare(self, a: bytes, b: bytes, max_blocks: int = MAX_BLOCKS) -> dict:
+        """Paired, interleaved runs of ``a`` and ``b`` on the EP (one held-out batch): the median
+        time ratio a/b and its ~95% interval (``quantize.median_ratio_interval``); verdict
+        "faster" / "slower" when the interval is wholly below / above 1, else "tie"."""
+        feeds = self.held_out[0]
+        sessions = [runtime.session(m, self.opts.ep, self.opts.threads) for m in (a, b)]
+        ins = [{k: v for k, v in feeds.items() if k in {i.name for i in s.get_inputs()}} for s in sessions]
+        for s, f in zip(sessions, ins):
+            for _ in range(3):
+                s.run(None, f)
+        ta: list[float] = []
+        tb: list[float] = []
+        verdict, lo, hi = "tie", 0.0, math.inf
+        for block in range(max_blocks):
+            for i in range(PAIRS):
+                order = (0, 1) if i % 2 == 0 else (1, 0)
+                t = {k: bench.timed_run(sessions[k], ins[k]) for k in order}
+                ta.append(t[0])
+                tb.append(t[1])
+            if block + 1 < MIN_BLOCKS:
+                continue
+            lo, hi = quantize.median_ratio_interval(ta, tb)
+            if hi < 1.0 or lo > 1.0:
+                verdict = "faster" if hi < 1.0 else "slower"
+                break
+        ratio = float(np.median(np.asarray(ta) / np.maximum(np.asarray(tb), 1e-9)))
+        return {"verdict": verdict, "a_ms": float(np.median(ta)), "b_ms": float(np.median(tb)), "ratio": ratio,
+                "interval": [lo, hi], "pairs": len(ta)}
+
+
+# ---------------------------------------------------------------- shared steps
+
+def prepare(input_path: str | os.PathLike) -> tuple[ir.Model, list[str]]:
+    """quantize's preparation (refuses quantized models, folds BN, names nodes) + shape inference."""
+    model, _, notes = quantize.prepare(quantize.load_input(input_path), per_channel=False)
+    try:
+        model = ir_common.ShapeInferencePass()(model).model
+    except Exception as e:  # noqa: BLE001 - onnx shape inference raises many kinds
+        notes.append(f"shape inference failed ({str(e).splitlines()[0]}); channel groups need ranks")
+    return model, notes
+
+
+def warn_unknown(model: ir.Model, exclude: Sequence[str]) -> None:
+    """--exclude names that are neither a node nor an initializer of the prepared model."""
+    known = {n.name for n in model.graph} | set(model.graph.initializers)
+    for name in exclude:
+        if name not in known:
+            logger.warning("--exclude '%s': the prepared model has no node or weight of that name", name)
+
+
+def _check_paths(input_path, output_path) -> None:
+    if io.same_file(input_path, output_path):
+        raise UsageError(f"output {output_path} is the input file; write the result elsewhere")
+    io.check_writable(Path(output_path))
+
+
+def check_sparsity(sparsity: float | None, threshold: float | None = None) -> None:
+    if sparsity is not None and not (0.0 <= sparsity < 1.0) or (sparsity is not None and math.isnan(sparsity)):
+        raise UsageError(f"--sparsity {sparsity}: must be in [0, 1)")
+    if threshold is not None and not threshold >= 0:
+        raise UsageError(f"--threshold {threshold}: must be >= 0")
+
+
+def csr_arrays(w: np.ndarray) -> dict[str, np.ndarray]:
+    """CSR of ``w`` viewed as [out, rest]: float values, int16/int32 column indices, int32 row pointers."""
+    m = w.reshape(w.shape[0], -1)
+    rows_, cols = np.nonzero(m)
+    idx_type = np.int16 if m.shape[1] < 32768 else np.int32
+    return {"data": m[rows_, cols], "indices": cols.astype(idx_type),
+            "indptr": np.r_[0, np.cumsum(np.bincount(rows_, minlength=m.shape[0]))].astype(np.int32)}
+
+
+def file_sizes(model_path: str | os.PathLike, model: ir.Model, layer_names: set[str]) -> dict:
+    """Sizes measured on real bytes: the ONNX file, the file gzip'ed (level 9), and the weights
+    written as one .npz (np.savez, uncompressed) with ``layer_names``' weights in CSR and the other
+    initializers dense.  Returns bytes."""
+    raw = Path(model_path).read_bytes()
+    arrays: dict[str, np.ndarray] = {}
+    for node in model.graph:
+        if node.name in layer_names:
+            for k, v in csr_arrays(node.inputs[1].const_value.numpy()).items():
+                arrays[f"{node.inputs[1].name}.{k}"] = v
+    taken = {k.rsplit(".", 1)[0] for k in arrays}
+    for name, init in model.graph.initializers.items():
+        if name not in taken and init.const_value is not None:
+            arrays[name] = init.const_value.numpy()
+    buf = _io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    return {"file": len(raw), "gzip": len(gzip.compress(raw, 9)), "weights_csr_npz": buf.getbuffer().nbytes}
+
+
+def _commit(model: ir.Model, output_path, report: dict, scorer: Scorer, t_start: float, what: str) -> dict:
+    def refused(_p: Path, _r) -> None:
+        report["seconds"] = time.perf_counter() - t_start
+
+    api.stage_validate_commit(model, output_path, report, check=scorer.check(report), force=scorer.opts.force,
+                              on_refused=refused, refused=f"{what} model not written")
+    return report
+
+
+def _guarded(fn: Callable[[], dict], what: str) -> dict:
+    try:
+        return fn()
+    except (OnnxoptError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        logger.debug("%s failed", what, exc_info=True)
+        raise InternalError(f"{what} failed ({type(e).__name__}: {e}); nothing was written; "
+                            f"please report it (-vv shows the traceback)") from e
+
+
+# ---------------------------------------------------------------- 1. magnitude
+
+def magnitude_prune(model: ir.Model, scorer: Scorer, *, sparsity: float | None, threshold: float | None,
+                    scope: str, exclude: Sequence[str], skip_ends: bool = True) -> tuple[list[dict], dict]:
+    """Prune in place, then refit each pruned layer on its support (in graph order, each on the
+    student as refit so far).  Returns the per-layer records and the refit notes."""
+    warn_unknown(model, exclude)
+    records, _ = pm.prune(model, sparsity=sparsity, threshold=threshold, scope=scope, exclude=exclude,
+                          skip_ends=skip_ends)
+    if not any(r["pruned"] for r in records):
+        raise BadInputError("no prunable layer: no Conv, Gemm or MatMul with a constant float weight besides the first "
+                            "and last layer (and --exclude)")
+    notes: dict[str, str] = {}
+    if scorer.opts.refit:
+        nodes = {n.name: n for n in model.graph}
+        for r in records:
+            if r["pruned"] and r["zeros"]:
+                node = nodes[r["layer"]]
+                mask = refit.weight_matrix(node) != 0
+                notes.update(refit.refit(model, scorer.float_bytes, [r["layer"]], scorer.calibration(),
+                                         masks={r["layer"]: mask}, threads=scorer.opts.threads))
+    for r in records:
+        r["refit"] = notes.get(r["layer"], "")
+    return records, notes
+
+
+def prune_magnitude(input_path, output_path, *, sparsity: float | None = None, threshold: float | None = None,
+                    scope: str = "global", exclude: Sequence[str] = (), opts: Options) -> dict:
+    """``onnxopt prune --sparsity`` / ``--threshold`` (module docstring, 1)."""
+    check_sparsity(sparsity, threshold)
+    if sparsity is None and threshold is None:
+        raise UsageError("give --sparsity, --threshold or --channels")
+    if scope not in pm.SCOPES:
+        raise UsageError(f"--scope '{scope}': expected global or layer")
+    _check_paths(input_path, output_path)
+    t_start = time.perf_counter()
+    model, notes = prepare(input_path)
+    if not pm.layers(model)[0]:
+        raise BadInputError("no prunable layer: no Conv, Gemm or MatMul with a constant float weight")
+    scorer = Scorer(model, opts)
+    candidate = model.clone()
+    records, _ = magnitude_prune(candidate, scorer, sparsity=sparsity, threshold=threshold, scope=scope,
+                                 exclude=exclude)
+    params = sum(r["params"] for r in records)
+    report = api.header("prune", input={"path": str(input_path)}, mode="magnitude", notes=notes, sparsity=sparsity,
+                        threshold=threshold, scope=scope, refit=opts.refit, ep=opts.ep,
+                        layers=records, total_sparsity=sum(r["zeros"] for r in records) / max(params, 1))
+    _commit(candidate, output_path, report, scorer, t_start, "pruned")
+    pruned_names = {r["layer"] for r in records if r["pruned"]}
+    with tempfile.TemporaryDirectory(prefix="onnxopt-sizes-") as tmp:  # the prepared original, same serializer
+        io.save(model, Path(tmp) / "original.onnx")
+        before = file_sizes(Path(tmp) / "original.onnx", model, set())
+    after = file_sizes(output_path, candidate, pruned_names)
+    report["sizes"] = {"original": before, "pruned": after,
+                       "gzip_ratio": before["gzip"] / after["gzip"], "csr_ratio": before["file"] / after["weights_csr_npz"]}
+    report["seconds"] = time.perf_counter() - t_start
+    return report
+
+
+# ---------------------------------------------------------------- 2. channels
+
+def activation_importance(model: ir.Model, group: pc.Group, batches: Sequence[Mapping[str, np.ndarray]],
+                          threads: int = 1) -> np.ndarray:
+    """Per channel: mean |activation| of the tensors the consumers read x outgoing weight norm."""
+    names = sorted({n.inputs[0].name for n in group.consumers})
+    sess = runtime.session(runtime.with_outputs(ir.to_proto(model), names), "cpu", threads)
+    total = np.zeros(group.channels)
+    count = 0
+    for feeds in batches:
+        got = runtime.run_candidate(sess, feeds, names)
+        for name in names:
+            axis, block = group.tensors[name]
+            a = np.moveaxis(np.abs(got[name]).astype(np.float64), axis, -1)
+            offset = group.windows.get(name)
+            if offset is not None:
+                a = a[..., offset:offset + group.channels]
+            a = a.reshape(-1, group.channels, block).mean(axis=(0, 2))
+            total += a
+            count += 1
+    return total / max(count, 1) * pc.outgoing_norms(group)
+
+
+def importance(model: ir.Model, group: pc.Group, criterion: str, batches, threads: int) -> np.ndarray:
+    if criterion == "activation":
+        return activation_importance(model, group, batches, threads)
+    return pc.weight_norms(group, 1 if criterion == "l1" else 2)
+
+
+@dataclasses.dataclass
+class ChannelPlan:
+    fraction: float
+    criterion: str = "activation"
+    latency_guard: bool = True
+    align: int = 8
+    exclude: tuple[str, ...] = ()
+
+
+def try_group(current: ir.Model, gname: str, plan: ChannelPlan, scorer: Scorer, out_index: dict[str, np.ndarray],
+              sample: list[dict]) -> tuple[ir.Model, dict, dict[str, np.ndarray]] | None:
+    """``current`` with group ``gname``'s lowest channels removed (and consumers refit); None when
+    nothing would be removed."""
+    trial = current.clone()
+    g = {x.name: x for x in pc.find_groups(trial)}[gname]
+    n = pc.kept_count(g.channels, plan.fraction, plan.align)
+    if n >= g.channels:
+        return None
+    scores = importance(trial, g, plan.criterion, sample, scorer.opts.threads)
+    keep = np.sort(np.argsort(-scores, kind="stable")[:n])
+    index = dict(out_index)
+    for node in [*g.producers, *g.tied]:  # which of the teacher's output features each still has
+        block = g.tensors[node.outputs[0].name][1]
+        features = (keep[:, None] * block + np.arange(block)[None, :]).reshape(-1)
+        index[node.name] = index.get(node.name, np.arange(g.channels * block))[features]
+    record = {"group": gname, "channels": g.channels, "kept": int(n), "producers": [x.name for x in g.producers],
+              "consumers": [x.name for x in g.consumers], "tied": [x.name for x in g.tied]}
+    consumers = [x.name for x in g.consumers]
+    pc.remove(trial, g, keep)
+    if scorer.opts.refit:
+        record["refit"] = refit.refit(trial, scorer.float_bytes, consumers, scorer.calibration(), out_index=index,
+                                      threads=scorer.opts.threads)
+    return trial, record, index
+
+
+def channel_prune(model: ir.Model, scorer: Scorer, plan: ChannelPlan) -> tuple[ir.Model, list[dict], list[dict]]:
+    """Group by group (module docstring, 2).  Returns the result, per-group records and the
+    unresolved groups."""
+    groups = pc.find_groups(model)
+    unresolved = [g.to_dict() for g in groups if g.reason is not None]
+    for u in unresolved:
+        logger.warning("channel group '%s' left untouched: %s", u["group"], u["reason"])
+    excluded = set(plan.exclude)
+    todo = [g.name for g in groups if g.reason is None
+            and not excluded & {n.name for n in (*g.producers, *g.consumers, *g.tied)}]
+    if not todo:
+        raise BadInputError("no channel group can be pruned" + (f" ({unresolved[0]['group']}: {unresolved[0]['reason']})"
+                                                                  if unresolved else " (no Conv/Gemm/MatMul layers)"))
+    sample = _take(scorer.calibration(), 4)
+    current, records = model, []
+    out_index: dict[str, np.ndarray] = {}
+    current_bytes = scorer.float_bytes
+    for gname in todo:
+        tried = try_group(current, gname, plan, scorer, out_index, sample)
+        if tried is None:
+            records.append({"group": gname, "accepted": False, "why": "too few channels to remove any"})
+            continue
+        trial, record, index = tried
+        record["drop"] = scorer.drop(trial)
+        trial_bytes = quantize.serialize(trial)
+        if record["drop"] > scorer.opts.max_drop:
+            record.update(accepted=False, why=f"accuracy budget: drop {record['drop']:.4g} > {scorer.opts.max_drop:g}")
+        elif plan.latency_guard:
+            c = scorer.compare(trial_bytes, current_bytes)
+            record["latency"] = c
+            ok = c["ratio"] < 1.0 and c["verdict"] != "slower"
+            record.update(accepted=ok, why="" if ok else f"latency guard: not faster on {scorer.opts.ep} "
+                                                         f"(ratio {c['ratio']:.3f}, {c['verdict']})")
+        else:
+            record.update(accepted=True, why="")
+        logger.info("group %s: %d -> %d channels, drop %.4g: %s", gname, record["channels"], record["kept"],
+                    record["drop"], "kept" if record["accepted"] else record["why"])
+        if record["accepted"]:
+            current, out_index, current_bytes = trial, index, trial_bytes
+        records.append(record)
+    return current, records, unresolved
+
+
+def _take(it, n: int) -> list:
+    out = []
+    for x in it:
+        out.append(x)
+        if len(out) >= n:
+            break
+    return out
+
+
+def prune_channels(input_path, output_path, *, fraction: float, criterion: str = "activation",
+                   latency_guard: bool = True, exclude: Sequence[str] = (), opts: Options) -> dict:
+    """``onnxopt prune --channels`` (module docstring, 2)."""
+    if not 0.0 < fraction < 1.0:
+        raise UsageError(f"--channels {fraction}: must be in (0, 1)")
+    if criterion not in CRITERIA:
+        raise UsageError(f"--criterion '{criterion}': expected {', '.join(CRITERIA)}")
+    if opts.data is None:
+        raise UsageError("--channels needs --data (calibration batches for the importance and the refit)")
+    _check_paths(input_path, output_path)
+    t_start = time.perf_counter()
+    model, notes = prepare(input_path)
+    scorer = Scorer(model, opts)
+    warn_unknown(model, exclude)
+    plan = ChannelPlan(fraction, criterion, latency_guard, exclude=tuple(exclude))
+    result, records, unresolved = channel_prune(model, scorer, plan)
+    accepted = [r for r in records if r.get("accepted")]
+    report = api.header("prune", input={"path": str(input_path)}, mode="channels", notes=notes, channels=fraction,
+                        criterion=criterion, refit=opts.refit, ep=opts.ep, latency_guard=latency_guard, groups=records,
+                        unresolved=unresolved, removed_channels=sum(r["channels"] - r["kept"] for r in accepted),
+                        conv_channels={"before": _conv_channels(model), "after": _conv_channels(result)})
+    if accepted:
+        c = scorer.compare(quantize.serialize(result), scorer.float_bytes)
+        report["latency"] = {"float_ms": c["b_ms"], "pruned_ms": c["a_ms"], "speedup": 1.0 / c["ratio"],
+                             "verdict": c["verdict"], "interval": c["interval"], "pairs": c["pairs"],
+                             "threads": opts.threads}
+    else:
+        logger.warning("no channel group could be removed within the budget and the latency guard")
+    _commit(result, output_path, report, scorer, t_start, "pruned")
+    report["seconds"] = time.perf_counter() - t_start
+    return report
+
+
+def _conv_channels(model: ir.Model) -> dict[str, int]:
+    return {n.name: int(n.inputs[1].const_value.shape.numpy()[0]) for n in model.graph
+            if n.op_type == "Conv" and len(n.inputs) > 1 and n.inputs[1].const_value is not None}
+
+
+# ---------------------------------------------------------------- 3. clustering + Deep Compression
+
+def deep_compression(original: ir.Model, pruned: ir.Model, records: list[dict], bits: int) -> list[dict]:
+    """Weight storage per stage (bytes): the fp32 original; after pruning (each layer in CSR when
+    smaller than dense); after clustering (log2 K-bit indices + fp32 codebook); after Huffman
+    coding of the indices (+ codebook + one code-length byte per symbol).  Every other
+    initializer (biases) counts at its size in every stage."""
+    def init_bytes(m: ir.Model) -> dict[str, int]:
+        return {k: v.const_value.nbytes for k, v in m.graph.initializers.items() if v.const_value is not None}
+
+    orig = sum(init_bytes(original).values())
+    clustered = {r["weight"] for r in records}
+    rest = sum(b for k, b in init_bytes(pruned).items() if k not in clustered)
+    totals = [rest] * 3
+    for r in records:
+        r["storage"] = layer_storage(r, bits)
+        for i, key in enumerate(("pruned", "clustered", "huffman")):
+            totals[i] += r["storage"][key]
+    stages = [("original (fp32)", orig), ("pruned (CSR)", totals[0]), (f"clustered ({bits}-bit indices)", totals[1]),
+              ("Huffman-coded indices", totals[2])]
+    return [{"stage": s, "bytes": int(b), "compression_ratio": orig / b} for s, b in stages]
+
+
+def layer_storage(record: dict, bits: int) -> dict[str, int]:
+    """One layer's weight bytes per stage (the columns of the paper's per-layer tables)."""
+    w = record["dense"]
+    hb, symbols = cw.huffman_bits(record["indices"])
+    return {"original": int(w.size * 4), "pruned": int(min(sum(a.nbytes for a in csr_arrays(w).values()), w.nbytes)),
+            "clustered": int(record["codebook"].nbytes + math.ceil(record["indices"].size * bits / 8)),
+            "huffman": int(record["codebook"].nbytes + symbols + math.ceil(hb / 8))}
+
+
+def compress(input_path, output_path, *, clusters: int, sparsity: float | None = None, scope: str = "global",
+             exclude: Sequence[str] = (), opts: Options) -> dict:
+    """``onnxopt compress --cluster K [--sparsity S]`` (module docstring, 3)."""
+    bits = int(round(math.log2(clusters))) if clusters > 0 else 0
+    if clusters < 2 or clusters > 256 or 2 ** bits != clusters:
+        raise UsageError(f"--cluster {clusters}: must be a power of 2 in [2, 256]")
+    check_sparsity(sparsity)
+    _check_paths(input_path, output_path)
+    t_start = time.perf_counter()
+    model, notes = prepare(input_path)
+    if not pm.layers(model)[0]:
+        raise BadInputError("no layer to compress: no Conv, Gemm or MatMul with a constant float weight")
+    scorer = Scorer(model, opts)
+    candidate = model.clone()
+    prune_records: list[dict] = []
+    if sparsity:
+        prune_records, _ = magnitude_prune(candidate, scorer, sparsity=sparsity, threshold=None, scope=scope,
+                                           exclude=exclude)
+    pruned_copy = candidate.clone()
+    dense = {la.name: (la.weight.name, la.weight.const_value.numpy()) for la in pm.layers(candidate)[0]}
+    clusterer = cw.ClusterWeights(clusters, tuple(exclude))
+    clusterer(candidate)
+    records = clusterer.records
+    for r in records:
+        r["weight"], r["dense"] = dense[r["layer"]]
+    stages = deep_compression(model, pruned_copy, records, bits)
+    scores = [scorer.float_score, scorer.score(pruned_copy), scorer.score(candidate)]
+    for stage, score in zip(stages, [*scores, scores[-1]]):
+        stage["score"] = score
+    layers_out = [{"layer": r["layer"], "params": r["params"], "clusters": r["clusters"],
+                   "sparsity": float(np.mean(r["dense"] == 0)),
+                   "huffman_bits_per_weight": cw.huffman_bits(r["indices"])[0] / max(r["params"], 1),
+                   "bytes": r["storage"], "compression_ratio": r["storage"]["original"] / max(r["storage"]["huffman"], 1)}
+                  for r in records]
+    report = api.header("compress", input={"path": str(input_path)}, notes=notes, clusters=clusters, sparsity=sparsity,
+                        scope=scope, refit=opts.refit, ep=opts.ep, layers=layers_out, pruning=prune_records,
+                        deep_compression=stages)
+    _commit(candidate, output_path, report, scorer, t_start, "compressed")
+    report["sizes"] = {"file": Path(output_path).stat().st_size,
+                       "gzip": len(gzip.compress(Path(output_path).read_bytes(), 9))}
+    report["seconds"] = time.perf_counter() - t_start
+    return report
+
+
+def run_guarded(fn: Callable[..., dict], *args, **kwargs) -> dict:
+    """Call a flow; an unexpected exception becomes one InternalError line (exit 4)."""
+    return _guarded(lambda: fn(*args, **kwargs), fn.__name__.replace("_", " "))

@@ -1,0 +1,205 @@
+"""Least-squares refit of a layer on calibration activations, the fp32 model as the teacher.
+
+For a Conv (2-D, any stride/pad/dilation, group 1), Gemm (transA 0) or MatMul with a constant
+weight, the layer's input ``X`` is read from the *student* (the pruned model as it is now) and
+its output ``Y`` from the *teacher* (the fp32 model), on the same calibration batches.  The new
+weight and bias minimize ``|X W + b - Y|^2 + lam |W|^2`` (ridge, bias not regularized,
+``lam = ridge x mean diagonal of X^T X``), in closed form.  Statistics are streamed: per batch
+only ``X^T X`` ([d+1]^2) and ``X^T Y`` ([d+1] x out) are accumulated (d = input channels x kernel
+size; at most ``ROWS_PER_BATCH`` rows are sampled from each batch's positions), so memory is
+flat in the number of batches.  With a ``mask`` (unstructured pruning) each output channel is
+refit on its surviving inputs only (zeros stay zero).
+Conv im2col column order matches the ONNX weight layout ``[out, in, kh, kw]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import runtime
+from onnxopt.base import add_initializer
+
+logger = logging.getLogger("onnxopt")
+ROWS_PER_BATCH = 4096
+RIDGE = 1e-3
+
+
+def _attr_ints(node: ir.Node, name: str, default: list[int]) -> list[int]:
+    a = node.attributes.get(name)
+    return default if a is None else list(a.as_ints())
+
+
+def supports(node: ir.Node) -> str | None:
+    """None when the layer can be refit, else why not."""
+    if node.op_type == "Conv":
+        w = node.inputs[1].const_value
+        if w is None or len(w.shape) != 4:
+            return "only 2-D Conv is refit"
+        a = node.attributes.get("auto_pad")
+        if a is not None and a.as_string() not in ("NOTSET", ""):
+            return "Conv with auto_pad is not refit"
+        if node.attributes.get("group") is not None and node.attributes["group"].as_int() != 1:
+            return "grouped Conv is not refit"
+        return None
+    if node.op_type == "Gemm":
+        a = node.attributes.get("transA")
+        return "Gemm with transA is not refit" if a is not None and a.as_int() else None
+    if node.op_type == "MatMul":
+        return None
+    return f"{node.op_type} is not refit"
+
+
+def rows(node: ir.Node, x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(sampled rows of the layer's input matrix, the flat output positions they belong to)."""
+    if node.op_type != "Conv":
+        flat = x.reshape(-1, x.shape[-1])
+        pick = np.arange(len(flat)) if len(flat) <= ROWS_PER_BATCH else np.sort(rng.choice(len(flat), ROWS_PER_BATCH, False))
+        return flat[pick].astype(np.float64), pick
+    kh, kw = (int(d) for d in node.inputs[1].const_value.shape.numpy()[2:])
+    sh, sw = _attr_ints(node, "strides", [1, 1])
+    dh, dw = _attr_ints(node, "dilations", [1, 1])
+    pt, pl, pb, pr = _attr_ints(node, "pads", [0, 0, 0, 0])
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    n, c, hp, wp = xp.shape
+    ho, wo = (hp - (kh - 1) * dh - 1) // sh + 1, (wp - (kw - 1) * dw - 1) // sw + 1
+    total = n * ho * wo
+    pick = np.arange(total) if total <= ROWS_PER_BATCH else np.sort(rng.choice(total, ROWS_PER_BATCH, False))
+    bn, rem = np.divmod(pick, ho * wo)
+    oy, ox = np.divmod(rem, wo)
+    iy = oy[:, None] * sh + np.arange(kh)[None, :] * dh  # [R, kh]
+    ix = ox[:, None] * sw + np.arange(kw)[None, :] * dw  # [R, kw]
+    patches = xp[bn[:, None, None, None], np.arange(c)[None, :, None, None], iy[:, None, :, None], ix[:, None, None, :]]
+    return patches.reshape(len(pick), c * kh * kw).astype(np.float64), pick
+
+
+def targets(node: ir.Node, y: np.ndarray, pick: np.ndarray) -> np.ndarray:
+    """The teacher outputs at the sampled positions, [R, out]."""
+    if node.op_type == "Conv":
+        flat = y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
+    else:
+        flat = y.reshape(-1, y.shape[-1])
+    return flat[pick].astype(np.float64)
+
+
+@dataclasses.dataclass
+class Stats:
+    xtx: np.ndarray
+    xty: np.ndarray
+    rows: int = 0
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        x1 = np.concatenate([x, np.ones((len(x), 1))], 1)
+        self.xtx += x1.T @ x1
+        self.xty += x1.T @ y
+        self.rows += len(x)
+
+
+def weight_matrix(node: ir.Node) -> np.ndarray:
+    """The weight as [d, out] (rows in the im2col order)."""
+    w = node.inputs[1].const_value.numpy()
+    if node.op_type == "Conv":
+        return w.reshape(w.shape[0], -1).T
+    if node.op_type == "Gemm" and node.attributes.get("transB") is not None and node.attributes["transB"].as_int():
+        return w.T
+    return w
+
+
+def solve(stats: Stats, mask: np.ndarray | None, ridge: float = RIDGE, with_bias: bool = True) -> np.ndarray:
+    """[d+1, out] weights (last row: bias) minimizing the ridge objective; with ``mask`` ([d, out]
+    bool) each column uses only its unmasked rows (the others stay 0)."""
+    d = stats.xtx.shape[0] - 1
+    lam = ridge * max(float(np.mean(np.diag(stats.xtx)[:d])), 1e-12)
+    reg = np.diag(np.r_[np.full(d, lam), 0.0 if with_bias else 1e12])
+    a = stats.xtx + reg
+    if mask is None:
+        return np.linalg.solve(a, stats.xty)
+    out = np.zeros_like(stats.xty)
+    for o in range(stats.xty.shape[1]):
+        keep = np.r_[np.flatnonzero(mask[:, o]), d]
+        out[keep, o] = np.linalg.solve(a[np.ix_(keep, keep)], stats.xty[keep, o])
+    return out
+
+
+def apply(node: ir.Node, solution: np.ndarray, teacher_has_bias: bool) -> None:
+    """Write the solved weight (and bias) into ``node`` (dtype kept; a bias input is added to a
+    Conv/Gemm that had none when the solution needs one)."""
+    w = node.inputs[1]
+    old = w.const_value.numpy()
+    mat, bias = solution[:-1], solution[-1]
+    if node.op_type == "Conv":
+        new = mat.T.reshape(old.shape)
+    elif node.op_type == "Gemm" and node.attributes.get("transB") is not None and node.attributes["transB"].as_int():
+        new = mat.T
+    else:
+        new = mat
+    w.const_value = ir.tensor(np.ascontiguousarray(new.astype(old.dtype)), name=w.name)
+    if node.op_type == "MatMul":
+        return
+    bias = bias.astype(old.dtype)
+    if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].const_value is not None:
+        b = node.inputs[2]
+        if b.const_value.size == bias.size and len(b.uses()) == 1:
+            b.const_value = ir.tensor(bias.reshape(b.const_value.shape), name=b.name)
+            return
+    if len(node.inputs) == 2 and (teacher_has_bias or np.any(bias)):
+        if node.op_type == "Gemm" and node.attributes.get("beta") is not None and node.attributes["beta"].as_float() != 1.0:
+            return
+        node.resize_inputs(3)
+        node.replace_input_with(2, add_initializer(node.graph, f"{w.name}_bias", bias))
+
+
+def refit(student: ir.Model, teacher_bytes: bytes, layers: Iterable[str], batches: Iterable[Mapping[str, np.ndarray]],
+          out_index: Mapping[str, np.ndarray] | None = None, masks: Mapping[str, np.ndarray] | None = None,
+          ridge: float = RIDGE, threads: int = 1, seed: int = 0) -> dict[str, str]:
+    """Refit the named layers of ``student`` (in place) together from one streamed pass over
+    ``batches``; ``out_index[layer]``: which of the teacher's output channels the student layer
+    still has (structured pruning); ``masks[layer]``: [d, out] bool support (unstructured).
+    Returns layer -> "refit on N rows" or why it was not."""
+    nodes = {n.name: n for n in student.graph}
+    todo, notes = [], {}
+    for name in layers:
+        node = nodes.get(name)
+        why = "not in the model" if node is None else supports(node)
+        if why:
+            notes[name] = why
+        else:
+            todo.append(node)
+    if not todo:
+        return notes
+    ins = [n.inputs[0].name for n in todo]
+    outs = [n.outputs[0].name for n in todo]
+    s_sess = runtime.session(runtime.with_outputs(ir.to_proto(student), ins), "cpu", threads)
+    t_sess = runtime.session(_teacher_with(teacher_bytes, outs), "cpu", threads)
+    stats: dict[str, Stats] = {}
+    rng = np.random.default_rng(seed)
+    for feeds in batches:
+        xs = runtime.run_candidate(s_sess, feeds, ins)
+        ys = runtime.run_candidate(t_sess, feeds, outs)
+        for node in todo:
+            x, pick = rows(node, xs[node.inputs[0].name], rng)
+            y = targets(node, ys[node.outputs[0].name], pick)
+            if out_index and node.name in out_index:
+                y = y[:, out_index[node.name]]
+            st = stats.setdefault(node.name, Stats(np.zeros((x.shape[1] + 1,) * 2), np.zeros((x.shape[1] + 1, y.shape[1]))))
+            st.add(x, y)
+    for node in todo:
+        st = stats.get(node.name)
+        if st is None:
+            notes[node.name] = "no calibration rows"
+            continue
+        with_bias = node.op_type != "MatMul"
+        mask = masks.get(node.name) if masks else None
+        apply(node, solve(st, mask, ridge, with_bias), with_bias)
+        notes[node.name] = f"refit on {st.rows} rows"
+    return notes
+
+
+def _teacher_with(teacher_bytes: bytes, names: list[str]) -> bytes:
+    import onnx
+
+    return runtime.with_outputs(onnx.load_from_string(teacher_bytes), names)
