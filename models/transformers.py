@@ -164,6 +164,10 @@ def build(name: str, out_dir: Path = HERE):
         else:
             torch.onnx.export(module, args, str(path), dynamo=True, opset_version=18, input_names=inputs,
                               output_names=outputs, dynamic_shapes=dynamic, external_data=False, verbose=False)
+    data = out_dir / "data" / f"{arch}_inputs.npz"
+    if not data.exists():  # one batch for `onnxopt optimize --data` (synthesized ids would be out of range)
+        data.parent.mkdir(exist_ok=True)
+        np.savez(data, **feeds(arch, batch=2, seq=8, past=4))
     model = onnx.load(str(path))
     model.metadata_props.add(key="source", value=f"models/transformers.py {name}")
     onnx.checker.check_model(model)

@@ -128,7 +128,8 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
             raise ValidationRefused(f"pass '{spec}' changed the outputs: {check.summary()}")
 
     t0 = time.perf_counter()
-    run = pipeline.run(model, specs, after_pass=verify if verify_each else None)
+    feeds = [p.feeds for p in validator.points if p.reference is not None] if validator else None
+    run = pipeline.run(model, specs, after_pass=verify if verify_each else None, feeds=feeds)
     model = run.model
     optimize_seconds = time.perf_counter() - t0
 
