@@ -213,7 +213,10 @@ def _isolated(label: Callable[[dict], str], output: str | None = None):
 
 class _LineFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return f"onnxopt: {record.levelname.lower()}: {record.getMessage()}"
+        line = f"onnxopt: {record.levelname.lower()}: {record.getMessage()}"
+        if record.exc_info and record.levelno <= logging.DEBUG:  # -vv: the traceback a debug record carries
+            line += "\n" + self.formatException(record.exc_info)
+        return line
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:

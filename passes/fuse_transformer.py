@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 #: com.microsoft ops that hold a whole attention block (what "attention fused" counts)
 ATTENTION_OPS = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
                            "PackedMultiHeadAttention"})
+#: com.microsoft ops that only a transformer fusion creates (a candidate must create one of them)
+TRANSFORMER_OPS = ATTENTION_OPS | {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "EmbedLayerNormalization",
+                                   "BiasGelu", "FastGelu", "Gelu", "RotaryEmbedding", "SimplifiedLayerNormalization"}
 #: the canonicalization below turns a one-element 1-D constant into a scalar in these ops
 _BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min", "Equal", "Less", "Greater"})
 #: our passes that run on a copy before the second fusion attempt (sound on every model; they
@@ -158,7 +161,8 @@ ENGINES: dict[str, Callable[[ir.Model, str, int, int], ir.Model]] = {
 def _quiet_libraries():
     """The fusion libraries log every step at INFO (onnx_ir's passes) and ORT's optimizer prints to
     stdout; both go to our debug log instead."""
-    loggers = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript", "onnxruntime", "fusion")]
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(("fusion_", "onnx_model", "optimizer"))]
+    loggers = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript", "onnxruntime", *names)]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR if not logger.isEnabledFor(logging.DEBUG) else lg.level)
@@ -185,10 +189,12 @@ class Candidate:
         return (-self.attention, self.softmax, self.nodes)
 
 
+def _fused_ops(model: ir.Model, kinds: frozenset | set) -> int:
+    return sum(n for op, n in op_histogram(model).items() if op.startswith("com.microsoft::") and op.split("::")[1] in kinds)
+
+
 def _describe(model: ir.Model) -> tuple[int, int, int]:
-    hist = op_histogram(model)
-    attention = sum(n for op, n in hist.items() if op.startswith("com.microsoft::") and op.split("::")[1] in ATTENTION_OPS)
-    return attention, hist.get("Softmax", 0), count_nodes(model)
+    return _fused_ops(model, ATTENTION_OPS), op_histogram(model).get("Softmax", 0), count_nodes(model)
 
 
 def _restore_interface(original: ir.Model, fused: ir.Model) -> str | None:
@@ -260,7 +266,7 @@ class FuseTransformer(FunctionalOptPass):
     def _prepared(self, model: ir.Model) -> ir.Model:
         from onnxopt import pipeline
 
-        return pipeline.run(model.clone(), pipeline.parse(PREPARE)).model
+        return pipeline.run(ir.from_proto(ir.to_proto(model)), pipeline.parse(PREPARE)).model
 
     def _candidates(self, work: ir.Model, model_type: str, heads: int, hidden: int,
                     skipped: collections.Counter) -> list[Candidate]:
@@ -271,7 +277,7 @@ class FuseTransformer(FunctionalOptPass):
                 label = f"{engine} ({where})"
                 try:
                     with _quiet_libraries():
-                        fused = fuse(base.clone(), model_type, heads, hidden)
+                        fused = fuse(ir.from_proto(ir.to_proto(base)), model_type, heads, hidden)
                 except Exception as e:  # noqa: BLE001 - an external fusion failing is a skip, never a crash
                     logger.debug("fuse-transformer: %s failed", label, exc_info=True)
                     skipped[f"{label} failed ({type(e).__name__}: {e})"] += 1
@@ -327,13 +333,16 @@ class FuseTransformer(FunctionalOptPass):
         if io.weight_bytes(model) > io.EXTERNAL_DATA_THRESHOLD:
             skipped["weights over 2 GB: the fusions need an in-memory protobuf"] += 1
             return self.result(model.clone(), collections.Counter(), skipped)
-        work = model.clone()  # loading its weights below must not touch the caller's model
+        work = model.clone()
         ir_external_data.load_to_model(work)
+        # a clone shares tensors, whose names the libraries' passes rename: copy through a protobuf
+        work = ir.from_proto(ir.to_proto(work))
         model_type = detect_model_type(work) if self.model_type == "auto" else self.model_type
         heads, hidden = (self.num_heads, self.hidden_size) if self.num_heads else detect_heads(work)
         before = _describe(work)
+        fused_before = _fused_ops(work, TRANSFORMER_OPS)
         candidates = [c for c in self._candidates(work, model_type, heads, hidden, skipped)
-                      if c.key() < (-before[0], before[1], before[2])]
+                      if c.key() < (-before[0], before[1], before[2]) and _fused_ops(c.model, TRANSFORMER_OPS) > fused_before]
         candidates.sort(key=Candidate.key)
         chosen = self._check(work, candidates, skipped) if candidates else None
         if chosen is None:
