@@ -15,7 +15,7 @@ import onnx_ir as ir
 from onnx_ir import external_data as ir_external_data
 
 from onnxopt import io
-from onnxopt.base import NO_MATCH, FunctionalOptPass, Match, count_nodes, is_constant, op_histogram
+from onnxopt.base import NO_MATCH, FunctionalOptPass, Match, add_initializer, count_nodes, is_constant, op_histogram
 from onnxopt.errors import BadInputError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ TRANSFORMER_OPS = ATTENTION_OPS | {"SkipLayerNormalization", "SkipSimplifiedLaye
 _BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min", "Equal", "Less", "Greater"})
 #: our passes that run on a copy before the second fusion attempt (sound on every model; they
 #: fold the TorchScript exporter's shape arithmetic, which hides attention from the matchers)
-PREPARE = "cleanup,fold-constants,fold-shapes,simplify"
+PREPARE = "cleanup,fold-constants,fold-shapes,simplify{size-rules=false}"
 
 
 def detect_heads(model: ir.Model) -> tuple[int, int]:
@@ -68,14 +68,7 @@ def scalarize_broadcast_constant(node: ir.Node, index: int, graph: ir.Graph) -> 
     others = [v for i, v in enumerate(node.inputs) if i != index and v is not None]
     if not any(v.shape is not None and len(v.shape) >= 1 for v in others):
         return Match.fail("no other input of known rank >= 1 (a [1] constant may set the output's rank)")
-    array = value.const_value.numpy().reshape(())
-    name = f"{value.name}_scalar"
-    scalar = graph.initializers.get(name)
-    if scalar is None:
-        scalar = ir.Value(name=name, const_value=ir.tensor(np.array(array), name=name),
-                          type=ir.TensorType(value.const_value.dtype), shape=ir.Shape([]))
-        graph.register_initializer(scalar)
-    node.replace_input_with(index, scalar)
+    node.replace_input_with(index, add_initializer(graph, f"{value.name}_scalar", value.const_value.numpy().reshape(())))
     return Match.ok()
 
 
@@ -100,7 +93,11 @@ def _with_inferred_shapes(model: ir.Model) -> ir.Model:
     del proto.graph.value_info[:]
     for out in proto.graph.output:
         out.type.tensor_type.ClearField("shape")
-    inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+    except Exception:  # noqa: BLE001 - e.g. a Constant with value_ints; onnxscript infers shapes itself
+        logger.debug("fuse-transformer: ORT symbolic shape inference failed", exc_info=True)
+        inferred = None
     return ir.from_proto(inferred if inferred is not None else proto)
 
 
@@ -123,8 +120,7 @@ def flatten_gemm_input(node: ir.Node, graph: ir.Graph) -> Match:
         return Match.fail("transA is set")
     trans_b = node.attributes.get("transB")
     k = weight.shape[1] if trans_b is not None and trans_b.as_int() else weight.shape[0]
-    shape = ir.Value(name=f"{node.name}_flatten_shape", const_value=ir.tensor(np.array([-1, k], np.int64)))
-    graph.register_initializer(shape)
+    shape = add_initializer(graph, f"{node.name}_flatten_shape", np.array([-1, k], np.int64))
     reshape = ir.node("Reshape", [node.inputs[0], shape], name=f"{node.name}_flatten")
     graph.insert_before(node, reshape)
     node.replace_input_with(0, reshape.outputs[0])
@@ -226,8 +222,8 @@ class FuseTransformer(FunctionalOptPass):
     """Fuse attention, LayerNorm, GELU and bias patterns into ONNX Runtime's com.microsoft ops.
 
     Tries each fusion engine on the model as it is and on a copy first simplified by our sound
-    passes (``cleanup,fold-constants,fold-shapes,simplify``, which fold the TorchScript exporter's
-    shape arithmetic that hides attention): ``onnxscript`` (onnxscript.rewriter.ort_fusions, whose
+    passes (``PREPARE``: cleanup, fold-constants, fold-shapes, simplify without its size-only rules;
+    they fold the TorchScript exporter's shape arithmetic that hides attention): ``onnxscript`` (onnxscript.rewriter.ort_fusions, whose
     pattern/check/rewrite rules match the dynamo exporter's SDPA decompositions, opset-18
     LayerNormalization and Erf-GELU, into Attention/MultiHeadAttention, SkipLayerNormalization,
     BiasGelu/FastGelu), run after our canonicalization (scalar ``[1]`` constants, ORT symbolic

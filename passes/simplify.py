@@ -58,6 +58,9 @@ class Simplify(OptPass):
     - ``Conv(Pad(x))`` with zero constant padding on spatial dims -> Conv with the pads;
     - MatMuls reading the same A with constant 2-D weights of the same row count (each used only
       there) -> one MatMul with the weights concatenated + Split on the last axis (Q/K/V);
+    ``size-rules=false`` turns off the rules that only shrink the graph and whose results the
+    transformer fusion patterns do not match (Unsqueeze chains, and/or neutral elements, Reshape
+    round trips, the Q/K/V merge);
     - ``Add(MatMul(A, B), C)`` -> ``Gemm(A, B, C)`` for 2-D A, constant 2-D B and constant C of
       shape [N] or [1, N].
     Shapes come from onnxopt.shapes (declared intermediate/output shapes are not believed).
@@ -67,6 +70,11 @@ class Simplify(OptPass):
     """
 
     name = "simplify"
+
+    def __init__(self, size_rules: bool = True):
+        super().__init__()
+        # off: fuse-transformer's preparation (fusion patterns match the exporter's Q/K/V and mask form)
+        self.size_rules = size_rules
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         changed: collections.Counter = collections.Counter()
@@ -82,6 +90,8 @@ class Simplify(OptPass):
                 for rule in RULES.get(node.op_type, ()):
                     if node.graph is None:
                         break
+                    if not self.size_rules and (rule in SIZE_RULES or node.op_type in ("And", "Or")):
+                        continue
                     rule(node, ctx).tally(changed, skipped, rule.__doc__.strip().splitlines()[0], rule.__name__.strip("_"))
             if sum(changed.values()) == before:
                 break
@@ -500,6 +510,9 @@ def _parallel_matmuls(node: ir.Node, ctx: Context) -> Match:
         graph.remove(sibling, safe=True)
     return Match.ok()
 
+
+#: see Simplify's ``size_rules``
+SIZE_RULES = frozenset({_unsqueeze_chain, _reshape_roundtrip, _parallel_matmuls})
 
 RULES: dict[str, tuple[Rule, ...]] = {
     "Add": (_identity_arith, _matmul_add_gemm),

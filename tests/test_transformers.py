@@ -159,3 +159,32 @@ def test_pass_leaves_its_input_alone_and_is_a_no_op_on_a_cnn():
     result = FuseTransformer()(model)
     assert not result.modified
     assert ir.to_proto(model).SerializeToString() == before
+
+
+RNN_POINTS = {"crnn": [(1, 1, 32, 64), (3, 1, 32, 48)], "text_crnn": [(1, 1, 32, 128), (2, 1, 32, 96)],
+              "glyph_crnn": [(1, 1, 32, 128), (2, 1, 32, 96)]}
+
+
+def _peer_nodes(path) -> int:
+    """min(onnxsim, onnxslim) node count with their default settings."""
+    onnxsim = pytest.importorskip("onnxsim", reason="onnxsim is in the bench extra")
+    onnxslim = pytest.importorskip("onnxslim", reason="onnxslim is in the bench extra")
+    simplified, ok = onnxsim.simplify(onnx.load(str(path)))
+    assert ok
+    return min(count_graph_nodes(simplified.graph), count_graph_nodes(onnxslim.slim(onnx.load(str(path))).graph))
+
+
+@pytest.mark.parametrize("name", [*tmodels.NAMES, *RNN_POINTS])
+def test_default_pipeline_as_small_as_onnxsim_and_onnxslim(name):
+    path = ROOT / "models" / f"{name}.onnx"
+    model = ir.to_proto(pipeline.run(ir.serde.deserialize_model(onnx.load(str(path))),
+                                     pipeline.parse(pipeline.DEFAULT_PIPELINE)).model)
+    assert count_graph_nodes(model.graph) <= _peer_nodes(path)
+    if name in RNN_POINTS:
+        rng = np.random.default_rng(0)
+        points = [{"line": rng.standard_normal(shape).astype(np.float32)} for shape in RNN_POINTS[name]]
+    else:
+        points = _feeds(name)
+    for feeds in points:
+        for ref, got in zip(ort_run(path, feeds), ort_run(model, feeds)):
+            assert ref.shape == got.shape and np.max(np.abs(ref - got)) <= 1e-4
