@@ -104,6 +104,14 @@ def _parse_items(text: str) -> list[PassSpec]:
     return specs
 
 
+def with_option(specs: list[PassSpec], name: str, key: str, value: object, flag: str) -> list[PassSpec]:
+    """``specs`` with option ``key`` of every pass ``name`` set to ``value`` (a CLI flag such as
+    ``--model-type`` that stands for a pass option); a UsageError when no such pass is in them."""
+    if not any(s.name == name for s in specs):
+        raise UsageError(f"{flag} applies to the pass '{name}', which is not in the pipeline (add it with -p)")
+    return [PassSpec(s.name, {**s.options, key: value}) if s.name == name else s for s in specs]
+
+
 #: Constructor arguments the pipeline supplies itself (not options in pipeline text):
 #: ``start_bytes``, the model's serialized size when the pipeline started (fold-constants' budget).
 #: ``feeds``, the validation's input points (fuse-transformer checks its candidates on them).

@@ -117,13 +117,25 @@ def test_dynamo_gpt2_ort_indexerror_is_a_skip_with_reason_and_traceback_at_vv(cl
 
 def test_cli_default_and_fusion_report_says_onnxruntime_only(cli, tmp_path):
     out, rep = tmp_path / "v.onnx", tmp_path / "r.json"
-    result = cli("optimize", ROOT / "models" / "vit_dynamo.onnx", "-o", out, "-p", "default,fuse-transformer", "--report", rep)
+    result = cli("optimize", ROOT / "models" / "vit_dynamo.onnx", "-o", out, "-p", "default,fuse-transformer", "--report", rep,
+                 "--model-type", "vit")
     assert result.exit_code == 0, result.output
     report = json.loads(rep.read_text())
     assert report["validation"]["ok"] and report["validation"]["max_abs"] < 1e-4
-    changed = report["passes"]["fuse-transformer"]["changed"]
+    changed = report["passes"]["fuse-transformer{model-type=vit}"]["changed"]
     assert any("runs on ONNX Runtime only" in k for k in changed), changed
-    assert report["pipeline"].startswith("fuse-transformer,cleanup,")
+    assert report["pipeline"].startswith("fuse-transformer{model-type=vit},cleanup,")
+
+
+@pytest.mark.parametrize("pipeline_text, message", [
+    ("default,fuse-transformer", "unknown model-type 'encoder' (known: auto, "),
+    ("default", "--model-type applies to the pass 'fuse-transformer', which is not in the pipeline"),
+])
+def test_model_type_flag_errors_are_usage_errors(cli, tmp_path, pipeline_text, message):
+    out = tmp_path / "o.onnx"
+    result = cli("optimize", ROOT / "models" / "vit_dynamo.onnx", "-o", out, "-p", pipeline_text, "--model-type", "encoder")
+    assert result.exit_code == 1 and not out.exists()
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_model_type_detected_from_the_interface():
