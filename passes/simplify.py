@@ -58,6 +58,8 @@ class Simplify(OptPass):
     - ``Conv(Pad(x))`` with zero constant padding on spatial dims -> Conv with the pads;
     - MatMuls reading the same A with constant 2-D weights of the same row count (each used only
       there) -> one MatMul with the weights concatenated + Split on the last axis (Q/K/V);
+    - an all-zero initial state (a zero constant or ``ConstantOfShape`` of 0) of LSTM/GRU/RNN -> the
+      input left out (the operators' default is zeros); the Shape chain computing it dies;
     ``size-rules=false`` turns off the rules that only shrink the graph and whose results the
     transformer fusion patterns do not match (Unsqueeze chains, and/or neutral elements, Reshape
     round trips, the Q/K/V merge);
@@ -511,6 +513,33 @@ def _parallel_matmuls(node: ir.Node, ctx: Context) -> Match:
     return Match.ok()
 
 
+def _is_zeros(value: ir.Value | None) -> bool:
+    """A constant of zeros, or ConstantOfShape whose fill value is zero (or left at its default 0)."""
+    arr = constant(value)
+    if arr is not None:
+        return bool(arr.size) and not np.any(arr)
+    producer = _producer(value, "ConstantOfShape")
+    if producer is None:
+        return False
+    fill = producer.attributes.get("value")
+    return fill is None or not np.any(fill.as_tensor().numpy())
+
+
+def _rnn_zero_state(node: ir.Node, ctx: Context) -> Match:
+    """zero initial state of LSTM/GRU/RNN left to its default"""
+    slots = (5, 6) if node.op_type == "LSTM" else (5,)  # initial_h (and initial_c): default 0
+    zeros = [i for i in slots if i < len(node.inputs) and node.inputs[i] is not None and _is_zeros(node.inputs[i])]
+    if not zeros:
+        return NO_MATCH
+    if any(node.inputs[i].is_graph_input() for i in zeros):
+        return Match.fail("the initial state is a graph input")
+    for i in zeros:
+        node.replace_input_with(i, None)
+    while node.inputs and node.inputs[-1] is None:  # trailing omitted inputs are dropped
+        node.resize_inputs(len(node.inputs) - 1)
+    return Match.ok()
+
+
 #: see Simplify's ``size_rules``
 SIZE_RULES = frozenset({_unsqueeze_chain, _reshape_roundtrip, _parallel_matmuls})
 
@@ -535,4 +564,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "Upsample": (_noop,),
     "Conv": (_pad_into_conv,),
     "MatMul": (_parallel_matmuls,),
+    "LSTM": (_rnn_zero_state,),
+    "GRU": (_rnn_zero_state,),
+    "RNN": (_rnn_zero_state,),
 }

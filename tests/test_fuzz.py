@@ -106,8 +106,9 @@ def test_generator_covers_the_patterns():
 
 
 # ------------------------------------------------------------------ issue 13's simplify rules
-# Focused graphs for the rules the transformer exports needed (Unsqueeze chains, x and true,
-# Reshape round trips around elementwise chains, parallel MatMuls on one input), with symbolic
+# Focused graphs for the rules the transformer and RNN exports needed (Unsqueeze chains, x and true,
+# Reshape round trips around elementwise chains, parallel MatMuls on one input, zero LSTM/GRU/RNN
+# initial states), with symbolic
 # or static dims, negative axes, targets that are and are not x's shape, shared intermediates.
 
 def _transformer_rule_graph(draw) -> strategies.Case:
@@ -123,7 +124,7 @@ def _transformer_rule_graph(draw) -> strategies.Case:
         inits.append(nh.from_array(np.asarray(arr), name))
         return name
 
-    kind = draw(st.sampled_from(["unsqueeze", "and", "roundtrip", "qkv"]))
+    kind = draw(st.sampled_from(["unsqueeze", "and", "roundtrip", "qkv", "rnn"]))
     if kind == "unsqueeze":
         a, b2 = draw(st.sampled_from([[0], [1], [-1], [0, 2]])), draw(st.sampled_from([[0], [2], [-1], [1, 4]]))
         nodes += [h.make_node("Unsqueeze", ["x", const("a", np.array(a, np.int64))], ["u"]),
@@ -152,6 +153,21 @@ def _transformer_rule_graph(draw) -> strategies.Case:
         outs.append("y")
         if draw(st.booleans()):
             outs.append("m")  # a value inside the chain is a graph output
+    elif kind == "rnn":  # x as [seq, batch, 4]; the initial state from the batch dim, zero or not
+        op, hidden = draw(st.sampled_from(["LSTM", "GRU", "RNN"])), 3
+        gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+        rng = np.random.default_rng(7)
+        w = const("W", (rng.standard_normal((1, gates * hidden, 4)) * 0.5).astype(np.float32))
+        r = const("R", (rng.standard_normal((1, gates * hidden, hidden)) * 0.5).astype(np.float32))
+        fill = draw(st.sampled_from([0.0, 0.0, 0.5]))
+        nodes += [h.make_node("Shape", ["x"], ["sh"]),
+                  h.make_node("Gather", ["sh", const("one", np.array([1], np.int64))], ["bt"], axis=0),
+                  h.make_node("Concat", [const("nd", np.array([1], np.int64)), "bt", const("hd", np.array([hidden], np.int64))],
+                              ["st"], axis=0),
+                  h.make_node("ConstantOfShape", ["st"], ["h0"], value=nh.from_array(np.array([fill], np.float32)))]
+        states = ["h0", "h0"] if op == "LSTM" else ["h0"]
+        nodes.append(h.make_node(op, ["x", w, r, "", "", *states], ["ys", "yh"], hidden_size=hidden))
+        outs += ["ys", "yh"]
     else:
         widths = draw(st.sampled_from([[4, 4], [4, 2, 4], [3, 5]]))
         rng = np.random.default_rng(len(widths))
@@ -174,7 +190,7 @@ def _transformer_rule_graph(draw) -> strategies.Case:
 
 
 @pytest.mark.parametrize("label,text", [("simplify", "simplify"), ("default", oracle.pipeline.DEFAULT_PIPELINE)])
-@settings(max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=150, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 @given(data=__import__("hypothesis").strategies.data())
 def test_transformer_rules_on_random_graphs(label, text, data):
     case = _transformer_rule_graph(data.draw)
