@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import io as io_mod
 import logging
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -15,7 +16,17 @@ import onnx_ir as ir
 from onnx_ir import external_data as ir_external_data
 
 from onnxopt import io
-from onnxopt.base import NO_MATCH, FunctionalOptPass, Match, add_initializer, count_nodes, is_constant, op_histogram
+from onnxopt.base import (
+    NO_MATCH,
+    FunctionalOptPass,
+    Match,
+    add_initializer,
+    count_nodes,
+    is_constant,
+    op_histogram,
+    remove_dead_producers,
+    substitute,
+)
 from onnxopt.errors import BadInputError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -127,6 +138,88 @@ def flatten_gemm_input(node: ir.Node, graph: ir.Graph) -> Match:
     return Match.ok()
 
 
+_TANH_GELU = (0.5, math.sqrt(2.0 / math.pi), 0.044715)  # 0.5 x (1 + tanh(c (x + k x^3)))
+
+
+def _factors(value: ir.Value, top: bool = True) -> list[ir.Value]:
+    """The operands of a product tree of Mul nodes ending at ``value`` (inner products single-use)."""
+    node = value.producer()
+    if node is None or node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or (not top and len(value.uses()) != 1):
+        return [value]
+    return [f for v in node.inputs for f in _factors(v, top=False)]
+
+
+def _split_constants(values: list[ir.Value]) -> tuple[float | None, list[ir.Value]]:
+    """(product of the scalar constants, the other values); None when a constant is not a scalar."""
+    product, rest = 1.0, []
+    for v in values:
+        arr = v.const_value.numpy() if is_constant(v) else None
+        if arr is None:
+            rest.append(v)
+        elif arr.size != 1:
+            return None, rest
+        else:
+            product *= float(arr.reshape(-1)[0])
+    return product, rest
+
+
+def _single_use_producer(value: ir.Value, op: str) -> ir.Node | None:
+    node = value.producer()
+    ok = node is not None and node.op_type == op and node.domain in ("", "ai.onnx")
+    return node if ok and len(value.uses()) == 1 and not value.is_graph_output() else None
+
+
+def _add_operands(node: ir.Node | None, wanted_constant: float | None) -> list[ir.Value] | None:
+    """An Add's inputs; with ``wanted_constant``, the non-constant one after checking the other."""
+    if node is None or len(node.inputs) != 2:
+        return None
+    if wanted_constant is None:
+        return list(node.inputs)
+    scale, rest = _split_constants(list(node.inputs))
+    return rest if scale is not None and len(rest) == 1 and math.isclose(scale, wanted_constant, rel_tol=1e-4) else None
+
+
+def fuse_fast_gelu(node: ir.Node, graph: ir.Graph) -> Match:
+    """Pattern: the tanh GELU ``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))`` in any
+    association of its products and sums (HF GPT-2's ``gelu_new``; onnxscript 0.7's rule matches
+    one order only), cubes as ``Pow(x, 3)``.  Check: the constants within 1e-4 relative, every
+    intermediate used once, x float.  Rewrite: com.microsoft ``FastGelu(x)``."""
+    if node.op_type != "Mul" or node.domain not in ("", "ai.onnx"):
+        return NO_MATCH
+    half, rest = _split_constants(_factors(node.outputs[0]))
+    if half is None or len(rest) != 2 or not math.isclose(half, _TANH_GELU[0], rel_tol=1e-4):
+        return NO_MATCH
+    for x, s in (rest, rest[::-1]):
+        one_plus = _add_operands(_single_use_producer(s, "Add"), 1.0)
+        tanh = _single_use_producer(one_plus[0], "Tanh") if one_plus else None
+        if tanh is None:
+            continue
+        scale, inner = _split_constants(_factors(tanh.inputs[0], top=False))
+        if scale is None or len(inner) != 1 or not math.isclose(scale, _TANH_GELU[1], rel_tol=1e-4):
+            return Match.fail("tanh argument is not sqrt(2/pi) * (...)")
+        terms = _add_operands(_single_use_producer(inner[0], "Add"), None)
+        if terms is None or x not in terms:
+            return Match.fail("tanh argument is not x + k x^3")
+        k, cube = _split_constants(_factors(terms[1] if terms[0] is x else terms[0], top=False))
+        power = _single_use_producer(cube[0], "Pow") if len(cube) == 1 else None
+        exponent = power.inputs[1].const_value.numpy() if power is not None and is_constant(power.inputs[1]) else None
+        if (k is None or not math.isclose(k, _TANH_GELU[2], rel_tol=1e-4) or power is None or power.inputs[0] is not x
+                or exponent is None or exponent.size != 1 or float(exponent.reshape(-1)[0]) != 3.0):
+            return Match.fail("the cubic term is not 0.044715 * Pow(x, 3)")
+        if x.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, None):
+            return Match.fail("x is not float")
+        gelu = ir.node("FastGelu", [x], domain="com.microsoft", name=f"{node.name or 'gelu'}_fast_gelu")
+        graph.insert_before(node, gelu)
+        inputs = list(node.inputs)
+        reason = substitute(node, gelu.outputs[0])
+        if reason:
+            graph.remove(gelu, safe=True)
+            return Match.fail(reason)
+        remove_dead_producers(inputs)
+        return Match.ok()
+    return NO_MATCH
+
+
 def _onnxscript(model: ir.Model, model_type: str, num_heads: int, hidden_size: int) -> ir.Model:
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
@@ -134,7 +227,9 @@ def _onnxscript(model: ir.Model, model_type: str, num_heads: int, hidden_size: i
     _canonicalize(work, collections.Counter())
     fused, _ = optimize_for_ort(work)
     for node in list(fused.graph):
-        flatten_gemm_input(node, fused.graph)
+        if node.graph is not None:
+            flatten_gemm_input(node, fused.graph)
+            fuse_fast_gelu(node, fused.graph)
     return fused
 
 

@@ -16,7 +16,13 @@ from onnx import helper as h
 
 from models import transformers as tmodels
 from onnxopt import pipeline
-from onnxopt.passes.fuse_transformer import ATTENTION_OPS, FuseTransformer, detect_model_type, scalarize_broadcast_constant
+from onnxopt.passes.fuse_transformer import (
+    ATTENTION_OPS,
+    FuseTransformer,
+    detect_model_type,
+    fuse_fast_gelu,
+    scalarize_broadcast_constant,
+)
 from tests.helpers import ROOT, count_graph_nodes, ort_run
 
 FAST = ["bert_ts", "bert_dynamo", "gpt2_dynamo", "vit_ts", "vit_dynamo"]
@@ -74,6 +80,8 @@ def test_every_attention_block_fused_with_no_more_nodes_than_ort(fused, name):
     ops = _ops(model)
     assert sum(ops[op] for op in ATTENTION_OPS) == blocks and ops["Softmax"] == 0, ops
     assert ops["SkipLayerNormalization"] >= 2 * tmodels.LAYERS - 1, ops
+    gelu = ops["FastGelu"] + ops["Gelu"] + ops["BiasGelu"]
+    assert gelu == tmodels.LAYERS and (ops["FastGelu"] == tmodels.LAYERS) is (_arch(name) == "gpt2"), ops
     assert count_graph_nodes(model.graph) <= _ort_optimizer_nodes(name)
     assert {o.domain for o in model.opset_import} >= {"", "com.microsoft"}
 
@@ -200,3 +208,32 @@ def test_default_pipeline_as_small_as_onnxsim_and_onnxslim(name):
     for feeds in points:
         for ref, got in zip(ort_run(path, feeds), ort_run(model, feeds)):
             assert ref.shape == got.shape and np.max(np.abs(ref - got)) <= 1e-4
+
+
+def _tanh_gelu(k: float = 0.044715, extra_use: bool = False) -> onnx.ModelProto:
+    """HF GPT-2's gelu_new as the dynamo exporter writes it: (x * 0.5) * (tanh(0.7978 * (x + k * x^3)) + 1)."""
+    c = {"half": 0.5, "k": k, "c": 0.7978845608, "one": 1.0, "three": 3.0}
+    nodes = [h.make_node("Mul", ["x", "half"], ["hx"]), h.make_node("Pow", ["x", "three"], ["x3"]),
+             h.make_node("Mul", ["x3", "k"], ["kx3"]), h.make_node("Add", ["x", "kx3"], ["inner"]),
+             h.make_node("Mul", ["inner", "c"], ["arg"]), h.make_node("Tanh", ["arg"], ["t"]),
+             h.make_node("Add", ["t", "one"], ["s"]), h.make_node("Mul", ["hx", "s"], ["y"])]
+    outputs = [h.make_tensor_value_info("y", T.FLOAT, ["n", 8])]
+    if extra_use:
+        outputs.append(h.make_tensor_value_info("t", T.FLOAT, ["n", 8]))
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["n", 8])], outputs,
+                     [onnx.numpy_helper.from_array(np.array(v, np.float32), n) for n, v in c.items()])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("k, extra_use, fused", [(0.044715, False, True), (0.05, False, False), (0.044715, True, False)])
+def test_fast_gelu_rule_only_on_the_exact_tanh_gelu(k, extra_use, fused):
+    proto = _tanh_gelu(k, extra_use)
+    model = ir.serde.deserialize_model(proto)
+    results = [fuse_fast_gelu(n, model.graph) for n in list(model.graph) if n.graph is not None]
+    assert any(r.succeeded for r in results) is fused
+    if k != 0.044715:
+        assert any(r.reason == "the cubic term is not 0.044715 * Pow(x, 3)" for r in results)
+    out = ir.to_proto(model)
+    assert [n.op_type for n in out.graph.node] == (["FastGelu"] if fused else [n.op_type for n in proto.graph.node])
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32) * 3
+    assert np.max(np.abs(ort_run(out, {"x": x})[0] - ort_run(proto, {"x": x})[0])) <= 1e-4
