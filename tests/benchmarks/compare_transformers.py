@@ -5,10 +5,13 @@
     python tests/benchmarks/compare_transformers.py [--out bench-results/transformers.json]
 
 Models: ``models/{bert,gpt2,vit}_{ts,dynamo}.onnx`` (models/transformers.py: TorchScript and
-dynamo exporters) and the RNN exports ``crnn``, ``text_crnn``, ``glyph_crnn``.  Per model and
+dynamo exporters) and the CTC recognizers ``crnn`` (a bidirectional LSTM), ``text_crnn`` and
+``glyph_crnn`` (conv-only: the trained "crnn"s have no recurrent layer).  Per model and
 tool: node count (subgraphs included), com.microsoft attention ops, Softmax left, op histogram,
 tool wall time, and the max abs diff vs the original on ORT CPU at two input points (different
-batch/sequence/past lengths).  A tool that crashes is reported with its error.  Tools:
+batch/sequence/past lengths), and the ORT CPU speed-up original/optimized (``--runs``
+alternating runs per side, medians, 1 thread; the models are tiny, so these are noisy).  A tool
+that crashes is reported with its error.  Tools:
 
 - ``default``: ``onnxopt optimize`` (default pipeline),
 - ``default+fuse`` / ``fuse+default``: ``-p "default,fuse-transformer"`` and the other order,
@@ -40,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from models import transformers as tmodels
 from onnxopt import api, bench, runtime
 from passes.fuse_transformer import ATTENTION_OPS
+from tests.benchmarks.compare_graph_tools import latency_ratio
 from tests.helpers import count_graph_nodes as count_nodes
 
 RNNS = {"crnn": [{"line": (1, 1, 32, 64)}, {"line": (3, 1, 32, 48)}],
@@ -105,7 +109,7 @@ def histogram(model: onnx.ModelProto) -> collections.Counter:
                                for n in model.graph.node)
 
 
-def bench_model(src: Path, workdir: Path) -> dict:
+def bench_model(src: Path, workdir: Path, runs: int = 20) -> dict:
     arch = _arch(src.stem)
     data = ROOT / "models" / "data" / f"{arch}_inputs.npz" if arch else None
     feeds = points(src)
@@ -139,6 +143,8 @@ def bench_model(src: Path, workdir: Path) -> dict:
                 out = runtime.run_candidate(sess, f, list(ref))
                 diffs += [float(np.max(np.abs(out[k].astype(np.float64) - v.astype(np.float64)))) for k, v in ref.items()]
             entry["max_abs_diff"] = max(diffs)
+            if runs:
+                entry["latency_original_ms"], entry["latency_ms"], entry["speedup"] = latency_ratio(src, dst, feeds[0], runs)
             entry["status"] = "ok"
         except Exception as e:  # noqa: BLE001 - the tool wrote a model ORT cannot run
             entry.update(status="broken output", error=f"{type(e).__name__}: {str(e)[:200]}")
@@ -159,10 +165,11 @@ def markdown(rows: list[dict]) -> str:
                 cells.append(e.get("status", "?"))
             else:
                 att = f", attn {e['attention']}/{e['attention'] + e['softmax']}" if _arch(r["model"]) else ""
-                cells.append(f"{e['nodes']}{att} ({e['max_abs_diff']:.1g})")
+                speed = f", {e['speedup']:.2f}x" if "speedup" in e else ""
+                cells.append(f"{e['nodes']}{att} ({e['max_abs_diff']:.1g}{speed})")
         lines.append(f"| {r['model']} | {r['nodes']} | " + " | ".join(cells) + " |")
     lines += ["", "Cells: nodes after (attn fused/attention blocks for transformers; max abs diff vs the original "
-              "at two input points)."]
+              "at two input points; ORT CPU speed-up original/optimized, 1 thread, medians of alternating runs)."]
     return "\n".join(lines) + "\n"
 
 
@@ -170,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("models", nargs="*", help="model names (default: all transformer and RNN exports)")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here (and the table beside it, .md)")
+    p.add_argument("--runs", type=int, default=20, help="latency runs per side (0: no latency)")
     a = p.parse_args(argv)
     names = a.models or [*tmodels.NAMES, *RNNS]
     info = bench.machine()
@@ -178,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             try:
-                rows.append(bench_model(ROOT / "models" / f"{name}.onnx", Path(tmp)))
+                rows.append(bench_model(ROOT / "models" / f"{name}.onnx", Path(tmp), a.runs))
                 print(markdown(rows[-1:]).splitlines()[2], flush=True)
             except Exception:  # noqa: BLE001
                 traceback.print_exc()
@@ -186,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         machine = {k: v for k, v in info.items() if k != "flags"}
-        a.out.write_text(json.dumps({"onnxruntime": ort.__version__, "machine": machine, "rows": rows}, indent=2))
+        a.out.write_text(json.dumps({"onnxruntime": ort.__version__, "machine": machine, "runs": a.runs, "rows": rows}, indent=2))
         a.out.with_suffix(".md").write_text(f"{bench.machine_line(info)}\n\n{markdown(rows)}")
         print(f"wrote {a.out}")
     return 0
