@@ -20,8 +20,9 @@ Needs ``pip install -e .[models]`` (torch==2.13.0 CPU, transformers, onnxscript)
 model.  The results are committed, so tests never need torch.  :func:`feeds` makes matching inputs
 for any batch/sequence/past point (numpy only).
 
-The RNN exports in ``models/`` are ``crnn`` (models/build.py, bidirectional LSTM, TorchScript),
-``text_crnn`` and ``glyph_crnn`` (models/trained.py, trained CTC recognizers).
+The recurrent export in ``models/`` is ``crnn`` (models/build.py: a bidirectional LSTM, TorchScript
+exporter); ``text_crnn`` and ``glyph_crnn`` (models/trained.py, trained CTC recognizers) are
+convolution-only despite their names.
 """
 
 from __future__ import annotations
