@@ -222,9 +222,18 @@ def fuse_fast_gelu(node: ir.Node, graph: ir.Graph) -> Match:
 
 def _onnxscript(model: ir.Model, model_type: str, num_heads: int, hidden_size: int) -> ir.Model:
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
+    from onnxscript.rewriter.ort_fusions._core import _pre_optimize
+    from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
+
+    from onnxopt.passes.simplify import Simplify
 
     work = _with_inferred_shapes(model)
     _canonicalize(work, collections.Counter())
+    # SDPA first, then our simplify: the TorchScript exporter's 3-D attention leaves a Reshape that
+    # is a no-op once SDPA is fused, and it keeps onnxscript's MultiHeadAttention rules from matching
+    _pre_optimize(work)
+    if fuse_sdpa(work, apply_shape_inference=True):
+        Simplify(size_rules=False)(work)
     fused, _ = optimize_for_ort(work)
     for node in list(fused.graph):
         if node.graph is not None:

@@ -44,7 +44,7 @@ class Simplify(OptPass):
     - a reshape-like op (Reshape/Flatten/Squeeze/Unsqueeze) feeding a Reshape to a constant shape
       -> the Reshape reads x directly (a single copy-zero, with every other entry a positive
       literal, becomes -1: it is the only dim the -1 can infer; ported from onnxscript's rule);
-      Reshape to x's own static shape -> x;
+      Reshape to x's own shape -> x (each target entry x's static dim, a copying 0 or the one -1);
     - ``Squeeze(Unsqueeze(x,a),a)`` and ``Unsqueeze(Squeeze(x,a),a)`` -> x;
     - ``Reshape(f(Reshape(x, s)), t)`` -> ``f(x)`` for a chain f of elementwise ops whose other
       operands are one-element constants, when t provably is x's shape (x's rank, x's static dims,
@@ -184,7 +184,7 @@ def _reshape(node: ir.Node, ctx: Context) -> Match:
     allowzero = node.attributes.get("allowzero")
     copies = 0 in target and not (allowzero is not None and allowzero.as_int())
     x_dims = ctx.dims.get(node.inputs[0])
-    if x_dims is not None and all(isinstance(d, int) for d in x_dims) and list(x_dims) == target:
+    if x_dims is not None and _reshape_keeps(x_dims, target, copies):
         return declined(substitute(node, node.inputs[0]))
     inner = _producer(node.inputs[0], "Reshape", "Flatten", "Squeeze", "Unsqueeze")
     if inner is None:
@@ -198,6 +198,14 @@ def _reshape(node: ir.Node, ctx: Context) -> Match:
         node.replace_input_with(1, add_initializer(node.graph, f"{node.name or node.outputs[0].name}_target", new_target))
     node.replace_input_with(0, inner.inputs[0])
     return Match.ok()
+
+
+def _reshape_keeps(x_dims, target: list[int], copies: bool) -> bool:
+    """True when Reshape(x, target) provably returns x's shape: same rank, every entry x's static
+    dim, a copy (0, when 0 means copy) or the one -1 (inferred as the remaining dim: x's)."""
+    if len(x_dims) != len(target) or target.count(-1) > 1:
+        return False
+    return all(t == -1 or (t == 0 and copies) or (isinstance(d, int) and t == d) for t, d in zip(target, x_dims))
 
 
 def _squeeze_pair(node: ir.Node, ctx: Context) -> Match:
