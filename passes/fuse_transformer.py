@@ -220,7 +220,7 @@ def fuse_fast_gelu(node: ir.Node, graph: ir.Graph) -> Match:
     return NO_MATCH
 
 
-def _onnxscript(model: ir.Model, model_type: str, num_heads: int, hidden_size: int) -> ir.Model:
+def _onnxscript(model: ir.Model, model_type: str, num_heads: int, hidden_size: int, sdpa_first: bool = False) -> ir.Model:
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
     from onnxscript.rewriter.ort_fusions._core import _pre_optimize
     from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
@@ -229,17 +229,22 @@ def _onnxscript(model: ir.Model, model_type: str, num_heads: int, hidden_size: i
 
     work = _with_inferred_shapes(model)
     _canonicalize(work, collections.Counter())
-    # SDPA first, then our simplify: the TorchScript exporter's 3-D attention leaves a Reshape that
-    # is a no-op once SDPA is fused, and it keeps onnxscript's MultiHeadAttention rules from matching
-    _pre_optimize(work)
-    if fuse_sdpa(work, apply_shape_inference=True):
-        Simplify(size_rules=False)(work)
+    if sdpa_first:
+        # SDPA first, then our simplify: the TorchScript exporter's 3-D attention leaves a Reshape that
+        # is a no-op once SDPA is fused, and it keeps onnxscript's MultiHeadAttention rules from matching
+        _pre_optimize(work)
+        if fuse_sdpa(work, apply_shape_inference=True):
+            Simplify(size_rules=False)(work)
     fused, _ = optimize_for_ort(work)
     for node in list(fused.graph):
         if node.graph is not None:
             flatten_gemm_input(node, fused.graph)
             fuse_fast_gelu(node, fused.graph)
     return fused
+
+
+def _onnxscript_sdpa_first(model: ir.Model, model_type: str, num_heads: int, hidden_size: int) -> ir.Model:
+    return _onnxscript(model, model_type, num_heads, hidden_size, sdpa_first=True)
 
 
 def _onnxruntime(model: ir.Model, model_type: str, num_heads: int, hidden_size: int) -> ir.Model:
@@ -253,6 +258,7 @@ def _onnxruntime(model: ir.Model, model_type: str, num_heads: int, hidden_size: 
 #: name -> fusion engine (model, model_type, num_heads, hidden_size) -> fused copy
 ENGINES: dict[str, Callable[[ir.Model, str, int, int], ir.Model]] = {
     "onnxscript": _onnxscript,
+    "onnxscript-sdpa-first": _onnxscript_sdpa_first,
     "onnxruntime": _onnxruntime,
 }
 
@@ -331,11 +337,14 @@ class FuseTransformer(FunctionalOptPass):
     pattern/check/rewrite rules match the dynamo exporter's SDPA decompositions, opset-18
     LayerNormalization and Erf-GELU, into Attention/MultiHeadAttention, SkipLayerNormalization,
     BiasGelu/FastGelu), run after our canonicalization (scalar ``[1]`` constants, ORT symbolic
-    shapes computed from the ops, never from declared intermediate shapes) and ``onnxruntime``
-    (``optimize_model`` with ``opt_level=0``).  An engine that raises (ORT's fusion raises
+    shapes computed from the ops, never from declared intermediate shapes), followed by our
+    FastGelu rule; ``onnxscript-sdpa-first`` (the same with SDPA fused first and our simplify run
+    before the MultiHeadAttention rules: TorchScript exports) and ``onnxruntime``
+    (``optimize_model`` with ``opt_level=0``).  Each candidate is checked on the validation's
+    inputs (the pipeline's ``feeds``; else two synthesized points).  An engine that raises (ORT's fusion raises
     IndexError on dynamo GPT-2 exports) is skipped with its error as the reason (the traceback at
-    debug level, ``-vv``).  Each candidate is checked on ONNX Runtime against this pass's input at
-    two input points (tolerance as validation's); one that diverges is skipped.  The kept candidate
+    debug level, ``-vv``).  A candidate that diverges from this pass's input (tolerance as
+    validation's) is skipped with the first diverging output.  The kept candidate
     fuses the most attention blocks, then leaves the fewest Softmax, then has the fewest nodes.
     ``model-type`` ``auto`` detects bert/gpt2/vit from the graph interface (see
     :func:`detect_model_type`).  Runs first in any pipeline (``runs_first``), before passes that
