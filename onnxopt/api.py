@@ -94,8 +94,10 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
              preprocess: str | None = None, ep: str = "cpu",
              shapes: Mapping[str, tuple[int, ...]] | None = None, validate_result: bool = True,
              force: bool = False, verify_each: bool = False, in_place: bool = False,
-             external_data: bool | None = None, latency_runs: int = 10, with_cost: bool = False) -> dict:
-    """Optimize ``input_path`` into ``output_path``; return the report dict.
+             external_data: bool | None = None, latency_runs: int = 10, with_cost: bool = False,
+             model_type: str | None = None) -> dict:
+    """Optimize ``input_path`` into ``output_path``; return the report dict.  ``model_type``
+    overrides fuse-transformer's model type (bert, gpt2, vit, ...; default: detected).
 
     Raises ValidationRefused (with ``.result`` = the report) when outputs diverge and not ``force``;
     nothing is written then.  The input file is never modified (unless ``in_place``, and then
@@ -106,6 +108,9 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
         raise UsageError(f"output {output_path} is the input file; pass --in-place to overwrite it")
     io.check_writable(Path(output_path))
     specs = pipeline.parse(pipeline_text or pipeline.DEFAULT_PIPELINE)
+    if model_type is not None:
+        specs = pipeline.with_option(specs, "fuse-transformer", "model-type", model_type, "--model-type")
+        pipeline.build(specs)  # an unknown model type is a usage error before any work
 
     model = io.load(input_path)
     before = model_stats(model, input_path)
@@ -130,7 +135,8 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
             raise ValidationRefused(f"pass '{spec}' changed the outputs: {check.summary()}")
 
     t0 = time.perf_counter()
-    run = pipeline.run(model, specs, after_pass=verify if verify_each else None)
+    feeds = [p.feeds for p in validator.points if p.reference is not None] if validator else None
+    run = pipeline.run(model, specs, after_pass=verify if verify_each else None, feeds=feeds)
     model = run.model
     optimize_seconds = time.perf_counter() - t0
 

@@ -214,7 +214,10 @@ def _isolated(label: Callable[[dict], str], output: str | None = None):
 
 class _LineFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return f"onnxopt: {record.levelname.lower()}: {record.getMessage()}"
+        line = f"onnxopt: {record.levelname.lower()}: {record.getMessage()}"
+        if record.exc_info and record.levelno <= logging.DEBUG:  # -vv: the traceback a debug record carries
+            line += "\n" + self.formatException(record.exc_info)
+        return line
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -308,9 +311,11 @@ def _tolerances(metric: str, tols: tuple[str, ...], rtol: float | None):
 @click.option("--in-place", is_flag=True, help="Allow -o to be the input file.")
 @click.option("--external-data/--no-external-data", default=None,
               help="Write weights to OUT.data (default: only when over ~1.8 GB).")
+@click.option("--model-type", default=None,
+              help="fuse-transformer's model type: bert, gpt2, vit, ... (default: detected from the inputs).")
 @_isolated(lambda kw: str(kw["model"]), output="output")
 def optimize(model, output, pipeline_text, report_path, ep_text, shapes, data, preprocess, validate, force,
-             verify_each, in_place, external_data):
+             verify_each, in_place, external_data, model_type):
     """Optimize MODEL into OUTPUT (validated against MODEL by default, on the --ep given)."""
     if report_path:
         report.check_path(report_path)
@@ -321,7 +326,7 @@ def optimize(model, output, pipeline_text, report_path, ep_text, shapes, data, p
         result = api.optimize(model, output, pipeline_text=pipeline_text, data=data, preprocess=preprocess,
                               ep=eps[0], shapes=runtime.parse_shapes(shapes), validate_result=validate, force=force,
                               verify_each=verify_each, in_place=in_place, external_data=external_data,
-                              with_cost=bool(report_path))
+                              with_cost=bool(report_path), model_type=model_type)
     except ValidationRefused as e:
         if report_path and e.result:
             report.write(e.result, report_path)

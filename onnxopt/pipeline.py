@@ -63,10 +63,26 @@ def _split_top(text: str) -> list[str]:
     return items
 
 
+#: pipeline text item that stands for DEFAULT_PIPELINE (e.g. "default,fuse-transformer")
+DEFAULT_TOKEN = "default"
+
+
 def parse(text: str) -> list[PassSpec]:
-    """Parse pipeline text; unknown pass names and options are UsageErrors naming the alternatives."""
+    """Parse pipeline text; unknown pass names and options are UsageErrors naming the alternatives.
+
+    The item ``default`` expands to :data:`DEFAULT_PIPELINE`.  Passes whose class sets
+    ``runs_first`` (fuse-transformer: its patterns must be matched before other passes rewrite
+    them) move to the front, keeping their relative order, so the order written does not matter."""
+    specs = _parse_items(text)
+    return sorted(specs, key=lambda s: not getattr(registry.get(s.name), "runs_first", False))
+
+
+def _parse_items(text: str) -> list[PassSpec]:
     specs = []
     for item in _split_top(text):
+        if item.strip() == DEFAULT_TOKEN:
+            specs += _parse_items(DEFAULT_PIPELINE)
+            continue
         if not item.strip():
             raise UsageError(f"pipeline '{text}': empty pass name")
         m = _ITEM.fullmatch(item)
@@ -88,9 +104,18 @@ def parse(text: str) -> list[PassSpec]:
     return specs
 
 
+def with_option(specs: list[PassSpec], name: str, key: str, value: object, flag: str) -> list[PassSpec]:
+    """``specs`` with option ``key`` of every pass ``name`` set to ``value`` (a CLI flag such as
+    ``--model-type`` that stands for a pass option); a UsageError when no such pass is in them."""
+    if not any(s.name == name for s in specs):
+        raise UsageError(f"{flag} applies to the pass '{name}', which is not in the pipeline (add it with -p)")
+    return [PassSpec(s.name, {**s.options, key: value}) if s.name == name else s for s in specs]
+
+
 #: Constructor arguments the pipeline supplies itself (not options in pipeline text):
 #: ``start_bytes``, the model's serialized size when the pipeline started (fold-constants' budget).
-PIPELINE_ARGUMENTS = frozenset({"start_bytes"})
+#: ``feeds``, the validation's input points (fuse-transformer checks its candidates on them).
+PIPELINE_ARGUMENTS = frozenset({"start_bytes", "feeds"})
 
 
 def options_of(cls: type) -> dict[str, object]:
@@ -117,14 +142,16 @@ def _coerce(name: str, key: str, raw: str, default: object) -> object:
     return raw
 
 
-def build(specs: Sequence[PassSpec], start_bytes: int | None = None) -> list[ir.passes.PassBase]:
-    """Instantiate the passes; those whose constructor takes ``start_bytes`` get it explicitly."""
+def build(specs: Sequence[PassSpec], start_bytes: int | None = None, feeds: list | None = None) -> list[ir.passes.PassBase]:
+    """Instantiate the passes; those whose constructor takes ``start_bytes`` or ``feeds`` get them explicitly."""
     passes = []
     for s in specs:
         cls = registry.get(s.name)
         kwargs = {k.replace("-", "_"): v for k, v in s.options.items()}
         if "start_bytes" in inspect.signature(cls).parameters:
             kwargs["start_bytes"] = start_bytes
+        if "feeds" in inspect.signature(cls).parameters:
+            kwargs["feeds"] = feeds
         passes.append(cls(**kwargs))
     return passes
 
@@ -159,10 +186,11 @@ class PipelineResult:
 
 
 def run(model: ir.Model, specs: Sequence[PassSpec], *, max_iterations: int = 10,
-        after_pass: Callable[[PassSpec, ir.Model], None] | None = None) -> PipelineResult:
+        after_pass: Callable[[PassSpec, ir.Model], None] | None = None, feeds: list | None = None) -> PipelineResult:
     """Apply the passes in order, repeated until nothing changes.  ``after_pass`` runs after
-    every pass that modified the model (and may raise to stop the run)."""
-    passes = build(specs, start_bytes=serialized_size(model))
+    every pass that modified the model (and may raise to stop the run).  ``feeds``: input points
+    (name -> array dicts) for passes that check their own candidates (the validation's)."""
+    passes = build(specs, start_bytes=serialized_size(model), feeds=feeds)
     records: list[PassRecord] = []
     version = 0  # bumped whenever a pass modifies the model
     last_run: dict[int, int] = {}  # pass index -> version it last ran on
@@ -171,6 +199,8 @@ def run(model: ir.Model, specs: Sequence[PassSpec], *, max_iterations: int = 10,
         for index, (spec, p) in enumerate(zip(specs, passes)):
             if last_run.get(index) == version:
                 continue  # nothing changed since this pass last ran: idempotent, so a no-op
+            if iteration > 1 and getattr(p, "runs_first", False):
+                continue  # runs once, on the model as given (see parse)
             t0 = time.perf_counter()
             try:
                 result = p(model)

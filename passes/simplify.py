@@ -44,12 +44,25 @@ class Simplify(OptPass):
     - a reshape-like op (Reshape/Flatten/Squeeze/Unsqueeze) feeding a Reshape to a constant shape
       -> the Reshape reads x directly (a single copy-zero, with every other entry a positive
       literal, becomes -1: it is the only dim the -1 can infer; ported from onnxscript's rule);
-      Reshape to x's own static shape -> x;
+      Reshape to x's own shape -> x (each target entry x's static dim, a copying 0 or the one -1);
     - ``Squeeze(Unsqueeze(x,a),a)`` and ``Unsqueeze(Squeeze(x,a),a)`` -> x;
+    - ``Reshape(f(Reshape(x, s)), t)`` -> ``f(x)`` for a chain f of elementwise ops whose other
+      operands are one-element constants, when t provably is x's shape (x's rank, x's static dims,
+      at most one -1, no 0) and nothing outside the chain reads its values;
+    - ``Unsqueeze(Unsqueeze(x,a),b)`` -> ``Unsqueeze(x,c)`` with the combined axes, when every user
+      of the inner one is an Unsqueeze (negative axes only with x's rank known);
+    - ``And(x, true)`` / ``Or(x, false)`` -> x, under the same broadcast check as ``x*1``;
     - Cast to x's own type -> x; a round trip through a wider type (f16->f32->f16, i32->i64->i32, ...) -> x;
     - no-ops: single-input Concat, Expand/Tile/Slice/Pad that change nothing, Resize/Upsample with
       all-ones scales and no sizes (not tf_crop_and_resize) (constant arguments);
     - ``Conv(Pad(x))`` with zero constant padding on spatial dims -> Conv with the pads;
+    - MatMuls reading the same A with constant 2-D weights of the same row count (each used only
+      there) -> one MatMul with the weights concatenated + Split on the last axis (Q/K/V);
+    - an all-zero initial state (a zero constant or ``ConstantOfShape`` of 0) of LSTM/GRU/RNN -> the
+      input left out (the operators' default is zeros); the Shape chain computing it dies;
+    ``size-rules=false`` turns off the rules that only shrink the graph and whose results the
+    transformer fusion patterns do not match (Unsqueeze chains, and/or neutral elements, Reshape
+    round trips, the Q/K/V merge);
     - ``Add(MatMul(A, B), C)`` -> ``Gemm(A, B, C)`` for 2-D A, constant 2-D B and constant C of
       shape [N] or [1, N].
     Shapes come from onnxopt.shapes (declared intermediate/output shapes are not believed).
@@ -59,6 +72,11 @@ class Simplify(OptPass):
     """
 
     name = "simplify"
+
+    def __init__(self, size_rules: bool = True):
+        super().__init__()
+        # off: fuse-transformer's preparation (fusion patterns match the exporter's Q/K/V and mask form)
+        self.size_rules = size_rules
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         changed: collections.Counter = collections.Counter()
@@ -74,6 +92,8 @@ class Simplify(OptPass):
                 for rule in RULES.get(node.op_type, ()):
                     if node.graph is None:
                         break
+                    if not self.size_rules and (rule in SIZE_RULES or node.op_type in ("And", "Or")):
+                        continue
                     rule(node, ctx).tally(changed, skipped, rule.__doc__.strip().splitlines()[0], rule.__name__.strip("_"))
             if sum(changed.values()) == before:
                 break
@@ -113,10 +133,10 @@ def _broadcast_keeps(x_dims, c_shape) -> bool:
 # ---------------------------------------------------------------- rules
 
 def _identity_arith(node: ir.Node, ctx: Context) -> Match:
-    """neutral element removed (x+0, x-0, x*1, x/1)"""
+    """neutral element removed (x+0, x-0, x*1, x/1, x and true, x or false)"""
     a, b = (list(node.inputs) + [None, None])[:2]
-    neutral = {"Add": 0, "Sub": 0, "Mul": 1, "Div": 1}[node.op_type]
-    candidates = [(a, b)] + ([(b, a)] if node.op_type in ("Add", "Mul") else [])
+    neutral = {"Add": 0, "Sub": 0, "Mul": 1, "Div": 1, "And": True, "Or": False}[node.op_type]
+    candidates = [(a, b)] + ([(b, a)] if node.op_type in ("Add", "Mul", "And", "Or") else [])
     for x, c in candidates:
         arr = constant(c)
         if arr is None or x is None or constant(x) is not None:
@@ -164,7 +184,7 @@ def _reshape(node: ir.Node, ctx: Context) -> Match:
     allowzero = node.attributes.get("allowzero")
     copies = 0 in target and not (allowzero is not None and allowzero.as_int())
     x_dims = ctx.dims.get(node.inputs[0])
-    if x_dims is not None and all(isinstance(d, int) for d in x_dims) and list(x_dims) == target:
+    if x_dims is not None and _reshape_keeps(x_dims, target, copies):
         return declined(substitute(node, node.inputs[0]))
     inner = _producer(node.inputs[0], "Reshape", "Flatten", "Squeeze", "Unsqueeze")
     if inner is None:
@@ -180,6 +200,14 @@ def _reshape(node: ir.Node, ctx: Context) -> Match:
     return Match.ok()
 
 
+def _reshape_keeps(x_dims, target: list[int], copies: bool) -> bool:
+    """True when Reshape(x, target) provably returns x's shape: same rank, every entry x's static
+    dim, a copy (0, when 0 means copy) or the one -1 (inferred as the remaining dim: x's)."""
+    if len(x_dims) != len(target) or target.count(-1) > 1:
+        return False
+    return all(t == -1 or (t == 0 and copies) or (isinstance(d, int) and t == d) for t, d in zip(target, x_dims))
+
+
 def _squeeze_pair(node: ir.Node, ctx: Context) -> Match:
     """Squeeze/Unsqueeze pair removed"""
     other = "Unsqueeze" if node.op_type == "Squeeze" else "Squeeze"
@@ -191,6 +219,116 @@ def _squeeze_pair(node: ir.Node, ctx: Context) -> Match:
     if a is None or b is None or a != b or any(x < 0 for x in a):
         return Match.fail("axes differ or are not constant non-negative")
     return declined(substitute(node, inner.inputs[0]))
+
+
+def _unsqueeze_chain(node: ir.Node, ctx: Context) -> Match:
+    """Unsqueeze chain merged into one Unsqueeze"""
+    inner = _producer(node.inputs[0], "Unsqueeze")
+    if inner is None:
+        return NO_MATCH
+    outer_axes, inner_axes = node_axes(node), node_axes(inner)
+    if outer_axes is None or inner_axes is None:
+        return Match.fail("axes are not constant")
+    users = inner.outputs[0].uses()
+    if inner.outputs[0].is_graph_output() or any(u.node.op_type != "Unsqueeze" for u in users):
+        return Match.fail("the inner Unsqueeze has users other than Unsqueeze (it would stay)")
+    if any(a < 0 for a in (*outer_axes, *inner_axes)):
+        x_dims = ctx.dims.get(inner.inputs[0])
+        if x_dims is None:
+            return Match.fail("negative axes and the input's rank is unknown")
+        middle = len(x_dims) + len(inner_axes)
+        inner_axes = [a % middle for a in inner_axes]
+        outer_axes = [a % (middle + len(outer_axes)) for a in outer_axes]
+    outer = set(outer_axes)
+    if len(outer) != len(outer_axes) or len(set(inner_axes)) != len(inner_axes):
+        return Match.fail("repeated axes")
+    # the intermediate's dims land, in order, on the output positions the outer axes leave free
+    free = [p for p in range(len(outer) + max(inner_axes) + 1) if p not in outer]
+    combined = sorted(outer | {free[a] for a in inner_axes})
+    if ctx.opset >= 13:
+        axes = add_initializer(node.graph, f"{node.name or node.outputs[0].name}_axes", np.array(combined, np.int64))
+        node.replace_input_with(1, axes)
+    else:
+        node.attributes["axes"] = ir.AttrInt64s("axes", combined)
+    node.replace_input_with(0, inner.inputs[0])
+    return Match.ok()
+
+
+#: ops whose output has their broadcast inputs' shape, element for element (a reshape round
+#: trip around a chain of them can be dropped)
+_ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Tanh", "Erf", "Relu", "Sigmoid", "Neg", "Abs", "Sqrt",
+                          "Exp", "Log", "Reciprocal", "Softplus", "Cast", "Max", "Min", "Where", "Identity"})
+_ROUNDTRIP_LIMIT = 32  # nodes between the two Reshapes
+
+
+def _elementwise_region(y: ir.Value, limit: int) -> tuple[set, ir.Node | None, str | None]:
+    """Walk back from ``y`` through elementwise ops whose other operands are one-element
+    constants: (region nodes, the single Reshape the walk ends at, reason when it does not)."""
+    region: set = set()
+    source, stack = None, [y]
+    while stack:
+        v = stack.pop()
+        producer = v.producer()
+        if producer is not None and producer.op_type == "Reshape" and is_standard(producer):
+            if source is not None and source is not producer:
+                return region, None, "the chain reads more than one Reshape"
+            source = producer
+            continue
+        if producer is None or producer.op_type not in _ELEMENTWISE or not is_standard(producer):
+            return region, None, "the chain has a non-elementwise op or a graph input"
+        if producer in region:
+            continue
+        region.add(producer)
+        if len(region) > limit:
+            return region, None, "the chain is too long"
+        for inp in producer.inputs:
+            if inp is None:
+                continue
+            arr = constant(inp)
+            if arr is not None:
+                if arr.size != 1 or arr.ndim > 1:
+                    return region, None, "a constant operand has more than one element"
+                continue
+            stack.append(inp)
+    return region, source, None if source is not None else "no Reshape at the start of the chain"
+
+
+def _reshape_roundtrip(node: ir.Node, ctx: Context) -> Match:
+    """Reshape round trip around elementwise ops removed"""
+    target = constant(node.inputs[1]) if len(node.inputs) > 1 else None
+    y = node.inputs[0]
+    if target is None or y is None or y.producer() is None or y.producer().op_type not in _ELEMENTWISE:
+        return NO_MATCH
+    region, inner, reason = _elementwise_region(y, _ROUNDTRIP_LIMIT)
+    if inner is None:
+        return NO_MATCH if reason == "the chain has a non-elementwise op or a graph input" else Match.fail(reason)
+    x = inner.inputs[0]
+    x_dims, target = ctx.dims.get(x), [int(t) for t in target.reshape(-1)]
+    # target must give x's own shape: x's rank, every entry x's static dim, at most one -1 (then
+    # the element count fixes that dim to x's) and no 0 (a copy of the *intermediate's* dim)
+    if x_dims is None or len(x_dims) != len(target) or target.count(-1) > 1 or 0 in target:
+        return Match.fail("the outer Reshape's target is not provably the inner Reshape's input shape")
+    if any(t != -1 and t != d for t, d in zip(target, x_dims)) or any(a.ndim > len(x_dims) for a in _consts(region)):
+        return Match.fail("the outer Reshape's target is not provably the inner Reshape's input shape")
+    inside = region | {node}
+    if any(u.node not in inside for u in inner.outputs[0].uses()) or inner.outputs[0].is_graph_output():
+        return Match.fail("the inner Reshape's result has other users")
+    for n in region:
+        if any(o.is_graph_output() or any(u.node not in inside for u in o.uses()) for o in n.outputs):
+            return Match.fail("a value inside the chain has users outside it")
+    if ctx.dims.dtype(y) != ctx.dims.dtype(node.outputs[0]) and ctx.dims.dtype(y) is not None:
+        return Match.fail("dtype differs")
+    for n in region:
+        for i, inp in enumerate(n.inputs):
+            if inp is inner.outputs[0]:
+                n.replace_input_with(i, x)
+        for o in n.outputs:
+            o.shape = None  # the declared shape was the intermediate's
+    return declined(substitute(node, y))
+
+
+def _consts(region: set) -> list[np.ndarray]:
+    return [a for n in region for a in (constant(i) for i in n.inputs if i is not None) if a is not None]
 
 
 _LOSSLESS = {
@@ -337,15 +475,93 @@ def _matmul_add_gemm(node: ir.Node, ctx: Context) -> Match:
     return NO_MATCH
 
 
+def _matmul_siblings(node: ir.Node) -> list[ir.Node]:
+    """MatMuls of node's graph reading node's first input as A, with a constant 2-D B of the same
+    row count and dtype used by nothing else; in graph order (node first when it qualifies)."""
+    x, w = node.inputs[0], constant(node.inputs[1])
+    if x is None or w is None or w.ndim != 2:
+        return []
+    found = []
+    for use in x.uses():
+        other = use.node
+        b = constant(other.inputs[1]) if other.op_type == "MatMul" and len(other.inputs) == 2 else None
+        if (use.idx != 0 or other.graph is not node.graph or not is_standard(other) or b is None or b.ndim != 2
+                or b.shape[0] != w.shape[0] or b.dtype != w.dtype or len(other.inputs[1].uses()) != 1
+                or other.outputs[0].is_graph_output() or other.inputs[1].is_graph_output()):
+            continue
+        found.append(other)
+    order = {id(n): i for i, n in enumerate(node.graph)}
+    return sorted(found, key=lambda n: order[id(n)])
+
+
+def _parallel_matmuls(node: ir.Node, ctx: Context) -> Match:
+    """parallel MatMuls on one input merged into one MatMul + Split"""
+    siblings = _matmul_siblings(node)
+    if len(siblings) < 2 or siblings[0] is not node:
+        return NO_MATCH  # rewritten from the first sibling only
+    weights = [constant(n.inputs[1]) for n in siblings]
+    graph, x = node.graph, node.inputs[0]
+    merged = add_initializer(graph, f"{node.name or 'matmul'}_merged_weight", np.concatenate(weights, axis=1))
+    matmul = ir.Node("", "MatMul", [x, merged], name=ctx.names.node(f"{node.name or 'matmul'}_merged"), num_outputs=1)
+    sizes = np.array([w.shape[1] for w in weights], np.int64)
+    split_inputs = [matmul.outputs[0]]
+    attrs: list = [ir.AttrInt64("axis", -1)]
+    if ctx.opset >= 13:
+        split_inputs.append(add_initializer(graph, f"{node.name or 'matmul'}_split_sizes", sizes))
+    else:
+        attrs.append(ir.AttrInt64s("split", [int(v) for v in sizes]))
+    split = ir.Node("", "Split", split_inputs, attributes=attrs, name=ctx.names.node(f"{node.name or 'matmul'}_split"),
+                    num_outputs=len(siblings))
+    matmul.outputs[0].name = ctx.names.value(f"{node.outputs[0].name or 'matmul'}_merged")
+    graph.insert_before(node, [matmul, split])
+    for sibling, out in zip(siblings, split.outputs):
+        out.name = ctx.names.value(f"{sibling.outputs[0].name or 'matmul'}_part")
+        ir.convenience.replace_all_uses_with(sibling.outputs[0], out)
+        graph.remove(sibling, safe=True)
+    return Match.ok()
+
+
+def _is_zeros(value: ir.Value | None) -> bool:
+    """A constant of zeros, or ConstantOfShape whose fill value is zero (or left at its default 0)."""
+    arr = constant(value)
+    if arr is not None:
+        return bool(arr.size) and not np.any(arr)
+    producer = _producer(value, "ConstantOfShape")
+    if producer is None:
+        return False
+    fill = producer.attributes.get("value")
+    return fill is None or not np.any(fill.as_tensor().numpy())
+
+
+def _rnn_zero_state(node: ir.Node, ctx: Context) -> Match:
+    """zero initial state of LSTM/GRU/RNN left to its default"""
+    slots = (5, 6) if node.op_type == "LSTM" else (5,)  # initial_h (and initial_c): default 0
+    zeros = [i for i in slots if i < len(node.inputs) and node.inputs[i] is not None and _is_zeros(node.inputs[i])]
+    if not zeros:
+        return NO_MATCH
+    if any(node.inputs[i].is_graph_input() for i in zeros):
+        return Match.fail("the initial state is a graph input")
+    for i in zeros:
+        node.replace_input_with(i, None)
+    while node.inputs and node.inputs[-1] is None:  # trailing omitted inputs are dropped
+        node.resize_inputs(len(node.inputs) - 1)
+    return Match.ok()
+
+
+#: see Simplify's ``size_rules``
+SIZE_RULES = frozenset({_unsqueeze_chain, _reshape_roundtrip, _parallel_matmuls})
+
 RULES: dict[str, tuple[Rule, ...]] = {
     "Add": (_identity_arith, _matmul_add_gemm),
     "Sub": (_identity_arith,),
     "Mul": (_identity_arith,),
     "Div": (_identity_arith,),
     "Transpose": (_transpose,),
-    "Reshape": (_reshape,),
+    "Reshape": (_reshape, _reshape_roundtrip),
     "Squeeze": (_squeeze_pair,),
-    "Unsqueeze": (_squeeze_pair,),
+    "Unsqueeze": (_squeeze_pair, _unsqueeze_chain),
+    "And": (_identity_arith,),
+    "Or": (_identity_arith,),
     "Cast": (_cast,),
     "Concat": (_noop,),
     "Expand": (_noop,),
@@ -355,4 +571,8 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "Resize": (_noop,),
     "Upsample": (_noop,),
     "Conv": (_pad_into_conv,),
+    "MatMul": (_parallel_matmuls,),
+    "LSTM": (_rnn_zero_state,),
+    "GRU": (_rnn_zero_state,),
+    "RNN": (_rnn_zero_state,),
 }

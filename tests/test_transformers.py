@@ -1,0 +1,239 @@
+"""Transformer exports (models/transformers.py: HF BERT, GPT-2 with past, ViT through the TorchScript
+and dynamo exporters): fuse-transformer fuses every attention block in either pipeline order, with
+no more nodes than ONNX Runtime's optimize_model, and outputs within 1e-4 at two input points."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+
+from models import transformers as tmodels
+from onnxopt import pipeline
+from onnxopt.passes.fuse_transformer import (
+    ATTENTION_OPS,
+    FuseTransformer,
+    detect_model_type,
+    fuse_fast_gelu,
+    scalarize_broadcast_constant,
+)
+from tests.helpers import ROOT, count_graph_nodes, ort_run
+
+FAST = ["bert_ts", "bert_dynamo", "gpt2_dynamo", "vit_ts", "vit_dynamo"]
+ALL = [*FAST, pytest.param("gpt2_ts", marks=pytest.mark.slow)]  # ~15 s: 555 nodes through two engines
+POINTS = [dict(batch=2, seq=8, past=4, seed=1), dict(batch=3, seq=5, past=7, seed=2)]
+
+
+def _arch(name: str) -> str:
+    return name.rsplit("_", 1)[0]
+
+
+def _feeds(name: str) -> list[dict[str, np.ndarray]]:
+    return [tmodels.feeds(_arch(name), **p) for p in POINTS]
+
+
+def _fused(name: str, text: str) -> ir.Model:
+    model = ir.serde.deserialize_model(onnx.load(str(ROOT / "models" / f"{name}.onnx")))
+    return pipeline.run(model, pipeline.parse(text), feeds=_feeds(name)[:1]).model
+
+
+@pytest.fixture(scope="module")
+def fused():
+    cache: dict[tuple[str, str], onnx.ModelProto] = {}
+
+    def get(name: str, text: str = "default,fuse-transformer") -> onnx.ModelProto:
+        if (name, text) not in cache:
+            cache[(name, text)] = ir.to_proto(_fused(name, text))
+        return cache[(name, text)]
+
+    return get
+
+
+def _ops(model: onnx.ModelProto) -> collections.Counter:
+    return collections.Counter(n.op_type for n in model.graph.node)
+
+
+def _ort_optimizer_nodes(name: str) -> int:
+    """Nodes after ORT's optimize_model (opt_level 0); the original's count when it crashes."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    path = ROOT / "models" / f"{name}.onnx"
+    try:
+        return len(optimize_model(str(path), model_type=_arch(name), num_heads=tmodels.HEADS, hidden_size=tmodels.HIDDEN,
+                                  opt_level=0).model.graph.node)
+    except IndexError:  # ORT's fusion on dynamo GPT-2 exports
+        return len(onnx.load(str(path)).graph.node)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_attention_block_fused_with_no_more_nodes_than_ort(fused, name):
+    model = fused(name)
+    original = onnx.load(str(ROOT / "models" / f"{name}.onnx"))
+    blocks = _ops(original)["Softmax"]
+    assert blocks == tmodels.LAYERS
+    ops = _ops(model)
+    assert sum(ops[op] for op in ATTENTION_OPS) == blocks and ops["Softmax"] == 0, ops
+    assert ops["SkipLayerNormalization"] >= 2 * tmodels.LAYERS - 1, ops
+    gelu = ops["FastGelu"] + ops["Gelu"] + ops["BiasGelu"]
+    assert gelu == tmodels.LAYERS and (ops["FastGelu"] == tmodels.LAYERS) is (_arch(name) == "gpt2"), ops
+    assert count_graph_nodes(model.graph) <= _ort_optimizer_nodes(name)
+    assert {o.domain for o in model.opset_import} >= {"", "com.microsoft"}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_fused_outputs_match_at_two_points(fused, name):
+    path = ROOT / "models" / f"{name}.onnx"
+    model = fused(name)
+    assert [o.name for o in model.graph.output] == [o.name for o in onnx.load(str(path)).graph.output]
+    for feeds in _feeds(name):
+        for ref, got in zip(ort_run(path, feeds), ort_run(model, feeds)):
+            assert ref.shape == got.shape
+            assert np.max(np.abs(ref - got)) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["bert_ts", "vit_dynamo"])
+def test_either_pipeline_order_gives_the_same_model(fused, name):
+    a, b = fused(name, "default,fuse-transformer"), fused(name, "fuse-transformer,default")
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    assert a.SerializeToString() == b.SerializeToString()
+
+
+def test_default_token_expands_to_the_default_pipeline_and_fusion_moves_first():
+    default = [s.name for s in pipeline.parse(pipeline.DEFAULT_PIPELINE)]
+    assert [s.name for s in pipeline.parse("default")] == default
+    assert [s.name for s in pipeline.parse("default,fuse-transformer")] == ["fuse-transformer", *default]
+    assert [str(s) for s in pipeline.parse("cse,fuse-transformer{model-type=gpt2},default")][:2] == \
+        ["fuse-transformer{model-type=gpt2}", "cse"]
+
+
+def test_dynamo_gpt2_ort_indexerror_is_a_skip_with_reason_and_traceback_at_vv(cli, tmp_path):
+    out, rep = tmp_path / "g.onnx", tmp_path / "r.json"
+    result = cli("-vv", "optimize", ROOT / "models" / "gpt2_dynamo.onnx", "-o", out, "-p", "fuse-transformer",
+                 "--data", ROOT / "models" / "data" / "gpt2_inputs.npz", "--report", rep)
+    assert result.exit_code == 0, result.output
+    skipped = json.loads(rep.read_text())["passes"]["fuse-transformer"]["skipped"]
+    assert "onnxruntime (as exported) failed (IndexError: list index out of range)" in skipped, skipped
+    assert "Traceback (most recent call last)" in result.stderr and "IndexError" in result.stderr
+    assert _ops(onnx.load(str(out)))["MultiHeadAttention"] == tmodels.LAYERS
+
+
+def test_cli_default_and_fusion_report_says_onnxruntime_only(cli, tmp_path):
+    out, rep = tmp_path / "v.onnx", tmp_path / "r.json"
+    result = cli("optimize", ROOT / "models" / "vit_dynamo.onnx", "-o", out, "-p", "default,fuse-transformer", "--report", rep,
+                 "--model-type", "vit")
+    assert result.exit_code == 0, result.output
+    report = json.loads(rep.read_text())
+    assert report["validation"]["ok"] and report["validation"]["max_abs"] < 1e-4
+    changed = report["passes"]["fuse-transformer{model-type=vit}"]["changed"]
+    assert any("runs on ONNX Runtime only" in k for k in changed), changed
+    assert report["pipeline"].startswith("fuse-transformer{model-type=vit},cleanup,")
+
+
+@pytest.mark.parametrize("pipeline_text, message", [
+    ("default,fuse-transformer", "unknown model-type 'encoder' (known: auto, "),
+    ("default", "--model-type applies to the pass 'fuse-transformer', which is not in the pipeline"),
+])
+def test_model_type_flag_errors_are_usage_errors(cli, tmp_path, pipeline_text, message):
+    out = tmp_path / "o.onnx"
+    result = cli("optimize", ROOT / "models" / "vit_dynamo.onnx", "-o", out, "-p", pipeline_text, "--model-type", "encoder")
+    assert result.exit_code == 1 and not out.exists()
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_model_type_detected_from_the_interface():
+    types = {n: detect_model_type(ir.serde.deserialize_model(onnx.load(str(ROOT / "models" / f"{n}.onnx"))))
+             for n in tmodels.NAMES}
+    assert types == {n: _arch(n) for n in tmodels.NAMES}
+
+
+def _add_model(x_shape) -> ir.Model:
+    g = h.make_graph([h.make_node("Add", ["x", "c"], ["y"])], "g", [h.make_tensor_value_info("x", T.FLOAT, x_shape)],
+                     [h.make_tensor_value_info("y", T.FLOAT, None)],
+                     [onnx.numpy_helper.from_array(np.array([2.5], np.float32), "c")])
+    return ir.serde.deserialize_model(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]))
+
+
+@pytest.mark.parametrize("x_shape, rewritten", [(["n", 3], True), ([], False), (None, False)])
+def test_scalar_constant_only_where_the_output_rank_cannot_change(x_shape, rewritten):
+    """x + [2.5] is x + 2.5 only when x's rank is known >= 1: for a scalar x the [1] sets the rank."""
+    model = _add_model(x_shape)
+    node = next(iter(model.graph))
+    match = scalarize_broadcast_constant(node, 1, model.graph)
+    assert match.succeeded is rewritten and (match.reason != "") is (not rewritten)
+    assert node.inputs[1].const_value.shape.dims == (() if rewritten else (1,))
+    if rewritten:
+        x = np.arange(6, dtype=np.float32).reshape(2, 3)
+        (y,) = ort_run(ir.to_proto(model), {"x": x})
+        assert y.shape == (2, 3) and np.array_equal(y, x + 2.5)
+
+
+def test_pass_leaves_its_input_alone_and_is_a_no_op_on_a_cnn():
+    model = ir.serde.deserialize_model(onnx.load(str(ROOT / "models" / "cnn_dynamic.onnx")))
+    before = ir.to_proto(model).SerializeToString()
+    result = FuseTransformer()(model)
+    assert not result.modified
+    assert ir.to_proto(model).SerializeToString() == before
+
+
+RNN_POINTS = {"crnn": [(1, 1, 32, 64), (3, 1, 32, 48)], "text_crnn": [(1, 1, 32, 128), (2, 1, 32, 96)],
+              "glyph_crnn": [(1, 1, 32, 128), (2, 1, 32, 96)]}
+
+
+def _peer_nodes(path) -> int:
+    """min(onnxsim, onnxslim) node count with their default settings."""
+    onnxsim = pytest.importorskip("onnxsim", reason="onnxsim is in the bench extra")
+    onnxslim = pytest.importorskip("onnxslim", reason="onnxslim is in the bench extra")
+    simplified, ok = onnxsim.simplify(onnx.load(str(path)))
+    assert ok
+    return min(count_graph_nodes(simplified.graph), count_graph_nodes(onnxslim.slim(onnx.load(str(path))).graph))
+
+
+@pytest.mark.parametrize("name", [*tmodels.NAMES, *RNN_POINTS])
+def test_default_pipeline_as_small_as_onnxsim_and_onnxslim(name):
+    path = ROOT / "models" / f"{name}.onnx"
+    model = ir.to_proto(pipeline.run(ir.serde.deserialize_model(onnx.load(str(path))),
+                                     pipeline.parse(pipeline.DEFAULT_PIPELINE)).model)
+    assert count_graph_nodes(model.graph) <= _peer_nodes(path)
+    if name in RNN_POINTS:
+        rng = np.random.default_rng(0)
+        points = [{"line": rng.standard_normal(shape).astype(np.float32)} for shape in RNN_POINTS[name]]
+    else:
+        points = _feeds(name)
+    for feeds in points:
+        for ref, got in zip(ort_run(path, feeds), ort_run(model, feeds)):
+            assert ref.shape == got.shape and np.max(np.abs(ref - got)) <= 1e-4
+
+
+def _tanh_gelu(k: float = 0.044715, extra_use: bool = False) -> onnx.ModelProto:
+    """HF GPT-2's gelu_new as the dynamo exporter writes it: (x * 0.5) * (tanh(0.7978 * (x + k * x^3)) + 1)."""
+    c = {"half": 0.5, "k": k, "c": 0.7978845608, "one": 1.0, "three": 3.0}
+    nodes = [h.make_node("Mul", ["x", "half"], ["hx"]), h.make_node("Pow", ["x", "three"], ["x3"]),
+             h.make_node("Mul", ["x3", "k"], ["kx3"]), h.make_node("Add", ["x", "kx3"], ["inner"]),
+             h.make_node("Mul", ["inner", "c"], ["arg"]), h.make_node("Tanh", ["arg"], ["t"]),
+             h.make_node("Add", ["t", "one"], ["s"]), h.make_node("Mul", ["hx", "s"], ["y"])]
+    outputs = [h.make_tensor_value_info("y", T.FLOAT, ["n", 8])]
+    if extra_use:
+        outputs.append(h.make_tensor_value_info("t", T.FLOAT, ["n", 8]))
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["n", 8])], outputs,
+                     [onnx.numpy_helper.from_array(np.array(v, np.float32), n) for n, v in c.items()])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("k, extra_use, fused", [(0.044715, False, True), (0.05, False, False), (0.044715, True, False)])
+def test_fast_gelu_rule_only_on_the_exact_tanh_gelu(k, extra_use, fused):
+    proto = _tanh_gelu(k, extra_use)
+    model = ir.serde.deserialize_model(proto)
+    results = [fuse_fast_gelu(n, model.graph) for n in list(model.graph) if n.graph is not None]
+    assert any(r.succeeded for r in results) is fused
+    if k != 0.044715:
+        assert any(r.reason == "the cubic term is not 0.044715 * Pow(x, 3)" for r in results)
+    out = ir.to_proto(model)
+    assert [n.op_type for n in out.graph.node] == (["FastGelu"] if fused else [n.op_type for n in proto.graph.node])
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32) * 3
+    assert np.max(np.abs(ort_run(out, {"x": x})[0] - ort_run(proto, {"x": x})[0])) <= 1e-4
