@@ -27,6 +27,7 @@ _BUILTIN = {
     "fuse-affine": ("onnxopt.passes.fuse_affine", "FuseAffine"),
     "cse": ("onnxopt.passes.cse", "EliminateCommonSubexpressions"),
     "fuse-transformer": ("onnxopt.passes.fuse_transformer", "FuseTransformer"),
+    "gemm-to-matmul": ("onnxopt.passes.quantize_weights", "GemmToMatMul"),
 }
 _ADDED: dict[str, type] = {}
 

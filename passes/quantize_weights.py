@@ -1,0 +1,426 @@
+"""Weight quantization for transformer-style models (quantize ``--mode dynamic``, ``--weights int4``,
+embeddings): the passes the quantize command applies on a prepared float model.
+
+- ``gemm-to-matmul`` (lossless, registered): Gemm with a constant 2-D weight and ``transA=0`` becomes
+  MatMul by ``alpha * B`` (transposed when ``transB``) + Add of ``beta * C``, so every weight matmul
+  is one MatMul the weight-only and dynamic quantizers reach (TorchScript exports write Linear as Gemm).
+- ``QuantizeDynamic``: MatMul by a constant [K, N] float weight -> DynamicQuantizeLinear (activation
+  quantized at run time to uint8, one per activation however many MatMuls read it) + MatMulInteger
+  by int8 weights (symmetric, per output column) + Cast + Mul by ``x_scale * w_scale``, the form ORT
+  fuses into ``DynamicQuantizeMatMul`` (MLAS u8s8 kernels) on the CPU EP.
+- ``QuantizeInt4``: MatMul by a constant [K, N] float weight -> block-wise 4-bit weights (blocks of
+  ``block_size`` along K, asymmetric uint4 with a zero point per block): com.microsoft
+  ``MatMulNBits`` (``format="nbits"``, CPU EP) or int4 ``DequantizeLinear`` with ``block_size``
+  (``format="qdq"``, needs opset 21) + MatMul.  Rounding is to nearest unless pre-rounded weights
+  are given (``gptq``).
+- ``QuantizeEmbeddings``: Gather on a constant float table [V, D] (axis 0) -> Gather on an int8 table
+  + DequantizeLinear (per column of D, axis -1; standard ops, every EP), or with ``bits=4`` on the
+  CPU EP com.microsoft ``GatherBlockQuantized`` (uint4 blocks along D with zero points).
+
+Contract of the quantizing passes: only main-graph nodes in the standard domain whose weight is a
+float32 initializer no user can override are touched (If/Loop bodies, custom-domain ops, fp16
+weights are left alone, with a reason); graph outputs keep their names, types and shapes; a weight
+shared by several nodes is quantized once; nodes named in ``exclude`` stay float.  Outputs change
+by the rounding of the weights (and, dynamic, of the activations).  Cost: O(nodes + weights).
+"""
+
+from __future__ import annotations
+
+import collections
+import typing
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.base import NO_MATCH, FreshNames, Match, OptPass, add_initializer, constant, is_standard, substitute
+
+FLOAT = ir.DataType.FLOAT
+BLOCK_SIZES = (32, 64, 128)
+#: Gather tables smaller than this many elements stay float (position tables of tiny test models
+#: still count; shape-index Gathers are integer and never match)
+MIN_EMBEDDING = 1024
+#: MatMulNBits' ``accuracy_level``: 4 = A quantized to int8 blockwise inside the kernel (the fast
+#: CPU path), 0 = float A
+NBITS_ACCURACY_LEVEL = 0
+
+
+def _float_initializer(value: ir.Value | None) -> bool:
+    return (value is not None and value.const_value is not None and value.is_initializer()
+            and not value.is_graph_input() and value.dtype == FLOAT)
+
+
+def weight_matmul(node: ir.Node) -> Match:
+    """Match.ok((K, N)) for a main-graph MatMul ``x @ W`` with W a float32 [K, N] initializer and x
+    a float activation."""
+    if node.op_type != "MatMul" or not is_standard(node) or len(node.inputs) != 2:
+        return NO_MATCH
+    x, w = node.inputs
+    if not _float_initializer(w):
+        return Match.fail("weight is not a float32 initializer")
+    if len(w.const_value.shape) != 2:
+        return Match.fail("weight is not 2-D")
+    if x is None or x.const_value is not None or (x.dtype is not None and x.dtype != FLOAT):
+        return Match.fail("activation input is constant or not float32")
+    k, n = w.const_value.shape.numpy()
+    return Match.ok((int(k), int(n)))
+
+
+def weight_matmuls(model: ir.Model, exclude=frozenset()) -> dict[str, tuple[int, int]]:
+    """Name -> (K, N) of every MatMul the quantizers reach (main graph, named nodes)."""
+    return {n.name: typing.cast(tuple[int, int], m.value) for n in model.graph
+            if n.name not in exclude and (m := weight_matmul(n)).succeeded}
+
+
+def _out(node: ir.Node, names: FreshNames, base: str, dtype: ir.DataType | None = None) -> ir.Value:
+    value = node.outputs[0]
+    value.name = names.value(base)
+    if dtype is not None:
+        value.type = ir.TensorType(dtype)
+    return value
+
+
+def _finish(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], result: ir.Value) -> str | None:
+    """Insert ``new_nodes`` before ``old`` and make ``result`` replace its output (graph output
+    names kept); on a decline the new nodes are removed again."""
+    graph.insert_before(old, new_nodes)
+    result.shape = old.outputs[0].shape
+    reason = substitute(old, result)
+    if reason is not None:
+        graph.remove(list(reversed(new_nodes)), safe=True)
+    return reason
+
+
+# ---------------------------------------------------------------- Gemm -> MatMul + Add
+
+class GemmToMatMul(OptPass):
+    """Gemm by a constant 2-D float weight -> MatMul (+ Add of the bias), so weight-only and dynamic
+    quantization reach every weight matmul.
+
+    Preserves outputs within float rounding (``alpha``/``beta`` folded into new float32 initializers,
+    computed in float64; the old ones stay when shared) and graph output names.  Never touches Gemm
+    with ``transA=1``, a non-constant or non-float32 weight, or a C that is not constant; main graph
+    only.  Cost: O(Gemm nodes + their weights)."""
+
+    name = "gemm-to-matmul"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        changed: collections.Counter = collections.Counter()
+        skipped: collections.Counter = collections.Counter()
+        names = FreshNames(model)
+        for node in list(model.graph):
+            if node.op_type != "Gemm" or not is_standard(node):
+                continue
+            _convert_gemm(model.graph, node, names).tally(changed, skipped, "Gemm -> MatMul", "Gemm")
+        return self.result(model, changed, skipped)
+
+
+def _gemm_check(node: ir.Node) -> Match:
+    a = node.attributes
+    if (a["transA"].as_int() if "transA" in a else 0) != 0:
+        return Match.fail("transA=1")
+    if not _float_initializer(node.inputs[1]) or len(node.inputs[1].const_value.shape) != 2:
+        return Match.fail("weight is not a 2-D float32 initializer")
+    c = node.inputs[2] if len(node.inputs) > 2 else None
+    if c is not None and (constant(c) is None or c.is_graph_input()):
+        return Match.fail("C is not a constant")
+    return Match.ok()
+
+
+def _convert_gemm(graph: ir.Graph, node: ir.Node, names: FreshNames) -> Match:
+    check = _gemm_check(node)
+    if not check.succeeded:
+        return check
+    a = node.attributes
+    alpha = a["alpha"].as_float() if "alpha" in a else 1.0
+    beta = a["beta"].as_float() if "beta" in a else 1.0
+    w = constant(node.inputs[1]).astype(np.float64)
+    w = (w.T if (a["transB"].as_int() if "transB" in a else 0) else w) * alpha
+    wv = add_initializer(graph, f"{node.inputs[1].name}_matmul", np.ascontiguousarray(w, np.float32))
+    mm = ir.node("MatMul", [node.inputs[0], wv], name=names.node(f"{node.name}_MatMul"))
+    result = _out(mm, names, f"{node.name}_matmul", FLOAT)
+    new = [mm]
+    c = node.inputs[2] if len(node.inputs) > 2 else None
+    if c is not None:
+        cv = add_initializer(graph, f"{c.name}_bias", (constant(c).astype(np.float64) * beta).astype(np.float32))
+        add = ir.node("Add", [result, cv], name=names.node(f"{node.name}_Add"))
+        result = _out(add, names, f"{node.name}_biased", FLOAT)
+        new.append(add)
+    reason = _finish(graph, node, new, result)
+    return Match.ok() if reason is None else Match.fail(reason)
+
+
+# ---------------------------------------------------------------- weight rounding helpers
+
+def int8_columns(w: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output column of a [K, N] weight: (q int8 [K, N], scale float32 [N])."""
+    scale = (np.abs(w).max(axis=0) / qmax).astype(np.float32)
+    scale[scale == 0] = 1.0
+    return np.clip(np.round(w / scale), -qmax, qmax).astype(np.int8), scale
+
+
+def int4_grid(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Asymmetric 4-bit grid per block of ``block`` rows (K) and column of a [K, N] weight:
+    (scale float32 [K/block, N], zero point uint8 in [0, 15] [K/block, N]); the range includes 0."""
+    k, n = w.shape
+    blocks = w.reshape(k // block, block, n)
+    lo = np.minimum(blocks.min(axis=1), 0.0)
+    hi = np.maximum(blocks.max(axis=1), 0.0)
+    scale = ((hi - lo) / 15.0).astype(np.float32)
+    scale[scale == 0] = 1.0
+    zero = np.clip(np.round(-lo / scale), 0, 15).astype(np.uint8)
+    return scale, zero
+
+
+def int4_round(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, block: int) -> np.ndarray:
+    """Round-to-nearest codes (uint8 in [0, 15], [K, N]) of ``w`` on the grid of :func:`int4_grid`."""
+    s = np.repeat(scale, block, axis=0)
+    z = np.repeat(zero, block, axis=0).astype(np.float64)
+    return np.clip(np.round(w / s) + z, 0, 15).astype(np.uint8)
+
+
+def int4_dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, block: int) -> np.ndarray:
+    return (q.astype(np.float64) - np.repeat(zero, block, axis=0)) * np.repeat(scale, block, axis=0)
+
+
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """uint8 codes in [0, 15] along the last axis (even length) -> bytes, first code in the low nibble."""
+    c = codes.astype(np.uint8)
+    return (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)
+
+
+def check_block_size(block: int, shapes: dict[str, tuple[int, int]]) -> str | None:
+    """None, or one line saying why ``block`` cannot quantize these [K, N] weights."""
+    if block not in BLOCK_SIZES:
+        return f"--block-size {block}: choose 32, 64 or 128"
+    bad = {name: kn for name, kn in shapes.items() if kn[0] % block}
+    if bad:
+        name, (k, n) = next(iter(bad.items()))
+        return (f"--block-size {block} does not divide K={k} of MatMul '{name}' (weight [{k}, {n}]; "
+                f"{len(bad)} of {len(shapes)} weight matmuls); choose a block size dividing every K")
+    return None
+
+
+# ---------------------------------------------------------------- dynamic int8
+
+class QuantizeDynamic(OptPass):
+    """Weight MatMuls -> DynamicQuantizeLinear + MatMulInteger (int8 weights per column) + scale Mul.
+
+    See the module docstring for the contract.  ``qmax``: 127, or 63 where MLAS's u8s8 kernel adds
+    products in int16 (``quantize_qdq.weight_qmax``)."""
+
+    name = "quantize-dynamic"
+
+    def __init__(self, qmax: int = 127, exclude=frozenset()):
+        super().__init__()
+        self.qmax, self.exclude = qmax, frozenset(exclude)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        changed: collections.Counter = collections.Counter()
+        skipped: collections.Counter = collections.Counter()
+        names = FreshNames(model)
+        weights: dict[str, tuple[ir.Value, ir.Value, ir.Value]] = {}
+        activations: dict[str, list[ir.Value]] = {}
+        graph = model.graph
+        for node in list(graph):
+            match = weight_matmul(node) if node.name not in self.exclude else NO_MATCH
+            if match.succeeded:
+                match = self._rewrite(graph, node, names, weights, activations)
+            match.tally(changed, skipped, "MatMul -> MatMulInteger", "MatMul")
+        changed["int8 weights"] = len(weights)
+        changed["activations quantized at run time"] = len(activations)
+        return self.result(model, changed, skipped)
+
+    def _rewrite(self, graph, node, names, weights, activations) -> Match:
+        x, w = node.inputs
+        if w.name not in weights:
+            q, s = int8_columns(constant(w).astype(np.float64), self.qmax)
+            weights[w.name] = (add_initializer(graph, f"{w.name}_int8", q), add_initializer(graph, f"{w.name}_scale", s),
+                               add_initializer(graph, f"{w.name}_zero_point", np.zeros(s.shape, np.int8)))
+        wq, ws, wz = weights[w.name]
+        new: list[ir.Node] = []
+        if x.name not in activations:
+            dql = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=names.node(f"{x.name}_DynamicQuantizeLinear"))
+            for o, suffix, dt in zip(dql.outputs, ("quantized", "scale", "zero_point"), (ir.DataType.UINT8, FLOAT, ir.DataType.UINT8)):
+                o.name, o.type = names.value(f"{x.name}_{suffix}"), ir.TensorType(dt)
+            dql.outputs[0].shape = x.shape
+            activations[x.name] = list(dql.outputs)
+            new.append(dql)
+        xq, xs, xz = activations[x.name]
+        mmi = ir.node("MatMulInteger", [xq, wq, xz, wz], name=names.node(f"{node.name}_MatMulInteger"))
+        cast = ir.node("Cast", [_out(mmi, names, f"{node.name}_int32", ir.DataType.INT32)], {"to": FLOAT},
+                       name=names.node(f"{node.name}_Cast"))
+        scale = ir.node("Mul", [xs, ws], name=names.node(f"{node.name}_scale_Mul"))
+        mul = ir.node("Mul", [_out(cast, names, f"{node.name}_float", FLOAT), _out(scale, names, f"{node.name}_scale", FLOAT)],
+                      name=names.node(f"{node.name}_Mul"))
+        new += [mmi, cast, scale, mul]
+        reason = _finish(graph, node, new, _out(mul, names, f"{node.name}_output", FLOAT))
+        if reason is not None and new[0].op_type == "DynamicQuantizeLinear":
+            del activations[x.name]
+        return Match.ok() if reason is None else Match.fail(reason)
+
+
+# ---------------------------------------------------------------- int4 weight-only
+
+class QuantizeInt4(OptPass):
+    """Weight MatMuls -> 4-bit block-wise weights: MatMulNBits (``format="nbits"``) or int4
+    DequantizeLinear + MatMul (``format="qdq"``, the model's opset must be >= 21).
+
+    ``rounded``: optional codes by weight name ((uint8 codes [K, N], scale, zero point) from
+    calibration-aware rounding); others round to nearest.  A K that ``block_size`` does not divide
+    is declined with the reason (the command refuses such a block size up front).  See the module
+    docstring for the contract."""
+
+    name = "quantize-int4"
+
+    def __init__(self, block_size: int = 32, fmt: str = "nbits", exclude=frozenset(),
+                 rounded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None):
+        super().__init__()
+        self.block, self.fmt, self.exclude, self.rounded = block_size, fmt, frozenset(exclude), rounded or {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        changed: collections.Counter = collections.Counter()
+        skipped: collections.Counter = collections.Counter()
+        names = FreshNames(model)
+        done: dict[str, tuple[ir.Value, ...]] = {}
+        if self.fmt == "nbits":
+            model.opset_imports.setdefault("com.microsoft", 1)
+        for node in list(model.graph):
+            match = weight_matmul(node) if node.name not in self.exclude else NO_MATCH
+            if match.succeeded and typing.cast(tuple[int, int], match.value)[0] % self.block:
+                match = Match.fail(f"block size {self.block} does not divide K")
+            if match.succeeded:
+                match = self._rewrite(model.graph, node, names, done)
+            match.tally(changed, skipped, f"MatMul -> {'MatMulNBits' if self.fmt == 'nbits' else 'int4 DQ + MatMul'}",
+                        "MatMul")
+        changed["int4 weights"] = len(done)
+        return self.result(model, changed, skipped)
+
+    def codes(self, w: ir.Value) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if w.name in self.rounded:
+            return self.rounded[w.name]
+        arr = constant(w).astype(np.float64)
+        scale, zero = int4_grid(arr, self.block)
+        return int4_round(arr, scale, zero, self.block), scale, zero
+
+    def _rewrite(self, graph, node, names, done) -> Match:
+        x, w = node.inputs
+        k, n = w.const_value.shape
+        if w.name not in done:
+            q, scale, zero = self.codes(w)
+            done[w.name] = self._weights(graph, w.name, q, scale, zero, k, n)
+        if self.fmt == "nbits":
+            b, s, z = done[w.name]
+            mm = ir.node("MatMulNBits", [x, b, s, z], {"K": k, "N": n, "bits": 4, "block_size": self.block,
+                                                       "accuracy_level": NBITS_ACCURACY_LEVEL},
+                         domain="com.microsoft", name=names.node(f"{node.name}_MatMulNBits"))
+            new = [mm]
+        else:
+            dq = ir.node("DequantizeLinear", list(done[w.name]), {"axis": 0, "block_size": self.block},
+                         name=names.node(f"{w.name}_DequantizeLinear"))
+            dq.outputs[0].shape = ir.Shape([k, n])
+            mm = ir.node("MatMul", [x, _out(dq, names, f"{w.name}_dequantized", FLOAT)], name=names.node(f"{node.name}_int4"))
+            new = [dq, mm]
+        reason = _finish(graph, node, new, _out(mm, names, f"{node.name}_output", FLOAT))
+        return Match.ok() if reason is None else Match.fail(reason)
+
+    def _weights(self, graph, name, q, scale, zero, k, n) -> tuple[ir.Value, ...]:
+        blocks = k // self.block
+        if self.fmt == "nbits":  # B [N, blocks, block/2] uint8, scales [N * blocks], zero points [N, ceil(blocks/2)]
+            packed = pack_nibbles(q.T.reshape(n, blocks, self.block))
+            zeros = zero.T
+            if blocks % 2:
+                zeros = np.concatenate([zeros, np.zeros((n, 1), np.uint8)], axis=1)
+            return (add_initializer(graph, f"{name}_nbits", packed),
+                    add_initializer(graph, f"{name}_scales", np.ascontiguousarray(scale.T).reshape(-1)),
+                    add_initializer(graph, f"{name}_zero_points", pack_nibbles(zeros).reshape(-1)))
+        return (_uint4_initializer(graph, f"{name}_uint4", q), add_initializer(graph, f"{name}_scale", scale),
+                _uint4_initializer(graph, f"{name}_zero_point", zero))
+
+
+def _uint4_initializer(graph: ir.Graph, name: str, codes: np.ndarray) -> ir.Value:
+    value = add_initializer(graph, name, codes.astype(np.uint8))
+    tensor = ir.Tensor(codes.astype(np.uint8), dtype=ir.DataType.UINT4, name=value.name)
+    value.const_value, value.type = tensor, ir.TensorType(ir.DataType.UINT4)
+    return value
+
+
+# ---------------------------------------------------------------- embeddings
+
+def embedding_gather(node: ir.Node, exclude=frozenset()) -> Match:
+    """Match.ok((V, D)) for a main-graph Gather (axis 0) on a float32 [V, D] initializer table."""
+    if node.op_type != "Gather" or not is_standard(node) or node.name in exclude:
+        return NO_MATCH
+    table = node.inputs[0]
+    if not _float_initializer(table) or len(table.const_value.shape) != 2:
+        return NO_MATCH
+    axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
+    if axis != 0:
+        return Match.fail("Gather axis is not 0")
+    v, d = (int(x) for x in table.const_value.shape.numpy())
+    if v * d < MIN_EMBEDDING:
+        return Match.fail(f"table smaller than {MIN_EMBEDDING} elements")
+    return Match.ok((v, d))
+
+
+class QuantizeEmbeddings(OptPass):
+    """Gather tables weight-only: int8 table + DequantizeLinear after the Gather (scale per column
+    of D; standard ops), or ``bits=4``: com.microsoft GatherBlockQuantized (uint4, blocks of
+    ``block_size`` along D with zero points; CPU EP), falling back to int8 where ``block_size``
+    does not divide D.  Only the rows gathered are dequantized.  See the module docstring."""
+
+    name = "quantize-embeddings"
+
+    def __init__(self, bits: int = 8, block_size: int = 32, exclude=frozenset()):
+        super().__init__()
+        self.bits, self.block, self.exclude = bits, block_size, frozenset(exclude)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        changed: collections.Counter = collections.Counter()
+        skipped: collections.Counter = collections.Counter()
+        names = FreshNames(model)
+        tables: dict[str, tuple[ir.Value, ...]] = {}
+        for node in list(model.graph):
+            match = embedding_gather(node, self.exclude)
+            if match.succeeded:
+                four = self.bits == 4 and typing.cast(tuple[int, int], match.value)[1] % self.block == 0
+                if four:
+                    model.opset_imports.setdefault("com.microsoft", 1)
+                match = (self._int4 if four else self._int8)(model.graph, node, names, tables)
+                match.tally(changed, skipped, f"Gather -> {'GatherBlockQuantized (uint4)' if four else 'Gather int8 + DQ'}")
+            else:
+                match.tally(changed, skipped, "", "Gather")
+        return self.result(model, changed, skipped)
+
+    def _int8(self, graph, node, names, tables) -> Match:
+        table = node.inputs[0]
+        key = f"{table.name}/8"
+        if key not in tables:
+            q, s = int8_columns(constant(table).astype(np.float64), 127)
+            tables[key] = (add_initializer(graph, f"{table.name}_int8", q), add_initializer(graph, f"{table.name}_scale", s),
+                           add_initializer(graph, f"{table.name}_zero_point", np.zeros(s.shape, np.int8)))
+        q, s, z = tables[key]
+        gather = ir.node("Gather", [q, node.inputs[1]], {"axis": 0}, name=names.node(f"{node.name}_int8"))
+        dq = ir.node("DequantizeLinear", [_out(gather, names, f"{node.name}_int8", ir.DataType.INT8), s, z], {"axis": -1},
+                     name=names.node(f"{node.name}_DequantizeLinear"))
+        reason = _finish(graph, node, [gather, dq], _out(dq, names, f"{node.name}_dequantized", FLOAT))
+        return Match.ok() if reason is None else Match.fail(reason)
+
+    def _int4(self, graph, node, names, tables) -> Match:
+        table = node.inputs[0]
+        key = f"{table.name}/4"
+        if key not in tables:
+            arr = constant(table).astype(np.float64)  # [V, D]: blocks along D = int4_grid on the transpose
+            scale, zero = int4_grid(arr.T, self.block)
+            codes = int4_round(arr.T, scale, zero, self.block).T
+            zeros = zero.T
+            if zeros.shape[1] % 2:
+                zeros = np.concatenate([zeros, np.zeros((zeros.shape[0], 1), np.uint8)], axis=1)
+            tables[key] = (add_initializer(graph, f"{table.name}_uint4", pack_nibbles(codes)),
+                           add_initializer(graph, f"{table.name}_scales", np.ascontiguousarray(scale.T)),
+                           add_initializer(graph, f"{table.name}_zero_points", pack_nibbles(zeros)))
+        data, scales, zeros = tables[key]
+        gbq = ir.node("GatherBlockQuantized", [data, node.inputs[1], scales, zeros],
+                      {"gather_axis": 0, "quantize_axis": 1, "block_size": self.block, "bits": 4},
+                      domain="com.microsoft", name=names.node(f"{node.name}_GatherBlockQuantized"))
+        reason = _finish(graph, node, [gbq], _out(gbq, names, f"{node.name}_dequantized", FLOAT))
+        return Match.ok() if reason is None else Match.fail(reason)
