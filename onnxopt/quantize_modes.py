@@ -63,6 +63,7 @@ def prepare(model: ir.Model, recipe: qm.Recipe) -> tuple[ir.Model, list[str]]:
     """Step 1; returns the prepared model (every node named) and notes for the report."""
     model, _, notes = qm.prepare(model, True)
     converted = qw.GemmToMatMul()(model)
+    model = pipeline.run(model, pipeline.parse("cleanup")).model  # the Gemms' old weights
     if converted.changed:
         notes.append(f"{converted.changed['Gemm -> MatMul']} Gemm converted to MatMul + Add (weight matmuls reached)")
     for reason, n in converted.skipped.items():

@@ -135,13 +135,13 @@ def _convert_gemm(graph: ir.Graph, node: ir.Node, names: FreshNames) -> Match:
     beta = a["beta"].as_float() if "beta" in a else 1.0
     w = constant(node.inputs[1]).astype(np.float64)
     w = (w.T if (a["transB"].as_int() if "transB" in a else 0) else w) * alpha
-    wv = add_initializer(graph, f"{node.inputs[1].name}_matmul", np.ascontiguousarray(w, np.float32))
+    wv = _init(graph, names, f"{node.inputs[1].name}_matmul", np.ascontiguousarray(w, np.float32))
     mm = ir.node("MatMul", [node.inputs[0], wv], name=names.node(f"{node.name}_MatMul"))
     result = _out(mm, names, f"{node.name}_matmul", FLOAT)
     new = [mm]
     c = node.inputs[2] if len(node.inputs) > 2 else None
     if c is not None:
-        cv = add_initializer(graph, f"{c.name}_bias", (constant(c).astype(np.float64) * beta).astype(np.float32))
+        cv = _init(graph, names, f"{c.name}_bias", (constant(c).astype(np.float64) * beta).astype(np.float32))
         add = ir.node("Add", [result, cv], name=names.node(f"{node.name}_Add"))
         result = _out(add, names, f"{node.name}_biased", FLOAT)
         new.append(add)
@@ -234,8 +234,8 @@ class QuantizeDynamic(OptPass):
         x, w = node.inputs
         if w.name not in weights:
             q, s = int8_columns(constant(w).astype(np.float64), self.qmax)
-            weights[w.name] = (add_initializer(graph, f"{w.name}_int8", q), add_initializer(graph, f"{w.name}_scale", s),
-                               add_initializer(graph, f"{w.name}_zero_point", np.zeros(s.shape, np.int8)))
+            weights[w.name] = (_init(graph, names, f"{w.name}_int8", q), _init(graph, names, f"{w.name}_scale", s),
+                               _init(graph, names, f"{w.name}_zero_point", np.zeros(s.shape, np.int8)))
         wq, ws, wz = weights[w.name]
         new: list[ir.Node] = []
         if x.name not in activations:
@@ -307,7 +307,7 @@ class QuantizeInt4(OptPass):
         k, n = w.const_value.shape
         if w.name not in done:
             q, scale, zero = self.codes(w)
-            done[w.name] = self._weights(graph, w.name, q, scale, zero, k, n)
+            done[w.name] = self._weights(graph, names, w.name, q, scale, zero, k, n)
         if self.fmt == "nbits":
             b, s, z = done[w.name]
             mm = ir.node("MatMulNBits", [x, b, s, z], {"K": k, "N": n, "bits": 4, "block_size": self.block,
@@ -323,22 +323,27 @@ class QuantizeInt4(OptPass):
         reason = _finish(graph, node, new, _out(mm, names, f"{node.name}_output", FLOAT))
         return Match.ok() if reason is None else Match.fail(reason)
 
-    def _weights(self, graph, name, q, scale, zero, k, n) -> tuple[ir.Value, ...]:
+    def _weights(self, graph, names, name, q, scale, zero, k, n) -> tuple[ir.Value, ...]:
         blocks = k // self.block
         if self.fmt == "nbits":  # B [N, blocks, block/2] uint8, scales [N * blocks], zero points [N, ceil(blocks/2)]
             packed = pack_nibbles(q.T.reshape(n, blocks, self.block))
             zeros = zero.T
             if blocks % 2:
                 zeros = np.concatenate([zeros, np.zeros((n, 1), np.uint8)], axis=1)
-            return (add_initializer(graph, f"{name}_nbits", packed),
-                    add_initializer(graph, f"{name}_scales", np.ascontiguousarray(scale.T).reshape(-1)),
-                    add_initializer(graph, f"{name}_zero_points", pack_nibbles(zeros).reshape(-1)))
-        return (_uint4_initializer(graph, f"{name}_uint4", q), add_initializer(graph, f"{name}_scale", scale),
-                _uint4_initializer(graph, f"{name}_zero_point", zero))
+            return (_init(graph, names, f"{name}_nbits", packed),
+                    _init(graph, names, f"{name}_scales", np.ascontiguousarray(scale.T).reshape(-1)),
+                    _init(graph, names, f"{name}_zero_points", pack_nibbles(zeros).reshape(-1)))
+        return (_uint4_initializer(graph, names, f"{name}_uint4", q), _init(graph, names, f"{name}_scale", scale),
+                _uint4_initializer(graph, names, f"{name}_zero_point", zero))
 
 
-def _uint4_initializer(graph: ir.Graph, name: str, codes: np.ndarray) -> ir.Value:
-    value = add_initializer(graph, name, codes.astype(np.uint8))
+def _init(graph: ir.Graph, names: FreshNames, base: str, array: np.ndarray) -> ir.Value:
+    """A new initializer under a name no value of the model has (initializers, node outputs)."""
+    return add_initializer(graph, names.value(base), array)
+
+
+def _uint4_initializer(graph: ir.Graph, names: FreshNames, name: str, codes: np.ndarray) -> ir.Value:
+    value = _init(graph, names, name, codes.astype(np.uint8))
     tensor = ir.Tensor(codes.astype(np.uint8), dtype=ir.DataType.UINT4, name=value.name)
     value.const_value, value.type = tensor, ir.TensorType(ir.DataType.UINT4)
     return value
@@ -396,8 +401,8 @@ class QuantizeEmbeddings(OptPass):
         key = f"{table.name}/8"
         if key not in tables:
             q, s = int8_columns(constant(table).astype(np.float64), 127)
-            tables[key] = (add_initializer(graph, f"{table.name}_int8", q), add_initializer(graph, f"{table.name}_scale", s),
-                           add_initializer(graph, f"{table.name}_zero_point", np.zeros(s.shape, np.int8)))
+            tables[key] = (_init(graph, names, f"{table.name}_int8", q), _init(graph, names, f"{table.name}_scale", s),
+                           _init(graph, names, f"{table.name}_zero_point", np.zeros(s.shape, np.int8)))
         q, s, z = tables[key]
         gather = ir.node("Gather", [q, node.inputs[1]], {"axis": 0}, name=names.node(f"{node.name}_int8"))
         dq = ir.node("DequantizeLinear", [_out(gather, names, f"{node.name}_int8", ir.DataType.INT8), s, z], {"axis": -1},
@@ -415,9 +420,9 @@ class QuantizeEmbeddings(OptPass):
             zeros = zero.T
             if zeros.shape[1] % 2:
                 zeros = np.concatenate([zeros, np.zeros((zeros.shape[0], 1), np.uint8)], axis=1)
-            tables[key] = (add_initializer(graph, f"{table.name}_uint4", pack_nibbles(codes)),
-                           add_initializer(graph, f"{table.name}_scales", np.ascontiguousarray(scale.T)),
-                           add_initializer(graph, f"{table.name}_zero_points", pack_nibbles(zeros)))
+            tables[key] = (_init(graph, names, f"{table.name}_uint4", pack_nibbles(codes)),
+                           _init(graph, names, f"{table.name}_scales", np.ascontiguousarray(scale.T)),
+                           _init(graph, names, f"{table.name}_zero_points", pack_nibbles(zeros)))
         data, scales, zeros = tables[key]
         gbq = ir.node("GatherBlockQuantized", [data, node.inputs[1], scales, zeros],
                       {"gather_axis": 0, "quantize_axis": 1, "block_size": self.block, "bits": 4},
