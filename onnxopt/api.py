@@ -159,7 +159,7 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
 
 def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, data: str | os.PathLike | None = None,
              recipe=None, mode: str | None = None, weights: str | None = None, block_size: int | None = None,
-             rounding: str | None = None, embeddings: bool | None = None,
+             rounding: str | None = None, embeddings: bool | None = None, head_bits: int | None = None,
              method: str | None = None, percentile: float | None = None, ep: str | None = None,
              per_channel: bool | None = None, recovery: Sequence[str] | None = None,
              exclude: Sequence[str] | None = None, latency_guard: bool | None = None,
@@ -188,7 +188,7 @@ def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, d
     settings = {k: v for k, v in {"method": method, "percentile": percentile, "ep": ep, "per_channel": per_channel,
                                   "recovery": recovery, "exclude": exclude, "latency_guard": latency_guard, "mode": mode,
                                   "weights": weights, "block_size": block_size, "rounding": rounding,
-                                  "embeddings": embeddings}.items()
+                                  "embeddings": embeddings, "head_bits": head_bits}.items()
                 if v is not None}
     return quantize_mod.quantize(input_path, output_path, data=data, recipe=recipe, preprocess=preprocess,
                                  max_drop=max_drop, metric=metric, stats_in=stats_in, stats_out=stats_out,

@@ -367,6 +367,8 @@ def optimize(model, output, pipeline_text, report_path, ep_text, shapes, data, p
               help="int4: block-wise 4-bit weight-only MatMuls (MatMulNBits on the CPU EP, int4 DequantizeLinear at opset 21 "
                    "elsewhere), activations float.")
 @click.option("--block-size", type=int, default=32, show_default=True, help="With --weights int4: 32, 64 or 128 weights per block.")
+@click.option("--head-bits", type=click.Choice(("4", "8")), default="8", show_default=True,
+              help="With --weights int4: bits of the output head (the weight matmul feeding a graph output: LM head, classifier).")
 @click.option("--rounding", type=click.Choice(("rtn", "gptq")), default=None,
               help="int4 rounding: gptq (error feedback with the input Hessian from --data; the default with --data) or rtn "
                    "(round to nearest; the default without --data).")
@@ -405,7 +407,7 @@ def optimize(model, output, pipeline_text, report_path, ep_text, shapes, data, p
 @click.option("--force", is_flag=True, help="Write the result even when the accuracy budget is missed.")
 @click.option("--report", "report_path", type=click.Path(), default=None, help="Write a report: .json, .md or .html.")
 @_isolated(lambda kw: str(kw["model"]), output="output")
-def quantize(model, output, data, mode, weights, block_size, rounding, embeddings, preprocess, method,
+def quantize(model, output, data, mode, weights, block_size, head_bits, rounding, embeddings, preprocess, method,
              ep_text, max_drop, metric, recover_text, save_stats, load_stats,
              calib_batches, exclude, latency_guard, per_channel, recipe_path, save_recipe, search, search_budget, force,
              report_path):
@@ -419,12 +421,12 @@ def quantize(model, output, data, mode, weights, block_size, rounding, embedding
                 "per_channel": per_channel, "recovery": tuple(r for r in recover_text.split(",") if r and r != "none"),
                 "exclude": tuple(exclude), "latency_guard": latency_guard, "embeddings": embeddings,
                 "mode": mode or ("weight-only" if weights == "int4" else "static"), "weights": weights,
-                "block_size": block_size, "rounding": rounding}
+                "block_size": block_size, "rounding": rounding, "head_bits": int(head_bits)}
     if recipe_path is not None:
         ctx = click.get_current_context()
         given = [f"--{p.replace('_text', '').replace('_', '-')}" for p in
                  ("method", "ep_text", "per_channel", "recover_text", "exclude", "latency_guard", "mode", "weights",
-                  "block_size", "rounding", "embeddings")
+                  "block_size", "head_bits", "rounding", "embeddings")
                  if ctx.get_parameter_source(p) not in (None, click.core.ParameterSource.DEFAULT)]
         if given:
             raise UsageError(f"--recipe fixes the placement and settings; drop {', '.join(given)}")

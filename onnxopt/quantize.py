@@ -216,6 +216,8 @@ class Recipe:
     mode: str = "static"
     weights: str = "int8"
     block_size: int = 32
+    #: weight-only: bits of the output head(s) (the weight MatMul feeding a graph output), 8 or 4
+    head_bits: int = 8
     #: Gather tables (embeddings) quantized weight-only, in every mode
     embeddings: bool = True
     #: int4 weight rounding: ``gptq`` (error feedback with the input Hessian, needs data) or ``rtn``;
@@ -245,6 +247,8 @@ class Recipe:
             raise UsageError("--weights int4 is weight-only (activations stay float): leave --mode out or use "
                              "--mode weight-only" if self.weights == "int4" else
                              "--mode weight-only needs --weights int4")
+        if self.head_bits not in (4, 8):
+            raise UsageError(f"--head-bits {self.head_bits}: 4 or 8")
         if self.block_size not in BLOCK_SIZES:
             raise UsageError(f"--block-size {self.block_size}: choose {', '.join(map(str, BLOCK_SIZES))}")
         if self.rounding not in (None, "rtn", "gptq"):
@@ -284,6 +288,7 @@ class Recipe:
                 "activation_type": self.profile.activation, "exclude": list(self.exclude),
                 "latency_guard": self.latency_guard, "mode": self.mode, "weights": self.weights,
                 "block_size": self.block_size if self.weights == "int4" else None, "embeddings": self.embeddings,
+                "head_bits": self.head_bits if self.weights == "int4" else None,
                 "rounding": self.rounding,
                 "float_reasons": {n: self.float_layers[n] for n in sorted(self.float_layers)},
                 "replayed_from": self.replayed_from}
@@ -306,6 +311,7 @@ class Recipe:
                    exclude=tuple(d.get("exclude", ())), latency_guard=bool(d.get("latency_guard", True)),
                    mode=str(d.get("mode", "static")), weights=str(d.get("weights", "int8")),
                    block_size=int(d.get("block_size") or 32), embeddings=bool(d.get("embeddings", True)),
+                   head_bits=int(d.get("head_bits") or 8),
                    rounding=d.get("rounding"),
                    float_layers={n: reasons.get(n, "recipe") for n in d["float_layers"]},
                    latency_decisions=list(d.get("latency_decisions", [])), sensitivity=list(d.get("sensitivity", [])),

@@ -50,6 +50,9 @@ logger = logging.getLogger("onnxopt")
 
 #: extra synthesized scoring batches (seeds) beyond validate's primary point and its variation
 SYNTHESIZED_SEEDS = (2, 3)
+#: batches (besides the held-out ones) whose input Hessians GPTQ uses: GPTQ needs many more rows than
+#: the K of a layer (with few, it fits the calibration subspace and rounds worse than nearest)
+ROUNDING_BATCHES = 64
 #: their symbolic dims (sequence lengths of a transformer: 1 would exercise little)
 SYNTHESIZED_DIM = 8
 
@@ -110,9 +113,9 @@ def inputs(float_bytes: bytes, opts: qm.Options) -> tuple[list[dict], list[dict]
         read += 1
         if i % 4 == 3 and len(held_out) < qm.HELD_OUT:
             held_out.append(feeds)
-        elif len(rounding) < qm.RECOVERY_BATCHES:
+        elif len(rounding) < ROUNDING_BATCHES:
             rounding.append(feeds)
-        if len(held_out) >= qm.HELD_OUT and len(rounding) >= qm.RECOVERY_BATCHES:
+        if len(held_out) >= qm.HELD_OUT and len(rounding) >= ROUNDING_BATCHES:
             break
     if not held_out:
         held_out = rounding[-1:]
@@ -136,6 +139,8 @@ class WeightQuantizer(qm.Quantizer):
         self.int4, self.block, self.rounding = recipe.weights == "int4", recipe.block_size, recipe.rounding
         self.fmt = int4_format(recipe.ep)
         self.matmuls = qw.weight_matmuls(model)
+        #: the output head(s) stay at 8 bits in weight-only mode (``recipe.head_bits``)
+        self.node_bits = {name: recipe.head_bits for name in qw.output_heads(model, self.matmuls)} if self.int4 else {}
         self.candidates = {name: "matmul" for name in self.matmuls}
         if recipe.embeddings:
             self.candidates.update({n.name: "embedding" for n in model.graph if qw.embedding_gather(n).succeeded})
@@ -148,28 +153,29 @@ class WeightQuantizer(qm.Quantizer):
     @functools.cached_property
     def rounded(self) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """GPTQ int4 codes by weight name (empty for ``rtn``): error feedback over K with the input
-        Hessian on the rounding batches, grid fixed per block (:func:`qw.int4_grid`)."""
+        Hessian on the rounding batches, grid fixed per block (:func:`qw.block_grid`)."""
         if not self.int4 or self.rounding != "gptq":
             return {}
         nodes = [n for n in self.model.graph if n.name in self.matmuls]
         hess = recover.hessians(nodes, self.recovery_set, self.float_bytes)
         out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for node in nodes:
-            w = node.inputs[1]
-            if w.name in out or node.name not in hess:
+            w, bits = node.inputs[1], self.node_bits.get(node.name, 4)
+            key = f"{w.name}/{bits}"
+            if key in out or node.name not in hess:
                 continue
             arr = constant(w).astype(np.float64)
-            scale, zero = qw.int4_grid(arr, self.block)
-            codes = recover._error_feedback(arr, np.repeat(scale, self.block, 0), hess[node.name], 15,
+            scale, zero = qw.block_grid(arr, self.block, bits)
+            codes = recover._error_feedback(arr, np.repeat(scale, self.block, 0), hess[node.name], 2 ** bits - 1,
                                             np.repeat(zero, self.block, 0), 0)
-            out[w.name] = (codes.astype(np.uint8), scale, zero)
+            out[key] = (codes.astype(np.uint8), scale, zero)
         return out
 
     def build(self, exclude=frozenset(), recovery=None) -> tuple[ir.Model, qq.Plan]:
         model = self.model.clone()
         exclude = frozenset(exclude)
         if self.int4:
-            qw.QuantizeInt4(self.block, self.fmt, exclude, self.rounded)(model)
+            qw.QuantizeInt4(self.block, self.fmt, exclude, self.rounded, self.node_bits)(model)
         else:
             qw.QuantizeDynamic(self.qmax, exclude)(model)
         if self.embeddings:

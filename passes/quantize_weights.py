@@ -36,6 +36,8 @@ from onnxopt.base import NO_MATCH, FreshNames, Match, OptPass, add_initializer, 
 
 FLOAT = ir.DataType.FLOAT
 BLOCK_SIZES = (32, 64, 128)
+#: int4 block ranges tried (fractions of [min, max]); 1.0 alone is plain min/max round-to-nearest
+GRID_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 #: Gather tables smaller than this many elements stay float (position tables of tiny test models
 #: still count; shape-index Gathers are integer and never match)
 MIN_EMBEDDING = 1024
@@ -158,27 +160,37 @@ def int8_columns(w: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.round(w / scale), -qmax, qmax).astype(np.int8), scale
 
 
-def int4_grid(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Asymmetric 4-bit grid per block of ``block`` rows (K) and column of a [K, N] weight:
-    (scale float32 [K/block, N], zero point uint8 in [0, 15] [K/block, N]); the range includes 0."""
+def block_grid(w: np.ndarray, block: int, bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Asymmetric ``bits``-bit grid per block of ``block`` rows (K) and column of a [K, N] weight:
+    (scale float32 [K/block, N], zero point uint8 in [0, 2^bits - 1] [K/block, N]).  Each block's range
+    [min, max] (widened to include 0) is shrunk by the factor in GRID_SHRINK that gives the least
+    squared rounding error of that block (a clipped range rounds the bulk of a Gaussian-like
+    block more finely than its two extremes cost)."""
     k, n = w.shape
     blocks = w.reshape(k // block, block, n)
-    lo = np.minimum(blocks.min(axis=1), 0.0)
-    hi = np.maximum(blocks.max(axis=1), 0.0)
-    scale = ((hi - lo) / 15.0).astype(np.float32)
-    scale[scale == 0] = 1.0
-    zero = np.clip(np.round(-lo / scale), 0, 15).astype(np.uint8)
-    return scale, zero
+    lo0 = np.minimum(blocks.min(axis=1), 0.0)
+    hi0 = np.maximum(blocks.max(axis=1), 0.0)
+    best = (np.full(lo0.shape, np.inf), np.ones(lo0.shape, np.float32), np.zeros(lo0.shape, np.uint8))
+    top = 2 ** bits - 1
+    for f in GRID_SHRINK:
+        scale = ((hi0 - lo0) * f / top).astype(np.float32)
+        scale[scale == 0] = 1.0
+        zero = np.clip(np.round(-lo0 * f / scale), 0, top).astype(np.uint8)
+        q = np.clip(np.round(blocks / scale[:, None]) + zero[:, None], 0, top)
+        err = (((q - zero[:, None]) * scale[:, None] - blocks) ** 2).sum(axis=1)
+        better = err < best[0]
+        best = (np.where(better, err, best[0]), np.where(better, scale, best[1]), np.where(better, zero, best[2]))
+    return best[1].astype(np.float32), best[2].astype(np.uint8)
 
 
-def int4_round(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, block: int) -> np.ndarray:
-    """Round-to-nearest codes (uint8 in [0, 15], [K, N]) of ``w`` on the grid of :func:`int4_grid`."""
+def block_round(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, block: int, bits: int = 4) -> np.ndarray:
+    """Round-to-nearest codes (uint8 in [0, 2^bits - 1], [K, N]) of ``w`` on the grid of :func:`block_grid`."""
     s = np.repeat(scale, block, axis=0)
     z = np.repeat(zero, block, axis=0).astype(np.float64)
-    return np.clip(np.round(w / s) + z, 0, 15).astype(np.uint8)
+    return np.clip(np.round(w / s) + z, 0, 2 ** bits - 1).astype(np.uint8)
 
 
-def int4_dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, block: int) -> np.ndarray:
+def block_dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, block: int) -> np.ndarray:
     return (q.astype(np.float64) - np.repeat(zero, block, axis=0)) * np.repeat(scale, block, axis=0)
 
 
@@ -261,21 +273,42 @@ class QuantizeDynamic(OptPass):
 
 # ---------------------------------------------------------------- int4 weight-only
 
+#: ops an output head's result may pass through to a graph output (bias, layout)
+HEAD_PASSTHROUGH = frozenset({"Add", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Flatten", "Cast"})
+
+
+def output_heads(model: ir.Model, matmuls) -> set[str]:
+    """Names of the weight MatMuls (of ``matmuls``) whose result reaches a graph output through
+    bias/layout ops only (HEAD_PASSTHROUGH): the LM head or classifier, whose rounding error no
+    later layer averages out."""
+    heads: set[str] = set()
+    for out in model.graph.outputs:
+        node = out.producer()
+        while node is not None and node.name not in matmuls and node.op_type in HEAD_PASSTHROUGH and node.inputs:
+            node = next((v.producer() for v in node.inputs if v is not None and v.producer() is not None), None)
+        if node is not None and node.name in matmuls:
+            heads.add(node.name)
+    return heads
+
+
 class QuantizeInt4(OptPass):
     """Weight MatMuls -> 4-bit block-wise weights: MatMulNBits (``format="nbits"``) or int4
     DequantizeLinear + MatMul (``format="qdq"``, the model's opset must be >= 21).
 
     ``rounded``: optional codes by weight name ((uint8 codes [K, N], scale, zero point) from
-    calibration-aware rounding); others round to nearest.  A K that ``block_size`` does not divide
+    calibration-aware rounding); others round to nearest.  ``bits``: node name -> 8 for the nodes
+    kept at 8 bits (block-wise too; e.g. the output head, see :func:`output_heads`), 4 otherwise.  A K that ``block_size`` does not divide
     is declined with the reason (the command refuses such a block size up front).  See the module
     docstring for the contract."""
 
     name = "quantize-int4"
 
     def __init__(self, block_size: int = 32, fmt: str = "nbits", exclude=frozenset(),
-                 rounded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None):
+                 rounded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+                 bits: dict[str, int] | None = None):
         super().__init__()
         self.block, self.fmt, self.exclude, self.rounded = block_size, fmt, frozenset(exclude), rounded or {}
+        self.bits = bits or {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         changed: collections.Counter = collections.Counter()
@@ -292,30 +325,33 @@ class QuantizeInt4(OptPass):
                 match = self._rewrite(model.graph, node, names, done)
             match.tally(changed, skipped, f"MatMul -> {'MatMulNBits' if self.fmt == 'nbits' else 'int4 DQ + MatMul'}",
                         "MatMul")
-        changed["int4 weights"] = len(done)
+        changed["int4 weights"] = sum(1 for key in done if key[1] == 4)
+        changed["8-bit weights"] = sum(1 for key in done if key[1] == 8)
         return self.result(model, changed, skipped)
 
-    def codes(self, w: ir.Value) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if w.name in self.rounded:
-            return self.rounded[w.name]
+    def codes(self, w: ir.Value, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if f"{w.name}/{bits}" in self.rounded:
+            return self.rounded[f"{w.name}/{bits}"]
         arr = constant(w).astype(np.float64)
-        scale, zero = int4_grid(arr, self.block)
-        return int4_round(arr, scale, zero, self.block), scale, zero
+        scale, zero = block_grid(arr, self.block, bits)
+        return block_round(arr, scale, zero, self.block, bits), scale, zero
 
     def _rewrite(self, graph, node, names, done) -> Match:
         x, w = node.inputs
         k, n = w.const_value.shape
-        if w.name not in done:
-            q, scale, zero = self.codes(w)
-            done[w.name] = self._weights(graph, names, w.name, q, scale, zero, k, n)
+        bits = self.bits.get(node.name, 4)
+        key = (w.name, bits)
+        if key not in done:
+            q, scale, zero = self.codes(w, bits)
+            done[key] = self._weights(graph, names, w.name, q, scale, zero, k, n, bits)
         if self.fmt == "nbits":
-            b, s, z = done[w.name]
-            mm = ir.node("MatMulNBits", [x, b, s, z], {"K": k, "N": n, "bits": 4, "block_size": self.block,
+            b, s, z = done[key]
+            mm = ir.node("MatMulNBits", [x, b, s, z], {"K": k, "N": n, "bits": bits, "block_size": self.block,
                                                        "accuracy_level": NBITS_ACCURACY_LEVEL},
                          domain="com.microsoft", name=names.node(f"{node.name}_MatMulNBits"))
             new = [mm]
         else:
-            dq = ir.node("DequantizeLinear", list(done[w.name]), {"axis": 0, "block_size": self.block},
+            dq = ir.node("DequantizeLinear", list(done[key]), {"axis": 0, "block_size": self.block},
                          name=names.node(f"{w.name}_DequantizeLinear"))
             dq.outputs[0].shape = ir.Shape([k, n])
             mm = ir.node("MatMul", [x, _out(dq, names, f"{w.name}_dequantized", FLOAT)], name=names.node(f"{node.name}_int4"))
@@ -323,8 +359,15 @@ class QuantizeInt4(OptPass):
         reason = _finish(graph, node, new, _out(mm, names, f"{node.name}_output", FLOAT))
         return Match.ok() if reason is None else Match.fail(reason)
 
-    def _weights(self, graph, names, name, q, scale, zero, k, n) -> tuple[ir.Value, ...]:
+    def _weights(self, graph, names, name, q, scale, zero, k, n, bits) -> tuple[ir.Value, ...]:
         blocks = k // self.block
+        if bits == 8:  # one byte per code and per zero point
+            if self.fmt == "nbits":
+                return (_init(graph, names, f"{name}_nbits8", np.ascontiguousarray(q.T.reshape(n, blocks, self.block))),
+                        _init(graph, names, f"{name}_scales", np.ascontiguousarray(scale.T).reshape(-1)),
+                        _init(graph, names, f"{name}_zero_points", np.ascontiguousarray(zero.T).reshape(-1)))
+            return (_init(graph, names, f"{name}_uint8", q), _init(graph, names, f"{name}_scale", scale),
+                    _init(graph, names, f"{name}_zero_point", zero))
         if self.fmt == "nbits":  # B [N, blocks, block/2] uint8, scales [N * blocks], zero points [N, ceil(blocks/2)]
             packed = pack_nibbles(q.T.reshape(n, blocks, self.block))
             zeros = zero.T
@@ -414,9 +457,9 @@ class QuantizeEmbeddings(OptPass):
         table = node.inputs[0]
         key = f"{table.name}/4"
         if key not in tables:
-            arr = constant(table).astype(np.float64)  # [V, D]: blocks along D = int4_grid on the transpose
-            scale, zero = int4_grid(arr.T, self.block)
-            codes = int4_round(arr.T, scale, zero, self.block).T
+            arr = constant(table).astype(np.float64)  # [V, D]: blocks along D = block_grid on the transpose
+            scale, zero = block_grid(arr.T, self.block)
+            codes = block_round(arr.T, scale, zero, self.block).T
             zeros = zero.T
             if zeros.shape[1] % 2:
                 zeros = np.concatenate([zeros, np.zeros((zeros.shape[0], 1), np.uint8)], axis=1)

@@ -246,3 +246,23 @@ def test_bad_input_and_usage(tmp_path, cli):
         assert message in r.output, (args, r.output)
         assert not out.exists()
     assert sha256(BERT) == before
+
+
+def test_int4_output_head_stays_8_bit(tmp_path):
+    """The weight matmul feeding a graph output (LM head) is kept at 8 bits unless --head-bits 4;
+    the 8-bit head is closer to fp32 (here: no data, so synthesized scoring inputs and RTN)."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_embedding_gemm_model(), src)
+    ids = np.random.default_rng(4).integers(0, 200, (4, 8)).astype(np.int64)
+    ref = ort.InferenceSession(str(src)).run(None, {"ids": ids})[0]
+    err = {}
+    for head_bits in (8, 4):
+        out = tmp_path / f"head{head_bits}.onnx"
+        report = api.quantize(src, out, weights="int4", head_bits=head_bits, max_drop=1.0)
+        bits = {n.name: a.i for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulNBits"
+                for a in n.attribute if a.name == "bits"}
+        assert len(bits) == 3 and sorted(bits.values()) == sorted([4, 4, head_bits]), bits
+        assert report["recipe"]["head_bits"] == head_bits and report["recipe"]["rounding"] == "rtn"
+        got = ort.InferenceSession(str(out)).run(None, {"ids": ids})[0]
+        err[head_bits] = float(np.abs(got - ref).mean())
+    assert err[8] < err[4], err
