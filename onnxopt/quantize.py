@@ -81,7 +81,7 @@ logger = logging.getLogger("onnxopt")
 PREPARE_PIPELINE = pipeline.DEFAULT_PIPELINE
 RECOVERY = ("bias-correction", "cle", "adaround")
 DEFAULT_RECOVERY = ("bias-correction", "adaround")
-KIND_ORDER = ("depthwise", "pointwise", "conv", "gemm")
+KIND_ORDER = ("depthwise", "pointwise", "conv", "gemm", "attention")
 #: int8 must be faster than float by more than this fraction (with confidence) to be kept; a single
 #: layer goes back to float only when that is faster by more than it too
 LATENCY_MARGIN = 0.03
@@ -504,7 +504,7 @@ class Quantizer:
 
     @functools.cached_property
     def input_means(self) -> dict[str, np.ndarray]:
-        return recover.input_means(self.model, self.full_plan.primary(), self.recovery_set)
+        return recover.input_means(self.model, self.full_plan.weighted(), self.recovery_set)
 
     # ---------------------------------------------------------------- building
     def plan(self, exclude=frozenset()) -> qq.Plan:

@@ -114,7 +114,7 @@ def bias_correction(model: ir.Model, the_plan, float_model: ir.Model, means: dic
     changed: collections.Counter = collections.Counter()
     nodes = {n.name: n for n in model.graph}
     floats = {n.name: n for n in float_model.graph}
-    layers = [nodes[t] for t in the_plan.primary()
+    layers = [nodes[t] for t in the_plan.weighted()
               if len(nodes[t].inputs) > 2 and nodes[t].inputs[2] is not None
               and nodes[t].inputs[2].producer() is not None
               and nodes[t].inputs[2].producer().op_type == "DequantizeLinear"

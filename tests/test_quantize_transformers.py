@@ -199,14 +199,17 @@ def test_int4_dequantize_linear_matches_matmulnbits():
     np.testing.assert_allclose(outs["qdq"], outs["nbits"], rtol=1e-4, atol=1e-4)
 
 
-def test_static_mode_quantizes_embeddings_too(tmp_path, bert_data):
+def test_static_mode_attention_matmuls_gemm_and_embeddings(tmp_path, bert_data):
+    """Static QDQ: the attention act x act MatMuls get Q/DQ on both inputs (ORT runs them as
+    MatMulIntegerToFloat), the pooler Gemm becomes QGemm, and the embedding tables are int8."""
     out = tmp_path / "bert_static.onnx"
     report = api.quantize(BERT, out, data=bert_data, latency_guard=False, recovery=(), max_drop=0.05)
-    ops = op_types(out)
-    gathers = [n for n in onnx.load(str(out)).graph.node if n.op_type == "Gather"
-               and n.input[0].endswith("_int8")]
+    gathers = [n for n in onnx.load(str(out)).graph.node if n.op_type == "Gather" and n.input[0].endswith("_int8")]
     assert report["mode"] == "static" and report["recipe"]["embeddings"] and len(gathers) == 2
-    assert "QuantizeLinear" in ops
+    assert report["recipe"]["kinds"] == {"attention": 4, "gemm": 13}
+    fused = _optimized_ops(out, tmp_path)
+    assert fused["MatMulIntegerToFloat"] + fused["QLinearMatMul"] >= 4 and fused["QGemm"] == 1, fused
+    assert _cosine(BERT, out, "bert") >= 0.995  # measured 0.999
 
 
 def test_recipe_replay_dynamic_and_int4(tmp_path, bert_data, cli):

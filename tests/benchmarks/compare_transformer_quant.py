@@ -12,9 +12,14 @@ Tools, each from the same fp32 file:
 - ``ort-dynamic``: ``quant_pre_process`` then ``quantize_dynamic(per_channel=True)`` (its defaults otherwise:
   QInt8 weights, embeddings (Gather) included in its op types);
 - ``onnxopt-dynamic``: ``onnxopt quantize --mode dynamic --data DIR`` (defaults: budget 0.01, latency guard on);
-- ``ort-int4``: ``MatMulNBitsQuantizer(block_size=32)`` (RTN, its default asymmetric);
+- ``onnxopt-dynamic-0.1``: the same with ``--max-drop 0.1`` (a budget ORT's result would pass);
+- ``ort-int4``: ``MatMulNBitsQuantizer(block_size=32)`` (RTN, its default asymmetric) on the file as is
+  (it reaches MatMul only, not the Gemm of TorchScript exports);
+- ``ort-int4-all``: the same on the file after our ``gemm-to-matmul`` (every weight matmul reached: the
+  rounding comparison at equal coverage);
 - ``onnxopt-int4-rtn`` / ``onnxopt-int4-gptq``: ``--weights int4 --block-size 32 --rounding rtn|gptq``
-  with ``--max-drop 1`` (int4 is for size: every weight matmul int4; the fidelity is what is compared).
+  with ``--max-drop 1`` (int4 is for size: every weight matmul int4, the output head 8-bit, embeddings
+  int4; the fidelity is what is compared).
 
 Measured per tool: file size ratio vs fp32; fidelity vs fp32 on 16 evaluation batches (seeds 1000+, not
 the calibration data): top-1 agreement at every position of ``logits`` (GPT-2) and the mean cosine of
@@ -44,7 +49,7 @@ from onnxopt import api, bench, runtime
 from onnxopt.errors import ValidationRefused
 
 SMALL = {"HIDDEN": 256, "LAYERS": 4, "HEADS": 4, "INNER": 1024, "VOCAB": 8192, "HEAD_DIM": 64}
-SHAPE = {"batch": 1, "seq": 32, "past": 16}
+SHAPE = {"batch": 2, "seq": 32, "past": 16}
 
 
 def build_small(names: list[str], folder: Path) -> dict[str, Path]:
@@ -75,11 +80,21 @@ def ort_dynamic(src: Path, out: Path) -> None:
     quantize_dynamic(str(pre), str(out), per_channel=True)
 
 
-def ort_int4(src: Path, out: Path) -> None:
+def ort_int4(src: Path, out: Path, all_gemms: bool = False) -> None:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32)
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
+    model = onnx.load(str(src))
+    if all_gemms:
+        import onnx_ir as ir
+
+        from onnxopt.passes.quantize_weights import GemmToMatMul
+
+        converted = ir.from_proto(model)
+        GemmToMatMul()(converted)
+        model = ir.to_proto(converted)
+    q = MatMulNBitsQuantizer(model, block_size=32)
     q.process()
     q.model.save_model_to_file(str(out), use_external_data_format=False)
 
@@ -97,7 +112,9 @@ def ours(src: Path, out: Path, data: Path, **settings) -> str:
 TOOLS = {
     "ort-dynamic": lambda src, out, data: ort_dynamic(src, out),
     "onnxopt-dynamic": lambda src, out, data: ours(src, out, data, mode="dynamic"),
+    "onnxopt-dynamic-0.1": lambda src, out, data: ours(src, out, data, mode="dynamic", max_drop=0.1),
     "ort-int4": lambda src, out, data: ort_int4(src, out),
+    "ort-int4-all": lambda src, out, data: ort_int4(src, out, all_gemms=True),
     "onnxopt-int4-rtn": lambda src, out, data: ours(src, out, data, weights="int4", block_size=32, rounding="rtn", max_drop=1.0),
     "onnxopt-int4-gptq": lambda src, out, data: ours(src, out, data, weights="int4", block_size=32, rounding="gptq", max_drop=1.0),
 }
@@ -133,7 +150,7 @@ def latencies(paths: list[Path], feeds: dict, runs: int) -> list[float]:
 
 def run_model(name: str, src: Path, tmp: Path, runs: int) -> dict:
     arch = name.rsplit("_", 1)[0]
-    data = write_batches(arch, tmp / f"{name}_calib", 32, 0)
+    data = write_batches(arch, tmp / f"{name}_calib", 80, 0)
     evaluation = [mt.feeds(arch, seed=1000 + i, batch=2, seq=32, past=16) for i in range(16)]
     ref = runtime.session(str(src), "cpu", 1)
     entry: dict = {"fp32_bytes": src.stat().st_size, "tools": {}}
@@ -175,6 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write the JSON here; default: print only")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
     info = bench.machine()
     print(bench.machine_line(info), flush=True)
     results: dict = {"machine": {k: v for k, v in info.items() if k != "flags"}, "size": args.size, "shape": SHAPE,
