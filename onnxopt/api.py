@@ -159,7 +159,7 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
 
 def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, data: str | os.PathLike | None = None,
              recipe=None, mode: str | None = None, weights: str | None = None, block_size: int | None = None,
-             rounding: str | None = None, embeddings: bool | None = None, head_bits: int | None = None,
+             rounding: str | None = None, embeddings: str | None = None, head_bits: int | None = None,
              method: str | None = None, percentile: float | None = None, ep: str | None = None,
              per_channel: bool | None = None, recovery: Sequence[str] | None = None,
              exclude: Sequence[str] | None = None, latency_guard: bool | None = None,
@@ -169,8 +169,9 @@ def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, d
              force: bool = False, class_outputs: Mapping[str, int | None] | None = None,
              progress: ProgressFn | None = None, search: bool = False, budget: int | None = None) -> dict:
     """``onnxopt quantize``: int8 QDQ (``mode`` static, the default, needs ``data``), dynamic int8
-    (``mode="dynamic"``) or int4 weight-only (``weights="int4"``, ``block_size``, ``rounding``;
-    mode ``weight-only``) quantization (see onnxopt.quantize, onnxopt.quantize_modes), staged, scored
+    (``mode="dynamic"``) or int4 weight-only (``weights="int4"``, ``block_size``, ``rounding``,
+    ``head_bits``; mode ``weight-only``) quantization, embeddings int8 (default), int4 or none (see
+    onnxopt.quantize, onnxopt.quantize_modes), staged, scored
     and committed through :func:`stage_validate_commit`; the report starts with :func:`header`.
 
     The recipe settings (``method`` ... ``latency_guard``; None = the default) decide a new

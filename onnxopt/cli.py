@@ -372,8 +372,9 @@ def optimize(model, output, pipeline_text, report_path, ep_text, shapes, data, p
 @click.option("--rounding", type=click.Choice(("rtn", "gptq")), default=None,
               help="int4 rounding: gptq (error feedback with the input Hessian from --data; the default with --data) or rtn "
                    "(round to nearest; the default without --data).")
-@click.option("--embeddings/--no-embeddings", default=True, show_default=True,
-              help="Quantize Gather tables (embeddings) weight-only: int8 + DequantizeLinear (int4 with --weights int4 on cpu).")
+@click.option("--embeddings", type=click.Choice(("int8", "int4", "none")), default="int8", show_default=True,
+              help="Gather tables (embeddings), weight-only: int8 + DequantizeLinear after the Gather, int4 (with --weights int4 "
+                   "on cpu: GatherBlockQuantized) or none (float).")
 @click.option("--preprocess", default=None, help="For image-folder --data (see 'optimize --help').")
 @click.option("--method", default="percentile", show_default=True,
               help="Range method: minmax, percentile (percentile{p=99.9} to set p), entropy, mse.")

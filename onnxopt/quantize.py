@@ -218,8 +218,8 @@ class Recipe:
     block_size: int = 32
     #: weight-only: bits of the output head(s) (the weight MatMul feeding a graph output), 8 or 4
     head_bits: int = 8
-    #: Gather tables (embeddings) quantized weight-only, in every mode
-    embeddings: bool = True
+    #: Gather tables (embeddings) quantized weight-only, in every mode: int8, int4 (weight-only mode) or none
+    embeddings: str = "int8"
     #: int4 weight rounding: ``gptq`` (error feedback with the input Hessian, needs data) or ``rtn``;
     #: None: gptq with --data, else rtn (the run fills it in)
     rounding: str | None = None
@@ -247,6 +247,10 @@ class Recipe:
             raise UsageError("--weights int4 is weight-only (activations stay float): leave --mode out or use "
                              "--mode weight-only" if self.weights == "int4" else
                              "--mode weight-only needs --weights int4")
+        if self.embeddings not in ("int8", "int4", "none"):
+            raise UsageError(f"--embeddings '{self.embeddings}': int8, int4 or none")
+        if self.embeddings == "int4" and self.mode != "weight-only":
+            raise UsageError("--embeddings int4 goes with --weights int4 (use int8 with this mode)")
         if self.head_bits not in (4, 8):
             raise UsageError(f"--head-bits {self.head_bits}: 4 or 8")
         if self.block_size not in BLOCK_SIZES:
@@ -310,7 +314,7 @@ class Recipe:
                    recovery=tuple(d.get("recovery", DEFAULT_RECOVERY)),
                    exclude=tuple(d.get("exclude", ())), latency_guard=bool(d.get("latency_guard", True)),
                    mode=str(d.get("mode", "static")), weights=str(d.get("weights", "int8")),
-                   block_size=int(d.get("block_size") or 32), embeddings=bool(d.get("embeddings", True)),
+                   block_size=int(d.get("block_size") or 32), embeddings=_embeddings(d.get("embeddings", "int8")),
                    head_bits=int(d.get("head_bits") or 8),
                    rounding=d.get("rounding"),
                    float_layers={n: reasons.get(n, "recipe") for n in d["float_layers"]},
@@ -333,6 +337,13 @@ class Recipe:
             os.replace(tmp, path)
         except OSError as e:
             raise BadInputError(f"--save-recipe {path}: cannot write ({e.strerror or e})") from None
+
+
+def _embeddings(value) -> str:
+    """A recipe's embeddings setting (older recipes wrote a bool)."""
+    if isinstance(value, bool):
+        return "int8" if value else "none"
+    return str(value)
 
 
 @dataclasses.dataclass
@@ -517,7 +528,7 @@ class Quantizer:
         model = self.model.clone()
         weights = self.rounded_weights if "adaround" in recovery else {}
         qq.QuantizeQDQ(the_plan, self.ranges, self.profile, self.per_channel, self.qmax, weights)(model)
-        if self.embeddings:
+        if self.embeddings != "none":
             QuantizeEmbeddings(8)(model)
         return recover_model(self, model, the_plan, recovery), the_plan
 

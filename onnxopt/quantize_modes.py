@@ -16,8 +16,8 @@ staged write as static quantization (``onnxopt/quantize.py``).
    DynamicQuantizeMatMul; weight-only: MatMulNBits (cpu) or int4 DequantizeLinear + MatMul, blocks of
    ``--block-size`` along K, rounding ``gptq`` (error feedback through the inverse input Hessian,
    ``recover._error_feedback``, on a fixed per-block grid) or ``rtn``; embeddings (Gather tables,
-   unless ``--no-embeddings``): int8 + DequantizeLinear, int4 GatherBlockQuantized with weight-only
-   on cpu.
+   ``--embeddings``): int8 + DequantizeLinear (default), int4 GatherBlockQuantized (weight-only on
+   cpu), or none.
 4. **Budget** (:func:`quantize.budget`): over ``--max-drop`` the layers (MatMuls and embeddings) are
    ranked by sensitivity and the worst kept float.  No per-layer latency guard: dynamic int8 is one
    whole-model comparison (:func:`quantize.final_check`: not confidently faster than fp32 -> the
@@ -67,8 +67,11 @@ def prepare(model: ir.Model, recipe: qm.Recipe) -> tuple[ir.Model, list[str]]:
     model, _, notes = qm.prepare(model, True)
     converted = qw.GemmToMatMul()(model)
     model = pipeline.run(model, pipeline.parse("cleanup")).model  # the Gemms' old weights
-    if converted.changed:
+    if converted.changed["Gemm -> MatMul"]:
         notes.append(f"{converted.changed['Gemm -> MatMul']} Gemm converted to MatMul + Add (weight matmuls reached)")
+    if converted.changed["Transpose(W) materialized"]:
+        notes.append(f"{converted.changed['Transpose(W) materialized']} MatMul by Transpose(W) given a transposed weight "
+                     f"copy (a tied LM head: the table and the head are quantized separately)")
     for reason, n in converted.skipped.items():
         notes.append(f"{n} Gemm left as is ({reason})")
     if recipe.mode == "weight-only" and int4_format(recipe.ep) == "qdq":
@@ -142,7 +145,7 @@ class WeightQuantizer(qm.Quantizer):
         #: the output head(s) stay at 8 bits in weight-only mode (``recipe.head_bits``)
         self.node_bits = {name: recipe.head_bits for name in qw.output_heads(model, self.matmuls)} if self.int4 else {}
         self.candidates = {name: "matmul" for name in self.matmuls}
-        if recipe.embeddings:
+        if recipe.embeddings != "none":
             self.candidates.update({n.name: "embedding" for n in model.graph if qw.embedding_gather(n).succeeded})
         self.init_scoring(class_outputs)
 
@@ -178,8 +181,9 @@ class WeightQuantizer(qm.Quantizer):
             qw.QuantizeInt4(self.block, self.fmt, exclude, self.rounded, self.node_bits)(model)
         else:
             qw.QuantizeDynamic(self.qmax, exclude)(model)
-        if self.embeddings:
-            qw.QuantizeEmbeddings(4 if self.int4 and self.fmt == "nbits" else 8, self.block, exclude)(model)
+        if self.embeddings != "none":
+            four = self.embeddings == "int4" and self.fmt == "nbits"
+            qw.QuantizeEmbeddings(4 if four else 8, self.block, exclude)(model)
         return pipeline.run(model, pipeline.parse("cleanup")).model, self.plan(exclude)
 
 

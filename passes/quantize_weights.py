@@ -95,7 +95,9 @@ def _finish(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], result: ir.
 # ---------------------------------------------------------------- Gemm -> MatMul + Add
 
 class GemmToMatMul(OptPass):
-    """Gemm by a constant 2-D float weight -> MatMul (+ Add of the bias), so weight-only and dynamic
+    """Gemm by a constant 2-D float weight -> MatMul (+ Add of the bias), and MatMul by
+    ``Transpose(W)`` of a 2-D float initializer -> MatMul by a transposed copy (the tied LM head of
+    dynamo exports, whose W the embedding Gather also reads), so weight-only and dynamic
     quantization reach every weight matmul.
 
     Preserves outputs within float rounding (``alpha``/``beta`` folded into new float32 initializers,
@@ -110,10 +112,25 @@ class GemmToMatMul(OptPass):
         skipped: collections.Counter = collections.Counter()
         names = FreshNames(model)
         for node in list(model.graph):
-            if node.op_type != "Gemm" or not is_standard(node):
-                continue
-            _convert_gemm(model.graph, node, names).tally(changed, skipped, "Gemm -> MatMul", "Gemm")
+            if node.op_type == "Gemm" and is_standard(node):
+                _convert_gemm(model.graph, node, names).tally(changed, skipped, "Gemm -> MatMul", "Gemm")
+            elif node.op_type == "MatMul" and is_standard(node) and len(node.inputs) == 2:
+                _transposed_weight(model.graph, node, names).tally(changed, skipped, "Transpose(W) materialized")
         return self.result(model, changed, skipped)
+
+
+def _transposed_weight(graph: ir.Graph, node: ir.Node, names: FreshNames) -> Match:
+    t = node.inputs[1].producer() if node.inputs[1] is not None else None
+    if t is None or t.op_type != "Transpose" or not is_standard(t) or not _float_initializer(t.inputs[0]):
+        return NO_MATCH
+    w = constant(t.inputs[0])
+    perm = t.attributes["perm"].as_ints() if "perm" in t.attributes else [1, 0]
+    if w.ndim != 2 or list(perm) != [1, 0]:
+        return NO_MATCH
+    node.replace_input_with(1, _init(graph, names, f"{t.inputs[0].name}_transposed", np.ascontiguousarray(w.T)))
+    if not t.outputs[0].uses() and not t.outputs[0].is_graph_output():
+        graph.remove(t, safe=True)
+    return Match.ok()
 
 
 def _gemm_check(node: ir.Node) -> Match:

@@ -77,7 +77,7 @@ def test_dynamic_int8_bert(tmp_path, bert_data):
 
 def test_int4_bert_matmulnbits_and_embeddings(tmp_path, bert_data):
     out = tmp_path / "bert_int4.onnx"
-    report = api.quantize(BERT, out, data=bert_data, weights="int4", block_size=32, max_drop=0.05)
+    report = api.quantize(BERT, out, data=bert_data, weights="int4", block_size=32, embeddings="int4", max_drop=0.05)
     ops = collections.Counter(op_types(out))
     assert ops["MatMulNBits"] == 13 and ops["GatherBlockQuantized"] == 2 and ops["Gemm"] == 0
     assert report["mode"] == "weight-only" and report["weight_bits"] == 4 and report["recipe"]["rounding"] == "gptq"
@@ -205,7 +205,7 @@ def test_static_mode_attention_matmuls_gemm_and_embeddings(tmp_path, bert_data):
     out = tmp_path / "bert_static.onnx"
     report = api.quantize(BERT, out, data=bert_data, latency_guard=False, recovery=(), max_drop=0.05)
     gathers = [n for n in onnx.load(str(out)).graph.node if n.op_type == "Gather" and n.input[0].endswith("_int8")]
-    assert report["mode"] == "static" and report["recipe"]["embeddings"] and len(gathers) == 2
+    assert report["mode"] == "static" and report["recipe"]["embeddings"] == "int8" and len(gathers) == 2
     assert report["recipe"]["kinds"] == {"attention": 4, "gemm": 13}
     fused = _optimized_ops(out, tmp_path)
     assert fused["MatMulIntegerToFloat"] + fused["QLinearMatMul"] >= 4 and fused["QGemm"] == 1, fused
@@ -239,6 +239,7 @@ def test_bad_input_and_usage(tmp_path, cli):
         (("--weights", "int4", "--mode", "dynamic"), 1, "--weights int4 is weight-only"),
         (("--mode", "static"), 1, "--mode static needs calibration --data"),
         (("--weights", "int4", "--rounding", "gptq"), 1, "--rounding gptq needs --data"),
+        (("--mode", "dynamic", "--embeddings", "int4"), 1, "--embeddings int4 goes with --weights int4"),
     ]
     for args, code, message in cases:
         src = BERT if "gptq" not in args else tmp_path / "m.onnx"
@@ -269,3 +270,17 @@ def test_int4_output_head_stays_8_bit(tmp_path):
         got = ort.InferenceSession(str(out)).run(None, {"ids": ids})[0]
         err[head_bits] = float(np.abs(got - ref).mean())
     assert err[8] < err[4], err
+
+
+def test_dynamo_tied_lm_head_is_reached(tmp_path):
+    """The dynamo GPT-2 export reads its LM head as MatMul(x, Transpose(W)) with W shared by the
+    embedding Gather: the head gets a transposed copy and is quantized too (8 Gemm + 1 head)."""
+    data = _data(tmp_path / "gpt2_data", "gpt2")
+    out = tmp_path / "gpt2_dyn.onnx"
+    report = api.quantize(ROOT / "models" / "gpt2_dynamo.onnx", out, data=data, mode="dynamic", latency_guard=False,
+                          max_drop=1.0)
+    ops = collections.Counter(op_types(out))
+    assert ops["MatMulInteger"] == 9 and ops["Transpose"] == collections.Counter(
+        op_types(ROOT / "models" / "gpt2_dynamo.onnx"))["Transpose"] - 1
+    assert any("Transpose(W)" in n for n in report["notes"])
+    assert _cosine(ROOT / "models" / "gpt2_dynamo.onnx", out, "gpt2") >= 0.999  # logits; measured 0.9997

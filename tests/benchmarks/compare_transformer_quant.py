@@ -15,8 +15,10 @@ Tools, each from the same fp32 file:
 - ``onnxopt-dynamic-0.1``: the same with ``--max-drop 0.1`` (a budget ORT's result would pass);
 - ``ort-int4``: ``MatMulNBitsQuantizer(block_size=32)`` (RTN, its default asymmetric) on the file as is
   (it reaches MatMul only, not the Gemm of TorchScript exports);
-- ``ort-int4-all``: the same on the file after our ``gemm-to-matmul`` (every weight matmul reached: the
-  rounding comparison at equal coverage);
+- ``ort-int4-all``: the same on the file after our default pipeline and ``gemm-to-matmul`` (every weight
+  matmul reached, as in our prepare step; embeddings stay float);
+- ``onnxopt-int4-eq``: ours at that coverage (``--embeddings none --head-bits 4``, GPTQ): the rounding
+  comparison at equal coverage;
 - ``onnxopt-int4-rtn`` / ``onnxopt-int4-gptq``: ``--weights int4 --block-size 32 --rounding rtn|gptq``
   with ``--max-drop 1`` (int4 is for size: every weight matmul int4, the output head 8-bit, embeddings
   int4; the fidelity is what is compared).
@@ -89,11 +91,13 @@ def ort_int4(src: Path, out: Path, all_gemms: bool = False) -> None:
     if all_gemms:
         import onnx_ir as ir
 
+        from onnxopt import pipeline
         from onnxopt.passes.quantize_weights import GemmToMatMul
 
         converted = ir.from_proto(model)
+        converted = pipeline.run(converted, pipeline.parse(pipeline.DEFAULT_PIPELINE)).model  # as our prepare does
         GemmToMatMul()(converted)
-        model = ir.to_proto(converted)
+        model = ir.to_proto(pipeline.run(converted, pipeline.parse("cleanup")).model)  # drops the Gemms' weights
     q = MatMulNBitsQuantizer(model, block_size=32)
     q.process()
     q.model.save_model_to_file(str(out), use_external_data_format=False)
@@ -117,6 +121,8 @@ TOOLS = {
     "ort-int4-all": lambda src, out, data: ort_int4(src, out, all_gemms=True),
     "onnxopt-int4-rtn": lambda src, out, data: ours(src, out, data, weights="int4", block_size=32, rounding="rtn", max_drop=1.0),
     "onnxopt-int4-gptq": lambda src, out, data: ours(src, out, data, weights="int4", block_size=32, rounding="gptq", max_drop=1.0),
+    "onnxopt-int4-eq": lambda src, out, data: ours(src, out, data, weights="int4", block_size=32, rounding="gptq", max_drop=1.0,
+                                                   embeddings="none", head_bits=4),
 }
 
 
