@@ -119,7 +119,7 @@ def test_int4_gptq_is_closer_to_fp32_than_rtn(tmp_path):
     err = {}
     for rounding in ("rtn", "gptq"):
         out = tmp_path / f"{rounding}.onnx"
-        report = api.quantize(src, out, data=data, weights="int4", rounding=rounding, max_drop=1.0)
+        report = api.quantize(src, out, data=data, weights="int4", rounding=rounding, head_bits=4, max_drop=1.0)
         assert op_types(out).count("MatMulNBits") == 2 and report["recipe"]["rounding"] == rounding
         got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
         err[rounding] = float(np.sqrt(((got - ref) ** 2).mean() / (ref ** 2).mean()))
@@ -263,9 +263,11 @@ def test_int4_output_head_stays_8_bit(tmp_path):
     for head_bits in (8, 4):
         out = tmp_path / f"head{head_bits}.onnx"
         report = api.quantize(src, out, weights="int4", head_bits=head_bits, max_drop=1.0)
-        bits = {n.name: a.i for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulNBits"
-                for a in n.attribute if a.name == "bits"}
-        assert len(bits) == 3 and sorted(bits.values()) == sorted([4, 4, head_bits]), bits
+        graph = onnx.load(str(out)).graph
+        bits = [a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"]
+        # the 8-bit head runs as dynamic int8 on the CPU EP (MLAS int8 GEMM; 8-bit MatMulNBits is slow there)
+        assert bits == [4, 4, 4] if head_bits == 4 else bits == [4, 4], bits
+        assert op_types(out).count("MatMulInteger") == (1 if head_bits == 8 else 0)
         assert report["recipe"]["head_bits"] == head_bits and report["recipe"]["rounding"] == "rtn"
         got = ort.InferenceSession(str(out)).run(None, {"ids": ids})[0]
         err[head_bits] = float(np.abs(got - ref).mean())
