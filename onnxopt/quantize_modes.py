@@ -190,7 +190,11 @@ class WeightQuantizer(qm.Quantizer):
         if self.embeddings != "none":
             four = self.embeddings == "int4" and self.fmt == "nbits"
             qw.QuantizeEmbeddings(4 if four else 8, self.block, exclude)(model)
-        return pipeline.run(model, pipeline.parse("cleanup")).model, self.plan(exclude)
+        # drop the float weights the passes replaced (all they leave unused; the cleanup pipeline costs far more)
+        for name, value in list(model.graph.initializers.items()):
+            if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
+                del model.graph.initializers[name]
+        return model, self.plan(exclude)
 
 
 def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: qm.Recipe, opts: qm.Options,
