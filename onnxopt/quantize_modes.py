@@ -13,7 +13,8 @@ staged write as static quantization (``onnxopt/quantize.py``).
 3. **Build** (:meth:`WeightQuantizer.build`, ``passes/quantize_weights.py``): dynamic: every weight
    MatMul -> DynamicQuantizeLinear + MatMulInteger (int8 per column; 7-bit where MLAS's u8s8 kernel
    would saturate, see ``quantize_qdq.weight_qmax``) + scale Mul, which ORT fuses into
-   DynamicQuantizeMatMul; weight-only: MatMulNBits (cpu) or int4 DequantizeLinear + MatMul, blocks of
+   DynamicQuantizeMatMul; a fused com.microsoft Attention (``fuse-transformer``) -> QAttention;
+   weight-only: MatMulNBits (cpu) or int4 DequantizeLinear + MatMul, blocks of
    ``--block-size`` along K (the output head 8-bit: dynamic int8 on cpu, 8-bit blocks elsewhere),
    rounding ``gptq`` (error feedback through the inverse input Hessian,
    ``recover._error_feedback``, on a fixed per-block grid) or ``rtn``; embeddings (Gather tables,
@@ -146,6 +147,8 @@ class WeightQuantizer(qm.Quantizer):
         #: the output head(s) stay at 8 bits in weight-only mode (``recipe.head_bits``)
         self.node_bits = {name: recipe.head_bits for name in qw.output_heads(model, self.matmuls)} if self.int4 else {}
         self.candidates = {name: "matmul" for name in self.matmuls}
+        if not self.int4:  # fused com.microsoft Attention (fuse-transformer) -> QAttention
+            self.candidates.update({n.name: "attention" for n in model.graph if qw.fused_attention(n).succeeded})
         if recipe.embeddings != "none":
             self.candidates.update({n.name: "embedding" for n in model.graph if qw.embedding_gather(n).succeeded})
         self.init_scoring(class_outputs)
@@ -209,7 +212,7 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: q
     model, notes = prepare(model, recipe)
     float_bytes = qm.serialize(model)
     matmuls = qw.weight_matmuls(model)
-    if not matmuls:
+    if not matmuls and not any(qw.fused_attention(n).succeeded for n in model.graph):
         raise BadInputError("nothing to quantize: no MatMul or Gemm with a constant float32 2-D weight in the main graph")
     if recipe.weights == "int4":
         problem = qw.check_block_size(recipe.block_size, matmuls)

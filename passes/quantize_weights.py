@@ -7,7 +7,8 @@ embeddings): the passes the quantize command applies on a prepared float model.
 - ``QuantizeDynamic``: MatMul by a constant [K, N] float weight -> DynamicQuantizeLinear (activation
   quantized at run time to uint8, one per activation however many MatMuls read it) + MatMulInteger
   by int8 weights (symmetric, per output column) + Cast + Mul by ``x_scale * w_scale``, the form ORT
-  fuses into ``DynamicQuantizeMatMul`` (MLAS u8s8 kernels) on the CPU EP.
+  fuses into ``DynamicQuantizeMatMul`` (MLAS u8s8 kernels) on the CPU EP; a fused com.microsoft
+  ``Attention`` (``fuse-transformer``) -> DynamicQuantizeLinear + ``QAttention``.
 - ``QuantizeInt4``: MatMul by a constant [K, N] float weight -> block-wise 4-bit weights (blocks of
   ``block_size`` along K, asymmetric uint4 with a zero point per block): com.microsoft
   ``MatMulNBits`` (``format="nbits"``, CPU EP) or int4 ``DequantizeLinear`` with ``block_size``
@@ -231,6 +232,30 @@ def check_block_size(block: int, shapes: dict[str, tuple[int, int]]) -> str | No
 
 # ---------------------------------------------------------------- dynamic int8
 
+#: Attention attributes QAttention has too (qkv_hidden_sizes, rotary_embedding_dim... it has not)
+QATTENTION_ATTRIBUTES = frozenset({"num_heads", "unidirectional", "do_rotary", "mask_filter_value", "scale",
+                                   "past_present_share_buffer"})
+
+
+def fused_attention(node: ir.Node) -> Match:
+    """Match.ok() for a com.microsoft Attention (from ``fuse-transformer``) that QAttention can
+    take: constant float [hidden, 3 * hidden] weights and bias, an int32 mask or none, no
+    attention_bias / past_sequence_length inputs, no attribute QAttention lacks."""
+    if node.op_type != "Attention" or node.domain != "com.microsoft" or len(node.inputs) < 3:
+        return NO_MATCH
+    w, bias = node.inputs[1], node.inputs[2]
+    if not _float_initializer(w) or len(w.const_value.shape) != 2 or not _float_initializer(bias):
+        return Match.fail("weights or bias not float32 initializers")
+    if any(v is not None for v in node.inputs[5:]):
+        return Match.fail("attention_bias / past_sequence_length inputs (QAttention has none)")
+    mask = node.inputs[3] if len(node.inputs) > 3 else None
+    if mask is not None and mask.dtype != ir.DataType.INT32:
+        return Match.fail("mask is not int32 (QAttention's mask_index)")
+    extra = set(node.attributes) - QATTENTION_ATTRIBUTES
+    if extra:
+        return Match.fail(f"attribute {sorted(extra)[0]} (QAttention has none)")
+    return Match.ok()
+
 class QuantizeDynamic(OptPass):
     """Weight MatMuls -> DynamicQuantizeLinear + MatMulInteger (int8 weights per column) + scale Mul.
 
@@ -251,13 +276,60 @@ class QuantizeDynamic(OptPass):
         activations: dict[str, list[ir.Value]] = {}
         graph = model.graph
         for node in list(graph):
-            match = weight_matmul(node) if node.name not in self.exclude else NO_MATCH
+            if node.name in self.exclude:
+                continue
+            if node.op_type == "Attention" and node.domain == "com.microsoft":
+                match = fused_attention(node)
+                if match.succeeded:
+                    match = self._attention(graph, node, names, activations)
+                match.tally(changed, skipped, "Attention -> QAttention", "Attention")
+                continue
+            match = weight_matmul(node)
             if match.succeeded:
                 match = self._rewrite(graph, node, names, weights, activations)
             match.tally(changed, skipped, "MatMul -> MatMulInteger", "MatMul")
         changed["int8 weights"] = len(weights)
         changed["activations quantized at run time"] = len(activations)
         return self.result(model, changed, skipped)
+
+    def _quantized_input(self, x: ir.Value, names: FreshNames, activations) -> list[ir.Node]:
+        """DynamicQuantizeLinear of ``x`` (once per activation); returns the node to insert, if new."""
+        if x.name in activations:
+            return []
+        dql = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=names.node(f"{x.name}_DynamicQuantizeLinear"))
+        for o, suffix, dt in zip(dql.outputs, ("quantized", "scale", "zero_point"), (ir.DataType.UINT8, FLOAT, ir.DataType.UINT8)):
+            o.name, o.type = names.value(f"{x.name}_{suffix}"), ir.TensorType(dt)
+        dql.outputs[0].shape = x.shape
+        activations[x.name] = list(dql.outputs)
+        return [dql]
+
+    def _attention(self, graph, node, names, activations) -> Match:
+        """com.microsoft Attention -> DynamicQuantizeLinear + QAttention (int8 weights per column)."""
+        x, w, bias = node.inputs[0], node.inputs[1], node.inputs[2]
+        q, s = int8_columns(constant(w).astype(np.float64), self.qmax)
+        new = self._quantized_input(x, names, activations)
+        xq, xs, xz = activations[x.name]
+        mask = node.inputs[3] if len(node.inputs) > 3 else None
+        past = node.inputs[4] if len(node.inputs) > 4 else None
+        inputs = [xq, _init(graph, names, f"{w.name}_int8", q), bias, xs, _init(graph, names, f"{w.name}_scale", s), mask, xz,
+                  _init(graph, names, f"{w.name}_zero_point", np.zeros(s.shape, np.int8)), past]
+        while inputs[-1] is None:
+            inputs.pop()
+        attrs = {k: a.value for k, a in node.attributes.items() if k in QATTENTION_ATTRIBUTES}
+        qa = ir.node("QAttention", inputs, attributes=attrs, num_outputs=len(node.outputs), domain="com.microsoft",
+                     name=names.node(f"{node.name}_QAttention"))
+        graph.insert_before(node, [*new, qa])
+        for old, out in zip(node.outputs, qa.outputs):
+            out.name, out.type, out.shape = names.value(f"{old.name}_q"), old.type, old.shape
+        if any(o.is_graph_output() for o in node.outputs):
+            graph.remove([qa, *new], safe=True)
+            if new:
+                del activations[x.name]
+            return Match.fail("an output is a graph output")
+        for old, out in zip(node.outputs, qa.outputs):
+            old.replace_all_uses_with(out)
+        graph.remove(node, safe=True)
+        return Match.ok()
 
     def _rewrite(self, graph, node, names, weights, activations) -> Match:
         x, w = node.inputs
@@ -266,14 +338,7 @@ class QuantizeDynamic(OptPass):
             weights[w.name] = (_init(graph, names, f"{w.name}_int8", q), _init(graph, names, f"{w.name}_scale", s),
                                _init(graph, names, f"{w.name}_zero_point", np.zeros(s.shape, np.int8)))
         wq, ws, wz = weights[w.name]
-        new: list[ir.Node] = []
-        if x.name not in activations:
-            dql = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=names.node(f"{x.name}_DynamicQuantizeLinear"))
-            for o, suffix, dt in zip(dql.outputs, ("quantized", "scale", "zero_point"), (ir.DataType.UINT8, FLOAT, ir.DataType.UINT8)):
-                o.name, o.type = names.value(f"{x.name}_{suffix}"), ir.TensorType(dt)
-            dql.outputs[0].shape = x.shape
-            activations[x.name] = list(dql.outputs)
-            new.append(dql)
+        new: list[ir.Node] = self._quantized_input(x, names, activations)
         xq, xs, xz = activations[x.name]
         mmi = ir.node("MatMulInteger", [xq, wq, xz, wz], name=names.node(f"{node.name}_MatMulInteger"))
         cast = ir.node("Cast", [_out(mmi, names, f"{node.name}_int32", ir.DataType.INT32)], {"to": FLOAT},

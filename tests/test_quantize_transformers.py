@@ -286,3 +286,28 @@ def test_dynamo_tied_lm_head_is_reached(tmp_path):
         op_types(ROOT / "models" / "gpt2_dynamo.onnx"))["Transpose"] - 1
     assert any("Transpose(W)" in n for n in report["notes"])
     assert _cosine(ROOT / "models" / "gpt2_dynamo.onnx", out, "gpt2") >= 0.999  # logits; measured 0.9997
+
+
+def test_dynamic_fused_attention_becomes_qattention(tmp_path):
+    """A graph fused by fuse-transformer (com.microsoft Attention) gets QAttention in dynamic mode."""
+    rng = np.random.default_rng(0)
+    hidden = 64
+    g = h.make_graph([h.make_node("Attention", ["x", "w", "b", "mask"], ["y"], domain="com.microsoft", num_heads=4, name="att"),
+                      h.make_node("MatMul", ["y", "w2"], ["z"], name="fc")], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT, ["b", "s", hidden]), h.make_tensor_value_info("mask", T.INT32, ["b", "s"])],
+                     [h.make_tensor_value_info("z", T.FLOAT, ["b", "s", hidden])],
+                     [nh.from_array((rng.standard_normal((hidden, 3 * hidden)) * 0.1).astype(np.float32), "w"),
+                      nh.from_array((rng.standard_normal(3 * hidden) * 0.1).astype(np.float32), "b"),
+                      nh.from_array((rng.standard_normal((hidden, hidden)) * 0.1).astype(np.float32), "w2")])
+    src, out = tmp_path / "att.onnx", tmp_path / "q.onnx"
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)]), src)
+    report = api.quantize(src, out, mode="dynamic", latency_guard=False)
+    ops = collections.Counter(op_types(out))
+    assert ops["QAttention"] == 1 and ops["Attention"] == 0 and ops["MatMulInteger"] == 1
+    assert report["recipe"]["kinds"] == {"attention": 1, "matmul": 1}
+    x = rng.standard_normal((2, 8, hidden)).astype(np.float32)
+    mask = np.ones((2, 8), np.int32)
+    mask[1, 5:] = 0
+    ref = ort.InferenceSession(str(src)).run(None, {"x": x, "mask": mask})[0]
+    got = ort.InferenceSession(str(out)).run(None, {"x": x, "mask": mask})[0]
+    assert float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)) >= 0.999  # measured 0.9998
