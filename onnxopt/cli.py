@@ -468,7 +468,11 @@ def _print_quantize(model, output, result: dict) -> None:
     click.echo(f"latency on {result['ep']} ({lat['threads']} thread): {lat['float_ms']:.3f} -> {lat['quantized_ms']:.3f} ms "
                f"({lat['speedup']:.2f}x)")
     if result["wrote_float_model"]:
-        click.echo("quantizing did not make it faster on this EP: wrote the optimized float model")
+        reasons = list(r.get("float_reasons", {}).values())
+        if reasons and not any(x.startswith("final check") for x in reasons):
+            click.echo("every layer was kept in float (accuracy budget / exclusions): wrote the optimized float model")
+        else:
+            click.echo("quantizing did not make it faster on this EP: wrote the optimized float model")
     found = result.get("search")
     if found:
         chosen = found["candidates"][found["chosen"]]

@@ -53,8 +53,10 @@ is written (exit 3) unless ``--force``.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -92,6 +94,8 @@ PER_LAYER_GUARD = 24
 PAIRS_PER_BLOCK, MIN_BLOCKS, MAX_BLOCKS, COMPARE_SECONDS = 16, 2, 6, 12.0
 Z_CONFIDENCE = 2.0  # ~95% two-sided interval for the median ratio (order statistics)
 RECIPE_FORMAT = "onnxopt-recipe/1"
+#: warm ORT sessions kept for latency comparisons (each holds its model's weights)
+SESSION_CACHE = 3
 HELD_OUT, RECOVERY_BATCHES = 8, 8
 DEFAULT_SEARCH_BUDGET = 12  # --search: candidates built at most (onnxopt.search)
 MODES = ("static", "dynamic", "weight-only")
@@ -556,12 +560,25 @@ class Quantizer:
 
     # ---------------------------------------------------------------- latency
     def _sessions(self, models: list[bytes]):
+        """Warm sessions of ``models`` with their feeds.  The last SESSION_CACHE sessions are kept by
+        content hash, so a model compared again (the float model, the guard's base placement) is
+        neither reloaded nor warmed up again."""
         feeds = self.held_out[0]
-        sessions = [runtime.session(m, self.ep, self.threads) for m in models]
+        cache: collections.OrderedDict = self.__dict__.setdefault("_session_cache", collections.OrderedDict())
+        sessions = []
+        for m in models:
+            key = hashlib.sha1(m).digest()
+            if key not in cache:
+                sess = runtime.session(m, self.ep, self.threads)
+                f = {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}}
+                for _ in range(3):
+                    sess.run(None, f)
+                cache[key] = sess
+            cache.move_to_end(key)
+            sessions.append(cache[key])
+        while len(cache) > max(SESSION_CACHE, len(models)):
+            cache.popitem(last=False)
         inputs = [{k: v for k, v in feeds.items() if k in {i.name for i in s.get_inputs()}} for s in sessions]
-        for s, f in zip(sessions, inputs):
-            for _ in range(3):
-                s.run(None, f)
         return sessions, inputs
 
     def latency(self, models: list[bytes], runs: int = 15) -> list[float]:

@@ -233,6 +233,8 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: q
         candidate, the_plan, _ = qm.budget(q, recipe, opts.max_drop)
     decide = not replayed and recipe.mode == "dynamic"
     candidate, the_plan, latency, wrote_float = qm.final_check(q, recipe, candidate, the_plan, decide=decide)
+    if wrote_float:  # the float model as the default pipeline leaves it (no transposed weight copies)
+        candidate = qm.prepare(qm.load_input(input_path), True)[0]
     report = qm._report(input_path, recipe, notes, calibration, the_plan, latency, wrote_float, opts.threads)
     report["seconds_quantize"] = time.perf_counter() - t0
 
