@@ -240,6 +240,7 @@ def test_bad_input_and_usage(tmp_path, cli):
         (("--mode", "static"), 1, "--mode static needs calibration --data"),
         (("--weights", "int4", "--rounding", "gptq"), 1, "--rounding gptq needs --data"),
         (("--mode", "dynamic", "--embeddings", "int4"), 1, "--embeddings int4 goes with --weights int4"),
+        (("--mode", "dynamic"), 2, "give --data with inputs this model accepts"),  # token type ids 0..3 > 2 rows
     ]
     for args, code, message in cases:
         src = BERT if "gptq" not in args else tmp_path / "m.onnx"
