@@ -165,8 +165,10 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
     return report
 
 
-def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, data: str | os.PathLike,
-             recipe=None, method: str | None = None, percentile: float | None = None, ep: str | None = None,
+def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, data: str | os.PathLike | None = None,
+             recipe=None, mode: str | None = None, weights: str | None = None, block_size: int | None = None,
+             rounding: str | None = None, embeddings: str | None = None, head_bits: int | None = None,
+             method: str | None = None, percentile: float | None = None, ep: str | None = None,
              per_channel: bool | None = None, recovery: Sequence[str] | None = None,
              exclude: Sequence[str] | None = None, latency_guard: bool | None = None,
              preprocess: str | None = None, max_drop: float = 0.01, metric: str | None = None,
@@ -175,7 +177,10 @@ def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, d
              force: bool = False, class_outputs: Mapping[str, int | None] | None = None,
              progress: ProgressFn | None = None, search: bool = False, budget: int | None = None,
              workers: int = 1, ray_address: str | None = None) -> dict:
-    """``onnxopt quantize``: static int8 QDQ quantization (see onnxopt.quantize), staged, scored
+    """``onnxopt quantize``: int8 QDQ (``mode`` static, the default, needs ``data``), dynamic int8
+    (``mode="dynamic"``) or int4 weight-only (``weights="int4"``, ``block_size``, ``rounding``,
+    ``head_bits``; mode ``weight-only``) quantization, embeddings int8 (default), int4 or none (see
+    onnxopt.quantize, onnxopt.quantize_modes), staged, scored
     and committed through :func:`stage_validate_commit`; the report starts with :func:`header`.
 
     The recipe settings (``method`` ... ``latency_guard``; None = the default) decide a new
@@ -190,8 +195,12 @@ def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, d
     and not ``force``."""
     from onnxopt import quantize as quantize_mod
 
+    if weights == "int4" and mode is None:
+        mode = "weight-only"
     settings = {k: v for k, v in {"method": method, "percentile": percentile, "ep": ep, "per_channel": per_channel,
-                                  "recovery": recovery, "exclude": exclude, "latency_guard": latency_guard}.items()
+                                  "recovery": recovery, "exclude": exclude, "latency_guard": latency_guard, "mode": mode,
+                                  "weights": weights, "block_size": block_size, "rounding": rounding,
+                                  "embeddings": embeddings, "head_bits": head_bits}.items()
                 if v is not None}
     return quantize_mod.quantize(input_path, output_path, data=data, recipe=recipe, preprocess=preprocess,
                                  max_drop=max_drop, metric=metric, stats_in=stats_in, stats_out=stats_out,

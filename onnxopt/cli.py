@@ -363,8 +363,24 @@ def optimize(model, output, pipeline_text, report_path, ep_text, shapes, data, p
 @main.command(short_help="Static int8 QDQ quantization from calibration data.")
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the quantized model.")
-@click.option("--data", type=click.Path(), required=True,
-              help="Calibration data: .npz, a folder of .npy/.npz batches, or an image folder (with --preprocess).")
+@click.option("--data", type=click.Path(), default=None,
+              help="Calibration data: .npz, a folder of .npy/.npz batches, or an image folder (with --preprocess). Needed by "
+                   "--mode static; optional for --mode dynamic and --weights int4 (then scoring inputs are synthesized).")
+@click.option("--mode", type=click.Choice(quantize_mod.MODES), default=None,
+              help="static: int8 QDQ, calibrated (default); dynamic: int8 weights per channel, activations quantized at run "
+                   "time (MatMulInteger, DynamicQuantizeMatMul on the CPU EP); weight-only: int4 weights (--weights int4).")
+@click.option("--weights", "weights", type=click.Choice(("int8", "int4")), default="int8", show_default=True,
+              help="int4: block-wise 4-bit weight-only MatMuls (MatMulNBits on the CPU EP, int4 DequantizeLinear at opset 21 "
+                   "elsewhere), activations float.")
+@click.option("--block-size", type=int, default=32, show_default=True, help="With --weights int4: 32, 64 or 128 weights per block.")
+@click.option("--head-bits", type=click.Choice(("4", "8")), default="8", show_default=True,
+              help="With --weights int4: bits of the output head (the weight matmul feeding a graph output: LM head, classifier).")
+@click.option("--rounding", type=click.Choice(("rtn", "gptq")), default=None,
+              help="int4 rounding: gptq (error feedback with the input Hessian from --data; the default with --data) or rtn "
+                   "(round to nearest; the default without --data).")
+@click.option("--embeddings", type=click.Choice(("int8", "int4", "none")), default="int8", show_default=True,
+              help="Gather tables (embeddings), weight-only: int8 + DequantizeLinear after the Gather, int4 (with --weights int4 "
+                   "on cpu: GatherBlockQuantized) or none (float).")
 @click.option("--preprocess", default=None, help="For image-folder --data (see 'optimize --help').")
 @click.option("--method", default="percentile", show_default=True,
               help="Range method: minmax, percentile (percentile{p=99.9} to set p), entropy, mse.")
@@ -404,7 +420,8 @@ def optimize(model, output, pipeline_text, report_path, ep_text, shapes, data, p
 @click.option("--force", is_flag=True, help="Write the result even when the accuracy budget is missed.")
 @click.option("--report", "report_path", type=click.Path(), default=None, help="Write a report: .json, .md or .html.")
 @_isolated(lambda kw: str(kw["model"]), output="output")
-def quantize(model, output, data, preprocess, method, ep_text, max_drop, metric, recover_text, save_stats, load_stats,
+def quantize(model, output, data, mode, weights, block_size, head_bits, rounding, embeddings, preprocess, method,
+             ep_text, max_drop, metric, recover_text, save_stats, load_stats,
              calib_batches, exclude, latency_guard, per_channel, recipe_path, save_recipe, search, search_budget,
              search_workers, ray_address, force, report_path):
     """Static int8 QDQ quantization of MODEL into OUTPUT, calibrated on --data, guarded for latency and accuracy."""
@@ -415,11 +432,14 @@ def quantize(model, output, data, preprocess, method, ep_text, max_drop, metric,
         raise UsageError(f"--method '{method}': expected minmax, percentile, percentile{{p=99.9}}, entropy or mse")
     settings = {"method": m.group(1), "percentile": float(m.group(2) or 99.99), "ep": ep_text,
                 "per_channel": per_channel, "recovery": tuple(r for r in recover_text.split(",") if r and r != "none"),
-                "exclude": tuple(exclude), "latency_guard": latency_guard}
+                "exclude": tuple(exclude), "latency_guard": latency_guard, "embeddings": embeddings,
+                "mode": mode or ("weight-only" if weights == "int4" else "static"), "weights": weights,
+                "block_size": block_size, "rounding": rounding, "head_bits": int(head_bits)}
     if recipe_path is not None:
         ctx = click.get_current_context()
         given = [f"--{p.replace('_text', '').replace('_', '-')}" for p in
-                 ("method", "ep_text", "per_channel", "recover_text", "exclude", "latency_guard")
+                 ("method", "ep_text", "per_channel", "recover_text", "exclude", "latency_guard", "mode", "weights",
+                  "block_size", "head_bits", "rounding", "embeddings")
                  if ctx.get_parameter_source(p) not in (None, click.core.ParameterSource.DEFAULT)]
         if given:
             raise UsageError(f"--recipe fixes the placement and settings; drop {', '.join(given)}")
@@ -455,7 +475,8 @@ def quantize(model, output, data, preprocess, method, ep_text, max_drop, metric,
 
 def _print_quantize(model, output, result: dict) -> None:
     r, acc, lat = result["recipe"], result["accuracy"], result["latency"]
-    click.echo(f"{model}: {r['quantized_layers']} of {r['quantized_layers'] + len(r['float_layers'])} layers int8 "
+    click.echo(f"{model}: {r['quantized_layers']} of {r['quantized_layers'] + len(r['float_layers'])} layers "
+               f"{'int4' if r.get('weights') == 'int4' else 'int8'} ({r.get('mode', 'static')}) "
                f"({', '.join(f'{k} {v}' for k, v in sorted(r['kinds'].items())) or 'none'}), {len(r['float_layers'])} kept float"
                + (f" (recipe {r['replayed_from']})" if r.get("replayed_from") else ""))
     click.echo(f"accuracy ({acc['metric']}): {acc['float']:.4f} -> {acc['quantized']:.4f} "
@@ -463,7 +484,11 @@ def _print_quantize(model, output, result: dict) -> None:
     click.echo(f"latency on {result['ep']} ({lat['threads']} thread): {lat['float_ms']:.3f} -> {lat['quantized_ms']:.3f} ms "
                f"({lat['speedup']:.2f}x)")
     if result["wrote_float_model"]:
-        click.echo("quantizing did not make it faster on this EP: wrote the optimized float model")
+        reasons = list(r.get("float_reasons", {}).values())
+        if reasons and not any(x.startswith("final check") for x in reasons):
+            click.echo("every layer was kept in float (accuracy budget / exclusions): wrote the optimized float model")
+        else:
+            click.echo("quantizing did not make it faster on this EP: wrote the optimized float model")
     found = result.get("search")
     if found:
         chosen = found["candidates"][found["chosen"]]

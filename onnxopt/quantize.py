@@ -53,8 +53,10 @@ is written (exit 3) unless ``--force``.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -74,13 +76,14 @@ from onnxopt import data as data_mod
 from onnxopt.errors import BadInputError, InternalError, OnnxoptError, UsageError
 from onnxopt.passes import quantize_qdq as qq
 from onnxopt.passes import recover
+from onnxopt.passes.quantize_weights import QuantizeEmbeddings
 
 logger = logging.getLogger("onnxopt")
 
 PREPARE_PIPELINE = pipeline.DEFAULT_PIPELINE
 RECOVERY = ("bias-correction", "cle", "adaround")
 DEFAULT_RECOVERY = ("bias-correction", "adaround")
-KIND_ORDER = ("depthwise", "pointwise", "conv", "gemm")
+KIND_ORDER = ("depthwise", "pointwise", "conv", "gemm", "attention")
 #: int8 must be faster than float by more than this fraction (with confidence) to be kept; a single
 #: layer goes back to float only when that is faster by more than it too
 LATENCY_MARGIN = 0.03
@@ -91,8 +94,12 @@ PER_LAYER_GUARD = 24
 PAIRS_PER_BLOCK, MIN_BLOCKS, MAX_BLOCKS, COMPARE_SECONDS = 16, 2, 6, 12.0
 Z_CONFIDENCE = 2.0  # ~95% two-sided interval for the median ratio (order statistics)
 RECIPE_FORMAT = "onnxopt-recipe/1"
+#: warm ORT sessions kept for latency comparisons (each holds its model's weights)
+SESSION_CACHE = 3
 HELD_OUT, RECOVERY_BATCHES = 8, 8
 DEFAULT_SEARCH_BUDGET = 12  # --search: candidates built at most (onnxopt.search)
+MODES = ("static", "dynamic", "weight-only")
+BLOCK_SIZES = (32, 64, 128)
 
 def load_metric(spec: str | None) -> Callable | None:
     """``module:function`` or ``path/to/file.py:function`` -> the callable.
@@ -208,6 +215,18 @@ class Recipe:
     recovery: tuple[str, ...] = DEFAULT_RECOVERY
     exclude: tuple[str, ...] = ()
     latency_guard: bool = True
+    #: ``static`` (QDQ, calibrated), ``dynamic`` (int8 weights, activations quantized at run time) or
+    #: ``weight-only`` (int4 block-wise weights, float activations); see ``onnxopt/quantize_modes.py``
+    mode: str = "static"
+    weights: str = "int8"
+    block_size: int = 32
+    #: weight-only: bits of the output head(s) (the weight MatMul feeding a graph output), 8 or 4
+    head_bits: int = 8
+    #: Gather tables (embeddings) quantized weight-only, in every mode: int8, int4 (weight-only mode) or none
+    embeddings: str = "int8"
+    #: int4 weight rounding: ``gptq`` (error feedback with the input Hessian, needs data) or ``rtn``;
+    #: None: gptq with --data, else rtn (the run fills it in)
+    rounding: str | None = None
     float_layers: dict[str, str] = dataclasses.field(default_factory=dict)
     latency_decisions: list[dict] = dataclasses.field(default_factory=list)
     sensitivity: list[dict] = dataclasses.field(default_factory=list)
@@ -224,6 +243,24 @@ class Recipe:
             raise UsageError(f"--ep '{self.ep}': quantize targets {', '.join(qq.PROFILES)}")
         if self.weight_bits not in (None, 7, 8):
             raise UsageError(f"recipe weight_bits {self.weight_bits}: 7 or 8")
+        if self.mode not in MODES:
+            raise UsageError(f"--mode '{self.mode}': choose from {', '.join(MODES)}")
+        if self.weights not in ("int8", "int4"):
+            raise UsageError(f"--weights '{self.weights}': int8 or int4")
+        if (self.weights == "int4") != (self.mode == "weight-only"):
+            raise UsageError("--weights int4 is weight-only (activations stay float): leave --mode out or use "
+                             "--mode weight-only" if self.weights == "int4" else
+                             "--mode weight-only needs --weights int4")
+        if self.embeddings not in ("int8", "int4", "none"):
+            raise UsageError(f"--embeddings '{self.embeddings}': int8, int4 or none")
+        if self.embeddings == "int4" and self.mode != "weight-only":
+            raise UsageError("--embeddings int4 goes with --weights int4 (use int8 with this mode)")
+        if self.head_bits not in (4, 8):
+            raise UsageError(f"--head-bits {self.head_bits}: 4 or 8")
+        if self.block_size not in BLOCK_SIZES:
+            raise UsageError(f"--block-size {self.block_size}: choose {', '.join(map(str, BLOCK_SIZES))}")
+        if self.rounding not in (None, "rtn", "gptq"):
+            raise UsageError(f"--rounding '{self.rounding}': rtn or gptq")
 
     @property
     def profile(self) -> qq.Profile:
@@ -232,6 +269,11 @@ class Recipe:
     @property
     def qmax(self) -> int:
         return qq.weight_qmax(self.ep) if self.weight_bits is None else (127 if self.weight_bits == 8 else 63)
+
+    @property
+    def bits(self) -> int:
+        """Weight bits as reported: 4, or 8/7 (``qmax``)."""
+        return 4 if self.weights == "int4" else (8 if self.qmax == 127 else 7)
 
     @property
     def build_recovery(self) -> tuple[str, ...]:
@@ -250,9 +292,12 @@ class Recipe:
                 "latency_decisions": self.latency_decisions, "sensitivity": self.sensitivity,
                 "format": RECIPE_FORMAT, "ep": self.ep, "method": self.method,
                 "percentile": self.percentile if self.method == "percentile" else None,
-                "per_channel": self.per_channel, "weight_bits": 8 if self.qmax == 127 else 7,
+                "per_channel": self.per_channel, "weight_bits": self.bits,
                 "activation_type": self.profile.activation, "exclude": list(self.exclude),
-                "latency_guard": self.latency_guard,
+                "latency_guard": self.latency_guard, "mode": self.mode, "weights": self.weights,
+                "block_size": self.block_size if self.weights == "int4" else None, "embeddings": self.embeddings,
+                "head_bits": self.head_bits if self.weights == "int4" else None,
+                "rounding": self.rounding,
                 "float_reasons": {n: self.float_layers[n] for n in sorted(self.float_layers)},
                 "replayed_from": self.replayed_from}
 
@@ -269,8 +314,13 @@ class Recipe:
         reasons = d.get("float_reasons") or {}
         return cls(ep=d.get("ep", "cpu"), method=d.get("method", "percentile"),
                    percentile=float(d.get("percentile") or 99.99), per_channel=bool(d.get("per_channel", True)),
-                   weight_bits=d.get("weight_bits"), recovery=tuple(d.get("recovery", DEFAULT_RECOVERY)),
+                   weight_bits=d.get("weight_bits") if d.get("weights", "int8") == "int8" else None,
+                   recovery=tuple(d.get("recovery", DEFAULT_RECOVERY)),
                    exclude=tuple(d.get("exclude", ())), latency_guard=bool(d.get("latency_guard", True)),
+                   mode=str(d.get("mode", "static")), weights=str(d.get("weights", "int8")),
+                   block_size=int(d.get("block_size") or 32), embeddings=_embeddings(d.get("embeddings", "int8")),
+                   head_bits=int(d.get("head_bits") or 8),
+                   rounding=d.get("rounding"),
                    float_layers={n: reasons.get(n, "recipe") for n in d["float_layers"]},
                    latency_decisions=list(d.get("latency_decisions", [])), sensitivity=list(d.get("sensitivity", [])),
                    replayed_from=source)
@@ -293,11 +343,18 @@ class Recipe:
             raise BadInputError(f"--save-recipe {path}: cannot write ({e.strerror or e})") from None
 
 
+def _embeddings(value) -> str:
+    """A recipe's embeddings setting (older recipes wrote a bool)."""
+    if isinstance(value, bool):
+        return "int8" if value else "none"
+    return str(value)
+
+
 @dataclasses.dataclass
 class Options:
     """How a run works (not what it decides): data, scoring, files, threads, progress."""
 
-    data: str | os.PathLike
+    data: str | os.PathLike | None
     preprocess: str | None = None
     max_drop: float = 0.01
     metric: str | None = None
@@ -443,14 +500,20 @@ class Quantizer:
         if missing:
             raise BadInputError(f"calibration statistics lack {len(missing)} tensor(s) this model needs, e.g. "
                                 f"'{missing[0]}' (statistics from another model?)")
+        self.embeddings = recipe.embeddings
+        self.max_drop = max_drop
+        self.init_scoring(class_outputs)
+
+    def init_scoring(self, class_outputs: Mapping[str, int | None] | None) -> None:
+        """The fp32 reference on the held-out batches and its score (``self.model``, ``float_bytes``,
+        ``held_out``, ``ep``, ``threads`` and ``metric`` set)."""
         #: how each output is judged without --metric (onnxopt.fidelity); per-output results of the last score
         self.rules = fidelity.rules(self.model, class_outputs)
-        self.max_drop = max_drop
         self.last_results: list[dict] = []
-        self.float_session = runtime.session(self.float_bytes, self.ep, threads)
+        self.float_session = runtime.session(self.float_bytes, self.ep, self.threads)
         self.reference = [runtime.run(self.float_session, f) for f in self.held_out]
         self.float_score = self.score_session(self.float_session, self.reference)
-        if metric is None:  # fp32 agrees with itself everywhere; a sample's lower bound is not its score
+        if self.metric is None:  # fp32 agrees with itself everywhere; a sample's lower bound is not its score
             self.float_score = 1.0
 
     # Pickling (onnxopt.parallel sends the quantizer to search workers once per process).
@@ -475,16 +538,21 @@ class Quantizer:
 
     @functools.cached_property
     def input_means(self) -> dict[str, np.ndarray]:
-        return recover.input_means(self.model, self.full_plan.primary(), self.recovery_set)
+        return recover.input_means(self.model, self.full_plan.weighted(), self.recovery_set)
 
     # ---------------------------------------------------------------- building
+    def plan(self, exclude=frozenset()) -> qq.Plan:
+        return qq.plan(self.model, self.profile, exclude)
+
     def build(self, exclude=frozenset(), recovery: tuple[str, ...] | None = None) -> tuple[ir.Model, qq.Plan]:
         """A copy of the float model with Q/DQ for every candidate not in ``exclude``, recovered."""
         recovery = self.recovery if recovery is None else recovery
-        the_plan = qq.plan(self.model, self.profile, exclude)
+        the_plan = self.plan(exclude)
         model = self.model.clone()
         weights = self.rounded_weights if "adaround" in recovery else {}
         qq.QuantizeQDQ(the_plan, self.ranges, self.profile, self.per_channel, self.qmax, weights)(model)
+        if self.embeddings != "none":
+            QuantizeEmbeddings(8)(model)
         return recover_model(self, model, the_plan, recovery), the_plan
 
     # ---------------------------------------------------------------- scoring
@@ -511,12 +579,25 @@ class Quantizer:
 
     # ---------------------------------------------------------------- latency
     def _sessions(self, models: list[bytes]):
+        """Warm sessions of ``models`` with their feeds.  The last SESSION_CACHE sessions are kept by
+        content hash, so a model compared again (the float model, the guard's base placement) is
+        neither reloaded nor warmed up again."""
         feeds = self.held_out[0]
-        sessions = [runtime.session(m, self.ep, self.threads) for m in models]
+        cache: collections.OrderedDict = self.__dict__.setdefault("_session_cache", collections.OrderedDict())
+        sessions = []
+        for m in models:
+            key = hashlib.sha1(m).digest()
+            if key not in cache:
+                sess = runtime.session(m, self.ep, self.threads)
+                f = {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}}
+                for _ in range(3):
+                    sess.run(None, f)
+                cache[key] = sess
+            cache.move_to_end(key)
+            sessions.append(cache[key])
+        while len(cache) > max(SESSION_CACHE, len(models)):
+            cache.popitem(last=False)
         inputs = [{k: v for k, v in feeds.items() if k in {i.name for i in s.get_inputs()}} for s in sessions]
-        for s, f in zip(sessions, inputs):
-            for _ in range(3):
-                s.run(None, f)
         return sessions, inputs
 
     def latency(self, models: list[bytes], runs: int = 15) -> list[float]:
@@ -705,7 +786,7 @@ def final_check(q: Quantizer, recipe: Recipe, candidate: ir.Model, the_plan: qq.
         recipe.float_layers.setdefault(name, f"final check: the int8 model was not confidently faster than fp32 "
                                              f"on {recipe.ep} ({c['verdict']}); the float model is written")
     latency["quantized_ms"] = latency["float_ms"]
-    return q.model, qq.plan(q.model, recipe.profile, recipe.excluded()), latency, True
+    return q.model, q.plan(recipe.excluded()), latency, True
 
 
 # ---------------------------------------------------------------- the run
@@ -751,13 +832,14 @@ def _check_budget(q: Quantizer, report: dict, opts: Options, replayed: bool) -> 
     return check
 
 
-def _report(input_path, recipe: Recipe, prepared: Prepared, calib: Calibration, the_plan: qq.Plan, latency: dict,
+def _report(input_path, recipe: Recipe, notes: list[str], calibration: dict, the_plan: qq.Plan, latency: dict,
             wrote_float: bool, threads: int) -> dict:
     t_q, t_f = latency["quantized_ms"], latency["float_ms"]
     return api.header("quantize", input={"path": str(input_path)}, ep=recipe.ep, method=recipe.method,
                       percentile=recipe.percentile if recipe.method == "percentile" else None,
-                      per_channel=recipe.per_channel, weight_bits=8 if recipe.qmax == 127 else 7,
-                      activation_type=recipe.profile.activation, notes=prepared.notes, calibration=calib.to_dict(),
+                      per_channel=recipe.per_channel, weight_bits=recipe.bits, mode=recipe.mode,
+                      activation_type="float" if recipe.mode == "weight-only" else recipe.profile.activation,
+                      notes=notes, calibration=calibration,
                       recipe=recipe.to_dict(the_plan), accuracy=None,
                       latency={**latency, "speedup": t_f / t_q if t_q else None, "threads": threads},
                       wrote_float_model=wrote_float)
@@ -796,6 +878,12 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: R
     if opts.recipe_out is not None:
         io.check_writable(Path(opts.recipe_out))
     metric_fn = load_metric(opts.metric)
+    if recipe.mode != "static":
+        from onnxopt import quantize_modes
+
+        return quantize_modes.run(input_path, output_path, recipe, opts, metric_fn, replayed, t_start)
+    if opts.data is None:
+        raise UsageError("--mode static needs calibration --data; --mode dynamic and --weights int4 do not")
     model = load_input(input_path)
     t0 = time.perf_counter()
     prepared = prepare_model(model, recipe)
@@ -815,7 +903,7 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: R
             q, recipe, opts.max_drop, opts.search_budget, workers=opts.search_workers, ray_address=opts.search_ray)
     else:
         candidate, the_plan, latency, wrote_float = _search(q, recipe, opts, replayed)
-    report = _report(input_path, recipe, prepared, calib, the_plan, latency, wrote_float, opts.threads)
+    report = _report(input_path, recipe, prepared.notes, calib.to_dict(), the_plan, latency, wrote_float, opts.threads)
     if found is not None:
         report["search"] = found.to_dict()
     report["seconds_quantize"] = time.perf_counter() - t0
@@ -832,7 +920,7 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: R
     return report
 
 
-def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, data: str | os.PathLike,
+def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, data: str | os.PathLike | None,
              recipe: Recipe | str | os.PathLike | None = None, **options) -> dict:
     """Quantize ``input_path`` into ``output_path``; return the report dict (see module docstring).
 

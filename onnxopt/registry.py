@@ -28,6 +28,7 @@ _BUILTIN = {
     "cse": ("onnxopt.passes.cse", "EliminateCommonSubexpressions"),
     "fuse-transformer": ("onnxopt.passes.fuse_transformer", "FuseTransformer"),
     "convert-fp16": ("onnxopt.passes.convert_fp16", "ConvertFloat16"),
+    "gemm-to-matmul": ("onnxopt.passes.quantize_weights", "GemmToMatMul"),
 }
 _ADDED: dict[str, type] = {}
 

@@ -220,8 +220,9 @@ def _quantize_rows(report: dict) -> tuple[list[list], list[list]]:
                                                   f"({_num(lat['speedup'], '.2f')}x, {lat['threads']} thread{final})"],
                ["layers int8 / float", f"{r['quantized_layers']} / {len(r['float_layers'])}"],
                ["method", report["method"] + (f" p={report['percentile']}" if report.get("percentile") else "")],
-               ["weights", f"int{report['weight_bits']} {'per-channel' if report['per_channel'] else 'per-tensor'}, "
-                           f"activations {report['activation_type']}"],
+               ["weights", (f"int4 blocks of {r.get('block_size')} ({r.get('rounding')})" if report.get("mode") == "weight-only"
+                            else f"int{report['weight_bits']} {'per-channel' if report['per_channel'] else 'per-tensor'}")
+                + f", activations {report['activation_type']}" + (f", mode {report['mode']}" if report.get("mode") else "")],
                ["recovery", ", ".join(r["recovery"]) or "none"],
                ["calibration", f"{report['calibration']['batches']} batches ({report['calibration']['held_out']} held out), "
                                f"{report['calibration']['tensors']} tensors, {report['calibration']['bins']} bins"],

@@ -157,14 +157,32 @@ class Plan:
     def primary(self) -> list[str]:
         return [t for t in self.targets if t in self.kinds]
 
+    def weighted(self) -> list[str]:
+        """The primary nodes with a constant weight (not ``attention`` MatMuls)."""
+        return [t for t in self.primary() if self.kinds[t] != "attention"]
+
     def describe(self) -> dict:
         return {"quantized": len(self.targets), "quantized_layers": len(self.primary()),
                 "float_layers": sorted(self.excluded), "kinds": dict(collections.Counter(self.kinds.values()))}
 
 
+def activation_matmul(node: ir.Node) -> bool:
+    """A MatMul of two float activations (attention's Q x K^T and P x V): the CPU EP runs it in int8
+    when both inputs come through Q/DQ (MatMulIntegerToFloat, or QLinearMatMul)."""
+    if node.op_type != "MatMul" or not is_standard(node) or len(node.inputs) != 2:
+        return False
+    return all(v is not None and not is_constant(v) and (v.dtype is None or v.dtype == ir.DataType.FLOAT)
+               for v in node.inputs)
+
+
+def node_kind(node: ir.Node) -> str | None:
+    """layer_kind, or ``attention`` for an activation x activation MatMul."""
+    return layer_kind(node) or ("attention" if activation_matmul(node) else None)
+
+
 def candidates(model: ir.Model) -> dict[str, str]:
     """Primary node name -> layer kind, for every quantizable layer of the main graph."""
-    return {n.name: k for n in model.graph if (k := layer_kind(n)) is not None}
+    return {n.name: k for n in model.graph if (k := node_kind(n)) is not None}
 
 
 def plan(model: ir.Model, profile: Profile, exclude=frozenset()) -> Plan:
@@ -212,10 +230,16 @@ def plan(model: ir.Model, profile: Profile, exclude=frozenset()) -> Plan:
     for node in model.graph:
         if not is_standard(node):
             continue
-        kind = layer_kind(node)
+        kind = node_kind(node)
         if node.name in absorbed:
             continue
-        if kind is not None and node.name not in exclude:
+        if kind == "attention" and node.name not in exclude:  # both inputs through Q/DQ, the output float
+            for x in node.inputs:
+                if point(x.name) is None:
+                    points[x.name] = (x.name, None, None)
+            targets.append(node.name)
+            kinds[node.name] = kind
+        elif kind is not None and node.name not in exclude:
             x = node.inputs[0]
             if point(x.name) is None:
                 points[x.name] = (x.name, None, None)
@@ -318,7 +342,7 @@ class QuantizeQDQ(OptPass):
         for name in self.plan.points:
             params[name] = activation_params(*ranges[name], self.profile)
         # weights and biases first (bias needs the input scale)
-        for tname in self.plan.primary():
+        for tname in self.plan.weighted():
             node = nodes[tname]
             s_x = params[self.plan.alias.get(node.inputs[0].name, node.inputs[0].name)][0]
             axis = _weight_axis(node) if self.per_channel else None

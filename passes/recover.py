@@ -114,7 +114,7 @@ def bias_correction(model: ir.Model, the_plan, float_model: ir.Model, means: dic
     changed: collections.Counter = collections.Counter()
     nodes = {n.name: n for n in model.graph}
     floats = {n.name: n for n in float_model.graph}
-    layers = [nodes[t] for t in the_plan.primary()
+    layers = [nodes[t] for t in the_plan.weighted()
               if len(nodes[t].inputs) > 2 and nodes[t].inputs[2] is not None
               and nodes[t].inputs[2].producer() is not None
               and nodes[t].inputs[2].producer().op_type == "DequantizeLinear"
@@ -184,19 +184,7 @@ def adaround(model: ir.Model, the_plan, batches: list[dict], float_bytes: bytes,
     layers = [nodes[t] for t in the_plan.primary() if the_plan.kinds[t] in ("conv", "pointwise", "gemm")]
     if not layers or not batches:
         return {}
-    names = sorted({n.inputs[0].name for n in layers})
-    sess = runtime.session(runtime.with_outputs(onnx.load_from_string(float_bytes), names), "cpu", None)
-    rng = np.random.default_rng(0)
-    hess: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = collections.Counter()
-    for feeds in batches:
-        acts = runtime.run_candidate(sess, feeds, names)
-        for node in layers:
-            rows = _rows(acts[node.inputs[0].name], node, rng)
-            if rows is None or rows.shape[1] > MAX_K:
-                continue
-            hess[node.name] = hess.get(node.name, 0) + rows.T @ rows
-            counts[node.name] += len(rows)
+    hess = hessians(layers, batches, float_bytes)
     out = {}
     for node in layers:
         if node.name not in hess:
@@ -213,25 +201,59 @@ def adaround(model: ir.Model, the_plan, batches: list[dict], float_bytes: bytes,
         else:
             wk = w
         s = np.broadcast_to(np.asarray(scale, np.float64), (wk.shape[1],))
-        q = _error_feedback(wk, s, hess[node.name] / counts[node.name], qmax)
+        q = _error_feedback(wk, s, hess[node.name], qmax)
         q = q.T.reshape(w.shape) if node.op_type == "Conv" else (q.T if layout == 0 else q)
         out[node.name] = (q.astype(np.int8), scale)
     return out
 
 
-def _error_feedback(w: np.ndarray, s: np.ndarray, h: np.ndarray, qmax: int) -> np.ndarray:
+def hessians(layers: list[ir.Node], batches: list[dict], float_bytes: bytes) -> dict[str, np.ndarray]:
+    """Node name -> mean input Hessian ``X^T X / n`` [K, K] of each layer on the float model's
+    activations over ``batches`` (streaming: one ORT run per batch, at most MAX_ROWS sampled rows
+    per batch and layer; layers with K > MAX_K are left out)."""
+    names = sorted({n.inputs[0].name for n in layers})
+    if not names or not batches:
+        return {}
+    sess = runtime.session(runtime.with_outputs(onnx.load_from_string(float_bytes), names), "cpu", None)
+    rng = np.random.default_rng(0)
+    hess: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = collections.Counter()
+    for feeds in batches:
+        acts = runtime.run_candidate(sess, feeds, names)
+        for node in layers:
+            rows = _rows(acts[node.inputs[0].name], node, rng)
+            if rows is None or rows.shape[1] > MAX_K:
+                continue
+            hess[node.name] = hess.get(node.name, 0) + rows.T @ rows
+            counts[node.name] += len(rows)
+    return {name: h / counts[name] for name, h in hess.items()}
+
+
+def _error_feedback(w: np.ndarray, s: np.ndarray, h: np.ndarray, qmax: int, zero: np.ndarray | None = None,
+                    qmin: int | None = None, lazy: int = 128) -> np.ndarray:
     """Quantize rows of w [K, N] in order, pushing each row's rounding error onto the rows not yet
-    quantized through the inverse Hessian (Cholesky form), as GPTQ/OBQ do."""
+    quantized through the inverse Hessian (Cholesky form), as GPTQ/OBQ do.  ``s`` (and the
+    optional integer ``zero`` point) is per column [N] or per element [K, N] (block-wise grids);
+    codes lie in [qmin, qmax] (qmin defaults to -qmax).  Updates are applied lazily, ``lazy`` rows
+    at a time (GPTQ's batching: the same result, one matrix product per batch)."""
     k = h.shape[0]
+    qmin = -qmax if qmin is None else qmin
+    s = np.broadcast_to(np.asarray(s, np.float64), w.shape)
+    z = np.broadcast_to(np.asarray(0.0 if zero is None else zero, np.float64), w.shape)
     h = h + np.eye(k) * (0.01 * np.mean(np.diag(h)) + 1e-8)
     try:
         u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper
     except np.linalg.LinAlgError:
-        return np.clip(np.round(w / s), -qmax, qmax)
+        return np.clip(np.round(w / s) + z, qmin, qmax)
     w = w.copy()
     q = np.zeros_like(w)
-    for i in range(k):
-        q[i] = np.clip(np.round(w[i] / s), -qmax, qmax)
-        err = (w[i] - q[i] * s) / u[i, i]
-        w[i + 1:] -= np.outer(u[i, i + 1:], err)
+    for start in range(0, k, lazy):
+        end = min(start + lazy, k)
+        errs = np.zeros((end - start, w.shape[1]))
+        for i in range(start, end):
+            q[i] = np.clip(np.round(w[i] / s[i]) + z[i], qmin, qmax)
+            err = (w[i] - (q[i] - z[i]) * s[i]) / u[i, i]
+            w[i + 1:end] -= np.outer(u[i, i + 1:end], err)
+            errs[i - start] = err
+        w[end:] -= u[start:end, end:].T @ errs
     return q

@@ -1,0 +1,254 @@
+"""``quantize --mode dynamic`` and ``quantize --weights int4`` (mode ``weight-only``): the transformer
+modes, over the same :class:`~onnxopt.quantize.Recipe`, accuracy budget, final latency check and
+staged write as static quantization (``onnxopt/quantize.py``).
+
+1. **Prepare**: :func:`quantize.prepare` (refuses quantized models, default graph pipeline, opset
+   >= 13), then ``gemm-to-matmul`` so every weight matmul is a MatMul the quantizers reach
+   (TorchScript exports write ``nn.Linear`` as Gemm); weight-only at ``--ep`` other than cpu: opset
+   upgraded to 21 (int4 DequantizeLinear).
+2. **Inputs**, no calibration statistics: with ``--data``, every 4th batch (up to 8) is held out for
+   scoring and up to 8 others feed the input Hessians of GPTQ rounding; without it, inputs are
+   synthesized as ``validate`` does (seed 0, a variation with other symbolic dims and values, two
+   more seeds), and int4 rounding is to nearest.
+3. **Build** (:meth:`WeightQuantizer.build`, ``passes/quantize_weights.py``): dynamic: every weight
+   MatMul -> DynamicQuantizeLinear + MatMulInteger (int8 per column; 7-bit where MLAS's u8s8 kernel
+   would saturate, see ``quantize_qdq.weight_qmax``) + scale Mul, which ORT fuses into
+   DynamicQuantizeMatMul; a fused com.microsoft Attention (``fuse-transformer``) -> QAttention;
+   weight-only: MatMulNBits (cpu) or int4 DequantizeLinear + MatMul, blocks of
+   ``--block-size`` along K (the output head 8-bit: dynamic int8 on cpu, 8-bit blocks elsewhere),
+   rounding ``gptq`` (error feedback through the inverse input Hessian,
+   ``recover._error_feedback``, on a fixed per-block grid) or ``rtn``; embeddings (Gather tables,
+   ``--embeddings``): int8 + DequantizeLinear (default), int4 GatherBlockQuantized (weight-only on
+   cpu), or none.
+4. **Budget** (:func:`quantize.budget`): over ``--max-drop`` the layers (MatMuls and embeddings) are
+   ranked by sensitivity and the worst kept float.  No per-layer latency guard: dynamic int8 is one
+   whole-model comparison (:func:`quantize.final_check`: not confidently faster than fp32 -> the
+   float model is written, unless ``--no-latency-guard``); weight-only is for size, its latency is
+   measured and reported, never decisive.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxopt import api, pipeline, runtime, validate
+from onnxopt import data as data_mod
+from onnxopt import quantize as qm
+from onnxopt.base import constant
+from onnxopt.errors import BadInputError, UsageError
+from onnxopt.passes import quantize_qdq as qq
+from onnxopt.passes import quantize_weights as qw
+from onnxopt.passes import recover
+
+logger = logging.getLogger("onnxopt")
+
+#: extra synthesized scoring batches (seeds) beyond validate's primary point and its variation
+SYNTHESIZED_SEEDS = (2, 3)
+#: batches (besides the held-out ones) whose input Hessians GPTQ uses: GPTQ needs many more rows than
+#: the K of a layer (with few, it fits the calibration subspace and rounds worse than nearest)
+ROUNDING_BATCHES = 64
+#: their symbolic dims (sequence lengths of a transformer: 1 would exercise little)
+SYNTHESIZED_DIM = 8
+
+
+def int4_format(ep: str) -> str:
+    """MatMulNBits on the CPU EP; int4 DequantizeLinear (opset 21) + MatMul elsewhere."""
+    return "nbits" if ep == "cpu" else "qdq"
+
+
+def prepare(model: ir.Model, recipe: qm.Recipe) -> tuple[ir.Model, list[str]]:
+    """Step 1; returns the prepared model (every node named) and notes for the report."""
+    model, _, notes = qm.prepare(model, True)
+    converted = qw.GemmToMatMul()(model)
+    model = pipeline.run(model, pipeline.parse("cleanup")).model  # the Gemms' old weights
+    if converted.changed["Gemm -> MatMul"]:
+        notes.append(f"{converted.changed['Gemm -> MatMul']} Gemm converted to MatMul + Add (weight matmuls reached)")
+    if converted.changed["Transpose(W) materialized"]:
+        notes.append(f"{converted.changed['Transpose(W) materialized']} MatMul by Transpose(W) given a transposed weight "
+                     f"copy (a tied LM head: the table and the head are quantized separately)")
+    for reason, n in converted.skipped.items():
+        notes.append(f"{n} Gemm left as is ({reason})")
+    if recipe.mode == "weight-only" and int4_format(recipe.ep) == "qdq":
+        opset = model.opset_imports.get("", 0)
+        if opset < 21:
+            try:
+                model = ir.from_proto(onnx.version_converter.convert_version(ir.to_proto(model), 21))
+            except Exception as e:  # noqa: BLE001 - the converter raises many kinds
+                raise BadInputError(f"int4 DequantizeLinear needs opset 21; upgrading from {opset} failed: "
+                                    f"{str(e).splitlines()[0]}") from None
+            notes.append(f"opset upgraded {opset} -> 21 for int4 DequantizeLinear")
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph):  # gemm-to-matmul named its nodes; keep every name unique
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+    return model, notes
+
+
+def inputs(float_bytes: bytes, opts: qm.Options) -> tuple[list[dict], list[dict], dict]:
+    """Step 2: (held-out scoring batches, rounding batches, the report's ``calibration`` entry)."""
+    sess = runtime.session(float_bytes, "cpu", opts.threads, optimize=False)
+    if opts.data is None:
+        primary = runtime.synthesize(sess)
+        try:
+            runtime.run(sess, primary)
+        except BadInputError as e:
+            raise BadInputError(f"{e} (on inputs synthesized without --data; give --data with inputs this model accepts)") from None
+        points = [validate.Point("synthesized, seed 0", primary)] + validate.variation_points(sess, primary)
+        longer = {i.name: tuple(d if isinstance(d, int) and d >= 0 else SYNTHESIZED_DIM for d in i.shape)
+                  for i in sess.get_inputs()}
+        for seed in SYNTHESIZED_SEEDS:
+            try:
+                feeds = runtime.synthesize(sess, longer, seed=seed, quiet=True)
+                runtime.run(sess, feeds)
+            except BadInputError:  # the model does not run with these dims: validate's points suffice
+                continue
+            points.append(validate.Point(f"synthesized, seed {seed}, symbolic dims {SYNTHESIZED_DIM}", feeds))
+        held = [p for p in points if p.feeds]
+        return [p.feeds for p in held], [], {"batches": 0, "held_out": len(held), "tensors": 0, "bins": 0,
+                                             "synthesized": [p.label for p in held]}
+    held_out: list[dict] = []
+    rounding: list[dict] = []
+    read = 0
+    for i, feeds in enumerate(data_mod.batches(opts.data, sess, opts.preprocess, opts.calib_limit)):
+        read += 1
+        if i % 4 == 3 and len(held_out) < qm.HELD_OUT:
+            held_out.append(feeds)
+        elif len(rounding) < ROUNDING_BATCHES:
+            rounding.append(feeds)
+        if len(held_out) >= qm.HELD_OUT and len(rounding) >= ROUNDING_BATCHES:
+            break
+    if not held_out:
+        held_out = rounding[-1:]
+    if not held_out:
+        raise BadInputError(f"{opts.data}: no batch was read")
+    return held_out, rounding, {"batches": read, "held_out": len(held_out), "tensors": 0, "bins": 0, "source": str(opts.data)}
+
+
+class WeightQuantizer(qm.Quantizer):
+    """A :class:`quantize.Quantizer` whose candidates are the weight MatMuls (kind ``matmul``) and
+    embedding Gathers (kind ``embedding``) and whose build is dynamic int8 or int4 weight-only;
+    scoring, latency comparison, budget and final check are the static mode's."""
+
+    def __init__(self, model: ir.Model, float_bytes: bytes, held_out: list[dict], rounding_set: list[dict],
+                 recipe: qm.Recipe, *, metric: Callable | None = None, metric_name: str | None = None,
+                 max_drop: float | None = None, class_outputs=None, threads: int = 1):
+        self.model, self.float_bytes, self.held_out, self.recovery_set = model, float_bytes, held_out, rounding_set
+        self.profile, self.per_channel, self.ep, self.threads = recipe.profile, True, recipe.ep, threads
+        self.metric, self.metric_name, self.max_drop, self.recovery = metric, metric_name, max_drop, ()
+        self.qmax, self.embeddings = recipe.qmax, recipe.embeddings
+        self.int4, self.block, self.rounding = recipe.weights == "int4", recipe.block_size, recipe.rounding
+        self.fmt = int4_format(recipe.ep)
+        self.matmuls = qw.weight_matmuls(model)
+        #: the output head(s) stay at 8 bits in weight-only mode (``recipe.head_bits``)
+        self.node_bits = {name: recipe.head_bits for name in qw.output_heads(model, self.matmuls)} if self.int4 else {}
+        self.candidates = {name: "matmul" for name in self.matmuls}
+        if not self.int4:  # fused com.microsoft Attention (fuse-transformer) -> QAttention
+            self.candidates.update({n.name: "attention" for n in model.graph if qw.fused_attention(n).succeeded})
+        if recipe.embeddings != "none":
+            self.candidates.update({n.name: "embedding" for n in model.graph if qw.embedding_gather(n).succeeded})
+        self.init_scoring(class_outputs)
+
+    def plan(self, exclude=frozenset()) -> qq.Plan:
+        targets = [n for n in self.candidates if n not in exclude]
+        return qq.Plan(targets, {n: self.candidates[n] for n in targets}, {}, {}, frozenset(exclude))
+
+    @functools.cached_property
+    def rounded(self) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """GPTQ int4 codes by weight name (empty for ``rtn``): error feedback over K with the input
+        Hessian on the rounding batches, grid fixed per block (:func:`qw.block_grid`)."""
+        if not self.int4 or self.rounding != "gptq":
+            return {}
+        nodes = [n for n in self.model.graph if n.name in self.matmuls]
+        hess = recover.hessians(nodes, self.recovery_set, self.float_bytes)
+        out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for node in nodes:
+            w, bits = node.inputs[1], self.node_bits.get(node.name, 4)
+            key = f"{w.name}/{bits}"
+            if key in out or node.name not in hess:
+                continue
+            arr = constant(w).astype(np.float64)
+            scale, zero = qw.block_grid(arr, self.block, bits)
+            codes = recover._error_feedback(arr, np.repeat(scale, self.block, 0), hess[node.name], 2 ** bits - 1,
+                                            np.repeat(zero, self.block, 0), 0)
+            out[key] = (codes.astype(np.uint8), scale, zero)
+        return out
+
+    def build(self, exclude=frozenset(), recovery=None) -> tuple[ir.Model, qq.Plan]:
+        model = self.model.clone()
+        exclude = frozenset(exclude)
+        if self.int4:
+            # an 8-bit head on the CPU EP runs as dynamic int8 (MLAS's int8 GEMM): 8-bit MatMulNBits was
+            # measured 1.6x slower than fp32 on the benchmark's GPT-2 (LM head 256 x 8192), dynamic 0.91x
+            heads = frozenset(n for n, b in self.node_bits.items() if b == 8) if self.fmt == "nbits" else frozenset()
+            qw.QuantizeInt4(self.block, self.fmt, exclude | heads, self.rounded, self.node_bits)(model)
+            if heads - exclude:
+                qw.QuantizeDynamic(self.qmax, exclude | (frozenset(self.matmuls) - heads))(model)
+        else:
+            qw.QuantizeDynamic(self.qmax, exclude)(model)
+        if self.embeddings != "none":
+            four = self.embeddings == "int4" and self.fmt == "nbits"
+            qw.QuantizeEmbeddings(4 if four else 8, self.block, exclude)(model)
+        # drop the float weights the passes replaced (all they leave unused; the cleanup pipeline costs far more)
+        for name, value in list(model.graph.initializers.items()):
+            if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
+                del model.graph.initializers[name]
+        return model, self.plan(exclude)
+
+
+def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: qm.Recipe, opts: qm.Options,
+        metric_fn: Callable | None, replayed: bool, t_start: float) -> dict:
+    """Steps 1-4 and the staged write; returns the report (``quantize.run``'s shape)."""
+    if opts.search:
+        raise UsageError(f"--search explores static recipes; not with --mode {recipe.mode}")
+    if opts.stats_in is not None or opts.stats_out is not None:
+        raise UsageError(f"--mode {recipe.mode} collects no calibration statistics (--load-stats/--save-stats)")
+    model = qm.load_input(input_path)
+    t0 = time.perf_counter()
+    model, notes = prepare(model, recipe)
+    float_bytes = qm.serialize(model)
+    matmuls = qw.weight_matmuls(model)
+    if not matmuls and not any(qw.fused_attention(n).succeeded for n in model.graph):
+        raise BadInputError("nothing to quantize: no MatMul or Gemm with a constant float32 2-D weight in the main graph")
+    if recipe.weights == "int4":
+        problem = qw.check_block_size(recipe.block_size, matmuls)
+        if problem:
+            raise BadInputError(problem)
+    held_out, rounding_set, calibration = inputs(float_bytes, opts)
+    if recipe.weights == "int4":
+        if recipe.rounding == "gptq" and not rounding_set:
+            raise UsageError("--rounding gptq needs --data (the input Hessians come from it)")
+        recipe.rounding = recipe.rounding or ("gptq" if rounding_set else "rtn")
+    q = WeightQuantizer(model, float_bytes, held_out, rounding_set, recipe, metric=metric_fn, metric_name=opts.metric,
+                        max_drop=opts.max_drop, class_outputs=opts.class_outputs, threads=opts.threads)
+    if replayed:
+        qm.check_replay(q, recipe)
+        candidate, the_plan = q.build(recipe.excluded())
+    else:
+        qm.place(q, recipe)
+        candidate, the_plan, _ = qm.budget(q, recipe, opts.max_drop)
+    decide = not replayed and recipe.mode == "dynamic"
+    candidate, the_plan, latency, wrote_float = qm.final_check(q, recipe, candidate, the_plan, decide=decide)
+    if wrote_float:  # the float model as the default pipeline leaves it (no transposed weight copies)
+        candidate = qm.prepare(qm.load_input(input_path), True)[0]
+    report = qm._report(input_path, recipe, notes, calibration, the_plan, latency, wrote_float, opts.threads)
+    report["seconds_quantize"] = time.perf_counter() - t0
+
+    def refused(_path, _result) -> None:
+        report["seconds"] = time.perf_counter() - t_start
+
+    api.stage_validate_commit(candidate, output_path, report, check=qm._check_budget(q, report, opts, replayed),
+                              force=opts.force, on_refused=refused, refused="quantized model not written")
+    if opts.recipe_out is not None:
+        recipe.save(opts.recipe_out, the_plan)
+        report["recipe_file"] = str(opts.recipe_out)
+    report["seconds"] = time.perf_counter() - t_start
+    return report

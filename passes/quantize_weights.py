@@ -1,0 +1,558 @@
+"""Weight quantization for transformer-style models (quantize ``--mode dynamic``, ``--weights int4``,
+embeddings): the passes the quantize command applies on a prepared float model.
+
+- ``gemm-to-matmul`` (lossless, registered): Gemm with a constant 2-D weight and ``transA=0`` becomes
+  MatMul by ``alpha * B`` (transposed when ``transB``) + Add of ``beta * C``, so every weight matmul
+  is one MatMul the weight-only and dynamic quantizers reach (TorchScript exports write Linear as Gemm).
+- ``QuantizeDynamic``: MatMul by a constant [K, N] float weight -> DynamicQuantizeLinear (activation
+  quantized at run time to uint8, one per activation however many MatMuls read it) + MatMulInteger
+  by int8 weights (symmetric, per output column) + Cast + Mul by ``x_scale * w_scale``, the form ORT
+  fuses into ``DynamicQuantizeMatMul`` (MLAS u8s8 kernels) on the CPU EP; a fused com.microsoft
+  ``Attention`` (``fuse-transformer``) -> DynamicQuantizeLinear + ``QAttention``.
+- ``QuantizeInt4``: MatMul by a constant [K, N] float weight -> block-wise 4-bit weights (blocks of
+  ``block_size`` along K, asymmetric uint4 with a zero point per block): com.microsoft
+  ``MatMulNBits`` (``format="nbits"``, CPU EP) or int4 ``DequantizeLinear`` with ``block_size``
+  (``format="qdq"``, needs opset 21) + MatMul.  Rounding is to nearest unless pre-rounded weights
+  are given (``gptq``).
+- ``QuantizeEmbeddings``: Gather on a constant float table [V, D] (axis 0) -> Gather on an int8 table
+  + DequantizeLinear (per column of D, axis -1; standard ops, every EP), or with ``bits=4`` on the
+  CPU EP com.microsoft ``GatherBlockQuantized`` (uint4 blocks along D with zero points).
+
+Contract of the quantizing passes: only main-graph nodes in the standard domain whose weight is a
+float32 initializer no user can override are touched (If/Loop bodies, custom-domain ops, fp16
+weights are left alone, with a reason); graph outputs keep their names, types and shapes; a weight
+shared by several nodes is quantized once; nodes named in ``exclude`` stay float.  Outputs change
+by the rounding of the weights (and, dynamic, of the activations).  Cost: O(nodes + weights).
+"""
+
+from __future__ import annotations
+
+import collections
+import typing
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.base import NO_MATCH, FreshNames, Match, OptPass, add_initializer, constant, is_standard, substitute
+
+FLOAT = ir.DataType.FLOAT
+BLOCK_SIZES = (32, 64, 128)
+#: int4 block ranges tried (fractions of [min, max]); 1.0 alone is plain min/max round-to-nearest
+GRID_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+#: Gather tables smaller than this many elements stay float (position tables of tiny test models
+#: still count; shape-index Gathers are integer and never match)
+MIN_EMBEDDING = 1024
+#: MatMulNBits' ``accuracy_level``: 4 = A quantized to int8 blockwise inside the kernel (the fast
+#: CPU path), 0 = float A
+NBITS_ACCURACY_LEVEL = 0
+
+
+def _float_initializer(value: ir.Value | None) -> bool:
+    return (value is not None and value.const_value is not None and value.is_initializer()
+            and not value.is_graph_input() and value.dtype == FLOAT)
+
+
+def weight_matmul(node: ir.Node) -> Match:
+    """Match.ok((K, N)) for a main-graph MatMul ``x @ W`` with W a float32 [K, N] initializer and x
+    a float activation."""
+    if node.op_type != "MatMul" or not is_standard(node) or len(node.inputs) != 2:
+        return NO_MATCH
+    x, w = node.inputs
+    if not _float_initializer(w):
+        return Match.fail("weight is not a float32 initializer")
+    if len(w.const_value.shape) != 2:
+        return Match.fail("weight is not 2-D")
+    if x is None or x.const_value is not None or (x.dtype is not None and x.dtype != FLOAT):
+        return Match.fail("activation input is constant or not float32")
+    k, n = w.const_value.shape.numpy()
+    return Match.ok((int(k), int(n)))
+
+
+def weight_matmuls(model: ir.Model, exclude=frozenset()) -> dict[str, tuple[int, int]]:
+    """Name -> (K, N) of every MatMul the quantizers reach (main graph, named nodes)."""
+    return {n.name: typing.cast(tuple[int, int], m.value) for n in model.graph
+            if n.name not in exclude and (m := weight_matmul(n)).succeeded}
+
+
+def _out(node: ir.Node, names: FreshNames, base: str, dtype: ir.DataType | None = None) -> ir.Value:
+    value = node.outputs[0]
+    value.name = names.value(base)
+    if dtype is not None:
+        value.type = ir.TensorType(dtype)
+    return value
+
+
+def _finish(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], result: ir.Value) -> str | None:
+    """Insert ``new_nodes`` before ``old`` and make ``result`` replace its output (graph output
+    names kept); on a decline the new nodes are removed again."""
+    graph.insert_before(old, new_nodes)
+    result.shape = old.outputs[0].shape
+    reason = substitute(old, result)
+    if reason is not None:
+        graph.remove(list(reversed(new_nodes)), safe=True)
+    return reason
+
+
+# ---------------------------------------------------------------- Gemm -> MatMul + Add
+
+class GemmToMatMul(OptPass):
+    """Gemm by a constant 2-D float weight -> MatMul (+ Add of the bias), and MatMul by
+    ``Transpose(W)`` of a 2-D float initializer -> MatMul by a transposed copy (the tied LM head of
+    dynamo exports, whose W the embedding Gather also reads), so weight-only and dynamic
+    quantization reach every weight matmul.
+
+    A step of ``quantize --mode dynamic`` / ``--weights int4``, not of the default pipeline: on its own
+    the float model may run slower (measured on the tiny GPT-2: 0.46 -> 0.56 ms, MatMul + Add vs Gemm).
+    Preserves outputs within float rounding (``alpha``/``beta`` folded into new float32 initializers,
+    computed in float64; the old ones stay when shared) and graph output names.  Never touches Gemm
+    with ``transA=1``, a non-constant or non-float32 weight, or a C that is not constant; main graph
+    only.  Cost: O(Gemm nodes + their weights)."""
+
+    name = "gemm-to-matmul"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        changed: collections.Counter = collections.Counter()
+        skipped: collections.Counter = collections.Counter()
+        names = FreshNames(model)
+        for node in list(model.graph):
+            if node.op_type == "Gemm" and is_standard(node):
+                _convert_gemm(model.graph, node, names).tally(changed, skipped, "Gemm -> MatMul", "Gemm")
+            elif node.op_type == "MatMul" and is_standard(node) and len(node.inputs) == 2:
+                _transposed_weight(model.graph, node, names).tally(changed, skipped, "Transpose(W) materialized")
+        return self.result(model, changed, skipped)
+
+
+def _transposed_weight(graph: ir.Graph, node: ir.Node, names: FreshNames) -> Match:
+    t = node.inputs[1].producer() if node.inputs[1] is not None else None
+    if t is None or t.op_type != "Transpose" or not is_standard(t) or not _float_initializer(t.inputs[0]):
+        return NO_MATCH
+    w = constant(t.inputs[0])
+    perm = t.attributes["perm"].as_ints() if "perm" in t.attributes else [1, 0]
+    if w.ndim != 2 or list(perm) != [1, 0]:
+        return NO_MATCH
+    node.replace_input_with(1, _init(graph, names, f"{t.inputs[0].name}_transposed", np.ascontiguousarray(w.T)))
+    if not t.outputs[0].uses() and not t.outputs[0].is_graph_output():
+        graph.remove(t, safe=True)
+    return Match.ok()
+
+
+def _gemm_check(node: ir.Node) -> Match:
+    a = node.attributes
+    if (a["transA"].as_int() if "transA" in a else 0) != 0:
+        return Match.fail("transA=1")
+    if not _float_initializer(node.inputs[1]) or len(node.inputs[1].const_value.shape) != 2:
+        return Match.fail("weight is not a 2-D float32 initializer")
+    c = node.inputs[2] if len(node.inputs) > 2 else None
+    if c is not None and (constant(c) is None or c.is_graph_input()):
+        return Match.fail("C is not a constant")
+    return Match.ok()
+
+
+def _convert_gemm(graph: ir.Graph, node: ir.Node, names: FreshNames) -> Match:
+    check = _gemm_check(node)
+    if not check.succeeded:
+        return check
+    a = node.attributes
+    alpha = a["alpha"].as_float() if "alpha" in a else 1.0
+    beta = a["beta"].as_float() if "beta" in a else 1.0
+    w = constant(node.inputs[1]).astype(np.float64)
+    w = (w.T if (a["transB"].as_int() if "transB" in a else 0) else w) * alpha
+    wv = _init(graph, names, f"{node.inputs[1].name}_matmul", np.ascontiguousarray(w, np.float32))
+    mm = ir.node("MatMul", [node.inputs[0], wv], name=names.node(f"{node.name}_MatMul"))
+    result = _out(mm, names, f"{node.name}_matmul", FLOAT)
+    new = [mm]
+    c = node.inputs[2] if len(node.inputs) > 2 else None
+    if c is not None:
+        cv = _init(graph, names, f"{c.name}_bias", (constant(c).astype(np.float64) * beta).astype(np.float32))
+        add = ir.node("Add", [result, cv], name=names.node(f"{node.name}_Add"))
+        result = _out(add, names, f"{node.name}_biased", FLOAT)
+        new.append(add)
+    reason = _finish(graph, node, new, result)
+    return Match.ok() if reason is None else Match.fail(reason)
+
+
+# ---------------------------------------------------------------- weight rounding helpers
+
+def int8_columns(w: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output column of a [K, N] weight: (q int8 [K, N], scale float32 [N])."""
+    scale = (np.abs(w).max(axis=0) / qmax).astype(np.float32)
+    scale[scale == 0] = 1.0
+    return np.clip(np.round(w / scale), -qmax, qmax).astype(np.int8), scale
+
+
+def block_grid(w: np.ndarray, block: int, bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Asymmetric ``bits``-bit grid per block of ``block`` rows (K) and column of a [K, N] weight:
+    (scale float32 [K/block, N], zero point uint8 in [0, 2^bits - 1] [K/block, N]).  Each block's range
+    [min, max] (widened to include 0) is shrunk by the factor in GRID_SHRINK that gives the least
+    squared rounding error of that block (a clipped range rounds the bulk of a Gaussian-like
+    block more finely than its two extremes cost)."""
+    k, n = w.shape
+    blocks = w.reshape(k // block, block, n)
+    lo0 = np.minimum(blocks.min(axis=1), 0.0)
+    hi0 = np.maximum(blocks.max(axis=1), 0.0)
+    best = (np.full(lo0.shape, np.inf), np.ones(lo0.shape, np.float32), np.zeros(lo0.shape, np.uint8))
+    top = 2 ** bits - 1
+    for f in GRID_SHRINK:
+        scale = ((hi0 - lo0) * f / top).astype(np.float32)
+        scale[scale == 0] = 1.0
+        zero = np.clip(np.round(-lo0 * f / scale), 0, top).astype(np.uint8)
+        q = np.clip(np.round(blocks / scale[:, None]) + zero[:, None], 0, top)
+        err = (((q - zero[:, None]) * scale[:, None] - blocks) ** 2).sum(axis=1)
+        better = err < best[0]
+        best = (np.where(better, err, best[0]), np.where(better, scale, best[1]), np.where(better, zero, best[2]))
+    return best[1].astype(np.float32), best[2].astype(np.uint8)
+
+
+def block_round(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, block: int, bits: int = 4) -> np.ndarray:
+    """Round-to-nearest codes (uint8 in [0, 2^bits - 1], [K, N]) of ``w`` on the grid of :func:`block_grid`."""
+    s = np.repeat(scale, block, axis=0)
+    z = np.repeat(zero, block, axis=0).astype(np.float64)
+    return np.clip(np.round(w / s) + z, 0, 2 ** bits - 1).astype(np.uint8)
+
+
+def block_dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, block: int) -> np.ndarray:
+    return (q.astype(np.float64) - np.repeat(zero, block, axis=0)) * np.repeat(scale, block, axis=0)
+
+
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """uint8 codes in [0, 15] along the last axis (even length) -> bytes, first code in the low nibble."""
+    c = codes.astype(np.uint8)
+    return (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)
+
+
+def check_block_size(block: int, shapes: dict[str, tuple[int, int]]) -> str | None:
+    """None, or one line saying why ``block`` cannot quantize these [K, N] weights."""
+    if block not in BLOCK_SIZES:
+        return f"--block-size {block}: choose 32, 64 or 128"
+    bad = {name: kn for name, kn in shapes.items() if kn[0] % block}
+    if bad:
+        name, (k, n) = next(iter(bad.items()))
+        return (f"--block-size {block} does not divide K={k} of MatMul '{name}' (weight [{k}, {n}]; "
+                f"{len(bad)} of {len(shapes)} weight matmuls); choose a block size dividing every K")
+    return None
+
+
+# ---------------------------------------------------------------- dynamic int8
+
+#: Attention attributes QAttention has too (qkv_hidden_sizes, rotary_embedding_dim... it has not)
+QATTENTION_ATTRIBUTES = frozenset({"num_heads", "unidirectional", "do_rotary", "mask_filter_value", "scale",
+                                   "past_present_share_buffer"})
+
+
+def fused_attention(node: ir.Node) -> Match:
+    """Match.ok() for a com.microsoft Attention (from ``fuse-transformer``) that QAttention can
+    take: constant float [hidden, 3 * hidden] weights and bias, an int32 mask or none, no
+    attention_bias / past_sequence_length inputs, no attribute QAttention lacks."""
+    if node.op_type != "Attention" or node.domain != "com.microsoft" or len(node.inputs) < 3:
+        return NO_MATCH
+    w, bias = node.inputs[1], node.inputs[2]
+    if not _float_initializer(w) or len(w.const_value.shape) != 2 or not _float_initializer(bias):
+        return Match.fail("weights or bias not float32 initializers")
+    if any(v is not None for v in node.inputs[5:]):
+        return Match.fail("attention_bias / past_sequence_length inputs (QAttention has none)")
+    mask = node.inputs[3] if len(node.inputs) > 3 else None
+    if mask is not None and mask.dtype != ir.DataType.INT32:
+        return Match.fail("mask is not int32 (QAttention's mask_index)")
+    extra = set(node.attributes) - QATTENTION_ATTRIBUTES
+    if extra:
+        return Match.fail(f"attribute {sorted(extra)[0]} (QAttention has none)")
+    return Match.ok()
+
+class QuantizeDynamic(OptPass):
+    """Weight MatMuls -> DynamicQuantizeLinear + MatMulInteger (int8 weights per column) + scale Mul.
+
+    See the module docstring for the contract.  ``qmax``: 127, or 63 where MLAS's u8s8 kernel adds
+    products in int16 (``quantize_qdq.weight_qmax``)."""
+
+    name = "quantize-dynamic"
+
+    def __init__(self, qmax: int = 127, exclude=frozenset()):
+        super().__init__()
+        self.qmax, self.exclude = qmax, frozenset(exclude)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        changed: collections.Counter = collections.Counter()
+        skipped: collections.Counter = collections.Counter()
+        names = FreshNames(model)
+        weights: dict[str, tuple[ir.Value, ir.Value, ir.Value]] = {}
+        activations: dict[str, list[ir.Value]] = {}
+        graph = model.graph
+        for node in list(graph):
+            if node.name in self.exclude:
+                continue
+            if node.op_type == "Attention" and node.domain == "com.microsoft":
+                match = fused_attention(node)
+                if match.succeeded:
+                    match = self._attention(graph, node, names, activations)
+                match.tally(changed, skipped, "Attention -> QAttention", "Attention")
+                continue
+            match = weight_matmul(node)
+            if match.succeeded:
+                match = self._rewrite(graph, node, names, weights, activations)
+            match.tally(changed, skipped, "MatMul -> MatMulInteger", "MatMul")
+        changed["int8 weights"] = len(weights)
+        changed["activations quantized at run time"] = len(activations)
+        return self.result(model, changed, skipped)
+
+    def _quantized_input(self, x: ir.Value, names: FreshNames, activations) -> list[ir.Node]:
+        """DynamicQuantizeLinear of ``x`` (once per activation); returns the node to insert, if new."""
+        if x.name in activations:
+            return []
+        dql = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=names.node(f"{x.name}_DynamicQuantizeLinear"))
+        for o, suffix, dt in zip(dql.outputs, ("quantized", "scale", "zero_point"), (ir.DataType.UINT8, FLOAT, ir.DataType.UINT8)):
+            o.name, o.type = names.value(f"{x.name}_{suffix}"), ir.TensorType(dt)
+        dql.outputs[0].shape = x.shape
+        activations[x.name] = list(dql.outputs)
+        return [dql]
+
+    def _attention(self, graph, node, names, activations) -> Match:
+        """com.microsoft Attention -> DynamicQuantizeLinear + QAttention (int8 weights per column)."""
+        x, w, bias = node.inputs[0], node.inputs[1], node.inputs[2]
+        q, s = int8_columns(constant(w).astype(np.float64), self.qmax)
+        new = self._quantized_input(x, names, activations)
+        xq, xs, xz = activations[x.name]
+        mask = node.inputs[3] if len(node.inputs) > 3 else None
+        past = node.inputs[4] if len(node.inputs) > 4 else None
+        inputs = [xq, _init(graph, names, f"{w.name}_int8", q), bias, xs, _init(graph, names, f"{w.name}_scale", s), mask, xz,
+                  _init(graph, names, f"{w.name}_zero_point", np.zeros(s.shape, np.int8)), past]
+        while inputs[-1] is None:
+            inputs.pop()
+        attrs = {k: a.value for k, a in node.attributes.items() if k in QATTENTION_ATTRIBUTES}
+        qa = ir.node("QAttention", inputs, attributes=attrs, num_outputs=len(node.outputs), domain="com.microsoft",
+                     name=names.node(f"{node.name}_QAttention"))
+        graph.insert_before(node, [*new, qa])
+        for old, out in zip(node.outputs, qa.outputs):
+            out.name, out.type, out.shape = names.value(f"{old.name}_q"), old.type, old.shape
+        if any(o.is_graph_output() for o in node.outputs):
+            graph.remove([qa, *new], safe=True)
+            if new:
+                del activations[x.name]
+            return Match.fail("an output is a graph output")
+        for old, out in zip(node.outputs, qa.outputs):
+            old.replace_all_uses_with(out)
+        graph.remove(node, safe=True)
+        return Match.ok()
+
+    def _rewrite(self, graph, node, names, weights, activations) -> Match:
+        x, w = node.inputs
+        if w.name not in weights:
+            q, s = int8_columns(constant(w).astype(np.float64), self.qmax)
+            weights[w.name] = (_init(graph, names, f"{w.name}_int8", q), _init(graph, names, f"{w.name}_scale", s),
+                               _init(graph, names, f"{w.name}_zero_point", np.zeros(s.shape, np.int8)))
+        wq, ws, wz = weights[w.name]
+        new: list[ir.Node] = self._quantized_input(x, names, activations)
+        xq, xs, xz = activations[x.name]
+        mmi = ir.node("MatMulInteger", [xq, wq, xz, wz], name=names.node(f"{node.name}_MatMulInteger"))
+        cast = ir.node("Cast", [_out(mmi, names, f"{node.name}_int32", ir.DataType.INT32)], {"to": FLOAT},
+                       name=names.node(f"{node.name}_Cast"))
+        scale = ir.node("Mul", [xs, ws], name=names.node(f"{node.name}_scale_Mul"))
+        mul = ir.node("Mul", [_out(cast, names, f"{node.name}_float", FLOAT), _out(scale, names, f"{node.name}_scale", FLOAT)],
+                      name=names.node(f"{node.name}_Mul"))
+        new += [mmi, cast, scale, mul]
+        reason = _finish(graph, node, new, _out(mul, names, f"{node.name}_output", FLOAT))
+        if reason is not None and new[0].op_type == "DynamicQuantizeLinear":
+            del activations[x.name]
+        return Match.ok() if reason is None else Match.fail(reason)
+
+
+# ---------------------------------------------------------------- int4 weight-only
+
+#: ops an output head's result may pass through to a graph output (bias, layout)
+HEAD_PASSTHROUGH = frozenset({"Add", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Flatten", "Cast"})
+
+
+def output_heads(model: ir.Model, matmuls) -> set[str]:
+    """Names of the weight MatMuls (of ``matmuls``) whose result reaches a graph output through
+    bias/layout ops only (HEAD_PASSTHROUGH): the LM head or classifier, whose rounding error no
+    later layer averages out."""
+    heads: set[str] = set()
+    for out in model.graph.outputs:
+        node = out.producer()
+        while node is not None and node.name not in matmuls and node.op_type in HEAD_PASSTHROUGH and node.inputs:
+            node = next((v.producer() for v in node.inputs if v is not None and v.producer() is not None), None)
+        if node is not None and node.name in matmuls:
+            heads.add(node.name)
+    return heads
+
+
+class QuantizeInt4(OptPass):
+    """Weight MatMuls -> 4-bit block-wise weights: MatMulNBits (``format="nbits"``) or int4
+    DequantizeLinear + MatMul (``format="qdq"``, the model's opset must be >= 21).
+
+    ``rounded``: optional codes by weight name ((uint8 codes [K, N], scale, zero point) from
+    calibration-aware rounding); others round to nearest.  ``bits``: node name -> 8 for the nodes
+    kept at 8 bits (block-wise too; e.g. the output head, see :func:`output_heads`), 4 otherwise.  A K that ``block_size`` does not divide
+    is declined with the reason (the command refuses such a block size up front).  See the module
+    docstring for the contract."""
+
+    name = "quantize-int4"
+
+    def __init__(self, block_size: int = 32, fmt: str = "nbits", exclude=frozenset(),
+                 rounded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+                 bits: dict[str, int] | None = None):
+        super().__init__()
+        self.block, self.fmt, self.exclude, self.rounded = block_size, fmt, frozenset(exclude), rounded or {}
+        self.bits = bits or {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        changed: collections.Counter = collections.Counter()
+        skipped: collections.Counter = collections.Counter()
+        names = FreshNames(model)
+        done: dict[str, tuple[ir.Value, ...]] = {}
+        if self.fmt == "nbits":
+            model.opset_imports.setdefault("com.microsoft", 1)
+        for node in list(model.graph):
+            match = weight_matmul(node) if node.name not in self.exclude else NO_MATCH
+            if match.succeeded and typing.cast(tuple[int, int], match.value)[0] % self.block:
+                match = Match.fail(f"block size {self.block} does not divide K")
+            if match.succeeded:
+                match = self._rewrite(model.graph, node, names, done)
+            match.tally(changed, skipped, f"MatMul -> {'MatMulNBits' if self.fmt == 'nbits' else 'int4 DQ + MatMul'}",
+                        "MatMul")
+        changed["int4 weights"] = sum(1 for key in done if key[1] == 4)
+        changed["8-bit weights"] = sum(1 for key in done if key[1] == 8)
+        return self.result(model, changed, skipped)
+
+    def codes(self, w: ir.Value, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if f"{w.name}/{bits}" in self.rounded:
+            return self.rounded[f"{w.name}/{bits}"]
+        arr = constant(w).astype(np.float64)
+        scale, zero = block_grid(arr, self.block, bits)
+        return block_round(arr, scale, zero, self.block, bits), scale, zero
+
+    def _rewrite(self, graph, node, names, done) -> Match:
+        x, w = node.inputs
+        k, n = w.const_value.shape
+        bits = self.bits.get(node.name, 4)
+        key = (w.name, bits)
+        if key not in done:
+            q, scale, zero = self.codes(w, bits)
+            done[key] = self._weights(graph, names, w.name, q, scale, zero, k, n, bits)
+        if self.fmt == "nbits":
+            b, s, z = done[key]
+            mm = ir.node("MatMulNBits", [x, b, s, z], {"K": k, "N": n, "bits": bits, "block_size": self.block,
+                                                       "accuracy_level": NBITS_ACCURACY_LEVEL},
+                         domain="com.microsoft", name=names.node(f"{node.name}_MatMulNBits"))
+            new = [mm]
+        else:
+            dq = ir.node("DequantizeLinear", list(done[key]), {"axis": 0, "block_size": self.block},
+                         name=names.node(f"{w.name}_DequantizeLinear"))
+            dq.outputs[0].shape = ir.Shape([k, n])
+            mm = ir.node("MatMul", [x, _out(dq, names, f"{w.name}_dequantized", FLOAT)], name=names.node(f"{node.name}_int4"))
+            new = [dq, mm]
+        reason = _finish(graph, node, new, _out(mm, names, f"{node.name}_output", FLOAT))
+        return Match.ok() if reason is None else Match.fail(reason)
+
+    def _weights(self, graph, names, name, q, scale, zero, k, n, bits) -> tuple[ir.Value, ...]:
+        blocks = k // self.block
+        if bits == 8:  # one byte per code and per zero point
+            if self.fmt == "nbits":
+                return (_init(graph, names, f"{name}_nbits8", np.ascontiguousarray(q.T.reshape(n, blocks, self.block))),
+                        _init(graph, names, f"{name}_scales", np.ascontiguousarray(scale.T).reshape(-1)),
+                        _init(graph, names, f"{name}_zero_points", np.ascontiguousarray(zero.T).reshape(-1)))
+            return (_init(graph, names, f"{name}_uint8", q), _init(graph, names, f"{name}_scale", scale),
+                    _init(graph, names, f"{name}_zero_point", zero))
+        if self.fmt == "nbits":  # B [N, blocks, block/2] uint8, scales [N * blocks], zero points [N, ceil(blocks/2)]
+            packed = pack_nibbles(q.T.reshape(n, blocks, self.block))
+            zeros = zero.T
+            if blocks % 2:
+                zeros = np.concatenate([zeros, np.zeros((n, 1), np.uint8)], axis=1)
+            return (_init(graph, names, f"{name}_nbits", packed),
+                    _init(graph, names, f"{name}_scales", np.ascontiguousarray(scale.T).reshape(-1)),
+                    _init(graph, names, f"{name}_zero_points", pack_nibbles(zeros).reshape(-1)))
+        return (_uint4_initializer(graph, names, f"{name}_uint4", q), _init(graph, names, f"{name}_scale", scale),
+                _uint4_initializer(graph, names, f"{name}_zero_point", zero))
+
+
+def _init(graph: ir.Graph, names: FreshNames, base: str, array: np.ndarray) -> ir.Value:
+    """A new initializer under a name no value of the model has (initializers, node outputs)."""
+    return add_initializer(graph, names.value(base), array)
+
+
+def _uint4_initializer(graph: ir.Graph, names: FreshNames, name: str, codes: np.ndarray) -> ir.Value:
+    value = _init(graph, names, name, codes.astype(np.uint8))
+    tensor = ir.Tensor(codes.astype(np.uint8), dtype=ir.DataType.UINT4, name=value.name)
+    value.const_value, value.type = tensor, ir.TensorType(ir.DataType.UINT4)
+    return value
+
+
+# ---------------------------------------------------------------- embeddings
+
+def embedding_gather(node: ir.Node, exclude=frozenset()) -> Match:
+    """Match.ok((V, D)) for a main-graph Gather (axis 0) on a float32 [V, D] initializer table."""
+    if node.op_type != "Gather" or not is_standard(node) or node.name in exclude:
+        return NO_MATCH
+    table = node.inputs[0]
+    if not _float_initializer(table) or len(table.const_value.shape) != 2:
+        return NO_MATCH
+    axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
+    if axis != 0:
+        return Match.fail("Gather axis is not 0")
+    v, d = (int(x) for x in table.const_value.shape.numpy())
+    if v * d < MIN_EMBEDDING:
+        return Match.fail(f"table smaller than {MIN_EMBEDDING} elements")
+    return Match.ok((v, d))
+
+
+class QuantizeEmbeddings(OptPass):
+    """Gather tables weight-only: int8 table + DequantizeLinear after the Gather (scale per column
+    of D; standard ops), or ``bits=4``: com.microsoft GatherBlockQuantized (uint4, blocks of
+    ``block_size`` along D with zero points; CPU EP), falling back to int8 where ``block_size``
+    does not divide D.  Only the rows gathered are dequantized.  See the module docstring."""
+
+    name = "quantize-embeddings"
+
+    def __init__(self, bits: int = 8, block_size: int = 32, exclude=frozenset()):
+        super().__init__()
+        self.bits, self.block, self.exclude = bits, block_size, frozenset(exclude)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        changed: collections.Counter = collections.Counter()
+        skipped: collections.Counter = collections.Counter()
+        names = FreshNames(model)
+        tables: dict[str, tuple[ir.Value, ...]] = {}
+        for node in list(model.graph):
+            match = embedding_gather(node, self.exclude)
+            if match.succeeded:
+                four = self.bits == 4 and typing.cast(tuple[int, int], match.value)[1] % self.block == 0
+                if four:
+                    model.opset_imports.setdefault("com.microsoft", 1)
+                match = (self._int4 if four else self._int8)(model.graph, node, names, tables)
+                match.tally(changed, skipped, f"Gather -> {'GatherBlockQuantized (uint4)' if four else 'Gather int8 + DQ'}")
+            else:
+                match.tally(changed, skipped, "", "Gather")
+        return self.result(model, changed, skipped)
+
+    def _int8(self, graph, node, names, tables) -> Match:
+        table = node.inputs[0]
+        key = f"{table.name}/8"
+        if key not in tables:
+            q, s = int8_columns(constant(table).astype(np.float64), 127)
+            tables[key] = (_init(graph, names, f"{table.name}_int8", q), _init(graph, names, f"{table.name}_scale", s),
+                           _init(graph, names, f"{table.name}_zero_point", np.zeros(s.shape, np.int8)))
+        q, s, z = tables[key]
+        gather = ir.node("Gather", [q, node.inputs[1]], {"axis": 0}, name=names.node(f"{node.name}_int8"))
+        dq = ir.node("DequantizeLinear", [_out(gather, names, f"{node.name}_int8", ir.DataType.INT8), s, z], {"axis": -1},
+                     name=names.node(f"{node.name}_DequantizeLinear"))
+        reason = _finish(graph, node, [gather, dq], _out(dq, names, f"{node.name}_dequantized", FLOAT))
+        return Match.ok() if reason is None else Match.fail(reason)
+
+    def _int4(self, graph, node, names, tables) -> Match:
+        table = node.inputs[0]
+        key = f"{table.name}/4"
+        if key not in tables:
+            arr = constant(table).astype(np.float64)  # [V, D]: blocks along D = block_grid on the transpose
+            scale, zero = block_grid(arr.T, self.block)
+            codes = block_round(arr.T, scale, zero, self.block).T
+            zeros = zero.T
+            if zeros.shape[1] % 2:
+                zeros = np.concatenate([zeros, np.zeros((zeros.shape[0], 1), np.uint8)], axis=1)
+            tables[key] = (_init(graph, names, f"{table.name}_uint4", pack_nibbles(codes)),
+                           _init(graph, names, f"{table.name}_scales", np.ascontiguousarray(scale.T)),
+                           _init(graph, names, f"{table.name}_zero_points", pack_nibbles(zeros)))
+        data, scales, zeros = tables[key]
+        gbq = ir.node("GatherBlockQuantized", [data, node.inputs[1], scales, zeros],
+                      {"gather_axis": 0, "quantize_axis": 1, "block_size": self.block, "bits": 4},
+                      domain="com.microsoft", name=names.node(f"{node.name}_GatherBlockQuantized"))
+        reason = _finish(graph, node, [gbq], _out(gbq, names, f"{node.name}_dequantized", FLOAT))
+        return Match.ok() if reason is None else Match.fail(reason)

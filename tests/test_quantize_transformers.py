@@ -1,0 +1,314 @@
+"""quantize --mode dynamic, --weights int4 and embedding quantization on transformer exports
+(models/transformers.py, committed tiny HF BERT/GPT-2) and small hand-written graphs.
+
+Fidelity is measured vs fp32 on batches the quantizer never saw (seeds 500+); tolerances are stated
+at each assertion.  Real ORT sessions throughout."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from models import transformers as mt
+from onnxopt import api
+from onnxopt.passes import quantize_weights as qw
+from tests.helpers import ROOT, op_types, sha256
+
+BERT = ROOT / "models" / "bert_ts.onnx"
+GPT2 = ROOT / "models" / "gpt2_ts.onnx"
+
+
+def _data(folder, arch, count=8, seed0=0, **shape):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        np.savez(folder / f"b{i:02d}.npz", **mt.feeds(arch, seed=seed0 + i, **(shape or {"seq": 16, "past": 8})))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bert_data(tmp_path_factory):
+    return _data(tmp_path_factory.mktemp("bert_data"), "bert")
+
+
+def _cosine(ref_path, path, arch, output=0, n=4):
+    ref, got = ort.InferenceSession(str(ref_path)), ort.InferenceSession(str(path))
+    cos = []
+    for i in range(n):
+        feeds = mt.feeds(arch, seed=500 + i, seq=16, past=8)
+        a = ref.run(None, feeds)[output].reshape(-1).astype(np.float64)
+        b = got.run(None, feeds)[output].reshape(-1).astype(np.float64)
+        cos.append(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    return min(cos)
+
+
+def _optimized_ops(path, tmp_path) -> collections.Counter:
+    """Op types after ORT's own graph optimizations (what the CPU EP runs)."""
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "ort_optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return collections.Counter(op_types(tmp_path / "ort_optimized.onnx"))
+
+
+def test_dynamic_int8_bert(tmp_path, bert_data):
+    out = tmp_path / "bert_dyn.onnx"
+    report = api.quantize(BERT, out, data=bert_data, mode="dynamic", latency_guard=False)
+    ops = collections.Counter(op_types(out))
+    # every weight matmul (12 in the encoder + the pooler's Gemm, converted) reached; act x act MatMuls stay float
+    assert ops["MatMulInteger"] == 13 and ops["DynamicQuantizeLinear"] >= 5 and ops["Gemm"] == 0
+    assert all(not n.input[1].endswith("weight") for n in onnx.load(str(out)).graph.node if n.op_type == "MatMul")
+    # embeddings: word and position tables int8 + DequantizeLinear after the Gather (token types: 2 rows, float)
+    assert ops["DequantizeLinear"] == 2
+    # ORT fuses our pattern: DynamicQuantizeMatMul, or MatMulIntegerToFloat where Q/K/V share one quantized input
+    fused = _optimized_ops(out, tmp_path)
+    assert fused["DynamicQuantizeMatMul"] + fused["MatMulIntegerToFloat"] == 13 and fused["MatMulInteger"] == 0
+    assert report["recipe"]["mode"] == "dynamic" and report["mode"] == "dynamic" and report["written"]
+    assert out.stat().st_size <= 0.33 * BERT.stat().st_size  # measured 0.32 (int8 + per-column scales, tiny dims)
+    assert _cosine(BERT, out, "bert") >= 0.999  # measured 0.9999
+
+
+def test_int4_bert_matmulnbits_and_embeddings(tmp_path, bert_data):
+    out = tmp_path / "bert_int4.onnx"
+    report = api.quantize(BERT, out, data=bert_data, weights="int4", block_size=32, embeddings="int4", max_drop=0.05)
+    ops = collections.Counter(op_types(out))
+    assert ops["MatMulNBits"] == 13 and ops["GatherBlockQuantized"] == 2 and ops["Gemm"] == 0
+    assert report["mode"] == "weight-only" and report["weight_bits"] == 4 and report["recipe"]["rounding"] == "gptq"
+    assert report["recipe"]["block_size"] == 32 and report["activation_type"] == "float"
+    assert out.stat().st_size <= 0.22 * BERT.stat().st_size  # measured 0.20
+    assert _cosine(BERT, out, "bert") >= 0.99  # measured 0.995
+
+
+def _mlp(k=256, n=256, seed=0):
+    """x [n, K] -> MatMul -> Tanh -> MatMul: the inputs GPTQ is for (see _correlated)."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    w2 = (rng.standard_normal((n, 64)) / np.sqrt(n)).astype(np.float32)
+    g = h.make_graph([h.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), h.make_node("Tanh", ["h"], ["t"]),
+                      h.make_node("MatMul", ["t", "w2"], ["y"], name="fc2")], "mlp",
+                     [h.make_tensor_value_info("x", T.FLOAT, ["n", k])], [h.make_tensor_value_info("y", T.FLOAT, ["n", 64])],
+                     [nh.from_array(w1, "w1"), nh.from_array(w2, "w2")])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+
+
+def _correlated(seed, k=256):
+    """Strongly correlated features with scales spread over e^+-2: where rounding each weight
+    alone (RTN) and rounding with the input Hessian (GPTQ) differ most, as in real activations."""
+    mix = np.random.default_rng(99)
+    a, scales = mix.standard_normal((16, k)), np.exp(mix.standard_normal(k))
+    r = np.random.default_rng(seed)
+    return ((r.standard_normal((64, 16)) @ a + 0.05 * r.standard_normal((64, k))) * scales).astype(np.float32)
+
+
+def test_int4_gptq_is_closer_to_fp32_than_rtn(tmp_path):
+    src = tmp_path / "mlp.onnx"
+    onnx.save(_mlp(), src)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(12):
+        np.savez(data / f"b{i:02d}.npz", x=_correlated(i))
+    x = np.concatenate([_correlated(100 + i) for i in range(4)])
+    ref = ort.InferenceSession(str(src)).run(None, {"x": x})[0]
+    err = {}
+    for rounding in ("rtn", "gptq"):
+        out = tmp_path / f"{rounding}.onnx"
+        report = api.quantize(src, out, data=data, weights="int4", rounding=rounding, head_bits=4, max_drop=1.0)
+        assert op_types(out).count("MatMulNBits") == 2 and report["recipe"]["rounding"] == rounding
+        got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
+        err[rounding] = float(np.sqrt(((got - ref) ** 2).mean() / (ref ** 2).mean()))
+    assert err["gptq"] < 0.5 * err["rtn"], err  # measured 0.068 vs 0.21
+
+
+def _embedding_gemm_model(opset=17):
+    """Gather embedding [200, 64] -> MatMul -> Relu -> Gemm(transB, alpha, beta) -> MatMul head."""
+    rng = np.random.default_rng(0)
+    inits = [nh.from_array(rng.standard_normal((200, 64)).astype(np.float32), "emb"),
+             nh.from_array((rng.standard_normal((64, 128)) * 0.1).astype(np.float32), "w1"),
+             nh.from_array((rng.standard_normal((64, 128)) * 0.1).astype(np.float32), "w2"),
+             nh.from_array((rng.standard_normal(64) * 0.1).astype(np.float32), "b2"),
+             nh.from_array((rng.standard_normal((64, 200)) * 0.1).astype(np.float32), "head"),
+             nh.from_array(np.array([-1, 128], np.int64), "shape")]
+    nodes = [h.make_node("Gather", ["emb", "ids"], ["e"], name="embed"), h.make_node("MatMul", ["e", "w1"], ["h1"], name="fc1"),
+             h.make_node("Relu", ["h1"], ["r1"]), h.make_node("Reshape", ["r1", "shape"], ["r2"]),
+             h.make_node("Gemm", ["r2", "w2", "b2"], ["h2"], name="fc2", transB=1, alpha=0.5, beta=2.0),
+             h.make_node("MatMul", ["h2", "head"], ["logits"], name="head")]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("ids", T.INT64, ["b", 8])],
+                     [h.make_tensor_value_info("logits", T.FLOAT, ["n", 200])], inits)
+    return h.make_model(g, opset_imports=[h.make_opsetid("", opset)])
+
+
+def test_gemm_to_matmul_is_lossless_and_idempotent():
+    proto = _embedding_gemm_model()
+    model = ir.from_proto(proto)
+    first = qw.GemmToMatMul()(model)
+    again = qw.GemmToMatMul()(model)
+    assert first.changed["Gemm -> MatMul"] == 1 and not again.modified
+    out = ir.to_proto(model)
+    assert "Gemm" not in op_types(out) and [o.name for o in out.graph.output] == ["logits"]
+    ids = np.random.default_rng(1).integers(0, 200, (3, 8)).astype(np.int64)
+    ref = ort.InferenceSession(proto.SerializeToString()).run(None, {"ids": ids})[0]
+    got = ort.InferenceSession(out.SerializeToString()).run(None, {"ids": ids})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_without_data_synthesizes_inputs(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(_embedding_gemm_model(), src)
+    out = tmp_path / "q.onnx"
+    report = api.quantize(src, out, mode="dynamic", latency_guard=False)
+    ops = collections.Counter(op_types(out))
+    assert ops["MatMulInteger"] == 3 and ops["Gemm"] == 0 and ops["Gather"] == 1 and ops["DequantizeLinear"] == 1
+    assert report["calibration"]["synthesized"][0] == "synthesized, seed 0" and report["calibration"]["held_out"] >= 3
+    assert any("Gemm converted" in n for n in report["notes"])
+    ids = np.random.default_rng(3).integers(0, 200, (2, 8)).astype(np.int64)
+    ref = ort.InferenceSession(str(src)).run(None, {"ids": ids})[0]
+    got = ort.InferenceSession(str(out)).run(None, {"ids": ids})[0]
+    cos = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
+    assert cos >= 0.995, cos  # measured 0.9997
+
+
+def test_int4_dequantize_linear_matches_matmulnbits():
+    """The opset-21 form (int4 DequantizeLinear with block_size + MatMul, for EPs without
+    MatMulNBits) holds the same codes: the two outputs agree to float rounding."""
+    proto = _embedding_gemm_model(opset=21)
+    ids = np.random.default_rng(2).integers(0, 200, (2, 8)).astype(np.int64)
+    outs = {}
+    for fmt in ("nbits", "qdq"):
+        model = ir.from_proto(proto)
+        qw.GemmToMatMul()(model)
+        result = qw.QuantizeInt4(64, fmt)(model)
+        assert result.changed["int4 weights"] == 3
+        q = ir.to_proto(model)
+        if fmt == "qdq":
+            dqs = [n for n in q.graph.node if n.op_type == "DequantizeLinear"]
+            assert len(dqs) == 3 and all(a.name != "block_size" or a.i == 64 for n in dqs for a in n.attribute)
+            weights = {i.name: i for i in q.graph.initializer}
+            assert {weights[n.input[0]].data_type for n in dqs} == {T.UINT4}
+        # basic level: at ORT_ENABLE_ALL the CPU EP fuses DQ + MatMul into MatMulNBits with accuracy_level 4
+        # (activations int8 inside the kernel), which is ORT's choice of precision, not the model's
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        outs[fmt] = ort.InferenceSession(q.SerializeToString(), so).run(None, {"ids": ids})[0]
+    np.testing.assert_allclose(outs["qdq"], outs["nbits"], rtol=1e-4, atol=1e-4)
+
+
+def test_static_mode_attention_matmuls_gemm_and_embeddings(tmp_path, bert_data):
+    """Static QDQ: the attention act x act MatMuls get Q/DQ on both inputs (ORT runs them as
+    MatMulIntegerToFloat), the pooler Gemm becomes QGemm, and the embedding tables are int8."""
+    out = tmp_path / "bert_static.onnx"
+    report = api.quantize(BERT, out, data=bert_data, latency_guard=False, recovery=(), max_drop=0.05)
+    gathers = [n for n in onnx.load(str(out)).graph.node if n.op_type == "Gather" and n.input[0].endswith("_int8")]
+    assert report["mode"] == "static" and report["recipe"]["embeddings"] == "int8" and len(gathers) == 2
+    assert report["recipe"]["kinds"] == {"attention": 4, "gemm": 13}
+    fused = _optimized_ops(out, tmp_path)
+    assert fused["MatMulIntegerToFloat"] + fused["QLinearMatMul"] >= 4 and fused["QGemm"] == 1, fused
+    assert _cosine(BERT, out, "bert") >= 0.995  # measured 0.999
+
+
+def test_recipe_replay_dynamic_and_int4(tmp_path, bert_data, cli):
+    for args in (("--mode", "dynamic"), ("--weights", "int4", "--block-size", "64", "--rounding", "rtn")):
+        first, again = tmp_path / "first.onnx", tmp_path / "again.onnx"
+        recipe = tmp_path / "recipe.json"
+        r = cli("quantize", BERT, "-o", first, "--data", bert_data, *args, "--no-latency-guard", "--max-drop", "0.05",
+                "--save-recipe", recipe)
+        assert r.exit_code == 0, r.output
+        saved = json.loads(recipe.read_text())
+        assert saved["mode"] == ("dynamic" if args[1] == "dynamic" else "weight-only")
+        r = cli("quantize", BERT, "-o", again, "--data", bert_data, "--recipe", recipe)
+        assert r.exit_code == 0, r.output
+        assert sha256(first) == sha256(again)  # the same model, quantized the same way
+        if args[1] == "int4":
+            assert saved["block_size"] == 64 and saved["rounding"] == "rtn"
+            assert all(a.i == 64 for n in onnx.load(str(again)).graph.node if n.op_type == "MatMulNBits"
+                       for a in n.attribute if a.name == "block_size")
+
+
+def test_bad_input_and_usage(tmp_path, cli):
+    before = sha256(BERT)
+    out = tmp_path / "q.onnx"
+    cases = [
+        (("--weights", "int4", "--block-size", "48"), 1, "--block-size 48: choose 32, 64, 128"),
+        (("--weights", "int4", "--block-size", "128"), 2, "--block-size 128 does not divide K=64"),
+        (("--weights", "int4", "--mode", "dynamic"), 1, "--weights int4 is weight-only"),
+        (("--mode", "static"), 1, "--mode static needs calibration --data"),
+        (("--weights", "int4", "--rounding", "gptq"), 1, "--rounding gptq needs --data"),
+        (("--mode", "dynamic", "--embeddings", "int4"), 1, "--embeddings int4 goes with --weights int4"),
+        (("--mode", "dynamic"), 2, "give --data with inputs this model accepts"),  # token type ids 0..3 > 2 rows
+    ]
+    for args, code, message in cases:
+        src = BERT if "gptq" not in args else tmp_path / "m.onnx"
+        if src != BERT:
+            onnx.save(_embedding_gemm_model(), src)
+        r = cli("quantize", src, "-o", out, *args)
+        assert r.exit_code == code, (args, r.output)
+        assert message in r.output, (args, r.output)
+        assert not out.exists()
+    assert sha256(BERT) == before
+
+
+def test_int4_output_head_stays_8_bit(tmp_path):
+    """The weight matmul feeding a graph output (LM head) is kept at 8 bits unless --head-bits 4;
+    the 8-bit head is closer to fp32 (here: no data, so synthesized scoring inputs and RTN)."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_embedding_gemm_model(), src)
+    ids = np.random.default_rng(4).integers(0, 200, (4, 8)).astype(np.int64)
+    ref = ort.InferenceSession(str(src)).run(None, {"ids": ids})[0]
+    err = {}
+    for head_bits in (8, 4):
+        out = tmp_path / f"head{head_bits}.onnx"
+        report = api.quantize(src, out, weights="int4", head_bits=head_bits, max_drop=1.0)
+        graph = onnx.load(str(out)).graph
+        bits = [a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"]
+        # the 8-bit head runs as dynamic int8 on the CPU EP (MLAS int8 GEMM; 8-bit MatMulNBits is slow there)
+        assert bits == [4, 4, 4] if head_bits == 4 else bits == [4, 4], bits
+        assert op_types(out).count("MatMulInteger") == (1 if head_bits == 8 else 0)
+        assert report["recipe"]["head_bits"] == head_bits and report["recipe"]["rounding"] == "rtn"
+        got = ort.InferenceSession(str(out)).run(None, {"ids": ids})[0]
+        err[head_bits] = float(np.abs(got - ref).mean())
+    assert err[8] < err[4], err
+
+
+def test_dynamo_tied_lm_head_is_reached(tmp_path):
+    """The dynamo GPT-2 export reads its LM head as MatMul(x, Transpose(W)) with W shared by the
+    embedding Gather: the head gets a transposed copy and is quantized too (8 Gemm + 1 head)."""
+    data = _data(tmp_path / "gpt2_data", "gpt2")
+    out = tmp_path / "gpt2_dyn.onnx"
+    report = api.quantize(ROOT / "models" / "gpt2_dynamo.onnx", out, data=data, mode="dynamic", latency_guard=False,
+                          max_drop=1.0)
+    ops = collections.Counter(op_types(out))
+    assert ops["MatMulInteger"] == 9 and ops["Transpose"] == collections.Counter(
+        op_types(ROOT / "models" / "gpt2_dynamo.onnx"))["Transpose"] - 1
+    assert any("Transpose(W)" in n for n in report["notes"])
+    assert _cosine(ROOT / "models" / "gpt2_dynamo.onnx", out, "gpt2") >= 0.999  # logits; measured 0.9997
+
+
+def test_dynamic_fused_attention_becomes_qattention(tmp_path):
+    """A graph fused by fuse-transformer (com.microsoft Attention) gets QAttention in dynamic mode."""
+    rng = np.random.default_rng(0)
+    hidden = 64
+    g = h.make_graph([h.make_node("Attention", ["x", "w", "b", "mask"], ["y"], domain="com.microsoft", num_heads=4, name="att"),
+                      h.make_node("MatMul", ["y", "w2"], ["z"], name="fc")], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT, ["b", "s", hidden]), h.make_tensor_value_info("mask", T.INT32, ["b", "s"])],
+                     [h.make_tensor_value_info("z", T.FLOAT, ["b", "s", hidden])],
+                     [nh.from_array((rng.standard_normal((hidden, 3 * hidden)) * 0.1).astype(np.float32), "w"),
+                      nh.from_array((rng.standard_normal(3 * hidden) * 0.1).astype(np.float32), "b"),
+                      nh.from_array((rng.standard_normal((hidden, hidden)) * 0.1).astype(np.float32), "w2")])
+    src, out = tmp_path / "att.onnx", tmp_path / "q.onnx"
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)]), src)
+    report = api.quantize(src, out, mode="dynamic", latency_guard=False)
+    ops = collections.Counter(op_types(out))
+    assert ops["QAttention"] == 1 and ops["Attention"] == 0 and ops["MatMulInteger"] == 1
+    assert report["recipe"]["kinds"] == {"attention": 1, "matmul": 1}
+    x = rng.standard_normal((2, 8, hidden)).astype(np.float32)
+    mask = np.ones((2, 8), np.int32)
+    mask[1, 5:] = 0
+    ref = ort.InferenceSession(str(src)).run(None, {"x": x, "mask": mask})[0]
+    got = ort.InferenceSession(str(out)).run(None, {"x": x, "mask": mask})[0]
+    assert float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)) >= 0.999  # measured 0.9998
