@@ -518,10 +518,11 @@ class Quantizer:
 
     # Pickling (onnxopt.parallel sends the quantizer to search workers once per process).
     def __getstate__(self) -> dict:
-        """Everything but the float session (a worker scores with sessions of its own) and a
+        """Everything but ORT sessions (a worker scores with sessions of its own) and a
         metric loaded by name (loaded again from ``metric_name`` where it is unpickled)."""
         state = self.__dict__.copy()
         state["float_session"] = None
+        state.pop("_session_cache", None)  # the latency guard's warm sessions
         if self.metric_name is not None:
             state["metric"] = None
         return state
