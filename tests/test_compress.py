@@ -33,7 +33,7 @@ def _session(path) -> ort.InferenceSession:
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory):
     folder = tmp_path_factory.mktemp("calib")
-    return {name: tasks.write_calibration(name, folder / name, batches=16, batch_size=8)
+    return {name: tasks.write_calibration(name, folder / name, batches=8, batch_size=8)
             for name in ("digits_cnn", "digits_resnet")}
 
 
