@@ -165,6 +165,13 @@ def test_channel_pruning_resnet_refit_beats_plain_removal(cli, tmp_path, calib):
     assert tasks.digits_accuracy(_session(plain)) < acc - 0.2
 
 
+def test_kept_counts():
+    """30% of 64/128/256 channels keep multiples of 8 nearest the target; small groups are not
+    rounded so coarsely that far more than asked goes."""
+    assert [pc.kept_count(c, 0.3) for c in (16, 32, 64, 128, 160, 256)] == [11, 24, 48, 88, 112, 176]
+    assert pc.kept_count(4, 0.3) == 3 and pc.kept_count(1, 0.9) == 1
+
+
 def test_channel_groups_of_the_reference_models():
     """Groups found from the graph: residual adds tie producers, depthwise convs are tied in/out,
     Squeeze/Transpose lead the text model's last conv into the MatMul head."""
