@@ -610,10 +610,11 @@ def outgoing_norms(group: Group) -> np.ndarray:
 
 
 def kept_count(channels: int, fraction: float, align: int = 8) -> int:
-    """Channels kept when ``fraction`` go, rounded to a multiple of ``align`` (CPU kernels work on
-    blocks of 8/16 channels; a ragged count can be slower) when there are at least 2 * align."""
+    """Channels kept when ``fraction`` go, rounded to the nearest multiple of ``align`` (CPU kernels
+    work on blocks of 8/16 channels; a ragged count can be slower) when there are at least
+    4 * align (below that one step of ``align`` is too coarse: 16 channels at 0.3 would keep 8)."""
     keep = channels - int(round(fraction * channels))
-    if align > 1 and channels >= 2 * align:
+    if align > 1 and channels >= 4 * align:
         keep = max(align, int(round(keep / align)) * align)
     return max(1, min(channels, keep))
 

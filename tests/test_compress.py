@@ -33,7 +33,7 @@ def _session(path) -> ort.InferenceSession:
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory):
     folder = tmp_path_factory.mktemp("calib")
-    return {name: tasks.write_calibration(name, folder / name, batches=16, batch_size=8)
+    return {name: tasks.write_calibration(name, folder / name, batches=8, batch_size=8)
             for name in ("digits_cnn", "digits_resnet")}
 
 
@@ -163,6 +163,13 @@ def test_channel_pruning_resnet_refit_beats_plain_removal(cli, tmp_path, calib):
     assert r.exit_code == 0, r.output
     assert _conv_channels(plain) == after or sum(_conv_channels(plain)) <= sum(after)
     assert tasks.digits_accuracy(_session(plain)) < acc - 0.2
+
+
+def test_kept_counts():
+    """30% of 64/128/256 channels keep multiples of 8 nearest the target; small groups are not
+    rounded so coarsely that far more than asked goes."""
+    assert [pc.kept_count(c, 0.3) for c in (16, 32, 64, 128, 160, 256)] == [11, 24, 48, 88, 112, 176]
+    assert pc.kept_count(4, 0.3) == 3 and pc.kept_count(1, 0.9) == 1
 
 
 def test_channel_groups_of_the_reference_models():
