@@ -230,6 +230,15 @@ class Fp16Check:
                                            "float32 with --node-block-list)"), nonfinite, len(fp16))
         return Fp16Result(validate.ValidationResult(list(merged.values()), tol), nonfinite, len(fp16))
 
+    def check_model(self, model: ir.Model) -> Fp16Result:
+        """Check an in-memory model (``optimize --verify-each`` after each pass) through a temporary file."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix=io.staging_prefix() + "fp16-") as tmp:
+            path = Path(tmp) / "candidate.onnx"
+            ir.save(model, str(path), external_data="candidate.onnx.data" if next(io.external_tensors(model), None) else None)
+            return self(path)
+
     def _failed(self, message: str) -> validate.ValidationResult:
         ref = self.validator.reference
         return validate.ValidationResult(
