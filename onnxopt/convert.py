@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import api, calibrate, io, runtime, validate
+from onnxopt import api, calibrate, io, runtime, shapes, validate
 from onnxopt import data as data_mod
 from onnxopt.errors import BadInputError, UsageError
 from onnxopt.passes import convert_fp16 as cf
@@ -171,22 +171,14 @@ def crashes_default_session(path: str | os.PathLike, timeout: float = 120.0) -> 
 
 
 def _retyped(model: ir.Model) -> ir.Model:
-    """A copy whose main-graph value types come from onnx type inference, not from the stored
-    value_info (which other converters leave stale); declared types fill what inference cannot."""
-    import onnx
-
-    declared = {v.name: v.dtype for n in model.graph for v in n.outputs if v.name}
-    proto = ir.to_proto(model)
-    del proto.graph.value_info[:]
-    try:
-        proto = onnx.shape_inference.infer_shapes(proto)
-    except Exception as e:  # noqa: BLE001 - inference is best effort; the declared types stay
-        logger.debug("type inference failed: %s", e)
-    copy = ir.from_proto(proto)
+    """A copy whose main-graph value types come from onnx type inference (``shapes.infer``, which
+    ignores the stored value_info that other converters leave stale); declared types fill what
+    inference cannot."""
+    copy = ir.from_proto(ir.to_proto(model))
+    inferred = shapes.infer(copy, ort_fallback=False)
     for node in copy.graph:
         for v in node.outputs:
-            if v.dtype is None and declared.get(v.name) is not None:
-                v.dtype = declared[v.name]
+            v.dtype = inferred.dtype(v) or v.dtype
     return copy
 
 

@@ -10,6 +10,10 @@ that applies wins; ``Conversion.kept`` records it):
   (then the whole body stays fp32: no ranges are observed inside subgraphs);
 - an op in the op block list (``DEFAULT_OP_BLOCK_LIST``: shape/index-typed ops, random ops and
   numerically fragile reductions), a node in the node block list;
+- **type constraint**: the op's ONNX schema (``onnx.defs.get_schema`` at the model's opset) allows
+  float16 in none of its float slots (Celu, IsInf before opset 20, TfIdfVectorizer's output); a slot
+  whose own constraint lacks float16 (Resize's scales, LayerNormalization's Mean) stays float32 in
+  an fp16 node;
 - **overflow range**: a float input or output whose observed magnitude (``ranges``: max |x| per
   tensor name, from calibration data; constants and initializers are measured exactly) exceeds
   ``limit`` (default 65504 / 4: fp16's largest finite value with a safety margin of 4, for inputs
@@ -17,17 +21,20 @@ that applies wins; ``Conversion.kept`` records it):
   ReduceL2, ...) whose max |x|^2 exceeds it;
 - **boundary**: an elementwise-cost node whose float inputs all come from fp32 nodes and whose
   float outputs all go to fp32 nodes (two Casts for one cheap op; converting it gains nothing);
-- everything else is fp16.
+- everything else is fp16; then a Constant/ConstantOfShape read by both fp16 and float32 nodes (or
+  a float32 graph output) is kept float32 (**shared constant**), like a shared initializer.
 
 Then, without raising halfway (all decisions are made before the first mutation): fp16 nodes'
-float32 outputs become float16 (``Cast``/``dtype`` attributes and Constant/ConstantOfShape values
-follow); an initializer whose every consumer is fp16 is stored as float16 (values that round to
+float32 outputs become float16 (``to``/``dtype``/``output_datatype`` attributes, a float32 default
+made explicit, and Constant/ConstantOfShape values follow, their flushed/subnormal values counted);
+an initializer whose every consumer is fp16 is stored as float16 (values that round to
 0 or to a subnormal are counted), one read by both kinds stays float32 and is cast where needed;
 a Cast is inserted wherever a value's type differs from what its consumer needs (one per value,
-type and graph); graph outputs keep their names; the main graph's inputs/outputs keep float32
+type and graph); graph outputs keep their names (a value listed twice gets one Cast); the main graph's inputs/outputs keep float32
 (``keep_io_types``, else they become float16); subgraph inputs/outputs always keep their types.
 Finally Cast pairs are folded only when the pair is lossless: Cast(fp16->fp32)->Cast(fp32->fp16)
-is removed, Cast(fp32->fp16)->Cast(fp16->fp32) (a rounding) is kept.
+is removed (unless a Cast is named in the node block list), Cast(fp32->fp16)->Cast(fp16->fp32) (a
+rounding) is kept.
 
 Preserves: graph input/output names (and their types with ``keep_io_types``), integer/bool/string
 tensors, shape-typed inputs (Resize/Range are blocked, Resize scales stay float32 even when
@@ -136,7 +143,8 @@ class Kept:
 
     node: str
     op: str
-    kind: str  # custom domain / control flow / op block list / node block list / overflow range / boundary / unknown type
+    kind: str  # custom domain / control flow / op/node block list / type constraint / overflow range / boundary
+    #            / shared constant / unknown type
     reason: str
     graph: str = ""
 
@@ -556,9 +564,9 @@ class ConvertFloat16(OptPass):
     """Mixed-precision fp16 (float32 I/O kept, block list, overflowing tensors in float32; lossy: validate with fp16 tolerances).
 
     In a pipeline (data-free): ranges only from constants and initializers, which are known
-    exactly, and ``optimize`` checks it with the fp16 tolerances on a plain CPU session (which
-    computes fp16 chains in float32); ``onnxopt convert --fp16 --data`` adds ranges observed on
-    data and the fp16-faithful check (``onnxopt.convert.faithful_session``).  Options:
+    exactly; ``optimize`` checks it with the fp16 tolerances and, on the CPU EP, the fp16-faithful
+    check (``onnxopt.convert.Fp16Check``); ``onnxopt convert --fp16 --data`` adds ranges observed on
+    data.  Options:
     ``keep-io-types``, ``op-block-list`` (``|``-separated op types, ``default`` = the defaults),
     ``node-block-list`` (``|``-separated names), ``limit`` (largest |x| kept in fp16).  See the
     module docstring for the full contract.

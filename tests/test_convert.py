@@ -606,3 +606,16 @@ def test_no_keep_io_types_with_control_flow(cli, tmp_path):
     for seed in (3, 4):
         feeds = runtime.synthesize(sess, None, seed=seed, quiet=True)
         assert_close(runtime.run(sess, feeds), fp16_outputs(out, feeds))
+
+
+def test_faithful_session_ignores_stale_value_info(tmp_path):
+    """value_info declaring an fp16 tensor float32 (as other converters leave it): the tensor is
+    still found (types from inference) and rounded, so 300^2 overflows to inf as on a GPU."""
+    nodes = [h.make_node("Cast", ["x"], ["xh"], to=T.FLOAT16, name="c1"), h.make_node("Mul", ["xh", "xh"], ["sq"], name="mul"),
+             h.make_node("Cast", ["sq"], ["y"], to=T.FLOAT, name="c2")]
+    proto = _model(nodes, [_vec("x", shape=(2,))], [_vec("y", shape=(2,))])
+    proto.graph.value_info.append(_vec("sq", shape=(2,)))
+    sess, fp16 = convert.faithful_session(save(proto, tmp_path / "stale.onnx"))
+    assert fp16 == ["xh", "sq"]
+    got = runtime.run(sess, {"x": np.array([300, 1], np.float32)})
+    assert np.isinf(got["sq"][0]) and got["y"][1] == 1.0
