@@ -178,7 +178,9 @@ def _retyped(model: ir.Model) -> ir.Model:
     inferred = shapes.infer(copy, ort_fallback=False)
     for node in copy.graph:
         for v in node.outputs:
-            v.dtype = inferred.dtype(v) or v.dtype
+            dtype = inferred.dtype(v)
+            if dtype is not None:
+                v.dtype = dtype
     return copy
 
 

@@ -40,7 +40,7 @@ Preserves: graph input/output names (and their types with ``keep_io_types``), in
 tensors, shape-typed inputs (Resize/Range are blocked, Resize scales stay float32 even when
 unblocked), opset imports, metadata.  Never touches: models that are already float16 or
 quantized (declined with the reason; this also makes the pass idempotent), custom-domain ops.
-Cost: O(nodes + weights); one onnx shape inference to type untyped values.
+Cost: O(nodes + weights); one onnx shape inference (``onnxopt.shapes.infer``) to type untyped values.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnx_ir.passes.common as ir_common
 
+from onnxopt import shapes
 from onnxopt.base import FreshNames, OptPass, is_standard
 from onnxopt.passes.quantize_qdq import quant_ops
 
@@ -101,13 +101,13 @@ def _half_allowed(schema, params, index: int) -> bool:
         return True
     param = params[min(index, len(params) - 1)]
     allowed = {c.type_param_str: c.allowed_type_strs for c in schema.type_constraints}.get(param.type_str, [param.type_str])
-    return "tensor(float16)" in allowed
+    return any("(float16)" in t for t in allowed)  # tensor(float16), seq(tensor(float16)), optional(...)
 
 
 def schema_fixed_slots(op_type: str, opset: int, domain: str, n_in: int, n_out: int) -> tuple[set[int], set[int]]:
     """(input slots, output slots) whose ONNX type constraints forbid float16 (literal ``tensor(float)``
     slots such as Resize's scales, LayerNormalization's stash-typed Mean, Celu's whole signature)."""
-    schema = _schema(op_type, opset, domain or "")
+    schema = _schema(op_type, opset, "" if domain == "ai.onnx" else domain or "")
     if schema is None:
         return set(), set()
     return ({i for i in range(n_in) if not _half_allowed(schema, schema.inputs, i)},
@@ -387,8 +387,13 @@ def convert_model(model: ir.Model, *, keep_io_types: bool = True, op_block_list:
     reason = decline_reason(model)
     if reason:
         return Conversion(declined=reason)
-    if any(v.dtype is None for n in ir.traversal.RecursiveGraphIterator(model.graph) for v in n.outputs):
-        ir_common.ShapeInferencePass(strict_mode=False, data_prop=False)(model)
+    untyped = [v for n in ir.traversal.RecursiveGraphIterator(model.graph) for v in n.outputs if v.type is None]
+    if untyped:  # onnx inference types them (sequences stay untyped: their nodes are kept as "unknown type")
+        inferred = shapes.infer(model, ort_fallback=False)
+        for v in untyped:
+            dtype = inferred.dtype(v)
+            if dtype is not None:
+                v.dtype = dtype
     planner = _Planner(model, frozenset(op_block_list), frozenset(node_block_list), limit, ranges or {})
     planner.colour(model.graph)
     planner.boundary(keep_io_types)
@@ -455,7 +460,7 @@ class _Rewriter:
         retyped = [i for i, out in enumerate(node.outputs) if out.dtype == FLOAT and i not in fixed]
         for i in retyped:
             node.outputs[i].dtype = HALF
-        schema = _schema(node.op_type, self.plan.opset, node.domain or "") if retyped and is_standard(node) else None
+        schema = _schema(node.op_type, self.plan.opset, "") if retyped and is_standard(node) else None
         for key in DTYPE_ATTRS:
             attr = node.attributes.get(key)
             default = schema.attributes[key].default_value if schema is not None and key in schema.attributes else None

@@ -569,7 +569,7 @@ def _old_opset_model(opset: int) -> onnx.ModelProto:
         clip = h.make_node("Clip", ["r"], ["c"], min=0.5, max=2.5, name="clip")
     nodes = [h.make_node("Mul", ["x", "x"], ["xx"], name="m0"), h.make_node("Add", ["xx", "x"], ["x2"], name="a0"),
              h.make_node("Max", ["x2", "x"], ["mx"], name="mx"), resize, clip, h.make_node("Mul", ["c", "c"], ["y"], name="m1")]
-    return _model(nodes, [_vec("x", shape=(1, 1, 2, 2))], [_vec("y", shape=None)], inits, opset=opset,
+    return _model(nodes, [_vec("x", shape=(1, 1, 2, 2))], [_vec("y", shape=(1, 1, 4, 4))], inits, opset=opset,
                   ir_version=6 if opset < 11 else 7)
 
 
@@ -619,3 +619,19 @@ def test_faithful_session_ignores_stale_value_info(tmp_path):
     assert fp16 == ["xh", "sq"]
     got = runtime.run(sess, {"x": np.array([300, 1], np.float32)})
     assert np.isinf(got["sq"][0]) and got["y"][1] == 1.0
+
+
+def test_sequence_values_are_never_typed_as_tensors(tmp_path):
+    """SplitToSequence -> SequenceAt: the sequence has no tensor type; its nodes stay float32
+    ("unknown type") and the model written stays valid (a sequence retyped as a float16 tensor
+    would not load)."""
+    nodes = [h.make_node("Mul", ["x", "x"], ["a"], name="m0"), h.make_node("SplitToSequence", ["a"], ["s"], axis=0, name="split"),
+             h.make_node("SequenceAt", ["s", "i"], ["e"], name="at"), h.make_node("MatMul", ["e", "w"], ["y"], name="mm")]
+    inits = [nh.from_array(np.array(1, np.int64), "i"), nh.from_array(np.eye(2, dtype=np.float32) * 2, "w")]
+    proto = _model(nodes, [_vec("x", shape=(4, 2))], [_vec("y", shape=(1, 2))], inits)
+    model, done, out = _converted(proto, tmp_path)
+    kinds = {k.node: k.kind for k in done.kept}
+    assert kinds["split"] == "unknown type" and kinds["at"] == "unknown type"
+    assert next(n for n in model.graph if n.name == "mm").outputs[0].dtype == ir.DataType.FLOAT16
+    feeds = {"x": np.arange(8, dtype=np.float32).reshape(4, 2) / 8}
+    assert_close(fp32_outputs(save(proto, tmp_path / "src.onnx"), feeds), fp16_outputs(out, feeds))
