@@ -65,11 +65,13 @@ FP16_TINY = 2.0 ** -24  # smallest positive subnormal; smaller magnitudes round 
 FP16_NORMAL = 2.0 ** -14  # smallest positive normal
 DEFAULT_LIMIT = FP16_MAX / 4
 #: Ops kept in float32 by default: shape/index-typed or integer-like semantics (Resize, Range,
-#: TopK, NonMaxSuppression, RoiAlign, CumSum), random ops, and reductions that users keep in
-#: fp32 because they overflow or lose precision in fp16 (sums of squares, products, log-sum-exp).
+#: TopK, NonMaxSuppression, RoiAlign, CumSum), random ops, reductions that users keep in
+#: fp32 because they overflow or lose precision in fp16 (sums of squares, products, log-sum-exp),
+#: and MelWeightMatrix (its schema allows a float16 output_datatype, ONNX Runtime 1.32 has no kernel for it).
 DEFAULT_OP_BLOCK_LIST = ("Resize", "Upsample", "Range", "TopK", "NonMaxSuppression", "RoiAlign", "CumSum",
                          "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-                         "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp", "ReduceProd", "LpNormalization")
+                         "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp", "ReduceProd", "LpNormalization",
+                         "MelWeightMatrix")
 #: Input slots that accept any type (no Cast is inserted for them)
 ANY_TYPE_SLOTS = {"Shape": {0}, "Size": {0}, "Cast": {0}, "CastLike": {0}}
 #: Input slots that stay float32 even in an fp16 node (shape-typed float inputs)

@@ -525,6 +525,26 @@ def test_isinf_from_opset_20_is_converted(tmp_path):
     assert next(n for n in model.graph if n.name == "op").inputs[0].dtype == ir.DataType.FLOAT16
 
 
+def test_mel_weight_matrix_is_blocked_by_default_and_the_model_runs(cli, tmp_path):
+    """MelWeightMatrix (fp16 allowed by its schema, no fp16 kernel in ORT) stays float32 by default:
+    the conversion validates; HammingWindow next to it runs in fp16."""
+    inits = [nh.from_array(np.array(v, np.int64), n) for n, v in (("bins", 4), ("dft", 8), ("sr", 16000), ("n", 4))] + \
+        [nh.from_array(np.array(v, np.float32), n) for n, v in (("lo", 0.0), ("hi", 8000.0))]
+    nodes = [h.make_node("MelWeightMatrix", ["bins", "dft", "sr", "lo", "hi"], ["mel"], name="mel"),
+             h.make_node("HammingWindow", ["n"], ["w"], name="ham"),
+             h.make_node("MatMul", ["x", "mel"], ["a"], name="mm"), h.make_node("Mul", ["a", "w"], ["y"], name="mul")]
+    src = save(_model(nodes, [_vec("x", shape=(1, 5))], [_vec("y", shape=(1, 4))], inits), tmp_path / "mel.onnx")
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    res = cli("convert", src, "-o", out, "--fp16", "--report", rep)
+    assert res.exit_code == 0, res.output
+    kinds = {k["node"]: k["kind"] for k in json.loads(rep.read_text())["conversion"]["kept_fp32"]}
+    assert kinds["mel"] == "op block list" and "ham" not in kinds
+    assert node_dtypes(out)["ham"] == ir.DataType.FLOAT16
+    res = cli("convert", src, "-o", tmp_path / "o2.onnx", "--fp16", "--op-block-list", "Range")
+    assert res.exit_code == 3 and "fails on ONNX Runtime" in res.stderr  # unblocked: refused, not written
+    assert not (tmp_path / "o2.onnx").exists()
+
+
 def test_output_datatype_attributes_follow_the_output(cli, tmp_path):
     """HannWindow's float32 default and BlackmanWindow's explicit output_datatype=1 become 10
     (float16) with the output; --no-validate writes a valid model."""
