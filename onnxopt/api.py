@@ -117,12 +117,14 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
     if with_cost:
         before["cost"] = cost.estimate(model, shapes).to_dict(per_node=False)
     tolerance = validate.default_tolerance(model)
-    if any(s.name == "convert-fp16" for s in specs):  # lossy: the fp16 tolerances (onnxopt convert checks ranges too)
+    fp16 = any(s.name == "convert-fp16" for s in specs)
+    if fp16:  # lossy: the fp16 tolerances (onnxopt convert checks ranges too)
         tolerance = validate.LOSSLESS_FP16
     validator = None
     if validate_result or verify_each:
         validator = validate.Validator(input_path, data=data, preprocess=preprocess, shapes=shapes,
                                        tolerance=tolerance, ep=ep, latency_runs=latency_runs if validate_result else 0)
+    faithful = _fp16_check(validator) if fp16 and validator is not None and validator.ep == "cpu" else None
 
     mismatches = validate.declared_shape_mismatches(model, validator.reference) if validator else []
     for m in mismatches:
@@ -130,7 +132,7 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
                        m["output"], m["declared"], m["actual"])
 
     def verify(spec: pipeline.PassSpec, current: ir.Model) -> None:
-        check = validator.check_model(current)
+        check = faithful.check_model(current) if faithful is not None else validator.check_model(current)
         if not check.ok:
             raise ValidationRefused(f"pass '{spec}' changed the outputs: {check.summary()}")
 
@@ -145,13 +147,14 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
                     passes=run.totals(), records=[r.__dict__ for r in run.records],
                     optimize_seconds=optimize_seconds, declared_output_shape_mismatches=mismatches)
 
-    def check(path: Path) -> validate.ValidationResult:
-        return validator.check(path)
+    def check(path: Path) -> CheckResult:
+        return faithful(path) if faithful is not None else validator.check(path)
 
     def diagnose(path: Path, result: validate.ValidationResult) -> None:
         report["validation"]["points"] = validator.exercised()
         report["seconds"] = time.perf_counter() - t_start
-        report["layerwise"] = _first_divergence(input_path, path, result, ep)
+        # layerwise runs plain sessions, which hide fp16 overflow: not for the fp16-faithful check
+        report["layerwise"] = _first_divergence(input_path, path, result, ep) if faithful is None else None
 
     after_cost = cost.estimate(model, shapes).to_dict(per_node=False) if with_cost else None  # before anything is written
     stage_validate_commit(model, output_path, report, check=check if validator is not None and validate_result else None,
@@ -163,6 +166,14 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
         report["validation"]["points"] = validator.exercised()
     report["seconds"] = time.perf_counter() - t_start
     return report
+
+
+def _fp16_check(validator: validate.Validator):
+    """The fp16-faithful check of ``onnxopt convert`` (the plain CPU EP computes fp16 chains in
+    float32 and would hide an overflow)."""
+    from onnxopt import convert as convert_mod
+
+    return convert_mod.Fp16Check(validator)
 
 
 def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, data: str | os.PathLike | None = None,
@@ -348,7 +359,7 @@ def batch(inputs: Sequence[str | os.PathLike], outdir: str | os.PathLike, *, com
                          max_rss_mb=max_rss_mb, force=force, ray_address=ray_address, progress=progress)
 
 
-def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, *, fp16: bool = True,
+def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, *, fp16: bool = True, ep: str = "cpu",
             keep_io_types: bool = True, op_block_list: str | Sequence[str] | None = None,
             node_block_list: str | Sequence[str] | None = None, data: str | os.PathLike | None = None,
             preprocess: str | None = None, shapes: Mapping[str, tuple[int, ...]] | None = None,
@@ -362,6 +373,8 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, *, fp
 
     if not fp16:
         raise UsageError("convert: choose a target precision (--fp16)")
+    if ep.lower() != "cpu":
+        raise UsageError("convert validates on the CPU EP (--ep cpu); compare on others with 'onnxopt validate'")
     return convert_mod.convert(input_path, output_path, keep_io_types=keep_io_types, op_block_list=op_block_list,
                                node_block_list=node_block_list, data=data, preprocess=preprocess, shapes=shapes,
                                calib_limit=calib_limit, limit=convert_fp16.DEFAULT_LIMIT if limit is None else limit,

@@ -395,7 +395,7 @@ def optimize(model, output, pipeline_text, report_path, ep_text, shapes, data, p
               help="Recovery passes, comma separated: bias-correction, cle, adaround (or 'none').")
 @click.option("--save-stats", type=click.Path(), default=None, help="Save calibration statistics (.npz) for reuse.")
 @click.option("--load-stats", type=click.Path(), default=None, help="Use saved statistics instead of calibrating.")
-@click.option("--calib-batches", type=int, default=None, help="Read at most this many --data batches.")
+@click.option("--calib-batches", type=click.IntRange(min=1), default=None, help="Read at most this many --data batches.")
 @click.option("--exclude", multiple=True, help="Keep this node in float (repeatable).")
 @click.option("--latency-guard/--no-latency-guard", default=True, show_default=True,
               help="Keep in float the layers that run slower quantized on --ep, and write the float model if the "
@@ -512,7 +512,8 @@ def _print_quantize(model, output, result: dict) -> None:
 @click.option("--node-block-list", default=None, help="Node names kept float32, comma separated.")
 @click.option("--limit", type=float, default=None,
               help="Largest observed |x| a tensor may reach and stay fp16 (default 65504/4: a margin of 4).")
-@click.option("--calib-batches", type=int, default=None, help="Read at most this many --data batches for the ranges.")
+@click.option("--calib-batches", type=click.IntRange(min=1), default=None,
+              help="Read at most this many --data batches for the ranges.")
 @_common
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Compare against the original on the CPU EP (rtol 1e-2, atol 1e-3 per output).")
@@ -523,14 +524,10 @@ def convert(model, output, fp16, keep_io_types, op_block_list, node_block_list, 
     """Convert MODEL to mixed-precision fp16 into OUTPUT: tensors whose --data ranges would overflow fp16 stay float32."""
     if report_path:
         report.check_path(report_path)
-    if not fp16:
-        raise UsageError("convert: choose a target precision (--fp16)")
-    if ep_text.lower() != "cpu":
-        raise UsageError("convert validates on the CPU EP (--ep cpu); compare on others with 'onnxopt validate'")
     try:
         with _progress(None, "ranges") as update:
-            result = api.convert(model, output, keep_io_types=keep_io_types, op_block_list=op_block_list,
-                                 node_block_list=node_block_list, data=data, preprocess=preprocess,
+            result = api.convert(model, output, fp16=fp16, ep=ep_text, keep_io_types=keep_io_types,
+                                 op_block_list=op_block_list, node_block_list=node_block_list, data=data, preprocess=preprocess,
                                  shapes=runtime.parse_shapes(shapes), calib_limit=calib_batches, limit=limit,
                                  validate_result=validate, force=force, progress=update)
     except ValidationRefused as e:
@@ -828,7 +825,7 @@ _BATCH_PASSTHROUGH = ("pipeline", "data", "preprocess", "shape", "ep", "validate
 @click.option("--max-drop", type=float, default=None, help="quantize: accuracy budget.")
 @click.option("--metric", default=None, help="quantize: module:function; validate: how outputs are judged.")
 @click.option("--recover", default=None, help="quantize: recovery passes.")
-@click.option("--calib-batches", type=int, default=None, help="quantize: at most this many --data batches.")
+@click.option("--calib-batches", type=click.IntRange(min=1), default=None, help="quantize: at most this many --data batches.")
 @click.option("--runs", type=int, default=None, help="bench: timed runs.")
 @click.option("--warmup", type=int, default=None, help="bench: untimed runs.")
 @click.option("--threads", type=int, default=None, help="bench: intra-op threads.")

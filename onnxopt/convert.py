@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import api, calibrate, io, runtime, validate
+from onnxopt import api, calibrate, io, runtime, shapes, validate
 from onnxopt import data as data_mod
 from onnxopt.errors import BadInputError, UsageError
 from onnxopt.passes import convert_fp16 as cf
@@ -171,22 +171,16 @@ def crashes_default_session(path: str | os.PathLike, timeout: float = 120.0) -> 
 
 
 def _retyped(model: ir.Model) -> ir.Model:
-    """A copy whose main-graph value types come from onnx type inference, not from the stored
-    value_info (which other converters leave stale); declared types fill what inference cannot."""
-    import onnx
-
-    declared = {v.name: v.dtype for n in model.graph for v in n.outputs if v.name}
-    proto = ir.to_proto(model)
-    del proto.graph.value_info[:]
-    try:
-        proto = onnx.shape_inference.infer_shapes(proto)
-    except Exception as e:  # noqa: BLE001 - inference is best effort; the declared types stay
-        logger.debug("type inference failed: %s", e)
-    copy = ir.from_proto(proto)
+    """A copy whose main-graph value types come from onnx type inference (``shapes.infer``, which
+    ignores the stored value_info that other converters leave stale); declared types fill what
+    inference cannot."""
+    copy = ir.from_proto(ir.to_proto(model))
+    inferred = shapes.infer(copy, ort_fallback=False)
     for node in copy.graph:
         for v in node.outputs:
-            if v.dtype is None and declared.get(v.name) is not None:
-                v.dtype = declared[v.name]
+            dtype = inferred.dtype(v)
+            if dtype is not None:
+                v.dtype = dtype
     return copy
 
 
@@ -229,6 +223,15 @@ class Fp16Check:
             return Fp16Result(self._failed(crash + " (an ORT bug with fp16 graphs; keep the nodes around it in "
                                            "float32 with --node-block-list)"), nonfinite, len(fp16))
         return Fp16Result(validate.ValidationResult(list(merged.values()), tol), nonfinite, len(fp16))
+
+    def check_model(self, model: ir.Model) -> Fp16Result:
+        """Check an in-memory model (``optimize --verify-each`` after each pass) through a temporary file."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix=io.staging_prefix() + "fp16-") as tmp:
+            path = Path(tmp) / "candidate.onnx"
+            ir.save(model, str(path), external_data="candidate.onnx.data" if next(io.external_tensors(model), None) else None)
+            return self(path)
 
     def _failed(self, message: str) -> validate.ValidationResult:
         ref = self.validator.reference

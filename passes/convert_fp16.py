@@ -10,6 +10,10 @@ that applies wins; ``Conversion.kept`` records it):
   (then the whole body stays fp32: no ranges are observed inside subgraphs);
 - an op in the op block list (``DEFAULT_OP_BLOCK_LIST``: shape/index-typed ops, random ops and
   numerically fragile reductions), a node in the node block list;
+- **type constraint**: the op's ONNX schema (``onnx.defs.get_schema`` at the model's opset) allows
+  float16 in none of its float slots (Celu, IsInf before opset 20, TfIdfVectorizer's output); a slot
+  whose own constraint lacks float16 (Resize's scales, LayerNormalization's Mean) stays float32 in
+  an fp16 node;
 - **overflow range**: a float input or output whose observed magnitude (``ranges``: max |x| per
   tensor name, from calibration data; constants and initializers are measured exactly) exceeds
   ``limit`` (default 65504 / 4: fp16's largest finite value with a safety margin of 4, for inputs
@@ -17,36 +21,41 @@ that applies wins; ``Conversion.kept`` records it):
   ReduceL2, ...) whose max |x|^2 exceeds it;
 - **boundary**: an elementwise-cost node whose float inputs all come from fp32 nodes and whose
   float outputs all go to fp32 nodes (two Casts for one cheap op; converting it gains nothing);
-- everything else is fp16.
+- everything else is fp16; then a Constant/ConstantOfShape read by both fp16 and float32 nodes (or
+  a float32 graph output) is kept float32 (**shared constant**), like a shared initializer.
 
 Then, without raising halfway (all decisions are made before the first mutation): fp16 nodes'
-float32 outputs become float16 (``Cast``/``dtype`` attributes and Constant/ConstantOfShape values
-follow); an initializer whose every consumer is fp16 is stored as float16 (values that round to
+float32 outputs become float16 (``to``/``dtype``/``output_datatype`` attributes, a float32 default
+made explicit, and Constant/ConstantOfShape values follow, their flushed/subnormal values counted);
+an initializer whose every consumer is fp16 is stored as float16 (values that round to
 0 or to a subnormal are counted), one read by both kinds stays float32 and is cast where needed;
 a Cast is inserted wherever a value's type differs from what its consumer needs (one per value,
-type and graph); graph outputs keep their names; the main graph's inputs/outputs keep float32
+type and graph); graph outputs keep their names (a value listed twice gets one Cast); the main graph's inputs/outputs keep float32
 (``keep_io_types``, else they become float16); subgraph inputs/outputs always keep their types.
 Finally Cast pairs are folded only when the pair is lossless: Cast(fp16->fp32)->Cast(fp32->fp16)
-is removed, Cast(fp32->fp16)->Cast(fp16->fp32) (a rounding) is kept.
+is removed (unless a Cast is named in the node block list), Cast(fp32->fp16)->Cast(fp16->fp32) (a
+rounding) is kept.
 
 Preserves: graph input/output names (and their types with ``keep_io_types``), integer/bool/string
 tensors, shape-typed inputs (Resize/Range are blocked, Resize scales stay float32 even when
 unblocked), opset imports, metadata.  Never touches: models that are already float16 or
 quantized (declined with the reason; this also makes the pass idempotent), custom-domain ops.
-Cost: O(nodes + weights); one onnx shape inference to type untyped values.
+Cost: O(nodes + weights); one onnx shape inference (``onnxopt.shapes.infer``) to type untyped values.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import re
 from collections.abc import Iterable, Mapping
 
 import numpy as np
+import onnx
 import onnx_ir as ir
-import onnx_ir.passes.common as ir_common
 
+from onnxopt import shapes
 from onnxopt.base import FreshNames, OptPass, is_standard
 from onnxopt.passes.quantize_qdq import quant_ops
 
@@ -56,11 +65,13 @@ FP16_TINY = 2.0 ** -24  # smallest positive subnormal; smaller magnitudes round 
 FP16_NORMAL = 2.0 ** -14  # smallest positive normal
 DEFAULT_LIMIT = FP16_MAX / 4
 #: Ops kept in float32 by default: shape/index-typed or integer-like semantics (Resize, Range,
-#: TopK, NonMaxSuppression, RoiAlign, CumSum), random ops, and reductions that users keep in
-#: fp32 because they overflow or lose precision in fp16 (sums of squares, products, log-sum-exp).
+#: TopK, NonMaxSuppression, RoiAlign, CumSum), random ops, reductions that users keep in
+#: fp32 because they overflow or lose precision in fp16 (sums of squares, products, log-sum-exp),
+#: and MelWeightMatrix (its schema allows a float16 output_datatype, ONNX Runtime 1.32 has no kernel for it).
 DEFAULT_OP_BLOCK_LIST = ("Resize", "Upsample", "Range", "TopK", "NonMaxSuppression", "RoiAlign", "CumSum",
                          "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-                         "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp", "ReduceProd", "LpNormalization")
+                         "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp", "ReduceProd", "LpNormalization",
+                         "MelWeightMatrix")
 #: Input slots that accept any type (no Cast is inserted for them)
 ANY_TYPE_SLOTS = {"Shape": {0}, "Size": {0}, "Cast": {0}, "CastLike": {0}}
 #: Input slots that stay float32 even in an fp16 node (shape-typed float inputs)
@@ -73,6 +84,46 @@ SQUARING_OPS = frozenset({"LayerNormalization", "InstanceNormalization", "GroupN
 #: Ops worth a Cast on each side even alone between fp32 nodes (the boundary rule spares them)
 HEAVY_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "LSTM", "GRU", "RNN", "Attention"})
 LOSSLESS_WIDENING = frozenset({(HALF, FLOAT), (HALF, ir.DataType.DOUBLE), (FLOAT, ir.DataType.DOUBLE)})
+#: Integer attributes naming an output's element type (a float32 default is made explicit as float16)
+DTYPE_ATTRS = ("to", "dtype", "output_datatype")
+CONSTANT_OPS = ("Constant", "ConstantOfShape")
+
+
+@functools.cache
+def _schema(op_type: str, opset: int, domain: str):
+    try:
+        return onnx.defs.get_schema(op_type, opset, domain)
+    except onnx.defs.SchemaError:
+        return None
+
+
+def _half_allowed(schema, params, index: int) -> bool:
+    """Whether the schema lets slot ``index`` of ``params`` (inputs or outputs) be float16."""
+    if index >= len(params) and not (params and params[-1].option == onnx.defs.OpSchema.FormalParameterOption.Variadic):
+        return True
+    param = params[min(index, len(params) - 1)]
+    allowed = {c.type_param_str: c.allowed_type_strs for c in schema.type_constraints}.get(param.type_str, [param.type_str])
+    return any("(float16)" in t for t in allowed)  # tensor(float16), seq(tensor(float16)), optional(...)
+
+
+def schema_fixed_slots(op_type: str, opset: int, domain: str, n_in: int, n_out: int) -> tuple[set[int], set[int]]:
+    """(input slots, output slots) whose ONNX type constraints forbid float16 (literal ``tensor(float)``
+    slots such as Resize's scales, LayerNormalization's stash-typed Mean, Celu's whole signature)."""
+    schema = _schema(op_type, opset, "" if domain == "ai.onnx" else domain or "")
+    if schema is None:
+        return set(), set()
+    return ({i for i in range(n_in) if not _half_allowed(schema, schema.inputs, i)},
+            {i for i in range(n_out) if not _half_allowed(schema, schema.outputs, i)})
+
+
+def to_half(arr: np.ndarray, counts: dict[str, int]) -> np.ndarray:
+    """float16 copy of a constant, counting the values that flush to 0, turn subnormal or clamp."""
+    arr = np.asarray(arr, np.float32)
+    a = np.abs(arr)
+    counts["flushed to zero (|x| < 2^-24)"] += int(np.count_nonzero((a > 0) & (a < FP16_TINY)))
+    counts["subnormal in fp16 (|x| < 2^-14)"] += int(np.count_nonzero((a >= FP16_TINY) & (a < FP16_NORMAL)))
+    counts["clamped to +-65504"] += int(np.count_nonzero(a > FP16_MAX))
+    return np.clip(arr, -FP16_MAX, FP16_MAX).astype(np.float16)
 
 
 def parse_list(text: str | Iterable[str] | None, defaults: Iterable[str] = ()) -> tuple[str, ...]:
@@ -94,7 +145,8 @@ class Kept:
 
     node: str
     op: str
-    kind: str  # custom domain / control flow / op block list / node block list / overflow range / boundary / unknown type
+    kind: str  # custom domain / control flow / op/node block list / type constraint / overflow range / boundary
+    #            / shared constant / unknown type
     reason: str
     graph: str = ""
 
@@ -171,8 +223,32 @@ class _Planner:
                  ranges: Mapping[str, float]):
         self.model, self.op_block, self.node_block, self.limit = model, op_block, node_block, limit
         self.ranges = ranges
+        self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         self.kept: dict[ir.Node, Kept] = {}
         self.fp16: set[ir.Node] = set()
+
+    def fixed_slots(self, node: ir.Node) -> tuple[set[int], set[int]]:
+        """(input, output) slots that stay float32 even when ``node`` is fp16."""
+        ins, outs = schema_fixed_slots(node.op_type, self.opset, node.domain, len(node.inputs), len(node.outputs)) \
+            if is_standard(node) else (set(), set())
+        return ins | FP32_SLOTS.get(node.op_type, set()), outs | FLOAT_OUTPUTS.get(node.op_type, set())
+
+    def type_constraint(self, node: ir.Node) -> str:
+        """Why the schema forbids float16 in every float slot of ``node`` ("" when one allows it)."""
+        fixed_in, fixed_out = self.fixed_slots(node)
+        ins, _ = self.float_slots(node)
+        outs = [i for i, v in enumerate(node.outputs) if v.dtype == FLOAT]
+        if not (ins or outs) or any(i not in fixed_in for i, _ in ins) or any(i not in fixed_out for i in outs):
+            return ""
+        return f"the ONNX schema of {node.op_type} (opset {self.opset}) does not allow float16 there"
+
+    def need(self, node: ir.Node, slot: int) -> ir.DataType | None:
+        """The type ``node`` wants at input ``slot`` when that input was float32 (None: any)."""
+        if slot in ANY_TYPE_SLOTS.get(node.op_type, set()):
+            return None
+        if node in self.fp16 and slot not in self.fixed_slots(node)[0]:
+            return HALF
+        return FLOAT
 
     def magnitude(self, v: ir.Value) -> float | None:
         exact = _const_magnitude(v)
@@ -227,6 +303,9 @@ class _Planner:
             return "op block list", f"{node.op_type} is in the op block list"
         if node.name in self.node_block:
             return "node block list", "named in the node block list"
+        constraint = self.type_constraint(node)
+        if constraint:
+            return "type constraint", constraint
         if overflow:
             return "overflow range", overflow
         if any(v is not None and v.dtype is None for v in (*node.inputs, *node.outputs)):
@@ -274,6 +353,20 @@ class _Planner:
                                            node.graph.name or "" if node.graph is not None else "")
                     changed = True
 
+    def shared_constants(self, keep_io: bool) -> None:
+        """A Constant read by both fp16 and float32 nodes (or a float32 graph output) stays float32,
+        like a shared initializer; its fp16 readers get a Cast."""
+        for node in [n for n in self.fp16 if n.op_type in CONSTANT_OPS]:
+            out = node.outputs[0]
+            wants = {self.need(u.node, u.idx) for u in out.uses()} - {None}
+            if out.is_graph_output():
+                wants.add(HALF if node.graph is self.model.graph and not keep_io else FLOAT)
+            if FLOAT in wants:
+                self.fp16.discard(node)
+                self.kept[node] = Kept(node.name or "", node.op_type, "shared constant",
+                                       "a constant read by float32 nodes too: kept float32 (cast for its fp16 readers)",
+                                       node.graph.name or "" if node.graph is not None else "")
+
     def squeezed(self, node: ir.Node, keep_io: bool) -> bool:
         ins, outs = self.float_slots(node)
         if not outs or not all(self.needs_fp32(v) for _, v in ins):
@@ -296,11 +389,17 @@ def convert_model(model: ir.Model, *, keep_io_types: bool = True, op_block_list:
     reason = decline_reason(model)
     if reason:
         return Conversion(declined=reason)
-    if any(v.dtype is None for n in ir.traversal.RecursiveGraphIterator(model.graph) for v in n.outputs):
-        ir_common.ShapeInferencePass(strict_mode=False, data_prop=False)(model)
+    untyped = [v for n in ir.traversal.RecursiveGraphIterator(model.graph) for v in n.outputs if v.type is None]
+    if untyped:  # onnx inference types them (sequences stay untyped: their nodes are kept as "unknown type")
+        inferred = shapes.infer(model, ort_fallback=False)
+        for v in untyped:
+            dtype = inferred.dtype(v)
+            if dtype is not None:
+                v.dtype = dtype
     planner = _Planner(model, frozenset(op_block_list), frozenset(node_block_list), limit, ranges or {})
     planner.colour(model.graph)
     planner.boundary(keep_io_types)
+    planner.shared_constants(keep_io_types)
     result = Conversion(fp16_nodes=len(planner.fp16), kept=list(planner.kept.values()))
     _Rewriter(model, planner, keep_io_types, result).run()
     return result
@@ -316,12 +415,7 @@ class _Rewriter:
         self.inserted: set[ir.Node] = set()
 
     def need(self, node: ir.Node, slot: int) -> ir.DataType | None:
-        """The type ``node`` wants at input ``slot`` when that input was float32 (None: any)."""
-        if slot in ANY_TYPE_SLOTS.get(node.op_type, set()):
-            return None
-        if node in self.plan.fp16 and slot not in FP32_SLOTS.get(node.op_type, set()):
-            return HALF
-        return FLOAT
+        return self.plan.need(node, slot)
 
     def run(self) -> None:
         originally_float = {id(v) for g in self.model.graphs() for v in self._values(g) if v.dtype == FLOAT}
@@ -358,27 +452,25 @@ class _Rewriter:
                 if not wants or wants != {HALF} or v.is_graph_output():
                     counts["kept float32"] += 1
                     continue
-                arr = v.const_value.numpy().astype(np.float32)
-                a = np.abs(arr)
-                counts["flushed to zero (|x| < 2^-24)"] += int(np.count_nonzero((a > 0) & (a < FP16_TINY)))
-                counts["subnormal in fp16 (|x| < 2^-14)"] += int(np.count_nonzero((a >= FP16_TINY) & (a < FP16_NORMAL)))
-                clamped = int(np.count_nonzero(a > FP16_MAX))
-                counts["clamped to +-65504"] += clamped
-                half = np.clip(arr, -FP16_MAX, FP16_MAX).astype(np.float16)
+                half = to_half(v.const_value.numpy(), counts)
                 v.const_value = ir.tensor(half, name=v.name)
                 v.dtype = HALF
                 counts["converted"] += 1
 
     def retype_node(self, node: ir.Node) -> None:
-        fixed = FLOAT_OUTPUTS.get(node.op_type, set())
-        for i, out in enumerate(node.outputs):
-            if out.dtype == FLOAT and i not in fixed:
-                out.dtype = HALF
-        for key in ("to", "dtype"):
+        fixed = self.plan.fixed_slots(node)[1]
+        retyped = [i for i, out in enumerate(node.outputs) if out.dtype == FLOAT and i not in fixed]
+        for i in retyped:
+            node.outputs[i].dtype = HALF
+        schema = _schema(node.op_type, self.plan.opset, "") if retyped and is_standard(node) else None
+        for key in DTYPE_ATTRS:
             attr = node.attributes.get(key)
+            default = schema.attributes[key].default_value if schema is not None and key in schema.attributes else None
             if attr is not None and attr.type == ir.AttributeType.INT and attr.as_int() == FLOAT.value:
                 node.attributes[key] = ir.AttrInt64(key, HALF.value)
-        if node.op_type in ("Constant", "ConstantOfShape"):
+            elif attr is None and default is not None and default.HasField("i") and default.i == FLOAT.value:
+                node.attributes[key] = ir.AttrInt64(key, HALF.value)  # the float32 default made float16
+        if node.op_type in CONSTANT_OPS:
             self.retype_constant(node)
 
     def retype_constant(self, node: ir.Node) -> None:
@@ -394,7 +486,8 @@ class _Rewriter:
             arr = np.asarray(attr.value, np.float32)
         for key in ("value_float", "value_floats"):
             node.attributes.pop(key, None)
-        half = np.clip(arr, -FP16_MAX, FP16_MAX).astype(np.float16)
+        half = to_half(arr, self.result.initializers)
+        self.result.initializers["converted (Constant nodes)"] += 1
         node.attributes["value"] = ir.AttrTensor("value", ir.tensor(half, name=node.outputs[0].name))
 
     def cast_of(self, value: ir.Value, to: ir.DataType, graph: ir.Graph, before: ir.Node | None) -> ir.Value:
@@ -426,7 +519,11 @@ class _Rewriter:
                     node.replace_input_with(slot, self.cast_of(v, want, graph, node))
         main = graph is self.model.graph
         want = FLOAT if (self.keep_io or not main) else HALF
+        done: dict[int, ir.Value] = {}  # a value listed twice as an output gets one Cast
         for index, v in enumerate(list(graph.outputs)):
+            if id(v) in done:
+                graph.outputs[index] = done[id(v)]
+                continue
             if id(v) not in originally_float or v.dtype == want:
                 continue
             if v.is_graph_input() or v.producer() is None:
@@ -439,7 +536,7 @@ class _Rewriter:
             out.dtype, out.shape = want, shape
             graph.append(cast)
             out.name = name
-            graph.outputs[index] = out
+            graph.outputs[index] = done[id(v)] = out
             self.inserted.add(cast)
             self.result.casts_inserted += 1
 
@@ -453,8 +550,8 @@ class _Rewriter:
             if first is None or first.op_type != "Cast" or not is_standard(first) or first.inputs[0] is None:
                 continue
             a, b, c = first.inputs[0].dtype, first.outputs[0].dtype, node.outputs[0].dtype
-            if a is None or b is None or c != a:
-                continue
+            if a is None or b is None or c != a or {first.name, node.name} & self.plan.node_block:
+                continue  # a Cast the user named in the node block list stays
             if (a, b) not in LOSSLESS_WIDENING:
                 if (a, b) == (FLOAT, HALF):
                     self.result.lossy_pairs_kept += 1
@@ -474,9 +571,9 @@ class ConvertFloat16(OptPass):
     """Mixed-precision fp16 (float32 I/O kept, block list, overflowing tensors in float32; lossy: validate with fp16 tolerances).
 
     In a pipeline (data-free): ranges only from constants and initializers, which are known
-    exactly, and ``optimize`` checks it with the fp16 tolerances on a plain CPU session (which
-    computes fp16 chains in float32); ``onnxopt convert --fp16 --data`` adds ranges observed on
-    data and the fp16-faithful check (``onnxopt.convert.faithful_session``).  Options:
+    exactly; ``optimize`` checks it with the fp16 tolerances and, on the CPU EP, the fp16-faithful
+    check (``onnxopt.convert.Fp16Check``); ``onnxopt convert --fp16 --data`` adds ranges observed on
+    data.  Options:
     ``keep-io-types``, ``op-block-list`` (``|``-separated op types, ``default`` = the defaults),
     ``node-block-list`` (``|``-separated names), ``limit`` (largest |x| kept in fp16).  See the
     module docstring for the full contract.
