@@ -57,7 +57,9 @@ from onnxopt.errors import BadInputError, Terminated, UsageError
 
 logger = logging.getLogger(__name__)
 
-COMMANDS = ("optimize", "quantize", "validate", "bench")
+COMMANDS = ("optimize", "quantize", "validate", "bench", "convert", "prune", "compress")
+#: Commands that write OUTDIR/<name>/<name>.onnx.
+WRITERS = ("optimize", "quantize", "convert", "prune", "compress")
 #: Statuses a rerun may reuse (a failure is always retried).
 FINISHED = ("ok", "refused")
 #: Option keys the driver consumes itself (per-model limits in a manifest); never passed to the CLI.
@@ -206,7 +208,7 @@ def _cli_args(command: str, job: dict, model_dir: Path) -> list[str]:
     out = model_dir / f"{name}.onnx"
     args = [command, job["input"]]
     opts.pop("against", None)
-    if command in ("optimize", "quantize"):
+    if command in WRITERS:
         args += ["-o", str(out)]
     second = second_model(command, job, model_dir)
     if second is not None:
@@ -348,7 +350,7 @@ def run_one(command: str, job: dict, outdir: str, timeout: float | None = None, 
     else:
         kind = {1: "usage", 2: "bad input", 4: "internal error"}.get(code, f"exit {code}")
         result.update(status="failed", reason=f"{kind}: {_last_error(log_path)}")
-    if command in ("optimize", "quantize") and code == 0:
+    if command in WRITERS and code == 0:
         result["output"] = str(model_dir / f"{job['name']}.onnx")
     if report is not None:
         result["report"] = str(report_path)
@@ -367,18 +369,19 @@ def _from_report(command: str, report: dict | None, opts: Mapping[str, Any]) -> 
     out["size_after"] = outp.get("file_bytes")
     ep = str(opts.get("ep") or "cpu").split(",")[0]
     v = report.get("validation")
-    if command == "optimize" and v:
+    if command in ("optimize", "convert") and v:  # lossless (fp16: its tolerances): outputs compared
         out["validation"] = {"status": "ok" if v.get("ok") else "diverged", "max_abs": v.get("max_abs"),
                              "metric": "allclose", "value": v.get("max_abs")}
         if v.get("latency_ref_ms") and v.get("latency_new_ms"):
             out["latency_ratio"] = {ep: v["latency_ref_ms"] / v["latency_new_ms"]}
-    elif command == "optimize":
+    elif command in ("optimize", "convert"):
         out["validation"] = {"status": "skipped"}
-    elif command == "quantize":
+    elif command in ("quantize", "prune", "compress"):  # lossy: a metric within a budget
         acc, lat = report.get("accuracy") or {}, report.get("latency") or {}
         if acc:
+            value = next((acc[k] for k in ("quantized", "pruned", "compressed") if k in acc), None)
             out["validation"] = {"status": "ok" if acc.get("drop", 0) <= acc.get("max_drop", float("inf")) else "over budget",
-                                 "max_abs": None, "metric": acc.get("metric"), "value": acc.get("quantized"),
+                                 "max_abs": None, "metric": acc.get("metric"), "value": value,
                                  "float": acc.get("float"), "drop": acc.get("drop")}
         if lat.get("speedup"):
             out["latency_ratio"] = {report.get("ep") or ep: lat["speedup"]}

@@ -36,6 +36,7 @@ from pathlib import Path
 import click
 
 from onnxopt import __version__, api, io, pipeline, registry, report, runtime
+from onnxopt import batch as batch_mod
 from onnxopt import quantize as quantize_mod
 from onnxopt.errors import BadInputError, OnnxoptError, Terminated, UsageError, ValidationRefused
 from onnxopt.passes.convert_fp16 import DEFAULT_OP_BLOCK_LIST
@@ -801,13 +802,15 @@ def list_passes():
 # --- batch (many models, one process each; see onnxopt/batch.py) -----------------------------
 
 _BATCH_PASSTHROUGH = ("pipeline", "data", "preprocess", "shape", "ep", "validate", "method", "max_drop", "metric",
-                      "recover", "calib_batches", "runs", "warmup", "threads", "tol", "rtol", "batches")
+                      "recover", "calib_batches", "runs", "warmup", "threads", "tol", "rtol", "batches", "fp16",
+                      "op_block_list", "node_block_list", "sparsity", "scope", "threshold", "channels", "criterion",
+                      "cluster")
 
 
 @main.command("batch", short_help="Run a command over many models, one process each, resumable.")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--outdir", required=True, type=click.Path(file_okay=False), help="Results: OUTDIR/<name>/, summary.json/.html.")
-@click.option("--command", "command", type=click.Choice(["optimize", "quantize", "validate", "bench"]), default="optimize",
+@click.option("--command", "command", type=click.Choice(list(batch_mod.COMMANDS)), default="optimize",
               show_default=True, help="The command run on every model.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Models run at the same time (one process each).")
 @click.option("--timeout", type=float, default=None, help="Seconds per model before it is killed (marked failed).")
@@ -832,6 +835,15 @@ _BATCH_PASSTHROUGH = ("pipeline", "data", "preprocess", "shape", "ep", "validate
 @click.option("--tol", multiple=True, help="validate: threshold (repeatable).")
 @click.option("--rtol", type=float, default=None, help="validate: relative tolerance.")
 @click.option("--batches", type=int, default=None, help="validate: at most this many batches.")
+@click.option("--fp16", is_flag=True, default=None, help="convert: to mixed-precision float16.")
+@click.option("--op-block-list", default=None, help="convert: ops kept in float32.")
+@click.option("--node-block-list", default=None, help="convert: nodes kept in float32.")
+@click.option("--sparsity", type=float, default=None, help="prune/compress: fraction of weights zeroed.")
+@click.option("--scope", default=None, help="prune: global or layer.")
+@click.option("--threshold", type=float, default=None, help="prune: zero every |w| < T.")
+@click.option("--channels", type=float, default=None, help="prune: fraction of channels removed.")
+@click.option("--criterion", default=None, help="prune --channels: activation, l1 or l2.")
+@click.option("--cluster", type=int, default=None, help="compress: centroids per layer.")
 def batch(inputs, outdir, command, workers, timeout, max_rss_mb, force, ray_address, **passthrough):
     """Run --command on every model of INPUTS (files, folders of *.onnx, .json/.yaml manifests of
     {path, options}), each in its own process; write OUTDIR/<name>/ and OUTDIR/summary.json/.html.

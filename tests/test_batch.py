@@ -293,3 +293,27 @@ def test_ctrl_c_exits_130_and_keeps_finished_results(tmp_path):
     assert proc.wait(30) == 130
     statuses = sorted(e["status"] for e in json.loads((out / "summary.json").read_text())["models"])
     assert "ok" in statuses
+
+
+def test_batch_runs_convert_and_prune(tmp_path, cli):
+    """The commands added after batch run through it like the first four: convert --fp16 (the
+    already-fp16 model fails with its reason), prune --sparsity with data (scored within budget)."""
+    from models import tasks
+
+    inputs = _copy(("cnn_dynamic.onnx", "fp16_mlp.onnx", "fp16_overflow.onnx"), tmp_path / "in")
+    r = cli("batch", *inputs, "-o", tmp_path / "fp16", "--command", "convert", "--fp16", "--workers", "2")
+    m = _by_name(json.loads((tmp_path / "fp16" / "summary.json").read_text()))
+    assert m["cnn_dynamic"]["status"] == "ok" and m["fp16_overflow"]["status"] == "ok", r.output
+    assert m["cnn_dynamic"]["validation"]["status"] == "ok" and m["cnn_dynamic"]["size_after"] < m["cnn_dynamic"]["size_before"]
+    assert onnx.load(tmp_path / "fp16" / "cnn_dynamic" / "cnn_dynamic.onnx").graph.initializer[0].data_type == onnx.TensorProto.FLOAT16
+    assert m["fp16_mlp"]["status"] == "failed" and m["fp16_mlp"]["reason"].startswith("bad input: "), m["fp16_mlp"]
+
+    calib = tasks.write_calibration("digits_cnn", tmp_path / "calib", batches=8, batch_size=8)
+    (src,) = _copy(("digits_cnn.onnx",), tmp_path / "digits")
+    r = cli("batch", src, "-o", tmp_path / "pruned", "--command", "prune", "--sparsity", "0.3", "--data", calib,
+            "--max-drop", "0.05")
+    e = _by_name(json.loads((tmp_path / "pruned" / "summary.json").read_text()))["digits_cnn"]
+    assert r.exit_code == 0 and e["status"] == "ok", (r.output, e)
+    assert e["validation"]["status"] == "ok" and e["validation"]["drop"] <= 0.05 and e["validation"]["value"] is not None
+    w = [onnx.numpy_helper.to_array(t) for t in onnx.load(tmp_path / "pruned" / "digits_cnn" / "digits_cnn.onnx").graph.initializer]
+    assert sum((a == 0).sum() for a in w if a.ndim >= 2) > 0.1 * sum(a.size for a in w if a.ndim >= 2)
