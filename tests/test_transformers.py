@@ -174,6 +174,12 @@ def test_scalar_constant_only_where_the_output_rank_cannot_change(x_shape, rewri
         assert y.shape == (2, 3) and np.array_equal(y, x + 2.5)
 
 
+def test_pass_is_idempotent():
+    model = ir.serde.deserialize_model(onnx.load(str(ROOT / "models" / "vit_dynamo.onnx")))
+    first = FuseTransformer()(model)
+    assert first.modified and not FuseTransformer()(first.model).modified
+
+
 def test_pass_leaves_its_input_alone_and_is_a_no_op_on_a_cnn():
     model = ir.serde.deserialize_model(onnx.load(str(ROOT / "models" / "cnn_dynamic.onnx")))
     before = ir.to_proto(model).SerializeToString()
