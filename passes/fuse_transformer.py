@@ -283,6 +283,11 @@ def _quiet_libraries():
             logger.debug("fusion library output: %s", printed.getvalue().strip())
 
 
+#: engines tried on the model as exported and after PREPARE (SDPA-first matters only once the
+#: TorchScript exporter's shape arithmetic is folded; each onnxscript run costs seconds)
+ENGINES_ON = {"as": ("onnxscript", "onnxruntime"), "after": ("onnxscript-sdpa-first", "onnxruntime")}
+
+
 @dataclasses.dataclass
 class Candidate:
     label: str
@@ -331,7 +336,7 @@ def _restore_interface(original: ir.Model, fused: ir.Model) -> str | None:
 class FuseTransformer(FunctionalOptPass):
     """Fuse attention, LayerNorm, GELU and bias patterns into ONNX Runtime's com.microsoft ops.
 
-    Tries each fusion engine on the model as it is and on a copy first simplified by our sound
+    Tries fusion engines (``ENGINES_ON``) on the model as it is and on a copy first simplified by our sound
     passes (``PREPARE``: cleanup, fold-constants, fold-shapes, simplify without its size-only rules;
     they fold the TorchScript exporter's shape arithmetic that hides attention): ``onnxscript`` (onnxscript.rewriter.ort_fusions, whose
     pattern/check/rewrite rules match the dynamo exporter's SDPA decompositions, opset-18
@@ -382,8 +387,8 @@ class FuseTransformer(FunctionalOptPass):
         out = []
         for where, source in (("as exported", lambda: work), ("after " + PREPARE, lambda: self._prepared(work))):
             base = source()
-            for engine, fuse in ENGINES.items():
-                label = f"{engine} ({where})"
+            for engine in ENGINES_ON[where.split(" ")[0]]:
+                fuse, label = ENGINES[engine], f"{engine} ({where})"
                 try:
                     with _quiet_libraries():
                         fused = fuse(ir.from_proto(ir.to_proto(base)), model_type, heads, hidden)
