@@ -44,7 +44,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
-from onnxopt import api, bench, fidelity, io, quantize, refit, runtime
+from onnxopt import api, bench, fidelity, io, pipeline, quantize, refit, runtime
 from onnxopt import data as data_mod
 from onnxopt.errors import BadInputError, InternalError, OnnxoptError, UsageError
 from onnxopt.passes import cluster_weights as cw
@@ -191,9 +191,15 @@ class Scorer:
 
 # ---------------------------------------------------------------- shared steps
 
+#: the default pipeline without simplify's size-only rules (see :func:`prepare`)
+PREPARE_PIPELINE = pipeline.DEFAULT_PIPELINE.replace("simplify", "simplify{size-rules=false}")
+
 def prepare(input_path: str | os.PathLike) -> tuple[ir.Model, list[str]]:
-    """quantize's preparation (refuses quantized models, folds BN, names nodes) + shape inference."""
-    model, _, notes = quantize.prepare(quantize.load_input(input_path), per_channel=False)
+    """quantize's preparation (refuses quantized models, folds BN, names nodes) + shape inference.
+    simplify's size-only rules stay off: merging parallel Q/K/V MatMuls into one would hide the
+    attention heads that channel pruning removes whole."""
+    model, _, notes = quantize.prepare(quantize.load_input(input_path), per_channel=False,
+                                       pipeline_text=PREPARE_PIPELINE)
     try:
         model = ir_common.ShapeInferencePass()(model).model
     except Exception as e:  # noqa: BLE001 - onnx shape inference raises many kinds

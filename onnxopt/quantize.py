@@ -154,9 +154,9 @@ def load_metric(spec: str | None) -> Callable | None:
     return fn
 
 
-def prepare(model: ir.Model, per_channel: bool) -> tuple[ir.Model, bool, list[str]]:
-    """Graph cleanup and folding, opset >= 13 when per-channel is asked; returns the model, whether
-    per-channel is possible, and notes for the report."""
+def prepare(model: ir.Model, per_channel: bool, pipeline_text: str = PREPARE_PIPELINE) -> tuple[ir.Model, bool, list[str]]:
+    """Graph cleanup and folding (``pipeline_text``), opset >= 13 when per-channel is asked; returns
+    the model, whether per-channel is possible, and notes for the report."""
     notes = []
     already = qq.quant_ops(model)
     if already:
@@ -167,7 +167,7 @@ def prepare(model: ir.Model, per_channel: bool) -> tuple[ir.Model, bool, list[st
         for v in overridable:
             model.graph.inputs.remove(v)
         notes.append(f"{len(overridable)} initializer(s) removed from the graph inputs (they become fixed weights)")
-    model = pipeline.run(model, pipeline.parse(PREPARE_PIPELINE)).model
+    model = pipeline.run(model, pipeline.parse(pipeline_text)).model
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     if opset < 13:
         try:

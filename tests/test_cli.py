@@ -38,7 +38,8 @@ def test_optimize_every_reference_model(cli, model, tmp_path):
     for o in report["validation"]["outputs"]:
         assert o["max_abs"] <= 1e-5 + 1e-4 * 10, o  # lossless tolerance, outputs are O(10) at most
     assert report["output"]["nodes"] < report["input"]["nodes"]
-    assert report["output"]["file_bytes"] <= report["input"]["file_bytes"]
+    # the weights never grow; merging parallel MatMuls adds a Split and its sizes (a few hundred bytes of protobuf)
+    assert report["output"]["file_bytes"] <= report["input"]["file_bytes"] + 512
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
     # Interface preserved: output names, dtypes and declared dims.
     a, b = onnx.load(str(model)), onnx.load(str(out))
