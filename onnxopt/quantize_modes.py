@@ -174,7 +174,7 @@ class WeightQuantizer(qm.Quantizer):
         for node in nodes:
             w, bits = node.inputs[1], self.node_bits.get(node.name, 4)
             key = f"{w.name}/{bits}"
-            if key in out or node.name not in hess:
+            if key in out or node.name not in hess or (bits == 8 and self.fmt == "nbits"):  # that head runs dynamic
                 continue
             arr = constant(w).astype(np.float64)
             scale, zero = qw.block_grid(arr, self.block, bits)
@@ -191,8 +191,8 @@ class WeightQuantizer(qm.Quantizer):
             # measured 1.6x slower than fp32 on the benchmark's GPT-2 (LM head 256 x 8192), dynamic 0.91x
             heads = frozenset(n for n, b in self.node_bits.items() if b == 8) if self.fmt == "nbits" else frozenset()
             qw.QuantizeInt4(self.block, self.fmt, exclude | heads, self.rounded, self.node_bits)(model)
-            if heads - exclude:
-                qw.QuantizeDynamic(self.qmax, exclude | (frozenset(self.matmuls) - heads))(model)
+            if heads - exclude:  # only the heads (not e.g. a fused Attention, which int4 mode leaves float)
+                qw.QuantizeDynamic(self.qmax, exclude | (frozenset(n.name for n in self.model.graph) - heads))(model)
         else:
             qw.QuantizeDynamic(self.qmax, exclude)(model)
         if self.embeddings != "none":
