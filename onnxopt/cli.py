@@ -425,7 +425,8 @@ def quantize(model, output, data, mode, weights, block_size, head_bits, rounding
              ep_text, max_drop, metric, recover_text, save_stats, load_stats,
              calib_batches, exclude, latency_guard, per_channel, recipe_path, save_recipe, search, search_budget,
              search_workers, ray_address, force, report_path):
-    """Static int8 QDQ quantization of MODEL into OUTPUT, calibrated on --data, guarded for latency and accuracy."""
+    """Quantize MODEL into OUTPUT, guarded for latency and accuracy: static int8 QDQ calibrated on --data (default),
+    --mode dynamic (int8 weights, activations at run time) or --weights int4 (block-wise weight-only)."""
     if report_path:
         report.check_path(report_path)
     m = re.fullmatch(r"\s*(\w+)\s*(?:\{\s*p\s*=\s*([0-9.]+)\s*\})?\s*", method)

@@ -20,8 +20,9 @@ staged write as static quantization (``onnxopt/quantize.py``).
    ``recover._error_feedback``, on a fixed per-block grid) or ``rtn``; embeddings (Gather tables,
    ``--embeddings``): int8 + DequantizeLinear (default), int4 GatherBlockQuantized (weight-only on
    cpu), or none.
-4. **Budget** (:func:`quantize.budget`): over ``--max-drop`` the layers (MatMuls and embeddings) are
-   ranked by sensitivity and the worst kept float.  No per-layer latency guard: dynamic int8 is one
+4. **Budget** (:func:`budget`): over ``--max-drop`` the layers (MatMuls, embeddings, fused Attention)
+   are ranked by their relative output error (:func:`layer_errors`, one float run) and the fewest
+   worst kept float found by binary search (~log2(layers) builds).  No per-layer latency guard: dynamic int8 is one
    whole-model comparison (:func:`quantize.final_check`: not confidently faster than fp32 -> the
    float model is written, unless ``--no-latency-guard``); weight-only is for size, its latency is
    measured and reported, never decisive.
@@ -173,7 +174,7 @@ class WeightQuantizer(qm.Quantizer):
         for node in nodes:
             w, bits = node.inputs[1], self.node_bits.get(node.name, 4)
             key = f"{w.name}/{bits}"
-            if key in out or node.name not in hess:
+            if key in out or node.name not in hess or (bits == 8 and self.fmt == "nbits"):  # that head runs dynamic
                 continue
             arr = constant(w).astype(np.float64)
             scale, zero = qw.block_grid(arr, self.block, bits)
@@ -190,8 +191,8 @@ class WeightQuantizer(qm.Quantizer):
             # measured 1.6x slower than fp32 on the benchmark's GPT-2 (LM head 256 x 8192), dynamic 0.91x
             heads = frozenset(n for n, b in self.node_bits.items() if b == 8) if self.fmt == "nbits" else frozenset()
             qw.QuantizeInt4(self.block, self.fmt, exclude | heads, self.rounded, self.node_bits)(model)
-            if heads - exclude:
-                qw.QuantizeDynamic(self.qmax, exclude | (frozenset(self.matmuls) - heads))(model)
+            if heads - exclude:  # only the heads (not e.g. a fused Attention, which int4 mode leaves float)
+                qw.QuantizeDynamic(self.qmax, exclude | (frozenset(n.name for n in self.model.graph) - heads))(model)
         else:
             qw.QuantizeDynamic(self.qmax, exclude)(model)
         if self.embeddings != "none":
@@ -202,6 +203,74 @@ class WeightQuantizer(qm.Quantizer):
             if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
                 del model.graph.initializers[name]
         return model, self.plan(exclude)
+
+
+def layer_errors(q: WeightQuantizer, rows: int = 2048) -> dict[str, float]:
+    """Sensitivity proxy per candidate, from one float run (no build): the relative output error
+    ``|X W - q(X) q(W)| / |X W|`` of each weight MatMul on its captured input rows (activations
+    quantized as DynamicQuantizeLinear would in dynamic mode; weights on the mode's grid), and the
+    relative rounding error of each embedding table or fused Attention weight."""
+    nodes = {n.name: n for n in q.model.graph}
+    names = sorted({nodes[n].inputs[0].name for n, k in q.candidates.items() if k == "matmul"})
+    sess = runtime.session(runtime.with_outputs(ir.to_proto(q.model), names), "cpu", q.threads, optimize=False)
+    acts = runtime.run_candidate(sess, q.held_out[0], names)
+    out = {}
+    for name, kind in q.candidates.items():
+        w = constant(nodes[name].inputs[0 if kind == "embedding" else 1]).astype(np.float64)
+        if q.int4 and kind == "matmul" and q.node_bits.get(name, 4) == 4:
+            scale, zero = qw.block_grid(w, q.block)
+            wq = qw.block_dequantize(qw.block_round(w, scale, zero, q.block), scale, zero, q.block)
+        else:
+            codes, s = qw.int8_columns(w, 127 if kind == "embedding" else q.qmax)
+            wq = codes * s.astype(np.float64)
+        if kind != "matmul":
+            out[name] = float(np.linalg.norm(wq - w) / (np.linalg.norm(w) or 1.0))
+            continue
+        x = acts[nodes[name].inputs[0].name].reshape(-1, w.shape[0])[:rows].astype(np.float64)
+        if not q.int4:  # uint8 per tensor, as DynamicQuantizeLinear
+            lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
+            step = (hi - lo) / 255 or 1.0
+            x_q = (np.clip(np.round(x / step) + np.round(-lo / step), 0, 255) - np.round(-lo / step)) * step
+        else:
+            x_q = x
+        ref = x @ w
+        out[name] = float(np.linalg.norm(x_q @ wq - ref) / (np.linalg.norm(ref) or 1.0))
+    return out
+
+
+def budget(q: WeightQuantizer, recipe: qm.Recipe, max_drop: float) -> tuple[ir.Model, qq.Plan, float]:
+    """Step 4, fast: build and score the placement; over ``max_drop``, rank the candidates by
+    :func:`layer_errors` (one float run, no builds) and binary-search the fewest most-error layers
+    to keep in float so the budget holds (about log2(layers) builds, where ranking by the drop of
+    each layer alone, as static mode does, costs one build per layer; assumes the drop shrinks as
+    more layers go float).  ``recipe.sensitivity`` lists the ranking with its proxy errors."""
+    base = recipe.excluded()
+    candidate, the_plan = q.build(base)
+    drop = q.drop(candidate)
+    recipe.sensitivity = []
+    if drop <= max_drop:
+        return candidate, the_plan, drop
+    errors = layer_errors(q)
+    ranked = sorted((n for n in the_plan.primary()), key=lambda n: -errors[n])
+    recipe.sensitivity = [{"layer": n, "kind": q.candidates[n], "relative_error": errors[n]} for n in ranked]
+    lo, hi = 0, len(ranked)  # lo layers float: over budget; hi: within (all float: drop 0)
+    best = None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        trial, trial_plan = q.build(base | set(ranked[:mid]))
+        trial_drop = q.drop(trial)
+        if trial_drop <= max_drop:
+            hi, best = mid, (trial, trial_plan, trial_drop)
+        else:
+            lo = mid
+    for rank, s in enumerate(recipe.sensitivity[:hi], 1):
+        recipe.float_layers[s["layer"]] = (f"accuracy budget: relative error rank {rank} "
+                                           f"({s['relative_error']:.3g}); the {hi} worst kept float")
+        s["kept_float"] = True
+    if best is None:  # only every layer in float holds the budget (that placement was not built yet)
+        model, plan = q.build(recipe.excluded())
+        best = (model, plan, q.drop(model))
+    return best
 
 
 def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: qm.Recipe, opts: qm.Options,
@@ -234,7 +303,7 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: q
         candidate, the_plan = q.build(recipe.excluded())
     else:
         qm.place(q, recipe)
-        candidate, the_plan, _ = qm.budget(q, recipe, opts.max_drop)
+        candidate, the_plan, _ = budget(q, recipe, opts.max_drop)
     decide = not replayed and recipe.mode == "dynamic"
     candidate, the_plan, latency, wrote_float = qm.final_check(q, recipe, candidate, the_plan, decide=decide)
     if wrote_float:  # the float model as the default pipeline leaves it (no transposed weight copies)

@@ -324,3 +324,24 @@ def test_dynamic_fused_attention_becomes_qattention(tmp_path):
     ref = ort.InferenceSession(str(src)).run(None, {"x": x, "mask": mask})[0]
     got = ort.InferenceSession(str(out)).run(None, {"x": x, "mask": mask})[0]
     assert float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)) >= 0.999  # measured 0.9998
+
+
+def test_dynamic_budget_keeps_the_worst_layers_float(tmp_path, bert_data, monkeypatch):
+    """Over budget, layers are ranked by their relative output error (one float run) and the fewest
+    worst kept float are found by binary search: ~log2(layers) builds, not one per layer."""
+    from onnxopt import quantize_modes
+
+    builds = []
+    original = quantize_modes.WeightQuantizer.build
+    monkeypatch.setattr(quantize_modes.WeightQuantizer, "build", lambda self, exclude=frozenset(), recovery=None:
+                        builds.append(len(exclude)) or original(self, exclude, recovery))
+    out = tmp_path / "bert_budget.onnx"
+    report = api.quantize(BERT, out, data=bert_data, mode="dynamic", latency_guard=False, max_drop=3e-5)
+    r = report["recipe"]
+    assert report["accuracy"]["drop"] <= 3e-5 and 0 < r["quantized_layers"] < 15  # measured: 6 int8, 9 float
+    kept = [s for s in r["sensitivity"] if s.get("kept_float")]
+    assert len(kept) == len(r["float_layers"]) and kept == r["sensitivity"][:len(kept)]
+    errors = [s["relative_error"] for s in r["sensitivity"]]
+    assert errors == sorted(errors, reverse=True)
+    assert len(builds) <= 2 + 4  # the first build, log2(15) ~ 4 searches, one final
+    assert op_types(out).count("MatMulInteger") + op_types(out).count("DequantizeLinear") == r["quantized_layers"]

@@ -34,6 +34,7 @@ first.  JSON only with ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -80,7 +81,8 @@ def ort_dynamic(src: Path, out: Path) -> None:
 
     pre = out.with_suffix(".pre.onnx")
     try:
-        quant_pre_process(str(src), str(pre))
+        with contextlib.chdir(out.parent):  # it writes temporary files into the current directory
+            quant_pre_process(str(src), str(pre))
     except Exception as e:  # noqa: BLE001 - its symbolic shape inference fails on some exports
         logging.getLogger("bench").warning("quant_pre_process failed (%s): quantize_dynamic on the file as is", e)
         pre = src
