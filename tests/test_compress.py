@@ -494,3 +494,31 @@ def test_compress_fully_quantized_model_is_refused(cli, tmp_path, bert_int4):
     out = tmp_path / "c.onnx"
     r = cli("compress", bert_int4 / "all.onnx", "-o", out, "--cluster", "16", "--data", bert_int4 / "d")
     assert r.exit_code == 2 and "already stored as integers" in r.output and not out.exists()
+
+
+def test_compress_uint4_indices_on_opset21(cli, tmp_path, calib):
+    """--cluster 16 on an opset-21 model stores the indices as uint4 (two a byte): the same weights as
+    the opset-13 model's uint8 indices (outputs equal on ORT to 1e-6), every index tensor half the
+    bytes; the opset-13 model keeps uint8 and its opset import."""
+    from onnx import version_converter
+
+    m21 = version_converter.convert_version(onnx.load(str(ROOT / "models" / "digits_cnn.onnx")), 21)
+    m21.ir_version = max(m21.ir_version, 10)
+    src21 = tmp_path / "cnn21.onnx"
+    onnx.save(m21, str(src21))
+    outs = {}
+    for tag, src in (("13", ROOT / "models" / "digits_cnn.onnx"), ("21", src21)):
+        outs[tag] = tmp_path / f"c{tag}.onnx"
+        r = cli("compress", src, "-o", outs[tag], "--cluster", "16", "--data", calib["digits_cnn"], "--force")
+        assert r.exit_code == 0, r.output
+    idx = {tag: [i for i in onnx.load(str(p)).graph.initializer if i.name.endswith("_indices")] for tag, p in outs.items()}
+    assert len(idx["13"]) == len(idx["21"]) == 4
+    assert {i.data_type for i in idx["13"]} == {TensorProto.UINT8} and {i.data_type for i in idx["21"]} == {TensorProto.UINT4}
+    for a, b in zip(idx["13"], idx["21"]):
+        assert np.array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b).astype(np.uint8))
+        assert len(b.raw_data or bytes(b.int32_data)) <= (len(a.raw_data) + 1) // 2 + 1
+    assert onnx.load(str(outs["13"])).opset_import[0].version == 13
+    x = dict(np.load(next(iter(sorted(calib["digits_cnn"].glob("*.npz"))))))
+    y13, y21 = (_session(outs[t]).run(None, x)[0] for t in ("13", "21"))
+    np.testing.assert_allclose(y21, y13, atol=1e-6)
+    assert outs["21"].stat().st_size < outs["13"].stat().st_size - 10_000
