@@ -191,10 +191,16 @@ class Scorer:
 
 # ---------------------------------------------------------------- shared steps
 
+#: quantize's preparation without simplify's size-only rules: its Q/K/V merge (one MatMul + Split)
+#: would hide the attention-head groups from ``prune --channels``.
+PREPARE_PIPELINE = quantize.PREPARE_PIPELINE.replace("simplify", "simplify{size-rules=false}")
+
+
 def prepare(input_path: str | os.PathLike, allow_quantized: bool = False) -> tuple[ir.Model, list[str]]:
     """quantize's preparation (refuses quantized models unless ``allow_quantized``, folds BN, names
     nodes) + shape inference."""
-    model, _, notes = quantize.prepare(quantize.load_input(input_path), per_channel=False, allow_quantized=allow_quantized)
+    model, _, notes = quantize.prepare(quantize.load_input(input_path), per_channel=False, allow_quantized=allow_quantized,
+                                       pipeline_spec=PREPARE_PIPELINE)
     try:
         model = ir_common.ShapeInferencePass()(model).model
     except Exception as e:  # noqa: BLE001 - onnx shape inference raises many kinds

@@ -154,7 +154,8 @@ def load_metric(spec: str | None) -> Callable | None:
     return fn
 
 
-def prepare(model: ir.Model, per_channel: bool, allow_quantized: bool = False) -> tuple[ir.Model, bool, list[str]]:
+def prepare(model: ir.Model, per_channel: bool, allow_quantized: bool = False,
+            pipeline_spec: str = PREPARE_PIPELINE) -> tuple[ir.Model, bool, list[str]]:
     """Graph cleanup and folding, opset >= 13 when per-channel is asked; returns the model, whether
     per-channel is possible, and notes for the report.  A quantized model is refused unless
     ``allow_quantized`` (``compress``: its quantized weights are kept and counted, not requantized)."""
@@ -170,7 +171,7 @@ def prepare(model: ir.Model, per_channel: bool, allow_quantized: bool = False) -
         for v in overridable:
             model.graph.inputs.remove(v)
         notes.append(f"{len(overridable)} initializer(s) removed from the graph inputs (they become fixed weights)")
-    model = pipeline.run(model, pipeline.parse(PREPARE_PIPELINE)).model
+    model = pipeline.run(model, pipeline.parse(pipeline_spec)).model
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     if opset < 13:
         try:
