@@ -485,6 +485,9 @@ def test_compress_counts_packed_int4_weights(cli, tmp_path, bert_int4):
     assert stages[1]["bytes"] < stages[0]["bytes"] - sum(p["float_bytes"] - p["bytes"] for p in packed.values()) + 1
     assert [s["bytes"] for s in stages[1:]] == sorted((s["bytes"] for s in stages[1:]), reverse=True)
     assert {la["layer"] for la in report["layers"]} == set(BERT_FFN)
+    report_mod.write(report, tmp_path / "c.md")
+    md = (tmp_path / "c.md").read_text()
+    assert "as given (4-bit/8-bit weights packed)" in md and md.count("| MatMulNBits | 4 |") == 5
     jsonschema = pytest.importorskip("jsonschema")
     jsonschema.validate(report, json.loads((ROOT / "docs" / "report.schema.json").read_text()))
 
