@@ -525,3 +525,18 @@ def test_compress_uint4_indices_on_opset21(cli, tmp_path, calib):
     y13, y21 = (_session(outs[t]).run(None, x)[0] for t in ("13", "21"))
     np.testing.assert_allclose(y21, y13, atol=1e-6)
     assert outs["21"].stat().st_size < outs["13"].stat().st_size - 10_000
+
+
+def test_validation_splits_are_disjoint_from_calibration_and_eval(tmp_path):
+    """The budget metrics' data: digits validation images are never written as calibration batches
+    (even cycling through 1,600 images), text validation lines share no text with the eval or
+    calibration lines; both metrics score the fp32 models high (> 0.95)."""
+    images = np.load(ROOT / "models" / "data" / "digits_calib.npz")["x"]
+    folder = tasks.write_calibration("digits_cnn", tmp_path / "d", batches=200, batch_size=8)
+    written = {(b * 16).round().astype(np.uint8).tobytes() for f in folder.glob("*.npz") for b in np.load(f)["image"][:, 0]}
+    assert len(written) > 900 and written <= {im.tobytes() for im in images[:tasks.DIGITS_VAL_START]}
+    assert not written & {im.tobytes() for im in images[tasks.DIGITS_VAL_START:]} - {im.tobytes() for im in images[:tasks.DIGITS_VAL_START]}
+    texts = {split: set(np.load(ROOT / "models" / "data" / f"text_crnn_{split}.npz")["y"]) for split in ("val", "eval", "calib")}
+    assert len(texts["val"]) > 390 and not texts["val"] & (texts["eval"] | texts["calib"])
+    assert tasks.digits_val_accuracy(_session(ROOT / "models" / "digits_cnn.onnx")) > 0.95
+    assert tasks.text_val_exact_match(_session(ROOT / "models" / "text_crnn.onnx")) > 0.95
