@@ -44,7 +44,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
-from onnxopt import api, bench, fidelity, io, pipeline, quantize, refit, runtime
+from onnxopt import api, bench, fidelity, io, quantize, refit, runtime
 from onnxopt import data as data_mod
 from onnxopt.errors import BadInputError, InternalError, OnnxoptError, UsageError
 from onnxopt.passes import cluster_weights as cw
@@ -191,15 +191,16 @@ class Scorer:
 
 # ---------------------------------------------------------------- shared steps
 
-#: the default pipeline without simplify's size-only rules (see :func:`prepare`)
-PREPARE_PIPELINE = pipeline.DEFAULT_PIPELINE.replace("simplify", "simplify{size-rules=false}")
+#: quantize's preparation without simplify's size-only rules: its Q/K/V merge (one MatMul + Split)
+#: would hide the attention-head groups from ``prune --channels``.
+PREPARE_PIPELINE = quantize.PREPARE_PIPELINE.replace("simplify", "simplify{size-rules=false}")
 
-def prepare(input_path: str | os.PathLike) -> tuple[ir.Model, list[str]]:
-    """quantize's preparation (refuses quantized models, folds BN, names nodes) + shape inference.
-    simplify's size-only rules stay off: merging parallel Q/K/V MatMuls into one would hide the
-    attention heads that channel pruning removes whole."""
-    model, _, notes = quantize.prepare(quantize.load_input(input_path), per_channel=False,
-                                       pipeline_text=PREPARE_PIPELINE)
+
+def prepare(input_path: str | os.PathLike, allow_quantized: bool = False) -> tuple[ir.Model, list[str]]:
+    """quantize's preparation (refuses quantized models unless ``allow_quantized``, folds BN, names
+    nodes) + shape inference."""
+    model, _, notes = quantize.prepare(quantize.load_input(input_path), per_channel=False, allow_quantized=allow_quantized,
+                                       pipeline_spec=PREPARE_PIPELINE)
     try:
         model = ir_common.ShapeInferencePass()(model).model
     except Exception as e:  # noqa: BLE001 - onnx shape inference raises many kinds
@@ -491,15 +492,74 @@ def _conv_channels(model: ir.Model) -> dict[str, int]:
 
 # ---------------------------------------------------------------- 3. clustering + Deep Compression
 
-def deep_compression(original: ir.Model, pruned: ir.Model, records: list[dict], bits: int) -> list[dict]:
+PACKED_DTYPES = {ir.DataType.INT4: 4, ir.DataType.UINT4: 4, ir.DataType.INT8: 8, ir.DataType.UINT8: 8}
+
+
+def _const(v: ir.Value | None) -> ir.TensorProtocol | None:
+    return v.const_value if v is not None and v.is_initializer() else None
+
+
+def _codes(node: ir.Node, t: ir.TensorProtocol, bits: int) -> np.ndarray | None:
+    """The stored integer codes of a packed weight (MatMulNBits' uint8 blobs hold two 4-bit codes a byte)."""
+    a = t.numpy().reshape(-1)
+    if node.op_type == "MatMulNBits" and bits == 4:
+        return np.stack([a & 0xF, a >> 4], -1).reshape(-1)
+    if node.op_type == "MatMulNBits" and bits != 8:
+        return None
+    return a.astype(np.int64) - int(a.min()) if a.size else a.astype(np.int64)
+
+
+def packed_weights(model: ir.Model) -> list[dict]:
+    """Weights the model already stores as integers: MatMulNBits' packed blobs (input 1), and 4/8-bit
+    initializers that a DequantizeLinear reads directly or through a Gather (quantized embedding
+    tables).  Per weight: ``params`` (float values it stands for), ``bits``, ``bytes`` (the packed data
+    as stored, plus its scales and zero points), ``float_bytes`` (4 per param) and ``huffman_bytes``
+    (codes Huffman-coded + one code-length byte per symbol, plus scales and zero points)."""
+    out, seen = [], set()
+    for node in model.graph:
+        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+            w, aux = node.inputs[1], node.inputs[2:]
+            bits = int(node.attributes["bits"].value) if "bits" in node.attributes else 4
+            params = int(node.attributes["N"].value) * int(node.attributes["K"].value)
+        elif node.op_type == "DequantizeLinear" and node.inputs:
+            w, aux = node.inputs[0], node.inputs[1:]
+            src = w.producer() if w is not None else None
+            if _const(w) is None and src is not None and src.op_type == "Gather":
+                w = src.inputs[0]
+            t = _const(w)
+            if t is None or t.dtype not in PACKED_DTYPES:
+                continue
+            bits, params = PACKED_DTYPES[t.dtype], int(t.size)
+        else:
+            continue
+        t = _const(w)
+        if t is None or w.name in seen:
+            continue
+        seen.add(w.name)
+        aux_t = [(a.name, c) for a in aux if (c := _const(a)) is not None]
+        aux_bytes = sum(c.nbytes for _, c in aux_t)
+        codes = _codes(node, t, bits)
+        hb, symbols = cw.huffman_bits(codes) if codes is not None and codes.size else (8 * t.nbytes, 0)
+        out.append({"weight": w.name, "op": node.op_type, "bits": bits, "params": params,
+                    "aux": [n for n, _ in aux_t], "bytes": int(t.nbytes + aux_bytes), "float_bytes": 4 * params,
+                    "huffman_bytes": int(min(symbols + math.ceil(hb / 8), t.nbytes) + aux_bytes)})
+    return out
+
+
+def deep_compression(original: ir.Model, pruned: ir.Model, records: list[dict], bits: int,
+                     packed: Sequence[dict] = ()) -> list[dict]:
     """Weight storage per stage (bytes): the fp32 original; after pruning (each layer in CSR when
     smaller than dense); after clustering (log2 K-bit indices + fp32 codebook); after Huffman
     coding of the indices (+ codebook + one code-length byte per symbol).  Every other
-    initializer (biases) counts at its size in every stage."""
+    initializer (biases) counts at its size in every stage.  Weights the model already stores
+    packed (``packed``: int4/int8, see ``packed_weights``) count at 4 bytes per param in the fp32
+    original, then at their packed bytes (an extra stage "as given"), and Huffman-coded in the last."""
     def init_bytes(m: ir.Model) -> dict[str, int]:
         return {k: v.const_value.nbytes for k, v in m.graph.initializers.items() if v.const_value is not None}
 
-    orig = sum(init_bytes(original).values())
+    packed_names = {n for p in packed for n in (p["weight"], *p["aux"])}
+    given = sum(init_bytes(original).values())
+    orig = sum(b for k, b in init_bytes(original).items() if k not in packed_names) + sum(p["float_bytes"] for p in packed)
     clustered = {r["weight"] for r in records}
     rest = sum(b for k, b in init_bytes(pruned).items() if k not in clustered)
     totals = [rest] * 3
@@ -507,8 +567,12 @@ def deep_compression(original: ir.Model, pruned: ir.Model, records: list[dict], 
         r["storage"] = layer_storage(r, bits)
         for i, key in enumerate(("pruned", "clustered", "huffman")):
             totals[i] += r["storage"][key]
+    totals[2] -= sum(p["bytes"] - p["huffman_bytes"] for p in packed)
     stages = [("original (fp32)", orig), ("pruned (CSR)", totals[0]), (f"clustered ({bits}-bit indices)", totals[1]),
               ("Huffman-coded indices", totals[2])]
+    if packed:
+        kinds = "/".join(sorted({f"{p['bits']}-bit" for p in packed}))
+        stages.insert(1, (f"as given ({kinds} weights packed)", given))
     return [{"stage": s, "bytes": int(b), "compression_ratio": orig / b} for s, b in stages]
 
 
@@ -530,9 +594,11 @@ def compress(input_path, output_path, *, clusters: int, sparsity: float | None =
     check_sparsity(sparsity)
     _check_paths(input_path, output_path)
     t_start = time.perf_counter()
-    model, notes = prepare(input_path)
+    model, notes = prepare(input_path, allow_quantized=True)
+    packed = packed_weights(model)
     if not pm.layers(model)[0]:
-        raise BadInputError("no layer to compress: no Conv, Gemm or MatMul with a constant float weight")
+        already = f" ({len(packed)} weight(s) already stored as integers)" if packed else ""
+        raise BadInputError(f"no layer to compress: no Conv, Gemm or MatMul with a constant float weight{already}")
     scorer = Scorer(model, opts)
     candidate = model.clone()
     prune_records: list[dict] = []
@@ -546,9 +612,9 @@ def compress(input_path, output_path, *, clusters: int, sparsity: float | None =
     records = clusterer.records
     for r in records:
         r["weight"], r["dense"] = dense[r["layer"]]
-    stages = deep_compression(model, pruned_copy, records, bits)
+    stages = deep_compression(model, pruned_copy, records, bits, packed)
     scores = [scorer.float_score, scorer.score(pruned_copy), scorer.score(candidate)]
-    for stage, score in zip(stages, [*scores, scores[-1]]):
+    for stage, score in zip(stages, [scores[0]] * (len(stages) - 3) + [*scores[1:], scores[-1]]):
         stage["score"] = score
     layers_out = [{"layer": r["layer"], "params": r["params"], "clusters": r["clusters"],
                    "sparsity": float(np.mean(r["dense"] == 0)),
@@ -557,7 +623,7 @@ def compress(input_path, output_path, *, clusters: int, sparsity: float | None =
                   for r in records]
     report = api.header("compress", input={"path": str(input_path)}, notes=notes, clusters=clusters, sparsity=sparsity,
                         scope=scope, refit=opts.refit, ep=opts.ep, layers=layers_out, pruning=prune_records,
-                        deep_compression=stages)
+                        deep_compression=stages, packed_weights=[{k: v for k, v in p.items() if k != "aux"} for p in packed])
     _commit(candidate, output_path, report, scorer, t_start, "compressed")
     report["sizes"] = {"file": Path(output_path).stat().st_size,
                        "gzip": len(gzip.compress(Path(output_path).read_bytes(), 9))}

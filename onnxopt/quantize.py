@@ -154,20 +154,24 @@ def load_metric(spec: str | None) -> Callable | None:
     return fn
 
 
-def prepare(model: ir.Model, per_channel: bool, pipeline_text: str = PREPARE_PIPELINE) -> tuple[ir.Model, bool, list[str]]:
-    """Graph cleanup and folding (``pipeline_text``), opset >= 13 when per-channel is asked; returns
-    the model, whether per-channel is possible, and notes for the report."""
+def prepare(model: ir.Model, per_channel: bool, allow_quantized: bool = False,
+            pipeline_spec: str = PREPARE_PIPELINE) -> tuple[ir.Model, bool, list[str]]:
+    """Graph cleanup and folding, opset >= 13 when per-channel is asked; returns the model, whether
+    per-channel is possible, and notes for the report.  A quantized model is refused unless
+    ``allow_quantized`` (``compress``: its quantized weights are kept and counted, not requantized)."""
     notes = []
     already = qq.quant_ops(model)
     if already:
         ops = ", ".join(f"{k} x{v}" for k, v in sorted(already.items()))
-        raise BadInputError(f"the model is already quantized ({ops}); left alone, nothing written")
+        if not allow_quantized:
+            raise BadInputError(f"the model is already quantized ({ops}); left alone, nothing written")
+        notes.append(f"already quantized ({ops}): those weights are kept as they are and counted packed")
     overridable = [v for v in model.graph.inputs if v.const_value is not None]
     if overridable:  # keep_initializers_as_inputs: int8 weights cannot stay overridable float inputs
         for v in overridable:
             model.graph.inputs.remove(v)
         notes.append(f"{len(overridable)} initializer(s) removed from the graph inputs (they become fixed weights)")
-    model = pipeline.run(model, pipeline.parse(pipeline_text)).model
+    model = pipeline.run(model, pipeline.parse(pipeline_spec)).model
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     if opset < 13:
         try:

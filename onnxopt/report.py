@@ -636,6 +636,11 @@ def _prune_tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         tables.append(("Deep Compression (weight storage)", ["stage", "bytes", "ratio vs original", "score"],
                        [[s["stage"], str(s["bytes"]), f"{s['compression_ratio']:.2f}x", _num(s.get("score"), ".4f")]
                         for s in report["deep_compression"]]))
+    if report.get("packed_weights"):
+        tables.append(("Weights already stored as integers (kept, counted packed)",
+                       ["weight", "op", "bits", "params", "fp32 bytes", "packed bytes", "Huffman bytes"],
+                       [[p["weight"], p["op"], str(p["bits"]), str(p["params"]), str(p["float_bytes"]), str(p["bytes"]),
+                         str(p["huffman_bytes"])] for p in report["packed_weights"]]))
     if report.get("sizes") and report.get("mode") == "magnitude":
         s = report["sizes"]
         tables.append(("Sizes (real files)", ["", "ONNX file", "gzip -9", "weights as CSR (.npz)"],

@@ -84,7 +84,10 @@ class ClusterWeights(OptPass):
 
     Each chosen weight ``W`` becomes ``Gather(codebook, Cast(indices, int32))`` with ``codebook``
     float [k] and ``indices`` uint8 of W's shape (ORT folds the two constant ops at session start,
-    so inference speed is unchanged; the file stores 1 byte per weight instead of 4).  Exact
+    so inference speed is unchanged; the file stores 1 byte per weight instead of 4).  With <= 16
+    clusters on an opset >= 21 model the indices are uint4 (half a byte per weight; ORT's Cast reads
+    uint4, exact).  Older models keep uint8: their opset import is not changed, and opset 21's int4
+    DequantizeLinear cannot represent arbitrary (non-uniform) centroids exactly.  Exact
     zeros (pruned weights) stay exactly zero (their own codebook entry 0).  Preserves every other
     tensor, graph inputs/outputs, opsets (Gather/Cast exist in every opset we load) and metadata;
     never touches biases, shared, integer or graph-input weights, or ``exclude`` (node names).
@@ -106,23 +109,36 @@ class ClusterWeights(OptPass):
         names = FreshNames(model)
         changed: collections.Counter = collections.Counter()
         self.records = []
+        uint4 = self.clusters <= 16 and packs_uint4(model)
         for layer in found:
             if layer.name in self.exclude:
                 skipped["excluded"] += 1
                 continue
             w = layer.weight.const_value.numpy()
             codebook, indices = cluster(w, self.clusters)
-            self.records.append(rewrite(model.graph, layer.node, codebook, indices, names))
+            self.records.append(rewrite(model.graph, layer.node, codebook, indices, names, uint4))
             changed["weights clustered"] += 1
         return self.result(model, changed, skipped)
 
 
-def rewrite(graph: ir.Graph, node: ir.Node, codebook: np.ndarray, indices: np.ndarray, names: FreshNames) -> dict:
-    """Make ``node``'s weight ``Gather(codebook, Cast(indices))``; returns the layer's record."""
+def packs_uint4(model: ir.Model) -> bool:
+    """Whether indices may be stored as uint4 (two a byte): Cast reads uint4 from opset 21 (IR 10) on;
+    an older model keeps uint8 indices rather than have its opset import changed."""
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    return opset >= 21 and (model.ir_version or 0) >= 10
+
+
+def rewrite(graph: ir.Graph, node: ir.Node, codebook: np.ndarray, indices: np.ndarray, names: FreshNames,
+            uint4: bool = False) -> dict:
+    """Make ``node``'s weight ``Gather(codebook, Cast(indices))`` (indices uint4 when ``uint4`` and the
+    codebook has <= 16 entries, else uint8); returns the layer's record."""
     weight = node.inputs[1]
     base = weight.name or node.name
     cb = add_initializer(graph, f"{base}_codebook", codebook)
     idx = add_initializer(graph, f"{base}_indices", indices)
+    if uint4 and len(codebook) <= 16:
+        idx.const_value = ir.Tensor(indices, dtype=ir.DataType.UINT4, name=idx.name)
+        idx.type = ir.TensorType(ir.DataType.UINT4)
     cast = ir.node("Cast", [idx], attributes={"to": ir.DataType.INT32}, name=names.node(f"{node.name}_indices_cast"),
                    outputs=[ir.Value(name=names.value(f"{base}_indices_i32"))])
     gather = ir.node("Gather", [cb, cast.outputs[0]], attributes={"axis": 0}, name=names.node(f"{node.name}_gather"),

@@ -430,3 +430,113 @@ def test_flatten_blocks_into_gemm(tmp_path):
     x = rng.standard_normal((1, 2, 4, 4)).astype(np.float32)
     np.testing.assert_allclose(_session(out).run(None, {"x": x})[0], _session(src).run(None, {"x": x})[0],
                                rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- models that already hold int4/int8 weights
+
+BERT_FFN = [f"/model/encoder/layer.{i}/{part}/dense/MatMul" for i in (0, 1) for part in ("intermediate", "output")]
+
+
+@pytest.fixture(scope="module")
+def bert_int4(tmp_path_factory):
+    """bert_ts quantized with --weights int4 (MatMulNBits, int8 embedding tables), the FFN MatMuls left
+    float (so compress has layers to cluster), and fully quantized."""
+    from onnxopt import api
+
+    folder = tmp_path_factory.mktemp("bert")
+    (folder / "d").mkdir()
+    np.savez(folder / "d" / "b0.npz", **dict(np.load(ROOT / "models" / "data" / "bert_inputs.npz")))
+    src = ROOT / "models" / "bert_ts.onnx"
+    api.quantize(src, folder / "mixed.onnx", data=folder / "d", weights="int4", exclude=BERT_FFN, force=True)
+    api.quantize(src, folder / "all.onnx", data=folder / "d", weights="int4", force=True)
+    return folder
+
+
+def test_compress_counts_packed_int4_weights(cli, tmp_path, bert_int4):
+    """compress on a model with MatMulNBits 4-bit weights: they are kept (same count of MatMulNBits,
+    their blobs byte-identical) and counted at their packed bytes (blob + scales + zero points read
+    from the file, about 1/6 of fp32), at 4 bytes per param in the fp32 original, and Huffman-coded
+    (never more than packed) in the last stage; the float FFN layers are clustered."""
+    src, out, rep = bert_int4 / "mixed.onnx", tmp_path / "c.onnx", tmp_path / "c.json"
+    r = cli("compress", src, "-o", out, "--cluster", "16", "--data", bert_int4 / "d", "--report", rep)
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    m = onnx.load(str(src))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
+    nbits = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 5 and op_types(out).count("MatMulNBits") == 5
+    packed = {p["weight"]: p for p in report["packed_weights"]}
+    for n in nbits:
+        attrs = {a.name: a.i for a in n.attribute}
+        p = packed[n.input[1]]
+        assert p["bits"] == 4 and p["params"] == attrs["N"] * attrs["K"] and p["float_bytes"] == 4 * p["params"]
+        assert p["bytes"] == sum(inits[name].nbytes for name in n.input[1:] if name)
+        assert p["bytes"] < p["float_bytes"] / 5 and p["huffman_bytes"] <= p["bytes"]
+    out_inits = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
+    assert all(np.array_equal(out_inits[n.input[1]], inits[n.input[1]]) for n in nbits)
+    tables = [p for p in packed.values() if p["op"] == "DequantizeLinear"]
+    assert tables and all(p["bits"] == 8 and p["bytes"] >= p["params"] for p in tables)  # int8 embedding tables
+    stages = report["deep_compression"]
+    assert [s["stage"] for s in stages][:2] == ["original (fp32)", "as given (4-bit/8-bit weights packed)"]
+    float_weights = sum(inits[name].nbytes for name in inits if name not in
+                        {x for n in m.graph.node if n.op_type in ("MatMulNBits", "DequantizeLinear") for x in n.input}
+                        and inits[name].dtype == np.float32)
+    assert stages[0]["bytes"] >= float_weights + sum(p["float_bytes"] for p in packed.values())
+    assert stages[1]["bytes"] < stages[0]["bytes"] - sum(p["float_bytes"] - p["bytes"] for p in packed.values()) + 1
+    assert [s["bytes"] for s in stages[1:]] == sorted((s["bytes"] for s in stages[1:]), reverse=True)
+    assert {la["layer"] for la in report["layers"]} == set(BERT_FFN)
+    report_mod.write(report, tmp_path / "c.md")
+    md = (tmp_path / "c.md").read_text()
+    assert "as given (4-bit/8-bit weights packed)" in md and md.count("| MatMulNBits | 4 |") == 5
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(report, json.loads((ROOT / "docs" / "report.schema.json").read_text()))
+
+
+def test_compress_fully_quantized_model_is_refused(cli, tmp_path, bert_int4):
+    """Every weight already int4/int8: nothing to cluster, one clear line (exit 2), nothing written."""
+    out = tmp_path / "c.onnx"
+    r = cli("compress", bert_int4 / "all.onnx", "-o", out, "--cluster", "16", "--data", bert_int4 / "d")
+    assert r.exit_code == 2 and "already stored as integers" in r.output and not out.exists()
+
+
+def test_compress_uint4_indices_on_opset21(cli, tmp_path, calib):
+    """--cluster 16 on an opset-21 model stores the indices as uint4 (two a byte): the same weights as
+    the opset-13 model's uint8 indices (outputs equal on ORT to 1e-6), every index tensor half the
+    bytes; the opset-13 model keeps uint8 and its opset import."""
+    from onnx import version_converter
+
+    m21 = version_converter.convert_version(onnx.load(str(ROOT / "models" / "digits_cnn.onnx")), 21)
+    m21.ir_version = max(m21.ir_version, 10)
+    src21 = tmp_path / "cnn21.onnx"
+    onnx.save(m21, str(src21))
+    outs = {}
+    for tag, src in (("13", ROOT / "models" / "digits_cnn.onnx"), ("21", src21)):
+        outs[tag] = tmp_path / f"c{tag}.onnx"
+        r = cli("compress", src, "-o", outs[tag], "--cluster", "16", "--data", calib["digits_cnn"], "--force")
+        assert r.exit_code == 0, r.output
+    idx = {tag: [i for i in onnx.load(str(p)).graph.initializer if i.name.endswith("_indices")] for tag, p in outs.items()}
+    assert len(idx["13"]) == len(idx["21"]) == 4
+    assert {i.data_type for i in idx["13"]} == {TensorProto.UINT8} and {i.data_type for i in idx["21"]} == {TensorProto.UINT4}
+    for a, b in zip(idx["13"], idx["21"]):
+        assert np.array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b).astype(np.uint8))
+        assert len(b.raw_data or bytes(b.int32_data)) <= (len(a.raw_data) + 1) // 2 + 1
+    assert onnx.load(str(outs["13"])).opset_import[0].version == 13
+    x = dict(np.load(next(iter(sorted(calib["digits_cnn"].glob("*.npz"))))))
+    y13, y21 = (_session(outs[t]).run(None, x)[0] for t in ("13", "21"))
+    np.testing.assert_allclose(y21, y13, atol=1e-6)
+    assert outs["21"].stat().st_size < outs["13"].stat().st_size - 10_000
+
+
+def test_validation_splits_are_disjoint_from_calibration_and_eval(tmp_path):
+    """The budget metrics' data: digits validation images are never written as calibration batches
+    (even cycling through 1,600 images), text validation lines share no text with the eval or
+    calibration lines; both metrics score the fp32 models high (> 0.95)."""
+    images = np.load(ROOT / "models" / "data" / "digits_calib.npz")["x"]
+    folder = tasks.write_calibration("digits_cnn", tmp_path / "d", batches=200, batch_size=8)
+    written = {(b * 16).round().astype(np.uint8).tobytes() for f in folder.glob("*.npz") for b in np.load(f)["image"][:, 0]}
+    assert len(written) > 900 and written <= {im.tobytes() for im in images[:tasks.DIGITS_VAL_START]}
+    assert not written & {im.tobytes() for im in images[tasks.DIGITS_VAL_START:]} - {im.tobytes() for im in images[:tasks.DIGITS_VAL_START]}
+    texts = {split: set(np.load(ROOT / "models" / "data" / f"text_crnn_{split}.npz")["y"]) for split in ("val", "eval", "calib")}
+    assert len(texts["val"]) > 390 and not texts["val"] & (texts["eval"] | texts["calib"])
+    assert tasks.digits_val_accuracy(_session(ROOT / "models" / "digits_cnn.onnx")) > 0.95
+    assert tasks.text_val_exact_match(_session(ROOT / "models" / "text_crnn.onnx")) > 0.95
