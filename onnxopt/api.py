@@ -381,7 +381,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, *, fp
                                validate_result=validate_result, force=force, progress=progress)
 def prune(input_path: str | os.PathLike, output_path: str | os.PathLike, *, sparsity: float | None = None,
           threshold: float | None = None, scope: str = "global", channels: float | None = None,
-          criterion: str = "activation", exclude: Sequence[str] = (), latency_guard: bool = True,
+          criterion: str = "l1", exclude: Sequence[str] = (), latency_guard: bool = True,
           data: str | os.PathLike | None = None, preprocess: str | None = None, max_drop: float = 0.01,
           metric: str | None = None, ep: str = "cpu", refit: bool = True, force: bool = False,
           calib_limit: int | None = None, threads: int = 1, progress: ProgressFn | None = None) -> dict:

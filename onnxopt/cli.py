@@ -604,7 +604,7 @@ def _run_lossy(call, report_path):
 @click.option("--threshold", type=float, default=None, help="Magnitude pruning: zero every weight with |w| < T.")
 @click.option("--channels", type=float, default=None,
               help="Structured pruning: fraction of the channels of each group to remove physically (needs --data).")
-@click.option("--criterion", type=click.Choice(["activation", "l1", "l2"]), default="activation", show_default=True,
+@click.option("--criterion", type=click.Choice(["activation", "l1", "l2"]), default="l1", show_default=True,
               help="--channels importance: mean |activation| x outgoing weight norm, or the filters' L1/L2 norm.")
 @click.option("--latency-guard/--no-latency-guard", default=True, show_default=True,
               help="--channels: keep a group's removal only when it makes the model faster on --ep.")

@@ -368,7 +368,7 @@ def importance(model: ir.Model, group: pc.Group, criterion: str, batches, thread
 @dataclasses.dataclass
 class ChannelPlan:
     fraction: float
-    criterion: str = "activation"
+    criterion: str = "l1"
     latency_guard: bool = True
     align: int = 8
     exclude: tuple[str, ...] = ()
@@ -452,7 +452,7 @@ def _take(it, n: int) -> list:
     return out
 
 
-def prune_channels(input_path, output_path, *, fraction: float, criterion: str = "activation",
+def prune_channels(input_path, output_path, *, fraction: float, criterion: str = "l1",
                    latency_guard: bool = True, exclude: Sequence[str] = (), opts: Options) -> dict:
     """``onnxopt prune --channels`` (module docstring, 2)."""
     if not 0.0 < fraction < 1.0:

@@ -140,7 +140,7 @@ def test_channel_pruning_resnet_refit_beats_plain_removal(cli, tmp_path, calib):
     src = ROOT / "models" / "digits_resnet.onnx"
     out, rep = tmp_path / "c.onnx", tmp_path / "c.json"
     r = cli("prune", src, "-o", out, "--channels", "0.3", "--data", calib["digits_resnet"], "--metric", METRIC,
-            "--max-drop", "0.01", "--no-latency-guard", "--report", rep)
+            "--max-drop", "0.01", "--no-latency-guard", "--criterion", "activation", "--report", rep)
     assert r.exit_code == 0, r.output
     report = json.loads(rep.read_text())
     jsonschema = pytest.importorskip("jsonschema")
@@ -159,7 +159,7 @@ def test_channel_pruning_resnet_refit_beats_plain_removal(cli, tmp_path, calib):
     assert _latency_ratio(out, src) < 0.85
     plain = tmp_path / "plain.onnx"
     r = cli("prune", src, "-o", plain, "--channels", "0.3", "--data", calib["digits_resnet"], "--metric", METRIC,
-            "--max-drop", "1", "--no-latency-guard", "--no-refit")
+            "--max-drop", "1", "--no-latency-guard", "--criterion", "activation", "--no-refit")
     assert r.exit_code == 0, r.output
     assert _conv_channels(plain) == after or sum(_conv_channels(plain)) <= sum(after)
     assert tasks.digits_accuracy(_session(plain)) < acc - 0.2
