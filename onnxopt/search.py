@@ -235,8 +235,8 @@ class Evaluator:
     """Runs jobs on :class:`onnxopt.parallel.Workers`, adaround weights computed once per rounding
     (the guard's are reused) and sent with the builds that need them."""
 
-    def __init__(self, q: qm.Quantizer, pool: Workers, percentile: float):
-        self.q, self.pool, self.percentile = q, pool, percentile
+    def __init__(self, q: qm.Quantizer, pool: Workers):
+        self.q, self.pool = q, pool
         self.rounded: dict[tuple[bool, int], Mapping] = {}
         if "rounded_weights" in q.__dict__:
             self.rounded[(q.per_channel, q.qmax)] = q.rounded_weights
@@ -386,7 +386,7 @@ def search(q: qm.Quantizer, recipe: qm.Recipe, max_drop: float, budget: int = DE
     walk = Walk(q, recipe, recipe.float_layers, budget, max_drop, bool(base_plan.targets))
     builds = 0
     with Workers(q, workers, ray_address, num_cpus=q.threads, resources=ray_resources({"ep": q.ep})) as pool:
-        ev = Evaluator(q, pool, recipe.percentile)
+        ev = Evaluator(q, pool)
         while True:
             accepted, needed, need_ranking = walk.replay()
             if need_ranking and not needed:
