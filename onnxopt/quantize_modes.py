@@ -74,7 +74,7 @@ def prepare(model: ir.Model, recipe: qm.Recipe) -> tuple[ir.Model, list[str]]:
         notes.append(f"{converted.changed['Gemm -> MatMul']} Gemm converted to MatMul + Add (weight matmuls reached)")
     if converted.changed["Transpose(W) materialized"]:
         notes.append(f"{converted.changed['Transpose(W) materialized']} MatMul by Transpose(W) given a transposed weight "
-                     f"copy (a tied LM head: the table and the head are quantized separately)")
+                     f"copy (a tied LM head: with int8 embeddings the quantized table is shared by the Gather and the head)")
     for reason, n in converted.skipped.items():
         notes.append(f"{n} Gemm left as is ({reason})")
     if recipe.mode == "weight-only" and int4_format(recipe.ep) == "qdq":
@@ -191,13 +191,17 @@ class WeightQuantizer(qm.Quantizer):
             # measured 1.6x slower than fp32 on the benchmark's GPT-2 (LM head 256 x 8192), dynamic 0.91x
             heads = frozenset(n for n, b in self.node_bits.items() if b == 8) if self.fmt == "nbits" else frozenset()
             qw.QuantizeInt4(self.block, self.fmt, exclude | heads, self.rounded, self.node_bits)(model)
+            dynamic = qw.QuantizeDynamic(self.qmax, exclude | (frozenset(n.name for n in self.model.graph) - heads))
             if heads - exclude:  # only the heads (not e.g. a fused Attention, which int4 mode leaves float)
-                qw.QuantizeDynamic(self.qmax, exclude | (frozenset(n.name for n in self.model.graph) - heads))(model)
+                dynamic(model)
         else:
-            qw.QuantizeDynamic(self.qmax, exclude)(model)
+            dynamic = qw.QuantizeDynamic(self.qmax, exclude)
+            dynamic(model)
         if self.embeddings != "none":
             four = self.embeddings == "int4" and self.fmt == "nbits"
-            qw.QuantizeEmbeddings(4 if four else 8, self.block, exclude)(model)
+            # a table tied to a dynamic int8 head (int8 embeddings) is stored once, shared with that head
+            shared = {} if four else qw.tied_tables(model, dynamic.weights, exclude)
+            qw.QuantizeEmbeddings(4 if four else 8, self.block, exclude, shared)(model)
         # drop the float weights the passes replaced (all they leave unused; the cleanup pipeline costs far more)
         for name, value in list(model.graph.initializers.items()):
             if not value.uses() and not value.is_graph_output() and not value.is_graph_input():

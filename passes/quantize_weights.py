@@ -16,7 +16,11 @@ embeddings): the passes the quantize command applies on a prepared float model.
   are given (``gptq``).
 - ``QuantizeEmbeddings``: Gather on a constant float table [V, D] (axis 0) -> Gather on an int8 table
   + DequantizeLinear (per column of D, axis -1; standard ops, every EP), or with ``bits=4`` on the
-  CPU EP com.microsoft ``GatherBlockQuantized`` (uint4 blocks along D with zero points).
+  CPU EP com.microsoft ``GatherBlockQuantized`` (uint4 blocks along D with zero points).  A table
+  tied to a dynamic-int8 weight (:func:`tied_tables`: the LM head reads ``W.T``) shares that int8
+  copy: stored once as [V, D] int8 with a scale per row, the Gather reads it (+ Cast, Mul by the
+  gathered row scales) and the head's MatMulInteger reads ``Transpose`` of it (ORT folds that
+  Transpose at session start; the file holds one table).
 
 Contract of the quantizing passes: only main-graph nodes in the standard domain whose weight is a
 float32 initializer no user can override are touched (If/Loop bodies, custom-domain ops, fp16
@@ -269,6 +273,8 @@ class QuantizeDynamic(OptPass):
     def __init__(self, qmax: int = 127, exclude=frozenset()):
         super().__init__()
         self.qmax, self.exclude = qmax, frozenset(exclude)
+        #: after a call: float weight name -> its (int8 [K, N], scale [N], zero point [N]) initializers
+        self.weights: dict[str, tuple[ir.Value, ir.Value, ir.Value]] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         changed: collections.Counter = collections.Counter()
@@ -292,6 +298,7 @@ class QuantizeDynamic(OptPass):
             match.tally(changed, skipped, "MatMul -> MatMulInteger", "MatMul")
         changed["int8 weights"] = len(weights)
         changed["activations quantized at run time"] = len(activations)
+        self.weights = weights
         return self.result(model, changed, skipped)
 
     def _quantized_input(self, x: ir.Value, names: FreshNames, activations) -> list[ir.Node]:
@@ -502,9 +509,12 @@ class QuantizeEmbeddings(OptPass):
 
     name = "quantize-embeddings"
 
-    def __init__(self, bits: int = 8, block_size: int = 32, exclude=frozenset()):
+    def __init__(self, bits: int = 8, block_size: int = 32, exclude=frozenset(),
+                 shared: dict[str, tuple[ir.Value, ir.Value, ir.Value]] | None = None):
         super().__init__()
         self.bits, self.block, self.exclude = bits, block_size, frozenset(exclude)
+        #: table name -> the int8 weight of a MatMul by its transpose (:func:`tied_tables`), used instead of a copy
+        self.shared = shared or {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         changed: collections.Counter = collections.Counter()
@@ -515,6 +525,10 @@ class QuantizeEmbeddings(OptPass):
             match = embedding_gather(node, self.exclude)
             if match.succeeded:
                 four = self.bits == 4 and typing.cast(tuple[int, int], match.value)[1] % self.block == 0
+                if node.inputs[0].name in self.shared:
+                    match = self._tied(model.graph, node, names, tables)
+                    match.tally(changed, skipped, "Gather -> Gather int8 shared with a tied MatMul")
+                    continue
                 if four:
                     model.opset_imports.setdefault("com.microsoft", 1)
                 match = (self._int4 if four else self._int8)(model.graph, node, names, tables)
@@ -537,6 +551,31 @@ class QuantizeEmbeddings(OptPass):
         reason = _finish(graph, node, [gather, dq], _out(dq, names, f"{node.name}_dequantized", FLOAT))
         return Match.ok() if reason is None else Match.fail(reason)
 
+    def _tied(self, graph, node, names, tables) -> Match:
+        """Gather on a table whose transpose a MatMulInteger reads as int8 [D, V] with scales [V]:
+        the table is stored once, [V, D], read by this Gather and (through a Transpose) by the head."""
+        table = node.inputs[0]
+        key = f"{table.name}/tied"
+        if key not in tables:
+            wq, ws, _ = self.shared[table.name]
+            rows = _init(graph, names, f"{table.name}_int8", np.ascontiguousarray(constant(wq).T))
+            tr = ir.node("Transpose", [rows], {"perm": [1, 0]}, name=names.node(f"{table.name}_int8_Transpose"))
+            tr.outputs[0].shape = wq.shape
+            graph.insert_before(next(iter(graph)), [tr])
+            wq.replace_all_uses_with(_out(tr, names, f"{wq.name}_transposed", ir.DataType.INT8))
+            tables[key] = (rows, ws, _init(graph, names, f"{table.name}_axes", np.array([-1], np.int64)))
+        rows, scale, axes = tables[key]
+        gather = ir.node("Gather", [rows, node.inputs[1]], {"axis": 0}, name=names.node(f"{node.name}_int8"))
+        cast = ir.node("Cast", [_out(gather, names, f"{node.name}_int8", ir.DataType.INT8)], {"to": FLOAT},
+                       name=names.node(f"{node.name}_Cast"))
+        gs = ir.node("Gather", [scale, node.inputs[1]], {"axis": 0}, name=names.node(f"{node.name}_scale_Gather"))
+        unsq = ir.node("Unsqueeze", [_out(gs, names, f"{node.name}_row_scale", FLOAT), axes],
+                       name=names.node(f"{node.name}_scale_Unsqueeze"))
+        mul = ir.node("Mul", [_out(cast, names, f"{node.name}_float", FLOAT), _out(unsq, names, f"{node.name}_row_scales", FLOAT)],
+                      name=names.node(f"{node.name}_dequantize_Mul"))
+        reason = _finish(graph, node, [gather, cast, gs, unsq, mul], _out(mul, names, f"{node.name}_dequantized", FLOAT))
+        return Match.ok() if reason is None else Match.fail(reason)
+
     def _int4(self, graph, node, names, tables) -> Match:
         table = node.inputs[0]
         key = f"{table.name}/4"
@@ -556,3 +595,23 @@ class QuantizeEmbeddings(OptPass):
                       domain="com.microsoft", name=names.node(f"{node.name}_GatherBlockQuantized"))
         reason = _finish(graph, node, [gbq], _out(gbq, names, f"{node.name}_dequantized", FLOAT))
         return Match.ok() if reason is None else Match.fail(reason)
+
+
+def tied_tables(model: ir.Model, quantized: dict[str, tuple[ir.Value, ir.Value, ir.Value]],
+                exclude=frozenset()) -> dict[str, tuple[ir.Value, ir.Value, ir.Value]]:
+    """Embedding tables (Gather, :func:`embedding_gather`) equal to the transpose of a float weight
+    that dynamic int8 quantized (``quantized``: :attr:`QuantizeDynamic.weights`): a tied LM head
+    (``MatMul(x, W.T)``, its transposed copy made by ``gemm-to-matmul``, or a TorchScript export's
+    second copy).  Table name -> that weight's int8 initializers.  Compared by value, O(tables x
+    same-shape weights x V*D)."""
+    tables = {n.inputs[0].name: n.inputs[0] for n in model.graph if embedding_gather(n, exclude).succeeded}
+    out: dict[str, tuple[ir.Value, ir.Value, ir.Value]] = {}
+    for name, table in tables.items():
+        rows = constant(table)
+        for wname, q in quantized.items():
+            w = model.graph.initializers.get(wname)
+            if w is not None and w.const_value is not None and tuple(w.const_value.shape) == rows.shape[::-1] \
+                    and np.array_equal(constant(w).T, rows):
+                out[name] = q
+                break
+    return out

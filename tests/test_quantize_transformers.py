@@ -287,18 +287,29 @@ def test_int4_output_head_stays_8_bit(tmp_path):
     assert err[8] < err[4], err
 
 
-def test_dynamo_tied_lm_head_is_reached(tmp_path):
-    """The dynamo GPT-2 export reads its LM head as MatMul(x, Transpose(W)) with W shared by the
-    embedding Gather: the head gets a transposed copy and is quantized too (8 Gemm + 1 head)."""
+@pytest.mark.parametrize("settings, max_ratio", [
+    ({"mode": "dynamic", "latency_guard": False}, 0.49),  # measured 0.468 (0.543 with two int8 copies)
+    ({"weights": "int4"}, 0.45),  # measured 0.429 (0.505 with two copies)
+])
+def test_dynamo_tied_lm_head_shares_one_quantized_table(tmp_path, settings, max_ratio):
+    """The dynamo GPT-2 export reads its LM head as MatMul(x, Transpose(W)) with W the embedding table
+    the Gather reads: the head is quantized (dynamic int8; the 8-bit head of int4 mode) and the Gather
+    reads the same int8 table, stored once (one initializer of V x D elements in the file, no float
+    copy); ORT still fuses the head into DynamicQuantizeMatMul (it folds the Transpose of the table)."""
+    src = ROOT / "models" / "gpt2_dynamo.onnx"
     data = _data(tmp_path / "gpt2_data", "gpt2")
-    out = tmp_path / "gpt2_dyn.onnx"
-    report = api.quantize(ROOT / "models" / "gpt2_dynamo.onnx", out, data=data, mode="dynamic", latency_guard=False,
-                          max_drop=1.0)
-    ops = collections.Counter(op_types(out))
-    assert ops["MatMulInteger"] == 9 and ops["Transpose"] == collections.Counter(
-        op_types(ROOT / "models" / "gpt2_dynamo.onnx"))["Transpose"] - 1
+    out = tmp_path / "gpt2_q.onnx"
+    report = api.quantize(src, out, data=data, max_drop=1.0, **settings)
+    table = next(i for i in onnx.load(str(src)).graph.initializer if i.name == "model.lm_head.weight")
+    size = int(np.prod(table.dims))  # 1000 x 64
+    same_size = [i for i in onnx.load(str(out)).graph.initializer if int(np.prod(i.dims)) == size]
+    assert [i.data_type for i in same_size] == [T.INT8], [(i.name, i.data_type) for i in same_size]
+    assert out.stat().st_size / src.stat().st_size <= max_ratio, out.stat().st_size / src.stat().st_size
+    ops = _optimized_ops(out, tmp_path)
+    assert ops["DynamicQuantizeMatMul"] == (9 if "mode" in settings else 1), ops  # the 8 Gemms + the head (int4: head only)
     assert any("Transpose(W)" in n for n in report["notes"])
-    assert _cosine(ROOT / "models" / "gpt2_dynamo.onnx", out, "gpt2") >= 0.999  # logits; measured 0.9997
+    # logits vs fp32 on unseen batches; measured 0.9998 (dynamic) / 0.9967 (int4), as with two copies
+    assert _cosine(src, out, "gpt2") >= (0.999 if "mode" in settings else 0.995)
 
 
 def test_dynamic_fused_attention_becomes_qattention(tmp_path):

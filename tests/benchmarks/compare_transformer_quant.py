@@ -1,7 +1,7 @@
 """onnxopt quantize --mode dynamic / --weights int4 vs ORT's quantize_dynamic and MatMulNBitsQuantizer, one run.
 
     python tests/benchmarks/compare_transformer_quant.py [--size tiny|small] [--models gpt2_ts bert_ts ...]
-        [--runs 60] [--out bench-results/transformer_quant.json]
+        [--runs 60] [--tools ort-dynamic onnxopt-dynamic-0.1 ...] [--out bench-results/transformer_quant.json]
 
 Not a timed test.  Models: ``models/transformers.py`` exports (TorchScript ``_ts`` / dynamo ``_dynamo``);
 ``--size tiny`` uses the committed files (hidden 64, vocab 1,000), ``--size small`` (default) builds
@@ -161,7 +161,7 @@ def latencies(paths: list[Path], feeds: dict, runs: int) -> list[float]:
     return [float(np.median(t)) for t in times]
 
 
-def run_model(name: str, src: Path, tmp: Path, runs: int) -> dict:
+def run_model(name: str, src: Path, tmp: Path, runs: int, tools=()) -> dict:
     arch = name.rsplit("_", 1)[0]
     data = write_batches(arch, tmp / f"{name}_calib", 80, 0)
     evaluation = [mt.feeds(arch, seed=1000 + i, batch=2, seq=32, past=16) for i in range(16)]
@@ -169,6 +169,8 @@ def run_model(name: str, src: Path, tmp: Path, runs: int) -> dict:
     entry: dict = {"fp32_bytes": src.stat().st_size, "tools": {}}
     paths = {"fp32": src}
     for tool, fn in TOOLS.items():
+        if tools and tool not in tools:
+            continue
         out = tmp / f"{name}.{tool}.onnx"
         t0 = time.perf_counter()
         try:
@@ -202,6 +204,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", choices=("tiny", "small"), default="small")
     p.add_argument("--models", nargs="*", default=["gpt2_ts", "gpt2_dynamo", "bert_ts"])
     p.add_argument("--runs", type=int, default=60)
+    p.add_argument("--tools", nargs="*", choices=list(TOOLS), default=[], help="a subset of the tools (default: all)")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here; default: print only")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
@@ -217,7 +220,7 @@ def main(argv=None) -> int:
         else:
             srcs = {n: ROOT / "models" / f"{n}.onnx" for n in args.models}
         for name in args.models:
-            results["models"][name] = run_model(name, srcs[name], tmp, args.runs)
+            results["models"][name] = run_model(name, srcs[name], tmp, args.runs, args.tools)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
