@@ -912,7 +912,13 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: R
     if found is not None:
         report["search"] = found.to_dict()
     report["seconds_quantize"] = time.perf_counter() - t0
+    return commit(q, recipe, candidate, the_plan, output_path, report, opts, replayed, t_start)
 
+
+def commit(q: Quantizer, recipe: Recipe, candidate: ir.Model, the_plan: qq.Plan, output_path: str | os.PathLike,
+           report: dict, opts: Options, replayed: bool, t_start: float) -> dict:
+    """The last step of every mode: stage, score against the budget, rename into place (or raise
+    ValidationRefused), then save the recipe when asked; returns ``report``."""
     def refused(_path: Path, _result: BudgetResult) -> None:
         report["seconds"] = time.perf_counter() - t_start
 

@@ -40,8 +40,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt import api, pipeline, runtime, validate
 from onnxopt import data as data_mod
+from onnxopt import pipeline, runtime, validate
 from onnxopt import quantize as qm
 from onnxopt.base import constant
 from onnxopt.errors import BadInputError, UsageError
@@ -314,14 +314,4 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: q
         candidate = qm.prepare(qm.load_input(input_path), True)[0]
     report = qm._report(input_path, recipe, notes, calibration, the_plan, latency, wrote_float, opts.threads)
     report["seconds_quantize"] = time.perf_counter() - t0
-
-    def refused(_path, _result) -> None:
-        report["seconds"] = time.perf_counter() - t_start
-
-    api.stage_validate_commit(candidate, output_path, report, check=qm._check_budget(q, report, opts, replayed),
-                              force=opts.force, on_refused=refused, refused="quantized model not written")
-    if opts.recipe_out is not None:
-        recipe.save(opts.recipe_out, the_plan)
-        report["recipe_file"] = str(opts.recipe_out)
-    report["seconds"] = time.perf_counter() - t_start
-    return report
+    return qm.commit(q, recipe, candidate, the_plan, output_path, report, opts, replayed, t_start)
