@@ -43,6 +43,11 @@ class Shapes:
     def __len__(self) -> int:
         return len(self._table)
 
+    def forget(self, value: ir.Value) -> None:
+        """Drop what is known of ``value``'s dims: a rewrite changed them (its rank is unknown from
+        now on, until the table is inferred again)."""
+        self._table.pop(value.name, None)
+
     def get(self, value: ir.Value | None) -> tuple[Dim, ...] | None:
         """Dims of ``value`` (None when its rank is unknown).  Graph inputs use their declaration."""
         if value is None:

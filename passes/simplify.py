@@ -324,6 +324,7 @@ def _reshape_roundtrip(node: ir.Node, ctx: Context) -> Match:
                 n.replace_input_with(i, x)
         for o in n.outputs:
             o.shape = None  # the declared shape was the intermediate's
+            ctx.dims.forget(o)  # and so were the inferred dims (later rules this round must not use them)
     return declined(substitute(node, y))
 
 

@@ -197,8 +197,30 @@ def simplify_slice_steps_from_constant_node() -> Case:
     return Case(m, [InputSpec("x", "float", [1, 2, 2, 3])], [], ["repro"])
 
 
+def simplify_stale_dims_after_reshape_roundtrip() -> Case:
+    """Two Reshape round trips in a row: Reshape(x,[0,0,-1]) -> Relu -> Reshape(x's shape) = r, then
+    y = Reshape(r, [2,-1,6]) (a graph output) -> Relu -> Reshape back, found by the soak (seed
+    50000000303).
+
+    Bug (fixed): removing the first round trip gave the Relu x's shape, but simplify's shape table
+    still held its old (2,4,6) dims for the rest of the round, so the no-op Reshape rule thought
+    ``Reshape(r, [2,-1,6])`` kept its input's shape and removed it: expected y (2,4,6), got
+    (2,4,3,2)."""
+    nodes = [h.make_node("Reshape", ["x", "flat"], ["r10"]), h.make_node("Relu", ["r10"], ["relu12"]),
+             h.make_node("Reshape", ["relu12", "xshape"], ["r13"]), h.make_node("Reshape", ["r13", "t31"], ["y"]),
+             h.make_node("Relu", ["y"], ["relu32"]), h.make_node("Reshape", ["relu32", "xshape"], ["z"])]
+    m = _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, [2, 4, 3, 2])],
+               [h.make_tensor_value_info("y", T.FLOAT, [None, None, None]),
+                h.make_tensor_value_info("z", T.FLOAT, [None, None, None, None])],
+               [nh.from_array(np.array([0, 0, -1], np.int64), "flat"), nh.from_array(np.array([2, 4, 3, 2], np.int64), "xshape"),
+                nh.from_array(np.array([2, -1, 6], np.int64), "t31")], opset=14)
+    return Case(m, [InputSpec("x", "float", [2, 4, 3, 2])], [], ["repro"])
+
+
 # name -> (builder, config labels under test, open?)
 REGRESSIONS: dict[str, tuple] = {
+    "simplify_stale_dims_after_reshape_roundtrip": (simplify_stale_dims_after_reshape_roundtrip,
+                                                    ["simplify", "default"], False),
     "simplify_slice_steps_from_constant_node": (simplify_slice_steps_from_constant_node, ["simplify"], False),
     "fold_shapes_reduce_axes_input_static": (fold_shapes_reduce_axes_input_static, ["fold-shapes", "default"], False),
     "fuse_affine_size1_const_higher_rank": (fuse_affine_size1_const_higher_rank, ["fuse-affine", "default"], False),
