@@ -122,17 +122,11 @@ class Scorer:
                 yield feeds
 
     def score_session(self, sess) -> float:
-        if self.metric is not None:
-            try:
-                return float(self.metric(sess))
-            except Exception as e:  # noqa: BLE001 - user code
-                text = (str(e).strip().splitlines() or [""])[0]
-                raise BadInputError(f"--metric '{self.opts.metric}' raised {type(e).__name__}: {text}") from None
-        fid = fidelity.Fidelity(self.rules, self.opts.max_drop)
-        for feeds, ref in zip(self.held_out, self.reference):
-            fid.add(ref, runtime.run_candidate(sess, feeds, list(ref)))
-        self.last_results = fid.results()
-        return min((r["score"] for r in self.last_results), default=1.0)
+        score, results = quantize.score_session(sess, self.metric, self.opts.metric, self.rules, self.opts.max_drop,
+                                                self.held_out, self.reference)
+        if results is not None:
+            self.last_results = results
+        return score
 
     def score(self, model: ir.Model | str | os.PathLike) -> float:
         src = quantize.serialize(model) if isinstance(model, ir.Model) else str(model)

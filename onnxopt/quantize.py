@@ -63,7 +63,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -485,6 +485,25 @@ def recover_model(q: Quantizer, model: ir.Model, the_plan: qq.Plan, recovery: tu
     return pipeline.run(model, pipeline.parse("cleanup")).model
 
 
+def score_session(sess, metric: Callable | None, metric_name: str | None, rules, max_drop: float | None,
+                  held_out: Sequence[Mapping], reference: Sequence[Mapping]) -> tuple[float, list[dict] | None]:
+    """A candidate session's score: the user's ``metric(sess)`` (an exception in it is one
+    BadInputError line), else the lowest per-output fidelity (onnxopt.fidelity) of its outputs on
+    the ``held_out`` batches against the ``reference`` outputs; with those per-output results
+    (None for a user metric).  Shared by quantize and the compression commands."""
+    if metric is not None:
+        try:
+            return float(metric(sess)), None
+        except Exception as e:  # noqa: BLE001 - user code
+            text = (str(e).strip().splitlines() or [""])[0]
+            raise BadInputError(f"--metric '{metric_name}' raised {type(e).__name__}: {text}") from None
+    fid = fidelity.Fidelity(rules, max_drop)
+    for feeds, ref in zip(held_out, reference):
+        fid.add(ref, runtime.run_candidate(sess, feeds, list(ref)))
+    results = fid.results()
+    return min((r["score"] for r in results), default=1.0), results
+
+
 class Quantizer:
     """Holds the prepared float model, calibration statistics and scoring data; builds and
     measures candidate quantized models for a set of float-kept layers."""
@@ -562,17 +581,11 @@ class Quantizer:
 
     # ---------------------------------------------------------------- scoring
     def score_session(self, sess, reference=None) -> float:
-        if self.metric is not None:
-            try:
-                return float(self.metric(sess))
-            except Exception as e:  # noqa: BLE001 - user code
-                text = (str(e).strip().splitlines() or [""])[0]
-                raise BadInputError(f"--metric '{self.metric_name}' raised {type(e).__name__}: {text}") from None
-        fid = fidelity.Fidelity(self.rules, self.max_drop)
-        for feeds, ref in zip(self.held_out, reference or self.reference):
-            fid.add(ref, runtime.run_candidate(sess, feeds, list(ref)))
-        self.last_results = fid.results()
-        return min((r["score"] for r in self.last_results), default=1.0)
+        score, results = score_session(sess, self.metric, self.metric_name, self.rules, self.max_drop, self.held_out,
+                                       reference or self.reference)
+        if results is not None:
+            self.last_results = results
+        return score
 
     def score(self, model: ir.Model | bytes | str | os.PathLike) -> float:
         """Score a model (serialized, or a model file)."""

@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 from models import tasks
 from models import transformers as mt
-from onnxopt import api, bench, data, runtime
-from onnxopt.errors import ValidationRefused
+from onnxopt import bench, data, runtime
+from tests.benchmarks.compare_transformer_quant import ours
 
 MODELS = ("bert_ts", "gpt2_ts", "gpt2_dynamo", "digits_resnet")
 SHAPE = {"batch": 2, "seq": 16, "past": 8}
@@ -69,16 +69,6 @@ def nncf_quantize(src: Path, out: Path, feeds: list[dict]) -> str:
     quantized = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds))
     onnx.save(quantized, str(out))
     return ""
-
-
-def ours(src: Path, out: Path, folder: Path, **settings) -> str:
-    try:
-        report = api.quantize(src, out, data=folder, **settings)
-    except ValidationRefused as e:
-        return f"refused: {str(e).splitlines()[0]}"
-    r = report["recipe"]
-    return f"{r['quantized_layers']} quantized, {len(r['float_layers'])} float" + (
-        ", wrote the float model" if report["wrote_float_model"] else "")
 
 
 TOOLS = {

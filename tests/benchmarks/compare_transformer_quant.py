@@ -114,7 +114,7 @@ def ours(src: Path, out: Path, data: Path, **settings) -> str:
     try:
         report = api.quantize(src, out, data=data, **settings)
     except ValidationRefused as e:
-        return f"refused: {e}"
+        return f"refused: {str(e).splitlines()[0]}"
     r = report["recipe"]
     return f"{r['quantized_layers']} layers quantized, {len(r['float_layers'])} float" + (
         ", wrote the float model" if report["wrote_float_model"] else "")
