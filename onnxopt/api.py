@@ -187,7 +187,7 @@ def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, d
              recipe_out: str | os.PathLike | None = None, calib_limit: int | None = None, threads: int = 1,
              force: bool = False, class_outputs: Mapping[str, int | None] | None = None,
              progress: ProgressFn | None = None, search: bool = False, budget: int | None = None,
-             workers: int = 1, ray_address: str | None = None) -> dict:
+             workers: int = 1, ray_address: str | None = None, cost_model: bool = True) -> dict:
     """``onnxopt quantize``: int8 QDQ (``mode`` static, the default, needs ``data``), dynamic int8
     (``mode="dynamic"``) or int4 weight-only (``weights="int4"``, ``block_size``, ``rounding``,
     ``head_bits``; mode ``weight-only``) quantization, embeddings int8 (default), int4 or none (see
@@ -202,6 +202,8 @@ def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, d
     ``max_drop``; the report gets ``"search"`` and the recipe is saved (``recipe_out``, else
     OUTPUT + ".recipe.json").  The candidates are built and scored on ``workers`` local processes,
     or as Ray tasks with ``ray_address`` ("local" starts a local cluster of ``workers`` CPUs).
+    ``cost_model``: the latency guard decides clear cases from region timings cached per machine
+    (onnxopt.costmodel); False measures every decision in the whole model.
     Raises ValidationRefused(report) when the accuracy budget is missed
     and not ``force``."""
     from onnxopt import quantize as quantize_mod
@@ -218,7 +220,7 @@ def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, d
                                  recipe_out=recipe_out, calib_limit=calib_limit, threads=threads, force=force,
                                  class_outputs=class_outputs, progress=progress, search=search,
                                  search_budget=quantize_mod.DEFAULT_SEARCH_BUDGET if budget is None else budget,
-                                 search_workers=workers, search_ray=ray_address,
+                                 search_workers=workers, search_ray=ray_address, cost_model=cost_model,
                                  **settings)
 
 

@@ -259,6 +259,64 @@ def timed_run(sess, feeds: Mapping[str, np.ndarray]) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+Z_CONFIDENCE = 2.0  # ~95% two-sided interval for the median ratio (order statistics)
+
+
+def median_ratio_interval(ta, tb) -> tuple[float, float]:
+    """~95% interval (order statistics) of the median of the paired time ratios ``ta[i] / tb[i]``
+    (runs paired so machine drift hits both alike); (0, inf) without pairs."""
+    n = min(len(ta), len(tb))
+    if n == 0:
+        return 0.0, float("inf")
+    ratios = np.sort(np.asarray(ta[:n], np.float64) / np.maximum(np.asarray(tb[:n], np.float64), 1e-9))
+    k = max(0, int(np.floor(n / 2 - Z_CONFIDENCE * np.sqrt(n) / 2)))
+    return float(ratios[k]), float(ratios[n - 1 - k])
+
+
+def paired(a: tuple[object, Mapping], b: tuple[object, Mapping], *, threshold: float = 1.0, pairs_per_block: int = 16,
+           min_blocks: int = 2, max_blocks: int = 6, seconds: float = float("inf"),
+           precision: float | None = None) -> dict:
+    """Is ``a`` (a warm session and its feeds) faster than ``b`` by the time ratio ``threshold``?
+
+    Runs interleave in pairs (a then b, b then a, alternating, one process, fixed feeds) so a
+    machine that slows down slows both alike; each pair gives a ratio t_a / t_b.  After every
+    block of ``pairs_per_block`` pairs (at least ``min_blocks``), the median ratio's ~95% interval
+    (:func:`median_ratio_interval`) is checked: wholly below ``threshold`` -> ``"faster"``, wholly
+    above -> ``"not faster"``; with ``precision``, also stop once the interval is narrower than
+    ``precision`` x the median (an estimate precise enough for a cost model: verdict ``"tie"``
+    unless the interval decides); still straddling after ``max_blocks`` blocks (or ``seconds``)
+    -> ``"tie"``.  Returns the verdict, medians in ms, the median ratio, its interval and the
+    pair count.  Shared by quantize's latency guard, its cost model and ``prune --channels``."""
+    (sa, fa), (sb, fb) = a, b
+    ta: list[float] = []
+    tb: list[float] = []
+    verdict, lo, hi = "tie", 0.0, float("inf")
+    deadline = time.perf_counter() + seconds
+    for block in range(max(max_blocks, min_blocks)):
+        for i in range(pairs_per_block):
+            if i % 2 == 0:
+                ta.append(timed_run(sa, fa))
+                tb.append(timed_run(sb, fb))
+            else:
+                tb.append(timed_run(sb, fb))
+                ta.append(timed_run(sa, fa))
+        if block + 1 < min_blocks:
+            continue
+        lo, hi = median_ratio_interval(ta, tb)
+        if hi < threshold:
+            verdict = "faster"
+            break
+        if lo > threshold:
+            verdict = "not faster"
+            break
+        ratio = float(np.median(np.asarray(ta) / np.maximum(np.asarray(tb), 1e-9)))
+        if (precision is not None and hi - lo < precision * ratio) or time.perf_counter() > deadline:
+            break
+    ratio = float(np.median(np.asarray(ta) / np.maximum(np.asarray(tb), 1e-9)))
+    return {"verdict": verdict, "a_ms": float(np.median(ta)), "b_ms": float(np.median(tb)), "ratio": ratio,
+            "interval": [lo, hi], "pairs": len(ta)}
+
+
 def labels(models: list[str]) -> dict[str, str]:
     """Short names for models: the file name, or the path where two different models share one
     (a model listed several times, once per EP or batch, keeps its file name)."""

@@ -401,6 +401,9 @@ def optimize(model, output, pipeline_text, report_path, ep_text, shapes, data, p
 @click.option("--latency-guard/--no-latency-guard", default=True, show_default=True,
               help="Keep in float the layers that run slower quantized on --ep, and write the float model if the "
                    "result is slower than fp32 (--no-latency-guard: quantize regardless, e.g. for size).")
+@click.option("--cost-model/--no-cost-model", default=True, show_default=True,
+              help="Let the latency guard decide clear cases from each layer timed alone, cached per machine "
+                   "(ONNXOPT_CACHE_DIR); --no-cost-model measures every decision in the whole model.")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales per output channel.")
 @click.option("--recipe", "recipe_path", type=click.Path(), default=None,
               help="Replay a recipe (from --save-recipe or a JSON report): its placement, method, weights and recovery, "
@@ -423,8 +426,8 @@ def optimize(model, output, pipeline_text, report_path, ep_text, shapes, data, p
 @_isolated(lambda kw: str(kw["model"]), output="output")
 def quantize(model, output, data, mode, weights, block_size, head_bits, rounding, embeddings, preprocess, method,
              ep_text, max_drop, metric, recover_text, save_stats, load_stats,
-             calib_batches, exclude, latency_guard, per_channel, recipe_path, save_recipe, search, search_budget,
-             search_workers, ray_address, force, report_path):
+             calib_batches, exclude, latency_guard, cost_model, per_channel, recipe_path, save_recipe, search,
+             search_budget, search_workers, ray_address, force, report_path):
     """Quantize MODEL into OUTPUT, guarded for latency and accuracy: static int8 QDQ calibrated on --data (default),
     --mode dynamic (int8 weights, activations at run time) or --weights int4 (block-wise weight-only)."""
     if report_path:
@@ -465,7 +468,8 @@ def quantize(model, output, data, mode, weights, block_size, head_bits, rounding
             result = api.quantize(model, output, data=data, recipe=recipe_path, preprocess=preprocess, max_drop=max_drop,
                                   metric=metric, stats_in=load_stats, stats_out=save_stats, recipe_out=save_recipe,
                                   calib_limit=calib_batches, force=force, progress=update, search=search,
-                                  budget=search_budget, workers=search_workers, ray_address=ray_address, **settings)
+                                  budget=search_budget, workers=search_workers, ray_address=ray_address,
+                                  cost_model=cost_model, **settings)
     except ValidationRefused as e:
         if report_path and e.result:
             report.write(e.result, report_path)

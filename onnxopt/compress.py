@@ -163,24 +163,9 @@ class Scorer:
         for s, f in zip(sessions, ins):
             for _ in range(3):
                 s.run(None, f)
-        ta: list[float] = []
-        tb: list[float] = []
-        verdict, lo, hi = "tie", 0.0, math.inf
-        for block in range(max_blocks):
-            for i in range(PAIRS):
-                order = (0, 1) if i % 2 == 0 else (1, 0)
-                t = {k: bench.timed_run(sessions[k], ins[k]) for k in order}
-                ta.append(t[0])
-                tb.append(t[1])
-            if block + 1 < MIN_BLOCKS:
-                continue
-            lo, hi = quantize.median_ratio_interval(ta, tb)
-            if hi < 1.0 or lo > 1.0:
-                verdict = "faster" if hi < 1.0 else "slower"
-                break
-        ratio = float(np.median(np.asarray(ta) / np.maximum(np.asarray(tb), 1e-9)))
-        return {"verdict": verdict, "a_ms": float(np.median(ta)), "b_ms": float(np.median(tb)), "ratio": ratio,
-                "interval": [lo, hi], "pairs": len(ta)}
+        c = bench.paired((sessions[0], ins[0]), (sessions[1], ins[1]), pairs_per_block=PAIRS, min_blocks=MIN_BLOCKS,
+                         max_blocks=max_blocks)
+        return {**c, "verdict": {"not faster": "slower"}.get(c["verdict"], c["verdict"])}
 
 
 # ---------------------------------------------------------------- shared steps

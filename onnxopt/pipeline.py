@@ -142,13 +142,18 @@ def _coerce(name: str, key: str, raw: str, default: object) -> object:
     return raw
 
 
-def build(specs: Sequence[PassSpec], start_bytes: int | None = None, feeds: list | None = None) -> list[ir.passes.PassBase]:
-    """Instantiate the passes; those whose constructor takes ``start_bytes`` or ``feeds`` get them explicitly."""
+def build(specs: Sequence[PassSpec], start_bytes: int | None | Callable[[], int | None] = None,
+          feeds: list | None = None) -> list[ir.passes.PassBase]:
+    """Instantiate the passes; those whose constructor takes ``start_bytes`` or ``feeds`` get them
+    explicitly (``start_bytes`` may be a function, called only when a pass takes it: measuring
+    costs one serialization)."""
     passes = []
     for s in specs:
         cls = registry.get(s.name)
         kwargs = {k.replace("-", "_"): v for k, v in s.options.items()}
         if "start_bytes" in inspect.signature(cls).parameters:
+            if callable(start_bytes):
+                start_bytes = start_bytes()
             kwargs["start_bytes"] = start_bytes
         if "feeds" in inspect.signature(cls).parameters:
             kwargs["feeds"] = feeds
@@ -190,7 +195,7 @@ def run(model: ir.Model, specs: Sequence[PassSpec], *, max_iterations: int = 10,
     """Apply the passes in order, repeated until nothing changes.  ``after_pass`` runs after
     every pass that modified the model (and may raise to stop the run).  ``feeds``: input points
     (name -> array dicts) for passes that check their own candidates (the validation's)."""
-    passes = build(specs, start_bytes=serialized_size(model), feeds=feeds)
+    passes = build(specs, start_bytes=lambda: serialized_size(model), feeds=feeds)
     records: list[PassRecord] = []
     version = 0  # bumped whenever a pass modifies the model
     last_run: dict[int, int] = {}  # pass index -> version it last ran on

@@ -21,7 +21,7 @@ report's ``"recipe"``, replayed by ``--recipe``), each callable alone on a small
    only when it is faster by more than ``LATENCY_MARGIN`` with confidence, and a tie goes to float,
    so repeated runs place layers alike.  Then, when at most ``PER_LAYER_GUARD`` layers are int8,
    each goes back to float only when that is faster by more than ``LATENCY_MARGIN`` with
-   confidence (``MIN_BLOCKS`` blocks of pairs).  ``--exclude`` layers stay float throughout.
+   confidence (at most ``LAYER_BLOCKS`` blocks of pairs).  ``--exclude`` layers stay float throughout.
 5. **Accuracy budget** (:func:`budget`): score = the user's metric (``--metric module:function``,
    called with an ORT session, higher is better) or by default the prediction-level fidelity of
    ``onnxopt.fidelity`` on the held-out batches: top-1 agreement at every position for class-score
@@ -59,7 +59,6 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -71,7 +70,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt import api, bench, calibrate, fidelity, io, pipeline, runtime
+from onnxopt import api, bench, calibrate, costmodel, fidelity, io, pipeline, runtime
 from onnxopt import data as data_mod
 from onnxopt.errors import BadInputError, InternalError, OnnxoptError, UsageError
 from onnxopt.passes import quantize_qdq as qq
@@ -87,12 +86,16 @@ KIND_ORDER = ("depthwise", "pointwise", "conv", "gemm", "attention")
 #: int8 must be faster than float by more than this fraction (with confidence) to be kept; a single
 #: layer goes back to float only when that is faster by more than it too
 LATENCY_MARGIN = 0.03
+#: the cost model keeps a kind in int8 unmeasured when its regions save more than the margin plus
+#: this fraction of the fp32 time (onnxopt.costmodel)
+CLEAR = 0.05
 #: the layer-by-layer pass runs only when at most this many layers are int8 after the per-kind
 #: decisions (each layer costs one comparison); with more it is skipped, not truncated
 PER_LAYER_GUARD = 24
 #: latency comparison: pairs per block, blocks at least / at most, seconds at most per comparison
-PAIRS_PER_BLOCK, MIN_BLOCKS, MAX_BLOCKS, COMPARE_SECONDS = 16, 2, 6, 12.0
-Z_CONFIDENCE = 2.0  # ~95% two-sided interval for the median ratio (order statistics)
+PAIRS_PER_BLOCK, MIN_BLOCKS, MAX_BLOCKS, COMPARE_SECONDS = 8, 2, 12, 12.0
+#: blocks at most when one layer is tried back in float (one layer rarely pays the margin)
+LAYER_BLOCKS = 4
 RECIPE_FORMAT = "onnxopt-recipe/1"
 #: warm ORT sessions kept for latency comparisons (each holds its model's weights)
 SESSION_CACHE = 3
@@ -377,6 +380,9 @@ class Options:
     #: process), or Ray tasks when ``search_ray`` is an address ("local": a local cluster)
     search_workers: int = 1
     search_ray: str | None = None
+    #: the latency guard decides clear cases from region timings cached per machine
+    #: (``onnxopt.costmodel``); False measures every decision in the whole model
+    cost_model: bool = True
 
 
 # ---------------------------------------------------------------- 1. prepare
@@ -510,7 +516,7 @@ class Quantizer:
 
     def __init__(self, prepared: Prepared, calib: Calibration, recipe: Recipe, *, metric: Callable | None = None,
                  metric_name: str | None = None, max_drop: float | None = None,
-                 class_outputs: Mapping[str, int | None] | None = None, threads: int = 1):
+                 class_outputs: Mapping[str, int | None] | None = None, threads: int = 1, cost_model: bool = True):
         self.model, self.float_bytes, self.stats = prepared.model, prepared.float_bytes, calib.stats
         self.held_out, self.recovery_set = calib.held_out, calib.recovery_set
         self.profile, self.per_channel, self.ep = recipe.profile, recipe.per_channel, recipe.ep
@@ -525,6 +531,8 @@ class Quantizer:
                                 f"'{missing[0]}' (statistics from another model?)")
         self.embeddings = recipe.embeddings
         self.max_drop = max_drop
+        #: the latency guard decides clear cases from region timings (onnxopt.costmodel)
+        self.cost_model = cost_model
         self.init_scoring(class_outputs)
 
     def init_scoring(self, class_outputs: Mapping[str, int | None] | None) -> None:
@@ -576,7 +584,7 @@ class Quantizer:
         weights = self.rounded_weights if "adaround" in recovery else {}
         qq.QuantizeQDQ(the_plan, self.ranges, self.profile, self.per_channel, self.qmax, weights)(model)
         if self.embeddings != "none":
-            QuantizeEmbeddings(8)(model)
+            QuantizeEmbeddings(8, memo=self.__dict__.setdefault("_embedding_memo", {}))(model)
         return recover_model(self, model, the_plan, recovery), the_plan
 
     # ---------------------------------------------------------------- scoring
@@ -629,6 +637,22 @@ class Quantizer:
             if time.perf_counter() > deadline:
                 break
         return [float(np.median(t)) for t in times]
+
+    def float_latency(self) -> float:
+        """Median ms of the fp32 model on the EP (measured once; its warm session is kept)."""
+        if "_float_ms" not in self.__dict__:
+            self._float_ms = self.latency([self.float_bytes], runs=11)[0]
+        return self._float_ms
+
+    def regions(self) -> dict[str, costmodel.Region]:
+        """The cost model's region timings of every candidate layer (onnxopt.costmodel), once."""
+        if "_regions" not in self.__dict__:
+            r = costmodel.Regions(self.model, self.float_bytes, self.held_out[0], self.ranges, self.profile,
+                                  self.per_channel, self.qmax, self.ep, self.threads)
+            self._regions = r.timings(list(self.candidates))
+            self.regions_measured = r.measured
+        return self._regions
+
     def compare_latency(self, a: bytes, b: bytes, margin: float = LATENCY_MARGIN, max_blocks: int = MAX_BLOCKS) -> dict:
         """Is model ``a`` faster than ``b`` by more than ``margin``, with confidence?
 
@@ -641,44 +665,12 @@ class Quantizer:
         threshold gives the same verdict run after run; one near it gives "tie", not a coin flip.
         Returns the verdict, medians in ms, the median ratio and its interval, and the pair count."""
         sessions, inputs = self._sessions([a, b])
-        ta: list[float] = []
-        tb: list[float] = []
-        verdict, lo, hi = "tie", 0.0, math.inf
-        deadline = time.perf_counter() + COMPARE_SECONDS
-        threshold = 1.0 - margin
-        for block in range(max(max_blocks, MIN_BLOCKS)):
-            for i in range(PAIRS_PER_BLOCK):
-                order = (0, 1) if i % 2 == 0 else (1, 0)
-                t = {}
-                for k in order:
-                    t[k] = bench.timed_run(sessions[k], inputs[k])
-                ta.append(t[0])
-                tb.append(t[1])
-            if block + 1 < MIN_BLOCKS:
-                continue
-            lo, hi = median_ratio_interval(ta, tb)
-            if hi < threshold:
-                verdict = "faster"
-                break
-            if lo > threshold:
-                verdict = "not faster"
-                break
-            if time.perf_counter() > deadline:
-                break
-        ratio = float(np.median(np.asarray(ta) / np.maximum(np.asarray(tb), 1e-9)))
-        return {"verdict": verdict, "a_ms": float(np.median(ta)), "b_ms": float(np.median(tb)), "ratio": ratio,
-                "interval": [lo, hi], "pairs": len(ta)}
+        return bench.paired((sessions[0], inputs[0]), (sessions[1], inputs[1]), threshold=1.0 - margin,
+                            pairs_per_block=PAIRS_PER_BLOCK, min_blocks=MIN_BLOCKS, max_blocks=max_blocks,
+                            seconds=COMPARE_SECONDS)
 
 
-def median_ratio_interval(ta, tb) -> tuple[float, float]:
-    """~95% interval (order statistics) of the median of the paired time ratios ``ta[i] / tb[i]``
-    (runs paired so machine drift hits both alike); (0, inf) without pairs."""
-    n = min(len(ta), len(tb))
-    if n == 0:
-        return 0.0, math.inf
-    ratios = np.sort(np.asarray(ta[:n], np.float64) / np.maximum(np.asarray(tb[:n], np.float64), 1e-9))
-    k = max(0, math.floor(n / 2 - Z_CONFIDENCE * math.sqrt(n) / 2))
-    return float(ratios[k]), float(ratios[n - 1 - k])
+median_ratio_interval = bench.median_ratio_interval
 
 
 # ---------------------------------------------------------------- 3. place
@@ -708,49 +700,88 @@ def check_replay(q: Quantizer, recipe: Recipe) -> None:
 # ---------------------------------------------------------------- 4. latency guard
 
 def guard(q: Quantizer, recipe: Recipe) -> None:
-    """Step 4: :func:`guard_kinds`, then :func:`guard_layers`."""
-    guard_kinds(q, recipe)
-    guard_layers(q, recipe)
+    """Step 4: :func:`guard_kinds`, then :func:`guard_layers`, both deciding the clear cases from
+    the cost model's region timings (``Quantizer.regions``; none when ``q.cost_model`` is off)."""
+    costs = q.regions() if q.cost_model else {}
+    guard_kinds(q, recipe, costs)
+    guard_layers(q, recipe, costs)
 
 
-def guard_kinds(q: Quantizer, recipe: Recipe) -> None:
+def predict_kind(members: set[str], costs: Mapping[str, costmodel.Region], float_ms: float) -> dict | None:
+    """The cost model's verdict on a layer kind, or None when its regions leave it open (or a
+    member has no region timing).  ``float``: its layers take less than LATENCY_MARGIN of the fp32
+    time, so no int8 form can pay the margin; ``int8``: their int8 regions (pessimistic: each
+    pays its own Q/DQ) save more than LATENCY_MARGIN + CLEAR of the fp32 time."""
+    if not members or any(n not in costs for n in members) or float_ms <= 0:
+        return None
+    share = sum(costs[n].float_ms for n in members) / float_ms
+    saving = sum(costs[n].saving_ms for n in members) / float_ms
+    record = {"cost_model": True, "float_share": share, "predicted_ratio": 1.0 - saving, "fp32_ms": float_ms,
+              "regions_cached": sum(costs[n].cached for n in members)}
+    if share < LATENCY_MARGIN:
+        return {**record, "verdict": "float: below the margin", "quantized": False}
+    if saving > LATENCY_MARGIN + CLEAR:
+        return {**record, "verdict": "int8: regions clearly faster", "quantized": True}
+    return None
+
+
+def guard_kinds(q: Quantizer, recipe: Recipe, costs: Mapping[str, costmodel.Region] | None = None) -> None:
     """Each layer kind (KIND_ORDER) in int8 vs in float on the target EP: it stays int8 only when
-    confidently faster by more than LATENCY_MARGIN (a tie goes to float).  ``--exclude`` layers are
-    not tried."""
+    confidently faster by more than LATENCY_MARGIN (a tie goes to float).  The cost model
+    (:func:`predict_kind`) decides the clear kinds without building or running the model.
+    ``--exclude`` layers are not tried."""
     user = set(recipe.exclude)
+    costs = costs or {}
+    fp32_ms = q.float_latency() if costs else 0.0
     for kind in KIND_ORDER:
         members = {n for n, k in q.candidates.items() if k == kind and n not in user}
         if not members:
             continue
-        excluded = recipe.excluded()
-        with_q = serialize(q.build(excluded - members)[0])
-        without = serialize(q.build(excluded | members)[0])
-        c = q.compare_latency(with_q, without)
-        keep = c["verdict"] == "faster"  # a tie goes to float: int8 must pay clearly
-        recipe.latency_decisions.append({"kind": kind, "layers": len(members), "quantized_ms": c["a_ms"],
-                                         "float_ms": c["b_ms"], "ratio": c["ratio"], "interval": c["interval"],
-                                         "pairs": c["pairs"], "verdict": c["verdict"], "quantized": bool(keep)})
+        predicted = predict_kind(members, costs, fp32_ms)
+        if predicted is not None:
+            keep = predicted["quantized"]
+            recipe.latency_decisions.append({"kind": kind, "layers": len(members), **predicted})
+            why = (f"cost model: {kind} layers are {predicted['float_share']:.1%} of the fp32 time, below the "
+                   f"{LATENCY_MARGIN:.0%} margin")
+        else:
+            excluded = recipe.excluded()
+            with_q = serialize(q.build(excluded - members)[0])
+            without = serialize(q.build(excluded | members)[0])
+            c = q.compare_latency(with_q, without)
+            keep = c["verdict"] == "faster"  # a tie goes to float: int8 must pay clearly
+            recipe.latency_decisions.append({"kind": kind, "layers": len(members), "quantized_ms": c["a_ms"],
+                                             "float_ms": c["b_ms"], "ratio": c["ratio"], "interval": c["interval"],
+                                             "pairs": c["pairs"], "verdict": c["verdict"], "quantized": bool(keep)})
+            why = f"latency guard: {kind} layers not faster in int8 on {recipe.ep} ({c['verdict']}, time ratio {c['ratio']:.3f})"
         for name in members:
             if keep:
                 recipe.float_layers.pop(name, None)
             else:
-                recipe.float_layers[name] = (f"latency guard: {kind} layers not faster in int8 on {recipe.ep} "
-                                             f"({c['verdict']}, time ratio {c['ratio']:.3f})")
+                recipe.float_layers[name] = why
 
 
-def guard_layers(q: Quantizer, recipe: Recipe) -> None:
-    """Layer by layer (only when at most PER_LAYER_GUARD are int8): back to float only when that is
-    clearly faster, since a kind that pays overall may hold single layers that do not (e.g. a
-    1-channel stem)."""
+def guard_layers(q: Quantizer, recipe: Recipe, costs: Mapping[str, costmodel.Region] | None = None) -> None:
+    """Layer by layer: back to float only when that is clearly faster, since a kind that pays
+    overall may hold single layers that do not (e.g. a 1-channel stem).  A layer whose int8 region
+    costs less than LATENCY_MARGIN / 2 of the fp32 time more than its float region stays int8
+    without a measurement (going float cannot save the margin: its region is pessimistic and the
+    margin is of a model at most 2x faster than fp32); the others are measured, when at most
+    PER_LAYER_GUARD."""
+    costs = costs or {}
     quantized = [n for n in q.candidates if n not in recipe.float_layers]
+    if costs:
+        fp32_ms = q.float_latency()
+        quantized = [n for n in quantized if n not in costs or -costs[n].saving_ms >= LATENCY_MARGIN / 2 * fp32_ms]
     if len(quantized) > PER_LAYER_GUARD:
-        logger.info("latency guard: %d int8 layers (> %d), not tried one by one", len(quantized), PER_LAYER_GUARD)
+        logger.info("latency guard: %d int8 layers to try (> %d), not tried one by one", len(quantized), PER_LAYER_GUARD)
+        return
+    if not quantized:
         return
     base = serialize(q.build(recipe.excluded())[0])
     for name in quantized:
         trial = serialize(q.build(recipe.excluded() | {name})[0])
         # back to float only when that is clearly faster; one layer rarely is, so no extra blocks
-        c = q.compare_latency(trial, base, max_blocks=MIN_BLOCKS)
+        c = q.compare_latency(trial, base, max_blocks=LAYER_BLOCKS)
         if c["verdict"] == "faster":
             recipe.float_layers[name] = f"latency guard: the model is faster with this layer in float on {recipe.ep}"
             base = trial
@@ -763,8 +794,9 @@ def guard_layers(q: Quantizer, recipe: Recipe) -> None:
 
 def budget(q: Quantizer, recipe: Recipe, max_drop: float) -> tuple[ir.Model, qq.Plan, float]:
     """Step 5: build the recipe's placement and score it; over ``max_drop``, rank its int8 layers by
-    the drop each causes alone (``recipe.sensitivity``) and keep the worst in float until the
-    budget holds (or none is left).  Returns the candidate, its plan and its drop."""
+    the drop each causes alone (``recipe.sensitivity``) and keep the fewest of the worst in float
+    that meet the budget (binary search: about log2(layers) builds; all of them when none does).
+    Returns the candidate, its plan and its drop."""
     candidate, the_plan = q.build(recipe.excluded())
     drop = q.drop(candidate)
     recipe.sensitivity = []
@@ -774,13 +806,30 @@ def budget(q: Quantizer, recipe: Recipe, max_drop: float) -> tuple[ir.Model, qq.
         alone, _ = q.build(frozenset(set(q.candidates) - {name}))
         recipe.sensitivity.append({"layer": name, "kind": q.candidates[name], "drop": q.drop(alone)})
     recipe.sensitivity.sort(key=lambda s: -s["drop"])
-    for rank, s in enumerate(recipe.sensitivity, 1):
-        if drop <= max_drop:
-            break
+    ranked = [s["layer"] for s in recipe.sensitivity]
+    excluded = recipe.excluded()
+    tried: dict[int, tuple[ir.Model, qq.Plan, float]] = {0: (candidate, the_plan, drop)}
+
+    def trial(k: int) -> float:
+        cand, plan_k = q.build(excluded | set(ranked[:k]))
+        tried[k] = (cand, plan_k, q.drop(cand))
+        return tried[k][2]
+
+    # the fewest most-sensitive layers in float that meet the budget: binary search on k (the
+    # drop falls as k grows, up to noise; the chosen k's candidate is the one built and scored)
+    lo, hi = 0, len(ranked)
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        if trial(mid) <= max_drop:
+            hi = mid
+        else:
+            lo = mid
+    if hi not in tried:
+        trial(hi)
+    candidate, the_plan, drop = tried[hi]
+    for rank, s in enumerate(recipe.sensitivity[:hi], 1):
         recipe.float_layers[s["layer"]] = (f"accuracy budget: sensitivity rank {rank} (drop {s['drop']:.4g} "
                                            f"with only this layer int8)")
-        candidate, the_plan = q.build(recipe.excluded())
-        drop = q.drop(candidate)
         s["kept_float"] = True
     return candidate, the_plan, drop
 
@@ -909,7 +958,7 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: R
                             stats_out=opts.stats_out, limit=opts.calib_limit, threads=opts.threads,
                             progress=opts.progress)
     q = Quantizer(prepared, calib, recipe, metric=metric_fn, metric_name=opts.metric, max_drop=opts.max_drop,
-                  class_outputs=opts.class_outputs, threads=opts.threads)
+                  class_outputs=opts.class_outputs, threads=opts.threads, cost_model=opts.cost_model)
     if metric_fn is None:
         for r in q.last_results:
             logger.info("fidelity of output '%s': %s (%s)", r["name"], r["metric"], r["reason"])

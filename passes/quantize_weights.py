@@ -510,11 +510,14 @@ class QuantizeEmbeddings(OptPass):
     name = "quantize-embeddings"
 
     def __init__(self, bits: int = 8, block_size: int = 32, exclude=frozenset(),
-                 shared: dict[str, tuple[ir.Value, ir.Value, ir.Value]] | None = None):
+                 shared: dict[str, tuple[ir.Value, ir.Value, ir.Value]] | None = None, memo: dict | None = None):
         super().__init__()
         self.bits, self.block, self.exclude = bits, block_size, frozenset(exclude)
         #: table name -> the int8 weight of a MatMul by its transpose (:func:`tied_tables`), used instead of a copy
         self.shared = shared or {}
+        #: int8 tables already computed, by table name (a caller building many candidates of one
+        #: model passes the same dict so each table is quantized once)
+        self.memo = {} if memo is None else memo
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         changed: collections.Counter = collections.Counter()
@@ -541,7 +544,9 @@ class QuantizeEmbeddings(OptPass):
         table = node.inputs[0]
         key = f"{table.name}/8"
         if key not in tables:
-            q, s = int8_columns(constant(table).astype(np.float64), 127)
+            if table.name not in self.memo:
+                self.memo[table.name] = int8_columns(constant(table).astype(np.float64), 127)
+            q, s = self.memo[table.name]
             tables[key] = (_init(graph, names, f"{table.name}_int8", q), _init(graph, names, f"{table.name}_scale", s),
                            _init(graph, names, f"{table.name}_zero_point", np.zeros(s.shape, np.int8)))
         q, s, z = tables[key]

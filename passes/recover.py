@@ -30,6 +30,10 @@ from onnxopt.passes.quantize_qdq import _weight_axis, weight_params
 
 MAX_K = 4608
 MAX_ROWS = 8192
+#: input Hessians sample about this many rows per input feature over all batches (at least
+#: MIN_ROWS per batch, at most MAX_ROWS): X^T X of K features is well estimated from a few K rows,
+#: and the cost is rows x K^2
+ROWS_PER_K, MIN_ROWS = 8, 256
 
 
 # ---------------------------------------------------------------- cross-layer equalization
@@ -150,8 +154,17 @@ def bias_correction(model: ir.Model, the_plan, float_model: ir.Model, means: dic
 
 # ---------------------------------------------------------------- adaround (error-feedback rounding)
 
-def _rows(x: np.ndarray, node: ir.Node, rng: np.random.Generator) -> np.ndarray | None:
-    """Input rows [n, K] as the layer sees them (im2col for 2-D Conv), sampled to MAX_ROWS."""
+def _limit(limit: int | None, k: int) -> int:
+    """Rows to sample (see :func:`_rows`)."""
+    if limit is None:
+        return MAX_ROWS
+    return min(MAX_ROWS, max(MIN_ROWS, -(-ROWS_PER_K * k // -limit))) if limit < 0 else limit
+
+
+def _rows(x: np.ndarray, node: ir.Node, rng: np.random.Generator, limit: int | None = None) -> np.ndarray | None:
+    """Input rows [n, K] as the layer sees them (im2col for 2-D Conv), float32, sampled to
+    ``limit`` (default MAX_ROWS) rows, or to ROWS_PER_K x K / ``batches`` when ``limit`` is
+    negative: ``-batches``."""
     if node.op_type != "Conv":
         rows = x.reshape(-1, x.shape[-1])
     else:
@@ -168,10 +181,15 @@ def _rows(x: np.ndarray, node: ir.Node, rng: np.random.Generator) -> np.ndarray 
         xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
         win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::strides[0], ::strides[1]]
         n, c, oh, ow = win.shape[:4]
+        limit = _limit(limit, c * kh * kw)
+        if n * oh * ow > limit:  # sample output positions first: only the sampled windows are copied
+            ni, hi, wi = np.unravel_index(rng.choice(n * oh * ow, limit, replace=False), (n, oh, ow))
+            return win[ni, :, hi, wi].reshape(limit, c * kh * kw).astype(np.float32)
         rows = win.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, c * kh * kw)
-    if len(rows) > MAX_ROWS:
-        rows = rows[rng.choice(len(rows), MAX_ROWS, replace=False)]
-    return rows.astype(np.float64)
+    limit = _limit(limit, rows.shape[1])
+    if len(rows) > limit:
+        rows = rows[rng.choice(len(rows), limit, replace=False)]
+    return rows.astype(np.float32)
 
 
 def adaround(model: ir.Model, the_plan, batches: list[dict], float_bytes: bytes, per_channel: bool,
@@ -208,9 +226,10 @@ def adaround(model: ir.Model, the_plan, batches: list[dict], float_bytes: bytes,
 
 
 def hessians(layers: list[ir.Node], batches: list[dict], float_bytes: bytes) -> dict[str, np.ndarray]:
-    """Node name -> mean input Hessian ``X^T X / n`` [K, K] of each layer on the float model's
-    activations over ``batches`` (streaming: one ORT run per batch, at most MAX_ROWS sampled rows
-    per batch and layer; layers with K > MAX_K are left out)."""
+    """Node name -> mean input Hessian ``X^T X / n`` [K, K] (float64) of each layer on the float
+    model's activations over ``batches`` (streaming: one ORT run per batch, about ROWS_PER_K x K
+    rows sampled over all batches, at least MIN_ROWS and at most MAX_ROWS per batch; products in
+    float32, sums in float64; layers with K > MAX_K are left out).  Cost per layer: rows x K^2."""
     names = sorted({n.inputs[0].name for n in layers})
     if not names or not batches:
         return {}
@@ -221,10 +240,10 @@ def hessians(layers: list[ir.Node], batches: list[dict], float_bytes: bytes) -> 
     for feeds in batches:
         acts = runtime.run_candidate(sess, feeds, names)
         for node in layers:
-            rows = _rows(acts[node.inputs[0].name], node, rng)
+            rows = _rows(acts[node.inputs[0].name], node, rng, -len(batches))
             if rows is None or rows.shape[1] > MAX_K:
                 continue
-            hess[node.name] = hess.get(node.name, 0) + rows.T @ rows
+            hess[node.name] = hess.get(node.name, 0) + (rows.T @ rows).astype(np.float64)
             counts[node.name] += len(rows)
     return {name: h / counts[name] for name, h in hess.items()}
 

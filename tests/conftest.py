@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,21 @@ from tests.helpers import ROOT
 
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="run tests marked slow (the >2 GB model)")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _region_cache(tmp_path_factory):
+    """quantize's cost model caches region timings per machine (onnxopt.costmodel): the suite
+    starts from an empty cache of its own, never the user's, and shares it between tests (and the
+    CLI subprocesses they start) as one machine would."""
+    path = tmp_path_factory.mktemp("onnxopt-cache")
+    old = os.environ.get("ONNXOPT_CACHE_DIR")
+    os.environ["ONNXOPT_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("ONNXOPT_CACHE_DIR", None)
+    else:
+        os.environ["ONNXOPT_CACHE_DIR"] = old
 
 
 def pytest_collection_modifyitems(config, items):

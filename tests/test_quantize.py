@@ -804,3 +804,108 @@ def test_step_recover_and_recipe_round_trip(small_run, tmp_path):
         qm.check_replay(q, back)
     with pytest.raises(BadInputError, match="not an onnxopt recipe"):
         qm.Recipe.from_dict({"command": "optimize"})
+
+
+def test_step_budget_binary_search_keeps_the_fewest_sensitive_layers(small_run, monkeypatch):
+    """Over budget, the ranked layers are kept float by binary search: with a drop that grows by
+    0.1 per int8 layer and a 0.15 budget, exactly the 2 most sensitive go float (at most one int8
+    layer is left), after 1 + 3 (ranking) + 2 (search) scorings, not one build per chain step."""
+    qm, prepared, calib, _, _ = small_run
+    q, recipe = _quantizer(qm, prepared, calib)
+    calls = []
+
+    def drop(model):
+        int8 = sum(n.op_type == "DequantizeLinear" and n.name.endswith("_w_DequantizeLinear") for n in model.graph)
+        calls.append(int8)
+        return 0.1 * int8
+
+    monkeypatch.setattr(q, "drop", drop)
+    _, the_plan, d = qm.budget(q, recipe, max_drop=0.15)
+    assert len(the_plan.primary()) == 1 and d == pytest.approx(0.1)
+    assert sum(s.get("kept_float", False) for s in recipe.sensitivity) == 2 and len(recipe.float_layers) == 2
+    assert calls == [3, 1, 1, 1, 2, 1], calls
+
+
+# ---------------------------------------------------------------- the latency guard's cost model
+
+@pytest.fixture(scope="module")
+def resnet_calib(tmp_path_factory):
+    return tasks.write_calibration("digits_resnet", tmp_path_factory.mktemp("resnet"), batches=8, batch_size=8)
+
+
+def test_predict_kind_decides_only_clear_cases():
+    """float when the kind's layers are under the margin of the fp32 time; int8 when their
+    (pessimistic) regions save more than margin + CLEAR; otherwise, or with a member untimed, None."""
+    from onnxopt import costmodel
+    from onnxopt import quantize as qm
+
+    def region(f, q8):
+        return costmodel.Region(f, q8, q8 / f, (q8 / f * 0.98, q8 / f * 1.02), 16)
+
+    costs = {"a": region(1.0, 0.5), "b": region(1.0, 0.6), "tiny": region(0.02, 0.01), "near": region(1.0, 0.95)}
+    assert qm.predict_kind({"tiny"}, costs, 10.0)["quantized"] is False  # 0.2% of the time
+    assert qm.predict_kind({"a", "b"}, costs, 10.0)["quantized"] is True  # saves 9% > 3% + 5%
+    assert qm.predict_kind({"near"}, costs, 10.0) is None  # saves 0.5%: measure
+    assert qm.predict_kind({"a", "missing"}, costs, 10.0) is None
+    assert qm.predict_kind({"a"}, costs, 2.0)["predicted_ratio"] == pytest.approx(0.75)
+
+
+def test_regions_time_each_layer_and_are_cached_per_machine(tmp_path, monkeypatch, resnet_calib):
+    """digits_resnet's 10 layers timed alone: their float times add up to the whole model's (the
+    regions are the model's real work, within 0.6-1.4x); the second Quantizer reads every region
+    from the cache (0 measured); ONNXOPT_CACHE_DIR=off keeps no file; an unwritable cache folder
+    only loses the cache."""
+    import onnx_ir as ir
+
+    from onnxopt import costmodel
+    from onnxopt import quantize as qm
+
+    monkeypatch.setenv("ONNXOPT_CACHE_DIR", str(tmp_path / "cache"))
+    recipe = qm.Recipe()
+    prepared = qm.prepare_model(ir.load(str(ROOT / "models" / "digits_resnet.onnx")), recipe)
+    calib = qm.calibrate_model(prepared, resnet_calib)
+    q = qm.Quantizer(prepared, calib, recipe)
+    regions = q.regions()
+    assert set(regions) == set(q.candidates) and q.regions_measured == len(regions) - 2  # two signature repeats
+    whole = q.float_latency()
+    total = sum(r.float_ms for r in regions.values())
+    assert 0.6 * whole < total < 1.4 * whole, (total, whole)
+    stem = regions["/features/features.0/Conv"]  # 1 input channel: int8 pays Q/DQ for almost no MACs
+    assert stem.int8_ms > stem.float_ms
+    saved = json.loads((tmp_path / "cache" / "regions.json").read_text())
+    assert saved["format"] == costmodel.CACHE_FORMAT and len(saved["regions"]) == q.regions_measured
+    assert all(k.startswith(costmodel.machine_key("cpu", 1)) for k in saved["regions"])
+    again = qm.Quantizer(prepared, calib, qm.Recipe())
+    assert set(again.regions()) == set(regions) and again.regions_measured == 0
+    assert all(r.cached for r in again.regions().values())
+    monkeypatch.setenv("ONNXOPT_CACHE_DIR", "off")
+    assert costmodel.cache_path() is None
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setenv("ONNXOPT_CACHE_DIR", str(blocked / "sub"))  # a folder under a file: not creatable
+    third = qm.Quantizer(prepared, calib, qm.Recipe())
+    assert set(third.regions()) == set(regions) and third.regions_measured == len(regions) - 2
+
+
+def test_cost_model_guard_agrees_with_the_measured_guard(tmp_path, monkeypatch, resnet_calib):
+    """On digits_resnet the cost model decides both kinds without building or timing the model
+    (conv: regions clearly faster in int8; gemm: 0.1% of the time, below the margin), and the
+    measured guard (--no-cost-model) reaches the same kind decisions; a measurement the cost model
+    should have spared fails the test."""
+    import onnx_ir as ir
+
+    from onnxopt import quantize as qm
+
+    monkeypatch.setenv("ONNXOPT_CACHE_DIR", str(tmp_path / "cache"))
+    decisions = {}
+    for cost_model in (True, False):
+        recipe = qm.Recipe(recovery=())
+        prepared = qm.prepare_model(ir.load(str(ROOT / "models" / "digits_resnet.onnx")), recipe)
+        q = qm.Quantizer(prepared, qm.calibrate_model(prepared, resnet_calib), recipe, cost_model=cost_model)
+        qm.place(q, recipe)
+        if cost_model:
+            monkeypatch.setattr(q, "compare_latency", lambda *a, **k: pytest.fail("the cost model left a kind open"))
+        qm.guard_kinds(q, recipe, q.regions() if cost_model else None)
+        decisions[cost_model] = {d["kind"]: (d["quantized"], d.get("cost_model", False)) for d in recipe.latency_decisions}
+    assert decisions[True] == {"conv": (True, True), "gemm": (False, True)}, decisions
+    assert decisions[False] == {"conv": (True, False), "gemm": (False, False)}, decisions

@@ -110,3 +110,25 @@ def test_adaround_lowers_the_layer_output_error():
     x = np.concatenate([b["x"] for b in batches]).astype(np.float64)
     err = {name: np.linalg.norm(x @ w - x @ (q.astype(np.float64) * scale)) for name, q in (("ada", q_ada), ("near", q_near))}
     assert err["ada"] < 0.9 * err["near"], err
+
+
+def test_sampled_conv_rows_are_rows_of_the_full_im2col():
+    """The Hessian's rows of a strided, asymmetrically padded 3x3 Conv (42 output positions),
+    sampled to 9: every sampled row is a row of the full im2col (sampling picks windows, it does
+    not reorder a window's features) and they are distinct; the per-batch share of the ROWS_PER_K
+    budget never goes below MIN_ROWS."""
+    import onnx_ir as ir
+
+    from onnxopt.passes import recover
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 6, 7)).astype(np.float32)
+    w = ir.Value(name="w", const_value=ir.tensor(np.zeros((4, 3, 3, 3), np.float32)))
+    node = ir.node("Conv", [ir.Value(name="x"), w], {"pads": [1, 0, 1, 2], "strides": [2, 1]})
+    full = recover._rows(x, node, rng, limit=10**6)
+    assert full.shape == (2 * 3 * 7, 27)
+    some = recover._rows(x, node, np.random.default_rng(1), limit=9)
+    assert some.shape == (9, 27) and len({r.tobytes() for r in some}) == 9
+    assert all(any(np.array_equal(r, f) for f in full) for r in some)
+    budget = recover._rows(x, node, rng, limit=-100)  # 100 batches: ROWS_PER_K * 27 / 100 < MIN_ROWS
+    assert len(budget) == min(len(full), recover.MIN_ROWS)

@@ -1,0 +1,258 @@
+"""The latency guard's cost model: each layer timed alone ("region"), once per machine, cached.
+
+A region is one quantizable layer of the prepared float model (Conv/Gemm/MatMul with its weight and
+bias, the ReLU/Clip the int8 form absorbs, or an attention activation x activation MatMul), cut
+out as a model of its own whose inputs are the layer's real activations (one run of the float
+model on a held-out batch).  Its int8 form is the same layer through quantize's own Q/DQ pass with
+the calibrated ranges: a QuantizeLinear on every activation input and a DequantizeLinear on the
+output, which ORT fuses as it does in the whole model (QLinearConv, MatMulIntegerToFloat, ...).
+Both forms run interleaved in pairs on the target EP until the median time ratio is known to
+``PRECISION`` (``bench.paired``), so a region costs two tiny sessions and tens of milliseconds.
+
+The int8 region is a *pessimistic* estimate of the layer inside the int8 model: alone it pays for
+quantizing its input and dequantizing its output, which inside a chain of int8 layers are shared or
+fused away.  So a kind (or a layer) that its regions say is clearly faster in int8 is faster in
+the model, and a kind whose float time is below the guard's margin cannot pay it whatever int8
+costs; :func:`onnxopt.quantize.guard` decides those cases without whole-model measurements and
+measures the rest as before.
+
+Timings are cached in ``$ONNXOPT_CACHE_DIR/regions.json`` (default
+``$XDG_CACHE_HOME/onnxopt`` or ``~/.cache/onnxopt``; ``ONNXOPT_CACHE_DIR=off`` disables it), keyed
+by the machine (CPU model, SIMD flags, ONNX Runtime version), the EP, the thread count and the
+region's signature (op, attributes, weight and input shapes, absorbed activation, weight bits,
+per-channel, activation type): the per-op int8 gains are measured once per machine, and a second
+run on the same model (or another model with the same layer shapes) measures nothing.  The file
+is replaced atomically; concurrent writers at worst measure a region twice.
+
+Cost: one float run with the layers' inputs as extra outputs, then per region not in the cache two
+session creations and at most ``MAX_BLOCKS`` x ``PAIRS`` paired runs of one layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxopt import bench, runtime
+from onnxopt.passes import quantize_qdq as qq
+
+logger = logging.getLogger("onnxopt")
+
+CACHE_ENV = "ONNXOPT_CACHE_DIR"
+CACHE_FORMAT = "onnxopt-regions/1"
+#: paired runs per block, blocks at least / at most, and the relative width of the median ratio's
+#: interval at which a region's timing is precise enough
+PAIRS, MIN_BLOCKS, MAX_BLOCKS, PRECISION = 16, 2, 6, 0.08
+#: seconds at most per region
+REGION_SECONDS = 2.0
+
+
+@dataclasses.dataclass
+class Region:
+    """One layer timed alone: median ms in float and in int8 (Q/DQ at its boundary), the median of
+    the paired int8/float ratios and its ~95% interval; ``cached``: read from the cache file."""
+
+    float_ms: float
+    int8_ms: float
+    ratio: float
+    interval: tuple[float, float]
+    pairs: int
+    cached: bool = False
+
+    @property
+    def saving_ms(self) -> float:
+        """Float minus int8 time (negative: the int8 region is slower)."""
+        return self.float_ms - self.int8_ms
+
+    def to_dict(self) -> dict:
+        return {"float_ms": self.float_ms, "int8_ms": self.int8_ms, "ratio": self.ratio,
+                "interval": list(self.interval), "pairs": self.pairs}
+
+
+def cache_path() -> Path | None:
+    """The region cache file, or None when ``ONNXOPT_CACHE_DIR`` is ``off`` (or empty)."""
+    where = os.environ.get(CACHE_ENV)
+    if where is not None:
+        return None if where.strip().lower() in ("", "off", "0", "none") else Path(where) / "regions.json"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "onnxopt" / "regions.json"
+
+
+def _load_cache(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return d.get("regions", {}) if isinstance(d, dict) and d.get("format") == CACHE_FORMAT else {}
+
+
+def _save_cache(path: Path | None, new: Mapping[str, dict]) -> None:
+    """Merge ``new`` into the cache file (read again first: another process may have written)."""
+    if path is None or not new:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entries = {**_load_cache(path), **new}
+        fd, tmp = tempfile.mkstemp(prefix=".regions-", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"format": CACHE_FORMAT, "regions": entries}, f)
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only home is not an error: the timings are simply not kept
+        logger.info("region cache %s not written (%s)", path, e.strerror or e)
+
+
+def machine_key(ep: str, threads: int | None) -> str:
+    info = bench.machine()
+    return f"{info['cpu']}|{' '.join(info['simd'])}|ort {info['onnxruntime']}|{ep}|threads {threads}"
+
+
+class Regions:
+    """Region timings of a prepared float model's layers (see the module docstring)."""
+
+    def __init__(self, model: ir.Model, float_bytes: bytes, feeds: Mapping[str, np.ndarray],
+                 ranges: Mapping[str, tuple[float, float]], profile: qq.Profile, per_channel: bool, qmax: int,
+                 ep: str, threads: int | None):
+        self.model, self.float_bytes, self.feeds, self.ranges = model, float_bytes, feeds, ranges
+        self.profile, self.per_channel, self.qmax, self.ep, self.threads = profile, per_channel, qmax, ep, threads
+        self.path = cache_path()
+        self.machine = machine_key(ep, threads)
+        self.measured = 0  # regions timed by this object (not read from the cache)
+
+    def timings(self, names: Sequence[str]) -> dict[str, Region]:
+        """Layer name -> its Region, for those of ``names`` that can be cut out and run (a layer
+        whose region ORT refuses, or whose input shape is unknown, is left out: the guard
+        measures it in the whole model)."""
+        nodes = {n.name: n for n in self.model.graph}
+        layers = [nodes[n] for n in names if n in nodes]
+        inputs = sorted({v.name for node in layers for v in _activations(node)})
+        if not layers or not inputs:
+            return {}
+        acts = self._activations(inputs)
+        cache = _load_cache(self.path)
+        new: dict[str, dict] = {}
+        out: dict[str, Region] = {}
+        for node in layers:
+            if any(v.name not in acts for v in _activations(node)):
+                continue
+            feeds = {v.name: acts[v.name] for v in _activations(node)}
+            key = self._key(node, feeds)
+            hit = cache.get(key) or new.get(key)
+            if hit is not None:
+                out[node.name] = Region(hit["float_ms"], hit["int8_ms"], hit["ratio"], tuple(hit["interval"]),
+                                        hit["pairs"], cached=key in cache)
+                continue
+            region = self._measure(node, feeds)
+            if region is not None:
+                out[node.name] = region
+                new[key] = region.to_dict()
+        _save_cache(self.path, new)
+        return out
+
+    # ---------------------------------------------------------------- internals
+    def _activations(self, names: list[str]) -> dict[str, np.ndarray]:
+        """The layers' float inputs on the held-out batch (one run with them as extra outputs)."""
+        graph_inputs = {v.name for v in self.model.graph.inputs}
+        extra = [n for n in names if n not in graph_inputs]
+        sess = runtime.session(runtime.with_outputs(onnx.load_from_string(self.float_bytes), extra), "cpu", self.threads,
+                               optimize=False)
+        feeds = {k: v for k, v in self.feeds.items() if k in {i.name for i in sess.get_inputs()}}
+        acts = dict(zip(extra, sess.run(extra, feeds))) if extra else {}
+        acts.update({k: v for k, v in self.feeds.items() if k in names})
+        return {k: v for k, v in acts.items() if isinstance(v, np.ndarray) and v.dtype == np.float32}
+
+    def _key(self, node: ir.Node, feeds: Mapping[str, np.ndarray]) -> str:
+        act = qq._absorbable(node.outputs[0], self.profile)
+        weights = [(tuple(v.const_value.shape.numpy()) if v is not None and v.const_value is not None else None)
+                   for v in node.inputs]
+        attrs = sorted((k, str(a.value)) for k, a in node.attributes.items())
+        act_sig = None if act is None else (act.op_type, qq._clip_bound(act, 2, "max") if act.op_type == "Clip" else None)
+        text = repr((node.domain, node.op_type, attrs, weights, [tuple(a.shape) for a in feeds.values()], act_sig,
+                     self.per_channel, self.qmax, self.profile.activation, self.profile.name))
+        return self.machine + "|" + hashlib.sha1(text.encode()).hexdigest()
+
+    def _region_model(self, node: ir.Node, feeds: Mapping[str, np.ndarray]) -> ir.Model | None:
+        """The layer alone (and the activation its int8 form absorbs), then an Identity so its
+        output is not a graph output (quantize puts a Q/DQ on it, as inside the model) unless it is
+        one in the model."""
+        act = qq._absorbable(node.outputs[0], self.profile)
+        inputs = [ir.Value(name=k, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(a.shape)) for k, a in feeds.items()]
+        by_name = {v.name: v for v in inputs}
+        graph = ir.Graph(inputs, [], nodes=[], opset_imports=dict(self.model.opset_imports), name="region")
+
+        def copy_input(v: ir.Value | None) -> ir.Value | None:
+            if v is None:
+                return None
+            if v.name in by_name:
+                return by_name[v.name]
+            if v.const_value is None:
+                raise KeyError(v.name)
+            c = ir.Value(name=v.name, type=v.type, shape=v.shape, const_value=v.const_value)
+            graph.register_initializer(c)
+            by_name[v.name] = c
+            return c
+
+        try:
+            layer = ir.Node(node.domain, node.op_type, [copy_input(v) for v in node.inputs],
+                            attributes=list(node.attributes.values()), name=node.name, num_outputs=1)
+        except KeyError:
+            return None
+        layer.outputs[0].name, layer.outputs[0].type = node.outputs[0].name, ir.TensorType(ir.DataType.FLOAT)
+        graph.append(layer)
+        last = layer.outputs[0]
+        if act is not None:
+            try:
+                extra = [last] + [copy_input(v) for v in act.inputs[1:]]
+            except KeyError:
+                return None
+            a = ir.Node(act.domain, act.op_type, extra, attributes=list(act.attributes.values()), name=act.name)
+            a.outputs[0].name, a.outputs[0].type = act.outputs[0].name, ir.TensorType(ir.DataType.FLOAT)
+            graph.append(a)
+            last = a.outputs[0]
+        if node.outputs[0].is_graph_output():  # stays float in the model too (no Q/DQ on a graph output)
+            graph.outputs.append(last)
+        else:
+            ident = ir.Node("", "Identity", [last], name="region_output")
+            ident.outputs[0].name, ident.outputs[0].type = "region_output", ir.TensorType(ir.DataType.FLOAT)
+            graph.append(ident)
+            graph.outputs.append(ident.outputs[0])
+        return ir.Model(graph, ir_version=self.model.ir_version)
+
+    def _measure(self, node: ir.Node, feeds: Mapping[str, np.ndarray]) -> Region | None:
+        try:
+            region = self._region_model(node, feeds)
+            if region is None:
+                return None
+            float_bytes = ir.to_proto(region).SerializeToString()
+            the_plan = qq.plan(region, self.profile)
+            if node.name not in the_plan.targets or any(s not in self.ranges for s in the_plan.stats_names()):
+                return None
+            qq.QuantizeQDQ(the_plan, dict(self.ranges), self.profile, self.per_channel, self.qmax)(region)
+            int8_bytes = ir.to_proto(region).SerializeToString()
+            sessions = [runtime.session(m, self.ep, self.threads) for m in (int8_bytes, float_bytes)]
+        except Exception as e:  # noqa: BLE001 - a region ORT refuses is measured in the whole model instead
+            logger.debug("region of %s not timed: %s", node.name, e)
+            return None
+        for s in sessions:
+            for _ in range(3):
+                s.run(None, dict(feeds))
+        c = bench.paired((sessions[0], dict(feeds)), (sessions[1], dict(feeds)), threshold=1.0, pairs_per_block=PAIRS,
+                         min_blocks=MIN_BLOCKS, max_blocks=MAX_BLOCKS, seconds=REGION_SECONDS, precision=PRECISION)
+        self.measured += 1
+        return Region(c["b_ms"], c["a_ms"], c["ratio"], (c["interval"][0], c["interval"][1]), c["pairs"])
+
+
+def _activations(node: ir.Node) -> list[ir.Value]:
+    """The layer's float inputs that are not constants (its activations)."""
+    return [v for v in node.inputs if v is not None and v.const_value is None]
