@@ -74,7 +74,7 @@ def observe_ranges(path: str | os.PathLike, model: ir.Model, data: str | os.Path
     if data is not None:
         feeds = data_mod.batches(data, plain, preprocess, limit)
     else:
-        primary = runtime.synthesize(plain, shapes)
+        primary = runtime.synthesize_runnable(plain, shapes)
         feeds = [primary] + [p.feeds for p in validate.variation_points(plain, primary) if p.reference is not None]
     stream = iter(feeds)
     first = next(stream, None)

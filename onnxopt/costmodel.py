@@ -24,6 +24,10 @@ per-channel, activation type): the per-op int8 gains are measured once per machi
 run on the same model (or another model with the same layer shapes) measures nothing.  The file
 is replaced atomically; concurrent writers at worst measure a region twice.
 
+A layer whose region cannot be cut out or run (ORT refuses it alone, its input shape is unknown)
+is estimated from its MACs (``onnxopt.cost``, as ``inspect --cost`` counts them) at the ms per
+MAC its kind's timed regions showed on this machine, and marked ``estimated``.
+
 Cost: one float run with the layers' inputs as extra outputs, then per region not in the cache two
 session creations and at most ``MAX_BLOCKS`` x ``PAIRS`` paired runs of one layer.
 """
@@ -36,14 +40,14 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt import bench, runtime
+from onnxopt import bench, cost, runtime
 from onnxopt.passes import quantize_qdq as qq
 
 logger = logging.getLogger("onnxopt")
@@ -68,6 +72,9 @@ class Region:
     interval: tuple[float, float]
     pairs: int
     cached: bool = False
+    #: not timed (its region could not be cut out or run): times from its MACs at the measured
+    #: ms-per-MAC of the timed regions of its kind (:meth:`Regions.timings`)
+    estimated: bool = False
 
     @property
     def saving_ms(self) -> float:
@@ -130,12 +137,13 @@ class Regions:
         self.machine = machine_key(ep, threads)
         self.measured = 0  # regions timed by this object (not read from the cache)
 
-    def timings(self, names: Sequence[str]) -> dict[str, Region]:
-        """Layer name -> its Region, for those of ``names`` that can be cut out and run (a layer
-        whose region ORT refuses, or whose input shape is unknown, is left out: the guard
-        measures it in the whole model)."""
+    def timings(self, kinds: Mapping[str, str]) -> dict[str, Region]:
+        """Layer name -> its Region, for the layers of ``kinds`` (name -> layer kind).  A layer
+        whose region cannot be cut out or run gets times estimated from its MACs (``inspect
+        --cost``'s count) at the median ms per MAC of its kind's timed regions; without such
+        regions (or MACs) it is left out, and the guard measures it in the whole model."""
         nodes = {n.name: n for n in self.model.graph}
-        layers = [nodes[n] for n in names if n in nodes]
+        layers = [nodes[n] for n in kinds if n in nodes]
         inputs = sorted({v.name for node in layers for v in _activations(node)})
         if not layers or not inputs:
             return {}
@@ -158,6 +166,27 @@ class Regions:
                 out[node.name] = region
                 new[key] = region.to_dict()
         _save_cache(self.path, new)
+        if len(out) < len(layers):
+            out.update(self._estimate([n for n in layers if n.name not in out], out, kinds))
+        return out
+
+    def _estimate(self, missing: list[ir.Node], timed: Mapping[str, Region], kinds: Mapping[str, str]) -> dict[str, Region]:
+        """Regions for ``missing`` layers from MACs (see :meth:`timings`)."""
+        try:
+            macs = {n.name: n.macs for n in cost.estimate(self.model, {k: tuple(v.shape) for k, v in self.feeds.items()}).nodes}
+        except Exception as e:  # noqa: BLE001 - without MACs the layers are simply measured in the model
+            logger.debug("MACs unavailable for the cost model: %s", e)
+            return {}
+        out = {}
+        for node in missing:
+            kind = kinds[node.name]
+            rates = [(r.float_ms / macs[n], r.int8_ms / macs[n]) for n, r in timed.items()
+                     if kinds.get(n) == kind and not r.estimated and macs.get(n)]
+            if not rates or not macs.get(node.name):
+                continue
+            f = float(np.median([a for a, _ in rates])) * macs[node.name]
+            q8 = float(np.median([b for _, b in rates])) * macs[node.name]
+            out[node.name] = Region(f, q8, q8 / f, (q8 / f, q8 / f), 0, estimated=True)
         return out
 
     # ---------------------------------------------------------------- internals

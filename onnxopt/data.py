@@ -150,5 +150,5 @@ def feeds_for(sess: ort.InferenceSession, data: str | os.PathLike | None, shapes
               preprocess: str | None = None, limit: int | None = None) -> list[dict[str, np.ndarray]]:
     """Batches from ``data`` (at most ``limit``), or one synthesized batch."""
     if data is None:
-        return [runtime.synthesize(sess, shapes)]
+        return [runtime.synthesize_runnable(sess, shapes)]
     return list(batches(data, sess, preprocess, limit))

@@ -649,7 +649,7 @@ class Quantizer:
         if "_regions" not in self.__dict__:
             r = costmodel.Regions(self.model, self.float_bytes, self.held_out[0], self.ranges, self.profile,
                                   self.per_channel, self.qmax, self.ep, self.threads)
-            self._regions = r.timings(list(self.candidates))
+            self._regions = r.timings(self.candidates)
             self.regions_measured = r.measured
         return self._regions
 
@@ -717,7 +717,8 @@ def predict_kind(members: set[str], costs: Mapping[str, costmodel.Region], float
     share = sum(costs[n].float_ms for n in members) / float_ms
     saving = sum(costs[n].saving_ms for n in members) / float_ms
     record = {"cost_model": True, "float_share": share, "predicted_ratio": 1.0 - saving, "fp32_ms": float_ms,
-              "regions_cached": sum(costs[n].cached for n in members)}
+              "regions_cached": sum(costs[n].cached for n in members),
+              "regions_estimated": sum(costs[n].estimated for n in members)}
     if share < LATENCY_MARGIN:
         return {**record, "verdict": "float: below the margin", "quantized": False}
     if saving > LATENCY_MARGIN + CLEAR:

@@ -98,7 +98,7 @@ def inputs(float_bytes: bytes, opts: qm.Options) -> tuple[list[dict], list[dict]
     """Step 2: (held-out scoring batches, rounding batches, the report's ``calibration`` entry)."""
     sess = runtime.session(float_bytes, "cpu", opts.threads, optimize=False)
     if opts.data is None:
-        primary = runtime.synthesize(sess)
+        primary = runtime.synthesize_runnable(sess)
         try:
             runtime.run(sess, primary)
         except BadInputError as e:

@@ -3,7 +3,8 @@
 Inputs are either user data (``--data file.npz``, arrays by input name) or synthesized from the
 model's declared types: ``--shape name:1x3x224x224`` fixes dims, a symbolic dim without one
 becomes 1 (with a warning), floats are standard-normal, integers lie in [0, 4) so that they are
-safe as indices or sizes, booleans are random, and inputs whose name contains "mask" are padding
+safe as indices or sizes, or in [0, n) when the input indexes a table of n rows
+(:func:`index_bounds`: a token-type id into a 2-row table), booleans are random, and inputs whose name contains "mask" are padding
 masks (1 then trailing 0, at least one 1 per row) as attention masks are.  The seed is fixed so runs are reproducible.
 Synthesized inputs are capped at MAX_SYNTHESIZED_BYTES (1 GiB) per input and in total: a model
 declaring a dim of 1e9 is refused with one line naming the input (give --data, or --shape for
@@ -15,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,9 @@ def session(model: str | os.PathLike | bytes, ep: str = "cpu", threads: int | No
     if name != "CPUExecutionProvider":
         providers.append(("CPUExecutionProvider", {}))  # fallback for nodes the EP does not take
     try:
-        return ort.InferenceSession(source, opts, providers=providers)
+        sess = ort.InferenceSession(source, opts, providers=providers)
+        sess._onnxopt_source = source  # synthesize() reads the graph for index bounds, lazily
+        return sess
     except UsageError:
         raise
     except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types
@@ -193,13 +196,173 @@ def synthesize(sess: ort.InferenceSession, overrides: Mapping[str, tuple[int, ..
         elif dtype == np.bool_:
             value = rng.random(shape) < 0.5
         elif np.issubdtype(dtype, np.integer):
-            value = rng.integers(0, 4, size=shape).astype(dtype)
+            value = rng.integers(0, integer_high(sess, inp.name), size=shape).astype(dtype)
         elif dtype == np.str_:
             value = np.full(shape, "a", dtype=object)
         else:
             value = rng.standard_normal(shape).astype(dtype)
         feeds[inp.name] = np.asarray(value)
     return feeds
+
+
+#: symbolic-dim values tried, and assignments tried at most, when the inputs synthesized with every
+#: symbolic dim at 1 do not run (dims the model relates, e.g. a mask of length past + seq)
+DIM_CHOICES, DIM_TRIES = (1, 2, 3, 4), 64
+
+
+def symbolic_dims(sess) -> dict[tuple[str, int], str]:
+    """(input, axis) -> dim name for every dim an input declares as non-static (unnamed dims get
+    their own name, so they vary independently)."""
+    found = {}
+    for inp in sess.get_inputs():
+        for axis, d in enumerate(inp.shape or []):
+            if not (isinstance(d, int) and d >= 0):
+                found[(inp.name, axis)] = d if isinstance(d, str) and d else f"{inp.name}:{axis}"
+    return found
+
+
+def assignments(choices: Mapping[str, Sequence[int]], limit: int):
+    """Up to ``limit`` assignments {dim: value}, each dim from its ``choices``, in order of the
+    sum of the choice indices (the first choices first; ties in a fixed order).  Lazy: O(limit x
+    dims) whatever the product of the choices."""
+    names = sorted(choices)
+    if not names:
+        yield {}
+        return
+    sizes = [len(choices[n]) for n in names]
+    count = 0
+    for total in range(sum(sizes) - len(sizes) + 1):
+        stack: list[tuple[int, list[int]]] = [(0, [])]
+        while stack:  # the index vectors with this sum, depth first
+            i, picked = stack.pop()
+            left = total - sum(picked)
+            if i == len(names) - 1:
+                if left < sizes[i]:
+                    yield {n: choices[n][k] for n, k in zip(names, picked + [left])}
+                    count += 1
+                    if count >= limit:
+                        return
+                continue
+            for k in range(min(left, sizes[i] - 1), -1, -1):
+                stack.append((i + 1, picked + [k]))
+
+
+def synthesize_runnable(sess: ort.InferenceSession, overrides: Mapping[str, tuple[int, ...]] | None = None,
+                        seed: int = 0, quiet: bool = False) -> dict[str, np.ndarray]:
+    """:func:`synthesize`, run once; when the model fails on it and it has symbolic dims that
+    ``overrides`` leave open, those dims are searched over DIM_CHOICES (at most DIM_TRIES runs,
+    smallest first) for values the model runs on: a GPT-2 with past needs its mask length to be
+    past + seq.  The values found are logged (set them with ``--shape``); none found -> the
+    first error, with a hint."""
+    feeds = synthesize(sess, overrides, seed, quiet)
+    try:
+        run(sess, feeds)
+        return feeds
+    except BadInputError as e:
+        first = e
+    open_dims = {dim for (name, _axis), dim in symbolic_dims(sess).items() if name not in (overrides or {})}
+    if open_dims:
+        symbolic = symbolic_dims(sess)
+        for values in assignments({d: DIM_CHOICES for d in open_dims}, DIM_TRIES):
+            if all(v == 1 for v in values.values()):
+                continue
+            shaped = dict(overrides or {})
+            for inp in sess.get_inputs():
+                if inp.name not in shaped and inp.shape is not None:
+                    shaped[inp.name] = tuple(values[symbolic[(inp.name, a)]] if (inp.name, a) in symbolic else int(d)
+                                             for a, d in enumerate(inp.shape))
+            try:
+                feeds = synthesize(sess, shaped, seed, quiet=True)
+                run(sess, feeds)
+            except BadInputError:
+                continue
+            if not quiet:
+                logger.warning("the model does not run with every symbolic dim at 1; using %s (the smallest values it "
+                               "runs on; set them with --shape)", ", ".join(f"{k}={v}" for k, v in sorted(values.items())))
+            return feeds
+    tried = f", symbolic dims at 1 and up to {DIM_TRIES} other sizes" if open_dims else ""
+    raise BadInputError(f"{first} (on synthesized inputs{tried}; give real inputs with --data or sizes with --shape)") from None
+
+
+#: index-preserving ops an integer input may pass through on its way to a Gather's indices
+INDEX_PASS_THROUGH = frozenset({"Cast", "CastLike", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand",
+                                "Transpose", "Slice", "Tile"})
+
+
+def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
+    """Integer graph input -> the fewest rows of the tables it indexes: the input reaches a
+    Gather's (or GatherElements') indices, through :data:`INDEX_PASS_THROUGH` ops only, and the
+    table's dim on the gather axis is static (an initializer, a Constant, a declared shape, or one
+    of those through Cast/DequantizeLinear/Identity).  Main graph only; cost O(nodes)."""
+    g = model.graph
+    dims: dict[str, list[int]] = {t.name: list(t.dims) for t in g.initializer}
+    for v in list(g.input) + list(g.value_info) + list(g.output):
+        shape = v.type.tensor_type.shape if v.type.HasField("tensor_type") else None
+        if shape is not None and shape.dim and all(d.HasField("dim_value") for d in shape.dim):
+            dims.setdefault(v.name, [d.dim_value for d in shape.dim])
+    producers: dict[str, onnx.NodeProto] = {}
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in g.node:
+        for o in node.output:
+            producers[o] = node
+        for i, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, i))
+        if node.op_type == "Constant" and node.output:
+            for a in node.attribute:
+                if a.name == "value":
+                    dims[node.output[0]] = list(a.t.dims)
+
+    def table_dims(name: str, depth: int = 0) -> list[int] | None:
+        if name in dims:
+            return dims[name]
+        node = producers.get(name)
+        if node is not None and depth < 8 and node.op_type in ("Cast", "DequantizeLinear", "Identity") and node.input:
+            return table_dims(node.input[0], depth + 1)
+        return None
+
+    ints = {v.name for v in g.input if v.type.HasField("tensor_type")
+            and v.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16,
+                                                 onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.UINT16,
+                                                 onnx.TensorProto.UINT32, onnx.TensorProto.UINT64)}
+    out: dict[str, int] = {}
+    for name in ints:
+        stack, seen, bound = [name], {name}, None
+        while stack:
+            for node, idx in consumers.get(stack.pop(), []):
+                if node.op_type in INDEX_PASS_THROUGH and idx == 0 and node.domain in ("", "ai.onnx"):
+                    for o in node.output[:1]:
+                        if o not in seen:
+                            seen.add(o)
+                            stack.append(o)
+                elif node.op_type in ("Gather", "GatherElements") and idx == 1 and node.domain in ("", "ai.onnx"):
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                    table = table_dims(node.input[0])
+                    if table and -len(table) <= axis < len(table) and table[axis] > 0:
+                        bound = table[axis] if bound is None else min(bound, table[axis])
+        if bound is not None:
+            out[name] = bound
+    return out
+
+
+def integer_high(sess, name: str) -> int:
+    """Exclusive upper bound of synthesized integers for input ``name``: 4, or fewer when the
+    input indexes a smaller table (:func:`index_bounds` of the session's model, read once)."""
+    bounds = getattr(sess, "_onnxopt_bounds", None)
+    if bounds is None:
+        bounds = {}
+        source = getattr(sess, "_onnxopt_source", None)
+        try:
+            if isinstance(source, bytes):
+                bounds = index_bounds(onnx.load_from_string(source))
+            elif source is not None:
+                bounds = index_bounds(onnx.load(source, load_external_data=False))
+        except Exception as e:  # noqa: BLE001 - without bounds the plain [0, 4) range is used
+            logger.debug("index bounds unavailable: %s", e)
+        try:
+            sess._onnxopt_bounds = bounds
+        except AttributeError:
+            pass
+    return max(1, min(4, bounds.get(name, 4)))
 
 
 def _padding_mask(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:

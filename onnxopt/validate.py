@@ -252,59 +252,53 @@ class Point:
                 **({"reason": self.skipped} if self.skipped else {})}
 
 
-def _symbolic_dims(sess) -> dict[tuple[str, int], str]:
-    """(input, axis) -> dim name for every dim an input declares as non-static (unnamed dims get
-    their own name, so they vary independently)."""
-    found = {}
-    for inp in sess.get_inputs():
-        for axis, d in enumerate(inp.shape or []):
-            if not (isinstance(d, int) and d >= 0):
-                found[(inp.name, axis)] = d if isinstance(d, str) and d else f"{inp.name}:{axis}"
-    return found
-
-
 def _alternatives(value: int) -> list[int]:
     """Second values tried for a symbolic dim first exercised at ``value`` (small dims grow, so
     a 1 that hides a broadcast becomes 3; large ones halve, so memory stays bounded)."""
     return [value + 2, value + 1] if value <= 8 else [value // 2, value + 1]
 
 
-def variation_points(sess, primary: dict[str, np.ndarray], tries: int = 3) -> list[Point]:
+def variation_points(sess, primary: dict[str, np.ndarray], tries: int = 12) -> list[Point]:
     """Inputs that exercise what an optimizer may have assumed from the primary point: every
     symbolic dim at a second value, and new values for every input (integers and booleans too,
     which may feed shapes, axes or indices), never the seed-0 values a shape probe used.
 
-    Candidates on which the original itself fails (an index out of range, a size that does not
-    divide) are tried in turn and, when all fail, returned as one skipped Point with the reason.
-    Cost: at most ``tries`` runs of the original."""
-    symbolic = _symbolic_dims(sess)
+    Each dim's second value comes from :func:`_alternatives`; the combinations are tried smallest
+    change first (``runtime.assignments``), since a model may relate dims (a mask as long as past
+    + seq) and fail on some.  Candidates on which the original itself fails (an index out of
+    range, a size that does not divide) are tried in turn and, when all fail, returned as one
+    skipped Point with the reason.  Cost: at most ``tries`` runs of the original."""
+    symbolic = runtime.symbolic_dims(sess)
+    choices: dict[str, list[int]] = {}
+    for (name, axis), dim in symbolic.items():
+        if dim not in choices:
+            choices[dim] = _alternatives(int(np.shape(primary[name])[axis]) if name in primary else 1)
     last_error = ""
-    for attempt in range(tries):
-        values: dict[str, int] = {}
-        for (name, axis), dim in symbolic.items():
-            if dim not in values:
-                base = int(np.shape(primary[name])[axis]) if name in primary else 1
-                options = _alternatives(base)
-                values[dim] = options[min(attempt, len(options) - 1)]
+    for attempt, values in enumerate(runtime.assignments(choices, tries)):
         overrides = {inp.name: tuple(values[symbolic[(inp.name, a)]] if (inp.name, a) in symbolic
                                      else int(np.shape(primary[inp.name])[a]) for a in range(np.ndim(primary[inp.name])))
                      for inp in sess.get_inputs() if inp.name in primary}
         dims_text = ", ".join(f"{k}={v}" for k, v in values.items())
         label = f"synthesized, seed {attempt + 1}" + (f", {dims_text}" if dims_text else "")
         try:
-            feeds = _differ_from(primary, runtime.synthesize(sess, overrides, seed=attempt + 1, quiet=True), attempt + 1)
+            feeds = _differ_from(primary, runtime.synthesize(sess, overrides, seed=attempt + 1, quiet=True), attempt + 1,
+                                 {name: runtime.integer_high(sess, name) for name in primary})
             reference = runtime.run(sess, feeds)
         except BadInputError as e:
             last_error = str(e)
+            if not symbolic and attempt >= 2:
+                break  # only the values change: a few seeds are enough
             continue
         return [Point(label, feeds, reference)]
     return [Point("synthesized variation", {}, None, f"the original model fails on every variation tried: {last_error}")]
 
 
-def _differ_from(primary: Mapping[str, np.ndarray], feeds: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+def _differ_from(primary: Mapping[str, np.ndarray], feeds: dict[str, np.ndarray], seed: int,
+                 highs: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
     """Integer and bool inputs of the same shape as at the primary point get a different value in
     *every* element (a new seed alone repeats some: [3, 2] then [1, 2]); integers only where the
-    primary ones lie in the synthesized range [0, 4), so a token id stays a valid id; padding masks
+    primary ones lie in the synthesized range [0, high) (``highs``: 4, or the rows of the table
+    the input indexes, ``runtime.integer_high``), so a token id stays a valid id; padding masks
     keep their form."""
     rng = np.random.default_rng(seed)
     out = dict(feeds)
@@ -314,8 +308,10 @@ def _differ_from(primary: Mapping[str, np.ndarray], feeds: dict[str, np.ndarray]
             continue
         if value.dtype == np.bool_:
             out[name] = ~base
-        elif value.dtype.kind in "iu" and base.min() >= 0 and base.max() < 4:
-            out[name] = ((base + 1 + rng.integers(0, 3, size=base.shape)) % 4).astype(value.dtype)
+        elif value.dtype.kind in "iu":
+            high = (highs or {}).get(name, 4)
+            if high >= 2 and base.min() >= 0 and base.max() < high:
+                out[name] = ((base + 1 + rng.integers(0, high - 1, size=base.shape)) % high).astype(value.dtype)
     return out
 
 
@@ -430,7 +426,7 @@ def compare_models(a: str | os.PathLike, b: str | os.PathLike, *, eps: tuple[str
         if data is not None:
             feeds_iter = ((feeds, None) for feeds in data_mod.batches(data, sa, preprocess, max_batches))
         else:  # the synthesized point and a variation of it (other symbolic dims and values)
-            primary = runtime.synthesize(sa, shapes, quiet=ep != eps[0])
+            primary = runtime.synthesize_runnable(sa, shapes, quiet=ep != eps[0])
             feeds_iter = iter([(primary, None)] + [(p.feeds, p.reference) for p in variation_points(sa, primary)
                                                    if p.reference is not None])
         count = 0

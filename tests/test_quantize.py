@@ -909,3 +909,28 @@ def test_cost_model_guard_agrees_with_the_measured_guard(tmp_path, monkeypatch, 
         decisions[cost_model] = {d["kind"]: (d["quantized"], d.get("cost_model", False)) for d in recipe.latency_decisions}
     assert decisions[True] == {"conv": (True, True), "gemm": (False, True)}, decisions
     assert decisions[False] == {"conv": (True, False), "gemm": (False, False)}, decisions
+
+
+def test_regions_that_cannot_run_alone_are_estimated_from_macs(tmp_path, monkeypatch, resnet_calib):
+    """A layer whose region is not timed gets float/int8 times from its MACs at the ms-per-MAC of
+    its kind's timed regions: features.8 (a stride-2 3x3 conv) estimated from the other convs lands
+    within 0.5-2x of its own timing, and is marked estimated; a kind with no timed region gets none."""
+    import onnx_ir as ir
+
+    from onnxopt import costmodel
+    from onnxopt import quantize as qm
+
+    monkeypatch.setenv("ONNXOPT_CACHE_DIR", "off")
+    recipe = qm.Recipe()
+    prepared = qm.prepare_model(ir.load(str(ROOT / "models" / "digits_resnet.onnx")), recipe)
+    q = qm.Quantizer(prepared, qm.calibrate_model(prepared, resnet_calib), recipe)
+    timed = q.regions()
+    measure = costmodel.Regions._measure
+    skip = {"/features/features.8/Conv", "/fc/Gemm"}
+    monkeypatch.setattr(costmodel.Regions, "_measure",
+                        lambda self, node, feeds: None if node.name in skip else measure(self, node, feeds))
+    again = qm.Quantizer(prepared, qm.calibrate_model(prepared, resnet_calib), qm.Recipe()).regions()
+    est, real = again["/features/features.8/Conv"], timed["/features/features.8/Conv"]
+    assert est.estimated and not real.estimated and est.pairs == 0
+    assert 0.5 < est.float_ms / real.float_ms < 2.0 and 0.5 < est.int8_ms / real.int8_ms < 2.0, (est, real)
+    assert "/fc/Gemm" not in again  # the only gemm: no rate to estimate it from

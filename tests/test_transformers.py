@@ -244,3 +244,52 @@ def test_fast_gelu_rule_only_on_the_exact_tanh_gelu(k, extra_use, fused):
     assert [n.op_type for n in out.graph.node] == (["FastGelu"] if fused else [n.op_type for n in proto.graph.node])
     x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32) * 3
     assert np.max(np.abs(ort_run(out, {"x": x})[0] - ort_run(proto, {"x": x})[0])) <= 1e-4
+
+
+# ---------------------------------------------------------------- inputs synthesized for transformer exports
+
+def test_index_bounds_follow_integer_inputs_to_their_tables():
+    """An id reaching a Gather through Cast/Unsqueeze is bounded by the table's rows (the smallest
+    of its tables, a DequantizeLinear table included); an integer that only feeds arithmetic, or
+    reaches a Gather as its data, is not."""
+    from onnx import numpy_helper as nh
+
+    from onnxopt import runtime
+
+    nodes = [h.make_node("Cast", ["tt"], ["tt64"], to=T.INT64),
+             h.make_node("Gather", ["types", "tt64"], ["e1"]),
+             h.make_node("Unsqueeze", ["ids", "ax"], ["ids1"]),
+             h.make_node("Gather", ["words", "ids1"], ["e2"]),
+             h.make_node("DequantizeLinear", ["pos_q", "s"], ["pos"]),
+             h.make_node("Gather", ["pos", "ids"], ["e3"]),
+             h.make_node("Add", ["n", "n"], ["n2"]),
+             h.make_node("Gather", ["n", "ax"], ["n3"])]
+    inits = [nh.from_array(np.zeros((2, 4), np.float32), "types"), nh.from_array(np.zeros((1000, 4), np.float32), "words"),
+             nh.from_array(np.zeros((64, 4), np.int8), "pos_q"), nh.from_array(np.float32(0.1), "s"),
+             nh.from_array(np.array([0], np.int64), "ax")]
+    ints = [h.make_tensor_value_info(n, T.INT32 if n == "tt" else T.INT64, ["b", "s"]) for n in ("tt", "ids", "n")]
+    outs = [h.make_tensor_value_info(n, T.FLOAT, None) for n in ("e1", "e2", "e3")] + \
+        [h.make_tensor_value_info(n, T.INT64, None) for n in ("n2", "n3")]
+    model = h.make_model(h.make_graph(nodes, "g", ints, outs, inits), opset_imports=[h.make_opsetid("", 13)])
+    assert runtime.index_bounds(model) == {"tt": 2, "ids": 64}
+
+
+def test_assignments_try_the_smallest_change_first():
+    from onnxopt import runtime
+
+    got = list(runtime.assignments({"a": [1, 2], "b": [3, 4, 5]}, 4))
+    assert got == [{"a": 1, "b": 3}, {"a": 1, "b": 4}, {"a": 2, "b": 3}, {"a": 1, "b": 5}]
+    assert len(list(runtime.assignments({f"d{i}": [1, 2, 3, 4] for i in range(12)}, 64))) == 64  # lazy, capped
+
+
+@pytest.mark.parametrize("name, dims", [("bert_ts", None), ("gpt2_ts", "batch=1, past=1, seq=1, total=2")])
+def test_transformer_exports_optimize_without_data(cli, tmp_path, name, dims):
+    """Without --data: token-type ids stay inside BERT's 2-row table (synthesized in [0, 2), not
+    [0, 4)), and GPT-2's mask gets the length past + seq it needs (the smallest symbolic dims the
+    model runs on, named in a warning); both validate at 2 input points, exit 0."""
+    out = tmp_path / "o.onnx"
+    r = cli("optimize", ROOT / "models" / f"{name}.onnx", "-o", out)
+    assert r.exit_code == 0, r.output
+    assert "at 2 input point(s)" in r.output and out.exists()
+    if dims:
+        assert f"using {dims} (the smallest values it runs on" in r.output
