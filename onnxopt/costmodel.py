@@ -28,7 +28,7 @@ A layer whose region cannot be cut out or run (ORT refuses it alone, its input s
 is estimated from its MACs (``onnxopt.cost``, as ``inspect --cost`` counts them) at the ms per
 MAC its kind's timed regions showed on this machine, and marked ``estimated``.
 
-Cost: one float run with the layers' inputs as extra outputs, then per region not in the cache two
+Cost: one float run per CHUNK layers with their inputs as extra outputs, then per region not in the cache two
 session creations and at most ``MAX_BLOCKS`` x ``PAIRS`` paired runs of one layer.
 """
 
@@ -59,6 +59,8 @@ CACHE_FORMAT = "onnxopt-regions/1"
 PAIRS, MIN_BLOCKS, MAX_BLOCKS, PRECISION = 16, 2, 6, 0.08
 #: seconds at most per region
 REGION_SECONDS = 2.0
+#: layers whose input activations are read per float run (bounds the activations held at once)
+CHUNK = 16
 
 
 @dataclasses.dataclass
@@ -144,14 +146,15 @@ class Regions:
         regions (or MACs) it is left out, and the guard measures it in the whole model."""
         nodes = {n.name: n for n in self.model.graph}
         layers = [nodes[n] for n in kinds if n in nodes]
-        inputs = sorted({v.name for node in layers for v in _activations(node)})
-        if not layers or not inputs:
+        if not layers:
             return {}
-        acts = self._activations(inputs)
         cache = _load_cache(self.path)
         new: dict[str, dict] = {}
         out: dict[str, Region] = {}
-        for node in layers:
+        acts: dict[str, np.ndarray] = {}
+        for i, node in enumerate(layers):
+            if i % CHUNK == 0:  # the next CHUNK layers' inputs, one run (memory: CHUNK layers' activations)
+                acts = self._activations(sorted({v.name for n in layers[i:i + CHUNK] for v in _activations(n)}))
             if any(v.name not in acts for v in _activations(node)):
                 continue
             feeds = {v.name: acts[v.name] for v in _activations(node)}
@@ -192,6 +195,8 @@ class Regions:
     # ---------------------------------------------------------------- internals
     def _activations(self, names: list[str]) -> dict[str, np.ndarray]:
         """The layers' float inputs on the held-out batch (one run with them as extra outputs)."""
+        if not names:
+            return {}
         graph_inputs = {v.name for v in self.model.graph.inputs}
         extra = [n for n in names if n not in graph_inputs]
         sess = runtime.session(runtime.with_outputs(onnx.load_from_string(self.float_bytes), extra), "cpu", self.threads,

@@ -711,18 +711,20 @@ def predict_kind(members: set[str], costs: Mapping[str, costmodel.Region], float
     """The cost model's verdict on a layer kind, or None when its regions leave it open (or a
     member has no region timing).  ``float``: its layers take less than LATENCY_MARGIN of the fp32
     time, so no int8 form can pay the margin; ``int8``: their int8 regions (pessimistic: each
-    pays its own Q/DQ) save more than LATENCY_MARGIN + CLEAR of the fp32 time."""
+    pays its own Q/DQ) save more than LATENCY_MARGIN + CLEAR of the fp32 time.  The record has
+    the measured decisions' keys (``float_ms`` the fp32 model's, ``quantized_ms`` and ``ratio``
+    predicted) plus ``cost_model``, ``float_share`` and the regions read from the cache or estimated."""
     if not members or any(n not in costs for n in members) or float_ms <= 0:
         return None
     share = sum(costs[n].float_ms for n in members) / float_ms
     saving = sum(costs[n].saving_ms for n in members) / float_ms
-    record = {"cost_model": True, "float_share": share, "predicted_ratio": 1.0 - saving, "fp32_ms": float_ms,
-              "regions_cached": sum(costs[n].cached for n in members),
+    record = {"cost_model": True, "float_ms": float_ms, "quantized_ms": float_ms * (1.0 - saving), "ratio": 1.0 - saving,
+              "float_share": share, "regions_cached": sum(costs[n].cached for n in members),
               "regions_estimated": sum(costs[n].estimated for n in members)}
     if share < LATENCY_MARGIN:
-        return {**record, "verdict": "float: below the margin", "quantized": False}
+        return {**record, "verdict": "cost model: below the margin", "quantized": False}
     if saving > LATENCY_MARGIN + CLEAR:
-        return {**record, "verdict": "int8: regions clearly faster", "quantized": True}
+        return {**record, "verdict": "cost model: clearly faster", "quantized": True}
     return None
 
 
@@ -742,8 +744,8 @@ def guard_kinds(q: Quantizer, recipe: Recipe, costs: Mapping[str, costmodel.Regi
         if predicted is not None:
             keep = predicted["quantized"]
             recipe.latency_decisions.append({"kind": kind, "layers": len(members), **predicted})
-            why = (f"cost model: {kind} layers are {predicted['float_share']:.1%} of the fp32 time, below the "
-                   f"{LATENCY_MARGIN:.0%} margin")
+            why = (f"latency guard (cost model): {kind} layers are {predicted['float_share']:.1%} of the fp32 time, "
+                   f"below the {LATENCY_MARGIN:.0%} margin")
         else:
             excluded = recipe.excluded()
             with_q = serialize(q.build(excluded - members)[0])

@@ -98,11 +98,7 @@ def inputs(float_bytes: bytes, opts: qm.Options) -> tuple[list[dict], list[dict]
     """Step 2: (held-out scoring batches, rounding batches, the report's ``calibration`` entry)."""
     sess = runtime.session(float_bytes, "cpu", opts.threads, optimize=False)
     if opts.data is None:
-        primary = runtime.synthesize_runnable(sess)
-        try:
-            runtime.run(sess, primary)
-        except BadInputError as e:
-            raise BadInputError(f"{e} (on inputs synthesized without --data; give --data with inputs this model accepts)") from None
+        primary = runtime.synthesize_runnable(sess)  # raises, naming --data, when no synthesized input runs
         points = [validate.Point("synthesized, seed 0", primary)] + validate.variation_points(sess, primary)
         longer = {i.name: tuple(d if isinstance(d, int) and d >= 0 else SYNTHESIZED_DIM for d in i.shape)
                   for i in sess.get_inputs()}

@@ -252,17 +252,39 @@ def test_bad_input_and_usage(tmp_path, cli):
         (("--mode", "static"), 1, "--mode static needs calibration --data"),
         (("--weights", "int4", "--rounding", "gptq"), 1, "--rounding gptq needs --data"),
         (("--mode", "dynamic", "--embeddings", "int4"), 1, "--embeddings int4 goes with --weights int4"),
-        (("--mode", "dynamic"), 2, "give --data with inputs this model accepts"),  # token type ids 0..3 > 2 rows
+        (("--mode", "dynamic"), 2, "on synthesized inputs; give real inputs with --data"),  # no synthesized input runs it
     ]
     for args, code, message in cases:
-        src = BERT if "gptq" not in args else tmp_path / "m.onnx"
-        if src != BERT:
+        src = BERT if "gptq" not in args and message != cases[-1][2] else tmp_path / "m.onnx"
+        if "gptq" in args:
             onnx.save(_embedding_gemm_model(), src)
+        elif src != BERT:
+            onnx.save(_unrunnable_model(), src)
         r = cli("quantize", src, "-o", out, *args)
         assert r.exit_code == code, (args, r.output)
         assert message in r.output, (args, r.output)
         assert not out.exists()
     assert sha256(BERT) == before
+
+
+def _unrunnable_model():
+    """MatMul -> Reshape to the input ``target`` [2]: [2, 3] -> [a, b] with a * b = 8 has no
+    solution among synthesized integers in [0, 4) (0 copies the dim), so no synthesized input runs."""
+    w = nh.from_array(np.ones((3, 4), np.float32), "w")
+    nodes = [h.make_node("MatMul", ["x", "w"], ["y"], name="mm"), h.make_node("Reshape", ["y", "target"], ["out"])]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [2, 3]), h.make_tensor_value_info("target", T.INT64, [2])],
+                     [h.make_tensor_value_info("out", T.FLOAT, None)], [w])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+
+
+def test_dynamic_quantizes_bert_without_data(tmp_path, cli):
+    """BERT's token-type ids index a 2-row table: synthesized in [0, 2), so --mode dynamic runs
+    without --data (it used to be refused: ids 0..3) and scores at the synthesized points."""
+    out, rep = tmp_path / "q.onnx", tmp_path / "q.json"
+    r = cli("quantize", BERT, "-o", out, "--mode", "dynamic", "--max-drop", "0.1", "--report", rep)
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    assert len(report["calibration"]["synthesized"]) >= 3 and out.exists()
 
 
 def test_int4_output_head_stays_8_bit(tmp_path):
