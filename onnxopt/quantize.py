@@ -72,6 +72,7 @@ import onnx_ir as ir
 
 from onnxopt import api, bench, calibrate, costmodel, fidelity, io, pipeline, runtime
 from onnxopt import data as data_mod
+from onnxopt.base import drop_unused_initializers
 from onnxopt.errors import BadInputError, InternalError, OnnxoptError, UsageError
 from onnxopt.passes import quantize_qdq as qq
 from onnxopt.passes import recover
@@ -485,10 +486,12 @@ def recover_float(model: ir.Model) -> Mapping[str, int]:
 
 def recover_model(q: Quantizer, model: ir.Model, the_plan: qq.Plan, recovery: tuple[str, ...]) -> ir.Model:
     """Step 6 on a model with Q/DQ inserted (``adaround`` acts at insertion, see
-    :meth:`Quantizer.build`): bias correction, then cleanup."""
+    :meth:`Quantizer.build`): bias correction, then the float weights Q/DQ replaced are dropped
+    (all a build leaves unused; the written model also goes through ``cleanup``, in :func:`commit`)."""
     if "bias-correction" in recovery:
         recover.bias_correction(model, the_plan, q.model, q.input_means)
-    return pipeline.run(model, pipeline.parse("cleanup")).model
+    drop_unused_initializers(model.graph)
+    return model
 
 
 def score_session(sess, metric: Callable | None, metric_name: str | None, rules, max_drop: float | None,
@@ -982,10 +985,13 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: R
 
 def commit(q: Quantizer, recipe: Recipe, candidate: ir.Model, the_plan: qq.Plan, output_path: str | os.PathLike,
            report: dict, opts: Options, replayed: bool, t_start: float) -> dict:
-    """The last step of every mode: stage, score against the budget, rename into place (or raise
-    ValidationRefused), then save the recipe when asked; returns ``report``."""
+    """The last step of every mode: ``cleanup`` (builds only drop the weights they replaced), stage,
+    score against the budget, rename into place (or raise ValidationRefused), then save the recipe
+    when asked; returns ``report``."""
     def refused(_path: Path, _result: BudgetResult) -> None:
         report["seconds"] = time.perf_counter() - t_start
+
+    candidate = pipeline.run(candidate, pipeline.parse("cleanup")).model
 
     api.stage_validate_commit(candidate, output_path, report, check=_check_budget(q, report, opts, replayed),
                               force=opts.force, on_refused=refused, refused="quantized model not written")

@@ -43,7 +43,7 @@ import onnx_ir as ir
 from onnxopt import data as data_mod
 from onnxopt import pipeline, runtime, validate
 from onnxopt import quantize as qm
-from onnxopt.base import constant
+from onnxopt.base import constant, drop_unused_initializers
 from onnxopt.errors import BadInputError, UsageError
 from onnxopt.passes import quantize_qdq as qq
 from onnxopt.passes import quantize_weights as qw
@@ -199,9 +199,7 @@ class WeightQuantizer(qm.Quantizer):
             shared = {} if four else qw.tied_tables(model, dynamic.weights, exclude)
             qw.QuantizeEmbeddings(4 if four else 8, self.block, exclude, shared)(model)
         # drop the float weights the passes replaced (all they leave unused; the cleanup pipeline costs far more)
-        for name, value in list(model.graph.initializers.items()):
-            if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
-                del model.graph.initializers[name]
+        drop_unused_initializers(model.graph)
         return model, self.plan(exclude)
 
 

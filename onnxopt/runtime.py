@@ -90,7 +90,14 @@ def session(model: str | os.PathLike | bytes, ep: str = "cpu", threads: int | No
         providers.append(("CPUExecutionProvider", {}))  # fallback for nodes the EP does not take
     try:
         sess = ort.InferenceSession(source, opts, providers=providers)
-        sess._onnxopt_source = source  # synthesize() reads the graph for index bounds, lazily
+        # synthesize() reads the graph for index bounds (integer_high), lazily: a path, or bytes up
+        # to BOUNDS_BYTES, of a model with integer inputs (no reference is kept to a big model's bytes)
+        try:
+            if any(i.type in _INTEGER_TYPES for i in sess.get_inputs()) and \
+                    (not isinstance(source, bytes) or len(source) <= BOUNDS_BYTES):
+                sess._onnxopt_source = source
+        except AttributeError:  # a session-like object without inputs or attributes: no bounds
+            pass
         return sess
     except UsageError:
         raise
@@ -342,6 +349,11 @@ def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
         if bound is not None:
             out[name] = bound
     return out
+
+
+#: serialized models up to this size keep a reference for :func:`integer_high` (paths always do)
+BOUNDS_BYTES = 64 << 20
+_INTEGER_TYPES = frozenset(f"tensor({t})" for t in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"))
 
 
 def integer_high(sess, name: str) -> int:

@@ -258,6 +258,10 @@ def _alternatives(value: int) -> list[int]:
     return [value + 2, value + 1] if value <= 8 else [value // 2, value + 1]
 
 
+#: variation attempts when the dim combinations run out (a model without symbolic dims: new values only)
+VALUE_TRIES = 3
+
+
 def variation_points(sess, primary: dict[str, np.ndarray], tries: int = 12) -> list[Point]:
     """Inputs that exercise what an optimizer may have assumed from the primary point: every
     symbolic dim at a second value, and new values for every input (integers and booleans too,
@@ -274,7 +278,11 @@ def variation_points(sess, primary: dict[str, np.ndarray], tries: int = 12) -> l
         if dim not in choices:
             choices[dim] = _alternatives(int(np.shape(primary[name])[axis]) if name in primary else 1)
     last_error = ""
-    for attempt, values in enumerate(runtime.assignments(choices, tries)):
+    combos = list(runtime.assignments(choices, tries))
+    # fewer combinations than tries (no symbolic dims: only the values change): the last one again,
+    # with new seeds, at most VALUE_TRIES times in all
+    combos += combos[-1:] * (min(tries, max(VALUE_TRIES, len(combos))) - len(combos))
+    for attempt, values in enumerate(combos):
         overrides = {inp.name: tuple(values[symbolic[(inp.name, a)]] if (inp.name, a) in symbolic
                                      else int(np.shape(primary[inp.name])[a]) for a in range(np.ndim(primary[inp.name])))
                      for inp in sess.get_inputs() if inp.name in primary}
@@ -286,8 +294,6 @@ def variation_points(sess, primary: dict[str, np.ndarray], tries: int = 12) -> l
             reference = runtime.run(sess, feeds)
         except BadInputError as e:
             last_error = str(e)
-            if not symbolic and attempt >= 2:
-                break  # only the values change: a few seeds are enough
             continue
         return [Point(label, feeds, reference)]
     return [Point("synthesized variation", {}, None, f"the original model fails on every variation tried: {last_error}")]

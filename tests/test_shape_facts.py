@@ -213,13 +213,13 @@ def test_validator_varies_every_symbolic_dim_and_reports_it(tmp_path):
 
 
 def test_a_variation_the_original_cannot_run_is_skipped_and_reported(tmp_path):
-    """Gather with a fixed index 2 runs only when dim N >= 3... here N is declared 3 and the
-    integer input must stay below 3: every synthesized seed draws values in [0, 4), but the
-    original fails only when a 3 is drawn; force failure by an index input of 64 values."""
-    nodes = [h.make_node("Gather", ["table", "idx"], ["y"], axis=0)]
+    """A 3-row table indexed by idx + 1: synthesized integers lie in [0, 4) (the + 1 hides the
+    table's bound from the synthesis), so 64 of them surely reach 4 and the original fails at
+    the primary point and at every variation; with data of zeros it runs."""
+    nodes = [h.make_node("Add", ["idx", "one"], ["i1"]), h.make_node("Gather", ["table", "i1"], ["y"], axis=0)]
     g = h.make_graph(nodes, "g", [h.make_tensor_value_info("idx", T.INT64, [64])],
                      [h.make_tensor_value_info("y", T.FLOAT, None)],
-                     [nh.from_array(np.arange(3, dtype=np.float32), "table")])
+                     [nh.from_array(np.arange(3, dtype=np.float32), "table"), nh.from_array(np.int64(1), "one")])
     path = _write(tmp_path, h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), "g.onnx")
     # the primary point itself fails: that is the user's problem, said once
     with pytest.raises(BadInputError, match="failed to run the model"):
