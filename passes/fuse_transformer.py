@@ -21,8 +21,10 @@ from onnxopt.base import (
     FunctionalOptPass,
     Match,
     add_initializer,
+    constant,
     count_nodes,
     is_constant,
+    node_axes,
     op_histogram,
     remove_dead_producers,
     substitute,
@@ -44,9 +46,17 @@ _BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "M
 PREPARE = "cleanup,fold-constants,fold-shapes,simplify{size-rules=false}"
 
 
+#: our model types that ORT's ``optimize_model`` does not know -> the type it is given (it has no
+#: Llama type: its gpt2 fusions are the ones that apply, SkipSimplifiedLayerNormalization)
+ORT_MODEL_TYPE = {"llama": "gpt2"}
+#: model types ``--model-type`` accepts besides ORT's own
+OWN_MODEL_TYPES = frozenset(ORT_MODEL_TYPE)
+
+
 def detect_heads(model: ir.Model) -> tuple[int, int]:
     """(num_heads, hidden_size) from a past key input declared [batch, heads, past, head_dim] with
-    static heads and head_dim; (0, 0) (let ORT's optimizer detect them) otherwise."""
+    static heads and head_dim; (0, 0) (let ORT's optimizer detect them) otherwise.  With grouped-query
+    attention the past holds the key/value heads only: the caller passes (0, 0) for ``llama``."""
     for v in model.graph.inputs:
         dims = list(v.shape) if v.shape is not None else []
         if "past" in (v.name or "") and len(dims) == 4 and isinstance(dims[1], int) and isinstance(dims[3], int):
@@ -55,11 +65,13 @@ def detect_heads(model: ir.Model) -> tuple[int, int]:
 
 
 def detect_model_type(model: ir.Model) -> str:
-    """ORT optimizer model type from the graph interface: ``vit`` for an image input (4-D float,
-    or named pixel_values), ``gpt2`` for past/present key-value inputs or outputs, else ``bert``."""
+    """Model type from the graph interface: ``vit`` for an image input (4-D float, or named
+    pixel_values), ``llama`` for past/present key-value inputs or outputs and rotary position
+    embeddings (Cos and Sin ops in the graph), ``gpt2`` for past/present without them, else ``bert``."""
     names = [v.name or "" for v in (*model.graph.inputs, *model.graph.outputs)]
     if any("past" in n or "present" in n for n in names):
-        return "gpt2"
+        ops = {n.op_type for n in model.graph if n.domain in ("", "ai.onnx")}
+        return "llama" if {"Cos", "Sin"} <= ops else "gpt2"
     for v in model.graph.inputs:
         if v.name == "pixel_values" or (v.dtype == ir.DataType.FLOAT and v.shape is not None and len(v.shape) == 4):
             return "vit"
@@ -220,6 +232,106 @@ def fuse_fast_gelu(node: ir.Node, graph: ir.Graph) -> Match:
     return NO_MATCH
 
 
+def _std(value: ir.Value | None, *ops: str) -> ir.Node | None:
+    """The producer of ``value`` when it is one of the standard-domain ``ops``, else None."""
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.op_type in ops and node.domain in ("", "ai.onnx") else None
+
+
+def _skip_float_cast(value: ir.Value) -> ir.Value:
+    """``value`` with one Cast to float32 of a float32 value (a no-op the exporters write) skipped."""
+    cast = _std(value, "Cast")
+    to = cast.attributes.get("to") if cast is not None else None
+    if to is not None and to.as_int() == ir.DataType.FLOAT and cast.inputs[0].dtype == ir.DataType.FLOAT:
+        return cast.inputs[0]
+    return value
+
+
+def _rms_input(inv_rms: ir.Value) -> tuple[ir.Value, float] | str:
+    """(x, epsilon) when ``inv_rms`` is 1 / sqrt(mean(x^2, last axis, keepdims) + epsilon), written
+    as Reciprocal(Sqrt(.)) or Div(1, Sqrt(.)); else why not."""
+    recip = _std(inv_rms, "Reciprocal", "Div")
+    if recip is None or (recip.op_type == "Div" and not _is_scalar(recip.inputs[0], 1.0)):
+        return "no 1/sqrt(.)"
+    sqrt = _std(recip.inputs[-1], "Sqrt")
+    add = _std(sqrt.inputs[0], "Add") if sqrt is not None else None
+    if add is None:
+        return "no sqrt(mean + epsilon)"
+    eps, rest = _split_constants(list(add.inputs))
+    mean = _std(rest[0], "ReduceMean") if eps is not None and len(rest) == 1 else None
+    keep = mean.attributes.get("keepdims") if mean is not None else None
+    if mean is None or (keep is not None and not keep.as_int()):
+        return "no mean(x^2) + epsilon with keepdims"
+    pow_ = _std(mean.inputs[0], "Pow")
+    if pow_ is None or not _is_scalar(pow_.inputs[1], 2.0):
+        return "mean of something other than x^2"
+    x = pow_.inputs[0]
+    rank = len(x.shape) if x.shape is not None else None
+    axes = node_axes(mean)
+    if axes is None or len(axes) != 1 or (axes[0] != -1 and (rank is None or axes[0] != rank - 1)):
+        return "the mean is not over the last axis only"
+    return x, float(eps)
+
+
+def _is_scalar(value: ir.Value, wanted: float) -> bool:
+    arr = constant(value)
+    return arr is not None and arr.size == 1 and float(arr.reshape(-1)[0]) == wanted
+
+
+def fuse_simplified_layer_norm(node: ir.Node, graph: ir.Graph) -> Match:
+    """Pattern: RMSNorm as HF Llama's ``LlamaRMSNorm`` reaches ONNX through either exporter,
+    ``scale * (x * 1/sqrt(mean(x^2) + eps))`` (either Mul order; without the scale once our
+    simplify has folded it into the next MatMuls), 1/sqrt as Reciprocal(Sqrt) or Div(1, Sqrt),
+    ReduceMean's axes as attribute (opset < 18) or input, float32 Casts of float32 values around the
+    normalization skipped.  Check: x float32, the mean over the last axis only with keepdims, the
+    exponent exactly 2, epsilon and scale constants, scale 1-D of x's last dim (when known; ones of
+    x's static last dim without a scale); a scale-less match whose user is a Mul by a constant
+    declines (that Mul is the root).  Rewrite: ORT's ``SimplifiedLayerNormalization(x, scale,
+    axis=-1, epsilon, stash_type=float)`` (registered by ORT in the ONNX domain).  onnxscript's
+    RMSNorm rule (0.7) needs opset 18's ReduceMean and Reciprocal, so it misses the TorchScript
+    exporter's form; its SkipSimplifiedLayerNormalization rule then fuses the residual Adds into ours."""
+    if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return NO_MATCH
+    options: list[tuple[ir.Value | None, ir.Node]] = []
+    for scale, normalized in (node.inputs, node.inputs[::-1]):
+        inner = _std(_skip_float_cast(normalized), "Mul")
+        if constant(scale) is not None and inner is not None:
+            options.append((scale, inner))
+    options.append((None, node))
+    for scale, inner in options:
+        for xc, inv in (inner.inputs, inner.inputs[::-1]):
+            found = _rms_input(inv)
+            if isinstance(found, str) or _skip_float_cast(found[0]) is not _skip_float_cast(xc):
+                continue
+            return _rewrite_rms(node, graph, _skip_float_cast(xc), scale, found[1])
+    return NO_MATCH
+
+
+def _rewrite_rms(node: ir.Node, graph: ir.Graph, x: ir.Value, scale: ir.Value | None, eps: float) -> Match:
+    last = x.shape[-1] if x.shape is not None and len(x.shape) else None
+    if x.dtype != ir.DataType.FLOAT:
+        return Match.fail("not float32")
+    if scale is None:
+        if any(u.node.op_type == "Mul" and any(constant(v) is not None for v in u.node.inputs) for u in node.outputs[0].uses()):
+            return Match.fail("its user multiplies by a constant (that Mul is the root)")
+        if not isinstance(last, int):
+            return Match.fail("no scale and the last dim is not static")
+        scale = add_initializer(graph, f"{node.name or 'rms'}_ones", np.ones(last, np.float32))
+    weight = constant(scale)
+    if weight is None or weight.dtype != np.float32 or weight.ndim != 1 or (isinstance(last, int) and weight.shape[0] != last):
+        return Match.fail("scale is not a float32 1-D constant over the last axis")
+    norm = ir.node("SimplifiedLayerNormalization", [x, scale], name=f"{node.name or 'rms'}_simplified_ln",
+                   attributes={"axis": -1, "epsilon": eps, "stash_type": 1})
+    norm.outputs[0].dtype, norm.outputs[0].shape = x.dtype, x.shape
+    graph.insert_before(node, norm)
+    inputs = list(node.inputs)
+    reason = substitute(node, norm.outputs[0])
+    if reason:
+        graph.remove(norm, safe=True)
+        return Match.fail(reason)
+    remove_dead_producers(inputs)
+    return Match.ok()
+
 def _onnxscript(model: ir.Model, model_type: str, num_heads: int, hidden_size: int, sdpa_first: bool = False) -> ir.Model:
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
     from onnxscript.rewriter.ort_fusions._core import _pre_optimize
@@ -229,6 +341,9 @@ def _onnxscript(model: ir.Model, model_type: str, num_heads: int, hidden_size: i
 
     work = _with_inferred_shapes(model)
     _canonicalize(work, collections.Counter())
+    for node in list(work.graph):
+        if node.graph is not None:
+            fuse_simplified_layer_norm(node, work.graph)
     if sdpa_first:
         # SDPA first, then our simplify: the TorchScript exporter's 3-D attention leaves a Reshape that
         # is a no-op once SDPA is fused, and it keeps onnxscript's MultiHeadAttention rules from matching
@@ -250,7 +365,7 @@ def _onnxscript_sdpa_first(model: ir.Model, model_type: str, num_heads: int, hid
 def _onnxruntime(model: ir.Model, model_type: str, num_heads: int, hidden_size: int) -> ir.Model:
     from onnxruntime.transformers.optimizer import optimize_model
 
-    optimized = optimize_model(ir.to_proto(model), model_type=model_type, num_heads=num_heads,
+    optimized = optimize_model(ir.to_proto(model), model_type=ORT_MODEL_TYPE.get(model_type, model_type), num_heads=num_heads,
                                hidden_size=hidden_size, opt_level=0)
     return ir.serde.deserialize_model(optimized.model)
 
@@ -351,7 +466,7 @@ class FuseTransformer(FunctionalOptPass):
     debug level, ``-vv``).  A candidate that diverges from this pass's input (tolerance as
     validation's) is skipped with the first diverging output.  The kept candidate
     fuses the most attention blocks, then leaves the fewest Softmax, then has the fewest nodes.
-    ``model-type`` ``auto`` detects bert/gpt2/vit from the graph interface (see
+    ``model-type`` ``auto`` detects bert/gpt2/llama/vit from the graph interface (see
     :func:`detect_model_type`).  Runs first in any pipeline (``runs_first``), before passes that
     would rewrite the subgraphs the fusions match, so ``default,fuse-transformer`` and
     ``fuse-transformer,default`` give the same model.  The result uses com.microsoft ops: it runs
@@ -370,9 +485,9 @@ class FuseTransformer(FunctionalOptPass):
         self.feeds = feeds  # the pipeline's validation inputs (a pipeline argument, not an option)
         from onnxruntime.transformers.optimizer import MODEL_TYPES
 
-        if model_type != "auto" and model_type not in MODEL_TYPES:
+        if model_type != "auto" and model_type not in MODEL_TYPES and model_type not in OWN_MODEL_TYPES:
             raise UsageError(f"fuse-transformer: unknown model-type '{model_type}' "
-                             f"(known: auto, {', '.join(sorted(MODEL_TYPES))})")
+                             f"(known: auto, {', '.join(sorted({*MODEL_TYPES, *OWN_MODEL_TYPES}))})")
         self.model_type = model_type
         self.num_heads = num_heads
         self.hidden_size = hidden_size
@@ -452,7 +567,7 @@ class FuseTransformer(FunctionalOptPass):
         # a clone shares tensors, whose names the libraries' passes rename: copy through a protobuf
         work = ir.from_proto(ir.to_proto(work))
         model_type = detect_model_type(work) if self.model_type == "auto" else self.model_type
-        heads, hidden = (self.num_heads, self.hidden_size) if self.num_heads else detect_heads(work)
+        heads, hidden = (self.num_heads, self.hidden_size) if self.num_heads or model_type == "llama" else detect_heads(work)
         before = _describe(work)
         fused_before = _fused_ops(work, TRANSFORMER_OPS)
         candidates = [c for c in self._candidates(work, model_type, heads, hidden, skipped)
