@@ -247,16 +247,16 @@ def _skip_float_cast(value: ir.Value) -> ir.Value:
     return value
 
 
-def _rms_input(inv_rms: ir.Value) -> tuple[ir.Value, float] | str:
+def _rms_input(inv_rms: ir.Value) -> tuple[ir.Value, float] | str | None:
     """(x, epsilon) when ``inv_rms`` is 1 / sqrt(mean(x^2, last axis, keepdims) + epsilon), written
-    as Reciprocal(Sqrt(.)) or Div(1, Sqrt(.)); else why not."""
+    as Reciprocal(Sqrt(.)) or Div(1, Sqrt(.)); None when it is no 1/sqrt(a + b); else why not."""
     recip = _std(inv_rms, "Reciprocal", "Div")
     if recip is None or (recip.op_type == "Div" and not _is_scalar(recip.inputs[0], 1.0)):
-        return "no 1/sqrt(.)"
+        return None
     sqrt = _std(recip.inputs[-1], "Sqrt")
     add = _std(sqrt.inputs[0], "Add") if sqrt is not None else None
     if add is None:
-        return "no sqrt(mean + epsilon)"
+        return None
     eps, rest = _split_constants(list(add.inputs))
     mean = _std(rest[0], "ReduceMean") if eps is not None and len(rest) == 1 else None
     keep = mean.attributes.get("keepdims") if mean is not None else None
@@ -298,13 +298,14 @@ def fuse_simplified_layer_norm(node: ir.Node, graph: ir.Graph) -> Match:
         if constant(scale) is not None and inner is not None:
             options.append((scale, inner))
     options.append((None, node))
+    reason = None
     for scale, inner in options:
         for xc, inv in (inner.inputs, inner.inputs[::-1]):
             found = _rms_input(inv)
-            if isinstance(found, str) or _skip_float_cast(found[0]) is not _skip_float_cast(xc):
-                continue
-            return _rewrite_rms(node, graph, _skip_float_cast(xc), scale, found[1])
-    return NO_MATCH
+            if isinstance(found, tuple) and _skip_float_cast(found[0]) is _skip_float_cast(xc):
+                return _rewrite_rms(node, graph, _skip_float_cast(xc), scale, found[1])
+            reason = reason or (found if isinstance(found, str) else None)
+    return Match.fail(reason) if reason else NO_MATCH
 
 
 def _rewrite_rms(node: ir.Node, graph: ir.Graph, x: ir.Value, scale: ir.Value | None, eps: float) -> Match:
@@ -332,6 +333,175 @@ def _rewrite_rms(node: ir.Node, graph: ir.Graph, x: ir.Value, scale: ir.Value | 
     remove_dead_producers(inputs)
     return Match.ok()
 
+#: ops whose output is >= 0 when the listed inputs are (integer position arithmetic)
+_SAME_SIGN = {"Unsqueeze": (0,), "Squeeze": (0,), "Reshape": (0,), "Expand": (0,), "Identity": (0,), "Flatten": (0,),
+              "Transpose": (0,), "Slice": (0,), "Gather": (0,), "Cast": (0,), "Add": None, "Mul": None, "Concat": None,
+              "Max": None, "Min": None}
+
+
+def nonnegative(value: ir.Value | None, depth: int = 12) -> bool:
+    """True when every element of ``value`` is provably >= 0: a constant, Shape/Size, Range from a
+    nonnegative start with a positive constant step, or integer arithmetic of such values
+    (``_SAME_SIGN``: all listed inputs, or all inputs when None).  False when not provable."""
+    if value is None or depth == 0:
+        return False
+    arr = constant(value)
+    if arr is not None:
+        return arr.size > 0 and bool(np.all(arr >= 0))
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type in ("Shape", "Size"):
+        return True
+    if node.op_type == "Range":
+        step = constant(node.inputs[2])
+        return step is not None and step.size == 1 and float(step.reshape(-1)[0]) > 0 and nonnegative(node.inputs[0], depth - 1)
+    if node.op_type not in _SAME_SIGN or (node.op_type == "Cast" and not _is_integer(node.inputs[0])):
+        return False
+    indices = _SAME_SIGN[node.op_type] or range(len(node.inputs))
+    return all(nonnegative(node.inputs[i], depth - 1) for i in indices)
+
+
+def _is_integer(value: ir.Value) -> bool:
+    return value.dtype is not None and value.dtype.is_integer()
+
+
+def _rotate_half_of(value: ir.Value) -> tuple[ir.Value, int] | None:
+    """(x, half) when ``value`` is Concat(-x[..., half:], x[..., :half]) on the last axis of a 4-D x."""
+    concat = _std(value, "Concat")
+    if concat is None or len(concat.inputs) != 2 or concat.attributes.get_int("axis", 0) not in (-1, 3):
+        return None
+    neg, first = _std(concat.inputs[0], "Neg"), _std(concat.inputs[1], "Slice")
+    second = _std(neg.inputs[0], "Slice") if neg is not None else None
+    if first is None or second is None or first.inputs[0] is not second.inputs[0]:
+        return None
+    bounds = [[constant(v) if v is not None else None for v in s.inputs[1:5]] for s in (first, second)]
+    if any(b is None or b.size != 1 for s in bounds for b in s[:3]) or any(s[3] is not None and s[3].tolist() != [1] for s in bounds):
+        return None
+    (s1, e1, a1, _), (s2, e2, a2, _) = [[int(b.reshape(-1)[0]) if b is not None else 1 for b in s] for s in bounds]
+    half = e1
+    if s1 != 0 or s2 != half or e2 < 2 * half or a1 not in (-1, 3) or a2 not in (-1, 3) or half <= 0:
+        return None
+    return first.inputs[0], half
+
+
+def _trig_of(value: ir.Value, op: str) -> ir.Value | None:
+    """emb when ``value`` is Unsqueeze(op(emb), [1]) (op Cos or Sin)."""
+    unsq = _std(value, "Unsqueeze")
+    trig = _std(unsq.inputs[0], op) if unsq is not None and node_axes(unsq) == [1] else None
+    return trig.inputs[0] if trig is not None else None
+
+
+def _angles(emb: ir.Value) -> tuple[ir.Value, np.ndarray] | str:
+    """(positions, inv_freq) when ``emb`` is Concat(f, f, last axis) with f = float(pos[..., None]) *
+    inv_freq, pos int [seq] or [1|batch, seq]; else why not."""
+    concat = _std(emb, "Concat")
+    if concat is None or len(concat.inputs) != 2 or concat.inputs[0] is not concat.inputs[1] or \
+            concat.attributes.get_int("axis", 0) not in (-1, 2):
+        return "cos/sin of something other than Concat(f, f)"
+    mul = _std(concat.inputs[0], "Mul")
+    for a, b in ((mul.inputs, mul.inputs[::-1]) if mul is not None else ()):
+        inv, cast = constant(b), _std(a, "Cast")
+        unsq = _std(cast.inputs[0], "Unsqueeze") if cast is not None and cast.attributes.get_int("to", 0) == ir.DataType.FLOAT else None
+        if inv is None or unsq is None:
+            continue
+        pos, axes = unsq.inputs[0], node_axes(unsq)
+        rank = len(pos.shape) if pos.shape is not None else None
+        if inv.dtype != np.float32 or inv.ndim != 1 or not _is_integer(pos) or rank not in (1, 2) or axes is None:
+            return "angles are not float(int positions) * a float32 1-D constant"
+        if sorted(a % 3 for a in axes) != ([0, 2] if rank == 1 else [2]):
+            return "positions are not unsqueezed to [1|batch, seq, 1]"
+        return pos, inv
+    return "angles are not positions * inv_freq"
+
+
+def fuse_rotary_embedding(node: ir.Node, graph: ir.Graph, shared: dict) -> Match:
+    """Pattern: HF's ``apply_rotary_pos_emb`` on one of q/k, ``x * cos + rotate_half(x) * sin`` with
+    cos/sin = Unsqueeze(Cos/Sin(Concat(f, f)), [1]), f = float(pos[..., None]) * inv_freq (both
+    exporters' form of transformers 5's rotary embedding), rotate_half(x) = Concat(-x[..., h:],
+    x[..., :h]).  Check: x 4-D [batch, heads, seq, 2h] with static heads and 2h, inv_freq a float32
+    constant of h values, positions int [seq] or [1|batch, seq] whose seq dim is x's (same inferred
+    dim), provably >= 0 (:func:`nonnegative`: they index the cache), opset >= 15.  Rewrite:
+    com.microsoft ``RotaryEmbedding(x, positions expanded to [batch, seq], cos_cache, sin_cache)``,
+    the caches [max(pos) + 1, h] computed in the graph (``Range`` * inv_freq, Cos/Sin: exact for
+    any length) and shared by every rotary of the same positions through ``shared``.  onnxscript's
+    rules (0.7) expect transformers 4's MatMul/Transpose angles and give positions [1, seq], which
+    ORT's kernel refuses for batch > 1."""
+    if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return NO_MATCH
+    for a, b in (node.inputs, node.inputs[::-1]):
+        m1, m2 = _std(a, "Mul"), _std(b, "Mul")
+        if m1 is None or m2 is None:
+            continue
+        for x, cos4 in (m1.inputs, m1.inputs[::-1]):
+            for rot, sin4 in (m2.inputs, m2.inputs[::-1]):
+                half = _rotate_half_of(rot)
+                emb = _trig_of(cos4, "Cos")
+                if half is None or half[0] is not x or emb is None or _trig_of(sin4, "Sin") is not emb:
+                    continue
+                return _rewrite_rope(node, graph, shared, x, half[1], emb)
+    return NO_MATCH
+
+
+def _rewrite_rope(node: ir.Node, graph: ir.Graph, shared: dict, x: ir.Value, half: int, emb: ir.Value) -> Match:
+    found = _angles(emb)
+    if isinstance(found, str):
+        return Match.fail(found)
+    pos, inv = found
+    dims = list(x.shape) if x.shape is not None else []
+    if len(dims) != 4 or not isinstance(dims[1], int) or dims[3] != 2 * half or inv.shape[0] != half:
+        return Match.fail("x is not [batch, heads, seq, 2 * len(inv_freq)] with static heads")
+    if x.dtype != ir.DataType.FLOAT or dims[2] is None or str(pos.shape[-1]) != str(dims[2]) or \
+            (len(pos.shape) == 2 and str(pos.shape[0]) not in ("1", str(dims[0]))):
+        return Match.fail("cannot prove the positions span x's batch and sequence axes")
+    if not nonnegative(pos):
+        return Match.fail("positions not provably >= 0")
+    if graph.opset_imports.get("", 0) < 15:
+        return Match.fail("opset < 15")
+    key = (id(pos), inv.tobytes(), str(dims[0]))
+    if key not in shared:
+        shared[key] = _rope_inputs(node, graph, pos, x, inv)
+    positions, cos_cache, sin_cache = shared[key]
+    rope = ir.node("RotaryEmbedding", [x, positions, cos_cache, sin_cache], domain="com.microsoft",
+                   attributes={"interleaved": 0, "num_heads": dims[1]}, name=f"{node.name or 'rope'}_rotary")
+    rope.outputs[0].dtype, rope.outputs[0].shape = x.dtype, x.shape
+    graph.insert_before(node, rope)
+    inputs = list(node.inputs)
+    reason = substitute(node, rope.outputs[0])
+    if reason:
+        graph.remove(rope, safe=True)
+        return Match.fail(reason)
+    remove_dead_producers(inputs)
+    return Match.ok()
+
+
+def _rope_inputs(node: ir.Node, graph: ir.Graph, pos: ir.Value, x: ir.Value, inv: np.ndarray) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """(positions [batch, seq], cos cache, sin cache [max(pos) + 1, h]), nodes inserted before ``node``."""
+    base = node.name or "rope"
+
+    def const(suffix: str, array) -> ir.Value:
+        return add_initializer(graph, f"{base}_{suffix}", np.asarray(array))
+
+    def add(op: str, inputs: list, **attributes) -> ir.Value:
+        new = ir.node(op, inputs, attributes=attributes, name=f"{base}_{op.lower()}_{len(added)}")
+        added.append(new)
+        return new.outputs[0]
+
+    added: list[ir.Node] = []
+    one, zero = const("one", np.int64(1)), const("zero", np.int64(0))
+    count = add("Add", [add("Cast", [add("ReduceMax", [pos], keepdims=0)], to=ir.DataType.INT64), one])
+    rows = add("Cast", [add("Unsqueeze", [add("Range", [zero, count, one]), const("axis1", np.array([1], np.int64))])],
+               to=ir.DataType.FLOAT)
+    angles = add("Mul", [rows, const("inv_freq", inv)])
+    cos_cache, sin_cache = add("Cos", [angles]), add("Sin", [angles])
+    pos2 = pos if len(pos.shape) == 2 else add("Unsqueeze", [pos, const("axis0", np.array([0], np.int64))])
+    shape = add("Concat", [add("Shape", [x], start=0, end=1), add("Shape", [pos2], start=1, end=2)], axis=0)
+    positions = add("Expand", [add("Cast", [pos2], to=ir.DataType.INT64), shape])
+    for new in added:
+        graph.insert_before(node, new)
+    return positions, cos_cache, sin_cache
+
+
 def _onnxscript(model: ir.Model, model_type: str, num_heads: int, hidden_size: int, sdpa_first: bool = False) -> ir.Model:
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
     from onnxscript.rewriter.ort_fusions._core import _pre_optimize
@@ -351,10 +521,14 @@ def _onnxscript(model: ir.Model, model_type: str, num_heads: int, hidden_size: i
         if fuse_sdpa(work, apply_shape_inference=True):
             Simplify(size_rules=False)(work)
     fused, _ = optimize_for_ort(work)
+    shared: dict = {}
     for node in list(fused.graph):
         if node.graph is not None:
             flatten_gemm_input(node, fused.graph)
+        if node.graph is not None:
             fuse_fast_gelu(node, fused.graph)
+        if node.graph is not None:
+            fuse_rotary_embedding(node, fused.graph, shared)
     return fused
 
 
