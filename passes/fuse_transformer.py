@@ -25,6 +25,7 @@ from onnxopt.base import (
     count_nodes,
     is_constant,
     node_axes,
+    nonnegative,
     op_histogram,
     remove_dead_producers,
     substitute,
@@ -332,35 +333,6 @@ def _rewrite_rms(node: ir.Node, graph: ir.Graph, x: ir.Value, scale: ir.Value | 
         return Match.fail(reason)
     remove_dead_producers(inputs)
     return Match.ok()
-
-#: ops whose output is >= 0 when the listed inputs are (integer position arithmetic)
-_SAME_SIGN = {"Unsqueeze": (0,), "Squeeze": (0,), "Reshape": (0,), "Expand": (0,), "Identity": (0,), "Flatten": (0,),
-              "Transpose": (0,), "Slice": (0,), "Gather": (0,), "Cast": (0,), "Add": None, "Mul": None, "Concat": None,
-              "Max": None, "Min": None}
-
-
-def nonnegative(value: ir.Value | None, depth: int = 12) -> bool:
-    """True when every element of ``value`` is provably >= 0: a constant, Shape/Size, Range from a
-    nonnegative start with a positive constant step, or integer arithmetic of such values
-    (``_SAME_SIGN``: all listed inputs, or all inputs when None).  False when not provable."""
-    if value is None or depth == 0:
-        return False
-    arr = constant(value)
-    if arr is not None:
-        return arr.size > 0 and bool(np.all(arr >= 0))
-    node = value.producer()
-    if node is None or node.domain not in ("", "ai.onnx"):
-        return False
-    if node.op_type in ("Shape", "Size"):
-        return True
-    if node.op_type == "Range":
-        step = constant(node.inputs[2])
-        return step is not None and step.size == 1 and float(step.reshape(-1)[0]) > 0 and nonnegative(node.inputs[0], depth - 1)
-    if node.op_type not in _SAME_SIGN or (node.op_type == "Cast" and not _is_integer(node.inputs[0])):
-        return False
-    indices = _SAME_SIGN[node.op_type] or range(len(node.inputs))
-    return all(nonnegative(node.inputs[i], depth - 1) for i in indices)
-
 
 def _is_integer(value: ir.Value) -> bool:
     return value.dtype is not None and value.dtype.is_integer()
