@@ -15,6 +15,12 @@ Architectures (the attention is HF's default, ``sdpa``; each file is well under 
   outputs ``logits`` [batch, seq, 1000] and ``present_{key,value}_{i}`` [batch, 4, total, 16].
 - ``vit``: ``ViTModel`` on 32x32 RGB images, 8x8 patches (a patch Conv + the encoder); input
   ``pixel_values`` [batch, 3, 32, 32]; outputs ``last_hidden_state`` [batch, 17, 64], ``pooler_output``.
+- ``llama``: ``LlamaForCausalLM`` (grouped-query attention: 4 query heads, ``KV_HEADS`` = 2
+  key/value heads; rotary position embeddings, RMSNorm, SiLU MLP) with past key values, the
+  interface of ``gpt2`` with 2 heads in the cache: ``past_{key,value}_{i}`` [batch, 2, past, 16].
+
+Rebuilds are byte-identical (the dynamo exporter's node metadata naming this file's path, line
+numbers or the invoking module is dropped: ``UNSTABLE_METADATA``); ``--only llama_ts`` rebuilds one.
 
 Needs ``pip install -e .[models]`` (torch==2.13.0 CPU, transformers, onnxscript); a few seconds per
 model.  The results are committed, so tests never need torch.  :func:`feeds` makes matching inputs
