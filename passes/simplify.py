@@ -555,7 +555,7 @@ def _rnn_zero_state(node: ir.Node, ctx: Context) -> Match:
 
 
 def _where_never_equal(node: ir.Node, ctx: Context) -> Match:
-    """Where(Equal(s, negative), a, s) -> s where s is provably >= 0"""
+    """Expand shape guard Where(Equal(s, -1), 1, s) removed (s provably >= 0)"""
     cond, a, s = node.inputs if len(node.inputs) == 3 else (None, None, None)
     equal = _producer(cond, "Equal")
     if equal is None or s not in equal.inputs:
