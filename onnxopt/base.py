@@ -250,7 +250,7 @@ def nonnegative(value: ir.Value | None, depth: int = 12) -> bool:
         return False
     arr = constant(value)
     if arr is not None:
-        return arr.size > 0 and bool(np.all(arr >= 0))
+        return arr.size > 0 and bool(np.all(arr >= 0)) and bool(np.all(np.isfinite(arr)))  # inf * 0 is NaN
     node = value.producer()
     if node is None or node.domain not in ("", "ai.onnx"):
         return False

@@ -415,6 +415,13 @@ def fuse_rotary_embedding(node: ir.Node, graph: ir.Graph, shared: dict) -> Match
     return NO_MATCH
 
 
+def _same_dim(a, b) -> bool:
+    """Two dims known equal: the same int, or the same named symbolic dim (inferred from the ops)."""
+    if isinstance(a, int) or isinstance(b, int):
+        return isinstance(a, int) and isinstance(b, int) and a == b
+    return a is not None and b is not None and a.value is not None and a.value == b.value
+
+
 def _rewrite_rope(node: ir.Node, graph: ir.Graph, shared: dict, x: ir.Value, half: int, emb: ir.Value) -> Match:
     found = _angles(emb)
     if isinstance(found, str):
@@ -423,8 +430,8 @@ def _rewrite_rope(node: ir.Node, graph: ir.Graph, shared: dict, x: ir.Value, hal
     dims = list(x.shape) if x.shape is not None else []
     if len(dims) != 4 or not isinstance(dims[1], int) or dims[3] != 2 * half or inv.shape[0] != half:
         return Match.fail("x is not [batch, heads, seq, 2 * len(inv_freq)] with static heads")
-    if x.dtype != ir.DataType.FLOAT or dims[2] is None or str(pos.shape[-1]) != str(dims[2]) or \
-            (len(pos.shape) == 2 and str(pos.shape[0]) not in ("1", str(dims[0]))):
+    if x.dtype != ir.DataType.FLOAT or not _same_dim(pos.shape[-1], dims[2]) or \
+            (len(pos.shape) == 2 and pos.shape[0] != 1 and not _same_dim(pos.shape[0], dims[0])):
         return Match.fail("cannot prove the positions span x's batch and sequence axes")
     if not nonnegative(pos):
         return Match.fail("positions not provably >= 0")
