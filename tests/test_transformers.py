@@ -457,3 +457,17 @@ def test_simplify_drops_the_expand_guard_only_for_provably_nonnegative_shapes(s_
         feeds["s"] = np.array([-1, 2], np.int64)  # -1 keeps v's dim 1 through the guard
     ref, got = ort_run(proto, feeds)[0], ort_run(out, feeds)[0]
     assert ref.shape == got.shape and np.array_equal(ref, got)
+
+
+def test_cli_llama_model_type_and_data(cli, tmp_path):
+    """--model-type llama is accepted (ORT's optimizer, which has no Llama type, gets gpt2); with the
+    data's batch 2 / seq 8 / past 4 (a padded row) the fused ops validate within 1e-4."""
+    out, rep = tmp_path / "l.onnx", tmp_path / "r.json"
+    result = cli("optimize", ROOT / "models" / "llama_dynamo.onnx", "-o", out, "-p", "default,fuse-transformer", "--model-type", "llama",
+                 "--data", ROOT / "models" / "data" / "llama_inputs.npz", "--report", rep)
+    assert result.exit_code == 0, result.output
+    report = json.loads(rep.read_text())
+    assert report["validation"]["ok"] and report["validation"]["max_abs"] < 1e-4
+    changed = report["passes"]["fuse-transformer{model-type=llama}"]["changed"]
+    assert changed["com.microsoft::RotaryEmbedding created"] == 2 * tmodels.LAYERS, changed
+    assert _ops(onnx.load(str(out)))["MultiHeadAttention"] == tmodels.LAYERS
