@@ -15,6 +15,12 @@ Architectures (the attention is HF's default, ``sdpa``; each file is well under 
   outputs ``logits`` [batch, seq, 1000] and ``present_{key,value}_{i}`` [batch, 4, total, 16].
 - ``vit``: ``ViTModel`` on 32x32 RGB images, 8x8 patches (a patch Conv + the encoder); input
   ``pixel_values`` [batch, 3, 32, 32]; outputs ``last_hidden_state`` [batch, 17, 64], ``pooler_output``.
+- ``llama``: ``LlamaForCausalLM`` (grouped-query attention: 4 query heads, ``KV_HEADS`` = 2
+  key/value heads; rotary position embeddings, RMSNorm, SiLU MLP) with past key values, the
+  interface of ``gpt2`` with 2 heads in the cache: ``past_{key,value}_{i}`` [batch, 2, past, 16].
+
+Rebuilds are byte-identical (the dynamo exporter's node metadata naming this file's path, line
+numbers or the invoking module is dropped: ``UNSTABLE_METADATA``); ``--only llama_ts`` rebuilds one.
 
 Needs ``pip install -e .[models]`` (torch==2.13.0 CPU, transformers, onnxscript); a few seconds per
 model.  The results are committed, so tests never need torch.  :func:`feeds` makes matching inputs
@@ -40,21 +46,27 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 HIDDEN, LAYERS, HEADS, INNER, VOCAB, MAX_POS = 64, 2, 4, 128, 1000, 128
 HEAD_DIM = HIDDEN // HEADS
+KV_HEADS = 2  # llama: grouped-query attention, 2 key/value heads shared by 4 query heads
 IMAGE, PATCH = 32, 8
 
 EXPORTERS = ("ts", "dynamo")
-ARCHS = ("bert", "gpt2", "vit")
+ARCHS = ("bert", "gpt2", "vit", "llama")
 #: every model this module builds, e.g. "bert_ts", "gpt2_dynamo"
+#: node metadata of the dynamo exporter dropped from its exports: stack traces name this file's
+#: path and line numbers, the module hierarchy names ``__main__`` or ``models.transformers`` as invoked
+UNSTABLE_METADATA = frozenset({"pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy", "namespace"})
+#: the architectures with past key values
+DECODERS = ("gpt2", "llama")
 NAMES = tuple(f"{arch}_{exporter}" for arch in ARCHS for exporter in EXPORTERS)
 
 
 def feeds(arch: str, batch: int = 2, seq: int = 8, past: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs for ``arch`` ("bert", "gpt2", "vit") at one batch/sequence/past point; the attention
-    masks have padding (zeros) at the end of the second row when batch > 1, so masks matter."""
+    """Inputs for ``arch`` ("bert", "gpt2", "vit", "llama") at one batch/sequence/past point; the
+    attention masks have padding (zeros) at the end of the second row when batch > 1, so masks matter."""
     rng = np.random.default_rng(seed)
     if arch == "vit":
         return {"pixel_values": rng.standard_normal((batch, 3, IMAGE, IMAGE)).astype(np.float32)}
-    total = seq + (past if arch == "gpt2" else 0)
+    total = seq + (past if arch in DECODERS else 0)
     mask = np.ones((batch, total), np.int64)
     if batch > 1:
         mask[1, total - max(1, seq // 3):] = 0
@@ -64,7 +76,8 @@ def feeds(arch: str, batch: int = 2, seq: int = 8, past: int = 4, seed: int = 0)
     else:
         for i in range(LAYERS):
             for kv in ("key", "value"):
-                out[f"past_{kv}_{i}"] = rng.standard_normal((batch, HEADS, past, HEAD_DIM)).astype(np.float32)
+                heads = KV_HEADS if arch == "llama" else HEADS
+                out[f"past_{kv}_{i}"] = rng.standard_normal((batch, heads, past, HEAD_DIM)).astype(np.float32)
     return out
 
 
@@ -97,7 +110,7 @@ def _bert(torch):
 
 
 def _gpt2(torch):
-    from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=INNER, n_positions=MAX_POS,
                      bos_token_id=0, eos_token_id=0)
@@ -108,11 +121,24 @@ def _gpt2(torch):
             self.model = GPT2LMHeadModel(cfg)
 
         def forward(self, input_ids, attention_mask, *past):
-            cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(LAYERS)], config=cfg)
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True)
-            present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
-            return (out.logits, *present)
+            return _decode(self.model, cfg, input_ids, attention_mask, past)
 
+    return (GPT2(), *_decoder_interface(torch))
+
+
+def _decode(model, cfg, input_ids, attention_mask, past):
+    """(logits, present key/values...) of a causal LM given past key/values as a flat tuple."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(LAYERS)], config=cfg)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True)
+    present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+    return (out.logits, *present)
+
+
+def _decoder_interface(torch):
+    """Input names, output names, TorchScript dynamic axes and dynamo dynamic shapes of a decoder
+    with past key values (gpt2, llama)."""
     pasts = [f"past_{kv}_{i}" for i in range(LAYERS) for kv in ("key", "value")]
     presents = [p.replace("past", "present") for p in pasts]
     axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"}, "logits": {0: "batch", 1: "seq"}}
@@ -120,7 +146,7 @@ def _gpt2(torch):
     batch, seq = torch.export.Dim("batch", max=64), torch.export.Dim("seq", max=64)
     past, total = torch.export.Dim("past", max=64), torch.export.Dim("total", max=MAX_POS)
     dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, tuple({0: batch, 2: past} for _ in pasts))
-    return GPT2(), ["input_ids", "attention_mask", *pasts], ["logits", *presents], axes, dynamic
+    return ["input_ids", "attention_mask", *pasts], ["logits", *presents], axes, dynamic
 
 
 def _vit(torch):
@@ -142,7 +168,25 @@ def _vit(torch):
     return ViT(), ["pixel_values"], ["last_hidden_state", "pooler_output"], axes, ({0: torch.export.Dim("batch", max=64)},)
 
 
-MODULES = {"bert": _bert, "gpt2": _gpt2, "vit": _vit}
+def _llama(torch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=LAYERS,
+                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=MAX_POS,
+                      bos_token_id=0, eos_token_id=0)
+
+    class Llama(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = LlamaForCausalLM(cfg)
+
+        def forward(self, input_ids, attention_mask, *past):
+            return _decode(self.model, cfg, input_ids, attention_mask, past)
+
+    return (Llama(), *_decoder_interface(torch))
+
+
+MODULES = {"bert": _bert, "gpt2": _gpt2, "vit": _vit, "llama": _llama}
 
 
 def build(name: str, out_dir: Path = HERE):
@@ -170,6 +214,10 @@ def build(name: str, out_dir: Path = HERE):
         data.parent.mkdir(exist_ok=True)
         np.savez(data, **feeds(arch, batch=2, seq=8, past=4))
     model = onnx.load(str(path))
+    for node in model.graph.node:  # metadata that names where this ran: rebuilds stay byte-identical
+        kept = [p for p in node.metadata_props if p.key not in UNSTABLE_METADATA]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
     model.metadata_props.add(key="source", value=f"models/transformers.py {name}")
     onnx.checker.check_model(model)
     onnx.save(model, str(path))

@@ -11,6 +11,7 @@ import collections
 import dataclasses
 from typing import ClassVar
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxopt.io import weight_bytes
@@ -244,3 +245,40 @@ def serialized_size(model: ir.Model) -> int | None:
     if weight_bytes(model) > SIZE_MEASURE_LIMIT:
         return None
     return ir.to_proto(model).ByteSize()
+
+
+#: ops whose output is >= 0 when the listed inputs are (integer position arithmetic)
+_SAME_SIGN = {"Unsqueeze": (0,), "Squeeze": (0,), "Reshape": (0,), "Expand": (0,), "Identity": (0,), "Flatten": (0,),
+              "Transpose": (0,), "Slice": (0,), "Gather": (0,), "Cast": (0,), "Add": None, "Mul": None, "Concat": None,
+              "Max": None, "Min": None}
+
+
+def nonnegative(value: ir.Value | None, depth: int = 12) -> bool:
+    """True when every element of ``value`` is provably >= 0: a constant, Shape/Size, Range from a
+    nonnegative start with a positive constant step, or integer arithmetic of such values
+    (``_SAME_SIGN``: all listed inputs, or all inputs when None; a Cast only from an integer to
+    int64/float/double, which cannot wrap).  False when not provable.  Cost: O(depth) nodes visited."""
+    if value is None or depth == 0:
+        return False
+    arr = constant(value)
+    if arr is not None:
+        return arr.size > 0 and bool(np.all(arr >= 0)) and bool(np.all(np.isfinite(arr)))  # inf * 0 is NaN
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type in ("Shape", "Size"):
+        return True
+    if node.op_type == "Range":
+        step = constant(node.inputs[2])
+        return step is not None and step.size == 1 and float(step.reshape(-1)[0]) > 0 and nonnegative(node.inputs[0], depth - 1)
+    if node.op_type not in _SAME_SIGN or (node.op_type == "Cast" and not _widening_int_cast(node)):
+        return False
+    indices = _SAME_SIGN[node.op_type] or range(len(node.inputs))
+    return all(nonnegative(node.inputs[i], depth - 1) for i in indices)
+
+
+def _widening_int_cast(node: ir.Node) -> bool:
+    to = node.attributes.get("to")
+    source = node.inputs[0].dtype if node.inputs and node.inputs[0] is not None else None
+    return (source is not None and source.is_integer() and to is not None
+            and to.as_int() in (ir.DataType.INT64, ir.DataType.FLOAT, ir.DataType.DOUBLE))

@@ -20,6 +20,8 @@ from onnxopt.base import (
     declined,
     is_standard,
     node_axes,
+    nonnegative,
+    remove_dead_producers,
     substitute,
 )
 
@@ -60,9 +62,12 @@ class Simplify(OptPass):
       there) -> one MatMul with the weights concatenated + Split on the last axis (Q/K/V);
     - an all-zero initial state (a zero constant or ``ConstantOfShape`` of 0) of LSTM/GRU/RNN -> the
       input left out (the operators' default is zeros); the Shape chain computing it dies;
+    - ``Where(Equal(s, c), a, s)`` -> s for a negative constant c and s provably >= 0 (shape
+      arithmetic: the TorchScript exporter's guard of Expand shapes against -1), when neither c nor
+      a broadcasts s to a larger shape;
     ``size-rules=false`` turns off the rules that only shrink the graph and whose results the
     transformer fusion patterns do not match (Unsqueeze chains, and/or neutral elements, Reshape
-    round trips, the Q/K/V merge);
+    round trips, the Q/K/V merge, the Where guard);
     - ``Add(MatMul(A, B), C)`` -> ``Gemm(A, B, C)`` for 2-D A, constant 2-D B and constant C of
       shape [N] or [1, N].
     Shapes come from onnxopt.shapes (declared intermediate/output shapes are not believed).
@@ -549,8 +554,28 @@ def _rnn_zero_state(node: ir.Node, ctx: Context) -> Match:
     return Match.ok()
 
 
+def _where_never_equal(node: ir.Node, ctx: Context) -> Match:
+    """Expand shape guard Where(Equal(s, -1), 1, s) removed (s provably >= 0)"""
+    cond, a, s = node.inputs if len(node.inputs) == 3 else (None, None, None)
+    equal = _producer(cond, "Equal")
+    if equal is None or s not in equal.inputs:
+        return NO_MATCH
+    c = constant(equal.inputs[1] if equal.inputs[0] is s else equal.inputs[0])
+    if c is None or not np.all(c < 0):
+        return NO_MATCH
+    dims, a_shape = ctx.dims.get(s), ctx.dims.get(a)
+    if a_shape is None or not _broadcast_keeps(dims, list(c.shape)) or not _broadcast_keeps(dims, list(a_shape)):
+        return Match.fail("the condition or the other branch may broadcast s to a larger shape")
+    if not nonnegative(s):
+        return Match.fail("s is not provably >= 0")
+    reason = substitute(node, s)
+    if reason is None:
+        remove_dead_producers([cond])
+    return declined(reason)
+
+
 #: see Simplify's ``size_rules``
-SIZE_RULES = frozenset({_unsqueeze_chain, _reshape_roundtrip, _parallel_matmuls})
+SIZE_RULES = frozenset({_unsqueeze_chain, _reshape_roundtrip, _parallel_matmuls, _where_never_equal})
 
 RULES: dict[str, tuple[Rule, ...]] = {
     "Add": (_identity_arith, _matmul_add_gemm),
@@ -573,6 +598,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "Upsample": (_noop,),
     "Conv": (_pad_into_conv,),
     "MatMul": (_parallel_matmuls,),
+    "Where": (_where_never_equal,),
     "LSTM": (_rnn_zero_state,),
     "GRU": (_rnn_zero_state,),
     "RNN": (_rnn_zero_state,),

@@ -18,9 +18,12 @@ from models import transformers as tmodels
 from onnxopt import pipeline
 from onnxopt.passes.fuse_transformer import (
     ATTENTION_OPS,
+    ORT_MODEL_TYPE,
     FuseTransformer,
     detect_model_type,
     fuse_fast_gelu,
+    fuse_rotary_embedding,
+    fuse_simplified_layer_norm,
     scalarize_broadcast_constant,
 )
 from tests.helpers import ROOT, count_graph_nodes, ort_run
@@ -28,6 +31,8 @@ from tests.helpers import ROOT, count_graph_nodes, ort_run
 FAST = ["bert_dynamo", "gpt2_dynamo", "vit_ts", "vit_dynamo"]
 # the TorchScript BERT/GPT-2 (305/555 nodes) take 5-10 s each through the fusion engines on an idle core
 ALL = [*FAST, pytest.param("bert_ts", marks=pytest.mark.slow), pytest.param("gpt2_ts", marks=pytest.mark.slow)]
+# Llama (grouped-query attention, rotary embeddings, RMSNorm): 5-10 s (dynamo) and 8-14 s (TorchScript, 619 nodes)
+LLAMA = ["llama_dynamo", pytest.param("llama_ts", marks=pytest.mark.slow)]
 POINTS = [dict(batch=2, seq=8, past=4, seed=1), dict(batch=3, seq=5, past=7, seed=2)]
 
 
@@ -64,10 +69,10 @@ def _ort_optimizer_nodes(name: str) -> int:
     """Nodes after ORT's optimize_model (opt_level 0); the original's count when it crashes."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    path = ROOT / "models" / f"{name}.onnx"
+    path, arch = ROOT / "models" / f"{name}.onnx", _arch(name)
     try:
-        return len(optimize_model(str(path), model_type=_arch(name), num_heads=tmodels.HEADS, hidden_size=tmodels.HIDDEN,
-                                  opt_level=0).model.graph.node)
+        return len(optimize_model(str(path), model_type=ORT_MODEL_TYPE.get(arch, arch), num_heads=tmodels.HEADS,
+                                  hidden_size=tmodels.HIDDEN, opt_level=0).model.graph.node)
     except IndexError:  # ORT's fusion on dynamo GPT-2 exports
         return len(onnx.load(str(path)).graph.node)
 
@@ -87,7 +92,25 @@ def test_every_attention_block_fused_with_no_more_nodes_than_ort(fused, name):
     assert {o.domain for o in model.opset_import} >= {"", "com.microsoft"}
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", LLAMA)
+def test_llama_attention_rotary_and_rmsnorm_fused_with_no_more_nodes_than_ort(fused, name):
+    """What counts as a fused attention block: one of ATTENTION_OPS (Attention, MultiHeadAttention,
+    GroupQueryAttention, Packed*) per Softmax of the original, no Softmax left: a GQA block is one
+    op per layer like the others, and so is the MultiHeadAttention onnxscript makes of it (its K/V
+    heads expanded outside).  Every q/k rotary is one RotaryEmbedding (2 per layer, one cos/sin
+    cache computation left), every RMSNorm a (Skip)SimplifiedLayerNormalization."""
+    model, original = fused(name), onnx.load(str(ROOT / "models" / f"{name}.onnx"))
+    blocks = _ops(original)["Softmax"]
+    assert blocks == tmodels.LAYERS and _ops(original)["ReduceMean"] == 2 * tmodels.LAYERS + 1
+    ops = _ops(model)
+    assert sum(ops[op] for op in ATTENTION_OPS) == blocks and ops["Softmax"] == 0, ops
+    assert ops["RotaryEmbedding"] == 2 * tmodels.LAYERS and ops["Neg"] == 0 and ops["Cos"] == ops["Sin"] == 1, ops
+    assert ops["SkipSimplifiedLayerNormalization"] == 2 * tmodels.LAYERS and ops["SimplifiedLayerNormalization"] == 1, ops
+    assert ops["ReduceMean"] == ops["Pow"] == 0, ops
+    assert count_graph_nodes(model.graph) <= _ort_optimizer_nodes(name)
+
+
+@pytest.mark.parametrize("name", [*ALL, *LLAMA])
 def test_fused_outputs_match_at_two_points(fused, name):
     path = ROOT / "models" / f"{name}.onnx"
     model = fused(name)
@@ -98,7 +121,7 @@ def test_fused_outputs_match_at_two_points(fused, name):
             assert np.max(np.abs(ref - got)) <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["vit_ts", "vit_dynamo", pytest.param("bert_ts", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["vit_ts", "vit_dynamo", pytest.param("bert_ts", marks=pytest.mark.slow), *LLAMA])
 def test_either_pipeline_order_gives_the_same_model(fused, name):
     a, b = fused(name, "default,fuse-transformer"), fused(name, "fuse-transformer,default")
     assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
@@ -201,7 +224,13 @@ def _peer_nodes(path) -> int:
     return min(count_graph_nodes(simplified.graph), count_graph_nodes(onnxslim.slim(onnx.load(str(path))).graph))
 
 
-@pytest.mark.parametrize("name", [*tmodels.NAMES, *RNN_POINTS])
+# llama_ts: 225 nodes vs onnxslim's 220 (Shape/Gather/Unsqueeze/Reshape shape arithmetic onnxslim
+# shares between layers; issue 13 item 7); strict: passing again is reported
+_DEFAULT_GAPS = {"llama_ts": "default pipeline 225 nodes vs onnxslim 220 (shape arithmetic)"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=_DEFAULT_GAPS[n], strict=True))
+                                  if n in _DEFAULT_GAPS else n for n in [*tmodels.NAMES, *RNN_POINTS]])
 def test_default_pipeline_as_small_as_onnxsim_and_onnxslim(name):
     path = ROOT / "models" / f"{name}.onnx"
     model = ir.to_proto(pipeline.run(ir.serde.deserialize_model(onnx.load(str(path))),
@@ -282,7 +311,8 @@ def test_assignments_try_the_smallest_change_first():
     assert len(list(runtime.assignments({f"d{i}": [1, 2, 3, 4] for i in range(12)}, 64))) == 64  # lazy, capped
 
 
-@pytest.mark.parametrize("name, dims", [("bert_ts", None), ("gpt2_ts", "batch=1, past=1, seq=1, total=2")])
+@pytest.mark.parametrize("name, dims", [("bert_ts", None), ("gpt2_ts", "batch=1, past=1, seq=1, total=2"),
+                                        ("llama_ts", "batch=1, past=1, seq=1, total=2")])
 def test_transformer_exports_optimize_without_data(cli, tmp_path, name, dims):
     """Without --data: token-type ids stay inside BERT's 2-row table (synthesized in [0, 2), not
     [0, 4)), and GPT-2's mask gets the length past + seq it needs (the smallest symbolic dims the
@@ -293,3 +323,151 @@ def test_transformer_exports_optimize_without_data(cli, tmp_path, name, dims):
     assert "at 2 input point(s)" in r.output and out.exists()
     if dims:
         assert f"using {dims} (the smallest values it runs on" in r.output
+
+
+# ---------------------------------------------------------------- our Llama rules (RMSNorm, rotary embedding)
+
+def _rms_norm(variant: str) -> onnx.ModelProto:
+    """scale * (x * 1/sqrt(mean(x^2) + eps)) as the exporters write LlamaRMSNorm: "div" (TorchScript,
+    opset 17: ReduceMean axes attribute, Div(1, .), float Casts), "reciprocal" (dynamo, opset 18),
+    "no-scale" (after our simplify folded the scale into the next MatMul), and two look-alikes."""
+    opset = 18 if variant == "reciprocal" else 17
+    axes = [0] if variant == "axis0" else [-1]
+    mean = (h.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1) if opset == 18
+            else h.make_node("ReduceMean", ["sq"], ["ms"], axes=axes, keepdims=1))
+    inv = h.make_node("Reciprocal", ["rms"], ["inv"]) if variant == "reciprocal" else h.make_node("Div", ["one", "rms"], ["inv"])
+    nodes = [h.make_node("Cast", ["x"], ["xc"], to=T.FLOAT), h.make_node("Pow", ["xc", "two"], ["sq"]), mean,
+             h.make_node("Add", ["ms", "eps"], ["mse"]), h.make_node("Sqrt", ["mse"], ["rms"]), inv,
+             h.make_node("Mul", ["xc", "inv"], ["normed" if variant != "no-scale" else "y"])]
+    if variant != "no-scale":
+        nodes.append(h.make_node("Mul", ["scale", "normed"], ["y"]))
+    inits = {"two": np.float32(3.0 if variant == "cube" else 2.0), "eps": np.float32(1e-6), "one": np.float32(1.0),
+             "scale": np.linspace(0.5, 1.5, 8).astype(np.float32), "axes": np.array(axes, np.int64)}
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["n", 3, 8])], [h.make_tensor_value_info("y", T.FLOAT, None)],
+                     [onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("variant, reason", [("div", None), ("reciprocal", None), ("no-scale", None),
+                                             ("axis0", "the mean is not over the last axis only"),
+                                             ("cube", "mean of something other than x^2")])
+def test_rms_norm_rule_fuses_both_exporters_forms_and_nothing_else(variant, reason):
+    proto = _rms_norm(variant)
+    model = ir.serde.deserialize_model(proto)
+    results = [fuse_simplified_layer_norm(n, model.graph) for n in list(model.graph) if n.graph is not None]
+    out = ir.to_proto(model)
+    if reason is None:
+        assert [n.op_type for n in out.graph.node] == ["SimplifiedLayerNormalization"]
+    else:
+        assert not any(r.succeeded for r in results) and reason in {r.reason for r in results}
+        assert [n.op_type for n in out.graph.node] == [n.op_type for n in proto.graph.node]
+    x = np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32) * 4
+    np.testing.assert_allclose(ort_run(out, {"x": x})[0], ort_run(proto, {"x": x})[0], rtol=0, atol=1e-5)  # NaN == NaN
+
+
+def _rotary(positions_input: bool) -> onnx.ModelProto:
+    """transformers 5's rotary embedding on x [b, 4, s, 16]: positions Range(0, s) (provably >= 0),
+    or a graph input (not provable: the rule declines)."""
+    half = 8
+    nodes = [] if positions_input else [h.make_node("Shape", ["x"], ["s1"], start=2, end=3), h.make_node("Squeeze", ["s1"], ["s"]),
+                                        h.make_node("Range", ["zero", "s", "one"], ["pos"])]
+    nodes += [h.make_node("Unsqueeze", ["pos", "ax02"], ["pos3"]), h.make_node("Cast", ["pos3"], ["posf"], to=T.FLOAT),
+              h.make_node("Mul", ["posf", "inv"], ["f"]), h.make_node("Concat", ["f", "f"], ["emb"], axis=-1),
+              h.make_node("Cos", ["emb"], ["c"]), h.make_node("Sin", ["emb"], ["sn"]),
+              h.make_node("Unsqueeze", ["c", "ax1"], ["c4"]), h.make_node("Unsqueeze", ["sn", "ax1"], ["s4"]),
+              h.make_node("Slice", ["x", "z1", "h1", "ax3", "one1"], ["x1"]),
+              h.make_node("Slice", ["x", "h1", "big", "ax3", "one1"], ["x2"]),
+              h.make_node("Neg", ["x2"], ["nx2"]), h.make_node("Concat", ["nx2", "x1"], ["rot"], axis=-1),
+              h.make_node("Mul", ["x", "c4"], ["a"]), h.make_node("Mul", ["rot", "s4"], ["b"]), h.make_node("Add", ["a", "b"], ["y"])]
+    inits = {"zero": np.int64(0), "one": np.int64(1), "ax02": np.array([0, 2], np.int64), "ax1": np.array([1], np.int64),
+             "inv": (1.0 / 10000 ** (np.arange(half) / half)).astype(np.float32), "z1": np.array([0], np.int64),
+             "h1": np.array([half], np.int64), "big": np.array([2**62], np.int64), "ax3": np.array([3], np.int64),
+             "one1": np.array([1], np.int64)}
+    inputs = [h.make_tensor_value_info("x", T.FLOAT, ["b", 4, "s", 2 * half])]
+    if positions_input:
+        inputs.append(h.make_tensor_value_info("pos", T.INT64, ["s"]))
+    g = h.make_graph(nodes, "g", inputs, [h.make_tensor_value_info("y", T.FLOAT, ["b", 4, "s", 2 * half])],
+                     [onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("positions_input", [False, True])
+def test_rotary_rule_only_where_positions_are_provably_nonnegative(positions_input):
+    from onnxopt.passes.fuse_transformer import _with_inferred_shapes
+
+    proto = _rotary(positions_input)
+    model = _with_inferred_shapes(ir.serde.deserialize_model(proto))
+    shared: dict = {}
+    results = [fuse_rotary_embedding(n, model.graph, shared) for n in list(model.graph) if n.graph is not None]
+    out = ir.to_proto(model)
+    ops = _ops(out)
+    assert ops["RotaryEmbedding"] == (0 if positions_input else 1) and ops["Neg"] == (1 if positions_input else 0), ops
+    if positions_input:
+        assert "positions not provably >= 0" in {r.reason for r in results}
+    rng = np.random.default_rng(0)
+    for batch, seq in ((2, 5), (3, 1)):
+        feeds = {"x": rng.standard_normal((batch, 4, seq, 16)).astype(np.float32)}
+        if positions_input:
+            feeds["pos"] = np.arange(seq, dtype=np.int64) + 3
+        assert np.max(np.abs(ort_run(out, feeds)[0] - ort_run(proto, feeds)[0])) <= 1e-5
+
+
+def test_llama_quantize_dynamic_runs_end_to_end(cli, tmp_path):
+    """Without --data: synthesized ids and the smallest runnable dims; exit 0, a model within the
+    budget (int8 or, when the latency guard finds it not faster on this machine, the float model)."""
+    out, rep = tmp_path / "q.onnx", tmp_path / "r.json"
+    r = cli("quantize", ROOT / "models" / "llama_dynamo.onnx", "-o", out, "--mode", "dynamic", "--max-drop", "0.1", "--report", rep)
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    assert out.exists() and "wrote" in r.output, r.output
+    feeds = tmodels.feeds("llama", batch=3, seq=5, past=7, seed=2)
+    ref, got = ort_run(ROOT / "models" / "llama_dynamo.onnx", feeds), ort_run(onnx.load(str(out)), feeds)
+    assert all(a.shape == b.shape for a, b in zip(ref, got))
+    assert report["mode"] == "dynamic" and report["validation"]["ok"] and report["accuracy"]["drop"] <= 0.1
+
+
+def _expand_guard(s_from_input: bool) -> onnx.ModelProto:
+    """The TorchScript exporter's Expand shape guard Where(Equal(s, -1), 1, s) with s = [dim0 of x, 2]
+    (from Shape: >= 0) or s a graph input (may hold -1: kept)."""
+    nodes = [h.make_node("Where", ["eq", "ones", "s"], ["shape"]), h.make_node("Expand", ["v", "shape"], ["y"])]
+    nodes[:0] = [h.make_node("Equal", ["s", "minus1"], ["eq"])]
+    if not s_from_input:
+        nodes[:0] = [h.make_node("Shape", ["x"], ["d0"], start=0, end=1), h.make_node("Concat", ["d0", "two"], ["s"], axis=0)]
+    inputs = [h.make_tensor_value_info("x", T.FLOAT, ["n", 3]), h.make_tensor_value_info("v", T.FLOAT, [1, 1])]
+    if s_from_input:
+        inputs.append(h.make_tensor_value_info("s", T.INT64, [2]))
+    inits = {"minus1": np.array([-1, -1], np.int64), "ones": np.array([1, 1], np.int64), "two": np.array([2], np.int64)}
+    g = h.make_graph(nodes, "g", inputs, [h.make_tensor_value_info("y", T.FLOAT, None)],
+                     [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("s_from_input", [False, True])
+def test_simplify_drops_the_expand_guard_only_for_provably_nonnegative_shapes(s_from_input):
+    from onnxopt.passes.simplify import Simplify
+
+    proto = _expand_guard(s_from_input)
+    result = Simplify()(ir.serde.deserialize_model(proto))
+    out = ir.to_proto(result.model)
+    assert ("Where" in _ops(out)) is s_from_input and ("Equal" in _ops(out)) is s_from_input
+    if s_from_input:
+        assert any("s is not provably >= 0" in k for k in result.skipped), result.skipped
+    feeds = {"x": np.zeros((4, 3), np.float32), "v": np.full((1, 1), 2.5, np.float32)}
+    if s_from_input:
+        feeds["s"] = np.array([-1, 2], np.int64)  # -1 keeps v's dim 1 through the guard
+    ref, got = ort_run(proto, feeds)[0], ort_run(out, feeds)[0]
+    assert ref.shape == got.shape and np.array_equal(ref, got)
+
+
+def test_cli_llama_model_type_and_data(cli, tmp_path):
+    """--model-type llama is accepted (ORT's optimizer, which has no Llama type, gets gpt2); with the
+    data's batch 2 / seq 8 / past 4 (a padded row) the fused ops validate within 1e-4."""
+    out, rep = tmp_path / "l.onnx", tmp_path / "r.json"
+    result = cli("optimize", ROOT / "models" / "llama_dynamo.onnx", "-o", out, "-p", "default,fuse-transformer", "--model-type", "llama",
+                 "--data", ROOT / "models" / "data" / "llama_inputs.npz", "--report", rep)
+    assert result.exit_code == 0, result.output
+    report = json.loads(rep.read_text())
+    assert report["validation"]["ok"] and report["validation"]["max_abs"] < 1e-4
+    changed = report["passes"]["fuse-transformer{model-type=llama}"]["changed"]
+    assert changed["com.microsoft::RotaryEmbedding created"] == 2 * tmodels.LAYERS, changed
+    assert _ops(onnx.load(str(out)))["MultiHeadAttention"] == tmodels.LAYERS

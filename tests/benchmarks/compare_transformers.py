@@ -4,7 +4,7 @@
     pip install -e ".[bench,models]"
     python tests/benchmarks/compare_transformers.py [--out bench-results/transformers.json]
 
-Models: ``models/{bert,gpt2,vit}_{ts,dynamo}.onnx`` (models/transformers.py: TorchScript and
+Models: ``models/{bert,gpt2,vit,llama}_{ts,dynamo}.onnx`` (models/transformers.py: TorchScript and
 dynamo exporters) and the CTC recognizers ``crnn`` (a bidirectional LSTM), ``text_crnn`` and
 ``glyph_crnn`` (conv-only: the trained "crnn"s have no recurrent layer).  Per model and
 tool: node count (subgraphs included), com.microsoft attention ops, Softmax left, op histogram,
@@ -16,7 +16,7 @@ that crashes is reported with its error.  Tools:
 - ``default``: ``onnxopt optimize`` (default pipeline),
 - ``default+fuse`` / ``fuse+default``: ``-p "default,fuse-transformer"`` and the other order,
 - ``ort-optimizer``: ``onnxruntime.transformers.optimizer.optimize_model`` (opt_level 0, model type
-  bert/gpt2/vit with the heads given),
+  bert/gpt2/vit with the heads given; gpt2 for llama, which it has no type for),
 - ``onnxsim``, ``onnxslim``: their Python APIs with default settings.
 
 Prints the CPU it ran on first.  Not a test: nothing is asserted.  JSON only with ``--out``.
@@ -42,14 +42,14 @@ sys.path.insert(0, str(ROOT))
 
 from models import transformers as tmodels
 from onnxopt import api, bench, runtime
-from passes.fuse_transformer import ATTENTION_OPS
+from passes.fuse_transformer import ATTENTION_OPS, ORT_MODEL_TYPE
 from tests.benchmarks.compare_graph_tools import latency_ratio
 from tests.helpers import count_graph_nodes as count_nodes
 
 RNNS = {"crnn": [{"line": (1, 1, 32, 64)}, {"line": (3, 1, 32, 48)}],
         "text_crnn": [{"line": (1, 1, 32, 128)}, {"line": (2, 1, 32, 96)}],
         "glyph_crnn": [{"line": (1, 1, 32, 128)}, {"line": (2, 1, 32, 96)}]}
-HEADS = {"bert": (tmodels.HEADS, tmodels.HIDDEN), "gpt2": (tmodels.HEADS, tmodels.HIDDEN), "vit": (tmodels.HEADS, tmodels.HIDDEN)}
+HEADS = {arch: (tmodels.HEADS, tmodels.HIDDEN) for arch in tmodels.ARCHS}  # llama: 4 query heads (2 key/value)
 
 
 def _arch(stem: str) -> str | None:
@@ -76,7 +76,8 @@ def tool_ort_optimizer(src: Path, dst: Path, data: Path | None) -> None:
     if arch is None:
         raise RuntimeError("not a transformer")
     heads, hidden = HEADS[arch]
-    optimize_model(str(src), model_type=arch, num_heads=heads, hidden_size=hidden, opt_level=0).save_model_to_file(str(dst))
+    optimize_model(str(src), model_type=ORT_MODEL_TYPE.get(arch, arch), num_heads=heads, hidden_size=hidden,
+                   opt_level=0).save_model_to_file(str(dst))
 
 
 def tool_onnxsim(src: Path, dst: Path, data: Path | None) -> None:
