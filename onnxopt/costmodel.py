@@ -7,7 +7,7 @@ model on a held-out batch).  Its int8 form is the same layer through quantize's 
 the calibrated ranges: a QuantizeLinear on every activation input and a DequantizeLinear on the
 output, which ORT fuses as it does in the whole model (QLinearConv, MatMulIntegerToFloat, ...).
 Both forms run interleaved in pairs on the target EP until the median time ratio is known to
-``PRECISION`` (``bench.paired``), so a region costs two tiny sessions and tens of milliseconds.
+``PRECISION`` (``bench.paired``), so a region costs two small sessions and tens of paired runs.
 
 The int8 region is a *pessimistic* estimate of the layer inside the int8 model: alone it pays for
 quantizing its input and dequantizing its output, which inside a chain of int8 layers are shared or
@@ -19,8 +19,9 @@ measures the rest as before.
 Timings are cached in ``$ONNXOPT_CACHE_DIR/regions.json`` (default
 ``$XDG_CACHE_HOME/onnxopt`` or ``~/.cache/onnxopt``; ``ONNXOPT_CACHE_DIR=off`` disables it), keyed
 by the machine (CPU model, SIMD flags, ONNX Runtime version), the EP, the thread count and the
-region's signature (op, attributes, weight and input shapes, absorbed activation, weight bits,
-per-channel, activation type): the per-op int8 gains are measured once per machine, and a second
+region's signature (op, attributes, weight and input shapes, absorbed activation, whether the
+output is a graph output, weight bits, per-channel, activation type): the per-op int8 gains are
+measured once per machine, and a second
 run on the same model (or another model with the same layer shapes) measures nothing.  The file
 is replaced atomically; concurrent writers at worst measure a region twice.
 
@@ -28,8 +29,11 @@ A layer whose region cannot be cut out or run (ORT refuses it alone, its input s
 is estimated from its MACs (``onnxopt.cost``, as ``inspect --cost`` counts them) at the ms per
 MAC its kind's timed regions showed on this machine, and marked ``estimated``.
 
-Cost: one float run per CHUNK layers with their inputs as extra outputs, then per region not in the cache two
-session creations and at most ``MAX_BLOCKS`` x ``PAIRS`` paired runs of one layer.
+Cost: one session with every layer input as an extra output, one run of it per CHUNK layers (only
+their inputs fetched), then per region not in the cache two session creations and at least
+``MIN_BLOCKS`` x ``PAIRS``, at most ``MAX_BLOCKS`` x ``PAIRS`` paired runs of one layer (the
+``REGION_SECONDS`` deadline is checked after each block past the minimum): milliseconds for a small
+layer, seconds for a large one.
 """
 
 from __future__ import annotations
@@ -53,10 +57,10 @@ from onnxopt.passes import quantize_qdq as qq
 logger = logging.getLogger("onnxopt")
 
 CACHE_ENV = "ONNXOPT_CACHE_DIR"
-CACHE_FORMAT = "onnxopt-regions/1"
+CACHE_FORMAT = "onnxopt-regions/2"
 #: paired runs per block, blocks at least / at most, and the relative width of the median ratio's
 #: interval at which a region's timing is precise enough
-PAIRS, MIN_BLOCKS, MAX_BLOCKS, PRECISION = 16, 2, 6, 0.08
+PAIRS, MIN_BLOCKS, MAX_BLOCKS, PRECISION = 8, 2, 12, 0.08
 #: seconds at most per region
 REGION_SECONDS = 2.0
 #: layers whose input activations are read per float run (bounds the activations held at once)
@@ -97,14 +101,24 @@ def cache_path() -> Path | None:
     return Path(base) / "onnxopt" / "regions.json"
 
 
+_ENTRY = {"float_ms": (int, float), "int8_ms": (int, float), "ratio": (int, float), "interval": list, "pairs": int}
+
+
+def _valid(entry) -> bool:
+    return isinstance(entry, dict) and all(isinstance(entry.get(k), t) for k, t in _ENTRY.items()) \
+        and len(entry["interval"]) == 2 and entry["float_ms"] > 0 and entry["int8_ms"] > 0
+
+
 def _load_cache(path: Path | None) -> dict:
+    """The cache's entries; a missing, unreadable or foreign file, or a malformed entry, is a miss."""
     if path is None:
         return {}
     try:
         d = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return d.get("regions", {}) if isinstance(d, dict) and d.get("format") == CACHE_FORMAT else {}
+    regions = d.get("regions") if isinstance(d, dict) and d.get("format") == CACHE_FORMAT else None
+    return {k: v for k, v in regions.items() if _valid(v)} if isinstance(regions, dict) else {}
 
 
 def _save_cache(path: Path | None, new: Mapping[str, dict]) -> None:
@@ -115,11 +129,16 @@ def _save_cache(path: Path | None, new: Mapping[str, dict]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         entries = {**_load_cache(path), **new}
         fd, tmp = tempfile.mkstemp(prefix=".regions-", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # a read-only home is not an error: the timings are simply not kept
+        logger.info("region cache %s not written (%s)", path, e.strerror or e)
+        return
+    try:
         with os.fdopen(fd, "w") as f:
             json.dump({"format": CACHE_FORMAT, "regions": entries}, f)
         os.replace(tmp, path)
-    except OSError as e:  # a read-only home is not an error: the timings are simply not kept
+    except OSError as e:
         logger.info("region cache %s not written (%s)", path, e.strerror or e)
+        Path(tmp).unlink(missing_ok=True)
 
 
 def machine_key(ep: str, threads: int | None) -> str:
@@ -138,6 +157,7 @@ class Regions:
         self.path = cache_path()
         self.machine = machine_key(ep, threads)
         self.measured = 0  # regions timed by this object (not read from the cache)
+        self._acts_session = None
 
     def timings(self, kinds: Mapping[str, str]) -> dict[str, Region]:
         """Layer name -> its Region, for the layers of ``kinds`` (name -> layer kind).  A layer
@@ -152,9 +172,11 @@ class Regions:
         new: dict[str, dict] = {}
         out: dict[str, Region] = {}
         acts: dict[str, np.ndarray] = {}
+        every = sorted({v.name for n in layers for v in _activations(n)})
+        self._acts_session = None
         for i, node in enumerate(layers):
             if i % CHUNK == 0:  # the next CHUNK layers' inputs, one run (memory: CHUNK layers' activations)
-                acts = self._activations(sorted({v.name for n in layers[i:i + CHUNK] for v in _activations(n)}))
+                acts = self._activations(sorted({v.name for n in layers[i:i + CHUNK] for v in _activations(n)}), every)
             if any(v.name not in acts for v in _activations(node)):
                 continue
             feeds = {v.name: acts[v.name] for v in _activations(node)}
@@ -168,6 +190,7 @@ class Regions:
             if region is not None:
                 out[node.name] = region
                 new[key] = region.to_dict()
+        self._acts_session = None
         _save_cache(self.path, new)
         if len(out) < len(layers):
             out.update(self._estimate([n for n in layers if n.name not in out], out, kinds))
@@ -193,14 +216,18 @@ class Regions:
         return out
 
     # ---------------------------------------------------------------- internals
-    def _activations(self, names: list[str]) -> dict[str, np.ndarray]:
-        """The layers' float inputs on the held-out batch (one run with them as extra outputs)."""
+    def _activations(self, names: list[str], every: list[str]) -> dict[str, np.ndarray]:
+        """The float inputs ``names`` on the held-out batch: one run of a session (made once) that
+        has ``every`` layer input as an extra output, fetching only ``names``."""
         if not names:
             return {}
         graph_inputs = {v.name for v in self.model.graph.inputs}
         extra = [n for n in names if n not in graph_inputs]
-        sess = runtime.session(runtime.with_outputs(onnx.load_from_string(self.float_bytes), extra), "cpu", self.threads,
-                               optimize=False)
+        if self._acts_session is None:
+            outputs = [n for n in every if n not in graph_inputs]
+            self._acts_session = runtime.session(runtime.with_outputs(onnx.load_from_string(self.float_bytes), outputs),
+                                                 "cpu", self.threads, optimize=False)
+        sess = self._acts_session
         feeds = {k: v for k, v in self.feeds.items() if k in {i.name for i in sess.get_inputs()}}
         acts = dict(zip(extra, sess.run(extra, feeds))) if extra else {}
         acts.update({k: v for k, v in self.feeds.items() if k in names})
@@ -212,8 +239,11 @@ class Regions:
                    for v in node.inputs]
         attrs = sorted((k, str(a.value)) for k, a in node.attributes.items())
         act_sig = None if act is None else (act.op_type, qq._clip_bound(act, 2, "max") if act.op_type == "Clip" else None)
+        # a layer feeding a graph output keeps a float output (no output Q/DQ: ORT cannot fuse its int8
+        # kernel), an interior one gets one: two different regions
         text = repr((node.domain, node.op_type, attrs, weights, [tuple(a.shape) for a in feeds.values()], act_sig,
-                     self.per_channel, self.qmax, self.profile.activation, self.profile.name))
+                     node.outputs[0].is_graph_output(), self.per_channel, self.qmax, self.profile.activation,
+                     self.profile.name))
         return self.machine + "|" + hashlib.sha1(text.encode()).hexdigest()
 
     def _region_model(self, node: ir.Node, feeds: Mapping[str, np.ndarray]) -> ir.Model | None:
@@ -275,14 +305,14 @@ class Regions:
             qq.QuantizeQDQ(the_plan, dict(self.ranges), self.profile, self.per_channel, self.qmax)(region)
             int8_bytes = ir.to_proto(region).SerializeToString()
             sessions = [runtime.session(m, self.ep, self.threads) for m in (int8_bytes, float_bytes)]
-        except Exception as e:  # noqa: BLE001 - a region ORT refuses is measured in the whole model instead
+            for sess in sessions:
+                for _ in range(3):
+                    sess.run(None, dict(feeds))
+            c = bench.paired((sessions[0], dict(feeds)), (sessions[1], dict(feeds)), threshold=1.0, pairs_per_block=PAIRS,
+                             min_blocks=MIN_BLOCKS, max_blocks=MAX_BLOCKS, seconds=REGION_SECONDS, precision=PRECISION)
+        except Exception as e:  # noqa: BLE001 - a region ORT refuses (or fails to run) is measured in the whole model
             logger.debug("region of %s not timed: %s", node.name, e)
             return None
-        for s in sessions:
-            for _ in range(3):
-                s.run(None, dict(feeds))
-        c = bench.paired((sessions[0], dict(feeds)), (sessions[1], dict(feeds)), threshold=1.0, pairs_per_block=PAIRS,
-                         min_blocks=MIN_BLOCKS, max_blocks=MAX_BLOCKS, seconds=REGION_SECONDS, precision=PRECISION)
         self.measured += 1
         return Region(c["b_ms"], c["a_ms"], c["ratio"], (c["interval"][0], c["interval"][1]), c["pairs"])
 

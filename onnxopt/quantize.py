@@ -19,16 +19,20 @@ report's ``"recipe"``, replayed by ``--recipe``), each callable alone on a small
    (``Quantizer.compare_latency``: interleaved paired runs, the median of the per-pair ratios with
    an order-statistics confidence interval, more pairs while it is ambiguous); a kind stays int8
    only when it is faster by more than ``LATENCY_MARGIN`` with confidence, and a tie goes to float,
-   so repeated runs place layers alike.  Then, when at most ``PER_LAYER_GUARD`` layers are int8,
-   each goes back to float only when that is faster by more than ``LATENCY_MARGIN`` with
-   confidence (at most ``LAYER_BLOCKS`` blocks of pairs).  ``--exclude`` layers stay float throughout.
+   so repeated runs place layers alike.  Then each int8 layer goes back to float only when that
+   is faster by more than ``LATENCY_MARGIN`` with confidence (at most ``LAYER_BLOCKS`` blocks of
+   pairs), when at most ``PER_LAYER_GUARD`` layers are left to try.  ``--exclude`` layers stay
+   float throughout.  The cost model (``onnxopt.costmodel``, :meth:`Quantizer.regions`: each layer
+   timed alone in float and int8, cached per machine) decides the clear cases first, without
+   building or timing the model (:func:`predict_kind`, :func:`guard_layers`).
 5. **Accuracy budget** (:func:`budget`): score = the user's metric (``--metric module:function``,
    called with an ORT session, higher is better) or by default the prediction-level fidelity of
    ``onnxopt.fidelity`` on the held-out batches: top-1 agreement at every position for class-score
    outputs (Softmax/LogSoftmax/Sigmoid heads, names like ``logits``), cosine for other outputs,
    worst output counts; an agreement counts by its 95% lower bound when the held-out positions can
    certify the budget.  If ``fp32 score - score > max_drop``, layers are ranked by sensitivity
-   (quantize one alone, measure) and the most sensitive are kept in float until the budget holds.
+   (quantize one alone, measure) and the fewest of the most sensitive that meet the budget are
+   kept in float (binary search).
    Then :func:`final_check`: unless the result is confidently faster than fp32 (with the guard on),
    the float model is written, so the result is never slower than fp32.
 6. **Recovery** (:func:`recover_model`, on every built candidate; ``--recover``, default
@@ -90,13 +94,16 @@ LATENCY_MARGIN = 0.03
 #: the cost model keeps a kind in int8 unmeasured when its regions save more than the margin plus
 #: this fraction of the fp32 time (onnxopt.costmodel)
 CLEAR = 0.05
+#: ... and keeps a layer int8 unmeasured when its region's extra cost is under this fraction of
+#: the margin (the rest of the margin absorbs the noise of the measured base time)
+SURE = 0.75
 #: the layer-by-layer pass runs only when at most this many layers are int8 after the per-kind
 #: decisions (each layer costs one comparison); with more it is skipped, not truncated
 PER_LAYER_GUARD = 24
 #: latency comparison: pairs per block, blocks at least / at most, seconds at most per comparison
-PAIRS_PER_BLOCK, MIN_BLOCKS, MAX_BLOCKS, COMPARE_SECONDS = 8, 2, 12, 12.0
+PAIRS_PER_BLOCK, MIN_BLOCKS, MAX_BLOCKS, COMPARE_SECONDS = 16, 2, 6, 12.0
 #: blocks at most when one layer is tried back in float (one layer rarely pays the margin)
-LAYER_BLOCKS = 4
+LAYER_BLOCKS = 2
 RECIPE_FORMAT = "onnxopt-recipe/1"
 #: warm ORT sessions kept for latency comparisons (each holds its model's weights)
 SESSION_CACHE = 3
@@ -714,19 +721,23 @@ def predict_kind(members: set[str], costs: Mapping[str, costmodel.Region], float
     """The cost model's verdict on a layer kind, or None when its regions leave it open (or a
     member has no region timing).  ``float``: its layers take less than LATENCY_MARGIN of the fp32
     time, so no int8 form can pay the margin; ``int8``: their int8 regions (pessimistic: each
-    pays its own Q/DQ) save more than LATENCY_MARGIN + CLEAR of the fp32 time.  The record has
+    pays its own Q/DQ) save more than LATENCY_MARGIN + CLEAR of the fp32 time, none of them
+    estimated from MACs.  The record has
     the measured decisions' keys (``float_ms`` the fp32 model's, ``quantized_ms`` and ``ratio``
     predicted) plus ``cost_model``, ``float_share`` and the regions read from the cache or estimated."""
     if not members or any(n not in costs for n in members) or float_ms <= 0:
         return None
     share = sum(costs[n].float_ms for n in members) / float_ms
     saving = sum(costs[n].saving_ms for n in members) / float_ms
+    # a region estimated from MACs (not timed) is not pessimistic: it never makes a kind clearly
+    # faster, and counts twice toward the share that must stay under the margin
+    estimated = sum(costs[n].float_ms for n in members if costs[n].estimated) / float_ms
     record = {"cost_model": True, "float_ms": float_ms, "quantized_ms": float_ms * (1.0 - saving), "ratio": 1.0 - saving,
               "float_share": share, "regions_cached": sum(costs[n].cached for n in members),
               "regions_estimated": sum(costs[n].estimated for n in members)}
-    if share < LATENCY_MARGIN:
+    if share + estimated < LATENCY_MARGIN:
         return {**record, "verdict": "cost model: below the margin", "quantized": False}
-    if saving > LATENCY_MARGIN + CLEAR:
+    if saving > LATENCY_MARGIN + CLEAR and not estimated:
         return {**record, "verdict": "cost model: clearly faster", "quantized": True}
     return None
 
@@ -768,22 +779,25 @@ def guard_kinds(q: Quantizer, recipe: Recipe, costs: Mapping[str, costmodel.Regi
 
 def guard_layers(q: Quantizer, recipe: Recipe, costs: Mapping[str, costmodel.Region] | None = None) -> None:
     """Layer by layer: back to float only when that is clearly faster, since a kind that pays
-    overall may hold single layers that do not (e.g. a 1-channel stem).  A layer whose int8 region
-    costs less than LATENCY_MARGIN / 2 of the fp32 time more than its float region stays int8
-    without a measurement (going float cannot save the margin: its region is pessimistic and the
-    margin is of a model at most 2x faster than fp32); the others are measured, when at most
-    PER_LAYER_GUARD."""
+    overall may hold single layers that do not (e.g. a 1-channel stem).  A layer whose timed int8
+    region costs less than SURE x LATENCY_MARGIN of the current placement's measured time more
+    than its float region stays int8 without a measurement (going float cannot save the margin:
+    its region is pessimistic); the others (regions estimated from MACs included) are measured,
+    when at most PER_LAYER_GUARD."""
     costs = costs or {}
     quantized = [n for n in q.candidates if n not in recipe.float_layers]
-    if costs:
-        fp32_ms = q.float_latency()
-        quantized = [n for n in quantized if n not in costs or -costs[n].saving_ms >= LATENCY_MARGIN / 2 * fp32_ms]
-    if len(quantized) > PER_LAYER_GUARD:
-        logger.info("latency guard: %d int8 layers to try (> %d), not tried one by one", len(quantized), PER_LAYER_GUARD)
-        return
-    if not quantized:
+    if not quantized or (not costs and len(quantized) > PER_LAYER_GUARD):
+        if quantized:
+            logger.info("latency guard: %d int8 layers (> %d), not tried one by one", len(quantized), PER_LAYER_GUARD)
         return
     base = serialize(q.build(recipe.excluded())[0])
+    if costs:  # the base placement's time, measured: the margin is of it
+        base_ms = q.latency([base], runs=11)[0]
+        quantized = [n for n in quantized if n not in costs or costs[n].estimated
+                     or -costs[n].saving_ms >= SURE * LATENCY_MARGIN * base_ms]
+        if len(quantized) > PER_LAYER_GUARD:
+            logger.info("latency guard: %d int8 layers to try (> %d), not tried one by one", len(quantized), PER_LAYER_GUARD)
+            return
     for name in quantized:
         trial = serialize(q.build(recipe.excluded() | {name})[0])
         # back to float only when that is clearly faster; one layer rarely is, so no extra blocks
@@ -814,25 +828,24 @@ def budget(q: Quantizer, recipe: Recipe, max_drop: float) -> tuple[ir.Model, qq.
     recipe.sensitivity.sort(key=lambda s: -s["drop"])
     ranked = [s["layer"] for s in recipe.sensitivity]
     excluded = recipe.excluded()
-    tried: dict[int, tuple[ir.Model, qq.Plan, float]] = {0: (candidate, the_plan, drop)}
-
-    def trial(k: int) -> float:
-        cand, plan_k = q.build(excluded | set(ranked[:k]))
-        tried[k] = (cand, plan_k, q.drop(cand))
-        return tried[k][2]
-
     # the fewest most-sensitive layers in float that meet the budget: binary search on k (the
-    # drop falls as k grows, up to noise; the chosen k's candidate is the one built and scored)
+    # drop falls as k grows, up to noise; the chosen k's candidate is the one built and scored,
+    # and only it is kept in memory)
+    best: tuple[ir.Model, qq.Plan, float] | None = None
     lo, hi = 0, len(ranked)
     while lo + 1 < hi:
         mid = (lo + hi) // 2
-        if trial(mid) <= max_drop:
-            hi = mid
+        cand, plan_k = q.build(excluded | set(ranked[:mid]))
+        d = q.drop(cand)
+        if d <= max_drop:
+            hi, best = mid, (cand, plan_k, d)
         else:
             lo = mid
-    if hi not in tried:
-        trial(hi)
-    candidate, the_plan, drop = tried[hi]
+        del cand
+    if best is None:  # only k = len(ranked) is left (never built: the loop tries k < hi)
+        cand, plan_k = q.build(excluded | set(ranked))
+        best = (cand, plan_k, q.drop(cand))
+    candidate, the_plan, drop = best
     for rank, s in enumerate(recipe.sensitivity[:hi], 1):
         recipe.float_layers[s["layer"]] = (f"accuracy budget: sensitivity rank {rank} (drop {s['drop']:.4g} "
                                            f"with only this layer int8)")

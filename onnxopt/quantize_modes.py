@@ -94,9 +94,12 @@ def prepare(model: ir.Model, recipe: qm.Recipe) -> tuple[ir.Model, list[str]]:
     return model, notes
 
 
-def inputs(float_bytes: bytes, opts: qm.Options) -> tuple[list[dict], list[dict], dict]:
-    """Step 2: (held-out scoring batches, rounding batches, the report's ``calibration`` entry)."""
+def inputs(float_bytes: bytes, opts: qm.Options, model: ir.Model | None = None) -> tuple[list[dict], list[dict], dict]:
+    """Step 2: (held-out scoring batches, rounding batches, the report's ``calibration`` entry);
+    ``model``: the prepared model ``float_bytes`` serializes (its index bounds for synthesized ids)."""
     sess = runtime.session(float_bytes, "cpu", opts.threads, optimize=False)
+    if model is not None:
+        runtime.remember_bounds(sess, model)
     if opts.data is None:
         primary = runtime.synthesize_runnable(sess)  # raises, naming --data, when no synthesized input runs
         points = [validate.Point("synthesized, seed 0", primary)] + validate.variation_points(sess, primary)
@@ -289,7 +292,7 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: q
         problem = qw.check_block_size(recipe.block_size, matmuls)
         if problem:
             raise BadInputError(problem)
-    held_out, rounding_set, calibration = inputs(float_bytes, opts)
+    held_out, rounding_set, calibration = inputs(float_bytes, opts, model)
     if recipe.weights == "int4":
         if recipe.rounding == "gptq" and not rounding_set:
             raise UsageError("--rounding gptq needs --data (the input Hessians come from it)")

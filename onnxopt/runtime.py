@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxopt.errors import BadInputError, UsageError
@@ -259,27 +260,36 @@ def synthesize_runnable(sess: ort.InferenceSession, overrides: Mapping[str, tupl
     """:func:`synthesize`, run once; when the model fails on it and it has symbolic dims that
     ``overrides`` leave open, those dims are searched over DIM_CHOICES (at most DIM_TRIES runs,
     smallest first) for values the model runs on: a GPT-2 with past needs its mask length to be
-    past + seq.  The values found are logged (set them with ``--shape``); none found -> the
-    first error, with a hint."""
-    feeds = synthesize(sess, overrides, seed, quiet)
+    past + seq.  A symbolic dim that an input given in ``overrides`` fixes keeps that value in
+    every input that shares its name.  The values found are logged (set them with ``--shape``);
+    none found -> the first error, with a hint."""
+    overrides = dict(overrides or {})
+    symbolic = symbolic_dims(sess)
+    fixed = {dim: overrides[name][axis] for (name, axis), dim in symbolic.items()
+             if name in overrides and axis < len(overrides[name])}
+
+    def shaped(values: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+        out = dict(overrides)
+        for inp in sess.get_inputs():
+            if inp.name not in out and inp.shape is not None and any((inp.name, a) in symbolic for a in range(len(inp.shape))):
+                out[inp.name] = tuple(values.get(symbolic[(inp.name, a)], 1) if (inp.name, a) in symbolic else int(d)
+                                      for a, d in enumerate(inp.shape))
+        return out
+
+    first_shapes = shaped(fixed) if any(fixed.get(d) for (n, _a), d in symbolic.items() if n not in overrides) else overrides
+    feeds = synthesize(sess, first_shapes, seed, quiet)
     try:
         run(sess, feeds)
         return feeds
     except BadInputError as e:
         first = e
-    open_dims = {dim for (name, _axis), dim in symbolic_dims(sess).items() if name not in (overrides or {})}
+    open_dims = {dim for (name, _axis), dim in symbolic.items() if name not in overrides and dim not in fixed}
     if open_dims:
-        symbolic = symbolic_dims(sess)
         for values in assignments({d: DIM_CHOICES for d in open_dims}, DIM_TRIES):
             if all(v == 1 for v in values.values()):
                 continue
-            shaped = dict(overrides or {})
-            for inp in sess.get_inputs():
-                if inp.name not in shaped and inp.shape is not None:
-                    shaped[inp.name] = tuple(values[symbolic[(inp.name, a)]] if (inp.name, a) in symbolic else int(d)
-                                             for a, d in enumerate(inp.shape))
             try:
-                feeds = synthesize(sess, shaped, seed, quiet=True)
+                feeds = synthesize(sess, shaped({**fixed, **values}), seed, quiet=True)
                 run(sess, feeds)
             except BadInputError:
                 continue
@@ -296,62 +306,60 @@ INDEX_PASS_THROUGH = frozenset({"Cast", "CastLike", "Identity", "Unsqueeze", "Sq
                                 "Transpose", "Slice", "Tile"})
 
 
-def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
+def index_bounds(model: ir.Model | onnx.ModelProto) -> dict[str, int]:
     """Integer graph input -> the fewest rows of the tables it indexes: the input reaches a
     Gather's (or GatherElements') indices, through :data:`INDEX_PASS_THROUGH` ops only, and the
     table's dim on the gather axis is static (an initializer, a Constant, a declared shape, or one
     of those through Cast/DequantizeLinear/Identity).  Main graph only; cost O(nodes)."""
-    g = model.graph
-    dims: dict[str, list[int]] = {t.name: list(t.dims) for t in g.initializer}
-    for v in list(g.input) + list(g.value_info) + list(g.output):
-        shape = v.type.tensor_type.shape if v.type.HasField("tensor_type") else None
-        if shape is not None and shape.dim and all(d.HasField("dim_value") for d in shape.dim):
-            dims.setdefault(v.name, [d.dim_value for d in shape.dim])
-    producers: dict[str, onnx.NodeProto] = {}
-    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in g.node:
-        for o in node.output:
-            producers[o] = node
-        for i, name in enumerate(node.input):
-            consumers.setdefault(name, []).append((node, i))
-        if node.op_type == "Constant" and node.output:
-            for a in node.attribute:
-                if a.name == "value":
-                    dims[node.output[0]] = list(a.t.dims)
+    if isinstance(model, onnx.ModelProto):
+        model = ir.serde.deserialize_model(model)
 
-    def table_dims(name: str, depth: int = 0) -> list[int] | None:
-        if name in dims:
-            return dims[name]
-        node = producers.get(name)
-        if node is not None and depth < 8 and node.op_type in ("Cast", "DequantizeLinear", "Identity") and node.input:
-            return table_dims(node.input[0], depth + 1)
+    def table_dims(value: ir.Value, depth: int = 0) -> tuple[int, ...] | None:
+        if value.const_value is not None:
+            return tuple(value.const_value.shape.numpy())
+        node = value.producer()
+        if node is not None and node.op_type == "Constant" and "value" in node.attributes:
+            return tuple(node.attributes["value"].as_tensor().shape.numpy())
+        if value.shape is not None and all(isinstance(d, int) for d in value.shape):
+            return tuple(int(d) for d in value.shape)
+        if node is not None and depth < 8 and node.op_type in ("Cast", "DequantizeLinear", "Identity") and node.inputs:
+            return table_dims(node.inputs[0], depth + 1) if node.inputs[0] is not None else None
         return None
 
-    ints = {v.name for v in g.input if v.type.HasField("tensor_type")
-            and v.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16,
-                                                 onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.UINT16,
-                                                 onnx.TensorProto.UINT32, onnx.TensorProto.UINT64)}
     out: dict[str, int] = {}
-    for name in ints:
-        stack, seen, bound = [name], {name}, None
+    for inp in model.graph.inputs:
+        if inp.dtype is None or not inp.dtype.is_integer():
+            continue
+        stack, seen, bound = [inp], {id(inp)}, None
         while stack:
-            for node, idx in consumers.get(stack.pop(), []):
-                if node.op_type in INDEX_PASS_THROUGH and idx == 0 and node.domain in ("", "ai.onnx"):
-                    for o in node.output[:1]:
-                        if o not in seen:
-                            seen.add(o)
-                            stack.append(o)
-                elif node.op_type in ("Gather", "GatherElements") and idx == 1 and node.domain in ("", "ai.onnx"):
-                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-                    table = table_dims(node.input[0])
+            for use in stack.pop().uses():
+                node, idx = use.node, use.idx
+                if node.domain not in ("", "ai.onnx"):
+                    continue
+                if node.op_type in INDEX_PASS_THROUGH and idx == 0 and node.outputs and id(node.outputs[0]) not in seen:
+                    seen.add(id(node.outputs[0]))
+                    stack.append(node.outputs[0])
+                elif node.op_type in ("Gather", "GatherElements") and idx == 1 and node.inputs[0] is not None:
+                    axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
+                    table = table_dims(node.inputs[0])
                     if table and -len(table) <= axis < len(table) and table[axis] > 0:
                         bound = table[axis] if bound is None else min(bound, table[axis])
         if bound is not None:
-            out[name] = bound
+            out[inp.name] = bound
     return out
 
 
-#: serialized models up to this size keep a reference for :func:`integer_high` (paths always do)
+def remember_bounds(sess, model: ir.Model) -> None:
+    """Give ``sess`` the index bounds of ``model`` (the model it was made from), for sessions made
+    from bytes too large to keep (see :func:`session`)."""
+    try:
+        sess._onnxopt_bounds = index_bounds(model)
+    except AttributeError:
+        pass
+
+
+#: serialized models up to this size keep a reference for :func:`integer_high` (paths always do;
+#: callers holding a larger model give its bounds with :func:`remember_bounds`)
 BOUNDS_BYTES = 64 << 20
 _INTEGER_TYPES = frozenset(f"tensor({t})" for t in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"))
 
@@ -367,7 +375,7 @@ def integer_high(sess, name: str) -> int:
             if isinstance(source, bytes):
                 bounds = index_bounds(onnx.load_from_string(source))
             elif source is not None:
-                bounds = index_bounds(onnx.load(source, load_external_data=False))
+                bounds = index_bounds(onnx.load(str(source), load_external_data=False))
         except Exception as e:  # noqa: BLE001 - without bounds the plain [0, 4) range is used
             logger.debug("index bounds unavailable: %s", e)
         try:

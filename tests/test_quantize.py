@@ -837,7 +837,10 @@ def resnet_calib(tmp_path_factory):
 
 def test_predict_kind_decides_only_clear_cases():
     """float when the kind's layers are under the margin of the fp32 time; int8 when their
-    (pessimistic) regions save more than margin + CLEAR; otherwise, or with a member untimed, None."""
+    (pessimistic) regions save more than margin + CLEAR; otherwise, or with a member untimed, None;
+    regions estimated from MACs never decide int8 and count double toward the margin."""
+    import dataclasses
+
     from onnxopt import costmodel
     from onnxopt import quantize as qm
 
@@ -850,6 +853,10 @@ def test_predict_kind_decides_only_clear_cases():
     assert qm.predict_kind({"near"}, costs, 10.0) is None  # saves 0.5%: measure
     assert qm.predict_kind({"a", "missing"}, costs, 10.0) is None
     assert qm.predict_kind({"a"}, costs, 2.0)["ratio"] == pytest.approx(0.75)
+    guessed = {**costs, "b": dataclasses.replace(costs["b"], estimated=True),
+               "tiny": dataclasses.replace(costs["tiny"], float_ms=0.2, estimated=True)}
+    assert qm.predict_kind({"a", "b"}, guessed, 10.0) is None  # an estimate never makes a kind clearly faster
+    assert qm.predict_kind({"tiny"}, guessed, 10.0) is None  # 2% estimated counts as 4%: over the margin
 
 
 def test_regions_time_each_layer_and_are_cached_per_machine(tmp_path, monkeypatch, resnet_calib):
@@ -937,3 +944,58 @@ def test_regions_that_cannot_run_alone_are_estimated_from_macs(tmp_path, monkeyp
     assert est.estimated and not real.estimated and est.pairs == 0
     assert 0.5 < est.float_ms / real.float_ms < 2.0 and 0.5 < est.int8_ms / real.int8_ms < 2.0, (est, real)
     assert "/fc/Gemm" not in again  # the only gemm: no rate to estimate it from
+
+
+def test_guard_layers_measures_what_the_cost_model_cannot_settle(small_run, monkeypatch):
+    """A layer whose timed region costs far under the margin more in int8 stays int8 unmeasured; a
+    layer whose region is only estimated from MACs, or costs more than the margin, is measured."""
+    import dataclasses
+
+    from onnxopt import costmodel
+
+    qm, prepared, calib, _, _ = small_run
+    q, recipe = _quantizer(qm, prepared, calib)
+    base_ms = q.latency([qm.serialize(q.build(frozenset())[0])], runs=11)[0]
+    cheap = costmodel.Region(1.0, 1.0, 1.0, (0.99, 1.01), 16)
+    costs = {"conv0": cheap, "conv1": dataclasses.replace(cheap, estimated=True),
+             "fc": costmodel.Region(1.0, 1.0 + base_ms, 1.0 + base_ms, (1.9, 2.1), 16)}
+    measured = []
+    monkeypatch.setattr(q, "compare_latency", lambda a, b, **kw: measured.append(1) or {
+        "verdict": "tie", "a_ms": 1.0, "b_ms": 1.0, "ratio": 1.0, "interval": [0.9, 1.1], "pairs": 32})
+    qm.guard_layers(q, recipe, costs)
+    assert len(measured) == 2 and recipe.float_layers == {}  # conv1 (estimated) and fc; ties stay int8
+
+
+def test_region_cache_keys_and_malformed_entries(tmp_path, monkeypatch):
+    """A Conv feeding a graph output (no output Q/DQ: ORT cannot fuse its int8 kernel) and the same
+    Conv inside a model are different regions with different cache keys; a cache file with
+    malformed entries or a foreign layout is read as misses, never a crash."""
+    import onnx_ir as ir
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    from onnxopt import costmodel
+    from onnxopt.passes import quantize_qdq as qq
+
+    def conv_model(interior: bool):
+        w = nh.from_array(np.ones((8, 4, 3, 3), np.float32), "w")
+        nodes = [h.make_node("Conv", ["x", "w"], ["y"], name="conv")] + ([h.make_node("Sigmoid", ["y"], ["z"])] if interior else [])
+        g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 4, 8, 8])],
+                         [h.make_tensor_value_info("z" if interior else "y", T.FLOAT, None)], [w])
+        return ir.from_proto(h.make_model(g, opset_imports=[h.make_opsetid("", 13)]))
+
+    feeds = {"x": np.ones((1, 4, 8, 8), np.float32)}
+    keys = []
+    for interior in (False, True):
+        model = conv_model(interior)
+        r = costmodel.Regions(model, b"", feeds, {}, qq.PROFILES["cpu"], True, 63, "cpu", 1)
+        keys.append(r._key(model.graph.node(0), feeds))
+    assert keys[0] != keys[1]
+    path = tmp_path / "regions.json"
+    good = {"float_ms": 1.0, "int8_ms": 0.5, "ratio": 0.5, "interval": [0.4, 0.6], "pairs": 16}
+    path.write_text(json.dumps({"format": costmodel.CACHE_FORMAT, "regions": {"ok": good, "no pairs": {**good, "pairs": None},
+                                                                                "not a dict": [1, 2]}}))
+    assert costmodel._load_cache(path) == {"ok": good}
+    path.write_text(json.dumps({"format": costmodel.CACHE_FORMAT, "regions": [good]}))
+    assert costmodel._load_cache(path) == {}

@@ -116,7 +116,7 @@ def test_sampled_conv_rows_are_rows_of_the_full_im2col():
     """The Hessian's rows of a strided, asymmetrically padded 3x3 Conv (42 output positions),
     sampled to 9: every sampled row is a row of the full im2col (sampling picks windows, it does
     not reorder a window's features) and they are distinct; the per-batch share of the ROWS_PER_K
-    budget never goes below MIN_ROWS."""
+    budget never goes below MIN_ROWS, and one batch gets all of ROWS_PER_K x K."""
     import onnx_ir as ir
 
     from onnxopt.passes import recover
@@ -130,5 +130,8 @@ def test_sampled_conv_rows_are_rows_of_the_full_im2col():
     some = recover._rows(x, node, np.random.default_rng(1), limit=9)
     assert some.shape == (9, 27) and len({r.tobytes() for r in some}) == 9
     assert all(any(np.array_equal(r, f) for f in full) for r in some)
-    budget = recover._rows(x, node, rng, limit=-100)  # 100 batches: ROWS_PER_K * 27 / 100 < MIN_ROWS
-    assert len(budget) == min(len(full), recover.MIN_ROWS)
+    big = rng.standard_normal((2, 3, 40, 40)).astype(np.float32)  # 2 * 20 * 41 = 1640 windows
+    budget = recover._rows(big, node, rng, limit=-100)  # 100 batches: ROWS_PER_K * 27 / 100 < MIN_ROWS
+    assert len(budget) == recover.MIN_ROWS < len(recover._rows(big, node, rng, limit=10**6))
+    one = recover._rows(big, node, rng, limit=-1)  # one batch: the whole budget
+    assert len(one) == max(recover.MIN_ROWS, recover.ROWS_PER_K * 27)

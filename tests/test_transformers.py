@@ -471,3 +471,16 @@ def test_cli_llama_model_type_and_data(cli, tmp_path):
     changed = report["passes"]["fuse-transformer{model-type=llama}"]["changed"]
     assert changed["com.microsoft::RotaryEmbedding created"] == 2 * tmodels.LAYERS, changed
     assert _ops(onnx.load(str(out)))["MultiHeadAttention"] == tmodels.LAYERS
+
+
+def test_shape_given_for_one_input_sizes_the_inputs_sharing_its_dims():
+    """Concat(a[n, s], b[n, s], axis 0) with --shape a:1x8: b shares s, so it is synthesized 1x8
+    too (with s at 1, or searched over 1..4, b could never match a)."""
+    from onnxopt import runtime
+
+    g = h.make_graph([h.make_node("Concat", ["a", "b"], ["c"], axis=0)], "g",
+                     [h.make_tensor_value_info("a", T.FLOAT, ["n", "s"]), h.make_tensor_value_info("b", T.FLOAT, ["n", "s"])],
+                     [h.make_tensor_value_info("c", T.FLOAT, None)])
+    sess = runtime.session(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]).SerializeToString())
+    feeds = runtime.synthesize_runnable(sess, {"a": (1, 8)})
+    assert {k: v.shape for k, v in feeds.items()} == {"a": (1, 8), "b": (1, 8)}
