@@ -812,25 +812,13 @@ def guard_layers(q: Quantizer, recipe: Recipe, costs: Mapping[str, costmodel.Reg
 
 # ---------------------------------------------------------------- 5. accuracy budget, final latency check
 
-def budget(q: Quantizer, recipe: Recipe, max_drop: float) -> tuple[ir.Model, qq.Plan, float]:
-    """Step 5: build the recipe's placement and score it; over ``max_drop``, rank its int8 layers by
-    the drop each causes alone (``recipe.sensitivity``) and keep the fewest of the worst in float
-    that meet the budget (binary search: about log2(layers) builds; all of them when none does).
-    Returns the candidate, its plan and its drop."""
-    candidate, the_plan = q.build(recipe.excluded())
-    drop = q.drop(candidate)
-    recipe.sensitivity = []
-    if drop <= max_drop:
-        return candidate, the_plan, drop
-    for name in the_plan.primary():
-        alone, _ = q.build(frozenset(set(q.candidates) - {name}))
-        recipe.sensitivity.append({"layer": name, "kind": q.candidates[name], "drop": q.drop(alone)})
-    recipe.sensitivity.sort(key=lambda s: -s["drop"])
-    ranked = [s["layer"] for s in recipe.sensitivity]
-    excluded = recipe.excluded()
-    # the fewest most-sensitive layers in float that meet the budget: binary search on k (the
-    # drop falls as k grows, up to noise; the chosen k's candidate is the one built and scored,
-    # and only it is kept in memory)
+def fewest_float(q: Quantizer, excluded: frozenset, ranked: list[str],
+                 max_drop: float) -> tuple[int, tuple[ir.Model, qq.Plan, float]]:
+    """The fewest of the ``ranked`` layers (worst first) to keep float, besides ``excluded``, so the
+    drop is within ``max_drop``: binary search on that count k, which assumes the drop falls as k
+    grows (up to noise; the answer's candidate is the one built and scored, and only it is kept in
+    memory); k = 0 is known to miss the budget.  Returns k and (candidate, plan, drop); all of
+    them when no smaller k holds.  About log2(len(ranked)) builds.  Shared by every mode's budget."""
     best: tuple[ir.Model, qq.Plan, float] | None = None
     lo, hi = 0, len(ranked)
     while lo + 1 < hi:
@@ -845,7 +833,24 @@ def budget(q: Quantizer, recipe: Recipe, max_drop: float) -> tuple[ir.Model, qq.
     if best is None:  # only k = len(ranked) is left (never built: the loop tries k < hi)
         cand, plan_k = q.build(excluded | set(ranked))
         best = (cand, plan_k, q.drop(cand))
-    candidate, the_plan, drop = best
+    return hi, best
+
+
+def budget(q: Quantizer, recipe: Recipe, max_drop: float) -> tuple[ir.Model, qq.Plan, float]:
+    """Step 5: build the recipe's placement and score it; over ``max_drop``, rank its int8 layers by
+    the drop each causes alone (``recipe.sensitivity``) and keep the fewest of the worst in float
+    that meet the budget (binary search: about log2(layers) builds; all of them when none does).
+    Returns the candidate, its plan and its drop."""
+    candidate, the_plan = q.build(recipe.excluded())
+    drop = q.drop(candidate)
+    recipe.sensitivity = []
+    if drop <= max_drop:
+        return candidate, the_plan, drop
+    for name in the_plan.primary():
+        alone, _ = q.build(frozenset(set(q.candidates) - {name}))
+        recipe.sensitivity.append({"layer": name, "kind": q.candidates[name], "drop": q.drop(alone)})
+    recipe.sensitivity.sort(key=lambda s: -s["drop"])
+    hi, (candidate, the_plan, drop) = fewest_float(q, recipe.excluded(), [s["layer"] for s in recipe.sensitivity], max_drop)
     for rank, s in enumerate(recipe.sensitivity[:hi], 1):
         recipe.float_layers[s["layer"]] = (f"accuracy budget: sensitivity rank {rank} (drop {s['drop']:.4g} "
                                            f"with only this layer int8)")

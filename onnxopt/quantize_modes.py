@@ -254,23 +254,11 @@ def budget(q: WeightQuantizer, recipe: qm.Recipe, max_drop: float) -> tuple[ir.M
     errors = layer_errors(q)
     ranked = sorted((n for n in the_plan.primary()), key=lambda n: -errors[n])
     recipe.sensitivity = [{"layer": n, "kind": q.candidates[n], "relative_error": errors[n]} for n in ranked]
-    lo, hi = 0, len(ranked)  # lo layers float: over budget; hi: within (all float: drop 0)
-    best = None
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        trial, trial_plan = q.build(base | set(ranked[:mid]))
-        trial_drop = q.drop(trial)
-        if trial_drop <= max_drop:
-            hi, best = mid, (trial, trial_plan, trial_drop)
-        else:
-            lo = mid
+    hi, best = qm.fewest_float(q, base, ranked, max_drop)
     for rank, s in enumerate(recipe.sensitivity[:hi], 1):
         recipe.float_layers[s["layer"]] = (f"accuracy budget: relative error rank {rank} "
                                            f"({s['relative_error']:.3g}); the {hi} worst kept float")
         s["kept_float"] = True
-    if best is None:  # only every layer in float holds the budget (that placement was not built yet)
-        model, plan = q.build(recipe.excluded())
-        best = (model, plan, q.drop(model))
     return best
 
 
