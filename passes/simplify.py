@@ -65,9 +65,12 @@ class Simplify(OptPass):
     - ``Where(Equal(s, c), a, s)`` -> s for a negative constant c and s provably >= 0 (shape
       arithmetic: the TorchScript exporter's guard of Expand shapes against -1), when neither c nor
       a broadcasts s to a larger shape;
+    - a Reshape target entry computed as the data's own dim at the same position
+      (``Concat(..., Unsqueeze(Gather(Shape(x), i)), ...)`` at position i, allowzero 0) -> 0, which
+      copies exactly that dim (also when it is 0); the Shape chain dies;
     ``size-rules=false`` turns off the rules that only shrink the graph and whose results the
     transformer fusion patterns do not match (Unsqueeze chains, and/or neutral elements, Reshape
-    round trips, the Q/K/V merge, the Where guard);
+    round trips, the Q/K/V merge, the Where guard, the copied Reshape dims);
     - ``Add(MatMul(A, B), C)`` -> ``Gemm(A, B, C)`` for 2-D A, constant 2-D B and constant C of
       shape [N] or [1, N].
     Shapes come from onnxopt.shapes (declared intermediate/output shapes are not believed).
@@ -574,8 +577,62 @@ def _where_never_equal(node: ir.Node, ctx: Context) -> Match:
     return declined(reason)
 
 
+def _own_dim(part: ir.Value, x: ir.Value, ctx: Context) -> int | None:
+    """i when ``part`` is the one-element vector [x.shape[i]]: ``Unsqueeze(Gather(Shape(x), i), 0)``
+    or ``Gather(Shape(x), [i])`` with a constant i (a negative i only with x's rank known)."""
+    unsq = _producer(part, "Unsqueeze")
+    gather = _producer(unsq.inputs[0] if unsq is not None else part, "Gather")
+    if gather is None or (unsq is not None and node_axes(unsq) not in ([0], [-1])):
+        return None
+    shape = _producer(gather.inputs[0], "Shape")
+    index = constant(gather.inputs[1]) if len(gather.inputs) > 1 else None
+    if shape is None or shape.inputs[0] is not x or index is None or index.size != 1 \
+            or (unsq is not None) != (index.ndim == 0) or "start" in shape.attributes or "end" in shape.attributes:
+        return None
+    i = int(index.reshape(-1)[0])
+    if i < 0:
+        dims = ctx.dims.get(x)
+        if dims is None:
+            return None
+        i += len(dims)
+    return i if i >= 0 else None
+
+
+def _reshape_own_dims(node: ir.Node, ctx: Context) -> Match:
+    """Reshape target entries read back from the data's own shape became 0 (copy)"""
+    if len(node.inputs) < 2 or node.inputs[1] is None:
+        return NO_MATCH
+    allowzero = node.attributes.get("allowzero")
+    concat = _producer(node.inputs[1], "Concat")
+    if concat is None or (allowzero is not None and allowzero.as_int()) or \
+            ("axis" in concat.attributes and concat.attributes["axis"].as_int() not in (0, -1)):
+        return NO_MATCH
+    hits, position = [], 0
+    for k, part in enumerate(concat.inputs):
+        i = _own_dim(part, node.inputs[0], ctx) if part is not None else None
+        if i is not None and i == position:
+            hits.append(k)
+        value = constant(part) if part is not None else None
+        dims = ctx.dims.get(part) if part is not None else None
+        length = 1 if i is not None else value.size if value is not None else \
+            dims[0] if dims is not None and len(dims) == 1 and isinstance(dims[0], int) else None
+        if length is None:  # later entries' positions are unknown
+            break
+        position += length
+    if not hits:
+        return NO_MATCH
+    if not _only_use(node.inputs[1], node):
+        return Match.fail("the target has other users")
+    zero = add_initializer(node.graph, ctx.names.value(f"{node.name or 'reshape'}_copy_dim"), np.array([0], np.int64))
+    old = [concat.inputs[k] for k in hits]
+    for k in hits:
+        concat.replace_input_with(k, zero)
+    remove_dead_producers(old)
+    return Match.ok()
+
+
 #: see Simplify's ``size_rules``
-SIZE_RULES = frozenset({_unsqueeze_chain, _reshape_roundtrip, _parallel_matmuls, _where_never_equal})
+SIZE_RULES = frozenset({_unsqueeze_chain, _reshape_roundtrip, _parallel_matmuls, _where_never_equal, _reshape_own_dims})
 
 RULES: dict[str, tuple[Rule, ...]] = {
     "Add": (_identity_arith, _matmul_add_gemm),
@@ -583,7 +640,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "Mul": (_identity_arith,),
     "Div": (_identity_arith,),
     "Transpose": (_transpose,),
-    "Reshape": (_reshape, _reshape_roundtrip),
+    "Reshape": (_reshape, _reshape_roundtrip, _reshape_own_dims),
     "Squeeze": (_squeeze_pair,),
     "Unsqueeze": (_squeeze_pair, _unsqueeze_chain),
     "And": (_identity_arith,),
