@@ -325,14 +325,22 @@ def _rewrite_rms(node: ir.Node, graph: ir.Graph, x: ir.Value, scale: ir.Value | 
     norm = ir.node("SimplifiedLayerNormalization", [x, scale], name=f"{node.name or 'rms'}_simplified_ln",
                    attributes={"axis": -1, "epsilon": eps, "stash_type": 1})
     norm.outputs[0].dtype, norm.outputs[0].shape = x.dtype, x.shape
-    graph.insert_before(node, norm)
+    return _replace_with(node, graph, norm)
+
+
+def _replace_with(node: ir.Node, graph: ir.Graph, fused: ir.Node) -> Match:
+    """Put ``fused`` (output typed like ``node``'s) before ``node`` and make it take ``node``'s
+    place; the producers only ``node`` read die.  Declined (``fused`` removed) when ``node``'s
+    output cannot be substituted."""
+    graph.insert_before(node, fused)
     inputs = list(node.inputs)
-    reason = substitute(node, norm.outputs[0])
+    reason = substitute(node, fused.outputs[0])
     if reason:
-        graph.remove(norm, safe=True)
+        graph.remove(fused, safe=True)
         return Match.fail(reason)
     remove_dead_producers(inputs)
     return Match.ok()
+
 
 def _is_integer(value: ir.Value) -> bool:
     return value.dtype is not None and value.dtype.is_integer()
@@ -444,14 +452,7 @@ def _rewrite_rope(node: ir.Node, graph: ir.Graph, shared: dict, x: ir.Value, hal
     rope = ir.node("RotaryEmbedding", [x, positions, cos_cache, sin_cache], domain="com.microsoft",
                    attributes={"interleaved": 0, "num_heads": dims[1]}, name=f"{node.name or 'rope'}_rotary")
     rope.outputs[0].dtype, rope.outputs[0].shape = x.dtype, x.shape
-    graph.insert_before(node, rope)
-    inputs = list(node.inputs)
-    reason = substitute(node, rope.outputs[0])
-    if reason:
-        graph.remove(rope, safe=True)
-        return Match.fail(reason)
-    remove_dead_producers(inputs)
-    return Match.ok()
+    return _replace_with(node, graph, rope)
 
 
 def _rope_inputs(node: ir.Node, graph: ir.Graph, pos: ir.Value, x: ir.Value, inv: np.ndarray) -> tuple[ir.Value, ir.Value, ir.Value]:
