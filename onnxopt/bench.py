@@ -275,7 +275,7 @@ def median_ratio_interval(ta, tb) -> tuple[float, float]:
 
 def paired(a: tuple[object, Mapping], b: tuple[object, Mapping], *, threshold: float = 1.0, pairs_per_block: int = 16,
            min_blocks: int = 2, max_blocks: int = 6, seconds: float = float("inf"),
-           precision: float | None = None) -> dict:
+           precision: float | None = None, early: float | None = None) -> dict:
     """Is ``a`` (a warm session and its feeds) faster than ``b`` by the time ratio ``threshold``?
 
     Runs interleave in pairs (a then b, b then a, alternating, one process, fixed feeds) so a
@@ -285,8 +285,11 @@ def paired(a: tuple[object, Mapping], b: tuple[object, Mapping], *, threshold: f
     above -> ``"not faster"``; with ``precision``, also stop once the interval is narrower than
     ``precision`` x the median (an estimate precise enough for a cost model: verdict ``"tie"``
     unless the interval decides); still straddling after ``max_blocks`` blocks (or ``seconds``)
-    -> ``"tie"``.  Returns the verdict, medians in ms, the median ratio, its interval and the
-    pair count.  Shared by quantize's latency guard, its cost model and ``prune --channels``."""
+    -> ``"tie"``.  With ``early``, the blocks before ``min_blocks`` are checked too, but only
+    against ``threshold -/+ early``: a difference far from the threshold stops early, one near it
+    is decided exactly as without (the same checks at the same pair counts).  Returns the
+    verdict, medians in ms, the median ratio, its interval and the pair count.  Shared by
+    quantize's latency guard, its cost model and ``prune --channels``."""
     (sa, fa), (sb, fb) = a, b
     ta: list[float] = []
     tb: list[float] = []
@@ -301,6 +304,11 @@ def paired(a: tuple[object, Mapping], b: tuple[object, Mapping], *, threshold: f
                 tb.append(timed_run(sb, fb))
                 ta.append(timed_run(sa, fa))
         if block + 1 < min_blocks:
+            if early is not None:
+                lo, hi = median_ratio_interval(ta, tb)
+                if hi < threshold - early or lo > threshold + early:
+                    verdict = "faster" if hi < threshold else "not faster"
+                    break
             continue
         lo, hi = median_ratio_interval(ta, tb)
         if hi < threshold:

@@ -104,6 +104,9 @@ PER_LAYER_GUARD = 24
 PAIRS_PER_BLOCK, MIN_BLOCKS, MAX_BLOCKS, COMPARE_SECONDS = 16, 2, 6, 12.0
 #: blocks at most when one layer is tried back in float (one layer rarely pays the margin)
 LAYER_BLOCKS = 2
+#: a comparison whose interval after the first block lies this far from the threshold stops there
+#: (the checks near the threshold are unchanged: ``bench.paired``'s ``early``)
+EARLY = 0.1
 RECIPE_FORMAT = "onnxopt-recipe/1"
 #: warm ORT sessions kept for latency comparisons (each holds its model's weights)
 SESSION_CACHE = 3
@@ -668,8 +671,9 @@ class Quantizer:
 
         Runs interleave in pairs (a then b, b then a, alternating, one process, fixed feeds) so a
         machine that slows down slows both alike; each pair gives a ratio t_a / t_b.  After every
-        block of PAIRS_PER_BLOCK pairs (at least MIN_BLOCKS), the median ratio's ~95% interval from
-        order statistics is checked against ``1 - margin``: wholly below -> ``"faster"``, wholly
+        block of PAIRS_PER_BLOCK pairs (at least MIN_BLOCKS; after the first block only against
+        ``1 - margin -/+ EARLY``), the median ratio's ~95% interval from order statistics is
+        checked against ``1 - margin``: wholly below -> ``"faster"``, wholly
         above -> ``"not faster"``; still straddling after MAX_BLOCKS (or COMPARE_SECONDS) ->
         ``"tie"``, which callers resolve to the simpler choice.  A real difference far from the
         threshold gives the same verdict run after run; one near it gives "tie", not a coin flip.
@@ -677,7 +681,7 @@ class Quantizer:
         sessions, inputs = self._sessions([a, b])
         return bench.paired((sessions[0], inputs[0]), (sessions[1], inputs[1]), threshold=1.0 - margin,
                             pairs_per_block=PAIRS_PER_BLOCK, min_blocks=MIN_BLOCKS, max_blocks=max_blocks,
-                            seconds=COMPARE_SECONDS)
+                            seconds=COMPARE_SECONDS, early=EARLY)
 
 
 median_ratio_interval = bench.median_ratio_interval

@@ -594,8 +594,9 @@ def test_default_budget_catches_flipped_predictions_that_cosine_misses(tmp_path)
 
 def test_latency_comparison_is_stable():
     """compare_latency on real sessions: a model with 40 extra MatMuls is 'not faster' than the
-    bare one and the bare one 'faster' than it, every time; a model against itself is never
-    'faster' (a tie goes to the simpler choice), so repeated runs decide alike."""
+    bare one and the bare one 'faster' than it, every time (after one block: the difference is far
+    from the threshold); a model against itself is never 'faster' (a tie goes to the simpler
+    choice) and is never decided early, so repeated runs decide alike."""
     from onnx import TensorProto as T
     from onnx import helper as h
     from onnx import numpy_helper as nh
@@ -613,9 +614,14 @@ def test_latency_comparison_is_stable():
     q = quantize_mod.Quantizer.__new__(quantize_mod.Quantizer)  # only what compare_latency needs
     q.held_out, q.ep, q.threads = [{"x": np.ones((64, 64), np.float32)}], "cpu", 1
     small, big = chain(1), chain(40)
-    verdicts = [(q.compare_latency(small, big)["verdict"], q.compare_latency(big, small)["verdict"],
-                 q.compare_latency(small, small)["verdict"]) for _ in range(3)]
+    results = [(q.compare_latency(small, big), q.compare_latency(big, small), q.compare_latency(small, small)) for _ in range(3)]
+    verdicts = [tuple(c["verdict"] for c in r) for r in results]
     assert all(v[0] == "faster" and v[1] == "not faster" and v[2] != "faster" for v in verdicts), verdicts
+    # far from the threshold the first block decides (EARLY); a model against itself never stops before
+    # the checks at the threshold itself (MIN_BLOCKS blocks)
+    pairs = [tuple(c["pairs"] for c in r) for r in results]
+    assert all(p[0] == p[1] == quantize_mod.PAIRS_PER_BLOCK for p in pairs), pairs
+    assert all(p[2] >= quantize_mod.PAIRS_PER_BLOCK * quantize_mod.MIN_BLOCKS for p in pairs), pairs
 
 
 def test_agreement_is_judged_by_its_lower_bound_when_the_sample_can_certify():
