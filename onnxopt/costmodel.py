@@ -46,6 +46,7 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -101,7 +102,8 @@ def cache_path() -> Path | None:
     return Path(base) / "onnxopt" / "regions.json"
 
 
-_ENTRY = {"float_ms": (int, float), "int8_ms": (int, float), "ratio": (int, float), "interval": list, "pairs": int}
+_ENTRY: dict[str, type | tuple[type, ...]] = {"float_ms": (int, float), "int8_ms": (int, float), "ratio": (int, float),
+                                               "interval": list, "pairs": int}
 
 
 def _valid(entry) -> bool:
@@ -157,7 +159,7 @@ class Regions:
         self.path = cache_path()
         self.machine = machine_key(ep, threads)
         self.measured = 0  # regions timed by this object (not read from the cache)
-        self._acts_session = None
+        self._acts_session: Any = None  # the float model with every layer input as an output (timings)
 
     def timings(self, kinds: Mapping[str, str]) -> dict[str, Region]:
         """Layer name -> its Region, for the layers of ``kinds`` (name -> layer kind).  A layer

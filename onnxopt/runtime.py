@@ -321,7 +321,7 @@ def index_bounds(model: ir.Model | onnx.ModelProto) -> dict[str, int]:
         if node is not None and node.op_type == "Constant" and "value" in node.attributes:
             return tuple(node.attributes["value"].as_tensor().shape.numpy())
         if value.shape is not None and all(isinstance(d, int) for d in value.shape):
-            return tuple(int(d) for d in value.shape)
+            return tuple(d for d in value.shape if isinstance(d, int))
         if node is not None and depth < 8 and node.op_type in ("Cast", "DequantizeLinear", "Identity") and node.inputs:
             return table_dims(node.inputs[0], depth + 1) if node.inputs[0] is not None else None
         return None
