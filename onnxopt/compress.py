@@ -105,7 +105,7 @@ class Scorer:
             if not self.held_out:  # fewer than 4 batches: score on the last one read
                 self.held_out = [feeds]
         else:
-            plain._onnxopt_bounds = self.index_bounds
+            runtime.remember_bounds(plain, self.index_bounds)
             self.held_out = [runtime.synthesize(plain, None, seed=s, quiet=True) for s in range(4)]
         self.rules = fidelity.rules(model, None)
         self.float_session = runtime.session(self.float_bytes, opts.ep, opts.threads)
@@ -117,7 +117,7 @@ class Scorer:
         """The non-held-out batches, streamed from --data again (synthesized without --data)."""
         if self.opts.data is None:
             plain = runtime.session(self.float_bytes, "cpu", self.opts.threads, optimize=False)
-            plain._onnxopt_bounds = self.index_bounds
+            runtime.remember_bounds(plain, self.index_bounds)
             yield from (runtime.synthesize(plain, None, seed=100 + s, quiet=True) for s in range(8))
             return
         plain = runtime.session(self.float_bytes, "cpu", self.opts.threads, optimize=False)

@@ -99,7 +99,7 @@ def inputs(float_bytes: bytes, opts: qm.Options, model: ir.Model | None = None) 
     ``model``: the prepared model ``float_bytes`` serializes (its index bounds for synthesized ids)."""
     sess = runtime.session(float_bytes, "cpu", opts.threads, optimize=False)
     if model is not None:
-        runtime.remember_bounds(sess, model)
+        runtime.remember_bounds(sess, runtime.index_bounds(model))
     if opts.data is None:
         primary = runtime.synthesize_runnable(sess)  # raises, naming --data, when no synthesized input runs
         points = [validate.Point("synthesized, seed 0", primary)] + validate.variation_points(sess, primary)

@@ -257,12 +257,19 @@ def assignments(choices: Mapping[str, Sequence[int]], limit: int):
 
 def synthesize_runnable(sess: ort.InferenceSession, overrides: Mapping[str, tuple[int, ...]] | None = None,
                         seed: int = 0, quiet: bool = False) -> dict[str, np.ndarray]:
+    """:func:`run_synthesized`'s inputs."""
+    return run_synthesized(sess, overrides, seed, quiet)[0]
+
+
+def run_synthesized(sess: ort.InferenceSession, overrides: Mapping[str, tuple[int, ...]] | None = None,
+                    seed: int = 0, quiet: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """:func:`synthesize`, run once; when the model fails on it and it has symbolic dims that
     ``overrides`` leave open, those dims are searched over DIM_CHOICES (at most DIM_TRIES runs,
     smallest first) for values the model runs on: a GPT-2 with past needs its mask length to be
     past + seq.  A symbolic dim that an input given in ``overrides`` fixes keeps that value in
     every input that shares its name.  The values found are logged (set them with ``--shape``);
-    none found -> the first error, with a hint."""
+    none found -> the first error, with a hint.  Returns the inputs and the outputs of the run
+    that accepted them (every output: the reference a caller would compute next)."""
     overrides = dict(overrides or {})
     symbolic = symbolic_dims(sess)
     fixed = {dim: overrides[name][axis] for (name, axis), dim in symbolic.items()
@@ -279,8 +286,7 @@ def synthesize_runnable(sess: ort.InferenceSession, overrides: Mapping[str, tupl
     first_shapes = shaped(fixed) if any(fixed.get(d) for (n, _a), d in symbolic.items() if n not in overrides) else overrides
     feeds = synthesize(sess, first_shapes, seed, quiet)
     try:
-        run(sess, feeds)
-        return feeds
+        return feeds, run(sess, feeds)
     except BadInputError as e:
         first = e
     open_dims = {dim for (name, _axis), dim in symbolic.items() if name not in overrides and dim not in fixed}
@@ -290,13 +296,13 @@ def synthesize_runnable(sess: ort.InferenceSession, overrides: Mapping[str, tupl
                 continue
             try:
                 feeds = synthesize(sess, shaped({**fixed, **values}), seed, quiet=True)
-                run(sess, feeds)
+                outputs = run(sess, feeds)
             except BadInputError:
                 continue
             if not quiet:
                 logger.warning("the model does not run with every symbolic dim at 1; using %s (the smallest values it "
                                "runs on; set them with --shape)", ", ".join(f"{k}={v}" for k, v in sorted(values.items())))
-            return feeds
+            return feeds, outputs
     tried = f", symbolic dims at 1 and up to {DIM_TRIES} other sizes" if open_dims else ""
     raise BadInputError(f"{first} (on synthesized inputs{tried}; give real inputs with --data or sizes with --shape)") from None
 
@@ -349,11 +355,11 @@ def index_bounds(model: ir.Model | onnx.ModelProto) -> dict[str, int]:
     return out
 
 
-def remember_bounds(sess, model: ir.Model) -> None:
-    """Give ``sess`` the index bounds of ``model`` (the model it was made from), for sessions made
-    from bytes too large to keep (see :func:`session`)."""
+def remember_bounds(sess, bounds: Mapping[str, int]) -> None:
+    """Give ``sess`` the :func:`index_bounds` of the model it was made from, for sessions made from
+    bytes too large to keep (see :func:`session`)."""
     try:
-        sess._onnxopt_bounds = index_bounds(model)
+        sess._onnxopt_bounds = dict(bounds)
     except AttributeError:
         pass
 

@@ -339,8 +339,11 @@ class Validator:
         self.tolerance = tolerance
         self.latency_runs = latency_runs
         session = runtime.session(original, ep)
-        self.feeds = data_mod.feeds_for(session, data, shapes, preprocess, limit=1)[0]
-        self.reference = runtime.run(session, self.feeds)
+        if data is None:  # the run that found runnable inputs is the reference
+            self.feeds, self.reference = runtime.run_synthesized(session, shapes)
+        else:
+            self.feeds = data_mod.feeds_for(session, data, shapes, preprocess, limit=1)[0]
+            self.reference = runtime.run(session, self.feeds)
         label = "data batch 1" if data is not None else "synthesized, seed 0"
         self.points = [Point(label, self.feeds, self.reference)]
         if variations:
@@ -432,9 +435,9 @@ def compare_models(a: str | os.PathLike, b: str | os.PathLike, *, eps: tuple[str
         if data is not None:
             feeds_iter = ((feeds, None) for feeds in data_mod.batches(data, sa, preprocess, max_batches))
         else:  # the synthesized point and a variation of it (other symbolic dims and values)
-            primary = runtime.synthesize_runnable(sa, shapes, quiet=ep != eps[0])
-            feeds_iter = iter([(primary, None)] + [(p.feeds, p.reference) for p in variation_points(sa, primary)
-                                                   if p.reference is not None])
+            primary, primary_ref = runtime.run_synthesized(sa, shapes, quiet=ep != eps[0])
+            feeds_iter = iter([(primary, primary_ref)] + [(p.feeds, p.reference) for p in variation_points(sa, primary)
+                                                          if p.reference is not None])
         count = 0
         for feeds, known in feeds_iter:
             ref = known if known is not None else runtime.run(sa, feeds)  # a variation's is already computed

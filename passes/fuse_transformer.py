@@ -222,14 +222,7 @@ def fuse_fast_gelu(node: ir.Node, graph: ir.Graph) -> Match:
         if x.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, None):
             return Match.fail("x is not float")
         gelu = ir.node("FastGelu", [x], domain="com.microsoft", name=f"{node.name or 'gelu'}_fast_gelu")
-        graph.insert_before(node, gelu)
-        inputs = list(node.inputs)
-        reason = substitute(node, gelu.outputs[0])
-        if reason:
-            graph.remove(gelu, safe=True)
-            return Match.fail(reason)
-        remove_dead_producers(inputs)
-        return Match.ok()
+        return _replace_with(node, graph, gelu)
     return NO_MATCH
 
 
