@@ -12,6 +12,7 @@ import dataclasses
 from typing import ClassVar
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from onnxopt.io import weight_bytes
@@ -245,6 +246,39 @@ def serialized_size(model: ir.Model) -> int | None:
     if weight_bytes(model) > SIZE_MEASURE_LIMIT:
         return None
     return ir.to_proto(model).ByteSize()
+
+
+#: Initializers at least this large are left out of structure-only serializations (:func:`light_proto`);
+#: smaller ones (shape, axes and index constants, which shape inference's data propagation reads) stay in.
+LIGHT_BYTES = 1024
+#: where :func:`light_proto` says a left-out tensor lives (never a file: its readers are given the tensors)
+LIGHT_LOCATION = "onnxopt-in-memory"
+_LIGHT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8,
+                          ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32,
+                          ir.DataType.UINT32, ir.DataType.INT64, ir.DataType.UINT64, ir.DataType.BOOL})
+
+
+def light_proto(model: ir.Model, min_bytes: int = LIGHT_BYTES) -> tuple[onnx.ModelProto, dict[str, ir.TensorProtocol]]:
+    """``model`` serialized with each main-graph initializer of at least ``min_bytes`` (of a numpy
+    dtype) as an external-data reference to LIGHT_LOCATION instead of its bytes; returns the proto
+    and the left-out tensors by name.  For onnx shape inference, which needs no weights, and ORT
+    sessions given the tensors (``runtime.Light``): copying the weights into the proto was most of
+    their cost.  The model is left as it was (its initializers are swapped back, also on error), but
+    is briefly changed: not for a model another thread reads."""
+    left: dict[str, tuple[ir.Value, ir.TensorProtocol]] = {}
+    for name, v in model.graph.initializers.items():
+        t = v.const_value
+        if t is not None and t.dtype in _LIGHT_TYPES and t.nbytes >= min_bytes:
+            left[name] = (v, t)
+    try:
+        for name, (v, t) in left.items():
+            v.const_value = ir.ExternalTensor(LIGHT_LOCATION, 0, t.nbytes, t.dtype, shape=ir.Shape(t.shape.numpy()), name=name,
+                                              base_dir="")
+        proto = ir.to_proto(model)
+    finally:
+        for v, t in left.values():
+            v.const_value = t
+    return proto, {name: t for name, (_, t) in left.items()}
 
 
 #: ops whose output is >= 0 when the listed inputs are (integer position arithmetic)

@@ -7,6 +7,7 @@ import tracemalloc
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
@@ -760,6 +761,49 @@ def test_step_guard(small_run, monkeypatch):
                                             "pairs": 32, "verdict": "float faster", "quantized": False}
 
 
+def test_step_guard_after_the_budget_keeps_the_budget(small_run, monkeypatch):
+    """The per-layer guard runs after the budget, on the layers it left int8, from the budget's
+    candidate: a layer faster in float goes float and the new placement is returned; when going
+    float pushes the (patched) drop over the budget, the move is undone and the decision says so."""
+    qm, prepared, calib, _, _ = small_run
+    faster = {"verdict": "faster", "a_ms": 1.0, "b_ms": 2.0, "ratio": 0.5, "interval": [0.4, 0.6], "pairs": 32}
+    for over in (False, True):
+        q, recipe = _quantizer(qm, prepared, calib)
+        recipe.float_layers = {"conv1": "accuracy budget: test"}
+        candidate, the_plan = q.build(recipe.excluded())
+        tried = []
+
+        def compare(a, b, tried=tried, **kw):
+            tried.append(a)  # the first layer tried (conv0) is faster in float, the next not
+            return faster if len(tried) == 1 else {**faster, "verdict": "not faster"}
+
+        monkeypatch.setattr(q, "compare_latency", compare)
+        monkeypatch.setattr(q, "drop", lambda m, over=over: 0.5 if over else 0.0)
+        got, got_plan = qm.guard_budgeted(q, recipe, {}, candidate, the_plan, max_drop=0.1)
+        assert len(tried) == 2  # conv0 and fc tried; conv1 (the budget's) never
+        if over:
+            assert got is candidate and set(recipe.float_layers) == {"conv1"}
+            assert recipe.latency_decisions[-1]["verdict"] == "float faster, but over the accuracy budget"
+            assert recipe.latency_decisions[-1]["quantized"] is True
+        else:
+            assert got is not candidate and got_plan.primary() == ["fc"] and set(recipe.float_layers) == {"conv0", "conv1"}
+            assert not any(n.op_type == "QuantizeLinear" and n.name.startswith("conv0") for n in got.graph)
+
+
+def test_sensitivity_pipelined_matches_one_after_the_other(small_run):
+    """The ranking scores in worker threads while the next model is built: every layer gets the
+    drop of its own model, exactly as built and scored one after the other (the drops differ by
+    layer, so a model scored under another layer's name would show)."""
+    qm, prepared, calib, _, _ = small_run
+    q, _ = _quantizer(qm, prepared, calib)
+    names = list(q.candidates)
+    ranking = qm.sensitivity(q, names)
+    sequential = {n: q.drop(q.build(frozenset(set(q.candidates) - {n}))[0]) for n in names}
+    assert len(set(sequential.values())) == len(names), sequential
+    assert {s["layer"]: s["drop"] for s in ranking} == sequential
+    assert [s["drop"] for s in ranking] == sorted(sequential.values(), reverse=True)
+
+
 def test_step_budget(small_run):
     qm, prepared, calib, _, _ = small_run
     q, recipe = _quantizer(qm, prepared, calib)
@@ -817,21 +861,23 @@ def test_step_recover_and_recipe_round_trip(small_run, tmp_path):
 def test_step_budget_binary_search_keeps_the_fewest_sensitive_layers(small_run, monkeypatch):
     """Over budget, the ranked layers are kept float by binary search: with a drop that grows by
     0.1 per int8 layer and a 0.15 budget, exactly the 2 most sensitive go float (at most one int8
-    layer is left), after 1 + 3 (ranking) + 2 (search) scorings, not one build per chain step."""
+    layer is left), after 1 + 3 (ranking, scored in worker threads: in any order) + 2 (search)
+    scorings, not one build per chain step."""
     qm, prepared, calib, _, _ = small_run
     q, recipe = _quantizer(qm, prepared, calib)
     calls = []
 
-    def drop(model):
-        int8 = sum(n.op_type == "DequantizeLinear" and n.name.endswith("_w_DequantizeLinear") for n in model.graph)
+    def score(model):
+        nodes = model.graph if isinstance(model, ir.Model) else onnx.load_from_string(model.data).graph.node
+        int8 = sum(n.op_type == "DequantizeLinear" and n.name.endswith("_w_DequantizeLinear") for n in nodes)
         calls.append(int8)
-        return 0.1 * int8
+        return q.float_score - 0.1 * int8
 
-    monkeypatch.setattr(q, "drop", drop)
+    monkeypatch.setattr(q, "score", score)
     _, the_plan, d = qm.budget(q, recipe, max_drop=0.15)
     assert len(the_plan.primary()) == 1 and d == pytest.approx(0.1)
     assert sum(s.get("kept_float", False) for s in recipe.sensitivity) == 2 and len(recipe.float_layers) == 2
-    assert calls == [3, 1, 1, 1, 2, 1], calls
+    assert calls[0] == 3 and sorted(calls[1:4]) == [1, 1, 1] and calls[4:] == [2, 1], calls
 
 
 # ---------------------------------------------------------------- the latency guard's cost model

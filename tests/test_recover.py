@@ -135,3 +135,27 @@ def test_sampled_conv_rows_are_rows_of_the_full_im2col():
     assert len(budget) == recover.MIN_ROWS < len(recover._rows(big, node, rng, limit=10**6))
     one = recover._rows(big, node, rng, limit=-1)  # one batch: the whole budget
     assert len(one) == max(recover.MIN_ROWS, recover.ROWS_PER_K * 27)
+
+
+def test_error_feedback_batches_and_inverse_cholesky_are_exact():
+    """The Hessian's inverse Cholesky factor (from a Cholesky of the reversed matrix and a triangular
+    inverse by halves) equals ``cholesky(inv(h)).T`` at sizes below, at and above the 64-wide leaf,
+    odd ones included; lazy batches of rows (errors pulled within a batch) give the same codes as
+    one row at a time, with and without zero points (int4-style grids)."""
+    rng = np.random.default_rng(5)
+    for n in (1, 7, 64, 65, 131, 300):
+        x = rng.standard_normal((2 * n + 8, n))
+        hess = x.T @ x / len(x) + np.eye(n) * 0.01
+        u = recover._inverse_cholesky(hess)
+        ref = np.linalg.cholesky(np.linalg.inv(hess)).T
+        assert np.allclose(u, np.triu(u)) and np.abs(u - ref).max() <= 1e-10 * np.abs(ref).max(), n
+    k, n = 150, 24
+    x = rng.standard_normal((512, k)) @ rng.standard_normal((k, k)) * 0.3  # correlated features
+    hess, w = x.T @ x / len(x), rng.standard_normal((k, n))
+    s = np.abs(w).max(axis=0) / 127
+    batched, single = recover._error_feedback(w, s, hess, 127), recover._error_feedback(w, s, hess, 127, lazy=1)
+    assert np.array_equal(batched, single)
+    assert not np.array_equal(batched, np.clip(np.round(w / s), -127, 127))  # the feedback changed codes
+    s4, zero = np.abs(w).max(axis=0) / 7.5, np.full(n, 8.0)
+    assert np.array_equal(recover._error_feedback(w, s4, hess, 15, zero=zero, qmin=0, lazy=32),
+                          recover._error_feedback(w, s4, hess, 15, zero=zero, qmin=0, lazy=1))

@@ -401,3 +401,40 @@ def test_html_report_renders_in_chromium(cli, tmp_path):
     assert img.size == (1200, 1600)
     colors = img.getcolors(maxcolors=1 << 20)
     assert colors is not None and len(colors) > 50  # text, tables and charts, not a blank page
+
+
+def test_light_sessions_match_whole_model_sessions(monkeypatch):
+    """A model handed to ORT without its large initializers in the proto (``runtime.Light``: they
+    go in as in-memory external initializers) gives the same outputs as the whole model; small
+    constants (a Reshape's shape) stay in the proto; the model is left as it was, also when
+    serialization fails."""
+    from onnxopt import base, runtime
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    w16 = rng.standard_normal((32, 32)).astype(np.float16)
+    graph = h.make_graph(
+        [h.make_node("MatMul", ["x", "w"], ["y"]), h.make_node("Cast", ["y"], ["y16"], to=T.FLOAT16),
+         h.make_node("MatMul", ["y16", "w16"], ["z"]), h.make_node("Reshape", ["z", "shape"], ["out"])],
+        "light", [h.make_tensor_value_info("x", T.FLOAT, [None, 64])],
+        [h.make_tensor_value_info("out", T.FLOAT16, None)],
+        [nh.from_array(w, "w"), nh.from_array(w16, "w16"), nh.from_array(np.array([-1, 4, 8], np.int64), "shape")])
+    model = ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
+    tensors = {n: v.const_value for n, v in model.graph.initializers.items()}
+    light = runtime.light(model)
+    proto = onnx.load_from_string(light.data)
+    stored = {t.name: t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer}
+    assert stored == {"w": True, "w16": True, "shape": False} and set(light.initializers) == {"w", "w16"}
+    assert len(light.data) < 1024 < w.nbytes
+    assert {n: v.const_value for n, v in model.graph.initializers.items()} == tensors
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    whole = runtime.session(ir.to_proto(model).SerializeToString()).run(None, {"x": x})[0]
+    assert whole.shape == (3, 4, 8) and np.array_equal(runtime.session(light).run(None, {"x": x})[0], whole)
+
+    def fail(_model):
+        raise RuntimeError("serialization failed")
+
+    monkeypatch.setattr(base.ir, "to_proto", fail)
+    with pytest.raises(RuntimeError):
+        base.light_proto(model)
+    assert all(model.graph.initializers[n].const_value is t for n, t in tensors.items())
