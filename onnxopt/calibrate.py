@@ -28,7 +28,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -214,9 +214,11 @@ class Stats:
 
 
 def collect(sess, names: list[str], feeds_iter: Iterable[Mapping[str, np.ndarray]], *,
-            bins: int = DEFAULT_BINS, progress: Callable[[int], None] | None = None) -> Stats:
-    """Run ``sess`` (a session whose outputs include ``names``) on every batch of ``feeds_iter``
-    and fold the tensors into statistics, calling ``progress(1)`` after each batch.  Memory: one
+            bins: int = DEFAULT_BINS, progress: Callable[[int], None] | None = None,
+            extra: Sequence[str] = (), on_batch: Callable[[dict[str, np.ndarray]], None] | None = None) -> Stats:
+    """Run ``sess`` (a session whose outputs include ``names`` and ``extra``) on every batch of
+    ``feeds_iter`` and fold the ``names`` tensors into statistics, calling ``on_batch`` with the
+    batch's outputs (``names`` and ``extra``) and ``progress(1)`` after each batch.  Memory: one
     batch's activations + O(len(names) x bins).
 
     Bad data is refused with one line: NaN/Inf in an input batch, an empty source; a calibration
@@ -234,13 +236,15 @@ def collect(sess, names: list[str], feeds_iter: Iterable[Mapping[str, np.ndarray
             first = {k: np.asarray(v).reshape(-1)[:1] for k, v in feeds.items()}
         varied = varied or any(bool(np.ptp(v) > 0) or bool(v.reshape(-1)[0] != first[k][0])
                                for k, v in feeds.items() if v.size)
-        outputs = runtime.run(sess, feeds, names)
+        outputs = runtime.run(sess, feeds, list(dict.fromkeys([*names, *extra])))
         for n in names:
             try:
                 stats[n].update(outputs[n], bins)
             except ValueError:
                 raise BadInputError(f"calibration batch {count}: tensor '{n}' became NaN/Inf inside the model") from None
         count += 1
+        if on_batch is not None:
+            on_batch(outputs)
         if progress is not None:
             progress(1)
     if count == 0:

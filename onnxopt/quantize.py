@@ -10,7 +10,8 @@ report's ``"recipe"``, replayed by ``--recipe``), each callable alone on a small
    warning); name every node.  Float-level recovery: cross-layer equalization (``--recover cle``).
 2. **Calibrate** (:func:`calibrate_model`), streaming (``onnxopt.calibrate``): one ORT run per batch
    with the needed tensors as extra outputs.  Every 4th batch (up to 8) is held out for scoring,
-   up to 8 of the others are kept for recovery.
+   up to 8 of the others are kept for recovery (their layer inputs' means and Hessians, which
+   step 6 needs, are folded from the same runs).
 3. **Place** (:func:`place`): the starting placement keeps in float the layer kinds the EP profile
    runs slower in int8 (depthwise on CPU) and ``--exclude``; :meth:`Quantizer.build` inserts Q/DQ
    for a set of float layers (``passes/quantize_qdq.py``) and applies step 6.
@@ -443,6 +444,10 @@ class Calibration:
     recovery_set: list[dict]
     seconds: float = 0.0
     stats_file: str | None = None
+    #: the recovery's input means and Hessians, folded from calibration's own runs (None: not folded,
+    #: or the Hessians' row samples were sized for more recovery batches than the data had)
+    means: dict[str, np.ndarray] | None = None
+    hessians: dict[str, np.ndarray] | None = None
 
     def to_dict(self) -> dict:
         return {"batches": self.stats.batches, "held_out": len(self.held_out), "tensors": len(self.stats.tensors),
@@ -451,21 +456,28 @@ class Calibration:
 
 def calibrate_model(prepared: Prepared, data: str | os.PathLike, *, preprocess: str | None = None,
                     stats_in: str | os.PathLike | None = None, stats_out: str | os.PathLike | None = None,
-                    limit: int | None = None, threads: int = 1, progress: api.ProgressFn | None = None) -> Calibration:
+                    limit: int | None = None, threads: int = 1, progress: api.ProgressFn | None = None,
+                    recovery: Sequence[str] = ()) -> Calibration:
     """Step 2: statistics of every tensor the full placement needs (or ``stats_in``), streaming;
     every 4th batch (up to HELD_OUT) is held out, up to RECOVERY_BATCHES others kept for recovery.
-    ``progress(1)`` per calibration batch."""
+    ``progress(1)`` per calibration batch.  With ``recovery`` naming bias correction or adaround,
+    the recovery batches' layer inputs are folded into their means and Hessians from the
+    calibration runs (``recover.InputStats``), in a worker thread while the next batch runs, so
+    the recovery needs no float pass of its own."""
     t0 = time.perf_counter()
     held_out: list[dict] = []
     recovery_set: list[dict] = []
+    means = hessians = None
     plain = runtime.session(prepared.float_bytes, "cpu", threads, optimize=False)
+    recovering = [False]  # is the batch being calibrated a recovery batch?
 
     def stream():
         for i, feeds in enumerate(data_mod.batches(data, plain, preprocess, limit)):
             if i % 4 == 3 and len(held_out) < HELD_OUT:
                 held_out.append(feeds)
                 continue
-            if len(recovery_set) < RECOVERY_BATCHES:
+            recovering[0] = len(recovery_set) < RECOVERY_BATCHES
+            if recovering[0]:
                 recovery_set.append(feeds)
             yield feeds
 
@@ -479,17 +491,39 @@ def calibrate_model(prepared: Prepared, data: str | os.PathLike, *, preprocess: 
                 break
     else:
         names = prepared.full_plan.stats_names()
-        extra = runtime.session(runtime.with_outputs(ir.to_proto(prepared.model), names), "cpu", threads, optimize=False)
-        stats = calibrate.collect(extra, names, stream(), progress=progress)
+        nodes = {n.name: n for n in prepared.model.graph}
+        folded = recover.InputStats(
+            [nodes[n] for n in prepared.full_plan.weighted()] if "bias-correction" in recovery else [],
+            recover.adaround_layers(prepared.model, prepared.full_plan) if "adaround" in recovery else [],
+            RECOVERY_BATCHES)
+        extra = runtime.session(runtime.with_outputs(ir.to_proto(prepared.model), [*names, *folded.names]), "cpu",
+                                threads, optimize=False)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxopt-fold") as pool:
+            pending: list[concurrent.futures.Future] = []
+
+            def fold(outputs: dict[str, np.ndarray]) -> None:
+                if recovering[0] and folded.names:
+                    for f in pending:  # one batch folds while the next runs: two batches' activations at most
+                        f.result()
+                    pending[:] = [pool.submit(folded.add, outputs)]
+
+            stats = calibrate.collect(extra, names, stream(), progress=progress, extra=folded.names, on_batch=fold)
+            for f in pending:
+                f.result()
         del extra
         stats.source = str(data)
         if stats_out is not None:
             stats.save(stats_out)
+        if folded.names and folded.seen == len(recovery_set):
+            means = folded.means() if folded.mean_names else None
+            # the row samples were sized for RECOVERY_BATCHES: with fewer, Quantizer folds its own
+            hessians = folded.hessians() if folded.hess_layers and folded.seen == RECOVERY_BATCHES else None
     if not held_out:
         held_out = recovery_set[-1:] or []
     if not held_out:
         raise BadInputError(f"{data}: no calibration batch was read")
-    return Calibration(stats, held_out, recovery_set, time.perf_counter() - t0, str(stats_in or stats_out or "") or None)
+    return Calibration(stats, held_out, recovery_set, time.perf_counter() - t0, str(stats_in or stats_out or "") or None,
+                       means, hessians)
 
 
 # ---------------------------------------------------------------- 6. recover (used by every build)
@@ -537,6 +571,7 @@ class Quantizer:
                  class_outputs: Mapping[str, int | None] | None = None, threads: int = 1, cost_model: bool = True):
         self.model, self.float_bytes, self.stats = prepared.model, prepared.float_bytes, calib.stats
         self.held_out, self.recovery_set = calib.held_out, calib.recovery_set
+        self.folded_means, self.folded_hessians = calib.means, calib.hessians
         self.profile, self.per_channel, self.ep = recipe.profile, recipe.per_channel, recipe.ep
         self.metric, self.metric_name, self.threads, self.recovery = metric, metric_name, threads, recipe.build_recovery
         self.qmax = recipe.qmax
@@ -572,6 +607,7 @@ class Quantizer:
         state = self.__dict__.copy()
         state["float_session"] = None
         state.pop("_session_cache", None)  # the latency guard's warm sessions
+        state["folded_hessians"] = None  # K x K each; a worker that needs them folds its own
         if self.metric_name is not None:
             state["metric"] = None
         return state
@@ -584,10 +620,13 @@ class Quantizer:
     # Recovery data that does not depend on the plan: computed once for every layer, not per build.
     @functools.cached_property
     def rounded_weights(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        return recover.adaround(self.model, self.full_plan, self.recovery_set, self.float_bytes, self.per_channel, self.qmax)
+        return recover.adaround(self.model, self.full_plan, self.recovery_set, self.float_bytes, self.per_channel,
+                                self.qmax, self.folded_hessians)
 
     @functools.cached_property
     def input_means(self) -> dict[str, np.ndarray]:
+        if self.folded_means is not None:
+            return self.folded_means
         return recover.input_means(self.model, self.full_plan.weighted(), self.recovery_set)
 
     # ---------------------------------------------------------------- building
@@ -1051,7 +1090,7 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: R
     prepared = prepare_model(model, recipe)
     calib = calibrate_model(prepared, opts.data, preprocess=opts.preprocess, stats_in=opts.stats_in,
                             stats_out=opts.stats_out, limit=opts.calib_limit, threads=opts.threads,
-                            progress=opts.progress)
+                            progress=opts.progress, recovery=recipe.build_recovery)
     q = Quantizer(prepared, calib, recipe, metric=metric_fn, metric_name=opts.metric, max_drop=opts.max_drop,
                   class_outputs=opts.class_outputs, threads=opts.threads, cost_model=opts.cost_model)
     if metric_fn is None:

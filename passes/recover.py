@@ -92,22 +92,63 @@ def _output_axis(node: ir.Node) -> int:
     return 1 if node.op_type == "Conv" else -1
 
 
-def input_means(float_model: ir.Model, layers: list[str], batches: list[dict]) -> dict[str, np.ndarray]:
-    """Per-channel means of the inputs of the named layers, on the float model over ``batches``
-    (channel axis 1 for 3-D+ tensors, else the last).  Cost: one ORT run per batch."""
-    nodes = {n.name: n for n in float_model.graph}
-    names = sorted({nodes[n].inputs[0].name for n in layers})
-    if not names or not batches:
-        return {}
-    sess = runtime.session(runtime.with_outputs(ir.to_proto(float_model), names), "cpu", None)
-    sums: dict[str, np.ndarray] = {}
-    for feeds in batches:
-        acts = runtime.run_candidate(sess, feeds, names)
-        for name in names:
+class InputStats:
+    """What the recovery steps need of the float model's layer inputs, folded in batch by batch
+    (streaming: memory is one batch's activations plus the results): per-channel input means of
+    ``mean_layers`` (bias correction; channel axis 1 for 3-D+ tensors, else the last) and input
+    Hessians ``X^T X / n`` [K, K] of ``hess_layers`` (adaround; about ROWS_PER_K x K rows sampled
+    over the ``batches`` batches expected, at least MIN_ROWS and at most MAX_ROWS per batch;
+    products in float32, sums in float64; K > MAX_K left out).  Fed by this module's own float
+    runs (:func:`input_means`, :func:`hessians`) or by calibration's (``quantize.calibrate_model``),
+    which then needs no pass of its own.  Cost per batch: rows x K^2 per Hessian."""
+
+    def __init__(self, mean_layers: list[ir.Node], hess_layers: list[ir.Node], batches: int):
+        self.mean_names = sorted({n.inputs[0].name for n in mean_layers})
+        self.hess_layers, self.batches = list(hess_layers), batches
+        self.names = sorted(set(self.mean_names) | {n.inputs[0].name for n in self.hess_layers})
+        self.seen = 0
+        self._rng = np.random.default_rng(0)
+        self._sums: dict[str, np.ndarray] = {}
+        self._hess: dict[str, np.ndarray] = {}
+        self._rows: collections.Counter = collections.Counter()
+
+    def add(self, acts: dict[str, np.ndarray]) -> None:
+        """Fold one batch's activations (every name in ``self.names``)."""
+        for name in self.mean_names:
             x = acts[name].astype(np.float64)
             axis = 1 if x.ndim > 2 else x.ndim - 1
-            sums[name] = sums.get(name, 0) + x.mean(axis=tuple(i for i in range(x.ndim) if i != axis))
-    return {name: total / len(batches) for name, total in sums.items()}
+            self._sums[name] = self._sums.get(name, 0) + x.mean(axis=tuple(i for i in range(x.ndim) if i != axis))
+        for node in self.hess_layers:
+            rows = _rows(acts[node.inputs[0].name], node, self._rng, -self.batches)
+            if rows is None or rows.shape[1] > MAX_K:
+                continue
+            self._hess[node.name] = self._hess.get(node.name, 0) + (rows.T @ rows).astype(np.float64)
+            self._rows[node.name] += len(rows)
+        self.seen += 1
+
+    def means(self) -> dict[str, np.ndarray]:
+        """Input tensor name -> per-channel mean over the batches folded."""
+        return {name: total / self.seen for name, total in self._sums.items()}
+
+    def hessians(self) -> dict[str, np.ndarray]:
+        """Node name -> mean input Hessian over the rows sampled."""
+        return {name: h / self._rows[name] for name, h in self._hess.items()}
+
+    def run(self, float_model: onnx.ModelProto, batches: list[dict]) -> InputStats:
+        """Fold ``batches`` through one session of ``float_model`` with the inputs as outputs."""
+        if self.names and batches:
+            sess = runtime.session(runtime.with_outputs(float_model, self.names), "cpu", None)
+            for feeds in batches:
+                self.add(runtime.run_candidate(sess, feeds, self.names))
+        return self
+
+
+def input_means(float_model: ir.Model, layers: list[str], batches: list[dict]) -> dict[str, np.ndarray]:
+    """Per-channel means of the inputs of the named layers, on the float model over ``batches``
+    (:class:`InputStats`).  Cost: one ORT run per batch."""
+    nodes = {n.name: n for n in float_model.graph}
+    stats = InputStats([nodes[n] for n in layers], [], len(batches))
+    return stats.run(ir.to_proto(float_model), batches).means()
 
 
 def bias_correction(model: ir.Model, the_plan, float_model: ir.Model, means: dict[str, np.ndarray]) -> collections.Counter:
@@ -192,17 +233,23 @@ def _rows(x: np.ndarray, node: ir.Node, rng: np.random.Generator, limit: int | N
     return rows.astype(np.float32)
 
 
-def adaround(model: ir.Model, the_plan, batches: list[dict], float_bytes: bytes, per_channel: bool,
-             qmax: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Int8 weights (and their scales) by node name for the plan's dense layers, rounded to
-    minimize ||X W - X W_q||^2 on the recovery batches' float activations.  A layer's rounding
-    depends only on its own weights and float inputs, so one call with every layer serves every
-    plan."""
+def adaround_layers(model: ir.Model, the_plan) -> list[ir.Node]:
+    """The plan's layers adaround rounds (dense ones: conv, pointwise, gemm)."""
     nodes = {n.name: n for n in model.graph}
-    layers = [nodes[t] for t in the_plan.primary() if the_plan.kinds[t] in ("conv", "pointwise", "gemm")]
+    return [nodes[t] for t in the_plan.primary() if the_plan.kinds[t] in ("conv", "pointwise", "gemm")]
+
+
+def adaround(model: ir.Model, the_plan, batches: list[dict], float_bytes: bytes, per_channel: bool,
+             qmax: int, hess: dict[str, np.ndarray] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Int8 weights (and their scales) by node name for the plan's dense layers, rounded to
+    minimize ||X W - X W_q||^2 on the recovery batches' float activations (``hess``: their input
+    Hessians when already folded, e.g. during calibration).  A layer's rounding depends only on its
+    own weights and float inputs, so one call with every layer serves every plan."""
+    layers = adaround_layers(model, the_plan)
     if not layers or not batches:
         return {}
-    hess = hessians(layers, batches, float_bytes)
+    if hess is None:
+        hess = hessians(layers, batches, float_bytes)
     out = {}
     for node in layers:
         if node.name not in hess:
@@ -227,25 +274,11 @@ def adaround(model: ir.Model, the_plan, batches: list[dict], float_bytes: bytes,
 
 def hessians(layers: list[ir.Node], batches: list[dict], float_bytes: bytes) -> dict[str, np.ndarray]:
     """Node name -> mean input Hessian ``X^T X / n`` [K, K] (float64) of each layer on the float
-    model's activations over ``batches`` (streaming: one ORT run per batch, about ROWS_PER_K x K
-    rows sampled over all batches, at least MIN_ROWS and at most MAX_ROWS per batch; products in
-    float32, sums in float64; layers with K > MAX_K are left out).  Cost per layer: rows x K^2."""
-    names = sorted({n.inputs[0].name for n in layers})
-    if not names or not batches:
+    model's activations over ``batches`` (:class:`InputStats`: one ORT run per batch).  Cost per
+    layer: rows x K^2."""
+    if not batches:
         return {}
-    sess = runtime.session(runtime.with_outputs(onnx.load_from_string(float_bytes), names), "cpu", None)
-    rng = np.random.default_rng(0)
-    hess: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = collections.Counter()
-    for feeds in batches:
-        acts = runtime.run_candidate(sess, feeds, names)
-        for node in layers:
-            rows = _rows(acts[node.inputs[0].name], node, rng, -len(batches))
-            if rows is None or rows.shape[1] > MAX_K:
-                continue
-            hess[node.name] = hess.get(node.name, 0) + (rows.T @ rows).astype(np.float64)
-            counts[node.name] += len(rows)
-    return {name: h / counts[name] for name, h in hess.items()}
+    return InputStats([], layers, len(batches)).run(onnx.load_from_string(float_bytes), batches).hessians()
 
 
 def _error_feedback(w: np.ndarray, s: np.ndarray, h: np.ndarray, qmax: int, zero: np.ndarray | None = None,

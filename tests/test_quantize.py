@@ -804,6 +804,46 @@ def test_sensitivity_pipelined_matches_one_after_the_other(small_run):
     assert [s["drop"] for s in ranking] == sorted(sequential.values(), reverse=True)
 
 
+def test_calibration_folds_the_recovery_statistics(tmp_path):
+    """With bias correction and adaround asked for, calibration folds the recovery batches' input
+    means and Hessians from its own runs: the same as the recovery's separate float pass (the same
+    batches and row samples; float32 products, so to 1e-5), and the rounded weights built from them
+    are the same codes.  With fewer recovery batches than the row samples were sized for, the
+    Hessians are left to the Quantizer (means still folded); without adaround none are folded."""
+    import onnx_ir as ir
+
+    from onnxopt import quantize as qm
+    from onnxopt.passes import recover
+
+    rng = np.random.default_rng(11)
+    proto = _random_chain([("conv", 8, "Relu"), ("conv", 6, "Relu")], rng)
+    for count in (12, 5):
+        folder = tmp_path / f"d{count}"
+        folder.mkdir()
+        for i in range(count):
+            np.savez(folder / f"b{i:02d}.npz", x=rng.standard_normal((4, 3, 8, 8)).astype(np.float32))
+        recipe = qm.Recipe()
+        prepared = qm.prepare_model(ir.from_proto(proto), recipe)
+        calib = qm.calibrate_model(prepared, folder, recovery=recipe.build_recovery)
+        assert len(calib.recovery_set) == (qm.RECOVERY_BATCHES if count == 12 else 4)
+        means = recover.input_means(prepared.model, prepared.full_plan.weighted(), calib.recovery_set)
+        assert calib.means is not None and set(calib.means) == set(means) and len(means) == 3
+        assert all(np.allclose(calib.means[k], means[k], rtol=1e-5, atol=1e-7) for k in means)
+        if count != 12:
+            assert calib.hessians is None
+            continue
+        layers = recover.adaround_layers(prepared.model, prepared.full_plan)
+        hess = recover.hessians(layers, calib.recovery_set, prepared.float_bytes)
+        assert set(calib.hessians) == set(hess) == {"conv0", "conv1", "fc"}
+        assert all(np.allclose(calib.hessians[k], hess[k], rtol=1e-5, atol=1e-6) for k in hess)
+        q = qm.Quantizer(prepared, calib, recipe)
+        fresh = recover.adaround(prepared.model, prepared.full_plan, calib.recovery_set, prepared.float_bytes,
+                                 q.per_channel, q.qmax)
+        assert all(np.array_equal(q.rounded_weights[k][0], fresh[k][0]) for k in fresh)
+    plain = qm.calibrate_model(prepared, tmp_path / "d12", recovery=("bias-correction",))
+    assert plain.hessians is None and plain.means is not None
+
+
 def test_step_budget(small_run):
     qm, prepared, calib, _, _ = small_run
     q, recipe = _quantizer(qm, prepared, calib)
