@@ -114,6 +114,8 @@ RECIPE_FORMAT = "onnxopt-recipe/1"
 #: warm ORT sessions kept for latency comparisons (each holds its model's weights)
 SESSION_CACHE = 3
 HELD_OUT, RECOVERY_BATCHES = 8, 8
+#: calibration folds the recovery batches' statistics in this many threads while the next batches run
+FOLD_WORKERS = 2
 #: the sensitivity ranking scores in this many threads (one with a user --metric: user code is
 #: never called concurrently), while at most RANK_AHEAD built models wait to be scored
 RANK_WORKERS = RANK_AHEAD = 2
@@ -462,8 +464,8 @@ def calibrate_model(prepared: Prepared, data: str | os.PathLike, *, preprocess: 
     every 4th batch (up to HELD_OUT) is held out, up to RECOVERY_BATCHES others kept for recovery.
     ``progress(1)`` per calibration batch.  With ``recovery`` naming bias correction or adaround,
     the recovery batches' layer inputs are folded into their means and Hessians from the
-    calibration runs (``recover.InputStats``), in a worker thread while the next batch runs, so
-    the recovery needs no float pass of its own."""
+    calibration runs (``recover.InputStats``), in FOLD_WORKERS threads while the next batches run,
+    so the recovery needs no float pass of its own."""
     t0 = time.perf_counter()
     held_out: list[dict] = []
     recovery_set: list[dict] = []
@@ -498,18 +500,18 @@ def calibrate_model(prepared: Prepared, data: str | os.PathLike, *, preprocess: 
             RECOVERY_BATCHES)
         extra = runtime.session(runtime.with_outputs(ir.to_proto(prepared.model), [*names, *folded.names]), "cpu",
                                 threads, optimize=False)
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxopt-fold") as pool:
-            pending: list[concurrent.futures.Future] = []
+        with concurrent.futures.ThreadPoolExecutor(max_workers=FOLD_WORKERS, thread_name_prefix="onnxopt-fold") as pool:
+            pending: collections.deque = collections.deque()
 
             def fold(outputs: dict[str, np.ndarray]) -> None:
                 if recovering[0] and folded.names:
-                    for f in pending:  # one batch folds while the next runs: two batches' activations at most
-                        f.result()
-                    pending[:] = [pool.submit(folded.add, outputs)]
+                    pending.append(pool.submit(folded.part, outputs, len(recovery_set) - 1))
+                    while len(pending) > FOLD_WORKERS:  # merged in batch order; FOLD_WORKERS + 1 batches' activations at most
+                        folded.merge(pending.popleft().result())
 
             stats = calibrate.collect(extra, names, stream(), progress=progress, extra=folded.names, on_batch=fold)
-            for f in pending:
-                f.result()
+            while pending:
+                folded.merge(pending.popleft().result())
         del extra
         stats.source = str(data)
         if stats_out is not None:

@@ -100,31 +100,48 @@ class InputStats:
     over the ``batches`` batches expected, at least MIN_ROWS and at most MAX_ROWS per batch;
     products in float32, sums in float64; K > MAX_K left out).  Fed by this module's own float
     runs (:func:`input_means`, :func:`hessians`) or by calibration's (``quantize.calibrate_model``),
-    which then needs no pass of its own.  Cost per batch: rows x K^2 per Hessian."""
+    which then needs no pass of its own.  A batch's contribution (:meth:`part`) is pure, with a row
+    sample seeded by the batch's index, so parts can be computed in threads and merged in batch
+    order (:meth:`merge`) with the same result.  Cost per batch: rows x K^2 per Hessian."""
 
     def __init__(self, mean_layers: list[ir.Node], hess_layers: list[ir.Node], batches: int):
         self.mean_names = sorted({n.inputs[0].name for n in mean_layers})
         self.hess_layers, self.batches = list(hess_layers), batches
         self.names = sorted(set(self.mean_names) | {n.inputs[0].name for n in self.hess_layers})
         self.seen = 0
-        self._rng = np.random.default_rng(0)
         self._sums: dict[str, np.ndarray] = {}
         self._hess: dict[str, np.ndarray] = {}
         self._rows: collections.Counter = collections.Counter()
 
-    def add(self, acts: dict[str, np.ndarray]) -> None:
-        """Fold one batch's activations (every name in ``self.names``)."""
+    def part(self, acts: dict[str, np.ndarray], index: int) -> tuple[dict, dict, dict]:
+        """Batch ``index``'s contribution from its activations (every name in ``self.names``):
+        per-channel means, float32 ``X^T X`` and row counts.  Reads nothing it writes: thread-safe."""
+        sums = {}
         for name in self.mean_names:
-            x = acts[name].astype(np.float64)
+            x = acts[name]
             axis = 1 if x.ndim > 2 else x.ndim - 1
-            self._sums[name] = self._sums.get(name, 0) + x.mean(axis=tuple(i for i in range(x.ndim) if i != axis))
+            sums[name] = x.mean(axis=tuple(i for i in range(x.ndim) if i != axis), dtype=np.float64)
+        rng = np.random.default_rng([0, index])
+        hess, counts = {}, {}
         for node in self.hess_layers:
-            rows = _rows(acts[node.inputs[0].name], node, self._rng, -self.batches)
-            if rows is None or rows.shape[1] > MAX_K:
-                continue
-            self._hess[node.name] = self._hess.get(node.name, 0) + (rows.T @ rows).astype(np.float64)
-            self._rows[node.name] += len(rows)
+            rows = _rows(acts[node.inputs[0].name], node, rng, -self.batches)
+            if rows is not None and rows.shape[1] <= MAX_K:
+                hess[node.name], counts[node.name] = rows.T @ rows, len(rows)
+        return sums, hess, counts
+
+    def merge(self, part: tuple[dict, dict, dict]) -> None:
+        """Fold a :meth:`part` in (parts in batch order: float sums are order-dependent)."""
+        sums, hess, counts = part
+        for name, m in sums.items():
+            self._sums[name] = self._sums.get(name, 0) + m
+        for name, h in hess.items():
+            self._hess[name] = self._hess.get(name, 0) + h.astype(np.float64)
+        self._rows.update(counts)
         self.seen += 1
+
+    def add(self, acts: dict[str, np.ndarray]) -> None:
+        """Fold the next batch's activations."""
+        self.merge(self.part(acts, self.seen))
 
     def means(self) -> dict[str, np.ndarray]:
         """Input tensor name -> per-channel mean over the batches folded."""
