@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 
 import numpy as np
 import onnx
@@ -267,10 +268,8 @@ def adaround(model: ir.Model, the_plan, batches: list[dict], float_bytes: bytes,
         return {}
     if hess is None:
         hess = hessians(layers, batches, float_bytes)
-    out = {}
-    for node in layers:
-        if node.name not in hess:
-            continue
+
+    def rounded(node: ir.Node) -> tuple[np.ndarray, np.ndarray]:
         w = node.inputs[1].const_value.numpy().astype(np.float64)
         layout = _weight_axis(node)  # the output-channel axis, whether or not scales are per channel
         axis = layout if per_channel else None
@@ -285,8 +284,13 @@ def adaround(model: ir.Model, the_plan, batches: list[dict], float_bytes: bytes,
         s = np.broadcast_to(np.asarray(scale, np.float64), (wk.shape[1],))
         q = _error_feedback(wk, s, hess[node.name], qmax)
         q = q.T.reshape(w.shape) if node.op_type == "Conv" else (q.T if layout == 0 else q)
-        out[node.name] = (q.astype(np.int8), scale)
-    return out
+        return q.astype(np.int8), scale
+
+    # layers are independent: two threads, so one layer's Cholesky and triangular inverse (LAPACK and
+    # BLAS release the GIL) run while the other's row loop (Python) does
+    todo = [node for node in layers if node.name in hess]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="onnxopt-adaround") as pool:
+        return dict(zip((node.name for node in todo), pool.map(rounded, todo)))
 
 
 def hessians(layers: list[ir.Node], batches: list[dict], float_bytes: bytes) -> dict[str, np.ndarray]:
