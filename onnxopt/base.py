@@ -253,22 +253,24 @@ def serialized_size(model: ir.Model) -> int | None:
 LIGHT_BYTES = 1024
 #: where :func:`light_proto` says a left-out tensor lives (never a file: its readers are given the tensors)
 LIGHT_LOCATION = "onnxopt-in-memory"
+#: the types left out: weights (float, and 8-bit quantized codes).  Wider integers stay in whatever
+#: their size: a table of ints may feed a shape computation, which onnx inference reads only inline.
 _LIGHT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8,
-                          ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32,
-                          ir.DataType.UINT32, ir.DataType.INT64, ir.DataType.UINT64, ir.DataType.BOOL})
+                          ir.DataType.UINT8})
 
 
 def light_proto(model: ir.Model, min_bytes: int = LIGHT_BYTES) -> tuple[onnx.ModelProto, dict[str, ir.TensorProtocol]]:
-    """``model`` serialized with each main-graph initializer of at least ``min_bytes`` (of a numpy
-    dtype) as an external-data reference to LIGHT_LOCATION instead of its bytes; returns the proto
-    and the left-out tensors by name.  For onnx shape inference, which needs no weights, and ORT
+    """``model`` serialized with each main-graph initializer of at least ``min_bytes`` (a weight:
+    _LIGHT_TYPES) that a node uses as an external-data reference to LIGHT_LOCATION instead of its
+    bytes (ORT refuses an external initializer it has dropped as unused); returns the proto and the
+    left-out tensors by name.  For onnx shape inference, which needs no weights, and ORT
     sessions given the tensors (``runtime.Light``): copying the weights into the proto was most of
     their cost.  The model is left as it was (its initializers are swapped back, also on error), but
     is briefly changed: not for a model another thread reads."""
     left: dict[str, tuple[ir.Value, ir.TensorProtocol]] = {}
     for name, v in model.graph.initializers.items():
         t = v.const_value
-        if t is not None and t.dtype in _LIGHT_TYPES and t.nbytes >= min_bytes:
+        if t is not None and t.dtype in _LIGHT_TYPES and t.nbytes >= min_bytes and v.uses():
             left[name] = (v, t)
     try:
         for name, (v, t) in left.items():

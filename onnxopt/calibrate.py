@@ -219,7 +219,7 @@ def collect(sess, names: list[str], feeds_iter: Iterable[Mapping[str, np.ndarray
     """Run ``sess`` (a session whose outputs include ``names`` and ``extra``) on every batch of
     ``feeds_iter`` and fold the ``names`` tensors into statistics, calling ``on_batch`` with the
     batch's outputs (``names`` and ``extra``) and ``progress(1)`` after each batch.  Memory: one
-    batch's activations + O(len(names) x bins).
+    batch's activations (plus what ``on_batch`` keeps) + O(len(names) x bins).
 
     Bad data is refused with one line: NaN/Inf in an input batch, an empty source; a calibration
     set whose every input is constant gives a warning (the ranges will not represent real data)."""

@@ -116,8 +116,8 @@ SESSION_CACHE = 3
 HELD_OUT, RECOVERY_BATCHES = 8, 8
 #: calibration folds the recovery batches' statistics in this many threads while the next batches run
 FOLD_WORKERS = 2
-#: the sensitivity ranking scores in this many threads (one with a user --metric: user code is
-#: never called concurrently), while at most RANK_AHEAD built models wait to be scored
+#: the sensitivity ranking scores in this many threads (none with a user --metric: user code is
+#: called in the main thread), while at most RANK_AHEAD built models wait to be scored
 RANK_WORKERS = RANK_AHEAD = 2
 DEFAULT_SEARCH_BUDGET = 12  # --search: candidates built at most (onnxopt.search)
 MODES = ("static", "dynamic", "weight-only")
@@ -505,8 +505,9 @@ def calibrate_model(prepared: Prepared, data: str | os.PathLike, *, preprocess: 
 
             def fold(outputs: dict[str, np.ndarray]) -> None:
                 if recovering[0] and folded.names:
-                    pending.append(pool.submit(folded.part, outputs, len(recovery_set) - 1))
-                    while len(pending) > FOLD_WORKERS:  # merged in batch order; FOLD_WORKERS + 1 batches' activations at most
+                    wanted = {n: outputs[n] for n in folded.names}  # not the other statistics tensors
+                    pending.append(pool.submit(folded.part, wanted, len(recovery_set) - 1))
+                    while len(pending) > FOLD_WORKERS:  # merged in batch order; FOLD_WORKERS + 1 batches' inputs at most
                         folded.merge(pending.popleft().result())
 
             stats = calibrate.collect(extra, names, stream(), progress=progress, extra=folded.names, on_batch=fold)
@@ -622,8 +623,10 @@ class Quantizer:
     # Recovery data that does not depend on the plan: computed once for every layer, not per build.
     @functools.cached_property
     def rounded_weights(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        hess, self.folded_hessians = self.folded_hessians, None  # K x K each: freed once used (a search
+        # variant of another rounding folds its own, bit for bit the same: recover.InputStats.run)
         return recover.adaround(self.model, self.full_plan, self.recovery_set, self.float_bytes, self.per_channel,
-                                self.qmax, self.folded_hessians)
+                                self.qmax, hess)
 
     @functools.cached_property
     def input_means(self) -> dict[str, np.ndarray]:
@@ -656,9 +659,14 @@ class Quantizer:
 
     def score(self, model: ir.Model | runtime.Light | bytes | str | os.PathLike) -> float:
         """Score a model (in memory, serialized, or a model file)."""
-        source = runtime.light(model) if isinstance(model, ir.Model) else \
+        source = self.source(model) if isinstance(model, ir.Model) else \
             model if isinstance(model, (runtime.Light, bytes)) else str(model)
         return self.score_session(runtime.session(source, self.ep, self.threads))
+
+    def source(self, model: ir.Model) -> runtime.Light | bytes:
+        """What a scoring session is made from: the model without its weights on the CPU EP
+        (``runtime.Light``); serialized whole for other EPs (some refuse in-memory external data)."""
+        return runtime.light(model) if self.ep == "cpu" else serialize(model)
 
     def drop(self, model: ir.Model) -> float:
         return self.float_score - self.score(model)
@@ -919,19 +927,24 @@ def sensitivity(q: Quantizer, names: Sequence[str]) -> list[dict]:
 
     Pipelined: this thread builds and serializes the next layers' models (Python: it holds the GIL)
     while RANK_WORKERS threads load and score the previous ones (ORT, which releases the GIL while
-    it optimizes and runs a model; ORT's own threads stay at ``q.threads``).  On the 2-core CI
-    machine the small GPT-2's 25 layers take 2.7-3.0 s instead of 4.4-5.1 s one after the other.
-    The scores are those of one after the other: every model has a session of its own and the same
-    data.  At most RANK_AHEAD built models wait (memory stays bounded; a model shares its float
-    weights with the prepared one)."""
+    it optimizes and runs a model), one when ORT's sessions have more than one thread each.  On
+    the 2-core CI machine the small GPT-2's 25 layers take 2.95-3.05 s instead of 4.4-4.9 s one
+    after the other.  The scores are those of one after the other: every model has a session of its
+    own and the same data.  At most RANK_AHEAD built models wait (memory stays bounded; a model
+    shares its float weights with the prepared one).  A user ``--metric`` is called in this thread,
+    one model after the other (user code may not be thread-safe)."""
+    if q.metric is not None:
+        ranking = [{"layer": n, "kind": q.candidates[n], "drop": q.drop(q.build(frozenset(set(q.candidates) - {n}))[0])}
+                   for n in names]
+        return sorted(ranking, key=lambda s: -s["drop"])
     drops: dict[str, float] = {}
     pending: collections.deque = collections.deque()
-    workers = RANK_WORKERS if q.metric is None else 1
+    workers = RANK_WORKERS if q.threads == 1 else 1
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="onnxopt-rank") as pool:
         try:
             for name in names:
                 alone, _ = q.build(frozenset(set(q.candidates) - {name}))
-                pending.append((name, pool.submit(q.score, runtime.light(alone))))
+                pending.append((name, pool.submit(q.score, q.source(alone))))
                 del alone
                 while len(pending) > RANK_AHEAD:
                     done, future = pending.popleft()
@@ -1095,6 +1108,7 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: R
                             progress=opts.progress, recovery=recipe.build_recovery)
     q = Quantizer(prepared, calib, recipe, metric=metric_fn, metric_name=opts.metric, max_drop=opts.max_drop,
                   class_outputs=opts.class_outputs, threads=opts.threads, cost_model=opts.cost_model)
+    calib.hessians = None  # the Quantizer's until adaround has used them
     if metric_fn is None:
         for r in q.last_results:
             logger.info("fidelity of output '%s': %s (%s)", r["name"], r["metric"], r["reason"])

@@ -168,7 +168,7 @@ class WeightQuantizer(qm.Quantizer):
         if not self.int4 or self.rounding != "gptq":
             return {}
         nodes = [n for n in self.model.graph if n.name in self.matmuls]
-        hess = recover.hessians(nodes, self.recovery_set, self.float_bytes)
+        hess = recover.hessians(nodes, self.recovery_set, self.float_bytes, exact=False)
         out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for node in nodes:
             w, bits = node.inputs[1], self.node_bits.get(node.name, 4)

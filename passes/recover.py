@@ -35,6 +35,8 @@ MAX_ROWS = 8192
 #: MIN_ROWS per batch, at most MAX_ROWS): X^T X of K features is well estimated from a few K rows,
 #: and the cost is rows x K^2
 ROWS_PER_K, MIN_ROWS = 8, 256
+#: adaround rounds two layers at a time when no layer has more input features than this
+PARALLEL_K = 2048
 
 
 # ---------------------------------------------------------------- cross-layer equalization
@@ -152,10 +154,14 @@ class InputStats:
         """Node name -> mean input Hessian over the rows sampled."""
         return {name: h / self._rows[name] for name, h in self._hess.items()}
 
-    def run(self, float_model: onnx.ModelProto, batches: list[dict]) -> InputStats:
-        """Fold ``batches`` through one session of ``float_model`` with the inputs as outputs."""
+    def run(self, float_model: onnx.ModelProto, batches: list[dict], exact: bool = True) -> InputStats:
+        """Fold ``batches`` through one session of ``float_model`` with the inputs as outputs.
+        ``exact``: the session runs as calibration's does (no graph optimization, one thread), so
+        the statistics are bit for bit those calibration folds (``quantize.calibrate_model``) and a
+        search worker that folds its own rounds as the parent would; else ORT's fastest session."""
         if self.names and batches:
-            sess = runtime.session(runtime.with_outputs(float_model, self.names), "cpu", None)
+            proto = runtime.with_outputs(float_model, self.names)
+            sess = runtime.session(proto, "cpu", 1, optimize=False) if exact else runtime.session(proto, "cpu", None)
             for feeds in batches:
                 self.add(runtime.run_candidate(sess, feeds, self.names))
         return self
@@ -287,19 +293,21 @@ def adaround(model: ir.Model, the_plan, batches: list[dict], float_bytes: bytes,
         return q.astype(np.int8), scale
 
     # layers are independent: two threads, so one layer's Cholesky and triangular inverse (LAPACK and
-    # BLAS release the GIL) run while the other's row loop (Python) does
+    # BLAS release the GIL) run while the other's row loop (Python) does; one when a layer's K x K
+    # temporaries (about 5 float64 copies each) are large
     todo = [node for node in layers if node.name in hess]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="onnxopt-adaround") as pool:
+    workers = 2 if all(len(hess[n.name]) <= PARALLEL_K for n in todo) else 1
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="onnxopt-adaround") as pool:
         return dict(zip((node.name for node in todo), pool.map(rounded, todo)))
 
 
-def hessians(layers: list[ir.Node], batches: list[dict], float_bytes: bytes) -> dict[str, np.ndarray]:
+def hessians(layers: list[ir.Node], batches: list[dict], float_bytes: bytes, exact: bool = True) -> dict[str, np.ndarray]:
     """Node name -> mean input Hessian ``X^T X / n`` [K, K] (float64) of each layer on the float
-    model's activations over ``batches`` (:class:`InputStats`: one ORT run per batch).  Cost per
-    layer: rows x K^2."""
+    model's activations over ``batches`` (:class:`InputStats`: one ORT run per batch; ``exact``:
+    see :meth:`InputStats.run`).  Cost per layer: rows x K^2."""
     if not batches:
         return {}
-    return InputStats([], layers, len(batches)).run(onnx.load_from_string(float_bytes), batches).hessians()
+    return InputStats([], layers, len(batches)).run(onnx.load_from_string(float_bytes), batches, exact).hessians()
 
 
 def _error_feedback(w: np.ndarray, s: np.ndarray, h: np.ndarray, qmax: int, zero: np.ndarray | None = None,
@@ -315,6 +323,8 @@ def _error_feedback(w: np.ndarray, s: np.ndarray, h: np.ndarray, qmax: int, zero
     z = np.broadcast_to(np.asarray(0.0 if zero is None else zero, np.float64), w.shape)
     h = h + np.eye(k) * (0.01 * np.mean(np.diag(h)) + 1e-8)
     try:
+        if not np.isfinite(h).all():  # NaN/Inf activations: no feedback to trust
+            raise np.linalg.LinAlgError("non-finite Hessian")
         u = _inverse_cholesky(h)
     except np.linalg.LinAlgError:
         return np.clip(np.round(w / s) + z, qmin, qmax)

@@ -804,12 +804,13 @@ def test_sensitivity_pipelined_matches_one_after_the_other(small_run):
     assert [s["drop"] for s in ranking] == sorted(sequential.values(), reverse=True)
 
 
-def test_calibration_folds_the_recovery_statistics(tmp_path):
+def test_calibration_folds_the_recovery_statistics(tmp_path, monkeypatch):
     """With bias correction and adaround asked for, calibration folds the recovery batches' input
-    means and Hessians from its own runs: the same as the recovery's separate float pass (the same
-    batches and row samples; float32 products, so to 1e-5), and the rounded weights built from them
-    are the same codes.  With fewer recovery batches than the row samples were sized for, the
-    Hessians are left to the Quantizer (means still folded); without adaround none are folded."""
+    means and Hessians from its own runs: bit for bit those of the recovery's separate float pass
+    (the same batches, row samples and session settings: a search worker that folds its own rounds
+    alike), and the Quantizer rounds from them without a pass of its own.  With fewer recovery
+    batches than the row samples were sized for, the Hessians are left to the Quantizer (means
+    still folded); without adaround none are folded."""
     import onnx_ir as ir
 
     from onnxopt import quantize as qm
@@ -828,18 +829,25 @@ def test_calibration_folds_the_recovery_statistics(tmp_path):
         assert len(calib.recovery_set) == (qm.RECOVERY_BATCHES if count == 12 else 4)
         means = recover.input_means(prepared.model, prepared.full_plan.weighted(), calib.recovery_set)
         assert calib.means is not None and set(calib.means) == set(means) and len(means) == 3
-        assert all(np.allclose(calib.means[k], means[k], rtol=1e-5, atol=1e-7) for k in means)
+        assert all(np.array_equal(calib.means[k], means[k]) for k in means)
         if count != 12:
             assert calib.hessians is None
             continue
         layers = recover.adaround_layers(prepared.model, prepared.full_plan)
         hess = recover.hessians(layers, calib.recovery_set, prepared.float_bytes)
         assert set(calib.hessians) == set(hess) == {"conv0", "conv1", "fc"}
-        assert all(np.allclose(calib.hessians[k], hess[k], rtol=1e-5, atol=1e-6) for k in hess)
+        assert all(np.array_equal(calib.hessians[k], hess[k]) for k in hess)
         q = qm.Quantizer(prepared, calib, recipe)
         fresh = recover.adaround(prepared.model, prepared.full_plan, calib.recovery_set, prepared.float_bytes,
                                  q.per_channel, q.qmax)
+
+        def no_pass(*_args, **_kw):
+            raise AssertionError("the Quantizer ran a Hessian pass of its own")
+
+        monkeypatch.setattr(recover, "hessians", no_pass)
         assert all(np.array_equal(q.rounded_weights[k][0], fresh[k][0]) for k in fresh)
+        assert q.folded_hessians is None  # freed once used
+        monkeypatch.undo()
     plain = qm.calibrate_model(prepared, tmp_path / "d12", recovery=("bias-correction",))
     assert plain.hessians is None and plain.means is not None
 

@@ -404,32 +404,41 @@ def test_html_report_renders_in_chromium(cli, tmp_path):
 
 
 def test_light_sessions_match_whole_model_sessions(monkeypatch):
-    """A model handed to ORT without its large initializers in the proto (``runtime.Light``: they
-    go in as in-memory external initializers) gives the same outputs as the whole model; small
-    constants (a Reshape's shape) stay in the proto; the model is left as it was, also when
+    """A model handed to ORT without its large weights in the proto (``runtime.Light``: they go in
+    as in-memory external initializers) gives the same outputs as the whole model; small constants
+    (a Reshape's shape), a large int64 table that feeds a shape computation (onnx inference reads
+    it only inline: the output keeps its static dim) and a large unused weight (ORT drops it and
+    would refuse it as external) stay in the proto; the model is left as it was, also when
     serialization fails."""
-    from onnxopt import base, runtime
+    from onnxopt import base, runtime, shapes
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((64, 32)).astype(np.float32)
     w16 = rng.standard_normal((32, 32)).astype(np.float16)
+    table = np.arange(200, dtype=np.int64)
     graph = h.make_graph(
         [h.make_node("MatMul", ["x", "w"], ["y"]), h.make_node("Cast", ["y"], ["y16"], to=T.FLOAT16),
-         h.make_node("MatMul", ["y16", "w16"], ["z"]), h.make_node("Reshape", ["z", "shape"], ["out"])],
-        "light", [h.make_tensor_value_info("x", T.FLOAT, [None, 64])],
+         h.make_node("MatMul", ["y16", "w16"], ["z"]), h.make_node("Gather", ["table", "eight"], ["n"]),
+         h.make_node("Concat", ["minus1", "four", "n"], ["shape"], axis=0),
+         h.make_node("Reshape", ["z", "shape"], ["out"])],
+        "light", [h.make_tensor_value_info("x", T.FLOAT, ["batch", 64])],
         [h.make_tensor_value_info("out", T.FLOAT16, None)],
-        [nh.from_array(w, "w"), nh.from_array(w16, "w16"), nh.from_array(np.array([-1, 4, 8], np.int64), "shape")])
+        [nh.from_array(w, "w"), nh.from_array(w16, "w16"), nh.from_array(table, "table"),
+         nh.from_array(np.array([8], np.int64), "eight"), nh.from_array(np.array([-1], np.int64), "minus1"),
+         nh.from_array(np.array([4], np.int64), "four"), nh.from_array(w.copy(), "unused")])
     model = ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
     tensors = {n: v.const_value for n, v in model.graph.initializers.items()}
     light = runtime.light(model)
     proto = onnx.load_from_string(light.data)
     stored = {t.name: t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer}
-    assert stored == {"w": True, "w16": True, "shape": False} and set(light.initializers) == {"w", "w16"}
-    assert len(light.data) < 1024 < w.nbytes
+    assert {n for n, external in stored.items() if external} == {"w", "w16"} == set(light.initializers)
+    assert len(stored) == 7 and len(light.data) < table.nbytes + w.nbytes + 1024  # + the inline unused copy of w
     assert {n: v.const_value for n, v in model.graph.initializers.items()} == tensors
     x = rng.standard_normal((3, 64)).astype(np.float32)
     whole = runtime.session(ir.to_proto(model).SerializeToString()).run(None, {"x": x})[0]
     assert whole.shape == (3, 4, 8) and np.array_equal(runtime.session(light).run(None, {"x": x})[0], whole)
+    out = next(n for n in model.graph if n.op_type == "Reshape").outputs[0]
+    assert shapes.infer(model, ort_fallback=False).get(out)[1:] == (4, 8)
 
     def fail(_model):
         raise RuntimeError("serialization failed")
