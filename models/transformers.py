@@ -51,12 +51,12 @@ IMAGE, PATCH = 32, 8
 
 EXPORTERS = ("ts", "dynamo")
 ARCHS = ("bert", "gpt2", "vit", "llama")
-#: every model this module builds, e.g. "bert_ts", "gpt2_dynamo"
 #: node metadata of the dynamo exporter dropped from its exports: stack traces name this file's
 #: path and line numbers, the module hierarchy names ``__main__`` or ``models.transformers`` as invoked
 UNSTABLE_METADATA = frozenset({"pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy", "namespace"})
 #: the architectures with past key values
 DECODERS = ("gpt2", "llama")
+#: every model this module builds, e.g. "bert_ts", "gpt2_dynamo"
 NAMES = tuple(f"{arch}_{exporter}" for arch in ARCHS for exporter in EXPORTERS)
 
 
@@ -115,15 +115,22 @@ def _gpt2(torch):
     cfg = GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=INNER, n_positions=MAX_POS,
                      bos_token_id=0, eos_token_id=0)
 
-    class GPT2(torch.nn.Module):
+    return _decoder(torch, GPT2LMHeadModel(cfg))
+
+
+def _decoder(torch, lm):
+    """The HF causal LM ``lm`` taking past key/values as flat inputs (gpt2, llama), with its
+    interface (:func:`_decoder_interface`)."""
+
+    class Decoder(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.model = GPT2LMHeadModel(cfg)
+            self.model = lm
 
         def forward(self, input_ids, attention_mask, *past):
-            return _decode(self.model, cfg, input_ids, attention_mask, past)
+            return _decode(self.model, lm.config, input_ids, attention_mask, past)
 
-    return (GPT2(), *_decoder_interface(torch))
+    return (Decoder(), *_decoder_interface(torch))
 
 
 def _decode(model, cfg, input_ids, attention_mask, past):
@@ -175,15 +182,7 @@ def _llama(torch):
                       num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=MAX_POS,
                       bos_token_id=0, eos_token_id=0)
 
-    class Llama(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = LlamaForCausalLM(cfg)
-
-        def forward(self, input_ids, attention_mask, *past):
-            return _decode(self.model, cfg, input_ids, attention_mask, past)
-
-    return (Llama(), *_decoder_interface(torch))
+    return _decoder(torch, LlamaForCausalLM(cfg))
 
 
 MODULES = {"bert": _bert, "gpt2": _gpt2, "vit": _vit, "llama": _llama}
