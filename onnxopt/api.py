@@ -20,7 +20,9 @@ from typing import Any, Protocol
 
 import onnx_ir as ir
 
-from onnxopt import __version__, cost, io, pipeline, runtime, validate
+from onnxopt import __version__, io, pipeline, runtime
+from onnxopt import flops as cost
+from onnxopt import validation as validate
 from onnxopt.base import STANDARD_DOMAINS, count_initializers, count_nodes, op_histogram
 from onnxopt.errors import UsageError, ValidationRefused
 
@@ -171,7 +173,7 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
 def _fp16_check(validator: validate.Validator):
     """The fp16-faithful check of ``onnxopt convert`` (the plain CPU EP computes fp16 chains in
     float32 and would hide an overflow)."""
-    from onnxopt import convert as convert_mod
+    from onnxopt.precision import convert as convert_mod
 
     return convert_mod.Fp16Check(validator)
 
@@ -191,22 +193,22 @@ def quantize(input_path: str | os.PathLike, output_path: str | os.PathLike, *, d
     """``onnxopt quantize``: int8 QDQ (``mode`` static, the default, needs ``data``), dynamic int8
     (``mode="dynamic"``) or int4 weight-only (``weights="int4"``, ``block_size``, ``rounding``,
     ``head_bits``; mode ``weight-only``) quantization, embeddings int8 (default), int4 or none (see
-    onnxopt.quantize, onnxopt.quantize_modes), staged, scored
+    onnxopt.quantization.static, onnxopt.quantization.modes), staged, scored
     and committed through :func:`stage_validate_commit`; the report starts with :func:`header`.
 
     The recipe settings (``method`` ... ``latency_guard``; None = the default) decide a new
-    placement; ``recipe`` (an ``onnxopt.quantize.Recipe`` or a JSON file from ``recipe_out`` or a
+    placement; ``recipe`` (an ``onnxopt.quantization.static.Recipe`` or a JSON file from ``recipe_out`` or a
     JSON quantize report) is replayed instead and excludes them.  ``progress(1)`` per calibration
-    batch.  ``search``: evaluate up to ``budget`` candidate recipes (onnxopt.search; the settings
+    batch.  ``search``: evaluate up to ``budget`` candidate recipes (onnxopt.quantization.search; the settings
     are searched, only ``ep``, ``exclude`` and ``latency_guard`` apply) and write the best within
     ``max_drop``; the report gets ``"search"`` and the recipe is saved (``recipe_out``, else
     OUTPUT + ".recipe.json").  The candidates are built and scored on ``workers`` local processes,
     or as Ray tasks with ``ray_address`` ("local" starts a local cluster of ``workers`` CPUs).
     ``cost_model``: the latency guard decides clear cases from region timings cached per machine
-    (onnxopt.costmodel); False measures every decision in the whole model.
+    (onnxopt.quantization.latency_cache); False measures every decision in the whole model.
     Raises ValidationRefused(report) when the accuracy budget is missed
     and not ``force``."""
-    from onnxopt import quantize as quantize_mod
+    from onnxopt.quantization import static as quantize_mod
 
     if weights == "int4" and mode is None:
         mode = "weight-only"
@@ -273,9 +275,9 @@ def bench(models: Sequence[str | os.PathLike], *, eps: Sequence[str] = ("cpu",),
           warmup: int = 10, runs: int = 100, batches: Sequence[int | None] = (None,),
           data: str | os.PathLike | None = None, shapes: Mapping[str, tuple[int, ...]] | None = None,
           preprocess: str | None = None, progress: ProgressFn | None = None) -> dict:
-    """``onnxopt bench``: latency per model and EP side by side (see onnxopt.bench); the report's
+    """``onnxopt bench``: latency per model and EP side by side (see onnxopt.benchmark); the report's
     ``results`` are BenchResult dicts, ``summary`` the text table the CLI prints."""
-    from onnxopt import bench as bench_mod
+    from onnxopt import benchmark as bench_mod
 
     for path in models:
         check_model_file(path)
@@ -292,7 +294,7 @@ def check_model_file(path: str | os.PathLike) -> None:
 
 def inspect(path: str | os.PathLike, cost_shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict:
     """Structure of a model without reading its external weights; with ``cost_shapes`` (a dict,
-    possibly empty) also its compute cost (see onnxopt.cost)."""
+    possibly empty) also its compute cost (see onnxopt.flops)."""
     model = io.load(path)
     params_by_dtype: dict[str, dict[str, int]] = collections.defaultdict(lambda: {"params": 0, "bytes": 0})
     for g in model.graphs():
@@ -354,8 +356,8 @@ def batch(inputs: Sequence[str | os.PathLike], outdir: str | os.PathLike, *, com
     or over ``max_rss_mb`` is killed and marked failed; the batch goes on.  Results go to
     ``outdir/<name>/`` and ``outdir/summary.json``/``summary.html`` (written after each model);
     a rerun skips models whose input bytes, options and onnxopt version match a finished result
-    unless ``force``.  ``progress(1)`` per model.  Returns the summary dict (see onnxopt.batch)."""
-    from onnxopt import batch as batch_mod
+    unless ``force``.  ``progress(1)`` per model.  Returns the summary dict (see onnxopt.commands.batch)."""
+    from onnxopt.commands import batch as batch_mod
 
     return batch_mod.run(inputs, outdir, command=command, options=options, workers=workers, timeout=timeout,
                          max_rss_mb=max_rss_mb, force=force, ray_address=ray_address, progress=progress)
@@ -367,11 +369,11 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, *, fp
             preprocess: str | None = None, shapes: Mapping[str, tuple[int, ...]] | None = None,
             calib_limit: int | None = None, limit: float | None = None, validate_result: bool = True,
             force: bool = False, progress: ProgressFn | None = None) -> dict:
-    """``onnxopt convert --fp16``: mixed-precision float16 (see onnxopt.convert); the report starts
+    """``onnxopt convert --fp16``: mixed-precision float16 (see onnxopt.precision.convert); the report starts
     with :func:`header` and the result goes through :func:`stage_validate_commit`.  Raises
     ValidationRefused(report) when outputs leave the fp16 tolerances and not ``force``."""
-    from onnxopt import convert as convert_mod
-    from onnxopt.passes import convert_fp16
+    from onnxopt.precision import convert as convert_mod
+    from onnxopt.precision import fp16 as convert_fp16
 
     if not fp16:
         raise UsageError("convert: choose a target precision (--fp16)")
@@ -389,9 +391,9 @@ def prune(input_path: str | os.PathLike, output_path: str | os.PathLike, *, spar
           calib_limit: int | None = None, threads: int = 1, progress: ProgressFn | None = None) -> dict:
     """``onnxopt prune``: magnitude pruning (``sparsity`` or ``threshold``) or structured channel
     pruning (``channels``, needs ``data``), scored against the original and committed through
-    :func:`stage_validate_commit` (see onnxopt.compress).  Raises ValidationRefused(report) over
+    :func:`stage_validate_commit` (see onnxopt.compression.engine).  Raises ValidationRefused(report) over
     ``max_drop`` unless ``force``."""
-    from onnxopt import compress as c
+    from onnxopt.compression import engine as c
 
     opts = c.Options(data=data, preprocess=preprocess, max_drop=max_drop, metric=metric, ep=ep, threads=threads,
                      force=force, refit=refit, calib_limit=calib_limit, progress=progress)
@@ -414,8 +416,8 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike, *, c
              calib_limit: int | None = None, threads: int = 1, progress: ProgressFn | None = None) -> dict:
     """``onnxopt compress``: optional magnitude pruning, k-means weight sharing to ``clusters``
     values, and the Deep Compression size report (``report["deep_compression"]``); validated like
-    :func:`prune` (see onnxopt.compress)."""
-    from onnxopt import compress as c
+    :func:`prune` (see onnxopt.compression.engine)."""
+    from onnxopt.compression import engine as c
 
     opts = c.Options(data=data, preprocess=preprocess, max_drop=max_drop, metric=metric, ep=ep, threads=threads,
                      force=force, refit=refit, calib_limit=calib_limit, progress=progress)

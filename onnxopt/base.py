@@ -318,3 +318,34 @@ def _widening_int_cast(node: ir.Node) -> bool:
     source = node.inputs[0].dtype if node.inputs and node.inputs[0] is not None else None
     return (source is not None and source.is_integer() and to is not None
             and to.as_int() in (ir.DataType.INT64, ir.DataType.FLOAT, ir.DataType.DOUBLE))
+
+
+def node_output(node: ir.Node, names: FreshNames, base: str, dtype: ir.DataType | None = None) -> ir.Value:
+    """Name ``node``'s first output fresh from ``base`` (and retype it to ``dtype``); returns it."""
+    value = node.outputs[0]
+    value.name = names.value(base)
+    if dtype is not None:
+        value.type = ir.TensorType(dtype)
+    return value
+
+
+def replace_node(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], result: ir.Value) -> str | None:
+    """Insert ``new_nodes`` before ``old`` and make ``result`` replace its output (graph output
+    names kept); on a decline the new nodes are removed again."""
+    graph.insert_before(old, new_nodes)
+    result.shape = old.outputs[0].shape
+    reason = substitute(old, result)
+    if reason is not None:
+        graph.remove(list(reversed(new_nodes)), safe=True)
+    return reason
+
+
+def float_initializer(value: ir.Value | None) -> bool:
+    """A float32 initializer no user can override (not also a graph input)."""
+    return (value is not None and value.const_value is not None and value.is_initializer()
+            and not value.is_graph_input() and value.dtype == ir.DataType.FLOAT)
+
+
+def new_initializer(graph: ir.Graph, names: FreshNames, base: str, array: np.ndarray) -> ir.Value:
+    """A new initializer under a name no value of the model has (initializers, node outputs)."""
+    return add_initializer(graph, names.value(base), array)

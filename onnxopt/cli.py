@@ -36,10 +36,10 @@ from pathlib import Path
 import click
 
 from onnxopt import __version__, api, io, pipeline, registry, report, runtime
-from onnxopt import batch as batch_mod
-from onnxopt import quantize as quantize_mod
+from onnxopt.commands import batch as batch_mod
 from onnxopt.errors import BadInputError, OnnxoptError, Terminated, UsageError, ValidationRefused
-from onnxopt.passes.convert_fp16 import DEFAULT_OP_BLOCK_LIST
+from onnxopt.precision.fp16 import DEFAULT_OP_BLOCK_LIST
+from onnxopt.quantization import static as quantize_mod
 
 logger = logging.getLogger("onnxopt.cli")
 
@@ -277,7 +277,7 @@ def _common(f):
 
 def _tolerances(metric: str, tols: tuple[str, ...], rtol: float | None):
     """--tol VALUE (all outputs) and --tol NAME=VALUE (one output) -> Tolerance or {name: Tolerance}."""
-    from onnxopt.validate import LOSSLESS, Tolerance
+    from onnxopt.validation import LOSSLESS, Tolerance
 
     def make(value: float | None) -> Tolerance:
         if metric == "allclose":

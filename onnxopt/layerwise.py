@@ -20,7 +20,8 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
-from onnxopt import runtime, validate
+from onnxopt import runtime
+from onnxopt import validation as validate
 from onnxopt.errors import BadInputError
 
 

@@ -27,8 +27,8 @@ _BUILTIN = {
     "fuse-affine": ("onnxopt.passes.fuse_affine", "FuseAffine"),
     "cse": ("onnxopt.passes.cse", "EliminateCommonSubexpressions"),
     "fuse-transformer": ("onnxopt.passes.fuse_transformer", "FuseTransformer"),
-    "convert-fp16": ("onnxopt.passes.convert_fp16", "ConvertFloat16"),
-    "gemm-to-matmul": ("onnxopt.passes.quantize_weights", "GemmToMatMul"),
+    "convert-fp16": ("onnxopt.precision.fp16", "ConvertFloat16"),
+    "gemm-to-matmul": ("onnxopt.passes.gemm_to_matmul", "GemmToMatMul"),
 }
 _ADDED: dict[str, type] = {}
 

@@ -185,7 +185,7 @@ def markdown_validate(report: dict) -> str:
 
 
 def _labels(report: dict) -> dict[str, str]:
-    from onnxopt.bench import labels
+    from onnxopt.benchmark import labels
     return labels([r["model"] for r in report["results"]])
 
 

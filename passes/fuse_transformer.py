@@ -669,7 +669,8 @@ class FuseTransformer(FunctionalOptPass):
         """(feeds, reference outputs of this pass's input) per input point: the pipeline's validation
         points when it has them (the user's --data), else two synthesized points; None when the
         model cannot run on synthesized inputs (token ids out of range: only the caller's data can say)."""
-        from onnxopt import runtime, validate
+        from onnxopt import runtime
+        from onnxopt import validation as validate
 
         blob = ir.to_proto(work).SerializeToString()
         try:
@@ -685,7 +686,8 @@ class FuseTransformer(FunctionalOptPass):
 
     def _check(self, work: ir.Model, candidates: list[Candidate], skipped: collections.Counter) -> Candidate | None:
         """The best candidate whose outputs match this pass's input at every point."""
-        from onnxopt import runtime, validate
+        from onnxopt import runtime
+        from onnxopt import validation as validate
 
         points = self._points(work, skipped)
         if points is None:

@@ -17,7 +17,7 @@ def pytest_addoption(parser):
 
 @pytest.fixture(autouse=True, scope="session")
 def _region_cache(tmp_path_factory):
-    """quantize's cost model caches region timings per machine (onnxopt.costmodel): the suite
+    """quantize's cost model caches region timings per machine (onnxopt.quantization.latency_cache): the suite
     starts from an empty cache of its own, never the user's, and shares it between tests (and the
     CLI subprocesses they start) as one machine would."""
     path = tmp_path_factory.mktemp("onnxopt-cache")

@@ -14,7 +14,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from onnxopt import __version__, api, batch
+from onnxopt import __version__, api
+from onnxopt.commands import batch
 from tests.helpers import ROOT
 
 SMALL = ("fp16_mlp.onnx", "integer_ops.onnx", "qdq_conv.onnx", "control_flow.onnx")
@@ -63,7 +64,7 @@ def _no_temp_files(folder: Path) -> list[str]:
 
 
 def test_failures_are_isolated_and_carry_reasons(zoo):
-    from onnxopt import convert
+    from onnxopt.precision import convert
 
     folder, _, summary, ticks = zoo
     m = _by_name(summary)

@@ -14,11 +14,13 @@ import pytest
 from onnx import TensorProto, helper
 
 from models import tasks
-from onnxopt import io, quantize, refit
+from onnxopt import io
 from onnxopt import report as report_mod
-from onnxopt.passes import cluster_weights as cw
-from onnxopt.passes import prune_channels as pc
-from onnxopt.passes import prune_magnitude as pm
+from onnxopt.compression import channels as pc
+from onnxopt.compression import clustering as cw
+from onnxopt.compression import magnitude as pm
+from onnxopt.compression import refit
+from onnxopt.quantization import static as quantize
 from tests.helpers import ROOT, op_types, save, sha256
 
 METRIC = "models.tasks:digits_accuracy"
@@ -176,7 +178,7 @@ def test_channel_groups_of_the_reference_models():
     """Groups found from the graph: residual adds tie producers, depthwise convs are tied in/out,
     Squeeze/Transpose lead the text model's last conv into the MatMul head."""
     def groups(name):
-        model, _ = __import__("onnxopt.compress", fromlist=["prepare"]).prepare(ROOT / "models" / name)
+        model, _ = __import__("onnxopt.compression.engine", fromlist=["prepare"]).prepare(ROOT / "models" / name)
         return pc.find_groups(model)
 
     res = groups("digits_resnet.onnx")
@@ -321,7 +323,7 @@ def test_concat_along_channels_prunes_a_window(tmp_path):
              helper.make_node("Relu", ["ab"], ["r"], name="relu"),
              helper.make_node("Conv", ["r", "wc"], ["y"], name="conv_c")]
     src = _tiny(tmp_path, nodes, inits, [1, 5, 4, 4])
-    model, _ = __import__("onnxopt.compress", fromlist=["prepare"]).prepare(src)
+    model, _ = __import__("onnxopt.compression.engine", fromlist=["prepare"]).prepare(src)
     groups = {g.name: g for g in pc.find_groups(model)}
     ga = groups["conv_a"]
     assert ga.reason is None and ga.windows == {"ab": 0, "r": 0} and [n.name for n in ga.consumers] == ["conv_c"]
@@ -360,7 +362,7 @@ def test_refit_memory_is_flat_in_batches(tmp_path):
     import tracemalloc
 
     src = ROOT / "models" / "digits_resnet.onnx"
-    model, _ = __import__("onnxopt.compress", fromlist=["prepare"]).prepare(src)
+    model, _ = __import__("onnxopt.compression.engine", fromlist=["prepare"]).prepare(src)
     teacher = quantize.serialize(model)
     layer = "/features/features.6/body/body.3/Conv"
     rng = np.random.default_rng(0)
@@ -380,7 +382,7 @@ def test_attention_heads_are_pruned_whole(cli, tmp_path):
     the result runs at other sequence lengths, and the refit keeps it closer than plain removal."""
     src = ROOT / "models" / "bert_encoder.onnx"
     data = tasks.write_random_calibration(src, tmp_path / "data", 8, {"input_ids": (4, 16), "attention_mask": (4, 16)})
-    model, _ = __import__("onnxopt.compress", fromlist=["prepare"]).prepare(src)
+    model, _ = __import__("onnxopt.compression.engine", fromlist=["prepare"]).prepare(src)
     heads = [g for g in pc.find_groups(model) if g.head_dim]
     assert [(g.channels, g.head_dim, len(g.producers), len(g.consumers), g.reason) for g in heads] == [(4, 16, 3, 1, None)] * 2
     drops = {}
@@ -418,7 +420,7 @@ def test_flatten_blocks_into_gemm(tmp_path):
              helper.make_node("Flatten", ["r"], ["f"], name="flatten"),
              helper.make_node("Gemm", ["f", "g"], ["y"], name="gemm", transB=1)]
     src = _tiny(tmp_path, nodes, inits, [1, 4])
-    model, _ = __import__("onnxopt.compress", fromlist=["prepare"]).prepare(src)
+    model, _ = __import__("onnxopt.compression.engine", fromlist=["prepare"]).prepare(src)
     group = next(gr for gr in pc.find_groups(model) if gr.name == "conv")
     assert group.reason is None and group.tensors["f"] == (1, 16)
     pc.PruneChannels(0.5, criterion="l1")(model)

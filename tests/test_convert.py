@@ -17,8 +17,9 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from onnxopt import convert, runtime
-from onnxopt.passes import convert_fp16 as cf
+from onnxopt import runtime
+from onnxopt.precision import convert
+from onnxopt.precision import fp16 as cf
 from tests.helpers import ROOT, save, sha256
 
 RTOL, ATOL = 1e-2, 1e-3

@@ -402,7 +402,7 @@ def test_qdq_insertion_on_random_chains_stays_close():
     import onnx_ir as ir
 
     from onnxopt import runtime
-    from onnxopt.passes import quantize_qdq as qq
+    from onnxopt.quantization import qdq as qq
 
     layer = st.tuples(st.sampled_from(["conv", "pw"]), st.integers(2, 12), st.sampled_from([None, "Relu", "Sigmoid"]))
 
@@ -576,7 +576,7 @@ def test_default_budget_catches_flipped_predictions_that_cosine_misses(tmp_path)
     """1,000 classes with close logits: fully int8, the output cosine is > 0.99 (the old default
     budget passed it) while top-1 agreement is far below 0.99; the default budget keeps the head in
     float and what is written agrees on >= 99% of the held-out positions, and on fresh data too."""
-    from onnxopt import quantize as quantize_mod
+    from onnxopt.quantization import static as quantize_mod
 
     src, data, rng = _close_logits_case(tmp_path)
     loose = quantize_mod.quantize(src, tmp_path / "loose.onnx", data=data, max_drop=1.0, latency_guard=False)
@@ -602,7 +602,7 @@ def test_latency_comparison_is_stable():
     from onnx import helper as h
     from onnx import numpy_helper as nh
 
-    from onnxopt import quantize as quantize_mod
+    from onnxopt.quantization import static as quantize_mod
 
     def chain(n):
         w = nh.from_array(np.eye(64, dtype=np.float32), "w")
@@ -680,7 +680,7 @@ def small_run(tmp_path_factory):
     """A Conv->ReLU->Conv->ReLU->GAP->MatMul chain, 8 batches of data, prepared and calibrated."""
     import onnx_ir as ir
 
-    from onnxopt import quantize as qm
+    from onnxopt.quantization import static as qm
 
     rng = np.random.default_rng(3)
     folder = tmp_path_factory.mktemp("steps")
@@ -702,7 +702,7 @@ def _quantizer(qm, prepared, calib, **recipe):
 def test_step_prepare():
     import onnx_ir as ir
 
-    from onnxopt import quantize as qm
+    from onnxopt.quantization import static as qm
 
     rng = np.random.default_rng(0)
     recipe = qm.Recipe()
@@ -813,8 +813,8 @@ def test_calibration_folds_the_recovery_statistics(tmp_path, monkeypatch):
     still folded); without adaround none are folded."""
     import onnx_ir as ir
 
-    from onnxopt import quantize as qm
-    from onnxopt.passes import recover
+    from onnxopt.quantization import recovery as recover
+    from onnxopt.quantization import static as qm
 
     rng = np.random.default_rng(11)
     proto = _random_chain([("conv", 8, "Relu"), ("conv", 6, "Relu")], rng)
@@ -941,8 +941,8 @@ def test_predict_kind_decides_only_clear_cases():
     regions estimated from MACs never decide int8 and count double toward the margin."""
     import dataclasses
 
-    from onnxopt import costmodel
-    from onnxopt import quantize as qm
+    from onnxopt.quantization import latency_cache as costmodel
+    from onnxopt.quantization import static as qm
 
     def region(f, q8):
         return costmodel.Region(f, q8, q8 / f, (q8 / f * 0.98, q8 / f * 1.02), 16)
@@ -967,8 +967,8 @@ def test_regions_time_each_layer_and_are_cached_per_machine(tmp_path, monkeypatc
     only loses the cache (and reading activations 3 layers per run times the same regions)."""
     import onnx_ir as ir
 
-    from onnxopt import costmodel
-    from onnxopt import quantize as qm
+    from onnxopt.quantization import latency_cache as costmodel
+    from onnxopt.quantization import static as qm
 
     monkeypatch.setenv("ONNXOPT_CACHE_DIR", str(tmp_path / "cache"))
     recipe = qm.Recipe()
@@ -1009,7 +1009,7 @@ def test_cost_model_guard_agrees_with_the_measured_guard(tmp_path, monkeypatch, 
     should have spared fails the test."""
     import onnx_ir as ir
 
-    from onnxopt import quantize as qm
+    from onnxopt.quantization import static as qm
 
     monkeypatch.setenv("ONNXOPT_CACHE_DIR", str(tmp_path / "cache"))
     decisions = {}
@@ -1032,8 +1032,8 @@ def test_regions_that_cannot_run_alone_are_estimated_from_macs(tmp_path, monkeyp
     within 0.5-2x of its own timing, and is marked estimated; a kind with no timed region gets none."""
     import onnx_ir as ir
 
-    from onnxopt import costmodel
-    from onnxopt import quantize as qm
+    from onnxopt.quantization import latency_cache as costmodel
+    from onnxopt.quantization import static as qm
 
     monkeypatch.setenv("ONNXOPT_CACHE_DIR", "off")
     recipe = qm.Recipe()
@@ -1056,7 +1056,7 @@ def test_guard_layers_measures_what_the_cost_model_cannot_settle(small_run, monk
     layer whose region is only estimated from MACs, or costs more than the margin, is measured."""
     import dataclasses
 
-    from onnxopt import costmodel
+    from onnxopt.quantization import latency_cache as costmodel
 
     qm, prepared, calib, _, _ = small_run
     q, recipe = _quantizer(qm, prepared, calib)
@@ -1080,8 +1080,8 @@ def test_region_cache_keys_and_malformed_entries(tmp_path, monkeypatch):
     from onnx import helper as h
     from onnx import numpy_helper as nh
 
-    from onnxopt import costmodel
-    from onnxopt.passes import quantize_qdq as qq
+    from onnxopt.quantization import latency_cache as costmodel
+    from onnxopt.quantization import qdq as qq
 
     def conv_model(interior: bool):
         w = nh.from_array(np.ones((8, 4, 3, 3), np.float32), "w")

@@ -21,7 +21,7 @@ from onnx import numpy_helper as nh
 
 from models import transformers as mt
 from onnxopt import api
-from onnxopt.passes import quantize_weights as qw
+from onnxopt.quantization import weights as qw
 from tests.helpers import ROOT, op_types, sha256
 
 BERT = ROOT / "models" / "bert_ts.onnx"
@@ -369,7 +369,7 @@ def test_dynamic_fused_attention_becomes_qattention(tmp_path):
 def test_dynamic_budget_keeps_the_worst_layers_float(tmp_path, bert_data, monkeypatch):
     """Over budget, layers are ranked by their relative output error (one float run) and the fewest
     worst kept float are found by binary search: ~log2(layers) builds, not one per layer."""
-    from onnxopt import quantize_modes
+    from onnxopt.quantization import modes as quantize_modes
 
     builds = []
     original = quantize_modes.WeightQuantizer.build

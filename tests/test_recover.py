@@ -11,8 +11,8 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from onnxopt.passes import quantize_qdq as qq
-from onnxopt.passes import recover
+from onnxopt.quantization import qdq as qq
+from onnxopt.quantization import recovery as recover
 
 
 def _run(model: onnx.ModelProto | ir.Model, x: np.ndarray) -> np.ndarray:
@@ -119,7 +119,7 @@ def test_sampled_conv_rows_are_rows_of_the_full_im2col():
     budget never goes below MIN_ROWS, and one batch gets all of ROWS_PER_K x K."""
     import onnx_ir as ir
 
-    from onnxopt.passes import recover
+    from onnxopt.quantization import recovery as recover
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 6, 7)).astype(np.float32)

@@ -13,7 +13,7 @@ import pytest
 
 from models import tasks
 from onnxopt import plots
-from onnxopt import search as search_mod
+from onnxopt.quantization import search as search_mod
 from tests.helpers import ROOT, chromium_screenshot, sha256
 
 SVG = "{http://www.w3.org/2000/svg}"

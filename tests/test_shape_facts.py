@@ -18,7 +18,8 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from onnxopt import pipeline, shapes, validate
+from onnxopt import pipeline, shapes
+from onnxopt import validation as validate
 from onnxopt.errors import BadInputError
 
 

@@ -15,7 +15,9 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from models.build import deep_mlp
-from onnxopt import bench, cost, validate
+from onnxopt import benchmark as bench
+from onnxopt import flops as cost
+from onnxopt import validation as validate
 from tests.helpers import ROOT, chromium_screenshot
 
 MODELS = ROOT / "models"

@@ -408,7 +408,7 @@ def main(argv=None) -> int:
                     help="write JSON here and the Markdown table beside it (.md); without it, print only")
     ap.add_argument("--no-onnxslim", action="store_true")
     args = ap.parse_args(argv)
-    from onnxopt import bench
+    from onnxopt import benchmark as bench
     print(bench.machine_line(), flush=True)
     logging.basicConfig(level=logging.ERROR)
     ort.set_default_logger_severity(4)

@@ -24,7 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from onnxopt import __version__, api, bench
+from onnxopt import __version__, api
+from onnxopt import benchmark as bench
 
 
 def timed(models: list[str], **kwargs) -> dict:

@@ -11,7 +11,7 @@ Not a timed test.  For each model in ``models/``:
   its defaults otherwise (it clamps weights to +-1e4 and blocks its own op list).
 
 Each result runs at two synthesized input points (seeds 21 and 22; symbolic dims 1 then 3) on the
-CPU EP in two ways: *faithful* (``onnxopt.convert.faithful_session``: every fp16 tensor rounded
+CPU EP in two ways: *faithful* (``onnxopt.precision.convert.faithful_session``: every fp16 tensor rounded
 as fp16 kernels do, which is what a GPU EP computes) and *plain* (an ordinary CPU session, which
 fuses chains of fp16 ops into float32 and so hides overflow).  Reported: inf/NaN count in the
 outputs (faithful and plain), max abs diff vs fp32 and max abs diff / max |fp32| (faithful),

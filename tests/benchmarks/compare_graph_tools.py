@@ -33,7 +33,8 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from onnxopt import api, bench, runtime
+from onnxopt import api, runtime
+from onnxopt import benchmark as bench
 from tests.helpers import count_graph_nodes as count_nodes
 
 SHAPES = {  # concrete sizes for symbolic dims, as in tests/test_cli.py

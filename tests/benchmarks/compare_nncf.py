@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 from models import tasks
 from models import transformers as mt
-from onnxopt import bench, data, runtime
+from onnxopt import benchmark as bench
+from onnxopt import data, runtime
 from tests.benchmarks.compare_transformer_quant import ours
 
 MODELS = ("bert_ts", "gpt2_ts", "gpt2_dynamo", "digits_resnet")
@@ -76,7 +77,7 @@ def nncf_quantize(src: Path, out: Path, feeds: list[dict]) -> str:
 
 TOOLS = {
     "nncf": lambda src, out, folder, feeds: nncf_quantize(src, out, feeds),
-    # the latency guard's cost model times each layer alone once per machine (onnxopt.costmodel):
+    # the latency guard's cost model times each layer alone once per machine (onnxopt.quantization.latency_cache):
     # the first run on a model measures its regions (cold), a second one reads them from the cache
     "onnxopt-static": lambda src, out, folder, feeds: ours(src, out, folder),
     "onnxopt-static-cached": lambda src, out, folder, feeds: ours(src, out, folder),

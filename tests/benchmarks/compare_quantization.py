@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from models import tasks
-from onnxopt import bench, runtime
+from onnxopt import benchmark as bench
+from onnxopt import runtime
 
 TRAINED = ["digits_cnn", "digits_resnet", "digits_mobilenet", "text_crnn"]
 OTHERS = ["cnn_bn_depthwise", "cnn_dynamic", "yolo_head", "crnn", "transformer_encoder", "bert_encoder"]
@@ -130,7 +131,7 @@ import resource, sys
 sys.path.insert(0, {root!r})
 tool, src, data, out = sys.argv[1:5]
 if tool == "onnxopt":
-    from onnxopt import quantize
+    from onnxopt.quantization import static as quantize
     quantize.quantize(src, out, data=data, latency_guard=False, recovery=())
 else:
     sys.path.insert(0, {bench!r})

@@ -49,7 +49,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from models import transformers as mt
-from onnxopt import api, bench, runtime
+from onnxopt import api, runtime
+from onnxopt import benchmark as bench
 from onnxopt.errors import ValidationRefused
 
 SMALL = {"HIDDEN": 256, "LAYERS": 4, "HEADS": 4, "INNER": 1024, "VOCAB": 8192, "HEAD_DIM": 64}
@@ -99,7 +100,7 @@ def ort_int4(src: Path, out: Path, all_gemms: bool = False) -> None:
         import onnx_ir as ir
 
         from onnxopt import pipeline
-        from onnxopt.passes.quantize_weights import GemmToMatMul
+        from onnxopt.passes.gemm_to_matmul import GemmToMatMul
 
         converted = ir.from_proto(model)
         converted = pipeline.run(converted, pipeline.parse(pipeline.DEFAULT_PIPELINE)).model  # as our prepare does

@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from models import transformers as tmodels
-from onnxopt import api, bench, runtime
+from onnxopt import api, runtime
+from onnxopt import benchmark as bench
 from passes.fuse_transformer import ATTENTION_OPS, ORT_MODEL_TYPE
 from tests.benchmarks.compare_graph_tools import latency_ratio
 from tests.helpers import count_graph_nodes as count_nodes

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from models import tasks
-from onnxopt import __version__, api, bench
+from onnxopt import __version__, api
+from onnxopt import benchmark as bench
 
 MODELS = {"digits_resnet": "models.tasks:digits_accuracy", "text_crnn": "models.tasks:text_exact_match"}
 

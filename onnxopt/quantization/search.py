@@ -1,7 +1,7 @@
 """``onnxopt quantize --search``: evaluate candidate recipes and write the best within the budget.
 
 Calibration runs once (the statistics, held-out and recovery batches of ``quantize.calibrate_model``
-are shared); each candidate is a :class:`onnxopt.quantize.Recipe` built and scored with the
+are shared); each candidate is a :class:`onnxopt.quantization.static.Recipe` built and scored with the
 existing steps (``Quantizer.build``, ``Quantizer.score``).  The candidates vary
 
 - the range method (percentile, minmax, entropy, mse) and per-channel / per-tensor weights,
@@ -53,11 +53,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt import bench
-from onnxopt import quantize as qm
+from onnxopt import benchmark as bench
 from onnxopt.errors import UsageError
 from onnxopt.parallel import Workers
-from onnxopt.passes import quantize_qdq as qq
+from onnxopt.quantization import qdq as qq
+from onnxopt.quantization import static as qm
 
 logger = logging.getLogger("onnxopt")
 
@@ -373,7 +373,7 @@ def search(q: qm.Quantizer, recipe: qm.Recipe, max_drop: float, budget: int = DE
     ``q`` is the Quantizer of ``recipe`` (the default settings); ``recipe`` gets the starting
     placement and the guard's decisions.  Builds run on ``workers`` local processes or Ray tasks
     (``ray_address``, onnxopt.parallel); the result does not depend on how many."""
-    from onnxopt.batch import ray_resources
+    from onnxopt.commands.batch import ray_resources
 
     t0 = time.perf_counter()
     if budget < 1:

@@ -27,7 +27,7 @@ import onnx_ir as ir
 
 from onnxopt import runtime
 from onnxopt.base import add_initializer, constant, is_constant
-from onnxopt.passes.quantize_qdq import _weight_axis, weight_params
+from onnxopt.quantization.qdq import _weight_axis, weight_params
 
 MAX_K = 4608
 MAX_ROWS = 8192

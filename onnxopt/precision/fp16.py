@@ -57,7 +57,7 @@ import onnx_ir as ir
 
 from onnxopt import shapes
 from onnxopt.base import FreshNames, OptPass, is_standard
-from onnxopt.passes.quantize_qdq import quant_ops
+from onnxopt.quantization.qdq import quant_ops
 
 FLOAT, HALF = ir.DataType.FLOAT, ir.DataType.FLOAT16
 FP16_MAX = 65504.0
@@ -572,7 +572,7 @@ class ConvertFloat16(OptPass):
 
     In a pipeline (data-free): ranges only from constants and initializers, which are known
     exactly; ``optimize`` checks it with the fp16 tolerances and, on the CPU EP, the fp16-faithful
-    check (``onnxopt.convert.Fp16Check``); ``onnxopt convert --fp16 --data`` adds ranges observed on
+    check (``onnxopt.precision.convert.Fp16Check``); ``onnxopt convert --fp16 --data`` adds ranges observed on
     data.  Options:
     ``keep-io-types``, ``op-block-list`` (``|``-separated op types, ``default`` = the defaults),
     ``node-block-list`` (``|``-separated names), ``limit`` (largest |x| kept in fp16).  See the

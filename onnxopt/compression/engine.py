@@ -10,7 +10,7 @@ nothing written otherwise, unless ``--force``).
 1. **Magnitude** (``prune --sparsity S`` / ``--threshold T``; ``passes/prune_magnitude.py``):
    the smallest weights of Conv/Gemm/MatMul are zeroed (first and last layer kept), then each
    pruned layer is refit on its surviving weights by least squares against the teacher
-   (``onnxopt.refit``; ``--no-refit`` to skip).  The report gives per-layer sparsity and the
+   (``onnxopt.compression.refit``; ``--no-refit`` to skip).  The report gives per-layer sparsity and the
    sizes measured on real files: the ONNX file, its gzip, and a CSR file of the weights.
 2. **Structured** (``prune --channels F --data DIR``; ``passes/prune_channels.py``): channel
    groups are resolved from the graph; unresolved ones are named with their reason and left
@@ -44,12 +44,15 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
-from onnxopt import api, bench, fidelity, io, quantize, refit, runtime
+from onnxopt import api, fidelity, io, runtime
+from onnxopt import benchmark as bench
 from onnxopt import data as data_mod
+from onnxopt.compression import channels as pc
+from onnxopt.compression import clustering as cw
+from onnxopt.compression import magnitude as pm
+from onnxopt.compression import refit
 from onnxopt.errors import BadInputError, InternalError, OnnxoptError, UsageError
-from onnxopt.passes import cluster_weights as cw
-from onnxopt.passes import prune_channels as pc
-from onnxopt.passes import prune_magnitude as pm
+from onnxopt.quantization import static as quantize
 
 logger = logging.getLogger("onnxopt")
 HELD_OUT = quantize.HELD_OUT

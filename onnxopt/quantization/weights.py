@@ -1,9 +1,6 @@
 """Weight quantization for transformer-style models (quantize ``--mode dynamic``, ``--weights int4``,
 embeddings): the passes the quantize command applies on a prepared float model.
 
-- ``gemm-to-matmul`` (lossless, registered): Gemm with a constant 2-D weight and ``transA=0`` becomes
-  MatMul by ``alpha * B`` (transposed when ``transB``) + Add of ``beta * C``, so every weight matmul
-  is one MatMul the weight-only and dynamic quantizers reach (TorchScript exports write Linear as Gemm).
 - ``QuantizeDynamic``: MatMul by a constant [K, N] float weight -> DynamicQuantizeLinear (activation
   quantized at run time to uint8, one per activation however many MatMuls read it) + MatMulInteger
   by int8 weights (symmetric, per output column) + Cast + Mul by ``x_scale * w_scale``, the form ORT
@@ -37,7 +34,18 @@ import typing
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.base import NO_MATCH, FreshNames, Match, OptPass, add_initializer, constant, is_standard, substitute
+from onnxopt.base import (
+    NO_MATCH,
+    FreshNames,
+    Match,
+    OptPass,
+    constant,
+    float_initializer,
+    is_standard,
+    new_initializer,
+    node_output,
+    replace_node,
+)
 
 FLOAT = ir.DataType.FLOAT
 BLOCK_SIZES = (32, 64, 128)
@@ -51,18 +59,13 @@ MIN_EMBEDDING = 1024
 NBITS_ACCURACY_LEVEL = 0
 
 
-def _float_initializer(value: ir.Value | None) -> bool:
-    return (value is not None and value.const_value is not None and value.is_initializer()
-            and not value.is_graph_input() and value.dtype == FLOAT)
-
-
 def weight_matmul(node: ir.Node) -> Match:
     """Match.ok((K, N)) for a main-graph MatMul ``x @ W`` with W a float32 [K, N] initializer and x
     a float activation."""
     if node.op_type != "MatMul" or not is_standard(node) or len(node.inputs) != 2:
         return NO_MATCH
     x, w = node.inputs
-    if not _float_initializer(w):
+    if not float_initializer(w):
         return Match.fail("weight is not a float32 initializer")
     if len(w.const_value.shape) != 2:
         return Match.fail("weight is not 2-D")
@@ -76,103 +79,6 @@ def weight_matmuls(model: ir.Model, exclude=frozenset()) -> dict[str, tuple[int,
     """Name -> (K, N) of every MatMul the quantizers reach (main graph, named nodes)."""
     return {n.name: typing.cast(tuple[int, int], m.value) for n in model.graph
             if n.name not in exclude and (m := weight_matmul(n)).succeeded}
-
-
-def _out(node: ir.Node, names: FreshNames, base: str, dtype: ir.DataType | None = None) -> ir.Value:
-    value = node.outputs[0]
-    value.name = names.value(base)
-    if dtype is not None:
-        value.type = ir.TensorType(dtype)
-    return value
-
-
-def _finish(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], result: ir.Value) -> str | None:
-    """Insert ``new_nodes`` before ``old`` and make ``result`` replace its output (graph output
-    names kept); on a decline the new nodes are removed again."""
-    graph.insert_before(old, new_nodes)
-    result.shape = old.outputs[0].shape
-    reason = substitute(old, result)
-    if reason is not None:
-        graph.remove(list(reversed(new_nodes)), safe=True)
-    return reason
-
-
-# ---------------------------------------------------------------- Gemm -> MatMul + Add
-
-class GemmToMatMul(OptPass):
-    """Gemm by a constant 2-D float weight -> MatMul (+ Add of the bias), and MatMul by
-    ``Transpose(W)`` of a 2-D float initializer -> MatMul by a transposed copy (the tied LM head of
-    dynamo exports, whose W the embedding Gather also reads), so weight-only and dynamic
-    quantization reach every weight matmul.
-
-    A step of ``quantize --mode dynamic`` / ``--weights int4``, not of the default pipeline: on its own
-    the float model may run slower (measured on the tiny GPT-2: 0.46 -> 0.56 ms, MatMul + Add vs Gemm).
-    Preserves outputs within float rounding (``alpha``/``beta`` folded into new float32 initializers,
-    computed in float64; the old ones stay when shared) and graph output names.  Never touches Gemm
-    with ``transA=1``, a non-constant or non-float32 weight, or a C that is not constant; main graph
-    only.  Cost: O(Gemm nodes + their weights)."""
-
-    name = "gemm-to-matmul"
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        changed: collections.Counter = collections.Counter()
-        skipped: collections.Counter = collections.Counter()
-        names = FreshNames(model)
-        for node in list(model.graph):
-            if node.op_type == "Gemm" and is_standard(node):
-                _convert_gemm(model.graph, node, names).tally(changed, skipped, "Gemm -> MatMul", "Gemm")
-            elif node.op_type == "MatMul" and is_standard(node) and len(node.inputs) == 2:
-                _transposed_weight(model.graph, node, names).tally(changed, skipped, "Transpose(W) materialized")
-        return self.result(model, changed, skipped)
-
-
-def _transposed_weight(graph: ir.Graph, node: ir.Node, names: FreshNames) -> Match:
-    t = node.inputs[1].producer() if node.inputs[1] is not None else None
-    if t is None or t.op_type != "Transpose" or not is_standard(t) or not _float_initializer(t.inputs[0]):
-        return NO_MATCH
-    w = constant(t.inputs[0])
-    perm = t.attributes["perm"].as_ints() if "perm" in t.attributes else [1, 0]
-    if w.ndim != 2 or list(perm) != [1, 0]:
-        return NO_MATCH
-    node.replace_input_with(1, _init(graph, names, f"{t.inputs[0].name}_transposed", np.ascontiguousarray(w.T)))
-    if not t.outputs[0].uses() and not t.outputs[0].is_graph_output():
-        graph.remove(t, safe=True)
-    return Match.ok()
-
-
-def _gemm_check(node: ir.Node) -> Match:
-    a = node.attributes
-    if (a["transA"].as_int() if "transA" in a else 0) != 0:
-        return Match.fail("transA=1")
-    if not _float_initializer(node.inputs[1]) or len(node.inputs[1].const_value.shape) != 2:
-        return Match.fail("weight is not a 2-D float32 initializer")
-    c = node.inputs[2] if len(node.inputs) > 2 else None
-    if c is not None and (constant(c) is None or c.is_graph_input()):
-        return Match.fail("C is not a constant")
-    return Match.ok()
-
-
-def _convert_gemm(graph: ir.Graph, node: ir.Node, names: FreshNames) -> Match:
-    check = _gemm_check(node)
-    if not check.succeeded:
-        return check
-    a = node.attributes
-    alpha = a["alpha"].as_float() if "alpha" in a else 1.0
-    beta = a["beta"].as_float() if "beta" in a else 1.0
-    w = constant(node.inputs[1]).astype(np.float64)
-    w = (w.T if (a["transB"].as_int() if "transB" in a else 0) else w) * alpha
-    wv = _init(graph, names, f"{node.inputs[1].name}_matmul", np.ascontiguousarray(w, np.float32))
-    mm = ir.node("MatMul", [node.inputs[0], wv], name=names.node(f"{node.name}_MatMul"))
-    result = _out(mm, names, f"{node.name}_matmul", FLOAT)
-    new = [mm]
-    c = node.inputs[2] if len(node.inputs) > 2 else None
-    if c is not None:
-        cv = _init(graph, names, f"{c.name}_bias", (constant(c).astype(np.float64) * beta).astype(np.float32))
-        add = ir.node("Add", [result, cv], name=names.node(f"{node.name}_Add"))
-        result = _out(add, names, f"{node.name}_biased", FLOAT)
-        new.append(add)
-    reason = _finish(graph, node, new, result)
-    return Match.ok() if reason is None else Match.fail(reason)
 
 
 # ---------------------------------------------------------------- weight rounding helpers
@@ -250,7 +156,7 @@ def fused_attention(node: ir.Node) -> Match:
     if node.op_type != "Attention" or node.domain != "com.microsoft" or len(node.inputs) < 3:
         return NO_MATCH
     w, bias = node.inputs[1], node.inputs[2]
-    if not _float_initializer(w) or len(w.const_value.shape) != 2 or not _float_initializer(bias):
+    if not float_initializer(w) or len(w.const_value.shape) != 2 or not float_initializer(bias):
         return Match.fail("weights or bias not float32 initializers")
     if any(v is not None for v in node.inputs[5:]):
         return Match.fail("attention_bias / past_sequence_length inputs (QAttention has none)")
@@ -320,8 +226,9 @@ class QuantizeDynamic(OptPass):
         xq, xs, xz = activations[x.name]
         mask = node.inputs[3] if len(node.inputs) > 3 else None
         past = node.inputs[4] if len(node.inputs) > 4 else None
-        inputs = [xq, _init(graph, names, f"{w.name}_int8", q), bias, xs, _init(graph, names, f"{w.name}_scale", s), mask, xz,
-                  _init(graph, names, f"{w.name}_zero_point", np.zeros(s.shape, np.int8)), past]
+        inputs = [xq, new_initializer(graph, names, f"{w.name}_int8", q), bias, xs,
+                  new_initializer(graph, names, f"{w.name}_scale", s), mask, xz,
+                  new_initializer(graph, names, f"{w.name}_zero_point", np.zeros(s.shape, np.int8)), past]
         while inputs[-1] is None:
             inputs.pop()
         attrs = {k: a.value for k, a in node.attributes.items() if k in QATTENTION_ATTRIBUTES}
@@ -344,19 +251,20 @@ class QuantizeDynamic(OptPass):
         x, w = node.inputs
         if w.name not in weights:
             q, s = int8_columns(constant(w).astype(np.float64), self.qmax)
-            weights[w.name] = (_init(graph, names, f"{w.name}_int8", q), _init(graph, names, f"{w.name}_scale", s),
-                               _init(graph, names, f"{w.name}_zero_point", np.zeros(s.shape, np.int8)))
+            weights[w.name] = (new_initializer(graph, names, f"{w.name}_int8", q), new_initializer(graph, names, f"{w.name}_scale", s),
+                               new_initializer(graph, names, f"{w.name}_zero_point", np.zeros(s.shape, np.int8)))
         wq, ws, wz = weights[w.name]
         new: list[ir.Node] = self._quantized_input(x, names, activations)
         xq, xs, xz = activations[x.name]
         mmi = ir.node("MatMulInteger", [xq, wq, xz, wz], name=names.node(f"{node.name}_MatMulInteger"))
-        cast = ir.node("Cast", [_out(mmi, names, f"{node.name}_int32", ir.DataType.INT32)], {"to": FLOAT},
+        cast = ir.node("Cast", [node_output(mmi, names, f"{node.name}_int32", ir.DataType.INT32)], {"to": FLOAT},
                        name=names.node(f"{node.name}_Cast"))
         scale = ir.node("Mul", [xs, ws], name=names.node(f"{node.name}_scale_Mul"))
-        mul = ir.node("Mul", [_out(cast, names, f"{node.name}_float", FLOAT), _out(scale, names, f"{node.name}_scale", FLOAT)],
+        mul = ir.node("Mul", [node_output(cast, names, f"{node.name}_float", FLOAT),
+                              node_output(scale, names, f"{node.name}_scale", FLOAT)],
                       name=names.node(f"{node.name}_Mul"))
         new += [mmi, cast, scale, mul]
-        reason = _finish(graph, node, new, _out(mul, names, f"{node.name}_output", FLOAT))
+        reason = replace_node(graph, node, new, node_output(mul, names, f"{node.name}_output", FLOAT))
         if reason is not None and new[0].op_type == "DynamicQuantizeLinear":
             del activations[x.name]
         return Match.ok() if reason is None else Match.fail(reason)
@@ -445,39 +353,34 @@ class QuantizeInt4(OptPass):
             dq = ir.node("DequantizeLinear", list(done[key]), {"axis": 0, "block_size": self.block},
                          name=names.node(f"{w.name}_DequantizeLinear"))
             dq.outputs[0].shape = ir.Shape([k, n])
-            mm = ir.node("MatMul", [x, _out(dq, names, f"{w.name}_dequantized", FLOAT)], name=names.node(f"{node.name}_int4"))
+            mm = ir.node("MatMul", [x, node_output(dq, names, f"{w.name}_dequantized", FLOAT)], name=names.node(f"{node.name}_int4"))
             new = [dq, mm]
-        reason = _finish(graph, node, new, _out(mm, names, f"{node.name}_output", FLOAT))
+        reason = replace_node(graph, node, new, node_output(mm, names, f"{node.name}_output", FLOAT))
         return Match.ok() if reason is None else Match.fail(reason)
 
     def _weights(self, graph, names, name, q, scale, zero, k, n, bits) -> tuple[ir.Value, ...]:
         blocks = k // self.block
         if bits == 8:  # one byte per code and per zero point
             if self.fmt == "nbits":
-                return (_init(graph, names, f"{name}_nbits8", np.ascontiguousarray(q.T.reshape(n, blocks, self.block))),
-                        _init(graph, names, f"{name}_scales", np.ascontiguousarray(scale.T).reshape(-1)),
-                        _init(graph, names, f"{name}_zero_points", np.ascontiguousarray(zero.T).reshape(-1)))
-            return (_init(graph, names, f"{name}_uint8", q), _init(graph, names, f"{name}_scale", scale),
-                    _init(graph, names, f"{name}_zero_point", zero))
+                return (new_initializer(graph, names, f"{name}_nbits8", np.ascontiguousarray(q.T.reshape(n, blocks, self.block))),
+                        new_initializer(graph, names, f"{name}_scales", np.ascontiguousarray(scale.T).reshape(-1)),
+                        new_initializer(graph, names, f"{name}_zero_points", np.ascontiguousarray(zero.T).reshape(-1)))
+            return (new_initializer(graph, names, f"{name}_uint8", q), new_initializer(graph, names, f"{name}_scale", scale),
+                    new_initializer(graph, names, f"{name}_zero_point", zero))
         if self.fmt == "nbits":  # B [N, blocks, block/2] uint8, scales [N * blocks], zero points [N, ceil(blocks/2)]
             packed = pack_nibbles(q.T.reshape(n, blocks, self.block))
             zeros = zero.T
             if blocks % 2:
                 zeros = np.concatenate([zeros, np.zeros((n, 1), np.uint8)], axis=1)
-            return (_init(graph, names, f"{name}_nbits", packed),
-                    _init(graph, names, f"{name}_scales", np.ascontiguousarray(scale.T).reshape(-1)),
-                    _init(graph, names, f"{name}_zero_points", pack_nibbles(zeros).reshape(-1)))
-        return (_uint4_initializer(graph, names, f"{name}_uint4", q), _init(graph, names, f"{name}_scale", scale),
+            return (new_initializer(graph, names, f"{name}_nbits", packed),
+                    new_initializer(graph, names, f"{name}_scales", np.ascontiguousarray(scale.T).reshape(-1)),
+                    new_initializer(graph, names, f"{name}_zero_points", pack_nibbles(zeros).reshape(-1)))
+        return (_uint4_initializer(graph, names, f"{name}_uint4", q), new_initializer(graph, names, f"{name}_scale", scale),
                 _uint4_initializer(graph, names, f"{name}_zero_point", zero))
 
 
-def _init(graph: ir.Graph, names: FreshNames, base: str, array: np.ndarray) -> ir.Value:
-    """A new initializer under a name no value of the model has (initializers, node outputs)."""
-    return add_initializer(graph, names.value(base), array)
-
-
 def _uint4_initializer(graph: ir.Graph, names: FreshNames, name: str, codes: np.ndarray) -> ir.Value:
-    value = _init(graph, names, name, codes.astype(np.uint8))
+    value = new_initializer(graph, names, name, codes.astype(np.uint8))
     tensor = ir.Tensor(codes.astype(np.uint8), dtype=ir.DataType.UINT4, name=value.name)
     value.const_value, value.type = tensor, ir.TensorType(ir.DataType.UINT4)
     return value
@@ -490,7 +393,7 @@ def embedding_gather(node: ir.Node, exclude=frozenset()) -> Match:
     if node.op_type != "Gather" or not is_standard(node) or node.name in exclude:
         return NO_MATCH
     table = node.inputs[0]
-    if not _float_initializer(table) or len(table.const_value.shape) != 2:
+    if not float_initializer(table) or len(table.const_value.shape) != 2:
         return NO_MATCH
     axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
     if axis != 0:
@@ -547,13 +450,13 @@ class QuantizeEmbeddings(OptPass):
             if table.name not in self.memo:
                 self.memo[table.name] = int8_columns(constant(table).astype(np.float64), 127)
             q, s = self.memo[table.name]
-            tables[key] = (_init(graph, names, f"{table.name}_int8", q), _init(graph, names, f"{table.name}_scale", s),
-                           _init(graph, names, f"{table.name}_zero_point", np.zeros(s.shape, np.int8)))
+            tables[key] = (new_initializer(graph, names, f"{table.name}_int8", q), new_initializer(graph, names, f"{table.name}_scale", s),
+                           new_initializer(graph, names, f"{table.name}_zero_point", np.zeros(s.shape, np.int8)))
         q, s, z = tables[key]
         gather = ir.node("Gather", [q, node.inputs[1]], {"axis": 0}, name=names.node(f"{node.name}_int8"))
-        dq = ir.node("DequantizeLinear", [_out(gather, names, f"{node.name}_int8", ir.DataType.INT8), s, z], {"axis": -1},
+        dq = ir.node("DequantizeLinear", [node_output(gather, names, f"{node.name}_int8", ir.DataType.INT8), s, z], {"axis": -1},
                      name=names.node(f"{node.name}_DequantizeLinear"))
-        reason = _finish(graph, node, [gather, dq], _out(dq, names, f"{node.name}_dequantized", FLOAT))
+        reason = replace_node(graph, node, [gather, dq], node_output(dq, names, f"{node.name}_dequantized", FLOAT))
         return Match.ok() if reason is None else Match.fail(reason)
 
     def _tied(self, graph, node, names, tables) -> Match:
@@ -563,22 +466,23 @@ class QuantizeEmbeddings(OptPass):
         key = f"{table.name}/tied"
         if key not in tables:
             wq, ws, _ = self.shared[table.name]
-            rows = _init(graph, names, f"{table.name}_int8", np.ascontiguousarray(constant(wq).T))
+            rows = new_initializer(graph, names, f"{table.name}_int8", np.ascontiguousarray(constant(wq).T))
             tr = ir.node("Transpose", [rows], {"perm": [1, 0]}, name=names.node(f"{table.name}_int8_Transpose"))
             tr.outputs[0].shape = wq.shape
             graph.insert_before(next(iter(graph)), [tr])
-            wq.replace_all_uses_with(_out(tr, names, f"{wq.name}_transposed", ir.DataType.INT8))
-            tables[key] = (rows, ws, _init(graph, names, f"{table.name}_axes", np.array([-1], np.int64)))
+            wq.replace_all_uses_with(node_output(tr, names, f"{wq.name}_transposed", ir.DataType.INT8))
+            tables[key] = (rows, ws, new_initializer(graph, names, f"{table.name}_axes", np.array([-1], np.int64)))
         rows, scale, axes = tables[key]
         gather = ir.node("Gather", [rows, node.inputs[1]], {"axis": 0}, name=names.node(f"{node.name}_int8"))
-        cast = ir.node("Cast", [_out(gather, names, f"{node.name}_int8", ir.DataType.INT8)], {"to": FLOAT},
+        cast = ir.node("Cast", [node_output(gather, names, f"{node.name}_int8", ir.DataType.INT8)], {"to": FLOAT},
                        name=names.node(f"{node.name}_Cast"))
         gs = ir.node("Gather", [scale, node.inputs[1]], {"axis": 0}, name=names.node(f"{node.name}_scale_Gather"))
-        unsq = ir.node("Unsqueeze", [_out(gs, names, f"{node.name}_row_scale", FLOAT), axes],
+        unsq = ir.node("Unsqueeze", [node_output(gs, names, f"{node.name}_row_scale", FLOAT), axes],
                        name=names.node(f"{node.name}_scale_Unsqueeze"))
-        mul = ir.node("Mul", [_out(cast, names, f"{node.name}_float", FLOAT), _out(unsq, names, f"{node.name}_row_scales", FLOAT)],
+        mul = ir.node("Mul", [node_output(cast, names, f"{node.name}_float", FLOAT),
+                              node_output(unsq, names, f"{node.name}_row_scales", FLOAT)],
                       name=names.node(f"{node.name}_dequantize_Mul"))
-        reason = _finish(graph, node, [gather, cast, gs, unsq, mul], _out(mul, names, f"{node.name}_dequantized", FLOAT))
+        reason = replace_node(graph, node, [gather, cast, gs, unsq, mul], node_output(mul, names, f"{node.name}_dequantized", FLOAT))
         return Match.ok() if reason is None else Match.fail(reason)
 
     def _int4(self, graph, node, names, tables) -> Match:
@@ -591,14 +495,14 @@ class QuantizeEmbeddings(OptPass):
             zeros = zero.T
             if zeros.shape[1] % 2:
                 zeros = np.concatenate([zeros, np.zeros((zeros.shape[0], 1), np.uint8)], axis=1)
-            tables[key] = (_init(graph, names, f"{table.name}_uint4", pack_nibbles(codes)),
-                           _init(graph, names, f"{table.name}_scales", np.ascontiguousarray(scale.T)),
-                           _init(graph, names, f"{table.name}_zero_points", pack_nibbles(zeros)))
+            tables[key] = (new_initializer(graph, names, f"{table.name}_uint4", pack_nibbles(codes)),
+                           new_initializer(graph, names, f"{table.name}_scales", np.ascontiguousarray(scale.T)),
+                           new_initializer(graph, names, f"{table.name}_zero_points", pack_nibbles(zeros)))
         data, scales, zeros = tables[key]
         gbq = ir.node("GatherBlockQuantized", [data, node.inputs[1], scales, zeros],
                       {"gather_axis": 0, "quantize_axis": 1, "block_size": self.block, "bits": 4},
                       domain="com.microsoft", name=names.node(f"{node.name}_GatherBlockQuantized"))
-        reason = _finish(graph, node, [gbq], _out(gbq, names, f"{node.name}_dequantized", FLOAT))
+        reason = replace_node(graph, node, [gbq], node_output(gbq, names, f"{node.name}_dequantized", FLOAT))
         return Match.ok() if reason is None else Match.fail(reason)
 
 

@@ -624,7 +624,7 @@ class PruneChannels(OptPass):
 
     Groups and what is cut: see the module docstring.  Importance: L1 (``criterion="l1"``) or L2
     norm of the producing filters; the data-driven criterion and the least-squares refit of the
-    consumers need calibration data and live in ``onnxopt prune --channels`` (``onnxopt.compress``).
+    consumers need calibration data and live in ``onnxopt prune --channels`` (``onnxopt.compression.engine``).
     Kept counts are rounded to a multiple of ``align``.  Preserves graph inputs/outputs (a group
     reaching one is unresolved), opsets and metadata; never touches unresolved groups (reasons
     counted).  Lossy (outputs change): callers validate with a budget.  Not idempotent by nature

@@ -133,7 +133,7 @@ class PruneMagnitude(OptPass):
     and everything but weight values; never touches biases, integer weights, shared weights or
     weights that are graph inputs (reasons counted).  Lossy: callers validate with a fidelity
     budget (``onnxopt prune``).  Idempotent (already-zero entries count as the smallest).  The
-    file only shrinks once compressed (gzip, CSR; see ``onnxopt.compress``).  Cost: O(weights).
+    file only shrinks once compressed (gzip, CSR; see ``onnxopt.compression.engine``).  Cost: O(weights).
     """
 
     name = "prune-magnitude"

@@ -24,7 +24,7 @@ report's ``"recipe"``, replayed by ``--recipe``), each callable alone on a small
    layer it left int8 goes back to float only when that is faster by more than ``LATENCY_MARGIN``
    with confidence (at most ``LAYER_BLOCKS`` blocks of pairs), when at most ``PER_LAYER_GUARD``
    layers are left to try (``--search`` runs both parts before its candidates).  ``--exclude`` layers stay
-   float throughout.  The cost model (``onnxopt.costmodel``, :meth:`Quantizer.regions`: each layer
+   float throughout.  The cost model (``onnxopt.quantization.latency_cache``, :meth:`Quantizer.regions`: each layer
    timed alone in float and int8, cached per machine) decides the clear cases first, without
    building or timing the model (:func:`predict_kind`, :func:`guard_layers`).
 5. **Accuracy budget** (:func:`budget`): score = the user's metric (``--metric module:function``,
@@ -77,13 +77,15 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt import api, bench, calibrate, costmodel, fidelity, io, pipeline, runtime
+from onnxopt import api, calibrate, fidelity, io, pipeline, runtime
+from onnxopt import benchmark as bench
 from onnxopt import data as data_mod
 from onnxopt.base import drop_unused_initializers
 from onnxopt.errors import BadInputError, InternalError, OnnxoptError, UsageError
-from onnxopt.passes import quantize_qdq as qq
-from onnxopt.passes import recover
-from onnxopt.passes.quantize_weights import QuantizeEmbeddings
+from onnxopt.quantization import latency_cache as costmodel
+from onnxopt.quantization import qdq as qq
+from onnxopt.quantization import recovery as recover
+from onnxopt.quantization.weights import QuantizeEmbeddings
 
 logger = logging.getLogger("onnxopt")
 
@@ -95,7 +97,7 @@ KIND_ORDER = ("depthwise", "pointwise", "conv", "gemm", "attention")
 #: layer goes back to float only when that is faster by more than it too
 LATENCY_MARGIN = 0.03
 #: the cost model keeps a kind in int8 unmeasured when its regions save more than the margin plus
-#: this fraction of the fp32 time (onnxopt.costmodel)
+#: this fraction of the fp32 time (onnxopt.quantization.latency_cache)
 CLEAR = 0.05
 #: ... and keeps a layer int8 unmeasured when its region's extra cost is under this fraction of
 #: the margin (the rest of the margin absorbs the noise of the measured base time)
@@ -119,7 +121,7 @@ FOLD_WORKERS = 2
 #: the sensitivity ranking scores in this many threads (none with a user --metric: user code is
 #: called in the main thread), while at most RANK_AHEAD built models wait to be scored
 RANK_WORKERS = RANK_AHEAD = 2
-DEFAULT_SEARCH_BUDGET = 12  # --search: candidates built at most (onnxopt.search)
+DEFAULT_SEARCH_BUDGET = 12  # --search: candidates built at most (onnxopt.quantization.search)
 MODES = ("static", "dynamic", "weight-only")
 BLOCK_SIZES = (32, 64, 128)
 
@@ -392,7 +394,7 @@ class Options:
     threads: int = 1
     class_outputs: Mapping[str, int | None] | None = None
     progress: api.ProgressFn | None = None
-    #: ``--search``: evaluate candidate recipes (``onnxopt.search``), at most ``search_budget``
+    #: ``--search``: evaluate candidate recipes (``onnxopt.quantization.search``), at most ``search_budget``
     search: bool = False
     search_budget: int = DEFAULT_SEARCH_BUDGET
     #: where the search builds and scores candidates: ``search_workers`` local processes (1: this
@@ -400,7 +402,7 @@ class Options:
     search_workers: int = 1
     search_ray: str | None = None
     #: the latency guard decides clear cases from region timings cached per machine
-    #: (``onnxopt.costmodel``); False measures every decision in the whole model
+    #: (``onnxopt.quantization.latency_cache``); False measures every decision in the whole model
     cost_model: bool = True
 
 
@@ -587,7 +589,7 @@ class Quantizer:
                                 f"'{missing[0]}' (statistics from another model?)")
         self.embeddings = recipe.embeddings
         self.max_drop = max_drop
-        #: the latency guard decides clear cases from region timings (onnxopt.costmodel)
+        #: the latency guard decides clear cases from region timings (onnxopt.quantization.latency_cache)
         self.cost_model = cost_model
         self.init_scoring(class_outputs)
 
@@ -713,7 +715,7 @@ class Quantizer:
         return self._float_ms
 
     def regions(self) -> dict[str, costmodel.Region]:
-        """The cost model's region timings of every candidate layer (onnxopt.costmodel), once."""
+        """The cost model's region timings of every candidate layer (onnxopt.quantization.latency_cache), once."""
         if "_regions" not in self.__dict__:
             r = costmodel.Regions(self.model, self.float_bytes, self.held_out[0], self.ranges, self.profile,
                                   self.per_channel, self.qmax, self.ep, self.threads)
@@ -1095,7 +1097,7 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: R
         io.check_writable(Path(opts.recipe_out))
     metric_fn = load_metric(opts.metric)
     if recipe.mode != "static":
-        from onnxopt import quantize_modes
+        from onnxopt.quantization import modes as quantize_modes
 
         return quantize_modes.run(input_path, output_path, recipe, opts, metric_fn, replayed, t_start)
     if opts.data is None:
@@ -1114,7 +1116,7 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: R
             logger.info("fidelity of output '%s': %s (%s)", r["name"], r["metric"], r["reason"])
     found = None
     if opts.search:
-        from onnxopt import search as search_mod
+        from onnxopt.quantization import search as search_mod
 
         recipe, candidate, the_plan, latency, wrote_float, found = search_mod.run_search(
             q, recipe, opts.max_drop, opts.search_budget, workers=opts.search_workers, ray_address=opts.search_ray)

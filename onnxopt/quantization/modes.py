@@ -1,5 +1,5 @@
 """``quantize --mode dynamic`` and ``quantize --weights int4`` (mode ``weight-only``): the transformer
-modes, over the same :class:`~onnxopt.quantize.Recipe`, accuracy budget, final latency check and
+modes, over the same :class:`~onnxopt.quantization.static.Recipe`, accuracy budget, final latency check and
 staged write as static quantization (``onnxopt/quantize.py``).
 
 1. **Prepare**: :func:`quantize.prepare` (refuses quantized models, default graph pipeline, opset
@@ -10,7 +10,7 @@ staged write as static quantization (``onnxopt/quantize.py``).
    scoring and up to 8 others feed the input Hessians of GPTQ rounding; without it, inputs are
    synthesized as ``validate`` does (seed 0, a variation with other symbolic dims and values, two
    more seeds), and int4 rounding is to nearest.
-3. **Build** (:meth:`WeightQuantizer.build`, ``passes/quantize_weights.py``): dynamic: every weight
+3. **Build** (:meth:`WeightQuantizer.build`, ``onnxopt/quantization/weights.py``): dynamic: every weight
    MatMul -> DynamicQuantizeLinear + MatMulInteger (int8 per column; 7-bit where MLAS's u8s8 kernel
    would saturate, see ``quantize_qdq.weight_qmax``) + scale Mul, which ORT fuses into
    DynamicQuantizeMatMul; a fused com.microsoft Attention (``fuse-transformer``) -> QAttention;
@@ -41,13 +41,15 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import data as data_mod
-from onnxopt import pipeline, runtime, validate
-from onnxopt import quantize as qm
+from onnxopt import pipeline, runtime
+from onnxopt import validation as validate
 from onnxopt.base import constant, drop_unused_initializers
 from onnxopt.errors import BadInputError, UsageError
-from onnxopt.passes import quantize_qdq as qq
-from onnxopt.passes import quantize_weights as qw
-from onnxopt.passes import recover
+from onnxopt.passes.gemm_to_matmul import GemmToMatMul
+from onnxopt.quantization import qdq as qq
+from onnxopt.quantization import recovery as recover
+from onnxopt.quantization import static as qm
+from onnxopt.quantization import weights as qw
 
 logger = logging.getLogger("onnxopt")
 
@@ -68,7 +70,7 @@ def int4_format(ep: str) -> str:
 def prepare(model: ir.Model, recipe: qm.Recipe) -> tuple[ir.Model, list[str]]:
     """Step 1; returns the prepared model (every node named) and notes for the report."""
     model, _, notes = qm.prepare(model, True)
-    converted = qw.GemmToMatMul()(model)
+    converted = GemmToMatMul()(model)
     model = pipeline.run(model, pipeline.parse("cleanup")).model  # the Gemms' old weights
     if converted.changed["Gemm -> MatMul"]:
         notes.append(f"{converted.changed['Gemm -> MatMul']} Gemm converted to MatMul + Add (weight matmuls reached)")

@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.base import FreshNames, OptPass, add_initializer
-from onnxopt.passes.prune_magnitude import layers
+from onnxopt.compression.magnitude import layers
 
 KMEANS_ITERATIONS = 30
 

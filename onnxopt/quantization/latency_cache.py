@@ -13,7 +13,7 @@ The int8 region is a *pessimistic* estimate of the layer inside the int8 model: 
 quantizing its input and dequantizing its output, which inside a chain of int8 layers are shared or
 fused away.  So a kind (or a layer) that its regions say is clearly faster in int8 is faster in
 the model, and a kind whose float time is below the guard's margin cannot pay it whatever int8
-costs; :func:`onnxopt.quantize.guard` decides those cases without whole-model measurements and
+costs; :func:`onnxopt.quantization.static.guard` decides those cases without whole-model measurements and
 measures the rest as before.
 
 Timings are cached in ``$ONNXOPT_CACHE_DIR/regions.json`` (default
@@ -26,7 +26,7 @@ run on the same model (or another model with the same layer shapes) measures not
 is replaced atomically; concurrent writers at worst measure a region twice.
 
 A layer whose region cannot be cut out or run (ORT refuses it alone, its input shape is unknown)
-is estimated from its MACs (``onnxopt.cost``, as ``inspect --cost`` counts them) at the ms per
+is estimated from its MACs (``onnxopt.flops``, as ``inspect --cost`` counts them) at the ms per
 MAC its kind's timed regions showed on this machine, and marked ``estimated``.
 
 Cost: one session with every layer input as an extra output, one run of it per CHUNK layers (only
@@ -52,8 +52,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt import bench, cost, runtime
-from onnxopt.passes import quantize_qdq as qq
+from onnxopt import benchmark as bench
+from onnxopt import flops as cost
+from onnxopt import runtime
+from onnxopt.quantization import qdq as qq
 
 logger = logging.getLogger("onnxopt")
 

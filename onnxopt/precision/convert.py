@@ -36,10 +36,11 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import api, calibrate, io, runtime, shapes, validate
+from onnxopt import api, calibrate, io, runtime, shapes
 from onnxopt import data as data_mod
+from onnxopt import validation as validate
 from onnxopt.errors import BadInputError, UsageError
-from onnxopt.passes import convert_fp16 as cf
+from onnxopt.precision import fp16 as cf
 
 logger = logging.getLogger("onnxopt")
 
