@@ -40,6 +40,19 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def isa(monkeypatch):
+    """Pin the ISA-dependent weight width (quantize's ``weight_qmax``) for one test, whatever the CPU:
+    ``isa("no-vnni")`` gives 7-bit CPU-EP weights (exact on every x86 CPU), ``isa("vnni")`` 8-bit.
+    A test whose decisions depend on the weight width states the way it expects through this."""
+
+    def pin(way: str) -> None:
+        assert way in ("vnni", "no-vnni"), way
+        monkeypatch.setenv("ONNXOPT_VNNI", "1" if way == "vnni" else "0")
+
+    return pin
+
+
+@pytest.fixture
 def cli():
     """Run the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
     runner = CliRunner()

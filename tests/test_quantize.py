@@ -288,10 +288,13 @@ def test_quantize_reports_follow_schema(cli, tmp_path, digits_calib):
     assert "Latency guard (openvino)" in report_mod.render(reports["guard"], ".md")
 
 
-def test_recipe_replay_reproduces_the_placement(cli, tmp_path):
+def test_recipe_replay_reproduces_the_placement(cli, tmp_path, isa):
     """The budget keeps the 1,000-class head float (a real decision); the saved recipe, or the JSON
     report's, replayed with a budget that would let the head go int8 gives the same placement and
-    the same bytes, without searching (no sensitivity is computed, the recorded one is kept)."""
+    the same bytes, without searching (no sensitivity is computed, the recorded one is kept).
+    Expects 7-bit weights (the no-VNNI way, exact on every CPU): with 8-bit ones the head's
+    predictions no longer flip, so the budget has nothing to keep float."""
+    isa("no-vnni")
     src, data, rng = _close_logits_case(tmp_path)
     r = cli("quantize", src, "-o", tmp_path / "a.onnx", "--data", data, "--no-latency-guard",
             "--save-recipe", tmp_path / "recipe.json", "--report", tmp_path / "a.json")
@@ -1104,3 +1107,25 @@ def test_region_cache_keys_and_malformed_entries(tmp_path, monkeypatch):
     assert costmodel._load_cache(path) == {"ok": good}
     path.write_text(json.dumps({"format": costmodel.CACHE_FORMAT, "regions": [good]}))
     assert costmodel._load_cache(path) == {}
+
+
+@pytest.mark.parametrize("way, qmax", [("vnni", 127), ("no-vnni", 63)])
+def test_weight_width_follows_the_isa_override(cli, tmp_path, isa, monkeypatch, way, qmax, digits_calib):
+    """ONNXOPT_VNNI pins the CPU EP's int8 weight range on any CPU: 8-bit codes reach +-127 with
+    VNNI, 7-bit ones stay within +-63 without it; the report and recipe say which.  A bad value is a
+    usage error (exit 1)."""
+    isa(way)
+    src, out, rep = ROOT / "models" / "digits_cnn.onnx", tmp_path / "q.onnx", tmp_path / "q.json"
+    r = cli("quantize", src, "-o", out, "--data", digits_calib["digits_cnn"], "--no-latency-guard", "--recover", "none",
+            "--report", rep)
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    assert report["weight_bits"] == (8 if qmax == 127 else 7) == report["recipe"]["weight_bits"]
+    model = onnx.load(str(out))
+    dequantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    codes = [np.abs(onnx.numpy_helper.to_array(t).astype(np.int32)).max() for t in model.graph.initializer
+             if t.name in dequantized and t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert codes and max(codes) == qmax, codes
+    monkeypatch.setenv("ONNXOPT_VNNI", "yes")
+    r = cli("quantize", src, "-o", tmp_path / "bad.onnx", "--data", digits_calib["digits_cnn"])
+    assert r.exit_code == 1 and "ONNXOPT_VNNI" in r.output

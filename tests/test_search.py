@@ -166,10 +166,12 @@ def test_search_with_the_latency_guard_starts_from_its_placement(cli, tmp_path, 
     assert sha256(tmp_path / "replay.onnx") == sha256(out)
 
 
-def test_search_keeps_sensitive_layers_float_when_a_setting_misses_the_budget(cli, tmp_path):
+def test_search_keeps_sensitive_layers_float_when_a_setting_misses_the_budget(cli, tmp_path, isa):
     """The 1,000-class close-logits head flips predictions in int8: the default setting misses
     the budget, the ranking is measured once and the next candidate keeps the head float; that
-    one is chosen (int8 embed, float head), within the budget, and replays to the same bytes."""
+    one is chosen (int8 embed, float head), within the budget, and replays to the same bytes.
+    Expects 7-bit weights (the no-VNNI way, exact on every CPU; with 8-bit ones nothing flips)."""
+    isa("no-vnni")
     from tests.test_quantize import _close_logits_case
 
     src, data, _ = _close_logits_case(tmp_path)

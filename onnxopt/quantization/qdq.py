@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxopt.base import OptPass, add_initializer, constant, is_constant, is_standard
+from onnxopt.errors import UsageError
 
 QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
                        "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool",
@@ -273,13 +275,25 @@ def activation_params(lo: float, hi: float, profile: Profile) -> tuple[np.ndarra
     return np.float32(scale), np.uint8(zp)
 
 
+#: environment variable overriding the VNNI check of :func:`weight_qmax`
+VNNI_ENV = "ONNXOPT_VNNI"
+
+
 def weight_qmax(ep: str) -> int:
     """127, or 63 for the CPU EP on x86 CPUs without VNNI: MLAS's u8 x s8 kernel there adds pairs
     of products in int16 (vpmaddubsw), which saturates unless weights fit in 7 bits (measured: a
     QLinearConv with 8-bit weights differed from its QDQ reference by 1.3 on outputs of +-5; with
-    7-bit weights they are bit-identical)."""
+    7-bit weights they are bit-identical).
+
+    ``ONNXOPT_VNNI=1`` / ``ONNXOPT_VNNI=0`` overrides the CPU check (as on a CPU with / an AVX2 CPU
+    without VNNI), so one machine can produce, and the tests can check, either kind of result."""
     if ep != "cpu":
         return 127
+    forced = os.environ.get(VNNI_ENV, "").strip()
+    if forced in ("0", "1"):
+        return 127 if forced == "1" else 63
+    if forced:
+        raise UsageError(f"{VNNI_ENV}={forced!r}: expected 1 (8-bit weights, as with VNNI) or 0 (7-bit, as without)")
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
