@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar, TypeGuard, TypeVar, cast
 
 import numpy as np
 import onnx
@@ -114,11 +114,49 @@ def op_histogram(model: ir.Model) -> collections.Counter:
         for n in ir.traversal.RecursiveGraphIterator(model.graph))
 
 
+T = TypeVar("T")
+
+
+def present(value: T | None) -> T:
+    """``value`` typed as present, where it is by construction (the caller says why).  A pure typing
+    cast: nothing is checked, so a None fails at its next use exactly as it would have."""
+    return cast(Any, value)
+
+
+def name_of(value: ir.Value | None) -> str:
+    """``value.name`` typed as ``str``, for a value that is present and named by construction (onnx-ir
+    names every value of a graph).  A pure typing cast: a None value raises AttributeError, exactly as
+    the attribute access would."""
+    return present(present(value).name)
+
+
+def node_name(node: ir.Node | None) -> str:
+    """``node.name`` typed as ``str``, for a node named by construction (a pure typing cast, like name_of)."""
+    return present(present(node).name)
+
+
+def graph_of(node: ir.Node | None) -> ir.Graph:
+    """``node.graph`` typed as present, for a node of a graph (a pure typing cast, like name_of)."""
+    return present(present(node).graph)
+
+
+def tensor_of(value: ir.Value | None) -> ir.TensorProtocol:
+    """``value.const_value`` typed as present, for a value that holds a constant by construction (an
+    initializer).  A pure typing cast: nothing is checked, so a missing value or constant fails at
+    the caller's next attribute access exactly as before."""
+    return present(present(value).const_value)
+
+
+def producer_of(value: ir.Value | None) -> ir.Node:
+    """``value.producer()`` typed as present, for a node output (a pure typing cast, like tensor_of)."""
+    return present(present(value).producer())
+
+
 def is_standard(node: ir.Node) -> bool:
     return node.domain in STANDARD_DOMAINS
 
 
-def is_constant(value: ir.Value | None) -> bool:
+def is_constant(value: ir.Value | None) -> TypeGuard[ir.Value]:
     """True for a value whose content is fixed: it has a constant and is not a graph input (an
     initializer listed as an input is a default the user may replace at run time)."""
     return value is not None and value.const_value is not None and not value.is_graph_input()
@@ -126,7 +164,7 @@ def is_constant(value: ir.Value | None) -> bool:
 
 def constant(value: ir.Value | None):
     """The numpy array of a fixed value (see is_constant), else None."""
-    return value.const_value.numpy() if is_constant(value) else None
+    return tensor_of(value).numpy() if is_constant(value) else None
 
 
 def node_axes(node: ir.Node) -> list[int] | None:
@@ -165,7 +203,8 @@ class FreshNames:
 def remove_dead_producers(values: list[ir.Value | None]) -> int:
     """Remove the nodes that produced ``values`` and now feed nothing (no uses, no graph output),
     walking back through their inputs; returns how many.  O(nodes removed)."""
-    removed, stack = 0, [v.producer() for v in values if v is not None and v.producer() is not None]
+    removed = 0
+    stack = [producer_of(v) for v in values if v is not None and v.producer() is not None]
     while stack:
         node = stack.pop()
         if node.graph is None or any(o.uses() or o.is_graph_output() for o in node.outputs):
@@ -173,7 +212,7 @@ def remove_dead_producers(values: list[ir.Value | None]) -> int:
         inputs = [v for v in node.inputs if v is not None]
         node.graph.remove(node, safe=True)
         removed += 1
-        stack.extend(v.producer() for v in inputs if v.producer() is not None)
+        stack.extend(producer_of(v) for v in inputs if v.producer() is not None)
     return removed
 
 
@@ -185,7 +224,7 @@ def substitute(node: ir.Node, replacement: ir.Value) -> str | None:
     ``replacement`` is made by a node of the same graph and is not itself a graph output;
     otherwise nothing changes and the reason is returned (renaming a graph input, an initializer
     or an outer-scope value would change the model's interface)."""
-    graph = node.graph
+    graph = present(node.graph)  # the node being rewritten is in a graph (else .remove fails as before)
     out = node.outputs[0]
     if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
         return "another output is used"
@@ -221,8 +260,8 @@ def add_initializer(graph: ir.Graph, name: str, array) -> ir.Value:
 def replace_with_initializer(value: ir.Value, array) -> ir.Value:
     """Make every user of ``value`` (a node output) read a new initializer of its graph holding
     ``array``, under ``value``'s name; the producing node is left for the caller to remove."""
-    graph = value.producer().graph
-    name, value.name = value.name, None
+    graph = present(producer_of(value).graph)
+    name, value.name = name_of(value), None
     new = add_initializer(graph, name, array)
     value.replace_all_uses_with(new)
     return new
@@ -340,7 +379,7 @@ def replace_node(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], result
     return reason
 
 
-def float_initializer(value: ir.Value | None) -> bool:
+def float_initializer(value: ir.Value | None) -> TypeGuard[ir.Value]:
     """A float32 initializer no user can override (not also a graph input)."""
     return (value is not None and value.const_value is not None and value.is_initializer()
             and not value.is_graph_input() and value.dtype == ir.DataType.FLOAT)

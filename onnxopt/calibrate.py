@@ -30,6 +30,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -74,10 +75,16 @@ class TensorStats:
         self.hist += np.bincount(np.maximum(idx, 0), minlength=len(self.hist))
         self.count += flat.size
 
+    @property
+    def _hist(self) -> np.ndarray:
+        """``hist`` for the methods that only run once data arrived (``range`` checks; ``update``
+        sets it before growing it): a pure typing cast."""
+        return cast(Any, self.hist)
+
     def _grow(self, bmin: float, bmax: float) -> None:
         """Extend the range to cover [bmin, bmax]: shift left by whole bins, then double the width
         until the top is covered; old bin i goes to new bin (i + shift) // factor."""
-        bins = len(self.hist)
+        bins = len(self._hist)
         hi = self.lo + bins * self.width
         if bmin >= self.lo and bmax < hi:
             return
@@ -93,7 +100,7 @@ class TensorStats:
     # ------------------------------------------------------------ range methods
 
     def centers(self) -> np.ndarray:
-        return self.lo + (np.arange(len(self.hist)) + 0.5) * self.width
+        return self.lo + (np.arange(len(self._hist)) + 0.5) * self.width
 
     def range(self, method: str = "minmax", p: float = 99.99, levels: int = 256) -> tuple[float, float]:
         """The clip range [lo, hi] for ``method`` (see module docstring); always contains 0."""
@@ -111,7 +118,7 @@ class TensorStats:
         return min(lo, 0.0), max(hi, 0.0)
 
     def _percentile(self, p: float) -> tuple[float, float]:
-        cdf = np.cumsum(self.hist) / max(1, self.hist.sum())
+        cdf = np.cumsum(self._hist) / max(1, self._hist.sum())
         c = self.centers() + self.width / 2  # upper edges
         hi = float(c[min(int(np.searchsorted(cdf, p / 100.0)), len(c) - 1)])
         lo = self.min if self.min >= 0 else float(self.lo + self.width * np.searchsorted(cdf, 1 - p / 100.0))
@@ -120,7 +127,7 @@ class TensorStats:
     def _abs_hist(self) -> tuple[np.ndarray, float]:
         """Histogram of |x| over [0, max|x|] with the same number of bins (bin centers re-mapped)."""
         top = max(abs(self.min), abs(self.max), 1e-12)
-        bins = len(self.hist)
+        bins = len(self._hist)
         idx = np.minimum((np.abs(self.centers()) / top * bins).astype(np.int64), bins - 1)
         return np.bincount(idx, weights=self.hist, minlength=bins), top / bins
 
@@ -159,7 +166,7 @@ class TensorStats:
 
     def _mse_range(self, levels: int) -> tuple[float, float]:
         """Scan clip ranges r*[min, max] (r in (0, 1]) for the least expected quantization MSE."""
-        c, w = self.centers(), self.hist.astype(np.float64)
+        c, w = self.centers(), self._hist.astype(np.float64)
         best, best_r = math.inf, 1.0
         for r in np.linspace(0.2, 1.0, 128):
             lo, hi = min(self.min * r, 0.0), max(self.max * r, 0.0)

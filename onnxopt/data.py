@@ -49,7 +49,10 @@ class Preprocess:
                 if not sep:
                     raise ValueError
                 if key == "resize":
-                    w, h = re.fullmatch(r"(\d+)x(\d+)", value).groups()
+                    size = re.fullmatch(r"(\d+)x(\d+)", value)
+                    if size is None:
+                        raise ValueError
+                    w, h = size.groups()
                     fields["resize"] = (int(w), int(h))
                 elif key in ("mean", "std"):
                     fields[key] = tuple(float(v) for v in value.split("/"))

@@ -61,6 +61,8 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.base import name_of, present, producer_of
+
 logger = logging.getLogger("onnxopt")
 
 #: ops that move or relabel values without mixing the classes of one position
@@ -138,7 +140,7 @@ def _is_matmul_head(node: ir.Node) -> bool:
     x = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
     if x is not None and x.op_type == "Add":
         x = next((i.producer() for i in x.inputs if i is not None and i.producer() is not None
-                  and i.producer().op_type in ("Gemm", "MatMul")), None)
+                  and producer_of(i).op_type in ("Gemm", "MatMul")), None)
     return x is not None and x.op_type in ("Gemm", "MatMul")
 
 
@@ -156,7 +158,7 @@ def rules(model: ir.Model, declared: Mapping[str, int | None] | None = None) -> 
     declared = declared or {}
     out: dict[str, Rule] = {}
     for value in model.graph.outputs:
-        name = value.name
+        name = name_of(value)
         dtype = value.dtype
         if name in declared:
             axis = declared[name]
@@ -184,7 +186,7 @@ def rules(model: ir.Model, declared: Mapping[str, int | None] | None = None) -> 
                             producer.op_type.lower())
         elif producer is not None:  # Sigmoid
             if _is_matmul_head(producer):
-                new_axis, why = _follow(-1 if _rank(producer.outputs[0]) is None else _rank(producer.outputs[0]) - 1,
+                new_axis, why = _follow(-1 if _rank(producer.outputs[0]) is None else present(_rank(producer.outputs[0])) - 1,
                                         _rank(producer.outputs[0]), chain)
                 if new_axis is not None:
                     rule = Rule(name, TOP1, f"made by Sigmoid over a Gemm/MatMul head{via}: one score per class",
@@ -229,28 +231,29 @@ class Fidelity:
         rule = self.rules[name]
         if rule.metric != TOP1 or name in self.confirmed:
             return
+        axis = present(rule.axis)  # a top-1 rule carries its class axis
         problem = None
         if not np.issubdtype(ref.dtype, np.floating) or ref.ndim == 0:
             problem = "the output is not a float array with a class axis"
-        elif not -ref.ndim <= rule.axis < ref.ndim:
-            problem = f"axis {rule.axis} does not exist in an output of rank {ref.ndim}"
-        elif ref.shape[rule.axis] < 2:
-            problem = f"its class axis has {ref.shape[rule.axis]} entry"
+        elif not -ref.ndim <= axis < ref.ndim:
+            problem = f"axis {axis} does not exist in an output of rank {ref.ndim}"
+        elif ref.shape[axis] < 2:
+            problem = f"its class axis has {ref.shape[axis]} entry"
         elif rule.check == "softmax":
-            err = float(np.max(np.abs(ref.astype(np.float64).sum(axis=rule.axis) - 1.0))) if ref.size else 0.0
-            problem = None if err <= CONFIRM_TOL else f"its rows along axis {rule.axis} do not sum to 1 (off by {err:.3g})"
+            err = float(np.max(np.abs(ref.astype(np.float64).sum(axis=axis) - 1.0))) if ref.size else 0.0
+            problem = None if err <= CONFIRM_TOL else f"its rows along axis {axis} do not sum to 1 (off by {err:.3g})"
         elif rule.check == "logsoftmax":
             r = ref.astype(np.float64)
-            m = r.max(axis=rule.axis, keepdims=True)
-            lse = (m + np.log(np.exp(r - m).sum(axis=rule.axis, keepdims=True))) if r.size else m
+            m = r.max(axis=axis, keepdims=True)
+            lse = (m + np.log(np.exp(r - m).sum(axis=axis, keepdims=True))) if r.size else m
             err = float(np.max(np.abs(lse))) if r.size else 0.0
-            problem = None if err <= CONFIRM_TOL else f"its rows along axis {rule.axis} do not log-sum-exp to 0 (off by {err:.3g})"
+            problem = None if err <= CONFIRM_TOL else f"its rows along axis {axis} do not log-sum-exp to 0 (off by {err:.3g})"
         if problem is not None:
             self.rules[name] = Rule(name, COSINE, f"{rule.reason}; but on the data {problem}: cosine instead")
             logger.info("fidelity: output '%s': %s", name, self.rules[name].reason)
         else:
-            rule.reason += f"; confirmed on the data ({ref.shape[rule.axis]} classes)"
-            rule.axis = rule.axis % ref.ndim
+            rule.reason += f"; confirmed on the data ({ref.shape[axis]} classes)"
+            rule.axis = axis % ref.ndim
         self.confirmed.add(name)
 
     def add(self, ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> None:
@@ -277,8 +280,9 @@ class Fidelity:
                 a.gg += float((gf * gf).sum())
                 a.noise += float(((rf - gf) ** 2).sum())
             if rule.metric == TOP1:
-                rc = np.moveaxis(r, rule.axis, -1).reshape(-1, r.shape[rule.axis])
-                gc = np.moveaxis(g, rule.axis, -1).reshape(-1, g.shape[rule.axis])
+                axis = present(rule.axis)  # a top-1 rule carries its class axis
+                rc = np.moveaxis(r, axis, -1).reshape(-1, r.shape[axis])
+                gc = np.moveaxis(g, axis, -1).reshape(-1, g.shape[axis])
                 pick = np.argmax(np.nan_to_num(gc, nan=-np.inf), axis=1)
                 ok = (rc[np.arange(len(rc)), pick] >= rc.max(axis=1)) & ~np.isnan(gc).any(axis=1)
                 a.agree += float(ok.sum())
@@ -307,7 +311,7 @@ class Fidelity:
             elif agreement is None:
                 score = 1.0
             elif self.max_drop is not None and certifies(a.positions, self.max_drop):
-                score, judged = interval[0], "95% lower bound"
+                score, judged = present(interval)[0], "95% lower bound"  # set with agreement
             else:
                 score, judged = agreement, "point estimate" + (" (too few positions to certify the budget)"
                                                                if self.max_drop is not None else "")

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 import onnx_ir as ir
 
 from onnxopt import shapes as shape_inference
+from onnxopt.base import name_of
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def _with_input_shapes(model: ir.Model, overrides: Mapping[str, tuple[int, ...]]
     copy = model.clone()
     for value in copy.graph.inputs:
         if value.name in overrides:
-            value.shape = ir.Shape(list(overrides[value.name]))
+            value.shape = ir.Shape(list(overrides[name_of(value)]))
         elif value.shape is not None:
             value.shape = ir.Shape([d if isinstance(d, int) else 1 for d in value.shape])
     return copy
@@ -136,6 +137,7 @@ def _node_cost(node: ir.Node, dims: shape_inference.Shapes) -> tuple[int, int] |
         w = _ints(dims.get(node.inputs[w_index]))
         if out is None or w is None:
             return None
+        assert out_elems is not None  # out_elems is None only when out is
         # W is [C_out, C_in/group, k...]: each output element costs W[1] x prod(k) MACs
         macs = out[0] * out[1] * math.prod(out[2:]) * w[1] * math.prod(w[2:])
         bias = out_elems if len(node.inputs) > 2 and node.inputs[2] is not None and op == "Conv" else 0

@@ -121,7 +121,7 @@ def _undefined_inputs_refused(path: Path, proto: onnx.ModelProto):
         undefined: tuple | None = None
         for record in handler.records:
             if undefined is None and "cannot be found in any scope" in str(record.msg) and len(record.args or ()) >= 4:
-                undefined = tuple(record.args)
+                undefined = tuple(record.args or ())  # args is non-empty here
             elif not str(record.msg).startswith("Caveat: The value is created in the subgraph"):
                 serde_logger.handle(record)  # not ours to judge: let it through as it would have been
     if undefined is not None:

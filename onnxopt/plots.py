@@ -12,6 +12,8 @@ import html
 import math
 from collections.abc import Mapping, Sequence
 
+from onnxopt import __version__
+
 PALETTE = ("#2f6db5", "#e07b39", "#3a9b5c", "#b8407a", "#7a5cc2", "#8c8c8c")
 W, H = 720, 300
 LEFT, RIGHT, TOP, BOTTOM = 64, 16, 32, 72
@@ -203,3 +205,31 @@ def scatter(title: str, points: Sequence[Mapping], x: str = "latency_ms", y: str
                    f'</title></circle>')
     legend = [f"not on the front ({len(pts) - len(front)})", f"{highlight.replace('_', ' ')} ({len(front)})"]
     return _frame(title, "".join(out), legend)
+
+
+# ---------------------------------------------------------------- HTML page parts (reports)
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:24px;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}
+th{background:#f3f5f8}td.num{text-align:right}.ok{color:#1e7b34;font-weight:bold}.bad{color:#b3261e;font-weight:bold}
+h1{font-size:22px}h2{font-size:17px;margin-top:28px}svg{max-width:100%;height:auto;border:1px solid #eee;margin:6px 0}
+code{background:#f3f3f3;padding:1px 4px}"""
+
+
+def page(title: str, body: str) -> str:
+    """A whole HTML report page (the reports' and batch summary's shared frame)."""
+    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}"
+            f"<p style=\"color:#888;font-size:12px\">onnxopt {__version__}</p></body></html>\n")
+
+
+def table(headers: list[str], rows: Sequence[Sequence[object]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(
+        f"<td class=\"num\">{html.escape(str(c))}</td>" if isinstance(c, (int, float)) else f"<td>{c}</td>"
+        for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def status(ok: bool) -> str:
+    return '<span class="ok">pass</span>' if ok else '<span class="bad">FAIL</span>'

@@ -10,11 +10,14 @@ import html
 import json
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
-from onnxopt import __version__, io, plots
+from onnxopt import io, plots
 from onnxopt.errors import BadInputError, UsageError
+from onnxopt.plots import page as _page
+from onnxopt.plots import status as _status
+from onnxopt.plots import table as _table
 
 FORMATS = (".json", ".md", ".html")
 
@@ -356,31 +359,6 @@ MARKDOWN: dict[str, Callable[[dict], str]] = {"optimize": markdown_optimize, "va
 
 
 # ---------------------------------------------------------------- HTML
-
-_STYLE = """body{font-family:system-ui,sans-serif;margin:24px;max-width:1100px;color:#222}
-table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}
-th{background:#f3f5f8}td.num{text-align:right}.ok{color:#1e7b34;font-weight:bold}.bad{color:#b3261e;font-weight:bold}
-h1{font-size:22px}h2{font-size:17px;margin-top:28px}svg{max-width:100%;height:auto;border:1px solid #eee;margin:6px 0}
-code{background:#f3f3f3;padding:1px 4px}"""
-
-
-def _page(title: str, body: str) -> str:
-    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}"
-            f"<p style=\"color:#888;font-size:12px\">onnxopt {__version__}</p></body></html>\n")
-
-
-def _table(headers: list[str], rows: Sequence[Sequence[object]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(
-        f"<td class=\"num\">{html.escape(str(c))}</td>" if isinstance(c, (int, float)) else f"<td>{c}</td>"
-        for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _status(ok: bool) -> str:
-    return '<span class="ok">pass</span>' if ok else '<span class="bad">FAIL</span>'
-
 
 def _outputs_table(outputs: list[dict]) -> str:
     return _table(["output", "shape", "dtype", "max abs", "max rel", "cosine", "SNR dB", "top-1", "result", "note"],

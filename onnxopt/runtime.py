@@ -25,7 +25,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxopt.base import light_proto
+from onnxopt.base import light_proto, name_of
 from onnxopt.errors import BadInputError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -377,7 +377,7 @@ def index_bounds(model: ir.Model | onnx.ModelProto) -> dict[str, int]:
                     if table and -len(table) <= axis < len(table) and table[axis] > 0:
                         bound = table[axis] if bound is None else min(bound, table[axis])
         if bound is not None:
-            out[inp.name] = bound
+            out[name_of(inp)] = bound
     return out
 
 

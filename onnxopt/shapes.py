@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt.base import light_proto
+from onnxopt.base import light_proto, name_of
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class Shapes:
             return value.const_value.dtype
         if value.is_graph_input():
             return value.dtype
-        code = self._dtypes.get(value.name)
+        code = self._dtypes.get(name_of(value))
         return ir.DataType(code) if code else None
 
     def __len__(self) -> int:
@@ -48,7 +48,7 @@ class Shapes:
     def forget(self, value: ir.Value) -> None:
         """Drop what is known of ``value``'s dims: a rewrite changed them (its rank is unknown from
         now on, until the table is inferred again)."""
-        self._table.pop(value.name, None)
+        self._table.pop(name_of(value), None)
 
     def get(self, value: ir.Value | None) -> tuple[Dim, ...] | None:
         """Dims of ``value`` (None when its rank is unknown).  Graph inputs use their declaration."""
@@ -58,7 +58,7 @@ class Shapes:
             return tuple(value.const_value.shape.numpy())
         if value.is_graph_input() and value.shape is not None:
             return tuple(_dim(d) for d in value.shape)
-        return self._table.get(value.name)
+        return self._table.get(name_of(value))
 
 
 def _dim(d) -> Dim:
@@ -272,7 +272,7 @@ def data_dependent_values(model: ir.Model, symbolic: bool = False) -> set[str]:
         known = key in SHAPE_FROM_DIMS or key in SHAPE_INPUTS
         dyn = (any(n in dynamic for n in names)
                or (not known and data)
-               or any(i < len(ins) and ins[i] is not None and ins[i].name in carries
+               or any(i < len(ins) and ins[i] is not None and name_of(ins[i]) in carries
                       for i in SHAPE_INPUTS.get(key, ()))
                or (symbolic and key == "Squeeze" and len(names) < 2 and "axes" not in node.attributes))
         for out in node.outputs:

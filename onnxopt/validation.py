@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from onnxopt import data as data_mod
 from onnxopt import io, runtime
+from onnxopt.base import name_of, present
 from onnxopt.errors import BadInputError
 
 logger = logging.getLogger(__name__)
@@ -195,7 +196,8 @@ def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray | None, tol: Tole
         result.ok, result.reason = False, f"{tol.metric} needs a class axis (last dim > 1)"
         return result
     upper = tol.metric in ("max-abs", "rel")
-    if (value > tol.limit) if upper else (value < tol.limit):
+    limit = present(tol.limit)  # every metric but allclose has a threshold (DEFAULT_THRESHOLDS)
+    if (value > limit) if upper else (value < limit):
         result.ok = False
         result.reason = f"{tol.metric} {value:.6g} {'>' if upper else '<'} {tol.limit:g}"
     return result
@@ -216,7 +218,7 @@ def declared_shape_mismatches(model: ir.Model, outputs: Mapping[str, np.ndarray]
     (exporters sometimes write wrong ones; no onnxopt pass relies on them, but users should know)."""
     found = []
     for value in model.graph.outputs:
-        actual = outputs.get(value.name)
+        actual = outputs.get(name_of(value))
         if actual is None or value.shape is None:
             continue
         declared = [d if isinstance(d, int) else (getattr(d, "value", None) or "?") for d in value.shape]
@@ -367,8 +369,9 @@ class Validator:
         try:
             sess = runtime.session(candidate, self.ep)
             for index, point in enumerate(points):
-                got = runtime.run_candidate(sess, point.feeds, list(point.reference))
-                for c in compare(point.reference, got, self.tolerance):
+                reference = present(point.reference)  # points without one were filtered out above
+                got = runtime.run_candidate(sess, point.feeds, list(reference))
+                for c in compare(reference, got, self.tolerance):
                     if not c.ok:
                         failing = failing or point
                         if index:

@@ -579,13 +579,13 @@ def test_default_budget_catches_flipped_predictions_that_cosine_misses(tmp_path)
     """1,000 classes with close logits: fully int8, the output cosine is > 0.99 (the old default
     budget passed it) while top-1 agreement is far below 0.99; the default budget keeps the head in
     float and what is written agrees on >= 99% of the held-out positions, and on fresh data too."""
-    from onnxopt.quantization import static as quantize_mod
+    from onnxopt import api
 
     src, data, rng = _close_logits_case(tmp_path)
-    loose = quantize_mod.quantize(src, tmp_path / "loose.onnx", data=data, max_drop=1.0, latency_guard=False)
+    loose = api.quantize(src, tmp_path / "loose.onnx", data=data, max_drop=1.0, latency_guard=False)
     (out,) = loose["accuracy"]["outputs"]
     assert out["metric"] == "top-1" and out["cosine"] > 0.99 and out["agreement"] < 0.9, out
-    rep = quantize_mod.quantize(src, tmp_path / "q.onnx", data=data, latency_guard=False)
+    rep = api.quantize(src, tmp_path / "q.onnx", data=data, latency_guard=False)
     (out,) = rep["accuracy"]["outputs"]
     assert out["agreement"] >= 0.99 and rep["accuracy"]["drop"] <= 0.01
     assert "head" in rep["recipe"]["float_layers"] and rep["recipe"]["sensitivity"][0]["layer"] == "head"

@@ -21,6 +21,7 @@ from onnx import numpy_helper as nh
 
 from models import transformers as mt
 from onnxopt import api
+from onnxopt.passes.gemm_to_matmul import GemmToMatMul
 from onnxopt.quantization import weights as qw
 from tests.helpers import ROOT, op_types, sha256
 
@@ -159,8 +160,8 @@ def _embedding_gemm_model(opset=17):
 def test_gemm_to_matmul_is_lossless_and_idempotent():
     proto = _embedding_gemm_model()
     model = ir.from_proto(proto)
-    first = qw.GemmToMatMul()(model)
-    again = qw.GemmToMatMul()(model)
+    first = GemmToMatMul()(model)
+    again = GemmToMatMul()(model)
     assert first.changed["Gemm -> MatMul"] == 1 and not again.modified
     out = ir.to_proto(model)
     assert "Gemm" not in op_types(out) and [o.name for o in out.graph.output] == ["logits"]
@@ -194,7 +195,7 @@ def test_int4_dequantize_linear_matches_matmulnbits():
     outs = {}
     for fmt in ("nbits", "qdq"):
         model = ir.from_proto(proto)
-        qw.GemmToMatMul()(model)
+        GemmToMatMul()(model)
         result = qw.QuantizeInt4(64, fmt)(model)
         assert result.changed["int4 weights"] == 3
         q = ir.to_proto(model)

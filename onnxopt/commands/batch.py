@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -52,12 +53,16 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from onnxopt import __version__, io
+import click
+
+from onnxopt import __version__, commands, io, report
+from onnxopt.commands import core, spec
+from onnxopt.commands.spec import Command, flag
 from onnxopt.errors import BadInputError, Terminated, UsageError
 
 logger = logging.getLogger(__name__)
 
-COMMANDS = ("optimize", "quantize", "validate", "bench", "convert", "prune", "compress")
+COMMANDS = commands.BATCHED
 #: Commands that write OUTDIR/<name>/<name>.onnx.
 WRITERS = ("optimize", "quantize", "convert", "prune", "compress")
 #: Statuses a rerun may reuse (a failure is always retried).
@@ -203,7 +208,8 @@ def second_model(command: str, job: Mapping[str, Any], model_dir: Path) -> Path 
 
 
 def _cli_args(command: str, job: dict, model_dir: Path) -> list[str]:
-    """The ``python -m onnxopt.cli`` argument list for one model."""
+    """The ``python -m onnxopt.cli`` argument list for one model (its options turned into the
+    command's own flags, :func:`onnxopt.commands.spec.to_args`)."""
     name, opts = job["name"], {k: v for k, v in job["options"].items() if k not in DRIVER_OPTIONS}
     out = model_dir / f"{name}.onnx"
     args = [command, job["input"]]
@@ -214,18 +220,7 @@ def _cli_args(command: str, job: dict, model_dir: Path) -> list[str]:
     if second is not None:
         args.append(str(second))
     args += ["--report", str(model_dir / "report.json")]
-    for key, value in opts.items():
-        flag = "--" + key.replace("_", "-")
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                args += [flag, str(v)]
-        else:
-            args += [flag, str(value)]
-    return args
+    return args + spec.to_args(commands.get(command).options, opts)
 
 
 def _tree_rss(proc) -> tuple[int, set[int]]:
@@ -274,26 +269,15 @@ def _last_error(log: Path) -> str:
     return ""
 
 
-def run_one(command: str, job: dict, outdir: str, timeout: float | None = None, max_rss_mb: float | None = None,
-            stop: threading.Event | None = None) -> dict:
-    """Run one model in a fresh ``python -m onnxopt.cli`` process and return its result dict (never
-    raises for the model's own failures).  Used by the local pool and, unchanged, as the Ray task."""
-    model_dir = Path(outdir) / job["name"]
-    model_dir.mkdir(parents=True, exist_ok=True)
-    opts = job["options"]
-    timeout = opts.get("timeout", timeout)
-    max_rss_mb = opts.get("max_rss_mb", max_rss_mb)
-    argv = [sys.executable, "-m", "onnxopt.cli", *_cli_args(command, job, model_dir)]
-    log_path = model_dir / "log.txt"
-    report_path = model_dir / "report.json"
-    with contextlib.suppress(FileNotFoundError):
-        report_path.unlink()  # a report left by an earlier run must not be read as this run's
-    result: dict[str, Any] = {"name": job["name"], "command_line": shlex.join(argv[1:])}
-    t0 = time.perf_counter()
+def _watch(argv: list[str], log_path: Path, timeout: float | None, max_rss_mb: float | None,
+           stop: threading.Event | None, t0: float) -> tuple[subprocess.Popen, str | None, set[int]]:
+    """Start ``argv`` with its output in ``log_path`` and poll it until it ends, or stop it past
+    ``timeout`` / over ``max_rss_mb`` / on ``stop``; returns the process, why it was killed
+    (None: it ended by itself) and the pids seen in its tree."""
+    import psutil  # the driver's memory watch only
+
     killed: str | None = None
     pids: set[int] = set()
-    import psutil
-
     with open(log_path, "wb") as log:
         popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True, preexec_fn=io.die_with_parent if sys.platform == "linux" else None)
@@ -323,6 +307,26 @@ def run_one(command: str, job: dict, outdir: str, timeout: float | None = None, 
         except BaseException:
             _stop(popen)
             raise
+    return popen, killed, pids
+
+
+def run_one(command: str, job: dict, outdir: str, timeout: float | None = None, max_rss_mb: float | None = None,
+            stop: threading.Event | None = None) -> dict:
+    """Run one model in a fresh ``python -m onnxopt.cli`` process and return its result dict (never
+    raises for the model's own failures).  Used by the local pool and, unchanged, as the Ray task."""
+    model_dir = Path(outdir) / job["name"]
+    model_dir.mkdir(parents=True, exist_ok=True)
+    opts = job["options"]
+    timeout = opts.get("timeout", timeout)
+    max_rss_mb = opts.get("max_rss_mb", max_rss_mb)
+    argv = [sys.executable, "-m", "onnxopt.cli", *_cli_args(command, job, model_dir)]
+    log_path = model_dir / "log.txt"
+    report_path = model_dir / "report.json"
+    with contextlib.suppress(FileNotFoundError):
+        report_path.unlink()  # a report left by an earlier run must not be read as this run's
+    result: dict[str, Any] = {"name": job["name"], "command_line": shlex.join(argv[1:])}
+    t0 = time.perf_counter()
+    popen, killed, pids = _watch(argv, log_path, timeout, max_rss_mb, stop, t0)
     code = popen.returncode
     result["seconds"] = round(time.perf_counter() - t0, 3)
     result["exit_code"] = code
@@ -430,29 +434,29 @@ def _totals(entries: list[dict]) -> dict:
             "seconds_run": round(sum(e.get("seconds") or 0 for e in entries if e.get("status") != "skipped"), 3)}
 
 
-def run(inputs: Sequence[str | os.PathLike], outdir: str | os.PathLike, *, command: str = "optimize",
-        options: Mapping[str, Any] | None = None, workers: int = 2, timeout: float | None = None,
-        max_rss_mb: float | None = None, force: bool = False, ray_address: str | None = None,
-        progress: Callable[[int], None] | None = None,
-        on_result: Callable[[dict], None] | None = None) -> dict:
-    """See :func:`onnxopt.api.batch`."""
-    from onnxopt import api, report
+@dataclasses.dataclass
+class Options:
+    inputs: Sequence[str | os.PathLike]
+    outdir: str | os.PathLike
+    command: str = flag("optimize", "--command", type=click.Choice(list(commands.BATCHED)),
+                        help="The command run on every model.")
+    workers: int = flag(2, "--workers", type=int, help="Models run at the same time (one process each).")
+    timeout: float | None = flag(None, "--timeout", type=float,
+                                 help="Seconds per model before it is killed (marked failed).")
+    max_rss_mb: float | None = flag(None, "--max-rss", type=float,
+                                    help="MB of resident memory per model before it is killed.")
+    force: bool = flag(False, "--force", is_flag=True, help="Redo models whose earlier result is still valid.")
+    ray_address: str | None = flag(None, "--ray", is_flag=False, flag_value="local",
+                                   help="Run models as Ray tasks: --ray (a local cluster of --workers CPUs) or --ray=ADDRESS.")
+    #: the command's options by key (``max_drop`` or its flag's name); the CLI gives exactly X's flags
+    options: Mapping[str, Any] | None = None
+    #: called with each model's summary entry as it finishes
+    on_result: Callable[[dict], None] | None = None
 
-    if command not in COMMANDS:
-        raise UsageError(f"batch --command {command}: expected one of {', '.join(COMMANDS)}")
-    if workers < 1:
-        raise UsageError("--workers must be at least 1")
-    jobs = collect(inputs, options)
-    if not jobs:
-        raise UsageError("no models to run")
-    out = Path(outdir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BadInputError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
-    io.remove_stale_staging(out)
+
+def _plan(jobs: list[dict], command: str, out: Path, force: bool) -> tuple[dict[str, dict], list[dict]]:
+    """Summary entries of every job (reused ones ``skipped``, the others ``pending``) and the jobs to run."""
     previous = _load_previous(out)
-    started = time.time()
     entries: dict[str, dict] = {}
     todo: list[dict] = []
     for job in jobs:
@@ -463,7 +467,7 @@ def run(inputs: Sequence[str | os.PathLike], outdir: str | os.PathLike, *, comma
         base = {"name": job["name"], "input": job["input"], "command": command, "options": job["options"],
                 "input_sha256": sha, "size_before": size, "key": key, "onnxopt_version": __version__}
         prev = previous.get(job["name"])
-        if not force and _reusable(prev, key):
+        if not force and prev is not None and _reusable(prev, key):
             entries[job["name"]] = {**prev, **base, "status": "skipped", "reason": f"unchanged since an earlier run "
                                     f"({prev['finished_status']})"}
         else:
@@ -471,11 +475,45 @@ def run(inputs: Sequence[str | os.PathLike], outdir: str | os.PathLike, *, comma
             todo.append(job)
             entries[job["name"]] = {**base, "status": "pending", "reason": "not run yet",
                                     "runs": (prev or {}).get("runs", 0)}
+    return entries, todo
+
+
+def _jobs(o: Options) -> list[dict]:
+    """The jobs of ``o.inputs``, their options checked against the command's own (usage errors first)."""
+    if o.command not in COMMANDS:
+        raise UsageError(f"batch --command {o.command}: expected one of {', '.join(COMMANDS)}")
+    if o.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    jobs = collect(o.inputs, o.options)
+    if not jobs:
+        raise UsageError("no models to run")
+    for job in jobs:
+        opts = {k: v for k, v in job["options"].items() if k not in DRIVER_OPTIONS and k != "against"}
+        try:
+            spec.to_args(commands.get(o.command).options, opts)
+        except UsageError as e:
+            raise UsageError(f"batch --command {o.command}, {job['name']}: {e}") from None
+    return jobs
+
+
+def run(o: Options, progress: Callable[[int], None] | None = None) -> Result:
+    """``onnxopt batch`` (see the module docstring); returns the summary."""
+    jobs = _jobs(o)
+    command, workers, ray_address = o.command, o.workers, o.ray_address
+    timeout, max_rss_mb, on_result = o.timeout, o.max_rss_mb, o.on_result
+    out = Path(o.outdir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInputError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
+    io.remove_stale_staging(out)
+    started = time.time()
+    entries, todo = _plan(jobs, command, out, o.force)
     lock = threading.Lock()
 
     def save() -> dict:
         models = [entries[j["name"]] for j in jobs]
-        summary = api.header("batch", batch_command=command, outdir=str(out), workers=workers,
+        summary = core.header("batch", batch_command=command, outdir=str(out), workers=workers,
                              ray=ray_address, started_at=started, models=models, totals=_totals(models))
         report.write(summary, out / SUMMARY_JSON)
         report.write(summary, out / SUMMARY_HTML)
@@ -516,7 +554,7 @@ def run(inputs: Sequence[str | os.PathLike], outdir: str | os.PathLike, *, comma
                     entry["reason"] = "interrupted before it finished"
             save()
         raise
-    return save()
+    return Result.from_report(save())
 
 
 @contextlib.contextmanager
@@ -596,3 +634,44 @@ def _submit_ray(ray, todo, command, outdir, timeout, max_rss_mb, record) -> None
             with contextlib.suppress(Exception):
                 ray.cancel(ref, force=True)
         raise
+
+
+@dataclasses.dataclass
+class Result(core.Result):
+    command = "batch"
+
+    batch_command: str
+    outdir: str
+    workers: int
+    ray: str | None
+    started_at: float
+    models: list
+    totals: dict
+
+
+def render(result: core.Result) -> None:
+    summary = result.to_dict()
+    for e in summary["models"]:
+        size = ""
+        if e.get("size_before") and e.get("size_after"):
+            size = f", {e['size_before'] / 1e6:.2f} MB -> {e['size_after'] / 1e6:.2f} MB"
+        nodes = f", {e['nodes_before']} -> {e['nodes_after']} nodes" if e.get("nodes_after") is not None else ""
+        secs = f" ({e['seconds']:.1f} s)" if e.get("seconds") is not None else ""
+        reason = f": {e['reason']}" if e.get("reason") and e["status"] != "ok" else ""
+        click.echo(f"{e['name']}: {e['status']}{reason}{nodes}{size}{secs}")
+    t = summary["totals"]
+    click.echo(f"{t['models']} model(s): " + ", ".join(f"{t[k]} {k}" for k in ("ok", "refused", "failed", "skipped", "pending")
+                                                      if t.get(k)) + f"; summary in {Path(summary['outdir']) / SUMMARY_HTML}")
+    if t.get("failed") or t.get("pending"):
+        raise click.exceptions.Exit(2)
+
+
+COMMAND = Command(
+    name="batch", short_help="Run a command over many models, one process each, resumable.",
+    help="Run --command on every model of INPUTS (files, folders of *.onnx, .json/.yaml manifests of {path, options}), "
+         "each in its own process; write OUTDIR/<name>/ and OUTDIR/summary.json/.html. A rerun skips models already done "
+         "with the same input bytes and options (--force redoes them).",
+    arguments=(("inputs", {"metavar": "INPUTS...", "nargs": -1, "required": True}),
+               ("outdir", {"decls": ("-o", "--outdir"), "help": "Results: OUTDIR/<name>/, summary.json/.html."})),
+    options=Options, run=run, render=render, result=Result, output=None, isolated=False, passthrough=True,
+    progress="batch")

@@ -38,7 +38,20 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.base import OptPass, add_initializer, constant, is_constant, is_standard, node_axes
+from onnxopt.base import (
+    OptPass,
+    add_initializer,
+    constant,
+    graph_of,
+    is_constant,
+    is_standard,
+    name_of,
+    node_axes,
+    node_name,
+    present,
+    producer_of,
+    tensor_of,
+)
 
 UNARY = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "Gelu",
                    "Softplus", "Identity", "Dropout", "Neg", "Abs", "Erf", "PRelu", "Mish", "Celu", "ThresholdedRelu"})
@@ -82,7 +95,7 @@ class Group:
 
     @property
     def name(self) -> str:
-        return self.producers[0].name if self.producers else f"group{self.id}"
+        return node_name(self.producers[0]) if self.producers else f"group{self.id}"
 
     def fail(self, reason: str) -> None:
         self.reason = self.reason or reason
@@ -105,14 +118,14 @@ def _attr(node: ir.Node, name: str, default: int) -> int:
 
 
 def _has_weight(node: ir.Node) -> bool:
-    return len(node.inputs) > 1 and is_constant(node.inputs[1]) and len(node.inputs[1].const_value.shape) >= 2 \
+    return len(node.inputs) > 1 and is_constant(node.inputs[1]) and len(tensor_of(node.inputs[1]).shape) >= 2 \
         and len(node.inputs[1].uses()) == 1
 
 
 def is_depthwise(node: ir.Node) -> bool:
     if node.op_type != "Conv" or not _has_weight(node):
         return False
-    w = node.inputs[1].const_value.shape.numpy()
+    w = tensor_of(node.inputs[1]).shape.numpy()
     g = _attr(node, "group", 1)
     return g > 1 and int(w[1]) == 1 and int(w[0]) == g
 
@@ -125,7 +138,7 @@ def is_layer(node: ir.Node) -> bool:
         return _attr(node, "group", 1) == 1
     if node.op_type == "Gemm":
         return _attr(node, "transA", 0) == 0
-    return len(node.inputs[1].const_value.shape) == 2
+    return len(tensor_of(node.inputs[1]).shape) == 2
 
 
 def out_axis(node: ir.Node) -> tuple[int, int]:
@@ -147,7 +160,7 @@ def in_axis(node: ir.Node) -> tuple[int, int]:
 
 
 def channels_out(node: ir.Node) -> int:
-    return int(node.inputs[1].const_value.shape.numpy()[out_axis(node)[0]])
+    return int(tensor_of(node.inputs[1]).shape.numpy()[out_axis(node)[0]])
 
 
 # ---------------------------------------------------------------- the walk
@@ -171,15 +184,15 @@ class _Walk:
         if not 0 <= axis < rank:
             self.g.fail(f"tensor '{v.name}': channel axis out of range")
             return
-        seen = self.g.tensors.get(v.name)
+        seen = self.g.tensors.get(name_of(v))
         if seen is not None:
             if seen != (axis, block):
                 self.g.fail(f"tensor '{v.name}' is reached with two different channel layouts")
             return
-        self.g.tensors[v.name] = (axis, block)
-        dim = v.shape[axis]
+        self.g.tensors[name_of(v)] = (axis, block)
+        dim = present(v.shape)[axis]  # the rank is known: so is the shape
         if offset is not None:
-            self.g.windows[v.name] = offset
+            self.g.windows[name_of(v)] = offset
             if block != 1 or not isinstance(dim, int) or dim < offset + self.g.channels:
                 self.g.fail(f"tensor '{v.name}': the concatenated channels are not static")
         elif isinstance(dim, int) and dim != self.g.channels * block:
@@ -189,13 +202,13 @@ class _Walk:
     def run(self) -> None:
         while self.queue:
             v, axis, block = self.queue.pop()
-            self.offset = self.g.windows.get(v.name)
+            self.offset = self.g.windows.get(name_of(v))
             if v.is_graph_output():
                 self.g.fail(f"tensor '{v.name}' is a graph output")
             if v.is_graph_input() or v.producer() is None:
                 self.g.fail(f"tensor '{v.name}' is a graph input or constant")
             else:
-                self.producer_side(v.producer(), v, axis, block)
+                self.producer_side(producer_of(v), v, axis, block)
             for node, index in list(v.uses()):
                 self.consumer_side(node, index, v, axis, block)
 
@@ -211,7 +224,7 @@ class _Walk:
                 self.g.fail(f"'{node.name}' (depthwise Conv) reads concatenated channels")
             elif node not in self.g.tied:
                 self.g.tied.append(node)
-                self.add(node.inputs[0], 1, block)
+                self.add(present(node.inputs[0]), 1, block)
             return
         self.through(node, v, axis, block)
 
@@ -251,7 +264,7 @@ class _Walk:
             elif v is node.inputs[0]:
                 self.add(node.outputs[0], perm.index(axis), block)
             else:
-                self.add(node.inputs[0], perm[axis], block)
+                self.add(present(node.inputs[0]), perm[axis], block)
         elif op in ("Squeeze", "Unsqueeze"):
             self.squeeze(node, v, axis, block)
         elif op == "Flatten":
@@ -267,7 +280,7 @@ class _Walk:
             if _attr(node, "axis", -1) % max(rank, 1) == axis:
                 self.g.fail(f"'{node.name}' ({op}) normalizes over the channels")
             else:
-                self.add(node.inputs[0], axis, block)
+                self.add(present(node.inputs[0]), axis, block)
                 self.add(node.outputs[0], axis, block)
         else:
             self.g.fail(f"'{node.name}' ({op}) mixes or reshapes channels (not supported)")
@@ -287,13 +300,13 @@ class _Walk:
                 self.param(node, i, x, axis, block)
             elif arr.size > 1:
                 self.g.fail(f"'{node.name}' ({op}): non-scalar parameter")
-        self.add(node.inputs[0], axis, block)
+        self.add(present(node.inputs[0]), axis, block)
         self.add(node.outputs[0], axis, block)
 
     def param(self, node: ir.Node, i: int, x: ir.Value, axis: int, block: int) -> None:
         """A constant broadcast against a group tensor of rank ``out_rank`` with channels on ``axis``."""
         out_rank = _rank(node.outputs[0]) or 0
-        shape = list(x.const_value.shape)
+        shape = list(tensor_of(x).shape)
         if node.op_type == "BatchNormalization":
             k = 0
         elif node.op_type == "PRelu" and len(shape) == 1 and shape[0] == self.g.channels and axis == 1:
@@ -329,14 +342,14 @@ class _Walk:
                 self.g.fail(f"'{node.name}' ({node.op_type}) joins concatenated channels with another tensor")
             elif k is None:
                 self.g.fail(f"'{node.name}' ({node.op_type}): '{x.name}' has an unknown rank")
-            elif k >= 0 and x.shape[k] != 1:
+            elif k >= 0 and present(x.shape)[k] != 1:  # the rank is known: so is the shape
                 self.add(x, k, block)
             # else: x broadcasts along the channels (an attention mask over heads): nothing to cut
         self.add(out, out_axis_, block)
 
     def squeeze(self, node: ir.Node, v: ir.Value, axis: int, block: int) -> None:
         axes = node_axes(node)
-        rin, rout = _rank(node.inputs[0]), _rank(node.outputs[0])
+        rin, rout = _rank(present(node.inputs[0])), _rank(node.outputs[0])
         if axes is None or rin is None or rout is None:
             self.g.fail(f"'{node.name}' ({node.op_type}): axes or rank not known from the graph")
             return
@@ -348,13 +361,13 @@ class _Walk:
             if axis not in kept:
                 self.g.fail(f"'{node.name}' removes the channel axis")
                 return
-            target, new_axis = (node.outputs[0] if squeezing_input else node.inputs[0]), kept.index(axis)
+            target, new_axis = (node.outputs[0] if squeezing_input else present(node.inputs[0])), kept.index(axis)
         else:
-            target, new_axis = (node.inputs[0] if squeezing_input else node.outputs[0]), kept[axis]
+            target, new_axis = (present(node.inputs[0]) if squeezing_input else node.outputs[0]), kept[axis]
         self.add(target, new_axis, block)
 
     def flatten(self, node: ir.Node, v: ir.Value, axis: int, block: int) -> None:
-        x, y = node.inputs[0], node.outputs[0]
+        x, y = present(node.inputs[0]), node.outputs[0]
         f = _attr(node, "axis", 1)
         rank = _rank(x)
         if rank is None or x.shape is None or self.offset is not None:
@@ -390,7 +403,7 @@ class _Walk:
         if node.op_type == "Split" and len(node.inputs) > 1 and node.inputs[1] is not None and not is_constant(node.inputs[1]):
             self.g.fail(f"'{node.name}' (Split): sizes not constant")
             return
-        data = [node.inputs[0]] if node.op_type == "Split" else [x for x in node.inputs if x is not None]
+        data = [present(node.inputs[0])] if node.op_type == "Split" else [x for x in node.inputs if x is not None]
         for x in [*data, *node.outputs]:
             if is_constant(x):
                 self.g.fail(f"'{node.name}' (Concat) joins a constant")
@@ -402,7 +415,7 @@ class _Walk:
         """Only the attention-head reshapes: ``[..., H*D] <-> [..., H, D]`` on the last axes, with a
         constant shape whose last entries are H, D (split) or H*D / -1 (merge)."""
         shape = constant(node.inputs[1]) if len(node.inputs) > 1 else None
-        x, y = node.inputs[0], node.outputs[0]
+        x, y = present(node.inputs[0]), node.outputs[0]
         rx, ry = _rank(x), _rank(y)
         fail = f"'{node.name}' (Reshape) mixes or reshapes channels (not supported)"
         if shape is None or rx is None or ry is None or self.offset is not None:
@@ -438,7 +451,7 @@ class _Walk:
     def batched_matmul(self, node: ir.Node, v: ir.Value, axis: int, block: int) -> None:
         """MatMul of two computed tensors (attention scores and context): channels on a batch axis
         (one matmul per head) pass through; on the last two axes they are contracted or mixed."""
-        a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        a, b, y = present(node.inputs[0]), present(node.inputs[1]), node.outputs[0]
         ranks = [_rank(t) for t in (a, b, y)]
         if any(r is None for r in ranks) or is_constant(a) or is_constant(b):
             self.g.fail(f"'{node.name}' (MatMul) of a constant or unknown rank")
@@ -462,7 +475,7 @@ class _Walk:
 
         def dims(values) -> list[int] | None:
             out = [x.shape[axis] if x is not None and x.shape is not None else None for x in values]
-            return [int(d) for d in out] if all(isinstance(d, int) for d in out) else None
+            return [int(present(d)) for d in out] if all(isinstance(d, int) for d in out) else None
 
         if node.op_type == "Concat":
             if v is node.outputs[0]:
@@ -519,9 +532,9 @@ def find_groups(model: ir.Model) -> list[Group]:
 
 # ---------------------------------------------------------------- removal
 
-def _take(value: ir.Value, keep: np.ndarray, axis: int, block: int = 1) -> np.ndarray:
+def _take(value: ir.Value | None, keep: np.ndarray, axis: int, block: int = 1) -> np.ndarray:
     idx = (keep[:, None] * block + np.arange(block)[None, :]).reshape(-1) if block > 1 else keep
-    return np.take(value.const_value.numpy(), idx, axis=axis)
+    return np.take(tensor_of(value).numpy(), idx, axis=axis)
 
 
 def _in_window(keep: np.ndarray, channels: int, offset: int | None, full: int) -> np.ndarray:
@@ -533,12 +546,12 @@ def _in_window(keep: np.ndarray, channels: int, offset: int | None, full: int) -
 
 def _set_input(node: ir.Node, index: int, array: np.ndarray) -> None:
     """Input ``index`` of ``node`` becomes ``array`` (in place when only this node reads it)."""
-    value = node.inputs[index]
+    value = present(node.inputs[index])  # the input being replaced exists
     if value.is_initializer() and len(value.uses()) == 1:
         value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
         value.shape = ir.Shape(array.shape)
     else:
-        node.replace_input_with(index, add_initializer(node.graph, f"{value.name}_pruned", np.ascontiguousarray(array)))
+        node.replace_input_with(index, add_initializer(graph_of(node), f"{value.name}_pruned", np.ascontiguousarray(array)))
 
 
 def remove(model: ir.Model, group: Group, keep: Iterable[int]) -> None:
@@ -548,13 +561,13 @@ def remove(model: ir.Model, group: Group, keep: Iterable[int]) -> None:
     keep = np.asarray(sorted(set(int(k) for k in keep)), dtype=np.int64)
     for node in group.producers:
         w_axis, _ = out_axis(node)
-        block = group.tensors[node.outputs[0].name][1]
+        block = group.tensors[name_of(node.outputs[0])][1]
         _set_input(node, 1, _take(node.inputs[1], keep, w_axis, block))
         if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].const_value is not None \
                 and node.inputs[2].const_value.size > 1:
             _set_input(node, 2, _take(node.inputs[2], keep, len(node.inputs[2].const_value.shape) - 1, block))
     for node, position, per in group.reshapes:
-        shape = node.inputs[1].const_value.numpy().copy()
+        shape = tensor_of(node.inputs[1]).numpy().copy()
         shape[position] = len(keep) * per
         _set_input(node, 1, shape)
     for node in group.tied:
@@ -566,9 +579,9 @@ def remove(model: ir.Model, group: Group, keep: Iterable[int]) -> None:
         _set_input(s.node, s.index, _take(s.node.inputs[s.index], keep, s.axis, s.block))
     for node in group.consumers:
         w_axis, _ = in_axis(node)
-        block = group.tensors[node.inputs[0].name][1]
-        full = int(node.inputs[1].const_value.shape.numpy()[w_axis]) // block
-        idx = _in_window(keep, group.channels, group.windows.get(node.inputs[0].name), full)
+        block = group.tensors[name_of(node.inputs[0])][1]
+        full = int(tensor_of(node.inputs[1]).shape.numpy()[w_axis]) // block
+        idx = _in_window(keep, group.channels, group.windows.get(name_of(node.inputs[0])), full)
         _set_input(node, 1, _take(node.inputs[1], idx, w_axis, block))
     values = {v.name: v for n in model.graph for v in (*n.inputs, *n.outputs) if v is not None}
     for name, (axis, block) in group.tensors.items():
@@ -588,7 +601,7 @@ def weight_norms(group: Group, order: int = 1) -> np.ndarray:
     """Per channel: L1 (``order=1``) or L2 norm of the producers' and tied filters' weights."""
     total = np.zeros(group.channels)
     for node in [*group.producers, *group.tied]:
-        w = node.inputs[1].const_value.numpy().astype(np.float64)
+        w = tensor_of(node.inputs[1]).numpy().astype(np.float64)
         axis = out_axis(node)[0] if node in group.producers else 0
         w = np.moveaxis(w, axis, 0).reshape(group.channels, -1)
         total += np.abs(w).sum(1) if order == 1 else (w ** 2).sum(1)
@@ -599,10 +612,10 @@ def outgoing_norms(group: Group) -> np.ndarray:
     """Per channel: L2 norm of the weights that read it in every consumer."""
     total = np.zeros(group.channels)
     for node in group.consumers:
-        w = node.inputs[1].const_value.numpy().astype(np.float64)
-        block = group.tensors[node.inputs[0].name][1]
+        w = tensor_of(node.inputs[1]).numpy().astype(np.float64)
+        block = group.tensors[name_of(node.inputs[0])][1]
         w = np.moveaxis(w, in_axis(node)[0], 0)
-        offset = group.windows.get(node.inputs[0].name)
+        offset = group.windows.get(name_of(node.inputs[0]))
         if offset is not None:
             w = w[offset:offset + group.channels]
         total += (w.reshape(group.channels, block, -1) ** 2).sum((1, 2))

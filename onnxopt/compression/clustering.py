@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.base import FreshNames, OptPass, add_initializer
+from onnxopt.base import FreshNames, OptPass, add_initializer, name_of, present, tensor_of
 from onnxopt.compression.magnitude import layers
 
 KMEANS_ITERATIONS = 30
@@ -114,7 +114,7 @@ class ClusterWeights(OptPass):
             if layer.name in self.exclude:
                 skipped["excluded"] += 1
                 continue
-            w = layer.weight.const_value.numpy()
+            w = tensor_of(layer.weight).numpy()
             codebook, indices = cluster(w, self.clusters)
             self.records.append(rewrite(model.graph, layer.node, codebook, indices, names, uint4))
             changed["weights clustered"] += 1
@@ -132,7 +132,7 @@ def rewrite(graph: ir.Graph, node: ir.Node, codebook: np.ndarray, indices: np.nd
             uint4: bool = False) -> dict:
     """Make ``node``'s weight ``Gather(codebook, Cast(indices))`` (indices uint4 when ``uint4`` and the
     codebook has <= 16 entries, else uint8); returns the layer's record."""
-    weight = node.inputs[1]
+    weight = present(node.inputs[1])  # a clustered layer has its weight input
     base = weight.name or node.name
     cb = add_initializer(graph, f"{base}_codebook", codebook)
     idx = add_initializer(graph, f"{base}_indices", indices)
@@ -148,7 +148,7 @@ def rewrite(graph: ir.Graph, node: ir.Node, codebook: np.ndarray, indices: np.nd
     graph.insert_before(node, [cast, gather])
     node.replace_input_with(1, gather.outputs[0])
     if not weight.uses() and weight.is_initializer() and not weight.is_graph_input():
-        graph.initializers.pop(weight.name, None)
+        graph.initializers.pop(name_of(weight), None)
     return {"layer": node.name, "params": int(indices.size), "clusters": int(len(codebook)),
             "zeros": int(np.count_nonzero(indices == 0)) if codebook[0] == 0 else 0,
             "indices": indices, "codebook": codebook}

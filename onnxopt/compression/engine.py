@@ -4,7 +4,7 @@ Every flow starts like quantize's (``quantize.prepare``: BatchNorm folded into C
 named nodes; then shape inference) and ends like it: the result is written beside OUTPUT, scored
 there against the prepared fp32 model (the user's ``--metric``, else the per-output fidelity of
 ``onnxopt.fidelity`` on held-out batches: every 4th ``--data`` batch, up to 8) and renamed into
-place only when the drop is within ``--max-drop`` (``api.stage_validate_commit``; exit 3 and
+place only when the drop is within ``--max-drop`` (``core.stage_validate_commit``; exit 3 and
 nothing written otherwise, unless ``--force``).
 
 1. **Magnitude** (``prune --sparsity S`` / ``--threshold T``; ``passes/prune_magnitude.py``):
@@ -44,14 +44,16 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
-from onnxopt import api, fidelity, io, runtime
 from onnxopt import benchmark as bench
 from onnxopt import data as data_mod
+from onnxopt import fidelity, io, runtime
+from onnxopt.base import name_of, node_name, present, tensor_of
+from onnxopt.commands import core
 from onnxopt.compression import channels as pc
 from onnxopt.compression import clustering as cw
 from onnxopt.compression import magnitude as pm
 from onnxopt.compression import refit
-from onnxopt.errors import BadInputError, InternalError, OnnxoptError, UsageError
+from onnxopt.errors import BadInputError, UsageError
 from onnxopt.quantization import static as quantize
 
 logger = logging.getLogger("onnxopt")
@@ -62,7 +64,7 @@ PAIRS, MIN_BLOCKS, MAX_BLOCKS = 16, 2, 6
 
 
 @dataclasses.dataclass
-class Options:
+class Settings:
     """How a run is scored and written (shared by every flow)."""
 
     data: str | os.PathLike | None = None
@@ -87,7 +89,7 @@ class Budget(quantize.BudgetResult):
 class Scorer:
     """The prepared fp32 model (the teacher), its held-out batches and how a candidate is scored."""
 
-    def __init__(self, model: ir.Model, opts: Options):
+    def __init__(self, model: ir.Model, opts: Settings):
         if opts.data is None and opts.refit:
             logger.warning("no --data: the refit needs calibration data like the deployment inputs; skipped "
                            "(and without --metric the result is scored on synthesized inputs only)")
@@ -145,14 +147,17 @@ class Scorer:
     def metric_name(self) -> str:
         return self.opts.metric or "default: " + fidelity.describe(self.last_results)
 
-    def check(self, report: dict) -> Callable[[Path], Budget]:
-        """Score the staged file; fill ``report["accuracy"]``."""
+    def check(self, report: dict, what: str = "pruned") -> Callable[[Path], Budget]:
+        """Score the staged file; fill ``report["accuracy"]`` (the score under ``what``, and under
+        "pruned", the key every lossy flow wrote first)."""
 
         def check(path: Path) -> Budget:
             score = self.score(path)
             drop = self.float_score - score
             report["accuracy"] = {"metric": self.metric_name(), "float": self.float_score, "pruned": score,
                                   "drop": drop, "max_drop": self.opts.max_drop}
+            if what != "pruned":
+                report["accuracy"][what] = score
             if self.metric is None:
                 report["accuracy"]["outputs"] = self.last_results
             return Budget(drop <= self.opts.max_drop, self.metric_name(), drop, self.opts.max_drop)
@@ -232,8 +237,8 @@ def file_sizes(model_path: str | os.PathLike, model: ir.Model, layer_names: set[
     arrays: dict[str, np.ndarray] = {}
     for node in model.graph:
         if node.name in layer_names:
-            for k, v in csr_arrays(node.inputs[1].const_value.numpy()).items():
-                arrays[f"{node.inputs[1].name}.{k}"] = v
+            for k, v in csr_arrays(tensor_of(node.inputs[1]).numpy()).items():
+                arrays[f"{name_of(node.inputs[1])}.{k}"] = v
     taken = {k.rsplit(".", 1)[0] for k in arrays}
     for name, init in model.graph.initializers.items():
         if name not in taken and init.const_value is not None:
@@ -247,20 +252,9 @@ def _commit(model: ir.Model, output_path, report: dict, scorer: Scorer, t_start:
     def refused(_p: Path, _r) -> None:
         report["seconds"] = time.perf_counter() - t_start
 
-    api.stage_validate_commit(model, output_path, report, check=scorer.check(report), force=scorer.opts.force,
+    core.stage_validate_commit(model, output_path, report, check=scorer.check(report, what), force=scorer.opts.force,
                               on_refused=refused, refused=f"{what} model not written")
     return report
-
-
-def _guarded(fn: Callable[[], dict], what: str) -> dict:
-    try:
-        return fn()
-    except (OnnxoptError, KeyboardInterrupt):
-        raise
-    except Exception as e:
-        logger.debug("%s failed", what, exc_info=True)
-        raise InternalError(f"{what} failed ({type(e).__name__}: {e}); nothing was written; "
-                            f"please report it (-vv shows the traceback)") from e
 
 
 # ---------------------------------------------------------------- 1. magnitude
@@ -290,7 +284,7 @@ def magnitude_prune(model: ir.Model, scorer: Scorer, *, sparsity: float | None, 
 
 
 def prune_magnitude(input_path, output_path, *, sparsity: float | None = None, threshold: float | None = None,
-                    scope: str = "global", exclude: Sequence[str] = (), opts: Options) -> dict:
+                    scope: str = "global", exclude: Sequence[str] = (), opts: Settings) -> dict:
     """``onnxopt prune --sparsity`` / ``--threshold`` (module docstring, 1)."""
     check_sparsity(sparsity, threshold)
     if sparsity is None and threshold is None:
@@ -307,7 +301,7 @@ def prune_magnitude(input_path, output_path, *, sparsity: float | None = None, t
     records, _ = magnitude_prune(candidate, scorer, sparsity=sparsity, threshold=threshold, scope=scope,
                                  exclude=exclude)
     params = sum(r["params"] for r in records)
-    report = api.header("prune", input={"path": str(input_path)}, mode="magnitude", notes=notes, sparsity=sparsity,
+    report = core.header("prune", input={"path": str(input_path)}, mode="magnitude", notes=notes, sparsity=sparsity,
                         threshold=threshold, scope=scope, refit=opts.refit, ep=opts.ep,
                         layers=records, total_sparsity=sum(r["zeros"] for r in records) / max(params, 1))
     _commit(candidate, output_path, report, scorer, t_start, "pruned")
@@ -327,7 +321,7 @@ def prune_magnitude(input_path, output_path, *, sparsity: float | None = None, t
 def activation_importance(model: ir.Model, group: pc.Group, batches: Sequence[Mapping[str, np.ndarray]],
                           threads: int = 1) -> np.ndarray:
     """Per channel: mean |activation| of the tensors the consumers read x outgoing weight norm."""
-    names = sorted({n.inputs[0].name for n in group.consumers})
+    names = sorted({name_of(n.inputs[0]) for n in group.consumers})
     sess = runtime.session(runtime.with_outputs(ir.to_proto(model), names), "cpu", threads)
     total = np.zeros(group.channels)
     count = 0
@@ -373,12 +367,12 @@ def try_group(current: ir.Model, gname: str, plan: ChannelPlan, scorer: Scorer, 
     keep = np.sort(np.argsort(-scores, kind="stable")[:n])
     index = dict(out_index)
     for node in [*g.producers, *g.tied]:  # which of the teacher's output features each still has
-        block = g.tensors[node.outputs[0].name][1]
+        block = g.tensors[name_of(node.outputs[0])][1]
         features = (keep[:, None] * block + np.arange(block)[None, :]).reshape(-1)
-        index[node.name] = index.get(node.name, np.arange(g.channels * block))[features]
+        index[node_name(node)] = index.get(node_name(node), np.arange(g.channels * block))[features]
     record = {"group": gname, "channels": g.channels, "kept": int(n), "producers": [x.name for x in g.producers],
               "consumers": [x.name for x in g.consumers], "tied": [x.name for x in g.tied]}
-    consumers = [x.name for x in g.consumers]
+    consumers = [node_name(x) for x in g.consumers]
     pc.remove(trial, g, keep)
     if scorer.opts.refit:
         record["refit"] = refit.refit(trial, scorer.float_bytes, consumers, scorer.calibration(), out_index=index,
@@ -439,7 +433,7 @@ def _take(it, n: int) -> list:
 
 
 def prune_channels(input_path, output_path, *, fraction: float, criterion: str = "l1",
-                   latency_guard: bool = True, exclude: Sequence[str] = (), opts: Options) -> dict:
+                   latency_guard: bool = True, exclude: Sequence[str] = (), opts: Settings) -> dict:
     """``onnxopt prune --channels`` (module docstring, 2)."""
     if not 0.0 < fraction < 1.0:
         raise UsageError(f"--channels {fraction}: must be in (0, 1)")
@@ -455,7 +449,7 @@ def prune_channels(input_path, output_path, *, fraction: float, criterion: str =
     plan = ChannelPlan(fraction, criterion, latency_guard, exclude=tuple(exclude))
     result, records, unresolved = channel_prune(model, scorer, plan)
     accepted = [r for r in records if r.get("accepted")]
-    report = api.header("prune", input={"path": str(input_path)}, mode="channels", notes=notes, channels=fraction,
+    report = core.header("prune", input={"path": str(input_path)}, mode="channels", notes=notes, channels=fraction,
                         criterion=criterion, refit=opts.refit, ep=opts.ep, latency_guard=latency_guard, groups=records,
                         unresolved=unresolved, removed_channels=sum(r["channels"] - r["kept"] for r in accepted),
                         conv_channels={"before": _conv_channels(model), "after": _conv_channels(result)})
@@ -472,8 +466,8 @@ def prune_channels(input_path, output_path, *, fraction: float, criterion: str =
 
 
 def _conv_channels(model: ir.Model) -> dict[str, int]:
-    return {n.name: int(n.inputs[1].const_value.shape.numpy()[0]) for n in model.graph
-            if n.op_type == "Conv" and len(n.inputs) > 1 and n.inputs[1].const_value is not None}
+    return {node_name(n): int(tensor_of(n.inputs[1]).shape.numpy()[0]) for n in model.graph
+            if n.op_type == "Conv" and len(n.inputs) > 1 and present(n.inputs[1]).const_value is not None}
 
 
 # ---------------------------------------------------------------- 3. clustering + Deep Compression
@@ -519,14 +513,14 @@ def packed_weights(model: ir.Model) -> list[dict]:
         else:
             continue
         t = _const(w)
-        if t is None or w.name in seen:
+        if t is None or name_of(w) in seen:  # w is present: it has a constant
             continue
-        seen.add(w.name)
-        aux_t = [(a.name, c) for a in aux if (c := _const(a)) is not None]
+        seen.add(name_of(w))
+        aux_t = [(name_of(a), c) for a in aux if (c := _const(a)) is not None]
         aux_bytes = sum(c.nbytes for _, c in aux_t)
         codes = _codes(node, t, bits)
         hb, symbols = cw.huffman_bits(codes) if codes is not None and codes.size else (8 * t.nbytes, 0)
-        out.append({"weight": w.name, "op": node.op_type, "bits": bits, "params": params,
+        out.append({"weight": name_of(w), "op": node.op_type, "bits": bits, "params": params,
                     "aux": [n for n, _ in aux_t], "bytes": int(t.nbytes + aux_bytes), "float_bytes": 4 * params,
                     "huffman_bytes": int(min(symbols + math.ceil(hb / 8), t.nbytes) + aux_bytes)})
     return out
@@ -572,7 +566,7 @@ def layer_storage(record: dict, bits: int) -> dict[str, int]:
 
 
 def compress(input_path, output_path, *, clusters: int, sparsity: float | None = None, scope: str = "global",
-             exclude: Sequence[str] = (), opts: Options) -> dict:
+             exclude: Sequence[str] = (), opts: Settings) -> dict:
     """``onnxopt compress --cluster K [--sparsity S]`` (module docstring, 3)."""
     bits = int(round(math.log2(clusters))) if clusters > 0 else 0
     if clusters < 2 or clusters > 256 or 2 ** bits != clusters:
@@ -592,7 +586,7 @@ def compress(input_path, output_path, *, clusters: int, sparsity: float | None =
         prune_records, _ = magnitude_prune(candidate, scorer, sparsity=sparsity, threshold=None, scope=scope,
                                            exclude=exclude)
     pruned_copy = candidate.clone()
-    dense = {la.name: (la.weight.name, la.weight.const_value.numpy()) for la in pm.layers(candidate)[0]}
+    dense = {la.name: (la.weight.name, tensor_of(la.weight).numpy()) for la in pm.layers(candidate)[0]}
     clusterer = cw.ClusterWeights(clusters, tuple(exclude))
     clusterer(candidate)
     records = clusterer.records
@@ -607,7 +601,7 @@ def compress(input_path, output_path, *, clusters: int, sparsity: float | None =
                    "huffman_bits_per_weight": cw.huffman_bits(r["indices"])[0] / max(r["params"], 1),
                    "bytes": r["storage"], "compression_ratio": r["storage"]["original"] / max(r["storage"]["huffman"], 1)}
                   for r in records]
-    report = api.header("compress", input={"path": str(input_path)}, notes=notes, clusters=clusters, sparsity=sparsity,
+    report = core.header("compress", input={"path": str(input_path)}, notes=notes, clusters=clusters, sparsity=sparsity,
                         scope=scope, refit=opts.refit, ep=opts.ep, layers=layers_out, pruning=prune_records,
                         deep_compression=stages, packed_weights=[{k: v for k, v in p.items() if k != "aux"} for p in packed])
     _commit(candidate, output_path, report, scorer, t_start, "compressed")
@@ -615,8 +609,3 @@ def compress(input_path, output_path, *, clusters: int, sparsity: float | None =
                        "gzip": len(gzip.compress(Path(output_path).read_bytes(), 9))}
     report["seconds"] = time.perf_counter() - t_start
     return report
-
-
-def run_guarded(fn: Callable[..., dict], *args, **kwargs) -> dict:
-    """Call a flow; an unexpected exception becomes one InternalError line (exit 4)."""
-    return _guarded(lambda: fn(*args, **kwargs), fn.__name__.replace("_", " "))

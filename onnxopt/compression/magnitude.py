@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.base import OptPass, is_constant, is_standard
+from onnxopt.base import OptPass, is_constant, is_standard, tensor_of
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 SCOPES = ("global", "layer")
@@ -39,9 +39,9 @@ def layers(model: ir.Model) -> tuple[list[Layer], collections.Counter]:
         w = node.inputs[1]
         if not is_constant(w):
             skipped[f"{node.op_type}: weight is not a constant initializer"] += 1
-        elif w.const_value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
+        elif tensor_of(w).dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
             skipped[f"{node.op_type}: weight is not float"] += 1
-        elif len(w.const_value.shape) < 2:
+        elif len(tensor_of(w).shape) < 2:
             skipped[f"{node.op_type}: weight of rank < 2"] += 1
         elif len(w.uses()) != 1:
             skipped[f"{node.op_type}: weight shared with another node"] += 1
@@ -93,7 +93,7 @@ def prune(model: ir.Model, *, sparsity: float | None = None, threshold: float | 
     ``sparsity``, ``pruned``) and the layers left dense with why."""
     all_layers, _ = layers(model)
     chosen, why = selected(all_layers, exclude, skip_ends)
-    arrays = {la.name: la.weight.const_value.numpy() for la in chosen}
+    arrays = {la.name: tensor_of(la.weight).numpy() for la in chosen}
     if threshold is None and scope == "global" and chosen:
         threshold = global_threshold(list(arrays.values()), float(sparsity or 0.0))
         cut = "<="  # the k-th smallest is pruned too (ties at the threshold: all of them)
@@ -103,7 +103,7 @@ def prune(model: ir.Model, *, sparsity: float | None = None, threshold: float | 
     for la in all_layers:
         w = arrays.get(la.name)
         if w is None:
-            w0 = la.weight.const_value.numpy()
+            w0 = tensor_of(la.weight).numpy()
             records.append({"layer": la.name, "op": la.node.op_type, "params": int(w0.size),
                             "zeros": int(np.count_nonzero(w0 == 0)), "pruned": False, "why": why.get(la.name, "")})
             continue

@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import runtime
-from onnxopt.base import add_initializer
+from onnxopt.base import add_initializer, graph_of, name_of, node_name, present, tensor_of
 
 logger = logging.getLogger("onnxopt")
 ROWS_PER_BATCH = 4096
@@ -37,7 +37,7 @@ def _attr_ints(node: ir.Node, name: str, default: list[int]) -> list[int]:
 def supports(node: ir.Node) -> str | None:
     """None when the layer can be refit, else why not."""
     if node.op_type == "Conv":
-        w = node.inputs[1].const_value
+        w = present(node.inputs[1]).const_value  # a Conv has its weight input
         if w is None or len(w.shape) != 4:
             return "only 2-D Conv is refit"
         a = node.attributes.get("auto_pad")
@@ -60,7 +60,7 @@ def rows(node: ir.Node, x: np.ndarray, rng: np.random.Generator) -> tuple[np.nda
         flat = x.reshape(-1, x.shape[-1])
         pick = np.arange(len(flat)) if len(flat) <= ROWS_PER_BATCH else np.sort(rng.choice(len(flat), ROWS_PER_BATCH, False))
         return flat[pick].astype(np.float64), pick
-    kh, kw = (int(d) for d in node.inputs[1].const_value.shape.numpy()[2:])
+    kh, kw = (int(d) for d in tensor_of(node.inputs[1]).shape.numpy()[2:])
     sh, sw = _attr_ints(node, "strides", [1, 1])
     dh, dw = _attr_ints(node, "dilations", [1, 1])
     pt, pl, pb, pr = _attr_ints(node, "pads", [0, 0, 0, 0])
@@ -101,7 +101,7 @@ class Stats:
 
 def weight_matrix(node: ir.Node) -> np.ndarray:
     """The weight as [d, out] (rows in the im2col order)."""
-    w = node.inputs[1].const_value.numpy()
+    w = tensor_of(node.inputs[1]).numpy()
     if node.op_type == "Conv":
         return w.reshape(w.shape[0], -1).T
     if node.op_type == "Gemm" and node.attributes.get("transB") is not None and node.attributes["transB"].as_int():
@@ -128,8 +128,8 @@ def solve(stats: Stats, mask: np.ndarray | None, ridge: float = RIDGE, with_bias
 def apply(node: ir.Node, solution: np.ndarray, teacher_has_bias: bool) -> None:
     """Write the solved weight (and bias) into ``node`` (dtype kept; a bias input is added to a
     Conv/Gemm that had none when the solution needs one)."""
-    w = node.inputs[1]
-    old = w.const_value.numpy()
+    w = present(node.inputs[1])  # supports() checked the layer's weight
+    old = tensor_of(w).numpy()
     mat, bias = solution[:-1], solution[-1]
     if node.op_type == "Conv":
         new = mat.T.reshape(old.shape)
@@ -143,14 +143,14 @@ def apply(node: ir.Node, solution: np.ndarray, teacher_has_bias: bool) -> None:
     bias = bias.astype(old.dtype)
     if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].const_value is not None:
         b = node.inputs[2]
-        if b.const_value.size == bias.size and len(b.uses()) == 1:
-            b.const_value = ir.tensor(bias.reshape(b.const_value.shape), name=b.name)
+        if tensor_of(b).size == bias.size and len(b.uses()) == 1:
+            b.const_value = ir.tensor(bias.reshape(tensor_of(b).shape), name=b.name)
             return
     if len(node.inputs) == 2 and (teacher_has_bias or np.any(bias)):
         if node.op_type == "Gemm" and node.attributes.get("beta") is not None and node.attributes["beta"].as_float() != 1.0:
             return
         node.resize_inputs(3)
-        node.replace_input_with(2, add_initializer(node.graph, f"{w.name}_bias", bias))
+        node.replace_input_with(2, add_initializer(graph_of(node), f"{w.name}_bias", bias))
 
 
 def refit(student: ir.Model, teacher_bytes: bytes, layers: Iterable[str], batches: Iterable[Mapping[str, np.ndarray]],
@@ -161,18 +161,19 @@ def refit(student: ir.Model, teacher_bytes: bytes, layers: Iterable[str], batche
     still has (structured pruning); ``masks[layer]``: [d, out] bool support (unstructured).
     Returns layer -> "refit on N rows" or why it was not."""
     nodes = {n.name: n for n in student.graph}
-    todo, notes = [], {}
+    todo: list[ir.Node] = []
+    notes: dict[str, str] = {}
     for name in layers:
         node = nodes.get(name)
         why = "not in the model" if node is None else supports(node)
         if why:
             notes[name] = why
         else:
-            todo.append(node)
+            todo.append(present(node))  # not None: why is set for a missing node
     if not todo:
         return notes
-    ins = [n.inputs[0].name for n in todo]
-    outs = [n.outputs[0].name for n in todo]
+    ins = [name_of(n.inputs[0]) for n in todo]
+    outs = [name_of(n.outputs[0]) for n in todo]
     s_sess = runtime.session(runtime.with_outputs(ir.to_proto(student), ins), "cpu", threads)
     t_sess = runtime.session(_teacher_with(teacher_bytes, outs), "cpu", threads)
     stats: dict[str, Stats] = {}
@@ -181,21 +182,21 @@ def refit(student: ir.Model, teacher_bytes: bytes, layers: Iterable[str], batche
         xs = runtime.run_candidate(s_sess, feeds, ins)
         ys = runtime.run_candidate(t_sess, feeds, outs)
         for node in todo:
-            x, pick = rows(node, xs[node.inputs[0].name], rng)
-            y = targets(node, ys[node.outputs[0].name], pick)
-            if out_index and node.name in out_index:
-                y = y[:, out_index[node.name]]
-            st = stats.setdefault(node.name, Stats(np.zeros((x.shape[1] + 1,) * 2), np.zeros((x.shape[1] + 1, y.shape[1]))))
+            x, pick = rows(node, xs[name_of(node.inputs[0])], rng)
+            y = targets(node, ys[name_of(node.outputs[0])], pick)
+            if out_index and node_name(node) in out_index:
+                y = y[:, out_index[node_name(node)]]
+            st = stats.setdefault(node_name(node), Stats(np.zeros((x.shape[1] + 1,) * 2), np.zeros((x.shape[1] + 1, y.shape[1]))))
             st.add(x, y)
     for node in todo:
-        st = stats.get(node.name)
-        if st is None:
-            notes[node.name] = "no calibration rows"
+        found = stats.get(node_name(node))
+        if found is None:
+            notes[node_name(node)] = "no calibration rows"
             continue
         with_bias = node.op_type != "MatMul"
-        mask = masks.get(node.name) if masks else None
-        apply(node, solve(st, mask, ridge, with_bias), with_bias)
-        notes[node.name] = f"refit on {st.rows} rows"
+        mask = masks.get(node_name(node)) if masks else None
+        apply(node, solve(found, mask, ridge, with_bias), with_bias)
+        notes[node_name(node)] = f"refit on {found.rows} rows"
     return notes
 
 

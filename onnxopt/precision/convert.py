@@ -20,7 +20,7 @@ Steps (each a function, in the order :func:`convert` calls them):
    :func:`faithful_session`, which makes ORT round (and overflow) every fp16 tensor as fp16
    kernels would.  Outputs outside tolerance (inf/NaN included) refuse the
    result (exit 3) unless ``force``.
-5. **Write** through ``api.stage_validate_commit`` (atomic; nothing written when refused).
+5. **Write** through ``core.stage_validate_commit`` (atomic; nothing written when refused).
 """
 
 from __future__ import annotations
@@ -36,9 +36,11 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import api, calibrate, io, runtime, shapes
+from onnxopt import calibrate, io, runtime, shapes
 from onnxopt import data as data_mod
 from onnxopt import validation as validate
+from onnxopt.base import name_of, present
+from onnxopt.commands import core
 from onnxopt.errors import BadInputError, UsageError
 from onnxopt.precision import fp16 as cf
 
@@ -64,7 +66,7 @@ class Ranges:
 
 def observe_ranges(path: str | os.PathLike, model: ir.Model, data: str | os.PathLike | None, *,
                    preprocess: str | None = None, shapes: Mapping[str, tuple[int, ...]] | None = None,
-                   limit: int | None = None, progress: api.ProgressFn | None = None) -> Ranges:
+                   limit: int | None = None, progress: core.ProgressFn | None = None) -> Ranges:
     """Step 2: streaming min/max (``calibrate.collect``) of every float main-graph tensor."""
     plain = runtime.session(path, "cpu")
     names = [v.name for v in model.graph.inputs if v.name] + \
@@ -96,14 +98,14 @@ def fill_types(model: ir.Model, dtypes: Mapping[str, str]) -> int:
     for node in model.graph:
         for out in node.outputs:
             if out.dtype is None and out.name in dtypes:
-                out.dtype = ir.DataType.from_numpy(np.dtype(dtypes[out.name]))
+                out.dtype = ir.DataType.from_numpy(np.dtype(dtypes[name_of(out)]))
                 count += 1
     return count
 
 
 @dataclasses.dataclass
 class Fp16Result:
-    """A validation result (``api.CheckResult``) plus the fp16 tensors that were non-finite."""
+    """A validation result (``core.CheckResult``) plus the fp16 tensors that were non-finite."""
 
     result: validate.ValidationResult
     nonfinite_tensors: dict[str, int]
@@ -204,18 +206,19 @@ class Fp16Check:
         nonfinite: dict[str, int] = {}
         tol = self.validator.tolerance
         for index, point in enumerate(p for p in self.validator.points if p.reference is not None):
+            reference = present(point.reference)  # points without one are filtered out
             feeds = {k: (v.astype(np.float16) if k in half_inputs else v) for k, v in point.feeds.items()}
             try:
-                got = runtime.run_candidate(sess, feeds, list(point.reference) + fp16)
+                got = runtime.run_candidate(sess, feeds, list(reference) + fp16)
             except BadInputError as e:
                 return Fp16Result(self._failed(str(e)), nonfinite, len(fp16))
             for name in fp16:
                 bad = int(np.count_nonzero(~np.isfinite(got[name]))) if name in got else 0
                 if bad:
                     nonfinite[name] = max(nonfinite.get(name, 0), bad)
-            outputs = {k: (got[k].astype(point.reference[k].dtype) if k in got and got[k].dtype == np.float16 else got.get(k))
-                       for k in point.reference}
-            for c in validate.compare(point.reference, {k: v for k, v in outputs.items() if v is not None}, tol):
+            outputs = {k: (got[k].astype(reference[k].dtype) if k in got and got[k].dtype == np.float16 else got.get(k))
+                       for k in reference}
+            for c in validate.compare(reference, {k: v for k, v in outputs.items() if v is not None}, tol):
                 if index and not c.ok:
                     c.reason = f"at {point.label}: {c.reason}"
                 merged[c.name] = merged[c.name].merge(c) if c.name in merged else c
@@ -255,18 +258,32 @@ def _check_lists(op_block_list: tuple[str, ...], node_block_list: tuple[str, ...
     return notes + [f"--op-block-list '{o}': the model has no {o} node" for o in unknown]
 
 
-def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, *, keep_io_types: bool = True,
-            op_block_list: str | Iterable[str] | None = None, node_block_list: str | Iterable[str] | None = None,
-            data: str | os.PathLike | None = None, preprocess: str | None = None,
-            shapes: Mapping[str, tuple[int, ...]] | None = None, calib_limit: int | None = None,
-            limit: float = cf.DEFAULT_LIMIT, validate_result: bool = True, force: bool = False,
-            progress: api.ProgressFn | None = None) -> dict:
-    """Convert ``input_path`` to mixed-precision fp16 into ``output_path``; return the report.
+@dataclasses.dataclass
+class Settings:
+    """How ``convert`` works: ``op_block_list`` op types kept float32 (``"default,Softmax"``: the
+    defaults plus Softmax; None: the defaults); ``node_block_list`` node names; ``limit`` the
+    largest max |x| a tensor may reach and stay fp16; ranges from ``data`` (else synthesized)."""
 
-    ``op_block_list``: op types kept float32 (``"default,Softmax"``: the defaults plus Softmax; None:
-    the defaults); ``node_block_list``: node names; ``limit``: largest max |x| a tensor may reach
-    and stay fp16.  Raises BadInputError for a model already fp16 or quantized, ValidationRefused
-    (report attached) when outputs diverge beyond the fp16 tolerances and not ``force``."""
+    keep_io_types: bool = True
+    op_block_list: str | Iterable[str] | None = None
+    node_block_list: str | Iterable[str] | None = None
+    data: str | os.PathLike | None = None
+    preprocess: str | None = None
+    shapes: Mapping[str, tuple[int, ...]] | None = None
+    calib_limit: int | None = None
+    limit: float = cf.DEFAULT_LIMIT
+    validate_result: bool = True
+    force: bool = False
+
+
+def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, s: Settings,
+            progress: core.ProgressFn | None = None) -> dict:
+    """Convert ``input_path`` to mixed-precision fp16 into ``output_path``; return the report.
+    Raises BadInputError for a model already fp16 or quantized, ValidationRefused (report
+    attached) when outputs diverge beyond the fp16 tolerances and not ``force``."""
+    keep_io_types, op_block_list, node_block_list, data = s.keep_io_types, s.op_block_list, s.node_block_list, s.data
+    preprocess, shapes, calib_limit, limit, force = s.preprocess, s.shapes, s.calib_limit, s.limit, s.force
+    validate_result = s.validate_result
     t_start = time.perf_counter()
     if io.same_file(input_path, output_path):
         raise UsageError(f"output {output_path} is the input file; write the converted model elsewhere")
@@ -276,7 +293,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, *, ke
     ops = cf.parse_list("default" if op_block_list is None else op_block_list, cf.DEFAULT_OP_BLOCK_LIST)
     nodes = cf.parse_list(node_block_list)
     model = io.load(input_path)
-    before = api.model_stats(model, input_path)
+    before = core.model_stats(model, input_path)
     reason = cf.decline_reason(model)
     if reason:
         raise BadInputError(f"{input_path}: {reason}; nothing written")
@@ -296,7 +313,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, *, ke
     if any(g is not model.graph for g in model.graphs()):
         notes.append("subgraph (If/Loop/Scan body) tensors have no observed ranges: their nodes follow the "
                      "block lists, and a body stays float32 when its node's inputs or outputs overflow")
-    report = api.header("convert", input={"path": str(input_path), **before}, target="fp16",
+    report = core.header("convert", input={"path": str(input_path), **before}, target="fp16",
                         keep_io_types=keep_io_types, op_block_list=list(ops), node_block_list=list(nodes),
                         limit=limit, ranges=ranges.to_dict(limit), conversion=done.to_dict(),
                         notes=notes + done.notes, convert_seconds=time.perf_counter() - t0)
@@ -305,7 +322,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, *, ke
     def refused(_path: Path, _result: Fp16Result) -> None:
         report["seconds"] = time.perf_counter() - t_start
 
-    api.stage_validate_commit(model, output_path, report, check=check, force=force, on_refused=refused,
+    core.stage_validate_commit(model, output_path, report, check=check, force=force, on_refused=refused,
                               refused="converted model not written (keep nodes in float32 with --node-block-list / "
                                       "--op-block-list, give --data, or --force)")
     if report["validation"] is not None and validator is not None:

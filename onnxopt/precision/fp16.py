@@ -56,7 +56,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import shapes
-from onnxopt.base import FreshNames, OptPass, is_standard
+from onnxopt.base import FreshNames, OptPass, graph_of, is_standard, present, producer_of
 from onnxopt.quantization.qdq import quant_ops
 
 FLOAT, HALF = ir.DataType.FLOAT, ir.DataType.FLOAT16
@@ -254,7 +254,7 @@ class _Planner:
         exact = _const_magnitude(v)
         if exact is not None:
             return exact
-        if v.graph is self.model.graph or (v.producer() is not None and v.producer().graph is self.model.graph):
+        if v.graph is self.model.graph or (v.producer() is not None and producer_of(v).graph is self.model.graph):
             return self.ranges.get(v.name or "")
         return None
 
@@ -326,7 +326,7 @@ class _Planner:
                     list(attr.as_graphs()) if attr.type == ir.AttributeType.GRAPHS else []
                 for body in bodies:
                     whole = found is not None and found[0] == "overflow range"
-                    self.colour(body, inherited or (found[1] if whole else ""))
+                    self.colour(body, inherited or (present(found)[1] if whole else ""))
 
     def needs_fp32(self, value: ir.Value) -> bool:
         """Whether ``value`` will be float32 whatever its consumers are (an fp32 producer, a kept
@@ -560,10 +560,10 @@ class _Rewriter:
             if out.is_graph_output():
                 continue
             out.replace_all_uses_with(first.inputs[0])
-            node.graph.remove(node, safe=True)
+            graph_of(node).remove(node, safe=True)
             self.result.casts_folded += 1
             if not first.outputs[0].uses() and not first.outputs[0].is_graph_output():
-                first.graph.remove(first, safe=True)
+                graph_of(first).remove(first, safe=True)
                 self.result.casts_folded += 1
 
 

@@ -55,6 +55,7 @@ import onnx_ir as ir
 from onnxopt import benchmark as bench
 from onnxopt import flops as cost
 from onnxopt import runtime
+from onnxopt.base import name_of, node_name
 from onnxopt.quantization import qdq as qq
 
 logger = logging.getLogger("onnxopt")
@@ -176,23 +177,23 @@ class Regions:
         new: dict[str, dict] = {}
         out: dict[str, Region] = {}
         acts: dict[str, np.ndarray] = {}
-        every = sorted({v.name for n in layers for v in _activations(n)})
+        every = sorted({name_of(v) for n in layers for v in _activations(n)})
         self._acts_session = None
         for i, node in enumerate(layers):
             if i % CHUNK == 0:  # the next CHUNK layers' inputs, one run (memory: CHUNK layers' activations)
-                acts = self._activations(sorted({v.name for n in layers[i:i + CHUNK] for v in _activations(n)}), every)
+                acts = self._activations(sorted({name_of(v) for n in layers[i:i + CHUNK] for v in _activations(n)}), every)
             if any(v.name not in acts for v in _activations(node)):
                 continue
-            feeds = {v.name: acts[v.name] for v in _activations(node)}
+            feeds = {name_of(v): acts[name_of(v)] for v in _activations(node)}
             key = self._key(node, feeds)
             hit = cache.get(key) or new.get(key)
             if hit is not None:
-                out[node.name] = Region(hit["float_ms"], hit["int8_ms"], hit["ratio"], tuple(hit["interval"]),
+                out[node_name(node)] = Region(hit["float_ms"], hit["int8_ms"], hit["ratio"], tuple(hit["interval"]),
                                         hit["pairs"], cached=key in cache)
                 continue
             region = self._measure(node, feeds)
             if region is not None:
-                out[node.name] = region
+                out[node_name(node)] = region
                 new[key] = region.to_dict()
         self._acts_session = None
         _save_cache(self.path, new)
@@ -209,14 +210,15 @@ class Regions:
             return {}
         out = {}
         for node in missing:
-            kind = kinds[node.name]
+            name = node_name(node)  # layers are looked up by name: they have one
+            kind = kinds[name]
             rates = [(r.float_ms / macs[n], r.int8_ms / macs[n]) for n, r in timed.items()
                      if kinds.get(n) == kind and not r.estimated and macs.get(n)]
-            if not rates or not macs.get(node.name):
+            if not rates or not macs.get(name):
                 continue
-            f = float(np.median([a for a, _ in rates])) * macs[node.name]
-            q8 = float(np.median([b for _, b in rates])) * macs[node.name]
-            out[node.name] = Region(f, q8, q8 / f, (q8 / f, q8 / f), 0, estimated=True)
+            f = float(np.median([a for a, _ in rates])) * macs[name]
+            q8 = float(np.median([b for _, b in rates])) * macs[name]
+            out[name] = Region(f, q8, q8 / f, (q8 / f, q8 / f), 0, estimated=True)
         return out
 
     # ---------------------------------------------------------------- internals

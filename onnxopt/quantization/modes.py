@@ -43,7 +43,7 @@ import onnx_ir as ir
 from onnxopt import data as data_mod
 from onnxopt import pipeline, runtime
 from onnxopt import validation as validate
-from onnxopt.base import constant, drop_unused_initializers
+from onnxopt.base import constant, drop_unused_initializers, name_of, node_name
 from onnxopt.errors import BadInputError, UsageError
 from onnxopt.passes.gemm_to_matmul import GemmToMatMul
 from onnxopt.quantization import qdq as qq
@@ -96,7 +96,7 @@ def prepare(model: ir.Model, recipe: qm.Recipe) -> tuple[ir.Model, list[str]]:
     return model, notes
 
 
-def inputs(float_bytes: bytes, opts: qm.Options, model: ir.Model | None = None) -> tuple[list[dict], list[dict], dict]:
+def inputs(float_bytes: bytes, opts: qm.RunSettings, model: ir.Model | None = None) -> tuple[list[dict], list[dict], dict]:
     """Step 2: (held-out scoring batches, rounding batches, the report's ``calibration`` entry);
     ``model``: the prepared model ``float_bytes`` serializes (its index bounds for synthesized ids)."""
     sess = runtime.session(float_bytes, "cpu", opts.threads, optimize=False)
@@ -154,9 +154,9 @@ class WeightQuantizer(qm.Quantizer):
         self.node_bits = {name: recipe.head_bits for name in qw.output_heads(model, self.matmuls)} if self.int4 else {}
         self.candidates = {name: "matmul" for name in self.matmuls}
         if not self.int4:  # fused com.microsoft Attention (fuse-transformer) -> QAttention
-            self.candidates.update({n.name: "attention" for n in model.graph if qw.fused_attention(n).succeeded})
+            self.candidates.update({node_name(n): "attention" for n in model.graph if qw.fused_attention(n).succeeded})
         if recipe.embeddings != "none":
-            self.candidates.update({n.name: "embedding" for n in model.graph if qw.embedding_gather(n).succeeded})
+            self.candidates.update({node_name(n): "embedding" for n in model.graph if qw.embedding_gather(n).succeeded})
         self.init_scoring(class_outputs)
 
     def plan(self, exclude=frozenset()) -> qq.Plan:
@@ -173,8 +173,8 @@ class WeightQuantizer(qm.Quantizer):
         hess = recover.hessians(nodes, self.recovery_set, self.float_bytes, exact=False)
         out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for node in nodes:
-            w, bits = node.inputs[1], self.node_bits.get(node.name, 4)
-            key = f"{w.name}/{bits}"
+            w, bits = node.inputs[1], self.node_bits.get(node_name(node), 4)
+            key = f"{name_of(w)}/{bits}"
             if key in out or node.name not in hess or (bits == 8 and self.fmt == "nbits"):  # that head runs dynamic
                 continue
             arr = constant(w).astype(np.float64)
@@ -214,7 +214,7 @@ def layer_errors(q: WeightQuantizer, rows: int = 2048) -> dict[str, float]:
     quantized as DynamicQuantizeLinear would in dynamic mode; weights on the mode's grid), and the
     relative rounding error of each embedding table or fused Attention weight."""
     nodes = {n.name: n for n in q.model.graph}
-    names = sorted({nodes[n].inputs[0].name for n, k in q.candidates.items() if k == "matmul"})
+    names = sorted({name_of(nodes[n].inputs[0]) for n, k in q.candidates.items() if k == "matmul"})
     sess = runtime.session(runtime.with_outputs(ir.to_proto(q.model), names), "cpu", q.threads, optimize=False)
     acts = runtime.run_candidate(sess, q.held_out[0], names)
     out = {}
@@ -229,7 +229,7 @@ def layer_errors(q: WeightQuantizer, rows: int = 2048) -> dict[str, float]:
         if kind != "matmul":
             out[name] = float(np.linalg.norm(wq - w) / (np.linalg.norm(w) or 1.0))
             continue
-        x = acts[nodes[name].inputs[0].name].reshape(-1, w.shape[0])[:rows].astype(np.float64)
+        x = acts[name_of(nodes[name].inputs[0])].reshape(-1, w.shape[0])[:rows].astype(np.float64)
         if not q.int4:  # uint8 per tensor, as DynamicQuantizeLinear
             lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
             step = (hi - lo) / 255 or 1.0
@@ -264,7 +264,7 @@ def budget(q: WeightQuantizer, recipe: qm.Recipe, max_drop: float) -> tuple[ir.M
     return best
 
 
-def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: qm.Recipe, opts: qm.Options,
+def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: qm.Recipe, opts: qm.RunSettings,
         metric_fn: Callable | None, replayed: bool, t_start: float) -> dict:
     """Steps 1-4 and the staged write; returns the report (``quantize.run``'s shape)."""
     if opts.search:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.base import OptPass, add_initializer, constant, is_constant, is_standard
+from onnxopt.base import OptPass, add_initializer, constant, is_constant, is_standard, name_of, node_name, present, tensor_of
 from onnxopt.errors import UsageError
 
 QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
@@ -81,7 +81,7 @@ def layer_kind(node: ir.Node) -> str | None:
         return None
     if is_constant(node.inputs[0]) or (len(node.inputs) > 2 and node.inputs[2] is not None and not is_constant(node.inputs[2])):
         return None
-    shape = w.const_value.shape
+    shape = tensor_of(w).shape
     if node.op_type == "Conv":
         if len(shape) not in (3, 4, 5) or node.attributes.get("auto_pad") is not None and \
                 node.attributes["auto_pad"].as_string() not in ("NOTSET", ""):
@@ -184,7 +184,7 @@ def node_kind(node: ir.Node) -> str | None:
 
 def candidates(model: ir.Model) -> dict[str, str]:
     """Primary node name -> layer kind, for every quantizable layer of the main graph."""
-    return {n.name: k for n in model.graph if (k := node_kind(n)) is not None}
+    return {node_name(n): k for n in model.graph if (k := node_kind(n)) is not None}
 
 
 def plan(model: ir.Model, profile: Profile, exclude=frozenset()) -> Plan:
@@ -206,7 +206,8 @@ def plan(model: ir.Model, profile: Profile, exclude=frozenset()) -> Plan:
     points: dict[str, tuple[str, float | None, str | None]] = {}
     absorbed: set[str] = set()
     alias: dict[str, str] = {}  # output of an absorbed ReLU -> the quantized value that replaces it
-    targets, kinds = [], {}
+    targets: list[str] = []
+    kinds: dict[str, str] = {}
 
     def point(name: str) -> str | None:
         name = alias.get(name, name)
@@ -218,12 +219,12 @@ def plan(model: ir.Model, profile: Profile, exclude=frozenset()) -> Plan:
             return
         act = _absorbable(out, profile)
         if act is None:
-            points[out.name] = (out.name, None, None)
+            points[name_of(out)] = (name_of(out), None, None)
         else:
             hi = _clip_bound(act, 2, "max") if act.op_type == "Clip" else None
-            points[out.name] = (act.outputs[0].name, hi, act.name)
-            alias[act.outputs[0].name] = out.name
-            absorbed.add(act.name)
+            points[name_of(out)] = (name_of(act.outputs[0]), hi, act.name)
+            alias[name_of(act.outputs[0])] = name_of(out)
+            absorbed.add(node_name(act))
 
     def floats(node: ir.Node) -> list[ir.Value]:
         return [v for v in node.inputs if v is not None and not is_constant(v)
@@ -237,29 +238,29 @@ def plan(model: ir.Model, profile: Profile, exclude=frozenset()) -> Plan:
             continue
         if kind == "attention" and node.name not in exclude:  # both inputs through Q/DQ, the output float
             for x in node.inputs:
-                if point(x.name) is None:
-                    points[x.name] = (x.name, None, None)
-            targets.append(node.name)
-            kinds[node.name] = kind
+                if point(name_of(x)) is None:
+                    points[name_of(x)] = (name_of(x), None, None)
+            targets.append(node_name(node))
+            kinds[node_name(node)] = kind
         elif kind is not None and node.name not in exclude:
             x = node.inputs[0]
-            if point(x.name) is None:
-                points[x.name] = (x.name, None, None)
-            targets.append(node.name)
-            kinds[node.name] = kind
+            if point(name_of(x)) is None:
+                points[name_of(x)] = (name_of(x), None, None)
+            targets.append(node_name(node))
+            kinds[node_name(node)] = kind
             quantize_output(node)
-        elif node.op_type in profile.secondary and all(point(v.name) for v in floats(node)) and floats(node) \
+        elif node.op_type in profile.secondary and all(point(name_of(v)) for v in floats(node)) and floats(node) \
                 and len(floats(node)) == len([v for v in node.inputs if v is not None]):
-            targets.append(node.name)
+            targets.append(node_name(node))
             quantize_output(node)
             if node.op_type == "Concat":
-                for v in node.inputs:
-                    union(point(v.name), node.outputs[0].name)
+                for v in node.inputs:  # every input has a point (checked above)
+                    union(present(point(name_of(v))), name_of(node.outputs[0]))
         elif node.op_type in profile.shared and node.inputs and node.inputs[0] is not None \
-                and point(node.inputs[0].name) and len(node.outputs) == 1 and not node.outputs[0].is_graph_output():
+                and point(name_of(node.inputs[0])) and len(node.outputs) == 1 and not node.outputs[0].is_graph_output():
             out = node.outputs[0]
-            points[out.name] = (out.name, None, None)
-            union(out.name, point(node.inputs[0].name))
+            points[name_of(out)] = (name_of(out), None, None)
+            union(name_of(out), present(point(name_of(node.inputs[0]))))  # checked just above
     groups = {name: find(name) for name in points}
     return Plan(targets, kinds, points, groups, exclude, alias)
 
@@ -323,12 +324,13 @@ class QuantizeQDQ(OptPass):
     name = "quantize-qdq"
 
     def __init__(self, the_plan: Plan, ranges: dict[str, tuple[float, float]], profile: Profile,
-                 per_channel: bool = True, qmax: int | None = None, weights: dict[str, np.ndarray] | None = None):
+                 per_channel: bool = True, qmax: int | None = None,
+                 weights: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
         super().__init__()
         self.plan, self.ranges, self.profile = the_plan, ranges, profile
         self.per_channel = per_channel
         self.weight_qmax = qmax if qmax is not None else weight_qmax(profile.name)
-        #: optional pre-quantized int8 weights by node name (rounding chosen by a recovery pass)
+        #: optional pre-quantized int8 weights (codes, scale) by node name (rounding chosen by a recovery pass)
         self.weights = weights or {}
 
     def group_range(self) -> dict[str, tuple[float, float]]:
@@ -358,9 +360,9 @@ class QuantizeQDQ(OptPass):
         # weights and biases first (bias needs the input scale)
         for tname in self.plan.weighted():
             node = nodes[tname]
-            s_x = params[self.plan.alias.get(node.inputs[0].name, node.inputs[0].name)][0]
+            s_x = params[self.plan.alias.get(name_of(node.inputs[0]), name_of(node.inputs[0]))][0]
             axis = _weight_axis(node) if self.per_channel else None
-            w = node.inputs[1].const_value.numpy().astype(np.float32)
+            w = tensor_of(node.inputs[1]).numpy().astype(np.float32)
             q, s_w = self.weights.get(tname, (None, None))
             if q is None:
                 q, s_w = weight_params(w, axis, self.weight_qmax)
@@ -368,7 +370,7 @@ class QuantizeQDQ(OptPass):
             changed["weights"] += 1
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 b = constant(node.inputs[2]).astype(np.float64).reshape(-1)
-                s_b = (np.float64(s_x) * s_w.astype(np.float64))
+                s_b = (np.float64(s_x) * present(s_w).astype(np.float64))  # s_w is set with q
                 b_q = np.clip(np.round(b / s_b), -(2**31) + 1, 2**31 - 1).astype(np.int32)
                 node.replace_input_with(2, self._dq(graph, f"{tname}_b", b_q, s_b.astype(np.float32),
                                                     np.zeros_like(s_b, np.int32), 0 if np.ndim(s_b) else None, node))

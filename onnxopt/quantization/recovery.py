@@ -26,7 +26,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import runtime
-from onnxopt.base import add_initializer, constant, is_constant
+from onnxopt.base import add_initializer, constant, graph_of, is_constant, name_of, node_name, present, producer_of, tensor_of
 from onnxopt.quantization.qdq import _weight_axis, weight_params
 
 MAX_K = 4608
@@ -86,7 +86,7 @@ def cle(model: ir.Model) -> collections.Counter:
 
 
 def _set_const(node: ir.Node, index: int, array: np.ndarray) -> None:
-    node.replace_input_with(index, add_initializer(node.graph, f"{node.name}_cle_{index}", array))
+    node.replace_input_with(index, add_initializer(graph_of(node), f"{node.name}_cle_{index}", array))
 
 
 # ---------------------------------------------------------------- bias correction
@@ -108,9 +108,9 @@ class InputStats:
     order (:meth:`merge`) with the same result.  Cost per batch: rows x K^2 per Hessian."""
 
     def __init__(self, mean_layers: list[ir.Node], hess_layers: list[ir.Node], batches: int):
-        self.mean_names = sorted({n.inputs[0].name for n in mean_layers})
+        self.mean_names = sorted({name_of(n.inputs[0]) for n in mean_layers})
         self.hess_layers, self.batches = list(hess_layers), batches
-        self.names = sorted(set(self.mean_names) | {n.inputs[0].name for n in self.hess_layers})
+        self.names = sorted(set(self.mean_names) | {name_of(n.inputs[0]) for n in self.hess_layers})
         self.seen = 0
         self._sums: dict[str, np.ndarray] = {}
         self._hess: dict[str, np.ndarray] = {}
@@ -127,7 +127,7 @@ class InputStats:
         rng = np.random.default_rng([0, index])
         hess, counts = {}, {}
         for node in self.hess_layers:
-            rows = _rows(acts[node.inputs[0].name], node, rng, -self.batches)
+            rows = _rows(acts[name_of(node.inputs[0])], node, rng, -self.batches)
             if rows is not None and rows.shape[1] <= MAX_K:
                 hess[node.name], counts[node.name] = rows.T @ rows, len(rows)
         return sums, hess, counts
@@ -185,17 +185,17 @@ def bias_correction(model: ir.Model, the_plan, float_model: ir.Model, means: dic
     floats = {n.name: n for n in float_model.graph}
     layers = [nodes[t] for t in the_plan.weighted()
               if len(nodes[t].inputs) > 2 and nodes[t].inputs[2] is not None
-              and nodes[t].inputs[2].producer() is not None
-              and nodes[t].inputs[2].producer().op_type == "DequantizeLinear"
-              and nodes[t].inputs[1].producer() is not None
-              and floats[t].inputs[0].name in means]
+              and producer_of(nodes[t].inputs[2]) is not None
+              and producer_of(nodes[t].inputs[2]).op_type == "DequantizeLinear"
+              and producer_of(nodes[t].inputs[1]) is not None
+              and name_of(floats[t].inputs[0]) in means]
     for node in layers:
-        fnode = floats[node.name]
-        mean_x = means[fnode.inputs[0].name]
-        w = fnode.inputs[1].const_value.numpy().astype(np.float64)
-        wdq = node.inputs[1].producer()
-        wq = wdq.inputs[0].const_value.numpy().astype(np.float64)
-        ws = wdq.inputs[1].const_value.numpy().astype(np.float64)
+        fnode = floats[node_name(node)]
+        mean_x = means[name_of(fnode.inputs[0])]
+        w = tensor_of(fnode.inputs[1]).numpy().astype(np.float64)
+        wdq = producer_of(node.inputs[1])
+        wq = tensor_of(wdq.inputs[0]).numpy().astype(np.float64)
+        ws = tensor_of(wdq.inputs[1]).numpy().astype(np.float64)
         axis = wdq.attributes["axis"].as_int() if "axis" in wdq.attributes else None
         shape = [1] * w.ndim
         if axis is not None and ws.ndim:
@@ -209,10 +209,10 @@ def bias_correction(model: ir.Model, the_plan, float_model: ir.Model, means: dic
             err = delta @ mean_x
         else:
             err = mean_x @ delta
-        dq = node.inputs[2].producer()
-        b_q, s_b = dq.inputs[0].const_value.numpy(), dq.inputs[1].const_value.numpy().astype(np.float64)
+        dq = producer_of(node.inputs[2])
+        b_q, s_b = tensor_of(dq.inputs[0]).numpy(), tensor_of(dq.inputs[1]).numpy().astype(np.float64)
         new = np.clip(np.round(b_q.astype(np.float64) - err / s_b), -(2**31) + 1, 2**31 - 1).astype(np.int32)
-        dq.inputs[0].const_value = ir.tensor(new, name=dq.inputs[0].name)
+        present(dq.inputs[0]).const_value = ir.tensor(new, name=name_of(dq.inputs[0]))
         changed["biases corrected"] += 1
     return changed
 
@@ -233,7 +233,7 @@ def _rows(x: np.ndarray, node: ir.Node, rng: np.random.Generator, limit: int | N
     if node.op_type != "Conv":
         rows = x.reshape(-1, x.shape[-1])
     else:
-        w = node.inputs[1].const_value
+        w = tensor_of(node.inputs[1])
         if x.ndim != 4 or len(w.shape) != 4:
             return None
         a = node.attributes
@@ -276,7 +276,7 @@ def adaround(model: ir.Model, the_plan, batches: list[dict], float_bytes: bytes,
         hess = hessians(layers, batches, float_bytes)
 
     def rounded(node: ir.Node) -> tuple[np.ndarray, np.ndarray]:
-        w = node.inputs[1].const_value.numpy().astype(np.float64)
+        w = tensor_of(node.inputs[1]).numpy().astype(np.float64)
         layout = _weight_axis(node)  # the output-channel axis, whether or not scales are per channel
         axis = layout if per_channel else None
         _, scale = weight_params(w.astype(np.float32), axis, qmax)
@@ -288,7 +288,7 @@ def adaround(model: ir.Model, the_plan, batches: list[dict], float_bytes: bytes,
         else:
             wk = w
         s = np.broadcast_to(np.asarray(scale, np.float64), (wk.shape[1],))
-        q = _error_feedback(wk, s, hess[node.name], qmax)
+        q = _error_feedback(wk, s, hess[node_name(node)], qmax)
         q = q.T.reshape(w.shape) if node.op_type == "Conv" else (q.T if layout == 0 else q)
         return q.astype(np.int8), scale
 
@@ -296,9 +296,9 @@ def adaround(model: ir.Model, the_plan, batches: list[dict], float_bytes: bytes,
     # BLAS release the GIL) run while the other's row loop (Python) does; one when a layer's K x K
     # temporaries (about 5 float64 copies each) are large
     todo = [node for node in layers if node.name in hess]
-    workers = 2 if all(len(hess[n.name]) <= PARALLEL_K for n in todo) else 1
+    workers = 2 if all(len(hess[node_name(n)]) <= PARALLEL_K for n in todo) else 1
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="onnxopt-adaround") as pool:
-        return dict(zip((node.name for node in todo), pool.map(rounded, todo)))
+        return dict(zip((node_name(node) for node in todo), pool.map(rounded, todo)))
 
 
 def hessians(layers: list[ir.Node], batches: list[dict], float_bytes: bytes, exact: bool = True) -> dict[str, np.ndarray]:

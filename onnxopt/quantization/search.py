@@ -448,4 +448,5 @@ def run_search(q: qm.Quantizer, recipe: qm.Recipe, max_drop: float, budget: int,
     c, f = result.chosen, result.float_candidate
     latency = {"float_ms": f.latency_ms, "quantized_ms": c.latency_ms, "verdict": None,
                "ratio": c.latency_ms / f.latency_ms if f.latency_ms else None, "measured": "search round-robin"}
+    assert c.model is not None  # search() loads the chosen candidate's model
     return c.recipe, c.model, c.plan, latency, c.is_float, result

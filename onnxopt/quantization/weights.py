@@ -42,9 +42,12 @@ from onnxopt.base import (
     constant,
     float_initializer,
     is_standard,
+    name_of,
     new_initializer,
+    node_name,
     node_output,
     replace_node,
+    tensor_of,
 )
 
 FLOAT = ir.DataType.FLOAT
@@ -67,17 +70,17 @@ def weight_matmul(node: ir.Node) -> Match:
     x, w = node.inputs
     if not float_initializer(w):
         return Match.fail("weight is not a float32 initializer")
-    if len(w.const_value.shape) != 2:
+    if len(tensor_of(w).shape) != 2:
         return Match.fail("weight is not 2-D")
     if x is None or x.const_value is not None or (x.dtype is not None and x.dtype != FLOAT):
         return Match.fail("activation input is constant or not float32")
-    k, n = w.const_value.shape.numpy()
+    k, n = tensor_of(w).shape.numpy()
     return Match.ok((int(k), int(n)))
 
 
 def weight_matmuls(model: ir.Model, exclude=frozenset()) -> dict[str, tuple[int, int]]:
     """Name -> (K, N) of every MatMul the quantizers reach (main graph, named nodes)."""
-    return {n.name: typing.cast(tuple[int, int], m.value) for n in model.graph
+    return {node_name(n): typing.cast(tuple[int, int], m.value) for n in model.graph
             if n.name not in exclude and (m := weight_matmul(n)).succeeded}
 
 
@@ -156,7 +159,7 @@ def fused_attention(node: ir.Node) -> Match:
     if node.op_type != "Attention" or node.domain != "com.microsoft" or len(node.inputs) < 3:
         return NO_MATCH
     w, bias = node.inputs[1], node.inputs[2]
-    if not float_initializer(w) or len(w.const_value.shape) != 2 or not float_initializer(bias):
+    if not float_initializer(w) or len(tensor_of(w).shape) != 2 or not float_initializer(bias):
         return Match.fail("weights or bias not float32 initializers")
     if any(v is not None for v in node.inputs[5:]):
         return Match.fail("attention_bias / past_sequence_length inputs (QAttention has none)")
@@ -286,7 +289,7 @@ def output_heads(model: ir.Model, matmuls) -> set[str]:
         while node is not None and node.name not in matmuls and node.op_type in HEAD_PASSTHROUGH and node.inputs:
             node = next((v.producer() for v in node.inputs if v is not None and v.producer() is not None), None)
         if node is not None and node.name in matmuls:
-            heads.add(node.name)
+            heads.add(node_name(node))
     return heads
 
 
@@ -393,12 +396,12 @@ def embedding_gather(node: ir.Node, exclude=frozenset()) -> Match:
     if node.op_type != "Gather" or not is_standard(node) or node.name in exclude:
         return NO_MATCH
     table = node.inputs[0]
-    if not float_initializer(table) or len(table.const_value.shape) != 2:
+    if not float_initializer(table) or len(tensor_of(table).shape) != 2:
         return NO_MATCH
     axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
     if axis != 0:
         return Match.fail("Gather axis is not 0")
-    v, d = (int(x) for x in table.const_value.shape.numpy())
+    v, d = (int(x) for x in tensor_of(table).shape.numpy())
     if v * d < MIN_EMBEDDING:
         return Match.fail(f"table smaller than {MIN_EMBEDDING} elements")
     return Match.ok((v, d))
@@ -431,7 +434,7 @@ class QuantizeEmbeddings(OptPass):
             match = embedding_gather(node, self.exclude)
             if match.succeeded:
                 four = self.bits == 4 and typing.cast(tuple[int, int], match.value)[1] % self.block == 0
-                if node.inputs[0].name in self.shared:
+                if name_of(node.inputs[0]) in self.shared:
                     match = self._tied(model.graph, node, names, tables)
                     match.tally(changed, skipped, "Gather -> Gather int8 shared with a tied MatMul")
                     continue
@@ -513,7 +516,7 @@ def tied_tables(model: ir.Model, quantized: dict[str, tuple[ir.Value, ir.Value, 
     (``MatMul(x, W.T)``, its transposed copy made by ``gemm-to-matmul``, or a TorchScript export's
     second copy).  Table name -> that weight's int8 initializers.  Compared by value, O(tables x
     same-shape weights x V*D)."""
-    tables = {n.inputs[0].name: n.inputs[0] for n in model.graph if embedding_gather(n, exclude).succeeded}
+    tables = {name_of(n.inputs[0]): n.inputs[0] for n in model.graph if embedding_gather(n, exclude).succeeded}
     out: dict[str, tuple[ir.Value, ir.Value, ir.Value]] = {}
     for name, table in tables.items():
         rows = constant(table)
