@@ -78,7 +78,17 @@ def _exit_code_of(fn: Callable[[], object]) -> int:
 
 
 class _Group(click.Group):
-    """Maps errors to our exit codes (click's own usage exit code is 2; ours is 1)."""
+    """Maps errors to our exit codes (click's own usage exit code is 2; ours is 1); builds each
+    command from its module (onnxopt.commands) only when it is asked for, so a command's start-up
+    imports its own engine only."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*commands.NAMES, *super().list_commands(ctx)})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in commands.NAMES:
+            return _command(commands.get(cmd_name))
+        return super().get_command(ctx, cmd_name)
 
     def main(self, args=None, prog_name=None, **extra):  # noqa: D401
         extra.pop("standalone_mode", None)
@@ -289,10 +299,6 @@ def _command(cmd: spec.Command) -> click.Command:
             raise click.exceptions.Exit(code)  # the child has printed its error line
 
     return click.Command(cmd.name, params=params, callback=callback, help=cmd.help, short_help=cmd.short_help)
-
-
-for _name in commands.NAMES:
-    main.add_command(_command(commands.get(_name)))
 
 
 @main.command("passes", short_help="List the passes with their one-line contracts.")

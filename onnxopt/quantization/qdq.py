@@ -324,13 +324,12 @@ class QuantizeQDQ(OptPass):
     name = "quantize-qdq"
 
     def __init__(self, the_plan: Plan, ranges: dict[str, tuple[float, float]], profile: Profile,
-                 per_channel: bool = True, qmax: int | None = None,
-                 weights: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
+                 per_channel: bool = True, qmax: int | None = None, weights: dict[str, np.ndarray] | None = None):
         super().__init__()
         self.plan, self.ranges, self.profile = the_plan, ranges, profile
         self.per_channel = per_channel
         self.weight_qmax = qmax if qmax is not None else weight_qmax(profile.name)
-        #: optional pre-quantized int8 weights (codes, scale) by node name (rounding chosen by a recovery pass)
+        #: optional pre-quantized int8 weights by node name (rounding chosen by a recovery pass)
         self.weights = weights or {}
 
     def group_range(self) -> dict[str, tuple[float, float]]:
