@@ -111,7 +111,7 @@ def _file_state(path: Path | None):
     """Identity of ``path`` and of its external-data file ``path.data`` (commit renames that first)."""
     if path is None:
         return None
-    state = []
+    state: list[tuple[int, int, int] | None] = []
     for p in (path, path.with_name(path.name + ".data")):
         try:
             st = p.stat()

@@ -734,7 +734,7 @@ def test_step_place(small_run, monkeypatch):
     warnings = []
     monkeypatch.setattr(qm.logger, "warning", lambda fmt, *a: warnings.append(fmt % a))
     qm.place(q, recipe)
-    assert recipe.float_layers == {"conv1": "--exclude", "nope": "--exclude"}
+    assert recipe.decisions.float_layers == {"conv1": "--exclude", "nope": "--exclude"}
     assert warnings == ["--exclude 'nope': the prepared model has no node of that name"]
     model, the_plan = q.build(recipe.excluded())
     assert the_plan.primary() == ["conv0", "fc"] and the_plan.describe()["float_layers"] == ["conv1", "nope"]
@@ -752,15 +752,15 @@ def test_step_guard(small_run, monkeypatch):
     monkeypatch.setattr(q, "compare_latency", lambda a, b, **kw: {"verdict": next(verdicts), "a_ms": 1.0, "b_ms": 2.0,
                                                                   "ratio": 0.5, "interval": [0.4, 0.6], "pairs": 32})
     qm.guard_kinds(q, recipe)
-    assert [(d["kind"], d["layers"], d["quantized"]) for d in recipe.latency_decisions] == [("conv", 1, True),
+    assert [(d["kind"], d["layers"], d["quantized"]) for d in recipe.decisions.latency_decisions] == [("conv", 1, True),
                                                                                            ("gemm", 1, False)]
-    assert set(recipe.float_layers) == {"conv1", "fc"} and recipe.float_layers["conv1"] == "--exclude"
-    assert recipe.float_layers["fc"].startswith("latency guard: gemm layers not faster")
+    assert set(recipe.decisions.float_layers) == {"conv1", "fc"} and recipe.decisions.float_layers["conv1"] == "--exclude"
+    assert recipe.decisions.float_layers["fc"].startswith("latency guard: gemm layers not faster")
     monkeypatch.setattr(q, "compare_latency", lambda a, b, **kw: {"verdict": "faster", "a_ms": 1.0, "b_ms": 2.0,
                                                                   "ratio": 0.5, "interval": [0.4, 0.6], "pairs": 32})
     qm.guard_layers(q, recipe)
-    assert recipe.float_layers["conv0"].startswith("latency guard: the model is faster with this layer in float")
-    assert recipe.latency_decisions[-1] == {"layer": "conv0", "quantized_ms": 2.0, "float_ms": 1.0, "ratio": 2.0,
+    assert recipe.decisions.float_layers["conv0"].startswith("latency guard: the model is faster with this layer in float")
+    assert recipe.decisions.latency_decisions[-1] == {"layer": "conv0", "quantized_ms": 2.0, "float_ms": 1.0, "ratio": 2.0,
                                             "pairs": 32, "verdict": "float faster", "quantized": False}
 
 
@@ -772,7 +772,7 @@ def test_step_guard_after_the_budget_keeps_the_budget(small_run, monkeypatch):
     faster = {"verdict": "faster", "a_ms": 1.0, "b_ms": 2.0, "ratio": 0.5, "interval": [0.4, 0.6], "pairs": 32}
     for over in (False, True):
         q, recipe = _quantizer(qm, prepared, calib)
-        recipe.float_layers = {"conv1": "accuracy budget: test"}
+        recipe.decisions.float_layers = {"conv1": "accuracy budget: test"}
         candidate, the_plan = q.build(recipe.excluded())
         tried = []
 
@@ -785,11 +785,11 @@ def test_step_guard_after_the_budget_keeps_the_budget(small_run, monkeypatch):
         got, got_plan = qm.guard_budgeted(q, recipe, {}, candidate, the_plan, max_drop=0.1)
         assert len(tried) == 2  # conv0 and fc tried; conv1 (the budget's) never
         if over:
-            assert got is candidate and set(recipe.float_layers) == {"conv1"}
-            assert recipe.latency_decisions[-1]["verdict"] == "float faster, but over the accuracy budget"
-            assert recipe.latency_decisions[-1]["quantized"] is True
+            assert got is candidate and set(recipe.decisions.float_layers) == {"conv1"}
+            assert recipe.decisions.latency_decisions[-1]["verdict"] == "float faster, but over the accuracy budget"
+            assert recipe.decisions.latency_decisions[-1]["quantized"] is True
         else:
-            assert got is not candidate and got_plan.primary() == ["fc"] and set(recipe.float_layers) == {"conv0", "conv1"}
+            assert got is not candidate and got_plan.primary() == ["fc"] and set(recipe.decisions.float_layers) == {"conv0", "conv1"}
             assert not any(n.op_type == "QuantizeLinear" and n.name.startswith("conv0") for n in got.graph)
 
 
@@ -859,14 +859,14 @@ def test_step_budget(small_run):
     qm, prepared, calib, _, _ = small_run
     q, recipe = _quantizer(qm, prepared, calib)
     _, the_plan, drop = qm.budget(q, recipe, max_drop=1.0)
-    assert recipe.sensitivity == [] and recipe.float_layers == {} and the_plan.primary() == ["conv0", "conv1", "fc"]
+    assert recipe.decisions.sensitivity == [] and recipe.decisions.float_layers == {} and the_plan.primary() == ["conv0", "conv1", "fc"]
     _, the_plan, drop = qm.budget(q, recipe, max_drop=-1.0)  # unreachable: every layer ranked and kept float
     assert the_plan.primary() == [] and drop == pytest.approx(0.0, abs=1e-9)
-    drops = [s["drop"] for s in recipe.sensitivity]
-    assert sorted(s["layer"] for s in recipe.sensitivity) == ["conv0", "conv1", "fc"] and drops == sorted(drops, reverse=True)
-    assert all(s["kept_float"] for s in recipe.sensitivity)
-    first = recipe.sensitivity[0]["layer"]
-    assert recipe.float_layers[first].startswith("accuracy budget: sensitivity rank 1")
+    drops = [s["drop"] for s in recipe.decisions.sensitivity]
+    assert sorted(s["layer"] for s in recipe.decisions.sensitivity) == ["conv0", "conv1", "fc"] and drops == sorted(drops, reverse=True)
+    assert all(s["kept_float"] for s in recipe.decisions.sensitivity)
+    first = recipe.decisions.sensitivity[0]["layer"]
+    assert recipe.decisions.float_layers[first].startswith("accuracy budget: sensitivity rank 1")
 
 
 def test_step_final_check(small_run, monkeypatch):
@@ -876,11 +876,11 @@ def test_step_final_check(small_run, monkeypatch):
     monkeypatch.setattr(q, "compare_latency", lambda a, b, **kw: {"verdict": "tie", "a_ms": 1.0, "b_ms": 1.0,
                                                                   "ratio": 1.0, "interval": [0.9, 1.1], "pairs": 32})
     kept, plan, latency, wrote_float = qm.final_check(q, recipe, candidate, the_plan, decide=False)  # replay
-    assert kept is candidate and not wrote_float and recipe.float_layers == {} and latency["verdict"] == "tie"
+    assert kept is candidate and not wrote_float and recipe.decisions.float_layers == {} and latency["verdict"] == "tie"
     model, plan, latency, wrote_float = qm.final_check(q, recipe, candidate, the_plan)
     assert wrote_float and model is q.model and plan.targets == [] and latency["quantized_ms"] == latency["float_ms"]
-    assert set(recipe.float_layers) == {"conv0", "conv1", "fc"}
-    assert all(why.startswith("final check") for why in recipe.float_layers.values())
+    assert set(recipe.decisions.float_layers) == {"conv0", "conv1", "fc"}
+    assert all(why.startswith("final check") for why in recipe.decisions.float_layers.values())
 
 
 def test_step_recover_and_recipe_round_trip(small_run, tmp_path):
@@ -897,12 +897,12 @@ def test_step_recover_and_recipe_round_trip(small_run, tmp_path):
 
     a, b = biases(plain), biases(corrected)
     assert set(a) == {"conv0_b_DequantizeLinear", "conv1_b_DequantizeLinear"} and any((a[k] != b[k]).any() for k in a)
-    recipe.float_layers = {"fc": "test"}
+    recipe.decisions.float_layers = {"fc": "test"}
     recipe.save(tmp_path / "r.json", the_plan)
     back = qm.Recipe.load(tmp_path / "r.json")
-    assert back.float_layers == {"fc": "test"} and back.method == recipe.method and back.qmax == recipe.qmax
-    assert back.replayed_from == str(tmp_path / "r.json")
-    back.float_layers["other_model_conv"] = "x"
+    assert back.decisions.float_layers == {"fc": "test"} and back.method == recipe.method and back.qmax == recipe.qmax
+    assert back.decisions.replayed_from == str(tmp_path / "r.json")
+    back.decisions.float_layers["other_model_conv"] = "x"
     with pytest.raises(BadInputError, match="not a node of this model"):
         qm.check_replay(q, back)
     with pytest.raises(BadInputError, match="not an onnxopt recipe"):
@@ -927,7 +927,7 @@ def test_step_budget_binary_search_keeps_the_fewest_sensitive_layers(small_run, 
     monkeypatch.setattr(q, "score", score)
     _, the_plan, d = qm.budget(q, recipe, max_drop=0.15)
     assert len(the_plan.primary()) == 1 and d == pytest.approx(0.1)
-    assert sum(s.get("kept_float", False) for s in recipe.sensitivity) == 2 and len(recipe.float_layers) == 2
+    assert sum(s.get("kept_float", False) for s in recipe.decisions.sensitivity) == 2 and len(recipe.decisions.float_layers) == 2
     assert calls[0] == 3 and sorted(calls[1:4]) == [1, 1, 1] and calls[4:] == [2, 1], calls
 
 
@@ -1024,7 +1024,7 @@ def test_cost_model_guard_agrees_with_the_measured_guard(tmp_path, monkeypatch, 
         if cost_model:
             monkeypatch.setattr(q, "compare_latency", lambda *a, **k: pytest.fail("the cost model left a kind open"))
         qm.guard_kinds(q, recipe, q.regions() if cost_model else None)
-        decisions[cost_model] = {d["kind"]: (d["quantized"], d.get("cost_model", False)) for d in recipe.latency_decisions}
+        decisions[cost_model] = {d["kind"]: (d["quantized"], d.get("cost_model", False)) for d in recipe.decisions.latency_decisions}
     assert decisions[True] == {"conv": (True, True), "gemm": (False, True)}, decisions
     assert decisions[False] == {"conv": (True, False), "gemm": (False, False)}, decisions
 
@@ -1071,7 +1071,7 @@ def test_guard_layers_measures_what_the_cost_model_cannot_settle(small_run, monk
     monkeypatch.setattr(q, "compare_latency", lambda a, b, **kw: measured.append(1) or {
         "verdict": "tie", "a_ms": 1.0, "b_ms": 1.0, "ratio": 1.0, "interval": [0.9, 1.1], "pairs": 32})
     qm.guard_layers(q, recipe, costs)
-    assert len(measured) == 2 and recipe.float_layers == {}  # conv1 (estimated) and fc; ties stay int8
+    assert len(measured) == 2 and recipe.decisions.float_layers == {}  # conv1 (estimated) and fc; ties stay int8
 
 
 def test_region_cache_keys_and_malformed_entries(tmp_path, monkeypatch):

@@ -155,7 +155,8 @@ class Result:
     @classmethod
     def keys(cls) -> tuple[list[str], list[str]]:
         """(required, optional) report keys of this type, header included."""
-        required, optional = ["tool", "version", "command"], []
+        required: list[str] = ["tool", "version", "command"]
+        optional: list[str] = []
         for f in _fields(cls):
             has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
             (optional if has_default and _key(f) not in cls.always else required).append(_key(f))

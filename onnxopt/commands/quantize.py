@@ -164,7 +164,8 @@ def recipe_of(o: Options) -> tuple[static.Recipe, bool]:
         "weights": f.weights, "block_size": f.block_size, "rounding": f.rounding, "embeddings": f.embeddings,
         "head_bits": f.head_bits,
         "mode": f.mode or ("weight-only" if f.weights == "int4" else None)}
-    return static.Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if v is not None}), False
+    given_settings: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if v is not None}
+    return static.Recipe(**given_settings), False
 
 
 def settings_of(o: Options, replayed: bool, progress: core.ProgressFn | None) -> static.RunSettings:

@@ -85,8 +85,8 @@ def click_params(options: type) -> list[click.Parameter]:
     for path, f, fl in flags_of(options):
         kwargs = dict(fl.click)
         default = f.default if f.default is not dataclasses.MISSING else None
-        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
         if isinstance(default, tuple):
             default = list(default)
         kwargs.setdefault("default", default)

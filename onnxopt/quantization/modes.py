@@ -246,19 +246,19 @@ def budget(q: WeightQuantizer, recipe: qm.Recipe, max_drop: float) -> tuple[ir.M
     :func:`layer_errors` (one float run, no builds) and binary-search the fewest most-error layers
     to keep in float so the budget holds (about log2(layers) builds, where ranking by the drop of
     each layer alone, as static mode does, costs one build per layer; assumes the drop shrinks as
-    more layers go float).  ``recipe.sensitivity`` lists the ranking with its proxy errors."""
+    more layers go float).  ``recipe.decisions.sensitivity`` lists the ranking with its proxy errors."""
     base = recipe.excluded()
     candidate, the_plan = q.build(base)
     drop = q.drop(candidate)
-    recipe.sensitivity = []
+    recipe.decisions.sensitivity = []
     if drop <= max_drop:
         return candidate, the_plan, drop
     errors = layer_errors(q)
     ranked = sorted((n for n in the_plan.primary()), key=lambda n: -errors[n])
-    recipe.sensitivity = [{"layer": n, "kind": q.candidates[n], "relative_error": errors[n]} for n in ranked]
+    recipe.decisions.sensitivity = [{"layer": n, "kind": q.candidates[n], "relative_error": errors[n]} for n in ranked]
     hi, best = qm.fewest_float(q, base, ranked, max_drop)
-    for rank, s in enumerate(recipe.sensitivity[:hi], 1):
-        recipe.float_layers[s["layer"]] = (f"accuracy budget: relative error rank {rank} "
+    for rank, s in enumerate(recipe.decisions.sensitivity[:hi], 1):
+        recipe.decisions.float_layers[s["layer"]] = (f"accuracy budget: relative error rank {rank} "
                                            f"({s['relative_error']:.3g}); the {hi} worst kept float")
         s["kept_float"] = True
     return best

@@ -34,14 +34,14 @@ logger = logging.getLogger("onnxopt")
 
 
 def place(q: Quantizer, recipe: Recipe) -> None:
-    """Step 3: the starting placement in ``recipe.float_layers``: layer kinds the EP profile runs
+    """Step 3: the starting placement in ``recipe.decisions.float_layers``: layer kinds the EP profile runs
     slower in int8, and ``recipe.exclude`` (which no later step puts back in int8)."""
     for name, kind in q.candidates.items():
         if kind in recipe.profile.float_kinds:
-            recipe.float_layers.setdefault(name, f"{kind} starts in float on {recipe.ep} (EP profile: slower in int8)")
+            recipe.decisions.float_layers.setdefault(name, f"{kind} starts in float on {recipe.ep} (EP profile: slower in int8)")
     nodes = {n.name for n in q.model.graph}
     for name in recipe.exclude:
-        recipe.float_layers[name] = "--exclude"
+        recipe.decisions.float_layers[name] = "--exclude"
         if name not in nodes:
             logger.warning("--exclude '%s': the prepared model has no node of that name", name)
 
@@ -49,9 +49,9 @@ def place(q: Quantizer, recipe: Recipe) -> None:
 def check_replay(q: Quantizer, recipe: Recipe) -> None:
     """A replayed recipe must name this model's nodes (not another model's)."""
     nodes = {n.name for n in q.model.graph}
-    unknown = sorted(set(recipe.float_layers) - nodes)
+    unknown = sorted(set(recipe.decisions.float_layers) - nodes)
     if unknown:
-        raise BadInputError(f"recipe {recipe.replayed_from or ''}: float layer '{unknown[0]}' is not a node of this "
+        raise BadInputError(f"recipe {recipe.decisions.replayed_from or ''}: float layer '{unknown[0]}' is not a node of this "
                             f"model ({len(unknown)} unknown; a recipe of another model?)")
 
 
@@ -105,7 +105,7 @@ def guard_kinds(q: Quantizer, recipe: Recipe, costs: Mapping[str, costmodel.Regi
         predicted = predict_kind(members, costs, fp32_ms)
         if predicted is not None:
             keep = predicted["quantized"]
-            recipe.latency_decisions.append({"kind": kind, "layers": len(members), **predicted})
+            recipe.decisions.latency_decisions.append({"kind": kind, "layers": len(members), **predicted})
             why = (f"latency guard (cost model): {kind} layers are {predicted['float_share']:.1%} of the fp32 time, "
                    f"below the {LATENCY_MARGIN:.0%} margin")
         else:
@@ -114,15 +114,15 @@ def guard_kinds(q: Quantizer, recipe: Recipe, costs: Mapping[str, costmodel.Regi
             without = serialize(q.build(excluded | members)[0])
             c = q.compare_latency(with_q, without)
             keep = c["verdict"] == "faster"  # a tie goes to float: int8 must pay clearly
-            recipe.latency_decisions.append({"kind": kind, "layers": len(members), "quantized_ms": c["a_ms"],
+            recipe.decisions.latency_decisions.append({"kind": kind, "layers": len(members), "quantized_ms": c["a_ms"],
                                              "float_ms": c["b_ms"], "ratio": c["ratio"], "interval": c["interval"],
                                              "pairs": c["pairs"], "verdict": c["verdict"], "quantized": bool(keep)})
             why = f"latency guard: {kind} layers not faster in int8 on {recipe.ep} ({c['verdict']}, time ratio {c['ratio']:.3f})"
         for name in members:
             if keep:
-                recipe.float_layers.pop(name, None)
+                recipe.decisions.float_layers.pop(name, None)
             else:
-                recipe.float_layers[name] = why
+                recipe.decisions.float_layers[name] = why
 
 
 def guard_layers(q: Quantizer, recipe: Recipe, costs: Mapping[str, costmodel.Region] | None = None,
@@ -135,7 +135,7 @@ def guard_layers(q: Quantizer, recipe: Recipe, costs: Mapping[str, costmodel.Reg
     when at most PER_LAYER_GUARD.  ``base``: the current placement, serialized, when the caller has
     it built."""
     costs = costs or {}
-    quantized = [n for n in q.candidates if n not in recipe.float_layers]
+    quantized = [n for n in q.candidates if n not in recipe.decisions.float_layers]
     if not quantized or (not costs and len(quantized) > PER_LAYER_GUARD):
         if quantized:
             logger.info("latency guard: %d int8 layers (> %d), not tried one by one", len(quantized), PER_LAYER_GUARD)
@@ -154,9 +154,9 @@ def guard_layers(q: Quantizer, recipe: Recipe, costs: Mapping[str, costmodel.Reg
         # back to float only when that is clearly faster; one layer rarely is, so no extra blocks
         c = q.compare_latency(trial, base, max_blocks=LAYER_BLOCKS)
         if c["verdict"] == "faster":
-            recipe.float_layers[name] = f"latency guard: the model is faster with this layer in float on {recipe.ep}"
+            recipe.decisions.float_layers[name] = f"latency guard: the model is faster with this layer in float on {recipe.ep}"
             base = trial
-            recipe.latency_decisions.append({"layer": name, "quantized_ms": c["b_ms"], "float_ms": c["a_ms"],
+            recipe.decisions.latency_decisions.append({"layer": name, "quantized_ms": c["b_ms"], "float_ms": c["a_ms"],
                                              "ratio": 1.0 / c["ratio"], "pairs": c["pairs"], "verdict": "float faster",
                                              "quantized": False})
 
@@ -168,18 +168,18 @@ def guard_budgeted(q: Quantizer, recipe: Recipe, costs: Mapping[str, costmodel.R
     base placement).  Going float only removes rounding, so the budget still holds up to noise: the
     new placement is built and scored, and when it misses ``max_drop`` the guard's moves are undone
     (their decisions say so) and the budget's candidate stays.  Returns the candidate and its plan."""
-    before = dict(recipe.float_layers)
-    decisions = len(recipe.latency_decisions)
+    before = dict(recipe.decisions.float_layers)
+    decisions = len(recipe.decisions.latency_decisions)
     guard_layers(q, recipe, costs, base=serialize(candidate))
-    if recipe.float_layers.keys() == before.keys():
+    if recipe.decisions.float_layers.keys() == before.keys():
         return candidate, the_plan
     moved, the_plan_moved = q.build(recipe.excluded())
     drop = q.drop(moved)
     if drop <= max_drop:
         return moved, the_plan_moved
     logger.info("latency guard: the layers it moved to float push the drop to %.4g > %g; they stay int8", drop, max_drop)
-    recipe.float_layers = before
-    for d in recipe.latency_decisions[decisions:]:
+    recipe.decisions.float_layers = before
+    for d in recipe.decisions.latency_decisions[decisions:]:
         d.update(quantized=True, verdict="float faster, but over the accuracy budget")
     return candidate, the_plan
 
@@ -243,26 +243,26 @@ def sensitivity(q: Quantizer, names: Sequence[str]) -> list[dict]:
         finally:
             for _, future in pending:
                 future.cancel()
-    ranking = [{"layer": n, "kind": q.candidates[n], "drop": drops[n]} for n in names]
-    ranking.sort(key=lambda s: -s["drop"])
-    return ranking
+    ranked: list[dict] = [{"layer": n, "kind": q.candidates[n], "drop": drops[n]} for n in names]
+    ranked.sort(key=lambda s: -s["drop"])
+    return ranked
 
 
 def budget(q: Quantizer, recipe: Recipe, max_drop: float) -> tuple[ir.Model, qq.Plan, float]:
     """Step 5: build the recipe's placement and score it; over ``max_drop``, rank its int8 layers by
-    the drop each causes alone (``recipe.sensitivity``) and keep the fewest of the worst in float
+    the drop each causes alone (``recipe.decisions.sensitivity``) and keep the fewest of the worst in float
     that meet the budget (binary search: about log2(layers) builds; all of them when none does).
     Returns the candidate, its plan and its drop."""
     candidate, the_plan = q.build(recipe.excluded())
     drop = q.drop(candidate)
-    recipe.sensitivity = []
+    recipe.decisions.sensitivity = []
     if drop <= max_drop:
         return candidate, the_plan, drop
     del candidate
-    recipe.sensitivity = sensitivity(q, list(the_plan.primary()))
-    hi, (candidate, the_plan, drop) = fewest_float(q, recipe.excluded(), [s["layer"] for s in recipe.sensitivity], max_drop)
-    for rank, s in enumerate(recipe.sensitivity[:hi], 1):
-        recipe.float_layers[s["layer"]] = (f"accuracy budget: sensitivity rank {rank} (drop {s['drop']:.4g} "
+    recipe.decisions.sensitivity = sensitivity(q, list(the_plan.primary()))
+    hi, (candidate, the_plan, drop) = fewest_float(q, recipe.excluded(), [s["layer"] for s in recipe.decisions.sensitivity], max_drop)
+    for rank, s in enumerate(recipe.decisions.sensitivity[:hi], 1):
+        recipe.decisions.float_layers[s["layer"]] = (f"accuracy budget: sensitivity rank {rank} (drop {s['drop']:.4g} "
                                            f"with only this layer int8)")
         s["kept_float"] = True
     return candidate, the_plan, drop
@@ -284,7 +284,7 @@ def final_check(q: Quantizer, recipe: Recipe, candidate: ir.Model, the_plan: qq.
     logger.warning("the quantized model is not confidently faster than fp32 on %s (%.3f vs %.3f ms); "
                    "writing the float model", recipe.ep, c["a_ms"], c["b_ms"])
     for name in q.candidates:
-        recipe.float_layers.setdefault(name, f"final check: the int8 model was not confidently faster than fp32 "
+        recipe.decisions.float_layers.setdefault(name, f"final check: the int8 model was not confidently faster than fp32 "
                                              f"on {recipe.ep} ({c['verdict']}); the float model is written")
     latency["quantized_ms"] = latency["float_ms"]
     return q.model, q.plan(recipe.excluded()), latency, True

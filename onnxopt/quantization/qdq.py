@@ -324,7 +324,7 @@ class QuantizeQDQ(OptPass):
     name = "quantize-qdq"
 
     def __init__(self, the_plan: Plan, ranges: dict[str, tuple[float, float]], profile: Profile,
-                 per_channel: bool = True, qmax: int | None = None, weights: dict[str, np.ndarray] | None = None):
+                 per_channel: bool = True, qmax: int | None = None, weights: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
         super().__init__()
         self.plan, self.ranges, self.profile = the_plan, ranges, profile
         self.per_channel = per_channel
@@ -380,16 +380,16 @@ class QuantizeQDQ(OptPass):
             s = add_initializer(graph, f"{name}_scale", np.asarray(scale))
             z = add_initializer(graph, f"{name}_zero_point", np.asarray(zp))
             users = [(u.node, u.idx) for u in value.uses()]  # before the Q below becomes one
-            q = ir.node("QuantizeLinear", [value, s, z], name=f"{name}_QuantizeLinear")
-            dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=f"{name}_DequantizeLinear")
-            q.outputs[0].name, dq.outputs[0].name = f"{name}_quantized", f"{name}_dequantized"
-            q.outputs[0].type = ir.TensorType(ir.DataType.UINT8 if zp.dtype == np.uint8 else ir.DataType.INT8)
+            qn = ir.node("QuantizeLinear", [value, s, z], name=f"{name}_QuantizeLinear")
+            dq = ir.node("DequantizeLinear", [qn.outputs[0], s, z], name=f"{name}_DequantizeLinear")
+            qn.outputs[0].name, dq.outputs[0].name = f"{name}_quantized", f"{name}_dequantized"
+            qn.outputs[0].type = ir.TensorType(ir.DataType.UINT8 if zp.dtype == np.uint8 else ir.DataType.INT8)
             dq.outputs[0].type, dq.outputs[0].shape = value.type, value.shape
             anchor = value.producer()
             if anchor is not None:
-                graph.insert_after(anchor, [q, dq])
+                graph.insert_after(anchor, [qn, dq])
             else:
-                graph.insert_before(graph[0], [q, dq])
+                graph.insert_before(graph[0], [qn, dq])
             for user, idx in users:
                 user.replace_input_with(idx, dq.outputs[0])
             if absorbed is not None:

@@ -61,14 +61,25 @@ def serialize(model: ir.Model) -> bytes:
 
 
 @dataclasses.dataclass
+class Decisions:
+    """What a quantize run decides, apart from the settings it decides from: ``float_layers`` (layer
+    -> why it stays float), the latency guard's ``latency_decisions``, the budget's ``sensitivity``
+    ranking, and ``replayed_from``, the recipe file a replay used."""
+
+    float_layers: dict[str, str] = dataclasses.field(default_factory=dict)
+    latency_decisions: list[dict] = dataclasses.field(default_factory=list)
+    sensitivity: list[dict] = dataclasses.field(default_factory=list)
+    replayed_from: str | None = None
+
+
+@dataclasses.dataclass
 class Recipe:
-    """What quantize decides, and why; the report's ``"recipe"`` (:meth:`to_dict`) and what
+    """The settings quantize decides from, with the record of what it decided (:class:`Decisions`,
+    kept apart); the report's ``"recipe"`` (:meth:`to_dict`, one flat JSON object) and what
     ``--recipe`` replays (:meth:`from_dict`).  Settings: ``ep`` (its ``qq.Profile``: activation type,
     float kinds), range ``method`` and ``percentile``, ``per_channel`` weights, ``weight_bits`` (None:
     from the EP and CPU, see ``qq.weight_qmax``), ``recovery`` passes, user ``exclude`` and whether the
-    ``latency_guard`` runs.  Decisions: ``float_layers`` (layer -> why it stays float), the guard's
-    ``latency_decisions`` and the budget's ``sensitivity`` ranking; ``replayed_from`` names the
-    recipe file a replay used."""
+    ``latency_guard`` runs."""
 
     ep: str = "cpu"
     method: str = "percentile"
@@ -90,10 +101,8 @@ class Recipe:
     #: int4 weight rounding: ``gptq`` (error feedback with the input Hessian, needs data) or ``rtn``;
     #: None: gptq with --data, else rtn (the run fills it in)
     rounding: str | None = None
-    float_layers: dict[str, str] = dataclasses.field(default_factory=dict)
-    latency_decisions: list[dict] = dataclasses.field(default_factory=list)
-    sensitivity: list[dict] = dataclasses.field(default_factory=list)
-    replayed_from: str | None = None
+    #: what the run decided (or the replayed recipe had decided)
+    decisions: Decisions = dataclasses.field(default_factory=lambda: Decisions())
 
     def check(self) -> None:
         """Usage errors (exit 1) for settings no step can run."""
@@ -144,15 +153,15 @@ class Recipe:
         return tuple(r for r in self.recovery if r != "cle")
 
     def excluded(self) -> frozenset:
-        return frozenset(self.float_layers)
+        return frozenset(self.decisions.float_layers)
 
     def to_dict(self, the_plan: qq.Plan | None = None) -> dict:
         """JSON form; with the plan built from it, also its placement counts (report keys
         ``quantized``, ``quantized_layers``, ``kinds``)."""
         described = the_plan.describe() if the_plan is not None else {}
-        return {**described, "float_layers": sorted(self.float_layers),
+        return {**described, "float_layers": sorted(self.decisions.float_layers),
                 "recovery": list(self.build_recovery) + (["cle"] if "cle" in self.recovery else []),
-                "latency_decisions": self.latency_decisions, "sensitivity": self.sensitivity,
+                "latency_decisions": self.decisions.latency_decisions, "sensitivity": self.decisions.sensitivity,
                 "format": RECIPE_FORMAT, "ep": self.ep, "method": self.method,
                 "percentile": self.percentile if self.method == "percentile" else None,
                 "per_channel": self.per_channel, "weight_bits": self.bits,
@@ -161,8 +170,8 @@ class Recipe:
                 "block_size": self.block_size if self.weights == "int4" else None, "embeddings": self.embeddings,
                 "head_bits": self.head_bits if self.weights == "int4" else None,
                 "rounding": self.rounding,
-                "float_reasons": {n: self.float_layers[n] for n in sorted(self.float_layers)},
-                "replayed_from": self.replayed_from}
+                "float_reasons": {n: self.decisions.float_layers[n] for n in sorted(self.decisions.float_layers)},
+                "replayed_from": self.decisions.replayed_from}
 
     @classmethod
     def from_dict(cls, d: Mapping, source: str | None = None) -> Recipe:
@@ -184,9 +193,9 @@ class Recipe:
                    block_size=int(d.get("block_size") or 32), embeddings=_embeddings(d.get("embeddings", "int8")),
                    head_bits=int(d.get("head_bits") or 8),
                    rounding=d.get("rounding"),
-                   float_layers={n: reasons.get(n, "recipe") for n in d["float_layers"]},
-                   latency_decisions=list(d.get("latency_decisions", [])), sensitivity=list(d.get("sensitivity", [])),
-                   replayed_from=source)
+                   decisions=Decisions(float_layers={n: reasons.get(n, "recipe") for n in d["float_layers"]},
+                                       latency_decisions=list(d.get("latency_decisions", [])),
+                                       sensitivity=list(d.get("sensitivity", [])), replayed_from=source))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Recipe:

@@ -182,7 +182,7 @@ class Candidate:
         return {"id": self.id, "label": self.label,
                 "recipe": {"method": r.method, "percentile": r.percentile if r.method == "percentile" else None,
                            "per_channel": r.per_channel, "recovery": list(r.build_recovery),
-                           "float_layers": sorted(r.float_layers), "quantized_layers": len(self.plan.primary())},
+                           "float_layers": sorted(r.decisions.float_layers), "quantized_layers": len(self.plan.primary())},
                 "accuracy": self.accuracy, "drop": self.drop, "meets_budget": self.drop <= max_drop + 1e-12,
                 "latency_ms": self.latency_ms, "bytes": self.bytes, "on_front": self.on_front,
                 "chosen": self.chosen, "float_model": self.is_float}
@@ -254,10 +254,10 @@ class Evaluator:
 
 
 def _recipe_for(base: qm.Recipe, setting: Setting, floats: Mapping[str, str]) -> qm.Recipe:
+    decided = qm.Decisions(float_layers=dict(floats), latency_decisions=list(base.decisions.latency_decisions),
+                           sensitivity=[dict(s) for s in base.decisions.sensitivity])
     return dataclasses.replace(base, method=setting.method, per_channel=setting.per_channel,
-                               recovery=setting.recovery, float_layers=dict(floats),
-                               latency_decisions=list(base.latency_decisions),
-                               sensitivity=[dict(s) for s in base.sensitivity])
+                               recovery=setting.recovery, decisions=decided)
 
 
 def sensitivity(q: qm.Quantizer, ev: Evaluator, base: qm.Recipe, the_plan: qq.Plan) -> list[dict]:
@@ -383,7 +383,7 @@ def search(q: qm.Quantizer, recipe: qm.Recipe, max_drop: float, budget: int = DE
         qm.guard(q, recipe)
     q.input_means  # noqa: B018 - bias correction's input means: computed once here, sent to every worker
     base_plan = qq.plan(q.model, recipe.profile, recipe.excluded())
-    walk = Walk(q, recipe, recipe.float_layers, budget, max_drop, bool(base_plan.targets))
+    walk = Walk(q, recipe, recipe.decisions.float_layers, budget, max_drop, bool(base_plan.targets))
     builds = 0
     with Workers(q, workers, ray_address, num_cpus=q.threads, resources=ray_resources({"ep": q.ep})) as pool:
         ev = Evaluator(q, pool)
@@ -391,7 +391,7 @@ def search(q: qm.Quantizer, recipe: qm.Recipe, max_drop: float, budget: int = DE
             accepted, needed, need_ranking = walk.replay()
             if need_ranking and not needed:
                 walk.ranking = sensitivity(q, ev, recipe, base_plan)
-                recipe.sensitivity = [dict(s) for s in walk.ranking]
+                recipe.decisions.sensitivity = [dict(s) for s in walk.ranking]
                 continue
             if not needed:
                 break
@@ -432,9 +432,9 @@ def search(q: qm.Quantizer, recipe: qm.Recipe, max_drop: float, budget: int = DE
     if chosen.model is None:
         chosen.model = ir.serde.deserialize_model(onnx.load_model_from_string(chosen.model_bytes))
     ranking = walk.ranking or []
-    chosen.recipe.sensitivity = [dict(s) for s in ranking]
-    for s in chosen.recipe.sensitivity:
-        if s["layer"] in chosen.recipe.float_layers and not chosen.is_float:
+    chosen.recipe.decisions.sensitivity = [dict(s) for s in ranking]
+    for s in chosen.recipe.decisions.sensitivity:
+        if s["layer"] in chosen.recipe.decisions.float_layers and not chosen.is_float:
             s["kept_float"] = True
     return SearchResult(candidates, chosen, float_c, ranking, budget, max_drop, q.float_score,
                         time.perf_counter() - t0, parallelism, builds - (len(candidates) - 1))

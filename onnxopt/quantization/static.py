@@ -121,6 +121,7 @@ from onnxopt.quantization.recipe import (  # noqa: F401 - re-exported: onnxopt.q
     RECOVERY_BATCHES,
     SESSION_CACHE,
     SURE,
+    Decisions,
     Recipe,
     RunSettings,
     _embeddings,
@@ -167,9 +168,10 @@ def prepare(model: ir.Model, per_channel: bool, allow_quantized: bool = False,
             node.name = f"{node.op_type}_{i}"
     seen: set[str] = set()
     for i, node in enumerate(model.graph):  # unique names: plans refer to nodes by name
-        if node.name in seen:
-            node.name = f"{node.name}_{i}"
-        seen.add(node.name)
+        name = node.name or ""
+        if name in seen:
+            node.name = name = f"{name}_{i}"
+        seen.add(name)
     return model, per_channel, notes
 
 
@@ -556,7 +558,7 @@ def _check_budget(q: Quantizer, report: dict, opts: RunSettings, replayed: bool)
                                "is held out) or a --metric would", r["name"], r["metric"], r["agreement"],
                                r["positions"], lo, hi, 1 - opts.max_drop)
         else:
-            outputs, metric = None, opts.metric
+            outputs, metric = None, str(opts.metric)
         report["accuracy"] = {"metric": metric, "float": q.float_score, "quantized": q.float_score - drop, "drop": drop,
                               "max_drop": opts.max_drop, **({"outputs": outputs} if outputs is not None else {})}
         return BudgetResult(drop <= opts.max_drop, metric, drop, opts.max_drop, replayed)
