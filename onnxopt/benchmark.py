@@ -14,7 +14,7 @@ the CPU EP over each (model, EP) (``speedup_vs_cpu_first``: "int8 on openvino vs
 Reproducible numbers:
 
 - ``threads`` binds every EP, not only ORT's CPU EP (``intra_op_num_threads``): EPs with a thread
-  pool of their own get it as a provider option (:data:`THREAD_OPTIONS`, e.g. OpenVINO's
+  pool of their own get it as a provider option (:data:`onnxopt.runtime.THREAD_OPTIONS`, e.g. OpenVINO's
   ``num_of_threads``); each result records the provider options its session was created with.
 - Synthesized inputs never run a symbolic dim at a made-up 1 except the first (batch) dim: a model
   with a symbolic spatial or sequence dim and neither ``shapes`` nor ``data`` for that input is
@@ -42,7 +42,6 @@ from onnxopt.errors import BadInputError, UsageError
 #: Provider option that caps an EP's own thread pool, for EPs that have one (ORT's CPU EP takes
 #: ``SessionOptions.intra_op_num_threads``; GPU EPs run their kernels off the CPU).  OpenVINO maps
 #: ``num_of_threads`` to its CPU plugin's ``INFERENCE_NUM_THREADS``.
-THREAD_OPTIONS = {"OpenVINOExecutionProvider": "num_of_threads"}
 
 
 @dataclasses.dataclass
@@ -70,42 +69,6 @@ class BenchResult:
         if not with_times:
             d.pop("times_ms")
         return d
-
-
-def provider_options(ep: str, threads: int | None) -> list[tuple[str, dict[str, str]]]:
-    """The ``providers`` list for an ORT session on ``ep`` (short or full name, not checked for
-    availability): runtime's per-EP options, plus the thread cap for EPs in :data:`THREAD_OPTIONS`,
-    plus the CPU EP as fallback for nodes a non-CPU EP does not take."""
-    name = runtime.EP_NAMES.get(ep.lower(), ep)
-    options = dict(runtime.EP_OPTIONS.get(name, {}))
-    if threads and name in THREAD_OPTIONS:
-        options[THREAD_OPTIONS[name]] = str(threads)
-    providers = [(name, options)]
-    if name != "CPUExecutionProvider":
-        providers.append(("CPUExecutionProvider", {}))
-    return providers
-
-
-def session(model: str | os.PathLike | bytes, ep: str = "cpu", threads: int | None = 1) -> ort.InferenceSession:
-    """A session as :func:`onnxopt.runtime.session` makes it, with every EP bound to ``threads``.
-
-    Where the thread cap needs no provider option (the CPU EP, GPU EPs) this *is*
-    ``runtime.session``; otherwise the same SessionOptions with :func:`provider_options`."""
-    name = runtime.provider(ep)
-    providers = provider_options(name, threads)
-    if providers[0][1] == runtime.EP_OPTIONS.get(name, {}):
-        return runtime.session(model, ep, threads)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    source = model if isinstance(model, bytes) else str(model)
-    try:
-        return ort.InferenceSession(source, opts, providers=providers)
-    except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types
-        label = "model" if isinstance(model, bytes) else Path(model).name
-        raise BadInputError(f"{label}: ONNX Runtime cannot load it: {runtime._ort_message(e)}") from None
 
 
 def _warm_up_runtime() -> None:
@@ -179,7 +142,7 @@ def bench(models: Sequence[str | os.PathLike], *, eps: Sequence[str] = ("cpu",),
             gc.collect()
             before = _rss()
             t0 = time.perf_counter()
-            sess = session(m, ep, threads)
+            sess = runtime.session(m, ep, threads)
             loads.append((time.perf_counter() - t0) * 1e3)
             f, size = _feeds(sess, data, shapes, preprocess, batch)
             runtime.run(sess, f)  # first run through the checked path: an EP failure is one line
@@ -253,10 +216,28 @@ def machine_line(info: dict | None = None) -> str:
 
 
 def timed_run(sess, feeds: Mapping[str, np.ndarray]) -> float:
-    """One timed run in ms: exactly ``sess.run`` between two ``perf_counter`` reads."""
+    """One timed run in ms: exactly ``sess.run`` between two ``perf_counter`` reads (the one timer
+    every latency measurement of the project goes through)."""
     t0 = time.perf_counter()
     sess.run(None, feeds)
     return (time.perf_counter() - t0) * 1e3
+
+
+def round_robin(runs: Sequence[tuple[object, Mapping[str, np.ndarray]]], rounds: int, seconds: float, *,
+                rotate: bool = False, min_rounds: int = 1) -> list[list[float]]:
+    """Per (session, feeds), its ms per round: every session once per round (the first of a round
+    rotating with ``rotate``), in one process; stops after ``rounds``, or past ``seconds`` once
+    ``min_rounds`` are done."""
+    times: list[list[float]] = [[] for _ in runs]
+    deadline = time.perf_counter() + seconds
+    n = len(runs)
+    for r in range(rounds):
+        for k in range(n):
+            i = (r + k) % n if rotate else k
+            times[i].append(timed_run(*runs[i]))
+        if r + 1 >= min_rounds and time.perf_counter() > deadline:
+            break
+    return times
 
 
 Z_CONFIDENCE = 2.0  # ~95% two-sided interval for the median ratio (order statistics)

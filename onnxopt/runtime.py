@@ -13,9 +13,12 @@ symbolic dims) instead of failing in the allocator.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import re
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -90,6 +93,36 @@ def light(model: ir.Model) -> Light:
     return Light(proto.SerializeToString(), {name: t.numpy() for name, t in left.items()})
 
 
+#: EPs with a thread pool of their own, bound through a provider option (the CPU EP's is intra_op_num_threads)
+THREAD_OPTIONS = {"OpenVINOExecutionProvider": "num_of_threads"}
+
+
+def providers(name: str, threads: int | None) -> list[tuple[str, dict[str, str]]]:
+    """The ``providers`` list for a session on the EP ``name`` (full or short name, availability not
+    checked): its :data:`EP_OPTIONS`, the thread cap for EPs in :data:`THREAD_OPTIONS`, and the CPU EP
+    as fallback for the nodes a non-CPU EP does not take."""
+    name = EP_NAMES.get(name.lower(), name)
+    options = dict(EP_OPTIONS.get(name, {}))
+    if threads and name in THREAD_OPTIONS:
+        options[THREAD_OPTIONS[name]] = str(threads)
+    found = [(name, options)]
+    if name != "CPUExecutionProvider":
+        found.append(("CPUExecutionProvider", {}))
+    return found
+
+
+@dataclasses.dataclass
+class _Facts:
+    """What this module remembers about a session it made (kept here, keyed weakly by the
+    session, not set on ORT's object): the model source, for index bounds read on demand."""
+
+    source: str | bytes | None = None
+    bounds: dict[str, int] | None = None
+
+
+_FACTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def session(model: str | os.PathLike | bytes | Light, ep: str = "cpu", threads: int | None = 1,
             optimize: bool = True) -> ort.InferenceSession:
     """Create an ORT session; a model ORT refuses becomes one BadInputError line."""
@@ -108,29 +141,22 @@ def session(model: str | os.PathLike | bytes | Light, ep: str = "cpu", threads: 
             opts.add_external_initializers(list(model.initializers), values)
     else:
         source = model if isinstance(model, bytes) else str(model)
-    name = provider(ep)
-    options = dict(EP_OPTIONS.get(name, {}))
-    if threads and name == "OpenVINOExecutionProvider":
-        options["num_of_threads"] = str(threads)  # OpenVINO's CPU plugin has its own thread pool
-    providers = [(name, options)]
-    if name != "CPUExecutionProvider":
-        providers.append(("CPUExecutionProvider", {}))  # fallback for nodes the EP does not take
     try:
-        sess = ort.InferenceSession(source, opts, providers=providers)
+        sess = ort.InferenceSession(source, opts, providers=providers(provider(ep), threads))
         # synthesize() reads the graph for index bounds (integer_high), lazily: a path, or bytes up
         # to BOUNDS_BYTES, of a model with integer inputs (no reference is kept to a big model's bytes)
         try:
             if not values and any(i.type in _INTEGER_TYPES for i in sess.get_inputs()) and \
                     (not isinstance(source, bytes) or len(source) <= BOUNDS_BYTES):
-                sess._onnxopt_source = source
-        except AttributeError:  # a session-like object without inputs or attributes: no bounds
+                _FACTS[sess] = _Facts(source=source)
+        except (AttributeError, TypeError):  # a session-like object without inputs or weak references: no bounds
             pass
         return sess
     except UsageError:
         raise
     except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types
         label = "model" if isinstance(model, (bytes, Light)) else Path(model).name
-        raise BadInputError(f"{label}: ONNX Runtime cannot load it: {_ort_message(e)}") from None
+        raise BadInputError(f"{label}: ONNX Runtime cannot load it: {ort_message(e)}") from None
 
 
 def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
@@ -140,7 +166,7 @@ def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
         values = sess.run(names, dict(feeds))
     except Exception as e:  # noqa: BLE001
         providers = ", ".join(p.replace("ExecutionProvider", "") for p in sess.get_providers())
-        raise BadInputError(f"ONNX Runtime ({providers}) failed to run the model: {_ort_message(e)}") from None
+        raise BadInputError(f"ONNX Runtime ({providers}) failed to run the model: {ort_message(e)}") from None
     return dict(zip(names, values))
 
 
@@ -385,8 +411,8 @@ def remember_bounds(sess, bounds: Mapping[str, int]) -> None:
     """Give ``sess`` the :func:`index_bounds` of the model it was made from, for sessions made from
     bytes too large to keep (see :func:`session`)."""
     try:
-        sess._onnxopt_bounds = dict(bounds)
-    except AttributeError:
+        _FACTS.setdefault(sess, _Facts()).bounds = dict(bounds)
+    except TypeError:  # not weakly referenceable: a session-like object, no bounds
         pass
 
 
@@ -399,10 +425,14 @@ _INTEGER_TYPES = frozenset(f"tensor({t})" for t in ("int8", "int16", "int32", "i
 def integer_high(sess, name: str) -> int:
     """Exclusive upper bound of synthesized integers for input ``name``: 4, or fewer when the
     input indexes a smaller table (:func:`index_bounds` of the session's model, read once)."""
-    bounds = getattr(sess, "_onnxopt_bounds", None)
+    try:
+        facts = _FACTS.get(sess) or _Facts()
+    except TypeError:
+        facts = _Facts()
+    bounds = facts.bounds
     if bounds is None:
         bounds = {}
-        source = getattr(sess, "_onnxopt_source", None)
+        source = facts.source
         try:
             if isinstance(source, bytes):
                 bounds = index_bounds(onnx.load_from_string(source))
@@ -410,10 +440,9 @@ def integer_high(sess, name: str) -> int:
                 bounds = index_bounds(onnx.load(str(source), load_external_data=False))
         except Exception as e:  # noqa: BLE001 - without bounds the plain [0, 4) range is used
             logger.debug("index bounds unavailable: %s", e)
-        try:
-            sess._onnxopt_bounds = bounds
-        except AttributeError:
-            pass
+        facts.bounds = bounds
+        with contextlib.suppress(TypeError):
+            _FACTS[sess] = facts
     return max(1, min(4, bounds.get(name, 4)))
 
 
@@ -452,7 +481,7 @@ def check_feeds(arrays: dict[str, np.ndarray], sess: ort.InferenceSession, label
     return arrays
 
 
-def _ort_message(e: BaseException) -> str:
+def ort_message(e: BaseException) -> str:
     text = " ".join(str(e).split())
     text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
     return text[:400]

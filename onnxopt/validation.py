@@ -12,12 +12,12 @@ import logging
 import os
 import statistics
 import tempfile
-import time
 from collections.abc import Iterator, Mapping
 
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt import benchmark as bench
 from onnxopt import data as data_mod
 from onnxopt import io, runtime
 from onnxopt.base import name_of, present
@@ -230,12 +230,7 @@ def declared_shape_mismatches(model: ir.Model, outputs: Mapping[str, np.ndarray]
 
 def median_latency_ms(sess, feeds, runs: int) -> float:
     sess.run(None, feeds)  # warm-up
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, feeds)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(bench.timed_run(sess, feeds) for _ in range(runs))
 
 
 @dataclasses.dataclass

@@ -153,9 +153,9 @@ def test_error_feedback_batches_and_inverse_cholesky_are_exact():
     x = rng.standard_normal((512, k)) @ rng.standard_normal((k, k)) * 0.3  # correlated features
     hess, w = x.T @ x / len(x), rng.standard_normal((k, n))
     s = np.abs(w).max(axis=0) / 127
-    batched, single = recover._error_feedback(w, s, hess, 127), recover._error_feedback(w, s, hess, 127, lazy=1)
+    batched, single = recover.error_feedback(w, s, hess, 127), recover.error_feedback(w, s, hess, 127, lazy=1)
     assert np.array_equal(batched, single)
     assert not np.array_equal(batched, np.clip(np.round(w / s), -127, 127))  # the feedback changed codes
     s4, zero = np.abs(w).max(axis=0) / 7.5, np.full(n, 8.0)
-    assert np.array_equal(recover._error_feedback(w, s4, hess, 15, zero=zero, qmin=0, lazy=32),
-                          recover._error_feedback(w, s4, hess, 15, zero=zero, qmin=0, lazy=1))
+    assert np.array_equal(recover.error_feedback(w, s4, hess, 15, zero=zero, qmin=0, lazy=32),
+                          recover.error_feedback(w, s4, hess, 15, zero=zero, qmin=0, lazy=1))

@@ -186,7 +186,7 @@ def test_bench_two_models_side_by_side(cli, tmp_path):
 def test_bench_overhead_against_bare_loop(tmp_path, monkeypatch):
     """bench.bench()'s own timed loop adds (almost) nothing over a bare ``sess.run`` loop.
 
-    Both loops drive the *same* session with the same inputs (bench.session is replaced by one
+    Both loops drive the *same* session with the same inputs (runtime.session is replaced by one
     returning it; separate sessions differ by up to 11% from session-to-session luck alone), in
     interleaved repeats whose order alternates, on a ~0.1 ms model so that a microsecond of
     overhead is not lost in the model's own noise.  Two things are compared per repeat, as
@@ -200,7 +200,8 @@ def test_bench_overhead_against_bare_loop(tmp_path, monkeypatch):
     model = str(save(deep_mlp(blocks=20, width=128), tmp_path / "mlp.onnx"))
     sess = runtime.session(model, threads=1)
     feeds = runtime.synthesize(sess)  # what bench synthesizes too (seed 0)
-    monkeypatch.setattr(bench, "session", lambda *a, **k: sess)
+    real = runtime.session
+    monkeypatch.setattr(runtime, "session", lambda m, *a, **k: sess if str(m) == model else real(m, *a, **k))
     n = 40
 
     def bench_loop():
@@ -261,12 +262,12 @@ def test_bench_threads_bind_openvino_through_provider_options(monkeypatch, tmp_p
     """OpenVINO is not installed here: check what bench hands ONNX Runtime for it."""
     from onnxopt import runtime
 
-    assert bench.provider_options("openvino", 1) == [
+    assert runtime.providers("openvino", 1) == [
         ("OpenVINOExecutionProvider", {"device_type": "CPU", "num_of_threads": "1"}), ("CPUExecutionProvider", {})]
-    assert bench.provider_options("openvino", None) == [
+    assert runtime.providers("openvino", None) == [
         ("OpenVINOExecutionProvider", {"device_type": "CPU"}), ("CPUExecutionProvider", {})]
-    assert bench.provider_options("cpu", 4) == [("CPUExecutionProvider", {})]  # intra_op_num_threads does it
-    assert bench.provider_options("cuda", 2) == [
+    assert runtime.providers("cpu", 4) == [("CPUExecutionProvider", {})]  # intra_op_num_threads does it
+    assert runtime.providers("cuda", 2) == [
         ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}), ("CPUExecutionProvider", {})]
     assert "OpenVINOExecutionProvider" not in runtime.EP_OPTIONS or \
         "num_of_threads" not in runtime.EP_OPTIONS["OpenVINOExecutionProvider"]  # runtime's own stay untouched
@@ -280,10 +281,10 @@ def test_bench_threads_bind_openvino_through_provider_options(monkeypatch, tmp_p
     monkeypatch.setattr(runtime, "provider", lambda ep: runtime.EP_NAMES[ep])
     monkeypatch.setattr(bench.ort, "InferenceSession", fake_session)
     model = str(save(deep_mlp(blocks=1), tmp_path / "m.onnx"))
-    bench.session(model, "openvino", 3)
+    runtime.session(model, "openvino", 3)
     assert created[-1] == (3, 1, [("OpenVINOExecutionProvider", {"device_type": "CPU", "num_of_threads": "3"}),
                                   ("CPUExecutionProvider", {})])
-    bench.session(model, "cpu", 2)  # through runtime.session
+    runtime.session(model, "cpu", 2)  # the one session factory
     assert created[-1] == (2, 1, [("CPUExecutionProvider", {})])
 
 
@@ -294,7 +295,8 @@ def test_bench_cross_ep_ratio_against_first_model_on_cpu(tmp_path, monkeypatch):
 
     heavy = str(save(deep_mlp(blocks=60, width=128), tmp_path / "heavy.onnx"))
     light = str(save(deep_mlp(blocks=3, width=128), tmp_path / "light.onnx"))
-    monkeypatch.setattr(bench, "session", lambda m, ep, threads: runtime.session(m, "cpu", threads))
+    real = runtime.session
+    monkeypatch.setattr(runtime, "session", lambda m, ep="cpu", threads=1, **k: real(m, "cpu", threads, **k))
     results = bench.bench([heavy, light], eps=("openvino", "cpu"), runs=15, warmup=2)
     assert [(r.ep, r.model) for r in results] == [("openvino", heavy), ("openvino", light), ("cpu", heavy), ("cpu", light)]
     base = results[2]

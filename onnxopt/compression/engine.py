@@ -46,7 +46,7 @@ import onnx_ir.passes.common as ir_common
 
 from onnxopt import benchmark as bench
 from onnxopt import data as data_mod
-from onnxopt import fidelity, io, runtime
+from onnxopt import io, runtime
 from onnxopt.base import name_of, node_name, present, tensor_of
 from onnxopt.commands import core
 from onnxopt.compression import channels as pc
@@ -55,9 +55,9 @@ from onnxopt.compression import magnitude as pm
 from onnxopt.compression import refit
 from onnxopt.errors import BadInputError, UsageError
 from onnxopt.quantization import static as quantize
+from onnxopt.teacher import BudgetResult, Teacher, is_held_out, load_metric
 
 logger = logging.getLogger("onnxopt")
-HELD_OUT = quantize.HELD_OUT
 CRITERIA = ("activation", "l1", "l2")
 #: latency guard: pairs per block and blocks at least / at most per comparison
 PAIRS, MIN_BLOCKS, MAX_BLOCKS = 16, 2, 6
@@ -79,15 +79,11 @@ class Settings:
     progress: Callable[[int], None] | None = None
 
 
-class Budget(quantize.BudgetResult):
-    """quantize's budget result, worded for a compressed model."""
-
-    def summary(self) -> str:
-        return f"{self.metric} drop {self.drop:.4g} > --max-drop {self.max_drop:g}"
-
-
 class Scorer:
-    """The prepared fp32 model (the teacher), its held-out batches and how a candidate is scored."""
+    """The compression flows' teacher (onnxopt.teacher.Teacher: the prepared fp32 model, its
+    held-out batches, the yardstick and the budget check) with the batches it reads: the held-out
+    ones score, the others (streamed again, :meth:`calibration`) refit; and the latency comparison
+    of two candidates."""
 
     def __init__(self, model: ir.Model, opts: Settings):
         if opts.data is None and opts.refit:
@@ -96,27 +92,25 @@ class Scorer:
             opts.refit = False
         self.model, self.opts = model, opts
         self.float_bytes = quantize.serialize(model)
-        self.metric = quantize.load_metric(opts.metric)
         plain = runtime.session(self.float_bytes, "cpu", opts.threads, optimize=False)
         #: synthesized ids stay inside the tables they index (runtime.index_bounds)
         self.index_bounds = runtime.index_bounds(model)
-        self.held_out: list[dict] = []
+        held_out: list[dict] = []
         if opts.data is not None:
+            feeds: dict = {}
             for i, feeds in enumerate(data_mod.batches(opts.data, plain, opts.preprocess, opts.calib_limit)):
-                if i % 4 == 3 and len(self.held_out) < HELD_OUT:
-                    self.held_out.append(feeds)
+                if is_held_out(i):
+                    held_out.append(feeds)
                 if opts.progress:
                     opts.progress(1)
-            if not self.held_out:  # fewer than 4 batches: score on the last one read
-                self.held_out = [feeds]
+            if not held_out and feeds:  # fewer than 4 batches: score on the last one read
+                held_out = [feeds]
         else:
             runtime.remember_bounds(plain, self.index_bounds)
-            self.held_out = [runtime.synthesize(plain, None, seed=s, quiet=True) for s in range(4)]
-        self.rules = fidelity.rules(model, None)
-        self.float_session = runtime.session(self.float_bytes, opts.ep, opts.threads)
-        self.reference = [runtime.run(self.float_session, f) for f in self.held_out]
-        self.last_results: list[dict] = []
-        self.float_score = self.score_session(self.float_session) if self.metric else 1.0
+            held_out = [runtime.synthesize(plain, None, seed=s, quiet=True) for s in range(4)]
+        self.teacher = Teacher(model, self.float_bytes, held_out, ep=opts.ep, threads=opts.threads,
+                               metric=load_metric(opts.metric), metric_name=opts.metric, max_drop=opts.max_drop)
+        self.held_out = self.teacher.held_out
 
     def calibration(self) -> Iterator[dict]:
         """The non-held-out batches, streamed from --data again (synthesized without --data)."""
@@ -127,42 +121,21 @@ class Scorer:
             return
         plain = runtime.session(self.float_bytes, "cpu", self.opts.threads, optimize=False)
         for i, feeds in enumerate(data_mod.batches(self.opts.data, plain, self.opts.preprocess, self.opts.calib_limit)):
-            if not (i % 4 == 3 and i // 4 < HELD_OUT):
+            if not is_held_out(i):
                 yield feeds
 
-    def score_session(self, sess) -> float:
-        score, results = quantize.score_session(sess, self.metric, self.opts.metric, self.rules, self.opts.max_drop,
-                                                self.held_out, self.reference)
-        if results is not None:
-            self.last_results = results
-        return score
-
     def score(self, model: ir.Model | str | os.PathLike) -> float:
-        src = quantize.serialize(model) if isinstance(model, ir.Model) else str(model)
-        return self.score_session(runtime.session(src, self.opts.ep, self.opts.threads))
+        if isinstance(model, ir.Model):  # weightless on the CPU EP (runtime.Light), as quantize scores
+            return self.teacher.score(runtime.light(model) if self.opts.ep == "cpu" else quantize.serialize(model))
+        return self.teacher.score(model)
 
     def drop(self, model: ir.Model | str | os.PathLike) -> float:
-        return self.float_score - self.score(model)
+        return self.teacher.float_score - self.score(model)
 
-    def metric_name(self) -> str:
-        return self.opts.metric or "default: " + fidelity.describe(self.last_results)
-
-    def check(self, report: dict, what: str = "pruned") -> Callable[[Path], Budget]:
+    def check(self, report: dict, what: str = "pruned") -> Callable[[Path], BudgetResult]:
         """Score the staged file; fill ``report["accuracy"]`` (the score under ``what``, and under
         "pruned", the key every lossy flow wrote first)."""
-
-        def check(path: Path) -> Budget:
-            score = self.score(path)
-            drop = self.float_score - score
-            report["accuracy"] = {"metric": self.metric_name(), "float": self.float_score, "pruned": score,
-                                  "drop": drop, "max_drop": self.opts.max_drop}
-            if what != "pruned":
-                report["accuracy"][what] = score
-            if self.metric is None:
-                report["accuracy"]["outputs"] = self.last_results
-            return Budget(drop <= self.opts.max_drop, self.metric_name(), drop, self.opts.max_drop)
-
-        return check
+        return self.teacher.check(report, ("pruned",) if what == "pruned" else ("pruned", what))
 
     # ---------------------------------------------------------------- latency
     def compare(self, a: bytes, b: bytes, max_blocks: int = MAX_BLOCKS) -> dict:
@@ -593,7 +566,7 @@ def compress(input_path, output_path, *, clusters: int, sparsity: float | None =
     for r in records:
         r["weight"], r["dense"] = dense[r["layer"]]
     stages = deep_compression(model, pruned_copy, records, bits, packed)
-    scores = [scorer.float_score, scorer.score(pruned_copy), scorer.score(candidate)]
+    scores = [scorer.teacher.float_score, scorer.score(pruned_copy), scorer.score(candidate)]
     for stage, score in zip(stages, [scores[0]] * (len(stages) - 3) + [*scores[1:], scores[-1]]):
         stage["score"] = score
     layers_out = [{"layer": r["layer"], "params": r["params"], "clusters": r["clusters"],

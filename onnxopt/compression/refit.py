@@ -21,17 +21,12 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import runtime
+from onnxopt import im2col, runtime
 from onnxopt.base import add_initializer, graph_of, name_of, node_name, present, tensor_of
 
 logger = logging.getLogger("onnxopt")
 ROWS_PER_BATCH = 4096
 RIDGE = 1e-3
-
-
-def _attr_ints(node: ir.Node, name: str, default: list[int]) -> list[int]:
-    a = node.attributes.get(name)
-    return default if a is None else list(a.as_ints())
 
 
 def supports(node: ir.Node) -> str | None:
@@ -61,20 +56,10 @@ def rows(node: ir.Node, x: np.ndarray, rng: np.random.Generator) -> tuple[np.nda
         pick = np.arange(len(flat)) if len(flat) <= ROWS_PER_BATCH else np.sort(rng.choice(len(flat), ROWS_PER_BATCH, False))
         return flat[pick].astype(np.float64), pick
     kh, kw = (int(d) for d in tensor_of(node.inputs[1]).shape.numpy()[2:])
-    sh, sw = _attr_ints(node, "strides", [1, 1])
-    dh, dw = _attr_ints(node, "dilations", [1, 1])
-    pt, pl, pb, pr = _attr_ints(node, "pads", [0, 0, 0, 0])
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-    n, c, hp, wp = xp.shape
-    ho, wo = (hp - (kh - 1) * dh - 1) // sh + 1, (wp - (kw - 1) * dw - 1) // sw + 1
-    total = n * ho * wo
+    win = im2col.windows(x, node, (kh, kw))
+    total = win.shape[0] * win.shape[2] * win.shape[3]
     pick = np.arange(total) if total <= ROWS_PER_BATCH else np.sort(rng.choice(total, ROWS_PER_BATCH, False))
-    bn, rem = np.divmod(pick, ho * wo)
-    oy, ox = np.divmod(rem, wo)
-    iy = oy[:, None] * sh + np.arange(kh)[None, :] * dh  # [R, kh]
-    ix = ox[:, None] * sw + np.arange(kw)[None, :] * dw  # [R, kw]
-    patches = xp[bn[:, None, None, None], np.arange(c)[None, :, None, None], iy[:, None, :, None], ix[:, None, None, :]]
-    return patches.reshape(len(pick), c * kh * kw).astype(np.float64), pick
+    return im2col.rows(win, pick).astype(np.float64), pick
 
 
 def targets(node: ir.Node, y: np.ndarray, pick: np.ndarray) -> np.ndarray:

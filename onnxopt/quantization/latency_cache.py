@@ -240,11 +240,11 @@ class Regions:
         return {k: v for k, v in acts.items() if isinstance(v, np.ndarray) and v.dtype == np.float32}
 
     def _key(self, node: ir.Node, feeds: Mapping[str, np.ndarray]) -> str:
-        act = qq._absorbable(node.outputs[0], self.profile)
+        act = qq.absorbable(node.outputs[0], self.profile)
         weights = [(tuple(v.const_value.shape.numpy()) if v is not None and v.const_value is not None else None)
                    for v in node.inputs]
         attrs = sorted((k, str(a.value)) for k, a in node.attributes.items())
-        act_sig = None if act is None else (act.op_type, qq._clip_bound(act, 2, "max") if act.op_type == "Clip" else None)
+        act_sig = None if act is None else (act.op_type, qq.clip_bound(act, 2, "max") if act.op_type == "Clip" else None)
         # a layer feeding a graph output keeps a float output (no output Q/DQ: ORT cannot fuse its int8
         # kernel), an interior one gets one: two different regions
         text = repr((node.domain, node.op_type, attrs, weights, [tuple(a.shape) for a in feeds.values()], act_sig,
@@ -256,7 +256,7 @@ class Regions:
         """The layer alone (and the activation its int8 form absorbs), then an Identity so its
         output is not a graph output (quantize puts a Q/DQ on it, as inside the model) unless it is
         one in the model."""
-        act = qq._absorbable(node.outputs[0], self.profile)
+        act = qq.absorbable(node.outputs[0], self.profile)
         inputs = [ir.Value(name=k, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(a.shape)) for k, a in feeds.items()]
         by_name = {v.name: v for v in inputs}
         graph = ir.Graph(inputs, [], nodes=[], opset_imports=dict(self.model.opset_imports), name="region")

@@ -17,7 +17,7 @@ staged write as static quantization (``onnxopt/quantize.py``).
    weight-only: MatMulNBits (cpu) or int4 DequantizeLinear + MatMul, blocks of
    ``--block-size`` along K (the output head 8-bit: dynamic int8 on cpu, 8-bit blocks elsewhere),
    rounding ``gptq`` (error feedback through the inverse input Hessian,
-   ``recover._error_feedback``, on a fixed per-block grid) or ``rtn``; embeddings (Gather tables,
+   ``recover.error_feedback``, on a fixed per-block grid) or ``rtn``; embeddings (Gather tables,
    ``--embeddings``): int8 + DequantizeLinear (default), int4 GatherBlockQuantized (weight-only on
    cpu), or none.
 4. **Budget** (:func:`budget`): over ``--max-drop`` the layers (MatMuls, embeddings, fused Attention)
@@ -50,6 +50,7 @@ from onnxopt.quantization import qdq as qq
 from onnxopt.quantization import recovery as recover
 from onnxopt.quantization import static as qm
 from onnxopt.quantization import weights as qw
+from onnxopt.teacher import HELD_OUT, is_held_out
 
 logger = logging.getLogger("onnxopt")
 
@@ -122,11 +123,11 @@ def inputs(float_bytes: bytes, opts: qm.RunSettings, model: ir.Model | None = No
     read = 0
     for i, feeds in enumerate(data_mod.batches(opts.data, sess, opts.preprocess, opts.calib_limit)):
         read += 1
-        if i % 4 == 3 and len(held_out) < qm.HELD_OUT:
+        if is_held_out(i):
             held_out.append(feeds)
         elif len(rounding) < ROUNDING_BATCHES:
             rounding.append(feeds)
-        if len(held_out) >= qm.HELD_OUT and len(rounding) >= ROUNDING_BATCHES:
+        if len(held_out) >= HELD_OUT and len(rounding) >= ROUNDING_BATCHES:
             break
     if not held_out:
         held_out = rounding[-1:]
@@ -145,7 +146,7 @@ class WeightQuantizer(qm.Quantizer):
                  max_drop: float | None = None, class_outputs=None, threads: int = 1):
         self.model, self.float_bytes, self.held_out, self.recovery_set = model, float_bytes, held_out, rounding_set
         self.profile, self.per_channel, self.ep, self.threads = recipe.profile, True, recipe.ep, threads
-        self.metric, self.metric_name, self.max_drop, self.recovery = metric, metric_name, max_drop, ()
+        self.recovery = ()
         self.qmax, self.embeddings = recipe.qmax, recipe.embeddings
         self.int4, self.block, self.rounding = recipe.weights == "int4", recipe.block_size, recipe.rounding
         self.fmt = int4_format(recipe.ep)
@@ -157,7 +158,7 @@ class WeightQuantizer(qm.Quantizer):
             self.candidates.update({node_name(n): "attention" for n in model.graph if qw.fused_attention(n).succeeded})
         if recipe.embeddings != "none":
             self.candidates.update({node_name(n): "embedding" for n in model.graph if qw.embedding_gather(n).succeeded})
-        self.init_scoring(class_outputs)
+        self.init_scoring(metric, metric_name, max_drop, class_outputs)
 
     def plan(self, exclude=frozenset()) -> qq.Plan:
         targets = [n for n in self.candidates if n not in exclude]
@@ -179,7 +180,7 @@ class WeightQuantizer(qm.Quantizer):
                 continue
             arr = constant(w).astype(np.float64)
             scale, zero = qw.block_grid(arr, self.block, bits)
-            codes = recover._error_feedback(arr, np.repeat(scale, self.block, 0), hess[node.name], 2 ** bits - 1,
+            codes = recover.error_feedback(arr, np.repeat(scale, self.block, 0), hess[node.name], 2 ** bits - 1,
                                             np.repeat(zero, self.block, 0), 0)
             out[key] = (codes.astype(np.uint8), scale, zero)
         return out
@@ -299,6 +300,6 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: q
     candidate, the_plan, latency, wrote_float = qm.final_check(q, recipe, candidate, the_plan, decide=decide)
     if wrote_float:  # the float model as the default pipeline leaves it (no transposed weight copies)
         candidate = qm.prepare(qm.load_input(input_path), True)[0]
-    report = qm._report(input_path, recipe, notes, calibration, the_plan, latency, wrote_float, opts.threads)
+    report = qm.quantize_report(input_path, recipe, notes, calibration, the_plan, latency, wrote_float, opts.threads)
     report["seconds_quantize"] = time.perf_counter() - t0
     return qm.commit(q, recipe, candidate, the_plan, output_path, report, opts, replayed, t_start)

@@ -222,7 +222,7 @@ def sensitivity(q: Quantizer, names: Sequence[str]) -> list[dict]:
     own and the same data.  At most RANK_AHEAD built models wait (memory stays bounded; a model
     shares its float weights with the prepared one).  A user ``--metric`` is called in this thread,
     one model after the other (user code may not be thread-safe)."""
-    if q.metric is not None:
+    if q.teacher.metric is not None:
         ranking = [{"layer": n, "kind": q.candidates[n], "drop": q.drop(q.build(frozenset(set(q.candidates) - {n}))[0])}
                    for n in names]
         return sorted(ranking, key=lambda s: -s["drop"])
@@ -237,9 +237,9 @@ def sensitivity(q: Quantizer, names: Sequence[str]) -> list[dict]:
                 del alone
                 while len(pending) > RANK_AHEAD:
                     done, future = pending.popleft()
-                    drops[done] = q.float_score - future.result()
+                    drops[done] = q.teacher.float_score - future.result()
             for done, future in pending:
-                drops[done] = q.float_score - future.result()
+                drops[done] = q.teacher.float_score - future.result()
         finally:
             for _, future in pending:
                 future.cancel()

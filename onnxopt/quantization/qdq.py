@@ -104,7 +104,7 @@ def layer_kind(node: ir.Node) -> str | None:
     return "gemm"
 
 
-def _weight_axis(node: ir.Node) -> int:
+def weight_axis(node: ir.Node) -> int:
     if node.op_type == "Conv":
         return 0
     if node.op_type == "Gemm":
@@ -112,7 +112,7 @@ def _weight_axis(node: ir.Node) -> int:
     return 1  # MatMul [K, N]
 
 
-def _absorbable(value: ir.Value, profile: Profile) -> ir.Node | None:
+def absorbable(value: ir.Value, profile: Profile) -> ir.Node | None:
     """The ReLU / Clip(0, c) that alone reads ``value``, when its clamp can live in the Q."""
     if profile.symmetric or value.is_graph_output():
         return None
@@ -125,13 +125,13 @@ def _absorbable(value: ir.Value, profile: Profile) -> ir.Node | None:
     if node.op_type == "Relu":
         return node
     if node.op_type == "Clip":
-        lo = _clip_bound(node, 1, "min")
-        if lo is not None and lo == 0.0 and _clip_bound(node, 2, "max") is not None:
+        lo = clip_bound(node, 1, "min")
+        if lo is not None and lo == 0.0 and clip_bound(node, 2, "max") is not None:
             return node
     return None
 
 
-def _clip_bound(node: ir.Node, index: int, attr: str) -> float | None:
+def clip_bound(node: ir.Node, index: int, attr: str) -> float | None:
     if attr in node.attributes:
         return node.attributes[attr].as_float()
     if len(node.inputs) > index and node.inputs[index] is not None:
@@ -217,11 +217,11 @@ def plan(model: ir.Model, profile: Profile, exclude=frozenset()) -> Plan:
         out = node.outputs[0]
         if out.is_graph_output():
             return
-        act = _absorbable(out, profile)
+        act = absorbable(out, profile)
         if act is None:
             points[name_of(out)] = (name_of(out), None, None)
         else:
-            hi = _clip_bound(act, 2, "max") if act.op_type == "Clip" else None
+            hi = clip_bound(act, 2, "max") if act.op_type == "Clip" else None
             points[name_of(out)] = (name_of(act.outputs[0]), hi, act.name)
             alias[name_of(act.outputs[0])] = name_of(out)
             absorbed.add(node_name(act))
@@ -360,7 +360,7 @@ class QuantizeQDQ(OptPass):
         for tname in self.plan.weighted():
             node = nodes[tname]
             s_x = params[self.plan.alias.get(name_of(node.inputs[0]), name_of(node.inputs[0]))][0]
-            axis = _weight_axis(node) if self.per_channel else None
+            axis = weight_axis(node) if self.per_channel else None
             w = tensor_of(node.inputs[1]).numpy().astype(np.float32)
             q, s_w = self.weights.get(tname, (None, None))
             if q is None:

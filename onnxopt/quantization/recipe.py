@@ -7,15 +7,14 @@ import dataclasses
 import json
 import logging
 import os
-import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import onnx_ir as ir
 
 from onnxopt import calibrate, pipeline
 from onnxopt.commands import core
-from onnxopt.errors import BadInputError, OnnxoptError, UsageError
+from onnxopt.errors import BadInputError, UsageError
 from onnxopt.quantization import qdq as qq
 
 logger = logging.getLogger("onnxopt")
@@ -46,7 +45,8 @@ EARLY = 0.1
 RECIPE_FORMAT = "onnxopt-recipe/1"
 #: warm ORT sessions kept for latency comparisons (each holds its model's weights)
 SESSION_CACHE = 3
-HELD_OUT, RECOVERY_BATCHES = 8, 8
+#: recovery batches kept (the non-held-out ones, onnxopt.teacher.is_held_out)
+RECOVERY_BATCHES = 8
 #: calibration folds the recovery batches' statistics in this many threads while the next batches run
 FOLD_WORKERS = 2
 #: the sensitivity ranking scores in this many threads (none with a user --metric: user code is
@@ -248,56 +248,3 @@ class RunSettings:
     #: the latency guard decides clear cases from region timings cached per machine
     #: (``onnxopt.quantization.latency_cache``); False measures every decision in the whole model
     cost_model: bool = True
-
-
-def load_metric(spec: str | None) -> Callable | None:
-    """``module:function`` or ``path/to/file.py:function`` -> the callable.
-
-    A module name is imported with the current directory first on ``sys.path`` (as ``python -m``
-    does, so ``models.tasks:digits_accuracy`` works from the repository root); a path (ending in
-    ``.py`` or containing a ``/``) is loaded from that file.  A spec without ``:`` is a usage error
-    (exit 1); a module that is missing, does not import (syntax error, exception at import), or
-    lacks a callable of that name is bad input (exit 2), one line."""
-    import importlib.util
-
-    if spec is None:
-        return None
-    module, _, func = spec.rpartition(":")
-    if not module or not func:
-        raise UsageError(f"--metric '{spec}': expected module:function or path/to/file.py:function")
-    try:
-        if module.endswith(".py") or "/" in module or os.sep in module:
-            path = Path(module)
-            if not path.is_file():
-                raise BadInputError(f"--metric '{spec}': no such file '{module}'")
-            name = f"_onnxopt_metric_{path.stem}"
-            module_spec = importlib.util.spec_from_file_location(name, path)
-            if module_spec is None or module_spec.loader is None:
-                raise BadInputError(f"--metric '{spec}': '{module}' is not a Python file")
-            mod = importlib.util.module_from_spec(module_spec)
-            sys.modules[name] = mod  # dataclasses and pickling look the module up by name
-            try:
-                module_spec.loader.exec_module(mod)
-            except BaseException:
-                sys.modules.pop(name, None)
-                raise
-        else:
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            mod = importlib.import_module(module)
-    except OnnxoptError:
-        raise
-    except SyntaxError as e:
-        raise BadInputError(f"--metric '{spec}': syntax error in {e.filename}, line {e.lineno}: {e.msg}") from None
-    except ModuleNotFoundError as e:
-        raise BadInputError(f"--metric '{spec}': no module named '{e.name}' (modules are looked up from the "
-                            f"current directory and sys.path; or give path/to/file.py:{func})") from None
-    except (Exception, SystemExit) as e:  # noqa: BLE001 - user code runs at import
-        text = (str(e).strip().splitlines() or [""])[0]
-        raise BadInputError(f"--metric '{spec}': importing '{module}' failed ({type(e).__name__}: {text})") from None
-    fn = getattr(mod, func, None)
-    if fn is None:
-        raise BadInputError(f"--metric '{spec}': '{module}' has no attribute '{func}'")
-    if not callable(fn):
-        raise BadInputError(f"--metric '{spec}': '{func}' in '{module}' is not callable")
-    return fn

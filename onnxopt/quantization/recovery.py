@@ -25,9 +25,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt import runtime
+from onnxopt import im2col, runtime
 from onnxopt.base import add_initializer, constant, graph_of, is_constant, name_of, node_name, present, producer_of, tensor_of
-from onnxopt.quantization.qdq import _weight_axis, weight_params
+from onnxopt.quantization.qdq import weight_axis, weight_params
 
 MAX_K = 4608
 MAX_ROWS = 8192
@@ -236,21 +236,13 @@ def _rows(x: np.ndarray, node: ir.Node, rng: np.random.Generator, limit: int | N
         w = tensor_of(node.inputs[1])
         if x.ndim != 4 or len(w.shape) != 4:
             return None
-        a = node.attributes
-        kh, kw = w.shape.numpy()[2:4]
-        pads = a["pads"].as_ints() if "pads" in a else [0, 0, 0, 0]
-        strides = a["strides"].as_ints() if "strides" in a else [1, 1]
-        dil = a["dilations"].as_ints() if "dilations" in a else [1, 1]
-        if any(d != 1 for d in dil):
-            return None
-        xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-        win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::strides[0], ::strides[1]]
+        kh, kw = (int(d) for d in w.shape.numpy()[2:4])
+        win = im2col.windows(x, node, (kh, kw))
         n, c, oh, ow = win.shape[:4]
         limit = _limit(limit, c * kh * kw)
         if n * oh * ow > limit:  # sample output positions first: only the sampled windows are copied
-            ni, hi, wi = np.unravel_index(rng.choice(n * oh * ow, limit, replace=False), (n, oh, ow))
-            return win[ni, :, hi, wi].reshape(limit, c * kh * kw).astype(np.float32)
-        rows = win.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, c * kh * kw)
+            return im2col.rows(win, rng.choice(n * oh * ow, limit, replace=False)).astype(np.float32)
+        rows = im2col.rows(win)
     limit = _limit(limit, rows.shape[1])
     if len(rows) > limit:
         rows = rows[rng.choice(len(rows), limit, replace=False)]
@@ -277,7 +269,7 @@ def adaround(model: ir.Model, the_plan, batches: list[dict], float_bytes: bytes,
 
     def rounded(node: ir.Node) -> tuple[np.ndarray, np.ndarray]:
         w = tensor_of(node.inputs[1]).numpy().astype(np.float64)
-        layout = _weight_axis(node)  # the output-channel axis, whether or not scales are per channel
+        layout = weight_axis(node)  # the output-channel axis, whether or not scales are per channel
         axis = layout if per_channel else None
         _, scale = weight_params(w.astype(np.float32), axis, qmax)
         # work as [K, N]: K = input features (rows of X), N = output channels
@@ -288,7 +280,7 @@ def adaround(model: ir.Model, the_plan, batches: list[dict], float_bytes: bytes,
         else:
             wk = w
         s = np.broadcast_to(np.asarray(scale, np.float64), (wk.shape[1],))
-        q = _error_feedback(wk, s, hess[node_name(node)], qmax)
+        q = error_feedback(wk, s, hess[node_name(node)], qmax)
         q = q.T.reshape(w.shape) if node.op_type == "Conv" else (q.T if layout == 0 else q)
         return q.astype(np.int8), scale
 
@@ -310,7 +302,7 @@ def hessians(layers: list[ir.Node], batches: list[dict], float_bytes: bytes, exa
     return InputStats([], layers, len(batches)).run(onnx.load_from_string(float_bytes), batches, exact).hessians()
 
 
-def _error_feedback(w: np.ndarray, s: np.ndarray, h: np.ndarray, qmax: int, zero: np.ndarray | None = None,
+def error_feedback(w: np.ndarray, s: np.ndarray, h: np.ndarray, qmax: int, zero: np.ndarray | None = None,
                     qmin: int | None = None, lazy: int = 128) -> np.ndarray:
     """Quantize rows of w [K, N] in order, pushing each row's rounding error onto the rows not yet
     quantized through the inverse Hessian (Cholesky form), as GPTQ/OBQ do.  ``s`` (and the

@@ -266,7 +266,7 @@ def sensitivity(q: qm.Quantizer, ev: Evaluator, base: qm.Recipe, the_plan: qq.Pl
     setting = Setting(base.method, base.per_channel, base.build_recovery)
     names = list(the_plan.primary())
     jobs = [Job("build", setting, base.percentile, base.qmax, frozenset(set(q.candidates) - {n})) for n in names]
-    ranking = [{"layer": n, "kind": q.candidates[n], "drop": q.float_score - r["score"]}
+    ranking = [{"layer": n, "kind": q.candidates[n], "drop": q.teacher.float_score - r["score"]}
                for n, r in zip(names, ev.builds(jobs))]
     ranking.sort(key=lambda s: -s["drop"])
     return ranking
@@ -275,20 +275,11 @@ def sensitivity(q: qm.Quantizer, ev: Evaluator, base: qm.Recipe, the_plan: qq.Pl
 def measure_latency(q: qm.Quantizer, models: Sequence[bytes]) -> list[list[float]]:
     """Per model, its ms per round: all sessions in this process, round-robin runs (every model
     once per round, the first model of a round rotating), one set of feeds, ``q.threads`` threads."""
-    sessions, inputs = q._sessions(list(models))  # noqa: SLF001 - same session setup as the guard
+    sessions, inputs = q.warm_sessions(list(models))  # the guard's warm sessions
     for s, f in zip(sessions, inputs):
         for _ in range(WARMUP):
             s.run(None, f)
-    times: list[list[float]] = [[] for _ in sessions]
-    deadline = time.perf_counter() + SECONDS
-    n = len(sessions)
-    for r in range(ROUNDS):
-        for k in range(n):
-            i = (r + k) % n
-            times[i].append(bench.timed_run(sessions[i], inputs[i]))
-        if r >= 10 and time.perf_counter() > deadline:
-            break
-    return times
+    return bench.round_robin(list(zip(sessions, inputs)), ROUNDS, SECONDS, rotate=True, min_rounds=11)
 
 
 @dataclasses.dataclass
@@ -362,7 +353,7 @@ class Walk:
                     needed.append((setting, k))
                     break
                 accepted.append((setting, k))
-                if self.q.float_score - self.known[(setting, k)]["score"] <= self.max_drop:
+                if self.q.teacher.float_score - self.known[(setting, k)]["score"] <= self.max_drop:
                     break  # more float layers only cost latency
         return accepted, needed, False
 
@@ -408,13 +399,13 @@ def search(q: qm.Quantizer, recipe: qm.Recipe, max_drop: float, budget: int = DE
     all_float = {n: "search: every layer float (the float model)" for n in q.candidates}
     float_recipe = _recipe_for(recipe, Setting(recipe.method, recipe.per_channel, recipe.build_recovery), all_float)
     float_c = Candidate(0, "float model", float_recipe, q.model, qq.plan(q.model, recipe.profile, frozenset(q.candidates)),
-                        q.float_bytes, q.float_score, 0.0, is_float=True)
+                        q.float_bytes, q.teacher.float_score, 0.0, is_float=True)
     candidates = [float_c]
     for key in accepted:
         r, res = walk.recipe_for(key), walk.known[key]
         c = Candidate(len(candidates), f"{key[0].label()}, +{key[1]} float", r, None,
                       qq.plan(q.model, recipe.profile, r.excluded()), res["bytes"], res["score"],
-                      q.float_score - res["score"])
+                      q.teacher.float_score - res["score"])
         candidates.append(c)
         logger.info("search %d: %s: score %.5f (drop %.4g)", c.id, c.label, c.accuracy, c.drop)
     samples = measure_latency(q, [c.model_bytes for c in candidates])
@@ -424,7 +415,7 @@ def search(q: qm.Quantizer, recipe: qm.Recipe, max_drop: float, budget: int = DE
     faster = confidently_faster(samples)
     for i in pareto_front(points, faster):
         candidates[i].on_front = True
-    idx = choose(points, max_drop, q.float_score, faster=faster)
+    idx = choose(points, max_drop, q.teacher.float_score, faster=faster)
     if idx is None:  # cannot happen: the float model has drop 0
         idx = 0
     chosen = candidates[idx]
@@ -436,7 +427,7 @@ def search(q: qm.Quantizer, recipe: qm.Recipe, max_drop: float, budget: int = DE
     for s in chosen.recipe.decisions.sensitivity:
         if s["layer"] in chosen.recipe.decisions.float_layers and not chosen.is_float:
             s["kept_float"] = True
-    return SearchResult(candidates, chosen, float_c, ranking, budget, max_drop, q.float_score,
+    return SearchResult(candidates, chosen, float_c, ranking, budget, max_drop, q.teacher.float_score,
                         time.perf_counter() - t0, parallelism, builds - (len(candidates) - 1))
 
 

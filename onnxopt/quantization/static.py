@@ -75,7 +75,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import benchmark as bench
-from onnxopt import calibrate, fidelity, io, pipeline, runtime
+from onnxopt import calibrate, io, pipeline, runtime
 from onnxopt import data as data_mod
 from onnxopt.base import drop_unused_initializers
 from onnxopt.commands import core
@@ -104,7 +104,6 @@ from onnxopt.quantization.recipe import (  # noqa: F401 - re-exported: onnxopt.q
     DEFAULT_SEARCH_BUDGET,
     EARLY,
     FOLD_WORKERS,
-    HELD_OUT,
     KIND_ORDER,
     LATENCY_MARGIN,
     LAYER_BLOCKS,
@@ -125,10 +124,10 @@ from onnxopt.quantization.recipe import (  # noqa: F401 - re-exported: onnxopt.q
     Recipe,
     RunSettings,
     _embeddings,
-    load_metric,
     serialize,
 )
 from onnxopt.quantization.weights import QuantizeEmbeddings
+from onnxopt.teacher import HELD_OUT, BudgetResult, Teacher, is_held_out, load_metric  # noqa: F401 - re-exported
 
 logger = logging.getLogger("onnxopt")
 
@@ -252,7 +251,7 @@ def calibrate_model(prepared: Prepared, data: str | os.PathLike, *, preprocess: 
 
     def stream():
         for i, feeds in enumerate(data_mod.batches(data, plain, preprocess, limit)):
-            if i % 4 == 3 and len(held_out) < HELD_OUT:
+            if is_held_out(i):
                 held_out.append(feeds)
                 continue
             recovering[0] = len(recovery_set) < RECOVERY_BATCHES
@@ -323,25 +322,6 @@ def recover_model(q: Quantizer, model: ir.Model, the_plan: qq.Plan, recovery: tu
     return model
 
 
-def score_session(sess, metric: Callable | None, metric_name: str | None, rules, max_drop: float | None,
-                  held_out: Sequence[Mapping], reference: Sequence[Mapping]) -> tuple[float, list[dict] | None]:
-    """A candidate session's score: the user's ``metric(sess)`` (an exception in it is one
-    BadInputError line), else the lowest per-output fidelity (onnxopt.fidelity) of its outputs on
-    the ``held_out`` batches against the ``reference`` outputs; with those per-output results
-    (None for a user metric).  Shared by quantize and the compression commands."""
-    if metric is not None:
-        try:
-            return float(metric(sess)), None
-        except Exception as e:  # noqa: BLE001 - user code
-            text = (str(e).strip().splitlines() or [""])[0]
-            raise BadInputError(f"--metric '{metric_name}' raised {type(e).__name__}: {text}") from None
-    fid = fidelity.Fidelity(rules, max_drop)
-    for feeds, ref in zip(held_out, reference):
-        fid.add(ref, runtime.run_candidate(sess, feeds, list(ref)))
-    results = fid.results()
-    return min((r["score"] for r in results), default=1.0), results
-
-
 class Quantizer:
     """Holds the prepared float model, calibration statistics and scoring data; builds and
     measures candidate quantized models for a set of float-kept layers."""
@@ -353,7 +333,7 @@ class Quantizer:
         self.held_out, self.recovery_set = calib.held_out, calib.recovery_set
         self.folded_means, self.folded_hessians = calib.means, calib.hessians
         self.profile, self.per_channel, self.ep = recipe.profile, recipe.per_channel, recipe.ep
-        self.metric, self.metric_name, self.threads, self.recovery = metric, metric_name, threads, recipe.build_recovery
+        self.threads, self.recovery = threads, recipe.build_recovery
         self.qmax = recipe.qmax
         self.candidates = qq.candidates(self.model)
         self.full_plan = prepared.full_plan
@@ -363,39 +343,34 @@ class Quantizer:
             raise BadInputError(f"calibration statistics lack {len(missing)} tensor(s) this model needs, e.g. "
                                 f"'{missing[0]}' (statistics from another model?)")
         self.embeddings = recipe.embeddings
-        self.max_drop = max_drop
         #: the latency guard decides clear cases from region timings (onnxopt.quantization.latency_cache)
         self.cost_model = cost_model
-        self.init_scoring(class_outputs)
+        self.init_scoring(metric, metric_name, max_drop, class_outputs)
 
-    def init_scoring(self, class_outputs: Mapping[str, int | None] | None) -> None:
-        """The fp32 reference on the held-out batches and its score (``self.model``, ``float_bytes``,
-        ``held_out``, ``ep``, ``threads`` and ``metric`` set)."""
-        #: how each output is judged without --metric (onnxopt.fidelity); per-output results of the last score
-        self.rules = fidelity.rules(self.model, class_outputs)
-        self.last_results: list[dict] = []
-        self.float_session = runtime.session(self.float_bytes, self.ep, self.threads)
-        self.reference = [runtime.run(self.float_session, f) for f in self.held_out]
-        self.float_score = self.score_session(self.float_session, self.reference)
-        if self.metric is None:  # fp32 agrees with itself everywhere; a sample's lower bound is not its score
-            self.float_score = 1.0
+    def init_scoring(self, metric: Callable | None, metric_name: str | None, max_drop: float | None,
+                     class_outputs: Mapping[str, int | None] | None) -> None:
+        """The teacher (the fp32 reference and the yardstick, onnxopt.teacher) and the state filled in
+        lazily (``model``, ``float_bytes``, ``held_out``, ``ep`` and ``threads`` set)."""
+        #: the latency guard's warm sessions, the embedding quantizer's memo, measured timings
+        self.session_cache: collections.OrderedDict = collections.OrderedDict()
+        self.embedding_memo: dict = {}
+        self.float_ms: float | None = None
+        self.region_timings: dict[str, costmodel.Region] | None = None
+        self.regions_measured = 0
+        self.teacher = Teacher(self.model, self.float_bytes, self.held_out, ep=self.ep, threads=self.threads, metric=metric,
+                               metric_name=metric_name, max_drop=max_drop, class_outputs=class_outputs)
 
     # Pickling (onnxopt.parallel sends the quantizer to search workers once per process).
     def __getstate__(self) -> dict:
         """Everything but ORT sessions (a worker scores with sessions of its own) and a
         metric loaded by name (loaded again from ``metric_name`` where it is unpickled)."""
-        state = self.__dict__.copy()
-        state["float_session"] = None
-        state.pop("_session_cache", None)  # the latency guard's warm sessions
+        state = dict(vars(self))
+        state["session_cache"] = collections.OrderedDict()  # the latency guard's warm sessions
         state["folded_hessians"] = None  # K x K each; a worker that needs them folds its own
-        if self.metric_name is not None:
-            state["metric"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        if self.metric is None and self.metric_name is not None:
-            self.metric = load_metric(self.metric_name)
+        vars(self).update(state)
 
     # Recovery data that does not depend on the plan: computed once for every layer, not per build.
     @functools.cached_property
@@ -423,22 +398,13 @@ class Quantizer:
         weights = self.rounded_weights if "adaround" in recovery else {}
         qq.QuantizeQDQ(the_plan, self.ranges, self.profile, self.per_channel, self.qmax, weights)(model)
         if self.embeddings != "none":
-            QuantizeEmbeddings(8, memo=self.__dict__.setdefault("_embedding_memo", {}))(model)
+            QuantizeEmbeddings(8, memo=self.embedding_memo)(model)
         return recover_model(self, model, the_plan, recovery), the_plan
 
     # ---------------------------------------------------------------- scoring
-    def score_session(self, sess, reference=None) -> float:
-        score, results = score_session(sess, self.metric, self.metric_name, self.rules, self.max_drop, self.held_out,
-                                       reference or self.reference)
-        if results is not None:
-            self.last_results = results
-        return score
-
     def score(self, model: ir.Model | runtime.Light | bytes | str | os.PathLike) -> float:
         """Score a model (in memory, serialized, or a model file)."""
-        source = self.source(model) if isinstance(model, ir.Model) else \
-            model if isinstance(model, (runtime.Light, bytes)) else str(model)
-        return self.score_session(runtime.session(source, self.ep, self.threads))
+        return self.teacher.score(self.source(model) if isinstance(model, ir.Model) else model)
 
     def source(self, model: ir.Model) -> runtime.Light | bytes:
         """What a scoring session is made from: the model without its weights on the CPU EP
@@ -446,15 +412,15 @@ class Quantizer:
         return runtime.light(model) if self.ep == "cpu" else serialize(model)
 
     def drop(self, model: ir.Model) -> float:
-        return self.float_score - self.score(model)
+        return self.teacher.float_score - self.score(model)
 
     # ---------------------------------------------------------------- latency
-    def _sessions(self, models: list[bytes]):
+    def warm_sessions(self, models: list[bytes]):
         """Warm sessions of ``models`` with their feeds.  The last SESSION_CACHE sessions are kept by
         content hash, so a model compared again (the float model, the guard's base placement) is
         neither reloaded nor warmed up again."""
         feeds = self.held_out[0]
-        cache: collections.OrderedDict = self.__dict__.setdefault("_session_cache", collections.OrderedDict())
+        cache = self.session_cache
         sessions = []
         for m in models:
             key = hashlib.sha1(m).digest()
@@ -473,30 +439,23 @@ class Quantizer:
 
     def latency(self, models: list[bytes], runs: int = 15) -> list[float]:
         """Median ms per model, runs alternating between the models (one process, fixed feeds)."""
-        sessions, inputs = self._sessions(models)
-        times: list[list[float]] = [[] for _ in sessions]
-        deadline = time.perf_counter() + 20.0
-        for _ in range(runs):
-            for i, (s, f) in enumerate(zip(sessions, inputs)):
-                times[i].append(bench.timed_run(s, f))
-            if time.perf_counter() > deadline:
-                break
-        return [float(np.median(t)) for t in times]
+        sessions, inputs = self.warm_sessions(models)
+        return [float(np.median(t)) for t in bench.round_robin(list(zip(sessions, inputs)), runs, 20.0)]
 
     def float_latency(self) -> float:
         """Median ms of the fp32 model on the EP (measured once; its warm session is kept)."""
-        if "_float_ms" not in self.__dict__:
-            self._float_ms = self.latency([self.float_bytes], runs=11)[0]
-        return self._float_ms
+        if self.float_ms is None:
+            self.float_ms = self.latency([self.float_bytes], runs=11)[0]
+        return self.float_ms
 
     def regions(self) -> dict[str, costmodel.Region]:
         """The cost model's region timings of every candidate layer (onnxopt.quantization.latency_cache), once."""
-        if "_regions" not in self.__dict__:
+        if self.region_timings is None:
             r = costmodel.Regions(self.model, self.float_bytes, self.held_out[0], self.ranges, self.profile,
                                   self.per_channel, self.qmax, self.ep, self.threads)
-            self._regions = r.timings(self.candidates)
+            self.region_timings = r.timings(self.candidates)
             self.regions_measured = r.measured
-        return self._regions
+        return self.region_timings
 
     def compare_latency(self, a: bytes, b: bytes, margin: float = LATENCY_MARGIN, max_blocks: int = MAX_BLOCKS) -> dict:
         """Is model ``a`` faster than ``b`` by more than ``margin``, with confidence?
@@ -510,7 +469,7 @@ class Quantizer:
         ``"tie"``, which callers resolve to the simpler choice.  A real difference far from the
         threshold gives the same verdict run after run; one near it gives "tie", not a coin flip.
         Returns the verdict, medians in ms, the median ratio and its interval, and the pair count."""
-        sessions, inputs = self._sessions([a, b])
+        sessions, inputs = self.warm_sessions([a, b])
         return bench.paired((sessions[0], inputs[0]), (sessions[1], inputs[1]), threshold=1.0 - margin,
                             pairs_per_block=PAIRS_PER_BLOCK, min_blocks=MIN_BLOCKS, max_blocks=max_blocks,
                             seconds=COMPARE_SECONDS, early=EARLY)
@@ -525,48 +484,7 @@ median_ratio_interval = bench.median_ratio_interval
 
 # ---------------------------------------------------------------- the run
 
-@dataclasses.dataclass
-class BudgetResult:
-    """The accuracy check of the staged model, in the shape ``core.stage_validate_commit`` wants."""
-
-    ok: bool
-    metric: str
-    drop: float
-    max_drop: float
-    replayed: bool = False
-
-    def summary(self) -> str:
-        where = "with the recipe's placement" if self.replayed else "even with every layer in float"
-        return f"{self.metric} drop {self.drop:.4g} > --max-drop {self.max_drop:g} {where}"
-
-    def to_dict(self) -> dict:
-        return {"ok": self.ok, "metric": self.metric, "drop": self.drop, "max_drop": self.max_drop}
-
-
-def _check_budget(q: Quantizer, report: dict, opts: RunSettings, replayed: bool) -> Callable[[Path], BudgetResult]:
-    """Score the staged file and fill ``report["accuracy"]`` (per-output fidelity without --metric)."""
-
-    def check(path: Path) -> BudgetResult:
-        drop = q.float_score - q.score(path)
-        if q.metric is None:
-            outputs = q.last_results
-            metric = "default: " + fidelity.describe(outputs)
-            for r in fidelity.uncertified(outputs, opts.max_drop):
-                lo, hi = r["agreement_interval"]
-                logger.warning("output '%s': %s agreement %.4f on only %d held-out positions (95%% interval "
-                               "%.3f-%.3f) cannot certify the %.3g budget; more --data batches (every 4th, up to 8, "
-                               "is held out) or a --metric would", r["name"], r["metric"], r["agreement"],
-                               r["positions"], lo, hi, 1 - opts.max_drop)
-        else:
-            outputs, metric = None, str(opts.metric)
-        report["accuracy"] = {"metric": metric, "float": q.float_score, "quantized": q.float_score - drop, "drop": drop,
-                              "max_drop": opts.max_drop, **({"outputs": outputs} if outputs is not None else {})}
-        return BudgetResult(drop <= opts.max_drop, metric, drop, opts.max_drop, replayed)
-
-    return check
-
-
-def _report(input_path, recipe: Recipe, notes: list[str], calibration: dict, the_plan: qq.Plan, latency: dict,
+def quantize_report(input_path, recipe: Recipe, notes: list[str], calibration: dict, the_plan: qq.Plan, latency: dict,
             wrote_float: bool, threads: int) -> dict:
     t_q, t_f = latency["quantized_ms"], latency["float_ms"]
     return core.header("quantize", input={"path": str(input_path)}, ep=recipe.ep, method=recipe.method,
@@ -628,7 +546,7 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: R
                   class_outputs=opts.class_outputs, threads=opts.threads, cost_model=opts.cost_model)
     calib.hessians = None  # the Quantizer's until adaround has used them
     if metric_fn is None:
-        for r in q.last_results:
+        for r in q.teacher.last_results:
             logger.info("fidelity of output '%s': %s (%s)", r["name"], r["metric"], r["reason"])
     found = None
     if searcher is not None:  # --search (onnxopt.quantization.search.run_search)
@@ -636,7 +554,7 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: R
             q, recipe, opts.max_drop, opts.search_budget, workers=opts.search_workers, ray_address=opts.search_ray)
     else:
         candidate, the_plan, latency, wrote_float = _search(q, recipe, opts, replayed)
-    report = _report(input_path, recipe, prepared.notes, calib.to_dict(), the_plan, latency, wrote_float, opts.threads)
+    report = quantize_report(input_path, recipe, prepared.notes, calib.to_dict(), the_plan, latency, wrote_float, opts.threads)
     if found is not None:
         report["search"] = found.to_dict()
     report["seconds_quantize"] = time.perf_counter() - t0
@@ -652,8 +570,9 @@ def commit(q: Quantizer, recipe: Recipe, candidate: ir.Model, the_plan: qq.Plan,
         report["seconds"] = time.perf_counter() - t_start
 
     candidate = pipeline.run(candidate, pipeline.parse("cleanup")).model
+    where = "with the recipe's placement" if replayed else "even with every layer in float"
 
-    core.stage_validate_commit(candidate, output_path, report, check=_check_budget(q, report, opts, replayed),
+    core.stage_validate_commit(candidate, output_path, report, check=q.teacher.check(report, ("quantized",), where),
                               force=opts.force, on_refused=refused, refused="quantized model not written")
     if opts.recipe_out is not None:
         recipe.save(opts.recipe_out, the_plan)
