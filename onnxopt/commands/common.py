@@ -61,6 +61,11 @@ def exclude(help: str = "Keep this node in float (repeatable).") -> Any:
     return flag((), "--exclude", help=help, multiple=True)
 
 
+def scope() -> Any:
+    return flag("global", "--scope", type=click.Choice(["global", "layer"]),
+                help="--sparsity over all pruned layers together or in each layer.")
+
+
 def mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 

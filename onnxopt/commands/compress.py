@@ -20,8 +20,7 @@ class Options:
     clusters: int = flag(None, "--cluster", type=int, required=True,
                          help="Shared values per layer: a power of 2 up to 256.")
     sparsity: float | None = flag(None, "--sparsity", type=float, help="Magnitude-prune this fraction first, in [0, 1).")
-    scope: str = flag("global", "--scope", type=click.Choice(["global", "layer"]),
-                      help="--sparsity over all pruned layers together or in each layer.")
+    scope: str = common.scope()
     scoring: common.Scoring = group(common.Scoring)
 
 

@@ -21,8 +21,7 @@ class Options:
     output_path: str | os.PathLike
     sparsity: float | None = flag(None, "--sparsity", type=float,
                                   help="Magnitude pruning: fraction of weights zeroed, in [0, 1).")
-    scope: str = flag("global", "--scope", type=click.Choice(["global", "layer"]),
-                      help="--sparsity over all pruned layers together or in each layer.")
+    scope: str = common.scope()
     threshold: float | None = flag(None, "--threshold", type=float, help="Magnitude pruning: zero every weight with |w| < T.")
     channels: float | None = flag(None, "--channels", type=float,
                                   help="Structured pruning: fraction of the channels of each group to remove physically "
