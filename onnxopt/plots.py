@@ -233,3 +233,22 @@ def table(headers: list[str], rows: Sequence[Sequence[object]]) -> str:
 
 def status(ok: bool) -> str:
     return '<span class="ok">pass</span>' if ok else '<span class="bad">FAIL</span>'
+
+
+#: sorts a ``table.sortable`` by the clicked column (cells' ``data-v`` keys)
+SORT_JS = """document.querySelectorAll('table.sortable th').forEach(function(th,i){th.style.cursor='pointer';
+th.title='sort';th.addEventListener('click',function(){var t=th.closest('table'),b=t.tBodies[0],
+rows=Array.from(b.rows),asc=th.dataset.asc!=='1';th.dataset.asc=asc?'1':'0';
+function key(r){var c=r.cells[i],v=c.dataset.v!==undefined?c.dataset.v:c.textContent.trim(),n=parseFloat(v);
+return isNaN(n)?v.toLowerCase():n;}
+rows.sort(function(a,b){var x=key(a),y=key(b);if(typeof x!==typeof y){x=String(x);y=String(y);}
+return (x<y?-1:x>y?1:0)*(asc?1:-1);});rows.forEach(function(r){b.appendChild(r);});});});"""
+
+
+def sortable_cell(value, text: str | None = None) -> str:
+    """A table cell whose sort key is ``value`` (numbers sort as numbers; missing ones last)."""
+    shown = html.escape(text if text is not None else ("-" if value is None else str(value)))
+    key = "" if value is None else html.escape(str(value), quote=True)
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    css = ' class="num"' if numeric else ""
+    return f'<td{css} data-v="{key}">{shown}</td>'

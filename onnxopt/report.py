@@ -15,7 +15,9 @@ from pathlib import Path
 
 from onnxopt import io, plots
 from onnxopt.errors import BadInputError, UsageError
+from onnxopt.plots import SORT_JS as _SORT_JS
 from onnxopt.plots import page as _page
+from onnxopt.plots import sortable_cell as _batch_cell
 from onnxopt.plots import status as _status
 from onnxopt.plots import table as _table
 
@@ -38,7 +40,17 @@ def render(report: dict, suffix: str) -> str:
     if suffix == ".json":
         return json.dumps(report, indent=2, default=str, allow_nan=False) + "\n"
     renderers = {".md": MARKDOWN, ".html": HTML}[suffix]
-    return renderers[report["command"]](report)
+    fallback = _generic_markdown if suffix == ".md" else _generic_html
+    return renderers.get(report["command"], fallback)(report)
+
+
+def _generic_markdown(report: dict) -> str:
+    """A command without a report layout of its own (inspect): its JSON, fenced."""
+    return f"# onnxopt {report['command']}\n\n```json\n{json.dumps(report, indent=2, default=str)}\n```\n"
+
+
+def _generic_html(report: dict) -> str:
+    return _page(f"onnxopt {report['command']}", f"<pre>{html.escape(json.dumps(report, indent=2, default=str))}</pre>")
 
 
 def write(report: dict, path: str | os.PathLike) -> None:
@@ -449,24 +461,6 @@ HTML: dict[str, Callable[[dict], str]] = {"optimize": html_optimize, "validate":
 
 
 # --- batch summary (onnxopt batch) -------------------------------------------------------------
-
-_SORT_JS = """document.querySelectorAll('table.sortable th').forEach(function(th,i){th.style.cursor='pointer';
-th.title='sort';th.addEventListener('click',function(){var t=th.closest('table'),b=t.tBodies[0],
-rows=Array.from(b.rows),asc=th.dataset.asc!=='1';th.dataset.asc=asc?'1':'0';
-function key(r){var c=r.cells[i],v=c.dataset.v!==undefined?c.dataset.v:c.textContent.trim(),n=parseFloat(v);
-return isNaN(n)?v.toLowerCase():n;}
-rows.sort(function(a,b){var x=key(a),y=key(b);if(typeof x!==typeof y){x=String(x);y=String(y);}
-return (x<y?-1:x>y?1:0)*(asc?1:-1);});rows.forEach(function(r){b.appendChild(r);});});});"""
-
-
-def _batch_cell(value, text: str | None = None) -> str:
-    """A table cell whose sort key is ``value`` (numbers sort as numbers; missing ones last)."""
-    shown = html.escape(text if text is not None else ("-" if value is None else str(value)))
-    key = "" if value is None else html.escape(str(value), quote=True)
-    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-    css = ' class="num"' if numeric else ""
-    return f'<td{css} data-v="{key}">{shown}</td>'
-
 
 def batch_rows(summary: dict) -> list[dict]:
     """Per model: name, status, reason, seconds, nodes, sizes, size ratio, speed-up, validation."""
