@@ -99,8 +99,9 @@ def _rank(value: ir.Value) -> int | None:
 
 
 def _score_producer(value: ir.Value) -> tuple[ir.Node | None, list[ir.Node]]:
-    """Walk back from ``value`` through LAYOUT_OPS; return the Softmax/LogSoftmax/Sigmoid found (or
-    None) and the layout ops between it and ``value`` in forward order."""
+    """Walk back from ``value`` through LAYOUT_OPS; return the Softmax/LogSoftmax/Sigmoid found, or
+    the last node of a softmax written out (:func:`_written_out`), or None; and the layout ops
+    between it and ``value`` in forward order."""
     chain: list[ir.Node] = []
     node = value.producer()
     while node is not None and node.domain in ("", "ai.onnx") and node.op_type in LAYOUT_OPS and node.inputs \
@@ -110,7 +111,7 @@ def _score_producer(value: ir.Value) -> tuple[ir.Node | None, list[ir.Node]]:
             return None, []
         chain.append(node)
         node = node.inputs[0].producer()
-    if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in SCORE_OPS:
+    if node is None or node.domain not in ("", "ai.onnx") or (node.op_type not in SCORE_OPS and _written_out(node) is None):
         return None, []
     return node, chain[::-1]
 
@@ -135,6 +136,69 @@ def _follow(axis: int, rank: int | None, chain: list[ir.Node]) -> tuple[int | No
     return axis, ""
 
 
+def _axes_of(node: ir.Node) -> list[int] | None:
+    """A Reduce* node's axes (attribute before opset 18, constant input after); None when unknown."""
+    if "axes" in node.attributes:
+        return list(node.attributes["axes"].as_ints())
+    if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].const_value is not None:
+        return [int(a) for a in node.inputs[1].const_value.numpy().reshape(-1)]
+    return None
+
+
+def _exp_of(value: ir.Value | None) -> tuple[ir.Value, int] | None:
+    """(x, axis) when ``value`` is ``Exp(x)`` or ``Exp(x - ReduceMax(x, axis))``, x any tensor."""
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != "Exp" or node.inputs[0] is None:
+        return None
+    x = node.inputs[0]
+    sub = x.producer()
+    if sub is not None and sub.op_type == "Sub" and sub.inputs[1] is not None:
+        mx = sub.inputs[1].producer()
+        if mx is not None and mx.op_type == "ReduceMax" and mx.inputs[0] is sub.inputs[0]:
+            axes = _axes_of(mx)
+            if axes is not None and len(axes) == 1:
+                return present(sub.inputs[0]), axes[0]
+    return x, 0
+
+
+def _written_out(node: ir.Node | None) -> tuple[str, int] | None:
+    """("softmax" | "logsoftmax", class axis) when ``node`` ends a softmax written out in basic ops
+    (tf2onnx and hand-written graphs): ``Div(Exp(x'), ReduceSum(Exp(x'), axis))`` or
+    ``Sub(x', Log(ReduceSum(Exp(x'), axis)))``, with x' = x or x - ReduceMax(x, axis).  The class axis
+    is the ReduceSum's single axis (the data confirms it, as for Softmax)."""
+    if node is None or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2 or node.op_type not in ("Div", "Sub"):
+        return None
+    den = node.inputs[1].producer() if node.inputs[1] is not None else None
+    if node.op_type == "Sub":
+        if den is None or den.op_type != "Log" or den.inputs[0] is None:
+            return None
+        den = den.inputs[0].producer()
+    if den is None or den.op_type != "ReduceSum" or den.inputs[0] is None:
+        return None
+    axes = _axes_of(den)
+    exp = _exp_of(den.inputs[0])
+    if axes is None or len(axes) != 1 or exp is None:
+        return None
+    if node.op_type == "Div" and node.inputs[0] is not den.inputs[0]:  # the same Exp on both sides
+        return None
+    if node.op_type == "Sub":
+        exp_node = den.inputs[0].producer()
+        if exp_node is None or exp_node.inputs[0] is not node.inputs[0]:  # x' - log(sum(exp(x')))
+            return None
+    return ("softmax" if node.op_type == "Div" else "logsoftmax"), axes[0]
+
+
+def _linear_head(value: ir.Value) -> bool:
+    """``value`` is made by Gemm/MatMul (+ a bias Add), through layout ops: a linear head's output."""
+    node = value.producer()
+    while node is not None and node.op_type in LAYOUT_OPS and node.inputs and node.inputs[0] is not None:
+        node = node.inputs[0].producer()
+    if node is not None and node.op_type == "Add":
+        node = next((i.producer() for i in node.inputs if i is not None and i.producer() is not None
+                     and producer_of(i).op_type in ("Gemm", "MatMul")), None)
+    return node is not None and node.domain in ("", "ai.onnx") and node.op_type in ("Gemm", "MatMul")
+
+
 def _is_matmul_head(node: ir.Node) -> bool:
     """Sigmoid input made by Gemm/MatMul, possibly plus a constant bias."""
     x = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
@@ -152,6 +216,48 @@ def _declared_by_name(name: str) -> str | None:
     return None
 
 
+def _softmax_rule(model: ir.Model, name: str, producer: ir.Node, chain: list[ir.Node], via: str) -> Rule:
+    """The top-1 rule of an output made by Softmax/LogSoftmax, written as one op or out in basic ops."""
+    written = _written_out(producer)
+    if written is not None:
+        kind, axis = written
+        label = f"a {'Softmax' if kind == 'softmax' else 'LogSoftmax'} written out ({producer.op_type} of Exp/ReduceSum)"
+    else:
+        kind = producer.op_type.lower()
+        default = -1 if _opset(model) >= 13 else 1
+        axis = producer.attributes["axis"].as_int() if "axis" in producer.attributes else default
+        label = producer.op_type
+    rank = _rank(producer.outputs[0])
+    if axis < 0 and rank is not None:
+        axis += rank
+    new_axis, why = _follow(axis, rank, chain)
+    if new_axis is None:
+        return Rule(name, COSINE, f"made by {label}{via}, but {why}")
+    return Rule(name, TOP1, f"made by {label}(axis={axis}){via}: class scores", new_axis, kind)
+
+
+def _rule(model: ir.Model, value: ir.Value, name: str) -> Rule:
+    producer, chain = _score_producer(value)
+    via = "".join(f" -> {n.op_type}" for n in chain)
+    if producer is not None and producer.op_type != "Sigmoid":
+        return _softmax_rule(model, name, producer, chain, via)
+    if producer is not None:  # Sigmoid
+        rank = _rank(producer.outputs[0])
+        if _is_matmul_head(producer):
+            new_axis, _ = _follow(-1 if rank is None else rank - 1, rank, chain)
+            if new_axis is not None:
+                return Rule(name, TOP1, f"made by Sigmoid over a Gemm/MatMul head{via}: one score per class", new_axis)
+        return Rule(name, DECISION, f"made by Sigmoid{via} (not over a matmul head): per-element p > 0.5 decisions")
+    word = _declared_by_name(name)
+    if word is not None:
+        return Rule(name, TOP1, f"named '{word}': declared class scores, class axis last", -1)
+    if _linear_head(value):
+        return Rule(name, TOP1, "a linear head's output: judged as class logits, class axis last (say "
+                                f"--output-kind {name}=embedding or =regression to judge it by cosine)", -1, "logits")
+    return Rule(name, COSINE, "no Softmax/LogSoftmax/Sigmoid producer, no class-score name and no linear head: "
+                              "cosine (SNR reported), or top-1 if the data show probabilities", check="probabilities")
+
+
 def rules(model: ir.Model, declared: Mapping[str, int | None] | None = None) -> dict[str, Rule]:
     """Output name -> Rule (module docstring).  Only the graph is read; ``Fidelity`` confirms the
     class axis on the reference data before a top-1 rule is used."""
@@ -164,44 +270,30 @@ def rules(model: ir.Model, declared: Mapping[str, int | None] | None = None) -> 
             axis = declared[name]
             out[name] = Rule(name, COSINE, "declared not class scores") if axis is None else \
                 Rule(name, TOP1, f"declared class scores (class axis {axis})", axis)
-            continue
-        if dtype is not None and dtype not in (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16,
-                                               ir.DataType.BFLOAT16):
+        elif dtype is not None and dtype not in (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16,
+                                                 ir.DataType.BFLOAT16):
             out[name] = Rule(name, EXACT, f"{dtype.name.lower()} output: labels/indices are compared exactly")
-            continue
-        producer, chain = _score_producer(value)
-        via = "".join(f" -> {n.op_type}" for n in chain)
-        rule = None
-        if producer is not None and producer.op_type in ("Softmax", "LogSoftmax"):
-            default = -1 if _opset(model) >= 13 else 1
-            axis = producer.attributes["axis"].as_int() if "axis" in producer.attributes else default
-            rank = _rank(producer.outputs[0])
-            if axis < 0 and rank is not None:
-                axis += rank
-            new_axis, why = _follow(axis, rank, chain)
-            if new_axis is None:
-                rule = Rule(name, COSINE, f"made by {producer.op_type}{via}, but {why}")
-            else:
-                rule = Rule(name, TOP1, f"made by {producer.op_type}(axis={axis}){via}: class scores", new_axis,
-                            producer.op_type.lower())
-        elif producer is not None:  # Sigmoid
-            if _is_matmul_head(producer):
-                new_axis, why = _follow(-1 if _rank(producer.outputs[0]) is None else present(_rank(producer.outputs[0])) - 1,
-                                        _rank(producer.outputs[0]), chain)
-                if new_axis is not None:
-                    rule = Rule(name, TOP1, f"made by Sigmoid over a Gemm/MatMul head{via}: one score per class",
-                                new_axis)
-            if rule is None:
-                rule = Rule(name, DECISION, f"made by Sigmoid{via} (not over a matmul head): per-element "
-                                            f"p > 0.5 decisions")
-        if rule is None:
-            word = _declared_by_name(name)
-            if word is not None:
-                rule = Rule(name, TOP1, f"named '{word}': declared class scores, class axis last", -1)
-        if rule is None:
-            rule = Rule(name, COSINE, "no Softmax/LogSoftmax/Sigmoid producer and no class-score name: "
-                                      "cosine (SNR reported)")
-        out[name] = rule
+        else:
+            out[name] = _rule(model, value, name)
+    return out
+
+
+def for_synthesized(the_rules: Mapping[str, Rule]) -> dict[str, Rule]:
+    """``the_rules`` for held-out inputs that are synthesized, not data: a class flip on noise inputs
+    means nothing (their logits' margins are not the data's), so top-1 and decision rules become
+    cosine (SNR reported); exact rules stay.  Said in one warning line recommending --data."""
+    out = {}
+    demoted = []
+    for name, rule in the_rules.items():
+        if rule.metric in (TOP1, DECISION):
+            out[name] = Rule(name, COSINE, f"{rule.reason}; but the held-out inputs are synthesized (no --data): "
+                                           f"cosine instead of class flips on noise")
+            demoted.append(name)
+        else:
+            out[name] = rule
+    if demoted:
+        logger.warning("no --data: output(s) %s judged by cosine on synthesized inputs (class flips on noise mean "
+                       "nothing); give --data to judge predictions", ", ".join(f"'{n}'" for n in demoted))
     return out
 
 
@@ -229,7 +321,12 @@ class Fidelity:
     def confirm(self, name: str, ref: np.ndarray) -> None:
         """Demote a top-1 rule to cosine when the reference contradicts it (module docstring)."""
         rule = self.rules[name]
-        if rule.metric != TOP1 or name in self.confirmed:
+        if name in self.confirmed:
+            return
+        if rule.metric == COSINE and rule.check == "probabilities":
+            self._promote_probabilities(name, rule, ref)
+            return
+        if rule.metric != TOP1:
             return
         axis = present(rule.axis)  # a top-1 rule carries its class axis
         problem = None
@@ -255,6 +352,19 @@ class Fidelity:
             rule.reason += f"; confirmed on the data ({ref.shape[axis]} classes)"
             rule.axis = axis % ref.ndim
         self.confirmed.add(name)
+
+    def _promote_probabilities(self, name: str, rule: Rule, ref: np.ndarray) -> None:
+        """An output the graph does not explain is judged by top-1 when the reference shows class
+        probabilities: float, non-negative, rows along the last axis (>= 2 entries) summing to 1."""
+        self.confirmed.add(name)
+        if not np.issubdtype(ref.dtype, np.floating) or ref.ndim == 0 or ref.shape[-1] < 2 or not ref.size:
+            return
+        r = ref.astype(np.float64)
+        if float(r.min()) < -CONFIRM_TOL or float(np.max(np.abs(r.sum(axis=-1) - 1.0))) > CONFIRM_TOL:
+            return
+        self.rules[name] = Rule(name, TOP1, f"rows along the last axis are probabilities on the data (non-negative, "
+                                            f"summing to 1; {ref.shape[-1]} classes): class scores", ref.ndim - 1)
+        logger.info("fidelity: output '%s': %s", name, self.rules[name].reason)
 
     def add(self, ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> None:
         for name, rule in list(self.rules.items()):

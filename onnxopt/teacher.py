@@ -71,18 +71,23 @@ class BudgetResult:
 class Teacher:
     """The fp32 reference of one run: ``source`` (what ORT sessions are made from), ``held_out``
     batches, ``ep``/``threads`` the candidates are scored on, the yardstick (``metric``, a callable
-    loaded from ``metric_name``, or the fidelity ``rules`` of the model's outputs) and ``max_drop``.
+    loaded from ``metric_name``, or the fidelity ``rules`` of the model's outputs; class outputs
+    declared in ``class_outputs``, name -> class axis or None for cosine) and ``max_drop``.  On
+    ``synthesized`` held-out inputs (no --data) predictions are judged by cosine, not class flips:
+    a flip on noise inputs means nothing.
 
     The float model scores itself once at construction (``float_score``: its metric, or 1.0 for
     the default yardstick, whose per-output results are kept in ``last_results``)."""
 
     def __init__(self, model: ir.Model, source: bytes, held_out: list[dict], *, ep: str, threads: int,
                  metric: Callable | None, metric_name: str | None, max_drop: float | None,
-                 class_outputs: Mapping[str, int | None] | None = None):
+                 class_outputs: Mapping[str, int | None] | None = None, synthesized: bool = False):
         self.source, self.held_out, self.ep, self.threads = source, held_out, ep, threads
         self.metric, self.metric_name, self.max_drop = metric, metric_name, max_drop
         #: how each output is judged without --metric (onnxopt.fidelity); per-output results of the last score
         self.rules = fidelity.rules(model, class_outputs)
+        if synthesized and metric is None:
+            self.rules = fidelity.for_synthesized(self.rules)
         self.last_results: list[dict] = []
         self.float_session: Any = runtime.session(source, ep, threads)
         self.reference = [runtime.run(self.float_session, f) for f in held_out]

@@ -488,9 +488,10 @@ def _fidelity_zoo(rng, d=8, classes=6, steps=5):
 def test_fidelity_picks_top1_for_class_scores_and_cosine_for_others():
     """Per output, from the graph and confirmed on real ORT outputs: top-1 for Softmax through
     Transpose (the class axis follows the permutation, here not the last axis of the Softmax),
-    LogSoftmax through Reshape, Sigmoid over a matmul head and a 'logits' name; cosine for a
-    flattened non-last class axis and for same-width features; p > 0.5 decisions for a Sigmoid
-    map; exact for labels.  The scores equal a plain numpy computation on perturbed weights."""
+    LogSoftmax through Reshape, Sigmoid over a matmul head, a 'logits' name and a linear head
+    (same-width features, judged as logits unless declared otherwise: here declared an embedding,
+    cosine); cosine for a flattened non-last class axis; p > 0.5 decisions for a Sigmoid map; exact
+    for labels.  The scores equal a plain numpy computation on perturbed weights."""
     import onnx_ir as ir
 
     from onnxopt import fidelity
@@ -500,9 +501,12 @@ def test_fidelity_picks_top1_for_class_scores_and_cosine_for_others():
     rules = fidelity.rules(ir.from_proto(proto))
     picked = {n: (r.metric, r.axis) for n, r in rules.items()}
     assert picked == {"probs": ("top-1", 2), "log_probs_flat": ("top-1", -1), "mixed": ("cosine", None),
-                      "embedding": ("cosine", None), "logits": ("top-1", -1), "mask": ("decision", None),
+                      "embedding": ("top-1", -1), "logits": ("top-1", -1), "mask": ("decision", None),
                       "multilabel": ("top-1", -1), "labels": ("exact", None)}, picked
+    assert "linear head" in rules["embedding"].reason and "--output-kind embedding=embedding" in rules["embedding"].reason
     assert "not the last one" in rules["mixed"].reason
+    rules = fidelity.rules(ir.from_proto(proto), {"embedding": None})  # --output-kind embedding=embedding
+    assert (rules["embedding"].metric, rules["embedding"].axis) == ("cosine", None)
     perturbed = onnx.ModelProto()
     perturbed.CopyFrom(proto)
     for init in perturbed.graph.initializer:
@@ -800,7 +804,9 @@ def test_sensitivity_pipelined_matches_one_after_the_other(small_run):
     drop of its own model, exactly as built and scored one after the other (the drops differ by
     layer, so a model scored under another layer's name would show)."""
     qm, prepared, calib, _, _ = small_run
-    q, _ = _quantizer(qm, prepared, calib)
+    r = qm.Recipe(recovery=())
+    # judged by cosine (its linear head would be top-1 by default, where every layer alone drops 0)
+    q = qm.Quantizer(prepared, calib, r, class_outputs={o.name: None for o in prepared.model.graph.outputs})
     names = list(q.candidates)
     ranking = qm.sensitivity(q, names)
     sequential = {n: q.drop(q.build(frozenset(set(q.candidates) - {n}))[0]) for n in names}

@@ -11,6 +11,7 @@ import click
 
 from onnxopt import runtime
 from onnxopt.commands.spec import flag
+from onnxopt.errors import UsageError
 
 DATA_HELP = (".npz (arrays by input name), a folder of .npy/.npz batches, or an image folder. Without it, "
              "inputs are synthesized (at most 1 GiB; larger declared inputs need --data).")
@@ -59,6 +60,27 @@ def calib_batches(help: str = "Read at most this many --data batches.") -> Any:
 
 def exclude(help: str = "Keep this node in float (repeatable).") -> Any:
     return flag((), "--exclude", help=help, multiple=True)
+
+
+OUTPUT_KINDS = ("classes", "embedding", "regression")
+
+
+def output_kinds(items: tuple[str, ...]) -> dict[str, int | None]:
+    """``--output-kind NAME=classes|embedding|regression`` (repeatable) -> output name -> class axis
+    (-1: class scores on the last axis, judged by top-1 agreement) or None (cosine)."""
+    out: dict[str, int | None] = {}
+    for item in items:
+        name, sep, kind = item.rpartition("=")
+        if not sep or not name or kind not in OUTPUT_KINDS:
+            raise UsageError(f"--output-kind '{item}': expected NAME=classes, NAME=embedding or NAME=regression")
+        out[name] = -1 if kind == "classes" else None
+    return out
+
+
+def output_kind() -> Any:
+    return flag(None, "--output-kind", multiple=True, parse=output_kinds,
+                help="How an output is judged without --metric: NAME=classes (top-1 agreement, class axis last), "
+                     "NAME=embedding or NAME=regression (cosine); repeatable. Default: from the graph and the data.")
 
 
 def scope() -> Any:
@@ -110,6 +132,7 @@ class Scoring:
     refit: bool = flag(True, "--refit/--no-refit",
                        help="Least-squares refit of the pruned / consuming layers on --data against the original.")
     force: bool = force("Write the result even when the accuracy budget is missed.")
+    class_outputs: dict[str, int | None] | None = output_kind()
     threads: int = 1
 
     def settings(self, progress: Callable[[int], None] | None) -> Any:
@@ -119,4 +142,4 @@ class Scoring:
         runtime.provider(self.ep)
         return engine.Settings(data=self.data, preprocess=self.preprocess, max_drop=self.max_drop, metric=self.metric,
                                ep=self.ep, threads=self.threads, force=self.force, refit=self.refit,
-                               calib_limit=self.calib_limit, progress=progress)
+                               calib_limit=self.calib_limit, progress=progress, class_outputs=self.class_outputs)

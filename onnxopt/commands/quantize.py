@@ -126,9 +126,9 @@ class Options:
              "without the latency guard or budget search (calibration still runs on --data or --load-stats).")
     recipe_out: str | os.PathLike | None = flag(None, "--save-recipe", type=click.Path(),
                                                 help="Write the recipe (JSON) for --recipe.")
+    #: output name -> class axis, or None for cosine (the default fidelity decides the others)
+    class_outputs: Mapping[str, int | None] | None = common.output_kind()
     threads: int = 1
-    #: output name -> class axis (None: the default fidelity metric decides)
-    class_outputs: Mapping[str, int | None] | None = None
 
 
 #: the settings a recipe decides (given with --recipe: a usage error)

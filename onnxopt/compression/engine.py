@@ -77,6 +77,8 @@ class Settings:
     refit: bool = True
     calib_limit: int | None = None
     progress: Callable[[int], None] | None = None
+    #: output name -> class axis, or None for cosine (--output-kind)
+    class_outputs: Mapping[str, int | None] | None = None
 
 
 class Scorer:
@@ -109,7 +111,8 @@ class Scorer:
             runtime.remember_bounds(plain, self.index_bounds)
             held_out = [runtime.synthesize(plain, None, seed=s, quiet=True) for s in range(4)]
         self.teacher = Teacher(model, self.float_bytes, held_out, ep=opts.ep, threads=opts.threads,
-                               metric=load_metric(opts.metric), metric_name=opts.metric, max_drop=opts.max_drop)
+                               metric=load_metric(opts.metric), metric_name=opts.metric, max_drop=opts.max_drop,
+                               class_outputs=opts.class_outputs, synthesized=opts.data is None)
         self.held_out = self.teacher.held_out
 
     def calibration(self) -> Iterator[dict]:

@@ -143,7 +143,8 @@ class WeightQuantizer(qm.Quantizer):
 
     def __init__(self, model: ir.Model, float_bytes: bytes, held_out: list[dict], rounding_set: list[dict],
                  recipe: qm.Recipe, *, metric: Callable | None = None, metric_name: str | None = None,
-                 max_drop: float | None = None, class_outputs=None, threads: int = 1):
+                 max_drop: float | None = None, class_outputs=None, threads: int = 1,
+                 synthesized: bool = False):
         self.model, self.float_bytes, self.held_out, self.recovery_set = model, float_bytes, held_out, rounding_set
         self.profile, self.per_channel, self.ep, self.threads = recipe.profile, True, recipe.ep, threads
         self.recovery = ()
@@ -158,7 +159,7 @@ class WeightQuantizer(qm.Quantizer):
             self.candidates.update({node_name(n): "attention" for n in model.graph if qw.fused_attention(n).succeeded})
         if recipe.embeddings != "none":
             self.candidates.update({node_name(n): "embedding" for n in model.graph if qw.embedding_gather(n).succeeded})
-        self.init_scoring(metric, metric_name, max_drop, class_outputs)
+        self.init_scoring(metric, metric_name, max_drop, class_outputs, synthesized)
 
     def plan(self, exclude=frozenset()) -> qq.Plan:
         targets = [n for n in self.candidates if n not in exclude]
@@ -289,7 +290,8 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: q
             raise UsageError("--rounding gptq needs --data (the input Hessians come from it)")
         recipe.rounding = recipe.rounding or ("gptq" if rounding_set else "rtn")
     q = WeightQuantizer(model, float_bytes, held_out, rounding_set, recipe, metric=metric_fn, metric_name=opts.metric,
-                        max_drop=opts.max_drop, class_outputs=opts.class_outputs, threads=opts.threads)
+                        max_drop=opts.max_drop, class_outputs=opts.class_outputs, threads=opts.threads,
+                        synthesized=opts.data is None)
     if replayed:
         qm.check_replay(q, recipe)
         candidate, the_plan = q.build(recipe.excluded())

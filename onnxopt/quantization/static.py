@@ -348,7 +348,7 @@ class Quantizer:
         self.init_scoring(metric, metric_name, max_drop, class_outputs)
 
     def init_scoring(self, metric: Callable | None, metric_name: str | None, max_drop: float | None,
-                     class_outputs: Mapping[str, int | None] | None) -> None:
+                     class_outputs: Mapping[str, int | None] | None, synthesized: bool = False) -> None:
         """The teacher (the fp32 reference and the yardstick, onnxopt.teacher) and the state filled in
         lazily (``model``, ``float_bytes``, ``held_out``, ``ep`` and ``threads`` set)."""
         #: the latency guard's warm sessions, the embedding quantizer's memo, measured timings
@@ -358,7 +358,8 @@ class Quantizer:
         self.region_timings: dict[str, costmodel.Region] | None = None
         self.regions_measured = 0
         self.teacher = Teacher(self.model, self.float_bytes, self.held_out, ep=self.ep, threads=self.threads, metric=metric,
-                               metric_name=metric_name, max_drop=max_drop, class_outputs=class_outputs)
+                               metric_name=metric_name, max_drop=max_drop, class_outputs=class_outputs,
+                               synthesized=synthesized)
 
     # Pickling (onnxopt.parallel sends the quantizer to search workers once per process).
     def __getstate__(self) -> dict:

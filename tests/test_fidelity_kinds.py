@@ -1,0 +1,110 @@
+"""Class scores wherever they are (issue 21): a softmax written out in basic ops, LogSoftmax written
+out, outputs that are probabilities on the data, raw linear heads, --output-kind, and no class-flip
+judgement on synthesized inputs.  Real ORT runs on models built by models/classifiers.py."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from models import classifiers
+from onnxopt import fidelity
+
+
+def _data(tmp_path, d: int, n: int = 16, rows: int = 64):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        np.savez(folder / f"b{i}.npz", x=rng.standard_normal((rows, d)).astype(np.float32))
+    return folder
+
+
+@pytest.mark.parametrize("subtract_max, log, opset", [(True, False, 13), (False, False, 13), (True, True, 13),
+                                                       (True, False, 18)])
+def test_softmax_written_out_is_class_scores(subtract_max, log, opset):
+    model = ir.from_proto(classifiers.softmax_written_out(np.random.default_rng(0), subtract_max=subtract_max, log=log,
+                                                          opset=opset))
+    rule = fidelity.rules(model)["scores"]
+    assert (rule.metric, rule.axis, rule.check) == ("top-1", 1, "logsoftmax" if log else "softmax"), rule
+    assert "written out" in rule.reason
+
+
+def test_a_look_alike_is_not_a_softmax():
+    """z / sum(exp(z)) is no softmax: its output (renamed so no class word names it) is judged by cosine."""
+    proto = classifiers.softmax_written_out(np.random.default_rng(0), subtract_max=False)
+    for node in proto.graph.node:
+        if node.op_type == "Div":
+            node.input[0] = "z"  # z / sum(exp(z)): not normalized
+            node.output[0] = "ratio"
+    proto.graph.output[0].name = "ratio"
+    rule = fidelity.rules(ir.from_proto(proto))["ratio"]
+    assert rule.metric == "cosine" and "written out" not in rule.reason
+
+
+def test_probabilities_on_the_data_are_class_scores():
+    """An output the graph does not explain becomes top-1 when the reference rows are non-negative
+    and sum to 1; the same graph fed inputs where they do not (a zero row) would stay cosine."""
+    proto = classifiers.normalized_by_data(np.random.default_rng(0))
+    rules = fidelity.rules(ir.from_proto(proto))
+    assert rules["share"].metric == "cosine" and rules["share"].check == "probabilities"
+    fid = fidelity.Fidelity(rules)
+    ref = np.abs(np.random.default_rng(2).standard_normal((8, 10))).astype(np.float32)
+    ref /= ref.sum(-1, keepdims=True)
+    fid.add({"share": ref}, {"share": ref[:, ::-1].copy()})
+    (res,) = fid.results()
+    assert res["metric"] == "top-1" and "probabilities on the data" in res["reason"] and res["score"] < 0.5
+    fid = fidelity.Fidelity(rules)
+    fid.add({"share": ref - 0.05}, {"share": ref - 0.05})  # negative entries: not probabilities
+    assert fid.results()[0]["metric"] == "cosine"
+
+
+def test_quantize_judges_a_decomposed_softmax_by_top1_and_output_kind_overrides(cli, tmp_path):
+    src = tmp_path / "clf.onnx"
+    onnx.save(classifiers.softmax_written_out(np.random.default_rng(0)), str(src))
+    data = _data(tmp_path, 32)
+    rep = tmp_path / "q.json"
+    r = cli("quantize", src, "-o", tmp_path / "q.onnx", "--data", data, "--no-latency-guard", "--report", rep)
+    assert r.exit_code == 0, r.output
+    (out,) = json.loads(rep.read_text())["accuracy"]["outputs"]
+    assert out["metric"] == "top-1" and "written out" in out["reason"] and out["positions"] >= 4 * 64
+    r = cli("quantize", src, "-o", tmp_path / "q2.onnx", "--data", data, "--no-latency-guard", "--output-kind",
+            "scores=embedding", "--report", rep)
+    assert r.exit_code == 0, r.output
+    (out,) = json.loads(rep.read_text())["accuracy"]["outputs"]
+    assert out["metric"] == "cosine" and out["reason"] == "declared not class scores"
+    r = cli("quantize", src, "-o", tmp_path / "q3.onnx", "--data", data, "--output-kind", "scores=labels")
+    assert r.exit_code == 1 and "--output-kind 'scores=labels'" in r.output
+
+
+def test_a_linear_head_is_judged_as_logits(cli, tmp_path):
+    """Keras' raw `predictions` from a MatMul head: top-1 agreement by default (cosine hid flips)."""
+    src = tmp_path / "lin.onnx"
+    onnx.save(classifiers.linear_head(np.random.default_rng(0)), str(src))
+    rep = tmp_path / "q.json"
+    r = cli("quantize", src, "-o", tmp_path / "q.onnx", "--data", _data(tmp_path, 32), "--no-latency-guard",
+            "--report", rep)
+    assert r.exit_code == 0, r.output
+    (out,) = json.loads(rep.read_text())["accuracy"]["outputs"]
+    assert out["metric"] == "top-1" and "linear head" in out["reason"]
+
+
+def test_without_data_class_flips_on_noise_are_not_judged(cli, tmp_path):
+    """Dynamic int8 without --data scores on synthesized inputs: the class output is judged by cosine
+    there, said in one warning line recommending --data; with data it is top-1 again."""
+    src = tmp_path / "lin.onnx"
+    onnx.save(classifiers.linear_head(np.random.default_rng(0), name="logits"), str(src))
+    rep = tmp_path / "q.json"
+    r = cli("quantize", src, "-o", tmp_path / "q.onnx", "--mode", "dynamic", "--report", rep)
+    assert r.exit_code == 0, r.output
+    (out,) = json.loads(rep.read_text())["accuracy"]["outputs"]
+    assert out["metric"] == "cosine" and "synthesized" in out["reason"]
+    assert "judged by cosine on synthesized inputs" in r.output and "give --data" in r.output
+    r = cli("quantize", src, "-o", tmp_path / "q2.onnx", "--mode", "dynamic", "--data", _data(tmp_path, 32),
+            "--report", rep)
+    assert r.exit_code == 0, r.output
+    assert json.loads(rep.read_text())["accuracy"]["outputs"][0]["metric"] == "top-1"
