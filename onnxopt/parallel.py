@@ -22,25 +22,57 @@ import contextlib
 import logging
 import multiprocessing
 import pickle
+import socket
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from onnxopt import io
-from onnxopt.errors import UsageError
+from onnxopt.errors import BadInputError, UsageError
 
 logger = logging.getLogger(__name__)
 
+#: seconds a TCP connect to a ``--ray`` address may take before it counts as unreachable
+PROBE_SECONDS = 5.0
+
 #: per worker process: the state of the pool it serves (local pool) or, by token, of Ray tasks
 _STATE: dict[str, Any] = {}
+
+
+def check_ray_address(address: str | None, timeout: float = PROBE_SECONDS) -> None:
+    """Raise BadInputError (one line naming ``address``) when nothing accepts a TCP connection at a
+    ``HOST:PORT`` or ``ray://HOST:PORT`` address, within ``timeout`` seconds per host tried: the given
+    host, and the one Ray itself connects to (it turns 127.0.0.1 into this node's IP).  Ray's own
+    ``ray.init`` retries an unreachable GCS for minutes.  Other forms (None, "local", "auto") pass."""
+    if address is None or address in ("", "local", "auto"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    hosts = [host.strip("[]")]
+    if not address.startswith("ray://"):
+        with contextlib.suppress(Exception):  # a private helper: if it moves, the given host is enough
+            from ray._private.services import resolve_ip_for_localhost
+
+            hosts.append(resolve_ip_for_localhost(hosts[0]))
+    why = ""
+    for h in dict.fromkeys(hosts):
+        try:
+            socket.create_connection((h, int(port)), timeout=timeout).close()
+            return
+        except OSError as e:
+            why = why or (e.strerror or str(e) or type(e).__name__)
+    raise BadInputError(f"--ray {address}: no Ray cluster answers at this address ({why}); "
+                        "check it, or start one there with `ray start --head`")
 
 
 @contextlib.contextmanager
 def ray_cluster(address: str | None, num_cpus: int) -> Iterator[Any]:
     """The ``ray`` module, connected: an already initialized Ray as it is, else ``ray.init`` on
     ``address`` (None, "" or "local": a local cluster of ``num_cpus`` CPUs), shut down on exit
-    when started here.  Without Ray installed: a usage error naming the extra."""
+    when started here.  Without Ray installed: a usage error naming the extra; an unreachable
+    ``HOST:PORT`` address: a bad-input error within seconds (:func:`check_ray_address`)."""
     try:
         import ray
     except ImportError:
@@ -50,6 +82,7 @@ def ray_cluster(address: str | None, num_cpus: int) -> Iterator[Any]:
         if address in (None, "", "local"):
             ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
         else:
+            check_ray_address(address)
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         started_here = True
     try:
@@ -57,6 +90,33 @@ def ray_cluster(address: str | None, num_cpus: int) -> Iterator[Any]:
     finally:
         if started_here:
             ray.shutdown()
+
+
+def ray_each(ray: Any, fn: Callable, calls: Sequence[tuple[Any, tuple, dict]],
+             done: Callable[[Any, Any, BaseException | None], None]) -> None:
+    """Each ``(key, args, resources)`` of ``calls`` as one Ray task ``fn(*args)`` (``num_cpus=1,
+    max_retries=2``, plus the custom ``resources``); ``done(key, result, None)`` as each ends (in
+    completion order), ``done(key, None, error)`` for a task lost after its retries.  Any other
+    exception (Ctrl-C, an error in ``done``) cancels the tasks not finished and is raised again."""
+    task = ray.remote(num_cpus=1, max_retries=2)(fn)
+    refs: dict = {}
+    try:
+        for key, args, resources in calls:
+            refs[(task.options(resources=resources) if resources else task).remote(*args)] = key
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                try:
+                    result, error = ray.get(ref), None
+                except Exception as e:  # noqa: BLE001 - the caller decides what a lost task means
+                    result, error = None, e
+                done(refs[ref], result, error)
+    except BaseException:
+        for ref in refs:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+        raise
 
 
 def _init_local(blob: bytes) -> None:

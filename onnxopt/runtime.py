@@ -2,7 +2,8 @@
 
 Inputs are either user data (``--data file.npz``, arrays by input name) or synthesized from the
 model's declared types: ``--shape name:1x3x224x224`` fixes dims, a symbolic dim without one
-becomes 1 (with a warning), floats are standard-normal, integers lie in [0, 4) so that they are
+becomes 1 (with a warning; when the model does not run so, :func:`run_synthesized` searches image sizes, signal
+lengths and small sizes), floats are standard-normal, integers lie in [0, 4) so that they are
 safe as indices or sizes, or in [0, n) when the input indexes a table of n rows
 (:func:`index_bounds`: a token-type id into a 2-row table), booleans are random, and inputs whose name contains "mask" are padding
 masks (1 then trailing 0, at least one 1 per row) as attention masks are.  The seed is fixed so runs are reproducible.
@@ -19,7 +20,7 @@ import logging
 import os
 import re
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -268,6 +269,14 @@ def synthesize(sess: ort.InferenceSession, overrides: Mapping[str, tuple[int, ..
 #: symbolic-dim values tried, and assignments tried at most, when the inputs synthesized with every
 #: symbolic dim at 1 do not run (dims the model relates, e.g. a mask of length past + seq)
 DIM_CHOICES, DIM_TRIES = (1, 2, 3, 4), 64
+#: sizes tried before DIM_CHOICES for the symbolic spatial dims of an image-like input (H = W;
+#: detectors such as YOLO need multiples of 32), and lengths for the symbolic last dim of a
+#: signal-like input (doubling: an audio model needs at least its frame); see :func:`shape_kinds`
+IMAGE_SIZES = (224, 256, 320, 416, 640)
+SIGNAL_LENGTHS = tuple(2 ** k for k in range(1, 15))  # 2, 4, ..., 16,384
+#: rounds over those sizes: the other open dims at 1, then the next assignments of DIM_CHOICES
+SIZE_ROUNDS = 3
+_FLOAT_TYPES = frozenset({"tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)"})
 
 
 def symbolic_dims(sess) -> dict[tuple[str, int], str]:
@@ -316,12 +325,16 @@ def synthesize_runnable(sess: ort.InferenceSession, overrides: Mapping[str, tupl
 def run_synthesized(sess: ort.InferenceSession, overrides: Mapping[str, tuple[int, ...]] | None = None,
                     seed: int = 0, quiet: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """:func:`synthesize`, run once; when the model fails on it and it has symbolic dims that
-    ``overrides`` leave open, those dims are searched over DIM_CHOICES (at most DIM_TRIES runs,
-    smallest first) for values the model runs on: a GPT-2 with past needs its mask length to be
-    past + seq.  A symbolic dim that an input given in ``overrides`` fixes keeps that value in
-    every input that shares its name.  The values found are logged (set them with ``--shape``);
-    none found -> the first error, with a hint.  Returns the inputs and the outputs of the run
-    that accepted them (every output: the reference a caller would compute next)."""
+    ``overrides`` leave open, those dims are searched (:func:`size_trials`: image sizes and signal
+    lengths first, then DIM_CHOICES smallest first) for values the model runs on: a detector needs
+    H and W multiples of 32, an audio model at least its frame, a GPT-2 with past its mask length to
+    be past + seq.  Bounded: at most 1 + SIZE_ROUNDS x (len(IMAGE_SIZES) + len(SIGNAL_LENGTHS)) +
+    DIM_TRIES = 122 session runs (each assignment runs once).  A model that runs with every open
+    dim at 1 keeps 1.  A symbolic dim that an input given in ``overrides`` fixes keeps that value
+    in every input that shares its name.  The values found are logged in one line (set them with
+    ``--shape``); none found -> the first error, with a hint naming the sizes tried.  Returns the
+    inputs and the outputs of the run that accepted them (every output: the reference a caller
+    would compute next)."""
     overrides = dict(overrides or {})
     symbolic = symbolic_dims(sess)
     fixed = {dim: overrides[name][axis] for (name, axis), dim in symbolic.items()
@@ -342,21 +355,90 @@ def run_synthesized(sess: ort.InferenceSession, overrides: Mapping[str, tuple[in
     except BadInputError as e:
         first = e
     open_dims = {dim for (name, _axis), dim in symbolic.items() if name not in overrides and dim not in fixed}
-    if open_dims:
-        for values in assignments({d: DIM_CHOICES for d in open_dims}, DIM_TRIES):
-            if all(v == 1 for v in values.values()):
-                continue
-            try:
-                feeds = synthesize(sess, shaped({**fixed, **values}), seed, quiet=True)
-                outputs = run(sess, feeds)
-            except BadInputError:
-                continue
-            if not quiet:
-                logger.warning("the model does not run with every symbolic dim at 1; using %s (the smallest values it "
-                               "runs on; set them with --shape)", ", ".join(f"{k}={v}" for k, v in sorted(values.items())))
-            return feeds, outputs
-    tried = f", symbolic dims at 1 and up to {DIM_TRIES} other sizes" if open_dims else ""
+    seen: set[tuple[tuple[str, int], ...]] = {tuple(sorted(dict.fromkeys(open_dims, 1).items()))}
+    for values, why in size_trials(sess, open_dims):
+        key = tuple(sorted(values.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            feeds = synthesize(sess, shaped({**fixed, **values}), seed, quiet=True)
+            outputs = run(sess, feeds)
+        except BadInputError:
+            continue
+        if not quiet:
+            logger.warning("the model does not run with every symbolic dim at 1; using %s (%s; set them with --shape)",
+                           ", ".join(f"{k}={v}" for k, v in sorted(values.items())), why)
+        return feeds, outputs
+    kinds = {kind for kind, _name in shape_kinds(sess, open_dims).values()}
+    tried = "".join([", symbolic dims at 1" if open_dims else "",
+                     f", image sizes {IMAGE_SIZES[0]}-{IMAGE_SIZES[-1]}" if "image" in kinds else "",
+                     f", signal lengths {SIGNAL_LENGTHS[0]}-{SIGNAL_LENGTHS[-1]}" if "signal" in kinds else "",
+                     f" and up to {DIM_TRIES} other sizes" if open_dims else ""])
     raise BadInputError(f"{first} (on synthesized inputs{tried}; give real inputs with --data or sizes with --shape)") from None
+
+
+def image_axes(inp) -> tuple[int, ...]:
+    """The symbolic spatial axes of an image-like input (an ORT NodeArg): a float or uint8 input of
+    rank 4, NCHW (axis 1 a static 1 or 3, or axes 2 and 3 both symbolic) or NHWC (axis 3 a static
+    1 or 3, or axes 1 and 2 both symbolic); () for any other input.  A transformer's past
+    [batch, heads, past, head_dim] has one symbolic axis beside a static dim other than 1 or 3: not
+    an image."""
+    shape = inp.shape
+    if inp.type not in _FLOAT_TYPES | {"tensor(uint8)"} or shape is None or len(shape) != 4:
+        return ()
+    static = [isinstance(d, int) and d >= 0 for d in shape]
+    for channel, spatial in ((1, (2, 3)), (3, (1, 2))):
+        open_axes = tuple(a for a in spatial if not static[a])
+        if open_axes and ((static[channel] and shape[channel] in (1, 3)) or len(open_axes) == 2):
+            return open_axes
+    return ()
+
+
+def shape_kinds(sess, dims: set[str] | frozenset[str]) -> dict[str, tuple[str, str]]:
+    """Dim name -> ("image" or "signal", the input that has it) for those of ``dims`` whose sizes
+    :func:`size_trials` searches first: the symbolic spatial dims of an image-like input
+    (:func:`image_axes`), and the symbolic last dim of a float input of rank 1 to 3 whose name does
+    not say mask (a signal or a sequence: audio [batch, samples], [batch, channels, samples])."""
+    symbolic = symbolic_dims(sess)
+    found: dict[str, tuple[str, str]] = {}
+    for inp in sess.get_inputs():
+        for axis in image_axes(inp):
+            if symbolic[(inp.name, axis)] in dims:
+                found.setdefault(symbolic[(inp.name, axis)], ("image", inp.name))
+    for inp in sess.get_inputs():
+        rank = len(inp.shape) if inp.shape is not None else 0
+        if inp.type in _FLOAT_TYPES and 1 <= rank <= 3 and "mask" not in inp.name.lower() \
+                and (inp.name, rank - 1) in symbolic and symbolic[(inp.name, rank - 1)] in dims:
+            found.setdefault(symbolic[(inp.name, rank - 1)], ("signal", inp.name))
+    return found
+
+
+def size_trials(sess, open_dims: set[str]) -> Iterator[tuple[dict[str, int], str]]:
+    """The assignments of ``open_dims`` that :func:`run_synthesized` tries after every dim at 1, in
+    order, each with the reason its warning gives.  First, when :func:`shape_kinds` finds image or
+    signal dims, SIZE_ROUNDS rounds over IMAGE_SIZES (every image dim at the same size, before
+    any odd size) then SIGNAL_LENGTHS (doubling), the other open dims at 1 in the first round and at
+    the next assignments of DIM_CHOICES in the later ones (a kind's dims stay at 1 while the other
+    kind's are searched); then the DIM_CHOICES assignments of all open dims, smallest change
+    first (at most DIM_TRIES).  At most SIZE_ROUNDS x (5 + 14) + DIM_TRIES = 121 assignments."""
+    kinds = shape_kinds(sess, open_dims)
+    base = dict.fromkeys(open_dims, 1)
+    others = sorted(set(open_dims) - set(kinds))
+    for other in assignments({d: DIM_CHOICES for d in others}, SIZE_ROUNDS):
+        for kind, sizes, what in (("image", IMAGE_SIZES, "the first of the sizes {} it runs on"),
+                                  ("signal", SIGNAL_LENGTHS, "the shortest of the lengths {} it runs on")):
+            dims = sorted(d for d, (k, _name) in kinds.items() if k == kind)
+            if not dims:
+                continue
+            names = ", ".join(f"'{n}'" for n in sorted({kinds[d][1] for d in dims}))
+            listed = ", ".join(map(str, sizes)) if len(sizes) <= 5 else f"{sizes[0]}, {sizes[1]}, ..., {sizes[-1]}"
+            why = f"{kind}-like input {names}: " + what.format(listed)
+            for size in sizes:
+                yield {**base, **other, **dict.fromkeys(dims, size)}, why
+    for values in assignments({d: DIM_CHOICES for d in open_dims}, DIM_TRIES):
+        if any(v != 1 for v in values.values()):
+            yield values, "the smallest values it runs on"
 
 
 #: index-preserving ops an integer input may pass through on its way to a Gather's indices

@@ -251,7 +251,11 @@ class Point:
 
 def _alternatives(value: int) -> list[int]:
     """Second values tried for a symbolic dim first exercised at ``value`` (small dims grow, so
-    a 1 that hides a broadcast becomes 3; large ones halve, so memory stays bounded)."""
+    a 1 that hides a broadcast becomes 3; large ones halve, so memory stays bounded).  A multiple of
+    32 of at least 64 (an image size a detector needs, runtime's synthesized sizes) tries the next
+    multiple of 32 below it first."""
+    if value >= 64 and value % 32 == 0:
+        return [value - 32, value // 2, value + 1]
     return [value + 2, value + 1] if value <= 8 else [value // 2, value + 1]
 
 
@@ -296,6 +300,41 @@ def variation_points(sess, primary: dict[str, np.ndarray], tries: int = 12) -> l
     return [Point("synthesized variation", {}, None, f"the original model fails on every variation tried: {last_error}")]
 
 
+def _resized(sess, feeds: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray] | None:
+    """``feeds`` with every input whose first dim is symbolic (the batch) tiled or sliced to ``rows``
+    rows, taken cyclically from its own rows (values stay the data's); None when no input has one."""
+    symbolic = runtime.symbolic_dims(sess)
+    out, changed = dict(feeds), False
+    for name, value in feeds.items():
+        if (name, 0) in symbolic and np.ndim(value) and len(value):
+            out[name] = np.take(value, np.arange(rows) % len(value), axis=0)
+            changed = True
+    return out if changed else None
+
+
+def data_points(sess, given: list[dict[str, np.ndarray]]) -> list[Point]:
+    """The second point with --data, faithful to it (never N(0, 1) inputs, whose ranges may be
+    nothing like the data's): the second batch (or the first) with its batch dim changed by tiling or
+    slicing its own rows (n -> n + 1, so a rewrite that assumed the batch size is caught), else that
+    batch as it is.  The first that the original runs on is the point.  Cost: at most 3 runs."""
+    other = given[1] if len(given) > 1 else given[0]
+    rows = next((len(v) for v in other.values() if np.ndim(v)), 1)
+    tries = [(f"data batch {len(given)}, batch dim {rows} -> {rows + 1} (rows tiled)", _resized(sess, other, rows + 1)),
+             (f"data batch {len(given)}, batch dim {rows} -> {max(1, rows - 1)} (rows sliced)",
+              _resized(sess, other, max(1, rows - 1)) if rows > 1 else None)]
+    if len(given) > 1:
+        tries.append(("data batch 2", other))
+    last_error = "no other batch in --data and no symbolic batch dim"
+    for label, feeds in tries:
+        if feeds is None:
+            continue
+        try:
+            return [Point(label, feeds, runtime.run(sess, feeds))]
+        except BadInputError as e:
+            last_error = str(e)
+    return [Point("data variation", {}, None, f"no second point from --data: {last_error}")]
+
+
 def _differ_from(primary: Mapping[str, np.ndarray], feeds: dict[str, np.ndarray], seed: int,
                  highs: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
     """Integer and bool inputs of the same shape as at the primary point get a different value in
@@ -322,9 +361,10 @@ class Validator:
     """The original model on ORT with fixed inputs; checks candidates against its cached outputs.
 
     Inputs: the primary point (``data``'s first batch, or inputs synthesized with seed 0 and
-    ``shapes``) plus, with ``variations`` (the default), one more point from
-    :func:`variation_points`: symbolic dims at other values and other integer/bool/float values,
-    so a rewrite that relied on a dim or value seen at the primary point is caught.  ``check``
+    ``shapes``) plus, with ``variations`` (the default), one more point: with data, from the data
+    (:func:`data_points`: another batch with its batch dim changed, values the data's own); without,
+    from :func:`variation_points` (symbolic dims at other values and other integer/bool/float
+    values), so a rewrite that relied on a dim or value seen at the primary point is caught.  ``check``
     compares on every point (worst case per output); ``check_model`` (verify-each) on the primary
     one only; latency is measured on the primary point."""
 
@@ -339,12 +379,13 @@ class Validator:
         if data is None:  # the run that found runnable inputs is the reference
             self.feeds, self.reference = runtime.run_synthesized(session, shapes)
         else:
-            self.feeds = data_mod.feeds_for(session, data, shapes, preprocess, limit=1)[0]
+            given = data_mod.feeds_for(session, data, shapes, preprocess, limit=2)
+            self.feeds = given[0]
             self.reference = runtime.run(session, self.feeds)
         label = "data batch 1" if data is not None else "synthesized, seed 0"
         self.points = [Point(label, self.feeds, self.reference)]
         if variations:
-            self.points += variation_points(session, self.feeds)
+            self.points += variation_points(session, self.feeds) if data is None else data_points(session, given)
         self.reference_latency_ms = median_latency_ms(session, self.feeds, latency_runs) if latency_runs else None
         # Only outputs and latency are kept: the original's session (its weights) is released so
         # that a 2 GB model is not held twice while the candidate is checked.

@@ -318,3 +318,89 @@ def test_batch_runs_convert_and_prune(tmp_path, cli):
     assert e["validation"]["status"] == "ok" and e["validation"]["drop"] <= 0.05 and e["validation"]["value"] is not None
     w = [onnx.numpy_helper.to_array(t) for t in onnx.load(tmp_path / "pruned" / "digits_cnn" / "digits_cnn.onnx").graph.initializer]
     assert sum((a == 0).sum() for a in w if a.ndim >= 2) > 0.1 * sum(a.size for a in w if a.ndim >= 2)
+
+
+def test_deterministic_failure_is_skipped_until_retry_failed(tmp_path, cli):
+    """A corrupt model fails with exit 2 (bad input): a rerun with the same key reports it skipped
+    (finished_status failed, not run again, the batch still exits 2); --retry-failed reruns it."""
+    (good,) = _copy(SMALL[:1], tmp_path / "in")
+    corrupt = tmp_path / "in" / "corrupt.onnx"
+    corrupt.write_bytes(b"this is not a protobuf")
+    out = tmp_path / "out"
+
+    def summary():
+        return _by_name(json.loads((out / "summary.json").read_text()))
+
+    r = cli("batch", good, corrupt, "-o", out)
+    first = summary()["corrupt"]
+    assert r.exit_code == 2 and first["status"] == "failed" and first["exit_code"] == 2, r.output
+    assert first["retryable"] is False and first["runs"] == 1 and summary()["fp16_mlp"]["retryable"] is False
+    log_mtime = (out / "corrupt" / "log.txt").stat().st_mtime_ns
+
+    r = cli("batch", good, corrupt, "-o", out)
+    again = summary()["corrupt"]
+    assert r.exit_code == 2, r.output
+    assert again["status"] == "skipped" and again["finished_status"] == "failed" and again["runs"] == 1, again
+    assert "failed before with the same input, options and onnxopt version" in again["reason"]
+    assert "protobuf" in again["reason"] and "--retry-failed" in again["reason"]
+    assert again["finished_reason"] == first["reason"] and again["retryable"] is False
+    assert (out / "corrupt" / "log.txt").stat().st_mtime_ns == log_mtime  # not run again
+    assert "2 skipped (1 failed before)" in r.output and "corrupt: skipped: failed before" in r.output
+
+    r = cli("batch", good, corrupt, "-o", out, "--retry-failed")
+    retried = summary()
+    assert r.exit_code == 2, r.output
+    assert retried["corrupt"]["status"] == "failed" and retried["corrupt"]["runs"] == 2, retried["corrupt"]
+    assert retried["fp16_mlp"]["status"] == "skipped" and retried["fp16_mlp"]["runs"] == 1
+    assert summary()["corrupt"]["reason"].startswith("bad input: ")
+    assert batch.retryable({"status": "failed", "exit_code": -int(signal.SIGSEGV), "reason": "died"}) is False
+    assert batch.retryable({"status": "failed", "exit_code": -int(signal.SIGKILL), "reason": "died"}) is True
+    assert batch.retryable({"status": "failed", "exit_code": None, "reason": "ray task failed: X"}) is True
+
+
+def test_timeout_kill_is_retried(tmp_path, cli):
+    """The driver's own kill (--timeout) is not the model's fault: the next run tries it again."""
+    (model,) = _copy(SMALL[:1], tmp_path / "in")
+    out = tmp_path / "out"
+    r = cli("batch", model, "-o", out, "--timeout", "0.3")
+    first = _by_name(json.loads((out / "summary.json").read_text()))["fp16_mlp"]
+    assert r.exit_code == 2 and first["status"] == "failed" and first["reason"].startswith("timeout: "), first
+    assert first["retryable"] is True
+    r = cli("batch", model, "-o", out, "--timeout", "0.3")  # the same key: run again, killed again
+    second = _by_name(json.loads((out / "summary.json").read_text()))["fp16_mlp"]
+    assert second["status"] == "failed" and second["runs"] == 2 and second["reason"].startswith("timeout: "), second
+    r = cli("batch", model, "-o", out)
+    third = _by_name(json.loads((out / "summary.json").read_text()))["fp16_mlp"]
+    assert r.exit_code == 0 and third["status"] == "ok" and third["runs"] == 3, (r.output, third)
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_ray_address_fails_fast(tmp_path, cli):
+    """--ray=ADDRESS where nothing listens: one error line naming the address, exit 2, in seconds
+    (Ray itself retries for minutes), for batch and quantize --search alike."""
+    from models import tasks
+
+    address = f"127.0.0.1:{_free_loopback_port()}"
+    (model,) = _copy(("digits_cnn.onnx",), tmp_path / "in")
+    t0 = time.perf_counter()
+    r = cli("batch", model, "-o", tmp_path / "out", f"--ray={address}")
+    assert time.perf_counter() - t0 < 20
+    assert r.exit_code == 2, r.output
+    errors = [line for line in r.stderr.splitlines() if line.strip()]
+    assert errors == [f"onnxopt: error: --ray {address}: no Ray cluster answers at this address (Connection refused); "
+                      "check it, or start one there with `ray start --head`"], r.stderr
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+    calib = tasks.write_calibration("digits_cnn", tmp_path / "calib", batches=2, batch_size=8)
+    t0 = time.perf_counter()
+    r = cli("quantize", model, "-o", tmp_path / "q.onnx", "--data", calib, "--search", f"--ray={address}")
+    assert time.perf_counter() - t0 < 20
+    assert r.exit_code == 2 and f"--ray {address}: no Ray cluster answers" in r.stderr, r.output
+    assert not (tmp_path / "q.onnx").exists()

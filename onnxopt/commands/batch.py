@@ -20,17 +20,21 @@ remote cluster OUTDIR must be a shared folder.)
 
 Resumability: an entry's ``key`` is the sha256 of the input bytes (the ``.onnx`` and its external
 data files), of the command and options, and the onnxopt version.  A rerun skips a model whose
-previous entry finished (ok or refused) with the same key, and whose files are still there;
-``force`` redoes it.  ``summary.json`` is rewritten atomically after every model, so a driver
-killed with ``kill -9`` loses at most the models that were running.  Ctrl-C / SIGTERM stop the
-running models, keep the finished results and remove temporary files.
+previous entry with the same key finished (ok, refused, or failed as it would again: exit 1, 2, 4,
+a crash) and whose files are still there; it retries a failure the environment caused (a
+``timeout:``/``memory:`` kill, ``interrupted``, a lost Ray task, SIGKILL: ``retryable``).
+``retry_failed`` reruns every failure, ``force`` everything.  ``summary.json`` is rewritten
+atomically after every model, so a driver killed with ``kill -9`` loses at most the models that
+were running.  Ctrl-C / SIGTERM stop the running models, keep the finished results and remove
+temporary files.
 
 The summary entries (one per model, in input order): ``name``, ``input``, ``status`` (ok, failed,
-refused, skipped: reused from an earlier run, whose status is ``finished_status``), ``reason``,
-``exit_code``, ``seconds``, ``nodes_before``/``nodes_after``, ``size_before``/``size_after``
-(bytes), ``validation`` ({status, max_abs, metric, value}), ``latency_ratio`` ({ep: reference ms /
-new ms}, above 1 is faster), ``input_sha256``, ``options``, ``onnxopt_version``, ``runs`` (how many
-times this model actually ran in this OUTDIR), ``finished_at`` (Unix time), ``output``, ``report``.
+refused, skipped: reused from an earlier run, whose status is ``finished_status`` and reason
+``finished_reason``), ``reason``, ``retryable``, ``exit_code``, ``seconds``,
+``nodes_before``/``nodes_after``, ``size_before``/``size_after`` (bytes), ``validation`` ({status,
+max_abs, metric, value}), ``latency_ratio`` ({ep: reference ms / new ms}, above 1 is faster),
+``input_sha256``, ``options``, ``onnxopt_version``, ``runs`` (how many times this model actually
+ran in this OUTDIR), ``finished_at`` (Unix time), ``output``, ``report``.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from typing import Any
 
 import click
 
-from onnxopt import __version__, commands, io, report
+from onnxopt import __version__, commands, io, parallel, report
 from onnxopt.commands import core, spec
 from onnxopt.commands.spec import Command, flag
 from onnxopt.errors import BadInputError, Terminated, UsageError
@@ -65,8 +69,14 @@ logger = logging.getLogger(__name__)
 COMMANDS = commands.BATCHED
 #: Commands that write OUTDIR/<name>/<name>.onnx.
 WRITERS = ("optimize", "quantize", "convert", "prune", "compress")
-#: Statuses a rerun may reuse (a failure is always retried).
+#: Statuses a rerun may reuse (a failure too when it is not retryable, :func:`retryable`).
 FINISHED = ("ok", "refused")
+#: Exit codes of a model that fails the same way every time: usage, bad input (a crash too), internal error.
+DETERMINISTIC_EXITS = (1, 2, 4)
+#: Signals that end the CLI process itself as a crash would, every time (not SIGKILL: the kernel's OOM killer).
+CRASH_SIGNALS = (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL)
+#: Reasons of failures the environment caused (the driver's kills, an interrupt, a lost Ray task).
+RETRYABLE_REASONS = ("timeout:", "memory:", "interrupted", "ray task failed")
 #: Option keys the driver consumes itself (per-model limits in a manifest); never passed to the CLI.
 DRIVER_OPTIONS = ("timeout", "max_rss_mb")
 #: Option keys that name files: relative ones in a manifest are taken from the manifest's folder.
@@ -420,17 +430,37 @@ def _load_previous(outdir: Path) -> dict[str, dict]:
         return {}
 
 
-def _reusable(prev: dict | None, key: str) -> bool:
-    if not prev or prev.get("key") != key or prev.get("finished_status") not in FINISHED:
+def retryable(result: Mapping[str, Any]) -> bool:
+    """Whether a failed model's result may change on a rerun with the same key: not when it failed
+    deterministically (:data:`DETERMINISTIC_EXITS`, :data:`CRASH_SIGNALS`), yes for the driver's
+    kills, interrupts, lost Ray tasks and any other exit."""
+    code = result.get("exit_code")
+    if str(result.get("reason") or "").startswith(RETRYABLE_REASONS) or not isinstance(code, int):
+        return True
+    return code not in DETERMINISTIC_EXITS if code >= 0 else -code not in CRASH_SIGNALS
+
+
+def _reusable(prev: dict | None, key: str, retry_failed: bool = False) -> bool:
+    if not prev or prev.get("key") != key or prev.get("finished_status") not in (*FINISHED, "failed"):
         return False
+    if prev["finished_status"] == "failed" and (retry_failed or prev.get("retryable", retryable(prev))):
+        return False  # (an entry of an older onnxopt has no "retryable": judged from its exit)
     return all(Path(p).exists() for p in (prev.get("output"), prev.get("report")) if p)
+
+
+def _skip_reason(prev: dict) -> str:
+    if prev["finished_status"] != "failed":
+        return f"unchanged since an earlier run ({prev['finished_status']})"
+    return ("failed before with the same input, options and onnxopt version, and would fail again "
+            f"({prev.get('finished_reason', prev.get('reason'))}); --retry-failed reruns it")
 
 
 def _totals(entries: list[dict]) -> dict:
     counts: dict[str, int] = {}
     for e in entries:
         counts[e["status"]] = counts.get(e["status"], 0) + 1
-    return {"models": len(entries), **counts,
+    failed_before = sum(e["status"] == "skipped" and e.get("finished_status") == "failed" for e in entries)
+    return {"models": len(entries), **counts, **({"failed_before": failed_before} if failed_before else {}),
             "seconds_run": round(sum(e.get("seconds") or 0 for e in entries if e.get("status") != "skipped"), 3)}
 
 
@@ -446,6 +476,9 @@ class Options:
     max_rss_mb: float | None = flag(None, "--max-rss", type=float,
                                     help="MB of resident memory per model before it is killed.")
     force: bool = flag(False, "--force", is_flag=True, help="Redo models whose earlier result is still valid.")
+    retry_failed: bool = flag(False, "--retry-failed", is_flag=True,
+                              help="Rerun models that failed deterministically before (bad input, crash, internal "
+                                   "error), which a rerun skips otherwise; timeouts and memory kills are always retried.")
     ray_address: str | None = flag(None, "--ray", is_flag=False, flag_value="local",
                                    help="Run models as Ray tasks: --ray (a local cluster of --workers CPUs) or --ray=ADDRESS.")
     #: the command's options by key (``max_drop`` or its flag's name); the CLI gives exactly X's flags
@@ -454,7 +487,7 @@ class Options:
     on_result: Callable[[dict], None] | None = None
 
 
-def _plan(jobs: list[dict], command: str, out: Path, force: bool) -> tuple[dict[str, dict], list[dict]]:
+def _plan(jobs: list[dict], command: str, out: Path, force: bool, retry_failed: bool = False) -> tuple[dict[str, dict], list[dict]]:
     """Summary entries of every job (reused ones ``skipped``, the others ``pending``) and the jobs to run."""
     previous = _load_previous(out)
     entries: dict[str, dict] = {}
@@ -467,13 +500,14 @@ def _plan(jobs: list[dict], command: str, out: Path, force: bool) -> tuple[dict[
         base = {"name": job["name"], "input": job["input"], "command": command, "options": job["options"],
                 "input_sha256": sha, "size_before": size, "key": key, "onnxopt_version": __version__}
         prev = previous.get(job["name"])
-        if not force and prev is not None and _reusable(prev, key):
-            entries[job["name"]] = {**prev, **base, "status": "skipped", "reason": f"unchanged since an earlier run "
-                                    f"({prev['finished_status']})"}
+        if not force and prev is not None and _reusable(prev, key, retry_failed):
+            entries[job["name"]] = {**prev, **base, "status": "skipped", "reason": _skip_reason(prev),
+                                    "finished_reason": prev.get("finished_reason", prev.get("reason")),
+                                    "retryable": False}
         else:
             job["base"] = base
             todo.append(job)
-            entries[job["name"]] = {**base, "status": "pending", "reason": "not run yet",
+            entries[job["name"]] = {**base, "status": "pending", "reason": "not run yet", "retryable": True,
                                     "runs": (prev or {}).get("runs", 0)}
     return entries, todo
 
@@ -487,6 +521,8 @@ def _jobs(o: Options) -> list[dict]:
     jobs = collect(o.inputs, o.options)
     if not jobs:
         raise UsageError("no models to run")
+    if o.ray_address is not None:  # an unreachable cluster: one line now, not Ray's retries for minutes
+        parallel.check_ray_address(o.ray_address)
     for job in jobs:
         opts = {k: v for k, v in job["options"].items() if k not in DRIVER_OPTIONS and k != "against"}
         try:
@@ -508,7 +544,7 @@ def run(o: Options, progress: Callable[[int], None] | None = None) -> Result:
         raise BadInputError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     io.remove_stale_staging(out)
     started = time.time()
-    entries, todo = _plan(jobs, command, out, o.force)
+    entries, todo = _plan(jobs, command, out, o.force, o.retry_failed)
     lock = threading.Lock()
 
     def save() -> dict:
@@ -523,7 +559,8 @@ def run(o: Options, progress: Callable[[int], None] | None = None) -> Result:
         with lock:
             entry = {**job["base"], **result, "runs": entries[job["name"]].get("runs", 0) + 1,
                      "finished_at": time.time()}
-            entry["finished_status"] = entry["status"]
+            entry.update(finished_status=entry["status"], finished_reason=entry["reason"],
+                         retryable=entry["status"] == "failed" and retryable(entry))
             entries[job["name"]] = entry
             save()
         logger.info("%s: %s%s (%.1f s)", job["name"], entry["status"], f" - {entry['reason']}" if entry["reason"] else "",
@@ -602,38 +639,17 @@ def ray_resources(options: Mapping[str, Any]) -> dict:
 
 
 def _run_ray(todo, command, outdir, workers, timeout, max_rss_mb, address, record) -> None:
-    from onnxopt.parallel import ray_cluster
+    def done(job: dict, result: dict | None, error: BaseException | None) -> None:
+        if error is not None:  # a task lost after its retries: that model failed
+            first = str(error).splitlines()[0] if str(error) else ""
+            result = {"name": job["name"], "status": "failed", "exit_code": None, "seconds": None,
+                      "reason": f"ray task failed: {type(error).__name__}: {first}"}
+        record(job, result)
 
-    with ray_cluster(address, workers) as ray:
-        _submit_ray(ray, todo, command, outdir, timeout, max_rss_mb, record)
-
-
-def _submit_ray(ray, todo, command, outdir, timeout, max_rss_mb, record) -> None:
-    task = ray.remote(num_cpus=1, max_retries=2)(run_one)
-    refs = {}
-    try:
-        with _sigterm_as_interrupt():
-            for job in todo:
-                spec = {k: job[k] for k in ("name", "input", "options")}
-                resources = ray_resources(job["options"])
-                t = task.options(resources=resources) if resources else task
-                refs[t.remote(command, spec, outdir, timeout, max_rss_mb)] = job
-            pending = list(refs)
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                for ref in done:
-                    job = refs[ref]
-                    try:
-                        result = ray.get(ref)
-                    except Exception as e:  # noqa: BLE001 - a task lost after its retries: that model failed
-                        result = {"name": job["name"], "status": "failed", "exit_code": None, "seconds": None,
-                                  "reason": f"ray task failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-                    record(job, result)
-    except BaseException:
-        for ref in refs:
-            with contextlib.suppress(Exception):
-                ray.cancel(ref, force=True)
-        raise
+    calls = [(job, (command, {k: job[k] for k in ("name", "input", "options")}, outdir, timeout, max_rss_mb),
+              ray_resources(job["options"])) for job in todo]
+    with parallel.ray_cluster(address, workers) as ray, _sigterm_as_interrupt():
+        parallel.ray_each(ray, run_one, calls, done)
 
 
 @dataclasses.dataclass
@@ -660,9 +676,11 @@ def render(result: core.Result) -> None:
         reason = f": {e['reason']}" if e.get("reason") and e["status"] != "ok" else ""
         click.echo(f"{e['name']}: {e['status']}{reason}{nodes}{size}{secs}")
     t = summary["totals"]
-    click.echo(f"{t['models']} model(s): " + ", ".join(f"{t[k]} {k}" for k in ("ok", "refused", "failed", "skipped", "pending")
-                                                      if t.get(k)) + f"; summary in {Path(summary['outdir']) / SUMMARY_HTML}")
-    if t.get("failed") or t.get("pending"):
+    before = f" ({t['failed_before']} failed before)" if t.get("failed_before") else ""
+    click.echo(f"{t['models']} model(s): " + ", ".join(f"{t[k]} {k}" + (before if k == "skipped" else "") for k in
+                                                      ("ok", "refused", "failed", "skipped", "pending") if t.get(k))
+               + f"; summary in {Path(summary['outdir']) / SUMMARY_HTML}")
+    if t.get("failed") or t.get("pending") or t.get("failed_before"):
         raise click.exceptions.Exit(2)
 
 
@@ -670,7 +688,8 @@ COMMAND = Command(
     name="batch", short_help="Run a command over many models, one process each, resumable.",
     help="Run --command on every model of INPUTS (files, folders of *.onnx, .json/.yaml manifests of {path, options}), "
          "each in its own process; write OUTDIR/<name>/ and OUTDIR/summary.json/.html. A rerun skips models already done "
-         "with the same input bytes and options (--force redoes them).",
+         "with the same input bytes and options, failures a rerun would repeat too (--retry-failed reruns failures, "
+         "--force everything).",
     arguments=(("inputs", {"metavar": "INPUTS...", "nargs": -1, "required": True}),
                ("outdir", {"decls": ("-o", "--outdir"), "help": "Results: OUTDIR/<name>/, summary.json/.html."})),
     options=Options, run=run, render=render, result=Result, output=None, isolated=False, passthrough=True,
