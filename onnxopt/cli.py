@@ -258,7 +258,7 @@ def _execute(cmd: spec.Command, fixed: dict, values: dict, report_path: str | No
     if report_path and cmd.for_report is not None:
         options = cmd.for_report(options)
     try:
-        with _progress(None, cmd.progress) as update:
+        with _progress(cmd.progress_total(options) if cmd.progress_total else None, cmd.progress) as update:
             result = cmd.run(options, update)
     except ValidationRefused as e:
         if report_path and e.result:
@@ -277,15 +277,16 @@ def _command(cmd: spec.Command) -> click.Command:
     for name, kw in cmd.arguments:
         kw = dict(kw)
         decls = kw.pop("decls", None)
+        kind = kw.pop("type", click.Path())
         if decls:
-            params.append(click.Option([*decls, name], required=True, type=click.Path(), **kw))
+            params.append(click.Option([*decls, name], required=True, type=kind, **kw))
         else:
-            params.append(click.Argument([name], type=click.Path(), **kw))
+            params.append(click.Argument([name], type=kind, **kw))
+    params.append(click.Option(["--report", "report_path"], type=click.Path(), default=None,
+                               help="Write a report: .json, .md or .html."))
     params += spec.click_params(cmd.options)
     if cmd.passthrough:
         params += commands.passthrough_params(cmd)
-    params.append(click.Option(["--report", "report_path"], type=click.Path(), default=None,
-                               help="Write a report: .json, .md or .html."))
     names = [name for name, _ in cmd.arguments]
 
     def callback(report_path: str | None, **values: typing.Any) -> None:

@@ -126,10 +126,11 @@ class Teacher:
         """The yardstick as the report names it."""
         return self.metric_name or "default: " + fidelity.describe(self.last_results)
 
-    def check(self, report: dict, keys: Sequence[str], where: str | None = None) -> Callable[[Path], BudgetResult]:
+    def check(self, report: dict, keys: Sequence[str], where: str | None = None,
+              warn_uncertified: bool = False) -> Callable[[Path], BudgetResult]:
         """Score the staged file and fill ``report["accuracy"]`` (the score under each of ``keys``;
-        without --metric also the per-output results, with a warning for an output whose held-out
-        positions are too few to certify the budget)."""
+        without --metric also the per-output results, and with ``warn_uncertified`` a warning for an
+        output whose held-out positions are too few to certify the budget)."""
 
         def check(path: Path) -> BudgetResult:
             score = self.score(path)
@@ -139,7 +140,8 @@ class Teacher:
             accuracy.update({k: score for k in keys})
             accuracy.update(drop=drop, max_drop=self.max_drop)
             if self.metric is None:
-                self._warn_uncertified()
+                if warn_uncertified:
+                    self._warn_uncertified()
                 accuracy["outputs"] = self.last_results
             report["accuracy"] = accuracy
             budget = float(self.max_drop if self.max_drop is not None else 0.0)

@@ -15,6 +15,9 @@ def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="run tests marked slow (the >2 GB model)")
 
 
+os.environ["ONNXOPT_STRICT_RESULTS"] = "1"  # a report key its Result type does not declare fails a test
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _region_cache(tmp_path_factory):
     """quantize's cost model caches region timings per machine (onnxopt.quantization.latency_cache): the suite

@@ -153,3 +153,44 @@ def test_batch_takes_exactly_the_commands_own_flags(cli, tmp_path):
     assert not (tmp_path / "out" / "summary.json").exists()
     args = spec.to_args(commands.get("quantize").options, {"per_channel": False, "max_drop": 0.5, "exclude": ["a", "b"]})
     assert args == ["--per-tensor", "--max-drop", "0.5", "--exclude", "a", "--exclude", "b"]
+
+
+def test_batch_passthrough_keeps_types_and_short_flags(cli, tmp_path):
+    """Another command's flags keep their click types in batch (a bad --runs is a usage error before
+    any model runs) and their short names (-p); a manifest key may name a pair's off flag."""
+    src = ROOT / "models" / "exporter_opset11.onnx"
+    r = cli("batch", src, "-o", tmp_path / "a", "--command", "bench", "--runs", "abc")
+    assert r.exit_code == 1 and "--runs" in r.output
+    r = cli("batch", src, "-o", tmp_path / "b", "-p", "cleanup")
+    assert r.exit_code == 0, r.output
+    import json
+
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["models"][0]["options"] == {"pipeline": "cleanup"}
+    quantize = commands.get("quantize").options
+    assert spec.to_args(quantize, {"per_tensor": True, "no-latency-guard": True}) == ["--per-tensor", "--no-latency-guard"]
+    assert spec.to_args(quantize, {"per_channel": True, "latency_guard": False}) == ["--per-channel", "--no-latency-guard"]
+
+
+def test_api_keeps_its_keywords_and_defaults(tmp_path):
+    """api.inspect's cost_shapes (positional too), quantize --search in-process from the API (the
+    CLI's --workers default 0 is the CPU count), a Python-only setting counted as given."""
+    from onnxopt import api
+    from onnxopt.commands import quantize as q
+
+    info = api.inspect(ROOT / "models" / "digits_cnn.onnx", {})
+    assert info["cost"]["macs"] > 0 and api.inspect(ROOT / "models" / "digits_cnn.onnx")["command"] == "inspect"
+    o = q.Options("a.onnx", "b.onnx", searching=q.Search(search=True))
+    assert q.settings_of(o, False, None).search_workers == 1
+    o = q.Options("a.onnx", "b.onnx", searching=q.Search(search=True, workers=0))
+    assert q.settings_of(o, False, None).search_workers >= 1
+    o = q.Options("a.onnx", "b.onnx", calibration=q.Calibration(percentile=99.9))
+    assert spec.given(o, q.Options("a.onnx", "b.onnx"), q.RECIPE_SETTINGS) == ["percentile"]
+
+
+def test_a_bad_metric_is_a_usage_error_before_the_data_is_read(cli, tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not an npz")
+    r = cli("prune", ROOT / "models" / "digits_cnn.onnx", "-o", tmp_path / "p.onnx", "--sparsity", "0.3",
+            "--metric", "nocolon", "--data", bad)
+    assert r.exit_code == 1 and "--metric" in r.output, r.output

@@ -34,16 +34,22 @@ def passthrough_params(cmd: Any) -> list[click.Parameter]:
     from onnxopt.commands import spec
 
     own = {d for _, _, fl in spec.flags_of(cmd.options) for d in fl.decls} | {"-o", "--outdir", "--report"}
-    seen: dict[str, spec.Flag] = {}
+    seen: dict[str, list[spec.Flag]] = {}
     for name in BATCHED:
         for _, _, fl in spec.flags_of(get(name).options):
-            if any(d in own for d in fl.decls) or fl.long in seen:
-                continue
-            seen[fl.long] = fl
+            if not any(d in own for d in fl.decls):
+                seen.setdefault(fl.long, []).append(fl)
     params: list[click.Parameter] = []
-    for long, fl in seen.items():
+    for long, flags in seen.items():
+        fl = flags[0]
         kwargs: dict[str, Any] = {k: v for k, v in fl.click.items() if k in ("is_flag", "multiple", "flag_value")}
-        params.append(click.Option([d for d in fl.decls if d.startswith("--")] + [f"pass__{fl.key}"], default=None,
+        types = {repr(f.click.get("type")) for f in flags}
+        if len(types) == 1 and fl.click.get("type") is not None:  # the same type everywhere: checked here already
+            kwargs["type"] = fl.click["type"]
+        elif all(isinstance(f.click.get("type"), click.IntRange) or f.click.get("type") is int for f in flags):
+            kwargs["type"] = int
+        decls = [d for d in fl.decls if d not in own]
+        params.append(click.Option(decls + [f"pass__{fl.key}"], default=None,
                                    help=f"{'/'.join(sorted(passed_to(long)))}: {fl.help}", **kwargs))
     return params
 

@@ -691,6 +691,7 @@ COMMAND = Command(
          "with the same input bytes and options, failures a rerun would repeat too (--retry-failed reruns failures, "
          "--force everything).",
     arguments=(("inputs", {"metavar": "INPUTS...", "nargs": -1, "required": True}),
-               ("outdir", {"decls": ("-o", "--outdir"), "help": "Results: OUTDIR/<name>/, summary.json/.html."})),
+               ("outdir", {"decls": ("-o", "--outdir"), "type": click.Path(file_okay=False),
+                           "help": "Results: OUTDIR/<name>/, summary.json/.html."})),
     options=Options, run=run, render=render, result=Result, output=None, isolated=False, passthrough=True,
     progress="batch")

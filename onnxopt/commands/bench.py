@@ -69,4 +69,6 @@ COMMAND = Command(
     help="Latency (p50/p90/p99/mean/std), throughput, load time and memory per model and EP, side by side.",
     arguments=(("models", {"metavar": "MODELS...", "nargs": -1, "required": True}),),
     options=Options, run=run, render=render, result=Result, output=None,
-    label=lambda kw: ", ".join(map(str, kw["models"])), progress="bench")
+    label=lambda kw: ", ".join(map(str, kw["models"])), progress="bench",
+    progress_total=lambda o: len(runtime.parse_eps(o.eps) if isinstance(o.eps, str) else o.eps)
+    * len(o.batches or (None,)) * len(o.models) * o.runs)

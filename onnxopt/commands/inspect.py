@@ -22,6 +22,8 @@ from onnxopt.commands.spec import Command, flag
 @dataclasses.dataclass
 class Options:
     path: str | os.PathLike
+    #: the Python API's form of --cost --shape: input shapes for the cost (a dict, possibly empty); None: no cost
+    cost_shapes: Mapping[str, tuple[int, ...]] | None = None
     as_json: bool = flag(False, "--json", is_flag=True, help="Print JSON instead of text.")
     with_cost: bool = flag(False, "--cost", is_flag=True, help="Count MACs/FLOPs per op type and peak activation memory.")
     shapes: Mapping[str, tuple[int, ...]] | None = flag(None, "--shape", multiple=True, parse=runtime.parse_shapes,
@@ -87,7 +89,8 @@ def run(o: Options, progress: core.ProgressFn | None = None) -> Result:
     external: dict[str, int] = collections.Counter()
     for _, t in io.external_tensors(model):
         external[str(t.location)] += t.nbytes
-    cost = flops.estimate(model, o.shapes or {}).to_dict() if o.with_cost else None
+    with_cost, shapes = (True, o.cost_shapes) if o.cost_shapes is not None else (o.with_cost, o.shapes or {})
+    cost = flops.estimate(model, shapes).to_dict() if with_cost else None
     return Result(
         path=str(o.path), ir_version=model.ir_version,
         producer=" ".join(x for x in (model.producer_name, model.producer_version) if x),

@@ -100,9 +100,10 @@ class Search:
     budget: int | None = flag(None, "--budget", type=click.IntRange(min=1),
                               help=f"With --search: build at most this many candidates (default "
                                    f"{static.DEFAULT_SEARCH_BUDGET}).")
-    workers: int | None = flag(None, "--workers", type=click.IntRange(min=1),
+    workers: int | None = flag(None, "--workers", type=click.IntRange(min=0), default=0, shown="0",
                                help="With --search: build and score candidates on this many local processes "
-                                    "(default: the CPU count, at most 4); 1 builds them in this process.")
+                                    "(0: the CPU count, at most 4; the Python API's default is 1); 1 builds them in "
+                                    "this process.")
     ray_address: str | None = flag(None, "--ray", is_flag=False, flag_value="local",
                                    help="With --search: build and score candidates as Ray tasks: --ray (a local cluster "
                                         "of --workers CPUs) or --ray=ADDRESS.")
@@ -149,11 +150,7 @@ def _method(text: str | None, percentile: float | None) -> tuple[str | None, flo
 
 def recipe_of(o: Options) -> tuple[static.Recipe, bool]:
     """The recipe a run decides from (new from the settings, or the replayed one) and whether it is replayed."""
-    defaults = Options(o.input_path, o.output_path)
     if o.recipe is not None:
-        fixed = given(o, defaults, RECIPE_SETTINGS)
-        if fixed:
-            raise UsageError(f"--recipe fixes the placement and settings; drop {', '.join(fixed)}")
         recipe = o.recipe if isinstance(o.recipe, static.Recipe) else static.Recipe.load(o.recipe)
         return recipe, True
     c, f, g = o.calibration, o.format, o.guard
@@ -174,7 +171,7 @@ def settings_of(o: Options, replayed: bool, progress: core.ProgressFn | None) ->
     defaults = Options(o.input_path, o.output_path)
     if s.budget is not None and not s.search:
         raise UsageError("--budget counts --search candidates; give --search with it")
-    if (s.workers is not None or s.ray_address is not None) and not s.search:
+    if (s.workers not in (None, 0) or s.ray_address is not None) and not s.search:
         raise UsageError("--workers and --ray spread --search candidates; give --search with them")
     if s.search:
         if replayed:
@@ -182,7 +179,7 @@ def settings_of(o: Options, replayed: bool, progress: core.ProgressFn | None) ->
         tried = given(o, defaults, SEARCHED)
         if tried:
             raise UsageError(f"--search tries the methods, weight scales and recovery itself; drop {', '.join(tried)}")
-    workers = s.workers if s.workers is not None else (max(1, min(4, os.cpu_count() or 1)) if s.search else 1)
+    workers = 1 if s.workers is None else (max(1, min(4, os.cpu_count() or 1)) if s.workers == 0 else s.workers)
     c = o.calibration
     return static.RunSettings(
         data=c.data, preprocess=c.preprocess, max_drop=o.max_drop, metric=o.metric, stats_in=c.stats_in,
@@ -224,7 +221,12 @@ def run(o: Options, progress: core.ProgressFn | None = None) -> Result:
     """Quantize; raises ValidationRefused (report attached) when the accuracy budget is missed and
     not ``force`` (nothing is written then); a crash inside is one InternalError line (exit 4)."""
     t_start = time.perf_counter()
-    settings = settings_of(o, o.recipe is not None, progress)  # usage errors before the recipe is read
+    _method(o.calibration.method, o.calibration.percentile)  # the usage errors first, in the CLI's order
+    if o.recipe is not None:
+        fixed = given(o, Options(o.input_path, o.output_path), RECIPE_SETTINGS)
+        if fixed:
+            raise UsageError(f"--recipe fixes the placement and settings; drop {', '.join(fixed)}")
+    settings = settings_of(o, o.recipe is not None, progress)  # before the recipe file is read
     recipe, replayed = recipe_of(o)
 
     def work() -> dict:

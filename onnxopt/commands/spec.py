@@ -90,12 +90,22 @@ def click_params(options: type) -> list[click.Parameter]:
         if isinstance(default, tuple):
             default = list(default)
         kwargs.setdefault("default", default)
-        if fl.shown is not None:
-            kwargs["show_default"] = str(fl.shown)
+        text = fl.help
+        if fl.shown is not None:  # the default "not given" stands for, as click shows a default
+            text += f"  [default: {_shown(fl)}]"
         elif default is not None and default != [] and default is not False:
             kwargs.setdefault("show_default", True)
-        params.append(click.Option([*fl.decls, "__".join(path)], help=fl.help, **kwargs))
+        params.append(click.Option([*fl.decls, "__".join(path)], help=text, **kwargs))
     return params
+
+
+def _shown(fl: Flag) -> str:
+    """A flag's shown default: for a boolean pair the flag it stands for (``per-channel``)."""
+    pair = next((d for d in fl.decls if "/" in d), None)
+    if pair is not None and isinstance(fl.shown, bool):
+        on, _, off = pair.partition("/")
+        return (on if fl.shown else off).lstrip("-")
+    return str(fl.shown)
 
 
 def build(options_type: type, values: Mapping[str, Any], **fixed: Any) -> Any:
@@ -122,13 +132,30 @@ def _build(options: type, values: Mapping[str, Any], prefix: tuple[str, ...], fi
 
 
 def given(options: Any, defaults: Any, fields: Sequence[str]) -> list[str]:
-    """The flags (``--method``) of ``fields`` (field names, any group) whose value in ``options``
-    differs from ``defaults``: what the user set."""
-    out = []
-    for path, _, fl in flags_of(type(options)):
+    """What the user set among ``fields`` (field names, any group, in that order): those whose value in
+    ``options`` differs from ``defaults``, named by their flag (``--method``), or by the field name
+    for a Python-API-only setting (``percentile``)."""
+    found: dict[str, str] = {}
+    for path in _leaf_paths(type(options)):
         if path[-1] in fields and _get(options, path) != _get(defaults, path):
-            out.append(fl.decls[-1].split("/")[0] if fl.decls[-1].startswith("--") else "--" + fl.long)
-    return out
+            f = _field(type(options), path)
+            fl = f.metadata.get("flag")
+            found[path[-1]] = fl.decls[-1].split("/")[0] if fl is not None else path[-1]
+    return [found[name] for name in fields if name in found]
+
+
+def _leaf_paths(options: type) -> Iterator[tuple[str, ...]]:
+    for f in dataclasses.fields(options):
+        if f.metadata.get("group"):
+            yield from ((f.name, *p) for p in _leaf_paths(_group_type(options, f)))
+        else:
+            yield (f.name,)
+
+
+def _field(options: type, path: tuple[str, ...]) -> dataclasses.Field:
+    for name in path[:-1]:
+        options = _group_type(options, next(f for f in dataclasses.fields(options) if f.name == name))
+    return next(f for f in dataclasses.fields(options) if f.name == path[-1])
 
 
 def _get(obj: Any, path: tuple[str, ...]) -> Any:
@@ -137,31 +164,36 @@ def _get(obj: Any, path: tuple[str, ...]) -> Any:
     return obj
 
 
-def by_key(options: type) -> dict[str, Flag]:
-    """Manifest/batch key -> flag: the long flag's name (``max_drop``) and the field name (``shapes``)."""
-    out: dict[str, Flag] = {}
+def by_key(options: type) -> dict[str, tuple[Flag, bool]]:
+    """Manifest/batch key -> (flag, inverted): the long flag's name (``max_drop``), the field name
+    (``shapes``) and a boolean pair's "off" name (``per_tensor``, ``no_validate``: inverted)."""
+    out: dict[str, tuple[Flag, bool]] = {}
     for path, _, fl in flags_of(options):
-        out.setdefault(fl.key, fl)
-        out.setdefault(path[-1], fl)
+        out.setdefault(fl.key, (fl, False))
+        out.setdefault(path[-1], (fl, False))
+        off = next((d.partition("/")[2] for d in fl.decls if "/" in d), "")
+        if off:
+            out.setdefault(off.lstrip("-").replace("-", "_"), (fl, True))
     return out
 
 
 def to_args(options: type, values: Mapping[str, Any]) -> list[str]:
-    """Command-line arguments for ``values`` (batch/manifest keys -> command-line values); unknown
-    keys are a usage error naming the command's options."""
+    """Command-line arguments for ``values`` (batch/manifest keys, ``max_drop`` or ``max-drop`` ->
+    command-line values); unknown keys are a usage error naming the command's options."""
     known = by_key(options)
     args: list[str] = []
-    for key, value in values.items():
-        fl = known.get(key)
-        if fl is None:
-            raise UsageError(f"'{key}' is not an option of this command (options: "
-                             f"{', '.join(sorted({f.long for f in known.values()}))})")
+    for raw, value in values.items():
+        key = raw.replace("-", "_")
+        if key not in known:
+            raise UsageError(f"'{raw}' is not an option of this command (options: "
+                             f"{', '.join(sorted({f.key for f, _ in known.values()}))})")
+        fl, inverted = known[key]
         if value is None:
             continue
         decl = next(d for d in fl.decls if d.startswith("--"))
         on, _, off = decl.partition("/")
         if fl.click.get("is_flag") or off:
-            if value:
+            if bool(value) != inverted:
                 args.append(on)
             elif off:
                 args.append(off)
@@ -175,7 +207,7 @@ def option_table(options: type) -> str:
     """The Markdown table of a command's flags (docs/commands/*.md)."""
     rows = ["| option | default | meaning |", "| --- | --- | --- |"]
     for _, f, fl in flags_of(options):
-        default = fl.shown if fl.shown is not None else (f.default if f.default is not dataclasses.MISSING else "")
+        default = _shown(fl) if fl.shown is not None else (f.default if f.default is not dataclasses.MISSING else "")
         default = "" if default is None or default is False or default == () else default
         names = ", ".join(f"`{d}`" for d in fl.decls)
         meaning = fl.help.replace("|", "\\|")
@@ -201,8 +233,9 @@ class Command:
     output: str | None = "output_path"
     #: the label of the models a crash message names
     label: Callable[[Mapping[str, Any]], str] = lambda kw: str(kw.get("input_path"))
-    #: the progress bar's title (None: no bar)
+    #: the progress bar's title (None: no bar) and its total for these options (None: unknown)
     progress: str | None = None
+    progress_total: Callable[[Any], int | None] | None = None
     #: the command's Result type (its report keys)
     result: type[Result] = Result
     #: adjusts the options to the report the CLI writes (optimize counts the cost for it)

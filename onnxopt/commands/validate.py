@@ -80,10 +80,10 @@ class Result(core.Result):
 
 def run(o: Options, progress: core.ProgressFn | None = None) -> Result:
     """Raises ValidationRefused(report) when B diverges."""
-    for path in (o.a, o.b):
-        core.check_model_file(path)
     eps = runtime.parse_eps(o.eps) if isinstance(o.eps, str) else tuple(o.eps)
     tolerance = o.tolerance if o.tolerance is not None else tolerances(o.metric, tuple(o.tol), o.rtol)
+    for path in (o.a, o.b):
+        core.check_model_file(path)
     base = tolerance if isinstance(tolerance, validation.Tolerance) else tolerance.get("*", validation.LOSSLESS)
     comparison = validation.compare_models(o.a, o.b, eps=eps, data=o.data, shapes=o.shapes, preprocess=o.preprocess,
                                            tolerance=tolerance, max_batches=o.max_batches, progress=progress)

@@ -88,6 +88,7 @@ class Scorer:
     of two candidates."""
 
     def __init__(self, model: ir.Model, opts: Settings):
+        metric = load_metric(opts.metric)  # a bad --metric is a usage error before any data is read
         if opts.data is None and opts.refit:
             logger.warning("no --data: the refit needs calibration data like the deployment inputs; skipped "
                            "(and without --metric the result is scored on synthesized inputs only)")
@@ -111,7 +112,7 @@ class Scorer:
             runtime.remember_bounds(plain, self.index_bounds)
             held_out = [runtime.synthesize(plain, None, seed=s, quiet=True) for s in range(4)]
         self.teacher = Teacher(model, self.float_bytes, held_out, ep=opts.ep, threads=opts.threads,
-                               metric=load_metric(opts.metric), metric_name=opts.metric, max_drop=opts.max_drop,
+                               metric=metric, metric_name=opts.metric, max_drop=opts.max_drop,
                                class_outputs=opts.class_outputs, synthesized=opts.data is None)
         self.held_out = self.teacher.held_out
 

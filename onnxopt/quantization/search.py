@@ -212,11 +212,9 @@ def variant(q: qm.Quantizer, job: Job, rounded: Mapping | None) -> qm.Quantizer:
     rounding (computed here when None and adaround is asked for)."""
     s = job.setting
     v = copy.copy(q)
-    v.__dict__.pop("rounded_weights", None)
     v.per_channel, v.recovery, v.qmax = s.per_channel, s.recovery, job.qmax
     v.ranges = q.stats.ranges(s.method, q.full_plan.stats_names(), p=job.percentile)
-    if rounded is not None:
-        v.__dict__["rounded_weights"] = rounded
+    v.adaround_weights = dict(rounded) if rounded is not None else None
     return v
 
 
@@ -238,8 +236,8 @@ class Evaluator:
     def __init__(self, q: qm.Quantizer, pool: Workers):
         self.q, self.pool = q, pool
         self.rounded: dict[tuple[bool, int], Mapping] = {}
-        if "rounded_weights" in q.__dict__:
-            self.rounded[(q.per_channel, q.qmax)] = q.rounded_weights
+        if q.adaround_weights is not None:
+            self.rounded[(q.per_channel, q.qmax)] = q.adaround_weights
 
     def builds(self, jobs: Sequence[Job]) -> list[dict]:
         """Each job's model bytes and score, in parallel (adaround first, one job per rounding)."""

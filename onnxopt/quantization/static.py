@@ -357,6 +357,7 @@ class Quantizer:
         self.float_ms: float | None = None
         self.region_timings: dict[str, costmodel.Region] | None = None
         self.regions_measured = 0
+        self.adaround_weights: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
         self.teacher = Teacher(self.model, self.float_bytes, self.held_out, ep=self.ep, threads=self.threads, metric=metric,
                                metric_name=metric_name, max_drop=max_drop, class_outputs=class_outputs,
                                synthesized=synthesized)
@@ -374,12 +375,16 @@ class Quantizer:
         vars(self).update(state)
 
     # Recovery data that does not depend on the plan: computed once for every layer, not per build.
-    @functools.cached_property
+    @property
     def rounded_weights(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        hess, self.folded_hessians = self.folded_hessians, None  # K x K each: freed once used (a search
-        # variant of another rounding folds its own, bit for bit the same: recover.InputStats.run)
-        return recover.adaround(self.model, self.full_plan, self.recovery_set, self.float_bytes, self.per_channel,
-                                self.qmax, hess)
+        """Adaround's int8 weights of every dense layer (computed once; ``adaround_weights`` holds them,
+        a search variant of another rounding gets its own)."""
+        if self.adaround_weights is None:
+            hess, self.folded_hessians = self.folded_hessians, None  # K x K each: freed once used (a search
+            # variant of another rounding folds its own, bit for bit the same: recover.InputStats.run)
+            self.adaround_weights = recover.adaround(self.model, self.full_plan, self.recovery_set, self.float_bytes,
+                                                     self.per_channel, self.qmax, hess)
+        return self.adaround_weights
 
     @functools.cached_property
     def input_means(self) -> dict[str, np.ndarray]:
@@ -573,7 +578,7 @@ def commit(q: Quantizer, recipe: Recipe, candidate: ir.Model, the_plan: qq.Plan,
     candidate = pipeline.run(candidate, pipeline.parse("cleanup")).model
     where = "with the recipe's placement" if replayed else "even with every layer in float"
 
-    core.stage_validate_commit(candidate, output_path, report, check=q.teacher.check(report, ("quantized",), where),
+    core.stage_validate_commit(candidate, output_path, report, check=q.teacher.check(report, ("quantized",), where, warn_uncertified=True),
                               force=opts.force, on_refused=refused, refused="quantized model not written")
     if opts.recipe_out is not None:
         recipe.save(opts.recipe_out, the_plan)

@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from models import tasks  # noqa: E402
-from onnxopt import api, bench, runtime  # noqa: E402
+from onnxopt import api, runtime  # noqa: E402
+from onnxopt import benchmark as bench  # noqa: E402
 from onnxopt.errors import ValidationRefused  # noqa: E402
 
 STRUCTURED = ["digits_resnet", "digits_mobilenet", "text_crnn"]

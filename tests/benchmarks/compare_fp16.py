@@ -39,8 +39,10 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from onnxopt import api, bench, convert, runtime  # noqa: E402
+from onnxopt import api, runtime  # noqa: E402
+from onnxopt import benchmark as bench  # noqa: E402
 from onnxopt.errors import OnnxoptError  # noqa: E402
+from onnxopt.precision import convert  # noqa: E402
 
 MODELS = ["fp16_overflow", "cnn_dynamic", "cnn_bn_depthwise", "crnn", "control_flow", "transformer_encoder", "bert_encoder",
           "yolo_head", "digits_cnn", "digits_resnet", "text_crnn", "custom_domain", "fp16_mlp", "qdq_conv"]
