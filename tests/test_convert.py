@@ -431,13 +431,17 @@ def test_optimize_with_convert_fp16_uses_the_fp16_faithful_check(cli, tmp_path):
     checks like convert (every fp16 tensor rounded): refused (exit 3), nothing written, the
     overflowing output named; --verify-each names the pass."""
     out = tmp_path / "o.onnx"
-    res = cli("optimize", OVERFLOW, "-o", out, "-p", "convert-fp16")
+    res = cli("optimize", OVERFLOW, "-o", out, "-p", "convert-fp16", "--strict")
     assert res.exit_code == 3, res.output
     assert "optimized model not written" in res.stderr and "attn" in res.stderr and "NaN/Inf" in res.stderr
     assert not out.exists()
     res = cli("optimize", OVERFLOW, "-o", out, "-p", "cleanup,convert-fp16", "--verify-each")
     assert res.exit_code == 3 and "pass 'convert-fp16' changed the outputs" in res.stderr, res.output
     assert not out.exists()
+    # without --strict the overflowing conversion is rolled back: the float result is written
+    res = cli("optimize", OVERFLOW, "-o", out, "-p", "cleanup,convert-fp16")
+    assert res.exit_code == 0 and "pass 'convert-fp16' changed the outputs" in res.stderr, res.output
+    assert out.exists() and all(t.data_type != onnx.TensorProto.FLOAT16 for t in onnx.load(str(out)).graph.initializer)
 
 
 def _shared_constant_model(kind: str) -> onnx.ModelProto:

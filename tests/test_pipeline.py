@@ -73,7 +73,7 @@ def with_breaking_pass(registered):
 def test_validation_refuses_broken_result(cli, model_copy, tmp_path, with_breaking_pass):
     model = model_copy("cnn_bn_depthwise.onnx")
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
-    result = cli("optimize", model, "-o", out, "-p", "cleanup,break-weights", "--report", rep)
+    result = cli("optimize", model, "-o", out, "-p", "cleanup,break-weights", "--report", rep, "--strict")
     assert result.exit_code == 3
     assert "optimized model not written" in result.stderr and "logits: max abs" in result.stderr
     assert not out.exists()
@@ -87,6 +87,25 @@ def test_validation_refuses_broken_result(cli, model_copy, tmp_path, with_breaki
     # --force writes it anyway, and says so
     result = cli("optimize", model, "-o", out, "-p", "cleanup,break-weights", "--force")
     assert result.exit_code == 0 and out.exists() and "DIVERGED" in result.output
+
+
+def test_a_pass_that_breaks_the_outputs_is_rolled_back(cli, model_copy, tmp_path, with_breaking_pass):
+    """Never empty-handed: without --strict the pass that changed the outputs is found (every pass
+    checked), left out, and the other passes' result written, validated, exit 0, one warning line
+    naming it; the report lists it.  The written model equals the pipeline without it."""
+    model = model_copy("cnn_bn_depthwise.onnx")
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    result = cli("optimize", model, "-o", out, "-p", "default,break-weights", "--report", rep)
+    assert result.exit_code == 0, result.output
+    assert "pass 'break-weights' changed the outputs" in result.stderr and "--strict refuses" in result.stderr
+    report = json.loads(rep.read_text())
+    assert [r["pass"] for r in report["rolled_back"]] == ["break-weights"] and report["validation"]["ok"]
+    assert "break-weights" not in report["pipeline"] and report["written"]
+    plain = tmp_path / "plain.onnx"
+    assert cli("optimize", model, "-o", plain, "-p", "default").exit_code == 0
+    import hashlib
+
+    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(plain.read_bytes()).digest()
 
 
 def test_verify_each_names_the_pass(cli, model_copy, tmp_path, with_breaking_pass):
@@ -172,9 +191,11 @@ class BreakReshape(OptPass):
 def test_candidate_that_cannot_run_is_refused(cli, model_copy, tmp_path, registered):
     registered("break-reshape", BreakReshape)
     out = tmp_path / "o.onnx"
-    result = cli("optimize", model_copy("exporter_opset11.onnx"), "-o", out, "-p", "cleanup,break-reshape")
+    result = cli("optimize", model_copy("exporter_opset11.onnx"), "-o", out, "-p", "cleanup,break-reshape", "--strict")
     assert result.exit_code == 3 and not out.exists()
     assert "the optimized model fails on ONNX Runtime" in result.stderr
+    result = cli("optimize", model_copy("exporter_opset11.onnx"), "-o", out, "-p", "cleanup,break-reshape")
+    assert result.exit_code == 0 and out.exists() and "pass 'break-reshape' changed the outputs" in result.stderr
 
 
 def test_plugin_passes_come_from_the_entry_point_group(tmp_path, monkeypatch):

@@ -49,6 +49,9 @@ class Options:
     latency_runs: int = 10
     #: count MACs/FLOPs before and after (the CLI does when it writes a report)
     with_cost: bool = False
+    strict: bool = flag(False, "--strict", is_flag=True,
+                        help="Refuse (exit 3) when the result diverges, instead of writing it without the pass "
+                             "that broke the outputs.")
 
 
 @dataclasses.dataclass
@@ -69,23 +72,67 @@ class Result(core.Result):
     written: bool
     seconds: float = 0.0
     layerwise: dict | None = None
+    #: passes left out because they changed the outputs ({pass, reason}); the result is the others'
+    rolled_back: list | None = None
+
+
+class PassBroke(ValidationRefused):
+    """A pass whose result diverges from the original (``--verify-each``, or bisecting a refusal)."""
+
+    def __init__(self, spec: pipeline.PassSpec, summary: str):
+        super().__init__(f"pass '{spec}' changed the outputs: {summary}")
+        self.spec, self.summary = spec, summary
+
+
+@dataclasses.dataclass
+class _Setting:
+    """What every attempt of one optimize run shares: the options, EP, the original's statistics and
+    the checks (the validator's reference outputs are computed once)."""
+
+    o: Options
+    ep: str
+    before: dict
+    validator: validation.Validator | None
+    faithful: Any
+    mismatches: list
+    t_start: float
+
+    def verify(self, spec: pipeline.PassSpec, current: ir.Model, all_points: bool = False) -> None:
+        """After a pass: its result checked against the original (``--verify-each``; every point
+        when bisecting a refusal)."""
+        assert self.validator is not None
+        check = self.faithful.check_model(current) if self.faithful is not None else \
+            self.validator.check_model(current, all_points)
+        if not check.ok:
+            raise PassBroke(spec, check.summary())
 
 
 def run(o: Options, progress: core.ProgressFn | None = None) -> Result:
-    """Optimize ``o.input_path`` into ``o.output_path``.  Raises ValidationRefused (with the report)
-    when outputs diverge and not ``force``; nothing is written then."""
+    """Optimize ``o.input_path`` into ``o.output_path``.  When the validated result diverges, the
+    pass responsible is found (the pipeline rerun with every pass checked) and the result is written
+    without it, with one warning line naming it (``rolled_back`` in the report); ``strict`` refuses
+    instead (ValidationRefused with the report, exit 3), and so does a divergence no single pass
+    explains.  Nothing is written when refused."""
     t_start = time.perf_counter()
     eps = runtime.parse_eps(o.ep)
     if len(eps) != 1:
         raise UsageError("optimize validates on one --ep; compare on several with 'onnxopt validate'")
-    ep = eps[0]
     core.check_output(o.input_path, o.output_path, in_place=o.in_place)
     specs = pipeline.parse(o.pipeline_text or pipeline.DEFAULT_PIPELINE)
     if o.model_type is not None:
         specs = pipeline.with_option(specs, "fuse-transformer", "model-type", o.model_type, "--model-type")
         pipeline.build(specs)  # an unknown model type is a usage error before any work
-
     model = io.load(o.input_path)
+    setting = _setting(o, eps[0], model, specs, t_start)
+    try:
+        return Result.from_report(_attempt(setting, specs, model, []))
+    except ValidationRefused as refusal:
+        if o.strict or o.force or o.verify_each or setting.validator is None or not o.validate_result:
+            raise
+        return Result.from_report(_roll_back(setting, specs, refusal))
+
+
+def _setting(o: Options, ep: str, model: ir.Model, specs: list, t_start: float) -> _Setting:
     before = core.model_stats(model, o.input_path)
     if o.with_cost:
         before["cost"] = flops.estimate(model, o.shapes).to_dict(per_node=False)
@@ -97,37 +144,38 @@ def run(o: Options, progress: core.ProgressFn | None = None) -> Result:
         validator = validation.Validator(o.input_path, data=o.data, preprocess=o.preprocess, shapes=o.shapes,
                                          tolerance=tolerance, ep=ep, latency_runs=o.latency_runs if o.validate_result else 0)
     faithful = _fp16_check(validator) if fp16 and validator is not None and validator.ep == "cpu" else None
-
     mismatches = validation.declared_shape_mismatches(model, validator.reference) if validator else []
     for m in mismatches:
         logger.warning("output '%s' is declared %s but the model produces %s (kept as declared)",
                        m["output"], m["declared"], m["actual"])
+    return _Setting(o, ep, before, validator, faithful, mismatches, t_start)
 
-    def verify(spec: pipeline.PassSpec, current: ir.Model) -> None:
-        assert validator is not None
-        check = faithful.check_model(current) if faithful is not None else validator.check_model(current)
-        if not check.ok:
-            raise ValidationRefused(f"pass '{spec}' changed the outputs: {check.summary()}")
 
+def _attempt(st: _Setting, specs: list, model: ir.Model, rolled_back: list[dict]) -> dict:
+    """Run ``specs`` on ``model``, then stage, check and commit; returns the report (raises
+    ValidationRefused with it when the result diverges and not ``force``)."""
+    o, validator = st.o, st.validator
     t0 = time.perf_counter()
     feeds = [p.feeds for p in validator.points if p.reference is not None] if validator else None
-    done = pipeline.run(model, specs, after_pass=verify if o.verify_each else None, feeds=feeds)
+    done = pipeline.run(model, specs, after_pass=st.verify if o.verify_each else None, feeds=feeds)
     model = done.model
-    report = core.header("optimize", input={"path": str(o.input_path), **before},
+    report = core.header("optimize", input={"path": str(o.input_path), **st.before},
                          pipeline=",".join(str(s) for s in specs), iterations=done.iterations, converged=done.converged,
                          passes=done.totals(), records=[dataclasses.asdict(r) for r in done.records],
-                         optimize_seconds=time.perf_counter() - t0, declared_output_shape_mismatches=mismatches)
+                         optimize_seconds=time.perf_counter() - t0, declared_output_shape_mismatches=st.mismatches)
+    if rolled_back:
+        report["rolled_back"] = rolled_back
 
     def check(path: Path) -> core.CheckResult:
         assert validator is not None
-        return faithful(path) if faithful is not None else validator.check(path)
+        return st.faithful(path) if st.faithful is not None else validator.check(path)
 
     def diagnose(path: Path, result: validation.ValidationResult) -> None:
         assert validator is not None
         report["validation"]["points"] = validator.exercised()
-        report["seconds"] = time.perf_counter() - t_start
+        report["seconds"] = time.perf_counter() - st.t_start
         # layerwise runs plain sessions, which hide fp16 overflow: not for the fp16-faithful check
-        report["layerwise"] = first_divergence(o.input_path, path, result, ep) if faithful is None else None
+        report["layerwise"] = first_divergence(o.input_path, path, result, st.ep) if st.faithful is None else None
 
     after_cost = flops.estimate(model, o.shapes).to_dict(per_node=False) if o.with_cost else None  # before anything is written
     core.stage_validate_commit(model, o.output_path, report,
@@ -138,8 +186,38 @@ def run(o: Options, progress: core.ProgressFn | None = None) -> Result:
         report["output"]["cost"] = after_cost
     if report["validation"] is not None and validator is not None:
         report["validation"]["points"] = validator.exercised()
-    report["seconds"] = time.perf_counter() - t_start
-    return Result.from_report(report)
+    report["seconds"] = time.perf_counter() - st.t_start
+    return report
+
+
+def _first_breaking(st: _Setting, specs: list) -> tuple[pipeline.PassSpec, str] | None:
+    """The first pass whose result diverges (every point checked after each pass), or None."""
+    try:
+        pipeline.run(io.load(st.o.input_path), specs, after_pass=lambda spec, m: st.verify(spec, m, True))
+    except PassBroke as e:
+        return e.spec, e.summary
+    return None
+
+
+def _roll_back(st: _Setting, specs: list, refusal: ValidationRefused) -> dict:
+    """Never empty-handed: drop the pass that breaks the outputs (found by :func:`_first_breaking`)
+    and write what the others make, validated; at most one attempt per pass of the pipeline.
+    Cost: a pipeline run with a check after every pass, plus a run and a check, per pass dropped."""
+    current, dropped = list(specs), []
+    for _ in range(len(specs)):
+        found = _first_breaking(st, current)
+        if found is None:  # no single pass diverges on its own (an interaction): refuse as before
+            raise refusal
+        spec, why = found
+        dropped.append({"pass": str(spec), "reason": why})
+        logger.warning("pass '%s' changed the outputs (%s); writing the result without it (--strict refuses "
+                       "instead)", spec, why)
+        current = [s for s in current if s is not spec]
+        try:
+            return _attempt(st, current, io.load(st.o.input_path), dropped)
+        except ValidationRefused:
+            continue
+    raise refusal
 
 
 def _fp16_check(validator: validation.Validator) -> Any:
