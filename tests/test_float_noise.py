@@ -1,0 +1,74 @@
+"""The lossless tolerance follows the model's own float noise (issue 21): a correct Conv+BN fold that
+moves outputs beyond rtol 1e-4 / atol 1e-5, as ORT's own fusion does, is accepted; a genuinely wrong
+rewrite on the same model (one weight scaled by 1 + 1e-3) is still refused."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from models import float_noise
+from onnxopt import registry, validation
+from onnxopt.base import OptPass, constant
+
+
+class NudgeFirstWeight(OptPass):
+    """Scales the first Conv weight by 1 + 1e-3: a small but real change of the model."""
+
+    name = "nudge-weight"
+
+    def call(self, model):
+        for node in model.graph:
+            if node.op_type == "Conv" and not node.meta.get("nudged"):
+                w = node.inputs[1]
+                w.const_value = __import__("onnx_ir").tensor(constant(w) * np.float32(1.001), name=w.name)
+                node.meta["nudged"] = True
+                return self.result(model, collections.Counter({"nudged": 1}))
+        return self.result(model, collections.Counter())
+
+
+@pytest.fixture
+def case(tmp_path):
+    model, batches = float_noise.amplified_bn(np.random.default_rng(0))
+    src = tmp_path / "m.onnx"
+    onnx.save(model, str(src))
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, x in enumerate(batches):
+        np.savez(data / f"b{i}.npz", x=x)
+    return src, data
+
+
+def test_the_fixed_tolerance_alone_would_refuse_the_correct_fold(cli, case, tmp_path):
+    """Our fold is within the noise ORT's own optimizations make (optimized vs unoptimized run of the
+    original), but outside rtol 1e-4 / atol 1e-5: the false refusal the noise-based tolerance avoids."""
+    src, data = case
+    out = tmp_path / "o.onnx"
+    assert cli("optimize", src, "-o", out, "--data", data).exit_code == 0
+    v = validation.Validator(src, data=data)
+    assert v.points[0].noise["y"] > 1e-3  # ORT's own fusion moves the outputs this much
+    assert v.check(str(out)).ok
+    for p in v.points:
+        p.noise = {}
+    fixed = v.check(str(out))
+    assert not fixed.ok and "outside rtol=0.0001" in fixed.summary()
+
+
+def test_optimize_accepts_the_fold_and_refuses_a_nudged_weight(cli, case, tmp_path):
+    src, data = case
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    r = cli("optimize", src, "-o", out, "--data", data, "--report", rep)
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    assert "BatchNormalization" not in report["output"]["ops"] and report["validation"]["ok"]
+    assert all(p["float_noise"]["y"] > 1e-3 for p in report["validation"]["points"])
+    registry.register("nudge-weight", NudgeFirstWeight)
+    try:
+        r = cli("optimize", src, "-o", tmp_path / "bad.onnx", "--data", data, "-p", "cleanup,nudge-weight", "--strict")
+        assert r.exit_code == 3 and "outside rtol" in r.output, r.output
+    finally:
+        registry.unregister("nudge-weight")
