@@ -108,3 +108,27 @@ def test_without_data_class_flips_on_noise_are_not_judged(cli, tmp_path):
             "--report", rep)
     assert r.exit_code == 0, r.output
     assert json.loads(rep.read_text())["accuracy"]["outputs"][0]["metric"] == "top-1"
+
+
+def test_too_few_positions_are_judged_by_the_margins_not_a_lucky_sample():
+    """16 positions where the candidate happens to flip none: with close top-2 margins and output
+    noise of the margins' size the estimate predicts flips and judges by it; with wide margins the
+    same noise predicts none and the point estimate stands.  Enough positions certify as before."""
+    rng = np.random.default_rng(0)
+    rules = {"logits": fidelity.Rule("logits", fidelity.TOP1, "test", 1)}
+    ref = rng.standard_normal((16, 10))
+    noise = 0.05 * rng.standard_normal((16, 10))
+    for spread, expect_estimate in ((0.02, True), (50.0, False)):
+        r = ref.copy()
+        r[:, 0] = r.max(axis=1) + spread  # the top-1 margin
+        got = r + noise
+        got[np.arange(16), r.argmax(1)] += 1.0  # the candidate keeps every prediction (a lucky sample)
+        fid = fidelity.Fidelity(rules, max_drop=0.01)
+        fid.add({"logits": r}, {"logits": got})
+        (res,) = fid.results()
+        assert res["agreement"] == 1.0
+        if expect_estimate:
+            assert res["score"] < 0.99 and res["judged_by"].startswith("margin estimate"), res
+        else:
+            assert res["score"] == 1.0 and res["judged_by"].startswith("point estimate"), res
+    assert fidelity.expected_flips(np.zeros((4, 1)), np.ones((4, 1))) == 0.0  # one class: nothing to flip

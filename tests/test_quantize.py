@@ -297,7 +297,9 @@ def test_recipe_replay_reproduces_the_placement(cli, tmp_path, isa):
     predictions no longer flip, so the budget has nothing to keep float."""
     isa("no-vnni")
     src, data, rng = _close_logits_case(tmp_path)
-    r = cli("quantize", src, "-o", tmp_path / "a.onnx", "--data", data, "--no-latency-guard",
+    # --max-drop 0.05: the embed layer alone moves the close logits enough that 128 held-out positions'
+    # margins predict ~2% flips (the estimate judges below the certifiable size); the head flips ~80%
+    r = cli("quantize", src, "-o", tmp_path / "a.onnx", "--data", data, "--no-latency-guard", "--max-drop", "0.05",
             "--save-recipe", tmp_path / "recipe.json", "--report", tmp_path / "a.json")
     assert r.exit_code == 0, r.output
     saved = json.loads((tmp_path / "recipe.json").read_text())
@@ -549,14 +551,16 @@ def _session_bytes(proto) -> ort.InferenceSession:
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def _close_logits_case(tmp_path):
-    """The close-logits model in ``tmp_path`` and 8 calibration batches; the rng continues after them."""
+def _close_logits_case(tmp_path, batches: int = 8):
+    """The close-logits model in ``tmp_path`` and calibration batches (8: 2 held out, 128 positions,
+    too few to certify a 0.99 top-1 budget, so the margins' flip estimate judges; 32: 8 held out, 512
+    positions, certified by the 95% lower bound); the rng continues after them."""
     rng = np.random.default_rng(0)
     src = tmp_path / "close.onnx"
     onnx.save(_close_logits_model(rng), str(src))
     data = tmp_path / "data"
     data.mkdir()
-    for i in range(8):
+    for i in range(batches):
         np.savez(data / f"b{i}.npz", x=rng.standard_normal((4, 16, 32)).astype(np.float32))
     return src, data, rng
 
