@@ -383,6 +383,8 @@ def _from_report(command: str, report: dict | None, opts: Mapping[str, Any]) -> 
     out["size_after"] = outp.get("file_bytes")
     ep = str(opts.get("ep") or "cpu").split(",")[0]
     v = report.get("validation")
+    if command == "convert" and report.get("accuracy"):  # convert --fp16 is judged by its budget
+        command = "quantize"  # (summarized as the lossy commands are, below)
     if command in ("optimize", "convert") and v:  # lossless (fp16: its tolerances): outputs compared
         out["validation"] = {"status": "ok" if v.get("ok") else "diverged", "max_abs": v.get("max_abs"),
                              "metric": "allclose", "value": v.get("max_abs")}
@@ -393,7 +395,7 @@ def _from_report(command: str, report: dict | None, opts: Mapping[str, Any]) -> 
     elif command in ("quantize", "prune", "compress"):  # lossy: a metric within a budget
         acc, lat = report.get("accuracy") or {}, report.get("latency") or {}
         if acc:
-            value = next((acc[k] for k in ("quantized", "pruned", "compressed") if k in acc), None)
+            value = next((acc[k] for k in ("quantized", "pruned", "compressed", "converted") if k in acc), None)
             out["validation"] = {"status": "ok" if acc.get("drop", 0) <= acc.get("max_drop", float("inf")) else "over budget",
                                  "max_abs": None, "metric": acc.get("metric"), "value": value,
                                  "float": acc.get("float"), "drop": acc.get("drop")}

@@ -1,5 +1,7 @@
-"""``onnxopt convert --fp16``: mixed-precision float16 (see onnxopt.precision.convert), validated
-on the CPU EP with every fp16 tensor rounded as fp16 kernels do; staged and committed."""
+"""``onnxopt convert --fp16``: mixed-precision float16 (see onnxopt.precision.convert), judged by the
+prediction-level budget of the lossy commands (``--max-drop``, onnxopt.precision.budget) on the CPU EP
+with every fp16 tensor rounded as fp16 kernels do; over budget the fewest nodes are kept float32;
+the elementwise fp16 check is reported beside it; staged and committed."""
 
 from __future__ import annotations
 
@@ -37,8 +39,15 @@ class Options:
     shapes: Mapping[str, tuple[int, ...]] | None = common.shapes()
     ep: str = common.ep()
     validate_result: bool = flag(True, "--validate/--no-validate",
-                                 help="Compare against the original on the CPU EP (rtol 1e-2, atol 1e-3 per output).")
-    force: bool = common.force()
+                                 help="Judge the result on the CPU EP (every fp16 tensor rounded) by --max-drop on the "
+                                      "held-out batches (every 4th --data batch; synthesized inputs without --data, "
+                                      "judged by cosine), keeping the fewest nodes float32 that meet it; the "
+                                      "elementwise check (rtol 1e-2, atol 1e-3 per output) is reported beside it. "
+                                      "--no-validate writes the conversion unchecked.")
+    max_drop: float = common.max_drop()
+    metric: str | None = common.metric()
+    class_outputs: Mapping[str, int | None] | None = common.output_kind()
+    force: bool = common.force("Write the result even when it misses the budget or the check finds inf/NaN.")
 
 
 @dataclasses.dataclass
@@ -61,6 +70,10 @@ class Result(core.Result):
     written: bool
     seconds: float
     size_ratio: float | None = None
+    #: the budget's verdict: {metric, float, converted, drop, max_drop, held_out, outputs} (None: --no-validate)
+    accuracy: dict | None = None
+    #: the search for nodes kept float32 when every node fp16 missed the budget (None: no search)
+    budget_search: dict | None = None
 
 
 def run(o: Options, progress: core.ProgressFn | None = None) -> Result:
@@ -72,7 +85,8 @@ def run(o: Options, progress: core.ProgressFn | None = None) -> Result:
     settings = fp16_convert.Settings(
         keep_io_types=o.keep_io_types, op_block_list=o.op_block_list, node_block_list=o.node_block_list, data=o.data,
         preprocess=o.preprocess, shapes=o.shapes, calib_limit=o.calib_limit,
-        limit=DEFAULT_LIMIT if o.limit is None else o.limit, validate_result=o.validate_result, force=o.force)
+        limit=DEFAULT_LIMIT if o.limit is None else o.limit, validate_result=o.validate_result, force=o.force,
+        max_drop=o.max_drop, metric=o.metric, class_outputs=o.class_outputs)
     return Result.from_report(fp16_convert.convert(o.input_path, o.output_path, settings, progress))
 
 
@@ -86,19 +100,42 @@ def render(result: core.Result) -> None:
     source = "--data" if r["source"] == "data" else "synthesized inputs (give --data for real ranges)"
     click.echo(f"ranges: {r['tensors']} tensors from {source}, {r['batches']} batch(es); {r['over_limit']} over "
                f"{r['limit']:g}, {r['over_fp16_max']} over 65504")
-    common.echo_validation(res["validation"], "validation (CPU EP, every fp16 tensor rounded as fp16 kernels do, "
-                                              "rtol 1e-2 atol 1e-3)", latency_shown=False)
+    search, acc = res.get("budget_search"), res.get("accuracy")
+    if search:
+        click.echo(next((n for n in res["notes"] if n.startswith("kept ")), ""))
+    if acc:
+        common.echo_accuracy(acc, "converted")
+    _echo_elementwise(res["validation"])
+
+
+def _echo_elementwise(v: dict | None) -> None:
+    """The elementwise check: information beside the budget (hard failures refuse before this is shown)."""
+    if v is None:
+        click.echo("validation: skipped (--no-validate)")
+        return
+    points = sum(1 for p in v.get("points", []) if p["status"] == "compared")
+    outside = [o for o in v["outputs"] if not o["ok"]]
+    status = "within" if not outside else f"{len(outside)} output(s) outside"
+    click.echo(f"elementwise (CPU EP, every fp16 tensor rounded, rtol 1e-2 atol 1e-3; information, the budget "
+               f"decides): {status}, {len(v['outputs'])} output(s) at {points} input point(s), max abs diff "
+               f"{v['max_abs']:.3g}")
+    for o in outside:
+        click.echo(f"  {o['name']}: {o['reason']}")
 
 
 def render_refused(report: dict) -> None:
+    acc = report.get("accuracy")
+    if acc:
+        click.echo(f"  accuracy ({acc['metric']}): drop {acc['drop']:.4g}, --max-drop {acc['max_drop']:g}", err=True)
     for line in (report.get("validation") or {}).get("outputs", []):
         if not line["ok"]:
             click.echo(f"  {line['name']}: {line['reason']}", err=True)
 
 
 COMMAND = Command(
-    name="convert", short_help="Mixed-precision fp16 for GPU EPs (validated on the CPU EP).",
-    help="Convert MODEL to mixed-precision fp16 into OUTPUT: tensors whose --data ranges would overflow fp16 stay float32.",
+    name="convert", short_help="Mixed-precision fp16 for GPU EPs (judged by --max-drop on the CPU EP).",
+    help="Convert MODEL to mixed-precision fp16 into OUTPUT: tensors whose --data ranges would overflow fp16 stay float32, "
+         "and when the result misses --max-drop the fewest nodes that meet it stay float32 too.",
     arguments=(("input_path", {"metavar": "MODEL"}),
                ("output_path", {"decls": ("-o", "--output"), "help": "Where to write the converted model."})),
     options=Options, run=run, render=render, render_refused=render_refused, result=Result, progress="ranges")

@@ -30,19 +30,21 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import calibrate, io, runtime, shapes
+from onnxopt import calibrate, io, runtime
 from onnxopt import data as data_mod
 from onnxopt import validation as validate
 from onnxopt.base import name_of, present
 from onnxopt.commands import core
 from onnxopt.errors import BadInputError, UsageError
+from onnxopt.precision import budget
 from onnxopt.precision import fp16 as cf
+from onnxopt.precision.faithful import faithful_session
 
 logger = logging.getLogger("onnxopt")
 
@@ -123,32 +125,6 @@ class Fp16Result:
                 "nonfinite_fp16_tensors": self.nonfinite_tensors}
 
 
-def faithful_session(model: ir.Model | str | os.PathLike, threads: int = 1):
-    """A CPU-EP session that rounds every float16 tensor (in every graph) to fp16 as fp16 kernels
-    would, and the names of the main graph's float16 tensors (also outputs, to count inf/NaN).
-
-    The CPU EP has few fp16 kernels: it computes the others in float32 between Casts it inserts,
-    then removes Cast pairs, so a chain of fp16 ops runs in float32 and an overflow a GPU would
-    produce never shows.  An Identity (which has a native fp16 kernel) after each float16 tensor,
-    with ORT's graph optimizations off (they would remove it), keeps each value rounded."""
-    model = _retyped(ir.load(str(model)) if not isinstance(model, ir.Model) else model)
-    fp16 = []
-    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
-        for out in node.outputs:
-            if out.dtype != ir.DataType.FLOAT16 or not out.uses() or node.graph is None:
-                continue
-            keep = ir.Node("", "Identity", [out], name=f"{out.name}__fp16_round", num_outputs=1)
-            keep.outputs[0].name, keep.outputs[0].dtype = f"{out.name}__fp16_rounded", out.dtype
-            for use in list(out.uses()):
-                if use.node is not keep:
-                    use.node.replace_input_with(use.idx, keep.outputs[0])
-            node.graph.insert_after(node, keep)
-            if node.graph is model.graph and out.name:
-                fp16.append(out.name)
-    proto = runtime.with_outputs(ir.to_proto(model), fp16)
-    return runtime.session(proto, "cpu", threads, optimize=False), fp16
-
-
 _LOAD_SCRIPT = ("import sys, onnxruntime as ort\n"
                 "o = ort.SessionOptions(); o.log_severity_level = 4\n"
                 "ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])\n")
@@ -171,20 +147,6 @@ def crashes_default_session(path: str | os.PathLike, timeout: float = 120.0) -> 
         name = signal.Signals(-done.returncode).name
         return f"ONNX Runtime's CPU EP crashed ({name}) creating a session with its default graph optimizations"
     return ""
-
-
-def _retyped(model: ir.Model) -> ir.Model:
-    """A copy whose main-graph value types come from onnx type inference (``shapes.infer``, which
-    ignores the stored value_info that other converters leave stale); declared types fill what
-    inference cannot."""
-    copy = ir.from_proto(ir.to_proto(model))
-    inferred = shapes.infer(copy, ort_fallback=False)
-    for node in copy.graph:
-        for v in node.outputs:
-            dtype = inferred.dtype(v)
-            if dtype is not None:
-                v.dtype = dtype
-    return copy
 
 
 class Fp16Check:
@@ -262,7 +224,9 @@ def _check_lists(op_block_list: tuple[str, ...], node_block_list: tuple[str, ...
 class Settings:
     """How ``convert`` works: ``op_block_list`` op types kept float32 (``"default,Softmax"``: the
     defaults plus Softmax; None: the defaults); ``node_block_list`` node names; ``limit`` the
-    largest max |x| a tensor may reach and stay fp16; ranges from ``data`` (else synthesized)."""
+    largest max |x| a tensor may reach and stay fp16; ranges from ``data`` (else synthesized); the
+    result judged by ``max_drop`` of ``metric`` (None: the default fidelity, ``class_outputs``
+    naming class-score outputs) on the held-out batches (``onnxopt.precision.budget``)."""
 
     keep_io_types: bool = True
     op_block_list: str | Iterable[str] | None = None
@@ -274,59 +238,124 @@ class Settings:
     limit: float = cf.DEFAULT_LIMIT
     validate_result: bool = True
     force: bool = False
+    max_drop: float = 0.01
+    metric: str | None = None
+    class_outputs: Mapping[str, int | None] | None = None
+
+
+def _usage(input_path: str | os.PathLike, output_path: str | os.PathLike, s: Settings) -> None:
+    if io.same_file(input_path, output_path):
+        raise UsageError(f"output {output_path} is the input file; write the converted model elsewhere")
+    if not 0 < s.limit <= cf.FP16_MAX:
+        raise UsageError(f"--limit {s.limit:g}: must be in (0, {cf.FP16_MAX:g}]")
+    if not 0 <= s.max_drop < 1:
+        raise UsageError(f"--max-drop {s.max_drop:g}: must be in [0, 1)")
+    io.check_writable(Path(output_path))
+
+
+def _teacher(input_path: str | os.PathLike, model: ir.Model, source: bytes,
+             s: Settings) -> tuple[budget.Teacher, list[str]]:
+    """The budget's judge: the fp32 model on the held-out batches (``budget.held_out_batches``), and their labels."""
+    held, labels = budget.held_out_batches(input_path, s.data, preprocess=s.preprocess, shapes=s.shapes,
+                                           limit=s.calib_limit)
+    teacher = budget.make_teacher(model, source, held, metric=s.metric, max_drop=s.max_drop,
+                                  class_outputs=s.class_outputs, synthesized=s.data is None)
+    return teacher, labels
+
+
+def _budget_line(search: budget.Search, drop: float, max_drop: float) -> str:
+    names = sorted(search.kept)
+    shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
+    return (f"kept {len(names)} node{'s' if len(names) != 1 else ''} fp32 for the budget (drop {search.drop_all_fp16:.4g} "
+            f"with every node fp16, {drop:.4g} now, --max-drop {max_drop:g}): {shown}")
+
+
+def _check(validator: validate.Validator, judge: tuple[budget.Teacher, list[str]] | None, report: dict,
+           max_drop: float) -> Callable[[Path], budget.Decision]:
+    """The staged file's check: the elementwise fp16 check (the report's ``validation``, information)
+    and the budget scored fp16-faithfully (``report["accuracy"]``) decide together (``budget.Decision``)."""
+    elementwise = Fp16Check(validator)
+
+    def check(path: Path) -> budget.Decision:
+        result = elementwise(path)
+        if judge is None:
+            return budget.Decision(result, None)
+        teacher, labels = judge
+        score = budget.score(teacher, path)
+        drop = teacher.float_score - score
+        drop = drop if drop == drop else float("inf")
+        metric = teacher.metric_label()
+        accuracy = {"metric": metric, "float": teacher.float_score, "converted": score, "drop": drop,
+                    "max_drop": max_drop, "held_out": labels}
+        if teacher.metric is None:
+            accuracy["outputs"] = teacher.last_results
+        report["accuracy"] = accuracy
+        return budget.Decision(result, budget.BudgetResult(drop <= max_drop, metric, drop, max_drop))
+
+    return check
 
 
 def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, s: Settings,
             progress: core.ProgressFn | None = None) -> dict:
     """Convert ``input_path`` to mixed-precision fp16 into ``output_path``; return the report.
     Raises BadInputError for a model already fp16 or quantized, ValidationRefused (report
-    attached) when outputs diverge beyond the fp16 tolerances and not ``force``."""
-    keep_io_types, op_block_list, node_block_list, data = s.keep_io_types, s.op_block_list, s.node_block_list, s.data
-    preprocess, shapes, calib_limit, limit, force = s.preprocess, s.shapes, s.calib_limit, s.limit, s.force
-    validate_result = s.validate_result
+    attached) when the result misses the budget (after the search for nodes to keep float32) or
+    the elementwise check finds inf/NaN or a model ORT cannot run, and not ``s.force``."""
     t_start = time.perf_counter()
-    if io.same_file(input_path, output_path):
-        raise UsageError(f"output {output_path} is the input file; write the converted model elsewhere")
-    if not 0 < limit <= cf.FP16_MAX:
-        raise UsageError(f"--limit {limit:g}: must be in (0, {cf.FP16_MAX:g}]")
-    io.check_writable(Path(output_path))
-    ops = cf.parse_list("default" if op_block_list is None else op_block_list, cf.DEFAULT_OP_BLOCK_LIST)
-    nodes = cf.parse_list(node_block_list)
+    _usage(input_path, output_path, s)
+    ops = cf.parse_list("default" if s.op_block_list is None else s.op_block_list, cf.DEFAULT_OP_BLOCK_LIST)
+    nodes = cf.parse_list(s.node_block_list)
     model = io.load(input_path)
     before = core.model_stats(model, input_path)
     reason = cf.decline_reason(model)
     if reason:
         raise BadInputError(f"{input_path}: {reason}; nothing written")
     notes = _check_lists(ops, nodes, model)
-    ranges = observe_ranges(input_path, model, data, preprocess=preprocess, shapes=shapes, limit=calib_limit,
+    ranges = observe_ranges(input_path, model, s.data, preprocess=s.preprocess, shapes=s.shapes, limit=s.calib_limit,
                             progress=progress)
     if ranges.source == "synthesized":
         notes.append("ranges from synthesized N(0, 1) inputs, not real data: give --data for the ranges "
                      "the model really reaches")
         logger.warning("%s", notes[-1])
     fill_types(model, ranges.dtypes)
-    validator = validate.Validator(input_path, data=data, preprocess=preprocess, shapes=shapes,
-                                   tolerance=validate.LOSSLESS_FP16) if validate_result else None
+    source = ir.to_proto(model).SerializeToString()
+    build = budget.Builder(source, s.keep_io_types, ops, nodes, s.limit, ranges.max_abs)
+    validator = validate.Validator(input_path, data=s.data, preprocess=s.preprocess, shapes=s.shapes,
+                                   tolerance=validate.LOSSLESS_FP16) if s.validate_result else None
+    judge = _teacher(input_path, model, source, s) if validator is not None else None
     t0 = time.perf_counter()
-    done = cf.convert_model(model, keep_io_types=keep_io_types, op_block_list=ops, node_block_list=nodes,
-                            limit=limit, ranges=ranges.max_abs)
-    if any(g is not model.graph for g in model.graphs()):
+    candidate, done = build()
+    search = None
+    if judge is not None:
+        candidate, done, search = budget.fit(build, judge[0], candidate, done, s.max_drop)
+    if any(g is not candidate.graph for g in candidate.graphs()):
         notes.append("subgraph (If/Loop/Scan body) tensors have no observed ranges: their nodes follow the "
                      "block lists, and a body stays float32 when its node's inputs or outputs overflow")
     report = core.header("convert", input={"path": str(input_path), **before}, target="fp16",
-                        keep_io_types=keep_io_types, op_block_list=list(ops), node_block_list=list(nodes),
-                        limit=limit, ranges=ranges.to_dict(limit), conversion=done.to_dict(),
-                        notes=notes + done.notes, convert_seconds=time.perf_counter() - t0)
-    check = Fp16Check(validator) if validator is not None else None
+                         keep_io_types=s.keep_io_types, op_block_list=list(ops), node_block_list=list(nodes),
+                         limit=s.limit, ranges=ranges.to_dict(s.limit), conversion=done.to_dict(),
+                         notes=notes + done.notes, convert_seconds=time.perf_counter() - t0)
+    if search is not None:
+        report["budget_search"] = search.to_dict()
 
-    def refused(_path: Path, _result: Fp16Result) -> None:
+    def refused(_path: Path, _result: budget.Decision) -> None:
         report["seconds"] = time.perf_counter() - t_start
 
-    core.stage_validate_commit(model, output_path, report, check=check, force=force, on_refused=refused,
-                              refused="converted model not written (keep nodes in float32 with --node-block-list / "
-                                      "--op-block-list, give --data, or --force)")
+    core.stage_validate_commit(candidate, output_path, report, force=s.force, on_refused=refused,
+                               check=_check(validator, judge, report, s.max_drop) if validator is not None else None,
+                               refused="converted model not written (keep nodes in float32 with --node-block-list / "
+                                       "--op-block-list, give --data, or --force)")
+    return _finish(report, before, validator, search, t_start)
+
+
+def _finish(report: dict, before: dict, validator: validate.Validator | None, search: budget.Search | None,
+            t_start: float) -> dict:
     if report["validation"] is not None and validator is not None:
         report["validation"]["points"] = validator.exercised()
+    if search is not None and report.get("accuracy"):
+        line = _budget_line(search, report["accuracy"]["drop"], report["accuracy"]["max_drop"])
+        report["notes"].append(line)
+        logger.info("%s", line)
     out = report["output"]
     out["casts"] = out["ops"].get("Cast", 0)
     report["input"]["casts"] = before["ops"].get("Cast", 0)

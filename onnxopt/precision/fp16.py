@@ -145,8 +145,8 @@ class Kept:
 
     node: str
     op: str
-    kind: str  # custom domain / control flow / op/node block list / type constraint / overflow range / boundary
-    #            / shared constant / unknown type
+    kind: str  # custom domain / control flow / op/node block list / accuracy budget / type constraint / overflow
+    #            range / boundary / shared constant / unknown type
     reason: str
     graph: str = ""
 
@@ -220,9 +220,9 @@ class _Planner:
     """Colours nodes (fp16 / kept fp32 with a reason); no mutation."""
 
     def __init__(self, model: ir.Model, op_block: frozenset, node_block: frozenset, limit: float,
-                 ranges: Mapping[str, float]):
+                 ranges: Mapping[str, float], budget: Mapping[str, str] | None = None):
         self.model, self.op_block, self.node_block, self.limit = model, op_block, node_block, limit
-        self.ranges = ranges
+        self.ranges, self.budget = ranges, budget or {}
         self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         self.kept: dict[ir.Node, Kept] = {}
         self.fp16: set[ir.Node] = set()
@@ -303,6 +303,8 @@ class _Planner:
             return "op block list", f"{node.op_type} is in the op block list"
         if node.name in self.node_block:
             return "node block list", "named in the node block list"
+        if node.name and node.name in self.budget:
+            return "accuracy budget", self.budget[node.name]
         constraint = self.type_constraint(node)
         if constraint:
             return "type constraint", constraint
@@ -384,8 +386,9 @@ class _Planner:
 
 def convert_model(model: ir.Model, *, keep_io_types: bool = True, op_block_list: Iterable[str] = DEFAULT_OP_BLOCK_LIST,
                   node_block_list: Iterable[str] = (), limit: float = DEFAULT_LIMIT,
-                  ranges: Mapping[str, float] | None = None) -> Conversion:
-    """Convert ``model`` in place (see module docstring); returns what was done, or why not."""
+                  ranges: Mapping[str, float] | None = None, budget: Mapping[str, str] | None = None) -> Conversion:
+    """Convert ``model`` in place (see module docstring); returns what was done, or why not.
+    ``budget``: node name -> why the accuracy budget keeps it float32 (``onnxopt.precision.budget``)."""
     reason = decline_reason(model)
     if reason:
         return Conversion(declined=reason)
@@ -396,7 +399,7 @@ def convert_model(model: ir.Model, *, keep_io_types: bool = True, op_block_list:
             dtype = inferred.dtype(v)
             if dtype is not None:
                 v.dtype = dtype
-    planner = _Planner(model, frozenset(op_block_list), frozenset(node_block_list), limit, ranges or {})
+    planner = _Planner(model, frozenset(op_block_list), frozenset(node_block_list), limit, ranges or {}, budget)
     planner.colour(model.graph)
     planner.boundary(keep_io_types)
     planner.shared_constants(keep_io_types)

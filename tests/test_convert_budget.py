@@ -1,0 +1,136 @@
+"""convert --fp16 judged by the prediction-level budget (issue 21): real ORT sessions, fp16 models
+run fp16-faithfully (``onnxopt.precision.faithful``), models and data from models/fp16_cases.py."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from models import fp16_cases as fc
+from onnxopt import runtime
+from onnxopt.precision.faithful import faithful_session
+from onnxopt.teacher import is_held_out
+from tests.helpers import save
+from tests.test_convert import fp16_outputs, fp32_outputs, node_dtypes
+
+
+def _agreement(src, out, batches: list[np.ndarray], name: str) -> tuple[float, int]:
+    """Top-1 agreement of the converted model with fp32 over the held-out batches, and the rows."""
+    same = rows = 0
+    for i, x in enumerate(batches):
+        if not is_held_out(i):
+            continue
+        ref, got = fp32_outputs(src, {"x": x})[name], fp16_outputs(out, {"x": x})[name]
+        same += int(np.sum(ref.argmax(-1) == got.astype(np.float32).argmax(-1)))
+        rows += len(ref)
+    return same / rows, rows
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("written")
+    model = fc.written_softmax_classifier(np.random.default_rng(0), scale=24.0)
+    batches = [fc.margin_rows(np.random.default_rng(100 + i), model, 256) for i in range(16)]
+    return save(model, folder / "written.onnx"), fc.save_batches(folder / "data", batches), batches
+
+
+@pytest.fixture(scope="module")
+def cancelling(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cancelling")
+    batches = [np.random.default_rng(200 + i).standard_normal((128, 16)).astype(np.float32) for i in range(16)]
+    src = save(fc.cancelling_classifier(np.random.default_rng(0)), folder / "cancelling.onnx")
+    return src, fc.save_batches(folder / "data", batches), batches
+
+
+def test_decomposed_softmax_beyond_the_elementwise_tolerance_is_written(cli, tmp_path, written):
+    """Probabilities move beyond rtol 1e-2 / atol 1e-3 (the old refusal, exit 3) while the
+    predictions stay: written (exit 0), judged by top-1 agreement (softmax written out), every
+    node fp16, and >= 99.9% of the held-out rows predict what fp32 predicts."""
+    src, data, batches = written
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    res = cli("convert", src, "-o", out, "--fp16", "--data", data, "--report", rep)
+    assert res.exit_code == 0, res.output
+    report = json.loads(rep.read_text())
+    assert not report["validation"]["ok"] and "values outside rtol=0.01" in report["validation"]["summary"]
+    acc = report["accuracy"]
+    assert "top-1" in acc["metric"] and acc["drop"] <= acc["max_drop"] == 0.01
+    assert {"metric", "float", "converted", "drop", "max_drop", "outputs"} <= set(acc)
+    assert "budget_search" not in report and report["conversion"]["fp32_nodes"] == 0
+    assert report["size_ratio"] < 0.6
+    agreement, rows = _agreement(src, out, batches, "scores")
+    assert rows >= 1000 and agreement >= 0.999
+
+
+def test_the_node_whose_fp16_error_flips_predictions_is_kept_fp32(cli, tmp_path, cancelling):
+    """h + 1500 - 1500 rounds the hidden values to integers in fp16 (top-1 drop ~0.3): the search
+    ranks the subtraction first and keeps it and its producer float32, nothing else; the result
+    meets the budget and agrees with fp32 on the held-out rows."""
+    src, data, batches = cancelling
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    res = cli("convert", src, "-o", out, "--fp16", "--data", data, "--report", rep)
+    assert res.exit_code == 0, res.output
+    report = json.loads(rep.read_text())
+    search = report["budget_search"]
+    assert search["drop_all_fp16"] > 0.1 and search["ranking"][0]["node"] == "unoffset"
+    assert search["kept_fp32"] == ["offset", "unoffset"]
+    assert "kept 2 nodes fp32 for the budget" in res.output and "offset, unoffset" in res.output
+    kinds = {k["node"]: k["kind"] for k in report["conversion"]["kept_fp32"]}
+    assert kinds == {"offset": "accuracy budget", "unoffset": "accuracy budget"}
+    assert report["accuracy"]["drop"] <= 0.01
+    dtypes = node_dtypes(out)
+    assert dtypes["offset"] == dtypes["unoffset"] == ir.DataType.FLOAT
+    assert dtypes["embed"] == dtypes["head"] == ir.DataType.FLOAT16
+    agreement, rows = _agreement(src, out, batches, "probs")
+    assert rows == 512 and agreement >= 0.99
+
+
+def test_without_data_the_budget_is_judged_by_cosine(cli, tmp_path, cancelling):
+    src, _, _ = cancelling
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    res = cli("convert", src, "-o", out, "--fp16", "--report", rep)
+    assert res.exit_code == 0, res.output
+    report = json.loads(rep.read_text())
+    assert "cosine" in report["accuracy"]["metric"] and report["accuracy"]["drop"] <= 0.01
+    assert all(label.startswith("synthesized") for label in report["accuracy"]["held_out"])
+
+
+def test_no_validate_skips_the_budget(cli, tmp_path, cancelling):
+    src, data, _ = cancelling
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    assert cli("convert", src, "-o", out, "--fp16", "--data", data, "--no-validate", "--report", rep).exit_code == 0
+    report = json.loads(rep.read_text())
+    assert report["validation"] is None and "accuracy" not in report and "budget_search" not in report
+    assert node_dtypes(out)["unoffset"] == ir.DataType.FLOAT16
+
+
+def test_output_kind_and_max_drop_are_taken(cli, tmp_path, cancelling):
+    """--output-kind probs=regression judges by cosine; a larger --max-drop needs no search."""
+    src, data, _ = cancelling
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    res = cli("convert", src, "-o", out, "--fp16", "--data", data, "--output-kind", "probs=regression",
+              "--max-drop", "0.5", "--report", rep)
+    assert res.exit_code == 0, res.output
+    report = json.loads(rep.read_text())
+    assert "cosine" in report["accuracy"]["metric"] and report["accuracy"]["max_drop"] == 0.5
+    assert "budget_search" not in report
+
+
+def test_faithful_session_rounds_inside_a_chain(tmp_path):
+    """Add then Sub in fp16 (no CPU kernels: ORT computes both in float32 and would drop a single
+    rounding Identity between them): 1.574 + 1500 rounds to 1502 in fp16, so 2.0 comes back."""
+    nodes = [h.make_node("Cast", ["x"], ["xh"], to=T.FLOAT16), h.make_node("Add", ["xh", "big"], ["s"]),
+             h.make_node("Sub", ["s", "big"], ["b"]), h.make_node("Cast", ["b"], ["y"], to=T.FLOAT)]
+    graph = h.make_graph(nodes, "chain", [h.make_tensor_value_info("x", T.FLOAT, [2])],
+                         [h.make_tensor_value_info("y", T.FLOAT, [2])], [nh.from_array(np.array(1500, np.float16), "big")])
+    path = save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8), tmp_path / "chain.onnx")
+    sess, _ = faithful_session(path)
+    got = runtime.run(sess, {"x": np.array([1.574, 0.3], np.float32)}, ["y"])["y"]
+    np.testing.assert_array_equal(got, [2.0, 0.0])
+    onnx.checker.check_model(onnx.load(str(path)))
