@@ -72,3 +72,45 @@ def test_optimize_accepts_the_fold_and_refuses_a_nudged_weight(cli, case, tmp_pa
         assert r.exit_code == 3 and "outside rtol" in r.output, r.output
     finally:
         registry.unregister("nudge-weight")
+
+
+class DropBroadcastAdd(OptPass):
+    """Removes the first Add of a broadcast constant (a per-channel bias): a dropped broadcast."""
+
+    name = "drop-broadcast"
+
+    def call(self, model):
+        for node in model.graph:
+            c = node.inputs[1] if node.op_type == "Add" and len(node.inputs) == 2 else None
+            if c is not None and c.const_value is not None and len(c.shape or ()) == 4 and c.shape[0] == 1:
+                from onnxopt.base import substitute
+
+                substitute(node, node.inputs[0])
+                return self.result(model, collections.Counter({"dropped": 1}))
+        return self.result(model, collections.Counter())
+
+
+def test_a_dropped_broadcast_is_refused_with_strict_and_rolled_back_without(cli, tmp_path):
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    b = (0.01 * rng.standard_normal((1, 4, 1, 1))).astype(np.float32)  # small: the float noise must not hide it
+    g = h.make_graph([h.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), h.make_node("Add", ["c", "b"], ["y"])],
+                     "bias", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 8, 8])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["N", 4, 8, 8])], [nh.from_array(w, "w"), nh.from_array(b, "b")])
+    src = tmp_path / "m.onnx"
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 13)], ir_version=8), str(src))
+    data = tmp_path / "d.npz"
+    np.savez(data, x=rng.uniform(0, 255, (2, 3, 8, 8)).astype(np.float32))
+    registry.register("drop-broadcast", DropBroadcastAdd)
+    try:
+        r = cli("optimize", src, "-o", tmp_path / "bad.onnx", "--data", data, "-p", "cleanup,drop-broadcast", "--strict")
+        assert r.exit_code == 3 and not (tmp_path / "bad.onnx").exists(), r.output
+        r = cli("optimize", src, "-o", tmp_path / "ok.onnx", "--data", data, "-p", "cleanup,drop-broadcast")
+        assert r.exit_code == 0 and "pass 'drop-broadcast' changed the outputs" in r.output, r.output
+        assert [n.op_type for n in onnx.load(str(tmp_path / "ok.onnx")).graph.node].count("Add") == 1
+    finally:
+        registry.unregister("drop-broadcast")
