@@ -74,20 +74,22 @@ def test_magnitude_prune_digits_cnn_with_refit(cli, tmp_path, calib):
     jsonschema.validate(report, json.loads((ROOT / "docs" / "report.schema.json").read_text()))
     assert [lay["sparsity"] for lay in report["layers"]][1:-1] == pytest.approx(
         [float(np.mean(w[n] == 0)) for n in names[1:-1]])
-    # the same pruning without refit loses clearly more (forced past the budget)
+    # the same pruning without refit loses more (forced past the budget); since the global scope ranks
+    # magnitudes relative to each layer (issue 21) that is ~1.4 points here, ~6 with one |w| threshold
     plain = tmp_path / "plain.onnx"
     r = cli("prune", src, "-o", plain, "--sparsity", "0.5", "--data", calib["digits_cnn"], "--metric", METRIC,
             "--no-refit", "--force")
     assert r.exit_code == 0, r.output
-    assert tasks.digits_accuracy(_session(plain)) < acc - 0.02
+    assert tasks.digits_accuracy(_session(plain)) < acc - 0.005
 
 
 def test_over_budget_is_refused_and_nothing_written(cli, tmp_path, calib):
-    """Plain 50% pruning of the digits CNN loses ~6 points: over a 0.5-point budget it is refused
-    (exit 3), nothing is written, and the report says why."""
+    """Plain 50% pruning of the digits CNN loses ~1.4 points: over a 0.5-point budget with --strict
+    it is refused (exit 3), nothing is written, and the report says why (without --strict a lower
+    sparsity is written: tests/test_prune_budget.py)."""
     out, rep = tmp_path / "p.onnx", tmp_path / "p.json"
     r = cli("prune", ROOT / "models" / "digits_cnn.onnx", "-o", out, "--sparsity", "0.5", "--no-refit", "--data",
-            calib["digits_cnn"], "--metric", METRIC, "--max-drop", "0.005", "--report", rep)
+            calib["digits_cnn"], "--metric", METRIC, "--max-drop", "0.005", "--strict", "--report", rep)
     assert r.exit_code == 3 and "--max-drop 0.005" in r.output
     assert not out.exists() and json.loads(rep.read_text())["written"] is False
 

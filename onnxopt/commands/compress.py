@@ -8,7 +8,7 @@ import os
 
 import click
 
-from onnxopt.commands import common, core
+from onnxopt.commands import common, core, prune
 from onnxopt.commands.spec import Command, flag, group
 from onnxopt.compression import engine
 
@@ -21,6 +21,8 @@ class Options:
                          help="Shared values per layer: a power of 2 up to 256.")
     sparsity: float | None = flag(None, "--sparsity", type=float, help="Magnitude-prune this fraction first, in [0, 1).")
     scope: str = common.scope()
+    strict: bool = flag(False, "--strict", is_flag=True,
+                        help="--sparsity over the budget: refuse (exit 3) instead of writing the highest sparsity that meets it.")
     scoring: common.Scoring = group(common.Scoring)
 
 
@@ -45,11 +47,16 @@ class Result(core.Result):
     accuracy: dict
     sizes: dict
     seconds: float
+    asked_sparsity: float | None = None
+    reached_sparsity: float | None = None
+    max_layer_sparsity: float | None = None
+    sparsity_search: dict | None = None
 
 
 def run(o: Options, progress: core.ProgressFn | None = None) -> Result:
     """Raises ValidationRefused(report) over ``max_drop`` unless ``force``."""
     settings = o.scoring.settings(progress)
+    settings.strict = o.strict
     report = core.guarded("compress", lambda: engine.compress(
         o.input_path, o.output_path, clusters=o.clusters, sparsity=o.sparsity, scope=o.scope,
         exclude=o.scoring.exclude, opts=settings))
@@ -60,6 +67,7 @@ def render(result: core.Result) -> None:
     r = result.to_dict()
     for s in r["deep_compression"]:
         click.echo(f"{s['stage']:<28} {s['bytes']:>10} bytes  {s['compression_ratio']:6.2f}x")
+    prune.echo_reached(r)
     common.echo_accuracy(r["accuracy"], "compressed")
     click.echo(f"wrote {r['output']['path']}")
 

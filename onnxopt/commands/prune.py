@@ -28,6 +28,8 @@ class Options:
                                        "(needs --data).")
     criterion: str = flag("l1", "--criterion", type=click.Choice(list(engine.CRITERIA)),
                           help="--channels importance: mean |activation| x outgoing weight norm, or the filters' L1/L2 norm.")
+    strict: bool = flag(False, "--strict", is_flag=True,
+                        help="--sparsity over the budget: refuse (exit 3) instead of writing the highest sparsity that meets it.")
     latency_guard: bool = flag(True, "--latency-guard/--no-latency-guard",
                                help="--channels: keep a group's removal only when it makes the model faster on --ep.")
     scoring: common.Scoring = group(common.Scoring)
@@ -61,6 +63,10 @@ class Result(core.Result):
     removed_channels: int | None = None
     conv_channels: dict | None = None
     latency: dict | None = None
+    asked_sparsity: float | None = None
+    reached_sparsity: float | None = None
+    max_layer_sparsity: float | None = None
+    sparsity_search: dict | None = None
 
 
 def run(o: Options, progress: core.ProgressFn | None = None) -> Result:
@@ -68,6 +74,7 @@ def run(o: Options, progress: core.ProgressFn | None = None) -> Result:
     if o.sparsity is None and o.threshold is None and o.channels is None:
         raise UsageError("give --sparsity, --threshold or --channels")
     settings = o.scoring.settings(progress)
+    settings.strict = o.strict
     exclude = o.scoring.exclude
     if o.channels is not None:
         if o.sparsity is not None or o.threshold is not None:
@@ -92,6 +99,7 @@ def render(result: core.Result) -> None:
         click.echo(f"{r['input']['path']}: sparsity {r['total_sparsity']:.1%} over "
                    f"{sum(x['pruned'] for x in r['layers'])} layers; gzip {common.mb(s['original']['gzip'])} -> "
                    f"{common.mb(s['pruned']['gzip'])}, CSR weights {common.mb(s['pruned']['weights_csr_npz'])}")
+        echo_reached(r)
     else:
         kept = [g for g in r["groups"] if g.get("accepted")]
         click.echo(f"{r['input']['path']}: {r['removed_channels']} channels removed in {len(kept)} of {len(r['groups'])} "
@@ -102,6 +110,13 @@ def render(result: core.Result) -> None:
                        f"{lat['pruned_ms']:.3f} ms ({lat['speedup']:.2f}x)")
     common.echo_accuracy(r["accuracy"], "pruned")
     click.echo(f"wrote {r['output']['path']}")
+
+
+def echo_reached(r: dict) -> None:
+    """The one line of a --sparsity run that wrote less than asked (shared with compress)."""
+    message = (r.get("sparsity_search") or {}).get("message")
+    if message:
+        click.echo(message)
 
 
 COMMAND = Command(

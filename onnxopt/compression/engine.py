@@ -7,11 +7,16 @@ there against the prepared fp32 model (the user's ``--metric``, else the per-out
 place only when the drop is within ``--max-drop`` (``core.stage_validate_commit``; exit 3 and
 nothing written otherwise, unless ``--force``).
 
-1. **Magnitude** (``prune --sparsity S`` / ``--threshold T``; ``passes/prune_magnitude.py``):
-   the smallest weights of Conv/Gemm/MatMul are zeroed (first and last layer kept), then each
-   pruned layer is refit on its surviving weights by least squares against the teacher
-   (``onnxopt.compression.refit``; ``--no-refit`` to skip).  The report gives per-layer sparsity and the
-   sizes measured on real files: the ONNX file, its gzip, and a CSR file of the weights.
+1. **Magnitude** (``prune --sparsity S`` / ``--threshold T``; ``onnxopt.compression.magnitude``):
+   the smallest weights of Conv/Gemm/MatMul are zeroed (first and last layer kept; the global
+   scope ranks |w| / the layer's RMS and caps every layer at min(0.95, (1 + S) / 2)), then each
+   pruned layer, in graph order, is refit on its surviving weights by least squares against the
+   teacher, its inputs read from the student as pruned and refit so far
+   (``onnxopt.compression.refit``: rows for 8x the fan-in, else a ridge toward the pruned weights;
+   ``--no-refit`` to skip).  When S misses ``--max-drop`` the highest sparsity below it that meets
+   the budget is written instead (``onnxopt.compression.budget``; ``--strict`` refuses).  The report
+   gives per-layer sparsity and refit rows, asked and reached sparsity, and the sizes measured on
+   real files: the ONNX file, its gzip, and a CSR file of the weights.
 2. **Structured** (``prune --channels F --data DIR``; ``passes/prune_channels.py``): channel
    groups are resolved from the graph; unresolved ones are named with their reason and left
    alone.  Group by group (graph order): rank channels (``--criterion activation``: mean
@@ -21,8 +26,9 @@ nothing written otherwise, unless ``--force``).
    guard a removal is kept only when the model is faster with it (paired runs on ``--ep``, median
    ratio < 1 and not confidently slower, ``quantize.median_ratio_interval``).
 3. **Clustering** (``compress --cluster K [--sparsity S]``; ``passes/cluster_weights.py``): after
-   optional magnitude pruning (+ refit), each layer's weights are k-means clustered to K values
-   stored as codebook + uint8 indices (Gather), and the Deep Compression report gives the weight
+   optional magnitude pruning (+ refit; over the budget, searched like prune's, each trial
+   clustered), each layer's weights are k-means clustered to K values stored as codebook + uint8
+   indices (Gather), and the Deep Compression report gives the weight
    storage of the original, after pruning (CSR), after clustering (log2 K bits per index +
    codebook) and after Huffman coding of the indices, each with its ratio to the original.
 """
@@ -39,6 +45,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -49,10 +56,10 @@ from onnxopt import data as data_mod
 from onnxopt import io, runtime
 from onnxopt.base import name_of, node_name, present, tensor_of
 from onnxopt.commands import core
+from onnxopt.compression import budget, refit
 from onnxopt.compression import channels as pc
 from onnxopt.compression import clustering as cw
 from onnxopt.compression import magnitude as pm
-from onnxopt.compression import refit
 from onnxopt.errors import BadInputError, UsageError
 from onnxopt.quantization import static as quantize
 from onnxopt.teacher import BudgetResult, Teacher, is_held_out, load_metric
@@ -61,6 +68,7 @@ logger = logging.getLogger("onnxopt")
 CRITERIA = ("activation", "l1", "l2")
 #: latency guard: pairs per block and blocks at least / at most per comparison
 PAIRS, MIN_BLOCKS, MAX_BLOCKS = 16, 2, 6
+T = TypeVar("T", bound=tuple)
 
 
 @dataclasses.dataclass
@@ -79,6 +87,8 @@ class Settings:
     progress: Callable[[int], None] | None = None
     #: output name -> class axis, or None for cosine (--output-kind)
     class_outputs: Mapping[str, int | None] | None = None
+    #: --sparsity over budget: refuse (True) instead of writing the highest sparsity within it
+    strict: bool = False
 
 
 class Scorer:
@@ -99,11 +109,16 @@ class Scorer:
         #: synthesized ids stay inside the tables they index (runtime.index_bounds)
         self.index_bounds = runtime.index_bounds(model)
         held_out: list[dict] = []
+        #: how many batches :meth:`calibration` yields
+        self.calibration_count = 8
         if opts.data is not None:
             feeds: dict = {}
+            self.calibration_count = 0
             for i, feeds in enumerate(data_mod.batches(opts.data, plain, opts.preprocess, opts.calib_limit)):
                 if is_held_out(i):
                     held_out.append(feeds)
+                else:
+                    self.calibration_count += 1
                 if opts.progress:
                     opts.progress(1)
             if not held_out and feeds:  # fewer than 4 batches: score on the last one read
@@ -247,6 +262,7 @@ def magnitude_prune(model: ir.Model, scorer: Scorer, *, sparsity: float | None, 
         raise BadInputError("no prunable layer: no Conv, Gemm or MatMul with a constant float weight besides the first "
                             "and last layer (and --exclude)")
     notes: dict[str, str] = {}
+    used: dict[str, int] = {}
     if scorer.opts.refit:
         nodes = {n.name: n for n in model.graph}
         for r in records:
@@ -254,10 +270,31 @@ def magnitude_prune(model: ir.Model, scorer: Scorer, *, sparsity: float | None, 
                 node = nodes[r["layer"]]
                 mask = refit.weight_matrix(node) != 0
                 notes.update(refit.refit(model, scorer.float_bytes, [r["layer"]], scorer.calibration(),
-                                         masks={r["layer"]: mask}, threads=scorer.opts.threads))
+                                         masks={r["layer"]: mask}, threads=scorer.opts.threads,
+                                         batch_count=scorer.calibration_count, used=used))
     for r in records:
         r["refit"] = notes.get(r["layer"], "")
+        if r["pruned"]:
+            r["refit_rows"] = used.get(r["layer"], 0)
     return records, notes
+
+
+def reach_sparsity(scorer: Scorer, asked: float, build: Callable[[float], T]) -> budget.Reached[T]:
+    """``build(asked)`` (a tuple whose first item is the model scored), or the highest sparsity below
+    that meets --max-drop when it does not (``onnxopt.compression.budget``; not with --strict or
+    --force, which keep the asked one)."""
+    opts = scorer.opts
+    found = budget.highest_within(asked, build, lambda c: scorer.drop(c[0]), opts.max_drop,
+                                  search=not (opts.strict or opts.force))
+    if found.message:
+        logger.info("%s (--strict refuses instead)", found.message)
+    return found
+
+
+def sparsity_report(found: budget.Reached, cap: float) -> dict:
+    """The report keys of a --sparsity run: asked and reached fractions, the layer cap, the search."""
+    return {"asked_sparsity": found.asked, "reached_sparsity": found.reached, "max_layer_sparsity": cap,
+            "sparsity_search": found.to_dict()}
 
 
 def prune_magnitude(input_path, output_path, *, sparsity: float | None = None, threshold: float | None = None,
@@ -274,12 +311,22 @@ def prune_magnitude(input_path, output_path, *, sparsity: float | None = None, t
     if not pm.layers(model)[0]:
         raise BadInputError("no prunable layer: no Conv, Gemm or MatMul with a constant float weight")
     scorer = Scorer(model, opts)
-    candidate = model.clone()
-    records, _ = magnitude_prune(candidate, scorer, sparsity=sparsity, threshold=threshold, scope=scope,
-                                 exclude=exclude)
+
+    def build(s: float | None) -> tuple[ir.Model, list[dict]]:
+        candidate = model.clone()
+        records, _ = magnitude_prune(candidate, scorer, sparsity=s, threshold=threshold, scope=scope, exclude=exclude)
+        return candidate, records
+
+    searched: dict = {}
+    if sparsity is not None:
+        found = reach_sparsity(scorer, sparsity, build)
+        (candidate, records), written = found.candidate, found.reached if found.reached is not None else sparsity
+        searched = sparsity_report(found, pm.layer_cap(written) if scope == "global" else written)
+    else:
+        candidate, records = build(None)
     params = sum(r["params"] for r in records)
     report = core.header("prune", input={"path": str(input_path)}, mode="magnitude", notes=notes, sparsity=sparsity,
-                        threshold=threshold, scope=scope, refit=opts.refit, ep=opts.ep,
+                        threshold=threshold, scope=scope, refit=opts.refit, ep=opts.ep, **searched,
                         layers=records, total_sparsity=sum(r["zeros"] for r in records) / max(params, 1))
     _commit(candidate, output_path, report, scorer, t_start, "pruned")
     pruned_names = {r["layer"] for r in records if r["pruned"]}
@@ -557,6 +604,42 @@ def compress(input_path, output_path, *, clusters: int, sparsity: float | None =
         already = f" ({len(packed)} weight(s) already stored as integers)" if packed else ""
         raise BadInputError(f"no layer to compress: no Conv, Gemm or MatMul with a constant float weight{already}")
     scorer = Scorer(model, opts)
+
+    def build(s: float) -> tuple[ir.Model, list[dict], ir.Model, list[dict]]:
+        return _prune_and_cluster(model, scorer, s, scope, exclude, clusters)
+
+    searched: dict = {}
+    if sparsity:
+        found = reach_sparsity(scorer, sparsity, build)
+        candidate, prune_records, pruned_copy, records = found.candidate
+        written = found.reached if found.reached is not None else sparsity
+        searched = sparsity_report(found, pm.layer_cap(written) if scope == "global" else written)
+    else:
+        candidate, prune_records, pruned_copy, records = build(0.0)
+    stages = deep_compression(model, pruned_copy, records, bits, packed)
+    scores = [scorer.teacher.float_score, scorer.score(pruned_copy), scorer.score(candidate)]
+    for stage, score in zip(stages, [scores[0]] * (len(stages) - 3) + [*scores[1:], scores[-1]]):
+        stage["score"] = score
+    layers_out = [{"layer": r["layer"], "params": r["params"], "clusters": r["clusters"],
+                   "sparsity": float(np.mean(r["dense"] == 0)),
+                   "huffman_bits_per_weight": cw.huffman_bits(r["indices"])[0] / max(r["params"], 1),
+                   "bytes": r["storage"], "compression_ratio": r["storage"]["original"] / max(r["storage"]["huffman"], 1)}
+                  for r in records]
+    report = core.header("compress", input={"path": str(input_path)}, notes=notes, clusters=clusters, sparsity=sparsity,
+                        scope=scope, refit=opts.refit, ep=opts.ep, **searched, layers=layers_out, pruning=prune_records,
+                        deep_compression=stages, packed_weights=[{k: v for k, v in p.items() if k != "aux"} for p in packed])
+    _commit(candidate, output_path, report, scorer, t_start, "compressed")
+    report["sizes"] = {"file": Path(output_path).stat().st_size,
+                       "gzip": len(gzip.compress(Path(output_path).read_bytes(), 9))}
+    report["seconds"] = time.perf_counter() - t_start
+    return report
+
+
+def _prune_and_cluster(model: ir.Model, scorer: Scorer, sparsity: float, scope: str, exclude: Sequence[str],
+                       clusters: int) -> tuple[ir.Model, list[dict], ir.Model, list[dict]]:
+    """A copy of ``model`` magnitude-pruned to ``sparsity`` (none at 0) and refit, then clustered;
+    with its pruning records, the pruned copy before clustering, and the clustering records (each
+    with its layer's ``weight`` name and ``dense`` weight before clustering)."""
     candidate = model.clone()
     prune_records: list[dict] = []
     if sparsity:
@@ -569,20 +652,4 @@ def compress(input_path, output_path, *, clusters: int, sparsity: float | None =
     records = clusterer.records
     for r in records:
         r["weight"], r["dense"] = dense[r["layer"]]
-    stages = deep_compression(model, pruned_copy, records, bits, packed)
-    scores = [scorer.teacher.float_score, scorer.score(pruned_copy), scorer.score(candidate)]
-    for stage, score in zip(stages, [scores[0]] * (len(stages) - 3) + [*scores[1:], scores[-1]]):
-        stage["score"] = score
-    layers_out = [{"layer": r["layer"], "params": r["params"], "clusters": r["clusters"],
-                   "sparsity": float(np.mean(r["dense"] == 0)),
-                   "huffman_bits_per_weight": cw.huffman_bits(r["indices"])[0] / max(r["params"], 1),
-                   "bytes": r["storage"], "compression_ratio": r["storage"]["original"] / max(r["storage"]["huffman"], 1)}
-                  for r in records]
-    report = core.header("compress", input={"path": str(input_path)}, notes=notes, clusters=clusters, sparsity=sparsity,
-                        scope=scope, refit=opts.refit, ep=opts.ep, layers=layers_out, pruning=prune_records,
-                        deep_compression=stages, packed_weights=[{k: v for k, v in p.items() if k != "aux"} for p in packed])
-    _commit(candidate, output_path, report, scorer, t_start, "compressed")
-    report["sizes"] = {"file": Path(output_path).stat().st_size,
-                       "gzip": len(gzip.compress(Path(output_path).read_bytes(), 9))}
-    report["seconds"] = time.perf_counter() - t_start
-    return report
+    return candidate, prune_records, pruned_copy, records

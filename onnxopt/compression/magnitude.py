@@ -14,6 +14,8 @@ from onnxopt.base import OptPass, is_constant, is_standard, tensor_of
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 SCOPES = ("global", "layer")
+#: no layer is pruned beyond this under the global scope (see layer_cap)
+MAX_LAYER_SPARSITY = 0.95
 
 
 @dataclasses.dataclass
@@ -78,27 +80,65 @@ def _zero_smallest(w: np.ndarray, k: int) -> np.ndarray:
     return flat.reshape(w.shape)
 
 
-def global_threshold(weights: list[np.ndarray], sparsity: float) -> float:
-    """The magnitude below which ``sparsity`` of all entries of ``weights`` lie (the k-th smallest)."""
-    mags = np.concatenate([np.abs(w).reshape(-1) for w in weights])
-    k = int(round(sparsity * mags.size))
-    if k == 0:
-        return 0.0
-    return float(np.partition(mags, k - 1)[k - 1])
+def layer_cap(sparsity: float) -> float:
+    """The largest sparsity any one layer gets under the global scope at overall ``sparsity`` S:
+    halfway from S to 1, at most :data:`MAX_LAYER_SPARSITY` (and never below S itself)."""
+    return max(sparsity, min(MAX_LAYER_SPARSITY, (1.0 + sparsity) / 2))
+
+
+def relative_magnitudes(w: np.ndarray) -> np.ndarray:
+    """|w| / the layer's RMS, flat: magnitudes a layer of small weights shares with a layer of large ones."""
+    a = np.abs(w.astype(np.float64)).reshape(-1)
+    rms = float(np.sqrt(np.mean(a * a))) if a.size else 0.0
+    return a / rms if rms > 0 else a
+
+
+def allocate(weights: list[np.ndarray], sparsity: float, cap: float | None = None) -> list[int]:
+    """How many entries of each of ``weights`` to zero so that ``sparsity`` of all their entries are
+    zero: the smallest by |w| / the layer's RMS over all layers together (one threshold on magnitudes
+    relative to their layer, so a layer of small weights is not emptied), no layer above ``cap``
+    (default :func:`layer_cap`); what a capped layer cannot take goes to the others (water filling)."""
+    cap = layer_cap(sparsity) if cap is None else cap
+    sizes = [int(w.size) for w in weights]
+    limits = [int(np.floor(cap * n + 1e-9)) for n in sizes]
+    k = min(int(round(sparsity * sum(sizes))), sum(limits))
+    rel = [relative_magnitudes(w) for w in weights]
+    capped: set[int] = set()
+    counts = [0] * len(weights)
+    while True:
+        open_ = [i for i in range(len(weights)) if i not in capped]
+        need = k - sum(limits[i] for i in capped)
+        if need <= 0 or not open_:
+            break
+        mags = np.concatenate([rel[i] for i in open_])
+        owner = np.repeat(np.array(open_), [sizes[i] for i in open_])
+        got = np.bincount(owner[np.argpartition(mags, need - 1)[:need]], minlength=len(weights))
+        over = {i for i in open_ if got[i] > limits[i]}
+        if not over:
+            counts = [int(got[i]) for i in range(len(weights))]
+            break
+        capped |= over
+    for i in capped:
+        counts[i] = limits[i]
+    return counts
 
 
 def prune(model: ir.Model, *, sparsity: float | None = None, threshold: float | None = None, scope: str = "global",
-          exclude: Iterable[str] = (), skip_ends: bool = True) -> tuple[list[dict], dict[str, str]]:
+          exclude: Iterable[str] = (), skip_ends: bool = True, cap: float | None = None) -> tuple[list[dict], dict[str, str]]:
     """Prune in place; returns per-layer records (``layer``, ``op``, ``params``, ``zeros``,
-    ``sparsity``, ``pruned``) and the layers left dense with why."""
+    ``sparsity``, ``pruned``) and the layers left dense with why.  ``sparsity`` under the global
+    scope: :func:`allocate` (relative magnitudes, no layer above ``cap``); in each layer (``scope
+    ="layer"``): that fraction of every layer; ``threshold``: every |w| < threshold, as given."""
     all_layers, _ = layers(model)
     chosen, why = selected(all_layers, exclude, skip_ends)
     arrays = {la.name: tensor_of(la.weight).numpy() for la in chosen}
-    if threshold is None and scope == "global" and chosen:
-        threshold = global_threshold(list(arrays.values()), float(sparsity or 0.0))
-        cut = "<="  # the k-th smallest is pruned too (ties at the threshold: all of them)
-    else:
-        cut = "<"
+    counts: dict[str, int] = {}
+    if threshold is None and chosen:
+        s = float(sparsity or 0.0)
+        if scope == "global":
+            counts = dict(zip(arrays, allocate(list(arrays.values()), s, cap)))
+        else:
+            counts = {name: int(round(s * w.size)) for name, w in arrays.items()}
     records: list[dict[str, Any]] = []
     for la in all_layers:
         w = arrays.get(la.name)
@@ -108,10 +148,9 @@ def prune(model: ir.Model, *, sparsity: float | None = None, threshold: float | 
                             "zeros": int(np.count_nonzero(w0 == 0)), "pruned": False, "why": why.get(la.name, "")})
             continue
         if threshold is not None:
-            mask = np.abs(w) <= threshold if cut == "<=" and threshold > 0 else np.abs(w) < threshold
-            new = np.where(mask, np.zeros_like(w), w)
+            new = np.where(np.abs(w) < threshold, np.zeros_like(w), w)
         else:
-            new = _zero_smallest(w, int(round(float(sparsity or 0.0) * w.size)))
+            new = _zero_smallest(w, counts[la.name])
         new_zeros = int(np.count_nonzero(new == 0)) - int(np.count_nonzero(w == 0))
         if new_zeros:
             set_weight(la.weight, new.astype(w.dtype))
@@ -126,8 +165,9 @@ class PruneMagnitude(OptPass):
     """Zero the smallest-magnitude weights of Conv/Gemm/MatMul layers (unstructured, lossy).
 
     ``sparsity`` (fraction in [0, 1)) of the weights are zeroed, over all chosen layers together
-    (``scope="global"``: one magnitude threshold) or in each layer (``scope="layer"``); or every
-    weight with ``|w| < threshold``.  Chosen layers: Conv/Gemm/MatMul with a constant float weight
+    (``scope="global"``: one threshold on |w| / the layer's RMS, no layer above ``layer_cap(S)`` =
+    min(0.95, (1 + S) / 2)) or in each layer (``scope="layer"``); or every weight with
+    ``|w| < threshold``.  Chosen layers: Conv/Gemm/MatMul with a constant float weight
     used by that node alone, except ``exclude`` (node or weight names) and, with ``skip_ends``, the
     first and last such layer (the most sensitive).  Preserves shapes, dtypes, names, the graph
     and everything but weight values; never touches biases, integer weights, shared weights or

@@ -3,12 +3,16 @@
 For a Conv (2-D, any stride/pad/dilation, group 1), Gemm (transA 0) or MatMul with a constant
 weight, the layer's input ``X`` is read from the *student* (the pruned model as it is now) and
 its output ``Y`` from the *teacher* (the fp32 model), on the same calibration batches.  The new
-weight and bias minimize ``|X W + b - Y|^2 + lam |W|^2`` (ridge, bias not regularized,
-``lam = ridge x mean diagonal of X^T X``), in closed form.  Statistics are streamed: per batch
-only ``X^T X`` ([d+1]^2) and ``X^T Y`` ([d+1] x out) are accumulated (d = input channels x kernel
-size; at most ``ROWS_PER_BATCH`` rows are sampled from each batch's positions), so memory is
-flat in the number of batches.  With a ``mask`` (unstructured pruning) each output channel is
-refit on its surviving inputs only (zeros stay zero).
+weight and bias minimize ``|X W + b - Y|^2 + lam |W - W0|^2`` (ridge toward the layer's current
+weight ``W0``, bias not regularized), in closed form, with ``lam = alpha x mean diagonal of X^T X``
+and ``alpha = ridge + (d / rows)^2`` (:func:`strength`): negligible with many rows per weight, and
+with fewer rows than the fan-in ``d`` the fit stays near ``W0`` instead of fitting noise.
+Statistics are streamed: per batch only ``X^T X`` ([d+1]^2) and ``X^T Y`` ([d+1] x out) are
+accumulated (d = input channels x kernel size), so memory is flat in the number of batches.  Rows
+wanted per layer: ``ROWS_PER_INPUT x (d + 1)``, at most ``MAX_ROWS`` (:func:`wanted_rows`); from
+each batch at most ``max(ROWS_PER_BATCH, wanted / batches)`` positions are sampled (every position
+when a batch has fewer), taken in chunks of ``CHUNK`` rows.  With a ``mask`` (unstructured
+pruning) each output channel is refit on its surviving inputs only (zeros stay zero).
 Conv im2col column order matches the ONNX weight layout ``[out, in, kh, kw]``.
 """
 
@@ -26,6 +30,10 @@ from onnxopt.base import add_initializer, graph_of, name_of, node_name, present,
 
 logger = logging.getLogger("onnxopt")
 ROWS_PER_BATCH = 4096
+#: rows wanted per fan-in entry (+1 for the bias), and at most this many in all
+ROWS_PER_INPUT, MAX_ROWS = 8, 65536
+#: rows turned into X^T X at once (bounds the im2col copy)
+CHUNK = 4096
 RIDGE = 1e-3
 
 
@@ -49,17 +57,40 @@ def supports(node: ir.Node) -> str | None:
     return f"{node.op_type} is not refit"
 
 
-def rows(node: ir.Node, x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(sampled rows of the layer's input matrix, the flat output positions they belong to)."""
+def wanted_rows(fan_in: int) -> int:
+    """Rows a refit of a layer with ``fan_in`` inputs per output wants (all batches together)."""
+    return min(MAX_ROWS, ROWS_PER_INPUT * (fan_in + 1))
+
+
+def strength(fan_in: int, rows: int, ridge: float = RIDGE) -> float:
+    """alpha of the ridge toward the current weight (module docstring): ``ridge + (fan_in / rows)^2``."""
+    return ridge + (fan_in / max(rows, 1)) ** 2
+
+
+def positions(node: ir.Node, x: np.ndarray, rng: np.random.Generator, limit: int = ROWS_PER_BATCH) -> np.ndarray:
+    """The flat output positions (sorted) whose rows are taken from input ``x``: all of them, or
+    ``limit`` sampled without replacement."""
     if node.op_type != "Conv":
-        flat = x.reshape(-1, x.shape[-1])
-        pick = np.arange(len(flat)) if len(flat) <= ROWS_PER_BATCH else np.sort(rng.choice(len(flat), ROWS_PER_BATCH, False))
-        return flat[pick].astype(np.float64), pick
+        total = int(np.prod(x.shape[:-1]))
+    else:
+        kh, kw = (int(d) for d in tensor_of(node.inputs[1]).shape.numpy()[2:])
+        win = im2col.windows(x[:1, :1], node, (kh, kw))
+        total = x.shape[0] * win.shape[2] * win.shape[3]
+    return np.arange(total) if total <= limit else np.sort(rng.choice(total, limit, False))
+
+
+def rows_at(node: ir.Node, x: np.ndarray, pick: np.ndarray) -> np.ndarray:
+    """The layer's input rows at flat output positions ``pick``, float64 [R, d]."""
+    if node.op_type != "Conv":
+        return x.reshape(-1, x.shape[-1])[pick].astype(np.float64)
     kh, kw = (int(d) for d in tensor_of(node.inputs[1]).shape.numpy()[2:])
-    win = im2col.windows(x, node, (kh, kw))
-    total = win.shape[0] * win.shape[2] * win.shape[3]
-    pick = np.arange(total) if total <= ROWS_PER_BATCH else np.sort(rng.choice(total, ROWS_PER_BATCH, False))
-    return im2col.rows(win, pick).astype(np.float64), pick
+    return im2col.rows(im2col.windows(x, node, (kh, kw)), pick).astype(np.float64)
+
+
+def rows(node: ir.Node, x: np.ndarray, rng: np.random.Generator, limit: int = ROWS_PER_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    """(sampled rows of the layer's input matrix, the flat output positions they belong to)."""
+    pick = positions(node, x, rng, limit)
+    return rows_at(node, x, pick), pick
 
 
 def targets(node: ir.Node, y: np.ndarray, pick: np.ndarray) -> np.ndarray:
@@ -94,19 +125,24 @@ def weight_matrix(node: ir.Node) -> np.ndarray:
     return w
 
 
-def solve(stats: Stats, mask: np.ndarray | None, ridge: float = RIDGE, with_bias: bool = True) -> np.ndarray:
-    """[d+1, out] weights (last row: bias) minimizing the ridge objective; with ``mask`` ([d, out]
-    bool) each column uses only its unmasked rows (the others stay 0)."""
+def solve(stats: Stats, mask: np.ndarray | None, ridge: float = RIDGE, with_bias: bool = True,
+          prior: np.ndarray | None = None) -> np.ndarray:
+    """[d+1, out] weights (last row: bias) minimizing the ridge objective (toward ``prior``, [d, out],
+    else toward 0; strength from the rows, :func:`strength`); with ``mask`` ([d, out] bool) each
+    column uses only its unmasked rows (the others stay 0)."""
     d = stats.xtx.shape[0] - 1
-    lam = ridge * max(float(np.mean(np.diag(stats.xtx)[:d])), 1e-12)
+    lam = strength(d, stats.rows, ridge) * max(float(np.mean(np.diag(stats.xtx)[:d])), 1e-12)
     reg = np.diag(np.r_[np.full(d, lam), 0.0 if with_bias else 1e12])
     a = stats.xtx + reg
+    b = stats.xty.copy()
+    if prior is not None:
+        b[:d] += lam * prior
     if mask is None:
-        return np.linalg.solve(a, stats.xty)
-    out = np.zeros_like(stats.xty)
-    for o in range(stats.xty.shape[1]):
+        return np.linalg.solve(a, b)
+    out = np.zeros_like(b)
+    for o in range(b.shape[1]):
         keep = np.r_[np.flatnonzero(mask[:, o]), d]
-        out[keep, o] = np.linalg.solve(a[np.ix_(keep, keep)], stats.xty[keep, o])
+        out[keep, o] = np.linalg.solve(a[np.ix_(keep, keep)], b[keep, o])
     return out
 
 
@@ -140,11 +176,13 @@ def apply(node: ir.Node, solution: np.ndarray, teacher_has_bias: bool) -> None:
 
 def refit(student: ir.Model, teacher_bytes: bytes, layers: Iterable[str], batches: Iterable[Mapping[str, np.ndarray]],
           out_index: Mapping[str, np.ndarray] | None = None, masks: Mapping[str, np.ndarray] | None = None,
-          ridge: float = RIDGE, threads: int = 1, seed: int = 0) -> dict[str, str]:
+          ridge: float = RIDGE, threads: int = 1, seed: int = 0, batch_count: int | None = None,
+          used: dict[str, int] | None = None) -> dict[str, str]:
     """Refit the named layers of ``student`` (in place) together from one streamed pass over
-    ``batches``; ``out_index[layer]``: which of the teacher's output channels the student layer
-    still has (structured pruning); ``masks[layer]``: [d, out] bool support (unstructured).
-    Returns layer -> "refit on N rows" or why it was not."""
+    ``batches`` (``batch_count`` of them when known: the rows a layer wants are spread over them);
+    ``out_index[layer]``: which of the teacher's output channels the student layer still has
+    (structured pruning); ``masks[layer]``: [d, out] bool support (unstructured).  Returns layer ->
+    "refit on N rows" or why it was not; ``used[layer]``: the rows each refit used."""
     nodes = {n.name: n for n in student.graph}
     todo: list[ir.Node] = []
     notes: dict[str, str] = {}
@@ -157,32 +195,52 @@ def refit(student: ir.Model, teacher_bytes: bytes, layers: Iterable[str], batche
             todo.append(present(node))  # not None: why is set for a missing node
     if not todo:
         return notes
+    stats = _accumulate(student, teacher_bytes, todo, batches, out_index, threads, seed, batch_count)
+    for node in todo:
+        found = stats.get(node_name(node))
+        if found is None or not found.rows:
+            notes[node_name(node)] = "no calibration rows"
+            continue
+        with_bias = node.op_type != "MatMul"
+        mask = masks.get(node_name(node)) if masks else None
+        prior = weight_matrix(node).astype(np.float64)
+        apply(node, solve(found, mask, ridge, with_bias, prior), with_bias)
+        d = found.xtx.shape[0] - 1
+        few = f" (fewer than the {wanted_rows(d)} wanted: ridge {strength(d, found.rows, ridge):.3g} toward the pruned weights)"
+        notes[node_name(node)] = f"refit on {found.rows} rows" + (few if found.rows < wanted_rows(d) else "")
+        if used is not None:
+            used[node_name(node)] = found.rows
+    return notes
+
+
+def _accumulate(student: ir.Model, teacher_bytes: bytes, todo: list[ir.Node], batches: Iterable[Mapping[str, np.ndarray]],
+                out_index: Mapping[str, np.ndarray] | None, threads: int, seed: int,
+                batch_count: int | None) -> dict[str, Stats]:
+    """Per layer of ``todo``: X^T X and X^T Y over the batches (X from the student, Y from the teacher)."""
     ins = [name_of(n.inputs[0]) for n in todo]
     outs = [name_of(n.outputs[0]) for n in todo]
     s_sess = runtime.session(runtime.with_outputs(ir.to_proto(student), ins), "cpu", threads)
     t_sess = runtime.session(_teacher_with(teacher_bytes, outs), "cpu", threads)
     stats: dict[str, Stats] = {}
+    fan_in = {node_name(n): int(weight_matrix(n).shape[0]) for n in todo}
     rng = np.random.default_rng(seed)
     for feeds in batches:
         xs = runtime.run_candidate(s_sess, feeds, ins)
         ys = runtime.run_candidate(t_sess, feeds, outs)
         for node in todo:
-            x, pick = rows(node, xs[name_of(node.inputs[0])], rng)
-            y = targets(node, ys[name_of(node.outputs[0])], pick)
-            if out_index and node_name(node) in out_index:
-                y = y[:, out_index[node_name(node)]]
-            st = stats.setdefault(node_name(node), Stats(np.zeros((x.shape[1] + 1,) * 2), np.zeros((x.shape[1] + 1, y.shape[1]))))
-            st.add(x, y)
-    for node in todo:
-        found = stats.get(node_name(node))
-        if found is None:
-            notes[node_name(node)] = "no calibration rows"
-            continue
-        with_bias = node.op_type != "MatMul"
-        mask = masks.get(node_name(node)) if masks else None
-        apply(node, solve(found, mask, ridge, with_bias), with_bias)
-        notes[node_name(node)] = f"refit on {found.rows} rows"
-    return notes
+            x_all = xs[name_of(node.inputs[0])]
+            d = fan_in[node_name(node)]
+            limit = max(ROWS_PER_BATCH, -(-wanted_rows(d) // max(batch_count or 1, 1)))
+            pick = positions(node, x_all, rng, limit)
+            y_all = ys[name_of(node.outputs[0])]
+            for start in range(0, len(pick), CHUNK):
+                part = pick[start:start + CHUNK]
+                y = targets(node, y_all, part)
+                if out_index and node_name(node) in out_index:
+                    y = y[:, out_index[node_name(node)]]
+                st = stats.setdefault(node_name(node), Stats(np.zeros((d + 1,) * 2), np.zeros((d + 1, y.shape[1]))))
+                st.add(rows_at(node, x_all, part), y)
+    return stats
 
 
 def _teacher_with(teacher_bytes: bytes, names: list[str]) -> bytes:
