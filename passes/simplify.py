@@ -81,10 +81,17 @@ class Simplify(OptPass):
 
     name = "simplify"
 
-    def __init__(self, size_rules: bool = True):
+    def __init__(self, size_rules: bool = True, skip: str = ""):
         super().__init__()
         # off: fuse-transformer's preparation (fusion patterns match the exporter's Q/K/V and mask form)
         self.size_rules = size_rules
+        #: rules left out, "+"-separated names (rule_names()): optimize's rollback of one rule
+        self.skip = frozenset(n for n in skip.split("+") if n)
+
+    @classmethod
+    def rule_names(cls) -> list[str]:
+        """The names ``skip`` takes, one per rule."""
+        return sorted({rule.__name__.strip("_") for rules in RULES.values() for rule in rules})
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         changed: collections.Counter = collections.Counter()
@@ -101,6 +108,8 @@ class Simplify(OptPass):
                     if node.graph is None:
                         break
                     if not self.size_rules and (rule in SIZE_RULES or node.op_type in ("And", "Or")):
+                        continue
+                    if rule.__name__.strip("_") in self.skip:
                         continue
                     rule(node, ctx).tally(changed, skipped, rule.__doc__.strip().splitlines()[0], rule.__name__.strip("_"))
             if sum(changed.values()) == before:

@@ -219,3 +219,31 @@ def test_plugin_passes_come_from_the_entry_point_group(tmp_path, monkeypatch):
         registry.get("broken")
     with pytest.raises(UsageError, match="already registered"):
         registry.register("cleanup", registry.get("plugin-noop"))
+
+
+def test_a_broken_rule_inside_a_pass_is_rolled_back_alone(cli, model_copy, tmp_path, monkeypatch):
+    """Inside a pass made of named rules (simplify) the bisection narrows to the rule: the result keeps
+    every other rule (byte-identical to simplify without the broken one) and the report names both."""
+    import hashlib
+
+    from onnxopt.base import Match, substitute
+    from onnxopt.passes import simplify
+
+    def _relu_dropped(node, ctx):
+        """Relu dropped (a broken rule)"""
+        return Match.ok() if substitute(node, node.inputs[0]) is None else Match.fail("kept")
+
+    rules = {k: list(v) for k, v in simplify.RULES.items()}
+    rules["Relu"] = rules.get("Relu", []) + [_relu_dropped]
+    monkeypatch.setattr(simplify, "RULES", rules)
+    model = model_copy("cnn_bn_depthwise.onnx")
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    result = cli("optimize", model, "-o", out, "--report", rep)
+    assert result.exit_code == 0, result.output
+    assert "pass 'simplify', rule 'relu_dropped' changed the outputs" in result.stderr
+    report = json.loads(rep.read_text())
+    assert report["rolled_back"][0]["rule"] == "relu_dropped" and "skip=relu_dropped" in report["pipeline"]
+    monkeypatch.undo()
+    plain = tmp_path / "plain.onnx"
+    assert cli("optimize", model, "-o", plain).exit_code == 0
+    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(plain.read_bytes()).digest()
