@@ -63,6 +63,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.base import name_of, present, producer_of
+from onnxopt.errors import UsageError
 
 logger = logging.getLogger("onnxopt")
 
@@ -263,19 +264,27 @@ def rules(model: ir.Model, declared: Mapping[str, int | None] | None = None) -> 
     """Output name -> Rule (module docstring).  Only the graph is read; ``Fidelity`` confirms the
     class axis on the reference data before a top-1 rule is used."""
     declared = declared or {}
+    unknown = sorted(set(declared) - {name_of(v) for v in model.graph.outputs})
+    if unknown:
+        raise UsageError(f"--output-kind names {', '.join(repr(n) for n in unknown)}, not an output of the model "
+                         f"(outputs: {', '.join(name_of(v) for v in model.graph.outputs)})")
     out: dict[str, Rule] = {}
     for value in model.graph.outputs:
         name = name_of(value)
         dtype = value.dtype
-        if name in declared:
+        if dtype is not None and dtype not in (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16,
+                                               ir.DataType.BFLOAT16):  # exact whatever is declared
+            out[name] = Rule(name, EXACT, f"{dtype.name.lower()} output: labels/indices are compared exactly")
+        elif name in declared:
             axis = declared[name]
             out[name] = Rule(name, COSINE, "declared not class scores") if axis is None else \
                 Rule(name, TOP1, f"declared class scores (class axis {axis})", axis)
-        elif dtype is not None and dtype not in (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16,
-                                                 ir.DataType.BFLOAT16):
-            out[name] = Rule(name, EXACT, f"{dtype.name.lower()} output: labels/indices are compared exactly")
         else:
             out[name] = _rule(model, value, name)
+            if out[name].check == "logits":
+                logger.warning("output '%s' is a linear head's: judged as class logits (top-1 agreement, and cosine "
+                               "when lower); say --output-kind %s=embedding or =regression to judge it by cosine",
+                               name, name)
     return out
 
 
@@ -286,10 +295,11 @@ def for_synthesized(the_rules: Mapping[str, Rule]) -> dict[str, Rule]:
     out = {}
     demoted = []
     for name, rule in the_rules.items():
-        if rule.metric in (TOP1, DECISION):
+        if rule.metric in (TOP1, DECISION) or rule.check == "probabilities":
             out[name] = Rule(name, COSINE, f"{rule.reason}; but the held-out inputs are synthesized (no --data): "
                                            f"cosine instead of class flips on noise")
-            demoted.append(name)
+            if rule.metric != COSINE:
+                demoted.append(name)
         else:
             out[name] = rule
     if demoted:
@@ -436,6 +446,10 @@ class Fidelity:
             else:
                 score, judged = agreement, "point estimate" + (" (too few positions to certify the budget)"
                                                                if self.max_drop is not None else "")
+            if rule.check == "logits" and rule.metric == TOP1 and cosine < score:
+                # a linear head only presumed to be class logits: its values count too (an embedding or
+                # regression head is not free to change everywhere but at its argmax)
+                score, judged = float(cosine), "cosine (lower than top-1; a linear head's values count too)"
             out.append({**rule.to_dict(), "score": float(score), "agreement": agreement, "positions": a.positions,
                         "agreement_interval": interval, "judged_by": judged,
                         "cosine": float(cosine) if rule.metric != EXACT else None,

@@ -137,7 +137,8 @@ class ValidationResult:
         }
 
 
-def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray | None, tol: Tolerance) -> OutputComparison:
+def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray | None, tol: Tolerance,
+                   slack: np.ndarray | None = None) -> OutputComparison:
     """All statistics of ``got`` against ``ref``; ``tol.metric`` decides pass/fail.  Integer, bool
     and string outputs must match exactly; NaN/Inf must sit at the same positions; shapes and
     dtypes must match.  (One statistic after another, in the order a reader checks them: long on
@@ -187,11 +188,13 @@ def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray | None, tol: Tole
         result.reason = f"{special} NaN/Inf positions differ"
         return result
     if tol.metric == "allclose":
-        bad = diff > tol.atol + tol.rtol * np.abs(np.where(finite, r, 0))
+        allowed = tol.atol + tol.rtol * np.abs(np.where(finite, r, 0))
+        bad = diff > (allowed if slack is None else allowed + slack)
         result.mismatched = int(np.count_nonzero(bad))
         if result.mismatched:
             result.ok = False
-            result.reason = (f"{result.mismatched} of {ref.size} values outside rtol={tol.rtol:g} atol={tol.atol:g} "
+            plus = "" if slack is None else " + the original's float noise"
+            result.reason = (f"{result.mismatched} of {ref.size} values outside rtol={tol.rtol:g} atol={tol.atol:g}{plus} "
                              f"(max abs {result.max_abs:.3g}, max rel {result.max_rel:.3g})")
         return result
     value = {"max-abs": result.max_abs, "rel": result.max_rel, "cosine": result.cosine,
@@ -208,13 +211,15 @@ def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray | None, tol: Tole
 
 
 def compare(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray],
-            tol: Tolerance | Mapping[str, Tolerance]) -> list[OutputComparison]:
-    """Per output; ``tol`` is one Tolerance or a mapping by output name with "*" as the default."""
+            tol: Tolerance | Mapping[str, Tolerance], slack: Mapping[str, np.ndarray] | None = None) -> list[OutputComparison]:
+    """Per output; ``tol`` is one Tolerance or a mapping by output name with "*" as the default;
+    ``slack``: per output, extra absolute tolerance broadcast over it (the float noise, Point.slack)."""
     def tol_for(name):
         if isinstance(tol, Mapping):
             return tol.get(name, tol.get("*", LOSSLESS))
         return tol
-    return [compare_arrays(name, value, got.get(name), tol_for(name)) for name, value in ref.items()]
+    return [compare_arrays(name, value, got.get(name), tol_for(name), (slack or {}).get(name))
+            for name, value in ref.items()]
 
 
 def declared_shape_mismatches(model: ir.Model, outputs: Mapping[str, np.ndarray]) -> list[dict]:
@@ -248,6 +253,10 @@ class Point:
     #: per output, how far the original's own float arithmetic moves it here: max |optimized run -
     #: unoptimized run| of the original on ORT (its fusions reassociate as a lossless pass does)
     noise: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: per output, the extra absolute tolerance that noise allows: NOISE_FACTOR x its max over each
+    #: channel (axis 1; the whole output for rank <= 1), so a part of an output at another scale
+    #: (class probabilities beside box pixels) keeps its own small slack
+    slack: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         shapes = {k: list(np.shape(v)) for k, v in self.feeds.items()}
@@ -256,18 +265,6 @@ class Point:
                 **({"reason": self.skipped} if self.skipped else {}),
                 **({"float_noise": self.noise} if any(self.noise.values()) else {})}
 
-    def tolerance(self, base: Tolerance | Mapping[str, Tolerance]) -> Tolerance | Mapping[str, Tolerance]:
-        """``base`` with each allclose atol raised to NOISE_FACTOR x this point's float noise of the
-        output (the fixed tolerance stays the floor)."""
-        if not any(self.noise.values()):
-            return base
-        default = base if isinstance(base, Tolerance) else base.get("*", LOSSLESS)
-        out: dict[str, Tolerance] = {"*": default} if isinstance(base, Tolerance) else dict(base)
-        for name, noise in self.noise.items():
-            t = out.get(name, default)
-            if t.metric == "allclose" and NOISE_FACTOR * noise > t.atol:
-                out[name] = dataclasses.replace(t, atol=NOISE_FACTOR * noise)
-        return out
 
 
 def _alternatives(value: int) -> list[int]:
@@ -331,17 +328,43 @@ def _measure_noise(original: str | os.PathLike, ep: str, points: list[Point]) ->
             if p.reference is None:
                 continue
             got = runtime.run(plain, p.feeds)
-            p.noise = {name: _max_abs(ref, got.get(name)) for name, ref in p.reference.items()}
+            for name, ref in p.reference.items():
+                channel = _channel_noise(ref, got.get(name))
+                if channel is not None and channel.any():
+                    p.noise[name] = float(channel.max())
+                    p.slack[name] = NOISE_FACTOR * channel
     except BadInputError as e:  # the fixed tolerance alone, as before
         logger.info("float noise of the original not measured: %s", e)
 
 
-def _max_abs(ref: np.ndarray, got: np.ndarray | None) -> float:
+def _channel_noise(ref: np.ndarray, got: np.ndarray | None) -> np.ndarray | None:
+    """max |ref - got| over each channel (axis 1, kept broadcastable; the whole output for rank <= 1);
+    None for non-float outputs or a shape the unoptimized run does not reproduce."""
     if got is None or np.shape(ref) != np.shape(got) or not np.issubdtype(np.asarray(ref).dtype, np.floating):
-        return 0.0
+        return None
     diff = np.abs(np.asarray(ref, np.float64) - np.asarray(got, np.float64))
-    finite = diff[np.isfinite(diff)]
-    return float(finite.max()) if finite.size else 0.0
+    diff = np.where(np.isfinite(diff), diff, 0.0)
+    if diff.ndim <= 1 or not diff.size:
+        return np.asarray(diff.max() if diff.size else 0.0)
+    return diff.max(axis=tuple(a for a in range(diff.ndim) if a != 1), keepdims=True)
+
+
+def _within_range(feeds: Mapping[str, np.ndarray], seed: int = 1) -> dict[str, np.ndarray]:
+    """New values inside the data's own: a float input drawn uniformly between each feature's
+    minimum and maximum over the batch rows (the whole input's with one row), an integer or bool
+    input's values permuted (every id stays one the data used)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, v in feeds.items():
+        a = np.asarray(v)
+        if a.size == 0:
+            out[name] = a
+        elif a.dtype.kind == "f":
+            lo, hi = (a.min(axis=0), a.max(axis=0)) if a.ndim and len(a) > 1 else (a.min(), a.max())
+            out[name] = (lo + (hi - lo) * rng.random(a.shape)).astype(a.dtype)
+        else:
+            out[name] = rng.permutation(a.ravel()).reshape(a.shape)
+    return out
 
 
 def _resized(sess, feeds: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray] | None:
@@ -358,16 +381,17 @@ def _resized(sess, feeds: Mapping[str, np.ndarray], rows: int) -> dict[str, np.n
 
 def data_points(sess, given: list[dict[str, np.ndarray]]) -> list[Point]:
     """The second point with --data, faithful to it (never N(0, 1) inputs, whose ranges may be
-    nothing like the data's): the second batch (or the first) with its batch dim changed by tiling or
-    slicing its own rows (n -> n + 1, so a rewrite that assumed the batch size is caught), else that
-    batch as it is.  The first that the original runs on is the point.  Cost: at most 3 runs."""
-    other = given[1] if len(given) > 1 else given[0]
+    nothing like the data's): the second batch (with one batch: new values inside its ranges,
+    :func:`_within_range`) with its batch dim changed by tiling or slicing its own rows (n -> n + 1,
+    so a rewrite that assumed the batch size is caught), else as it is.  The first that the original
+    runs on is the point.  Cost: at most 3 runs."""
+    other = given[1] if len(given) > 1 else _within_range(given[0])
+    label = "data batch 2" if len(given) > 1 else "new values in data batch 1's ranges"
     rows = next((len(v) for v in other.values() if np.ndim(v)), 1)
-    tries = [(f"data batch {len(given)}, batch dim {rows} -> {rows + 1} (rows tiled)", _resized(sess, other, rows + 1)),
-             (f"data batch {len(given)}, batch dim {rows} -> {max(1, rows - 1)} (rows sliced)",
-              _resized(sess, other, max(1, rows - 1)) if rows > 1 else None)]
-    if len(given) > 1:
-        tries.append(("data batch 2", other))
+    tries = [(f"{label}, batch dim {rows} -> {rows + 1} (rows tiled)", _resized(sess, other, rows + 1)),
+             (f"{label}, batch dim {rows} -> {max(1, rows - 1)} (rows sliced)",
+              _resized(sess, other, max(1, rows - 1)) if rows > 1 else None),
+             (label, other)]
     last_error = "no other batch in --data and no symbolic batch dim"
     for label, feeds in tries:
         if feeds is None:
@@ -415,7 +439,7 @@ class Validator:
     def __init__(self, original: str | os.PathLike, *, data: str | os.PathLike | None = None,
                  preprocess: str | None = None, shapes: Mapping[str, tuple[int, ...]] | None = None,
                  tolerance: Tolerance = LOSSLESS, ep: str = "cpu", latency_runs: int = 0,
-                 variations: bool = True):
+                 variations: bool = True, noise: bool = True):
         self.ep = ep
         self.tolerance = tolerance
         self.latency_runs = latency_runs
@@ -434,7 +458,7 @@ class Validator:
         # Only outputs and latency are kept: the original's session (its weights) is released so
         # that a 2 GB model is not held twice while the candidate is checked.
         del session
-        if tolerance.metric == "allclose" and tolerance != LOSSLESS_FP16:
+        if tolerance.metric == "allclose" and tolerance != LOSSLESS_FP16 and noise:
             _measure_noise(original, ep, self.points)
 
     def exercised(self) -> list[dict]:
@@ -453,7 +477,7 @@ class Validator:
             for index, point in enumerate(points):
                 reference = present(point.reference)  # points without one were filtered out above
                 got = runtime.run_candidate(sess, point.feeds, list(reference))
-                for c in compare(reference, got, point.tolerance(self.tolerance)):
+                for c in compare(reference, got, self.tolerance, point.slack):
                     if not c.ok:
                         failing = failing or point
                         if index:

@@ -404,3 +404,11 @@ def test_unreachable_ray_address_fails_fast(tmp_path, cli):
     assert time.perf_counter() - t0 < 20
     assert r.exit_code == 2 and f"--ray {address}: no Ray cluster answers" in r.stderr, r.output
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_failures_of_the_machine_are_retried():
+    """Out of memory, a full disk, an OS error: exit 2 or 4 all the same, but not the model's fault."""
+    for reason in ("bad input: [ONNXRuntimeError] Failed to allocate memory for requested buffer",
+                   "internal error: MemoryError: ", "internal error: OSError: [Errno 28] No space left on device"):
+        assert batch.retryable({"exit_code": 2, "reason": reason}), reason
+    assert not batch.retryable({"exit_code": 2, "reason": "bad input: m.onnx: not an ONNX model (protobuf parse error)"})

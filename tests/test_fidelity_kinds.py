@@ -132,3 +132,28 @@ def test_too_few_positions_are_judged_by_the_margins_not_a_lucky_sample():
         else:
             assert res["score"] == 1.0 and res["judged_by"].startswith("point estimate"), res
     assert fidelity.expected_flips(np.zeros((4, 1)), np.ones((4, 1))) == 0.0  # one class: nothing to flip
+
+
+def test_a_linear_head_counts_its_values_too_and_declarations_are_checked():
+    """A presumed-logits linear head whose argmax survives while its other values are replaced is
+    judged by its cosine (the lower score); --output-kind naming no output is a usage error, and an
+    integer output stays exact whatever is declared."""
+    from onnxopt.errors import UsageError
+
+    model = ir.from_proto(classifiers.linear_head(np.random.default_rng(0), name="y", classes=8))
+    rules = fidelity.rules(model)
+    assert rules["y"].check == "logits"
+    rng = np.random.default_rng(1)
+    ref = rng.standard_normal((4096, 8))
+    ref[:, 0] = 6.0
+    got = rng.standard_normal((4096, 8))
+    got[:, 0] = 6.0  # the same argmax everywhere, every other value new
+    fid = fidelity.Fidelity(rules, max_drop=0.01)
+    fid.add({"y": ref}, {"y": got})
+    (res,) = fid.results()
+    assert res["agreement"] == 1.0 and res["score"] == pytest.approx(res["cosine"]) and res["score"] < 0.95
+    with pytest.raises(UsageError, match="not an output"):
+        fidelity.rules(model, {"yy": None})
+    labels = ir.from_proto(classifiers.linear_head(np.random.default_rng(0), name="y"))
+    labels.graph.outputs[0].dtype = ir.DataType.INT64
+    assert fidelity.rules(labels, {"y": -1})["y"].metric == "exact"

@@ -53,7 +53,7 @@ def test_the_fixed_tolerance_alone_would_refuse_the_correct_fold(cli, case, tmp_
     assert v.points[0].noise["y"] > 1e-3  # ORT's own fusion moves the outputs this much
     assert v.check(str(out)).ok
     for p in v.points:
-        p.noise = {}
+        p.slack = {}
     fixed = v.check(str(out))
     assert not fixed.ok and "outside rtol=0.0001" in fixed.summary()
 
@@ -114,3 +114,36 @@ def test_a_dropped_broadcast_is_refused_with_strict_and_rolled_back_without(cli,
         assert [n.op_type for n in onnx.load(str(tmp_path / "ok.onnx")).graph.node].count("Add") == 1
     finally:
         registry.unregister("drop-broadcast")
+
+
+def test_noise_in_one_part_of_an_output_does_not_loosen_another(tmp_path, case):
+    """Concat([amplified BN features, class probabilities], axis 1): the features' float noise is large,
+    the probabilities' none; a head bias changed by 0.3 (a flipped class) is refused all the same,
+    because the slack is the noise of each channel, not of the whole output."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    src, data = case
+
+    def with_head(bias: float) -> onnx.ModelProto:
+        model = onnx.load(str(src))
+        g = model.graph
+        rng = np.random.default_rng(7)
+        g.initializer.extend([nh.from_array(rng.standard_normal((192, 4)).astype(np.float32) * 1e-3, "hw"),
+                              nh.from_array(np.array([bias, 0, 0, 0], np.float32), "hb")])
+        g.node.extend([h.make_node("GlobalAveragePool", ["y"], ["gp"]), h.make_node("Flatten", ["gp"], ["feat"]),
+                       h.make_node("Flatten", ["x"], ["xf"]), h.make_node("Gemm", ["xf", "hw", "hb"], ["logit"]),
+                       h.make_node("Softmax", ["logit"], ["p"], axis=1),
+                       h.make_node("Concat", ["feat", "p"], ["out"], axis=1)])
+        del g.output[:]
+        g.output.append(h.make_tensor_value_info("out", T.FLOAT, ["N", 12]))
+        return model
+
+    original, changed = tmp_path / "orig.onnx", tmp_path / "changed.onnx"
+    onnx.save(with_head(0.0), str(original))
+    onnx.save(with_head(0.3), str(changed))
+    v = validation.Validator(original, data=data)
+    assert v.points[0].noise["out"] > 1e-3 and v.points[0].slack["out"].shape == (1, 12)
+    result = v.check(str(changed))
+    assert not result.ok and "float noise" in result.summary(), result.summary()

@@ -53,17 +53,21 @@ def test_one_batch_still_gives_a_point_from_the_data(tmp_path):
     src = tmp_path / "m.onnx"
     onnx.save(_pixel_model(), str(src))
     v = validation.Validator(src, data=_pixels(tmp_path, 1))
-    assert [p.label for p in v.points] == ["data batch 1", "data batch 1, batch dim 2 -> 3 (rows tiled)"]
+    assert [p.label for p in v.points] == ["data batch 1", "new values in data batch 1's ranges, batch dim 2 -> 3 (rows tiled)"]
+    x1, x2 = v.points[0].feeds["x"], v.points[1].feeds["x"]
+    lo, hi = x1.min(axis=0), x1.max(axis=0)
+    assert np.all(x2 >= lo) and np.all(x2 <= hi) and not np.array_equal(x2[:2], x1)  # new values, the data's ranges
 
 
-def test_a_fixed_batch_model_with_one_batch_says_why_there_is_no_second_point(tmp_path):
+def test_a_fixed_batch_model_with_one_batch_gets_new_values_in_its_ranges(tmp_path):
     model = _pixel_model()
     for vi in (model.graph.input[0], model.graph.output[0]):
         vi.type.tensor_type.shape.dim[0].dim_value = 2
     src = tmp_path / "m.onnx"
     onnx.save(model, str(src))
     v = validation.Validator(src, data=_pixels(tmp_path, 1))
-    assert v.points[1].reference is None and "no second point from --data" in v.points[1].skipped
+    assert v.points[1].label == "new values in data batch 1's ranges" and v.points[1].reference is not None
+    assert v.points[1].feeds["x"].shape == (2, 3, 8, 8)
 
 
 def test_optimize_with_data_never_validates_on_noise(cli, tmp_path):

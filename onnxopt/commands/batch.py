@@ -432,12 +432,17 @@ def _load_previous(outdir: Path) -> dict[str, dict]:
         return {}
 
 
+#: failures of the machine, not of the model (out of memory, a full disk, an OS error): retried
+ENVIRONMENT = re.compile(r"alloc|MemoryError|out of memory|No space|\[Errno", re.IGNORECASE)
+
+
 def retryable(result: Mapping[str, Any]) -> bool:
     """Whether a failed model's result may change on a rerun with the same key: not when it failed
     deterministically (:data:`DETERMINISTIC_EXITS`, :data:`CRASH_SIGNALS`), yes for the driver's
     kills, interrupts, lost Ray tasks and any other exit."""
     code = result.get("exit_code")
-    if str(result.get("reason") or "").startswith(RETRYABLE_REASONS) or not isinstance(code, int):
+    reason = str(result.get("reason") or "")
+    if reason.startswith(RETRYABLE_REASONS) or not isinstance(code, int) or ENVIRONMENT.search(reason):
         return True
     return code not in DETERMINISTIC_EXITS if code >= 0 else -code not in CRASH_SIGNALS
 

@@ -192,8 +192,9 @@ def _attempt(st: _Setting, specs: list, model: ir.Model, rolled_back: list[dict]
 
 def _first_breaking(st: _Setting, specs: list) -> tuple[pipeline.PassSpec, str] | None:
     """The first pass whose result diverges (every point checked after each pass), or None."""
+    feeds = [p.feeds for p in st.validator.points if p.reference is not None] if st.validator else None
     try:
-        pipeline.run(io.load(st.o.input_path), specs, after_pass=lambda spec, m: st.verify(spec, m, True))
+        pipeline.run(io.load(st.o.input_path), specs, after_pass=lambda spec, m: st.verify(spec, m, True), feeds=feeds)
     except PassBroke as e:
         return e.spec, e.summary
     return None
@@ -208,13 +209,18 @@ def _narrow_to_rule(st: _Setting, specs: list, spec: pipeline.PassSpec) -> tuple
     if names is None:
         return None
 
+    earlier = [r for r in str(spec.options.get("skip", "")).split("+") if r]
+
     def without(rules: list[str]) -> pipeline.PassSpec:
-        return pipeline.PassSpec(spec.name, {**spec.options, "skip": "+".join(rules)})
+        return pipeline.PassSpec(spec.name, {**spec.options, "skip": "+".join(earlier + rules)})
 
     def clean(rules: list[str]) -> bool:
-        return _first_breaking(st, [without(rules) if s is spec else s for s in specs]) is None
+        """This pass no longer breaks the outputs (another one may, later: its own bisection)."""
+        trial = without(rules)
+        found = _first_breaking(st, [trial if s is spec else s for s in specs])
+        return found is None or found[0] is not trial
 
-    suspects = list(names())
+    suspects = [r for r in names() if r not in earlier]
     while len(suspects) > 1:
         half = suspects[: len(suspects) // 2]
         suspects = half if clean(half) else suspects[len(half):]

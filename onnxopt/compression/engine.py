@@ -154,7 +154,7 @@ class Scorer:
     def check(self, report: dict, what: str = "pruned") -> Callable[[Path], BudgetResult]:
         """Score the staged file; fill ``report["accuracy"]`` (the score under ``what``, and under
         "pruned", the key every lossy flow wrote first)."""
-        return self.teacher.check(report, ("pruned",) if what == "pruned" else ("pruned", what))
+        return self.teacher.check(report, ("pruned",) if what == "pruned" else ("pruned", what), warn_uncertified=True)
 
     # ---------------------------------------------------------------- latency
     def compare(self, a: bytes, b: bytes, max_blocks: int = MAX_BLOCKS) -> dict:
