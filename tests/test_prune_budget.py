@@ -218,3 +218,21 @@ def test_few_rows_stay_near_the_pruned_weights(tmp_path):
             assert err(plain) > 1.2 * errors["few"][1], (err(plain), errors)
     assert errors["few"][0] <= 1.02 * errors["few"][1], errors
     assert errors["many"][0] < 0.8 * errors["many"][1], errors
+
+
+def test_compress_doubles_the_clusters_until_the_budget_is_met(cli, tmp_path):
+    """16 shared values per layer miss the budget on this model; the cluster count doubles until a
+    build meets it (said in one line, cluster_search in the report); --strict refuses instead."""
+    import json
+
+    from tests.helpers import ROOT
+
+    src, rep = ROOT / "models" / "exporter_opset11.onnx", tmp_path / "r.json"
+    r = cli("compress", src, "-o", tmp_path / "c.onnx", "--cluster", "16", "--report", rep)
+    assert r.exit_code == 0, r.output
+    search = json.loads(rep.read_text())["cluster_search"]
+    assert search["asked"] == 16 and search["reached"] in (32, 64, 128, 256) and search["trials"][0]["drop"] > 0.01
+    assert f"asked --cluster 16, reached {search['reached']} within --max-drop 0.01" in r.output
+    assert json.loads(rep.read_text())["accuracy"]["drop"] <= 0.01
+    r = cli("compress", src, "-o", tmp_path / "s.onnx", "--cluster", "16", "--strict")
+    assert r.exit_code == 3 and not (tmp_path / "s.onnx").exists()

@@ -51,6 +51,8 @@ class Result(core.Result):
     reached_sparsity: float | None = None
     max_layer_sparsity: float | None = None
     sparsity_search: dict | None = None
+    #: the cluster count asked and reached within the budget ({asked, reached, trials, message})
+    cluster_search: dict | None = None
 
 
 def run(o: Options, progress: core.ProgressFn | None = None) -> Result:
@@ -68,6 +70,8 @@ def render(result: core.Result) -> None:
     for s in r["deep_compression"]:
         click.echo(f"{s['stage']:<28} {s['bytes']:>10} bytes  {s['compression_ratio']:6.2f}x")
     prune.echo_reached(r)
+    if (r.get("cluster_search") or {}).get("message"):
+        click.echo(r["cluster_search"]["message"])
     common.echo_accuracy(r["accuracy"], "compressed")
     click.echo(f"wrote {r['output']['path']}")
 

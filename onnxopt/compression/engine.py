@@ -45,7 +45,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -609,6 +609,7 @@ def compress(input_path, output_path, *, clusters: int, sparsity: float | None =
         return _prune_and_cluster(model, scorer, s, scope, exclude, clusters)
 
     searched: dict = {}
+    written = 0.0
     if sparsity:
         found = reach_sparsity(scorer, sparsity, build)
         candidate, prune_records, pruned_copy, records = found.candidate
@@ -616,6 +617,12 @@ def compress(input_path, output_path, *, clusters: int, sparsity: float | None =
         searched = sparsity_report(found, pm.layer_cap(written) if scope == "global" else written)
     else:
         candidate, prune_records, pruned_copy, records = build(0.0)
+    built, more = _more_clusters(scorer, clusters, lambda k: _prune_and_cluster(model, scorer, written, scope, exclude, k),
+                                 candidate)
+    if built is not None:
+        candidate, prune_records, pruned_copy, records = built
+        bits = int(round(math.log2(more["reached"])))
+    searched["cluster_search"] = more
     stages = deep_compression(model, pruned_copy, records, bits, packed)
     scores = [scorer.teacher.float_score, scorer.score(pruned_copy), scorer.score(candidate)]
     for stage, score in zip(stages, [scores[0]] * (len(stages) - 3) + [*scores[1:], scores[-1]]):
@@ -633,6 +640,30 @@ def compress(input_path, output_path, *, clusters: int, sparsity: float | None =
                        "gzip": len(gzip.compress(Path(output_path).read_bytes(), 9))}
     report["seconds"] = time.perf_counter() - t_start
     return report
+
+
+def _more_clusters(scorer: Scorer, asked: int, build: Callable[[int], Any], candidate: ir.Model) -> tuple[Any, dict]:
+    """Never empty-handed: when the clustered candidate misses --max-drop (and neither --strict nor
+    --force), the cluster count doubles up to 256 until a build meets it; (that build or None, the
+    search's record: asked, reached, trials, the one line said).  At most log2(256 / asked) builds."""
+    opts = scorer.opts
+    drop = scorer.drop(candidate)
+    record: dict = {"asked": asked, "reached": asked, "trials": [{"clusters": asked, "drop": drop}], "message": None}
+    if drop <= opts.max_drop or opts.strict or opts.force:
+        return None, record
+    k = asked
+    while k < 256:
+        k *= 2
+        built = build(k)
+        drop = scorer.drop(built[0])
+        record["trials"].append({"clusters": k, "drop": drop})
+        if drop <= opts.max_drop:
+            record["reached"] = k
+            record["message"] = f"asked --cluster {asked}, reached {k} within --max-drop {opts.max_drop:g}"
+            logger.info("%s (--strict refuses instead)", record["message"])
+            return built, record
+    record["reached"] = None
+    return None, record
 
 
 def _prune_and_cluster(model: ir.Model, scorer: Scorer, sparsity: float, scope: str, exclude: Sequence[str],
