@@ -48,20 +48,33 @@ class Simplify(OptPass):
       literal, becomes -1: it is the only dim the -1 can infer; ported from onnxscript's rule);
       Reshape to x's own shape -> x (each target entry x's static dim, a copying 0 or the one -1);
     - ``Squeeze(Unsqueeze(x,a),a)`` and ``Unsqueeze(Squeeze(x,a),a)`` -> x;
-    - ``Reshape(f(Reshape(x, s)), t)`` -> ``f(x)`` for a chain f of elementwise ops whose other
+    - ``Reshape(f(R(x)), t)`` -> ``f(x)`` for R a Reshape/Squeeze/Unsqueeze/Flatten and a chain f of elementwise ops whose other
       operands are one-element constants, when t provably is x's shape (x's rank, x's static dims,
       at most one -1, no 0) and nothing outside the chain reads its values;
     - ``Unsqueeze(Unsqueeze(x,a),b)`` -> ``Unsqueeze(x,c)`` with the combined axes, when every user
       of the inner one is an Unsqueeze (negative axes only with x's rank known);
-    - ``And(x, true)`` / ``Or(x, false)`` -> x, under the same broadcast check as ``x*1``;
+    - ``And(x, true)`` / ``Or(x, false)`` -> x, under the same broadcast check as ``x*1``; also with the
+      neutral element as a run-time fill (``Expand(true, Shape(..))``, ``ConstantOfShape``) when the
+      result provably has x's dims (tf2onnx's ``ones_like`` masks);
     - Cast to x's own type -> x; a round trip through a wider type (f16->f32->f16, i32->i64->i32, ...) -> x;
     - no-ops: single-input Concat, Expand/Tile/Slice/Pad that change nothing, Resize/Upsample with
       all-ones scales and no sizes (not tf_crop_and_resize) (constant arguments);
     - ``Conv(Pad(x))`` with zero constant padding on spatial dims -> Conv with the pads;
+      ``MaxPool(Pad(x))`` likewise when the fill is -inf, or 0 with x provably >= 0 (a Relu's output:
+      Keras' ZeroPadding2D before MaxPooling2D), no ceil_mode, no dilation, the Indices output unused
+      and the merged pads smaller than the kernel; ``AveragePool(Pad(x))`` with a zero fill, no
+      ceil_mode, and count_include_pad=1 (set when the pool had no pads of its own);
     - MatMuls reading the same A with constant 2-D weights of the same row count (each used only
       there) -> one MatMul with the weights concatenated + Split on the last axis (Q/K/V);
-    - an all-zero initial state (a zero constant or ``ConstantOfShape`` of 0) of LSTM/GRU/RNN -> the
-      input left out (the operators' default is zeros); the Shape chain computing it dies;
+    - an all-zero initial state (a zero constant or ``ConstantOfShape`` of 0, or Expand/Unsqueeze/
+      Reshape/Concat/Cast... of such: ``_is_zeros``) of LSTM/GRU/RNN -> the input left out (the
+      operators' default is zeros); the Shape chain computing it dies;
+    - ``Concat(.., Concat(a, b), ..)`` on the same axis, the inner one used only there -> one Concat;
+    - ``Slice(Slice(x))`` with constant arguments -> one Slice (disjoint axes; on a shared axis only
+      with steps 1 and non-negative bounds, where ``x[s1:e1][s2:e2] = x[s1+s2 : min(e1, s1+e2)]``);
+    - adjacent parts of a 1-D Concat that are consecutive slices of one ``Shape(x)`` (``[Shape(x)[i]]``
+      as Unsqueeze/Gather, Slice or Shape with start/end) -> one ``Shape(x, start, end)`` (opset >= 15;
+      not for a Reshape target's own dims, which _reshape_own_dims copies);
     - ``Where(Equal(s, c), a, s)`` -> s for a negative constant c and s provably >= 0 (shape
       arithmetic: the TorchScript exporter's guard of Expand shapes against -1), when neither c nor
       a broadcasts s to a larger shape;
@@ -70,7 +83,8 @@ class Simplify(OptPass):
       copies exactly that dim (also when it is 0); the Shape chain dies;
     ``size-rules=false`` turns off the rules that only shrink the graph and whose results the
     transformer fusion patterns do not match (Unsqueeze chains, and/or neutral elements, Reshape
-    round trips, the Q/K/V merge, the Where guard, the copied Reshape dims);
+    round trips, the Q/K/V merge, the Where guard, the copied Reshape dims, nested Concats, Slice
+    merges, Shape slices);
     - ``Add(MatMul(A, B), C)`` -> ``Gemm(A, B, C)`` for 2-D A, constant 2-D B and constant C of
       shape [N] or [1, N].
     Shapes come from onnxopt.shapes (declared intermediate/output shapes are not believed).
@@ -147,6 +161,8 @@ def _identity_arith(node: ir.Node, ctx: Context) -> Match:
     candidates = [(a, b)] + ([(b, a)] if node.op_type in ("Add", "Mul", "And", "Or") else [])
     for x, c in candidates:
         arr = constant(c)
+        if arr is None and x is not None and constant(x) is None and _neutral_fill(c, neutral):
+            return _drop_neutral_fill(node, x, ctx)
         if arr is None or x is None or constant(x) is not None:
             continue
         if not np.all(arr == neutral):
@@ -157,6 +173,38 @@ def _identity_arith(node: ir.Node, ctx: Context) -> Match:
             return Match.fail("dtype differs")
         return declined(substitute(node, x))
     return NO_MATCH
+
+
+def _neutral_fill(value: ir.Value | None, neutral) -> bool:
+    """``Expand(c, shape)`` of a constant c, or ``ConstantOfShape`` with a fill, that is all ``neutral``
+    (tf2onnx's ``ones_like`` masks: ``And(Expand(true, Shape(x)), m)``)."""
+    producer = _producer(value, "Expand", "ConstantOfShape")
+    if producer is None:
+        return False
+    if producer.op_type == "Expand":
+        arr = constant(producer.inputs[0])
+        return arr is not None and arr.size > 0 and bool(np.all(arr == neutral))
+    fill = producer.attributes.get("value")
+    arr = fill.as_tensor().numpy() if fill is not None else np.zeros(1, np.float32)
+    return bool(np.all(arr == neutral))
+
+
+def _known(dims) -> bool:
+    return dims is not None and all(isinstance(d, int) or (isinstance(d, str) and d) for d in dims)
+
+
+def _drop_neutral_fill(node: ir.Node, x: ir.Value, ctx: Context) -> Match:
+    """``op(x, fill)`` -> x when the fill is neutral for op and the result provably has x's dims and type."""
+    x_dims, out_dims = ctx.dims.get(x), ctx.dims.get(node.outputs[0])
+    if not _known(x_dims) or x_dims != out_dims:
+        return Match.fail("the fill may broadcast x to a larger shape (or a shape is unknown)")
+    if ctx.dims.dtype(x) is None or ctx.dims.dtype(x) != ctx.dims.dtype(node.outputs[0]):
+        return Match.fail("dtype differs or is unknown")
+    fill = [v for v in node.inputs if v is not x]
+    reason = substitute(node, x)
+    if reason is None:
+        remove_dead_producers(fill)
+    return declined(reason)
 
 
 def _transpose(node: ir.Node, ctx: Context) -> Match:
@@ -267,6 +315,8 @@ def _unsqueeze_chain(node: ir.Node, ctx: Context) -> Match:
 _ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Tanh", "Erf", "Relu", "Sigmoid", "Neg", "Abs", "Sqrt",
                           "Exp", "Log", "Reciprocal", "Softplus", "Cast", "Max", "Min", "Where", "Identity"})
 _ROUNDTRIP_LIMIT = 32  # nodes between the two Reshapes
+#: ops that keep their input's elements in order and change only its shape (whatever their arguments)
+_RESHAPE_LIKE = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten"})
 
 
 def _elementwise_region(y: ir.Value, limit: int) -> tuple[set, ir.Node | None, str | None]:
@@ -277,7 +327,7 @@ def _elementwise_region(y: ir.Value, limit: int) -> tuple[set, ir.Node | None, s
     while stack:
         v = stack.pop()
         producer = v.producer()
-        if producer is not None and producer.op_type == "Reshape" and is_standard(producer):
+        if producer is not None and producer.op_type in _RESHAPE_LIKE and is_standard(producer):
             if source is not None and source is not producer:
                 return region, None, "the chain reads more than one Reshape"
             source = producer
@@ -298,7 +348,7 @@ def _elementwise_region(y: ir.Value, limit: int) -> tuple[set, ir.Node | None, s
                     return region, None, "a constant operand has more than one element"
                 continue
             stack.append(inp)
-    return region, source, None if source is not None else "no Reshape at the start of the chain"
+    return region, source, None if source is not None else "no Reshape/Squeeze/Unsqueeze/Flatten at the start of the chain"
 
 
 def _reshape_roundtrip(node: ir.Node, ctx: Context) -> Match:
@@ -421,36 +471,145 @@ def _noop(node: ir.Node, ctx: Context) -> Match:
     return NO_MATCH
 
 
+def _pad_args(pad: ir.Node) -> tuple[list[int], float] | str:
+    """(pads, fill value) of a constant-mode Pad with constant arguments and no ``axes``, padding only
+    the spatial dims (from the third on) by non-negative amounts; else the reason it does not qualify."""
+    mode = pad.attributes.get("mode")
+    if mode is not None and mode.as_string() != "constant":
+        return "Pad mode is not constant"
+    pads = pad.attributes["pads"].as_ints() if "pads" in pad.attributes else constant(pad.inputs[1])
+    value_attr = pad.attributes.get("value")
+    fill = constant(pad.inputs[2]) if len(pad.inputs) > 2 and pad.inputs[2] is not None else None
+    if pads is None or (len(pad.inputs) > 2 and pad.inputs[2] is not None and fill is None):
+        return "Pad arguments not constant"
+    if len(pad.inputs) > 3 and pad.inputs[3] is not None:
+        return "Pad with axes"
+    if fill is not None and fill.size != 1:
+        return "Pad value is not a scalar"
+    value = float(fill.reshape(-1)[0]) if fill is not None else value_attr.as_float() if value_attr is not None else 0.0
+    pads = [int(p) for p in pads]
+    rank = len(pads) // 2
+    if rank < 3 or any(p < 0 for p in pads) or any(pads[i] or pads[rank + i] for i in (0, 1)):
+        return "Pad touches batch/channel dims or is negative"
+    return pads, value
+
+
+def _merged_pads(node: ir.Node, pads: list[int]) -> list[int]:
+    rank = len(pads) // 2
+    k = rank - 2
+    own = list(node.attributes["pads"].as_ints()) if "pads" in node.attributes else [0] * (2 * k)
+    return [own[i] + pads[2 + i] for i in range(k)] + [own[k + i] + pads[rank + 2 + i] for i in range(k)]
+
+
 def _pad_into_conv(node: ir.Node, ctx: Context) -> Match:
     """Pad folded into Conv"""
     pad = _producer(node.inputs[0], "Pad")
     if pad is None:
         return NO_MATCH
-    mode = pad.attributes.get("mode")
-    if mode is not None and mode.as_string() != "constant":
-        return Match.fail("Pad mode is not constant")
-    pads = pad.attributes["pads"].as_ints() if "pads" in pad.attributes else constant(pad.inputs[1])
-    value_attr = pad.attributes.get("value")
-    fill = constant(pad.inputs[2]) if len(pad.inputs) > 2 and pad.inputs[2] is not None else None
-    if pads is None or (len(pad.inputs) > 2 and pad.inputs[2] is not None and fill is None):
-        return Match.fail("Pad arguments not constant")
-    if (fill is not None and np.any(fill != 0)) or (value_attr is not None and value_attr.as_float() != 0):
+    args = _pad_args(pad)
+    if isinstance(args, str):
+        return Match.fail(args)
+    pads, value = args
+    if value != 0:
         return Match.fail("Pad value is not zero")
-    if len(pad.inputs) > 3 and pad.inputs[3] is not None:
-        return Match.fail("Pad with axes")
-    pads = [int(p) for p in pads]
-    rank = len(pads) // 2
-    if rank < 3 or any(p < 0 for p in pads) or any(pads[i] or pads[rank + i] for i in (0, 1)):
-        return Match.fail("Pad touches batch/channel dims or is negative")
     auto_pad = node.attributes.get("auto_pad")
     if auto_pad is not None and auto_pad.as_string() not in ("NOTSET", ""):
         return Match.fail("Conv uses auto_pad")
     if not _only_use(node.inputs[0], node):
         return Match.fail("Pad output has other users")
-    k = rank - 2
-    conv_pads = list(node.attributes["pads"].as_ints()) if "pads" in node.attributes else [0] * (2 * k)
-    new = [conv_pads[i] + pads[2 + i] for i in range(k)] + [conv_pads[k + i] + pads[rank + 2 + i] for i in range(k)]
-    node.attributes["pads"] = ir.AttrInt64s("pads", new)
+    node.attributes["pads"] = ir.AttrInt64s("pads", _merged_pads(node, pads))
+    node.replace_input_with(0, pad.inputs[0])
+    return Match.ok()
+
+
+#: float ops whose output is >= 0 whatever their input (NaN aside)
+_NONNEG_OPS = frozenset({"Relu", "Sigmoid", "Softplus", "Abs", "Exp", "Softmax", "HardSigmoid"})
+#: ops whose output is >= 0 when their first input is (they move, select or pool its elements)
+_NONNEG_KEEP = frozenset({"MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool", "Transpose", "Reshape",
+                          "Identity", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Expand", "Tile",
+                          "DepthToSpace", "SpaceToDepth", "Dropout"})
+
+
+def _nonnegative_float(value: ir.Value | None, depth: int = 8) -> bool:
+    """True when every element of the float ``value`` is provably >= 0 (or NaN): a constant, Relu/
+    Sigmoid/Softplus/Abs/Exp/Softmax/HardSigmoid, Clip with a constant min >= 0, Max with one such
+    input, Add/Mul/Concat/Min of such inputs, and moves or pools of such a value (``_NONNEG_KEEP``;
+    a Pad only with a fill >= 0).  False when not provable.  Cost: O(depth) nodes per path."""
+    if value is None or depth == 0:
+        return False
+    arr = constant(value)
+    if arr is not None:
+        return arr.size > 0 and bool(np.all(arr >= 0))
+    node = value.producer()
+    if node is None or not is_standard(node):
+        return False
+    op = node.op_type
+    if op in _NONNEG_OPS:
+        return True
+    if op == "Clip":  # min >= 0 and max absent or >= 0 (with max < min the result is max)
+        bounds = []
+        for i, key in ((1, "min"), (2, "max")):
+            arr = constant(node.inputs[i]) if len(node.inputs) > i and node.inputs[i] is not None else None
+            given = len(node.inputs) > i and node.inputs[i] is not None
+            attr = node.attributes.get(key)
+            if given and (arr is None or arr.size != 1):
+                return False
+            bounds.append(float(arr.reshape(-1)[0]) if arr is not None else attr.as_float() if attr is not None else None)
+        return bounds[0] is not None and bounds[0] >= 0 and (bounds[1] is None or bounds[1] >= 0)
+    if op == "Max":
+        return any(_nonnegative_float(v, depth - 1) for v in node.inputs)
+    if op in ("Add", "Mul", "Concat", "Min", "Sum", "Mean"):
+        return all(_nonnegative_float(v, depth - 1) for v in node.inputs)
+    if op == "Pad":
+        args = _pad_args(node)
+        fill_ok = not isinstance(args, str) and args[1] >= 0
+        return fill_ok and _nonnegative_float(node.inputs[0], depth - 1)
+    if op in _NONNEG_KEEP:
+        return _nonnegative_float(node.inputs[0], depth - 1)
+    return False
+
+
+def _pad_into_pool(node: ir.Node, ctx: Context) -> Match:
+    """Pad folded into MaxPool/AveragePool"""
+    pad = _producer(node.inputs[0], "Pad")
+    if pad is None:
+        return NO_MATCH
+    args = _pad_args(pad)
+    if isinstance(args, str):
+        return Match.fail(args)
+    pads, value = args
+    auto_pad = node.attributes.get("auto_pad")
+    if auto_pad is not None and auto_pad.as_string() not in ("NOTSET", ""):
+        return Match.fail("the pool uses auto_pad")
+    if "ceil_mode" in node.attributes and node.attributes["ceil_mode"].as_int():
+        return Match.fail("ceil_mode: windows past the padding would differ")
+    if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
+        return Match.fail("MaxPool's Indices output is used (indices count the padded tensor)")
+    if not _only_use(node.inputs[0], node):
+        return Match.fail("Pad output has other users")
+    merged = _merged_pads(node, pads)
+    kernel = list(node.attributes["kernel_shape"].as_ints()) if "kernel_shape" in node.attributes else []
+    k = len(merged) // 2
+    if len(kernel) != k or any(merged[i] >= kernel[i] or merged[k + i] >= kernel[i] for i in range(k)):
+        return Match.fail("the merged pads would not be smaller than the kernel")
+    if node.op_type == "MaxPool":
+        dilations = node.attributes.get("dilations")
+        if dilations is not None and any(d != 1 for d in dilations.as_ints()):
+            return Match.fail("dilated MaxPool")
+        # a MaxPool's own pads are never the maximum: the Pad's fill may be dropped when it is -inf,
+        # or when it is 0 and every input element is >= 0 (then no window's maximum is below it)
+        if not (value == -np.inf or (value == 0 and _nonnegative_float(pad.inputs[0]))):
+            return Match.fail("Pad value is not -inf, nor 0 before an input provably >= 0")
+    else:
+        if value != 0:
+            return Match.fail("Pad value is not zero")
+        include = node.attributes.get("count_include_pad")
+        own = list(node.attributes["pads"].as_ints()) if "pads" in node.attributes else []
+        if not (include is not None and include.as_int()) and any(own):
+            return Match.fail("AveragePool excludes its own padding from the mean (count_include_pad=0)")
+        # the Pad's zeros are counted in every window's mean, as the op's own padding is with count_include_pad
+        node.attributes["count_include_pad"] = ir.AttrInt64("count_include_pad", 1)
+    node.attributes["pads"] = ir.AttrInt64s("pads", merged)
     node.replace_input_with(0, pad.inputs[0])
     return Match.ok()
 
@@ -530,16 +689,32 @@ def _parallel_matmuls(node: ir.Node, ctx: Context) -> Match:
     return Match.ok()
 
 
-def _is_zeros(value: ir.Value | None) -> bool:
-    """A constant of zeros, or ConstantOfShape whose fill value is zero (or left at its default 0)."""
+#: ops whose output is all zeros when their first input is (they move, repeat, select or cast its elements)
+_ZERO_KEEP = frozenset({"Expand", "Tile", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity", "Transpose", "Slice",
+                        "Gather", "Cast", "Dropout"})
+
+
+def _is_zeros(value: ir.Value | None, depth: int = 12) -> bool:
+    """A constant of zeros, a ``ConstantOfShape`` whose fill value is zero (or left at its default 0),
+    or what Expand/Tile/Unsqueeze/Squeeze/Reshape/Flatten/Identity/Transpose/Slice/Gather/Cast/
+    Dropout make of such a value, or a Concat of such values (the exporters' run-time zero states:
+    ``Expand(0, Concat(1, Shape(x)[0:1], hidden))``).  Cost: O(depth) nodes per path."""
+    if value is None or depth == 0:
+        return False
     arr = constant(value)
     if arr is not None:
         return bool(arr.size) and not np.any(arr)
-    producer = _producer(value, "ConstantOfShape")
-    if producer is None:
+    producer = value.producer()
+    if producer is None or not is_standard(producer):
         return False
-    fill = producer.attributes.get("value")
-    return fill is None or not np.any(fill.as_tensor().numpy())
+    if producer.op_type == "ConstantOfShape":
+        fill = producer.attributes.get("value")
+        return fill is None or not np.any(fill.as_tensor().numpy())
+    if producer.op_type in _ZERO_KEEP:
+        return _is_zeros(producer.inputs[0], depth - 1)
+    if producer.op_type == "Concat":
+        return bool(producer.inputs) and all(_is_zeros(v, depth - 1) for v in producer.inputs)
+    return False
 
 
 def _rnn_zero_state(node: ir.Node, ctx: Context) -> Match:
@@ -550,10 +725,12 @@ def _rnn_zero_state(node: ir.Node, ctx: Context) -> Match:
         return NO_MATCH
     if any(node.inputs[i].is_graph_input() for i in zeros):
         return Match.fail("the initial state is a graph input")
+    old = [node.inputs[i] for i in zeros]
     for i in zeros:
         node.replace_input_with(i, None)
     while node.inputs and node.inputs[-1] is None:  # trailing omitted inputs are dropped
         node.resize_inputs(len(node.inputs) - 1)
+    remove_dead_producers(old)  # the run-time chain that built the zeros
     return Match.ok()
 
 
@@ -631,8 +808,211 @@ def _reshape_own_dims(node: ir.Node, ctx: Context) -> Match:
     return Match.ok()
 
 
+# ---------------------------------------------------------------- issue 22: Concat, Slice and Shape chains
+
+INT64_MAX = 2**63 - 1
+
+
+def _set_inputs(node: ir.Node, values: list) -> None:
+    """Give ``node`` exactly ``values`` as inputs (in order)."""
+    if len(values) > len(node.inputs):
+        node.resize_inputs(len(values))
+    for i, v in enumerate(values):
+        if node.inputs[i] is not v:
+            node.replace_input_with(i, v)
+    if len(values) < len(node.inputs):
+        node.resize_inputs(len(values))
+
+
+def _concat_axis(node: ir.Node, ctx: Context, value: ir.Value | None = None) -> int | None:
+    """A Concat's axis, made non-negative with the rank of ``value`` (or its output) when needed."""
+    attr = node.attributes.get("axis")
+    if attr is None:
+        return None
+    axis = attr.as_int()
+    if axis >= 0:
+        return axis
+    dims = ctx.dims.get(value if value is not None else node.outputs[0])
+    return axis + len(dims) if dims is not None and axis + len(dims) >= 0 else None
+
+
+def _concat_flatten(node: ir.Node, ctx: Context) -> Match:
+    """nested Concat on the same axis flattened"""
+    axis = _concat_axis(node, ctx)
+    nested = []
+    for v in node.inputs:
+        inner = _producer(v, "Concat")
+        if inner is None or inner in nested:
+            continue
+        a = _concat_axis(inner, ctx)
+        if a is None or axis is None:
+            return Match.fail("negative Concat axis and the rank is unknown")
+        if a != axis:
+            continue
+        if v.is_graph_output() or any(u.node is not node for u in v.uses()):
+            return Match.fail("the inner Concat has other users")
+        nested.append(inner)
+    if not nested:
+        return NO_MATCH
+    flat: list = []
+    for v in node.inputs:
+        flat.extend(v.producer().inputs if v is not None and v.producer() in nested else [v])
+    old = [n.outputs[0] for n in nested]
+    _set_inputs(node, flat)
+    remove_dead_producers(old)
+    return Match.ok()
+
+
+def _slice_args(node: ir.Node) -> tuple[list[int], list[int], list[int] | None, list[int]] | None:
+    """(starts, ends, axes or None when omitted, steps) of a Slice with constant arguments (opset >= 10)."""
+    if len(node.inputs) < 3:
+        return None
+    args = []
+    for i in (1, 2, 3, 4):
+        given = len(node.inputs) > i and node.inputs[i] is not None
+        arr = constant(node.inputs[i]) if given else None
+        if given and arr is None:
+            return None
+        args.append(None if arr is None else [int(a) for a in arr.reshape(-1)])
+    starts, ends, axes, steps = args
+    if starts is None or ends is None or len(starts) != len(ends):
+        return None
+    steps = steps if steps is not None else [1] * len(starts)
+    if len(steps) != len(starts) or (axes is not None and len(axes) != len(starts)):
+        return None
+    return starts, ends, axes, steps
+
+
+def _slice_merge(node: ir.Node, ctx: Context) -> Match:
+    """consecutive Slices merged into one"""
+    inner = _producer(node.inputs[0], "Slice")
+    if inner is None:
+        return NO_MATCH
+    a, b = _slice_args(inner), _slice_args(node)
+    if a is None or b is None:
+        return Match.fail("Slice arguments are not constant")
+    if not _only_use(node.inputs[0], node):
+        return Match.fail("the inner Slice has other users")
+    x = inner.inputs[0]
+    dims = ctx.dims.get(x)
+    merged: dict[int, list[int]] = {}  # axis -> [start, end, step]
+    for k, (starts, ends, axes, steps) in enumerate((a, b)):
+        axes = axes if axes is not None else list(range(len(starts)))
+        if any(ax < 0 for ax in axes):
+            if dims is None:
+                return Match.fail("negative axes and the rank is unknown")
+            axes = [ax + len(dims) if ax < 0 else ax for ax in axes]
+        if len(set(axes)) != len(axes):
+            return Match.fail("repeated axes")
+        for ax, s, e, st in zip(axes, starts, ends, steps):
+            if ax not in merged:
+                merged[ax] = [s, e, st]
+                continue
+            s1, e1, st1 = merged[ax]
+            # x[s1:e1][s:e] with steps 1 and non-negative bounds is x[s1+s : min(e1, s1+e)] (clamping
+            # included: both sides are empty exactly when s1 + s >= min(e1, s1 + e, dim))
+            if k == 0 or st != 1 or st1 != 1 or min(s1, e1, s, e) < 0:
+                return Match.fail("both Slices cut one axis with negative bounds or steps other than 1")
+            merged[ax] = [min(s1 + s, INT64_MAX), min(e1, s1 + e, INT64_MAX), 1]
+    order = sorted(merged)
+    graph, base = node.graph, node.name or node.outputs[0].name or "slice"
+    values = [add_initializer(graph, ctx.names.value(f"{base}_{what}"), np.array([merged[ax][i] for ax in order], np.int64))
+              for i, what in ((0, "starts"), (1, "ends"))]
+    values.append(add_initializer(graph, ctx.names.value(f"{base}_axes"), np.array(order, np.int64)))
+    values.append(add_initializer(graph, ctx.names.value(f"{base}_steps"), np.array([merged[ax][2] for ax in order], np.int64)))
+    _set_inputs(node, [x, *values])
+    graph.remove(inner, safe=True)
+    return Match.ok()
+
+
+def _shape_range(part: ir.Value, ctx: Context) -> tuple[ir.Value, int, int] | None:
+    """(x, a, b) when ``part`` is provably the 1-D vector ``Shape(x)[a:b]`` (0 <= a < b <= rank): a
+    Shape (with start/end), ``Unsqueeze(Gather(Shape(x), i), 0)``, ``Gather(Shape(x), [i])`` or a
+    step-1 ``Slice`` of a Shape, with constant indices; x's rank must be known."""
+    unsq = _producer(part, "Unsqueeze")
+    if unsq is not None and node_axes(unsq) not in ([0], [-1]):
+        return None
+    node = _producer(unsq.inputs[0] if unsq is not None else part, "Gather", "Slice", "Shape")
+    if node is None:
+        return None
+    shape = node if node.op_type == "Shape" else _producer(node.inputs[0], "Shape")
+    if shape is None:
+        return None
+    x = shape.inputs[0]
+    dims = ctx.dims.get(x)
+    if dims is None:
+        return None
+    rank = len(dims)
+
+    def clamp(v: int) -> int:
+        return max(0, min(v + rank if v < 0 else v, rank))
+    s0 = clamp(shape.attributes["start"].as_int()) if "start" in shape.attributes else 0
+    e0 = clamp(shape.attributes["end"].as_int()) if "end" in shape.attributes else rank
+    length = max(0, e0 - s0)
+    if node.op_type == "Shape":
+        a, b = s0, e0
+    elif node.op_type == "Gather":
+        index = constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        axis = node.attributes.get("axis")
+        if index is None or index.size != 1 or (axis is not None and axis.as_int() not in (0, -1)):
+            return None
+        if (unsq is not None) != (index.ndim == 0):
+            return None
+        i = int(index.reshape(-1)[0])
+        i = i + length if i < 0 else i
+        if not 0 <= i < length:
+            return None
+        a, b = s0 + i, s0 + i + 1
+    else:
+        args = _slice_args(node)
+        if unsq is not None or args is None or len(args[0]) != 1 or args[3] != [1] or args[2] not in (None, [0], [-1]):
+            return None
+        (s,), (e,) = args[0], args[1]
+        s = max(0, min(s + length if s < 0 else s, length))
+        e = max(0, min(e + length if e < 0 else e, length))
+        a, b = s0 + s, s0 + e
+    return (x, a, b) if 0 <= a < b <= rank else None
+
+
+def _shape_runs(node: ir.Node, ctx: Context) -> Match:
+    """adjacent Shape slices in a Concat merged into one Shape(start, end)"""
+    if ctx.opset < 15 or _concat_axis(node, ctx) != 0:
+        return NO_MATCH
+    # a Reshape target's own dims are better copied (0) by _reshape_own_dims: leave those parts
+    reshaped = {u.node.inputs[0] for u in node.outputs[0].uses() if u.node.op_type == "Reshape" and u.idx == 1}
+    ranges = [_shape_range(v, ctx) if v is not None else None for v in node.inputs]
+    runs, k = [], 0
+    while k < len(ranges):
+        j = k
+        while (ranges[k] is not None and j + 1 < len(ranges) and ranges[j + 1] is not None
+               and ranges[j + 1][0] is ranges[k][0] and ranges[j + 1][1] == ranges[j][2]):
+            j += 1
+        r = ranges[k]
+        single_plain = j == k and (r is None or _producer(node.inputs[k], "Shape") is not None)
+        if r is not None and r[0] not in reshaped and not single_plain:
+            runs.append((k, j))
+        k = j + 1
+    if not runs:
+        return NO_MATCH
+    graph, inputs, old = node.graph, list(node.inputs), []
+    for k, j in reversed(runs):
+        x, a, b = ranges[k][0], ranges[k][1], ranges[j][2]
+        shape = ir.Node("", "Shape", [x], attributes=[ir.AttrInt64("start", a), ir.AttrInt64("end", b)],
+                        name=ctx.names.node(f"{node.name or 'concat'}_shape_{a}_{b}"), num_outputs=1)
+        shape.outputs[0].name = ctx.names.value(f"{x.name or 'x'}_shape_{a}_{b}")
+        graph.insert_before(node, shape)
+        old += inputs[k:j + 1]
+        inputs[k:j + 1] = [shape.outputs[0]]
+    _set_inputs(node, inputs)
+    remove_dead_producers(old)
+    if len(node.inputs) == 1:
+        substitute(node, node.inputs[0])  # declined (graph output): a single-input Concat stays, still correct
+    return Match.ok()
+
+
 #: see Simplify's ``size_rules``
-SIZE_RULES = frozenset({_unsqueeze_chain, _reshape_roundtrip, _parallel_matmuls, _where_never_equal, _reshape_own_dims})
+SIZE_RULES = frozenset({_unsqueeze_chain, _reshape_roundtrip, _parallel_matmuls, _where_never_equal, _reshape_own_dims,
+                        _concat_flatten, _slice_merge, _shape_runs})
 
 RULES: dict[str, tuple[Rule, ...]] = {
     "Add": (_identity_arith, _matmul_add_gemm),
@@ -646,14 +1026,16 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "And": (_identity_arith,),
     "Or": (_identity_arith,),
     "Cast": (_cast,),
-    "Concat": (_noop,),
+    "Concat": (_noop, _concat_flatten, _shape_runs),
     "Expand": (_noop,),
     "Tile": (_noop,),
-    "Slice": (_noop,),
+    "Slice": (_noop, _slice_merge),
     "Pad": (_noop,),
     "Resize": (_noop,),
     "Upsample": (_noop,),
     "Conv": (_pad_into_conv,),
+    "MaxPool": (_pad_into_pool,),
+    "AveragePool": (_pad_into_pool,),
     "MatMul": (_parallel_matmuls,),
     "Where": (_where_never_equal,),
     "LSTM": (_rnn_zero_state,),
