@@ -104,7 +104,7 @@ class FoldShapes(OptPass):
         return self.result(model, changed, skipped)
 
     def _round(self, model: ir.Model, changed: collections.Counter, skipped: collections.Counter) -> None:
-        dims = shape_inference.infer(model)
+        dims = Aliased(shape_inference.infer(model), model)
         syms: dict[int, SymValue | None] = {}
         for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
             if node.graph is None or not is_standard(node):
@@ -126,14 +126,14 @@ class FoldShapes(OptPass):
             syms[id(new)] = value
             changed[f"{node.op_type} folded to a constant"] += 1
 
-    def _reshape(self, node: ir.Node, dims: shape_inference.Shapes, syms: dict) -> Match:
+    def _reshape(self, node: ir.Node, dims: Aliased, syms: dict) -> Match:
         if len(node.inputs) < 2 or node.inputs[1] is None or is_constant(node.inputs[1]):
             return NO_MATCH
         target = _sym(node.inputs[1], dims, syms)
         if target is None or target.scalar:
             return Match.fail("target shape not known symbolically")
         data_dims = dims.get(node.inputs[0])
-        data_syms = [_dim_expr(node.inputs[0], i, d) for i, d in enumerate(data_dims)] if data_dims else []
+        data_syms = [_resolved(dims, node.inputs[0], i, d) for i, d in enumerate(data_dims)] if data_dims else []
         allowzero_attr = node.attributes.get("allowzero")
         allowzero = allowzero_attr.as_int() if allowzero_attr is not None else 0
         new, unknown = [], 0
@@ -159,6 +159,67 @@ class FoldShapes(OptPass):
         return Match.ok()
 
 
+class Aliased:
+    """onnxopt.shapes' dims, with the names onnx inference makes up for dims it cannot express
+    resolved where they provably are a product of known dims: below a ``Tile`` with constant repeats
+    (output dim = input dim x repeat; inference names ``N x 1`` anew) and a ``Reshape`` whose target
+    is known element by element (output dim = target element, no 0 or -1 in it).  Built in graph
+    order, each alias resolved when learnt (so chains are short and cannot cycle).  O(nodes)."""
+
+    def __init__(self, table: shape_inference.Shapes, model: ir.Model | None = None):
+        self.table = table
+        self.alias: dict[str, Expr] = {}
+        if model is None:
+            return
+        syms: dict = {}
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            if not is_standard(node) or node.op_type not in ("Tile", "Reshape") or len(node.inputs) < 2:
+                continue
+            out = table.get(node.outputs[0])
+            if out is None:
+                continue
+            if node.op_type == "Tile":
+                reps, data = _const_ints(node.inputs[1]), table.get(node.inputs[0])
+                if reps is None or data is None or not len(reps) == len(data) == len(out):
+                    continue
+                exprs = [_mul(_resolved(self, node.inputs[0], i, d), _const(r)) for i, (d, r) in enumerate(zip(data, reps))]
+            else:
+                target = _sym(node.inputs[1], self, syms)
+                if target is None or target.scalar or len(target.elems) != len(out) or \
+                        any(e is None or (not e[1] and e[0] <= 0) for e in target.elems):
+                    continue
+                exprs = list(target.elems)
+            for name, e in zip(out, exprs):
+                if isinstance(name, str) and name not in self.alias:
+                    e = self.resolve(e)
+                    if e is not None and name not in e[1]:
+                        self.alias[name] = e
+
+    def get(self, value: ir.Value | None):
+        return self.table.get(value)
+
+    def dtype(self, value: ir.Value | None):
+        return self.table.dtype(value)
+
+    def resolve(self, e: Expr, depth: int = 8) -> Expr:
+        if e is None or depth == 0 or not any(s in self.alias for s in e[1]):
+            return e
+        out: Expr = (e[0], ())
+        for s in e[1]:
+            out = _mul(out, self.resolve(self.alias[s], depth - 1) if s in self.alias else (1, (s,)))
+        return out
+
+    def dims(self, value: ir.Value | None) -> list[Expr] | None:
+        """``value``'s dims as resolved Exprs (None when its rank is unknown)."""
+        dims = self.get(value)
+        return None if dims is None else [_resolved(self, value, i, d) for i, d in enumerate(dims)]
+
+
+def _resolved(dims, value: ir.Value, axis: int, d) -> Expr:
+    e = _dim_expr(value, axis, d)
+    return dims.resolve(e) if isinstance(dims, Aliased) else e
+
+
 def _dim_expr(value: ir.Value, axis: int, d) -> Expr:
     if isinstance(d, int):
         return _const(d)
@@ -167,7 +228,7 @@ def _dim_expr(value: ir.Value, axis: int, d) -> Expr:
     return (1, (f"?{value.name}:{axis}",))  # unknown but stable: the same tensor's same axis
 
 
-def _sym(value: ir.Value | None, dims: shape_inference.Shapes, syms: dict) -> SymValue | None:
+def _sym(value: ir.Value | None, dims: shape_inference.Shapes | Aliased, syms: dict) -> SymValue | None:
     if value is None:
         return None
     key = id(value)
@@ -191,7 +252,7 @@ def _const_ints(value: ir.Value | None) -> list[int] | None:
     return [int(v) for v in value.const_value.numpy().reshape(-1)]
 
 
-def _evaluate(node: ir.Node, dims: shape_inference.Shapes, syms: dict) -> SymValue | None:
+def _evaluate(node: ir.Node, dims: shape_inference.Shapes | Aliased, syms: dict) -> SymValue | None:
     """Symbolic value of node's single output, or None when not a tracked shape computation.
     One branch per tracked op (long on purpose: each branch is the op's semantics on SymValues)."""
     op = node.op_type
@@ -207,7 +268,7 @@ def _evaluate(node: ir.Node, dims: shape_inference.Shapes, syms: dict) -> SymVal
         e = end.as_int() if end is not None else rank
         s, e = (s + rank if s < 0 else s), (e + rank if e < 0 else e)
         s, e = max(0, min(s, rank)), max(0, min(e, rank))
-        return SymValue(tuple(_dim_expr(ins[0], i, d[i]) for i in range(s, e)), False)
+        return SymValue(tuple(_resolved(dims, ins[0], i, d[i]) for i in range(s, e)), False)
     if op in ("Identity", "Cast"):
         src = _sym(ins[0], dims, syms)
         if src is None:

@@ -24,6 +24,7 @@ from onnxopt.base import (
     remove_dead_producers,
     substitute,
 )
+from onnxopt.passes import fold_shapes
 
 # A rule returns NO_MATCH (pattern absent), Match.ok() (rewritten) or Match.fail(reason) (declined).
 Rule = Callable[[ir.Node, "Context"], Match]
@@ -107,7 +108,8 @@ class Simplify(OptPass):
         for _ in range(MAX_ROUNDS):  # a rewrite can enable another one on a node already visited
             before = sum(changed.values())
             skipped.clear()  # the last round's declines are the ones that stand
-            ctx = Context(shape_inference.infer(model), model.opset_imports.get("", 1), names)
+            table = shape_inference.infer(model)
+            ctx = Context(table, model.opset_imports.get("", 1), names, fold_shapes.Aliased(table, model))
             for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
                 if node.graph is None or not is_standard(node):
                     continue
@@ -127,6 +129,7 @@ class Context:
     dims: shape_inference.Shapes
     opset: int  # of the default domain
     names: FreshNames
+    aliased: fold_shapes.Aliased  # dims as products of symbols (Tile and Reshape outputs resolved)
 
 
 # ---------------------------------------------------------------- helpers
@@ -1010,9 +1013,109 @@ def _shape_runs(node: ir.Node, ctx: Context) -> Match:
     return Match.ok()
 
 
+
+# ---------------------------------------------------------------- issue 22: repeats as nearest Resize
+
+_NEAREST = {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
+_RESIZE_DEFAULTS = {"exclude_outside": 0, "antialias": 0, "keep_aspect_ratio_policy": "stretch", "extrapolation_value": 0.0,
+                    "cubic_coeff_a": -0.75}
+
+
+def _power_of_two(r: int) -> bool:
+    return r >= 2 and r & (r - 1) == 0
+
+
+def _repeat_as_resize(node: ir.Node, ctx: Context) -> Match:
+    """element repeat (Unsqueeze+Tile+Reshape) became a nearest Resize"""
+    from onnxopt.passes.transpose_push import _resolve_target, _target
+    tile = _producer(node.inputs[0], "Tile")
+    unsq = _producer(tile.inputs[0], "Unsqueeze") if tile is not None else None
+    if unsq is None:
+        return NO_MATCH
+    x = unsq.inputs[0]
+    dims = ctx.aliased.dims(x)
+    axes, reps = node_axes(unsq), constant(tile.inputs[1]) if len(tile.inputs) > 1 else None
+    if dims is None or axes is None or len(axes) != 1 or reps is None or reps.size != len(dims) + 1:
+        return Match.fail("the repeat's rank, axis or repeats are unknown")
+    b = axes[0] % (len(dims) + 1)
+    reps = [int(r) for r in reps.reshape(-1)]
+    r = reps[b]
+    if b == 0 or any(v != 1 for i, v in enumerate(reps) if i != b) or not _power_of_two(r):
+        return Match.fail("not a repeat of one axis by a power of two")
+    a = b - 1  # the Tile repeats x's axis a, element by element, once the Reshape merges axes a and b
+    if ctx.opset < 13 or ctx.dims.dtype(x) not in FLOATS:
+        return Match.fail("Resize needs opset 13 and a float tensor here")
+    tiled = dims[:b] + [fold_shapes._const(r)] + dims[b:]
+    target = _target(ctx.aliased, node)
+    if target is None:
+        const = constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        allowzero = node.attributes.get("allowzero")
+        copies = not (allowzero is not None and allowzero.as_int())
+        target = None if const is None else _resolve_target([int(t) for t in const.reshape(-1)], tiled, copies)
+    want = dims[:a] + [fold_shapes._mul(dims[a], fold_shapes._const(r))] + dims[a + 1:]
+    if target is None or any(e is None for e in want) or target != want:
+        return Match.fail("the Reshape target is not provably the repeated axis merged")
+    if not _only_use(tile.inputs[0], tile) or not _only_use(node.inputs[0], node):
+        return Match.fail("the Unsqueeze or Tile result has other users")
+    scales = np.ones(len(dims), np.float32)
+    scales[a] = r
+    graph = node.graph
+    value = add_initializer(graph, ctx.names.value(f"{node.name or 'repeat'}_scales"), scales)
+    resize = ir.Node("", "Resize", [x, None, value], attributes=[ir.AttrString(k, v) for k, v in _NEAREST.items()],
+                     name=ctx.names.node(f"{node.name or 'repeat'}_resize"), num_outputs=1)
+    resize.outputs[0].name = ctx.names.value(f"{node.outputs[0].name or 'repeat'}_resized")
+    graph.insert_before(node, resize)
+    reason = substitute(node, resize.outputs[0])
+    if reason:
+        graph.remove(resize, safe=True)
+        return Match.fail(reason)
+    remove_dead_producers([tile.outputs[0]])
+    return Match.ok()
+
+
+def _nearest_floor(node: ir.Node) -> np.ndarray | None:
+    """Scales of a Resize that repeats elements (nearest, asymmetric, floor, default otherwise, constant
+    power-of-two or 1 scales, no roi or sizes), else None."""
+    if any(node.attributes[k].as_string() != v if k in node.attributes else True for k, v in _NEAREST.items()):
+        return None
+    for k, v in _RESIZE_DEFAULTS.items():
+        attr = node.attributes.get(k)
+        if attr is not None and attr.value != v:
+            return None
+    if "axes" in node.attributes:
+        return None
+    inputs = list(node.inputs) + [None] * (4 - len(node.inputs))
+    roi = constant(inputs[1]) if inputs[1] is not None else np.zeros(0)
+    scales = constant(inputs[2]) if inputs[2] is not None else None
+    if roi is None or roi.size or scales is None or scales.size == 0 or inputs[3] is not None:
+        return None
+    if any(not (float(v) == 1.0 or (float(v).is_integer() and _power_of_two(int(v)))) for v in scales.reshape(-1)):
+        return None
+    return scales.reshape(-1)
+
+
+def _resize_chain(node: ir.Node, ctx: Context) -> Match:
+    """nearest Resize repeats merged into one"""
+    inner = _producer(node.inputs[0], "Resize")
+    if inner is None:
+        return NO_MATCH
+    outer_scales, inner_scales = _nearest_floor(node), _nearest_floor(inner)
+    if outer_scales is None or inner_scales is None:
+        return NO_MATCH
+    if outer_scales.size != inner_scales.size:
+        return Match.fail("rank mismatch")
+    if not _only_use(node.inputs[0], node):
+        return Match.fail("the inner Resize has other users")
+    # x[floor(floor(i / s2) / s1)] = x[floor(i / (s1 * s2))] for integer scales
+    scales = (outer_scales.astype(np.float64) * inner_scales.astype(np.float64)).astype(np.float32)
+    node.replace_input_with(2, add_initializer(node.graph, ctx.names.value(f"{node.name or 'resize'}_scales"), scales))
+    node.replace_input_with(0, inner.inputs[0])
+    node.graph.remove(inner, safe=True)
+    return Match.ok()
+
 #: see Simplify's ``size_rules``
 SIZE_RULES = frozenset({_unsqueeze_chain, _reshape_roundtrip, _parallel_matmuls, _where_never_equal, _reshape_own_dims,
-                        _concat_flatten, _slice_merge, _shape_runs})
+                        _concat_flatten, _slice_merge, _shape_runs, _repeat_as_resize, _resize_chain})
 
 RULES: dict[str, tuple[Rule, ...]] = {
     "Add": (_identity_arith, _matmul_add_gemm),
@@ -1020,7 +1123,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "Mul": (_identity_arith,),
     "Div": (_identity_arith,),
     "Transpose": (_transpose,),
-    "Reshape": (_reshape, _reshape_roundtrip, _reshape_own_dims),
+    "Reshape": (_reshape, _reshape_roundtrip, _reshape_own_dims, _repeat_as_resize),
     "Squeeze": (_squeeze_pair,),
     "Unsqueeze": (_squeeze_pair, _unsqueeze_chain),
     "And": (_identity_arith,),
@@ -1031,7 +1134,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "Tile": (_noop,),
     "Slice": (_noop, _slice_merge),
     "Pad": (_noop,),
-    "Resize": (_noop,),
+    "Resize": (_noop, _resize_chain),
     "Upsample": (_noop,),
     "Conv": (_pad_into_conv,),
     "MaxPool": (_pad_into_pool,),
