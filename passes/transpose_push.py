@@ -143,6 +143,8 @@ def _push(t: ir.Node, ctx: Context) -> Match:
             if steps or user.op_type in _CROSSABLE:
                 return Match.fail(step)
             return NO_MATCH
+        if step.perm is not None and any(o.is_graph_output() for o in user.outputs):
+            return Match.fail("a graph output on the path (the interface keeps its layout)")
         steps.append(step)
         if step.perm is None:
             break
@@ -220,8 +222,8 @@ def _transposed_operand(v: ir.Value, perm: list[int]) -> tuple[str, object] | No
 def _plan(node: ir.Node, index: int, perm: list[int], dims: list[Expr] | None, ctx: Context) -> Step | str:
     """The crossing of ``node`` by a Transpose ``perm`` feeding its input ``index``, or why it cannot."""
     op, rank = node.op_type, len(perm)
-    if any(o.is_graph_output() for o in node.outputs) or len(node.outputs) != 1 and op != "Dropout":
-        return "a graph output or several outputs"
+    if len(node.outputs) != 1 and op != "Dropout":
+        return "several outputs"
     if op == "Dropout" and (len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output())):
         return "Dropout's mask is used"
     if op in UNARY:
@@ -422,10 +424,18 @@ def _plan_reshape(node: ir.Node, perm: list[int], dims, ctx: Context) -> Step | 
     groups = _merge_groups(moved, target)
     if groups is None:
         return "the Reshape does not provably only merge dims"
-    source_groups = [[perm[i] for i in g] for g in groups]
-    if any(sg != list(range(sg[0], sg[0] + len(sg))) for sg in source_groups):
-        return "merged dims are not consecutive in the source layout"
-    order = sorted(range(len(groups)), key=lambda k: source_groups[k][0])  # output groups in source order
+    # dims of 1 hold no layout: the other (real) dims of each group must be a run, in order, of the
+    # source's real dims; the groups then go in the order of their first real dim (groups of 1s
+    # right after the group before them)
+    ones = {i for i, d in enumerate(dims) if d == (1, ())}
+    position = {a: k for k, a in enumerate(i for i in range(len(dims)) if i not in ones)}
+    keys: list[tuple[int, int]] = []
+    for g in groups:
+        real = [position[perm[i]] for i in g if perm[i] not in ones]
+        if real and real != list(range(real[0], real[0] + len(real))):
+            return "merged dims are not consecutive in the source layout"
+        keys.append((real[0], 0) if real else (keys[-1][0], keys[-1][1] + 1) if keys else (-1, 0))
+    order = sorted(range(len(groups)), key=lambda k: (keys[k], k))  # output groups in source order
     new_perm = _inverse(order)  # moved-layout output k is the source-layout output where group k went
     out = [target[k] for k in order]
     t = node.inputs[1]
