@@ -399,3 +399,32 @@ def test_round2_export_at_or_below_every_peer(name):
         for a, b in zip(ort_run(proto, feeds), ort_run(new, feeds)):
             assert a.shape == b.shape
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ focused differential fuzzing
+
+@pytest.mark.parametrize("label", ["simplify", "transpose-push", "default"])
+def test_round2_patterns_on_random_graphs(label):
+    """tests/fuzz's oracle on graphs of issue 22's patterns only (strategies.block_round2): outputs equal
+    at every point the original runs, no crash, valid, idempotent.  The long run is
+    ``python -m tests.fuzz.soak --graphs 2000 --blocks round2``."""
+    import logging
+
+    from hypothesis import HealthCheck, given, reject, settings
+
+    from tests.fuzz import oracle, strategies
+    text = pipeline.DEFAULT_PIPELINE if label == "default" else label
+
+    @settings(max_examples=80, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @given(case=strategies.graphs(["round2"]))
+    def check(case):
+        verdict = oracle.check_case(case, [(label, text)])
+        if not verdict.valid:
+            reject()
+        assert not verdict.findings, f"{case.describe()}: " + "; ".join(map(str, verdict.findings))
+
+    logging.disable(logging.WARNING)
+    try:
+        check()
+    finally:
+        logging.disable(logging.NOTSET)
