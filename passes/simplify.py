@@ -595,10 +595,10 @@ def _pad_into_pool(node: ir.Node, ctx: Context) -> Match:
     k = len(merged) // 2
     if len(kernel) != k or any(merged[i] >= kernel[i] or merged[k + i] >= kernel[i] for i in range(k)):
         return Match.fail("the merged pads would not be smaller than the kernel")
+    dilations = node.attributes.get("dilations")
+    if dilations is not None and any(d != 1 for d in dilations.as_ints()):
+        return Match.fail("dilated pool")
     if node.op_type == "MaxPool":
-        dilations = node.attributes.get("dilations")
-        if dilations is not None and any(d != 1 for d in dilations.as_ints()):
-            return Match.fail("dilated MaxPool")
         # a MaxPool's own pads are never the maximum: the Pad's fill may be dropped when it is -inf,
         # or when it is 0 and every input element is >= 0 (then no window's maximum is below it)
         if not (value == -np.inf or (value == 0 and _nonnegative_float(pad.inputs[0]))):
@@ -1043,8 +1043,8 @@ def _repeat_as_resize(node: ir.Node, ctx: Context) -> Match:
     if b == 0 or any(v != 1 for i, v in enumerate(reps) if i != b) or not _power_of_two(r):
         return Match.fail("not a repeat of one axis by a power of two")
     a = b - 1  # the Tile repeats x's axis a, element by element, once the Reshape merges axes a and b
-    if ctx.opset < 13 or ctx.dims.dtype(x) not in FLOATS:
-        return Match.fail("Resize needs opset 13 and a float tensor here")
+    if ctx.opset < 13 or ctx.dims.dtype(x) != ir.DataType.FLOAT or len(dims) > 5:
+        return Match.fail("Resize needs opset 13 and a float32 tensor of rank <= 5 here")
     tiled = dims[:b] + [fold_shapes._const(r)] + dims[b:]
     target = _target(ctx.aliased, node)
     if target is None:

@@ -339,6 +339,15 @@ def _plan_resize(node: ir.Node, perm: list[int], ctx: Context) -> Step | str:
             return f"Resize {what} of another rank"
         changes.append((i, what, np.ascontiguousarray(arr.reshape(-1)[inv])))
 
+    mode = node.attributes.get("mode")
+    if mode is not None and mode.as_string() != "nearest":
+        # ORT interpolates linearly/cubically only over the innermost (or the middle) two of 4 axes:
+        # keep the source layout's resized axes to the innermost two
+        moved = {k for _, what, arr in changes for k in range(rank)
+                 if (what == "scales" and float(arr[k]) != 1.0) or what == "sizes"}
+        if not moved <= {rank - 2, rank - 1} or any(what == "sizes" for _, what, _ in changes):
+            return "a linear/cubic Resize whose resized axes would not be the innermost two"
+
     def apply() -> None:
         for i, what, arr in changes:
             node.replace_input_with(i, _new_const(node, ctx, what, arr))
