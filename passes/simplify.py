@@ -52,6 +52,12 @@ class Simplify(OptPass):
     - ``Reshape(f(R(x)), t)`` -> ``f(x)`` for R a Reshape/Squeeze/Unsqueeze/Flatten and a chain f of elementwise ops whose other
       operands are one-element constants, when t provably is x's shape (x's rank, x's static dims,
       at most one -1, no 0) and nothing outside the chain reads its values;
+    - ``Reshape(MatMul(Reshape(x, [rows, K]), W), t)`` -> ``MatMul(x, W)`` for a constant 2-D W when the
+      inner target provably flattens x's leading dims and t provably restores them (dims and targets
+      as products of symbols: tf2onnx's Tensordot for Keras' Dense on 3-D inputs);
+    - Unsqueeze+Tile+Reshape repeating each element of one axis r times (r a power of two; float32)
+      -> ``Resize(nearest, asymmetric, floor)`` with scale r there, and two such Resizes -> one
+      (Keras' UpSampling2D);
     - ``Unsqueeze(Unsqueeze(x,a),b)`` -> ``Unsqueeze(x,c)`` with the combined axes, when every user
       of the inner one is an Unsqueeze (negative axes only with x's rank known);
     - ``And(x, true)`` / ``Or(x, false)`` -> x, under the same broadcast check as ``x*1``; also with the
@@ -1113,9 +1119,48 @@ def _resize_chain(node: ir.Node, ctx: Context) -> Match:
     node.graph.remove(inner, safe=True)
     return Match.ok()
 
+
+def _matmul_reshape_roundtrip(node: ir.Node, ctx: Context) -> Match:
+    """Reshape round trip around a MatMul by a constant matrix removed"""
+    from onnxopt.passes.transpose_push import _resolve_target, _target
+    mm = _producer(node.inputs[0], "MatMul")
+    inner = _producer(mm.inputs[0], "Reshape") if mm is not None else None
+    w = constant(mm.inputs[1]) if mm is not None else None
+    if inner is None or w is None or w.ndim != 2:
+        return NO_MATCH
+    x = inner.inputs[0]
+    dims = ctx.aliased.dims(x)
+    if dims is None or len(dims) < 3 or any(d is None for d in dims) or dims[-1] != fold_shapes._const(w.shape[0]):
+        return Match.fail("x's dims are unknown, or its last dim is not the matrix's rows")
+    rows: fold_shapes.Expr = (1, ())
+    for d in dims[:-1]:
+        rows = fold_shapes._mul(rows, d)
+
+    def target_of(reshape: ir.Node, data_dims: list) -> list | None:
+        found = _target(ctx.aliased, reshape)
+        if found is None:
+            const = constant(reshape.inputs[1]) if len(reshape.inputs) > 1 else None
+            allowzero = reshape.attributes.get("allowzero")
+            copies = not (allowzero is not None and allowzero.as_int())
+            found = None if const is None else _resolve_target([int(t) for t in const.reshape(-1)], data_dims, copies)
+        return found
+    flat = [rows, dims[-1]]
+    if target_of(inner, dims) != flat:
+        return Match.fail("the inner Reshape does not provably flatten x to [rows, K]")
+    n = fold_shapes._const(w.shape[1])
+    if target_of(node, [rows, n]) != dims[:-1] + [n]:
+        return Match.fail("the outer Reshape does not provably restore x's leading dims")
+    if not _only_use(mm.inputs[0], mm) or not _only_use(node.inputs[0], node):
+        return Match.fail("the flattened input or the MatMul result has other users")
+    # MatMul broadcasts a 2-D matrix over x's leading dims: the same rows times the same matrix
+    mm.replace_input_with(0, x)
+    mm.outputs[0].shape = None
+    return declined(substitute(node, mm.outputs[0]))
+
 #: see Simplify's ``size_rules``
 SIZE_RULES = frozenset({_unsqueeze_chain, _reshape_roundtrip, _parallel_matmuls, _where_never_equal, _reshape_own_dims,
-                        _concat_flatten, _slice_merge, _shape_runs, _repeat_as_resize, _resize_chain})
+                        _concat_flatten, _slice_merge, _shape_runs, _repeat_as_resize, _resize_chain,
+                        _matmul_reshape_roundtrip})
 
 RULES: dict[str, tuple[Rule, ...]] = {
     "Add": (_identity_arith, _matmul_add_gemm),
@@ -1123,7 +1168,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "Mul": (_identity_arith,),
     "Div": (_identity_arith,),
     "Transpose": (_transpose,),
-    "Reshape": (_reshape, _reshape_roundtrip, _reshape_own_dims, _repeat_as_resize),
+    "Reshape": (_reshape, _reshape_roundtrip, _reshape_own_dims, _repeat_as_resize, _matmul_reshape_roundtrip),
     "Squeeze": (_squeeze_pair,),
     "Unsqueeze": (_squeeze_pair, _unsqueeze_chain),
     "And": (_identity_arith,),

@@ -867,7 +867,8 @@ def block_traps(b: Builder, x: Val) -> Val:
 
 
 # ----------------------------------------------------------------------------- issue 22 ("Graph round 2")
-ROUND2_KINDS = ["concat_nest", "slices", "pad_pool", "rnn_zero", "mask_fill", "shape_parts", "repeat", "nhwc", "nhwc"]
+ROUND2_KINDS = ["concat_nest", "slices", "pad_pool", "rnn_zero", "mask_fill", "shape_parts", "repeat", "nhwc", "nhwc",
+                "dense_nd"]
 
 
 def _reduce(b: Builder, op: str, v: str, axes: list, keep: int) -> str:
@@ -1040,6 +1041,24 @@ def block_round2(b: Builder, x: Val) -> Val:
             t = b.one("Reshape", [tl, tg])
             tdims = [None] * 4
         b.outputs.append(Val(t, T.FLOAT, None))
+        return x
+    if kind == "dense_nd":  # Keras' Dense on N-D (tf2onnx Tensordot): flatten, MatMul, restore
+        last = dims[3] if isinstance(dims[3], int) else None
+        t = v if last is not None else b.one("Transpose", [v], perm=[0, 2, 3, 1])  # channels last: static
+        k = last if last is not None else dims[1]
+        n = c.choice([2, 5])
+        flat = b.one("Reshape", [t, b.ints(c.choice([[-1, k], [-1, k], [0, -1]]))])
+        mm = b.one("MatMul", [flat, b.const(b.weights((k, n), 0.5))])
+        sh = b.one("Shape", [t])
+        form = c.choice(["gather", "gather", "const", "wrong"])
+        if form == "gather":
+            lead = b.one("Gather", [b.one("Cast", [sh], to=T.INT32), b.const(np.array([0, 1, 2], np.int32))], axis=0)
+            target = b.one("Cast", [b.one("Concat", [lead, b.const(np.array([n], np.int32))], axis=0)], to=T.INT64)
+        elif form == "const":
+            target = b.ints([-1, 1, 1, n] if c.bool() else [0, -1, n])
+        else:
+            target = b.one("Concat", [b.one("Slice", [sh, b.ints([0]), b.ints([2])]), b.ints([-1, n])], axis=0)
+        b.outputs.append(Val(b.one("Reshape", [mm, target]), T.FLOAT, None))
         return x
     # nhwc: a Transpose, layout-agnostic ops, a Transpose back (or another permutation)
     perm = c.choice([[0, 2, 3, 1], [0, 2, 3, 1], [0, 3, 1, 2], [0, 1, 3, 2], [3, 2, 1, 0]])
