@@ -58,6 +58,8 @@ class Simplify(OptPass):
     - Unsqueeze+Tile+Reshape repeating each element of one axis r times (r a power of two; float32)
       -> ``Resize(nearest, asymmetric, floor)`` with scale r there, and two such Resizes -> one
       (Keras' UpSampling2D);
+    - ``Squeeze(Slice(x, [s], [s+1], [a]), [a])`` (or ``[-1]:`` to the end) -> ``Gather(x, s, axis=a)``
+      (an index out of range fails in both);
     - ``Unsqueeze(Unsqueeze(x,a),b)`` -> ``Unsqueeze(x,c)`` with the combined axes, when every user
       of the inner one is an Unsqueeze (negative axes only with x's rank known);
     - ``And(x, true)`` / ``Or(x, false)`` -> x, under the same broadcast check as ``x*1``; also with the
@@ -1157,10 +1159,47 @@ def _matmul_reshape_roundtrip(node: ir.Node, ctx: Context) -> Match:
     mm.outputs[0].shape = None
     return declined(substitute(node, mm.outputs[0]))
 
+
+def _slice_squeeze_gather(node: ir.Node, ctx: Context) -> Match:
+    """Slice of one element + Squeeze of its axis became a Gather"""
+    sl = _producer(node.inputs[0], "Slice")
+    if sl is None:
+        return NO_MATCH
+    args = _slice_args(sl)
+    axes = node_axes(node)
+    dims = ctx.dims.get(sl.inputs[0])
+    if args is None or axes is None or len(axes) != 1 or len(args[0]) != 1 or args[3] != [1]:
+        return NO_MATCH
+    (start,), (end,), sl_axes = args[0], args[1], args[2] if args[2] is not None else [0]
+    rank = len(dims) if dims is not None else None
+    a, b = sl_axes[0], axes[0]
+    if (a < 0 or b < 0) and rank is None:
+        return Match.fail("negative axes and the rank is unknown")
+    if rank is not None:
+        a, b = a % rank, b % rank
+    if a != b:
+        return NO_MATCH
+    # one element, or an empty result whose Squeeze fails like the Gather's index does
+    if not ((start >= 0 and end == start + 1) or (start < 0 and end == start + 1 and end < 0) or (start == -1 and end >= INT_MAX_LIKE)):
+        return Match.fail("the Slice does not take exactly one element")
+    if not _only_use(node.inputs[0], node):
+        return Match.fail("the Slice result has other users")
+    index = add_initializer(node.graph, ctx.names.value(f"{node.name or 'squeeze'}_index"), np.array(start, np.int64))
+    gather = ir.Node("", "Gather", [sl.inputs[0], index], attributes=[ir.AttrInt64("axis", a)],
+                     name=ctx.names.node(f"{node.name or 'squeeze'}_gather"), num_outputs=1)
+    gather.outputs[0].name = ctx.names.value(f"{node.outputs[0].name or 'squeeze'}_gathered")
+    node.graph.insert_before(node, gather)
+    reason = substitute(node, gather.outputs[0])
+    if reason:
+        node.graph.remove(gather, safe=True)
+        return Match.fail(reason)
+    sl.graph.remove(sl, safe=True)
+    return Match.ok()
+
 #: see Simplify's ``size_rules``
 SIZE_RULES = frozenset({_unsqueeze_chain, _reshape_roundtrip, _parallel_matmuls, _where_never_equal, _reshape_own_dims,
                         _concat_flatten, _slice_merge, _shape_runs, _repeat_as_resize, _resize_chain,
-                        _matmul_reshape_roundtrip})
+                        _matmul_reshape_roundtrip, _slice_squeeze_gather})
 
 RULES: dict[str, tuple[Rule, ...]] = {
     "Add": (_identity_arith, _matmul_add_gemm),
@@ -1169,7 +1208,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "Div": (_identity_arith,),
     "Transpose": (_transpose,),
     "Reshape": (_reshape, _reshape_roundtrip, _reshape_own_dims, _repeat_as_resize, _matmul_reshape_roundtrip),
-    "Squeeze": (_squeeze_pair,),
+    "Squeeze": (_squeeze_pair, _slice_squeeze_gather),
     "Unsqueeze": (_squeeze_pair, _unsqueeze_chain),
     "And": (_identity_arith,),
     "Or": (_identity_arith,),

@@ -104,6 +104,26 @@ def test_consecutive_slices_merge(first, second, merged):
     assert ops(again) == ops(new)
 
 
+@pytest.mark.parametrize("start, end, axis, squeeze, gathers", [
+    (-1, 2**63 - 1, 1, 1, True), (2, 3, -1, 3, True), (-2, -1, 2, -2, True), (0, 2, 1, 1, False), (-1, 0, 1, 1, False),
+])
+def test_one_element_slice_and_squeeze_become_a_gather(start, end, axis, squeeze, gathers):
+    nodes = [h.make_node("Slice", ["x", "s", "e", "a"], ["t"]), h.make_node("Squeeze", ["t", "q"], ["y"])]
+    proto = model(nodes, [i64("s", [start]), i64("e", [end]), i64("a", [axis]), i64("q", [squeeze])], x_dims=("n", 1, 4, 5))
+    _, new = run(proto)
+    assert ("Gather" in ops(new)) == gathers
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1, 4, 5), (3, 1, 4, 5)]:
+        feeds = {"x": rng.standard_normal(shape).astype(np.float32)}
+        try:
+            ref = ort_run(proto, feeds)
+        except Exception:  # noqa: BLE001 - e.g. squeezing a dim of 2: the original fails too
+            with pytest.raises(Exception):  # noqa: B017
+                ort_run(new, feeds)
+            continue
+        np.testing.assert_array_equal(ort_run(new, feeds)[0], ref[0])
+
+
 # ------------------------------------------------------------------ Pad before a pool
 
 def _pad_pool(pool, pad_value=None, pads=(0, 0, 1, 1, 0, 0, 1, 1), source="Relu", pool_pads=None, **attrs):

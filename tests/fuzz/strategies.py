@@ -918,6 +918,11 @@ def block_round2(b: Builder, x: Val) -> Val:
             t = b.one("Slice", ins)
             if c.bool(0.15):
                 b.outputs.append(Val(t, T.FLOAT, None))
+        if c.bool(0.4):  # one element taken, its axis squeezed (a Gather), or look-alikes
+            a = c.choice([0, 1, 2, 3, -1])
+            st = c.choice([0, 1, -1, -2, 3])
+            en = c.choice([st + 1, st + 1, INT64_MAX, st + 2, 0])
+            t = b.one("Squeeze", [b.one("Slice", [t, b.ints([st]), b.ints([en]), b.ints([a])]), b.ints([c.choice([a, a, a % 4, 0])])])
         b.outputs.append(Val(t, T.FLOAT, None))
         return x
     if kind == "pad_pool":
