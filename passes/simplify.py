@@ -22,6 +22,7 @@ from onnxopt.base import (
     node_axes,
     nonnegative,
     remove_dead_producers,
+    replace_with_initializer,
     substitute,
 )
 from onnxopt.passes import fold_shapes
@@ -64,7 +65,8 @@ class Simplify(OptPass):
       of the inner one is an Unsqueeze (negative axes only with x's rank known);
     - ``And(x, true)`` / ``Or(x, false)`` -> x, under the same broadcast check as ``x*1``; also with the
       neutral element as a run-time fill (``Expand(true, Shape(..))``, ``ConstantOfShape``) when the
-      result provably has x's dims (tf2onnx's ``ones_like`` masks);
+      result provably has x's dims (tf2onnx's ``ones_like`` masks); ``And(x, false)`` / ``Or(x, true)``
+      with all-false/all-true constants -> a constant, when the result's dims are static;
     - Cast to x's own type -> x; a round trip through a wider type (f16->f32->f16, i32->i64->i32, ...) -> x;
     - no-ops: single-input Concat, Expand/Tile/Slice/Pad that change nothing, Resize/Upsample with
       all-ones scales and no sizes (not tf_crop_and_resize) (constant arguments);
@@ -1196,6 +1198,31 @@ def _slice_squeeze_gather(node: ir.Node, ctx: Context) -> Match:
     sl.graph.remove(sl, safe=True)
     return Match.ok()
 
+
+def _absorbing_mask(node: ir.Node, ctx: Context) -> Match:
+    """And with all-false / Or with all-true constant became a constant"""
+    absorbing = {"And": False, "Or": True}[node.op_type]
+    x, c = (list(node.inputs) + [None, None])[:2]
+    if constant(c) is None:
+        x, c = c, x
+    arr = constant(c)
+    if arr is None or x is None or arr.size == 0 or not np.all(arr == absorbing):
+        return NO_MATCH
+    out = node.outputs[0]
+    dims = ctx.dims.get(out)
+    static = [d for d in dims if isinstance(d, int)] if dims is not None else []
+    if dims is None or len(static) != len(dims):
+        return Match.fail("the result's dims are not all static")
+    if out.is_graph_output():
+        return Match.fail("the result is a graph output")
+    if int(np.prod(static)) > 1 << 16:
+        return Match.fail("the constant would be large")
+    replace_with_initializer(out, np.full(tuple(static), absorbing, dtype=np.bool_))
+    inputs = [v for v in node.inputs if v is not None]
+    node.graph.remove(node, safe=True)
+    remove_dead_producers(inputs)
+    return Match.ok()
+
 #: see Simplify's ``size_rules``
 SIZE_RULES = frozenset({_unsqueeze_chain, _reshape_roundtrip, _parallel_matmuls, _where_never_equal, _reshape_own_dims,
                         _concat_flatten, _slice_merge, _shape_runs, _repeat_as_resize, _resize_chain,
@@ -1210,8 +1237,8 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "Reshape": (_reshape, _reshape_roundtrip, _reshape_own_dims, _repeat_as_resize, _matmul_reshape_roundtrip),
     "Squeeze": (_squeeze_pair, _slice_squeeze_gather),
     "Unsqueeze": (_squeeze_pair, _unsqueeze_chain),
-    "And": (_identity_arith,),
-    "Or": (_identity_arith,),
+    "And": (_identity_arith, _absorbing_mask),
+    "Or": (_identity_arith, _absorbing_mask),
     "Cast": (_cast,),
     "Concat": (_noop, _concat_flatten, _shape_runs),
     "Expand": (_noop,),

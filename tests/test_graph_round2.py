@@ -221,6 +221,20 @@ def test_neutral_mask_fill_is_removed(op, fill, shape_of, removed):
     same_outputs(proto, new, [(2, 3), (1, 3)])
 
 
+@pytest.mark.parametrize("op, fill, x_dims, folds", [("And", False, (2, 3), True), ("Or", True, (2, 3), True),
+                                                     ("And", True, (2, 3), False), ("And", False, ("n", 3), False)])
+def test_absorbing_mask_constant_becomes_a_constant(op, fill, x_dims, folds):
+    nodes = [h.make_node("Greater", ["x", "zero"], ["m"]), h.make_node(op, ["m", "c"], ["a"]),
+             h.make_node("Where", ["a", "x", "zero"], ["y"])]
+    inits = [f32("zero", 0.0), nh.from_array(np.full((1, 3), fill), "c")]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, list(x_dims))],
+                     [h.make_tensor_value_info("y", T.FLOAT, None)], inits)
+    proto = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    _, new = run(proto)
+    assert ("Greater" not in ops(new)) == folds, ops(new)
+    same_outputs(proto, new, [(2, 3)])
+
+
 # ------------------------------------------------------------------ Shape slices in a Concat
 
 def test_adjacent_shape_dims_become_one_shape_slice():

@@ -983,6 +983,11 @@ def block_round2(b: Builder, x: Val) -> Val:
     if kind == "mask_fill":
         m = b.one("Greater", [v, b.const(np.array(0.0, np.float32))])
         op, fill = c.choice([("And", True), ("Or", False), ("And", False), ("Or", True)])
+        if c.bool(0.3):  # an absorbing constant (folds only where the result's dims are static)
+            const = b.const(np.full(c.choice([(1,), (1, 1, 1, 1), (dims[3],) if isinstance(dims[3], int) else (1,)]), not (op == "And")))
+            a = b.one(op, [m, const] if c.bool() else [const, m])
+            b.outputs.append(Val(b.one("Where", [a, v, b.const(np.array(-1.0, np.float32))]), T.FLOAT, None))
+            return x
         shape_src = c.choice(["x", "x", "wide", "narrow"])
         if shape_src == "x":
             s = b.one("Shape", [v])
