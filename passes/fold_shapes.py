@@ -178,6 +178,7 @@ class Aliased:
             out = table.get(node.outputs[0])
             if out is None:
                 continue
+            exprs: list[Expr]
             if node.op_type == "Tile":
                 reps, data = _const_ints(node.inputs[1]), table.get(node.inputs[0])
                 if reps is None or data is None or not len(reps) == len(data) == len(out):
@@ -189,8 +190,14 @@ class Aliased:
                         any(e is None or (not e[1] and e[0] <= 0) for e in target.elems):
                     continue
                 exprs = list(target.elems)
+                allowzero = node.attributes.get("allowzero")
+                if not (allowzero is not None and allowzero.as_int()):
+                    # a run-time 0 copies the data's dim: an element is its output dim in every run only
+                    # when it is 0 exactly when that dim is (a nonzero multiple of it)
+                    resolved = self.dims(node.inputs[0]) or []
+                    exprs = [e if i < len(resolved) and _multiple(e, resolved[i]) else None for i, e in enumerate(exprs)]
             for name, e in zip(out, exprs):
-                if isinstance(name, str) and name not in self.alias:
+                if isinstance(name, str) and name not in self.alias and e is not None:
                     e = self.resolve(e)
                     if e is not None and name not in e[1]:
                         self.alias[name] = e
@@ -213,6 +220,13 @@ class Aliased:
         """``value``'s dims as resolved Exprs (None when its rank is unknown)."""
         dims = self.get(value)
         return None if dims is None else [_resolved(self, value, i, d) for i, d in enumerate(dims)]
+
+
+def _multiple(e: Expr, d: Expr) -> bool:
+    """True when e = k * d for a nonzero integer k (both products of symbols)."""
+    if e is None or d is None or d[0] == 0 or e[0] % d[0] or sorted(e[1]) != sorted(d[1]):
+        return False
+    return e[0] // d[0] != 0
 
 
 def _resolved(dims, value: ir.Value, axis: int, d) -> Expr:
