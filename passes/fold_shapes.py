@@ -104,7 +104,7 @@ class FoldShapes(OptPass):
         return self.result(model, changed, skipped)
 
     def _round(self, model: ir.Model, changed: collections.Counter, skipped: collections.Counter) -> None:
-        dims = Aliased(shape_inference.infer(model), model)
+        dims = Aliased(shape_inference.infer(model), model, reshapes=False)
         syms: dict[int, SymValue | None] = {}
         for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
             if node.graph is None or not is_standard(node):
@@ -134,17 +134,23 @@ class FoldShapes(OptPass):
             return Match.fail("target shape not known symbolically")
         data_dims = dims.get(node.inputs[0])
         data_syms = [_resolved(dims, node.inputs[0], i, d) for i, d in enumerate(data_dims)] if data_dims else []
+        # the same comparison on the names as inferred: a dim matches when either form does (both are facts)
+        raw = _sym(node.inputs[1], dims.table, {}) if isinstance(dims, Aliased) else None
+        raw_elems = raw.elems if raw is not None and len(raw.elems) == len(target.elems) else (None,) * len(target.elems)
+        data_raw = [_dim_expr(node.inputs[0], i, d) for i, d in enumerate(data_dims)] if data_dims else []
         allowzero_attr = node.attributes.get("allowzero")
         allowzero = allowzero_attr.as_int() if allowzero_attr is not None else 0
         new, unknown = [], 0
-        for i, e in enumerate(target.elems):
+        for i, (e, r) in enumerate(zip(target.elems, raw_elems)):
+            if (e is None or e[1]) and r is not None and not r[1]:
+                e = r  # a literal in the inferred form
             if e is not None and not e[1]:
                 if e[0] == 0 and allowzero:
                     return Match.fail("literal zero with allowzero=1")
                 if e[0] == -1:
                     unknown += 1
                 new.append(e[0])
-            elif i < len(data_syms) and e is not None and e == data_syms[i]:
+            elif i < len(data_syms) and ((e is not None and e == data_syms[i]) or (r is not None and r == data_raw[i])):
                 new.append(0)
             else:
                 unknown += 1
@@ -162,18 +168,23 @@ class FoldShapes(OptPass):
 class Aliased:
     """onnxopt.shapes' dims, with the names onnx inference makes up for dims it cannot express
     resolved where they provably are a product of known dims: below a ``Tile`` with constant repeats
-    (output dim = input dim x repeat; inference names ``N x 1`` anew) and a ``Reshape`` whose target
-    is known element by element (output dim = target element, no 0 or -1 in it).  Built in graph
+    (output dim = input dim x repeat; inference names ``N x 1`` anew) and (unless ``reshapes`` is
+    False) a ``Reshape`` whose target is known element by element (output dim = target element, no
+    0 or -1 in it, and a run-time 0 would copy an equal dim).  Built in graph
     order, each alias resolved when learnt (so chains are short and cannot cycle).  O(nodes)."""
 
-    def __init__(self, table: shape_inference.Shapes, model: ir.Model | None = None):
+    def __init__(self, table: shape_inference.Shapes, model: ir.Model | None = None, reshapes: bool = True):
+        """``reshapes=False``: Tile aliases only.  fold-shapes uses that: a Reshape alias can make a
+        target provable one round early with its -1 on a dim whose name inference would otherwise
+        have carried on (BERT's ``[-1, 0, 64]`` instead of ``[0, -1, 64]`` lost ``batch`` downstream)."""
         self.table = table
         self.alias: dict[str, Expr] = {}
         if model is None:
             return
         syms: dict = {}
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
-            if not is_standard(node) or node.op_type not in ("Tile", "Reshape") or len(node.inputs) < 2:
+            if not is_standard(node) or node.op_type not in ("Tile", "Reshape") or len(node.inputs) < 2 or \
+                    (node.op_type == "Reshape" and not reshapes):
                 continue
             out = table.get(node.outputs[0])
             if out is None:

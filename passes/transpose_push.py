@@ -87,6 +87,10 @@ class TransposePush(OptPass):
     merge; inverse permutations cancel) or where the Transpose vanishes, so the number of Transposes
     never grows; values that are graph outputs are never crossed (the interface keeps its layout).
     Each crossing is exact (a permutation of the same elements), so outputs are bit-identical.
+    A run-time Reshape target is reordered with a Gather and the Reshape gets allowzero=1 (each
+    element is its merged dims' product, so a 0 there is a literal 0): the result differs from the
+    original's copy-a-dim reading of a 0 only in runs where two or more dims are 0 (then the
+    original's own output shape is not the merged one).
     Standard domain only; recurses into subgraphs.  Rounds repeat (with fresh shapes) until one
     changes nothing, so a second run is a no-op.  Cost: per round one shape inference plus
     O(Transposes x MAX_PATH).
