@@ -85,7 +85,7 @@ class Simplify(OptPass):
       with steps 1 and non-negative bounds, where ``x[s1:e1][s2:e2] = x[s1+s2 : min(e1, s1+e2)]``);
     - adjacent parts of a 1-D Concat that are consecutive slices of one ``Shape(x)`` (``[Shape(x)[i]]``
       as Unsqueeze/Gather, Slice or Shape with start/end) -> one ``Shape(x, start, end)`` (opset >= 15;
-      not for a Reshape target's own dims, which _reshape_own_dims copies);
+      not in a Reshape target, which fold-shapes and _reshape_own_dims turn into copies);
     - ``Where(Equal(s, c), a, s)`` -> s for a negative constant c and s provably >= 0 (shape
       arithmetic: the TorchScript exporter's guard of Expand shapes against -1), when neither c nor
       a broadcasts s to a larger shape;
@@ -991,8 +991,9 @@ def _shape_runs(node: ir.Node, ctx: Context) -> Match:
     """adjacent Shape slices in a Concat merged into one Shape(start, end)"""
     if ctx.opset < 15 or _concat_axis(node, ctx) != 0:
         return NO_MATCH
-    # a Reshape target's own dims are better copied (0) by _reshape_own_dims: leave those parts
-    reshaped = {u.node.inputs[0] for u in node.outputs[0].uses() if u.node.op_type == "Reshape" and u.idx == 1}
+    # a Reshape target is left to fold-shapes and _reshape_own_dims (a copied dim, 0, beats a Shape slice)
+    if any(u.node.op_type == "Reshape" and u.idx == 1 for u in node.outputs[0].uses()):
+        return NO_MATCH
     ranges = [_shape_range(v, ctx) if v is not None else None for v in node.inputs]
     runs, k = [], 0
     while k < len(ranges):
@@ -1002,7 +1003,7 @@ def _shape_runs(node: ir.Node, ctx: Context) -> Match:
             j += 1
         r = ranges[k]
         single_plain = j == k and (r is None or _producer(node.inputs[k], "Shape") is not None)
-        if r is not None and r[0] not in reshaped and not single_plain:
+        if r is not None and not single_plain:
             runs.append((k, j))
         k = j + 1
     if not runs:
