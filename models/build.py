@@ -19,6 +19,8 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
+from models import round2
+
 
 def _make_model(graph, opset_imports, **kw) -> onnx.ModelProto:
     """onnx.helper.make_model with the lowest IR version the opsets need (not onnx's newest), so
@@ -521,6 +523,7 @@ BUILDERS = {
     "integer_ops": integer_ops,
     "fp16_overflow": fp16_overflow,
 }
+BUILDERS.update(round2.BUILDERS)  # issue 22's exports (PyTorch and Keras/tf2onnx): models/round2.py
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -534,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         RNG = np.random.default_rng(zlib.crc32(name.encode()))  # same weights whichever builders run
         model = BUILDERS[name]()
         if model is None:
-            print(f"{name}: skipped (needs torch: pip install -e .[models])", file=sys.stderr)
+            print(f"{name}: skipped (needs torch, or tensorflow-cpu and tf2onnx: pip install -e .[models])", file=sys.stderr)
             continue
         onnx.checker.check_model(model)
         path = Path(args.out) / f"{name}.onnx"

@@ -26,7 +26,7 @@ from onnxopt.errors import InternalError, OnnxoptError, UsageError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PIPELINE = "cleanup,fold-constants,fold-shapes,simplify,fuse-activations,fuse-affine,dedup,cse"
+DEFAULT_PIPELINE = "cleanup,fold-constants,fold-shapes,simplify,transpose-push,fuse-activations,fuse-affine,dedup,cse"
 _ITEM = re.compile(r"\s*([a-z0-9][a-z0-9-]*)\s*(?:\{([^{}]*)\})?\s*")
 
 

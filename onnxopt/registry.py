@@ -22,6 +22,7 @@ _BUILTIN = {
     "dedup": ("onnxopt.passes.dedup", "Deduplicate"),
     "fold-shapes": ("onnxopt.passes.fold_shapes", "FoldShapes"),
     "simplify": ("onnxopt.passes.simplify", "Simplify"),
+    "transpose-push": ("onnxopt.passes.transpose_push", "TransposePush"),
     "fuse-activations": ("onnxopt.passes.fuse_activations", "FuseActivations"),
     "fuse-conv-bn": ("onnxopt.passes.fuse_conv_bn", "FuseConvBatchNorm"),
     "fuse-affine": ("onnxopt.passes.fuse_affine", "FuseAffine"),

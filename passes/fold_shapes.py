@@ -104,7 +104,7 @@ class FoldShapes(OptPass):
         return self.result(model, changed, skipped)
 
     def _round(self, model: ir.Model, changed: collections.Counter, skipped: collections.Counter) -> None:
-        dims = shape_inference.infer(model)
+        dims = Aliased(shape_inference.infer(model), model, reshapes=False)
         syms: dict[int, SymValue | None] = {}
         for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
             if node.graph is None or not is_standard(node):
@@ -126,25 +126,31 @@ class FoldShapes(OptPass):
             syms[id(new)] = value
             changed[f"{node.op_type} folded to a constant"] += 1
 
-    def _reshape(self, node: ir.Node, dims: shape_inference.Shapes, syms: dict) -> Match:
+    def _reshape(self, node: ir.Node, dims: Aliased, syms: dict) -> Match:
         if len(node.inputs) < 2 or node.inputs[1] is None or is_constant(node.inputs[1]):
             return NO_MATCH
         target = _sym(node.inputs[1], dims, syms)
         if target is None or target.scalar:
             return Match.fail("target shape not known symbolically")
         data_dims = dims.get(node.inputs[0])
-        data_syms = [_dim_expr(node.inputs[0], i, d) for i, d in enumerate(data_dims)] if data_dims else []
+        data_syms = [_resolved(dims, node.inputs[0], i, d) for i, d in enumerate(data_dims)] if data_dims else []
+        # the same comparison on the names as inferred: a dim matches when either form does (both are facts)
+        raw = _sym(node.inputs[1], dims.table, {}) if isinstance(dims, Aliased) else None
+        raw_elems = raw.elems if raw is not None and len(raw.elems) == len(target.elems) else (None,) * len(target.elems)
+        data_raw = [_dim_expr(node.inputs[0], i, d) for i, d in enumerate(data_dims)] if data_dims else []
         allowzero_attr = node.attributes.get("allowzero")
         allowzero = allowzero_attr.as_int() if allowzero_attr is not None else 0
         new, unknown = [], 0
-        for i, e in enumerate(target.elems):
+        for i, (e, r) in enumerate(zip(target.elems, raw_elems)):
+            if (e is None or e[1]) and r is not None and not r[1]:
+                e = r  # a literal in the inferred form
             if e is not None and not e[1]:
                 if e[0] == 0 and allowzero:
                     return Match.fail("literal zero with allowzero=1")
                 if e[0] == -1:
                     unknown += 1
                 new.append(e[0])
-            elif i < len(data_syms) and e is not None and e == data_syms[i]:
+            elif i < len(data_syms) and ((e is not None and e == data_syms[i]) or (r is not None and r == data_raw[i])):
                 new.append(0)
             else:
                 unknown += 1
@@ -159,6 +165,86 @@ class FoldShapes(OptPass):
         return Match.ok()
 
 
+class Aliased:
+    """onnxopt.shapes' dims, with the names onnx inference makes up for dims it cannot express
+    resolved where they provably are a product of known dims: below a ``Tile`` with constant repeats
+    (output dim = input dim x repeat; inference names ``N x 1`` anew) and (unless ``reshapes`` is
+    False) a ``Reshape`` whose target is known element by element (output dim = target element, no
+    0 or -1 in it, and a run-time 0 would copy an equal dim).  Built in graph
+    order, each alias resolved when learnt (so chains are short and cannot cycle).  O(nodes)."""
+
+    def __init__(self, table: shape_inference.Shapes, model: ir.Model | None = None, reshapes: bool = True):
+        """``reshapes=False``: Tile aliases only.  fold-shapes uses that: a Reshape alias can make a
+        target provable one round early with its -1 on a dim whose name inference would otherwise
+        have carried on (BERT's ``[-1, 0, 64]`` instead of ``[0, -1, 64]`` lost ``batch`` downstream)."""
+        self.table = table
+        self.alias: dict[str, Expr] = {}
+        if model is None:
+            return
+        syms: dict = {}
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            if not is_standard(node) or node.op_type not in ("Tile", "Reshape") or len(node.inputs) < 2 or \
+                    (node.op_type == "Reshape" and not reshapes):
+                continue
+            out = table.get(node.outputs[0])
+            if out is None:
+                continue
+            exprs: list[Expr]
+            if node.op_type == "Tile":
+                reps, data = _const_ints(node.inputs[1]), table.get(node.inputs[0])
+                if reps is None or data is None or not len(reps) == len(data) == len(out):
+                    continue
+                exprs = [_mul(_resolved(self, node.inputs[0], i, d), _const(r)) for i, (d, r) in enumerate(zip(data, reps))]
+            else:
+                target = _sym(node.inputs[1], self, syms)
+                if target is None or target.scalar or len(target.elems) != len(out) or \
+                        any(e is None or (not e[1] and e[0] <= 0) for e in target.elems):
+                    continue
+                exprs = list(target.elems)
+                allowzero = node.attributes.get("allowzero")
+                if not (allowzero is not None and allowzero.as_int()):
+                    # a run-time 0 copies the data's dim: an element is its output dim in every run only
+                    # when it is 0 exactly when that dim is (a nonzero multiple of it)
+                    resolved = self.dims(node.inputs[0]) or []
+                    exprs = [e if i < len(resolved) and _multiple(e, resolved[i]) else None for i, e in enumerate(exprs)]
+            for name, e in zip(out, exprs):
+                if isinstance(name, str) and name not in self.alias and e is not None:
+                    e = self.resolve(e)
+                    if e is not None and name not in e[1]:
+                        self.alias[name] = e
+
+    def get(self, value: ir.Value | None):
+        return self.table.get(value)
+
+    def dtype(self, value: ir.Value | None):
+        return self.table.dtype(value)
+
+    def resolve(self, e: Expr, depth: int = 8) -> Expr:
+        if e is None or depth == 0 or not any(s in self.alias for s in e[1]):
+            return e
+        out: Expr = (e[0], ())
+        for s in e[1]:
+            out = _mul(out, self.resolve(self.alias[s], depth - 1) if s in self.alias else (1, (s,)))
+        return out
+
+    def dims(self, value: ir.Value | None) -> list[Expr] | None:
+        """``value``'s dims as resolved Exprs (None when its rank is unknown)."""
+        dims = self.get(value)
+        return None if dims is None else [_resolved(self, value, i, d) for i, d in enumerate(dims)]
+
+
+def _multiple(e: Expr, d: Expr) -> bool:
+    """True when e = k * d for a nonzero integer k (both products of symbols)."""
+    if e is None or d is None or d[0] == 0 or e[0] % d[0] or sorted(e[1]) != sorted(d[1]):
+        return False
+    return e[0] // d[0] != 0
+
+
+def _resolved(dims, value: ir.Value, axis: int, d) -> Expr:
+    e = _dim_expr(value, axis, d)
+    return dims.resolve(e) if isinstance(dims, Aliased) else e
+
+
 def _dim_expr(value: ir.Value, axis: int, d) -> Expr:
     if isinstance(d, int):
         return _const(d)
@@ -167,7 +253,7 @@ def _dim_expr(value: ir.Value, axis: int, d) -> Expr:
     return (1, (f"?{value.name}:{axis}",))  # unknown but stable: the same tensor's same axis
 
 
-def _sym(value: ir.Value | None, dims: shape_inference.Shapes, syms: dict) -> SymValue | None:
+def _sym(value: ir.Value | None, dims: shape_inference.Shapes | Aliased, syms: dict) -> SymValue | None:
     if value is None:
         return None
     key = id(value)
@@ -191,11 +277,17 @@ def _const_ints(value: ir.Value | None) -> list[int] | None:
     return [int(v) for v in value.const_value.numpy().reshape(-1)]
 
 
-def _evaluate(node: ir.Node, dims: shape_inference.Shapes, syms: dict) -> SymValue | None:
-    """Symbolic value of node's single output, or None when not a tracked shape computation.
-    One branch per tracked op (long on purpose: each branch is the op's semantics on SymValues)."""
+def _evaluate(node: ir.Node, dims: shape_inference.Shapes | Aliased, syms: dict) -> SymValue | None:
+    """Symbolic value of node's single output, or None when not a tracked shape computation (each
+    tracked op's semantics on SymValues, by kind: Shape, Identity/Cast, selections, reshapes, arithmetic)."""
+    for evaluate in (_eval_shape, _eval_cast, _eval_select, _eval_reshape, _eval_arith):
+        if node.op_type in _EVALUATES[evaluate]:
+            return evaluate(node, list(node.inputs), dims, syms)
+    return None
+
+
+def _eval_shape(node: ir.Node, ins: list, dims: shape_inference.Shapes | Aliased, syms: dict) -> SymValue | None:
     op = node.op_type
-    ins = list(node.inputs)
     if op == "Shape":
         d = dims.get(ins[0])
         if d is None:
@@ -207,7 +299,12 @@ def _evaluate(node: ir.Node, dims: shape_inference.Shapes, syms: dict) -> SymVal
         e = end.as_int() if end is not None else rank
         s, e = (s + rank if s < 0 else s), (e + rank if e < 0 else e)
         s, e = max(0, min(s, rank)), max(0, min(e, rank))
-        return SymValue(tuple(_dim_expr(ins[0], i, d[i]) for i in range(s, e)), False)
+        return SymValue(tuple(_resolved(dims, ins[0], i, d[i]) for i in range(s, e)), False)
+    return None
+
+
+def _eval_cast(node: ir.Node, ins: list, dims: shape_inference.Shapes | Aliased, syms: dict) -> SymValue | None:
+    op = node.op_type
     if op in ("Identity", "Cast"):
         src = _sym(ins[0], dims, syms)
         if src is None:
@@ -218,6 +315,11 @@ def _evaluate(node: ir.Node, dims: shape_inference.Shapes, syms: dict) -> SymVal
                 return None
             return SymValue(src.elems, src.scalar, to)
         return src
+    return None
+
+
+def _eval_select(node: ir.Node, ins: list, dims: shape_inference.Shapes | Aliased, syms: dict) -> SymValue | None:
+    op = node.op_type
     if op == "Gather":
         data, idx = _sym(ins[0], dims, syms), ins[1]
         axis = node.attributes.get("axis")
@@ -247,6 +349,11 @@ def _evaluate(node: ir.Node, dims: shape_inference.Shapes, syms: dict) -> SymVal
         if any(p is None or p.scalar for p in parts):
             return None
         return SymValue(tuple(e for p in parts for e in p.elems), False, parts[0].dtype)
+    return None
+
+
+def _eval_reshape(node: ir.Node, ins: list, dims: shape_inference.Shapes | Aliased, syms: dict) -> SymValue | None:
+    op = node.op_type
     if op == "Unsqueeze":
         src = _sym(ins[0], dims, syms)
         if src is None or not src.scalar or node_axes(node) not in ([0], [-1]):
@@ -269,6 +376,11 @@ def _evaluate(node: ir.Node, dims: shape_inference.Shapes, syms: dict) -> SymVal
         if target == []:
             return SymValue(src.elems, True, src.dtype)
         return None
+    return None
+
+
+def _eval_arith(node: ir.Node, ins: list, dims: shape_inference.Shapes | Aliased, syms: dict) -> SymValue | None:
+    op = node.op_type
     if op in ("Add", "Sub", "Mul", "Div", "Max", "Min") and len(ins) == 2:
         a, b = _sym(ins[0], dims, syms), _sym(ins[1], dims, syms)
         if a is None or b is None or a.dtype != b.dtype:
@@ -280,3 +392,7 @@ def _evaluate(node: ir.Node, dims: shape_inference.Shapes, syms: dict) -> SymVal
         elems = tuple(_binary(op, a.elems[i if la > 1 else 0], b.elems[i if lb > 1 else 0]) for i in range(n))
         return SymValue(elems, a.scalar and b.scalar, a.dtype)
     return None
+
+
+_EVALUATES = {_eval_shape: ("Shape",), _eval_cast: ("Identity", "Cast"), _eval_select: ("Gather", "Slice", "Concat"),
+              _eval_reshape: ("Unsqueeze", "Squeeze", "Reshape"), _eval_arith: ("Add", "Sub", "Mul", "Div", "Max", "Min")}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -20,15 +19,44 @@ from onnxopt.base import (
     declined,
     is_standard,
     node_axes,
-    nonnegative,
     remove_dead_producers,
     substitute,
+)
+from onnxopt.passes import fold_shapes
+from onnxopt.rewrites.chains import (
+    absorbing_mask,
+    concat_flatten,
+    matmul_reshape_roundtrip,
+    repeat_as_resize,
+    resize_chain,
+    shape_runs,
+    slice_merge,
+    slice_squeeze_gather,
+)
+from onnxopt.rewrites.common import (
+    INT_MAX_LIKE,
+    Context,
+    broadcast_keeps,
+    only_use,
+    producer_op,
+)
+from onnxopt.rewrites.structure import (
+    matmul_add_gemm,
+    pad_into_conv,
+    pad_into_pool,
+    parallel_matmuls,
+    reshape_own_dims,
+    rnn_zero_state,
+    where_never_equal,
 )
 
 # A rule returns NO_MATCH (pattern absent), Match.ok() (rewritten) or Match.fail(reason) (declined).
 Rule = Callable[[ir.Node, "Context"], Match]
+
+
 FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
-INT_MAX_LIKE = 2**31 - 1
+
+
 #: Rounds of all rules (each with fresh shapes) until nothing changes; a pass must be idempotent.
 MAX_ROUNDS = 8
 
@@ -48,20 +76,42 @@ class Simplify(OptPass):
       literal, becomes -1: it is the only dim the -1 can infer; ported from onnxscript's rule);
       Reshape to x's own shape -> x (each target entry x's static dim, a copying 0 or the one -1);
     - ``Squeeze(Unsqueeze(x,a),a)`` and ``Unsqueeze(Squeeze(x,a),a)`` -> x;
-    - ``Reshape(f(Reshape(x, s)), t)`` -> ``f(x)`` for a chain f of elementwise ops whose other
+    - ``Reshape(f(R(x)), t)`` -> ``f(x)`` for R a Reshape/Squeeze/Unsqueeze/Flatten and a chain f of elementwise ops whose other
       operands are one-element constants, when t provably is x's shape (x's rank, x's static dims,
       at most one -1, no 0) and nothing outside the chain reads its values;
+    - ``Reshape(MatMul(Reshape(x, [rows, K]), W), t)`` -> ``MatMul(x, W)`` for a constant 2-D W when the
+      inner target provably flattens x's leading dims and t provably restores them (dims and targets
+      as products of symbols: tf2onnx's Tensordot for Keras' Dense on 3-D inputs);
+    - Unsqueeze+Tile+Reshape repeating each element of one axis r times (r a power of two; float32)
+      -> ``Resize(nearest, asymmetric, floor)`` with scale r there, and two such Resizes -> one
+      (Keras' UpSampling2D);
+    - ``Squeeze(Slice(x, [s], [s+1], [a]), [a])`` (or ``[-1]:`` to the end) -> ``Gather(x, s, axis=a)``
+      (an index out of range fails in both);
     - ``Unsqueeze(Unsqueeze(x,a),b)`` -> ``Unsqueeze(x,c)`` with the combined axes, when every user
       of the inner one is an Unsqueeze (negative axes only with x's rank known);
-    - ``And(x, true)`` / ``Or(x, false)`` -> x, under the same broadcast check as ``x*1``;
+    - ``And(x, true)`` / ``Or(x, false)`` -> x, under the same broadcast check as ``x*1``; also with the
+      neutral element as a run-time fill (``Expand(true, Shape(..))``, ``ConstantOfShape``) when the
+      result provably has x's dims (tf2onnx's ``ones_like`` masks); ``And(x, false)`` / ``Or(x, true)``
+      with all-false/all-true constants -> a constant, when the result's dims are static;
     - Cast to x's own type -> x; a round trip through a wider type (f16->f32->f16, i32->i64->i32, ...) -> x;
     - no-ops: single-input Concat, Expand/Tile/Slice/Pad that change nothing, Resize/Upsample with
       all-ones scales and no sizes (not tf_crop_and_resize) (constant arguments);
     - ``Conv(Pad(x))`` with zero constant padding on spatial dims -> Conv with the pads;
+      ``MaxPool(Pad(x))`` likewise when the fill is -inf, or 0 with x provably >= 0 (a Relu's output:
+      Keras' ZeroPadding2D before MaxPooling2D), no ceil_mode, no dilation, the Indices output unused
+      and the merged pads smaller than the kernel; ``AveragePool(Pad(x))`` with a zero fill, no
+      ceil_mode, and count_include_pad=1 (set when the pool had no pads of its own);
     - MatMuls reading the same A with constant 2-D weights of the same row count (each used only
       there) -> one MatMul with the weights concatenated + Split on the last axis (Q/K/V);
-    - an all-zero initial state (a zero constant or ``ConstantOfShape`` of 0) of LSTM/GRU/RNN -> the
-      input left out (the operators' default is zeros); the Shape chain computing it dies;
+    - an all-zero initial state (a zero constant or ``ConstantOfShape`` of 0, or Expand/Unsqueeze/
+      Reshape/Concat/Cast... of such: ``is_zeros``) of LSTM/GRU/RNN -> the input left out (the
+      operators' default is zeros); the Shape chain computing it dies;
+    - ``Concat(.., Concat(a, b), ..)`` on the same axis, the inner one used only there -> one Concat;
+    - ``Slice(Slice(x))`` with constant arguments -> one Slice (disjoint axes; on a shared axis only
+      with steps 1 and non-negative bounds, where ``x[s1:e1][s2:e2] = x[s1+s2 : min(e1, s1+e2)]``);
+    - adjacent parts of a 1-D Concat that are consecutive slices of one ``Shape(x)`` (``[Shape(x)[i]]``
+      as Unsqueeze/Gather, Slice or Shape with start/end) -> one ``Shape(x, start, end)`` (opset >= 15;
+      not in a Reshape target, which fold-shapes and reshape_own_dims turn into copies);
     - ``Where(Equal(s, c), a, s)`` -> s for a negative constant c and s provably >= 0 (shape
       arithmetic: the TorchScript exporter's guard of Expand shapes against -1), when neither c nor
       a broadcasts s to a larger shape;
@@ -70,7 +120,8 @@ class Simplify(OptPass):
       copies exactly that dim (also when it is 0); the Shape chain dies;
     ``size-rules=false`` turns off the rules that only shrink the graph and whose results the
     transformer fusion patterns do not match (Unsqueeze chains, and/or neutral elements, Reshape
-    round trips, the Q/K/V merge, the Where guard, the copied Reshape dims);
+    round trips, the Q/K/V merge, the Where guard, the copied Reshape dims, nested Concats, Slice
+    merges, Shape slices);
     - ``Add(MatMul(A, B), C)`` -> ``Gemm(A, B, C)`` for 2-D A, constant 2-D B and constant C of
       shape [N] or [1, N].
     Shapes come from onnxopt.shapes (declared intermediate/output shapes are not believed).
@@ -100,7 +151,8 @@ class Simplify(OptPass):
         for _ in range(MAX_ROUNDS):  # a rewrite can enable another one on a node already visited
             before = sum(changed.values())
             skipped.clear()  # the last round's declines are the ones that stand
-            ctx = Context(shape_inference.infer(model), model.opset_imports.get("", 1), names)
+            table = shape_inference.infer(model)
+            ctx = Context(table, model.opset_imports.get("", 1), names, fold_shapes.Aliased(table, model))
             for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
                 if node.graph is None or not is_standard(node):
                     continue
@@ -117,38 +169,6 @@ class Simplify(OptPass):
         return self.result(model, changed, skipped)
 
 
-@dataclasses.dataclass(frozen=True)
-class Context:
-    dims: shape_inference.Shapes
-    opset: int  # of the default domain
-    names: FreshNames
-
-
-# ---------------------------------------------------------------- helpers
-
-def _only_use(value: ir.Value, node: ir.Node) -> bool:
-    return not value.is_graph_output() and all(u.node is node for u in value.uses()) and len(value.uses()) == 1
-
-
-def _producer(value: ir.Value | None, *ops: str) -> ir.Node | None:
-    node = value.producer() if value is not None else None
-    if node is None or node.op_type not in ops or not is_standard(node):
-        return None
-    return node
-
-
-def _broadcast_keeps(x_dims, c_shape) -> bool:
-    """True when broadcasting x against a tensor of shape c_shape leaves x's shape as it is."""
-    if x_dims is None or len(c_shape) > len(x_dims):
-        return False
-    for c, d in zip(reversed(c_shape), reversed(x_dims)):
-        if c != 1 and c != d:
-            return False
-    return True
-
-
-# ---------------------------------------------------------------- rules
-
 def _identity_arith(node: ir.Node, ctx: Context) -> Match:
     """neutral element removed (x+0, x-0, x*1, x/1, x and true, x or false)"""
     a, b = (list(node.inputs) + [None, None])[:2]
@@ -156,16 +176,50 @@ def _identity_arith(node: ir.Node, ctx: Context) -> Match:
     candidates = [(a, b)] + ([(b, a)] if node.op_type in ("Add", "Mul", "And", "Or") else [])
     for x, c in candidates:
         arr = constant(c)
+        if arr is None and x is not None and constant(x) is None and _neutral_fill(c, neutral):
+            return _drop_neutral_fill(node, x, ctx)
         if arr is None or x is None or constant(x) is not None:
             continue
         if not np.all(arr == neutral):
             continue
-        if not _broadcast_keeps(ctx.dims.get(x), arr.shape):
+        if not broadcast_keeps(ctx.dims.get(x), arr.shape):
             return Match.fail("the constant would broadcast x to a larger shape (or x's shape is unknown)")
         if ctx.dims.dtype(x) != c.const_value.dtype:
             return Match.fail("dtype differs")
         return declined(substitute(node, x))
     return NO_MATCH
+
+
+def _neutral_fill(value: ir.Value | None, neutral) -> bool:
+    """``Expand(c, shape)`` of a constant c, or ``ConstantOfShape`` with a fill, that is all ``neutral``
+    (tf2onnx's ``ones_like`` masks: ``And(Expand(true, Shape(x)), m)``)."""
+    producer = producer_op(value, "Expand", "ConstantOfShape")
+    if producer is None:
+        return False
+    if producer.op_type == "Expand":
+        arr = constant(producer.inputs[0])
+        return arr is not None and arr.size > 0 and bool(np.all(arr == neutral))
+    fill = producer.attributes.get("value")
+    arr = fill.as_tensor().numpy() if fill is not None else np.zeros(1, np.float32)
+    return bool(np.all(arr == neutral))
+
+
+def _known(dims) -> bool:
+    return dims is not None and all(isinstance(d, int) or (isinstance(d, str) and d) for d in dims)
+
+
+def _drop_neutral_fill(node: ir.Node, x: ir.Value, ctx: Context) -> Match:
+    """``op(x, fill)`` -> x when the fill is neutral for op and the result provably has x's dims and type."""
+    x_dims, out_dims = ctx.dims.get(x), ctx.dims.get(node.outputs[0])
+    if not _known(x_dims) or x_dims != out_dims:
+        return Match.fail("the fill may broadcast x to a larger shape (or a shape is unknown)")
+    if ctx.dims.dtype(x) is None or ctx.dims.dtype(x) != ctx.dims.dtype(node.outputs[0]):
+        return Match.fail("dtype differs or is unknown")
+    fill = [v for v in node.inputs if v is not x]
+    reason = substitute(node, x)
+    if reason is None:
+        remove_dead_producers(fill)
+    return declined(reason)
 
 
 def _transpose(node: ir.Node, ctx: Context) -> Match:
@@ -176,10 +230,10 @@ def _transpose(node: ir.Node, ctx: Context) -> Match:
     perm = list(perm_attr.as_ints())
     if perm == list(range(len(perm))):
         return declined(substitute(node, node.inputs[0]))
-    inner = _producer(node.inputs[0], "Transpose")
+    inner = producer_op(node.inputs[0], "Transpose")
     if inner is None or inner.attributes.get("perm") is None:
         return NO_MATCH
-    if not _only_use(node.inputs[0], node):
+    if not only_use(node.inputs[0], node):
         return Match.fail("inner Transpose has other users")
     p1 = list(inner.attributes["perm"].as_ints())
     if len(p1) != len(perm):
@@ -203,12 +257,12 @@ def _reshape(node: ir.Node, ctx: Context) -> Match:
     x_dims = ctx.dims.get(node.inputs[0])
     if x_dims is not None and _reshape_keeps(x_dims, target, copies):
         return declined(substitute(node, node.inputs[0]))
-    inner = _producer(node.inputs[0], "Reshape", "Flatten", "Squeeze", "Unsqueeze")
+    inner = producer_op(node.inputs[0], "Reshape", "Flatten", "Squeeze", "Unsqueeze")
     if inner is None:
         return NO_MATCH
     if copies and (target.count(0) != 1 or any(t < 0 for t in target)):
         return Match.fail("target copies several dims of the intermediate (0 entries) or has a -1 too")
-    if not _only_use(node.inputs[0], node):
+    if not only_use(node.inputs[0], node):
         return Match.fail("intermediate has other users")
     if copies:  # the single copied dim is what -1 infers: every other entry is a positive literal
         new_target = np.array([-1 if t == 0 else t for t in target], dtype=np.int64)
@@ -228,7 +282,7 @@ def _reshape_keeps(x_dims, target: list[int], copies: bool) -> bool:
 def _squeeze_pair(node: ir.Node, ctx: Context) -> Match:
     """Squeeze/Unsqueeze pair removed"""
     other = "Unsqueeze" if node.op_type == "Squeeze" else "Squeeze"
-    inner = _producer(node.inputs[0], other)
+    inner = producer_op(node.inputs[0], other)
     if inner is None:
         return NO_MATCH
     a, b = node_axes(node), node_axes(inner)
@@ -240,7 +294,7 @@ def _squeeze_pair(node: ir.Node, ctx: Context) -> Match:
 
 def _unsqueeze_chain(node: ir.Node, ctx: Context) -> Match:
     """Unsqueeze chain merged into one Unsqueeze"""
-    inner = _producer(node.inputs[0], "Unsqueeze")
+    inner = producer_op(node.inputs[0], "Unsqueeze")
     if inner is None:
         return NO_MATCH
     outer_axes, inner_axes = node_axes(node), node_axes(inner)
@@ -275,7 +329,13 @@ def _unsqueeze_chain(node: ir.Node, ctx: Context) -> Match:
 #: trip around a chain of them can be dropped)
 _ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Tanh", "Erf", "Relu", "Sigmoid", "Neg", "Abs", "Sqrt",
                           "Exp", "Log", "Reciprocal", "Softplus", "Cast", "Max", "Min", "Where", "Identity"})
+
+
 _ROUNDTRIP_LIMIT = 32  # nodes between the two Reshapes
+
+
+#: ops that keep their input's elements in order and change only its shape (whatever their arguments)
+_RESHAPE_LIKE = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten"})
 
 
 def _elementwise_region(y: ir.Value, limit: int) -> tuple[set, ir.Node | None, str | None]:
@@ -286,7 +346,7 @@ def _elementwise_region(y: ir.Value, limit: int) -> tuple[set, ir.Node | None, s
     while stack:
         v = stack.pop()
         producer = v.producer()
-        if producer is not None and producer.op_type == "Reshape" and is_standard(producer):
+        if producer is not None and producer.op_type in _RESHAPE_LIKE and is_standard(producer):
             if source is not None and source is not producer:
                 return region, None, "the chain reads more than one Reshape"
             source = producer
@@ -307,7 +367,7 @@ def _elementwise_region(y: ir.Value, limit: int) -> tuple[set, ir.Node | None, s
                     return region, None, "a constant operand has more than one element"
                 continue
             stack.append(inp)
-    return region, source, None if source is not None else "no Reshape at the start of the chain"
+    return region, source, None if source is not None else "no Reshape/Squeeze/Unsqueeze/Flatten at the start of the chain"
 
 
 def _reshape_roundtrip(node: ir.Node, ctx: Context) -> Match:
@@ -370,7 +430,7 @@ def _cast(node: ir.Node, ctx: Context) -> Match:
         return NO_MATCH
     if ctx.dims.dtype(x) == to:
         return declined(substitute(node, x))
-    inner = _producer(x, "Cast")
+    inner = producer_op(x, "Cast")
     if inner is None:
         return NO_MATCH
     source = ctx.dims.dtype(inner.inputs[0])
@@ -391,7 +451,7 @@ def _noop(node: ir.Node, ctx: Context) -> Match:
     x_dims = ctx.dims.get(x)
     if op == "Expand":
         shape = constant(node.inputs[1])
-        if shape is None or not _broadcast_keeps(x_dims, [int(s) for s in shape]):
+        if shape is None or not broadcast_keeps(x_dims, [int(s) for s in shape]):
             return NO_MATCH
         return declined(substitute(node, x))
     if op == "Tile":
@@ -430,242 +490,37 @@ def _noop(node: ir.Node, ctx: Context) -> Match:
     return NO_MATCH
 
 
-def _pad_into_conv(node: ir.Node, ctx: Context) -> Match:
-    """Pad folded into Conv"""
-    pad = _producer(node.inputs[0], "Pad")
-    if pad is None:
-        return NO_MATCH
-    mode = pad.attributes.get("mode")
-    if mode is not None and mode.as_string() != "constant":
-        return Match.fail("Pad mode is not constant")
-    pads = pad.attributes["pads"].as_ints() if "pads" in pad.attributes else constant(pad.inputs[1])
-    value_attr = pad.attributes.get("value")
-    fill = constant(pad.inputs[2]) if len(pad.inputs) > 2 and pad.inputs[2] is not None else None
-    if pads is None or (len(pad.inputs) > 2 and pad.inputs[2] is not None and fill is None):
-        return Match.fail("Pad arguments not constant")
-    if (fill is not None and np.any(fill != 0)) or (value_attr is not None and value_attr.as_float() != 0):
-        return Match.fail("Pad value is not zero")
-    if len(pad.inputs) > 3 and pad.inputs[3] is not None:
-        return Match.fail("Pad with axes")
-    pads = [int(p) for p in pads]
-    rank = len(pads) // 2
-    if rank < 3 or any(p < 0 for p in pads) or any(pads[i] or pads[rank + i] for i in (0, 1)):
-        return Match.fail("Pad touches batch/channel dims or is negative")
-    auto_pad = node.attributes.get("auto_pad")
-    if auto_pad is not None and auto_pad.as_string() not in ("NOTSET", ""):
-        return Match.fail("Conv uses auto_pad")
-    if not _only_use(node.inputs[0], node):
-        return Match.fail("Pad output has other users")
-    k = rank - 2
-    conv_pads = list(node.attributes["pads"].as_ints()) if "pads" in node.attributes else [0] * (2 * k)
-    new = [conv_pads[i] + pads[2 + i] for i in range(k)] + [conv_pads[k + i] + pads[rank + 2 + i] for i in range(k)]
-    node.attributes["pads"] = ir.AttrInt64s("pads", new)
-    node.replace_input_with(0, pad.inputs[0])
-    return Match.ok()
-
-
-def _matmul_add_gemm(node: ir.Node, ctx: Context) -> Match:
-    """MatMul+Add fused into Gemm"""
-    if ctx.opset < 11:
-        return NO_MATCH
-    for i in (0, 1):
-        mm = _producer(node.inputs[i], "MatMul")
-        bias = node.inputs[1 - i]
-        if mm is None:
-            continue
-        a, b = mm.inputs
-        bw, c = constant(b), constant(bias)
-        a_dims = ctx.dims.get(a)
-        if bw is None or c is None or bw.ndim != 2 or a_dims is None or len(a_dims) != 2:
-            return Match.fail("needs 2-D input, constant 2-D weight and constant bias")
-        if c.shape not in ((bw.shape[1],), (1, bw.shape[1])) or c.dtype != bw.dtype or bw.dtype.kind != "f":
-            return Match.fail("bias shape is not [N] or [1, N]")
-        if not _only_use(node.inputs[i], node):
-            return Match.fail("MatMul result has other users")
-        gemm = ir.Node("", "Gemm", [a, b, bias], name=ctx.names.node((mm.name or "gemm") + "_gemm"), num_outputs=1)
-        node.graph.insert_before(node, gemm)
-        gemm.outputs[0].name = ctx.names.value((mm.outputs[0].name or "gemm") + "_gemm")
-        reason = substitute(node, gemm.outputs[0])
-        if reason:
-            node.graph.remove(gemm, safe=True)
-            return Match.fail(reason)
-        return Match.ok()
-    return NO_MATCH
-
-
-def _matmul_siblings(node: ir.Node) -> list[ir.Node]:
-    """MatMuls of node's graph reading node's first input as A, with a constant 2-D B of the same
-    row count and dtype used by nothing else; in graph order (node first when it qualifies)."""
-    x, w = node.inputs[0], constant(node.inputs[1])
-    if x is None or w is None or w.ndim != 2:
-        return []
-    found = []
-    for use in x.uses():
-        other = use.node
-        b = constant(other.inputs[1]) if other.op_type == "MatMul" and len(other.inputs) == 2 else None
-        if (use.idx != 0 or other.graph is not node.graph or not is_standard(other) or b is None or b.ndim != 2
-                or b.shape[0] != w.shape[0] or b.dtype != w.dtype or len(other.inputs[1].uses()) != 1
-                or other.outputs[0].is_graph_output() or other.inputs[1].is_graph_output()):
-            continue
-        found.append(other)
-    order = {id(n): i for i, n in enumerate(node.graph)}
-    return sorted(found, key=lambda n: order[id(n)])
-
-
-def _parallel_matmuls(node: ir.Node, ctx: Context) -> Match:
-    """parallel MatMuls on one input merged into one MatMul + Split"""
-    siblings = _matmul_siblings(node)
-    if len(siblings) < 2 or siblings[0] is not node:
-        return NO_MATCH  # rewritten from the first sibling only
-    weights = [constant(n.inputs[1]) for n in siblings]
-    graph, x = node.graph, node.inputs[0]
-    merged = add_initializer(graph, f"{node.name or 'matmul'}_merged_weight", np.concatenate(weights, axis=1))
-    matmul = ir.Node("", "MatMul", [x, merged], name=ctx.names.node(f"{node.name or 'matmul'}_merged"), num_outputs=1)
-    sizes = np.array([w.shape[1] for w in weights], np.int64)
-    split_inputs = [matmul.outputs[0]]
-    attrs: list = [ir.AttrInt64("axis", -1)]
-    if ctx.opset >= 13:
-        split_inputs.append(add_initializer(graph, f"{node.name or 'matmul'}_split_sizes", sizes))
-    else:
-        attrs.append(ir.AttrInt64s("split", [int(v) for v in sizes]))
-    split = ir.Node("", "Split", split_inputs, attributes=attrs, name=ctx.names.node(f"{node.name or 'matmul'}_split"),
-                    num_outputs=len(siblings))
-    matmul.outputs[0].name = ctx.names.value(f"{node.outputs[0].name or 'matmul'}_merged")
-    graph.insert_before(node, [matmul, split])
-    for sibling, out in zip(siblings, split.outputs):
-        out.name = ctx.names.value(f"{sibling.outputs[0].name or 'matmul'}_part")
-        ir.convenience.replace_all_uses_with(sibling.outputs[0], out)
-        graph.remove(sibling, safe=True)
-    return Match.ok()
-
-
-def _is_zeros(value: ir.Value | None) -> bool:
-    """A constant of zeros, or ConstantOfShape whose fill value is zero (or left at its default 0)."""
-    arr = constant(value)
-    if arr is not None:
-        return bool(arr.size) and not np.any(arr)
-    producer = _producer(value, "ConstantOfShape")
-    if producer is None:
-        return False
-    fill = producer.attributes.get("value")
-    return fill is None or not np.any(fill.as_tensor().numpy())
-
-
-def _rnn_zero_state(node: ir.Node, ctx: Context) -> Match:
-    """zero initial state of LSTM/GRU/RNN left to its default"""
-    slots = (5, 6) if node.op_type == "LSTM" else (5,)  # initial_h (and initial_c): default 0
-    zeros = [i for i in slots if i < len(node.inputs) and node.inputs[i] is not None and _is_zeros(node.inputs[i])]
-    if not zeros:
-        return NO_MATCH
-    if any(node.inputs[i].is_graph_input() for i in zeros):
-        return Match.fail("the initial state is a graph input")
-    for i in zeros:
-        node.replace_input_with(i, None)
-    while node.inputs and node.inputs[-1] is None:  # trailing omitted inputs are dropped
-        node.resize_inputs(len(node.inputs) - 1)
-    return Match.ok()
-
-
-def _where_never_equal(node: ir.Node, ctx: Context) -> Match:
-    """Expand shape guard Where(Equal(s, -1), 1, s) removed (s provably >= 0)"""
-    cond, a, s = node.inputs if len(node.inputs) == 3 else (None, None, None)
-    equal = _producer(cond, "Equal")
-    if equal is None or s not in equal.inputs:
-        return NO_MATCH
-    c = constant(equal.inputs[1] if equal.inputs[0] is s else equal.inputs[0])
-    if c is None or not np.all(c < 0):
-        return NO_MATCH
-    dims, a_shape = ctx.dims.get(s), ctx.dims.get(a)
-    if a_shape is None or not _broadcast_keeps(dims, list(c.shape)) or not _broadcast_keeps(dims, list(a_shape)):
-        return Match.fail("the condition or the other branch may broadcast s to a larger shape")
-    if not nonnegative(s):
-        return Match.fail("s is not provably >= 0")
-    reason = substitute(node, s)
-    if reason is None:
-        remove_dead_producers([cond])
-    return declined(reason)
-
-
-def _own_dim(part: ir.Value, x: ir.Value, ctx: Context) -> int | None:
-    """i when ``part`` is the one-element vector [x.shape[i]]: ``Unsqueeze(Gather(Shape(x), i), 0)``
-    or ``Gather(Shape(x), [i])`` with a constant i (a negative i only with x's rank known)."""
-    unsq = _producer(part, "Unsqueeze")
-    gather = _producer(unsq.inputs[0] if unsq is not None else part, "Gather")
-    if gather is None or (unsq is not None and node_axes(unsq) not in ([0], [-1])):
-        return None
-    shape = _producer(gather.inputs[0], "Shape")
-    index = constant(gather.inputs[1]) if len(gather.inputs) > 1 else None
-    if shape is None or shape.inputs[0] is not x or index is None or index.size != 1 \
-            or (unsq is not None) != (index.ndim == 0) or "start" in shape.attributes or "end" in shape.attributes:
-        return None
-    i = int(index.reshape(-1)[0])
-    if i < 0:
-        dims = ctx.dims.get(x)
-        if dims is None:
-            return None
-        i += len(dims)
-    return i if i >= 0 else None
-
-
-def _reshape_own_dims(node: ir.Node, ctx: Context) -> Match:
-    """Reshape target entries read back from the data's own shape became 0 (copy)"""
-    if len(node.inputs) < 2 or node.inputs[1] is None:
-        return NO_MATCH
-    allowzero = node.attributes.get("allowzero")
-    concat = _producer(node.inputs[1], "Concat")
-    if concat is None or (allowzero is not None and allowzero.as_int()) or \
-            ("axis" in concat.attributes and concat.attributes["axis"].as_int() not in (0, -1)):
-        return NO_MATCH
-    hits, position = [], 0
-    for k, part in enumerate(concat.inputs):
-        i = _own_dim(part, node.inputs[0], ctx) if part is not None else None
-        if i is not None and i == position:
-            hits.append(k)
-        value = constant(part) if part is not None else None
-        dims = ctx.dims.get(part) if part is not None else None
-        length = 1 if i is not None else value.size if value is not None else \
-            dims[0] if dims is not None and len(dims) == 1 and isinstance(dims[0], int) else None
-        if length is None:  # later entries' positions are unknown
-            break
-        position += length
-    if not hits:
-        return NO_MATCH
-    if not _only_use(node.inputs[1], node):
-        return Match.fail("the target has other users")
-    zero = add_initializer(node.graph, ctx.names.value(f"{node.name or 'reshape'}_copy_dim"), np.array([0], np.int64))
-    old = [concat.inputs[k] for k in hits]
-    for k in hits:
-        concat.replace_input_with(k, zero)
-    remove_dead_producers(old)
-    return Match.ok()
-
-
 #: see Simplify's ``size_rules``
-SIZE_RULES = frozenset({_unsqueeze_chain, _reshape_roundtrip, _parallel_matmuls, _where_never_equal, _reshape_own_dims})
+SIZE_RULES = frozenset({_unsqueeze_chain, _reshape_roundtrip, parallel_matmuls, where_never_equal, reshape_own_dims,
+                        concat_flatten, slice_merge, shape_runs, repeat_as_resize, resize_chain,
+                        matmul_reshape_roundtrip, slice_squeeze_gather})
+
 
 RULES: dict[str, tuple[Rule, ...]] = {
-    "Add": (_identity_arith, _matmul_add_gemm),
+    "Add": (_identity_arith, matmul_add_gemm),
     "Sub": (_identity_arith,),
     "Mul": (_identity_arith,),
     "Div": (_identity_arith,),
     "Transpose": (_transpose,),
-    "Reshape": (_reshape, _reshape_roundtrip, _reshape_own_dims),
-    "Squeeze": (_squeeze_pair,),
+    "Reshape": (_reshape, _reshape_roundtrip, reshape_own_dims, repeat_as_resize, matmul_reshape_roundtrip),
+    "Squeeze": (_squeeze_pair, slice_squeeze_gather),
     "Unsqueeze": (_squeeze_pair, _unsqueeze_chain),
-    "And": (_identity_arith,),
-    "Or": (_identity_arith,),
+    "And": (_identity_arith, absorbing_mask),
+    "Or": (_identity_arith, absorbing_mask),
     "Cast": (_cast,),
-    "Concat": (_noop,),
+    "Concat": (_noop, concat_flatten, shape_runs),
     "Expand": (_noop,),
     "Tile": (_noop,),
-    "Slice": (_noop,),
+    "Slice": (_noop, slice_merge),
     "Pad": (_noop,),
-    "Resize": (_noop,),
+    "Resize": (_noop, resize_chain),
     "Upsample": (_noop,),
-    "Conv": (_pad_into_conv,),
-    "MatMul": (_parallel_matmuls,),
-    "Where": (_where_never_equal,),
-    "LSTM": (_rnn_zero_state,),
-    "GRU": (_rnn_zero_state,),
-    "RNN": (_rnn_zero_state,),
+    "Conv": (pad_into_conv,),
+    "MaxPool": (pad_into_pool,),
+    "AveragePool": (pad_into_pool,),
+    "MatMul": (parallel_matmuls,),
+    "Where": (where_never_equal,),
+    "LSTM": (rnn_zero_state,),
+    "GRU": (rnn_zero_state,),
+    "RNN": (rnn_zero_state,),
 }

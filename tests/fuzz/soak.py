@@ -2,6 +2,7 @@
 
     python -m tests.fuzz.soak --graphs 10000 [--seed S] [--jobs N] [--out DIR] [--passes a,b]
     python -m tests.fuzz.soak --replay SEED            # re-check one generated case, print its graph
+    python -m tests.fuzz.soak --graphs 2000 --blocks round2 [--seed S]   # only issue 22's patterns
 
 Graph i is ``strategies.random_case(seed * 10_000_000 + i)``.  Cases the filter rejects (checker,
 ORT load) or that the original cannot run at any point are not counted; generation goes on
@@ -24,10 +25,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _work(args):
-    case_seed, cfg_names = args
+    case_seed, cfg_names, only = args
     from tests.fuzz import oracle, strategies
     try:
-        case = strategies.random_case(case_seed)
+        case = strategies.random_case(case_seed, only)
     except Exception as e:  # noqa: BLE001 - a generator bug: report, never count as a library bug
         return case_seed, "gen-error", [f"{type(e).__name__}: {e}"], None, ""
     if strategies.check_valid(case) is not None:
@@ -48,15 +49,17 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="fuzz-failures")
     ap.add_argument("--passes", default=None, help="comma-separated config labels (pass names, 'default')")
     ap.add_argument("--replay", type=int, default=None, help="check one case seed and print its graph")
+    ap.add_argument("--blocks", default=None, help="comma-separated block kinds to draw from (e.g. round2)")
     args = ap.parse_args(argv)
     logging.disable(logging.WARNING)
     cfg_names = set(args.passes.split(",")) if args.passes else None
+    only = args.blocks.split(",") if args.blocks else None
 
     if args.replay is not None:
         import onnx
 
         from tests.fuzz import oracle, strategies
-        case = strategies.random_case(args.replay)
+        case = strategies.random_case(args.replay, only)
         print(case.describe())
         print(onnx.printer.to_text(case.model.graph))
         print("filter:", strategies.check_valid(case) or "valid")
@@ -77,7 +80,7 @@ def main(argv=None) -> int:
     try:
         while done < args.graphs:
             need = args.graphs - done
-            batch = [(base + s, cfg_names) for s in range(next_seed, next_seed + max(args.jobs * 4, int(need * 1.1) + 1))]
+            batch = [(base + s, cfg_names, only) for s in range(next_seed, next_seed + max(args.jobs * 4, int(need * 1.1) + 1))]
             batch = batch[: max(args.jobs * 8, min(len(batch), 64))]
             next_seed += len(batch)
             results = pool.imap(_work, batch) if pool else map(_work, batch)

@@ -866,14 +866,282 @@ def block_traps(b: Builder, x: Val) -> Val:
     return Val(v, T.FLOAT, dims)
 
 
+# ----------------------------------------------------------------------------- issue 22 ("Graph round 2")
+ROUND2_KINDS = ["concat_nest", "slices", "pad_pool", "rnn_zero", "mask_fill", "shape_parts", "repeat", "nhwc", "nhwc",
+                "dense_nd"]
+
+
+def _reduce(b: Builder, op: str, v: str, axes: list, keep: int) -> str:
+    if op == "ReduceSum" and b.opset >= 13 or b.opset >= 18:
+        return b.one(op, [v, b.ints(axes)], keepdims=keep)
+    return b.one(op, [v], axes=axes, keepdims=keep)
+
+
+def block_round2(b: Builder, x: Val) -> Val:
+    """The patterns of issue 22 and their look-alikes: nested Concats (same/other axis), Slice chains
+    (shared/disjoint/negative axes, negative and clamped bounds, steps), Pad before MaxPool/AveragePool
+    (fills 0/-inf/0.5 after Relu/Tanh/Clip, own pads, ceil_mode, count_include_pad), LSTM/GRU with
+    run-time zero (or not) states, neutral and non-neutral mask fills, Concats of Shape slices,
+    Unsqueeze+Tile+Reshape repeats, and NHWC-style Transpose sandwiches around elementwise ops,
+    Concat, Pad, Resize, Tile, Softmax, Reduce*, Unsqueeze+Reshape."""
+    c = b.c
+    kind = c.choice(ROUND2_KINDS)
+    dims = list(x.dims)
+    v = x.name
+    if kind == "concat_nest":
+        ai = c.choice([1, -3, 2, 3, 0])
+        inner = b.one("Concat", [v, b.one("Relu", [v])], axis=ai)
+        twin = b.one("Concat", [v, v], axis=ai)
+        parts = [inner, twin] if c.bool() else [twin, inner]
+        if c.bool(0.3):
+            parts.append(inner)  # the inner Concat read twice by the outer one
+        outer = b.one("Concat", parts, axis=c.choice([ai, 1, 2, -1]))
+        if c.bool(0.2):
+            b.outputs.append(Val(inner, T.FLOAT, None))  # the inner one has another user
+        b.outputs.append(Val(outer, T.FLOAT, None))
+        return x
+    if kind == "slices":
+        t = v
+        for _ in range(c.int(2, 3)):
+            n = c.int(1, 2)
+            axes = []
+            while len(axes) < n:
+                a = c.choice([0, 1, 2, 3, -1, -2, -4])
+                if a % 4 not in [q % 4 for q in axes]:
+                    axes.append(a)
+            starts = [c.choice([0, 1, 2, -1, -2, 5, -INT64_MAX]) for _ in axes]
+            ends = [c.choice([1, 2, 3, INT64_MAX, -1, -INT64_MAX, 0]) for _ in axes]
+            steps = [c.choice([1, 1, 1, 2, -1]) for _ in axes]
+            ins = [t, b.ints(starts), b.ints(ends), b.ints(axes)]
+            if c.bool(0.7) or any(st != 1 for st in steps):
+                ins.append(b.ints(steps))
+            t = b.one("Slice", ins)
+            if c.bool(0.15):
+                b.outputs.append(Val(t, T.FLOAT, None))
+        if c.bool(0.4):  # one element taken, its axis squeezed (a Gather), or look-alikes
+            a = c.choice([0, 1, 2, 3, -1])
+            st = c.choice([0, 1, -1, -2, 3])
+            en = c.choice([st + 1, st + 1, INT64_MAX, st + 2, 0])
+            t = b.one("Squeeze", [b.one("Slice", [t, b.ints([st]), b.ints([en]), b.ints([a])]), b.ints([c.choice([a, a, a % 4, 0])])])
+        b.outputs.append(Val(t, T.FLOAT, None))
+        return x
+    if kind == "pad_pool":
+        src = c.choice(["Relu", "Tanh", "Clip", "Sigmoid", "none", "Relu"])
+        if src == "Clip":
+            lo = c.choice([0.0, -0.5])
+            t = b.one("Clip", [v, b.const(np.array(lo, np.float32)), b.const(np.array(6.0, np.float32))])
+        elif src != "none":
+            t = b.one(src, [v])
+        else:
+            t = v
+        pads = [0, 0, c.int(0, 2), c.int(0, 1), 0, 0, c.int(0, 1), c.int(0, 2)]
+        if c.bool(0.1):
+            pads[1] = 1  # a channel pad: never folded
+        ins = [t, b.ints(pads)]
+        fill = c.choice([None, 0.0, 0.0, -np.inf, 0.5, -1.0])
+        if fill is not None:
+            ins.append(b.const(np.array(fill, np.float32)))
+        p = b.one("Pad", ins)
+        op = c.choice(["MaxPool", "AveragePool"])
+        k = c.choice([2, 3])
+        attrs = {"kernel_shape": [k, k], "strides": [c.choice([1, 2])] * 2}
+        if c.bool(0.4):
+            attrs["pads"] = [c.int(0, k - 1) for _ in range(4)]
+        if c.bool(0.2):
+            attrs["ceil_mode"] = 1
+        if op == "AveragePool" and c.bool():
+            attrs["count_include_pad"] = c.choice([0, 1])
+        b.outputs.append(Val(b.one(op, [p], **attrs), T.FLOAT, None))
+        return x
+    if kind == "rnn_zero":
+        op, hidden = c.choice(["LSTM", "GRU"]), c.choice([2, 3])
+        gates = {"LSTM": 4, "GRU": 3}[op]
+        C = dims[1]
+        seq = b.one("Unsqueeze", [_reduce(b, "ReduceMean", v, [2, 3], 0), b.ints([0])])  # [1, N, C]
+        w = b.const(b.weights((1, gates * hidden, C), 0.5))
+        r = b.const(b.weights((1, gates * hidden, hidden), 0.5))
+        fill = np.array([c.choice([0.0, 0.0, 0.0, 0.25])], np.float32)
+        batch = b.one("Slice", [b.one("Shape", [v]), b.ints([0]), b.ints([1])])
+        form = c.choice(["expand", "cos", "concat"])
+        if form == "cos":
+            st = b.one("Concat", [b.ints([1]), batch, b.ints([hidden])], axis=0)
+            z = b.one("ConstantOfShape", [st], value=nh.from_array(fill))
+        elif form == "expand":
+            st = b.one("Concat", [batch, b.ints([hidden])], axis=0)
+            z = b.one("Unsqueeze", [b.one("Expand", [b.const(fill), st]), b.ints([0])])
+        else:
+            st = b.one("Concat", [b.ints([1]), batch, b.ints([1])], axis=0)
+            z1 = b.one("Expand", [b.const(fill), st])
+            z = b.one("Concat", [z1] * hidden, axis=2)
+        if c.bool(0.2):
+            z = b.one("Cast", [b.one("Cast", [z], to=T.DOUBLE)], to=T.FLOAT)
+        states = [z, z] if op == "LSTM" else [z]
+        ys, yh = b.node(op, [seq, w, r, "", "", *states], n_out=2, hidden_size=hidden)
+        b.outputs.append(Val(ys, T.FLOAT, None))
+        b.outputs.append(Val(yh, T.FLOAT, None))
+        return x
+    if kind == "mask_fill":
+        m = b.one("Greater", [v, b.const(np.array(0.0, np.float32))])
+        op, fill = c.choice([("And", True), ("Or", False), ("And", False), ("Or", True)])
+        if c.bool(0.3):  # an absorbing constant (folds only where the result's dims are static)
+            const = b.const(np.full(c.choice([(1,), (1, 1, 1, 1), (dims[3],) if isinstance(dims[3], int) else (1,)]), not (op == "And")))
+            a = b.one(op, [m, const] if c.bool() else [const, m])
+            b.outputs.append(Val(b.one("Where", [a, v, b.const(np.array(-1.0, np.float32))]), T.FLOAT, None))
+            return x
+        shape_src = c.choice(["x", "x", "wide", "narrow"])
+        if shape_src == "x":
+            s = b.one("Shape", [v])
+        elif shape_src == "wide":
+            s = b.one("Concat", [b.ints([2]), b.one("Shape", [v])], axis=0)
+        else:
+            s = b.ints([1, 1, 1])
+        f = b.one("Expand", [b.const(np.array(fill)), s]) if c.bool(0.7) else \
+            b.one("Cast", [b.one("ConstantOfShape", [s], value=nh.from_array(np.array([1.0 if fill else 0.0], np.float32)))], to=T.BOOL)
+        a = b.one(op, [f, m] if c.bool() else [m, f])
+        b.outputs.append(Val(b.one("Where", [a, v, b.const(np.array(-1.0, np.float32))]), T.FLOAT, None))
+        return x
+    if kind == "shape_parts":
+        src = c.choice([v, b.one("Relu", [v])])
+        s = b.one("Shape", [src])
+        parts = []
+        for _ in range(c.int(2, 4)):
+            i = c.int(0, 3)
+            form = c.choice(["gather", "gather1", "slice", "shape"] if b.opset >= 15 else ["gather", "gather1", "slice"])
+            if form == "gather":
+                parts.append(b.one("Unsqueeze", [b.one("Gather", [s, b.ints(c.choice([i, i - 4]))], axis=0), b.ints([0])]))
+            elif form == "gather1":
+                parts.append(b.one("Gather", [s, b.ints([i])], axis=0))
+            elif form == "slice":
+                parts.append(b.one("Slice", [s, b.ints([i]), b.ints([c.choice([i + 1, i + 2, INT64_MAX, -1])])]))
+            else:
+                parts.append(b.one("Shape", [src], start=i, end=c.choice([i + 1, i + 2, 4, -1])))
+        if c.bool(0.3):
+            parts.append(b.ints([7]))
+        target = b.one("Concat", parts, axis=0)
+        b.outputs.append(Val(b.one("Cast", [target], to=T.FLOAT), T.FLOAT, None))
+        if c.bool(0.3):  # x's dims in order, as a Reshape target
+            full = [b.one("Unsqueeze", [b.one("Gather", [s, b.ints(i)], axis=0), b.ints([0])]) for i in range(4)]
+            b.outputs.append(Val(b.one("Reshape", [v, b.one("Concat", full, axis=0)]), T.FLOAT, None))
+        return x
+    if kind == "repeat":
+        t, tdims = v, list(dims)
+        for _ in range(c.int(1, 2)):
+            a = c.choice([1, 2, 3])
+            r = c.choice([2, 2, 4, 3])
+            reps = [1] * 5
+            reps[a + 1] = r
+            if c.bool(0.1):
+                reps[0] = 2  # also repeats the batch: not an element repeat
+            u = b.one("Unsqueeze", [t, b.ints([a + 1])])
+            tl = b.one("Tile", [u, b.ints(reps)])
+            form = c.choice(["const", "shape", "wrong"])
+            if form == "const":
+                target = [0] * a + [-1] + [0] * (3 - a)
+                if a + 1 <= 3:  # a 0 after the merged axes would copy the Tile's (shifted) dim: spell it out
+                    target = [0] * a + [-1] + ([d if isinstance(d, int) else 0 for d in tdims[a + 1:]])
+                tg = b.ints(target)
+            else:
+                sh = b.one("Shape", [t])
+                mult = r if form == "shape" else r + 1
+                parts = [b.one("Slice", [sh, b.ints([0]), b.ints([a])]),
+                         b.one("Mul", [b.one("Slice", [sh, b.ints([a]), b.ints([a + 1])]), b.ints([mult])])]
+                if a < 3:
+                    parts.append(b.one("Slice", [sh, b.ints([a + 1]), b.ints([4])]))
+                tg = b.one("Concat", parts, axis=0)
+            t = b.one("Reshape", [tl, tg])
+            tdims = [None] * 4
+        b.outputs.append(Val(t, T.FLOAT, None))
+        return x
+    if kind == "dense_nd":  # Keras' Dense on N-D (tf2onnx Tensordot): flatten, MatMul, restore
+        last = dims[3] if isinstance(dims[3], int) else None
+        t = v if last is not None else b.one("Transpose", [v], perm=[0, 2, 3, 1])  # channels last: static
+        k = last if last is not None else dims[1]
+        n = c.choice([2, 5])
+        flat = b.one("Reshape", [t, b.ints(c.choice([[-1, k], [-1, k], [0, -1]]))])
+        mm = b.one("MatMul", [flat, b.const(b.weights((k, n), 0.5))])
+        sh = b.one("Shape", [t])
+        form = c.choice(["gather", "gather", "const", "wrong"])
+        if form == "gather":
+            lead = b.one("Gather", [b.one("Cast", [sh], to=T.INT32), b.const(np.array([0, 1, 2], np.int32))], axis=0)
+            target = b.one("Cast", [b.one("Concat", [lead, b.const(np.array([n], np.int32))], axis=0)], to=T.INT64)
+        elif form == "const":
+            target = b.ints([-1, 1, 1, n] if c.bool() else [0, -1, n])
+        else:
+            target = b.one("Concat", [b.one("Slice", [sh, b.ints([0]), b.ints([2])]), b.ints([-1, n])], axis=0)
+        b.outputs.append(Val(b.one("Reshape", [mm, target]), T.FLOAT, None))
+        return x
+    # nhwc: a Transpose, layout-agnostic ops, a Transpose back (or another permutation)
+    perm = c.choice([[0, 2, 3, 1], [0, 2, 3, 1], [0, 3, 1, 2], [0, 1, 3, 2], [3, 2, 1, 0]])
+    inv = [perm.index(i) for i in range(4)]
+    t = b.one("Transpose", [v], perm=perm)
+    td = [dims[p] for p in perm]
+    rank = 4
+    for _ in range(c.int(1, 3)):
+        op = c.choice(["Relu", "Add", "Mul", "Concat", "Pad", "Resize", "Softmax", "Reduce", "Tile", "UnsqReshape", "Where"])
+        if op == "Relu":
+            t = b.one(c.choice(["Relu", "Sigmoid", "Neg"]), [t])
+        elif op in ("Add", "Mul"):
+            shapes = [(), (1,), (1, 1, 1, 1)] + [tuple(d if i == k else 1 for i, d in enumerate(td))
+                                                 for k in range(rank) if isinstance(td[k], int)]
+            if isinstance(td[-1], int):
+                shapes.append((td[-1],))
+            t = b.one(op, [t, b.const(b.weights(c.choice(shapes)))] if c.bool() else [b.const(b.weights(c.choice(shapes))), t])
+        elif op == "Where":
+            cond = b.const(b.rng.standard_normal(c.choice([(1,), (1, 1, 1, 1)])) > 0)
+            t = b.one("Where", [cond, t, b.const(np.array(0.5, np.float32))])
+        elif op == "Concat":
+            other = b.one("Transpose", [b.one("Sigmoid", [v])], perm=perm if c.bool(0.8) else inv)
+            ax = c.choice(list(range(rank)))
+            t = b.one("Concat", [t, other] if c.bool() else [other, t], axis=c.choice([ax, ax - rank]))
+            if isinstance(td[ax], int):
+                td[ax] = td[ax] * 2
+            else:
+                td[ax] = None
+        elif op == "Pad":
+            pads = [c.int(0, 1) for _ in range(2 * rank)]
+            t = b.one("Pad", [t, b.ints(pads)] + ([b.const(np.array(0.25, np.float32))] if c.bool() else []))
+            td = [None] * rank
+        elif op == "Resize":
+            scales = np.array([1.0, c.choice([1.0, 2.0]), c.choice([1.0, 2.0, 0.5]), 1.0], np.float32)
+            t = b.one("Resize", [t, "", b.const(scales)], mode=c.choice(["nearest", "linear"]))
+            td = [None] * rank
+        elif op == "Softmax":
+            t = b.one(c.choice(["Softmax", "LogSoftmax"]), [t], axis=c.choice([-1, 1, 2]))
+        elif op == "Tile":
+            t = b.one("Tile", [t, b.ints([1, c.choice([1, 2]), 1, c.choice([1, 2])])])
+            td = [None] * rank
+        elif op == "Reduce":
+            axes = c.choice([[1, 2], [-1], [2], [0, 3]])
+            keep = c.choice([0, 1, 1])
+            t = _reduce(b, c.choice(["ReduceMean", "ReduceSum", "ReduceMax"]), t, axes, keep)
+            if not keep:
+                rank -= len(axes)
+                b.outputs.append(Val(t, T.FLOAT, None))
+                return x
+            td = [1 if (i in axes or i - rank in axes) else d for i, d in enumerate(td)]
+        else:  # Unsqueeze a 1 at the end, then a Reshape merging it back (a merge, whatever the dims)
+            u = b.one("Unsqueeze", [t, b.ints([4])])
+            target = [0, 0, 0, -1] if c.bool() else [0, 0, -1, td[3] if isinstance(td[3], int) else 1]
+            t = b.one("Reshape", [u, b.ints(target)])
+            if target[3] != -1:
+                td = [None] * rank
+    back = inv if c.bool(0.8) else c.choice([perm, [0, 1, 2, 3], [1, 0, 2, 3]])
+    y = b.one("Transpose", [t], perm=back)
+    if c.bool(0.2):
+        b.outputs.append(Val(t, T.FLOAT, None))  # the NHWC value is an output too
+    b.outputs.append(Val(y, T.FLOAT, None))
+    return x
+
+
 BLOCKS = {
     "traps": block_traps, "second_input": block_second_input, "shape_arith": block_shape_arith, "affine": block_affine,
     "shape_chain": block_shape_chain, "reduce_axes": block_reduce_axes,
-    "dynamic": block_dynamic, "if": block_if, "loop": block_loop, "noise": block_noise,
+    "dynamic": block_dynamic, "if": block_if, "loop": block_loop, "noise": block_noise, "round2": block_round2,
 }
 
 
-def build_case(c) -> Case:
+def build_case(c, only: list[str] | None = None) -> Case:
+    """A random case; ``only``: block kinds to draw from (e.g. ``["round2"]`` for a focused run)."""
     opset = c.choice(OPSETS)
     b = Builder(c, opset)
     C = c.choice([1, 2, 3, 4])
@@ -893,7 +1161,7 @@ def build_case(c) -> Case:
     pool = [x]
     names = []
     for _ in range(c.int(1, 4)):
-        kind = c.choice(list(BLOCKS) + ["elementwise", "affine", "dynamic", "reduce_axes", "traps"])
+        kind = c.choice(only or list(BLOCKS) + ["elementwise", "affine", "dynamic", "reduce_axes", "traps", "round2"])
         names.append(kind)
         x = block_elementwise(b, x, pool) if kind == "elementwise" else BLOCKS[kind](b, x)
         pool.append(x)
@@ -949,18 +1217,18 @@ def check_valid(case: Case) -> str | None:
     return None
 
 
-def random_case(seed: int) -> Case:
-    return build_case(RandomChooser(seed))
+def random_case(seed: int, only: list[str] | None = None) -> Case:
+    return build_case(RandomChooser(seed), only)
 
 
-def graphs():
-    """Hypothesis strategy of ``Case``s (valid ones only)."""
+def graphs(only: list[str] | None = None):
+    """Hypothesis strategy of ``Case``s (valid ones only); ``only`` as for build_case."""
     from hypothesis import assume
     from hypothesis import strategies as st
 
     @st.composite
     def _cases(draw):
-        case = build_case(HypothesisChooser(draw))
+        case = build_case(HypothesisChooser(draw), only)
         assume(check_valid(case) is None)
         return case
 
