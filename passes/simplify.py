@@ -74,7 +74,7 @@ class Simplify(OptPass):
       ``MaxPool(Pad(x))`` likewise when the fill is -inf, or 0 with x provably >= 0 (a Relu's output:
       Keras' ZeroPadding2D before MaxPooling2D), no ceil_mode, no dilation, the Indices output unused
       and the merged pads smaller than the kernel; ``AveragePool(Pad(x))`` with a zero fill, no
-      ceil_mode, and count_include_pad=1 (set when the pool had no pads of its own);
+      ceil_mode, no dilation and count_include_pad=1;
     - MatMuls reading the same A with constant 2-D weights of the same row count (each used only
       there) -> one MatMul with the weights concatenated + Split on the last axis (Q/K/V);
     - an all-zero initial state (a zero constant or ``ConstantOfShape`` of 0, or Expand/Unsqueeze/
@@ -617,11 +617,11 @@ def _pad_into_pool(node: ir.Node, ctx: Context) -> Match:
         if value != 0:
             return Match.fail("Pad value is not zero")
         include = node.attributes.get("count_include_pad")
-        own = list(node.attributes["pads"].as_ints()) if "pads" in node.attributes else []
-        if not (include is not None and include.as_int()) and any(own):
-            return Match.fail("AveragePool excludes its own padding from the mean (count_include_pad=0)")
+        if not (include is not None and include.as_int()):
+            # even without pads of its own: ORT's mean over a window past a small input divides by
+            # the window's size with count_include_pad=1, by the elements inside with 0
+            return Match.fail("AveragePool excludes padding from the mean (count_include_pad=0)")
         # the Pad's zeros are counted in every window's mean, as the op's own padding is with count_include_pad
-        node.attributes["count_include_pad"] = ir.AttrInt64("count_include_pad", 1)
     node.attributes["pads"] = ir.AttrInt64s("pads", merged)
     node.replace_input_with(0, pad.inputs[0])
     return Match.ok()
