@@ -100,7 +100,7 @@ class Simplify(OptPass):
       ``MaxPool(Pad(x))`` likewise when the fill is -inf, or 0 with x provably >= 0 (a Relu's output:
       Keras' ZeroPadding2D before MaxPooling2D), no ceil_mode, no dilation, the Indices output unused
       and the merged pads smaller than the kernel; ``AveragePool(Pad(x))`` with a zero fill, no
-      ceil_mode, and count_include_pad=1 (set when the pool had no pads of its own);
+      ceil_mode, no dilation and count_include_pad=1;
     - MatMuls reading the same A with constant 2-D weights of the same row count (each used only
       there) -> one MatMul with the weights concatenated + Split on the last axis (Q/K/V);
     - an all-zero initial state (a zero constant or ``ConstantOfShape`` of 0, or Expand/Unsqueeze/

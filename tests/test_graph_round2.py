@@ -139,7 +139,7 @@ def _pad_pool(pool, pad_value=None, pads=(0, 0, 1, 1, 0, 0, 1, 1), source="Relu"
     return model(nodes, inits, x_dims=("n", 3, "h", "w"))
 
 
-POOL_SHAPES = [(1, 3, 4, 5), (2, 3, 7, 6), (1, 3, 1, 1)]
+POOL_SHAPES = [(1, 3, 4, 5), (2, 3, 7, 6), (1, 3, 1, 1), (3, 3, 3, 2)]
 
 
 @pytest.mark.parametrize("proto, folds, reason", [
@@ -148,10 +148,15 @@ POOL_SHAPES = [(1, 3, 4, 5), (2, 3, 7, 6), (1, 3, 1, 1)]
     (_pad_pool("MaxPool", pad_value=-np.inf, source="Tanh"), True, None),
     (_pad_pool("MaxPool", ceil_mode=1), False, "ceil_mode: windows past the padding would differ"),
     (_pad_pool("MaxPool", pads=(0, 0, 3, 3, 0, 0, 3, 3)), False, "the merged pads would not be smaller than the kernel"),
-    (_pad_pool("AveragePool", source="Tanh"), True, None),                 # becomes count_include_pad=1
+    (_pad_pool("AveragePool", source="Tanh", count_include_pad=1), True, None),
+    (_pad_pool("AveragePool", source="Tanh"), False, "AveragePool excludes padding from the mean (count_include_pad=0)"),
     (_pad_pool("AveragePool", source="Tanh", pool_pads=[1, 1, 1, 1]), False,
-     "AveragePool excludes its own padding from the mean (count_include_pad=0)"),
-    (_pad_pool("AveragePool", source="Tanh", pad_value=0.5), False, "Pad value is not zero"),
+     "AveragePool excludes padding from the mean (count_include_pad=0)"),
+    (_pad_pool("AveragePool", source="Tanh", pad_value=0.5, count_include_pad=1), False, "Pad value is not zero"),
+    # found by the round-2 soak (seed 22040002217): count_include_pad=0 set to 1 differs on a window past a
+    # 2-wide input (POOL_SHAPES' last) even without pads; it is declined now
+    (_pad_pool("AveragePool", source="Relu", pads=[0, 0, 0, 1, 0, 0, 0, 0]), False,
+     "AveragePool excludes padding from the mean (count_include_pad=0)"),
 ])
 def test_pad_folds_into_pool_only_where_the_pad_value_is_the_ops(proto, folds, reason):
     result, new = run(proto)

@@ -162,11 +162,11 @@ def pad_into_pool(node: ir.Node, ctx: Context) -> Match:
         if value != 0:
             return Match.fail("Pad value is not zero")
         include = node.attributes.get("count_include_pad")
-        own = list(node.attributes["pads"].as_ints()) if "pads" in node.attributes else []
-        if not (include is not None and include.as_int()) and any(own):
-            return Match.fail("AveragePool excludes its own padding from the mean (count_include_pad=0)")
+        if not (include is not None and include.as_int()):
+            # even without pads of its own: ORT's mean over a window past a small input divides by
+            # the window's size with count_include_pad=1, by the elements inside with 0
+            return Match.fail("AveragePool excludes padding from the mean (count_include_pad=0)")
         # the Pad's zeros are counted in every window's mean, as the op's own padding is with count_include_pad
-        node.attributes["count_include_pad"] = ir.AttrInt64("count_include_pad", 1)
     node.attributes["pads"] = ir.AttrInt64s("pads", merged)
     node.replace_input_with(0, pad.inputs[0])
     return Match.ok()
