@@ -483,7 +483,9 @@ def _noop(node: ir.Node, ctx: Context) -> Match:
         steps = [1] * len(starts) if steps is None else [int(s) for s in steps]
         for s, e, a, st in zip(starts, ends, axes, steps):
             dim = x_dims[a] if -len(x_dims) <= a < len(x_dims) else None
-            full_end = e >= INT_MAX_LIKE or (isinstance(dim, int) and e >= dim)
+            # an inferred empty axis is no fact: onnx inference and ORT disagree on some (a negative-step
+            # Slice with out-of-range bounds: 0 rows inferred, 1 on ORT), and [0:0] empties a real one
+            full_end = e >= INT_MAX_LIKE or (isinstance(dim, int) and dim > 0 and e >= dim)
             if st != 1 or s != 0 or not full_end:
                 return NO_MATCH
         return declined(substitute(node, x))
