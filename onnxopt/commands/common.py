@@ -132,6 +132,9 @@ class Scoring:
     refit: bool = flag(True, "--refit/--no-refit",
                        help="Least-squares refit of the pruned / consuming layers on --data against the original.")
     force: bool = force("Write the result even when the accuracy budget is missed.")
+    strict: bool = flag(False, "--strict", is_flag=True,
+                        help="--sparsity (or --cluster) over the budget: refuse (exit 3) instead of writing the highest "
+                             "sparsity (or the fewest clusters) that meets it.")
     class_outputs: dict[str, int | None] | None = output_kind()
     threads: int = 1
 
@@ -142,4 +145,5 @@ class Scoring:
         runtime.provider(self.ep)
         return engine.Settings(data=self.data, preprocess=self.preprocess, max_drop=self.max_drop, metric=self.metric,
                                ep=self.ep, threads=self.threads, force=self.force, refit=self.refit,
-                               calib_limit=self.calib_limit, progress=progress, class_outputs=self.class_outputs)
+                               calib_limit=self.calib_limit, progress=progress, class_outputs=self.class_outputs,
+                               strict=self.strict)

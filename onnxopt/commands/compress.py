@@ -21,8 +21,6 @@ class Options:
                          help="Shared values per layer: a power of 2 up to 256.")
     sparsity: float | None = flag(None, "--sparsity", type=float, help="Magnitude-prune this fraction first, in [0, 1).")
     scope: str = common.scope()
-    strict: bool = flag(False, "--strict", is_flag=True,
-                        help="--sparsity over the budget: refuse (exit 3) instead of writing the highest sparsity that meets it.")
     scoring: common.Scoring = group(common.Scoring)
 
 
@@ -58,7 +56,6 @@ class Result(core.Result):
 def run(o: Options, progress: core.ProgressFn | None = None) -> Result:
     """Raises ValidationRefused(report) over ``max_drop`` unless ``force``."""
     settings = o.scoring.settings(progress)
-    settings.strict = o.strict
     report = core.guarded("compress", lambda: engine.compress(
         o.input_path, o.output_path, clusters=o.clusters, sparsity=o.sparsity, scope=o.scope,
         exclude=o.scoring.exclude, opts=settings))

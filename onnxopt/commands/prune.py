@@ -28,8 +28,6 @@ class Options:
                                        "(needs --data).")
     criterion: str = flag("l1", "--criterion", type=click.Choice(list(engine.CRITERIA)),
                           help="--channels importance: mean |activation| x outgoing weight norm, or the filters' L1/L2 norm.")
-    strict: bool = flag(False, "--strict", is_flag=True,
-                        help="--sparsity over the budget: refuse (exit 3) instead of writing the highest sparsity that meets it.")
     latency_guard: bool = flag(True, "--latency-guard/--no-latency-guard",
                                help="--channels: keep a group's removal only when it makes the model faster on --ep.")
     scoring: common.Scoring = group(common.Scoring)
@@ -74,7 +72,6 @@ def run(o: Options, progress: core.ProgressFn | None = None) -> Result:
     if o.sparsity is None and o.threshold is None and o.channels is None:
         raise UsageError("give --sparsity, --threshold or --channels")
     settings = o.scoring.settings(progress)
-    settings.strict = o.strict
     exclude = o.scoring.exclude
     if o.channels is not None:
         if o.sparsity is not None or o.threshold is not None:
