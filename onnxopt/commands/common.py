@@ -111,6 +111,15 @@ def echo_validation(v: dict | None, what: str = "validation", latency_shown: boo
                f"max abs diff {v['max_abs']:.3g}{latency}")
 
 
+def echo_searches(r: dict) -> None:
+    """The lines of the budget searches that wrote less than asked (prune's sparsity, compress's
+    sparsity and cluster count)."""
+    for key in ("sparsity_search", "cluster_search"):
+        message = (r.get(key) or {}).get("message")
+        if message:
+            click.echo(message)
+
+
 def echo_accuracy(acc: dict, key: str) -> None:
     """The accuracy line of the lossy commands (``key``: the result's score key)."""
     click.echo(f"accuracy ({acc['metric']}): {acc['float']:.4f} -> {acc[key]:.4f} "

@@ -8,7 +8,7 @@ import os
 
 import click
 
-from onnxopt.commands import common, core, prune
+from onnxopt.commands import common, core
 from onnxopt.commands.spec import Command, flag, group
 from onnxopt.compression import engine
 
@@ -66,9 +66,7 @@ def render(result: core.Result) -> None:
     r = result.to_dict()
     for s in r["deep_compression"]:
         click.echo(f"{s['stage']:<28} {s['bytes']:>10} bytes  {s['compression_ratio']:6.2f}x")
-    prune.echo_reached(r)
-    if (r.get("cluster_search") or {}).get("message"):
-        click.echo(r["cluster_search"]["message"])
+    common.echo_searches(r)
     common.echo_accuracy(r["accuracy"], "compressed")
     click.echo(f"wrote {r['output']['path']}")
 

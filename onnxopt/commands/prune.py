@@ -96,7 +96,7 @@ def render(result: core.Result) -> None:
         click.echo(f"{r['input']['path']}: sparsity {r['total_sparsity']:.1%} over "
                    f"{sum(x['pruned'] for x in r['layers'])} layers; gzip {common.mb(s['original']['gzip'])} -> "
                    f"{common.mb(s['pruned']['gzip'])}, CSR weights {common.mb(s['pruned']['weights_csr_npz'])}")
-        echo_reached(r)
+        common.echo_searches(r)
     else:
         kept = [g for g in r["groups"] if g.get("accepted")]
         click.echo(f"{r['input']['path']}: {r['removed_channels']} channels removed in {len(kept)} of {len(r['groups'])} "
@@ -107,13 +107,6 @@ def render(result: core.Result) -> None:
                        f"{lat['pruned_ms']:.3f} ms ({lat['speedup']:.2f}x)")
     common.echo_accuracy(r["accuracy"], "pruned")
     click.echo(f"wrote {r['output']['path']}")
-
-
-def echo_reached(r: dict) -> None:
-    """The one line of a --sparsity run that wrote less than asked (shared with compress)."""
-    message = (r.get("sparsity_search") or {}).get("message")
-    if message:
-        click.echo(message)
 
 
 COMMAND = Command(

@@ -50,6 +50,18 @@ def pad_args(pad: ir.Node) -> tuple[list[int], float] | str:
     return pads, value
 
 
+def pad_before(node: ir.Node) -> tuple[ir.Node, list[int], float] | Match:
+    """The Pad feeding ``node``'s data input with its (pads, fill) (:func:`pad_args`), or NO_MATCH
+    (no Pad there) / the decline saying why it does not qualify."""
+    pad = producer_op(node.inputs[0], "Pad")
+    if pad is None:
+        return NO_MATCH
+    args = pad_args(pad)
+    if isinstance(args, str):
+        return Match.fail(args)
+    return pad, *args
+
+
 def merged_pads(node: ir.Node, pads: list[int]) -> list[int]:
     rank = len(pads) // 2
     k = rank - 2
@@ -59,13 +71,10 @@ def merged_pads(node: ir.Node, pads: list[int]) -> list[int]:
 
 def pad_into_conv(node: ir.Node, ctx: Context) -> Match:
     """Pad folded into Conv"""
-    pad = producer_op(node.inputs[0], "Pad")
-    if pad is None:
-        return NO_MATCH
-    args = pad_args(pad)
-    if isinstance(args, str):
-        return Match.fail(args)
-    pads, value = args
+    found = pad_before(node)
+    if isinstance(found, Match):
+        return found
+    pad, pads, value = found
     if value != 0:
         return Match.fail("Pad value is not zero")
     auto_pad = node.attributes.get("auto_pad")
@@ -129,13 +138,10 @@ def nonnegative_float(value: ir.Value | None, depth: int = 8) -> bool:
 
 def pad_into_pool(node: ir.Node, ctx: Context) -> Match:
     """Pad folded into MaxPool/AveragePool"""
-    pad = producer_op(node.inputs[0], "Pad")
-    if pad is None:
-        return NO_MATCH
-    args = pad_args(pad)
-    if isinstance(args, str):
-        return Match.fail(args)
-    pads, value = args
+    found = pad_before(node)
+    if isinstance(found, Match):
+        return found
+    pad, pads, value = found
     auto_pad = node.attributes.get("auto_pad")
     if auto_pad is not None and auto_pad.as_string() not in ("NOTSET", ""):
         return Match.fail("the pool uses auto_pad")
