@@ -82,6 +82,22 @@ def load(path: str | os.PathLike) -> ir.Model:
     return model
 
 
+#: external weights up to this size are read into memory for the commands that hand ORT serialized bytes
+#: (a protobuf holds at most 2 GB)
+INLINE_LIMIT = 1 << 31
+
+
+def load_inline(path: str | os.PathLike) -> ir.Model:
+    """:func:`load`, with external weights of up to :data:`INLINE_LIMIT` read into memory: the commands
+    that build and score candidates serialize them to bytes for ORT, which would resolve the relative
+    external-data paths against the working directory, not the model's folder (the model then runs
+    only from its own folder).  Larger models keep their weights where they are."""
+    model = load(path)
+    if next(external_tensors(model), None) is not None and weight_bytes(model) <= INLINE_LIMIT:
+        ir_external_data.load_to_model(model)
+    return model
+
+
 def check_proto(proto: onnx.ModelProto, path: Path) -> None:
     """Reject what protobuf parsing lets through: empty/truncated files, unsupported IR versions."""
     if not proto.HasField("graph") or proto.ir_version == 0:

@@ -170,3 +170,24 @@ def test_refused_result_is_not_written_and_staging_removed(tmp_path, model_copy)
         assert staged.path.exists() and not dest.exists()
     assert not dest.exists() and not list(tmp_path.glob(".onnxopt-*"))
     assert sha256(src) == before  # the input is never modified
+
+
+def test_lossy_commands_run_a_model_with_external_data_from_another_folder(cli, tmp_path, monkeypatch):
+    """quantize and convert hand ORT serialized candidates: a model whose weights are external data
+    beside it works from any working directory (ORT resolves relative data paths of bytes against
+    the working directory, so the weights are read into memory first)."""
+    import onnx
+
+    from tests.helpers import ROOT
+
+    folder, run = tmp_path / "m", tmp_path / "run"
+    folder.mkdir()
+    run.mkdir()
+    onnx.save(onnx.load(str(ROOT / "models" / "vit_ts.onnx")), str(folder / "vit.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="vit.onnx.data", size_threshold=0)
+    monkeypatch.chdir(run)
+    for args in (("quantize", "--mode", "dynamic"), ("convert", "--fp16")):
+        r = cli(args[0], folder / "vit.onnx", "-o", run / f"{args[0]}.onnx", *args[1:])
+        assert r.exit_code == 0, r.output
+        assert (run / f"{args[0]}.onnx").exists()
+    assert (folder / "vit.onnx.data").stat().st_size > 300_000  # the input is never modified

@@ -194,9 +194,9 @@ class Prepared:
 
 def load_input(path: str | os.PathLike) -> ir.Model:
     model = io.load(path)
-    if next(io.external_tensors(model), None) is not None and io.weight_bytes(model) > (1 << 31):
+    if next(io.external_tensors(model), None) is not None and io.weight_bytes(model) > io.INLINE_LIMIT:
         raise BadInputError("models over 2 GB are not quantized yet (their weights would be held in memory twice)")
-    return model
+    return io.load_inline(path)
 
 
 def prepare_model(model: ir.Model, recipe: Recipe) -> Prepared:
