@@ -8,6 +8,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from onnxopt.base import OptPass, count_initializers, count_nodes, is_standard, substitute
+from onnxopt.rewrites import ort_hazards
 
 
 class Cleanup(OptPass):
@@ -80,6 +81,8 @@ class Cleanup(OptPass):
                     del graph.initializers[value.name]
         changed["dead nodes removed"] = nodes_before - count_nodes(model)
         changed["unused initializers removed"] = inits_before - count_initializers(model)
+        changed["Div(1, x) before a Mul as Reciprocal (ORT's DivMulFusion drops its rank)"] = \
+            ort_hazards.reciprocal_for_unit_division(model)
         return self.result(model, changed, skipped)
 
 

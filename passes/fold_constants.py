@@ -13,6 +13,7 @@ import onnx_ir as ir
 
 from onnxopt import runtime
 from onnxopt.base import OptPass, is_constant, is_standard, replace_with_initializer, serialized_size
+from onnxopt.rewrites import ort_hazards
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,9 @@ class FoldConstants(OptPass):
         for node in reversed(chosen):
             node.graph.remove(node, safe=True)
             changed[f"folded {node.op_type}"] += 1
+        if chosen:
+            changed["Div(1, x) before a Mul as Reciprocal (ORT's DivMulFusion drops its rank)"] = \
+                ort_hazards.reciprocal_for_unit_division(model)
         return self.result(model, changed, skipped)
 
     def _check(self, node: ir.Node, inputs: list[ir.Value], computed: dict) -> str | None:

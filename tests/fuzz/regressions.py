@@ -236,8 +236,46 @@ def simplify_noop_slice_after_backward_slice_to_int_max() -> Case:
     return Case(m, [InputSpec("x", "float", [1, 3])], [], ["repro"])
 
 
+def cleanup_unit_division_raises_rank() -> Case:
+    """y = Mul(Div(c, Relu(x)), [1]) with c = [[[[[1]]]]] an initializer-backed input and x 4-D:
+    the result is 5-D (found by the issue-22 soak, seed 22020003350).
+
+    Bug (fixed: rewrites.ort_hazards): cleanup made c a plain constant, and ORT's DivMulFusion
+    (basic level) then fused ``Div(1, x) * y`` into ``Div(y, x)``, dropping c's rank: expected
+    shape (1, 1, 1, 2, 2) on ORT, got (1, 1, 2, 2).  The graph was right; ORT's optimizer is not,
+    and users run ORT with its optimizer on."""
+    c = nh.from_array(np.ones((1, 1, 1, 1, 1), np.float32), "c")
+    one = nh.from_array(np.ones((1,), np.float32), "one")
+    nodes = [h.make_node("Relu", ["x"], ["r"]), h.make_node("Div", ["c", "r"], ["d"]),
+             h.make_node("Mul", ["d", "one"], ["y"])]
+    m = _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["N", 1, 2, 2]),
+                       h.make_tensor_value_info("c", T.FLOAT, [1, 1, 1, 1, 1])],
+               [h.make_tensor_value_info("y", T.FLOAT, [None] * 5)], [c, one], opset=13)
+    return Case(m, [InputSpec("x", "float", ["N", 1, 2, 2])], ["N"], ["repro"])
+
+
+def fold_constants_unit_division_unknown_rank() -> Case:
+    """y = Mul(Div(ConstantOfShape([1, 1, 1], 1.0), x), x) with x = Reshape(a, s) of unknown rank
+    (s a graph input), fed 2-D.
+
+    The folded numerator is a [1, 1, 1] constant of ones; ORT's DivMulFusion would drop its rank
+    (expected (1, 2, 3), got (2, 3)).  x's rank is unknown here, so the rewrite multiplies the
+    reciprocal by the constant instead of unsqueezing it."""
+    shape = nh.from_array(np.array([1, 1, 1], np.int64), "shape")
+    nodes = [h.make_node("ConstantOfShape", ["shape"], ["ones"], value=nh.from_array(np.ones(1, np.float32))),
+             h.make_node("Reshape", ["a", "s"], ["x"]),
+             h.make_node("Div", ["ones", "x"], ["d"]), h.make_node("Mul", ["d", "x"], ["y"])]
+    m = _model(nodes, [h.make_tensor_value_info("a", T.FLOAT, [6]), h.make_tensor_value_info("s", T.INT64, ["K"])],
+               [h.make_tensor_value_info("y", T.FLOAT, [None] * 3)], [shape], opset=17)
+    return Case(m, [InputSpec("a", "float", [6]),
+                    InputSpec("s", "int", ["K"], [np.array([2, 3]), np.array([3, 2])])], [], ["repro"])
+
+
 # name -> (builder, config labels under test, open?)
 REGRESSIONS: dict[str, tuple] = {
+    "cleanup_unit_division_raises_rank": (cleanup_unit_division_raises_rank, ["cleanup", "default"], False),
+    "fold_constants_unit_division_unknown_rank": (fold_constants_unit_division_unknown_rank,
+                                                  ["fold-constants", "default"], False),
     "simplify_stale_dims_after_reshape_roundtrip": (simplify_stale_dims_after_reshape_roundtrip,
                                                     ["simplify", "default"], False),
     "simplify_slice_steps_from_constant_node": (simplify_slice_steps_from_constant_node, ["simplify"], False),
