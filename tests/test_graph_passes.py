@@ -518,3 +518,38 @@ def test_simplify_reshape_chain_with_one_copy_zero(target, collapses):
     rng = np.random.default_rng(3)
     sizes = (0, 1, 3) if -1 not in target else (1, 3)  # ORT cannot infer -1 from an empty tensor
     assert_same(proto, new, [{"x": rng.standard_normal((n, 3, 4)).astype(np.float32)} for n in sizes])
+
+
+@pytest.mark.parametrize("numerator_rank,x_dims", [(3, None), (5, [1, 1, 2, 2]), (2, [2, 3])])
+def test_unit_division_is_safe_from_ort_div_mul_fusion(numerator_rank, x_dims):
+    """``Mul(Div(ones, x), y)`` with a folded one-element ``ones`` of rank r: ORT's DivMulFusion turns
+    it into ``Div(y, x)`` and loses r (an ORT bug).  After fold-constants ORT, optimizer on, must give
+    the spec's shape and values (the original under ORT with its optimizer off); where x's rank is at
+    least r nothing needs to change and the Div stays."""
+    from onnxruntime import GraphOptimizationLevel, InferenceSession, SessionOptions
+
+    shape = nh.from_array(np.ones(numerator_rank, np.int64), "shape")
+    nodes = [h.make_node("ConstantOfShape", ["shape"], ["ones"], value=nh.from_array(np.ones(1, np.float32))),
+             h.make_node("Div", ["ones", "x"], ["d"]), h.make_node("Mul", ["d", "y"], ["z"])]
+    if x_dims is None:  # x of unknown rank: a Reshape by a graph input
+        nodes.insert(0, h.make_node("Reshape", ["a", "s"], ["x"]))
+        inputs = [h.make_tensor_value_info("a", T.FLOAT, [6]), h.make_tensor_value_info("s", T.INT64, ["K"])]
+        feeds = {"a": np.arange(1, 7, dtype=np.float32), "s": np.array([2, 3]), "y": np.full([3], 2.0, np.float32)}
+    else:
+        inputs = [h.make_tensor_value_info("x", T.FLOAT, x_dims)]
+        feeds = {"x": np.arange(1, 1 + np.prod(x_dims), dtype=np.float32).reshape(x_dims),
+                 "y": np.full(x_dims[-1:], 2.0, np.float32)}
+    inputs.append(h.make_tensor_value_info("y", T.FLOAT, [None]))
+    graph = h.make_graph(nodes, "g", inputs, [h.make_tensor_value_info("z", T.FLOAT, None)], [shape])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+    plain = SessionOptions()
+    plain.graph_optimization_level = GraphOptimizationLevel.ORT_DISABLE_ALL
+    spec = InferenceSession(model.SerializeToString(), plain, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    folded = ir.to_proto(pipeline.run(ir.from_proto(model), pipeline.parse("fold-constants")).model)
+    got = InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert got.shape == spec.shape and np.allclose(got, spec, rtol=1e-6), (got.shape, spec.shape)
+    ops = [n.op_type for n in folded.graph.node]
+    if x_dims is not None and len(x_dims) >= numerator_rank:
+        assert "Div" in ops and "Reciprocal" not in ops, ops
+    else:
+        assert "Div" not in ops and "Reciprocal" in ops, ops
