@@ -131,7 +131,31 @@ def test_too_few_positions_are_judged_by_the_margins_not_a_lucky_sample():
             assert res["score"] < 0.99 and res["judged_by"].startswith("margin estimate"), res
         else:
             assert res["score"] == 1.0 and res["judged_by"].startswith("point estimate"), res
-    assert fidelity.expected_flips(np.zeros((4, 1)), np.ones((4, 1))) == 0.0  # one class: nothing to flip
+    assert fidelity.top2_margins(np.zeros((4, 1))).size == 0  # one class: nothing to flip
+    assert fidelity.flip_rate(np.zeros(0), 1.0) == 0.0 and fidelity.flip_rate(np.zeros(3), 0.0) == 0.0
+
+
+def test_the_flip_estimate_takes_margins_from_every_batch():
+    """16 held-out positions with wide margins predict no flips; the calibration batches' near-tied
+    positions (the reference's margins, which fitting cannot bias) are where the flips come from, and
+    with them the estimate falls below the budget.  Same candidate, same noise, both ways."""
+    rng = np.random.default_rng(1)
+    rules = {"logits": fidelity.Rule("logits", fidelity.TOP1, "test", 1)}
+    ref = rng.standard_normal((16, 10))
+    ref[:, 0] = ref.max(axis=1) + 1.0
+    got = ref + 0.02 * rng.standard_normal((16, 10))
+    tied = rng.uniform(0.0, 0.02, 200)  # the other positions' top-2 margins
+    scores = []
+    for extra in (None, {"logits": tied}):
+        fid = fidelity.Fidelity(rules, max_drop=0.01, margins=extra)
+        fid.add({"logits": ref}, {"logits": got})
+        (res,) = fid.results()
+        assert res["agreement"] == 1.0
+        scores.append(res["score"])
+    assert scores[0] > 0.99 and scores[1] < 0.99, scores
+    sigma = float(np.sqrt(((got - ref) ** 2).mean()))
+    margins = np.concatenate([fidelity.top2_margins(ref), tied])
+    assert scores[1] == pytest.approx(1.0 - fidelity.flip_rate(margins, sigma), abs=1e-9)
 
 
 def test_a_linear_head_counts_its_values_too_and_declarations_are_checked():
@@ -157,3 +181,33 @@ def test_a_linear_head_counts_its_values_too_and_declarations_are_checked():
     labels = ir.from_proto(classifiers.linear_head(np.random.default_rng(0), name="y"))
     labels.graph.outputs[0].dtype = ir.DataType.INT64
     assert fidelity.rules(labels, {"y": -1})["y"].metric == "exact"
+
+
+def test_witness_batches_show_what_the_held_out_ones_missed():
+    """A candidate that differs from the float model only on negative inputs (Relu against
+    Identity): the held-out batch is all positive and shows nothing; the calibration batch the
+    teacher keeps as a witness shows the change, and the lower score is the one judged (and said)."""
+    import onnx_ir as ir
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    from onnxopt.teacher import Teacher
+
+    def model(op):
+        g = h.make_graph([h.make_node(op, ["x"], ["emb"])], "g", [h.make_tensor_value_info("x", T.FLOAT, [4, 8])],
+                         [h.make_tensor_value_info("emb", T.FLOAT, [4, 8])])
+        return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+
+    rng = np.random.default_rng(0)
+    positive = {"x": np.abs(rng.standard_normal((4, 8))).astype(np.float32) + 0.1}
+    mixed = {"x": rng.standard_normal((4, 8)).astype(np.float32)}
+    float_model, candidate = model("Identity"), model("Relu").SerializeToString()
+    scores = []
+    for witness in ([], [mixed]):
+        t = Teacher(ir.from_proto(float_model), float_model.SerializeToString(), [positive], ep="cpu", threads=1,
+                    metric=None, metric_name=None, max_drop=0.01)
+        t.learn_from(witness)
+        scores.append(t.score(candidate))
+        judged = t.last_results[0]["judged_by"] or ""
+        assert ("calibration batches" in judged) == bool(witness), judged
+    assert scores[0] == 1.0 and scores[1] < 0.9, scores

@@ -297,9 +297,9 @@ def test_recipe_replay_reproduces_the_placement(cli, tmp_path, isa):
     predictions no longer flip, so the budget has nothing to keep float."""
     isa("no-vnni")
     src, data, rng = _close_logits_case(tmp_path)
-    # --max-drop 0.05: the embed layer alone moves the close logits enough that 128 held-out positions'
-    # margins predict ~2% flips (the estimate judges below the certifiable size); the head flips ~80%
-    r = cli("quantize", src, "-o", tmp_path / "a.onnx", "--data", data, "--no-latency-guard", "--max-drop", "0.05",
+    # --max-drop 0.1: the embed layer alone flips ~3% of the close logits' positions (a few of the 128
+    # witness positions, whose 95% lower bound counts: ~0.93), the head ~80%
+    r = cli("quantize", src, "-o", tmp_path / "a.onnx", "--data", data, "--no-latency-guard", "--max-drop", "0.1",
             "--save-recipe", tmp_path / "recipe.json", "--report", tmp_path / "a.json")
     assert r.exit_code == 0, r.output
     saved = json.loads((tmp_path / "recipe.json").read_text())

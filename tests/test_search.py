@@ -176,8 +176,10 @@ def test_search_keeps_sensitive_layers_float_when_a_setting_misses_the_budget(cl
 
     src, data, _ = _close_logits_case(tmp_path)
     out = tmp_path / "c.onnx"
+    # --max-drop 0.1: int8 embed alone flips ~3% of positions, which the 128 witness positions' 95% lower
+    # bound (~0.93) shows though the 128 held-out ones happen to flip none
     r = cli("quantize", src, "-o", out, "--data", data, "--no-latency-guard", "--search", "--budget", "3",
-            "--max-drop", "0.05", "--report", tmp_path / "c.json")
+            "--max-drop", "0.1", "--report", tmp_path / "c.json")
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "c.json").read_text())
     cands = report["search"]["candidates"]
@@ -187,7 +189,7 @@ def test_search_keeps_sensitive_layers_float_when_a_setting_misses_the_budget(cl
     assert report["search"]["ranking"][0]["layer"] == "head"
     assert report["recipe"]["sensitivity"][0]["layer"] == "head"
     (chosen,) = [c for c in cands if c["chosen"]]
-    assert chosen["meets_budget"] and chosen["on_front"] and report["accuracy"]["drop"] <= 0.05
+    assert chosen["meets_budget"] and chosen["on_front"] and report["accuracy"]["drop"] <= 0.1
     r = cli("quantize", src, "-o", tmp_path / "replay.onnx", "--data", data, "--recipe", str(out) + ".recipe.json")
     assert r.exit_code == 0, r.output
     assert sha256(tmp_path / "replay.onnx") == sha256(out)

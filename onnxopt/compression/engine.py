@@ -130,6 +130,8 @@ class Scorer:
                                metric=metric, metric_name=opts.metric, max_drop=opts.max_drop,
                                class_outputs=opts.class_outputs, synthesized=opts.data is None)
         self.held_out = self.teacher.held_out
+        if opts.data is not None:  # the calibration batches' margins, for the flip estimate
+            self.teacher.learn_from(self.calibration())
 
     def calibration(self) -> Iterator[dict]:
         """The non-held-out batches, streamed from --data again (synthesized without --data)."""

@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -71,6 +71,15 @@ class HalfSession:
         feeds = {k: np.asarray(v).astype(np.float16) if k in self.half else v for k, v in feeds.items()}
         got = self.sess.run(list(names or self.outputs), feeds, run_options)
         return [g.astype(np.float32) if isinstance(g, np.ndarray) and g.dtype == np.float16 else g for g in got]
+
+
+def other_batches(path: str | os.PathLike, data: str | os.PathLike, *, preprocess: str | None,
+                  limit: int | None) -> Iterator[dict]:
+    """The batches of ``data`` that are not held out, streamed (for the teacher's margins)."""
+    plain = runtime.session(path, "cpu")
+    for i, feeds in enumerate(data_mod.batches(data, plain, preprocess, limit)):
+        if not is_held_out(i):
+            yield feeds
 
 
 def held_out_batches(path: str | os.PathLike, data: str | os.PathLike | None, *, preprocess: str | None,

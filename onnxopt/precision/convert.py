@@ -260,6 +260,8 @@ def _teacher(input_path: str | os.PathLike, model: ir.Model, source: bytes,
                                            limit=s.calib_limit)
     teacher = budget.make_teacher(model, source, held, metric=s.metric, max_drop=s.max_drop,
                                   class_outputs=s.class_outputs, synthesized=s.data is None)
+    if s.data is not None:
+        teacher.learn_from(budget.other_batches(input_path, s.data, preprocess=s.preprocess, limit=s.calib_limit))
     return teacher, labels
 
 

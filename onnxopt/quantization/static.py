@@ -361,6 +361,8 @@ class Quantizer:
         self.teacher = Teacher(self.model, self.float_bytes, self.held_out, ep=self.ep, threads=self.threads, metric=metric,
                                metric_name=metric_name, max_drop=max_drop, class_outputs=class_outputs,
                                synthesized=synthesized)
+        if not synthesized:  # the calibration batches kept in memory give the flip estimate more margins
+            self.teacher.learn_from(getattr(self, "recovery_set", []))
 
     # Pickling (onnxopt.parallel sends the quantizer to search workers once per process).
     def __getstate__(self) -> dict:
