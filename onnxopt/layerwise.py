@@ -112,14 +112,16 @@ def match_values(a: onnx.ModelProto, b: onnx.ModelProto) -> list[tuple[str, str,
 
 def compare_layers(a_path, b_path, feeds: Mapping[str, np.ndarray],
                    tolerance: validate.Tolerance = validate.LOSSLESS, ep: str = "cpu",
-                   chunk: int = 256, progress=None) -> Layerwise:
+                   chunk: int = 256, progress=None, ep_b: str | None = None) -> Layerwise:
+    """Intermediate values of A and B (paired by :func:`match_values`) at ``feeds``, A on ``ep`` and B
+    on ``ep_b`` (default the same EP: A against itself on two EPs finds where the EPs diverge)."""
     a, b = _load(a_path), _load(b_path)
     pairs = match_values(a, b)
     results: list[LayerResult] = []
     for start in range(0, len(pairs), chunk):
         part = pairs[start:start + chunk]
         sa = runtime.session(runtime.with_outputs(a, [p[0] for p in part]), ep)
-        sb = runtime.session(runtime.with_outputs(b, [p[1] for p in part]), ep)
+        sb = runtime.session(runtime.with_outputs(b, [p[1] for p in part]), ep_b or ep)
         ra = runtime.run(sa, feeds, [p[0] for p in part])
         rb = runtime.run_candidate(sb, feeds, [p[1] for p in part])
         for value_a, value_b, index, node, op, how in part:

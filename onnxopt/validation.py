@@ -523,11 +523,12 @@ class ModelComparison:
                 "per_ep": {ep: r.to_dict() for ep, r in self.per_ep.items()}}
 
 
-def compare_models(a: str | os.PathLike, b: str | os.PathLike, *, eps: tuple[str, ...] = ("cpu",),
+def compare_models(a: str | os.PathLike, b: str | os.PathLike | None, *, eps: tuple[str, ...] = ("cpu",),
                    data: str | os.PathLike | None = None, shapes: Mapping[str, tuple[int, ...]] | None = None,
                    preprocess: str | None = None, tolerance: Tolerance | Mapping[str, Tolerance] = LOSSLESS,
                    max_batches: int = 16, progress=None, sample: int = 2000) -> ModelComparison:
     """Run A and B on the same batches on each EP and compare every output (worst case over batches).
+    Without B (``b=None``), A on every other EP against A on the first (results keyed ``"EP vs FIRST"``).
 
     Batches stream from ``data`` (at most ``max_batches``), or without data the synthesized
     batch and one variation of it (see :func:`variation_points`); the inputs are created from A's
@@ -536,15 +537,17 @@ def compare_models(a: str | os.PathLike, b: str | os.PathLike, *, eps: tuple[str
     per_ep: dict[str, ValidationResult] = {}
     samples: dict[str, dict[str, list[float]]] = {}
     count = 0
-    for ep in eps:
-        sa, sb = runtime.session(a, ep), runtime.session(b, ep)
+    runs = [(ep, ep, ep) for ep in eps] if b is not None else [(f"{ep} vs {eps[0]}", eps[0], ep) for ep in eps[1:]]
+    for label, ep_a, ep_b in runs:
+        ep = label
+        sa, sb = runtime.session(a, ep_a), runtime.session(b if b is not None else a, ep_b)
         merged: dict[str, OutputComparison] = {}
         ep_samples: dict[str, list[float]] = {}
         feeds_iter: Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]]
         if data is not None:
             feeds_iter = ((feeds, None) for feeds in data_mod.batches(data, sa, preprocess, max_batches))
         else:  # the synthesized point and a variation of it (other symbolic dims and values)
-            primary, primary_ref = runtime.run_synthesized(sa, shapes, quiet=ep != eps[0])
+            primary, primary_ref = runtime.run_synthesized(sa, shapes, quiet=ep != runs[0][0])
             feeds_iter = iter([(primary, primary_ref)] + [(p.feeds, p.reference) for p in variation_points(sa, primary)
                                                           if p.reference is not None])
         count = 0

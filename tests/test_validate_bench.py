@@ -451,3 +451,18 @@ def test_light_sessions_match_whole_model_sessions(monkeypatch):
     with pytest.raises(RuntimeError):
         base.light_proto(model)
     assert all(model.graph.initializers[n].const_value is t for n, t in tensors.items())
+
+
+def test_validate_one_model_needs_two_eps_and_compares_them(cli, tmp_path):
+    """validate A alone: one EP is a usage error (exit 1, one line naming the two ways); two EPs run A on
+    each against the first (here the CPU EP twice: identical, exit 0, keyed 'cpu vs cpu', no B).  The
+    OpenVINO pair, and naming the first diverging node, run for real in tests/test_openvino.py."""
+    src = ROOT / "models" / "digits_cnn.onnx"
+    r = cli("validate", src)
+    assert r.exit_code == 1 and "two or more (--ep cpu,openvino)" in r.output and "give B" in r.output
+    rep = tmp_path / "v.json"
+    r = cli("validate", src, "--ep", "cpu,cpu", "--tol", "0", "--rtol", "0", "--report", rep)
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    assert report["b"] is None and list(report["comparison"]["per_ep"]) == ["cpu vs cpu"]
+    assert report["comparison"]["per_ep"]["cpu vs cpu"]["outputs"][0]["max_abs"] == 0

@@ -1,6 +1,10 @@
 """``onnxopt validate A B``: A (reference) and B on every EP with the same inputs, every output
 compared (worst case over the batches); with ``layerwise`` also the intermediate tensors at the
-first batch, naming the first diverging node.  Exit 3 when B diverges."""
+first batch, naming the first diverging node.  Exit 3 when B diverges.
+
+``onnxopt validate A --ep cpu,openvino`` (no B): A on each other EP against A on the first, and the
+first node where they diverge beyond the tolerance (the layerwise comparison always runs then), as a
+user porting a model to another EP needs.  Exit 3 when an EP diverges."""
 
 from __future__ import annotations
 
@@ -48,7 +52,8 @@ def tolerances(metric: str, tols: tuple[str, ...], rtol: float | None) -> Tolera
 @dataclasses.dataclass
 class Options:
     a: str | os.PathLike
-    b: str | os.PathLike
+    #: None: A against itself across the EPs
+    b: str | os.PathLike | None = None
     data: str | os.PathLike | None = common.data()
     preprocess: str | None = common.preprocess()
     shapes: Mapping[str, tuple[int, ...]] | None = common.shapes()
@@ -71,7 +76,7 @@ class Result(core.Result):
     command = "validate"
 
     a: str
-    b: str
+    b: str | None
     tolerance: dict
     comparison: dict
     error_samples: list | dict | None
@@ -82,20 +87,37 @@ def run(o: Options, progress: core.ProgressFn | None = None) -> Result:
     """Raises ValidationRefused(report) when B diverges."""
     eps = runtime.parse_eps(o.eps) if isinstance(o.eps, str) else tuple(o.eps)
     tolerance = o.tolerance if o.tolerance is not None else tolerances(o.metric, tuple(o.tol), o.rtol)
+    if o.b is None and len(eps) < 2:
+        raise UsageError("validate A alone compares execution providers: name two or more (--ep cpu,openvino), "
+                         "or give B to compare two models")
     for path in (o.a, o.b):
-        core.check_model_file(path)
+        if path is not None:
+            core.check_model_file(path)
     base = tolerance if isinstance(tolerance, validation.Tolerance) else tolerance.get("*", validation.LOSSLESS)
     comparison = validation.compare_models(o.a, o.b, eps=eps, data=o.data, shapes=o.shapes, preprocess=o.preprocess,
                                            tolerance=tolerance, max_batches=o.max_batches, progress=progress)
-    report = core.header("validate", a=str(o.a), b=str(o.b), tolerance=base.describe(), comparison=comparison.to_dict(),
-                         error_samples=comparison.error_samples)
-    if o.layerwise:
-        sess = runtime.session(o.a, eps[0])
-        feeds = data_mod.feeds_for(sess, o.data, o.shapes, o.preprocess, limit=1)[0]
-        report["layerwise"] = layerwise_mod.compare_layers(o.a, o.b, feeds, base, eps[0], progress=progress).to_dict()
+    report = core.header("validate", a=str(o.a), b=None if o.b is None else str(o.b), tolerance=base.describe(),
+                         comparison=comparison.to_dict(), error_samples=comparison.error_samples)
+    if o.layerwise or (o.b is None and not comparison.ok):
+        report["layerwise"] = _first_divergence(o, eps, comparison, base, progress)
     if not comparison.ok:
-        raise ValidationRefused("outputs of B diverge from A beyond the tolerance", report)
+        raise ValidationRefused("outputs of B diverge from A beyond the tolerance" if o.b is not None else
+                                f"outputs of A on {', '.join(k for k, r in comparison.per_ep.items() if not r.ok)} "
+                                f"diverge beyond the tolerance", report)
     return Result.from_report(report)
+
+
+def _first_divergence(o: Options, eps: tuple[str, ...], comparison: validation.ModelComparison,
+                      base: validation.Tolerance, progress: core.ProgressFn | None) -> dict:
+    """The layerwise comparison at the first batch: B against A on the first EP, or without B, A on the
+    first EP that diverged (else the second) against A on the first."""
+    sess = runtime.session(o.a, eps[0])
+    feeds = data_mod.feeds_for(sess, o.data, o.shapes, o.preprocess, limit=1)[0]
+    if o.b is not None:
+        return layerwise_mod.compare_layers(o.a, o.b, feeds, base, eps[0], progress=progress).to_dict()
+    diverged = [label.split(" vs ")[0] for label, r in comparison.per_ep.items() if not r.ok] or [eps[1]]
+    result = layerwise_mod.compare_layers(o.a, o.a, feeds, base, eps[0], progress=progress, ep_b=diverged[0]).to_dict()
+    return {**result, "eps": [eps[0], diverged[0]]}
 
 
 def render_refused(report: dict) -> None:
@@ -111,7 +133,8 @@ def render_refused(report: dict) -> None:
         if lw is None:
             return
         first = lw["first_divergence"]
-        click.echo(f"layerwise: {lw['pairs']} of {lw['values_in_b']} intermediate values paired; "
+        across = f" ({lw['eps'][1]} against {lw['eps'][0]})" if lw.get("eps") else ""
+        click.echo(f"layerwise{across}: {lw['pairs']} of {lw['values_in_b']} intermediate values paired; "
                    + (common.divergence(first) if first else "no divergence inside the graph"))
 
 
@@ -120,8 +143,10 @@ def render(result: core.Result) -> None:
 
 
 COMMAND = Command(
-    name="validate", short_help="Compare two models' outputs on each EP.",
-    help="Run A (reference) and B on each EP with the same inputs and compare every output (exit 3 if B diverges).",
-    arguments=(("a", {"metavar": "A"}), ("b", {"metavar": "B"})),
+    name="validate", short_help="Compare two models' outputs on each EP, or one model across EPs.",
+    help="Run A (reference) and B on each EP with the same inputs and compare every output (exit 3 if B diverges). "
+         "Without B, run A on each EP of --ep (two or more) against the first and name the first node where they "
+         "diverge (exit 3 if an EP diverges).",
+    arguments=(("a", {"metavar": "A"}), ("b", {"metavar": "[B]", "required": False})),
     options=Options, run=run, render=render, render_refused=render_refused, result=Result, output=None,
-    label=lambda kw: f"{kw['a']} or {kw['b']}", progress="validate")
+    label=lambda kw: f"{kw['a']} or {kw['b']}" if kw.get("b") else str(kw["a"]), progress="validate")
