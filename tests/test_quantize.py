@@ -1141,3 +1141,38 @@ def test_weight_width_follows_the_isa_override(cli, tmp_path, isa, monkeypatch, 
     monkeypatch.setenv("ONNXOPT_VNNI", "yes")
     r = cli("quantize", src, "-o", tmp_path / "bad.onnx", "--data", digits_calib["digits_cnn"])
     assert r.exit_code == 1 and "ONNXOPT_VNNI" in r.output
+
+
+def test_openvino_placement_leaves_no_pair_that_no_int8_op_reads():
+    """Conv -> Relu -> MaxPool -> Flatten -> {Gemm kept float, Conv int8 via Reshape}: for OpenVINO
+    (NNCF's placement: an op runs in int8 from the DQ on its inputs) the MaxPool/Flatten outputs that
+    only the float Gemm reads get no Q/DQ, while the chain into the int8 Conv keeps its pairs; the CPU EP
+    profile keeps every output pair (its QLinear fusions need the Q after each op)."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    from onnxopt.quantization import qdq
+
+    rng = np.random.default_rng(0)
+    inits = [nh.from_array(rng.standard_normal((4, 1, 3, 3)).astype(np.float32), "w1"),
+             nh.from_array(rng.standard_normal((64, 10)).astype(np.float32), "wg"),
+             nh.from_array(np.array([1, 4, 4, 4], np.int64), "shape"),
+             nh.from_array(rng.standard_normal((2, 4, 1, 1)).astype(np.float32), "w2")]
+    nodes = [h.make_node("Conv", ["x", "w1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+             h.make_node("Relu", ["c"], ["r"], name="relu"),
+             h.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             h.make_node("Flatten", ["p"], ["f"], name="flat"),
+             h.make_node("Gemm", ["f", "wg"], ["logits"], name="head"),
+             h.make_node("Reshape", ["f", "shape"], ["p2"], name="reshape"),
+             h.make_node("Conv", ["p2", "w2"], ["side"], name="conv2")]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 1, 8, 8])],
+                     [h.make_tensor_value_info("logits", T.FLOAT, [1, 10]), h.make_tensor_value_info("side", T.FLOAT, None)],
+                     inits)
+    model = ir.from_proto(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8))
+    for profile in (qdq.PROFILES["openvino"], qdq.PROFILES["cpu"]):  # conv2 int8 reads the chain on both
+        with_conv2 = qdq.plan(model, profile, exclude={"head"})
+        assert {"x", "c", "p", "f"} <= set(with_conv2.points), (profile.name, with_conv2.points)
+    alone = [qdq.plan(model, p, exclude={"head", "conv2"}) for p in (qdq.PROFILES["openvino"], qdq.PROFILES["cpu"])]
+    assert {"x"} <= set(alone[0].points) and not {"c", "p", "f"} & set(alone[0].points), alone[0].points
+    assert {"x", "c", "p", "f"} <= set(alone[1].points), alone[1].points

@@ -52,6 +52,10 @@ class Profile:
     shared: frozenset = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"})
     #: layer kinds left in float from the start because the EP runs them slower in int8
     float_kinds: frozenset = frozenset()
+    #: an output gets its Q/DQ pair only where an int8 consumer reads it (OpenVINO: its low-precision
+    #: transformations run an op in int8 from the DequantizeLinear on its inputs, NNCF's placement);
+    #: False keeps every quantized op's output pair (the CPU EP fuses DQ -> op -> Q into QLinear ops)
+    consumed_outputs_only: bool = False
 
     @property
     def symmetric(self) -> bool:
@@ -62,7 +66,7 @@ PROFILES = {
     # ORT CPU EP: u8 activations x s8 weights (MLAS); depthwise QLinearConv is slower than fp32
     # (0.58x measured, issue 6), so depthwise starts in float; the latency guard decides the rest.
     "cpu": Profile("cpu", float_kinds=frozenset({"depthwise"})),
-    "openvino": Profile("openvino"),
+    "openvino": Profile("openvino", consumed_outputs_only=True),
     "cuda": Profile("cuda", activation="int8"),
     "tensorrt": Profile("tensorrt", activation="int8"),
 }
@@ -261,8 +265,31 @@ def plan(model: ir.Model, profile: Profile, exclude=frozenset()) -> Plan:
             out = node.outputs[0]
             points[name_of(out)] = (name_of(out), None, None)
             union(name_of(out), present(point(name_of(node.inputs[0]))))  # checked just above
+    if profile.consumed_outputs_only:
+        _drop_unread_outputs(model, points, set(targets), alias, profile)
     groups = {name: find(name) for name in points}
     return Plan(targets, kinds, points, groups, exclude, alias)
+
+
+def _drop_unread_outputs(model: ir.Model, points: dict, targets: set[str], alias: dict[str, str],
+                         profile: Profile) -> None:
+    """Remove the Q/DQ points no int8 op reads: a point stays when a consumer of its value (or of the
+    absorbed activation's output that aliases it) is a quantized target, or a shared-scale op whose own
+    output point stays.  Walks the graph backwards once: O(nodes + edges)."""
+    readers: dict[str, list[ir.Node]] = collections.defaultdict(list)
+    for node in model.graph:
+        for v in node.inputs:
+            if v is not None and v.name:
+                readers[alias.get(v.name, v.name)].append(node)
+    for node in reversed(list(model.graph)):
+        for out in node.outputs:
+            name = name_of(out)
+            if name not in points:
+                continue
+            wanted = any(r.name in targets or (r.op_type in profile.shared and r.outputs and
+                                              name_of(r.outputs[0]) in points) for r in readers.get(name, ()))
+            if not wanted:
+                del points[name]
 
 
 def activation_params(lo: float, hi: float, profile: Profile) -> tuple[np.ndarray, np.ndarray]:
