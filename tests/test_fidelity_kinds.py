@@ -211,3 +211,35 @@ def test_witness_batches_show_what_the_held_out_ones_missed():
         judged = t.last_results[0]["judged_by"] or ""
         assert ("calibration batches" in judged) == bool(witness), judged
     assert scores[0] == 1.0 and scores[1] < 0.9, scores
+
+
+def test_raw_logits_count_their_values_where_top1_cannot_be_certified():
+    """An output named 'logits' made by a MatMul head: judged by top-1 agreement; where the held-out
+    positions are too few to certify the budget, its cosine counts too (a candidate that keeps every
+    arg-max of 32 confident positions while its logits move scores that cosine, ~0.9); with enough
+    positions the 95% lower bound of top-1 certifies alone."""
+    import onnx_ir as ir
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    g = h.make_graph([h.make_node("MatMul", ["x", "w"], ["logits"])], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT, ["n", 8])], [h.make_tensor_value_info("logits", T.FLOAT, ["n", 10])],
+                     [nh.from_array(np.ones((8, 10), np.float32), "w")])
+    (rule,) = fidelity.rules(ir.from_proto(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]))).values()
+    assert rule.metric == fidelity.TOP1 and rule.check == "raw" and "linear head" in rule.reason
+    rng = np.random.default_rng(0)
+    scores = {}
+    for n in (32, 1024):
+        ref = rng.standard_normal((n, 10))
+        top = rng.integers(0, 10, n)
+        ref[np.arange(n), top] += 20.0  # confident
+        got = ref + 2.0 * rng.standard_normal((n, 10))
+        got[np.arange(n), top] = ref[np.arange(n), top] - 5.0  # every arg-max kept (15 vs < 10), the values moved
+        fid = fidelity.Fidelity({"logits": rule}, max_drop=0.01)
+        fid.add({"logits": ref}, {"logits": got})
+        (res,) = fid.results()
+        assert res["agreement"] == 1.0
+        scores[n] = (res["score"], res["judged_by"], res["cosine"])
+    assert scores[32][0] == pytest.approx(scores[32][2]) and scores[32][0] < 0.99 and "cosine" in scores[32][1]
+    assert scores[1024][1] == "95% lower bound" and scores[1024][0] > 0.99
