@@ -134,3 +134,35 @@ def test_faithful_session_rounds_inside_a_chain(tmp_path):
     got = runtime.run(sess, {"x": np.array([1.574, 0.3], np.float32)}, ["y"])["y"]
     np.testing.assert_array_equal(got, [2.0, 0.0])
     onnx.checker.check_model(onnx.load(str(path)))
+
+
+@pytest.mark.parametrize("data", [False, True])
+def test_an_intended_infinite_mask_stays_float32_instead_of_refusing(cli, tmp_path, data):
+    """scores + mask (a -inf constant where attention may not look, as TorchScript exports write it) ->
+    Softmax: the masked tensor is infinite in the float model itself, so fp16 cannot make it worse: it
+    stays float32 and the rest converts (this was a refusal: 'tensor ... became NaN/Inf')."""
+    mask = np.zeros((1, 8), np.float32)
+    mask[0, 5:] = -np.inf
+    w = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+    nodes = [h.make_node("MatMul", ["x", "w"], ["scores"], name="matmul"),
+             h.make_node("Add", ["scores", "mask"], ["masked"], name="add"),
+             h.make_node("Softmax", ["masked"], ["probs"], axis=-1, name="softmax")]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["n", 8])],
+                     [h.make_tensor_value_info("probs", T.FLOAT, ["n", 8])],
+                     [nh.from_array(w, "w"), nh.from_array(mask, "mask")])
+    src = save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    args = ["convert", src, "-o", tmp_path / "h.onnx", "--fp16", "--report", tmp_path / "r.json"]
+    if data:
+        folder = tmp_path / "data"
+        folder.mkdir()
+        for i in range(8):
+            np.savez(folder / f"b{i}.npz", x=np.random.default_rng(i).standard_normal((16, 8)).astype(np.float32))
+        args += ["--data", folder]
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    dtypes = node_dtypes(tmp_path / "h.onnx")
+    assert dtypes["matmul"] == ir.DataType.FLOAT16 and dtypes["add"] == ir.DataType.FLOAT, dtypes
+    x = np.random.default_rng(99).standard_normal((4, 8)).astype(np.float32)
+    ref = runtime.run(runtime.session(str(src)), {"x": x})["probs"]
+    got = runtime.run(runtime.session(str(tmp_path / "h.onnx")), {"x": x})["probs"]
+    assert np.all(got[:, 5:] == 0) and np.allclose(got, ref, atol=2e-3)

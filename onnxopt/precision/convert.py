@@ -5,8 +5,9 @@ Steps (each a function, in the order :func:`convert` calls them):
 1. **Load and refuse** what cannot be converted, with one line (``BadInputError``, exit 2): a model
    that is already float16/bfloat16 or quantized (``passes.convert_fp16.decline_reason``).
 2. **Ranges** (:func:`observe_ranges`): the original runs on ORT with every main-graph tensor as an
-   extra output, batch after batch from ``--data`` (streaming, ``onnxopt.data``), folded into
-   ``onnxopt.calibrate`` min/max statistics (activations are never kept).  Without ``--data`` the
+   extra output, batch after batch from ``--data`` (streaming, ``onnxopt.data``), folded into each
+   tensor's largest magnitude (:func:`fold_max_abs`; activations are never kept; a tensor infinite in
+   the float model itself, an intended -inf mask, stays float32).  Without ``--data`` the
    inputs are synthesized (seed 0 and a variation, see ``validate.variation_points``) and the report
    says so: real inputs may reach larger values.
 3. **Convert** (``passes.convert_fp16.convert_model``): tensors whose max |x| exceeds the limit
@@ -28,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -36,8 +38,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import calibrate, io, runtime
 from onnxopt import data as data_mod
+from onnxopt import io, runtime
 from onnxopt import validation as validate
 from onnxopt.base import name_of, present
 from onnxopt.commands import core
@@ -69,7 +71,7 @@ class Ranges:
 def observe_ranges(path: str | os.PathLike, model: ir.Model, data: str | os.PathLike | None, *,
                    preprocess: str | None = None, shapes: Mapping[str, tuple[int, ...]] | None = None,
                    limit: int | None = None, progress: core.ProgressFn | None = None) -> Ranges:
-    """Step 2: streaming min/max (``calibrate.collect``) of every float main-graph tensor."""
+    """Step 2: the streaming largest magnitude (:func:`fold_max_abs`) of every float main-graph tensor."""
     plain = runtime.session(path, "cpu")
     names = [v.name for v in model.graph.inputs if v.name] + \
         [o.name for n in model.graph for o in n.outputs if o.name]
@@ -88,9 +90,34 @@ def observe_ranges(path: str | os.PathLike, model: ir.Model, data: str | os.Path
     probe = runtime.run(extra, first, names)
     dtypes = {k: str(v.dtype) for k, v in probe.items()}
     floats = [n for n in names if probe[n].dtype == np.float32]
-    stats = calibrate.collect(extra, floats, itertools.chain([first], stream), progress=progress)
-    return Ranges({n: max(abs(t.min), abs(t.max)) for n, t in stats.tensors.items() if t.count},
-                  dtypes, "data" if data is not None else "synthesized", stats.batches)
+    max_abs, batches = fold_max_abs(extra, floats, itertools.chain([first], stream), progress)
+    return Ranges(max_abs, dtypes, "data" if data is not None else "synthesized", batches)
+
+
+def fold_max_abs(sess, names: list[str], feeds_iter: Iterable[Mapping[str, np.ndarray]],
+                 progress: core.ProgressFn | None = None) -> tuple[dict[str, float], int]:
+    """Per tensor of ``names``, the largest magnitude over every batch (no histogram: fp16 needs only
+    the range), and the batch count.  A tensor that is infinite or NaN in the float model itself (an
+    intended -inf attention mask, float32's lowest as a mask fill) gets ``inf``: it stays float32, not a
+    refusal.  NaN/Inf in an input batch is bad data (one line).  Memory: one batch's tensors."""
+    out: dict[str, float] = {}
+    count = 0
+    for feeds in feeds_iter:
+        for k, v in feeds.items():
+            if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
+                raise BadInputError(f"data batch {count}: input '{k}' contains NaN or Inf")
+        outputs = runtime.run(sess, feeds, names)
+        for n in names:
+            x = np.asarray(outputs[n])
+            if x.size:
+                m = float(np.max(np.abs(x)))
+                out[n] = max(out.get(n, 0.0), m if math.isfinite(m) else math.inf)
+        count += 1
+        if progress is not None:
+            progress(1)
+    if count == 0:
+        raise BadInputError("the data are empty: no batch was read")
+    return out, count
 
 
 def fill_types(model: ir.Model, dtypes: Mapping[str, str]) -> int:
