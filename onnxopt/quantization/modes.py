@@ -278,12 +278,19 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: q
     model, notes = prepare(model, recipe)
     float_bytes = qm.serialize(model)
     matmuls = qw.weight_matmuls(model)
+    undivided: dict[str, tuple[int, int]] = {}
     if not matmuls and not any(qw.fused_attention(n).succeeded for n in model.graph):
         raise BadInputError("nothing to quantize: no MatMul or Gemm with a constant float32 2-D weight in the main graph")
     if recipe.weights == "int4":
-        problem = qw.check_block_size(recipe.block_size, matmuls)
+        problem, undivided = qw.check_block_size(recipe.block_size, matmuls)
         if problem:
             raise BadInputError(problem)
+        if undivided:  # those stay float (the build declines them, with the reason); the rest go int4
+            name, (k, _) = next(iter(undivided.items()))
+            logger.warning("%d of %d weight matmuls stay float: --block-size %d does not divide their K (e.g. K=%d of "
+                           "'%s')", len(undivided), len(matmuls), recipe.block_size, k, name)
+            notes.append(f"{len(undivided)} weight matmul(s) kept float: --block-size {recipe.block_size} does not "
+                         f"divide their K")
     held_out, rounding_set, calibration = inputs(float_bytes, opts, model)
     if recipe.weights == "int4":
         if recipe.rounding == "gptq" and not rounding_set:
@@ -292,6 +299,8 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: q
     q = WeightQuantizer(model, float_bytes, held_out, rounding_set, recipe, metric=metric_fn, metric_name=opts.metric,
                         max_drop=opts.max_drop, class_outputs=opts.class_outputs, threads=opts.threads,
                         synthesized=opts.data is None)
+    for name, (k, _) in (undivided if recipe.weights == "int4" else {}).items():
+        recipe.decisions.float_layers.setdefault(name, f"--block-size {recipe.block_size} does not divide K={k}")
     if replayed:
         qm.check_replay(q, recipe)
         candidate, the_plan = q.build(recipe.excluded())

@@ -133,16 +133,17 @@ def pack_nibbles(codes: np.ndarray) -> np.ndarray:
     return (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)
 
 
-def check_block_size(block: int, shapes: dict[str, tuple[int, int]]) -> str | None:
-    """None, or one line saying why ``block`` cannot quantize these [K, N] weights."""
+def check_block_size(block: int, shapes: dict[str, tuple[int, int]]) -> tuple[str | None, dict[str, tuple[int, int]]]:
+    """(None, or one line saying why ``block`` cannot quantize any of these [K, N] weights; the weights
+    whose K it does not divide, which stay float while the others are quantized)."""
     if block not in BLOCK_SIZES:
-        return f"--block-size {block}: choose 32, 64 or 128"
+        return f"--block-size {block}: choose 32, 64 or 128", {}
     bad = {name: kn for name, kn in shapes.items() if kn[0] % block}
-    if bad:
+    if bad and len(bad) == len(shapes):
         name, (k, n) = next(iter(bad.items()))
-        return (f"--block-size {block} does not divide K={k} of MatMul '{name}' (weight [{k}, {n}]; "
-                f"{len(bad)} of {len(shapes)} weight matmuls); choose a block size dividing every K")
-    return None
+        return (f"--block-size {block} divides the K of no weight MatMul (e.g. K={k} of '{name}', weight [{k}, {n}]); "
+                f"choose a block size dividing K"), bad
+    return None, bad
 
 
 # ---------------------------------------------------------------- dynamic int8
