@@ -17,7 +17,8 @@ KMEANS_ITERATIONS = 30
 
 def kmeans_1d(values: np.ndarray, k: int, iterations: int = KMEANS_ITERATIONS) -> tuple[np.ndarray, np.ndarray]:
     """Lloyd's k-means on scalars with linear initialization over [min, max] (Deep Compression's
-    best-performing init: large weights keep their own centroids).  Returns (sorted centroids,
+    best-performing init: large weights keep their own centroids; a cluster left empty is re-seeded
+    at the value served worst, so no code is wasted).  Returns (sorted centroids,
     the index of each value's centroid).  O(n log k) per iteration (1-D: nearest centroid by
     bisection on the midpoints)."""
     values = values.astype(np.float64).reshape(-1)
@@ -30,8 +31,14 @@ def kmeans_1d(values: np.ndarray, k: int, iterations: int = KMEANS_ITERATIONS) -
         sums = np.bincount(idx, values, len(centroids))
         counts = np.bincount(idx, minlength=len(centroids))
         new = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
+        empty = np.flatnonzero(counts == 0)
+        if empty.size:  # an empty cluster is re-seeded at the value its centroid serves worst
+            err = np.abs(values - centroids[idx])
+            worst = np.argpartition(-err, min(empty.size, err.size) - 1)[:empty.size]
+            new[empty[:worst.size]] = values[worst]
+        new = np.unique(new) if empty.size else new
         new.sort()
-        if np.allclose(new, centroids, rtol=0, atol=1e-12):
+        if new.shape == centroids.shape and np.allclose(new, centroids, rtol=0, atol=1e-12):
             break
         centroids = new
     return centroids, np.searchsorted((centroids[1:] + centroids[:-1]) / 2, values)
