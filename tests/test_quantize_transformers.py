@@ -388,7 +388,7 @@ def test_dynamic_budget_keeps_the_worst_layers_float(tmp_path, bert_data, monkey
 
 
 def test_int4_keeps_float_only_the_matmuls_whose_k_the_block_does_not_divide(cli, tmp_path):
-    """Two weight MatMuls, K = 64 and K = 48, --block-size 32: the first goes int4 (MatMulNBits), the
+    """Two weight MatMuls, K = 16 then K = 64 (the last one, the head, goes 8-bit), --block-size 32: the first goes int4 (MatMulNBits), the
     second stays float with the reason in the recipe and one warning (this refused the whole command);
     a block size dividing neither K is still refused with one line."""
     from onnx import TensorProto as T
@@ -398,19 +398,25 @@ def test_int4_keeps_float_only_the_matmuls_whose_k_the_block_does_not_divide(cli
     rng = np.random.default_rng(0)
     nodes = [h.make_node("MatMul", ["x", "w1"], ["h1"], name="up"), h.make_node("Relu", ["h1"], ["r"], name="relu"),
              h.make_node("MatMul", ["r", "w2"], ["emb"], name="down")]
-    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["n", 64])],
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["n", 16])],
                      [h.make_tensor_value_info("emb", T.FLOAT, ["n", 16])],
-                     [nh.from_array(rng.standard_normal((64, 48)).astype(np.float32) / 8, "w1"),
-                      nh.from_array(rng.standard_normal((48, 16)).astype(np.float32) / 7, "w2")])
+                     [nh.from_array(rng.standard_normal((16, 64)).astype(np.float32) / 4, "w1"),
+                      nh.from_array(rng.standard_normal((64, 16)).astype(np.float32) / 8, "w2")])
     src = tmp_path / "m.onnx"
     onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), str(src))
-    out, rep = tmp_path / "q.onnx", tmp_path / "q.json"
-    r = cli("quantize", src, "-o", out, "--weights", "int4", "--block-size", "32", "--max-drop", "0.5", "--report", rep)
-    assert r.exit_code == 0, r.output
-    assert "1 of 2 weight matmuls stay float" in r.output
-    ops = collections.Counter(n.op_type for n in onnx.load(str(out)).graph.node)
-    assert ops["MatMulNBits"] == 1 and ops["MatMul"] == 1, ops
-    recipe = json.loads(rep.read_text())["recipe"]
-    assert recipe["float_reasons"]["down"] == "--block-size 32 does not divide K=48"
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(8):
+        np.savez(data / f"b{i}.npz", x=rng.standard_normal((4, 16)).astype(np.float32))
+    for rounding in ("rtn", "gptq"):  # GPTQ rounds only the matmuls the block divides
+        out, rep = tmp_path / f"{rounding}.onnx", tmp_path / f"{rounding}.json"
+        r = cli("quantize", src, "-o", out, "--weights", "int4", "--block-size", "32", "--max-drop", "0.5",
+                "--data", data, "--rounding", rounding, "--report", rep)
+        assert r.exit_code == 0, r.output
+        assert "1 of 2 weight matmuls stay float" in r.output
+        ops = collections.Counter(n.op_type for n in onnx.load(str(out)).graph.node)
+        assert ops["MatMul"] == 1 and ops["MatMulNBits"] + ops["MatMulInteger"] == 1, ops  # the head: 8-bit
+        recipe = json.loads(rep.read_text())["recipe"]
+        assert recipe["float_reasons"]["up"] == "--block-size 32 does not divide K=16"
     r = cli("quantize", src, "-o", tmp_path / "q2.onnx", "--weights", "int4", "--block-size", "128")
     assert r.exit_code == 2 and "divides the K of no weight MatMul" in r.output

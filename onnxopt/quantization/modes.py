@@ -171,7 +171,8 @@ class WeightQuantizer(qm.Quantizer):
         Hessian on the rounding batches, grid fixed per block (:func:`qw.block_grid`)."""
         if not self.int4 or self.rounding != "gptq":
             return {}
-        nodes = [n for n in self.model.graph if n.name in self.matmuls]
+        # a matmul whose K the block does not divide stays float: no Hessian for it
+        nodes = [n for n in self.model.graph if n.name in self.matmuls and not self.matmuls[node_name(n)][0] % self.block]
         hess = recover.hessians(nodes, self.recovery_set, self.float_bytes, exact=False)
         out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for node in nodes:
