@@ -547,3 +547,18 @@ def test_reshape_with_allowzero_keeps_its_computed_dims():
 
     result = Simplify()(ir.serde.deserialize_model(_own_dims_reshape([("own", 0), -1], allowzero=1)))
     assert not any("copy" in k for k in result.changed), result.changed
+
+
+def test_an_added_pass_that_declines_everything_says_so(cli, tmp_path, monkeypatch):
+    """A pass the user added to the default pipeline that changed nothing but declined the model says
+    why in one warning (without -v): here fuse-transformer on weights over its in-memory limit (the
+    limit lowered to this model's size; the real one is 1.8 GB)."""
+    from onnxopt import io as io_mod
+
+    src = ROOT / "models" / "llama_ts.onnx"
+    monkeypatch.setattr(io_mod, "EXTERNAL_DATA_THRESHOLD", 1000)
+    r = cli("optimize", src, "-o", tmp_path / "o.onnx", "-p", "default,fuse-transformer", "--no-validate")
+    assert r.exit_code == 0, r.output
+    assert "pass 'fuse-transformer' changed nothing: weights over 2 GB" in r.stderr
+    r = cli("optimize", src, "-o", tmp_path / "p.onnx", "--no-validate")  # the default pipeline alone: quiet
+    assert "changed nothing" not in r.stderr

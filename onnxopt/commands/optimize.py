@@ -151,6 +151,20 @@ def _setting(o: Options, ep: str, model: ir.Model, specs: list, t_start: float) 
     return _Setting(o, ep, before, validator, faithful, mismatches, t_start)
 
 
+def _say_idle_passes(specs: list, done: pipeline.PipelineResult) -> None:
+    """One warning per pass the user added to the default pipeline that changed nothing but declined
+    something, with its reasons (e.g. fuse-transformer on a model whose weights exceed 2 GB): asked for,
+    so its silence would read as success."""
+    default = {s.name for s in pipeline.parse(pipeline.DEFAULT_PIPELINE)}
+    totals = done.totals()
+    for spec in specs:
+        entry = totals.get(str(spec))
+        if spec.name in default or entry is None or entry["changed"] or not entry["skipped"]:
+            continue
+        reasons = sorted(entry["skipped"].items(), key=lambda kv: -kv[1])[:3]
+        logger.warning("pass '%s' changed nothing: %s", spec, "; ".join(f"{why} ({n})" for why, n in reasons))
+
+
 def _attempt(st: _Setting, specs: list, model: ir.Model, rolled_back: list[dict]) -> dict:
     """Run ``specs`` on ``model``, then stage, check and commit; returns the report (raises
     ValidationRefused with it when the result diverges and not ``force``)."""
@@ -159,6 +173,8 @@ def _attempt(st: _Setting, specs: list, model: ir.Model, rolled_back: list[dict]
     feeds = [p.feeds for p in validator.points if p.reference is not None] if validator else None
     done = pipeline.run(model, specs, after_pass=st.verify if o.verify_each else None, feeds=feeds)
     model = done.model
+    if not rolled_back:
+        _say_idle_passes(specs, done)
     report = core.header("optimize", input={"path": str(o.input_path), **st.before},
                          pipeline=",".join(str(s) for s in specs), iterations=done.iterations, converged=done.converged,
                          passes=done.totals(), records=[dataclasses.asdict(r) for r in done.records],
