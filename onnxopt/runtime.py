@@ -237,7 +237,15 @@ def synthesize(sess: ort.InferenceSession, overrides: Mapping[str, tuple[int, ..
     rng = np.random.default_rng(seed)
     feeds = {}
     total = 0
-    for inp in sess.get_inputs():
+    inputs = sess.get_inputs()
+    symbolic = [i for i in inputs if i.name not in overrides and any(not (isinstance(d, int) and d >= 0) for d in i.shape or [])]
+    if len(symbolic) > 2 and not quiet:  # one line, not one per input (a decoder has dozens of past tensors)
+        dims = dict.fromkeys(str(d) for i in symbolic for d in i.shape or [] if not (isinstance(d, int) and d >= 0))
+        first = symbolic[0]
+        logger.warning("%d inputs have symbolic dims %s: using 1 for each (set them with --shape, e.g. --shape %s:%s)",
+                       len(symbolic), ", ".join(dims), first.name, "x".join(map(str, resolve_shape(first, overrides, True))))
+        quiet = True
+    for inp in inputs:
         dtype = _ORT_TYPES.get(inp.type)
         if dtype is None:
             raise BadInputError(f"input '{inp.name}' has type {inp.type}: give it with --data")

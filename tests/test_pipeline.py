@@ -154,6 +154,16 @@ def test_symbolic_dims_warn_once_per_input(cli, model_copy, tmp_path):
     assert "warning" not in cli("-q", "optimize", model_copy("cnn_dynamic.onnx"), "-o", tmp_path / "p.onnx").stderr
 
 
+def test_symbolic_dims_of_many_inputs_warn_in_one_line(cli, tmp_path):
+    """A decoder's six inputs (ids, mask, two layers' past key/value) with symbolic dims: one line
+    naming the dims and an example, not one per input (a 24-layer export has 50)."""
+    result = cli("optimize", MODELS / "llama_ts.onnx", "-o", tmp_path / "o.onnx")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if "symbolic dims" in line]
+    assert warnings == ["onnxopt: warning: 6 inputs have symbolic dims batch, seq, total, past: using 1 for each "
+                        "(set them with --shape, e.g. --shape input_ids:1x1)"], warnings
+
+
 class Crashes(OptPass):
     """Test-only: raises like a buggy pass would."""
 
