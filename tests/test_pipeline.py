@@ -12,7 +12,7 @@ import pytest
 from onnxopt import pipeline, registry
 from onnxopt.base import OptPass
 from onnxopt.errors import UsageError
-from tests.helpers import MODELS
+from tests.helpers import MODELS, ROOT
 
 
 def test_parse_pipeline_text():
@@ -157,7 +157,7 @@ def test_symbolic_dims_warn_once_per_input(cli, model_copy, tmp_path):
 def test_symbolic_dims_of_many_inputs_warn_in_one_line(cli, tmp_path):
     """A decoder's six inputs (ids, mask, two layers' past key/value) with symbolic dims: one line
     naming the dims and an example, not one per input (a 24-layer export has 50)."""
-    result = cli("optimize", MODELS / "llama_ts.onnx", "-o", tmp_path / "o.onnx")
+    result = cli("optimize", ROOT / "models" / "llama_ts.onnx", "-o", tmp_path / "o.onnx")
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stderr.splitlines() if "symbolic dims" in line]
     assert warnings == ["onnxopt: warning: 6 inputs have symbolic dims batch, seq, total, past: using 1 for each "
