@@ -97,7 +97,7 @@ def prepare(model: ir.Model, recipe: qm.Recipe) -> tuple[ir.Model, list[str]]:
     return model, notes
 
 
-def inputs(float_bytes: bytes, opts: qm.RunSettings, model: ir.Model | None = None) -> tuple[list[dict], list[dict], dict]:
+def inputs(float_bytes: bytes | runtime.Light, opts: qm.RunSettings, model: ir.Model | None = None) -> tuple[list[dict], list[dict], dict]:
     """Step 2: (held-out scoring batches, rounding batches, the report's ``calibration`` entry);
     ``model``: the prepared model ``float_bytes`` serializes (its index bounds for synthesized ids)."""
     sess = runtime.session(float_bytes, "cpu", opts.threads, optimize=False)
@@ -141,7 +141,7 @@ class WeightQuantizer(qm.Quantizer):
     embedding Gathers (kind ``embedding``) and whose build is dynamic int8 or int4 weight-only;
     scoring, latency comparison, budget and final check are the static mode's."""
 
-    def __init__(self, model: ir.Model, float_bytes: bytes, held_out: list[dict], rounding_set: list[dict],
+    def __init__(self, model: ir.Model, float_bytes: bytes | runtime.Light, held_out: list[dict], rounding_set: list[dict],
                  recipe: qm.Recipe, *, metric: Callable | None = None, metric_name: str | None = None,
                  max_drop: float | None = None, class_outputs=None, threads: int = 1,
                  synthesized: bool = False):
@@ -218,11 +218,14 @@ def layer_errors(q: WeightQuantizer, rows: int = 2048) -> dict[str, float]:
     relative rounding error of each embedding table or fused Attention weight."""
     nodes = {n.name: n for n in q.model.graph}
     names = sorted({name_of(nodes[n].inputs[0]) for n, k in q.candidates.items() if k == "matmul"})
-    sess = runtime.session(runtime.with_outputs(ir.to_proto(q.model), names), "cpu", q.threads, optimize=False)
+    sess = runtime.session(runtime.with_outputs_of(q.float_bytes, names), "cpu", q.threads, optimize=False)
     acts = runtime.run_candidate(sess, q.held_out[0], names)
     out = {}
     for name, kind in q.candidates.items():
         w = constant(nodes[name].inputs[0 if kind == "embedding" else 1]).astype(np.float64)
+        if q.int4 and kind == "matmul" and w.shape[0] % q.block:  # stays float: the block does not divide K
+            out[name] = 0.0
+            continue
         if q.int4 and kind == "matmul" and q.node_bits.get(name, 4) == 4:
             scale, zero = qw.block_grid(w, q.block)
             wq = qw.block_dequantize(qw.block_round(w, scale, zero, q.block), scale, zero, q.block)
@@ -274,10 +277,10 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: q
         raise UsageError(f"--search explores static recipes; not with --mode {recipe.mode}")
     if opts.stats_in is not None or opts.stats_out is not None:
         raise UsageError(f"--mode {recipe.mode} collects no calibration statistics (--load-stats/--save-stats)")
-    model = qm.load_input(input_path)
+    model = qm.load_input(input_path, lazy=True)
     t0 = time.perf_counter()
     model, notes = prepare(model, recipe)
-    float_bytes = qm.serialize(model)
+    float_bytes = qm.session_source(model)
     matmuls = qw.weight_matmuls(model)
     undivided: dict[str, tuple[int, int]] = {}
     if not matmuls and not any(qw.fused_attention(n).succeeded for n in model.graph):
@@ -311,7 +314,7 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: q
     decide = not replayed and recipe.mode == "dynamic"
     candidate, the_plan, latency, wrote_float = qm.final_check(q, recipe, candidate, the_plan, decide=decide)
     if wrote_float:  # the float model as the default pipeline leaves it (no transposed weight copies)
-        candidate = qm.prepare(qm.load_input(input_path), True)[0]
+        candidate = qm.prepare(qm.load_input(input_path, lazy=True), True)[0]
     report = qm.quantize_report(input_path, recipe, notes, calibration, the_plan, latency, wrote_float, opts.threads)
     report["seconds_quantize"] = time.perf_counter() - t0
     return qm.commit(q, recipe, candidate, the_plan, output_path, report, opts, replayed, t_start)
