@@ -304,21 +304,31 @@ def light_proto(model: ir.Model, min_bytes: int = LIGHT_BYTES) -> tuple[onnx.Mod
     bytes (ORT refuses an external initializer it has dropped as unused); returns the proto and the
     left-out tensors by name.  For onnx shape inference, which needs no weights, and ORT
     sessions given the tensors (``runtime.Light``): copying the weights into the proto was most of
-    their cost.  The model is left as it was (its initializers are swapped back, also on error), but
-    is briefly changed: not for a model another thread reads."""
+    their cost.  A weight still in an external-data file is always left out when used (the arrays are
+    memory-mapped) and omitted when unused (a reference ORT would resolve against the working folder).
+    The model is left as it was (its initializers are swapped back, also on error), but is briefly
+    changed: not for a model another thread reads."""
     left: dict[str, tuple[ir.Value, ir.TensorProtocol]] = {}
+    unused_on_disk: dict[str, ir.Value] = {}  # would be file references ORT resolves against the working folder
     for name, v in model.graph.initializers.items():
         t = v.const_value
-        if t is not None and t.dtype in _LIGHT_TYPES and t.nbytes >= min_bytes and v.uses():
+        on_disk = isinstance(t, ir.ExternalTensor) and t.location != LIGHT_LOCATION
+        if t is not None and v.uses() and (on_disk or (t.dtype in _LIGHT_TYPES and t.nbytes >= min_bytes)):
             left[name] = (v, t)
+        elif on_disk and not v.uses() and not v.is_graph_input() and not v.is_graph_output():
+            unused_on_disk[name] = v  # a weight a build replaced (cleanup drops it at the end): not for ORT
     try:
         for name, (v, t) in left.items():
             v.const_value = ir.ExternalTensor(LIGHT_LOCATION, 0, t.nbytes, t.dtype, shape=ir.Shape(t.shape.numpy()), name=name,
                                               base_dir="")
+        for name in unused_on_disk:
+            del model.graph.initializers[name]
         proto = ir.to_proto(model)
     finally:
         for v, t in left.values():
             v.const_value = t
+        for v in unused_on_disk.values():
+            model.graph.register_initializer(v)
     return proto, {name: t for name, (_, t) in left.items()}
 
 

@@ -532,5 +532,10 @@ def uncertified(results: list[dict], max_drop: float) -> list[dict]:
 def describe(results: list[dict]) -> str:
     """One line for logs and the report's metric name, e.g. ``top-1 agreement (probs)``."""
     names = {TOP1: "top-1 agreement", DECISION: "decision agreement", EXACT: "exact agreement", COSINE: "cosine"}
-    return ", ".join(f"{names[r['metric']]}{', 95% lower bound' if r.get('judged_by') == '95% lower bound' else ''} "
-                     f"({r['name']})" for r in results)
+    groups: dict[str, list[str]] = {}
+    for r in results:
+        groups.setdefault(f"{names[r['metric']]}{', 95% lower bound' if r.get('judged_by') == '95% lower bound' else ''}",
+                          []).append(r["name"])
+    # a decoder has dozens of present.* outputs: at most three names per metric, then how many more
+    return ", ".join(f"{label} ({', '.join(n[:3])}{f' and {len(n) - 3} more' if len(n) > 3 else ''})"
+                     for label, n in groups.items())

@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
@@ -150,6 +151,14 @@ def _undefined_inputs_refused(path: Path, proto: onnx.ModelProto):
                "which no graph input, initializer or node defines"))
 
 
+def inline_external(model: ir.Model) -> None:
+    """Give every initializer stored in an external-data file an in-memory copy of its values.  Unlike
+    onnx-ir's ``load_to_model`` this leaves the memory map open: sessions and arrays that still read
+    it (a big model's weights handed to ORT, ``runtime.Light``) stay valid."""
+    for value, tensor in list(external_tensors(model)):
+        value.const_value = ir.Tensor(np.array(tensor.numpy()), dtype=tensor.dtype, name=tensor.name)
+
+
 def external_tensors(model: ir.Model):
     """Yield (value, ExternalTensor) for every initializer stored outside the protobuf."""
     for graph in model.graphs():
@@ -249,7 +258,7 @@ class StagedModel:
             if not external_data:
                 # Inline everything: external tensors would otherwise keep pointing at the
                 # input's data file through a path relative to the wrong folder.
-                ir_external_data.load_to_model(model)
+                inline_external(model)
             with _without_redundant_initializer_info(model):
                 ir.save(model, self.path, external_data=self.data_name,
                         size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES)

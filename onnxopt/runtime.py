@@ -183,6 +183,14 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
     return copy.SerializeToString()
 
 
+def with_outputs_of(source: bytes | Light, names: list[str]) -> bytes | Light:
+    """:func:`with_outputs` of a session source: serialized bytes, or a ``Light`` (its weightless proto
+    gets the outputs; the arrays stay as they are)."""
+    if isinstance(source, Light):
+        return Light(with_outputs(onnx.load_from_string(source.data), names), source.initializers)
+    return with_outputs(onnx.load_from_string(source), names)
+
+
 def run_candidate(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
                   wanted: list[str]) -> dict[str, np.ndarray]:
     """Run a model compared against a reference: feed only the inputs it has (an optimized model

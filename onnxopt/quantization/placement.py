@@ -25,6 +25,7 @@ from onnxopt.quantization.recipe import (
     SURE,
     Recipe,
     serialize,
+    session_source,
 )
 
 if TYPE_CHECKING:
@@ -276,7 +277,7 @@ def final_check(q: Quantizer, recipe: Recipe, candidate: ir.Model, the_plan: qq.
     if not the_plan.targets:  # every layer ended in float: the candidate is the prepared float model
         t = q.latency([q.float_bytes], runs=25)[0]
         return q.model, the_plan, {"float_ms": t, "quantized_ms": t, "verdict": None}, True
-    c = q.compare_latency(serialize(candidate), q.float_bytes, margin=0.0)
+    c = q.compare_latency(session_source(candidate), q.float_bytes, margin=0.0)
     latency = {"float_ms": c["b_ms"], "quantized_ms": c["a_ms"], "verdict": c["verdict"], "ratio": c["ratio"],
                "interval": c["interval"], "pairs": c["pairs"]}
     if not (decide and recipe.latency_guard) or c["verdict"] == "faster":

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from onnxopt import calibrate, pipeline
+from onnxopt import calibrate, io, pipeline, runtime
 from onnxopt.commands import core
 from onnxopt.errors import BadInputError, UsageError
 from onnxopt.quantization import qdq as qq
@@ -56,8 +57,32 @@ DEFAULT_SEARCH_BUDGET = 12  # --search: candidates built at most (onnxopt.quanti
 MODES = ("static", "dynamic", "weight-only")
 BLOCK_SIZES = (32, 64, 128)
 
+#: weights above this are handed to ORT as a weightless model plus the arrays (``runtime.Light``), not
+#: as one serialized protobuf: a protobuf holds at most 2 GB, and the bytes would be a second copy
+LIGHT_ABOVE = 1 << 30
+
+
 def serialize(model: ir.Model) -> bytes:
     return ir.to_proto(model).SerializeToString()
+
+
+def session_source(model: ir.Model) -> bytes | runtime.Light:
+    """What ORT sessions of ``model`` are made from: its serialized bytes, or for weights over
+    LIGHT_ABOVE, or with any weight still in an external-data file (bytes would reference it relative to
+    the working folder), a ``runtime.Light`` (the weights stay the model's own arrays, memory-mapped
+    when they come from external data)."""
+    if io.weight_bytes(model) > LIGHT_ABOVE or next(io.external_tensors(model), None) is not None:
+        return runtime.light(model)
+    return serialize(model)
+
+
+def source_key(source: bytes | runtime.Light) -> bytes:
+    """A key telling sources apart (session caches): the bytes' hash, or for a Light the hash of its
+    weightless proto and of which arrays it hands over (the same arrays: the same model)."""
+    if isinstance(source, runtime.Light):
+        ids = ",".join(f"{k}:{a.__array_interface__['data'][0]}:{a.shape}" for k, a in sorted(source.initializers.items()))
+        return hashlib.sha1(source.data + ids.encode()).digest()
+    return hashlib.sha1(source).digest()
 
 
 @dataclasses.dataclass

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
@@ -154,13 +155,16 @@ class InputStats:
         """Node name -> mean input Hessian over the rows sampled."""
         return {name: h / self._rows[name] for name, h in self._hess.items()}
 
-    def run(self, float_model: onnx.ModelProto, batches: list[dict], exact: bool = True) -> InputStats:
+    def run(self, float_model: onnx.ModelProto, batches: list[dict], exact: bool = True,
+            initializers: Mapping[str, np.ndarray] | None = None) -> InputStats:
         """Fold ``batches`` through one session of ``float_model`` with the inputs as outputs.
         ``exact``: the session runs as calibration's does (no graph optimization, one thread), so
         the statistics are bit for bit those calibration folds (``quantize.calibrate_model``) and a
-        search worker that folds its own rounds as the parent would; else ORT's fastest session."""
+        search worker that folds its own rounds as the parent would; else ORT's fastest session.
+        ``initializers``: the weights ``float_model`` references but does not hold (``runtime.Light``)."""
         if self.names and batches:
-            proto = runtime.with_outputs(float_model, self.names)
+            data = runtime.with_outputs(float_model, self.names)
+            proto = runtime.Light(data, dict(initializers)) if initializers else data
             sess = runtime.session(proto, "cpu", 1, optimize=False) if exact else runtime.session(proto, "cpu", None)
             for feeds in batches:
                 self.add(runtime.run_candidate(sess, feeds, self.names))
@@ -293,12 +297,16 @@ def adaround(model: ir.Model, the_plan, batches: list[dict], float_bytes: bytes,
         return dict(zip((node_name(node) for node in todo), pool.map(rounded, todo)))
 
 
-def hessians(layers: list[ir.Node], batches: list[dict], float_bytes: bytes, exact: bool = True) -> dict[str, np.ndarray]:
+def hessians(layers: list[ir.Node], batches: list[dict], float_bytes: bytes | runtime.Light,
+             exact: bool = True) -> dict[str, np.ndarray]:
     """Node name -> mean input Hessian ``X^T X / n`` [K, K] (float64) of each layer on the float
     model's activations over ``batches`` (:class:`InputStats`: one ORT run per batch; ``exact``:
     see :meth:`InputStats.run`).  Cost per layer: rows x K^2."""
     if not batches:
         return {}
+    if isinstance(float_bytes, runtime.Light):  # a big model: the proto without its weights, the arrays beside
+        return InputStats([], layers, len(batches)).run(onnx.load_from_string(float_bytes.data), batches, exact,
+                                                        float_bytes.initializers).hessians()
     return InputStats([], layers, len(batches)).run(onnx.load_from_string(float_bytes), batches, exact).hessians()
 
 

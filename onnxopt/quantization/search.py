@@ -396,6 +396,7 @@ def search(q: qm.Quantizer, recipe: qm.Recipe, max_drop: float, budget: int = DE
 
     all_float = {n: "search: every layer float (the float model)" for n in q.candidates}
     float_recipe = _recipe_for(recipe, Setting(recipe.method, recipe.per_channel, recipe.build_recovery), all_float)
+    assert isinstance(q.float_bytes, bytes)  # --search is static int8 only, below LIGHT_ABOVE (load_input)
     float_c = Candidate(0, "float model", float_recipe, q.model, qq.plan(q.model, recipe.profile, frozenset(q.candidates)),
                         q.float_bytes, q.teacher.float_score, 0.0, is_float=True)
     candidates = [float_c]

@@ -63,7 +63,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
-import hashlib
 import logging
 import os
 import time
@@ -107,6 +106,7 @@ from onnxopt.quantization.recipe import (  # noqa: F401 - re-exported: onnxopt.q
     KIND_ORDER,
     LATENCY_MARGIN,
     LAYER_BLOCKS,
+    LIGHT_ABOVE,
     MAX_BLOCKS,
     MIN_BLOCKS,
     MODES,
@@ -125,6 +125,8 @@ from onnxopt.quantization.recipe import (  # noqa: F401 - re-exported: onnxopt.q
     RunSettings,
     _embeddings,
     serialize,
+    session_source,
+    source_key,
 )
 from onnxopt.quantization.weights import QuantizeEmbeddings
 from onnxopt.teacher import HELD_OUT, BudgetResult, Teacher, is_held_out, load_metric  # noqa: F401 - re-exported
@@ -192,10 +194,17 @@ class Prepared:
     notes: list[str]
 
 
-def load_input(path: str | os.PathLike) -> ir.Model:
+def load_input(path: str | os.PathLike, lazy: bool = False) -> ir.Model:
+    """The model to quantize.  Weights in external data up to LIGHT_ABOVE are read into memory
+    (``io.load_inline``); larger ones stay memory-mapped where ``lazy`` (the weight-only modes, whose
+    sessions get the arrays: ``serialize``) and are refused otherwise (static int8 on such models is
+    not supported yet: its calibration and search hand ORT serialized copies)."""
     model = io.load(path)
-    if next(io.external_tensors(model), None) is not None and io.weight_bytes(model) > io.INLINE_LIMIT:
-        raise BadInputError("models over 2 GB are not quantized yet (their weights would be held in memory twice)")
+    if next(io.external_tensors(model), None) is not None and io.weight_bytes(model) > LIGHT_ABOVE:
+        if lazy:
+            return model
+        raise BadInputError(f"static int8 of models whose weights exceed {LIGHT_ABOVE >> 30} GiB is not supported "
+                            f"yet; --mode dynamic and --weights int4 take them")
     return io.load_inline(path)
 
 
@@ -326,6 +335,9 @@ class Quantizer:
     """Holds the prepared float model, calibration statistics and scoring data; builds and
     measures candidate quantized models for a set of float-kept layers."""
 
+    #: what float sessions are made from: bytes, or a ``runtime.Light`` for a big model (weight-only modes)
+    float_bytes: bytes | runtime.Light
+
     def __init__(self, prepared: Prepared, calib: Calibration, recipe: Recipe, *, metric: Callable | None = None,
                  metric_name: str | None = None, max_drop: float | None = None,
                  class_outputs: Mapping[str, int | None] | None = None, threads: int = 1, cost_model: bool = True):
@@ -384,6 +396,7 @@ class Quantizer:
         if self.adaround_weights is None:
             hess, self.folded_hessians = self.folded_hessians, None  # K x K each: freed once used (a search
             # variant of another rounding folds its own, bit for bit the same: recover.InputStats.run)
+            assert isinstance(self.float_bytes, bytes)  # static int8 loads models below LIGHT_ABOVE (load_input)
             self.adaround_weights = recover.adaround(self.model, self.full_plan, self.recovery_set, self.float_bytes,
                                                      self.per_channel, self.qmax, hess)
         return self.adaround_weights
@@ -417,13 +430,13 @@ class Quantizer:
     def source(self, model: ir.Model) -> runtime.Light | bytes:
         """What a scoring session is made from: the model without its weights on the CPU EP
         (``runtime.Light``); serialized whole for other EPs (some refuse in-memory external data)."""
-        return runtime.light(model) if self.ep == "cpu" else serialize(model)
+        return runtime.light(model) if self.ep == "cpu" else session_source(model)
 
     def drop(self, model: ir.Model) -> float:
         return self.teacher.float_score - self.score(model)
 
     # ---------------------------------------------------------------- latency
-    def warm_sessions(self, models: list[bytes]):
+    def warm_sessions(self, models: list[bytes | runtime.Light]):
         """Warm sessions of ``models`` with their feeds.  The last SESSION_CACHE sessions are kept by
         content hash, so a model compared again (the float model, the guard's base placement) is
         neither reloaded nor warmed up again."""
@@ -431,7 +444,7 @@ class Quantizer:
         cache = self.session_cache
         sessions = []
         for m in models:
-            key = hashlib.sha1(m).digest()
+            key = source_key(m)
             if key not in cache:
                 sess = runtime.session(m, self.ep, self.threads)
                 f = {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}}
@@ -445,7 +458,7 @@ class Quantizer:
         inputs = [{k: v for k, v in feeds.items() if k in {i.name for i in s.get_inputs()}} for s in sessions]
         return sessions, inputs
 
-    def latency(self, models: list[bytes], runs: int = 15) -> list[float]:
+    def latency(self, models: list[bytes | runtime.Light], runs: int = 15) -> list[float]:
         """Median ms per model, runs alternating between the models (one process, fixed feeds)."""
         sessions, inputs = self.warm_sessions(models)
         return [float(np.median(t)) for t in bench.round_robin(list(zip(sessions, inputs)), runs, 20.0)]
@@ -459,13 +472,15 @@ class Quantizer:
     def regions(self) -> dict[str, costmodel.Region]:
         """The cost model's region timings of every candidate layer (onnxopt.quantization.latency_cache), once."""
         if self.region_timings is None:
+            assert isinstance(self.float_bytes, bytes)  # static int8 loads models below LIGHT_ABOVE (load_input)
             r = costmodel.Regions(self.model, self.float_bytes, self.held_out[0], self.ranges, self.profile,
                                   self.per_channel, self.qmax, self.ep, self.threads)
             self.region_timings = r.timings(self.candidates)
             self.regions_measured = r.measured
         return self.region_timings
 
-    def compare_latency(self, a: bytes, b: bytes, margin: float = LATENCY_MARGIN, max_blocks: int = MAX_BLOCKS) -> dict:
+    def compare_latency(self, a: bytes | runtime.Light, b: bytes | runtime.Light, margin: float = LATENCY_MARGIN,
+                        max_blocks: int = MAX_BLOCKS) -> dict:
         """Is model ``a`` faster than ``b`` by more than ``margin``, with confidence?
 
         Runs interleave in pairs (a then b, b then a, alternating, one process, fixed feeds) so a
