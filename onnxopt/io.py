@@ -99,6 +99,18 @@ def load_inline(path: str | os.PathLike) -> ir.Model:
     return model
 
 
+def load_serializable(path: str | os.PathLike, what: str) -> ir.Model:
+    """:func:`load_inline` for a command whose candidates go to ORT as one serialized protobuf (``what``
+    names it): weights over EXTERNAL_DATA_THRESHOLD are refused in one line naming the commands that
+    take them, instead of failing to serialize halfway through."""
+    model = load(path)
+    if next(external_tensors(model), None) is not None and weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        raise BadInputError(f"{path}: {what} of a model whose weights exceed {EXTERNAL_DATA_THRESHOLD / 1e9:.1f} GB is "
+                            f"not supported yet (its candidates go to ONNX Runtime as one protobuf); optimize, "
+                            f"quantize --mode dynamic and quantize --weights int4 take such models")
+    return load_inline(path)
+
+
 def check_proto(proto: onnx.ModelProto, path: Path) -> None:
     """Reject what protobuf parsing lets through: empty/truncated files, unsupported IR versions."""
     if not proto.HasField("graph") or proto.ir_version == 0:

@@ -433,6 +433,7 @@ def test_weights_that_stay_on_disk_are_quantized_from_another_folder(tmp_path, c
     (runtime.Light; bytes would point at the data file relative to the working folder), GPTQ's Hessians
     too, and the result is written inline without closing the map the sessions still read.  Run from
     another folder; the output loads anywhere and matches the float model."""
+    from onnxopt import io
     from onnxopt.quantization import recipe, static
 
     src_dir, work = tmp_path / "model", tmp_path / "elsewhere"
@@ -450,5 +451,7 @@ def test_weights_that_stay_on_disk_are_quantized_from_another_folder(tmp_path, c
     assert r.exit_code == 0, r.output
     assert not (tmp_path / "q.onnx.data").exists()  # a small result is written inline
     assert _cosine(src, out, "llama") > 0.99
-    r = cli("quantize", src, "-o", tmp_path / "s.onnx", "--data", data)  # static int8 is not there yet: one line
-    assert r.exit_code == 2 and "static int8 of models whose weights exceed" in r.output
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 1000)  # the commands that hand ORT one protobuf: one line
+    for command in (("quantize", "--data", data), ("convert", "--fp16"), ("prune", "--sparsity", "0.3")):
+        r = cli(command[0], src, "-o", tmp_path / "s.onnx", *command[1:])
+        assert r.exit_code == 2 and "of a model whose weights exceed" in r.output and "--weights int4 take" in r.output

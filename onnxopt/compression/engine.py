@@ -184,7 +184,8 @@ PREPARE_PIPELINE = quantize.PREPARE_PIPELINE.replace("simplify", "simplify{size-
 def prepare(input_path: str | os.PathLike, allow_quantized: bool = False) -> tuple[ir.Model, list[str]]:
     """quantize's preparation (refuses quantized models unless ``allow_quantized``, folds BN, names
     nodes) + shape inference."""
-    model, _, notes = quantize.prepare(quantize.load_input(input_path), per_channel=False, allow_quantized=allow_quantized,
+    model, _, notes = quantize.prepare(quantize.load_input(input_path, what="pruning or compression"), per_channel=False,
+                                       allow_quantized=allow_quantized,
                                        pipeline_spec=PREPARE_PIPELINE)
     try:
         model = ir_common.ShapeInferencePass()(model).model

@@ -378,7 +378,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, s: Se
     _usage(input_path, output_path, s)
     ops = cf.parse_list("default" if s.op_block_list is None else s.op_block_list, cf.DEFAULT_OP_BLOCK_LIST)
     nodes = cf.parse_list(s.node_block_list)
-    model = io.load_inline(input_path)  # candidates go to ORT as bytes (see io.load_inline)
+    model = io.load_serializable(input_path, "convert")  # candidates go to ORT as bytes (see io.load_inline)
     before = core.model_stats(model, input_path)
     reason = cf.decline_reason(model)
     if reason:

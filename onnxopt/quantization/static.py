@@ -194,18 +194,16 @@ class Prepared:
     notes: list[str]
 
 
-def load_input(path: str | os.PathLike, lazy: bool = False) -> ir.Model:
-    """The model to quantize.  Weights in external data up to LIGHT_ABOVE are read into memory
-    (``io.load_inline``); larger ones stay memory-mapped where ``lazy`` (the weight-only modes, whose
-    sessions get the arrays: ``serialize``) and are refused otherwise (static int8 on such models is
-    not supported yet: its calibration and search hand ORT serialized copies)."""
-    model = io.load(path)
-    if next(io.external_tensors(model), None) is not None and io.weight_bytes(model) > LIGHT_ABOVE:
-        if lazy:
+def load_input(path: str | os.PathLike, lazy: bool = False, what: str = "static int8") -> ir.Model:
+    """The model to quantize (or prune, compress: ``what``).  With ``lazy`` (the weight-only modes, whose
+    sessions get the arrays: ``session_source``) weights in external data over LIGHT_ABOVE stay
+    memory-mapped; otherwise they are read into memory (``io.load_inline``), refused over
+    ``io.EXTERNAL_DATA_THRESHOLD`` (``io.load_serializable``)."""
+    if lazy:
+        model = io.load(path)
+        if next(io.external_tensors(model), None) is not None and io.weight_bytes(model) > LIGHT_ABOVE:
             return model
-        raise BadInputError(f"static int8 of models whose weights exceed {LIGHT_ABOVE >> 30} GiB is not supported "
-                            f"yet; --mode dynamic and --weights int4 take them")
-    return io.load_inline(path)
+    return io.load_serializable(path, what)
 
 
 def prepare_model(model: ir.Model, recipe: Recipe) -> Prepared:
