@@ -444,14 +444,19 @@ class Quantizer:
         for m in models:
             key = source_key(m)
             if key not in cache:
-                sess = runtime.session(m, self.ep, self.threads)
+                teacher = getattr(self, "teacher", None)
+                # the float model's session is the teacher's (same EP and threads): one copy of its weights
+                sess = teacher.float_session if teacher is not None and teacher.float_session is not None \
+                    and m is self.float_bytes else runtime.session(m, self.ep, self.threads)
                 f = {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}}
                 for _ in range(3):
                     sess.run(None, f)
                 cache[key] = sess
             cache.move_to_end(key)
             sessions.append(cache[key])
-        while len(cache) > max(SESSION_CACHE, len(models)):
+        # a big model's sessions each hold a copy of its weights: keep only the float one and the latest
+        limit = 2 if isinstance(self.float_bytes, runtime.Light) else SESSION_CACHE
+        while len(cache) > max(limit, len(models)):
             cache.popitem(last=False)
         inputs = [{k: v for k, v in feeds.items() if k in {i.name for i in s.get_inputs()}} for s in sessions]
         return sessions, inputs
