@@ -447,7 +447,7 @@ class Quantizer:
                 teacher = getattr(self, "teacher", None)
                 # the float model's session is the teacher's (same EP and threads): one copy of its weights
                 sess = teacher.float_session if teacher is not None and teacher.float_session is not None \
-                    and m is self.float_bytes else runtime.session(m, self.ep, self.threads)
+                    and m is getattr(self, "float_bytes", None) else runtime.session(m, self.ep, self.threads)
                 f = {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}}
                 for _ in range(3):
                     sess.run(None, f)
@@ -455,7 +455,7 @@ class Quantizer:
             cache.move_to_end(key)
             sessions.append(cache[key])
         # a big model's sessions each hold a copy of its weights: keep only the float one and the latest
-        limit = 2 if isinstance(self.float_bytes, runtime.Light) else SESSION_CACHE
+        limit = 2 if isinstance(getattr(self, "float_bytes", None), runtime.Light) else SESSION_CACHE
         while len(cache) > max(limit, len(models)):
             cache.popitem(last=False)
         inputs = [{k: v for k, v in feeds.items() if k in {i.name for i in s.get_inputs()}} for s in sessions]
