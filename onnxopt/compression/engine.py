@@ -620,7 +620,8 @@ def compress(input_path, output_path, *, clusters: int, sparsity: float | None =
         searched = sparsity_report(found, pm.layer_cap(written) if scope == "global" else written)
     else:
         candidate, prune_records, pruned_copy, records = build(0.0)
-    built, more = _more_clusters(scorer, clusters, lambda k: _prune_and_cluster(model, scorer, written, scope, exclude, k),
+    built, more = _more_clusters(scorer, clusters,
+                                 lambda k, skip=(): _prune_and_cluster(model, scorer, written, scope, (*exclude, *skip), k),
                                  candidate)
     if built is not None:
         candidate, prune_records, pruned_copy, records = built
@@ -645,16 +646,20 @@ def compress(input_path, output_path, *, clusters: int, sparsity: float | None =
     return report
 
 
-def _more_clusters(scorer: Scorer, asked: int, build: Callable[[int], Any], candidate: ir.Model) -> tuple[Any, dict]:
+def _more_clusters(scorer: Scorer, asked: int, build: Callable[..., Any], candidate: ir.Model) -> tuple[Any, dict]:
     """Never empty-handed: when the clustered candidate misses --max-drop (and neither --strict nor
-    --force), the cluster count doubles up to 256 until a build meets it; (that build or None, the
-    search's record: asked, reached, trials, the one line said).  At most log2(256 / asked) builds."""
+    --force), the cluster count doubles up to 256 until a build meets it; at 256, the layers whose
+    weights clustering moves most (relative error) are left unclustered, the fewest that meet it
+    (binary search over that ranking).  Returns (that build or None, the search's record: asked,
+    reached, trials, unclustered layers, the one line said).  At most log2(256 / asked) + log2(layers)
+    + 1 builds."""
     opts = scorer.opts
     drop = scorer.drop(candidate)
-    record: dict = {"asked": asked, "reached": asked, "trials": [{"clusters": asked, "drop": drop}], "message": None}
+    record: dict = {"asked": asked, "reached": asked, "trials": [{"clusters": asked, "drop": drop}], "message": None,
+                    "unclustered": []}
     if drop <= opts.max_drop or opts.strict or opts.force:
         return None, record
-    k = asked
+    k, built = asked, None
     while k < 256:
         k *= 2
         built = build(k)
@@ -665,8 +670,36 @@ def _more_clusters(scorer: Scorer, asked: int, build: Callable[[int], Any], cand
             record["message"] = f"asked --cluster {asked}, reached {k} within --max-drop {opts.max_drop:g}"
             logger.info("%s (--strict refuses instead)", record["message"])
             return built, record
-    record["reached"] = None
-    return None, record
+    built = built or build(256)
+    return _fewest_unclustered(scorer, asked, build, built, record)
+
+
+def _fewest_unclustered(scorer: Scorer, asked: int, build: Callable[..., Any], built: Any, record: dict) -> tuple[Any, dict]:
+    """:func:`_more_clusters`' last step at 256 clusters: rank the layers by how far clustering moves their
+    weights, then find the fewest of the worst to leave unclustered so the build meets --max-drop."""
+    opts = scorer.opts
+    moved = {r["layer"]: float(np.linalg.norm(r["codebook"][r["indices"]].astype(np.float64) - r["dense"])
+                               / (np.linalg.norm(r["dense"]) or 1.0)) for r in built[3]}
+    ranked = sorted(moved, key=lambda name: -moved[name])
+    lo, hi, best = 1, len(ranked), None
+    while lo <= hi:  # the smallest n whose build (the n worst left unclustered) meets the budget
+        mid = (lo + hi) // 2
+        trial = build(256, tuple(ranked[:mid]))
+        drop = scorer.drop(trial[0])
+        record["trials"].append({"clusters": 256, "unclustered": mid, "drop": drop})
+        if drop <= opts.max_drop:
+            best, hi = (mid, trial), mid - 1
+        else:
+            lo = mid + 1
+    if best is None:
+        record["reached"] = None
+        return None, record
+    n, trial = best
+    record["reached"], record["unclustered"] = 256, ranked[:n]
+    record["message"] = (f"asked --cluster {asked}, reached 256 with {n} of {len(ranked)} layer(s) left unclustered "
+                         f"within --max-drop {opts.max_drop:g}")
+    logger.warning("%s (--strict refuses instead)", record["message"])
+    return trial, record
 
 
 def _prune_and_cluster(model: ir.Model, scorer: Scorer, sparsity: float, scope: str, exclude: Sequence[str],
