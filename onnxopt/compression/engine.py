@@ -45,7 +45,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -620,7 +620,7 @@ def compress(input_path, output_path, *, clusters: int, sparsity: float | None =
         searched = sparsity_report(found, pm.layer_cap(written) if scope == "global" else written)
     else:
         candidate, prune_records, pruned_copy, records = build(0.0)
-    built, more = _more_clusters(scorer, clusters,
+    built, more = budget.more_clusters(scorer, clusters,
                                  lambda k, skip=(): _prune_and_cluster(model, scorer, written, scope, (*exclude, *skip), k),
                                  candidate)
     if built is not None:
@@ -644,62 +644,6 @@ def compress(input_path, output_path, *, clusters: int, sparsity: float | None =
                        "gzip": len(gzip.compress(Path(output_path).read_bytes(), 9))}
     report["seconds"] = time.perf_counter() - t_start
     return report
-
-
-def _more_clusters(scorer: Scorer, asked: int, build: Callable[..., Any], candidate: ir.Model) -> tuple[Any, dict]:
-    """Never empty-handed: when the clustered candidate misses --max-drop (and neither --strict nor
-    --force), the cluster count doubles up to 256 until a build meets it; at 256, the layers whose
-    weights clustering moves most (relative error) are left unclustered, the fewest that meet it
-    (binary search over that ranking).  Returns (that build or None, the search's record: asked,
-    reached, trials, unclustered layers, the one line said).  At most log2(256 / asked) + log2(layers)
-    + 1 builds."""
-    opts = scorer.opts
-    drop = scorer.drop(candidate)
-    record: dict = {"asked": asked, "reached": asked, "trials": [{"clusters": asked, "drop": drop}], "message": None,
-                    "unclustered": []}
-    if drop <= opts.max_drop or opts.strict or opts.force:
-        return None, record
-    k, built = asked, None
-    while k < 256:
-        k *= 2
-        built = build(k)
-        drop = scorer.drop(built[0])
-        record["trials"].append({"clusters": k, "drop": drop})
-        if drop <= opts.max_drop:
-            record["reached"] = k
-            record["message"] = f"asked --cluster {asked}, reached {k} within --max-drop {opts.max_drop:g}"
-            logger.info("%s (--strict refuses instead)", record["message"])
-            return built, record
-    built = built or build(256)
-    return _fewest_unclustered(scorer, asked, build, built, record)
-
-
-def _fewest_unclustered(scorer: Scorer, asked: int, build: Callable[..., Any], built: Any, record: dict) -> tuple[Any, dict]:
-    """:func:`_more_clusters`' last step at 256 clusters: rank the layers by how far clustering moves their
-    weights, then find the fewest of the worst to leave unclustered so the build meets --max-drop."""
-    opts = scorer.opts
-    moved = {r["layer"]: float(np.linalg.norm(r["codebook"][r["indices"]].astype(np.float64) - r["dense"])
-                               / (np.linalg.norm(r["dense"]) or 1.0)) for r in built[3]}
-    ranked = sorted(moved, key=lambda name: -moved[name])
-    lo, hi, best = 1, len(ranked), None
-    while lo <= hi:  # the smallest n whose build (the n worst left unclustered) meets the budget
-        mid = (lo + hi) // 2
-        trial = build(256, tuple(ranked[:mid]))
-        drop = scorer.drop(trial[0])
-        record["trials"].append({"clusters": 256, "unclustered": mid, "drop": drop})
-        if drop <= opts.max_drop:
-            best, hi = (mid, trial), mid - 1
-        else:
-            lo = mid + 1
-    if best is None:
-        record["reached"] = None
-        return None, record
-    n, trial = best
-    record["reached"], record["unclustered"] = 256, ranked[:n]
-    record["message"] = (f"asked --cluster {asked}, reached 256 with {n} of {len(ranked)} layer(s) left unclustered "
-                         f"within --max-drop {opts.max_drop:g}")
-    logger.warning("%s (--strict refuses instead)", record["message"])
-    return trial, record
 
 
 def _prune_and_cluster(model: ir.Model, scorer: Scorer, sparsity: float, scope: str, exclude: Sequence[str],
