@@ -19,7 +19,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from models import round2
+from models import round2, seeded_torch
 
 
 def _make_model(graph, opset_imports, **kw) -> onnx.ModelProto:
@@ -207,15 +207,6 @@ def fp16_overflow() -> onnx.ModelProto:
 
 # ---------------------------------------------------------------- PyTorch exports
 
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        return None
-    torch.manual_seed(0)
-    return torch
-
-
 def _cnn_module(torch):
     nn = torch.nn
 
@@ -258,7 +249,7 @@ def _cnn_module(torch):
 def cnn_bn_depthwise() -> onnx.ModelProto | None:
     """PyTorch CNN with BatchNorm kept unfused (exported without constant folding, as a
     training-mode-preserving export does) and depthwise convs; TorchScript exporter, opset 13."""
-    torch = _torch()
+    torch = seeded_torch()
     if torch is None:
         return None
     path = HERE / "_tmp_cnn.onnx"
@@ -270,7 +261,7 @@ def cnn_bn_depthwise() -> onnx.ModelProto | None:
 
 def cnn_dynamic() -> onnx.ModelProto | None:
     """The same CNN with dynamic batch and spatial dims (TorchScript exporter, opset 17)."""
-    torch = _torch()
+    torch = seeded_torch()
     if torch is None:
         return None
     path = HERE / "_tmp_dyn.onnx"
@@ -283,7 +274,7 @@ def cnn_dynamic() -> onnx.ModelProto | None:
 def transformer_encoder() -> onnx.ModelProto | None:
     """A PyTorch transformer encoder block (MHA + FFN + LayerNorm), dynamo exporter, dynamic
     batch and sequence length, opset 18."""
-    torch = _torch()
+    torch = seeded_torch()
     if torch is None:
         return None
     layer = torch.nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=128, batch_first=True).eval()
@@ -299,7 +290,7 @@ def transformer_encoder() -> onnx.ModelProto | None:
 def yolo_head() -> onnx.ModelProto | None:
     """A YOLO-style detector: conv backbone, then the head's reshape/permute, Sigmoid, Split of
     xy/wh/conf, grid offsets, strides and a final Concat; dynamic batch, TorchScript opset 17."""
-    torch = _torch()
+    torch = seeded_torch()
     if torch is None:
         return None
     nn = torch.nn
@@ -335,7 +326,7 @@ def yolo_head() -> onnx.ModelProto | None:
 def crnn() -> onnx.ModelProto | None:
     """A CRNN text-line recognizer: conv feature extractor, bidirectional LSTM over the width,
     per-step classifier with log-softmax (CTC-style output); dynamic batch and width, opset 17."""
-    torch = _torch()
+    torch = seeded_torch()
     if torch is None:
         return None
     nn = torch.nn
@@ -367,7 +358,7 @@ def bert_encoder() -> onnx.ModelProto | None:
     """A BERT-style encoder written as HF BERT is: token+position embeddings, LayerNorm, two layers
     of separate Q/K/V Linear, reshape/transpose into heads, scaled softmax with an additive mask,
     erf-GELU FFN, residual LayerNorms; dynamo exporter, dynamic batch and sequence, opset 18."""
-    torch = _torch()
+    torch = seeded_torch()
     if torch is None:
         return None
     nn = torch.nn

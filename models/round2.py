@@ -28,16 +28,11 @@ from pathlib import Path
 
 import onnx
 
+from models import seeded_torch
+
 # ---------------------------------------------------------------- PyTorch
 
 
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        return None
-    torch.manual_seed(0)
-    return torch
 
 
 def _rnn_module(torch):
@@ -86,7 +81,7 @@ def _unet_module(torch):
 
 
 def _export_torch(module, args, names, outputs, axes, dynamo: bool) -> onnx.ModelProto:
-    torch = _torch()
+    torch = seeded_torch()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         with torch.no_grad():
@@ -107,7 +102,7 @@ def _export_torch(module, args, names, outputs, axes, dynamo: bool) -> onnx.Mode
 
 
 def _rnn(dynamo: bool) -> onnx.ModelProto | None:
-    torch = _torch()
+    torch = seeded_torch()
     if torch is None:
         return None
     # dynamo: the time dim stays static (the exporter specializes it through the unrolled sequence loop)
@@ -126,7 +121,7 @@ def rnn_dynamo() -> onnx.ModelProto | None:
 
 
 def _unet(dynamo: bool) -> onnx.ModelProto | None:
-    torch = _torch()
+    torch = seeded_torch()
     if torch is None:
         return None
     return _export_torch(_unet_module(torch), (torch.randn(1, 3, 32, 48),), ["image"], ["mask"],
