@@ -183,12 +183,12 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
     return copy.SerializeToString()
 
 
-def with_outputs_of(source: bytes | Light, names: list[str]) -> bytes | Light:
-    """:func:`with_outputs` of a session source: serialized bytes, or a ``Light`` (its weightless proto
-    gets the outputs; the arrays stay as they are)."""
+def with_outputs_of(source: onnx.ModelProto | bytes | Light, names: list[str]) -> bytes | Light:
+    """:func:`with_outputs` of a session source: a proto, serialized bytes, or a ``Light`` (its weightless
+    proto gets the outputs; the arrays stay as they are)."""
     if isinstance(source, Light):
         return Light(with_outputs(onnx.load_from_string(source.data), names), source.initializers)
-    return with_outputs(onnx.load_from_string(source), names)
+    return with_outputs(source if isinstance(source, onnx.ModelProto) else onnx.load_from_string(source), names)
 
 
 def run_candidate(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray],

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-from collections.abc import Mapping
 
 import numpy as np
 import onnx
@@ -155,16 +154,15 @@ class InputStats:
         """Node name -> mean input Hessian over the rows sampled."""
         return {name: h / self._rows[name] for name, h in self._hess.items()}
 
-    def run(self, float_model: onnx.ModelProto, batches: list[dict], exact: bool = True,
-            initializers: Mapping[str, np.ndarray] | None = None) -> InputStats:
-        """Fold ``batches`` through one session of ``float_model`` with the inputs as outputs.
+    def run(self, float_model: onnx.ModelProto | bytes | runtime.Light, batches: list[dict],
+            exact: bool = True) -> InputStats:
+        """Fold ``batches`` through one session of ``float_model`` (a proto, bytes, or a big model's
+        ``runtime.Light``) with the inputs as outputs.
         ``exact``: the session runs as calibration's does (no graph optimization, one thread), so
         the statistics are bit for bit those calibration folds (``quantize.calibrate_model``) and a
-        search worker that folds its own rounds as the parent would; else ORT's fastest session.
-        ``initializers``: the weights ``float_model`` references but does not hold (``runtime.Light``)."""
+        search worker that folds its own rounds as the parent would; else ORT's fastest session."""
         if self.names and batches:
-            data = runtime.with_outputs(float_model, self.names)
-            proto = runtime.Light(data, dict(initializers)) if initializers else data
+            proto = runtime.with_outputs_of(float_model, self.names)
             sess = runtime.session(proto, "cpu", 1, optimize=False) if exact else runtime.session(proto, "cpu", None)
             for feeds in batches:
                 self.add(runtime.run_candidate(sess, feeds, self.names))
@@ -304,10 +302,7 @@ def hessians(layers: list[ir.Node], batches: list[dict], float_bytes: bytes | ru
     see :meth:`InputStats.run`).  Cost per layer: rows x K^2."""
     if not batches:
         return {}
-    if isinstance(float_bytes, runtime.Light):  # a big model: the proto without its weights, the arrays beside
-        return InputStats([], layers, len(batches)).run(onnx.load_from_string(float_bytes.data), batches, exact,
-                                                        float_bytes.initializers).hessians()
-    return InputStats([], layers, len(batches)).run(onnx.load_from_string(float_bytes), batches, exact).hessians()
+    return InputStats([], layers, len(batches)).run(float_bytes, batches, exact).hessians()
 
 
 def error_feedback(w: np.ndarray, s: np.ndarray, h: np.ndarray, qmax: int, zero: np.ndarray | None = None,
