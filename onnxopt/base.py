@@ -321,14 +321,17 @@ def light_proto(model: ir.Model, min_bytes: int = LIGHT_BYTES) -> tuple[onnx.Mod
         for name, (v, t) in left.items():
             v.const_value = ir.ExternalTensor(LIGHT_LOCATION, 0, t.nbytes, t.dtype, shape=ir.Shape(t.shape.numpy()), name=name,
                                               base_dir="")
+        order = list(model.graph.initializers.values()) if unused_on_disk else []
         for name in unused_on_disk:
             del model.graph.initializers[name]
         proto = ir.to_proto(model)
     finally:
         for v, t in left.values():
             v.const_value = t
-        for v in unused_on_disk.values():
-            model.graph.register_initializer(v)
+        if unused_on_disk:  # back in their places: the model's initializer order is part of what it writes
+            model.graph.initializers.clear()
+            for v in order:
+                model.graph.register_initializer(v)
     return proto, {name: t for name, (_, t) in left.items()}
 
 

@@ -191,3 +191,29 @@ def test_lossy_commands_run_a_model_with_external_data_from_another_folder(cli, 
         assert r.exit_code == 0, r.output
         assert (run / f"{args[0]}.onnx").exists()
     assert (folder / "vit.onnx.data").stat().st_size > 300_000  # the input is never modified
+
+
+def test_light_proto_leaves_out_on_disk_weights_and_keeps_the_model_as_it_was(tmp_path):
+    """A model whose weights stay in their external-data file, one of them replaced by an in-memory copy
+    (as a quantize build does): the weightless proto hands over every used on-disk weight, omits the
+    unused one (a file reference ORT would resolve against the working folder), and the model's
+    initializers keep their order (part of what it writes)."""
+    from onnxopt import base
+    from tests.helpers import ROOT
+
+    proto = onnx.load(str(ROOT / "models" / "llama_ts.onnx"))
+    onnx.save(proto, str(tmp_path / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.data", size_threshold=1024)
+    model = io.load(tmp_path / "m.onnx")
+    victim = next(v for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor) and v.uses())
+    copy = ir.Value(name=f"{victim.name}_copy", type=victim.type, shape=victim.shape,
+                    const_value=ir.tensor(victim.const_value.numpy().copy()))
+    model.graph.register_initializer(copy)
+    for use in list(victim.uses()):
+        use.node.replace_input_with(use.idx, copy)
+    order = list(model.graph.initializers)
+    light, left = base.light_proto(model)
+    on_disk = {v.name for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)}
+    assert victim.name not in {t.name for t in light.graph.initializer} and victim.name not in left
+    assert on_disk - {victim.name} <= set(left)
+    assert list(model.graph.initializers) == order and model.graph.initializers[victim.name] is victim
