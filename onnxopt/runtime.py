@@ -211,6 +211,11 @@ def parse_shapes(items: list[str] | tuple[str, ...]) -> dict[str, tuple[int, ...
     return shapes
 
 
+def free_dims(inp: ort.NodeArg) -> list[str]:
+    """The names of one input's dims that are not fixed sizes (symbolic, or unknown)."""
+    return [str(d) for d in inp.shape or [] if not (isinstance(d, int) and d >= 0)]
+
+
 def resolve_shape(inp: ort.NodeArg, overrides: Mapping[str, tuple[int, ...]], quiet: bool = False) -> tuple[int, ...]:
     if inp.name in overrides:
         shape = overrides[inp.name]
@@ -222,7 +227,7 @@ def resolve_shape(inp: ort.NodeArg, overrides: Mapping[str, tuple[int, ...]], qu
                 raise BadInputError(f"--shape {inp.name}: dim {i} is {got}, model declares {want}")
         return shape
     dims = [d if isinstance(d, int) and d >= 0 else 1 for d in inp.shape or []]
-    symbolic = [str(d) for d in inp.shape or [] if not (isinstance(d, int) and d >= 0)]
+    symbolic = free_dims(inp)
     if symbolic and not quiet:
         logger.warning("input '%s' has symbolic dims %s: using 1 for each (set them with --shape %s:%s)",
                        inp.name, ", ".join(symbolic), inp.name, "x".join(map(str, dims)))
@@ -246,9 +251,9 @@ def synthesize(sess: ort.InferenceSession, overrides: Mapping[str, tuple[int, ..
     feeds = {}
     total = 0
     inputs = sess.get_inputs()
-    symbolic = [i for i in inputs if i.name not in overrides and any(not (isinstance(d, int) and d >= 0) for d in i.shape or [])]
+    symbolic = [i for i in inputs if i.name not in overrides and free_dims(i)]
     if len(symbolic) > 2 and not quiet:  # one line, not one per input (a decoder has dozens of past tensors)
-        dims = dict.fromkeys(str(d) for i in symbolic for d in i.shape or [] if not (isinstance(d, int) and d >= 0))
+        dims = dict.fromkeys(d for i in symbolic for d in free_dims(i))
         first = symbolic[0]
         logger.warning("%d inputs have symbolic dims %s: using 1 for each (set them with --shape, e.g. --shape %s:%s)",
                        len(symbolic), ", ".join(dims), first.name, "x".join(map(str, resolve_shape(first, overrides, True))))
