@@ -220,6 +220,13 @@ class Stats:
         return cls(tensors, meta["batches"], meta["bins"], meta.get("source", ""))
 
 
+def check_finite(feeds: Mapping[str, np.ndarray], where: str) -> None:
+    """One BadInputError line when a float input of ``feeds`` holds NaN or Inf (``where``: which batch)."""
+    for k, v in feeds.items():
+        if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
+            raise BadInputError(f"{where}: input '{k}' contains NaN or Inf")
+
+
 def collect(sess, names: list[str], feeds_iter: Iterable[Mapping[str, np.ndarray]], *,
             bins: int = DEFAULT_BINS, progress: Callable[[int], None] | None = None,
             extra: Sequence[str] = (), on_batch: Callable[[dict[str, np.ndarray]], None] | None = None) -> Stats:
@@ -236,9 +243,7 @@ def collect(sess, names: list[str], feeds_iter: Iterable[Mapping[str, np.ndarray
     count, varied = 0, False
     first: dict[str, np.ndarray] | None = None
     for feeds in feeds_iter:
-        for k, v in feeds.items():
-            if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
-                raise BadInputError(f"calibration batch {count}: input '{k}' contains NaN or Inf")
+        check_finite(feeds, f"calibration batch {count}")
         if first is None:
             first = {k: np.asarray(v).reshape(-1)[:1] for k, v in feeds.items()}
         varied = varied or any(bool(np.ptp(v) > 0) or bool(v.reshape(-1)[0] != first[k][0])

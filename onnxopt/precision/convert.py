@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt import calibrate, io, runtime
 from onnxopt import data as data_mod
-from onnxopt import io, runtime
 from onnxopt import validation as validate
 from onnxopt.base import name_of, node_name, present
 from onnxopt.commands import core
@@ -103,9 +103,7 @@ def fold_max_abs(sess, names: list[str], feeds_iter: Iterable[Mapping[str, np.nd
     out: dict[str, float] = {}
     count = 0
     for feeds in feeds_iter:
-        for k, v in feeds.items():
-            if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
-                raise BadInputError(f"data batch {count}: input '{k}' contains NaN or Inf")
+        calibrate.check_finite(feeds, f"data batch {count}")
         outputs = runtime.run(sess, feeds, names)
         for n in names:
             x = np.asarray(outputs[n])
