@@ -93,22 +93,27 @@ def load_inline(path: str | os.PathLike) -> ir.Model:
     that build and score candidates serialize them to bytes for ORT, which would resolve the relative
     external-data paths against the working directory, not the model's folder (the model then runs
     only from its own folder).  Larger models keep their weights where they are."""
-    model = load(path)
+    return _inlined(load(path))
+
+
+def _inlined(model: ir.Model) -> ir.Model:
+    """``model`` with its external weights read into memory when they total at most INLINE_LIMIT."""
     if next(external_tensors(model), None) is not None and weight_bytes(model) <= INLINE_LIMIT:
         ir_external_data.load_to_model(model)
     return model
 
 
-def load_serializable(path: str | os.PathLike, what: str) -> ir.Model:
+def load_serializable(path: str | os.PathLike, what: str, model: ir.Model | None = None) -> ir.Model:
     """:func:`load_inline` for a command whose candidates go to ORT as one serialized protobuf (``what``
     names it): weights over EXTERNAL_DATA_THRESHOLD are refused in one line naming the commands that
-    take them, instead of failing to serialize halfway through."""
-    model = load(path)
+    take them, instead of failing to serialize halfway through.  ``model``: ``path`` already loaded
+    (:func:`load`), not parsed again."""
+    model = model if model is not None else load(path)
     if next(external_tensors(model), None) is not None and weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         raise BadInputError(f"{path}: {what} of a model whose weights exceed {EXTERNAL_DATA_THRESHOLD / 1e9:.1f} GB is "
                             f"not supported yet (its candidates go to ONNX Runtime as one protobuf); optimize, "
                             f"quantize --mode dynamic and quantize --weights int4 take such models")
-    return load_inline(path)
+    return _inlined(model)
 
 
 def check_proto(proto: onnx.ModelProto, path: Path) -> None:

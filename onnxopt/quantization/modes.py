@@ -303,7 +303,7 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: q
     q = WeightQuantizer(model, float_bytes, held_out, rounding_set, recipe, metric=metric_fn, metric_name=opts.metric,
                         max_drop=opts.max_drop, class_outputs=opts.class_outputs, threads=opts.threads,
                         synthesized=opts.data is None)
-    for name, (k, _) in (undivided if recipe.weights == "int4" else {}).items():
+    for name, (k, _) in undivided.items():
         recipe.decisions.float_layers.setdefault(name, f"--block-size {recipe.block_size} does not divide K={k}")
     if replayed:
         qm.check_replay(q, recipe)

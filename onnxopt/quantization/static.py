@@ -199,11 +199,10 @@ def load_input(path: str | os.PathLike, lazy: bool = False, what: str = "static 
     sessions get the arrays: ``session_source``) weights in external data over LIGHT_ABOVE stay
     memory-mapped; otherwise they are read into memory (``io.load_inline``), refused over
     ``io.EXTERNAL_DATA_THRESHOLD`` (``io.load_serializable``)."""
-    if lazy:
-        model = io.load(path)
-        if next(io.external_tensors(model), None) is not None and io.weight_bytes(model) > LIGHT_ABOVE:
-            return model
-    return io.load_serializable(path, what)
+    model = io.load(path)
+    if lazy and next(io.external_tensors(model), None) is not None and io.weight_bytes(model) > LIGHT_ABOVE:
+        return model
+    return io.load_serializable(path, what, model)
 
 
 def prepare_model(model: ir.Model, recipe: Recipe) -> Prepared:
@@ -269,9 +268,7 @@ def calibrate_model(prepared: Prepared, data: str | os.PathLike, *, preprocess: 
     if stats_in is not None:
         stats = calibrate.Stats.load(stats_in)
         for feeds in stream():  # still need held-out / recovery batches
-            for k, v in feeds.items():
-                if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
-                    raise BadInputError(f"data: input '{k}' contains NaN or Inf")
+            calibrate.check_finite(feeds, "data")
             if len(held_out) >= HELD_OUT and len(recovery_set) >= RECOVERY_BATCHES:
                 break
     else:
