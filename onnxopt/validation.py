@@ -539,7 +539,6 @@ def compare_models(a: str | os.PathLike, b: str | os.PathLike | None, *, eps: tu
     count = 0
     runs = [(ep, ep, ep) for ep in eps] if b is not None else [(f"{ep} vs {eps[0]}", eps[0], ep) for ep in eps[1:]]
     for label, ep_a, ep_b in runs:
-        ep = label
         sa, sb = runtime.session(a, ep_a), runtime.session(b if b is not None else a, ep_b)
         merged: dict[str, OutputComparison] = {}
         ep_samples: dict[str, list[float]] = {}
@@ -547,7 +546,7 @@ def compare_models(a: str | os.PathLike, b: str | os.PathLike | None, *, eps: tu
         if data is not None:
             feeds_iter = ((feeds, None) for feeds in data_mod.batches(data, sa, preprocess, max_batches))
         else:  # the synthesized point and a variation of it (other symbolic dims and values)
-            primary, primary_ref = runtime.run_synthesized(sa, shapes, quiet=ep != runs[0][0])
+            primary, primary_ref = runtime.run_synthesized(sa, shapes, quiet=label != runs[0][0])
             feeds_iter = iter([(primary, primary_ref)] + [(p.feeds, p.reference) for p in variation_points(sa, primary)
                                                           if p.reference is not None])
         count = 0
@@ -555,7 +554,7 @@ def compare_models(a: str | os.PathLike, b: str | os.PathLike | None, *, eps: tu
             ref = known if known is not None else runtime.run(sa, feeds)  # a variation's is already computed
             got = runtime.run_candidate(sb, feeds, list(ref))
             for c in compare(ref, got, tolerance):
-                c.ep = ep
+                c.ep = label
                 merged[c.name] = merged[c.name].merge(c) if c.name in merged else c
                 if c.name in got and ref[c.name].dtype.kind == "f" and np.shape(got[c.name]) == ref[c.name].shape:
                     d = np.abs(ref[c.name].astype(np.float64) - got[c.name].astype(np.float64)).ravel()
@@ -566,6 +565,6 @@ def compare_models(a: str | os.PathLike, b: str | os.PathLike | None, *, eps: tu
             if progress:
                 progress(1)
         tol_repr = tolerance if isinstance(tolerance, Tolerance) else tolerance.get("*", LOSSLESS)
-        per_ep[ep] = ValidationResult(list(merged.values()), tol_repr)
-        samples[ep] = ep_samples
+        per_ep[label] = ValidationResult(list(merged.values()), tol_repr)
+        samples[label] = ep_samples
     return ModelComparison(per_ep, count, samples)
