@@ -1176,3 +1176,14 @@ def test_openvino_placement_leaves_no_pair_that_no_int8_op_reads():
     alone = [qdq.plan(model, p, exclude={"head", "conv2"}) for p in (qdq.PROFILES["openvino"], qdq.PROFILES["cpu"])]
     assert {"x"} <= set(alone[0].points) and not {"c", "p", "f"} & set(alone[0].points), alone[0].points
     assert {"x", "c", "p", "f"} <= set(alone[1].points), alone[1].points
+
+
+def test_all_float_names_what_kept_the_layers(cli, tmp_path, digits_calib):
+    """Every layer excluded: the float model is written and the line names the step that kept them
+    (--exclude), not a fixed 'accuracy budget / exclusions'."""
+    src = ROOT / "models" / "digits_cnn.onnx"
+    layers = [n.name for n in onnx.load(str(src)).graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    args = [a for name in layers for a in ("--exclude", name)]
+    r = cli("quantize", src, "-o", tmp_path / "q.onnx", "--data", digits_calib["digits_cnn"], *args)
+    assert r.exit_code == 0, r.output
+    assert "every layer was kept in float (--exclude): wrote the optimized float model" in r.output

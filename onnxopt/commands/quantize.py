@@ -252,7 +252,9 @@ def render(result: core.Result) -> None:
     if res["wrote_float_model"]:
         reasons = list(r.get("float_reasons", {}).values())
         if reasons and not any(x.startswith("final check") for x in reasons):
-            click.echo("every layer was kept in float (accuracy budget / exclusions): wrote the optimized float model")
+            # what kept them (each reason starts with its step: "latency guard...", "accuracy budget: ...", ...)
+            steps = dict.fromkeys(x.split(":")[0].split(" (")[0] for x in reasons)
+            click.echo(f"every layer was kept in float ({', '.join(steps)}): wrote the optimized float model")
         else:
             click.echo("quantizing did not make it faster on this EP: wrote the optimized float model")
     found = res.get("search")
