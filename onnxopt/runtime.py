@@ -147,7 +147,7 @@ def session(model: str | os.PathLike | bytes | Light, ep: str = "cpu", threads: 
         # synthesize() reads the graph for index bounds (integer_high), lazily: a path, or bytes up
         # to BOUNDS_BYTES, of a model with integer inputs (no reference is kept to a big model's bytes)
         try:
-            if not values and any(i.type in _INTEGER_TYPES for i in sess.get_inputs()) and \
+            if not values and any(i.type in INTEGER_TYPES for i in sess.get_inputs()) and \
                     (not isinstance(source, bytes) or len(source) <= BOUNDS_BYTES):
                 _FACTS[sess] = _Facts(source=source)
         except (AttributeError, TypeError):  # a session-like object without inputs or weak references: no bounds
@@ -522,12 +522,18 @@ def remember_bounds(sess, bounds: Mapping[str, int]) -> None:
 #: serialized models up to this size keep a reference for :func:`integer_high` (paths always do;
 #: callers holding a larger model give its bounds with :func:`remember_bounds`)
 BOUNDS_BYTES = 64 << 20
-_INTEGER_TYPES = frozenset(f"tensor({t})" for t in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"))
+INTEGER_TYPES = frozenset(f"tensor({t})" for t in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"))
 
 
 def integer_high(sess, name: str) -> int:
     """Exclusive upper bound of synthesized integers for input ``name``: 4, or fewer when the
     input indexes a smaller table (:func:`index_bounds` of the session's model, read once)."""
+    return max(1, min(4, table_rows(sess, name) or 4))
+
+
+def table_rows(sess, name: str) -> int | None:
+    """The rows of the table input ``name`` indexes (:func:`index_bounds`, read once per
+    session), or None when unknown."""
     try:
         facts = _FACTS.get(sess) or _Facts()
     except TypeError:
@@ -546,7 +552,7 @@ def integer_high(sess, name: str) -> int:
         facts.bounds = bounds
         with contextlib.suppress(TypeError):
             _FACTS[sess] = facts
-    return max(1, min(4, bounds.get(name, 4)))
+    return bounds.get(name)
 
 
 def _padding_mask(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:

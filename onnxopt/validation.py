@@ -2,6 +2,8 @@
 
 A float output passes when ``|got - ref| <= atol + rtol * |ref|`` everywhere, NaN/Inf at the
 same positions; integer, bool and string outputs must be equal; shapes and dtypes must match.
+Inputs: ``Validator`` points (a primary point and a variation; a decoder with a cache: a prompt and
+a decoding step, ``onnxopt.generation``).
 Cost: two ORT sessions and one run of each per set of inputs (the original's outputs are cached).
 """
 
@@ -19,7 +21,7 @@ import onnx_ir as ir
 
 from onnxopt import benchmark as bench
 from onnxopt import data as data_mod
-from onnxopt import io, runtime
+from onnxopt import generation, io, runtime
 from onnxopt.base import name_of, present
 from onnxopt.errors import BadInputError
 
@@ -281,6 +283,19 @@ def _alternatives(value: int) -> list[int]:
 VALUE_TRIES = 3
 
 
+def synthesized_points(sess, shapes: Mapping[str, tuple[int, ...]] | None = None, variations: bool = True,
+                       seeds: tuple[int, ...] = (0,)) -> list[Point]:
+    """Synthesized points, each with the original's outputs: a decoder with a key-value cache
+    (``generation.points``; not when ``shapes`` fixes an input) gets a prompt and a decoding step
+    per seed; any other model the runnable seed-0 point (``runtime.run_synthesized``) and, with
+    ``variations``, :func:`variation_points`."""
+    found = None if shapes else generation.points(sess, seeds)
+    if found:
+        return [Point(label, feeds, outputs) for label, feeds, outputs in found]
+    feeds, reference = runtime.run_synthesized(sess, shapes)
+    return [Point("synthesized, seed 0", feeds, reference)] + (variation_points(sess, feeds) if variations else [])
+
+
 def variation_points(sess, primary: dict[str, np.ndarray], tries: int = 12) -> list[Point]:
     """Inputs that exercise what an optimizer may have assumed from the primary point: every
     symbolic dim at a second value, and new values for every input (integers and booleans too,
@@ -445,15 +460,13 @@ class Validator:
         self.latency_runs = latency_runs
         session = runtime.session(original, ep)
         if data is None:  # the run that found runnable inputs is the reference
-            self.feeds, self.reference = runtime.run_synthesized(session, shapes)
+            self.points = synthesized_points(session, shapes, variations)
         else:
             given = data_mod.feeds_for(session, data, shapes, preprocess, limit=2)
-            self.feeds = given[0]
-            self.reference = runtime.run(session, self.feeds)
-        label = "data batch 1" if data is not None else "synthesized, seed 0"
-        self.points = [Point(label, self.feeds, self.reference)]
-        if variations:
-            self.points += variation_points(session, self.feeds) if data is None else data_points(session, given)
+            self.points = [Point("data batch 1", given[0], runtime.run(session, given[0]))]
+            if variations:
+                self.points += data_points(session, given)
+        self.feeds, self.reference = self.points[0].feeds, self.points[0].reference
         self.reference_latency_ms = median_latency_ms(session, self.feeds, latency_runs) if latency_runs else None
         # Only outputs and latency are kept: the original's session (its weights) is released so
         # that a 2 GB model is not held twice while the candidate is checked.

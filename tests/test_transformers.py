@@ -311,17 +311,21 @@ def test_assignments_try_the_smallest_change_first():
     assert len(list(runtime.assignments({f"d{i}": [1, 2, 3, 4] for i in range(12)}, 64))) == 64  # lazy, capped
 
 
-@pytest.mark.parametrize("name, dims", [("bert_ts", None), ("gpt2_ts", "batch=1, past=1, seq=1, total=2"),
-                                        ("llama_ts", "batch=1, past=1, seq=1, total=2")])
+@pytest.mark.parametrize("name, dims", [("bert_ts", None), ("gpt2_ts", "past=1, total=2"),
+                                        ("llama_ts", "past=1, total=2")])
 def test_transformer_exports_optimize_without_data(cli, tmp_path, name, dims):
     """Without --data: token-type ids stay inside BERT's 2-row table (synthesized in [0, 2), not
-    [0, 4)), and GPT-2's mask gets the length past + seq it needs (the smallest symbolic dims the
-    model runs on, named in a warning); both validate at 2 input points, exit 0."""
+    [0, 4)); a decoder with a cache is validated at a 16-token prompt and a decoding step after it,
+    and with --shape (no decoder points) its mask gets the length past + seq it needs (the smallest
+    symbolic dims the model runs on, named in a warning); each at 2 input points, exit 0."""
     out = tmp_path / "o.onnx"
     r = cli("optimize", ROOT / "models" / f"{name}.onnx", "-o", out)
     assert r.exit_code == 0, r.output
     assert "at 2 input point(s)" in r.output and out.exists()
     if dims:
+        assert "(a 16-token prompt and a decoding step after it)" in r.output
+        r = cli("optimize", ROOT / "models" / f"{name}.onnx", "-o", out, "--shape", "input_ids:1x1")
+        assert r.exit_code == 0, r.output
         assert f"using {dims} (the smallest values it runs on" in r.output
 
 

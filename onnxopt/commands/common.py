@@ -97,6 +97,16 @@ def divergence(first: dict) -> str:
             f"max abs {first['max_abs']:.3g}")
 
 
+def points_text(v: dict) -> str:
+    """'N input point(s)', saying when they are a decoder's prompt and decoding step."""
+    compared = [p for p in v.get("points", []) if p["status"] == "compared"]
+    decoder = [p for p in compared if p["label"].startswith("decoder")]
+    if decoder:
+        tokens = max(shape[-1] for p in decoder for name, shape in p["shapes"].items() if len(shape) == 2 and "mask" not in name)
+        return f"{len(compared)} input point(s) (a {tokens}-token prompt and a decoding step after it)"
+    return f"{len(compared)} input point(s)"
+
+
 def echo_validation(v: dict | None, what: str = "validation", latency_shown: bool = True) -> None:
     """The one validation line of optimize and convert."""
     if v is None:
@@ -106,8 +116,7 @@ def echo_validation(v: dict | None, what: str = "validation", latency_shown: boo
     latency = ""
     if latency_shown and v.get("latency_ref_ms"):
         latency = f", latency {v['latency_ref_ms']:.3f} -> {v['latency_new_ms']:.3f} ms"
-    points = sum(1 for p in v.get("points", []) if p["status"] == "compared")
-    click.echo(f"{what}: {status}, {len(v['outputs'])} output(s) at {points} input point(s), "
+    click.echo(f"{what}: {status}, {len(v['outputs'])} output(s) at {points_text(v)}, "
                f"max abs diff {v['max_abs']:.3g}{latency}")
 
 

@@ -113,11 +113,10 @@ def _echo_elementwise(v: dict | None) -> None:
     if v is None:
         click.echo("validation: skipped (--no-validate)")
         return
-    points = sum(1 for p in v.get("points", []) if p["status"] == "compared")
     outside = [o for o in v["outputs"] if not o["ok"]]
     status = "within" if not outside else f"{len(outside)} output(s) outside"
     click.echo(f"elementwise (CPU EP, every fp16 tensor rounded, rtol 1e-2 atol 1e-3; information, the budget "
-               f"decides): {status}, {len(v['outputs'])} output(s) at {points} input point(s), max abs diff "
+               f"decides): {status}, {len(v['outputs'])} output(s) at {common.points_text(v)}, max abs diff "
                f"{v['max_abs']:.3g}")
     for o in outside:
         click.echo(f"  {o['name']}: {o['reason']}")

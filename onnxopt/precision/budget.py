@@ -85,11 +85,10 @@ def other_batches(path: str | os.PathLike, data: str | os.PathLike, *, preproces
 def held_out_batches(path: str | os.PathLike, data: str | os.PathLike | None, *, preprocess: str | None,
                      shapes: Mapping[str, tuple[int, ...]] | None, limit: int | None) -> tuple[list[dict], list[str]]:
     """(held-out feeds, their labels): every 4th ``data`` batch (up to HELD_OUT; the last batch read
-    when there are fewer than 4), else the validator's synthesized points (seed 0 and a variation)."""
+    when there are fewer than 4), else the validator's synthesized points (``validate.synthesized_points``)."""
     plain = runtime.session(path, "cpu")
     if data is None:
-        primary = runtime.synthesize_runnable(plain, shapes)
-        points = [validate.Point("synthesized, seed 0", primary)] + validate.variation_points(plain, primary)
+        points = validate.synthesized_points(plain, shapes)
         kept = [p for p in points if p.feeds]
         return [p.feeds for p in kept], [p.label for p in kept]
     held: list[dict] = []

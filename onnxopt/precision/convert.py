@@ -81,8 +81,7 @@ def observe_ranges(path: str | os.PathLike, model: ir.Model, data: str | os.Path
     if data is not None:
         feeds = data_mod.batches(data, plain, preprocess, limit)
     else:
-        primary = runtime.synthesize_runnable(plain, shapes)
-        feeds = [primary] + [p.feeds for p in validate.variation_points(plain, primary) if p.reference is not None]
+        feeds = [p.feeds for p in validate.synthesized_points(plain, shapes) if p.reference is not None]
     stream = iter(feeds)
     first = next(stream, None)
     if first is None:

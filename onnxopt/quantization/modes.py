@@ -59,6 +59,8 @@ SYNTHESIZED_SEEDS = (2, 3)
 #: batches (besides the held-out ones) whose input Hessians GPTQ uses: GPTQ needs many more rows than
 #: the K of a layer (with few, it fits the calibration subspace and rounds worse than nearest)
 ROUNDING_BATCHES = 64
+#: seeds of the synthesized prompts (and decoding steps) of a decoder with a cache (``generation``)
+DECODER_SEEDS = (0, 1, 2, 3)
 #: their symbolic dims (sequence lengths of a transformer: 1 would exercise little)
 SYNTHESIZED_DIM = 8
 
@@ -104,11 +106,11 @@ def inputs(float_bytes: bytes | runtime.Light, opts: qm.RunSettings, model: ir.M
     if model is not None:
         runtime.remember_bounds(sess, runtime.index_bounds(model))
     if opts.data is None:
-        primary = runtime.synthesize_runnable(sess)  # raises, naming --data, when no synthesized input runs
-        points = [validate.Point("synthesized, seed 0", primary)] + validate.variation_points(sess, primary)
+        points = validate.synthesized_points(sess, seeds=DECODER_SEEDS)  # raises, naming --data, when none runs
         longer = {i.name: tuple(d if isinstance(d, int) and d >= 0 else SYNTHESIZED_DIM for d in i.shape)
                   for i in sess.get_inputs()}
-        for seed in SYNTHESIZED_SEEDS:
+        decoder = points[0].label.startswith("decoder")  # prompts and decoding steps: enough as they are
+        for seed in () if decoder else SYNTHESIZED_SEEDS:
             try:
                 feeds = runtime.synthesize(sess, longer, seed=seed, quiet=True)
                 runtime.run(sess, feeds)
