@@ -466,7 +466,7 @@ class Validator:
             self.points = [Point("data batch 1", given[0], runtime.run(session, given[0]))]
             if variations:
                 self.points += data_points(session, given)
-        self.feeds, self.reference = self.points[0].feeds, self.points[0].reference
+        self.feeds, self.reference = self.points[0].feeds, present(self.points[0].reference)
         self.reference_latency_ms = median_latency_ms(session, self.feeds, latency_runs) if latency_runs else None
         # Only outputs and latency are kept: the original's session (its weights) is released so
         # that a 2 GB model is not held twice while the candidate is checked.
