@@ -29,6 +29,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from onnxopt import io
 from onnxopt.base import light_proto, name_of
 from onnxopt.errors import BadInputError, UsageError
 
@@ -92,6 +93,21 @@ def light(model: ir.Model) -> Light:
     """:class:`Light` of ``model`` (the arrays are the model's own, not copies)."""
     proto, left = light_proto(model)
     return Light(proto.SerializeToString(), {name: t.numpy() for name, t in left.items()})
+
+
+#: weights above this are handed to ORT as a weightless model plus the arrays (:class:`Light`), not
+#: as one serialized protobuf: a protobuf holds at most 2 GB, and the bytes would be a second copy
+LIGHT_ABOVE = 1 << 30
+
+
+def source_of(model: ir.Model) -> bytes | Light:
+    """What ORT sessions of ``model`` are made from: its serialized bytes, or for weights over
+    LIGHT_ABOVE, or with any weight still in an external-data file (bytes would reference it relative to
+    the working folder), a :class:`Light` (the weights stay the model's own arrays, memory-mapped
+    when they come from external data)."""
+    if io.weight_bytes(model) > LIGHT_ABOVE or next(io.external_tensors(model), None) is not None:
+        return light(model)
+    return ir.to_proto(model).SerializeToString()
 
 
 #: EPs with a thread pool of their own, bound through a provider option (the CPU EP's is intra_op_num_threads)

@@ -64,6 +64,20 @@ def detect_heads(model: ir.Model) -> tuple[int, int]:
     return 0, 0
 
 
+def _no_gqa(work: ir.Model, fused: ir.Model) -> str | None:
+    """Why grouped-query attention (fewer key/value heads than query heads) became MultiHeadAttention
+    over repeated key/value heads, not GroupQueryAttention; None when it did not."""
+    kv_heads = detect_heads(work)[0]
+    mha = [n for n in fused.graph if n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft"]
+    heads = max((n.attributes.get_int("num_heads", 0) for n in mha), default=0)
+    if not kv_heads or heads <= kv_heads or any(n.op_type == "GroupQueryAttention" for n in fused.graph):
+        return None
+    return (f"grouped-query attention ({heads} query / {kv_heads} key-value heads) fused as MultiHeadAttention over "
+            f"repeated key/value heads, not GroupQueryAttention: onnxscript's GroupQueryAttention rule matches "
+            f"a purely causal mask, and this model's attention takes its attention-mask input (padding), which "
+            f"GroupQueryAttention's CPU kernel reads only as per-row lengths")
+
+
 def detect_model_type(model: ir.Model) -> str:
     """Model type from the graph interface: ``vit`` for an image input (4-D float, or named
     pixel_values), ``llama`` for past/present key-value inputs or outputs and rotary position
@@ -105,6 +119,22 @@ def _canonicalize(model: ir.Model, skipped: collections.Counter) -> int:
     return done
 
 
+def _base_dir(model: ir.Model) -> str | None:
+    """The folder of the model's external-data weights (None: every weight in memory)."""
+    return next((t.base_dir for _, t in io.external_tensors(model)), None)
+
+
+def _copy(model: ir.Model, proto=None) -> ir.Model:
+    """A deep copy through a protobuf (a clone shares tensors, whose names the libraries' passes
+    rename): weights still in an external-data file stay references to it (the protobuf holds only
+    the graph; the copy's references keep their folder)."""
+    base = _base_dir(model)
+    copy = ir.from_proto(ir.to_proto(model) if proto is None else proto)
+    if base is not None:
+        ir.external_data.set_base_dir(copy.graph, base)
+    return copy
+
+
 def _with_inferred_shapes(model: ir.Model) -> ir.Model:
     """The model with shapes from ORT's symbolic shape inference, computed from the graph inputs'
     declarations and the ops only: declared intermediate and output shapes are removed first
@@ -121,7 +151,7 @@ def _with_inferred_shapes(model: ir.Model) -> ir.Model:
     except Exception:  # noqa: BLE001 - e.g. a Constant with value_ints; onnxscript infers shapes itself
         logger.debug("fuse-transformer: ORT symbolic shape inference failed", exc_info=True)
         inferred = None
-    return ir.from_proto(inferred if inferred is not None else proto)
+    return _copy(model, inferred if inferred is not None else proto)
 
 
 def flatten_gemm_input(node: ir.Node, graph: ir.Graph) -> Match:
@@ -222,6 +252,10 @@ def _quiet_libraries():
 
 #: engines tried on the model as exported and after PREPARE (SDPA-first matters only once the
 #: TorchScript exporter's shape arithmetic is folded; each onnxscript run costs seconds)
+#: engines that need the weights inside a protobuf (not run when they stay in an external-data file)
+PROTOBUF_ENGINES = frozenset({"onnxruntime"})
+#: external-data weights up to this are loaded for the fusions (every engine runs); above, they stay on disk
+LOAD_BELOW = 1 << 30
 ENGINES_ON = {"as": ("onnxscript", "onnxruntime"), "after": ("onnxscript-sdpa-first", "onnxruntime")}
 
 
@@ -294,7 +328,11 @@ class FuseTransformer(FunctionalOptPass):
     ``fuse-transformer,default`` give the same model.  The result uses com.microsoft ops: it runs
     only on ONNX Runtime (CPU and GPU EPs), so the pass is opt-in, never in the default pipeline.
     Keeps graph inputs/outputs (names, types, declared dims), opsets (adds com.microsoft), metadata.
-    Declines models whose weights exceed 2 GB.  Cost: a few fusion runs and ORT sessions on the model.
+    Weights over LOAD_BELOW (1 GiB) in an external-data file stay there: the engines see the graph,
+    candidates are graph copies referencing the same file, and ORT gets the arrays memory-mapped
+    (``runtime.Light``); the ``onnxruntime`` engine, which needs the weights in a protobuf, is not
+    run then.  Declines only weights over 2 GB held in memory.  Cost: a few fusion runs and ORT
+    sessions on the model.
     """
 
     name = "fuse-transformer"
@@ -317,7 +355,7 @@ class FuseTransformer(FunctionalOptPass):
     def _prepared(self, model: ir.Model) -> ir.Model:
         from onnxopt import pipeline
 
-        return pipeline.run(ir.from_proto(ir.to_proto(model)), pipeline.parse(PREPARE)).model
+        return pipeline.run(_copy(model), pipeline.parse(PREPARE)).model
 
     def _candidates(self, work: ir.Model, model_type: str, heads: int, hidden: int,
                     skipped: collections.Counter) -> list[Candidate]:
@@ -326,9 +364,12 @@ class FuseTransformer(FunctionalOptPass):
             base = source()
             for engine in ENGINES_ON[where.split(" ")[0]]:
                 fuse, label = ENGINES[engine], f"{engine} ({where})"
+                if engine in PROTOBUF_ENGINES and _base_dir(base) is not None:
+                    skipped[f"{label}: not run on weights in an external-data file (it needs them in a protobuf)"] += 1
+                    continue
                 try:
                     with _quiet_libraries():
-                        fused = fuse(ir.from_proto(ir.to_proto(base)), model_type, heads, hidden)
+                        fused = fuse(_copy(base), model_type, heads, hidden)
                 except Exception as e:  # noqa: BLE001 - an external fusion failing is a skip, never a crash
                     logger.debug("fuse-transformer: %s failed", label, exc_info=True)
                     skipped[f"{label} failed ({type(e).__name__}: {e})"] += 1
@@ -347,12 +388,12 @@ class FuseTransformer(FunctionalOptPass):
         from onnxopt import runtime
         from onnxopt import validation as validate
 
-        blob = ir.to_proto(work).SerializeToString()
+        source = runtime.source_of(work)
         try:
             if self.feeds is None:
-                checker = validate.Validator(blob, tolerance=validate.default_tolerance(work))
+                checker = validate.Validator(source, tolerance=validate.default_tolerance(work))  # type: ignore[arg-type]
                 return [(p.feeds, p.reference) for p in checker.points if p.reference is not None]
-            sess = runtime.session(blob)
+            sess = runtime.session(source)
             return [(f, runtime.run(sess, f)) for f in self.feeds]
         except BadInputError as e:
             skipped[f"candidates not checked in the pass (the model fails on synthesized inputs: {e}); "
@@ -370,7 +411,7 @@ class FuseTransformer(FunctionalOptPass):
         tolerance = validate.default_tolerance(work)
         for c in candidates:
             try:
-                sess = runtime.session(ir.to_proto(c.model).SerializeToString())
+                sess = runtime.session(runtime.source_of(c.model))
                 bad = [r for feeds, ref in points
                        for r in validate.compare(ref, runtime.run_candidate(sess, feeds, list(ref)), tolerance) if not r.ok]
             except BadInputError as e:
@@ -383,13 +424,16 @@ class FuseTransformer(FunctionalOptPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         skipped: collections.Counter = collections.Counter()
-        if io.weight_bytes(model) > io.EXTERNAL_DATA_THRESHOLD:
-            skipped["weights over 2 GB: the fusions need an in-memory protobuf"] += 1
+        on_disk = _base_dir(model) is not None
+        if io.weight_bytes(model) - sum(t.nbytes for _, t in io.external_tensors(model)) > io.EXTERNAL_DATA_THRESHOLD:
+            skipped["weights over 2 GB held in memory: the fusions need them in a protobuf "
+                    "(save the model with external data)"] += 1
             return self.result(model.clone(), collections.Counter(), skipped)
         work = model.clone()
-        ir_external_data.load_to_model(work)
-        # a clone shares tensors, whose names the libraries' passes rename: copy through a protobuf
-        work = ir.from_proto(ir.to_proto(work))
+        if not on_disk or io.weight_bytes(model) <= LOAD_BELOW:
+            ir_external_data.load_to_model(work)  # small: in memory, every engine runs
+        # weights above LOAD_BELOW stay in their external-data file: the graph is copied, not the weights
+        work = _copy(work)
         model_type = detect_model_type(work) if self.model_type == "auto" else self.model_type
         heads, hidden = (self.num_heads, self.hidden_size) if self.num_heads or model_type == "llama" else detect_heads(work)
         before = _describe(work)
@@ -405,4 +449,7 @@ class FuseTransformer(FunctionalOptPass):
         old, new = op_histogram(work), op_histogram(chosen.model)
         changed = collections.Counter({f"{op} created": n - old.get(op, 0) for op, n in new.items() if n > old.get(op, 0)})
         changed[f"fused by {chosen.label}; com.microsoft ops: runs on ONNX Runtime only"] += 1
+        why = _no_gqa(work, chosen.model)
+        if why:
+            skipped[why] += 1
         return self.result(chosen.model, changed, skipped)

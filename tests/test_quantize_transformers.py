@@ -433,8 +433,8 @@ def test_weights_that_stay_on_disk_are_quantized_from_another_folder(tmp_path, c
     (runtime.Light; bytes would point at the data file relative to the working folder), GPTQ's Hessians
     too, and the result is written inline without closing the map the sessions still read.  Run from
     another folder; the output loads anywhere and matches the float model."""
-    from onnxopt import io
-    from onnxopt.quantization import recipe, static
+    from onnxopt import io, runtime
+    from onnxopt.quantization import static
 
     src_dir, work = tmp_path / "model", tmp_path / "elsewhere"
     src_dir.mkdir()
@@ -442,7 +442,7 @@ def test_weights_that_stay_on_disk_are_quantized_from_another_folder(tmp_path, c
     src = src_dir / "llama.onnx"
     onnx.save(onnx.load(str(ROOT / "models" / "llama_ts.onnx")), str(src), save_as_external_data=True,
               all_tensors_to_one_file=True, location="llama.onnx.data", size_threshold=1024)
-    monkeypatch.setattr(recipe, "LIGHT_ABOVE", 0)
+    monkeypatch.setattr(runtime, "LIGHT_ABOVE", 0)
     monkeypatch.setattr(static, "LIGHT_ABOVE", 0)
     monkeypatch.chdir(work)
     data = _data(tmp_path / "data", "llama")

@@ -566,3 +566,37 @@ def test_an_added_pass_that_declines_everything_says_so(cli, tmp_path, monkeypat
     assert "pass 'fuse-transformer' changed nothing: weights over 2 GB" in r.stderr
     r = cli("optimize", src, "-o", tmp_path / "p.onnx", "--no-validate")  # the default pipeline alone: quiet
     assert "changed nothing" not in r.stderr
+
+
+@pytest.mark.parametrize("name", ["llama_dynamo", "llama_ts"])
+def test_fusion_keeps_big_weights_in_their_external_data_file(cli, tmp_path, monkeypatch, name):
+    """Weights over fuse_transformer.LOAD_BELOW (lowered to 0 here, as for a multi-GB decoder) stay in
+    their external-data file: the onnxscript engines fuse the graph (both exporters: every attention
+    block, every RMSNorm), the protobuf-only engine is said not to run, the grouped-query attention is
+    said to be MultiHeadAttention and why, and the written model matches the original (checked here
+    at the decoder's prompt and decoding step).  Run from another folder."""
+    from onnxopt import io as oio
+    from onnxopt.passes import fuse_transformer as ft
+
+    src = tmp_path / "model" / f"{name}.onnx"
+    src.parent.mkdir()
+    onnx.save(onnx.load(str(ROOT / "models" / f"{name}.onnx")), str(src), save_as_external_data=True,
+              all_tensors_to_one_file=True, location=f"{name}.onnx.data", size_threshold=1024)
+    monkeypatch.setattr(ft, "LOAD_BELOW", 0)
+    loaded = []
+    monkeypatch.setattr(ft.ir_external_data, "load_to_model", lambda m: loaded.append(m))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    out = tmp_path / "f.onnx"
+    r = cli("optimize", src, "-o", out, "-p", "default,fuse-transformer", "--report", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    assert not loaded  # the weights were never loaded for the fusion
+    assert "(a 16-token prompt and a decoding step after it)" in r.output
+    ops = collections.Counter(n.op_type for n in onnx.load(str(out)).graph.node)
+    assert ops["MultiHeadAttention"] == 2 and ops["Softmax"] == 0
+    assert ops["SkipSimplifiedLayerNormalization"] + ops["SimplifiedLayerNormalization"] == 5  # 2 per layer + final
+    report = json.loads((tmp_path / "r.json").read_text())
+    skipped = " ".join(report["passes"]["fuse-transformer"]["skipped"])
+    assert "onnxruntime (as exported): not run on weights in an external-data file" in skipped
+    assert "4 query / 2 key-value heads) fused as MultiHeadAttention" in skipped
+    assert oio.weight_bytes(oio.load(out)) > 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from onnxopt import calibrate, io, pipeline, runtime
+from onnxopt import calibrate, pipeline, runtime
 from onnxopt.commands import core
 from onnxopt.errors import BadInputError, UsageError
 from onnxopt.quantization import qdq as qq
@@ -57,23 +57,15 @@ DEFAULT_SEARCH_BUDGET = 12  # --search: candidates built at most (onnxopt.quanti
 MODES = ("static", "dynamic", "weight-only")
 BLOCK_SIZES = (32, 64, 128)
 
-#: weights above this are handed to ORT as a weightless model plus the arrays (``runtime.Light``), not
-#: as one serialized protobuf: a protobuf holds at most 2 GB, and the bytes would be a second copy
-LIGHT_ABOVE = 1 << 30
+LIGHT_ABOVE = runtime.LIGHT_ABOVE
 
 
 def serialize(model: ir.Model) -> bytes:
     return ir.to_proto(model).SerializeToString()
 
 
-def session_source(model: ir.Model) -> bytes | runtime.Light:
-    """What ORT sessions of ``model`` are made from: its serialized bytes, or for weights over
-    LIGHT_ABOVE, or with any weight still in an external-data file (bytes would reference it relative to
-    the working folder), a ``runtime.Light`` (the weights stay the model's own arrays, memory-mapped
-    when they come from external data)."""
-    if io.weight_bytes(model) > LIGHT_ABOVE or next(io.external_tensors(model), None) is not None:
-        return runtime.light(model)
-    return serialize(model)
+#: what ORT sessions of a model are made from (bytes, or a ``runtime.Light`` for big or on-disk weights)
+session_source = runtime.source_of
 
 
 def source_key(source: bytes | runtime.Light) -> bytes:
