@@ -88,17 +88,17 @@ def load(path: str | os.PathLike) -> ir.Model:
 INLINE_LIMIT = 1 << 31
 
 
-def load_inline(path: str | os.PathLike) -> ir.Model:
-    """:func:`load`, with external weights of up to :data:`INLINE_LIMIT` read into memory: the commands
+def load_inline(path: str | os.PathLike, limit: int = INLINE_LIMIT) -> ir.Model:
+    """:func:`load`, with external weights of up to ``limit`` read into memory: the commands
     that build and score candidates serialize them to bytes for ORT, which would resolve the relative
     external-data paths against the working directory, not the model's folder (the model then runs
     only from its own folder).  Larger models keep their weights where they are."""
-    return _inlined(load(path))
+    return _inlined(load(path), limit)
 
 
-def _inlined(model: ir.Model) -> ir.Model:
-    """``model`` with its external weights read into memory when they total at most INLINE_LIMIT."""
-    if next(external_tensors(model), None) is not None and weight_bytes(model) <= INLINE_LIMIT:
+def _inlined(model: ir.Model, limit: int = INLINE_LIMIT) -> ir.Model:
+    """``model`` with its external weights read into memory when they total at most ``limit``."""
+    if next(external_tensors(model), None) is not None and weight_bytes(model) <= limit:
         ir_external_data.load_to_model(model)
     return model
 

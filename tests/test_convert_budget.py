@@ -14,6 +14,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from models import fp16_cases as fc
+from tests.helpers import ROOT
 from onnxopt import runtime
 from onnxopt.precision.faithful import faithful_session
 from onnxopt.teacher import is_held_out
@@ -166,3 +167,36 @@ def test_an_intended_infinite_mask_stays_float32_instead_of_refusing(cli, tmp_pa
     ref = runtime.run(runtime.session(str(src)), {"x": x})["probs"]
     got = runtime.run(runtime.session(str(tmp_path / "h.onnx")), {"x": x})["probs"]
     assert np.all(got[:, 5:] == 0) and np.allclose(got, ref, atol=2e-3)
+
+
+def test_convert_keeps_big_weights_in_their_external_data_file(cli, tmp_path, monkeypatch):
+    """Weights over runtime.LIGHT_ABOVE (lowered to 0 here, as for a multi-GB decoder) are never
+    serialized into one protobuf: the ranges, the budget's teacher and ranking sessions get them
+    memory-mapped (runtime.Light), every build re-reads them from their file, and the result matches the
+    original.  Run from another folder (bytes naming the data file would be resolved against it)."""
+    import onnxruntime as ort
+
+    from onnxopt import generation, runtime
+    from onnxopt import io as oio
+
+    src = tmp_path / "model" / "llama.onnx"
+    src.parent.mkdir()
+    onnx.save(onnx.load(str(ROOT / "models" / "llama_ts.onnx")), str(src), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="llama.onnx.data", size_threshold=1024)
+    monkeypatch.setattr(runtime, "LIGHT_ABOVE", 0)
+    loaded = []
+    monkeypatch.setattr(oio.ir_external_data, "load_to_model", lambda m: loaded.append(m))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    out = tmp_path / "h.onnx"
+    r = cli("convert", src, "-o", out, "--fp16", "--max-drop", "0.001", "--report", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    assert not loaded  # the weights were never read into memory as a whole
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["accuracy"]["drop"] <= 0.001 and report["output"]["file_bytes"] < 0.6 * report["input"]["file_bytes"]
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    ref = runtime.session(src)
+    (_, feeds, _), _ = generation.points(ref)
+    got, want = sess.run(["logits"], feeds)[0], ref.run(["logits"], feeds)[0]
+    cos = float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want))
+    assert cos > 0.999, cos

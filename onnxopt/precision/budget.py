@@ -112,22 +112,30 @@ def held_out_batches(path: str | os.PathLike, data: str | os.PathLike | None, *,
 class Builder:
     """Converts fresh copies of the (typed) original with the user's lists, plus nodes the budget keeps."""
 
-    original: bytes
+    original: bytes  # the typed original serialized (weights in an external-data file stay references)
     keep_io_types: bool
     op_block_list: tuple[str, ...]
     node_block_list: tuple[str, ...]
     limit: float
     ranges: Mapping[str, float]
+    base_dir: str | None = None  # the folder of the original's external-data weights, when they stay there
+
+    def original_model(self) -> ir.Model:
+        """A fresh copy of the original (weights in an external-data file read from there, lazily)."""
+        model = ir.from_proto(onnx.ModelProto.FromString(self.original))
+        if self.base_dir is not None:
+            ir.external_data.set_base_dir(model.graph, self.base_dir)
+        return model
 
     def __call__(self, budget: Mapping[str, str] | None = None) -> tuple[ir.Model, cf.Conversion]:
-        model = ir.from_proto(onnx.ModelProto.FromString(self.original))
+        model = self.original_model()
         done = cf.convert_model(model, keep_io_types=self.keep_io_types, op_block_list=self.op_block_list,
                                 node_block_list=self.node_block_list, limit=self.limit, ranges=self.ranges,
                                 budget=budget)
         return model, done
 
 
-def make_teacher(model: ir.Model, source: bytes, held_out: list[dict], *, metric: str | None, max_drop: float,
+def make_teacher(model: ir.Model, source: bytes | runtime.Light, held_out: list[dict], *, metric: str | None, max_drop: float,
                  class_outputs: Mapping[str, int | None] | None, synthesized: bool) -> Teacher:
     """The fp32 reference and the yardstick on the CPU EP (``onnxopt.teacher``)."""
     return Teacher(model, source, held_out, ep="cpu", threads=1, metric=load_metric(metric), metric_name=metric,
@@ -178,21 +186,21 @@ def _source(value: ir.Value, original: set[str], inserted: set[ir.Node]) -> str 
     return value.name
 
 
-def rank(candidate: ir.Model, original: bytes, feeds: Mapping[str, np.ndarray]) -> list[dict]:
+def rank(candidate: ir.Model, original: ir.Model, feeds: Mapping[str, np.ndarray]) -> list[dict]:
     """The candidate's fp16 nodes (named, main graph) by the relative error each adds on ``feeds``,
     largest first: ``{"node", "op", "added", "error", "group"}`` (``group``: the node and the fp16
     producers of its float inputs, what keeping it float32 means)."""
-    proto = onnx.ModelProto.FromString(original)
-    orig_names = {o for n in proto.graph.node for o in n.output if o} | {i.name for i in proto.graph.input}
-    orig_nodes = {n.name for n in proto.graph.node if n.name}
+    inputs = {i.name for i in original.graph.inputs if i.name}
+    orig_names = {o.name for n in original.graph for o in n.outputs if o.name} | inputs
+    orig_nodes = {n.name for n in original.graph if n.name}
     inserted = {n for n in candidate.graph if n.name not in orig_nodes}
     wanted = [o.name for n in candidate.graph for o in n.outputs if o.name and o.dtype in FLOATS]
     sess, _ = faithful_session(candidate, extra=wanted)
     got = runtime.run(sess, _half_feeds(sess, feeds), wanted)
     sources = {name: s for n in candidate.graph for v in n.outputs if (name := v.name)
                and (s := _source(v, orig_names, inserted)) is not None}
-    ref_names = sorted(set(sources.values()) - {i.name for i in proto.graph.input})
-    ref_sess = runtime.session(runtime.with_outputs(proto, ref_names), "cpu", optimize=False)
+    ref_names = sorted(set(sources.values()) - inputs)
+    ref_sess = runtime.session(runtime.with_outputs_of(runtime.source_of(original), ref_names), "cpu", optimize=False)
     ref = runtime.run(ref_sess, feeds, ref_names)
     fp16_nodes = {n for n in candidate.graph if n.name in orig_nodes and any(o.dtype == cf.HALF for o in n.outputs)}
 
@@ -290,7 +298,7 @@ def fit(build: Builder, teacher: Teacher, candidate: ir.Model, done: cf.Conversi
     if d0 <= max_drop:
         return candidate, done, None
     try:
-        ranked = rank(candidate, build.original, teacher.held_out[0])
+        ranked = rank(candidate, build.original_model(), teacher.held_out[0])
     except BadInputError as e:  # the candidate does not run: the check says so, nothing to search
         logger.debug("no budget search: %s", e)
         return candidate, done, None

@@ -76,7 +76,7 @@ def observe_ranges(path: str | os.PathLike, model: ir.Model, data: str | os.Path
     names = [v.name for v in model.graph.inputs if v.name] + \
         [o.name for n in model.graph for o in n.outputs if o.name]
     names = list(dict.fromkeys(names))
-    extra = runtime.session(runtime.with_outputs(ir.to_proto(model), names), "cpu", optimize=False)
+    extra = runtime.session(runtime.with_outputs_of(runtime.source_of(model), names), "cpu", optimize=False)
     feeds: Iterable[dict[str, np.ndarray]]
     if data is not None:
         feeds = data_mod.batches(data, plain, preprocess, limit)
@@ -321,7 +321,7 @@ def _usage(input_path: str | os.PathLike, output_path: str | os.PathLike, s: Set
     io.check_writable(Path(output_path))
 
 
-def _teacher(input_path: str | os.PathLike, model: ir.Model, source: bytes,
+def _teacher(input_path: str | os.PathLike, model: ir.Model, source: bytes | runtime.Light,
              s: Settings) -> tuple[budget.Teacher, list[str]]:
     """The budget's judge: the fp32 model on the held-out batches (``budget.held_out_batches``), and their labels."""
     held, labels = budget.held_out_batches(input_path, s.data, preprocess=s.preprocess, shapes=s.shapes,
@@ -375,7 +375,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, s: Se
     _usage(input_path, output_path, s)
     ops = cf.parse_list("default" if s.op_block_list is None else s.op_block_list, cf.DEFAULT_OP_BLOCK_LIST)
     nodes = cf.parse_list(s.node_block_list)
-    model = io.load_serializable(input_path, "convert")  # candidates go to ORT as bytes (see io.load_inline)
+    model = io.load_inline(input_path, runtime.LIGHT_ABOVE)  # bigger: weights stay in their file, memory-mapped
     before = core.model_stats(model, input_path)
     reason = cf.decline_reason(model)
     if reason:
@@ -388,13 +388,14 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, s: Se
                      "the model really reaches")
         logger.warning("%s", notes[-1])
     fill_types(model, ranges.dtypes)
-    source = ir.to_proto(model).SerializeToString()
-    build = budget.Builder(source, s.keep_io_types, ops, nodes, s.limit, ranges.max_abs)
+    source = ir.to_proto(model).SerializeToString()  # weights in an external-data file stay references
+    build = budget.Builder(source, s.keep_io_types, ops, nodes, s.limit, ranges.max_abs,
+                           next((t.base_dir for _, t in io.external_tensors(model)), None))
     if s.validate_result:
         build = crash_free(build, notes)
     validator = validate.Validator(input_path, data=s.data, preprocess=s.preprocess, shapes=s.shapes,
                                    tolerance=validate.LOSSLESS_FP16) if s.validate_result else None
-    judge = _teacher(input_path, model, source, s) if validator is not None else None
+    judge = _teacher(input_path, model, runtime.source_of(model), s) if validator is not None else None
     t0 = time.perf_counter()
     candidate, done = build()
     search = None

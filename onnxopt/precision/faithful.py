@@ -38,8 +38,8 @@ def faithful_session(model: ir.Model | str | os.PathLike, threads: int = 1, extr
             node.graph.insert_after(node, [keep, again])
             if node.graph is model.graph and out.name:
                 fp16.append(out.name)
-    proto = runtime.with_outputs(ir.to_proto(model), list(dict.fromkeys([*fp16, *extra])))
-    return runtime.session(proto, "cpu", threads, optimize=False), fp16
+    source = runtime.with_outputs_of(runtime.source_of(model), list(dict.fromkeys([*fp16, *extra])))
+    return runtime.session(source, "cpu", threads, optimize=False), fp16
 
 
 def _retyped(model: ir.Model) -> ir.Model:
