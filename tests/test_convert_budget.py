@@ -14,11 +14,10 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from models import fp16_cases as fc
-from tests.helpers import ROOT
 from onnxopt import runtime
 from onnxopt.precision.faithful import faithful_session
 from onnxopt.teacher import is_held_out
-from tests.helpers import save
+from tests.helpers import ROOT, save
 from tests.test_convert import fp16_outputs, fp32_outputs, node_dtypes
 
 
@@ -200,3 +199,15 @@ def test_convert_keeps_big_weights_in_their_external_data_file(cli, tmp_path, mo
     got, want = sess.run(["logits"], feeds)[0], ref.run(["logits"], feeds)[0]
     cos = float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want))
     assert cos > 0.999, cos
+
+
+def test_elementwise_lines_are_capped(capsys):
+    """A decoder's 69 outputs outside the elementwise tolerance: 5 lines and a count, not 69."""
+    from onnxopt.commands import convert as cmd
+
+    outputs = [{"name": f"present_{i}", "ok": False, "reason": "3 of 2048 values outside"} for i in range(8)]
+    cmd._echo_elementwise({"outputs": outputs, "points": [], "max_abs": 0.01})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("elementwise") and "8 output(s) outside" in lines[0]
+    assert [line.split(":")[0].strip() for line in lines[1:6]] == [f"present_{i}" for i in range(5)]
+    assert lines[6] == "  ... and 3 more output(s) outside (the report's validation.outputs)" and len(lines) == 7
