@@ -17,7 +17,12 @@ and peak RSS are measured (``/usr/bin/time -v``, "Maximum resident set size"):
   1.32 as ``onnxruntime.quantization.neural_compressor``).  Should it fail (older releases import Intel
   Neural Compressor), the error is recorded and ``ort-int4-default`` runs instead:
   ``DefaultWeightOnlyQuantConfig(block_size=32)``, ORT's own blockwise round-to-nearest;
-- ``onnxopt-optimize``: ``onnxopt optimize M -o OUT`` (validated default pipeline).
+- ``onnxopt-optimize``: ``onnxopt optimize M -o OUT`` (validated default pipeline);
+- ``onnxopt-fused``: ``onnxopt optimize M -o OUT -p default,fuse-transformer``;
+- ``onnxopt-fp16``: ``onnxopt convert M -o OUT --fp16`` (the CPU EP runs most fp16 ops through casts: its
+  latency here says little about a GPU);
+- ``onnxsim`` / ``onnxslim`` (``--no-shape-infer``: its shape inference fails on this model), when installed
+  (the ``bench`` extra); not installed -> recorded as failed with the import error.
 
 Then in this process, for fp32 and each variant written: size on disk (model + external data), decode-step
 latency ratio vs fp32 (batch 1, 1 new token after a past of 16, 1 intra-op thread; the variant's session
@@ -50,7 +55,8 @@ sys.path.insert(0, str(ROOT))
 
 DEFAULT_MODEL = Path("/work/big/qwen2_34l_dynamo.onnx")
 NOTE = "random-init Qwen2-style decoder, 34 layers, hidden 896, 14/2 heads, vocab 151936, dynamo export"
-TOOLS = ["onnxopt-dynamic", "onnxopt-int4-rtn", "ort-dynamic", "ort-int4-rtn", "onnxopt-optimize"]
+TOOLS = ["onnxopt-dynamic", "onnxopt-int4-rtn", "ort-dynamic", "ort-int4-rtn", "onnxopt-optimize", "onnxopt-fused",
+         "onnxopt-fp16", "onnxsim", "onnxslim"]
 FALLBACK = {"ort-int4-rtn": "ort-int4-default"}
 DECODE = {"batch": 1, "prompt": 1, "past": 16, "seed": 0}
 PROMPTS = {"batch": 1, "prompt": 16, "past": 0}
@@ -63,6 +69,20 @@ def child(tool: str, src: str, out: str) -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
+    if tool == "onnxsim":
+        import onnx
+        import onnxsim
+
+        model, ok = onnxsim.simplify(src)  # a path: onnxsim loads the external data itself
+        if not ok:
+            raise SystemExit("onnxsim: its check failed")
+        onnx.save(model, out, save_as_external_data=True, location=Path(out).name + ".data")
+        return
+    if tool == "onnxslim":
+        import onnxslim
+
+        onnxslim.slim(src, out, no_shape_infer=True)  # its shape inference fails on this model (issue 24)
+        return
     if tool == "ort-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -90,6 +110,10 @@ def command(tool: str, src: Path, out: Path) -> list[str]:
                 "--max-drop", "0.1"]
     if tool == "onnxopt-optimize":
         return ["onnxopt", "optimize", str(src), "-o", str(out)]
+    if tool == "onnxopt-fused":
+        return ["onnxopt", "optimize", str(src), "-o", str(out), "-p", "default,fuse-transformer"]
+    if tool == "onnxopt-fp16":
+        return ["onnxopt", "convert", str(src), "-o", str(out), "--fp16"]
     return [sys.executable, str(Path(__file__).resolve()), "--child", tool, str(src), str(out)]
 
 
