@@ -111,7 +111,7 @@ def load_serializable(path: str | os.PathLike, what: str, model: ir.Model | None
     model = model if model is not None else load(path)
     if next(external_tensors(model), None) is not None and weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         raise BadInputError(f"{path}: {what} of a model whose weights exceed {EXTERNAL_DATA_THRESHOLD / 1e9:.1f} GB is "
-                            f"not supported yet (its candidates go to ONNX Runtime as one protobuf); optimize, "
+                            f"not supported yet (its candidates go to ONNX Runtime as one protobuf); optimize, convert --fp16, "
                             f"quantize --mode dynamic and quantize --weights int4 take such models")
     return _inlined(model)
 
@@ -174,6 +174,20 @@ def inline_external(model: ir.Model) -> None:
     it (a big model's weights handed to ORT, ``runtime.Light``) stay valid."""
     for value, tensor in list(external_tensors(model)):
         value.const_value = ir.Tensor(np.array(tensor.numpy()), dtype=tensor.dtype, name=tensor.name)
+
+
+def release_external(model: ir.Model) -> int:
+    """Unmap the external-data weights of ``model`` (read again, lazily, when next used): the pages a
+    pass over every weight touched leave the process's resident memory.  A weight whose array is still
+    viewed elsewhere stays mapped.  Returns how many were released."""
+    done = 0
+    for _, tensor in external_tensors(model):
+        try:
+            tensor.release()
+            done += 1
+        except BufferError:  # a numpy view of the map is alive (e.g. handed to a session)
+            pass
+    return done
 
 
 def external_tensors(model: ir.Model):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import re
@@ -87,6 +88,10 @@ class Light(NamedTuple):
 
     data: bytes
     initializers: dict[str, np.ndarray]
+
+
+#: what a session is made from: serialized bytes, a :class:`Light`, or a model file's path
+Source = bytes | Light | str
 
 
 def light(model: ir.Model) -> Light:
@@ -199,11 +204,20 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
     return copy.SerializeToString()
 
 
-def with_outputs_of(source: onnx.ModelProto | bytes | Light, names: list[str]) -> bytes | Light:
-    """:func:`with_outputs` of a session source: a proto, serialized bytes, or a ``Light`` (its weightless
-    proto gets the outputs; the arrays stay as they are)."""
+def with_outputs_of(source: onnx.ModelProto | bytes | Light | str | os.PathLike,
+                    names: list[str]) -> bytes | Light | str:
+    """:func:`with_outputs` of a session source: a proto, serialized bytes, a ``Light`` (its weightless
+    proto gets the outputs; the arrays stay as they are), or a model file (a sibling file is written
+    beside it, its graph only, referencing the same external data; the caller's folder holds it)."""
     if isinstance(source, Light):
         return Light(with_outputs(onnx.load_from_string(source.data), names), source.initializers)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        key = hashlib.sha1("\0".join(names).encode()).hexdigest()[:12]
+        sibling = path.with_name(f"{path.stem}.outputs-{key}.onnx")
+        if not sibling.exists():
+            sibling.write_bytes(with_outputs(onnx.load(str(path), load_external_data=False), names))
+        return str(sibling)
     return with_outputs(source if isinstance(source, onnx.ModelProto) else onnx.load_from_string(source), names)
 
 

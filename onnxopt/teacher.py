@@ -81,7 +81,7 @@ class Teacher:
     The float model scores itself once at construction (``float_score``: its metric, or 1.0 for
     the default yardstick, whose per-output results are kept in ``last_results``)."""
 
-    def __init__(self, model: ir.Model, source: bytes | runtime.Light, held_out: list[dict], *, ep: str, threads: int,
+    def __init__(self, model: ir.Model, source: runtime.Source, held_out: list[dict], *, ep: str, threads: int,
                  metric: Callable | None, metric_name: str | None, max_drop: float | None,
                  class_outputs: Mapping[str, int | None] | None = None, synthesized: bool = False):
         self.source, self.held_out, self.ep, self.threads = source, held_out, ep, threads

@@ -445,13 +445,22 @@ def test_weights_that_stay_on_disk_are_quantized_from_another_folder(tmp_path, c
     monkeypatch.setattr(runtime, "LIGHT_ABOVE", 0)
     monkeypatch.setattr(static, "LIGHT_ABOVE", 0)
     monkeypatch.chdir(work)
+    loaded, load = [], io.load
+    monkeypatch.setattr(io, "load", lambda path: loaded.append(Path(path).name) or load(path))
     data = _data(tmp_path / "data", "llama")
     out = tmp_path / "q.onnx"
     r = cli("quantize", src, "-o", out, *args, "--data", data, "--max-drop", "0.05", "--no-latency-guard")
+    assert "float.onnx" in loaded  # the prepared float model went to disk and was read back lazily
+    r = cli("quantize", src, "-o", tmp_path / "g.onnx", *args, "--data", data, "--max-drop", "0.05",
+            "--report", tmp_path / "g.json")
+    assert r.exit_code == 0, r.output
+    latency = json.loads((tmp_path / "g.json").read_text())["latency"]  # the float model was timed, then released
+    assert latency["pairs"] == 0 and latency["unpaired_runs"] == 15 and latency["float_ms"] > 0
     assert r.exit_code == 0, r.output
     assert not (tmp_path / "q.onnx.data").exists()  # a small result is written inline
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(io.staging_prefix())]  # the float copy went
     assert _cosine(src, out, "llama") > 0.99
     monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 1000)  # the commands that hand ORT one protobuf: one line
-    for command in (("quantize", "--data", data), ("convert", "--fp16"), ("prune", "--sparsity", "0.3")):
+    for command in (("quantize", "--data", data), ("prune", "--sparsity", "0.3")):  # convert takes them (test_convert_budget)
         r = cli(command[0], src, "-o", tmp_path / "s.onnx", *command[1:])
         assert r.exit_code == 2 and "of a model whose weights exceed" in r.output and "--weights int4 take" in r.output

@@ -30,18 +30,21 @@ staged write as static quantization (``onnxopt/quantize.py``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
 from onnxopt import data as data_mod
-from onnxopt import pipeline, runtime
+from onnxopt import io, pipeline, runtime
 from onnxopt import validation as validate
 from onnxopt.base import constant, drop_unused_initializers, name_of, node_name
 from onnxopt.errors import BadInputError, UsageError
@@ -99,7 +102,7 @@ def prepare(model: ir.Model, recipe: qm.Recipe) -> tuple[ir.Model, list[str]]:
     return model, notes
 
 
-def inputs(float_bytes: bytes | runtime.Light, opts: qm.RunSettings, model: ir.Model | None = None) -> tuple[list[dict], list[dict], dict]:
+def inputs(float_bytes: runtime.Source, opts: qm.RunSettings, model: ir.Model | None = None) -> tuple[list[dict], list[dict], dict]:
     """Step 2: (held-out scoring batches, rounding batches, the report's ``calibration`` entry);
     ``model``: the prepared model ``float_bytes`` serializes (its index bounds for synthesized ids)."""
     sess = runtime.session(float_bytes, "cpu", opts.threads, optimize=False)
@@ -143,7 +146,7 @@ class WeightQuantizer(qm.Quantizer):
     embedding Gathers (kind ``embedding``) and whose build is dynamic int8 or int4 weight-only;
     scoring, latency comparison, budget and final check are the static mode's."""
 
-    def __init__(self, model: ir.Model, float_bytes: bytes | runtime.Light, held_out: list[dict], rounding_set: list[dict],
+    def __init__(self, model: ir.Model, float_bytes: runtime.Source, held_out: list[dict], rounding_set: list[dict],
                  recipe: qm.Recipe, *, metric: Callable | None = None, metric_name: str | None = None,
                  max_drop: float | None = None, class_outputs=None, threads: int = 1,
                  synthesized: bool = False):
@@ -222,31 +225,37 @@ def layer_errors(q: WeightQuantizer, rows: int = 2048) -> dict[str, float]:
     names = sorted({name_of(nodes[n].inputs[0]) for n, k in q.candidates.items() if k == "matmul"})
     sess = runtime.session(runtime.with_outputs_of(q.float_bytes, names), "cpu", q.threads, optimize=False)
     acts = runtime.run_candidate(sess, q.held_out[0], names)
+    del sess  # its copy of the weights: not held while each weight is read below
     out = {}
     for name, kind in q.candidates.items():
-        w = constant(nodes[name].inputs[0 if kind == "embedding" else 1]).astype(np.float64)
-        if q.int4 and kind == "matmul" and w.shape[0] % q.block:  # stays float: the block does not divide K
-            out[name] = 0.0
-            continue
-        if q.int4 and kind == "matmul" and q.node_bits.get(name, 4) == 4:
-            scale, zero = qw.block_grid(w, q.block)
-            wq = qw.block_dequantize(qw.block_round(w, scale, zero, q.block), scale, zero, q.block)
-        else:
-            codes, s = qw.int8_columns(w, 127 if kind == "embedding" else q.qmax)
-            wq = codes * s.astype(np.float64)
-        if kind != "matmul":
-            out[name] = float(np.linalg.norm(wq - w) / (np.linalg.norm(w) or 1.0))
-            continue
-        x = acts[name_of(nodes[name].inputs[0])].reshape(-1, w.shape[0])[:rows].astype(np.float64)
-        if not q.int4:  # uint8 per tensor, as DynamicQuantizeLinear
-            lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
-            step = (hi - lo) / 255 or 1.0
-            x_q = (np.clip(np.round(x / step) + np.round(-lo / step), 0, 255) - np.round(-lo / step)) * step
-        else:
-            x_q = x
-        ref = x @ w
-        out[name] = float(np.linalg.norm(x_q @ wq - ref) / (np.linalg.norm(ref) or 1.0))
+        weight = nodes[name].inputs[0 if kind == "embedding" else 1]
+        out[name] = _layer_error(q, nodes[name], kind, constant(weight).astype(np.float64), acts, rows)
+        qw.release(weight)
     return out
+
+
+def _layer_error(q: WeightQuantizer, node: ir.Node, kind: str, w: np.ndarray, acts: dict, rows: int) -> float:
+    """:func:`layer_errors` of one candidate."""
+    name = node.name or ""
+    if q.int4 and kind == "matmul" and w.shape[0] % q.block:  # stays float: the block does not divide K
+        return 0.0
+    if q.int4 and kind == "matmul" and q.node_bits.get(name, 4) == 4:
+        scale, zero = qw.block_grid(w, q.block)
+        wq = qw.block_dequantize(qw.block_round(w, scale, zero, q.block), scale, zero, q.block)
+    else:
+        codes, s = qw.int8_columns(w, 127 if kind == "embedding" else q.qmax)
+        wq = codes * s.astype(np.float64)
+    if kind != "matmul":
+        return float(np.linalg.norm(wq - w) / (np.linalg.norm(w) or 1.0))
+    x = acts[name_of(node.inputs[0])].reshape(-1, w.shape[0])[:rows].astype(np.float64)
+    if not q.int4:  # uint8 per tensor, as DynamicQuantizeLinear
+        lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
+        step = (hi - lo) / 255 or 1.0
+        x_q = (np.clip(np.round(x / step) + np.round(-lo / step), 0, 255) - np.round(-lo / step)) * step
+    else:
+        x_q = x
+    ref = x @ w
+    return float(np.linalg.norm(x_q @ wq - ref) / (np.linalg.norm(ref) or 1.0))
 
 
 def budget(q: WeightQuantizer, recipe: qm.Recipe, max_drop: float) -> tuple[ir.Model, qq.Plan, float]:
@@ -282,7 +291,35 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: q
     model = qm.load_input(input_path, lazy=True)
     t0 = time.perf_counter()
     model, notes = prepare(model, recipe)
-    float_bytes = qm.session_source(model)
+    with float_on_disk(model, output_path) as (model, float_bytes):
+        return _run(model, float_bytes, notes, input_path, output_path, recipe, opts, metric_fn, replayed, t0, t_start)
+
+
+@contextlib.contextmanager
+def float_on_disk(model: ir.Model, output_path: str | os.PathLike) -> Iterator[tuple[ir.Model, bytes | runtime.Light | str]]:
+    """(the prepared float model, what its ORT sessions are made from).  Weights over
+    ``runtime.LIGHT_ABOVE``: the model is written to a scratch folder beside the output (its weights in
+    one external-data file, streamed) and read back lazily, so the arrays the preparation made (merged
+    MatMuls, a transposed head) are freed, every weight is read from that file when a build needs it
+    (and unmapped after, ``weights.release``), and float sessions load the file by path (ORT reads the
+    weights itself: one copy, never a protobuf or arrays of ours handed over).  The folder goes when the
+    run ends.  Smaller models: unchanged, ``session_source``."""
+    if io.weight_bytes(model) <= runtime.LIGHT_ABOVE:
+        yield model, qm.session_source(model)
+        return
+    folder = Path(output_path).resolve().parent
+    io.remove_stale_staging(folder)
+    with tempfile.TemporaryDirectory(prefix=io.staging_prefix() + "float-", dir=folder) as tmp:
+        path = Path(tmp) / "float.onnx"
+        ir.save(model, str(path), external_data="float.onnx.data")
+        del model
+        yield io.load(path), str(path)
+
+
+def _run(model: ir.Model, float_bytes: bytes | runtime.Light | str, notes: list[str], input_path: str | os.PathLike,
+         output_path: str | os.PathLike, recipe: qm.Recipe, opts: qm.RunSettings, metric_fn: Callable | None,
+         replayed: bool, t0: float, t_start: float) -> dict:
+    """:func:`run` after step 1."""
     matmuls = qw.weight_matmuls(model)
     undivided: dict[str, tuple[int, int]] = {}
     if not matmuls and not any(qw.fused_attention(n).succeeded for n in model.graph):

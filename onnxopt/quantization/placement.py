@@ -280,6 +280,8 @@ def final_check(q: Quantizer, recipe: Recipe, candidate: ir.Model, the_plan: qq.
     c = q.compare_latency(session_source(candidate), q.float_bytes, margin=0.0)
     latency = {"float_ms": c["b_ms"], "quantized_ms": c["a_ms"], "verdict": c["verdict"], "ratio": c["ratio"],
                "interval": c["interval"], "pairs": c["pairs"]}
+    if c.get("unpaired"):  # a float model over LIGHT_ABOVE, timed before its session was released
+        latency["unpaired_runs"] = c["unpaired"]
     if not (decide and recipe.latency_guard) or c["verdict"] == "faster":
         return candidate, the_plan, latency, False
     logger.warning("the quantized model is not confidently faster than fp32 on %s (%.3f vs %.3f ms); "

@@ -46,6 +46,8 @@ EARLY = 0.1
 RECIPE_FORMAT = "onnxopt-recipe/1"
 #: warm ORT sessions kept for latency comparisons (each holds its model's weights)
 SESSION_CACHE = 3
+#: runs of each model when a big float model is compared unpaired (``Quantizer.unpaired``)
+UNPAIRED_RUNS = 15
 #: recovery batches kept (the non-held-out ones, onnxopt.teacher.is_held_out)
 RECOVERY_BATCHES = 8
 #: calibration folds the recovery batches' statistics in this many threads while the next batches run
@@ -68,9 +70,12 @@ def serialize(model: ir.Model) -> bytes:
 session_source = runtime.source_of
 
 
-def source_key(source: bytes | runtime.Light) -> bytes:
-    """A key telling sources apart (session caches): the bytes' hash, or for a Light the hash of its
-    weightless proto and of which arrays it hands over (the same arrays: the same model)."""
+def source_key(source: bytes | runtime.Light | str) -> bytes:
+    """A key telling sources apart (session caches): the bytes' hash, for a Light the hash of its
+    weightless proto and of which arrays it hands over (the same arrays: the same model), for a model
+    file its path and modification time."""
+    if isinstance(source, str):
+        return hashlib.sha1(f"{source}:{os.stat(source).st_mtime_ns}".encode()).digest()
     if isinstance(source, runtime.Light):
         ids = ",".join(f"{k}:{a.__array_interface__['data'][0]}:{a.shape}" for k, a in sorted(source.initializers.items()))
         return hashlib.sha1(source.data + ids.encode()).digest()

@@ -154,7 +154,7 @@ class InputStats:
         """Node name -> mean input Hessian over the rows sampled."""
         return {name: h / self._rows[name] for name, h in self._hess.items()}
 
-    def run(self, float_model: onnx.ModelProto | bytes | runtime.Light, batches: list[dict],
+    def run(self, float_model: onnx.ModelProto | runtime.Source, batches: list[dict],
             exact: bool = True) -> InputStats:
         """Fold ``batches`` through one session of ``float_model`` (a proto, bytes, or a big model's
         ``runtime.Light``) with the inputs as outputs.
@@ -295,7 +295,7 @@ def adaround(model: ir.Model, the_plan, batches: list[dict], float_bytes: bytes,
         return dict(zip((node_name(node) for node in todo), pool.map(rounded, todo)))
 
 
-def hessians(layers: list[ir.Node], batches: list[dict], float_bytes: bytes | runtime.Light,
+def hessians(layers: list[ir.Node], batches: list[dict], float_bytes: runtime.Source,
              exact: bool = True) -> dict[str, np.ndarray]:
     """Node name -> mean input Hessian ``X^T X / n`` [K, K] (float64) of each layer on the float
     model's activations over ``batches`` (:class:`InputStats`: one ORT run per batch; ``exact``:

@@ -63,11 +63,13 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import gc
 import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -76,7 +78,7 @@ import onnx_ir as ir
 from onnxopt import benchmark as bench
 from onnxopt import calibrate, io, pipeline, runtime
 from onnxopt import data as data_mod
-from onnxopt.base import drop_unused_initializers
+from onnxopt.base import drop_unused_initializers, present
 from onnxopt.commands import core
 from onnxopt.errors import BadInputError, UsageError
 from onnxopt.quantization import latency_cache as costmodel
@@ -120,6 +122,7 @@ from onnxopt.quantization.recipe import (  # noqa: F401 - re-exported: onnxopt.q
     RECOVERY_BATCHES,
     SESSION_CACHE,
     SURE,
+    UNPAIRED_RUNS,
     Decisions,
     Recipe,
     RunSettings,
@@ -331,7 +334,7 @@ class Quantizer:
     measures candidate quantized models for a set of float-kept layers."""
 
     #: what float sessions are made from: bytes, or a ``runtime.Light`` for a big model (weight-only modes)
-    float_bytes: bytes | runtime.Light
+    float_bytes: runtime.Source
 
     def __init__(self, prepared: Prepared, calib: Calibration, recipe: Recipe, *, metric: Callable | None = None,
                  metric_name: str | None = None, max_drop: float | None = None,
@@ -370,6 +373,13 @@ class Quantizer:
                                synthesized=synthesized)
         if not synthesized:  # the calibration batches kept in memory give the flip estimate more margins
             self.teacher.learn_from(getattr(self, "recovery_set", []))
+        #: a float model loaded from a file (weights over LIGHT_ABOVE): its times on the first held-out
+        #: batch, measured now, and its session released (see compare_latency)
+        self.float_samples: list[float] | None = None
+        if isinstance(self.float_bytes, str) and self.teacher.float_session is not None:
+            self.float_samples = self.timed(self.teacher.float_session)
+            self.teacher.float_session = None
+            gc.collect()
 
     # Pickling (onnxopt.parallel sends the quantizer to search workers once per process).
     def __getstate__(self) -> dict:
@@ -431,7 +441,7 @@ class Quantizer:
         return self.teacher.float_score - self.score(model)
 
     # ---------------------------------------------------------------- latency
-    def warm_sessions(self, models: list[bytes | runtime.Light]):
+    def warm_sessions(self, models: list[runtime.Source]):
         """Warm sessions of ``models`` with their feeds.  The last SESSION_CACHE sessions are kept by
         content hash, so a model compared again (the float model, the guard's base placement) is
         neither reloaded nor warmed up again."""
@@ -452,13 +462,13 @@ class Quantizer:
             cache.move_to_end(key)
             sessions.append(cache[key])
         # a big model's sessions each hold a copy of its weights: keep only the float one and the latest
-        limit = 2 if isinstance(getattr(self, "float_bytes", None), runtime.Light) else SESSION_CACHE
+        limit = 2 if not isinstance(getattr(self, "float_bytes", None), bytes) else SESSION_CACHE
         while len(cache) > max(limit, len(models)):
             cache.popitem(last=False)
         inputs = [{k: v for k, v in feeds.items() if k in {i.name for i in s.get_inputs()}} for s in sessions]
         return sessions, inputs
 
-    def latency(self, models: list[bytes | runtime.Light], runs: int = 15) -> list[float]:
+    def latency(self, models: list[runtime.Source], runs: int = 15) -> list[float]:
         """Median ms per model, runs alternating between the models (one process, fixed feeds)."""
         sessions, inputs = self.warm_sessions(models)
         return [float(np.median(t)) for t in bench.round_robin(list(zip(sessions, inputs)), runs, 20.0)]
@@ -479,7 +489,32 @@ class Quantizer:
             self.regions_measured = r.measured
         return self.region_timings
 
-    def compare_latency(self, a: bytes | runtime.Light, b: bytes | runtime.Light, margin: float = LATENCY_MARGIN,
+    def timed(self, sess: Any, runs: int = UNPAIRED_RUNS) -> list[float]:
+        """``runs`` times (ms) of a warm session on the first held-out batch."""
+        feeds = {k: v for k, v in self.held_out[0].items() if k in {i.name for i in sess.get_inputs()}}
+        for _ in range(3):
+            sess.run(None, feeds)
+        return [bench.timed_run(sess, feeds) for _ in range(runs)]
+
+    def unpaired(self, a: runtime.Source, margin: float) -> dict:
+        """:meth:`compare_latency` of ``a`` against the float model's times measured when the teacher
+        was made (its session is gone: a model over LIGHT_ABOVE is never held twice).  Without pairs the
+        verdict is conservative: "faster" only when every run of ``a`` beats ``1 - margin`` x the float
+        model's fastest run, "not faster" when ``a``'s fastest misses ``1 - margin`` x the float's slowest,
+        else "tie"."""
+        self.session_cache.clear()
+        gc.collect()
+        sess = runtime.session(a, self.ep, self.threads)
+        ta, tb = self.timed(sess), present(self.float_samples)
+        del sess
+        gc.collect()
+        limit = 1.0 - margin
+        verdict = "faster" if max(ta) < limit * min(tb) else "not faster" if min(ta) > limit * max(tb) else "tie"
+        ratio = float(np.median(ta) / max(np.median(tb), 1e-9))
+        return {"verdict": verdict, "a_ms": float(np.median(ta)), "b_ms": float(np.median(tb)), "ratio": ratio,
+                "interval": [min(ta) / max(tb), max(ta) / min(tb)], "pairs": 0, "unpaired": len(ta)}
+
+    def compare_latency(self, a: runtime.Source, b: runtime.Source, margin: float = LATENCY_MARGIN,
                         max_blocks: int = MAX_BLOCKS) -> dict:
         """Is model ``a`` faster than ``b`` by more than ``margin``, with confidence?
 
@@ -492,6 +527,8 @@ class Quantizer:
         ``"tie"``, which callers resolve to the simpler choice.  A real difference far from the
         threshold gives the same verdict run after run; one near it gives "tie", not a coin flip.
         Returns the verdict, medians in ms, the median ratio and its interval, and the pair count."""
+        if getattr(self, "float_samples", None) is not None and b is getattr(self, "float_bytes", None):
+            return self.unpaired(a, margin)
         sessions, inputs = self.warm_sessions([a, b])
         return bench.paired((sessions[0], inputs[0]), (sessions[1], inputs[1]), threshold=1.0 - margin,
                             pairs_per_block=PAIRS_PER_BLOCK, min_blocks=MIN_BLOCKS, max_blocks=max_blocks,

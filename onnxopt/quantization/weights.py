@@ -29,6 +29,7 @@ by the rounding of the weights (and, dynamic, of the activations).  Cost: O(node
 from __future__ import annotations
 
 import collections
+import contextlib
 import typing
 
 import numpy as np
@@ -86,11 +87,35 @@ def weight_matmuls(model: ir.Model, exclude=frozenset()) -> dict[str, tuple[int,
 
 # ---------------------------------------------------------------- weight rounding helpers
 
+#: bytes of float64 one step of :func:`int8_columns` works on (a 151,936-row LM head is 1.1 GB in float64)
+CHUNK_BYTES = 32 << 20
+
+
 def int8_columns(w: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per output column of a [K, N] weight: (q int8 [K, N], scale float32 [N])."""
-    scale = (np.abs(w).max(axis=0) / qmax).astype(np.float32)
-    scale[scale == 0] = 1.0
-    return np.clip(np.round(w / scale), -qmax, qmax).astype(np.int8), scale
+    """Symmetric int8 per output column of a [K, N] weight: (q int8 [K, N], scale float32 [N]).
+    Computed in float64 over column chunks of CHUNK_BYTES: the same codes as over the whole weight,
+    without a float64 copy of it and its temporaries (any float dtype in; a memory-mapped weight is
+    read chunk by chunk)."""
+    k, n = w.shape
+    q = np.empty((k, n), np.int8)
+    scale = np.empty(n, np.float32)
+    step = max(1, CHUNK_BYTES // (8 * max(k, 1)))
+    for c in range(0, n, step):
+        part = np.asarray(w[:, c:c + step], np.float64)
+        s = (np.abs(part).max(axis=0) / qmax).astype(np.float32) if k else np.ones(part.shape[1], np.float32)
+        s[s == 0] = 1.0
+        q[:, c:c + step] = np.clip(np.round(part / s), -qmax, qmax).astype(np.int8)
+        scale[c:c + step] = s
+    return q, scale
+
+
+def release(value: ir.Value | None) -> None:
+    """Unmap a weight read from an external-data file once it is quantized (read again, lazily, if a
+    later build needs it): a pass over every weight keeps none of their pages resident."""
+    tensor = value.const_value if value is not None else None
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):  # a numpy view of the map is alive elsewhere
+            tensor.release()
 
 
 def block_grid(w: np.ndarray, block: int, bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -204,7 +229,9 @@ class QuantizeDynamic(OptPass):
                 continue
             match = weight_matmul(node)
             if match.succeeded:
+                weight = node.inputs[1]
                 match = self._rewrite(graph, node, names, weights, activations)
+                release(weight)
             match.tally(changed, skipped, "MatMul -> MatMulInteger", "MatMul")
         changed["int8 weights"] = len(weights)
         changed["activations quantized at run time"] = len(activations)
@@ -225,7 +252,7 @@ class QuantizeDynamic(OptPass):
     def _attention(self, graph, node, names, activations) -> Match:
         """com.microsoft Attention -> DynamicQuantizeLinear + QAttention (int8 weights per column)."""
         x, w, bias = node.inputs[0], node.inputs[1], node.inputs[2]
-        q, s = int8_columns(constant(w).astype(np.float64), self.qmax)
+        q, s = int8_columns(constant(w), self.qmax)
         new = self._quantized_input(x, names, activations)
         xq, xs, xz = activations[x.name]
         mask = node.inputs[3] if len(node.inputs) > 3 else None
@@ -254,7 +281,7 @@ class QuantizeDynamic(OptPass):
     def _rewrite(self, graph, node, names, weights, activations) -> Match:
         x, w = node.inputs
         if w.name not in weights:
-            q, s = int8_columns(constant(w).astype(np.float64), self.qmax)
+            q, s = int8_columns(constant(w), self.qmax)
             weights[w.name] = (new_initializer(graph, names, f"{w.name}_int8", q), new_initializer(graph, names, f"{w.name}_scale", s),
                                new_initializer(graph, names, f"{w.name}_zero_point", np.zeros(s.shape, np.int8)))
         wq, ws, wz = weights[w.name]
@@ -325,7 +352,9 @@ class QuantizeInt4(OptPass):
             if match.succeeded and typing.cast(tuple[int, int], match.value)[0] % self.block:
                 match = Match.fail(f"block size {self.block} does not divide K")
             if match.succeeded:
+                weight = node.inputs[1]
                 match = self._rewrite(model.graph, node, names, done)
+                release(weight)
             match.tally(changed, skipped, f"MatMul -> {'MatMulNBits' if self.fmt == 'nbits' else 'int4 DQ + MatMul'}",
                         "MatMul")
         changed["int4 weights"] = sum(1 for key in done if key[1] == 4)
@@ -441,7 +470,9 @@ class QuantizeEmbeddings(OptPass):
                     continue
                 if four:
                     model.opset_imports.setdefault("com.microsoft", 1)
+                table = node.inputs[0]
                 match = (self._int4 if four else self._int8)(model.graph, node, names, tables)
+                release(table)
                 match.tally(changed, skipped, f"Gather -> {'GatherBlockQuantized (uint4)' if four else 'Gather int8 + DQ'}")
             else:
                 match.tally(changed, skipped, "", "Gather")
@@ -452,7 +483,7 @@ class QuantizeEmbeddings(OptPass):
         key = f"{table.name}/8"
         if key not in tables:
             if table.name not in self.memo:
-                self.memo[table.name] = int8_columns(constant(table).astype(np.float64), 127)
+                self.memo[table.name] = int8_columns(constant(table), 127)
             q, s = self.memo[table.name]
             tables[key] = (new_initializer(graph, names, f"{table.name}_int8", q), new_initializer(graph, names, f"{table.name}_scale", s),
                            new_initializer(graph, names, f"{table.name}_zero_point", np.zeros(s.shape, np.int8)))
