@@ -172,8 +172,9 @@ class WeightQuantizer(qm.Quantizer):
 
     @functools.cached_property
     def rounded(self) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """GPTQ int4 codes by weight name (empty for ``rtn``): error feedback over K with the input
-        Hessian on the rounding batches, grid fixed per block (:func:`qw.block_grid`)."""
+        """GPTQ int4 codes by weight name (``rtn``: filled by the first build, round to nearest, and
+        reused by the next ones): error feedback over K with the input Hessian on the rounding
+        batches, grid fixed per block (:func:`qw.block_grid`)."""
         if not self.int4 or self.rounding != "gptq":
             return {}
         # a matmul whose K the block does not divide stays float: no Hessian for it

@@ -326,7 +326,8 @@ class QuantizeInt4(OptPass):
     DequantizeLinear + MatMul (``format="qdq"``, the model's opset must be >= 21).
 
     ``rounded``: optional codes by weight name ((uint8 codes [K, N], scale, zero point) from
-    calibration-aware rounding); others round to nearest.  ``bits``: node name -> 8 for the nodes
+    calibration-aware rounding); others round to nearest, and their codes are added to it (a caller
+    building many candidates passes the same dict: each weight's grid is searched once).  ``bits``: node name -> 8 for the nodes
     kept at 8 bits (block-wise too; e.g. the output head, see :func:`output_heads`), 4 otherwise.  A K that ``block_size`` does not divide
     is declined with the reason (the command refuses such a block size up front).  See the module
     docstring for the contract."""
@@ -337,7 +338,9 @@ class QuantizeInt4(OptPass):
                  rounded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
                  bits: dict[str, int] | None = None):
         super().__init__()
-        self.block, self.fmt, self.exclude, self.rounded = block_size, fmt, frozenset(exclude), rounded or {}
+        # the caller's dict itself, even empty: codes rounded to nearest are kept there for its next build
+        self.block, self.fmt, self.exclude = block_size, fmt, frozenset(exclude)
+        self.rounded = rounded if rounded is not None else {}
         self.bits = bits or {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -362,11 +365,12 @@ class QuantizeInt4(OptPass):
         return self.result(model, changed, skipped)
 
     def codes(self, w: ir.Value, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if f"{w.name}/{bits}" in self.rounded:
-            return self.rounded[f"{w.name}/{bits}"]
-        arr = constant(w).astype(np.float64)
-        scale, zero = block_grid(arr, self.block, bits)
-        return block_round(arr, scale, zero, self.block, bits), scale, zero
+        key = f"{w.name}/{bits}"
+        if key not in self.rounded:  # the grid search is most of a build: once per weight and width
+            arr = constant(w).astype(np.float64)
+            scale, zero = block_grid(arr, self.block, bits)
+            self.rounded[key] = block_round(arr, scale, zero, self.block, bits), scale, zero
+        return self.rounded[key]
 
     def _rewrite(self, graph, node, names, done) -> Match:
         x, w = node.inputs
