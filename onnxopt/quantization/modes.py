@@ -230,33 +230,45 @@ def layer_errors(q: WeightQuantizer, rows: int = 2048) -> dict[str, float]:
     out = {}
     for name, kind in q.candidates.items():
         weight = nodes[name].inputs[0 if kind == "embedding" else 1]
-        out[name] = _layer_error(q, nodes[name], kind, constant(weight).astype(np.float64), acts, rows)
+        out[name] = _layer_error(q, nodes[name], kind, constant(weight), acts, rows)
         qw.release(weight)
     return out
 
 
 def _layer_error(q: WeightQuantizer, node: ir.Node, kind: str, w: np.ndarray, acts: dict, rows: int) -> float:
-    """:func:`layer_errors` of one candidate."""
+    """:func:`layer_errors` of one candidate, over column chunks of ``weights.CHUNK_BYTES`` in float64
+    (every grid is per column: the same error as over the whole weight, without float64 copies of a
+    151,936-column head)."""
     name = node.name or ""
-    if q.int4 and kind == "matmul" and w.shape[0] % q.block:  # stays float: the block does not divide K
+    k = w.shape[0]
+    if q.int4 and kind == "matmul" and k % q.block:  # stays float: the block does not divide K
         return 0.0
-    if q.int4 and kind == "matmul" and q.node_bits.get(name, 4) == 4:
-        scale, zero = qw.block_grid(w, q.block)
-        wq = qw.block_dequantize(qw.block_round(w, scale, zero, q.block), scale, zero, q.block)
-    else:
-        codes, s = qw.int8_columns(w, 127 if kind == "embedding" else q.qmax)
-        wq = codes * s.astype(np.float64)
-    if kind != "matmul":
-        return float(np.linalg.norm(wq - w) / (np.linalg.norm(w) or 1.0))
-    x = acts[name_of(node.inputs[0])].reshape(-1, w.shape[0])[:rows].astype(np.float64)
-    if not q.int4:  # uint8 per tensor, as DynamicQuantizeLinear
-        lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
-        step = (hi - lo) / 255 or 1.0
-        x_q = (np.clip(np.round(x / step) + np.round(-lo / step), 0, 255) - np.round(-lo / step)) * step
-    else:
+    x = x_q = None
+    if kind == "matmul":
+        x = acts[name_of(node.inputs[0])].reshape(-1, k)[:rows].astype(np.float64)
         x_q = x
-    ref = x @ w
-    return float(np.linalg.norm(x_q @ wq - ref) / (np.linalg.norm(ref) or 1.0))
+        if not q.int4:  # uint8 per tensor, as DynamicQuantizeLinear
+            lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
+            step = (hi - lo) / 255 or 1.0
+            x_q = (np.clip(np.round(x / step) + np.round(-lo / step), 0, 255) - np.round(-lo / step)) * step
+    err = norm = 0.0
+    cols = max(1, qw.CHUNK_BYTES // (8 * max(k, 1)))
+    for c in range(0, w.shape[1], cols):
+        part = np.asarray(w[:, c:c + cols], np.float64)
+        if q.int4 and kind == "matmul" and q.node_bits.get(name, 4) == 4:
+            scale, zero = qw.block_grid(part, q.block)
+            wq = qw.block_dequantize(qw.block_round(part, scale, zero, q.block), scale, zero, q.block)
+        else:
+            codes, s = qw.int8_columns(part, 127 if kind == "embedding" else q.qmax)
+            wq = codes * s.astype(np.float64)
+        if x is None or x_q is None:  # a table's (or a fused Attention weight's) own rounding error
+            err += float(((wq - part) ** 2).sum())
+            norm += float((part ** 2).sum())
+        else:
+            ref = x @ part
+            err += float(((x_q @ wq - ref) ** 2).sum())
+            norm += float((ref ** 2).sum())
+    return float(np.sqrt(err) / (np.sqrt(norm) or 1.0))
 
 
 def budget(q: WeightQuantizer, recipe: qm.Recipe, max_drop: float) -> tuple[ir.Model, qq.Plan, float]:
