@@ -456,6 +456,13 @@ def test_weights_that_stay_on_disk_are_quantized_from_another_folder(tmp_path, c
     assert r.exit_code == 0, r.output
     latency = json.loads((tmp_path / "g.json").read_text())["latency"]  # the float model was timed, then released
     assert latency["pairs"] == 0 and latency["unpaired_runs"] == 15 and latency["float_ms"] > 0
+    from onnxopt.quantization import modes
+
+    monkeypatch.setattr(modes, "DISK_FACTOR", 1e15)  # no room beside the output: the arrays stay in memory
+    loaded.clear()
+    r = cli("quantize", src, "-o", tmp_path / "d.onnx", *args, "--data", data, "--max-drop", "0.05", "--no-latency-guard")
+    assert r.exit_code == 0 and "free, the float copy needs" in r.output and "float.onnx" not in loaded, r.output
+    assert _cosine(src, tmp_path / "d.onnx", "llama") > 0.99
     assert r.exit_code == 0, r.output
     assert not (tmp_path / "q.onnx.data").exists()  # a small result is written inline
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(io.staging_prefix())]  # the float copy went

@@ -34,9 +34,10 @@ import contextlib
 import functools
 import logging
 import os
+import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,9 @@ SYNTHESIZED_SEEDS = (2, 3)
 #: batches (besides the held-out ones) whose input Hessians GPTQ uses: GPTQ needs many more rows than
 #: the K of a layer (with few, it fits the calibration subspace and rounds worse than nearest)
 ROUNDING_BATCHES = 64
+#: free disk beside the output, as a multiple of the float weights, for the float copy (``float_on_disk``):
+#: the copy, the output (at most as big) and a margin
+DISK_FACTOR = 2.2
 #: seeds of the synthesized prompts (and decoding steps) of a decoder with a cache (``generation``)
 DECODER_SEEDS = (0, 1, 2, 3)
 #: their symbolic dims (sequence lengths of a transformer: 1 would exercise little)
@@ -304,29 +308,35 @@ def run(input_path: str | os.PathLike, output_path: str | os.PathLike, recipe: q
     model = qm.load_input(input_path, lazy=True)
     t0 = time.perf_counter()
     model, notes = prepare(model, recipe)
-    with float_on_disk(model, output_path) as (model, float_bytes):
+    with contextlib.ExitStack() as scratch:
+        model, float_bytes = float_on_disk(model, output_path, scratch)  # the prepared arrays go here
         return _run(model, float_bytes, notes, input_path, output_path, recipe, opts, metric_fn, replayed, t0, t_start)
 
 
-@contextlib.contextmanager
-def float_on_disk(model: ir.Model, output_path: str | os.PathLike) -> Iterator[tuple[ir.Model, bytes | runtime.Light | str]]:
+def float_on_disk(model: ir.Model, output_path: str | os.PathLike,
+                  scratch: contextlib.ExitStack) -> tuple[ir.Model, runtime.Source]:
     """(the prepared float model, what its ORT sessions are made from).  Weights over
     ``runtime.LIGHT_ABOVE``: the model is written to a scratch folder beside the output (its weights in
     one external-data file, streamed) and read back lazily, so the arrays the preparation made (merged
     MatMuls, a transposed head) are freed, every weight is read from that file when a build needs it
     (and unmapped after, ``weights.release``), and float sessions load the file by path (ORT reads the
-    weights itself: one copy, never a protobuf or arrays of ours handed over).  The folder goes when the
-    run ends.  Smaller models: unchanged, ``session_source``."""
-    if io.weight_bytes(model) <= runtime.LIGHT_ABOVE:
-        yield model, qm.session_source(model)
-        return
+    weights itself: one copy, never a protobuf or arrays of ours handed over).  The folder goes when
+    ``scratch`` closes (the caller drops its reference to ``model`` by rebinding it to the result; a
+    context manager would keep it alive in its arguments).  Smaller models: unchanged, ``session_source``."""
+    size = io.weight_bytes(model)
+    if size <= runtime.LIGHT_ABOVE:
+        return model, qm.session_source(model)
     folder = Path(output_path).resolve().parent
     io.remove_stale_staging(folder)
-    with tempfile.TemporaryDirectory(prefix=io.staging_prefix() + "float-", dir=folder) as tmp:
-        path = Path(tmp) / "float.onnx"
-        ir.save(model, str(path), external_data="float.onnx.data")
-        del model
-        yield io.load(path), str(path)
+    free = shutil.disk_usage(folder).free
+    if free < DISK_FACTOR * size:  # the copy and the output must both fit: keep the arrays in memory instead
+        logger.warning("%s: %.1f GB free, the float copy needs %.1f GB beside the output: its weights stay in "
+                       "memory (peak memory about twice as high)", folder, free / 1e9, size / 1e9)
+        return model, qm.session_source(model)
+    tmp = scratch.enter_context(tempfile.TemporaryDirectory(prefix=io.staging_prefix() + "float-", dir=folder))
+    path = Path(tmp) / "float.onnx"
+    ir.save(model, str(path), external_data="float.onnx.data")
+    return io.load(path), str(path)
 
 
 def _run(model: ir.Model, float_bytes: bytes | runtime.Light | str, notes: list[str], input_path: str | os.PathLike,
