@@ -75,3 +75,17 @@ def unwritable_dir(base: Path) -> Path | None:
         except OSError:
             return candidate
     return None
+
+
+def external_copy(tmp_path: Path, name: str, monkeypatch=None) -> Path:
+    """models/<name>.onnx saved into tmp_path/model/ with its weights in <name>.onnx.data; with
+    ``monkeypatch``, the working folder becomes tmp_path/elsewhere (bytes naming the data file would be
+    resolved against it, not the model's folder)."""
+    src = tmp_path / "model" / f"{name}.onnx"
+    src.parent.mkdir()
+    onnx.save(onnx.load(str(ROOT / "models" / f"{name}.onnx")), str(src), save_as_external_data=True,
+              all_tensors_to_one_file=True, location=f"{name}.onnx.data", size_threshold=1024)
+    if monkeypatch is not None:
+        (tmp_path / "elsewhere").mkdir()
+        monkeypatch.chdir(tmp_path / "elsewhere")
+    return src

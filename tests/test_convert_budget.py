@@ -17,7 +17,7 @@ from models import fp16_cases as fc
 from onnxopt import runtime
 from onnxopt.precision.faithful import faithful_session
 from onnxopt.teacher import is_held_out
-from tests.helpers import ROOT, save
+from tests.helpers import external_copy, save
 from tests.test_convert import fp16_outputs, fp32_outputs, node_dtypes
 
 
@@ -178,15 +178,10 @@ def test_convert_keeps_big_weights_in_their_external_data_file(cli, tmp_path, mo
     from onnxopt import generation, runtime
     from onnxopt import io as oio
 
-    src = tmp_path / "model" / "llama.onnx"
-    src.parent.mkdir()
-    onnx.save(onnx.load(str(ROOT / "models" / "llama_ts.onnx")), str(src), save_as_external_data=True,
-              all_tensors_to_one_file=True, location="llama.onnx.data", size_threshold=1024)
     monkeypatch.setattr(runtime, "LIGHT_ABOVE", 0)
     loaded = []
     monkeypatch.setattr(oio.ir_external_data, "load_to_model", lambda m: loaded.append(m))
-    (tmp_path / "elsewhere").mkdir()
-    monkeypatch.chdir(tmp_path / "elsewhere")
+    src = external_copy(tmp_path, "llama_ts", monkeypatch)
     out = tmp_path / "h.onnx"
     r = cli("convert", src, "-o", out, "--fp16", "--max-drop", "0.001", "--report", tmp_path / "r.json")
     assert r.exit_code == 0, r.output

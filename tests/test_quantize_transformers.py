@@ -23,7 +23,7 @@ from models import transformers as mt
 from onnxopt import api
 from onnxopt.passes.gemm_to_matmul import GemmToMatMul
 from onnxopt.quantization import weights as qw
-from tests.helpers import ROOT, op_types, sha256
+from tests.helpers import ROOT, external_copy, op_types, sha256
 
 BERT = ROOT / "models" / "bert_ts.onnx"
 GPT2 = ROOT / "models" / "gpt2_ts.onnx"
@@ -436,15 +436,9 @@ def test_weights_that_stay_on_disk_are_quantized_from_another_folder(tmp_path, c
     from onnxopt import io, runtime
     from onnxopt.quantization import static
 
-    src_dir, work = tmp_path / "model", tmp_path / "elsewhere"
-    src_dir.mkdir()
-    work.mkdir()
-    src = src_dir / "llama.onnx"
-    onnx.save(onnx.load(str(ROOT / "models" / "llama_ts.onnx")), str(src), save_as_external_data=True,
-              all_tensors_to_one_file=True, location="llama.onnx.data", size_threshold=1024)
+    src = external_copy(tmp_path, "llama_ts", monkeypatch)
     monkeypatch.setattr(runtime, "LIGHT_ABOVE", 0)
     monkeypatch.setattr(static, "LIGHT_ABOVE", 0)
-    monkeypatch.chdir(work)
     loaded, load = [], io.load
     monkeypatch.setattr(io, "load", lambda path: loaded.append(Path(path).name) or load(path))
     data = _data(tmp_path / "data", "llama")

@@ -26,7 +26,7 @@ from onnxopt.passes.fuse_transformer import (
     fuse_simplified_layer_norm,
     scalarize_broadcast_constant,
 )
-from tests.helpers import ROOT, count_graph_nodes, ort_run
+from tests.helpers import ROOT, count_graph_nodes, external_copy, ort_run
 
 FAST = ["bert_dynamo", "gpt2_dynamo", "vit_ts", "vit_dynamo"]
 # the TorchScript BERT/GPT-2 (305/555 nodes) take 5-10 s each through the fusion engines on an idle core
@@ -578,15 +578,10 @@ def test_fusion_keeps_big_weights_in_their_external_data_file(cli, tmp_path, mon
     from onnxopt import io as oio
     from onnxopt.passes import fuse_transformer as ft
 
-    src = tmp_path / "model" / f"{name}.onnx"
-    src.parent.mkdir()
-    onnx.save(onnx.load(str(ROOT / "models" / f"{name}.onnx")), str(src), save_as_external_data=True,
-              all_tensors_to_one_file=True, location=f"{name}.onnx.data", size_threshold=1024)
     monkeypatch.setattr(ft, "LOAD_BELOW", 0)
     loaded = []
     monkeypatch.setattr(ft.ir_external_data, "load_to_model", lambda m: loaded.append(m))
-    (tmp_path / "elsewhere").mkdir()
-    monkeypatch.chdir(tmp_path / "elsewhere")
+    src = external_copy(tmp_path, name, monkeypatch)
     out = tmp_path / "f.onnx"
     r = cli("optimize", src, "-o", out, "-p", "default,fuse-transformer", "--report", tmp_path / "r.json")
     assert r.exit_code == 0, r.output
