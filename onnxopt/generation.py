@@ -85,8 +85,8 @@ def interface(sess) -> Interface | None:
 def feeds(sess, face: Interface, *, tokens: int, past: int, seed: int,
           cache: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Inputs of ``tokens`` new tokens after ``past`` cached ones (batch 1): ids drawn over the
-    embedding table's rows (below 4 when its size is unknown), the mask all ones, positions counting on from ``past``, the cache from
-    ``cache`` or random."""
+    embedding table's rows (below 4 when its size is unknown), the mask all ones, positions counting
+    on from ``past``, the cache from ``cache`` or random."""
     shapes = {}
     for inp in sess.get_inputs():
         if inp.name in face.cache:

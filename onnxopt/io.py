@@ -176,20 +176,6 @@ def inline_external(model: ir.Model) -> None:
         value.const_value = ir.Tensor(np.array(tensor.numpy()), dtype=tensor.dtype, name=tensor.name)
 
 
-def release_external(model: ir.Model) -> int:
-    """Unmap the external-data weights of ``model`` (read again, lazily, when next used): the pages a
-    pass over every weight touched leave the process's resident memory.  A weight whose array is still
-    viewed elsewhere stays mapped.  Returns how many were released."""
-    done = 0
-    for _, tensor in external_tensors(model):
-        try:
-            tensor.release()
-            done += 1
-        except BufferError:  # a numpy view of the map is alive (e.g. handed to a session)
-            pass
-    return done
-
-
 def external_tensors(model: ir.Model):
     """Yield (value, ExternalTensor) for every initializer stored outside the protobuf."""
     for graph in model.graphs():
