@@ -176,6 +176,24 @@ def inline_external(model: ir.Model) -> None:
         value.const_value = ir.Tensor(np.array(tensor.numpy()), dtype=tensor.dtype, name=tensor.name)
 
 
+def point_at(model: ir.Model, written: ir.Model) -> int:
+    """Give each main-graph initializer of ``model`` the tensor of the same name in ``written`` (the
+    same model saved and loaded lazily) when that one lives in an external-data file: the arrays
+    ``model`` held are freed, its weights are read from the file when next used (the file must stay
+    where it is while they are).  Returns how many were swapped."""
+    swapped = 0
+    for name, value in model.graph.initializers.items():
+        other = written.graph.initializers.get(name)
+        if other is not None and isinstance(other.const_value, ir.ExternalTensor) and value.const_value is not None:
+            old = value.const_value
+            value.const_value = other.const_value
+            if isinstance(old, ir.ExternalTensor):
+                with contextlib.suppress(BufferError):
+                    old.release()
+            swapped += 1
+    return swapped
+
+
 def external_tensors(model: ir.Model):
     """Yield (value, ExternalTensor) for every initializer stored outside the protobuf."""
     for graph in model.graphs():

@@ -12,7 +12,7 @@ from onnx import numpy_helper as nh
 
 from onnxopt import io
 from onnxopt.errors import BadInputError
-from tests.helpers import ort_run, sha256
+from tests.helpers import ROOT, ort_run, sha256
 from tests.helpers import unwritable_dir as helpers_unwritable_dir
 
 
@@ -178,7 +178,6 @@ def test_lossy_commands_run_a_model_with_external_data_from_another_folder(cli, 
     the working directory, so the weights are read into memory first)."""
     import onnx
 
-    from tests.helpers import ROOT
 
     folder, run = tmp_path / "m", tmp_path / "run"
     folder.mkdir()
@@ -199,7 +198,6 @@ def test_light_proto_leaves_out_on_disk_weights_and_keeps_the_model_as_it_was(tm
     unused one (a file reference ORT would resolve against the working folder), and the model's
     initializers keep their order (part of what it writes)."""
     from onnxopt import base
-    from tests.helpers import ROOT
 
     proto = onnx.load(str(ROOT / "models" / "llama_ts.onnx"))
     onnx.save(proto, str(tmp_path / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -217,3 +215,29 @@ def test_light_proto_leaves_out_on_disk_weights_and_keeps_the_model_as_it_was(tm
     assert victim.name not in {t.name for t in light.graph.initializer} and victim.name not in left
     assert on_disk - {victim.name} <= set(left)
     assert list(model.graph.initializers) == order and model.graph.initializers[victim.name] is victim
+
+
+def test_optimize_frees_its_weights_before_the_staged_check(cli, tmp_path, monkeypatch):
+    """A result written with external data is validated from the staged file while the optimized model's
+    own arrays are freed (its initializers now read the staged file lazily): the swap happens, and the
+    written model is the validated one (outputs equal the original's to 1e-5)."""
+    from onnxopt import io as oio
+
+    monkeypatch.setattr(oio, "EXTERNAL_DATA_THRESHOLD", 0)  # every output gets an external-data file
+    swapped, point_at = [], oio.point_at
+    monkeypatch.setattr(oio, "point_at", lambda m, w: swapped.append(point_at(m, w)) or swapped[-1])
+    src = tmp_path / "bert.onnx"
+    onnx.save(onnx.load(str(ROOT / "models" / "bert_ts.onnx")), str(src))
+    out = tmp_path / "o.onnx"
+    r = cli("optimize", src, "-o", out)
+    assert r.exit_code == 0, r.output
+    assert swapped and swapped[0] > 10 and (tmp_path / "o.onnx.data").exists()
+    import onnxruntime as ort
+
+    from onnxopt import runtime
+    ref = runtime.session(src)
+    feeds = runtime.synthesize_runnable(ref)
+    want = ref.run(None, feeds)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(a, b, atol=1e-5)

@@ -79,15 +79,19 @@ def stage_validate_commit(model: ir.Model, output_path: str | os.PathLike, repor
                           check: Callable[[Path], CheckResult] | None,
                           force: bool = False, external_data: bool | None = None,
                           on_refused: Callable[[Path, Any], None] | None = None,
-                          refused: str = "result not written") -> dict:
+                          refused: str = "result not written", drop_weights: bool = False) -> dict:
     """Write ``model`` beside ``output_path``, run ``check`` on the staged file (None: not
     validated), and rename it into place when it passes or ``force``; fill ``report["output"]``,
     ``report["validation"]`` and ``report["written"]``.  Refused: ``on_refused(staged path,
     result)`` may add diagnostics to the report, then ValidationRefused(report) is raised and
-    nothing is written.  Returns ``report``."""
+    nothing is written.  ``drop_weights`` (a caller that does not read ``model``'s weights afterwards):
+    once staged with external data, the model's weights are the staged file's, read lazily, so the
+    arrays in memory are freed before ``check`` loads the staged file into ORT.  Returns ``report``."""
     with io.StagedModel(model, output_path, external_data) as staged:
         report["output"] = {"path": str(output_path), **model_stats(model), "file_bytes": staged.size_bytes()}
         report["validation"] = None
+        if drop_weights and staged.external_data:
+            io.point_at(model, io.load(staged.path))
         if check is not None:
             result = check(staged.path)
             report["validation"] = result.to_dict()

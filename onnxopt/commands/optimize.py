@@ -197,7 +197,7 @@ def _attempt(st: _Setting, specs: list, model: ir.Model, rolled_back: list[dict]
     core.stage_validate_commit(model, o.output_path, report,
                                check=check if validator is not None and o.validate_result else None,
                                force=o.force, external_data=o.external_data, on_refused=diagnose,
-                               refused="optimized model not written")
+                               refused="optimized model not written", drop_weights=True)
     if after_cost is not None:
         report["output"]["cost"] = after_cost
     if report["validation"] is not None and validator is not None:
