@@ -83,7 +83,8 @@ class Teacher:
 
     def __init__(self, model: ir.Model, source: runtime.Source, held_out: list[dict], *, ep: str, threads: int,
                  metric: Callable | None, metric_name: str | None, max_drop: float | None,
-                 class_outputs: Mapping[str, int | None] | None = None, synthesized: bool = False):
+                 class_outputs: Mapping[str, int | None] | None = None, synthesized: bool = False,
+                 prepack: bool = True):
         self.source, self.held_out, self.ep, self.threads = source, held_out, ep, threads
         self.metric, self.metric_name, self.max_drop = metric, metric_name, max_drop
         #: how each output is judged without --metric (onnxopt.fidelity); per-output results of the last score
@@ -96,7 +97,7 @@ class Teacher:
         self.margins: dict[str, Any] = {}
         self.witness: list[Mapping] = []
         self.witness_reference: list[Mapping] = []
-        self.float_session: Any = runtime.session(source, ep, threads)
+        self.float_session: Any = runtime.session(source, ep, threads, prepack=prepack)
         self.reference = [runtime.run(self.float_session, f) for f in held_out]
         self.float_score = self.score_session(self.float_session)
         if metric is None:  # fp32 agrees with itself everywhere; a sample's lower bound is not its score

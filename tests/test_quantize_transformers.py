@@ -465,3 +465,27 @@ def test_weights_that_stay_on_disk_are_quantized_from_another_folder(tmp_path, c
     for command in (("quantize", "--data", data), ("prune", "--sparsity", "0.3")):  # convert takes them (test_convert_budget)
         r = cli(command[0], src, "-o", tmp_path / "s.onnx", *command[1:])
         assert r.exit_code == 2 and "of a model whose weights exceed" in r.output and "--weights int4 take" in r.output
+
+
+def test_a_big_decoder_is_timed_at_its_decoding_step(cli, tmp_path, monkeypatch):
+    """Without --data, a decoder whose float model is a file (weights over LIGHT_ABOVE, lowered to 0 here)
+    gets float sessions that memory-map the weights unpacked (prepacking off: as fast on a 1-token step,
+    not on a prompt) and is timed on its held-out decoding step, not the 16-token prompt."""
+    from onnxopt import runtime
+    from onnxopt.quantization import static
+
+    src = external_copy(tmp_path, "llama_ts", monkeypatch)
+    monkeypatch.setattr(runtime, "LIGHT_ABOVE", 0)
+    monkeypatch.setattr(static, "LIGHT_ABOVE", 0)
+    made, session = [], runtime.session
+    monkeypatch.setattr(runtime, "session", lambda m, *a, **k: made.append((m, k.get("prepack", True))) or session(m, *a, **k))
+    timed = []
+    monkeypatch.setattr(static.Quantizer, "timed", lambda self, sess, runs=15: timed.append(self.timing_index) or [1.0] * runs)
+    r = cli("quantize", src, "-o", tmp_path / "q.onnx", "--mode", "dynamic", "--report", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    labels = report["calibration"]["synthesized"]
+    assert timed and {labels[i] for i in timed} == {"decoder step: 1 token after 16 cached (the prompt), seed 0"}
+    floats = [prepack for m, prepack in made if isinstance(m, str) and m.endswith("float.onnx")]
+    assert floats and not any(floats)  # every float session: memory-mapped, unpacked
+    assert any(prepack for m, prepack in made if not isinstance(m, str))  # candidates keep prepacking

@@ -109,7 +109,8 @@ def prepare(model: ir.Model, recipe: qm.Recipe) -> tuple[ir.Model, list[str]]:
 def inputs(float_bytes: runtime.Source, opts: qm.RunSettings, model: ir.Model | None = None) -> tuple[list[dict], list[dict], dict]:
     """Step 2: (held-out scoring batches, rounding batches, the report's ``calibration`` entry);
     ``model``: the prepared model ``float_bytes`` serializes (its index bounds for synthesized ids)."""
-    sess = runtime.session(float_bytes, "cpu", opts.threads, optimize=False)
+    # a model file: memory-mapped, not repacked (this session is never timed)
+    sess = runtime.session(float_bytes, "cpu", opts.threads, optimize=False, prepack=not isinstance(float_bytes, str))
     if model is not None:
         runtime.remember_bounds(sess, runtime.index_bounds(model))
     if opts.data is None:
@@ -153,8 +154,9 @@ class WeightQuantizer(qm.Quantizer):
     def __init__(self, model: ir.Model, float_bytes: runtime.Source, held_out: list[dict], rounding_set: list[dict],
                  recipe: qm.Recipe, *, metric: Callable | None = None, metric_name: str | None = None,
                  max_drop: float | None = None, class_outputs=None, threads: int = 1,
-                 synthesized: bool = False):
+                 synthesized: bool = False, timing_batch: int | None = None):
         self.model, self.float_bytes, self.held_out, self.recovery_set = model, float_bytes, held_out, rounding_set
+        self.timing_batch = timing_batch  # a decoder's 1-token step among held_out (``Quantizer.init_scoring``)
         self.profile, self.per_channel, self.ep, self.threads = recipe.profile, True, recipe.ep, threads
         self.recovery = ()
         self.qmax, self.embeddings = recipe.qmax, recipe.embeddings
@@ -228,7 +230,8 @@ def layer_errors(q: WeightQuantizer, rows: int = 2048) -> dict[str, float]:
     relative rounding error of each embedding table or fused Attention weight."""
     nodes = {n.name: n for n in q.model.graph}
     names = sorted({name_of(nodes[n].inputs[0]) for n, k in q.candidates.items() if k == "matmul"})
-    sess = runtime.session(runtime.with_outputs_of(q.float_bytes, names), "cpu", q.threads, optimize=False)
+    sess = runtime.session(runtime.with_outputs_of(q.float_bytes, names), "cpu", q.threads, optimize=False,
+                           prepack=not isinstance(q.float_bytes, str))
     acts = runtime.run_candidate(sess, q.held_out[0], names)
     del sess  # its copy of the weights: not held while each weight is read below
     out = {}
@@ -362,9 +365,10 @@ def _run(model: ir.Model, float_bytes: bytes | runtime.Light | str, notes: list[
         if recipe.rounding == "gptq" and not rounding_set:
             raise UsageError("--rounding gptq needs --data (the input Hessians come from it)")
         recipe.rounding = recipe.rounding or ("gptq" if rounding_set else "rtn")
+    step = next((i for i, label in enumerate(calibration.get("synthesized", [])) if label.startswith("decoder step")), None)
     q = WeightQuantizer(model, float_bytes, held_out, rounding_set, recipe, metric=metric_fn, metric_name=opts.metric,
                         max_drop=opts.max_drop, class_outputs=opts.class_outputs, threads=opts.threads,
-                        synthesized=opts.data is None)
+                        synthesized=opts.data is None, timing_batch=step)
     for name, (k, _) in undivided.items():
         recipe.decisions.float_layers.setdefault(name, f"--block-size {recipe.block_size} does not divide K={k}")
     if replayed:

@@ -368,9 +368,13 @@ class Quantizer:
         self.region_timings: dict[str, costmodel.Region] | None = None
         self.regions_measured = 0
         self.adaround_weights: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+        #: the held-out batch latencies are timed on (a decoder's 1-token step, ``timing_batch``, when the
+        #: float model is a file: its session then memory-maps the weights, unpacked, as fast on that step)
+        timing = getattr(self, "timing_batch", None)
+        self.timing_index = timing if timing is not None and isinstance(self.float_bytes, str) else 0
         self.teacher = Teacher(self.model, self.float_bytes, self.held_out, ep=self.ep, threads=self.threads, metric=metric,
                                metric_name=metric_name, max_drop=max_drop, class_outputs=class_outputs,
-                               synthesized=synthesized)
+                               synthesized=synthesized, prepack=not self.timing_index)
         if not synthesized:  # the calibration batches kept in memory give the flip estimate more margins
             self.teacher.learn_from(getattr(self, "recovery_set", []))
         #: a float model loaded from a file (weights over LIGHT_ABOVE): its times on the first held-out
@@ -490,8 +494,9 @@ class Quantizer:
         return self.region_timings
 
     def timed(self, sess: Any, runs: int = UNPAIRED_RUNS) -> list[float]:
-        """``runs`` times (ms) of a warm session on the first held-out batch."""
-        feeds = {k: v for k, v in self.held_out[0].items() if k in {i.name for i in sess.get_inputs()}}
+        """``runs`` times (ms) of a warm session on the held-out batch ``timing_index``."""
+        batch = self.held_out[getattr(self, "timing_index", 0)]
+        feeds = {k: v for k, v in batch.items() if k in {i.name for i in sess.get_inputs()}}
         for _ in range(3):
             sess.run(None, feeds)
         return [bench.timed_run(sess, feeds) for _ in range(runs)]
