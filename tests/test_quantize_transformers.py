@@ -434,11 +434,9 @@ def test_weights_that_stay_on_disk_are_quantized_from_another_folder(tmp_path, c
     too, and the result is written inline without closing the map the sessions still read.  Run from
     another folder; the output loads anywhere and matches the float model."""
     from onnxopt import io, runtime
-    from onnxopt.quantization import static
 
     src = external_copy(tmp_path, "llama_ts", monkeypatch)
     monkeypatch.setattr(runtime, "LIGHT_ABOVE", 0)
-    monkeypatch.setattr(static, "LIGHT_ABOVE", 0)
     loaded, load = [], io.load
     monkeypatch.setattr(io, "load", lambda path: loaded.append(Path(path).name) or load(path))
     data = _data(tmp_path / "data", "llama")
@@ -476,7 +474,6 @@ def test_a_big_decoder_is_timed_at_its_decoding_step(cli, tmp_path, monkeypatch)
 
     src = external_copy(tmp_path, "llama_ts", monkeypatch)
     monkeypatch.setattr(runtime, "LIGHT_ABOVE", 0)
-    monkeypatch.setattr(static, "LIGHT_ABOVE", 0)
     made, session = [], runtime.session
     monkeypatch.setattr(runtime, "session", lambda m, *a, **k: made.append((m, k.get("prepack", True))) or session(m, *a, **k))
     timed = []

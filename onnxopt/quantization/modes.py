@@ -342,7 +342,7 @@ def float_on_disk(model: ir.Model, output_path: str | os.PathLike,
     return io.load(path), str(path)
 
 
-def _run(model: ir.Model, float_bytes: bytes | runtime.Light | str, notes: list[str], input_path: str | os.PathLike,
+def _run(model: ir.Model, float_bytes: runtime.Source, notes: list[str], input_path: str | os.PathLike,
          output_path: str | os.PathLike, recipe: qm.Recipe, opts: qm.RunSettings, metric_fn: Callable | None,
          replayed: bool, t0: float, t_start: float) -> dict:
     """:func:`run` after step 1."""

@@ -59,9 +59,6 @@ DEFAULT_SEARCH_BUDGET = 12  # --search: candidates built at most (onnxopt.quanti
 MODES = ("static", "dynamic", "weight-only")
 BLOCK_SIZES = (32, 64, 128)
 
-LIGHT_ABOVE = runtime.LIGHT_ABOVE
-
-
 def serialize(model: ir.Model) -> bytes:
     return ir.to_proto(model).SerializeToString()
 

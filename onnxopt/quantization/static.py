@@ -108,7 +108,6 @@ from onnxopt.quantization.recipe import (  # noqa: F401 - re-exported: onnxopt.q
     KIND_ORDER,
     LATENCY_MARGIN,
     LAYER_BLOCKS,
-    LIGHT_ABOVE,
     MAX_BLOCKS,
     MIN_BLOCKS,
     MODES,
@@ -199,11 +198,11 @@ class Prepared:
 
 def load_input(path: str | os.PathLike, lazy: bool = False, what: str = "static int8") -> ir.Model:
     """The model to quantize (or prune, compress: ``what``).  With ``lazy`` (the weight-only modes, whose
-    sessions get the arrays: ``session_source``) weights in external data over LIGHT_ABOVE stay
+    sessions get the arrays: ``session_source``) weights in external data over ``runtime.LIGHT_ABOVE`` stay
     memory-mapped; otherwise they are read into memory (``io.load_inline``), refused over
     ``io.EXTERNAL_DATA_THRESHOLD`` (``io.load_serializable``)."""
     model = io.load(path)
-    if lazy and next(io.external_tensors(model), None) is not None and io.weight_bytes(model) > LIGHT_ABOVE:
+    if lazy and next(io.external_tensors(model), None) is not None and io.weight_bytes(model) > runtime.LIGHT_ABOVE:
         return model
     return io.load_serializable(path, what, model)
 
@@ -374,11 +373,11 @@ class Quantizer:
         self.timing_index = timing if timing is not None and isinstance(self.float_bytes, str) else 0
         self.teacher = Teacher(self.model, self.float_bytes, self.held_out, ep=self.ep, threads=self.threads, metric=metric,
                                metric_name=metric_name, max_drop=max_drop, class_outputs=class_outputs,
-                               synthesized=synthesized, prepack=not self.timing_index)
+                               synthesized=synthesized, prepack=self.timing_index == 0)
         if not synthesized:  # the calibration batches kept in memory give the flip estimate more margins
             self.teacher.learn_from(getattr(self, "recovery_set", []))
-        #: a float model loaded from a file (weights over LIGHT_ABOVE): its times on the first held-out
-        #: batch, measured now, and its session released (see compare_latency)
+        #: a float model loaded from a file (weights over LIGHT_ABOVE): its times on the held-out batch
+        #: ``timing_index``, measured now, and its session released (see compare_latency)
         self.float_samples: list[float] | None = None
         if isinstance(self.float_bytes, str) and self.teacher.float_session is not None:
             self.float_samples = self.timed(self.teacher.float_session)
