@@ -194,6 +194,20 @@ def point_at(model: ir.Model, written: ir.Model) -> int:
     return swapped
 
 
+def external_folder(model: ir.Model) -> str | None:
+    """The folder the model's external-data weights are read from (None: every weight in memory)."""
+    return next((t.base_dir for _, t in external_tensors(model)), None)
+
+
+def from_proto(proto: onnx.ModelProto, folder: str | None) -> ir.Model:
+    """``ir.from_proto`` of a proto whose weights may still be external-data references (a graph-only
+    copy, :func:`external_folder`): they are read from ``folder``, lazily, as the original's were."""
+    model = ir.from_proto(proto)
+    if folder is not None:
+        ir_external_data.set_base_dir(model.graph, folder)
+    return model
+
+
 def external_tensors(model: ir.Model):
     """Yield (value, ExternalTensor) for every initializer stored outside the protobuf."""
     for graph in model.graphs():

@@ -119,20 +119,11 @@ def _canonicalize(model: ir.Model, skipped: collections.Counter) -> int:
     return done
 
 
-def _base_dir(model: ir.Model) -> str | None:
-    """The folder of the model's external-data weights (None: every weight in memory)."""
-    return next((t.base_dir for _, t in io.external_tensors(model)), None)
-
-
 def _copy(model: ir.Model, proto=None) -> ir.Model:
     """A deep copy through a protobuf (a clone shares tensors, whose names the libraries' passes
     rename): weights still in an external-data file stay references to it (the protobuf holds only
     the graph; the copy's references keep their folder)."""
-    base = _base_dir(model)
-    copy = ir.from_proto(ir.to_proto(model) if proto is None else proto)
-    if base is not None:
-        ir.external_data.set_base_dir(copy.graph, base)
-    return copy
+    return io.from_proto(ir.to_proto(model) if proto is None else proto, io.external_folder(model))
 
 
 def _with_inferred_shapes(model: ir.Model) -> ir.Model:
@@ -364,7 +355,7 @@ class FuseTransformer(FunctionalOptPass):
             base = source()
             for engine in ENGINES_ON[where.split(" ")[0]]:
                 fuse, label = ENGINES[engine], f"{engine} ({where})"
-                if engine in PROTOBUF_ENGINES and _base_dir(base) is not None:
+                if engine in PROTOBUF_ENGINES and io.external_folder(base) is not None:
                     skipped[f"{label}: not run on weights in an external-data file (it needs them in a protobuf)"] += 1
                     continue
                 try:
@@ -424,7 +415,7 @@ class FuseTransformer(FunctionalOptPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         skipped: collections.Counter = collections.Counter()
-        on_disk = _base_dir(model) is not None
+        on_disk = io.external_folder(model) is not None
         if io.weight_bytes(model) - sum(t.nbytes for _, t in io.external_tensors(model)) > io.EXTERNAL_DATA_THRESHOLD:
             skipped["weights over 2 GB held in memory: the fusions need them in a protobuf "
                     "(save the model with external data)"] += 1

@@ -35,7 +35,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import data as data_mod
-from onnxopt import runtime
+from onnxopt import io, runtime
 from onnxopt import validation as validate
 from onnxopt.errors import BadInputError
 from onnxopt.precision import fp16 as cf
@@ -122,10 +122,7 @@ class Builder:
 
     def original_model(self) -> ir.Model:
         """A fresh copy of the original (weights in an external-data file read from there, lazily)."""
-        model = ir.from_proto(onnx.ModelProto.FromString(self.original))
-        if self.base_dir is not None:
-            ir.external_data.set_base_dir(model.graph, self.base_dir)
-        return model
+        return io.from_proto(onnx.ModelProto.FromString(self.original), self.base_dir)
 
     def __call__(self, budget: Mapping[str, str] | None = None) -> tuple[ir.Model, cf.Conversion]:
         model = self.original_model()

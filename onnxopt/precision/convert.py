@@ -390,7 +390,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, s: Se
     fill_types(model, ranges.dtypes)
     source = ir.to_proto(model).SerializeToString()  # weights in an external-data file stay references
     build = budget.Builder(source, s.keep_io_types, ops, nodes, s.limit, ranges.max_abs,
-                           next((t.base_dir for _, t in io.external_tensors(model)), None))
+                           io.external_folder(model))
     if s.validate_result:
         build = crash_free(build, notes)
     validator = validate.Validator(input_path, data=s.data, preprocess=s.preprocess, shapes=s.shapes,
