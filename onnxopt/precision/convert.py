@@ -388,14 +388,16 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, s: Se
                      "the model really reaches")
         logger.warning("%s", notes[-1])
     fill_types(model, ranges.dtypes)
-    source = ir.to_proto(model).SerializeToString()  # weights in an external-data file stay references
+    float_source = runtime.source_of(model)  # the teacher's; bytes of a small model are the builds' original too
+    # a big model's graph with its weights as references to their file (a Light's proto names no file)
+    source = float_source if isinstance(float_source, bytes) else ir.to_proto(model).SerializeToString()
     build = budget.Builder(source, s.keep_io_types, ops, nodes, s.limit, ranges.max_abs,
                            io.external_folder(model))
     if s.validate_result:
         build = crash_free(build, notes)
     validator = validate.Validator(input_path, data=s.data, preprocess=s.preprocess, shapes=s.shapes,
                                    tolerance=validate.LOSSLESS_FP16) if s.validate_result else None
-    judge = _teacher(input_path, model, runtime.source_of(model), s) if validator is not None else None
+    judge = _teacher(input_path, model, float_source, s) if validator is not None else None
     t0 = time.perf_counter()
     candidate, done = build()
     search = None
