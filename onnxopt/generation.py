@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 #: tokens of the synthesized prompt (the decoding step follows it)
 PROMPT_TOKENS = 16
+#: how the points' labels begin (callers tell a decoder's points, and its decoding steps, by them)
+PROMPT, STEP = "decoder prompt", "decoder step"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +152,7 @@ def points(sess, seeds: tuple[int, ...] = (0,), tokens: int = PROMPT_TOKENS) -> 
             logger.debug("decoder step fails: %s", e)
             return None
         cached = "" if before == 0 else f" after {before} random cached token"
-        found.append((f"decoder prompt of {tokens} tokens{cached}, seed {seed}", prompt, outputs))
-        found.append((f"decoder step: 1 token after {before + tokens} cached ({'the prompt' if cache else 'random'})"
+        found.append((f"{PROMPT} of {tokens} tokens{cached}, seed {seed}", prompt, outputs))
+        found.append((f"{STEP}: 1 token after {before + tokens} cached ({'the prompt' if cache else 'random'})"
                       f", seed {seed}", step, step_outputs))
     return found

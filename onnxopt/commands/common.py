@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from onnxopt import runtime
+from onnxopt import generation, runtime
 from onnxopt.commands.spec import flag
 from onnxopt.errors import UsageError
 
@@ -100,7 +100,7 @@ def divergence(first: dict) -> str:
 def points_text(v: dict) -> str:
     """'N input point(s)', saying when they are a decoder's prompt and decoding step."""
     compared = [p for p in v.get("points", []) if p["status"] == "compared"]
-    decoder = [p for p in compared if p["label"].startswith("decoder")]
+    decoder = [p for p in compared if p["label"].startswith((generation.PROMPT, generation.STEP))]
     if decoder:
         tokens = max(shape[-1] for p in decoder for name, shape in p["shapes"].items() if len(shape) == 2 and "mask" not in name)
         return f"{len(compared)} input point(s) (a {tokens}-token prompt and a decoding step after it)"

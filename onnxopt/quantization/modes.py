@@ -45,7 +45,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import data as data_mod
-from onnxopt import io, pipeline, runtime
+from onnxopt import generation, io, pipeline, runtime
 from onnxopt import validation as validate
 from onnxopt.base import constant, drop_unused_initializers, name_of, node_name
 from onnxopt.errors import BadInputError, UsageError
@@ -117,7 +117,7 @@ def inputs(float_bytes: runtime.Source, opts: qm.RunSettings, model: ir.Model | 
         points = validate.synthesized_points(sess, seeds=DECODER_SEEDS)  # raises, naming --data, when none runs
         longer = {i.name: tuple(d if isinstance(d, int) and d >= 0 else SYNTHESIZED_DIM for d in i.shape)
                   for i in sess.get_inputs()}
-        decoder = points[0].label.startswith("decoder")  # prompts and decoding steps: enough as they are
+        decoder = points[0].label.startswith(generation.PROMPT)  # prompts and decoding steps: enough as they are
         for seed in () if decoder else SYNTHESIZED_SEEDS:
             try:
                 feeds = runtime.synthesize(sess, longer, seed=seed, quiet=True)
@@ -365,7 +365,7 @@ def _run(model: ir.Model, float_bytes: runtime.Source, notes: list[str], input_p
         if recipe.rounding == "gptq" and not rounding_set:
             raise UsageError("--rounding gptq needs --data (the input Hessians come from it)")
         recipe.rounding = recipe.rounding or ("gptq" if rounding_set else "rtn")
-    step = next((i for i, label in enumerate(calibration.get("synthesized", [])) if label.startswith("decoder step")), None)
+    step = next((i for i, label in enumerate(calibration.get("synthesized", [])) if label.startswith(generation.STEP)), None)
     q = WeightQuantizer(model, float_bytes, held_out, rounding_set, recipe, metric=metric_fn, metric_name=opts.metric,
                         max_drop=opts.max_drop, class_outputs=opts.class_outputs, threads=opts.threads,
                         synthesized=opts.data is None, timing_batch=step)
