@@ -47,7 +47,6 @@ class Interface:
     """Where a decoder's inputs keep batch, sequence and past lengths."""
 
     ids: str
-    seq: str  # the ids' symbolic last dim
     past: str  # the cache inputs' shared symbolic dim
     cache: tuple[str, ...]  # cache input names, in graph order
     mask: str | None
@@ -80,7 +79,7 @@ def interface(sess) -> Interface | None:
     others = [i for i in inputs if i not in cache + masks + positions + ids]
     if len(past) != 1 or others:
         return None
-    return Interface(ids[0].name, str(_dims(ids[0])[1]), past[0], tuple(i.name for i in cache),
+    return Interface(ids[0].name, past[0], tuple(i.name for i in cache),
                      masks[0].name if masks else None, positions[0].name if positions else None)
 
 

@@ -223,10 +223,6 @@ def test_few_rows_stay_near_the_pruned_weights(tmp_path):
 def test_compress_doubles_the_clusters_until_the_budget_is_met(cli, tmp_path):
     """16 shared values per layer miss the budget on this model; the cluster count doubles until a
     build meets it (said in one line, cluster_search in the report); --strict refuses instead."""
-    import json
-
-    from tests.helpers import ROOT
-
     src, rep = ROOT / "models" / "exporter_opset11.onnx", tmp_path / "r.json"
     r = cli("compress", src, "-o", tmp_path / "c.onnx", "--cluster", "16", "--report", rep)
     assert r.exit_code == 0, r.output
@@ -243,8 +239,6 @@ def test_compress_leaves_the_most_moved_layers_unclustered_when_256_values_miss(
     (the corpus measured 0.17 on fresh images); the layers clustering moves most are left unclustered,
     the fewest that meet the budget (binary search), said in one warning and in cluster_search; the
     written model keeps its predictions on images it never saw."""
-    import json
-
     src, data = hetero
     out, rep = tmp_path / "c.onnx", tmp_path / "r.json"
     r = cli("compress", src, "-o", out, "--cluster", "16", "--data", data, "--report", rep)
